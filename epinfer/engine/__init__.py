@@ -1,0 +1,1 @@
+"""Engine: requests, scheduling, cache accounting, the step loop and the `LLM` API."""

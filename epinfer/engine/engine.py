@@ -1,0 +1,235 @@
+"""The engine: resolves the checkpoint, device and sizes, then runs the step loop
+(schedule → forward → sample → stop checks) over continuously batched requests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from epinfer.config import ModelConfig
+from epinfer.engine.cache import (CacheAllocator, CacheLayout, kv_bytes_per_token,
+                                  state_bytes_per_slot)
+from epinfer.engine.sampling_params import SamplingParams
+from epinfer.engine.scheduler import Scheduler, Sequence
+from epinfer.errors import UserError
+from epinfer.runner.model_runner import ModelRunner, build_model
+from epinfer.runner.sampler import sample
+
+log = logging.getLogger("epinfer")
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint folder; None = the shipped demo model
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            return torch.device("xpu")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "xpu") and not name.startswith(("cuda:", "xpu:")):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or xpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    if kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UserError("--device xpu requested but no XPU device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        name = cfg.dtype if cfg.dtype in DTYPES else "float32"
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def load_tokenizer(folder: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers raises many error types for broken tokenizer files
+        raise UserError(f"cannot load the tokenizer in {folder}: {exc}") from None
+
+
+def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}, None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
+    defaults = {k: raw[k] for k in ("temperature", "top_p", "top_k") if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    eos = raw.get("eos_token_id")
+    eos_ids = None if eos is None else tuple(eos if isinstance(eos, list) else [eos])
+    return defaults, eos_ids
+
+
+def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
+               device: torch.device) -> tuple[CacheLayout, int]:
+    """Returns the cache layout and the max model length."""
+    if ecfg.cache_memory_gb is not None:
+        budget = int(ecfg.cache_memory_gb * 2**30)
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * ecfg.gpu_memory_utilization) - used - 2 * 2**30  # activation headroom
+    else:
+        budget = 2 * 2**30
+    state_bytes = state_bytes_per_slot(cfg, dtype) * ecfg.max_num_seqs
+    kv_budget = budget - state_bytes
+    per_token = kv_bytes_per_token(cfg, dtype)
+    if kv_budget <= 0 or per_token == 0 and kv_budget < 0:
+        raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences needs "
+                        f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
+                        f"{budget / 2**30:.2f} GiB; lower --max-num-seqs")
+    capacity = kv_budget // max(per_token, 1)
+    num_blocks = max(1, min(capacity // ecfg.block_size, 1 << 22))
+    capacity = num_blocks * ecfg.block_size
+    max_len = ecfg.max_model_len
+    if max_len is None:
+        max_len = min(cfg.max_position_embeddings, capacity)
+    elif max_len > capacity:
+        raise UserError(f"--max-model-len {max_len} needs more KV cache than the budget holds "
+                        f"({capacity} tokens)")
+    if max_len < 2:
+        raise UserError(f"max model length {max_len} is too small")
+    return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs), max_len
+
+
+class Engine:
+    def __init__(self, ecfg: EngineConfig) -> None:
+        folder = Path(ecfg.model) if ecfg.model else DEMO_MODEL
+        if not folder.is_dir():
+            raise UserError(f"model folder {folder} does not exist")
+        self.ecfg = ecfg
+        self.model_config = cfg = ModelConfig.from_dir(folder)
+        self.device = resolve_device(ecfg.device)
+        self.dtype = resolve_dtype(ecfg.dtype, cfg)
+        if ecfg.max_num_seqs < 1 or ecfg.max_num_batched_tokens < 1:
+            raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1")
+        self.tokenizer = load_tokenizer(folder)
+        self.defaults, gen_eos = load_generation_defaults(folder)
+        self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
+        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device)
+        model = build_model(cfg, folder, self.dtype, self.device)
+        self.runner = ModelRunner(model, layout, self.dtype, self.device)
+        self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
+                                   ecfg.max_num_batched_tokens)
+        self.num_requests = 0
+
+    def tokenize(self, prompt: str | list[int], index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise UserError(f"prompt {index} is empty")
+            if self.tokenizer is None:
+                raise UserError("this model has no tokenizer: pass prompts as token ids")
+            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise UserError(f"prompt {index} is empty")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise UserError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
+                            f"(size {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise UserError(f"prompt {index} has {len(ids)} tokens; the max model length is "
+                            f"{self.max_model_len} (prompt + at least one generated token)")
+        return ids
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None,
+                     index: int) -> Sequence:
+        """Validates and tokenizes; raises `UserError` before anything is queued."""
+        params = (params or SamplingParams()).resolved(self.defaults)
+        ids = self.tokenize(prompt, index)
+        seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return seq
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> Sequence:
+        seq = self.make_request(prompt, params, self.num_requests)
+        self.submit(seq)
+        return seq
+
+    def submit(self, seq: Sequence) -> None:
+        self.num_requests += 1
+        self.scheduler.add(seq)
+
+    def step(self) -> list[Sequence]:
+        """Runs one forward; returns the sequences that finished in it."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler has requests but planned nothing")  # invariant
+            return []
+        batch = self.runner.build_batch(plan)
+        logits = self.runner.forward(batch)
+        sampled = [item.seq for item in plan if item.samples]
+        for item in plan:
+            item.seq.num_computed += item.num_new
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        finished = []
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.output_ids.append(token)
+            if self._check_stop(seq, token):
+                self.scheduler.finish(seq)
+                self.runner.cache.reset_slot(seq.state_slot)
+                finished.append(seq)
+        return finished
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            seq.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                seq.finish_reason, seq.stop_text_end = "stop", min(hits)
+        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens
+                                          or seq.num_tokens >= seq.max_total_len):
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if seq.stop_text_end is not None:
+                text = text[:seq.stop_text_end]
+        return RequestOutput(seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason or "")

@@ -1,0 +1,38 @@
+"""`LLM`: the offline Python API (`LLM(model=...).generate(prompts, params)`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from epinfer.engine.engine import Engine, EngineConfig, RequestOutput
+from epinfer.engine.sampling_params import SamplingParams
+from epinfer.errors import UserError
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Outputs in input order. `prompts`: strings or token-id lists (or one of either)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        seqs = [self.engine.make_request(p, sp, i)
+                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        for seq in seqs:
+            self.engine.submit(seq)
+        while self.engine.scheduler.has_work():
+            self.engine.step()
+        return [self.engine.output(s) for s in seqs]

@@ -1,0 +1,94 @@
+"""Continuous-batching scheduler (pure Python, no tensors).
+
+Each step it plans, within `max_num_batched_tokens`: one token for every running sequence that is
+decoding, then the next chunk of every running sequence still prefilling, then admits waiting
+requests in arrival order while a sequence slot and cache room for the whole request exist. A
+long prompt is prefilled over several steps (chunked prefill); prefill and decode of different
+requests share a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from epinfer.engine.cache import CacheAllocator
+from epinfer.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    index: int  # request index (input order)
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_total_len: int  # prompt + max generated tokens, capped by the max model length
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose cache entries exist
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    state_slot: int = -1
+    finish_reason: str | None = None
+    stop_text_end: int | None = None  # text is cut here when a stop string matched
+    generator: object = None  # torch.Generator for seeded sampling
+    device_blocks: object = None  # cached device tensor of block_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_ids)
+        if end <= prompt_len:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so a next token is sampled."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, allocator: CacheAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        plan: list[ScheduledSeq] = []
+        decoding = [s for s in self.running if s.num_computed >= len(s.prompt_ids)]
+        prefilling = [s for s in self.running if s.num_computed < len(s.prompt_ids)]
+        for seq in decoding + prefilling:
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n > 0:
+                plan.append(ScheduledSeq(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.allocator.can_allocate(seq.max_total_len):
+                break
+            self.waiting.popleft()
+            seq.block_ids, seq.state_slot = self.allocator.allocate(seq.max_total_len)
+            self.running.append(seq)
+            n = min(len(seq.prompt_ids), budget)
+            plan.append(ScheduledSeq(seq, n))
+            budget -= n
+        return plan
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_ids, seq.state_slot)

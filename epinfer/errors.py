@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+`UserError` is raised for anything the user can fix (bad checkpoint, bad flag, bad prompt). The CLI
+prints its message on one line and exits 2; it never carries a traceback to the user unless
+`--debug` is given. Internal invariants use `assert` instead.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2

@@ -1,0 +1,114 @@
+"""Full (softmax) attention over a paged KV cache, for mixed prefill + decode batches.
+
+Covers every family's variant: q/k/v bias (Qwen2-MoE), per-head q/k norm (Qwen3), q/k norm over
+all heads (OLMoE), clip_qkv (OLMoE), partial rotary and a sigmoid output gate carried in the query
+projection (Qwen3-Next / Qwen3.5). Each real row is written to the cache at `kv_slots_T`; padding
+rows (slot -1) are neither written nor attended, and their output rows are zero.
+
+This is the portable reference path (one SDPA call per sequence); faster kernels plug in later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epinfer.config import ModelConfig
+from epinfer.layers.linear import Linear
+from epinfer.layers.norm import RMSNorm
+from epinfer.layers.rotary import apply_rotary
+from epinfer.runner.batch import ForwardBatch
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.gated = cfg.attn_output_gate
+        self.clip_qkv = cfg.clip_qkv
+        q_out = cfg.num_heads * cfg.head_dim * (2 if self.gated else 1)
+        kv_out = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        o_bias = cfg.attention_bias and cfg.family != "qwen2_moe"
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_out, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        T = x_TD.shape[0]
+        H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x_TD)
+        gate = None
+        if self.gated:
+            q, gate = q.view(T, H, 2 * hd).chunk(2, dim=-1)  # [T, H, hd] each
+            gate = gate.reshape(T, H * hd)
+        k = self.k_proj(x_TD)
+        v = self.v_proj(x_TD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q.reshape(T, H * hd)), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q_THd = q.reshape(T, H, hd)
+        k_THd = k.view(T, KVH, hd)
+        v_THd = v.view(T, KVH, hd)
+        if self.qk_norm == "head":
+            q_THd, k_THd = self.q_norm(q_THd), self.k_norm(k_THd)
+        cos, sin = cos_sin
+        q_THd, k_THd = apply_rotary(q_THd, cos, sin), apply_rotary(k_THd, cos, sin)
+
+        k_cache, v_cache = kv_cache  # [blocks, block_size, KVH, hd]
+        real = batch.num_real_rows
+        flat_k = k_cache.view(-1, KVH, hd)
+        flat_v = v_cache.view(-1, KVH, hd)
+        slots = batch.kv_slots_T[:real]
+        flat_k[slots] = k_THd[:real].to(k_cache.dtype)
+        flat_v[slots] = v_THd[:real].to(v_cache.dtype)
+
+        out = q_THd.new_zeros(T, H, hd)
+        block_size = k_cache.shape[1]
+        scale = hd**-0.5
+        for seq in batch.seqs:
+            total = seq.total_len
+            nblocks = -(-total // block_size)
+            blocks = seq.block_ids[:nblocks]
+            keys = k_cache[blocks].reshape(-1, KVH, hd)[:total]
+            values = v_cache[blocks].reshape(-1, KVH, hd)[:total]
+            rows = slice(seq.start, seq.start + seq.num_new)
+            out[rows] = _sdpa(q_THd[rows], keys, values, seq.context_len, scale)
+        attn = out.reshape(T, H * hd)
+        if gate is not None:
+            attn = attn * torch.sigmoid(gate)
+        return self.o_proj(attn)
+
+
+def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of N new queries (positions context_len..) over L = context_len + N keys."""
+    N, H, hd = q_NHd.shape
+    L, KVH = k_LKd.shape[0], k_LKd.shape[1]
+    rep = H // KVH
+    q = q_NHd.transpose(0, 1)  # [H, N, hd]
+    k = k_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, L, hd]
+    v = v_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)
+    mask = None
+    if N > 1:
+        key_pos = torch.arange(L, device=q.device)
+        query_pos = context_len + torch.arange(N, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [N, L]
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)  # [N, H, hd]

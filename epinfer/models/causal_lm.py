@@ -1,0 +1,85 @@
+"""The decoder-only MoE language model shared by every supported family.
+
+The families differ only in flags carried by `ModelConfig` (token mixer per layer, q/k norm kind,
+output gate, zero-centred norms, shared expert, dense layers), so one model class serves all of
+them; parameter names follow the Hugging Face module tree so checkpoints map one to one.
+
+It does not schedule, sample or own caches: it computes hidden states for a `ForwardBatch` and
+logits for chosen rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from epinfer.config import ModelConfig
+from epinfer.layers.attention import Attention
+from epinfer.layers.gdn import GatedDeltaNet
+from epinfer.layers.linear import GatedMLP, Linear
+from epinfer.layers.moe import MoEBlock
+from epinfer.layers.norm import RMSNorm
+from epinfer.layers.rotary import RotaryEmbedding
+from epinfer.runner.batch import ForwardBatch
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_type = cfg.layer_types[layer_idx]
+        if self.mixer_type == "attention":
+            self.self_attn = Attention(cfg)
+        else:
+            self.linear_attn = GatedDeltaNet(cfg)
+        if cfg.mlp_types[layer_idx] == "moe":
+            self.mlp = MoEBlock(cfg)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        zc = cfg.zero_centered_norm
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
+
+    def forward(self, x_TD, batch: ForwardBatch, cache, cos_sin) -> torch.Tensor:
+        h = self.input_layernorm(x_TD)
+        if self.mixer_type == "attention":
+            h = self.self_attn(h, batch, cache, cos_sin)
+        else:
+            h = self.linear_attn(h, batch, cache)
+        x_TD = x_TD + h
+        h = self.post_attention_layernorm(x_TD)
+        if isinstance(self.mlp, MoEBlock):
+            h = self.mlp(h, batch.num_real_rows)
+        else:
+            h = self.mlp(h)
+        return x_TD + h
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+
+    def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
+        """Hidden states after the final norm, [T, D]; padding rows are zero on entry."""
+        x = self.model.embed_tokens(batch.input_ids_T)
+        if batch.num_real_rows < batch.num_rows:
+            x[batch.num_real_rows:] = 0.0
+        cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            x = layer(x, batch, cache, cos_sin)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_SD).float()

@@ -1,0 +1,209 @@
+"""Stream a safetensors checkpoint (single file or sharded with an index) into a `CausalLM`.
+
+Checkpoint names are normalised first (multimodal `model.language_model.` prefix, Mixtral's
+`block_sparse_moe` / `w1 w2 w3`), parts we don't run are skipped (`model.visual.*`, `mtp.*`), and
+each tensor goes to a loader that knows its layout: per-expert or fused expert tensors into the
+fused `w13` / `w2` parameters (only the experts this rank owns), Qwen3-Next's grouped GDN input
+projection into the Qwen3.5 layout. Any missing, unexpected or mis-shaped tensor is a `UserError`.
+Never unpickles: `.bin` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from epinfer.config import ModelConfig
+from epinfer.errors import UserError
+from epinfer.models.causal_lm import CausalLM
+
+SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise UserError(f"{index}: malformed index ({exc})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UserError(f"{folder} has only pickle (.bin/.pt) weights; epinfer loads safetensors only")
+    raise UserError(f"no safetensors weights in {folder}")
+
+
+def normalize_name(key: str, cfg: ModelConfig) -> str | None:
+    """Checkpoint key -> parameter-tree name, or None for tensors we skip."""
+    if key.startswith(SKIP_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
+        return None
+    if key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model."):]
+    elif key.startswith("language_model.model."):
+        key = "model." + key[len("language_model.model."):]
+    elif key.startswith("language_model.lm_head."):
+        key = key[len("language_model."):]
+    if cfg.family == "mixtral":
+        key = key.replace(".block_sparse_moe.", ".mlp.")
+        key = re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda m: f".experts.{m[1]}.{_MIXTRAL_W[m[2]]}.", key)
+    return key
+
+
+class _Tracker:
+    """Counts loaded pieces per parameter so missing ones can be named."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+        self.expected: dict[str, int] = {name: 1 for name in params}
+        self.loaded: dict[str, set] = defaultdict(set)
+
+    def mark(self, name: str, piece: object = 0) -> None:
+        self.loaded[name].add(piece)
+
+    def missing(self) -> list[str]:
+        return [n for n, k in self.expected.items() if len(self.loaded[n]) < k]
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise UserError(
+            f"tensor {key}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(tensor)
+
+
+class WeightLoader:
+    def __init__(self, model: CausalLM, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.params = dict(model.named_parameters())
+        self.tracker = _Tracker(self.params)
+        self.local_index: dict[str, dict[int, int]] = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "expert_ids"):
+                index = {e: i for i, e in enumerate(module.expert_ids)}
+                self.local_index[name] = index
+                self.tracker.expected[f"{name}.w13"] = 2 * len(index)
+                self.tracker.expected[f"{name}.w2"] = len(index)
+
+    def load(self, key: str, get: Callable[[], torch.Tensor]) -> None:
+        name = normalize_name(key, self.cfg)
+        if name is None:
+            return
+        if m := _PER_EXPERT.match(name):
+            return self._per_expert(key, m[1], int(m[2]), m[3], get())
+        if m := _FUSED_EXPERT.match(name):
+            return self._fused_expert(key, m[1], m[2], get())
+        if name.endswith("linear_attn.in_proj_qkvz.weight") or name.endswith("linear_attn.in_proj_ba.weight"):
+            return self._grouped_gdn(key, name, get())
+        if name not in self.params:
+            raise UserError(f"unexpected tensor {key!r} in checkpoint")
+        _copy(self.params[name], get(), key)
+        self.tracker.mark(name)
+
+    def _per_expert(self, key: str, prefix: str, expert: int, proj: str, tensor: torch.Tensor) -> None:
+        if prefix not in self.local_index or expert >= self.cfg.num_experts:
+            raise UserError(f"unexpected tensor {key!r} in checkpoint")
+        local = self.local_index[prefix].get(expert)
+        if local is None:
+            return  # another expert-parallel rank owns it
+        inter = self.cfg.moe_intermediate_size
+        if proj == "down_proj":
+            _copy(self.params[f"{prefix}.w2"][local], tensor, key)
+            self.tracker.mark(f"{prefix}.w2", expert)
+            return
+        half = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+        _copy(self.params[f"{prefix}.w13"][local, half], tensor, key)
+        self.tracker.mark(f"{prefix}.w13", (expert, proj))
+
+    def _fused_expert(self, key: str, prefix: str, proj: str, tensor: torch.Tensor) -> None:
+        if prefix not in self.local_index:
+            raise UserError(f"unexpected tensor {key!r} in checkpoint")
+        index = self.local_index[prefix]
+        target = f"{prefix}.w13" if proj == "gate_up_proj" else f"{prefix}.w2"
+        param = self.params[target]
+        expected = (self.cfg.num_experts, *param.shape[1:])
+        if tuple(tensor.shape) != expected and tuple(tensor.transpose(1, 2).shape) == expected:
+            tensor = tensor.transpose(1, 2)  # some exporters store [E, in, out]
+        if tuple(tensor.shape) != expected:
+            raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match {expected}")
+        ids = torch.tensor(list(index), dtype=torch.long)
+        _copy(param, tensor[ids], key)
+        for e in index:
+            if proj == "gate_up_proj":
+                self.tracker.mark(target, (e, "gate_proj"))
+                self.tracker.mark(target, (e, "up_proj"))
+            else:
+                self.tracker.mark(target, e)
+
+    def _grouped_gdn(self, key: str, name: str, tensor: torch.Tensor) -> None:
+        """Qwen3-Next groups rows per key head: [q k v z] / [b a]; split into the flat layout."""
+        cfg = self.cfg
+        prefix = name.rsplit(".", 2)[0]
+        nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        r = cfg.linear_num_value_heads // nk
+        hidden = tensor.shape[-1]
+        if name.endswith("in_proj_qkvz.weight"):
+            per_group = 2 * dk + 2 * r * dv
+            if tensor.shape[0] != nk * per_group:
+                raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match "
+                                f"({nk * per_group}, {hidden})")
+            q, k, v, z = tensor.view(nk, per_group, hidden).split([dk, dk, r * dv, r * dv], dim=1)
+            qkv = torch.cat([t.reshape(-1, hidden) for t in (q, k, v)], dim=0)
+            parts = {"in_proj_qkv": qkv, "in_proj_z": z.reshape(-1, hidden)}
+        else:
+            if tensor.shape[0] != nk * 2 * r:
+                raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match ({nk * 2 * r}, {hidden})")
+            b, a = tensor.view(nk, 2 * r, hidden).split([r, r], dim=1)
+            parts = {"in_proj_b": b.reshape(-1, hidden), "in_proj_a": a.reshape(-1, hidden)}
+        for part, value in parts.items():
+            target = f"{prefix}.{part}.weight"
+            if target not in self.params:
+                raise UserError(f"unexpected tensor {key!r} in checkpoint")
+            _copy(self.params[target], value, key)
+            self.tracker.mark(target)
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield key, (lambda h=handle, k=key: h.get_tensor(k))
+        except UserError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {path.name}: {exc}") from None
+
+
+def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig) -> None:
+    loader = WeightLoader(model, cfg)
+    for key, get in iter_tensors(checkpoint_files(folder)):
+        loader.load(key, get)
+    missing = loader.tracker.missing()
+    if "lm_head.weight" in missing and cfg.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        missing.remove("lm_head.weight")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"checkpoint is missing tensors: {shown}")

@@ -1,0 +1,1 @@
+"""Model runner: batch construction, forward, sampling."""
