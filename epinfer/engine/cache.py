@@ -28,18 +28,20 @@ class CacheLayout:
         return self.block_size * self.num_blocks
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
+    """KV bytes per token on one rank (KV heads are split over TP, at least one per rank)."""
     attn_layers = sum(t == "attention" for t in cfg.layer_types)
-    return attn_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    return attn_layers * 2 * max(1, cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
 
 
-def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
+    """GDN conv + recurrent state bytes per sequence on one rank (heads split over TP)."""
     gdn_layers = sum(t == "linear_attention" for t in cfg.layer_types)
     conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
         cfg.linear_num_value_heads * cfg.linear_value_head_dim
     conv = conv_dim * (cfg.linear_conv_kernel - 1) * dtype.itemsize
     ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-    return gdn_layers * (conv + ssm)
+    return gdn_layers * (conv + ssm) // tp
 
 
 class CacheAllocator:
@@ -67,29 +69,33 @@ class CacheAllocator:
 
 
 class CacheTensors:
-    """Per-layer cache tensors: (k, v) for attention layers, (conv, ssm) for GDN layers."""
+    """Per-layer cache tensors of this rank's shard: (k, v) for attention layers, (conv, ssm) for
+    GDN layers. With `poison` (`--poison-pads`) never-written entries hold NaN instead of 0, so a
+    kernel that reads what it shouldn't produces NaN instead of a plausible wrong answer."""
 
-    def __init__(self, cfg: ModelConfig, layout: CacheLayout, dtype: torch.dtype,
-                 device: torch.device, fill: float = 0.0) -> None:
+    def __init__(self, model, layout: CacheLayout, dtype: torch.dtype, device: torch.device,
+                 poison: bool = False) -> None:
+        self.fill = float("nan") if poison else 0.0
         self.per_layer: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for kind in cfg.layer_types:
-            if kind == "attention":
-                shape = (layout.num_blocks, layout.block_size, cfg.num_kv_heads, cfg.head_dim)
-                self.per_layer.append((torch.full(shape, fill, dtype=dtype, device=device),
-                                       torch.full(shape, fill, dtype=dtype, device=device)))
+        self.gdn_layers: list[int] = []
+        for i, layer in enumerate(model.model.layers):
+            if layer.mixer_type == "attention":
+                attn = layer.self_attn
+                shape = (layout.num_blocks, layout.block_size, attn.num_kv_heads, attn.head_dim)
+                self.per_layer.append((torch.full(shape, self.fill, dtype=dtype, device=device),
+                                       torch.full(shape, self.fill, dtype=dtype, device=device)))
             else:
-                conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
-                    cfg.linear_num_value_heads * cfg.linear_value_head_dim
-                conv = torch.zeros(layout.num_state_slots, conv_dim, cfg.linear_conv_kernel - 1,
-                                   dtype=dtype, device=device)
-                ssm = torch.zeros(layout.num_state_slots, cfg.linear_num_value_heads,
-                                  cfg.linear_key_head_dim, cfg.linear_value_head_dim,
-                                  dtype=torch.float32, device=device)
+                gdn = layer.linear_attn
+                slots = layout.num_state_slots
+                conv = torch.full((slots, gdn.conv_dim, gdn.kernel - 1), self.fill, dtype=dtype,
+                                  device=device)
+                ssm = torch.full((slots, gdn.num_v_heads, gdn.dk, gdn.dv), self.fill,
+                                 dtype=torch.float32, device=device)
                 self.per_layer.append((conv, ssm))
-        self.layer_types = cfg.layer_types
+                self.gdn_layers.append(i)
 
     def reset_slot(self, slot: int) -> None:
-        for kind, (a, b) in zip(self.layer_types, self.per_layer, strict=True):
-            if kind == "linear_attention":
-                a[slot].zero_()
-                b[slot].zero_()
+        for i in self.gdn_layers:
+            conv, ssm = self.per_layer[i]
+            conv[slot].fill_(self.fill)
+            ssm[slot].fill_(self.fill)

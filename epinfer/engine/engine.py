@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from epinfer.config import ModelConfig
-from epinfer.engine.cache import (CacheAllocator, CacheLayout, kv_bytes_per_token,
-                                  state_bytes_per_slot)
+from epinfer.distributed.parallel import ParallelContext
+from epinfer.engine.cache import CacheAllocator, CacheLayout, kv_bytes_per_token, state_bytes_per_slot
 from epinfer.engine.sampling_params import SamplingParams
-from epinfer.engine.scheduler import Scheduler, Sequence
+from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.errors import UserError
+from epinfer.runner.batch import SeqWork, StepPlan
 from epinfer.runner.model_runner import ModelRunner, build_model
 from epinfer.runner.sampler import sample
 
@@ -99,7 +100,7 @@ def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None
 
 
 def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
-               device: torch.device) -> tuple[CacheLayout, int]:
+               device: torch.device, tp: int = 1) -> tuple[CacheLayout, int]:
     """Returns the cache layout and the max model length."""
     if ecfg.cache_memory_gb is not None:
         budget = int(ecfg.cache_memory_gb * 2**30)
@@ -109,9 +110,9 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
         budget = int(total * ecfg.gpu_memory_utilization) - used - 2 * 2**30  # activation headroom
     else:
         budget = 2 * 2**30
-    state_bytes = state_bytes_per_slot(cfg, dtype) * ecfg.max_num_seqs
+    state_bytes = state_bytes_per_slot(cfg, dtype, tp) * ecfg.max_num_seqs
     kv_budget = budget - state_bytes
-    per_token = kv_bytes_per_token(cfg, dtype)
+    per_token = kv_bytes_per_token(cfg, dtype, tp)
     if kv_budget <= 0 or per_token == 0 and kv_budget < 0:
         raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences needs "
                         f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
@@ -131,25 +132,32 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
 
 
 class Engine:
-    def __init__(self, ecfg: EngineConfig) -> None:
+    """One DP replica's engine. In a parallel run every rank builds one (its model shard, caches
+    and runner); only the replica's TP rank 0 schedules and samples, its peers execute the
+    plans it broadcasts."""
+
+    def __init__(self, ecfg: EngineConfig, ctx: ParallelContext | None = None,
+                 device: torch.device | None = None) -> None:
         folder = Path(ecfg.model) if ecfg.model else DEMO_MODEL
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
         self.ecfg = ecfg
+        self.ctx = ctx = ctx or ParallelContext()
         self.model_config = cfg = ModelConfig.from_dir(folder)
-        self.device = resolve_device(ecfg.device)
+        self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_seqs < 1 or ecfg.max_num_batched_tokens < 1:
             raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1")
         self.tokenizer = load_tokenizer(folder)
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
-        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device)
-        model = build_model(cfg, folder, self.dtype, self.device)
+        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
+        model = build_model(cfg, folder, self.dtype, self.device, ctx)
         self.runner = ModelRunner(model, layout, self.dtype, self.device)
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
+        self.pending_resets: list[int] = []
 
     def tokenize(self, prompt: str | list[int], index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -190,17 +198,24 @@ class Engine:
         self.num_requests += 1
         self.scheduler.add(seq)
 
-    def step(self) -> list[Sequence]:
-        """Runs one forward; returns the sequences that finished in it."""
-        plan = self.scheduler.schedule()
-        if not plan:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler has requests but planned nothing")  # invariant
-            return []
-        batch = self.runner.build_batch(plan)
-        logits = self.runner.forward(batch)
-        sampled = [item.seq for item in plan if item.samples]
-        for item in plan:
+    def plan_step(self) -> tuple[list[ScheduledSeq], StepPlan]:
+        """Schedules one step and describes it for the runner (and the TP peers)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled and self.scheduler.has_work() and not self.scheduler.running:
+            raise RuntimeError("scheduler has requests but planned nothing")  # invariant
+        items = []
+        for item in scheduled:
+            seq, start = item.seq, item.seq.num_computed
+            items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
+                                 item.samples, list(seq.block_ids) if start == 0 else None))
+        plan = StepPlan(items, self.pending_resets, self.scheduler.has_work())
+        self.pending_resets = []
+        return scheduled, plan
+
+    def apply(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Sequence]:
+        """Samples, appends tokens, applies stop rules; returns the sequences that finished."""
+        sampled = [item.seq for item in scheduled if item.samples]
+        for item in scheduled:
             item.seq.num_computed += item.num_new
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         finished = []
@@ -208,9 +223,16 @@ class Engine:
             seq.output_ids.append(token)
             if self._check_stop(seq, token):
                 self.scheduler.finish(seq)
-                self.runner.cache.reset_slot(seq.state_slot)
+                self.pending_resets.append(seq.state_slot)
                 finished.append(seq)
         return finished
+
+    def step(self) -> list[Sequence]:
+        """Single-process step: one forward; returns the sequences that finished in it."""
+        scheduled, plan = self.plan_step()
+        if not scheduled:
+            return []
+        return self.apply(scheduled, self.runner.execute(plan))
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params

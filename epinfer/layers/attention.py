@@ -15,34 +15,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.config import ModelConfig
-from epinfer.layers.linear import Linear
+from epinfer.distributed.parallel import ParallelContext
+from epinfer.errors import UserError
+from epinfer.layers.linear import Linear, row_parallel
 from epinfer.layers.norm import RMSNorm
 from epinfer.layers.rotary import apply_rotary
 from epinfer.runner.batch import ForwardBatch
 
 
+def head_rows(heads: range, width: int) -> list[int]:
+    """Global rows of a projection whose output is `width` rows per head, for `heads`."""
+    return [h * width + j for h in heads for j in range(width)]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Heads are split over the TP group (q/k/v column-parallel, o row-parallel); with fewer KV
+    heads than TP ranks each KV head is replicated on TP / KVH ranks."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
+        tp, rank = ctx.tp_size, ctx.tp_rank
+        if cfg.num_heads % tp:
+            raise UserError(f"attention heads ({cfg.num_heads}) are not divisible by --tp {tp}")
+        if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+            raise UserError(f"KV heads ({cfg.num_kv_heads}) and --tp {tp}: one must divide the other")
+        if cfg.qk_norm == "full" and tp > 1:
+            raise UserError(f"{cfg.family} (q/k norm over all heads) does not support --tp > 1 yet")
+        self.num_heads = cfg.num_heads // tp
+        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
+        self.head_dim = hd = cfg.head_dim
         self.gated = cfg.attn_output_gate
         self.clip_qkv = cfg.clip_qkv
-        q_out = cfg.num_heads * cfg.head_dim * (2 if self.gated else 1)
-        kv_out = cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
-        self.k_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
-        self.v_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        heads = range(rank * self.num_heads, (rank + 1) * self.num_heads)
+        kv_first = rank * cfg.num_kv_heads // tp if cfg.num_kv_heads < tp else rank * self.num_kv_heads
+        kv_heads = range(kv_first, kv_first + self.num_kv_heads)
+        q_width = hd * (2 if self.gated else 1)
+        sharded = tp > 1
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = Linear(D, cfg.num_heads * q_width, bias,
+                             out_index=head_rows(heads, q_width) if sharded else None)
+        kv_index = head_rows(kv_heads, hd) if sharded else None
+        self.k_proj = Linear(D, cfg.num_kv_heads * hd, bias, out_index=kv_index)
+        self.v_proj = Linear(D, cfg.num_kv_heads * hd, bias, out_index=kv_index)
         o_bias = cfg.attention_bias and cfg.family != "qwen2_moe"
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
+        self.o_proj = row_parallel(cfg.num_heads * hd, D, ctx, "attention heads",
+                                   f"layer.{layer_idx}.attn.o_proj", bias=o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.zero_centered_norm)
         elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(kv_out, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.num_heads * hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * hd, cfg.rms_norm_eps)
 
     def forward(
         self,

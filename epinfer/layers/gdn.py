@@ -18,34 +18,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.config import ModelConfig
+from epinfer.distributed.parallel import ParallelContext
+from epinfer.errors import UserError
+from epinfer.layers.attention import head_rows
 from epinfer.layers.gdn_ops import chunk_gated_delta_rule, recurrent_gated_delta_step
-from epinfer.layers.linear import Linear
+from epinfer.layers.linear import Linear, row_parallel, set_shard
 from epinfer.layers.norm import GatedRMSNorm
 from epinfer.runner.batch import ForwardBatch
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Key and value heads are split over the TP group; out_proj is row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
-        self.num_k_heads = cfg.linear_num_key_heads
-        self.num_v_heads = cfg.linear_num_value_heads
-        self.dk = cfg.linear_key_head_dim
-        self.dv = cfg.linear_value_head_dim
-        self.key_dim = self.num_k_heads * self.dk
-        self.value_dim = self.num_v_heads * self.dv
+        tp, rank = ctx.tp_size, ctx.tp_rank
+        nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if nk % tp or nv % tp:
+            raise UserError(f"linear-attention heads ({nk} key, {nv} value) are not divisible by --tp {tp}")
+        self.num_k_heads, self.num_v_heads = nk // tp, nv // tp
+        self.dk = dk = cfg.linear_key_head_dim
+        self.dv = dv = cfg.linear_value_head_dim
+        self.key_dim = self.num_k_heads * dk
+        self.value_dim = self.num_v_heads * dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = cfg.linear_conv_kernel
         D = cfg.hidden_size
-        self.in_proj_qkv = Linear(D, self.conv_dim)
-        self.in_proj_z = Linear(D, self.value_dim)
-        self.in_proj_b = Linear(D, self.num_v_heads)
-        self.in_proj_a = Linear(D, self.num_v_heads)
+        k_heads = range(rank * self.num_k_heads, (rank + 1) * self.num_k_heads)
+        v_heads = range(rank * self.num_v_heads, (rank + 1) * self.num_v_heads)
+        sharded = tp > 1
+        # q | k | v blocks of the full projection, each restricted to this rank's heads
+        qkv_rows = head_rows(k_heads, dk) + [nk * dk + r for r in head_rows(k_heads, dk)] + \
+            [2 * nk * dk + r for r in head_rows(v_heads, dv)]
+        full_conv = 2 * nk * dk + nv * dv
+        self.in_proj_qkv = Linear(D, full_conv, out_index=qkv_rows if sharded else None)
+        self.in_proj_z = Linear(D, nv * dv, out_index=head_rows(v_heads, dv) if sharded else None)
+        self.in_proj_b = Linear(D, nv, out_index=v_heads if sharded else None)
+        self.in_proj_a = Linear(D, nv, out_index=v_heads if sharded else None)
         self.conv1d = nn.Module()
         self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, self.kernel))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
-        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = Linear(self.value_dim, D)
+        if sharded:
+            set_shard(self.conv1d.weight, 0, qkv_rows)
+            set_shard(self.A_log, 0, v_heads)
+            set_shard(self.dt_bias, 0, v_heads)
+        self.norm = GatedRMSNorm(dv, cfg.rms_norm_eps)
+        self.out_proj = row_parallel(nv * dv, D, ctx, "linear-attention value dim",
+                                     f"layer.{layer_idx}.gdn.out_proj")
 
     def forward(
         self, x_TD: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]

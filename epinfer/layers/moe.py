@@ -1,10 +1,16 @@
-"""Mixture-of-experts block: router → experts → weighted sum, plus an optional gated shared expert.
+"""Mixture-of-experts block: router → dispatcher → local experts → combine, plus an optional
+gated shared expert.
 
-Router: softmax over all experts in fp32, top-k, optional renormalisation (every supported
-family routes this way; Mixtral's softmax-over-top-k-logits is the same numbers). Experts are
-stored fused: `w13 [E_local, 2I, H]` (gate rows then up rows) and `w2 [E_local, H, I]`, where
-`E_local` are the experts this rank owns (`expert_ids`). Rows at or past `num_real_rows` get
-weight 0 so padding never contributes.
+Router: softmax over all experts in fp32, top-k, optional renormalisation (every supported family
+routes this way; Mixtral's softmax-over-top-k-logits gives the same numbers). Experts are stored
+fused, `w13 [E_local, 2I_local, D]` (gate rows then up rows) and `w2 [E_local, D, I_local]`:
+with expert parallelism a rank owns a contiguous range of experts (counts may differ by one);
+with `--no-expert-parallel` every rank owns all experts with I split over the TP group.
+
+With EP and TP > 1 the block is sequence-parallel: each TP rank routes its 1/TP slice of the
+replica's rows and the TP group all-gathers the result; the shared expert then runs on the slice
+with full weights, so each row gets it exactly once. Rows past the batch's real rows get top-k
+weight 0 (and are not sent by dispatchers that send routed rows only).
 
 Shape suffixes: T rows, D hidden, E experts, K top-k, I expert intermediate.
 """
@@ -16,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.config import ModelConfig
+from epinfer.distributed.dispatch import make_dispatcher
+from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
 from epinfer.layers.linear import GatedMLP, Linear
+from epinfer.runner.batch import ForwardBatch
 
 
-def route(
-    router_logits_TE: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights_TK fp32, topk_ids_TK int64)."""
     probs = torch.softmax(router_logits_TE, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
@@ -31,24 +38,28 @@ def route(
 
 
 class FusedExperts(nn.Module):
-    def __init__(self, expert_ids: list[int], hidden: int, intermediate: int) -> None:
+    def __init__(self, expert_ids: range, hidden: int, intermediate: int, num_experts_total: int,
+                 inter_index: range | None = None) -> None:
         super().__init__()
-        self.expert_ids = list(expert_ids)
-        self.intermediate = intermediate
+        self.expert_ids = expert_ids
+        self.num_experts_total = num_experts_total
+        self.first_expert = expert_ids.start
+        self.inter_index = inter_index  # intermediate rows kept (TP-sharded experts), None = all
+        inter = len(inter_index) if inter_index is not None else intermediate
         n = len(expert_ids)
-        self.w13 = nn.Parameter(torch.empty(n, 2 * intermediate, hidden))
-        self.w2 = nn.Parameter(torch.empty(n, hidden, intermediate))
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, inter))
 
-    def forward(
-        self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
-        first_expert: int = 0,
-    ) -> torch.Tensor:
-        """Sum over (token, k) pairs routed to the local experts `first_expert + [0, E_local)`."""
+    def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor,
+                topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over (row, k) pairs routed to this rank's experts; others contribute 0."""
         out = torch.zeros_like(x_TD)
-        K = topk_ids_TK.shape[1]
-        local_ids = topk_ids_TK.flatten() - first_expert
         num_local = self.w13.shape[0]
-        counts = torch.bincount(local_ids.clamp(-1, num_local) + 1, minlength=num_local + 2)
+        if num_local == 0 or x_TD.shape[0] == 0:
+            return out
+        K = topk_ids_TK.shape[1]
+        local_ids = (topk_ids_TK.flatten() - self.first_expert).clamp(-1, num_local)
+        counts = torch.bincount(local_ids + 1, minlength=num_local + 2)
         counts = counts[1:num_local + 1].tolist()  # host sync: expert sizes drive the loop
         order = torch.argsort(local_ids, stable=True)
         start = int((local_ids < 0).sum())
@@ -67,24 +78,49 @@ class FusedExperts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
+        self.ctx = ctx
+        self.label = f"layer.{layer_idx}.moe"
         self.top_k = cfg.top_k
         self.renormalize = cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts)
-        ids = list(range(cfg.num_experts)) if expert_ids is None else expert_ids
-        self.experts = FusedExperts(ids, cfg.hidden_size, cfg.moe_intermediate_size)
+        if ctx.ep_size > 1:
+            ids = range(*split_evenly(cfg.num_experts, ctx.ep_size, ctx.ep_rank))
+            self.experts = FusedExperts(ids, cfg.hidden_size, cfg.moe_intermediate_size,
+                                        cfg.num_experts)
+        else:
+            inter = None if ctx.tp_size == 1 else shard_range(
+                cfg.moe_intermediate_size, ctx.tp_size, ctx.tp_rank, "expert intermediate size")
+            self.experts = FusedExperts(range(cfg.num_experts), cfg.hidden_size,
+                                        cfg.moe_intermediate_size, cfg.num_experts, inter)
+        self.dispatcher = make_dispatcher(ctx, self.label) if ctx.ep_size > 1 else None
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx,
+                                          f"{self.label}.shared", tp_sharded=ctx.ep_size == 1)
             self.shared_expert_gate = Linear(cfg.hidden_size, 1)
 
-    def forward(self, x_TD: torch.Tensor, num_real_rows: int) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        ctx = self.ctx
+        real = batch.num_real_rows
+        if ctx.sequence_parallel:
+            rows = x_TD.shape[0] // ctx.tp_size
+            lo = ctx.tp_rank * rows
+            x_TD = x_TD[lo:lo + rows]
+            real = min(max(real - lo, 0), rows)
         weights, ids = route(self.gate(x_TD), self.top_k, self.renormalize)
-        weights[num_real_rows:] = 0.0
-        weights = weights.to(x_TD.dtype) if x_TD.dtype != torch.float32 else weights
-        out = self.experts(x_TD, weights, ids, first_expert=self.experts.expert_ids[0])
+        weights[real:] = 0.0
+        if x_TD.dtype != torch.float32:
+            weights = weights.to(x_TD.dtype)
+        if self.dispatcher is not None:
+            out = self.dispatcher(x_TD, weights, ids, real, batch.moe_sizes, self.experts)
+        else:
+            out = self.experts(x_TD, weights, ids)
+            if ctx.tp_size > 1:  # TP-sharded experts: partial sums
+                out = ctx.comm.all_reduce(out, ctx.groups.tp_group, f"{self.label}.tp_reduce")
         if self.shared_expert is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-            out = out + shared
+            out = out + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        if ctx.sequence_parallel:
+            out = ctx.comm.all_gather(out, ctx.groups.tp_group, f"{self.label}.sp_gather")
         return out

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from epinfer.config import ModelConfig
+from epinfer.distributed.parallel import ParallelContext
 from epinfer.layers.attention import Attention
 from epinfer.layers.gdn import GatedDeltaNet
 from epinfer.layers.linear import GatedMLP, Linear
@@ -24,18 +25,18 @@ from epinfer.runner.batch import ForwardBatch
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.mixer_type = cfg.layer_types[layer_idx]
         if self.mixer_type == "attention":
-            self.self_attn = Attention(cfg)
+            self.self_attn = Attention(cfg, ctx, layer_idx)
         else:
-            self.linear_attn = GatedDeltaNet(cfg)
+            self.linear_attn = GatedDeltaNet(cfg, ctx, layer_idx)
         if cfg.mlp_types[layer_idx] == "moe":
-            self.mlp = MoEBlock(cfg)
+            self.mlp = MoEBlock(cfg, ctx, layer_idx)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, f"layer.{layer_idx}.mlp")
         zc = cfg.zero_centered_norm
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
@@ -49,25 +50,31 @@ class DecoderLayer(nn.Module):
         x_TD = x_TD + h
         h = self.post_attention_layernorm(x_TD)
         if isinstance(self.mlp, MoEBlock):
-            h = self.mlp(h, batch.num_real_rows)
+            h = self.mlp(h, batch)
         else:
             h = self.mlp(h)
         return x_TD + h
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
         super().__init__()
+        # replicated on every TP rank: a lookup needs no collective (see CausalLM)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Embeddings and LM head are replicated, not vocab-sharded: the lookup and the logits then
+    need no collective, and only TP rank 0 (the replica's scheduler) computes logits at all."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None) -> None:
         super().__init__()
+        ctx = ctx or ParallelContext()
         self.config = cfg
-        self.model = Model(cfg)
+        self.ctx = ctx
+        self.model = Model(cfg, ctx)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
 

@@ -24,7 +24,9 @@ from epinfer.errors import UserError
 from epinfer.models.causal_lm import CausalLM
 
 SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 _FUSED_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -83,7 +85,16 @@ class _Tracker:
         return [n for n, k in self.expected.items() if len(self.loaded[n]) < k]
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
+def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, shard_of: torch.Tensor | None = None) -> None:
+    """Copy `tensor` into `param`, first selecting this rank's shard when `shard_of` (the full
+    parameter the tensor belongs to) is TP-sharded."""
+    shard_of = param if shard_of is None else shard_of
+    dim = getattr(shard_of, "shard_dim", None)
+    if dim is not None:
+        index = shard_of.shard_index
+        if tensor.dim() <= dim or int(index.max()) >= tensor.shape[dim]:
+            raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} is too small for the model")
+        tensor = tensor.index_select(dim, index)
     if tuple(param.shape) != tuple(tensor.shape):
         raise UserError(
             f"tensor {key}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}"
@@ -98,10 +109,12 @@ class WeightLoader:
         self.params = dict(model.named_parameters())
         self.tracker = _Tracker(self.params)
         self.local_index: dict[str, dict[int, int]] = {}
+        self.inter_index: dict[str, range | None] = {}
         for name, module in model.named_modules():
             if hasattr(module, "expert_ids"):
                 index = {e: i for i, e in enumerate(module.expert_ids)}
                 self.local_index[name] = index
+                self.inter_index[name] = module.inter_index
                 self.tracker.expected[f"{name}.w13"] = 2 * len(index)
                 self.tracker.expected[f"{name}.w2"] = len(index)
 
@@ -126,11 +139,16 @@ class WeightLoader:
         local = self.local_index[prefix].get(expert)
         if local is None:
             return  # another expert-parallel rank owns it
-        inter = self.cfg.moe_intermediate_size
+        keep = self.inter_index[prefix]
         if proj == "down_proj":
+            if keep is not None:
+                tensor = _select(tensor, 1, keep, key)
             _copy(self.params[f"{prefix}.w2"][local], tensor, key)
             self.tracker.mark(f"{prefix}.w2", expert)
             return
+        if keep is not None:
+            tensor = _select(tensor, 0, keep, key)
+        inter = self.params[f"{prefix}.w13"].shape[1] // 2
         half = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
         _copy(self.params[f"{prefix}.w13"][local, half], tensor, key)
         self.tracker.mark(f"{prefix}.w13", (expert, proj))
@@ -141,13 +159,23 @@ class WeightLoader:
         index = self.local_index[prefix]
         target = f"{prefix}.w13" if proj == "gate_up_proj" else f"{prefix}.w2"
         param = self.params[target]
-        expected = (self.cfg.num_experts, *param.shape[1:])
+        inter = self.cfg.moe_intermediate_size
+        expected = (self.cfg.num_experts, 2 * inter, self.cfg.hidden_size) if proj == "gate_up_proj" \
+            else (self.cfg.num_experts, self.cfg.hidden_size, inter)
         if tuple(tensor.shape) != expected and tuple(tensor.transpose(1, 2).shape) == expected:
             tensor = tensor.transpose(1, 2)  # some exporters store [E, in, out]
         if tuple(tensor.shape) != expected:
             raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match {expected}")
         ids = torch.tensor(list(index), dtype=torch.long)
-        _copy(param, tensor[ids], key)
+        tensor = tensor[ids]
+        keep = self.inter_index[prefix]
+        if keep is not None:
+            keep_t = torch.tensor(list(keep), dtype=torch.long)
+            if proj == "gate_up_proj":
+                tensor = tensor[:, torch.cat([keep_t, keep_t + inter])]
+            else:
+                tensor = tensor[:, :, keep_t]
+        _copy(param, tensor, key)
         for e in index:
             if proj == "gate_up_proj":
                 self.tracker.mark(target, (e, "gate_proj"))
@@ -172,7 +200,8 @@ class WeightLoader:
             parts = {"in_proj_qkv": qkv, "in_proj_z": z.reshape(-1, hidden)}
         else:
             if tensor.shape[0] != nk * 2 * r:
-                raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match ({nk * 2 * r}, {hidden})")
+                raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match "
+                                f"({nk * 2 * r}, {hidden})")
             b, a = tensor.view(nk, 2 * r, hidden).split([r, r], dim=1)
             parts = {"in_proj_b": b.reshape(-1, hidden), "in_proj_a": a.reshape(-1, hidden)}
         for part, value in parts.items():
@@ -181,6 +210,12 @@ class WeightLoader:
                 raise UserError(f"unexpected tensor {key!r} in checkpoint")
             _copy(self.params[target], value, key)
             self.tracker.mark(target)
+
+
+def _select(tensor: torch.Tensor, dim: int, keep: range, key: str) -> torch.Tensor:
+    if tensor.dim() <= dim or keep.stop > tensor.shape[dim]:
+        raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} is too small for the model")
+    return tensor.narrow(dim, keep.start, len(keep))
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:

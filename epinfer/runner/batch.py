@@ -43,6 +43,7 @@ class ForwardBatch:
     decode_seq_ids: list[int] = dataclasses.field(default_factory=list)
     decode_rows: torch.Tensor | None = None  # [S_dec] rows of those sequences
     decode_state_slots: torch.Tensor | None = None  # [S_dec]
+    moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
 
     @property
     def num_rows(self) -> int:
@@ -56,3 +57,25 @@ class ForwardBatch:
         self.decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.decode_state_slots = torch.tensor(slots, dtype=torch.long, device=device)
         return self
+
+
+@dataclasses.dataclass
+class SeqWork:
+    """One sequence's work in a step, as the replica's scheduler sends it to its TP peers."""
+
+    tokens: list[int]  # the new tokens
+    start: int  # position of tokens[0] (= tokens already cached)
+    state_slot: int
+    samples: bool  # the last row's logits are sampled
+    new_blocks: list[int] | None = None  # the sequence's KV blocks, sent with its first chunk
+
+
+@dataclasses.dataclass
+class StepPlan:
+    items: list[SeqWork]
+    reset_slots: list[int]  # state slots freed since the last step: zeroed before this forward
+    has_work: bool  # the replica has requests left (waiting or running)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(w.tokens) for w in self.items)

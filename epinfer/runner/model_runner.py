@@ -1,5 +1,5 @@
-"""Model runner: loads the model, owns the cache tensors, turns a step plan into a
-`ForwardBatch`, runs the forward and returns logits of the rows to sample."""
+"""Model runner: builds the (sharded) model, owns the cache tensors and block tables, turns a
+`StepPlan` into a `ForwardBatch`, runs the forward and returns logits of the rows to sample."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from epinfer.config import ModelConfig
+from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheLayout, CacheTensors
-from epinfer.engine.scheduler import ScheduledSeq
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.loader import load_checkpoint
-from epinfer.runner.batch import ForwardBatch, SeqSlice
+from epinfer.runner.batch import ForwardBatch, SeqSlice, StepPlan
 
 
 @contextlib.contextmanager
@@ -26,11 +26,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype,
-                device: torch.device) -> CausalLM:
-    """Construct on `device` in `dtype` and load `folder` (random init when folder is None)."""
+def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
+                ctx: ParallelContext | None = None) -> CausalLM:
+    """Construct this rank's shard on `device` in `dtype` and load `folder` into it."""
     with _default_dtype(dtype), torch.device(device):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, ctx)
     model.rotary.inv_freq = model.rotary.inv_freq.float()
     if folder is not None:
         load_checkpoint(model, folder, cfg)
@@ -44,29 +44,36 @@ class ModelRunner:
         self.cfg = model.config
         self.layout = layout
         self.device = device
-        self.cache = CacheTensors(self.cfg, layout, dtype, device)
+        self.poison = model.ctx.poison_pads
+        self.cache = CacheTensors(model, layout, dtype, device, poison=self.poison)
+        self.block_tables: dict[int, torch.Tensor] = {}  # state slot -> KV blocks (device)
+        self.host_tables: dict[int, list[int]] = {}  # the same, on the host
 
-    def build_batch(self, plan: list[ScheduledSeq], pad_to: int | None = None) -> ForwardBatch:
+    def build_batch(self, plan: StepPlan, rows: int | None = None,
+                    moe_sizes: list[int] | None = None) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
         seqs: list[SeqSlice] = []
         logits_rows: list[int] = []
         bs = self.layout.block_size
-        for item in plan:
-            seq, start = item.seq, item.seq.num_computed
-            if seq.device_blocks is None:
-                seq.device_blocks = torch.tensor(seq.block_ids, dtype=torch.long, device=self.device)
-            row = len(ids)
-            ids.extend(seq.token_slice(start, start + item.num_new))
-            pos = range(start, start + item.num_new)
+        for work in plan.items:
+            if work.new_blocks is not None:
+                self.host_tables[work.state_slot] = work.new_blocks
+                self.block_tables[work.state_slot] = torch.tensor(work.new_blocks, dtype=torch.long,
+                                                                  device=self.device)
+            blocks = self.host_tables[work.state_slot]
+            row, n = len(ids), len(work.tokens)
+            ids.extend(work.tokens)
+            pos = range(work.start, work.start + n)
             positions.extend(pos)
-            kv_slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
-            seqs.append(SeqSlice(row, item.num_new, start, seq.state_slot, seq.device_blocks))
-            if item.samples:
-                logits_rows.append(row + item.num_new - 1)
+            kv_slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            seqs.append(SeqSlice(row, n, work.start, work.state_slot,
+                                 self.block_tables[work.state_slot]))
+            if work.samples:
+                logits_rows.append(row + n - 1)
         real = len(ids)
-        pad = max(0, (pad_to or real) - real)
+        pad = max(0, (rows or real) - real)
         ids.extend([0] * pad)
         positions.extend([0] * pad)
         kv_slots.extend([-1] * pad)
@@ -74,10 +81,19 @@ class ModelRunner:
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        batch = ForwardBatch(t(ids), t(positions), t(kv_slots), seqs, t(logits_rows), real)
+        batch = ForwardBatch(t(ids), t(positions), t(kv_slots), seqs, t(logits_rows), real,
+                             moe_sizes=moe_sizes)
         return batch.finalize(self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def execute(self, plan: StepPlan, rows: int | None = None, moe_sizes: list[int] | None = None,
+                want_logits: bool = True) -> torch.Tensor | None:
+        for slot in plan.reset_slots:
+            self.cache.reset_slot(slot)
+            self.block_tables.pop(slot, None)
+            self.host_tables.pop(slot, None)
+        batch = self.build_batch(plan, rows, moe_sizes)
         hidden = self.model(batch, self.cache.per_layer)
+        if not want_logits:
+            return None
         return self.model.compute_logits(hidden[batch.logits_rows])

@@ -1,0 +1,5 @@
+import sys
+
+from epinfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Command line: `epinfer generate` (offline generation).
+
+Exit codes: 0 success; 2 bad input or usage, with one `epinfer: error: ...` line on stderr (the
+traceback only with `--debug`); 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from epinfer.distributed.launch import under_torchrun
+from epinfer.errors import UserError
+
+JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                "stop", "ignore_eos"}
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the shipped demo model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | xpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--cache-memory-gb", type=float, default=None,
+                   help="memory for KV cache + recurrent state (default: automatic)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    par.add_argument("--dispatch", default="agrs", help="MoE dispatcher: agrs | alltoall | naive")
+    par.add_argument("--dp-padding", default="uniform", help="uniform | none")
+    par.add_argument("--no-expert-parallel", action="store_true",
+                     help="TP-shard the experts inside each replica instead of EP over all ranks")
+    par.add_argument("--poison-pads", action="store_true",
+                     help="debug: fill padding rows and never-written cache entries with NaN")
+    par.add_argument("--collective-timeout", type=float, default=None,
+                     help="seconds before a stuck collective fails the run (default 60 CPU, 600 GPU)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                cache_memory_gb=args.cache_memory_gb)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epinfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions for prompts")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", type=Path, default=None, help="JSONL, one request per line")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--output", type=Path, default=None, help="write results as a JSON list")
+    gen.add_argument("--compare-single", action="store_true",
+                     help="also run single-process and report whether the tokens are identical")
+    return parser
+
+
+def read_requests(args: argparse.Namespace) -> list[dict]:
+    requests = [{"prompt": p} for p in args.prompt]
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise UserError(f"prompts file {args.prompts_file} does not exist")
+        for lineno, line in enumerate(args.prompts_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            requests.append(_parse_line(line, lineno, args.prompts_file))
+    if not requests:
+        raise UserError("no prompts: give --prompt TEXT or --prompts-file FILE.jsonl")
+    return requests
+
+
+def _parse_line(line: str, lineno: int, path: Path) -> dict:
+    where = f"{path}:{lineno}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    unknown = sorted(set(item) - JSONL_FIELDS)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if ("prompt" in item) == ("prompt_token_ids" in item):
+        raise UserError(f"{where}: give exactly one of 'prompt' or 'prompt_token_ids'")
+    prompt = item.get("prompt", item.get("prompt_token_ids"))
+    if "prompt" in item and not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a string")
+    if "prompt_token_ids" in item and not (
+        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
+    types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
+             "top_p": (int, float), "ignore_eos": bool}
+    for key, kind in types.items():
+        value = item.get(key)
+        if value is not None and (not isinstance(value, kind) or
+                                  (kind is not bool and isinstance(value, bool))):
+            raise UserError(f"{where}: '{key}' has the wrong type")
+    stop = item.get("stop")
+    if stop is not None and not (isinstance(stop, str) or
+                                 (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise UserError(f"{where}: 'stop' must be a string or a list of strings")
+    item["where"] = where
+    return item
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from epinfer import LLM, SamplingParams
+
+    requests = read_requests(args)
+    params = []
+    for i, req in enumerate(requests):
+        seed = req.get("seed", None if args.seed is None else args.seed + i)
+        params.append(SamplingParams(
+            max_tokens=req.get("max_tokens", args.max_tokens),
+            temperature=req.get("temperature", args.temperature),
+            top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
+            stop=req.get("stop"), ignore_eos=req.get("ignore_eos", args.ignore_eos)))
+    prompts = [r.get("prompt", r.get("prompt_token_ids")) for r in requests]
+    if args.dp * args.tp > 1 or under_torchrun():
+        from epinfer.distributed.launch import launch, run_torchrun
+        from epinfer.distributed.worker import Job
+        from epinfer.engine.engine import EngineConfig
+
+        job = Job(EngineConfig(model=args.model, **engine_kwargs(args)), args.dp, args.tp,
+                  args.dispatch, args.dp_padding, not args.no_expert_parallel, args.poison_pads,
+                  args.collective_timeout, prompts, params)
+        outputs = run_torchrun(job) if under_torchrun() else launch(job)
+        if outputs is None:  # a torchrun rank other than 0
+            return 0
+    else:
+        outputs = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
+    write_outputs(outputs, requests, args.output)
+    if args.compare_single:
+        single = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(outputs, single, strict=True))
+        layout = f"dp={args.dp} tp={args.tp} ep={args.dp * args.tp if not args.no_expert_parallel else 1}"
+        verdict = "yes" if same == len(single) else "NO"
+        print(f"tokens identical to the single-process run ({layout}): {verdict}, "
+              f"{same}/{len(single)} requests")
+        return 0 if same == len(single) else 1
+    return 0
+
+
+def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
+    records = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
+                "finish_reason": o.finish_reason} for o in outputs]
+    if path is not None:
+        path.write_text(json.dumps(records, indent=1) + "\n")
+        return
+    for i, (req, rec) in enumerate(zip(requests, records, strict=True)):
+        prompt = req.get("prompt", req.get("prompt_token_ids"))
+        completion = rec["text"] if rec["text"] is not None else rec["token_ids"]
+        print(f"--- request {i} ({rec['finish_reason']}, {len(rec['token_ids'])} tokens)")
+        print(f"prompt:     {prompt!r}")
+        print(f"completion: {completion!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        raise UserError(f"unknown command {args.command}")
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"epinfer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("epinfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

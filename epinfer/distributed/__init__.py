@@ -1,0 +1,1 @@
+"""Parallel runtime: process groups, the communicator, DP coordination, MoE dispatchers, launch."""

@@ -1,0 +1,179 @@
+"""The communicator: the only place `torch.distributed` collectives are issued.
+
+Every call names its group explicitly and carries a label (`layer.3.moe.dispatch`, `dp.sync`, …);
+hooks (the collective ledger, the pre-flight check) see each call before and after it runs, so
+diagnostics attach here without touching call sites. Groups of one member issue nothing.
+
+Variable-size gather / reduce-scatter are built from the uniform ops by padding every rank's rows
+to the largest size, because Gloo's list all_gather rejects unequal sizes; the per-rank sizes come
+from the step's DP decision, and `sizes[rank] == local rows` is checked before every such call.
+Several tensors travel in one collective as byte views packed along the row axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from epinfer.distributed.groups import Group
+
+# torch >= 2.13 renamed the tensor forms; the GPU machines run 2.11
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclasses.dataclass
+class CollectiveCall:
+    op: str
+    label: str
+    group: Group
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]
+    sizes: list[int] | None = None
+    t_enqueue: float = 0.0
+    t_done: float = 0.0
+
+
+class Communicator:
+    def __init__(self) -> None:
+        self.hooks: list = []  # objects with before(call) / after(call)
+        self.step_id = -1
+
+    def _run(self, op: str, label: str, group: Group, tensors: Sequence[torch.Tensor],
+             fn: Callable[[], object], sizes: list[int] | None = None):
+        call = CollectiveCall(op, label, group, [tuple(t.shape) for t in tensors],
+                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes)
+        for hook in self.hooks:
+            hook.before(call)
+        call.t_enqueue = time.time()
+        result = fn()
+        call.t_done = time.time()
+        for hook in self.hooks:
+            hook.after(call)
+        return result
+
+    # --- tensor collectives (device group) -------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
+        if group.size == 1:
+            return x
+        self._run("all_reduce", label, group, [x],
+                  lambda: dist.all_reduce(x, group=group.device_group))
+        return x
+
+    def all_gather(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
+        """Uniform rows: returns [size * rows, ...] in rank order."""
+        if group.size == 1:
+            return x
+        out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        self._run("all_gather", label, group, [x],
+                  lambda: _all_gather_tensor(out, x.contiguous(), group=group.device_group))
+        return out
+
+    def all_gatherv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
+        """Rank r contributes sizes[r] rows; returns [sum(sizes), ...] in rank order."""
+        _check_sizes(sizes, x, group, label)
+        if group.size == 1:
+            return x
+        width = max(sizes)
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = x.new_empty((group.size * width, *x.shape[1:]))
+        self._run("all_gatherv", label, group, [x], sizes=sizes,
+                  fn=lambda: _all_gather_tensor(out, padded, group=group.device_group))
+        return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
+
+    def reduce_scatter(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
+        """Uniform: x is [size * rows, ...]; returns the sum of every rank's block `rank`."""
+        if group.size == 1:
+            return x
+        out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
+        self._run("reduce_scatter", label, group, [x],
+                  lambda: _reduce_scatter_tensor(out, x.contiguous(), group=group.device_group))
+        return out
+
+    def reduce_scatterv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
+        """x is [sum(sizes), ...]; returns the sum over ranks of rows of block `rank`, [sizes[rank], ...]."""
+        assert x.shape[0] == sum(sizes), f"{label}: {x.shape[0]} rows for sizes {sizes}"
+        if group.size == 1:
+            return x
+        width = max(sizes)
+        padded = x.new_zeros((group.size * width, *x.shape[1:]))
+        offset = 0
+        for r, n in enumerate(sizes):
+            padded[r * width: r * width + n] = x[offset: offset + n]
+            offset += n
+        out = x.new_empty((width, *x.shape[1:]))
+        self._run("reduce_scatterv", label, group, [x], sizes=sizes,
+                  fn=lambda: _reduce_scatter_tensor(out, padded, group=group.device_group))
+        return out[: sizes[group.rank]]
+
+    def all_to_all(self, x: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group: Group,
+                   label: str) -> torch.Tensor:
+        """Row all-to-all: send_sizes[r] rows to rank r, receive recv_sizes[r] rows from rank r."""
+        assert x.shape[0] == sum(send_sizes), f"{label}: {x.shape[0]} rows for sends {send_sizes}"
+        if group.size == 1:
+            return x
+        out = x.new_empty((sum(recv_sizes), *x.shape[1:]))
+        self._run("all_to_all", label, group, [x], sizes=send_sizes,
+                  fn=lambda: dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes,
+                                                    group=group.device_group))
+        return out
+
+    # --- control collectives (CPU group) ---------------------------------------------------
+
+    def all_reduce_cpu(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
+        if group.size == 1:
+            return x
+        self._run("all_reduce", label, group, [x], lambda: dist.all_reduce(x, group=group.cpu_group))
+        return x
+
+    def broadcast_object(self, obj: object, src: int, group: Group, label: str) -> object:
+        """`src` is the index inside the group."""
+        if group.size == 1:
+            return obj
+        box = [obj if group.rank == src else None]
+        global_src = group.ranks[src]
+        self._run("broadcast", label, group, [],
+                  lambda: dist.broadcast_object_list(box, src=global_src, group=group.cpu_group))
+        return box[0]
+
+    def gather_object(self, obj: object, dst: int, group: Group, label: str) -> list | None:
+        if group.size == 1:
+            return [obj]
+        box = [None] * group.size if group.rank == dst else None
+        self._run("gather", label, group, [],
+                  lambda: dist.gather_object(obj, box, dst=group.ranks[dst], group=group.cpu_group))
+        return box
+
+
+def _check_sizes(sizes: list[int], x: torch.Tensor, group: Group, label: str) -> None:
+    if len(sizes) != group.size or sizes[group.rank] != x.shape[0]:
+        raise RuntimeError(f"{label}: rank {group.rank} of {group.name} has {x.shape[0]} rows but the "
+                           f"step's sizes say {sizes}")
+
+
+def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.dtype, int]]]:
+    """Concatenate [R, ...] tensors of any dtypes into one [R, bytes] uint8 tensor."""
+    rows = tensors[0].shape[0]
+    parts, meta = [], []
+    for t in tensors:
+        width = math.prod(t.shape[1:])
+        flat = t.contiguous().view(rows, width)
+        parts.append(flat.view(torch.uint8))
+        meta.append((t.dtype, width))
+    return torch.cat(parts, dim=1), meta
+
+
+def unpack_rows(packed: torch.Tensor, meta: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for dtype, width in meta:
+        nbytes = width * dtype.itemsize
+        out.append(packed[:, offset: offset + nbytes].contiguous().view(dtype))
+        offset += nbytes
+    return out

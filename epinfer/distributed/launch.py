@@ -1,0 +1,132 @@
+"""Launching a parallel run.
+
+`launch(job)` spawns DP × TP ranks on this machine: the launcher process hosts the rendezvous
+store on a free port (so any rank may die without taking the store with it), starts one process
+per rank, stops all of them on Ctrl-C / SIGTERM or as soon as one fails, and returns rank 0's
+outputs. Under `torchrun` (RANK / WORLD_SIZE in the environment) this process *is* a rank:
+`run_torchrun(job)` checks WORLD_SIZE == dp × tp and runs it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from epinfer.distributed.groups import check_layout
+from epinfer.distributed.worker import Job, worker_main
+from epinfer.errors import UserError
+
+ERROR_KEY = "epinfer/error/"
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "EPINFER_SPAWNED" not in os.environ
+
+
+def run_torchrun(job: Job) -> list | None:
+    world = int(os.environ["WORLD_SIZE"])
+    check_layout(job.dp, job.tp, world)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    return worker_main(rank, world, local_rank, job)
+
+
+def _spawned(rank: int, world: int, port: int, job: Job, result_path: str) -> None:
+    os.environ["EPINFER_SPAWNED"] = "1"
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, use_libuv=True)
+    try:
+        outputs = worker_main(rank, world, rank, job, dist.PrefixStore("pg", store))
+        if rank == 0:
+            Path(result_path).write_bytes(pickle.dumps(outputs))
+    except UserError as exc:
+        store.set(f"{ERROR_KEY}{rank}", str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as exc:
+        store.set(f"{ERROR_KEY}{rank}", f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def launch(job: Job) -> list:
+    world = job.dp * job.tp
+    check_layout(job.dp, job.tp)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="epinfer-") as tmp:
+        result_path = os.path.join(tmp, "outputs.pkl")
+        procs = [ctx.Process(target=_spawned, args=(r, world, store.port, job, result_path),
+                             name=f"epinfer-rank{r}") for r in range(world)]
+        stop = _install_stop(procs)
+        try:
+            for p in procs:
+                p.start()
+            code = _wait(procs, stop)
+        finally:
+            _terminate(procs)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if code != 0:
+            messages = _errors(store, world)
+            if code == 2 and messages:
+                raise UserError(messages[0])
+            if stop["signal"]:
+                raise KeyboardInterrupt
+            detail = "; ".join(messages) if messages else f"a rank exited with code {code}"
+            raise RuntimeError(f"parallel run failed: {detail}")
+        return pickle.loads(Path(result_path).read_bytes())
+
+
+def _install_stop(procs: list) -> dict:
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        _terminate(procs)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _wait(procs: list, stop: dict) -> int:
+    """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
+    wait in their next collective)."""
+    while True:
+        codes = [p.exitcode for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or stop["signal"]:
+            return failed[0] if failed else 130
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.05)
+
+
+def _terminate(procs: list, grace: float = 3.0) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _errors(store, world: int) -> list[str]:
+    messages = []
+    for r in range(world):
+        key = f"{ERROR_KEY}{r}"
+        if store.check([key]):
+            msg = store.get(key).decode()
+            if msg not in messages:
+                messages.append(msg)
+    return messages

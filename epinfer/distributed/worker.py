@@ -1,0 +1,142 @@
+"""One rank of a parallel run: the lockstep step loop and the per-rank entry point.
+
+Every step, on every rank, in this order: the replica's TP rank 0 schedules and broadcasts the
+plan to its TP peers (`tp.plan`), the DP coordinator reduces every replica's numbers
+(`dp.sync`), and all ranks run the forward the decision implies (a dummy batch for an idle
+replica) or all skip / stop together. Only TP rank 0 samples. Requests are read and validated on
+rank 0, broadcast once (`launch.requests`), placed on replicas round-robin in input order, and the
+outputs gathered back to rank 0 (`launch.outputs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from epinfer.distributed.communicator import Communicator
+from epinfer.distributed.dp_sync import DPCoordinator
+from epinfer.distributed.groups import build_groups
+from epinfer.distributed.parallel import ParallelContext
+from epinfer.engine.engine import Engine, EngineConfig, RequestOutput, resolve_device
+from epinfer.engine.sampling_params import SamplingParams
+from epinfer.errors import UserError
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a rank needs; pickled to spawned ranks."""
+
+    engine: EngineConfig
+    dp: int
+    tp: int
+    dispatch: str = "agrs"
+    dp_padding: str = "uniform"
+    expert_parallel: bool = True
+    poison_pads: bool = False
+    collective_timeout: float | None = None
+    prompts: list | None = None  # rank 0 only: prompts (str or token ids) in input order
+    params: list[SamplingParams] | None = None
+
+
+def make_context(job: Job, backend: str, members: list[int] | None = None) -> ParallelContext | None:
+    groups = build_groups(job.dp, job.tp, backend, members)
+    if groups is None:
+        return None
+    return ParallelContext(groups, Communicator(), job.expert_parallel, job.dispatch, job.dp_padding,
+                           job.poison_pads)
+
+
+def validate_on_rank0(engine: Engine, ctx: ParallelContext,
+                      job: Job) -> list[tuple[list[int], SamplingParams]]:
+    """Rank 0 tokenizes and validates every request; every rank gets the result or the error."""
+    payload = None
+    if ctx.groups.world_rank == 0:
+        try:
+            seqs = [engine.make_request(p, sp, i)
+                    for i, (p, sp) in enumerate(zip(job.prompts, job.params, strict=True))]
+            payload = ("ok", [(s.prompt_ids, s.params) for s in seqs])
+        except UserError as exc:
+            payload = ("error", str(exc))
+    payload = ctx.comm.broadcast_object(payload, 0, ctx.groups.world_cpu, "launch.requests")
+    if payload[0] == "error":
+        raise UserError(payload[1])
+    return payload[1]
+
+
+def run_requests(engine: Engine, ctx: ParallelContext,
+                 requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput] | None:
+    """The lockstep loop. Returns all outputs in input order on rank 0, None elsewhere."""
+    groups = ctx.groups
+    leader = groups.tp_rank == 0
+    seqs = []
+    if leader:
+        for i, (ids, params) in enumerate(requests):
+            if i % groups.dp == groups.dp_rank:
+                seq = engine.make_request(ids, params, i)
+                engine.submit(seq)
+                seqs.append(seq)
+    coord = DPCoordinator(ctx)
+    while True:
+        scheduled, plan = engine.plan_step() if leader else (None, None)
+        plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
+        decision = coord.sync(plan.num_tokens, plan.has_work)
+        if decision.done:
+            break
+        if not decision.run:
+            raise RuntimeError("dp.sync: replicas have work but none scheduled tokens")  # invariant
+        ctx.comm.step_id = decision.step_id
+        logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
+                                       decision.moe_sizes(groups.tp, ctx.sequence_parallel),
+                                       want_logits=leader)
+        if leader:
+            engine.apply(scheduled, logits)
+    mine = [(s.index, engine.output(s)) for s in seqs]
+    gathered = ctx.comm.gather_object(mine, 0, groups.world_cpu, "launch.outputs")
+    if gathered is None:
+        return None
+    return [out for _, out in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
+
+
+def backend_for(device: torch.device) -> str:
+    return {"cuda": "nccl", "xpu": "xccl"}.get(device.type, "gloo")
+
+
+def rank_device(name: str, local_rank: int) -> torch.device:
+    """One device per rank: accelerator `local_rank` of this host."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "xpu":
+        device = torch.device("xpu", local_rank)
+    return device
+
+
+def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=None) -> list | None:
+    """Runs one rank to completion; returns the outputs on rank 0. `store`: the launcher's
+    rendezvous store (spawned ranks); None under torchrun (env:// rendezvous)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(world_size, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
+    device = rank_device(job.engine.device, local_rank)
+    backend = backend_for(device)
+    timeout = job.collective_timeout or (600.0 if device.type != "cpu" else 60.0)
+    kwargs = dict(backend=backend, rank=rank, world_size=world_size,
+                  timeout=datetime.timedelta(seconds=timeout))
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = "env://"
+    if device.type != "cpu":
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+    try:
+        ctx = make_context(job, backend)
+        engine = Engine(job.engine, ctx, device)
+        requests = validate_on_rank0(engine, ctx, job)
+        return run_requests(engine, ctx, requests)
+    finally:
+        dist.destroy_process_group()

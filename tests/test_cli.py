@@ -1,0 +1,116 @@
+"""`epinfer generate`: output format and every bad input → one clear line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from epinfer.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny(ckpt_dir):
+    return ckpt_dir("qwen3_moe")
+
+
+def test_output_json(tiny, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2, 3], "max_tokens": 4}) + "\n\n"
+                       + json.dumps({"prompt_token_ids": [9, 8], "seed": 3, "temperature": 0.7}) + "\n")
+    out_file = tmp_path / "out.json"
+    code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(prompts),
+                        "--max-tokens", "6", "--ignore-eos", "--output", str(out_file),
+                        "--dtype", "float32"], capsys)
+    assert code == 0, err
+    records = json.loads(out_file.read_text())
+    assert [len(r["token_ids"]) for r in records] == [4, 6]
+    assert records[0]["prompt_token_ids"] == [1, 2, 3]
+    assert all(r["finish_reason"] == "length" and r["text"] is None for r in records)
+
+
+def corrupt(src, dst, fn):
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def bad_cases(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    arch = tmp_path / "arch"
+    shutil.copytree(tiny, arch)
+    cfg = json.loads((arch / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (arch / "config.json").write_text(json.dumps(cfg))
+    quant = tmp_path / "quant"
+    shutil.copytree(tiny, quant)
+    cfg = json.loads((quant / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    binonly = tmp_path / "bin"
+    shutil.copytree(tiny, binonly)
+    (binonly / "model.safetensors").rename(binonly / "pytorch_model.bin")
+    first = "model.layers.0.self_attn.q_proj.weight"
+    missing = corrupt(tiny, tmp_path / "missing", lambda t: t.pop(first))
+    extra = corrupt(tiny, tmp_path / "extra", lambda t: t.update({"model.layers.0.foo": torch.zeros(2)}))
+    shaped = corrupt(tiny, tmp_path / "shaped", lambda t: t.update({first: torch.zeros(3, 3)}))
+    return [
+        (["--model", str(tmp_path / "nope")], "does not exist"),
+        (["--model", str(tmp_path / "empty")], "no config.json"),
+        (["--model", str(arch)], "unsupported architecture"),
+        (["--model", str(quant)], "quantized checkpoint"),
+        (["--model", str(binonly)], "safetensors only"),
+        (["--model", str(missing)], "missing tensors: " + first),
+        (["--model", str(extra)], "unexpected tensor 'model.layers.0.foo'"),
+        (["--model", str(shaped)], "shape (3, 3)"),
+    ]
+
+
+def test_bad_checkpoints(tiny, tmp_path, capsys):
+    for extra_args, message in bad_cases(tiny, tmp_path):
+        code, _, err = run(["generate", "--prompt", "hi", *extra_args], capsys)
+        assert code == 2, (extra_args, err)
+        assert message in err and err.startswith("epinfer: error: ") and err.count("\n") == 1, err
+
+
+def test_bad_prompts(tiny, tmp_path, capsys):
+    lines = {
+        "empty": ('{"prompt_token_ids": []}', "empty"),
+        "vocab": ('{"prompt_token_ids": [1, 999]}', "outside the vocabulary"),
+        "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),
+        "field": ('{"prompt_token_ids": [1], "max_token": 3}', "unknown field(s) max_token"),
+        "type": ('{"prompt_token_ids": [1], "max_tokens": "3"}', "'max_tokens' has the wrong type"),
+        "both": ('{"prompt": "a", "prompt_token_ids": [1]}', "exactly one of"),
+    }
+    for name, (line, message) in lines.items():
+        path = tmp_path / "p.jsonl"
+        path.write_text('{"prompt_token_ids": [3]}\n' + line + "\n")
+        code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(path)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (name, err)
+    code, _, err = run(["generate", "--model", str(tiny), "--prompt", ""], capsys)
+    assert code == 2 and "empty" in err
+    code, _, err = run(["generate", "--model", str(tiny), "--prompt", "hi"], capsys)
+    assert code == 2 and "no tokenizer" in err
+    code, _, err = run(["generate", "--model", str(tiny), "--prompt", "x", "--temperature", "-1"], capsys)
+    assert code == 2 and "temperature" in err
+
+
+def test_no_traceback_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "epinfer", "generate", "--model", str(tmp_path / "x"),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr

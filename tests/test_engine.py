@@ -1,0 +1,116 @@
+"""Engine behaviour: continuous batching, cache slot reuse and reset, chunked prefill, sampling
+with seeds, stop rules, sizing errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from epinfer import LLM, SamplingParams
+from epinfer.errors import UserError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+P1 = [5, 17, 99, 3, 250, 41, 7]
+P2 = list(range(10, 80))
+P3 = [200, 100, 50]
+
+
+@pytest.fixture(scope="module")
+def hybrid(ckpt_dir):
+    return str(ckpt_dir("qwen3_5_moe"))
+
+
+def alone(path: str, prompt: list[int], params=GREEDY, **kw) -> list[int]:
+    return LLM(path, dtype="float32", device="cpu", **kw).generate([prompt], params)[0].token_ids
+
+
+def test_request_joins_while_others_decode(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu")
+    eng = llm.engine
+    first = eng.add_request(P1, GREEDY)
+    second = eng.add_request(P2, GREEDY)
+    for _ in range(4):
+        eng.step()
+    late = eng.add_request(P3, GREEDY)  # joins while the first two decode
+    while eng.scheduler.has_work():
+        eng.step()
+    assert first.output_ids == alone(hybrid, P1)
+    assert second.output_ids == alone(hybrid, P2)
+    assert late.output_ids == alone(hybrid, P3)
+
+
+def test_slot_reuse_gives_fresh_results(hybrid):
+    # one sequence slot: every request reuses the slot (and KV blocks) of the previous one
+    llm = LLM(hybrid, dtype="float32", device="cpu", max_num_seqs=1)
+    outs = llm.generate([P2, P1, P3], GREEDY)
+    assert [o.token_ids for o in outs] == [alone(hybrid, p) for p in (P2, P1, P3)]
+
+
+def test_chunked_prefill_matches(hybrid):
+    chunked = alone(hybrid, P2, max_num_batched_tokens=16)
+    assert chunked == alone(hybrid, P2)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7,
+                            ignore_eos=True)
+    a = llm.generate([P1], params)[0].token_ids
+    b = llm.generate([P3, P1, P2], [GREEDY, params, GREEDY])[1].token_ids
+    assert a == b
+    other = SamplingParams(max_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
+    c = llm.generate([P1], other)[0].token_ids
+    assert c != a
+
+
+def test_top_k_one_is_greedy(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=1, seed=3, ignore_eos=True)
+    assert llm.generate([P1], params)[0].token_ids == alone(hybrid, P1)
+
+
+def test_stop_token_ids_and_max_tokens(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu")
+    ref = alone(hybrid, P1)
+    stop_at = ref[5]
+    out = llm.generate([P1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == ref[: ref.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+    out = llm.generate([P1], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert out.token_ids == ref[:3] and out.finish_reason == "length"
+
+
+def test_eos_from_config_and_ignore_eos(ckpt_dir):
+    path = str(ckpt_dir("qwen3_moe"))
+    ref = alone(path, P1)
+    eos = ref[3]
+    with_eos = str(ckpt_dir("qwen3_moe", generation_config={"eos_token_id": eos, "do_sample": False}))
+    out = LLM(with_eos, dtype="float32", device="cpu").generate([P1], SamplingParams(max_tokens=12))[0]
+    assert out.token_ids == ref[: ref.index(eos) + 1] and out.finish_reason == "stop"
+    out = LLM(with_eos, dtype="float32", device="cpu").generate(
+        [P1], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == ref
+
+
+def test_max_model_len(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu", max_model_len=20)
+    out = llm.generate([P1], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(P1) + len(out.token_ids) == 20 and out.finish_reason == "length"
+    with pytest.raises(UserError, match="max model length"):
+        llm.generate([list(range(1, 30))], GREEDY)
+
+
+def test_cache_too_small_is_a_clear_error(hybrid):
+    with pytest.raises(UserError, match="KV cache"):
+        LLM(hybrid, dtype="float32", device="cpu", max_model_len=4096, cache_memory_gb=0.0001)
+
+
+def test_bad_prompts(hybrid):
+    llm = LLM(hybrid, dtype="float32", device="cpu")
+    with pytest.raises(UserError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 256]], GREEDY)
+    with pytest.raises(UserError, match="no tokenizer"):
+        llm.generate(["hello"], GREEDY)
+    with pytest.raises(UserError, match="max_tokens"):
+        llm.generate([P1], SamplingParams(max_tokens=0))
