@@ -25,7 +25,7 @@ def logits_of_last_step(llm: LLM, prompt: list[int], generated: list[int]) -> to
     seq = eng.make_request(prompt + generated[:-1], SamplingParams(max_tokens=1, temperature=0), 0)
     eng.submit(seq)
     captured = []
-    orig = eng.runner.forward
+    orig = eng.runner.execute
 
     def spy(*args, **kwargs):
         out = orig(*args, **kwargs)

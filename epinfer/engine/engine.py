@@ -118,14 +118,15 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
                         f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
                         f"{budget / 2**30:.2f} GiB; lower --max-num-seqs")
     capacity = kv_budget // max(per_token, 1)
-    num_blocks = max(1, min(capacity // ecfg.block_size, 1 << 22))
-    capacity = num_blocks * ecfg.block_size
     max_len = ecfg.max_model_len
     if max_len is None:
         max_len = min(cfg.max_position_embeddings, capacity)
     elif max_len > capacity:
         raise UserError(f"--max-model-len {max_len} needs more KV cache than the budget holds "
                         f"({capacity} tokens)")
+    # never more blocks than every sequence slot at full length can use
+    useful = -(-max_len // ecfg.block_size) * ecfg.max_num_seqs
+    num_blocks = max(1, min(capacity // ecfg.block_size, useful))
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs), max_len

@@ -1,0 +1,60 @@
+"""Runs many parallel-engine cases inside one spawned group of 4 Gloo ranks.
+
+All layouts' groups are created up front on every rank (group creation is collective over the
+world, in the same order everywhere); each case then runs on its layout's member ranks while the
+other ranks move on. Returns, per case, the outputs seen on the case's first member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from epinfer.distributed.worker import Job, make_context, run_requests
+from epinfer.engine.engine import Engine, EngineConfig
+
+# (dp, tp) -> member ranks of the 4-rank world
+LAYOUTS = {(1, 1): [0], (2, 1): [0, 1], (1, 2): [2, 3], (2, 2): [0, 1, 2, 3]}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    model: str
+    dp: int
+    tp: int
+    prompts: list[list[int]]
+    params: list  # SamplingParams per prompt
+    dispatch: str = "agrs"
+    dp_padding: str = "uniform"
+    expert_parallel: bool = True
+    poison_pads: bool = False
+
+
+def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
+    contexts = {}
+    variants = sorted({(c.dp, c.tp, c.dispatch, c.dp_padding, c.expert_parallel, c.poison_pads)
+                       for c in cases})
+    # groups depend only on the layout; build them once per layout, in a fixed order
+    groups_by_layout = {}
+    for layout in sorted(LAYOUTS):
+        dp, tp = layout
+        job = Job(EngineConfig(), dp, tp)
+        groups_by_layout[layout] = make_context(job, "gloo", LAYOUTS[layout])
+    for dp, tp, dispatch, padding, ep, poison in variants:
+        base = groups_by_layout[(dp, tp)]
+        if base is not None:
+            contexts[(dp, tp, dispatch, padding, ep, poison)] = dataclasses.replace(
+                base, dispatch=dispatch, dp_padding=padding, expert_parallel=ep, poison_pads=poison)
+    results = {}
+    for case in cases:
+        ctx = contexts.get((case.dp, case.tp, case.dispatch, case.dp_padding, case.expert_parallel,
+                            case.poison_pads))
+        if ctx is None:
+            continue
+        engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
+                                     max_num_batched_tokens=96), ctx)
+        requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
+        outputs = run_requests(engine, ctx, requests)
+        if outputs is not None:
+            results[case.name] = [o.token_ids for o in outputs]
+    return results

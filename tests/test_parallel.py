@@ -1,0 +1,102 @@
+"""Parallel runtime on CPU / Gloo: every (dp, tp) layout × dispatcher × padding mode gives the
+single-process greedy tokens (which equal transformers'), including unequal prompt lengths,
+unequal requests per replica, an idle replica, a replica finishing early, row counts not
+divisible by TP, NaN-poisoned padding and an expert count EP doesn't divide. One spawn of 4 ranks
+runs all cases; a hang fails the test at its timeout."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from epinfer import LLM, SamplingParams
+from tests.checkpoints import hf_generate
+from tests.parallel_cases import Case, run_cases
+from tests.spawn import run_spawned
+
+FAMILIES = ("qwen3_moe", "qwen3_next", "qwen3_5_moe")
+PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i in range(140)],
+           [2, 7, 1, 8, 2, 8, 1, 8, 2]]
+# round-robin over 2 replicas: replica 0 gets 0, 2, 4 (long), replica 1 gets 1, 3 (short: done early)
+MAX_TOKENS = [14, 3, 14, 4, 14]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def build_cases(models: dict[str, str]) -> list[Case]:
+    params = [greedy(n) for n in MAX_TOKENS]
+    cases = []
+    dispatchers = ("agrs", "alltoall", "naive")
+    paddings = ("uniform", "none")
+    # (2, 2) for every family and dispatcher; padding alternates, both for qwen3_5_moe
+    for family, dispatch in itertools.product(FAMILIES, dispatchers):
+        pads = paddings if family == "qwen3_5_moe" else (paddings[len(cases) % 2],)
+        for pad in pads:
+            cases.append(Case(f"{family}-2x2-{dispatch}-{pad}", models[family], 2, 2, PROMPTS, params,
+                              dispatch, pad))
+    # (2, 1) and (1, 2) for every dispatcher and padding, families rotating
+    for i, ((dp, tp), dispatch, pad) in enumerate(itertools.product([(2, 1), (1, 2)], dispatchers,
+                                                                     paddings)):
+        family = FAMILIES[i % 3]
+        cases.append(Case(f"{family}-{dp}x{tp}-{dispatch}-{pad}", models[family], dp, tp, PROMPTS,
+                          params, dispatch, pad))
+    for family in FAMILIES:
+        cases.append(Case(f"{family}-1x1", models[family], 1, 1, PROMPTS, params))
+        # one request: replica 1 has nothing at all and runs dummy batches
+        cases.append(Case(f"{family}-2x2-idle", models[family], 2, 2, PROMPTS[3:4], params[3:4],
+                          "alltoall" if family == "qwen3_next" else "agrs"))
+    cases += [
+        Case("qwen3_5_moe-2x2-poison-agrs", models["qwen3_5_moe"], 2, 2, PROMPTS, params,
+             "agrs", "uniform", poison_pads=True),
+        Case("qwen3_5_moe-2x2-poison-alltoall", models["qwen3_5_moe"], 2, 2, PROMPTS, params,
+             "alltoall", "none", poison_pads=True),
+        Case("qwen3_next-2x2-poison-naive", models["qwen3_next"], 2, 2, PROMPTS, params,
+             "naive", "uniform", poison_pads=True),
+        Case("qwen3_5_moe-1x2-no-ep", models["qwen3_5_moe"], 1, 2, PROMPTS, params,
+             expert_parallel=False),
+        Case("qwen3_moe-2x2-no-ep", models["qwen3_moe"], 2, 2, PROMPTS, params, expert_parallel=False),
+        Case("six-experts-2x2-agrs", models["six"], 2, 2, PROMPTS, params, "agrs"),
+        Case("six-experts-2x2-alltoall", models["six"], 2, 2, PROMPTS, params, "alltoall", "none"),
+    ]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_dir):
+    out = {f: str(ckpt_dir(f)) for f in FAMILIES}
+    out["six"] = str(ckpt_dir("qwen3_5_moe", num_experts=6))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(models):
+    """Single-process tokens per model, checked against transformers."""
+    params = [greedy(n) for n in MAX_TOKENS]
+    out = {}
+    for name, path in models.items():
+        outs = LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)
+        out[name] = [o.token_ids for o in outs]
+        for prompt, n, tokens in zip(PROMPTS, MAX_TOKENS, out[name], strict=True):
+            assert tokens == hf_generate(path, prompt, n)[0], f"{name}: single-process != transformers"
+    return out
+
+
+def test_every_layout_matches_single_process(models, expected):
+    cases = build_cases(models)
+    results = run_spawned(run_cases, 4, cases, timeout=900, pg_timeout=60)
+    merged = {}
+    for part in results:
+        merged.update(part)
+    assert set(merged) == {c.name for c in cases}
+    model_name = {path: name for name, path in models.items()}
+    mismatches = []
+    for case in cases:
+        want = expected[model_name[case.model]][: len(case.prompts)]
+        if case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
+            want = [expected[model_name[case.model]][3]]
+        if merged[case.name] != want:
+            mismatches.append(case.name)
+    assert not mismatches, f"cases differing from the single-process run: {mismatches}"
