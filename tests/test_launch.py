@@ -1,0 +1,127 @@
+"""Launching: the CLI spawns DP × TP ranks itself, runs under `torchrun` (two "hosts" on
+localhost), rejects a WORLD_SIZE that isn't dp × tp, and SIGTERM stops every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from epinfer import LLM, SamplingParams
+from tests.spawn import free_port
+
+PROMPTS = [[5, 6, 7], list(range(30, 71)), [200], [9, 9, 9, 9, 9]]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_dir):
+    return str(ckpt_dir("qwen3_5_moe"))
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+def single(model: str) -> list[list[int]]:
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    return [o.token_ids for o in LLM(model, dtype="float32", device="cpu").generate(PROMPTS, params)]
+
+
+def gen_args(model, prompts_file, out) -> list[str]:
+    return ["generate", "--model", model, "--prompts-file", str(prompts_file), "--max-tokens", "10",
+            "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--output", str(out)]
+
+
+def test_spawned_ranks(model, prompts_file, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "epinfer", *gen_args(model, prompts_file, out),
+                           "--dp", "2", "--tp", "2", "--compare-single"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens identical to the single-process run (dp=2 tp=2 ep=4): yes, 4/4" in proc.stdout
+    assert [r["token_ids"] for r in json.loads(out.read_text())] == single(model)
+
+
+def test_torchrun_two_hosts(model, prompts_file, tmp_path):
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        out = tmp_path / f"out{node}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "epinfer", *gen_args(model, prompts_file, out), "--dp", "2", "--tp", "2"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=ENV))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], results
+    # global rank 0 lives on node 0 and writes the output; node 1 writes nothing
+    assert not (tmp_path / "out1.json").exists()
+    assert [r["token_ids"] for r in json.loads((tmp_path / "out0.json").read_text())] == single(model)
+
+
+def test_world_size_must_match(model, prompts_file, tmp_path):
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "epinfer", *gen_args(model, prompts_file, tmp_path / "o"),
+                           "--dp", "2", "--tp", "2"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "WORLD_SIZE=3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_sigterm_stops_every_rank(model, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": [i + 1]}) + "\n" for i in range(8)))
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--model", model, "--prompts-file",
+                             str(prompts), "--max-tokens", "400", "--ignore-eos", "--dp", "2", "--tp", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    ranks: list[int] = []
+    while time.time() < deadline and len(ranks) < 4:
+        ranks = [c for c in children_of(proc.pid) if _is_python(c)]
+        time.sleep(0.2)
+    assert len(ranks) >= 4, "ranks did not start"
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    alive = [r for r in ranks if os.path.exists(f"/proc/{r}") and b"zombie" not in _status(r)]
+    assert not alive, f"ranks still running after SIGTERM: {alive}"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _is_python(pid: int) -> bool:
+    return b"python" in _cmdline(pid) and b"resource_tracker" not in _cmdline(pid)
+
+
+def _status(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return f.read().lower()
+    except OSError:
+        return b"zombie"
