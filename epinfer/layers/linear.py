@@ -19,7 +19,7 @@ from epinfer.distributed.parallel import ParallelContext, shard_range
 
 def set_shard(param: nn.Parameter, dim: int, index: Sequence[int]) -> None:
     param.shard_dim = dim
-    param.shard_index = torch.as_tensor(list(index), dtype=torch.long)
+    param.shard_index = torch.tensor(list(index), dtype=torch.long, device="cpu")
 
 
 class Linear(nn.Module):

@@ -94,7 +94,7 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, shard_of: torch.T
         index = shard_of.shard_index
         if tensor.dim() <= dim or int(index.max()) >= tensor.shape[dim]:
             raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} is too small for the model")
-        tensor = tensor.index_select(dim, index)
+        tensor = tensor.index_select(dim, index.to(tensor.device))
     if tuple(param.shape) != tuple(tensor.shape):
         raise UserError(
             f"tensor {key}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}"

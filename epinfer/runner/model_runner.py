@@ -29,6 +29,10 @@ def _default_dtype(dtype: torch.dtype):
 def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
                 ctx: ParallelContext | None = None) -> CausalLM:
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it."""
+    if dtype == torch.float32 and device.type == "cuda":
+        # float32 means float32: no TF32 in matmuls or in cuDNN's convolution (the GDN conv)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, ctx)
     model.rotary.inv_freq = model.rotary.inv_freq.float()

@@ -1,0 +1,53 @@
+"""Parallel runtime on NVIDIA GPUs (NCCL): tiny float32 checkpoints, TF32 off, every dispatcher
+and padding mode at DP=2 EP=2 and TP=2 EP=2 on two GPUs, tokens compared with one GPU.
+
+    python benchmarks/gpu_parallel_check.py CKPT_DIR [CKPT_DIR ...]
+
+Prints one line per configuration and a summary table; exits 1 on any mismatch."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import torch
+
+from epinfer import LLM, SamplingParams
+from epinfer.distributed.launch import launch
+from epinfer.distributed.worker import Job
+from epinfer.engine.engine import EngineConfig
+
+PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i in range(140)],
+           [2, 7, 1, 8, 2, 8, 1, 8, 2]]
+MAX_TOKENS = [24, 6, 24, 8, 24]
+
+
+def main(paths: list[str]) -> int:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in MAX_TOKENS]
+    rows, failures = [], 0
+    for path in paths:
+        ecfg = dict(dtype="float32", device="cuda")
+        ref = [o.token_ids for o in LLM(path, **ecfg).generate(PROMPTS, params)]
+        cpu = [o.token_ids for o in LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)]
+        rows.append((path, "1 GPU vs CPU", "-", "-", ref == cpu, 0.0))
+        for (dp, tp), dispatch, pad in itertools.product([(2, 1), (1, 2)], ("agrs", "alltoall", "naive"),
+                                                         ("uniform", "none")):
+            job = Job(EngineConfig(model=path, **ecfg), dp, tp, dispatch, pad, prompts=PROMPTS,
+                      params=params)
+            t0 = time.time()
+            out = [o.token_ids for o in launch(job)]
+            ok = out == ref
+            failures += not ok
+            rows.append((path, f"dp={dp} tp={tp} ep=2", dispatch, pad, ok, time.time() - t0))
+            print(rows[-1], flush=True)
+    name = torch.cuda.get_device_name(0)
+    print(f"\n{name} x{torch.cuda.device_count()}, torch {torch.__version__}")
+    print(f"{'checkpoint':28} {'layout':14} {'dispatch':9} {'padding':8} {'same':5} {'s':>5}")
+    for path, layout, dispatch, pad, ok, secs in rows:
+        print(f"{path.rsplit('/', 1)[-1]:28} {layout:14} {dispatch:9} {pad:8} {str(ok):5} {secs:5.1f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
