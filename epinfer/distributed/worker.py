@@ -86,8 +86,8 @@ def run_requests(engine: Engine, ctx: ParallelContext,
         decision = coord.sync(plan.num_tokens, plan.has_work)
         if decision.done:
             break
-        if not decision.run:
-            raise RuntimeError("dp.sync: replicas have work but none scheduled tokens")  # invariant
+        if not decision.run:  # everybody idle this step: all skip together, no step id used
+            continue
         ctx.comm.step_id = decision.step_id
         logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
                                        decision.moe_sizes(groups.tp, ctx.sequence_parallel),
