@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from epinfer.distributed.launch import under_torchrun
+from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
+from epinfer.diagnostics.numerics import degenerate_warnings
+from epinfer.distributed.launch import RunFailed, under_torchrun
 from epinfer.errors import UserError
 
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
@@ -39,6 +41,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="debug: fill padding rows and never-written cache entries with NaN")
     par.add_argument("--collective-timeout", type=float, default=None,
                      help="seconds before a stuck collective fails the run (default 60 CPU, 600 GPU)")
+    diag = p.add_argument_group("diagnostics")
+    diag.add_argument("--dump-dir", default=None,
+                      help="every rank writes its collective ledger here at exit (default: only on "
+                           "failure, under ./epinfer-dumps/)")
+    diag.add_argument("--check-collectives", action="store_true",
+                      help="compare each collective's fingerprint across ranks before issuing it")
+    diag.add_argument("--check-numerics", action="store_true",
+                      help="NaN/Inf check of every layer output; flag degenerate generations")
+    diag.add_argument("--fault", default=None, choices=FAULT_KINDS, help="inject a fault (tests/demos)")
+    diag.add_argument("--fault-rank", type=int, default=0)
+    diag.add_argument("--fault-step", type=int, default=0)
+    diag.add_argument("--fault-delay", type=float, default=2.0)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -63,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", type=Path, default=None, help="write results as a JSON list")
     gen.add_argument("--compare-single", action="store_true",
                      help="also run single-process and report whether the tokens are identical")
+    doc = sub.add_parser("doctor", help="analyse the collective dumps of a failed (or any) run")
+    doc.add_argument("dump_dir")
+    doc.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    doc.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -135,13 +153,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
         job = Job(EngineConfig(model=args.model, **engine_kwargs(args)), args.dp, args.tp,
                   args.dispatch, args.dp_padding, not args.no_expert_parallel, args.poison_pads,
-                  args.collective_timeout, prompts, params)
+                  args.collective_timeout, prompts, params, args.dump_dir,
+                  check_collectives=args.check_collectives, check_numerics=args.check_numerics,
+                  fault=args.fault, fault_rank=args.fault_rank, fault_step=args.fault_step,
+                  fault_delay=args.fault_delay)
         outputs = run_torchrun(job) if under_torchrun() else launch(job)
         if outputs is None:  # a torchrun rank other than 0
             return 0
     else:
         outputs = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
     write_outputs(outputs, requests, args.output)
+    if args.check_numerics:
+        for line in degenerate_warnings(outputs):
+            print(f"epinfer: warning: {line}", file=sys.stderr)
     if args.compare_single:
         single = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
         same = sum(a.token_ids == b.token_ids for a, b in zip(outputs, single, strict=True))
@@ -172,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "doctor":
+            from epinfer.diagnostics.doctor import main as doctor
+
+            return doctor(args.dump_dir, args.json)
         raise UserError(f"unknown command {args.command}")
     except UserError as exc:
         if args.debug:
             raise
+        print(f"epinfer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunFailed as exc:
         print(f"epinfer: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -35,19 +35,35 @@ class CollectiveCall:
     shapes: list[tuple[int, ...]]
     dtypes: list[str]
     sizes: list[int] | None = None
+    step: int = -1
     t_enqueue: float = 0.0
     t_done: float = 0.0
 
 
+class CollectiveMismatch(RuntimeError):
+    """Raised on every rank by the pre-flight check when ranks disagree about a collective."""
+
+
 class Communicator:
-    def __init__(self) -> None:
+    def __init__(self, precheck: bool = False) -> None:
         self.hooks: list = []  # objects with before(call) / after(call)
-        self.step_id = -1
+        self.precheck = precheck  # --check-collectives
+        self.fault = None  # a FaultInjector on the one faulty rank (tests only)
+        self.step = -1  # the DP step id the next collectives belong to
+
+    def _inject(self, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """Fault injection (tests only): (skip this collective?, the tensor to send)."""
+        action = self.fault.take_pending() if self.fault is not None else None
+        if action == "wrong-size":
+            x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+        return action == "skip-collective", x
 
     def _run(self, op: str, label: str, group: Group, tensors: Sequence[torch.Tensor],
-             fn: Callable[[], object], sizes: list[int] | None = None):
+             fn: Callable[[], object], sizes: list[int] | None = None, device: bool = True):
         call = CollectiveCall(op, label, group, [tuple(t.shape) for t in tensors],
-                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes)
+                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step)
+        if device and self.precheck:
+            self._check_fingerprints(call)
         for hook in self.hooks:
             hook.before(call)
         call.t_enqueue = time.time()
@@ -59,8 +75,33 @@ class Communicator:
 
     # --- tensor collectives (device group) -------------------------------------------------
 
+    def _check_fingerprints(self, call: CollectiveCall) -> None:
+        """Ranks exchange (op, label, dtypes, shapes, sizes) over the CPU group before the device
+        collective; on any difference every rank raises the same error instead of hanging."""
+        shapes = [s[1:] for s in call.shapes] if call.op == "all_to_all" else call.shapes
+        mine = (call.op, call.label, call.dtypes, shapes, None if call.op == "all_to_all" else call.sizes)
+        prints: list = [None] * call.group.size
+        dist.all_gather_object(prints, mine, group=call.group.cpu_group)
+        if all(p == prints[0] for p in prints):
+            return
+        keys = [repr(p) for p in prints]
+        majority = max(set(keys), key=keys.count)
+        odd = [call.group.ranks[i] for i, k in enumerate(keys) if k != majority]
+        fields = ("op", "label", "dtypes", "shapes", "sizes")
+        ref = prints[keys.index(majority)]
+        diffs = []
+        for i, p in enumerate(prints):
+            if keys[i] != majority:
+                diffs += [f"rank {call.group.ranks[i]} {f}={p[j]!r} (others {ref[j]!r})"
+                          for j, f in enumerate(fields) if p[j] != ref[j]]
+        raise CollectiveMismatch(f"collective mismatch in {call.group.name} before {ref[1]}: ranks {odd} "
+                                 f"differ: {'; '.join(diffs[:4])}")
+
     def all_reduce(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
         if group.size == 1:
+            return x
+        skip, x = self._inject(x)
+        if skip:
             return x
         self._run("all_reduce", label, group, [x],
                   lambda: dist.all_reduce(x, group=group.device_group))
@@ -70,7 +111,10 @@ class Communicator:
         """Uniform rows: returns [size * rows, ...] in rank order."""
         if group.size == 1:
             return x
-        out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        skip, x = self._inject(x)
+        out = x.new_zeros((group.size * x.shape[0], *x.shape[1:]))
+        if skip:
+            return out
         self._run("all_gather", label, group, [x],
                   lambda: _all_gather_tensor(out, x.contiguous(), group=group.device_group))
         return out
@@ -83,8 +127,11 @@ class Communicator:
         width = max(sizes)
         padded = x.new_zeros((width, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        out = x.new_empty((group.size * width, *x.shape[1:]))
-        self._run("all_gatherv", label, group, [x], sizes=sizes,
+        skip, padded = self._inject(padded)
+        out = x.new_zeros((group.size * padded.shape[0], *x.shape[1:]))
+        if skip:
+            return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
+        self._run("all_gatherv", label, group, [padded], sizes=sizes,
                   fn=lambda: _all_gather_tensor(out, padded, group=group.device_group))
         return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
 
@@ -92,7 +139,10 @@ class Communicator:
         """Uniform: x is [size * rows, ...]; returns the sum of every rank's block `rank`."""
         if group.size == 1:
             return x
-        out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
+        skip, x = self._inject(x)
+        out = x.new_zeros((x.shape[0] // group.size, *x.shape[1:]))
+        if skip:
+            return out
         self._run("reduce_scatter", label, group, [x],
                   lambda: _reduce_scatter_tensor(out, x.contiguous(), group=group.device_group))
         return out
@@ -108,8 +158,11 @@ class Communicator:
         for r, n in enumerate(sizes):
             padded[r * width: r * width + n] = x[offset: offset + n]
             offset += n
-        out = x.new_empty((width, *x.shape[1:]))
-        self._run("reduce_scatterv", label, group, [x], sizes=sizes,
+        skip, padded = self._inject(padded)
+        out = x.new_zeros((padded.shape[0] // group.size, *x.shape[1:]))
+        if skip:
+            return out[: sizes[group.rank]]
+        self._run("reduce_scatterv", label, group, [padded], sizes=sizes,
                   fn=lambda: _reduce_scatter_tensor(out, padded, group=group.device_group))
         return out[: sizes[group.rank]]
 
@@ -119,7 +172,10 @@ class Communicator:
         assert x.shape[0] == sum(send_sizes), f"{label}: {x.shape[0]} rows for sends {send_sizes}"
         if group.size == 1:
             return x
-        out = x.new_empty((sum(recv_sizes), *x.shape[1:]))
+        skip, x = self._inject(x)
+        out = x.new_zeros((sum(recv_sizes), *x.shape[1:]))
+        if skip:
+            return out
         self._run("all_to_all", label, group, [x], sizes=send_sizes,
                   fn=lambda: dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes,
                                                     group=group.device_group))
@@ -130,7 +186,8 @@ class Communicator:
     def all_reduce_cpu(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
         if group.size == 1:
             return x
-        self._run("all_reduce", label, group, [x], lambda: dist.all_reduce(x, group=group.cpu_group))
+        self._run("all_reduce", label, group, [x], lambda: dist.all_reduce(x, group=group.cpu_group),
+                  device=False)
         return x
 
     def broadcast_object(self, obj: object, src: int, group: Group, label: str) -> object:
@@ -140,7 +197,8 @@ class Communicator:
         box = [obj if group.rank == src else None]
         global_src = group.ranks[src]
         self._run("broadcast", label, group, [],
-                  lambda: dist.broadcast_object_list(box, src=global_src, group=group.cpu_group))
+                  lambda: dist.broadcast_object_list(box, src=global_src, group=group.cpu_group),
+                  device=False)
         return box[0]
 
     def gather_object(self, obj: object, dst: int, group: Group, label: str) -> list | None:
@@ -148,7 +206,8 @@ class Communicator:
             return [obj]
         box = [None] * group.size if group.rank == dst else None
         self._run("gather", label, group, [],
-                  lambda: dist.gather_object(obj, box, dst=group.ranks[dst], group=group.cpu_group))
+                  lambda: dist.gather_object(obj, box, dst=group.ranks[dst], group=group.cpu_group),
+                  device=False)
         return box
 
 

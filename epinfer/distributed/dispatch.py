@@ -27,6 +27,17 @@ class Dispatcher:
         self.group = ctx.groups.ep_group
         self.label = label
 
+    def begin(self, x_RD: torch.Tensor, sizes: list[int], step: int) -> None:
+        """Every dispatch starts here: the fault injector (tests only) may act."""
+        if self.comm.fault is not None:
+            self.comm.fault.at_moe_dispatch(step, self, x_RD, sizes)
+
+    def combine_probe(self, x_RD: torch.Tensor, sizes: list[int]) -> None:
+        """The collective that follows this dispatcher's first one, on a zero buffer of its shape
+        (used only by the `reorder` fault)."""
+        zeros = x_RD.new_zeros((sum(sizes), x_RD.shape[1]))
+        self.comm.reduce_scatterv(zeros, sizes, self.group, f"{self.label}.combine")
+
     def _check(self, rows: int, sizes: list[int]) -> None:
         if len(sizes) != self.group.size or sizes[self.group.rank] != rows:
             raise RuntimeError(f"{self.label}: EP rank {self.group.rank} has {rows} rows but the "
@@ -53,6 +64,11 @@ class AgRsDispatcher(Dispatcher):
 
 
 class AllToAllDispatcher(Dispatcher):
+    def combine_probe(self, x_RD, sizes):
+        ep = self.group.size
+        self.comm.all_to_all(x_RD.new_zeros((0, x_RD.shape[1])), [0] * ep, [0] * ep, self.group,
+                             f"{self.label}.dispatch")
+
     def __call__(self, x_RD, weights_RK, ids_RK, real_rows, sizes, experts):
         self._check(x_RD.shape[0], sizes)
         ep = self.group.size
@@ -82,6 +98,9 @@ class AllToAllDispatcher(Dispatcher):
 
 
 class NaiveDispatcher(Dispatcher):
+    def combine_probe(self, x_RD, sizes):
+        self.comm.all_reduce(x_RD.new_zeros((sum(sizes), x_RD.shape[1])), self.group, f"{self.label}.combine")
+
     def __call__(self, x_RD, weights_RK, ids_RK, real_rows, sizes, experts):
         self._check(x_RD.shape[0], sizes)
         rank, rows = self.group.rank, x_RD.shape[0]

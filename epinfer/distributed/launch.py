@@ -9,6 +9,7 @@ outputs. Under `torchrun` (RANK / WORLD_SIZE in the environment) this process *i
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -20,11 +21,34 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT
 from epinfer.distributed.groups import check_layout
 from epinfer.distributed.worker import Job, worker_main
 from epinfer.errors import UserError
 
 ERROR_KEY = "epinfer/error/"
+
+
+class RunFailed(RuntimeError):
+    """A parallel run ended with a fault (exit 3) or a crash; the ranks printed why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def failure_dir() -> str:
+    return os.path.join("epinfer-dumps", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+
+def prepare_dump_dir(job: Job) -> None:
+    """--dump-dir replaces the files of an earlier run; without it, failures get a new folder."""
+    if job.dump_dir:
+        Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
+        for old in Path(job.dump_dir).glob("rank*.*"):
+            old.unlink()
+    else:
+        job.failure_dir = failure_dir()
 
 
 def under_torchrun() -> bool:
@@ -35,6 +59,12 @@ def run_torchrun(job: Job) -> list | None:
     world = int(os.environ["WORLD_SIZE"])
     check_layout(job.dp, job.tp, world)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if job.dump_dir:
+        Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
+    else:  # one folder name for all ranks of this run, without a collective
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        port = os.environ.get("MASTER_PORT", "0")
+        job.failure_dir = os.path.join("epinfer-dumps", f"torchrun-{run_id}-{port}")
     return worker_main(rank, world, local_rank, job)
 
 
@@ -59,6 +89,8 @@ def launch(job: Job) -> list:
     world = job.dp * job.tp
     check_layout(job.dp, job.tp)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    prepare_dump_dir(job)
+    job.store_addr = ("127.0.0.1", store.port)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="epinfer-") as tmp:
         result_path = os.path.join(tmp, "outputs.pkl")
@@ -69,6 +101,8 @@ def launch(job: Job) -> list:
             for p in procs:
                 p.start()
             code = _wait(procs, stop)
+            if code != 0 and not stop["signal"]:
+                code = _drain(procs, store, code)
         finally:
             _terminate(procs)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -79,8 +113,10 @@ def launch(job: Job) -> list:
                 raise UserError(messages[0])
             if stop["signal"]:
                 raise KeyboardInterrupt
+            where = job.dump_dir or job.failure_dir
             detail = "; ".join(messages) if messages else f"a rank exited with code {code}"
-            raise RuntimeError(f"parallel run failed: {detail}")
+            raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code,
+                            f"parallel run failed ({detail}); dumps in {where}: run `epinfer doctor {where}`")
         return pickle.loads(Path(result_path).read_bytes())
 
 
@@ -91,9 +127,28 @@ def _install_stop(procs: list) -> dict:
         stop["signal"] = signum
         _terminate(procs)
 
+    def forward_usr1(signum, frame):  # "dump now" for a job that looks stuck
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGUSR1)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGUSR1, forward_usr1)
     return stop
+
+
+def _drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
+    """A rank failed: ask every live rank to dump and stop (the abort key their watchdogs poll),
+    give them `grace` seconds, then stop the rest. Returns 3 if any rank reported a fault."""
+    dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+    with contextlib.suppress(Exception):
+        store.compare_set(ABORT_KEY, "", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
+    deadline = time.time() + grace
+    while time.time() < deadline and any(p.is_alive() for p in procs):
+        time.sleep(0.05)
+    codes = [p.exitcode for p in procs]
+    return EXIT_FAULT if EXIT_FAULT in codes else first_code
 
 
 def _wait(procs: list, stop: dict) -> int:

@@ -22,6 +22,8 @@ class ParallelContext:
     dispatch: str = "agrs"
     dp_padding: str = "uniform"
     poison_pads: bool = False
+    fault: object | None = None  # FaultInjector on the faulty rank (tests only)
+    numerics: object | None = None  # NumericsMonitor with --check-numerics
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCHERS:

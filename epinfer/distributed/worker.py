@@ -13,10 +13,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
+from epinfer.diagnostics.faults import FaultInjector
+from epinfer.diagnostics.ledger import Ledger
+from epinfer.diagnostics.numerics import NumericsMonitor
+from epinfer.diagnostics.watchdog import Watchdog, write_dumps
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.groups import build_groups
@@ -40,14 +46,23 @@ class Job:
     collective_timeout: float | None = None
     prompts: list | None = None  # rank 0 only: prompts (str or token ids) in input order
     params: list[SamplingParams] | None = None
+    dump_dir: str | None = None  # --dump-dir: every rank dumps here at exit, on success too
+    failure_dir: str = "epinfer-dumps/run"  # where dumps go on failure without --dump-dir
+    check_collectives: bool = False
+    check_numerics: bool = False
+    fault: str | None = None
+    fault_rank: int = 0
+    fault_step: int = 0
+    fault_delay: float = 2.0
+    store_addr: tuple[str, int] | None = None  # the rendezvous store, for the watchdog's client
 
 
 def make_context(job: Job, backend: str, members: list[int] | None = None) -> ParallelContext | None:
     groups = build_groups(job.dp, job.tp, backend, members)
     if groups is None:
         return None
-    return ParallelContext(groups, Communicator(), job.expert_parallel, job.dispatch, job.dp_padding,
-                           job.poison_pads)
+    return ParallelContext(groups, Communicator(job.check_collectives), job.expert_parallel, job.dispatch,
+                           job.dp_padding, job.poison_pads)
 
 
 def validate_on_rank0(engine: Engine, ctx: ParallelContext,
@@ -80,7 +95,9 @@ def run_requests(engine: Engine, ctx: ParallelContext,
                 engine.submit(seq)
                 seqs.append(seq)
     coord = DPCoordinator(ctx)
+    fault = ctx.fault
     while True:
+        ctx.comm.step = coord.step_id
         scheduled, plan = engine.plan_step() if leader else (None, None)
         plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
         decision = coord.sync(plan.num_tokens, plan.has_work)
@@ -88,10 +105,11 @@ def run_requests(engine: Engine, ctx: ParallelContext,
             break
         if not decision.run:  # everybody idle this step: all skip together, no step id used
             continue
-        ctx.comm.step_id = decision.step_id
+        if fault is not None:
+            fault.at_step(decision.step_id)
         logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
                                        decision.moe_sizes(groups.tp, ctx.sequence_parallel),
-                                       want_logits=leader)
+                                       want_logits=leader, step_id=decision.step_id)
         if leader:
             engine.apply(scheduled, logits)
     mine = [(s.index, engine.output(s)) for s in seqs]
@@ -124,8 +142,9 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     device = rank_device(job.engine.device, local_rank)
     backend = backend_for(device)
     timeout = job.collective_timeout or (600.0 if device.type != "cpu" else 60.0)
+    # the backend's own timeout is a last resort: the watchdog fires first and says why
     kwargs = dict(backend=backend, rank=rank, world_size=world_size,
-                  timeout=datetime.timedelta(seconds=timeout))
+                  timeout=datetime.timedelta(seconds=2 * timeout + 60))
     if store is not None:
         kwargs["store"] = store
     else:
@@ -133,10 +152,55 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     if device.type != "cpu":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
+    ctx = make_context(job, backend)
+    ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout)
     try:
-        ctx = make_context(job, backend)
         engine = Engine(job.engine, ctx, device)
         requests = validate_on_rank0(engine, ctx, job)
-        return run_requests(engine, ctx, requests)
-    finally:
-        dist.destroy_process_group()
+        outputs = run_requests(engine, ctx, requests)
+    except UserError:
+        watchdog.stop()
+        raise
+    except Exception as exc:  # a backend error, a mismatch caught by the pre-check, a bug
+        cur = ledger.current
+        where = f" in {cur['label']} ({cur['group']} seq {cur['seq']}, step {ledger.step})" if cur else ""
+        text = " ".join(str(exc).split()).split(" This is typically")[0][:300]
+        watchdog.fire(f"{type(exc).__name__}{where}: {text}")
+    watchdog.stop()
+    if job.dump_dir:
+        ledger.dump(dump_dir, "ok")
+    for line in finish_reports(ctx, ledger):
+        print(f"epinfer: rank {rank}: {line}", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+    return outputs
+
+
+def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float):
+    """Ledger (always), fault injector and numerics monitor (when asked), watchdog, SIGUSR1 dump."""
+    groups = ctx.groups
+    info = {"rank": rank, "world": groups.world_size, "dp": groups.dp, "tp": groups.tp,
+            "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank,
+            "groups": {g.name: list(g.ranks) for g in (groups.tp_group, groups.dp_group, groups.ep_group)},
+            "dispatch": ctx.dispatch, "dp_padding": ctx.dp_padding}
+    ledger = Ledger(info)
+    ctx.comm.hooks.append(ledger)
+    if job.fault and rank == job.fault_rank:
+        ctx.fault = ctx.comm.fault = FaultInjector(job.fault, job.fault_step, job.fault_delay)
+    if job.check_numerics:
+        ctx.numerics = NumericsMonitor()
+    dump_dir = job.dump_dir or job.failure_dir
+    host, port = job.store_addr or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"])
+    watchdog.start()
+    signal.signal(signal.SIGUSR1, lambda *_: write_dumps(ledger, dump_dir, "running", "SIGUSR1"))
+    return ledger, watchdog, dump_dir
+
+
+def finish_reports(ctx: ParallelContext, ledger: Ledger) -> list[str]:
+    lines = []
+    if ctx.fault is not None and (msg := ctx.fault.report(ledger.step)):
+        lines.append(msg)
+    if ctx.numerics is not None:
+        lines += ctx.numerics.report()
+    return lines

@@ -44,6 +44,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None
     finish_reason: str
+    nan_logits: bool = False  # seen with --check-numerics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,6 +219,10 @@ class Engine:
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
+        if self.ctx.numerics is not None:
+            bad = (~torch.isfinite(logits)).any(dim=-1).tolist()  # host sync: debug mode only
+            for seq, is_bad in zip(sampled, bad, strict=True):
+                seq.nan_logits = seq.nan_logits or is_bad
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         finished = []
         for seq, token in zip(sampled, tokens, strict=True):
@@ -255,4 +260,5 @@ class Engine:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             if seq.stop_text_end is not None:
                 text = text[:seq.stop_text_end]
-        return RequestOutput(seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason or "")
+        return RequestOutput(seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason or "",
+                             seq.nan_logits)

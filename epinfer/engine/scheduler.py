@@ -29,7 +29,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_text_end: int | None = None  # text is cut here when a stop string matched
     generator: object = None  # torch.Generator for seeded sampling
-    device_blocks: object = None  # cached device tensor of block_ids
+    nan_logits: bool = False  # --check-numerics saw a non-finite logit
 
     @property
     def num_tokens(self) -> int:

@@ -82,6 +82,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.label = f"layer.{layer_idx}.moe"
+        self.first_moe = layer_idx == cfg.mlp_types.index("moe")
         self.top_k = cfg.top_k
         self.renormalize = cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts)
@@ -104,6 +105,10 @@ class MoEBlock(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         ctx = self.ctx
         real = batch.num_real_rows
+        if self.first_moe and ctx.fault is not None and ctx.fault.leak_active(batch.step_id):
+            # the `leak-pad` fault (tests only): padding rows bleed into real rows
+            leak = x_TD[real:].sum(0) if real < x_TD.shape[0] else torch.full_like(x_TD[0], float("nan"))
+            x_TD = torch.cat([x_TD[:real] + leak, x_TD[real:]])
         if ctx.sequence_parallel:
             rows = x_TD.shape[0] // ctx.tp_size
             lo = ctx.tp_rank * rows
@@ -114,6 +119,7 @@ class MoEBlock(nn.Module):
         if x_TD.dtype != torch.float32:
             weights = weights.to(x_TD.dtype)
         if self.dispatcher is not None:
+            self.dispatcher.begin(x_TD, batch.moe_sizes, batch.step_id)
             out = self.dispatcher(x_TD, weights, ids, real, batch.moe_sizes, self.experts)
         else:
             out = self.experts(x_TD, weights, ids)

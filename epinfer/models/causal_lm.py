@@ -41,18 +41,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
 
-    def forward(self, x_TD, batch: ForwardBatch, cache, cos_sin) -> torch.Tensor:
+    def forward(self, x_TD, batch: ForwardBatch, cache, cos_sin, numerics=None) -> torch.Tensor:
         h = self.input_layernorm(x_TD)
         if self.mixer_type == "attention":
             h = self.self_attn(h, batch, cache, cos_sin)
         else:
             h = self.linear_attn(h, batch, cache)
+        if numerics is not None:
+            numerics.check(f"layer.{self.layer_idx}.{'attn' if self.mixer_type == 'attention' else 'gdn'}",
+                           h, batch.num_real_rows, batch.step_id)
         x_TD = x_TD + h
         h = self.post_attention_layernorm(x_TD)
         if isinstance(self.mlp, MoEBlock):
             h = self.mlp(h, batch)
         else:
             h = self.mlp(h)
+        if numerics is not None:
+            kind = "moe" if isinstance(self.mlp, MoEBlock) else "mlp"
+            numerics.check(f"layer.{self.layer_idx}.{kind}", h, batch.num_real_rows, batch.step_id)
         return x_TD + h
 
 
@@ -81,11 +87,11 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
         """Hidden states after the final norm, [T, D]; padding rows are zero on entry."""
         x = self.model.embed_tokens(batch.input_ids_T)
-        if batch.num_real_rows < batch.num_rows:
-            x[batch.num_real_rows:] = 0.0
+        if batch.num_real_rows < batch.num_rows:  # padding rows: zero, or NaN to prove nothing reads them
+            x[batch.num_real_rows:] = float("nan") if self.ctx.poison_pads else 0.0
         cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
         for layer, cache in zip(self.model.layers, caches, strict=True):
-            x = layer(x, batch, cache, cos_sin)
+            x = layer(x, batch, cache, cos_sin, self.ctx.numerics)
         return self.model.norm(x)
 
     def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:

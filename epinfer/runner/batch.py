@@ -44,6 +44,7 @@ class ForwardBatch:
     decode_rows: torch.Tensor | None = None  # [S_dec] rows of those sequences
     decode_state_slots: torch.Tensor | None = None  # [S_dec]
     moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
+    step_id: int = -1  # the DP step id (-1 in single-process runs)
 
     @property
     def num_rows(self) -> int:

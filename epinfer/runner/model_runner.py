@@ -54,7 +54,7 @@ class ModelRunner:
         self.host_tables: dict[int, list[int]] = {}  # the same, on the host
 
     def build_batch(self, plan: StepPlan, rows: int | None = None,
-                    moe_sizes: list[int] | None = None) -> ForwardBatch:
+                    moe_sizes: list[int] | None = None, step_id: int = -1) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
@@ -86,17 +86,17 @@ class ModelRunner:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
         batch = ForwardBatch(t(ids), t(positions), t(kv_slots), seqs, t(logits_rows), real,
-                             moe_sizes=moe_sizes)
+                             moe_sizes=moe_sizes, step_id=step_id)
         return batch.finalize(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, rows: int | None = None, moe_sizes: list[int] | None = None,
-                want_logits: bool = True) -> torch.Tensor | None:
+                want_logits: bool = True, step_id: int = -1) -> torch.Tensor | None:
         for slot in plan.reset_slots:
             self.cache.reset_slot(slot)
             self.block_tables.pop(slot, None)
             self.host_tables.pop(slot, None)
-        batch = self.build_batch(plan, rows, moe_sizes)
+        batch = self.build_batch(plan, rows, moe_sizes, step_id)
         hidden = self.model(batch, self.cache.per_layer)
         if not want_logits:
             return None

@@ -1,0 +1,2 @@
+"""Diagnostics: the collective ledger, dumps, the watchdog, fault injection, numeric checks and
+`epinfer doctor`."""

@@ -1,0 +1,163 @@
+"""`epinfer doctor DIR`: reads every rank's ledger dump and says where the run went wrong.
+
+Verdicts, the first that applies: `mismatch` (ranks disagree in op, label, shape or sizes at the
+same group and seq) > `crash` (a rank died: its dump is missing) > `hang` (some ranks never
+arrived at a collective the others entered) > `ok`. Culprits of a mismatch are the ranks whose
+entry differs from the majority (the schedule the step's DP decision implies; every other rank
+followed it). Stragglers: per rank, the largest lag at one collective behind the median of the
+others, listed above 0.5 s. Also writes `trace.json` (Chrome / Perfetto, a track per rank) and
+`timeline.png` (swimlanes of the last seconds) into DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from epinfer.diagnostics.ledger import read_dump
+from epinfer.diagnostics.timeline import write_timeline, write_trace
+
+STRAGGLER_S = 0.5
+
+
+def load(folder: Path) -> dict[int, tuple[dict, list[dict]]]:
+    dumps = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        header, entries = read_dump(path)
+        dumps[header["rank"]] = (header, entries)
+    return dumps
+
+
+def _key(e: dict) -> tuple:
+    shapes = [s[1:] for s in e["shapes"]] if e["op"] == "all_to_all" else e["shapes"]
+    sizes = None if e["op"] == "all_to_all" else e["sizes"]
+    return (e["op"], e["label"], tuple(map(tuple, shapes)), tuple(e["dtypes"]),
+            None if sizes is None else tuple(sizes))
+
+
+def analyse(folder: Path) -> dict:
+    dumps = load(folder)
+    if not dumps:
+        raise FileNotFoundError(f"no rank*.jsonl dumps in {folder}")
+    headers = {r: h for r, (h, _) in dumps.items()}
+    world = max(h["world"] for h in headers.values())
+    missing = [r for r in range(world) if r not in dumps]
+    members: dict[str, list[int]] = {}
+    for h in headers.values():
+        members.update(h["groups"])
+    members["world"] = list(range(world))
+    by_group: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r, (_, entries) in dumps.items():
+        for e in entries:
+            by_group[e["group"]][e["seq"]][r] = e
+    result = {"verdict": "ok", "group": None, "seq": None, "label": None, "step": None,
+              "steps_by_rank": {str(r): h["step"] for r, h in sorted(headers.items())},
+              "culprit_ranks": [], "missing_ranks": missing, "stragglers": stragglers(by_group)}
+    found = first_mismatch(by_group)
+    if found:
+        group, seq, entries = found
+        keys = {r: _key(e) for r, e in entries.items()}
+        counts = defaultdict(list)
+        for r, k in keys.items():
+            counts[k].append(r)
+        majority = max(counts.values(), key=len)
+        ref = entries[majority[0]]
+        culprits = sorted(r for r in entries if r not in majority)
+        result.update(verdict="mismatch", group=group, seq=seq, label=ref["label"], step=ref["step"],
+                      culprit_ranks=culprits)
+        odd = "; ".join(f"rank {r}: {entries[r]['op']} {entries[r]['label']} {entries[r]['shapes']}"
+                        for r in culprits)
+        result["summary"] = (f"Collective mismatch in group {group} at seq {seq} (step {ref['step']}): "
+                             f"ranks {majority} issued {ref['op']} {ref['label']} {ref['shapes']}, but {odd}. "
+                             f"Ranks {culprits} broke the schedule the step's DP decision implies.")
+    elif missing:
+        group, seq, entry = first_pending(by_group, prefer="ep", involving=missing, members=members)
+        result.update(verdict="crash", culprit_ranks=missing, group=group, seq=seq,
+                      label=entry and entry["label"], step=entry and entry["step"])
+        where = f"{entry['label']} ({group} seq {seq}, step {entry['step']})" if entry else "no collective"
+        result["summary"] = (f"Ranks {missing} died (no dump). The survivors were waiting for them in "
+                             f"{where}; that is the last step the dead ranks reached.")
+    else:
+        group, seq, entry = first_pending(by_group, members=members)
+        if entry is not None:
+            present = set(by_group[group][seq])
+            absent = [r for r in members.get(group, []) if r not in present]
+            result.update(verdict="hang", group=group, seq=seq, label=entry["label"], step=entry["step"],
+                          missing_ranks=sorted(set(missing) | set(absent)), culprit_ranks=absent)
+            result["summary"] = (f"Hang: ranks {sorted(present)} entered {entry['label']} ({group} seq {seq}, "
+                                 f"step {entry['step']}) but ranks {absent} never arrived.")
+    if result["verdict"] == "ok":
+        result["summary"] = (f"All {world} ranks issued the same {sum(len(s) for s in by_group.values())} "
+                             f"collectives in the same order; no fault found.")
+    if result["stragglers"]:
+        worst = max(result["stragglers"], key=lambda s: s["late_s"])
+        result["summary"] += (f" Slowest arrival: rank {worst['rank']} was {worst['late_s']:.1f} s late at "
+                              f"{worst['label']}.")
+    result["summary"] += f" Steps reached per rank: {result['steps_by_rank']}."
+    write_trace(dumps, folder / "trace.json")
+    write_timeline(dumps, folder / "timeline.png", mark=result["seq"], group=result["group"])
+    return result
+
+
+def first_mismatch(by_group) -> tuple[str, int, dict] | None:
+    best = None
+    for group, seqs in by_group.items():
+        for seq in sorted(seqs):
+            entries = seqs[seq]
+            if len({_key(e) for e in entries.values()}) > 1:
+                t = min(e["t0"] for e in entries.values())
+                if best is None or t < best[0]:
+                    best = (t, group, seq, entries)
+                break
+    return None if best is None else best[1:]
+
+
+def first_pending(by_group, prefer: str | None = None, involving=(), members=None):
+    """The earliest collective some rank entered and never completed (preferring group `prefer`)."""
+    candidates = []
+    for group, seqs in by_group.items():
+        if involving and not set(involving) & set(members.get(group, [])):
+            continue
+        for seq in sorted(seqs):
+            pending = [e for e in seqs[seq].values() if e["state"] == "pending"]
+            if pending:
+                candidates.append((group != prefer, min(e["t0"] for e in pending), group, seq, pending[0]))
+                break
+    if not candidates:
+        return None, None, None
+    _, _, group, seq, entry = min(candidates)
+    return group, seq, entry
+
+
+def stragglers(by_group) -> list[dict]:
+    worst: dict[int, tuple[float, str]] = {}
+    for seqs in by_group.values():
+        for entries in seqs.values():
+            # start-up collectives (step -1) wait for model loading on other ranks: not stragglers
+            if len(entries) < 2 or next(iter(entries.values()))["step"] < 0:
+                continue
+            for r, e in entries.items():
+                others = [o["t0"] for q, o in entries.items() if q != r]
+                lag = e["t0"] - statistics.median(others)
+                if lag > worst.get(r, (0.0, ""))[0]:
+                    worst[r] = (lag, e["label"])
+    return [{"rank": r, "label": label, "late_s": round(lag, 3)}
+            for r, (lag, label) in sorted(worst.items()) if lag > STRAGGLER_S]
+
+
+def main(folder: str, as_json: bool) -> int:
+    path = Path(folder)
+    try:
+        result = analyse(path)
+    except FileNotFoundError as exc:
+        print(f"epinfer: error: {exc}", file=__import__("sys").stderr)
+        return 2
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"verdict: {result['verdict']}")
+        print(result["summary"])
+        print(f"trace: {path / 'trace.json'}   timeline: {path / 'timeline.png'}")
+    return 0

@@ -1,0 +1,63 @@
+"""Fault injection, for tests and demos only (reached only through `--fault`).
+
+One rank (`--fault-rank`, a global rank) breaks the lockstep contract at one step
+(`--fault-step`, a DP step id) in a chosen way, so tests can prove the diagnosis is right:
+  skip-collective  skips the first collective of its next MoE dispatch
+  wrong-size       sends one row more in that collective (after the always-on size check)
+  reorder          issues the collective that follows the dispatch first, with a zero buffer
+  delay            sleeps `--fault-delay` seconds before its MoE dispatch
+  leak-pad         broken padding: NaN-poisoned pad rows reach real rows from step S on
+  kill             exits abruptly (SIGKILL) at step S
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+KINDS = ("skip-collective", "wrong-size", "reorder", "delay", "leak-pad", "kill")
+
+
+@dataclasses.dataclass
+class FaultInjector:
+    kind: str
+    step: int
+    delay: float = 2.0
+    triggered: bool = False
+    pending: str | None = None  # a one-shot action for the next device collective
+
+    def at_step(self, step: int) -> None:
+        if self.kind == "kill" and step == self.step:
+            self.triggered = True
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def leak_active(self, step: int) -> bool:
+        if self.kind == "leak-pad" and step >= self.step:
+            self.triggered = True
+            return True
+        return False
+
+    def at_moe_dispatch(self, step: int, dispatcher, x, sizes) -> None:
+        if self.triggered or step != self.step:
+            return
+        if self.kind == "delay":
+            self.triggered = True
+            time.sleep(self.delay)
+        elif self.kind == "reorder":
+            self.triggered = True
+            dispatcher.combine_probe(x, sizes)
+        elif self.kind in ("skip-collective", "wrong-size"):
+            self.triggered = True
+            self.pending = self.kind
+
+    def take_pending(self) -> str | None:
+        action, self.pending = self.pending, None
+        return action
+
+    def report(self, last_step: int) -> str | None:
+        if self.triggered:
+            return None
+        return (f"fault {self.kind} at step {self.step} was not triggered "
+                f"(the run ended at step {last_step})")

@@ -1,0 +1,69 @@
+"""The collective ledger: always on, one entry per collective, per rank.
+
+A communicator hook. Each group has its own sequence number; an entry records op, label, step id,
+shapes, dtypes, per-rank sizes, enqueue and completion times and state (`pending` until the call
+returns). Kept in a ring buffer (default 200,000 entries, a whole short run) and written as JSON
+lines: a header line describing the rank, then the entries. Cheap by design: a dict per call.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from pathlib import Path
+
+
+class Ledger:
+    def __init__(self, info: dict, capacity: int = 200_000) -> None:
+        self.info = info  # rank, world, dp, tp, dp_rank, tp_rank, groups {name: ranks}
+        self.entries: collections.deque = collections.deque(maxlen=capacity)
+        self.seq: dict[str, int] = collections.defaultdict(int)
+        self.current: dict | None = None  # the collective this rank is inside, if any
+        self.step = -1
+
+    # --- communicator hook -----------------------------------------------------------------
+    def before(self, call) -> None:
+        name = call.group.name
+        entry = {"group": name, "seq": self.seq[name], "op": call.op, "label": call.label,
+                 "step": call.step, "shapes": call.shapes, "dtypes": call.dtypes, "sizes": call.sizes,
+                 "t0": time.time(), "t1": None, "state": "pending"}
+        self.seq[name] += 1
+        self.entries.append(entry)
+        self.current = entry
+        self.step = call.step
+        call.entry = entry
+
+    def after(self, call) -> None:
+        entry = call.entry
+        entry["t1"] = time.time()
+        entry["state"] = "done"
+        self.current = None
+
+    # --- positions and dumps ---------------------------------------------------------------
+    def position(self) -> dict:
+        """What peers need to know about this rank: step, next seq per group, current call."""
+        cur = self.current
+        return {"t": time.time(), "step": self.step, "seq": dict(self.seq),
+                "current": None if cur is None else {k: cur[k] for k in ("group", "seq", "label", "t0")}}
+
+    def dump(self, folder: str | Path, status: str, reason: str | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"rank{self.info['rank']}.jsonl"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        header = {"kind": "header", **self.info, "status": status, "reason": reason, "step": self.step,
+                  "time": time.time(), "pid": os.getpid(), "entries": len(self.entries)}
+        with open(tmp, "w") as f:
+            f.write(json.dumps(header) + "\n")
+            for entry in list(self.entries):
+                f.write(json.dumps(entry) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def read_dump(path: str | Path) -> tuple[dict, list[dict]]:
+    lines = Path(path).read_text().splitlines()
+    header = json.loads(lines[0])
+    return header, [json.loads(line) for line in lines[1:] if line.strip()]

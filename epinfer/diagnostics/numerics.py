@@ -1,0 +1,43 @@
+"""`--check-numerics`: NaN / Inf checks of every layer's outputs, real and padding rows apart,
+and warnings for degenerate generations (NaN logits; one token repeated for the whole completion,
+the `!!!!` symptom: argmax of an all-NaN row is token 0, `!` in Qwen vocabularies).
+Costs a device-to-host sync per check: a debugging mode."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NumericsMonitor:
+    def __init__(self) -> None:
+        self.first_real: tuple[str, int] | None = None  # (op, step) where real rows first go bad
+        self.first_pad: tuple[str, int] | None = None
+
+    def check(self, op: str, x_TD: torch.Tensor, real_rows: int, step: int) -> None:
+        if self.first_real is None and real_rows and not torch.isfinite(x_TD[:real_rows]).all():
+            self.first_real = (op, step)
+        has_pad = real_rows < x_TD.shape[0]
+        if self.first_pad is None and has_pad and not torch.isfinite(x_TD[real_rows:]).all():
+            self.first_pad = (op, step)
+
+    def report(self) -> list[str]:
+        lines = []
+        if self.first_real:
+            lines.append(f"check-numerics: NaN/Inf first reached real rows at {self.first_real[0]} "
+                         f"(step {self.first_real[1]})")
+        if self.first_pad:
+            lines.append(f"check-numerics: padding rows non-finite from {self.first_pad[0]} "
+                         f"(step {self.first_pad[1]}; expected with --poison-pads)")
+        return lines
+
+
+def degenerate_warnings(outputs) -> list[str]:
+    """Per request: NaN logits seen, or one token repeated for the whole completion (>= 4 tokens)."""
+    lines = []
+    for i, out in enumerate(outputs):
+        if getattr(out, "nan_logits", False):
+            lines.append(f"request {i}: NaN logits during generation (output is garbage)")
+        if len(out.token_ids) >= 4 and len(set(out.token_ids)) == 1:
+            lines.append(f"request {i}: degenerate output: token {out.token_ids[0]} repeated "
+                         f"{len(out.token_ids)} times")
+    return lines

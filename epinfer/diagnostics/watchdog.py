@@ -1,0 +1,140 @@
+"""The watchdog: a thread per rank that turns hangs and dead peers into a clear exit.
+
+Every `interval` seconds it publishes this rank's position (step, next seq per group, the
+collective it is inside) as a heartbeat in the rendezvous store, then checks three things:
+  - this rank has been inside one collective (or one step) longer than the timeout;
+  - another rank asked everybody to stop (the `abort` key: a peer failed, or the launcher saw a
+    rank die);
+  - a peer's heartbeat went stale (killed, or aborted inside the backend).
+On any of them it writes this rank's ledger and all Python stacks, sets the abort key so every
+other live rank dumps too, prints one line naming label, seq, step and what it waits for, and
+exits the process with code 3. The store lives in the launcher (or torchrun's rendezvous), not in
+a rank, so it outlives any rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ABORT_KEY = "epinfer/abort"
+EXIT_FAULT = 3
+
+
+def hb_key(rank: int) -> str:
+    return f"epinfer/hb/{rank}"
+
+
+class Watchdog(threading.Thread):
+    def __init__(self, ledger, store, rank: int, world: int, timeout: float, dump_dir: str,
+                 groups: dict[str, list[int]], interval: float = 0.5) -> None:
+        super().__init__(name="epinfer-watchdog", daemon=True)
+        self.ledger, self.store, self.rank, self.world = ledger, store, rank, world
+        self.timeout, self.dump_dir, self.groups, self.interval = timeout, dump_dir, groups, interval
+        self.dead_after = max(5.0, min(timeout, 30.0))
+        self.stopped = threading.Event()
+        self.fired = threading.Lock()
+        self.step_started = time.time()
+        self.last_step = -1
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def run(self) -> None:
+        peers_checked = 0.0
+        while not self.stopped.wait(self.interval):
+            try:
+                self._tick(peers_checked)
+            except Exception as exc:  # the store itself went away: nobody can coordinate any more
+                if not self.stopped.is_set():
+                    self.fire(f"lost the rendezvous store ({type(exc).__name__}: {exc})", announce=False)
+            if time.time() - peers_checked > 1.0:
+                peers_checked = time.time()
+
+    def _tick(self, peers_checked: float) -> None:
+        pos = self.ledger.position()
+        self.store.set(hb_key(self.rank), json.dumps(pos))
+        now = time.time()
+        if self.store.check([ABORT_KEY]):
+            reason = self.store.get(ABORT_KEY).decode()
+            self.fire(f"stopping because {reason}", announce=False)
+        cur = pos["current"]
+        if cur is not None and now - cur["t0"] > self.timeout:
+            self.fire(f"stuck {now - cur['t0']:.1f} s in {cur['label']} ({cur['group']} seq {cur['seq']}, "
+                      f"step {pos['step']}); {self._waiting_for(cur)}")
+        if pos["step"] != self.last_step:
+            self.last_step, self.step_started = pos["step"], now
+        elif now - self.step_started > 2 * self.timeout + 5:
+            self.fire(f"step {pos['step']} has run {now - self.step_started:.1f} s without finishing")
+        if now - peers_checked > 1.0:
+            dead = self._stale_peers(now)
+            if dead:
+                self.fire(f"ranks {dead} stopped sending heartbeats (dead?); this rank was at "
+                          f"{self._where(pos)}")
+
+    def _peer(self, rank: int) -> dict | None:
+        key = hb_key(rank)
+        if not self.store.check([key]):
+            return None
+        return json.loads(self.store.get(key))
+
+    def _stale_peers(self, now: float) -> list[int]:
+        dead = []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            pos = self._peer(r)
+            if pos is not None and now - pos["t"] > self.dead_after:
+                dead.append(r)
+        return dead
+
+    def _waiting_for(self, cur: dict) -> str:
+        """Which peers have not reached this (group, seq), or reached it in another collective."""
+        group, seq = cur["group"], cur["seq"]
+        missing, elsewhere = [], []
+        for r in self.groups.get(group, []):
+            if r == self.rank:
+                continue
+            pos = self._peer(r)
+            if pos is None or pos["seq"].get(group, 0) <= seq:
+                missing.append(r)
+            elif pos["current"] and pos["current"]["group"] == group and pos["current"]["seq"] == seq \
+                    and pos["current"]["label"] != cur["label"]:
+                elsewhere.append(f"rank {r} in {pos['current']['label']}")
+        parts = [f"waiting for ranks {missing}"] if missing else []
+        if elsewhere:
+            parts.append("mismatch: " + ", ".join(elsewhere))
+        return "; ".join(parts) or "all peers passed this collective"
+
+    @staticmethod
+    def _where(pos: dict) -> str:
+        cur = pos["current"]
+        if cur is None:
+            return f"step {pos['step']}, between collectives"
+        return f"{cur['label']} ({cur['group']} seq {cur['seq']}, step {pos['step']})"
+
+    def fire(self, message: str, announce: bool = True, status: str = "fault") -> None:
+        """Dump, tell the others, print one line, exit 3. Safe to call from any thread."""
+        if not self.fired.acquire(blocking=False):
+            return
+        try:
+            if announce:  # the store may be gone; the dump below still happens
+                with contextlib.suppress(Exception):
+                    self.store.compare_set(ABORT_KEY, "", f"rank {self.rank} {message}")
+            write_dumps(self.ledger, self.dump_dir, status, message)
+            print(f"epinfer: rank {self.rank}: {message}; dumps in {self.dump_dir}", file=sys.stderr,
+                  flush=True)
+        finally:
+            os._exit(EXIT_FAULT)
+
+
+def write_dumps(ledger, dump_dir: str, status: str, reason: str | None) -> None:
+    ledger.dump(dump_dir, status, reason)
+    with open(Path(dump_dir) / f"rank{ledger.info['rank']}.stacks.txt", "w") as f:
+        faulthandler.dump_traceback(f, all_threads=True)
