@@ -36,6 +36,7 @@ class EngineConfig:
     block_size: int = 16
     cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
     gpu_memory_utilization: float = 0.9
+    random_weights: bool = False  # benchmarks: the folder needs only config.json
 
 
 @dataclasses.dataclass
@@ -154,7 +155,7 @@ class Engine:
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
-        model = build_model(cfg, folder, self.dtype, self.device, ctx)
+        model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx)
         self.runner = ModelRunner(model, layout, self.dtype, self.device)
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)

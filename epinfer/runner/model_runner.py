@@ -38,7 +38,27 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     model.rotary.inv_freq = model.rotary.inv_freq.float()
     if folder is not None:
         load_checkpoint(model, folder, cfg)
+    else:
+        random_init(model)
     return model.eval()
+
+
+@torch.no_grad()
+def random_init(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights generated on the device (benchmarks: speed doesn't depend on values).
+    Norm weights are the identity, GDN decay parameters in their usual range."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    zero_centered = model.config.zero_centered_norm
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name:
+            p.fill_(0.0 if zero_centered and "linear_attn.norm" not in name else 1.0)
+        elif leaf == "A_log":
+            p.uniform_(0.0, 2.7, generator=gen)
+        elif leaf in ("dt_bias", "bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)
 
 
 class ModelRunner:
