@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from epinfer.distributed.communicator import pack_rows, unpack_rows
@@ -70,3 +72,18 @@ def test_admission_waits_for_cache_room():
     assert [p.seq.index for p in sched.schedule()] == [0]  # b needs 2 more blocks, 1 is free
     sched.finish(a)
     assert [p.seq.index for p in sched.schedule()] == [1]
+
+
+def test_doctor_crash_without_pending_entries(tmp_path):
+    """On NCCL a survivor's collectives all look 'done' (enqueued): the crash is still placed."""
+    from epinfer.diagnostics.doctor import analyse
+
+    header = {"kind": "header", "rank": 0, "world": 2, "groups": {"ep": [0, 1]}, "step": 4}
+    entries = [{"group": "ep", "seq": i, "op": "all_gather", "label": f"layer.{i}.moe.dispatch", "step": 4,
+                "shapes": [[1, 8]], "dtypes": ["uint8"], "sizes": None, "t0": 100.0 + i, "t1": 100.5 + i,
+                "state": "done"} for i in range(3)]
+    (tmp_path / "rank0.jsonl").write_text("\n".join(json.dumps(x) for x in [header, *entries]) + "\n")
+    report = analyse(tmp_path)
+    assert report["verdict"] == "crash" and report["missing_ranks"] == [1] and report["culprit_ranks"] == [1]
+    assert report["label"] == "layer.2.moe.dispatch" and report["step"] == 4
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"

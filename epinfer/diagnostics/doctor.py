@@ -125,6 +125,14 @@ def first_pending(by_group, prefer: str | None = None, involving=(), members=Non
             if pending:
                 candidates.append((group != prefer, min(e["t0"] for e in pending), group, seq, pending[0]))
                 break
+    if not candidates and involving:
+        # NCCL collectives return when enqueued, so a survivor may show nothing pending: take its
+        # last collective shared with the dead ranks (the furthest point they were seen together)
+        for group, seqs in by_group.items():
+            if set(involving) & set(members.get(group, [])) and seqs:
+                seq = max(seqs)
+                entry = next(iter(seqs[seq].values()))
+                candidates.append((group != prefer, -entry["t0"], group, seq, entry))
     if not candidates:
         return None, None, None
     _, _, group, seq, entry = min(candidates)
