@@ -17,8 +17,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 PROMPTS = ["--prompt", "Beautiful is better than", "--prompt", "Errors should never"]
 
 
-def run(dump_dir, *extra, max_tokens=8):
-    cmd = [sys.executable, "-m", "epinfer", "generate", *PROMPTS, "--dp", "2", "--tp", "2",
+def run(dump_dir, *extra, max_tokens=8, layout=("--dp", "2", "--tp", "2")):
+    cmd = [sys.executable, "-m", "epinfer", "generate", *PROMPTS, *layout,
            "--max-tokens", str(max_tokens), "--dump-dir", str(dump_dir),
            "--collective-timeout", str(TIMEOUT), *extra]
     start = time.time()
@@ -62,7 +62,22 @@ def test_fault_is_diagnosed(kind, rank, step, tmp_path):
     assert lines and all("dumps in" in ln for ln in lines)
 
 
-@pytest.mark.parametrize("kind,rank,step", [c for c in CASES if c[0] != "kill"][::2])
+@pytest.mark.parametrize("layout,kind,rank,step", [
+    (("--dp", "2", "--tp", "1", "--dispatch", "agrs"), "skip-collective", 1, 2),
+    (("--dp", "1", "--tp", "2", "--dispatch", "naive", "--dp-padding", "none"), "kill", 1, 3),
+    (("--dp", "2", "--tp", "1", "--dp-padding", "none"), "reorder", 0, 1),
+])
+def test_other_layouts(layout, kind, rank, step, tmp_path):
+    proc, _ = run(tmp_path, "--fault", kind, "--fault-rank", str(rank), "--fault-step", str(step), layout=layout)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    report = doctor(tmp_path)
+    assert report["verdict"] == ("crash" if kind == "kill" else "mismatch"), report
+    assert rank in report["culprit_ranks"] and report["step"] == step, report
+    # a killed TP peer is waited for at the first TP collective of the step, before any MoE
+    assert ("gdn" in report["label"]) if kind == "kill" else ("moe" in report["label"]), report
+
+
+@pytest.mark.parametrize("kind,rank,step", [c for c in CASES if c[0] != "kill"])
 def test_check_collectives_fails_fast_on_every_rank(kind, rank, step, tmp_path):
     proc, elapsed = run(tmp_path, "--check-collectives", "--fault", kind, "--fault-rank", str(rank),
                         "--fault-step", str(step))

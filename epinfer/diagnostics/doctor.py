@@ -63,6 +63,11 @@ def analyse(folder: Path) -> dict:
         for r, k in keys.items():
             counts[k].append(r)
         majority = max(counts.values(), key=len)
+        if sum(len(v) == len(majority) for v in counts.values()) > 1:  # a tie: use the schedule
+            expected = expected_label(by_group[group], seq, entries)
+            on_schedule = [r for r, e in entries.items() if e["label"] == expected]
+            if expected is not None and 0 < len(on_schedule) < len(entries):
+                majority = on_schedule
         ref = entries[majority[0]]
         culprits = sorted(r for r in entries if r not in majority)
         result.update(verdict="mismatch", group=group, seq=seq, label=ref["label"], step=ref["step"],
@@ -112,6 +117,24 @@ def first_mismatch(by_group) -> tuple[str, int, dict] | None:
                     best = (t, group, seq, entries)
                 break
     return None if best is None else best[1:]
+
+
+def expected_label(seqs: dict[int, dict[int, dict]], seq: int, entries: dict[int, dict]) -> str | None:
+    """The label the fixed per-forward schedule puts at `seq`: every forward issues the same
+    collectives in a group, so it is the label at the same offset in the previous step."""
+    step = min(e["step"] for e in entries.values())
+    if step <= 0:
+        return None
+    first_of = {}
+    for s in sorted(seqs):
+        for e in seqs[s].values():
+            first_of.setdefault(e["step"], s)
+    if step not in first_of or step - 1 not in first_of:
+        return None
+    prev_seq = first_of[step - 1] + (seq - first_of[step])
+    prev = seqs.get(prev_seq, {})
+    labels = {e["label"] for e in prev.values() if e["step"] == step - 1}
+    return labels.pop() if len(labels) == 1 else None
 
 
 def first_pending(by_group, prefer: str | None = None, involving=(), members=None):

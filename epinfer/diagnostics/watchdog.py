@@ -128,10 +128,14 @@ class Watchdog(threading.Thread):
                 with contextlib.suppress(Exception):
                     self.store.compare_set(ABORT_KEY, "", f"rank {self.rank} {message}")
             write_dumps(self.ledger, self.dump_dir, status, message)
-            print(f"epinfer: rank {self.rank}: {message}; dumps in {self.dump_dir}", file=sys.stderr,
-                  flush=True)
+            log_line(f"epinfer: rank {self.rank}: {message}; dumps in {self.dump_dir}")
         finally:
             os._exit(EXIT_FAULT)
+
+
+def log_line(text: str) -> None:
+    """One write per line: ranks share stderr, and print() may split text and newline."""
+    os.write(sys.stderr.fileno(), (text + "\n").encode())
 
 
 def write_dumps(ledger, dump_dir: str, status: str, reason: str | None) -> None:

@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from epinfer.diagnostics.faults import FaultInjector
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.diagnostics.numerics import NumericsMonitor
-from epinfer.diagnostics.watchdog import Watchdog, write_dumps
+from epinfer.diagnostics.watchdog import Watchdog, log_line, write_dumps
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.groups import build_groups
@@ -170,7 +169,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     if job.dump_dir:
         ledger.dump(dump_dir, "ok")
     for line in finish_reports(ctx, ledger):
-        print(f"epinfer: rank {rank}: {line}", file=sys.stderr, flush=True)
+        log_line(f"epinfer: rank {rank}: {line}")
     dist.destroy_process_group()
     return outputs
 
