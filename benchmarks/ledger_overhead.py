@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--check-collectives", action="store_true", help="measure with the pre-flight check on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = None
@@ -65,7 +66,8 @@ def main() -> None:
         prompts = [torch.randint(1, vocab, (args.input_len,), generator=gen).tolist() for _ in range(args.batch)]
         params = [SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)] * args.batch
         dump = Path(tmp, "dumps")
-        job = Job(ecfg, args.dp, args.tp, prompts=prompts, params=params, dump_dir=str(dump))
+        job = Job(ecfg, args.dp, args.tp, prompts=prompts, params=params, dump_dir=str(dump),
+                  check_collectives=args.check_collectives)
         launch(job)
         header, entries = read_dump(dump / "rank0.jsonl")
     syncs = [e["t0"] for e in entries if e["label"] == "dp.sync"]
@@ -75,7 +77,7 @@ def main() -> None:
     cost = hook_cost_us()
     record = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "shape": args.shape or "demo", "layers": args.layers, "dp": args.dp, "tp": args.tp,
-              "batch": args.batch, "decode_step_ms": round(decode_step_s * 1e3, 3),
+              "batch": args.batch, "check_collectives": args.check_collectives, "decode_step_ms": round(decode_step_s * 1e3, 3),
               "collectives_per_step": per_step, "hook_us_per_collective": round(cost, 3),
               "ledger_overhead_pct": round(100 * cost * 1e-6 * per_step / decode_step_s, 4)}
     print(json.dumps(record))

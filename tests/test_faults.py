@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.test_launch import children_of
 
 TIMEOUT = 4.0
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -109,8 +112,11 @@ def test_leak_pad_is_caught_by_check_numerics(tmp_path):
 
 
 def test_clean_run_is_ok(tmp_path):
-    proc, _ = run(tmp_path, "--poison-pads", "--check-numerics", "--check-collectives")
+    # a fault whose step never comes changes nothing and is reported as not triggered
+    proc, _ = run(tmp_path, "--poison-pads", "--check-numerics", "--check-collectives",
+                  "--fault", "kill", "--fault-rank", "1", "--fault-step", "999")
     assert proc.returncode == 0, proc.stderr
+    assert "epinfer: rank 1: fault kill at step 999 was not triggered (the run ended at step" in proc.stderr
     assert "check-numerics: NaN/Inf first reached real rows" not in proc.stderr
     report = doctor(tmp_path)
     assert report["verdict"] == "ok" and report["stragglers"] == [] and report["culprit_ranks"] == []
@@ -121,3 +127,25 @@ def test_doctor_without_dumps(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "epinfer", "doctor", str(tmp_path)], capture_output=True,
                           text=True, timeout=60, env=ENV)
     assert proc.returncode == 2 and "no rank*.jsonl dumps" in proc.stderr
+
+
+def test_sigusr1_dumps_without_stopping(tmp_path):
+    dump = tmp_path / "d"
+    cmd = [sys.executable, "-m", "epinfer", "generate", *PROMPTS, "--dp", "2", "--tp", "2", "--max-tokens", "300",
+           "--ignore-eos", "--dump-dir", str(dump)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and len(children_of(proc.pid)) < 4:  # the launcher is up
+            time.sleep(0.2)
+        while time.time() < deadline and len(list(dump.glob("rank*.jsonl"))) < 4:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGUSR1)
+        dumped = {p.name for p in dump.glob("rank*.jsonl")}
+        assert dumped == {f"rank{r}.jsonl" for r in range(4)}
+        assert proc.poll() is None  # still running
+        header = json.loads((dump / "rank0.jsonl").read_text().splitlines()[0])
+        assert header["status"] == "running" and header["reason"] == "SIGUSR1"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)

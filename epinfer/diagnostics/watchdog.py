@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ABORT_KEY = "epinfer/abort"
+READY_KEY = "epinfer/ready/"  # + rank: its SIGUSR1 handler is installed
 EXIT_FAULT = 3
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT
+from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT, READY_KEY
 from epinfer.distributed.groups import check_layout
 from epinfer.distributed.worker import Job, worker_main
 from epinfer.errors import UserError
@@ -96,7 +96,7 @@ def launch(job: Job) -> list:
         result_path = os.path.join(tmp, "outputs.pkl")
         procs = [ctx.Process(target=_spawned, args=(r, world, store.port, job, result_path),
                              name=f"epinfer-rank{r}") for r in range(world)]
-        stop = _install_stop(procs)
+        stop = _install_stop(procs, store)
         try:
             for p in procs:
                 p.start()
@@ -120,7 +120,7 @@ def launch(job: Job) -> list:
         return pickle.loads(Path(result_path).read_bytes())
 
 
-def _install_stop(procs: list) -> dict:
+def _install_stop(procs: list, store) -> dict:
     stop = {"signal": None}
 
     def handler(signum, frame):
@@ -128,8 +128,8 @@ def _install_stop(procs: list) -> dict:
         _terminate(procs)
 
     def forward_usr1(signum, frame):  # "dump now" for a job that looks stuck
-        for p in procs:
-            if p.is_alive():
+        for rank, p in enumerate(procs):
+            if p.is_alive() and store.check([f"{READY_KEY}{rank}"]):
                 os.kill(p.pid, signal.SIGUSR1)
 
     signal.signal(signal.SIGINT, handler)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from epinfer.diagnostics.faults import FaultInjector
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.diagnostics.numerics import NumericsMonitor
-from epinfer.diagnostics.watchdog import Watchdog, log_line, write_dumps
+from epinfer.diagnostics.watchdog import READY_KEY, Watchdog, log_line, write_dumps
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.groups import build_groups
@@ -193,6 +193,7 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float)
     watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"])
     watchdog.start()
     signal.signal(signal.SIGUSR1, lambda *_: write_dumps(ledger, dump_dir, "running", "SIGUSR1"))
+    client.set(f"{READY_KEY}{rank}", "1")  # the launcher forwards SIGUSR1 only to ready ranks
     return ledger, watchdog, dump_dir
 
 
