@@ -21,5 +21,5 @@ run() {  # name, extra args...
 run clean
 run skip --fault skip-collective --fault-rank 1 --fault-step 3
 run kill --fault kill --fault-rank 1 --fault-step 4
-python3 benchmarks/ledger_overhead.py --shape benchmarks/shapes/qwen3-30b-a3b.json --layers 8 --device cuda \
+python3 benchmarks/ledger_overhead.py --shape epinfer/shapes/qwen3-30b-a3b.json --layers 8 --device cuda \
   --dp 2 --batch 64 --input-len 128 --output-len 24

@@ -2,7 +2,7 @@
 over the measured decode step time of a real parallel run (ledger dumps give both).
 
     python benchmarks/ledger_overhead.py --dp 2 --tp 2                          # demo model, CPU
-    python benchmarks/ledger_overhead.py --shape benchmarks/shapes/qwen3-30b-a3b.json --layers 8 \\
+    python benchmarks/ledger_overhead.py --shape epinfer/shapes/qwen3-30b-a3b.json --layers 8 \\
         --device cuda --dp 2 --batch 64 --input-len 128 --output-len 32
 
 Prints one JSON record."""
@@ -77,7 +77,8 @@ def main() -> None:
     cost = hook_cost_us()
     record = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "shape": args.shape or "demo", "layers": args.layers, "dp": args.dp, "tp": args.tp,
-              "batch": args.batch, "check_collectives": args.check_collectives, "decode_step_ms": round(decode_step_s * 1e3, 3),
+              "batch": args.batch, "check_collectives": args.check_collectives,
+              "decode_step_ms": round(decode_step_s * 1e3, 3),
               "collectives_per_step": per_step, "hook_us_per_collective": round(cost, 3),
               "ledger_overhead_pct": round(100 * cost * 1e-6 * per_step / decode_step_s, 4)}
     print(json.dumps(record))

@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", type=Path, default=None, help="write results as a JSON list")
     gen.add_argument("--compare-single", action="store_true",
                      help="also run single-process and report whether the tokens are identical")
+    bench = sub.add_parser("bench", help="prefill / decode speed on a model shape with random weights")
+    bench.add_argument("--shape", required=True, help="qwen3-30b-a3b | qwen3.5-35b-a3b | qwen3-next-80b-a3b | PATH")
+    bench.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    bench.add_argument("--batch", type=int, action="append", required=True)
+    bench.add_argument("--input-len", type=int, default=128)
+    bench.add_argument("--output-len", type=int, default=32)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
+    bench.add_argument("--debug", action="store_true", help="show tracebacks")
     doc = sub.add_parser("doctor", help="analyse the collective dumps of a failed (or any) run")
     doc.add_argument("dump_dir")
     doc.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -199,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bench":
+            from epinfer.bench import bench
+
+            for rec in bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
+                             args.dtype):
+                print(json.dumps(rec) if args.json else "  ".join(f"{k}={v}" for k, v in rec.items()))
+            return 0
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor
 

@@ -1,0 +1,37 @@
+"""`epinfer bench` on CPU with a tiny shape: records are complete and self-consistent."""
+
+from __future__ import annotations
+
+import json
+
+from epinfer.bench import SHAPES, bench, decode_bytes
+from epinfer.config import ModelConfig
+from epinfer.errors import UserError
+from tests.checkpoints import tiny_config
+
+
+def test_bench_records(tmp_path):
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+    records = bench(str(tmp_path), [1, 3], input_len=12, output_len=5, device="cpu", dtype="float32")
+    assert [r["batch"] for r in records] == [1, 3]
+    for r in records:
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["step_ms_p90"] >= r["step_ms_median"]
+        assert r["fraction_of_floor"] > 0 and r["floor_ms"] > 0 and r["copy_GBps"] > 0
+    json.dumps(records)
+
+
+def test_decode_bytes_grow_with_batch_and_touch_experts():
+    cfg = ModelConfig.from_hf(json.loads((SHAPES / "qwen3-30b-a3b.json").read_text()))
+    one, many = decode_bytes(cfg, 1, 1024, 2), decode_bytes(cfg, 256, 1024, 2)
+    # PERFORMANCE.md: batch 1 reads ~6.1 GB, batch 256 ~60.4 GB of weights + 25.8 GB of KV at ctx 1k
+    assert 5.5e9 < one < 6.8e9
+    assert 80e9 < many < 92e9
+
+
+def test_unknown_shape():
+    try:
+        bench("no-such-shape", [1], 4, 2, device="cpu")
+    except UserError as exc:
+        assert "unknown shape" in str(exc)
+    else:
+        raise AssertionError("no error")
