@@ -1,13 +1,15 @@
 """Parallel runtime on NVIDIA GPUs (NCCL): tiny float32 checkpoints, TF32 off, every dispatcher
 and padding mode at DP=2 EP=2 and TP=2 EP=2 on two GPUs, tokens compared with one GPU.
 
-    python benchmarks/gpu_parallel_check.py CKPT_DIR [CKPT_DIR ...]
+    python benchmarks/gpu_parallel_check.py CKPT_DIR [CKPT_DIR ...]          # 2 GPUs: 2x1 and 1x2
+    LAYOUTS=2x2 python benchmarks/gpu_parallel_check.py CKPT_DIR [...]        # 4 GPUs: dp=2 tp=2
 
 Prints one line per configuration and a summary table; exits 1 on any mismatch."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 
@@ -31,7 +33,8 @@ def main(paths: list[str]) -> int:
         ref = [o.token_ids for o in LLM(path, **ecfg).generate(PROMPTS, params)]
         cpu = [o.token_ids for o in LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)]
         rows.append((path, "1 GPU vs CPU", "-", "-", ref == cpu, 0.0))
-        for (dp, tp), dispatch, pad in itertools.product([(2, 1), (1, 2)], ("agrs", "alltoall", "naive"),
+        layouts = [tuple(map(int, x.split("x"))) for x in os.environ.get("LAYOUTS", "2x1,1x2").split(",")]
+        for (dp, tp), dispatch, pad in itertools.product(layouts, ("agrs", "alltoall", "naive"),
                                                          ("uniform", "none")):
             job = Job(EngineConfig(model=path, **ecfg), dp, tp, dispatch, pad, prompts=PROMPTS,
                       params=params)
@@ -39,7 +42,7 @@ def main(paths: list[str]) -> int:
             out = [o.token_ids for o in launch(job)]
             ok = out == ref
             failures += not ok
-            rows.append((path, f"dp={dp} tp={tp} ep=2", dispatch, pad, ok, time.time() - t0))
+            rows.append((path, f"dp={dp} tp={tp} ep={dp * tp}", dispatch, pad, ok, time.time() - t0))
             print(rows[-1], flush=True)
     name = torch.cuda.get_device_name(0)
     print(f"\n{name} x{torch.cuda.device_count()}, torch {torch.__version__}")

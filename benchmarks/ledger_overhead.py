@@ -60,7 +60,8 @@ def main() -> None:
             Path(tmp, "config.json").write_text(json.dumps(cfg))
             model = tmp
         ecfg = EngineConfig(model=model, dtype="bfloat16" if args.shape else "auto", device=args.device,
-                            random_weights=bool(args.shape), cache_memory_gb=8.0, max_num_seqs=args.batch)
+                            random_weights=bool(args.shape), cache_memory_gb=24.0 if args.shape else 1.0,
+                            max_num_seqs=args.batch)
         gen = torch.Generator().manual_seed(0)
         vocab = 500 if not args.shape else 100_000
         prompts = [torch.randint(1, vocab, (args.input_len,), generator=gen).tolist() for _ in range(args.batch)]
