@@ -115,7 +115,7 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     state_bytes = state_bytes_per_slot(cfg, dtype, tp) * ecfg.max_num_seqs
     kv_budget = budget - state_bytes
     per_token = kv_bytes_per_token(cfg, dtype, tp)
-    if kv_budget <= 0 or per_token == 0 and kv_budget < 0:
+    if kv_budget <= 0:
         raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences needs "
                         f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
                         f"{budget / 2**30:.2f} GiB; lower --max-num-seqs")
