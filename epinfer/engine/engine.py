@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from epinfer.runner.batch import SeqWork, StepPlan
 from epinfer.runner.model_runner import ModelRunner, build_model
 from epinfer.runner.sampler import sample
 
-log = logging.getLogger("epinfer")
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
