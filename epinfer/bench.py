@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from epinfer.config import ModelConfig
 from epinfer.engine.engine import DTYPES, Engine, EngineConfig
 from epinfer.engine.sampling_params import SamplingParams
 from epinfer.errors import UserError
+from epinfer.profiling import breakdown
 
 SHAPES = Path(__file__).resolve().parent / "shapes"  # public config.json of real models
 BUILTIN = {"qwen3-30b-a3b": "qwen3-30b-a3b.json", "qwen3.5-35b-a3b": "qwen3.5-35b-a3b-text.json",
@@ -101,7 +103,7 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
     return Path(tmp)
 
 
-def run_batch(engine: Engine, batch: int, input_len: int, output_len: int) -> dict:
+def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
     gen = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
@@ -111,40 +113,131 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int) -> di
     while any(len(s.output_ids) == 0 for s in seqs):
         engine.step()
     prefill_s = time.perf_counter() - t0
-    steps = []
+    profile_steps = 3
+    with_breakdown = with_breakdown and output_len >= 8 + 2 * profile_steps
+    steps, parts = [], None
     while engine.scheduler.has_work():
+        left = output_len - min(len(s.output_ids) for s in seqs)
+        if with_breakdown and parts is None and left <= 2 * profile_steps + 1:
+            parts = breakdown(engine, profile_steps)
+            continue
         t = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t)  # step() ends with a host sync (sampled tokens)
-    steps = steps[1:] or steps  # the first decode step warms up
+    steps = steps[1:] or steps  # the first decode step warms up (and captures a CUDA graph)
     median = statistics.median(steps)
-    return {"prefill_tok_s": round(batch * input_len / prefill_s, 1),
-            "decode_tok_s": round(batch / median, 1), "step_ms_median": round(median * 1e3, 3),
-            "step_ms_p90": round(sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3, 3)}
+    out = {"prefill_tok_s": round(batch * input_len / prefill_s, 1),
+           "decode_tok_s": round(batch / median, 1), "step_ms_median": round(median * 1e3, 3),
+           "step_ms_p90": round(sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3, 3)}
+    if parts is not None:
+        parts["host_overhead"] = round(max(0.0, median * 1e3 - parts["device_busy"]), 3)
+        parts["top_kernels"] = parts.pop("top_kernels")  # last: the long one
+        out["breakdown_ms"] = parts
+    return out
+
+
+def hf_decode_speed(folder: Path, batches: list[int], input_len: int, output_len: int,
+                    device: torch.device, dtype: torch.dtype) -> dict[int, dict]:
+    """transformers `generate` on the same shape (its own random weights): decode tokens/s from the
+    difference between `output_len` and 1 new tokens, per batch size."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    with torch.device(device):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation="grouped_mm")
+        except (TypeError, ValueError):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    results = {}
+    for batch in batches:
+        ids = torch.randint(1, cfg.get_text_config().vocab_size, (batch, input_len), device=device)
+        _hf_time(model, ids, 2)  # warm-up
+        one, full = _hf_time(model, ids, 1), _hf_time(model, ids, output_len)
+        per_step = (full - one) / max(1, output_len - 1)
+        results[batch] = {"hf_decode_tok_s": round(batch / per_step, 1), "hf_step_ms": round(per_step * 1e3, 3)}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def _hf_time(model, ids: torch.Tensor, n: int) -> float:
+    import transformers
+
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                        pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    _sync(ids.device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    _sync(ids.device)
+    return time.perf_counter() - t
 
 
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
-          device: str = "auto", dtype: str = "bfloat16") -> list[dict]:
+          device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
+          gpu_memory_utilization: float = 0.9) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
                             max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
-                            max_num_batched_tokens=max(4096, input_len))
+                            max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
+                            gpu_memory_utilization=gpu_memory_utilization)
         engine = Engine(ecfg)
-    dev = engine.device
-    ceil = ceilings(dev)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
-    records = []
-    for batch in batches:
-        speed = run_batch(engine, batch, input_len, output_len)
-        nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2, DTYPES[dtype].itemsize)
-        floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
-        rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch, "input_len": input_len,
-               "output_len": output_len, "dtype": dtype, "device": name, **ceil, **speed,
-               "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),
-               "fraction_of_floor": round(floor_s * 1e3 / speed["step_ms_median"], 4)}
-        if datasheet:
-            rec["fraction_of_datasheet_floor"] = round(nbytes / (datasheet * 1e12) * 1e3 / speed["step_ms_median"], 4)
-        records.append(rec)
+        dev = engine.device
+        ceil = ceilings(dev)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
+        records = []
+        for batch in batches:
+            speed = run_batch(engine, batch, input_len, output_len, with_breakdown=dev.type == "cuda")
+            nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2,
+                                  DTYPES[dtype].itemsize)
+            floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
+            rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
+                   "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,
+                   "cuda_graphs": engine.runner.graphs is not None, **ceil, **speed,
+                   "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),
+                   "fraction_of_floor": round(floor_s * 1e3 / speed["step_ms_median"], 4)}
+            if datasheet:
+                rec["fraction_of_datasheet_floor"] = round(
+                    nbytes / (datasheet * 1e12) * 1e3 / speed["step_ms_median"], 4)
+            records.append(rec)
+            print(f"epinfer bench: batch {batch}: prefill {rec['prefill_tok_s']} tok/s, decode {rec['decode_tok_s']} "
+                  f"tok/s, step {rec['step_ms_median']} ms, {rec['fraction_of_floor']:.1%} of the floor",
+                  file=sys.stderr, flush=True)
+        if compare_hf:
+            del engine  # one model in memory at a time
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            hf = hf_decode_speed(folder, batches, input_len, output_len, dev, DTYPES[dtype])
+            for rec in records:
+                rec.update(hf[rec["batch"]])
+                rec["speedup_vs_hf"] = round(rec["decode_tok_s"] / rec["hf_decode_tok_s"], 2)
+                print(f"epinfer bench: batch {rec['batch']}: transformers {rec['hf_decode_tok_s']} tok/s "
+                      f"({rec['speedup_vs_hf']}x)", file=sys.stderr, flush=True)
     return records
+
+
+def format_table(records: list[dict]) -> str:
+    """The readable form: one row per batch, then each batch's breakdown."""
+    if not records:
+        return ""
+    r0 = records[0]
+    lines = [f"{r0['shape']}  layers={r0['layers']}  {r0['dtype']}  {r0['device']}  in={r0['input_len']} "
+             f"out={r0['output_len']}  copy={r0['copy_GBps']} GB/s  bf16={r0['bf16_TFLOPs']} TFLOP/s  "
+             f"graphs={r0['cuda_graphs']}"]
+    cols = [("batch", "batch"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
+            ("step_ms_median", "step ms"), ("step_ms_p90", "p90 ms"), ("floor_ms", "floor ms"),
+            ("fraction_of_floor", "of floor"), ("fraction_of_datasheet_floor", "of datasheet"),
+            ("hf_decode_tok_s", "HF tok/s"), ("speedup_vs_hf", "vs HF")]
+    cols = [(k, h) for k, h in cols if any(k in r for r in records)]
+    lines.append("  ".join(f"{h:>13}" for _, h in cols))
+    for r in records:
+        lines.append("  ".join(f"{r.get(k, '-')!s:>13}" for k, _ in cols))
+    for r in records:
+        if "breakdown_ms" in r:
+            parts = "  ".join(f"{k}={v}" for k, v in r["breakdown_ms"].items())
+            lines.append(f"batch {r['batch']} breakdown (ms/step): {parts}")
+    return "\n".join(lines)

@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (single-process CUDA runs use them by default)")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -59,7 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                cache_memory_gb=args.cache_memory_gb)
+                cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-len", type=int, default=32)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
+    bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="share of GPU memory for weights + caches")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     doc = sub.add_parser("doctor", help="analyse the collective dumps of a failed (or any) run")
@@ -210,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":
-            from epinfer.bench import bench
+            from epinfer.bench import bench, format_table
 
-            for rec in bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
-                             args.dtype):
-                print(json.dumps(rec) if args.json else "  ".join(f"{k}={v}" for k, v in rec.items()))
+            records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
+                            args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization)
+            print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor

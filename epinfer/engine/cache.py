@@ -71,7 +71,10 @@ class CacheAllocator:
 class CacheTensors:
     """Per-layer cache tensors of this rank's shard: (k, v) for attention layers, (conv, ssm) for
     GDN layers. With `poison` (`--poison-pads`) never-written entries hold NaN instead of 0, so a
-    kernel that reads what it shouldn't produces NaN instead of a plausible wrong answer."""
+    kernel that reads what it shouldn't produces NaN instead of a plausible wrong answer.
+
+    One block and one state slot past the allocator's range are scratch: padding rows of the
+    decode fast path (fixed-size, CUDA-graph friendly) write there, and nothing ever reads it."""
 
     def __init__(self, model, layout: CacheLayout, dtype: torch.dtype, device: torch.device,
                  poison: bool = False) -> None:
@@ -81,12 +84,12 @@ class CacheTensors:
         for i, layer in enumerate(model.model.layers):
             if layer.mixer_type == "attention":
                 attn = layer.self_attn
-                shape = (layout.num_blocks, layout.block_size, attn.num_kv_heads, attn.head_dim)
+                shape = (layout.num_blocks + 1, layout.block_size, attn.num_kv_heads, attn.head_dim)
                 self.per_layer.append((torch.full(shape, self.fill, dtype=dtype, device=device),
                                        torch.full(shape, self.fill, dtype=dtype, device=device)))
             else:
                 gdn = layer.linear_attn
-                slots = layout.num_state_slots
+                slots = layout.num_state_slots + 1
                 conv = torch.full((slots, gdn.conv_dim, gdn.kernel - 1), self.fill, dtype=dtype,
                                   device=device)
                 ssm = torch.full((slots, gdn.num_v_heads, gdn.dk, gdn.dv), self.fill,

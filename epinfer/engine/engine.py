@@ -35,6 +35,7 @@ class EngineConfig:
     cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
     gpu_memory_utilization: float = 0.9
     random_weights: bool = False  # benchmarks: the folder needs only config.json
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
 
 
 @dataclasses.dataclass
@@ -154,7 +155,8 @@ class Engine:
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx)
-        self.runner = ModelRunner(model, layout, self.dtype, self.device)
+        self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
+                                  ecfg.cuda_graphs)
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0

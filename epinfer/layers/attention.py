@@ -5,7 +5,9 @@ all heads (OLMoE), clip_qkv (OLMoE), partial rotary and a sigmoid output gate ca
 projection (Qwen3-Next / Qwen3.5). Each real row is written to the cache at `kv_slots_T`; padding
 rows (slot -1) are neither written nor attended, and their output rows are zero.
 
-This is the portable reference path (one SDPA call per sequence); faster kernels plug in later.
+Prefill and mixed steps run one SDPA call per sequence (a fresh prompt uses its own keys with a
+causal flag, so GPUs get a flash kernel); decode-only steps on the fast path (`batch.decode`) run
+one batched paged-decode kernel for all rows (`paged_attention.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.linear import Linear, row_parallel
 from epinfer.layers.norm import RMSNorm
+from epinfer.layers.paged_attention import decode_attention
 from epinfer.layers.rotary import apply_rotary
 from epinfer.runner.batch import ForwardBatch
 
@@ -97,28 +100,41 @@ class Attention(nn.Module):
         q_THd, k_THd = apply_rotary(q_THd, cos, sin), apply_rotary(k_THd, cos, sin)
 
         k_cache, v_cache = kv_cache  # [blocks, block_size, KVH, hd]
-        real = batch.num_real_rows
         flat_k = k_cache.view(-1, KVH, hd)
         flat_v = v_cache.view(-1, KVH, hd)
-        slots = batch.kv_slots_T[:real]
-        flat_k[slots] = k_THd[:real].to(k_cache.dtype)
-        flat_v[slots] = v_THd[:real].to(v_cache.dtype)
-
-        out = q_THd.new_zeros(T, H, hd)
-        block_size = k_cache.shape[1]
         scale = hd**-0.5
-        for seq in batch.seqs:
-            total = seq.total_len
-            nblocks = -(-total // block_size)
-            blocks = seq.block_ids[:nblocks]
-            keys = k_cache[blocks].reshape(-1, KVH, hd)[:total]
-            values = v_cache[blocks].reshape(-1, KVH, hd)[:total]
-            rows = slice(seq.start, seq.start + seq.num_new)
-            out[rows] = _sdpa(q_THd[rows], keys, values, seq.context_len, scale)
+        meta = batch.decode
+        if meta is not None:  # decode fast path: padding rows write the scratch block, attend to nothing
+            flat_k.index_copy_(0, batch.kv_slots_T, k_THd.to(k_cache.dtype))
+            flat_v.index_copy_(0, batch.kv_slots_T, v_THd.to(v_cache.dtype))
+            out = decode_attention(q_THd, k_cache, v_cache, meta.block_table, meta.state_slots_T,
+                                   meta.seq_lens_T, scale)
+        else:
+            real = batch.num_real_rows
+            slots = batch.kv_slots_T[:real]
+            flat_k[slots] = k_THd[:real].to(k_cache.dtype)
+            flat_v[slots] = v_THd[:real].to(v_cache.dtype)
+            out = q_THd.new_zeros(T, H, hd)
+            for seq in batch.seqs:
+                rows = slice(seq.start, seq.start + seq.num_new)
+                out[rows] = _seq_attention(q_THd[rows], k_THd[rows], v_THd[rows], k_cache, v_cache, seq, scale)
         attn = out.reshape(T, H * hd)
         if gate is not None:
             attn = attn * torch.sigmoid(gate)
         return self.o_proj(attn)
+
+
+def _seq_attention(q_NHd, k_NKd, v_NKd, k_cache, v_cache, seq, scale: float) -> torch.Tensor:
+    """One sequence's new rows: a fresh prompt attends to its own keys (causal, no cache read);
+    otherwise the cached context plus the new keys are read from its blocks."""
+    if seq.context_len == 0:
+        return _sdpa(q_NHd, k_NKd.to(q_NHd.dtype), v_NKd.to(q_NHd.dtype), 0, scale)
+    total = seq.total_len
+    block_size, KVH, hd = k_cache.shape[1:]
+    blocks = seq.block_ids[:-(-total // block_size)]
+    keys = k_cache[blocks].reshape(-1, KVH, hd)[:total]
+    values = v_cache[blocks].reshape(-1, KVH, hd)[:total]
+    return _sdpa(q_NHd, keys, values, seq.context_len, scale)
 
 
 def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
@@ -129,10 +145,13 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     q = q_NHd.transpose(0, 1)  # [H, N, hd]
     k = k_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, L, hd]
     v = v_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)
-    mask = None
-    if N > 1:
+    mask, causal = None, False
+    if N > 1 and context_len == 0:
+        causal = True  # square causal: lets SDPA pick a flash kernel on GPUs
+    elif N > 1:
         key_pos = torch.arange(L, device=q.device)
         query_pos = context_len + torch.arange(N, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [N, L]
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                         scale=scale)
     return out.transpose(0, 1)  # [N, H, hd]

@@ -108,6 +108,8 @@ class GatedDeltaNet(nn.Module):
                 q, k, v, g_TH[rows], beta_TH[rows], ssm_state[slots]
             )
             ssm_state[slots] = new_state
+            if batch.decode is not None:  # padding rows ran on the scratch slot: zero them
+                out = torch.where(batch.decode.row_mask_T[:, None, None], out, 0.0)
             core[rows] = out
 
         normed = self.norm(core.reshape(-1, self.dv), z.reshape(-1, self.dv))

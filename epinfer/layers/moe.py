@@ -53,10 +53,14 @@ class FusedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor,
                 topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """Weighted sum over (row, k) pairs routed to this rank's experts; others contribute 0."""
-        out = torch.zeros_like(x_TD)
         num_local = self.w13.shape[0]
         if num_local == 0 or x_TD.shape[0] == 0:
-            return out
+            return torch.zeros_like(x_TD)
+        if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
+            return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
+        if x_TD.is_cuda:
+            return self._dense(x_TD, topk_weights_TK, topk_ids_TK)
+        out = torch.zeros_like(x_TD)
         K = topk_ids_TK.shape[1]
         local_ids = (topk_ids_TK.flatten() - self.first_expert).clamp(-1, num_local)
         counts = torch.bincount(local_ids + 1, minlength=num_local + 2)
@@ -64,8 +68,6 @@ class FusedExperts(nn.Module):
         order = torch.argsort(local_ids, stable=True)
         start = int((local_ids < 0).sum())
         flat_weights = topk_weights_TK.flatten()
-        if _use_grouped_mm(x_TD):
-            return self._grouped(x_TD, out, order[start:start + sum(counts)], counts, flat_weights, K)
         for e, count in enumerate(counts):
             if count == 0:
                 continue
@@ -78,21 +80,57 @@ class FusedExperts(nn.Module):
             out.index_add_(0, rows, y)
         return out
 
+    def _dense(self, x_TD, topk_weights_TK, topk_ids_TK):
+        """Every local expert on every row, weighted by its routing weight (0 when not chosen):
+        no host sync, for dtypes grouped_mm lacks (float32 correctness runs; E x the compute)."""
+        out = torch.zeros_like(x_TD)
+        local = topk_ids_TK - self.first_expert
+        for e in range(self.w13.shape[0]):
+            weight_T = (topk_weights_TK * (local == e)).sum(-1).to(x_TD.dtype)
+            gate, up = F.linear(x_TD, self.w13[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e])
+            out = out + torch.where(weight_T[:, None] != 0, y * weight_T[:, None], 0.0)
+        return out
 
-    def _grouped(self, x_TD, out, pairs, counts, flat_weights, K):
-        """All local experts in two grouped GEMMs (GPU, bf16): pairs are sorted by expert."""
-        rows = pairs // K
-        offs = torch.tensor(counts, device=x_TD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    def _grouped(self, x_TD, topk_weights_TK, topk_ids_TK):
+        """All local experts in two grouped GEMMs, with no host sync (CUDA-graph safe): (row, k)
+        pairs sorted by local expert, pairs of other ranks' experts sorted last and weighted 0."""
+        n, K = self.w13.shape[0], topk_ids_TK.shape[1]
+        local = topk_ids_TK.flatten() - self.first_expert
+        mine = (local >= 0) & (local < n)
+        key = torch.where(mine, local, n)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(n + 1, dtype=torch.int32, device=key.device)  # (bincount would sync)
+        counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        offs = counts[:n].cumsum(0, dtype=torch.int32)
+        rows = order // K
         gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
         y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # [P, D]
-        y = y * flat_weights[pairs, None].to(y.dtype)
-        return out.index_add_(0, rows, y)
+        # rows past the last offset (other ranks' experts) are left undefined by grouped_mm
+        y = torch.where(mine[order, None], y * topk_weights_TK.flatten()[order, None].to(y.dtype), 0.0)
+        # back to (row, k) order and a sum over k: deterministic, unlike atomic index_add
+        T, D = x_TD.shape
+        return torch.empty_like(y).index_copy_(0, order, y).view(T, K, D).sum(1)
 
 
-def _use_grouped_mm(x: torch.Tensor) -> bool:
-    # the per-expert loop stays the reference (CPU, float32: exact comparisons with transformers)
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm") and GROUPED_MM[0]
+_GROUPED_MM_OK: dict[torch.dtype, bool] = {}
+
+
+def grouped_mm_supported(dtype: torch.dtype) -> bool:
+    """Whether `F.grouped_mm` runs on this GPU in `dtype` without a host sync: bf16 only (other
+    dtypes take a fallback that copies the offsets to the host). `GROUPED_MM[0] = False` turns it off."""
+    if not (GROUPED_MM[0] and hasattr(F, "grouped_mm")) or dtype != torch.bfloat16:
+        return False
+    if dtype not in _GROUPED_MM_OK:
+        try:
+            a = torch.zeros(4, 16, dtype=dtype, device="cuda")
+            b = torch.zeros(2, 16, 16, dtype=dtype, device="cuda")
+            F.grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device="cuda"))
+            _GROUPED_MM_OK[dtype] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[dtype] = False
+    return _GROUPED_MM_OK[dtype]
 
 
 GROUPED_MM = [True]  # switch for A/B checks
@@ -126,6 +164,7 @@ class MoEBlock(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         ctx = self.ctx
         real = batch.num_real_rows
+        mask = batch.decode.row_mask_T if batch.decode is not None else None
         if self.first_moe and ctx.fault is not None and ctx.fault.leak_active(batch.step_id):
             # the `leak-pad` fault (tests only): padding rows bleed into real rows
             leak = x_TD[real:].sum(0) if real < x_TD.shape[0] else torch.full_like(x_TD[0], float("nan"))
@@ -135,8 +174,12 @@ class MoEBlock(nn.Module):
             lo = ctx.tp_rank * rows
             x_TD = x_TD[lo:lo + rows]
             real = min(max(real - lo, 0), rows)
+            mask = mask[lo:lo + rows] if mask is not None else None
         weights, ids = route(self.gate(x_TD), self.top_k, self.renormalize)
-        weights[real:] = 0.0
+        if mask is not None:
+            weights = weights.masked_fill(~mask[:, None], 0.0)
+        else:
+            weights[real:] = 0.0
         if x_TD.dtype != torch.float32:
             weights = weights.to(x_TD.dtype)
         if self.dispatcher is not None:

@@ -87,8 +87,11 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
         """Hidden states after the final norm, [T, D]; padding rows are zero on entry."""
         x = self.model.embed_tokens(batch.input_ids_T)
-        if batch.num_real_rows < batch.num_rows:  # padding rows: zero, or NaN to prove nothing reads them
-            x[batch.num_real_rows:] = float("nan") if self.ctx.poison_pads else 0.0
+        fill = float("nan") if self.ctx.poison_pads else 0.0  # NaN proves nothing reads padding rows
+        if batch.decode is not None:  # padding decided on the device (a CUDA graph replays any count)
+            x = torch.where(batch.decode.row_mask_T[:, None], x, fill)
+        elif batch.num_real_rows < batch.num_rows:
+            x[batch.num_real_rows:] = fill
         cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
         for layer, cache in zip(self.model.layers, caches, strict=True):
             x = layer(x, batch, cache, cos_sin, self.ctx.numerics)

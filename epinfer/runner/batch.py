@@ -32,6 +32,18 @@ class SeqSlice:
 
 
 @dataclasses.dataclass
+class DecodeMeta:
+    """A decode-only batch on the device fast path: row b is sequence b's one new token for
+    b < S, rows past S are padding. Everything is a device tensor (CUDA-graph safe); padding rows
+    point at the cache's scratch block / state slot, attend to nothing and are masked out."""
+
+    state_slots_T: torch.Tensor  # [T] block-table row and GDN state slot (scratch for padding)
+    seq_lens_T: torch.Tensor  # [T] tokens attended, the new one included; 0 for padding
+    row_mask_T: torch.Tensor  # [T] bool, True for real rows
+    block_table: torch.Tensor  # [slots + 1, max blocks] int32, the runner's persistent table
+
+
+@dataclasses.dataclass
 class ForwardBatch:
     input_ids_T: torch.Tensor  # [T] int64
     positions_T: torch.Tensor  # [T] int64
@@ -45,6 +57,7 @@ class ForwardBatch:
     decode_state_slots: torch.Tensor | None = None  # [S_dec]
     moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
     step_id: int = -1  # the DP step id (-1 in single-process runs)
+    decode: DecodeMeta | None = None  # set on the decode fast path (kernels take their sizes from it)
 
     @property
     def num_rows(self) -> int:
@@ -52,6 +65,11 @@ class ForwardBatch:
 
     def finalize(self, device: torch.device) -> ForwardBatch:
         """Fill the derived decode index tensors (call once after `seqs` is complete)."""
+        if self.decode is not None:  # every row (padding too) takes the batched decode path
+            self.decode_seq_ids = list(range(self.num_rows))
+            self.decode_rows = torch.arange(self.num_rows, device=device)
+            self.decode_state_slots = self.decode.state_slots_T
+            return self
         self.decode_seq_ids = [i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len > 0]
         rows = [self.seqs[i].start for i in self.decode_seq_ids]
         slots = [self.seqs[i].state_slot for i in self.decode_seq_ids]

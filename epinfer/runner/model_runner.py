@@ -11,9 +11,11 @@ import torch
 from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheLayout, CacheTensors
+from epinfer.layers import paged_attention
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.loader import load_checkpoint
-from epinfer.runner.batch import ForwardBatch, SeqSlice, StepPlan
+from epinfer.runner.batch import DecodeMeta, ForwardBatch, SeqSlice, StepPlan
+from epinfer.runner.cuda_graphs import DecodeGraphs
 
 
 @contextlib.contextmanager
@@ -62,16 +64,37 @@ def random_init(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
 
 
 class ModelRunner:
+    """Decode-only steps on CUDA take the fast path: one batched paged-decode attention kernel,
+    metadata in one host-to-device copy, and (`cuda_graphs`, single process) a CUDA graph per
+    batch-size bucket. Everything else (prefill, mixed steps, CPU) runs the eager reference path."""
+
     def __init__(self, model: CausalLM, layout: CacheLayout, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False) -> None:
         self.model = model
         self.cfg = model.config
         self.layout = layout
         self.device = device
-        self.poison = model.ctx.poison_pads
+        ctx = model.ctx
+        self.poison = ctx.poison_pads
         self.cache = CacheTensors(model, layout, dtype, device, poison=self.poison)
         self.block_tables: dict[int, torch.Tensor] = {}  # state slot -> KV blocks (device)
         self.host_tables: dict[int, list[int]] = {}  # the same, on the host
+        self.fast_decode = device.type == "cuda" and paged_attention.triton is not None
+        self.scratch_slot = layout.num_state_slots
+        self.scratch_row = layout.num_blocks * layout.block_size  # first row of the scratch block
+        max_blocks = max(1, -(-(max_model_len or layout.capacity_tokens) // layout.block_size))
+        # every sequence's blocks by state slot, for the decode kernel (kept on any device so the
+        # fast path can be switched on for tests on CPU, where it runs the torch reference)
+        self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
+        single = ctx.tp_size == 1 and ctx.ep_size == 1 and ctx.groups is None
+        self.graphs = DecodeGraphs(self, layout.num_state_slots) if (
+            cuda_graphs and self.fast_decode and single) else None
+
+    def _register_blocks(self, slot: int, blocks: list[int]) -> None:
+        self.host_tables[slot] = blocks
+        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        self.block_tables[slot] = table
+        self.block_table[slot, :len(blocks)] = table.to(torch.int32)
 
     def build_batch(self, plan: StepPlan, rows: int | None = None,
                     moe_sizes: list[int] | None = None, step_id: int = -1) -> ForwardBatch:
@@ -83,9 +106,7 @@ class ModelRunner:
         bs = self.layout.block_size
         for work in plan.items:
             if work.new_blocks is not None:
-                self.host_tables[work.state_slot] = work.new_blocks
-                self.block_tables[work.state_slot] = torch.tensor(work.new_blocks, dtype=torch.long,
-                                                                  device=self.device)
+                self._register_blocks(work.state_slot, work.new_blocks)
             blocks = self.host_tables[work.state_slot]
             row, n = len(ids), len(work.tokens)
             ids.extend(work.tokens)
@@ -109,6 +130,34 @@ class ModelRunner:
                              moe_sizes=moe_sizes, step_id=step_id)
         return batch.finalize(self.device)
 
+    def decode_meta_host(self, plan: StepPlan, rows: int) -> torch.Tensor | None:
+        """[6, rows] int64 on the host (ids, positions, kv rows, state slots, lengths, real mask)
+        when every item of `plan` decodes one token after earlier context; None otherwise."""
+        if not self.fast_decode or not plan.items or any(
+                len(w.tokens) != 1 or w.start == 0 or w.new_blocks is not None for w in plan.items):
+            return None
+        bs, n = self.layout.block_size, len(plan.items)
+        pad = rows - n
+        meta = [[w.tokens[0] for w in plan.items] + [0] * pad,
+                [w.start for w in plan.items] + [0] * pad,
+                [self.host_tables[w.state_slot][w.start // bs] * bs + w.start % bs for w in plan.items]
+                + [self.scratch_row] * pad,
+                [w.state_slot for w in plan.items] + [self.scratch_slot] * pad,
+                [w.start + 1 for w in plan.items] + [0] * pad,
+                [1] * n + [0] * pad]
+        return torch.tensor(meta, dtype=torch.long)
+
+    def decode_batch(self, meta_6T: torch.Tensor, real: int, moe_sizes: list[int] | None = None,
+                     step_id: int = -1) -> ForwardBatch:
+        """A ForwardBatch whose tensors are views of `meta_6T` (device): the graphs' static buffer."""
+        ids, positions, kv_rows, slots, lens, mask = meta_6T
+        T = meta_6T.shape[1]
+        batch = ForwardBatch(ids, positions, kv_rows, [], torch.arange(real, device=self.device), real,
+                             moe_sizes=moe_sizes, step_id=step_id,
+                             decode=DecodeMeta(slots, lens, mask.bool(), self.block_table))
+        assert real <= T
+        return batch.finalize(self.device)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan, rows: int | None = None, moe_sizes: list[int] | None = None,
                 want_logits: bool = True, step_id: int = -1) -> torch.Tensor | None:
@@ -116,7 +165,16 @@ class ModelRunner:
             self.cache.reset_slot(slot)
             self.block_tables.pop(slot, None)
             self.host_tables.pop(slot, None)
-        batch = self.build_batch(plan, rows, moe_sizes, step_id)
+        n = len(plan.items)
+        graphs = self.graphs if (self.graphs is not None and self.model.ctx.numerics is None) else None
+        bucket = graphs.bucket(n) if graphs is not None else None
+        meta = self.decode_meta_host(plan, bucket or rows or plan.num_tokens)
+        if meta is not None and bucket is not None:
+            return graphs.run(meta, n)
+        if meta is not None:
+            batch = self.decode_batch(meta.to(self.device, non_blocking=True), n, moe_sizes, step_id)
+        else:
+            batch = self.build_batch(plan, rows, moe_sizes, step_id)
         hidden = self.model(batch, self.cache.per_layer)
         if not want_logits:
             return None

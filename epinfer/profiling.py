@@ -1,0 +1,146 @@
+"""Step-time breakdown for `epinfer bench`: where a decode step's time goes.
+
+Two profiled passes over a few decode steps of the running batch:
+
+1. eager (no CUDA graph), with a profiler range around each part of the model — attention, GDN,
+   MoE router (+ top-k, sort), MoE experts, shared expert, dense MLP, LM head — and around sampling;
+   each kernel counts for the innermost part that launched it (the MoE block's own kernels —
+   gate, top-k, sort, gathers — are "moe_router"); kernels outside every part (norms, residual
+   adds, embedding, rotary, metadata copies) are "other".
+2. the step as it normally runs (CUDA graph replay where it applies): device-busy time per step;
+   "host overhead" is the step's wall time minus that: scheduling, metadata, Python, the sampled
+   tokens' copy back — time in which the GPU waits.
+
+The parts are scaled so they sum to the normal step's device-busy time (eager kernels are the same
+kernels as in the graph, but the graph has no launch gaps), and reported in ms per step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+PARTS = {"self_attn": "attention", "linear_attn": "gdn", "experts": "moe_experts",
+         "shared_expert": "moe_shared_expert", "lm_head": "lm_head"}
+
+
+def _device_time(evt) -> float:
+    return getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+
+
+def _self_device(evt) -> float:
+    return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0) or 0.0
+
+
+def _kernel_time(prof) -> float:
+    """Total device time (µs) of the profiled steps: each kernel is the self time of exactly one
+    entry (its own, or the op that launched it)."""
+    return sum(_self_device(e) for e in prof.key_averages())
+
+
+def _by_part(prof) -> tuple[dict[str, float], float]:
+    """Device time (µs) of the kernels launched inside each innermost `part.*` range, and in all."""
+    parts: dict[str, float] = {}
+    total = 0.0
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith("part."):
+            continue  # (a range's own device time is its GPU span, idle gaps included)
+        t = _self_device(evt)
+        if not t:
+            continue
+        total += t
+        up = evt.cpu_parent
+        while up is not None and not up.name.startswith("part."):
+            up = up.cpu_parent
+        key = up.name[5:] if up is not None else "other"
+        parts[key] = parts.get(key, 0.0) + t
+    return parts, total
+
+
+def top_kernels(prof, steps: int, n: int = 12) -> list[tuple[str, float]]:
+    rows = sorted(((e.key, _self_device(e)) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    return [(name[:60], round(t / steps / 1e3, 3)) for name, t in rows[:n] if t > 0]
+
+
+@contextmanager
+def _ranges(model):
+    """Profiler ranges around the model's parts, through forward hooks (no cost when not used)."""
+    handles = []
+
+    def wrap(module, name):
+        state = {}
+
+        def pre(*_):
+            state["rf"] = record_function(f"part.{name}")
+            state["rf"].__enter__()
+
+        def post(*_):
+            state.pop("rf").__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    from epinfer.layers.moe import MoEBlock
+
+    for qual, module in model.named_modules():
+        leaf = qual.rsplit(".", 1)[-1]
+        if isinstance(module, MoEBlock):
+            wrap(module, "moe_block")
+        elif leaf in PARTS and not qual.endswith("mlp.experts.shared_expert"):
+            wrap(module, PARTS[leaf])
+        elif leaf == "mlp":
+            wrap(module, "dense_mlp")
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _profile_steps(engine, steps: int, sync):
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    return prof
+
+
+def breakdown(engine, steps: int = 3) -> dict:
+    """ms per decode step by part; call while the batch is decoding (>= 2 * steps + 1 steps left)."""
+    dev = engine.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    runner = engine.runner
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        with _ranges(engine.runner.model):
+            import epinfer.engine.engine as eng_mod
+
+            sample = eng_mod.sample
+
+            def timed_sample(*a, **kw):
+                with record_function("part.sampling"):
+                    return sample(*a, **kw)
+
+            eng_mod.sample = timed_sample
+            try:
+                prof = _profile_steps(engine, steps, sync)
+            finally:
+                eng_mod.sample = sample
+    finally:
+        runner.graphs = graphs
+    raw, eager_total = _by_part(prof)
+    parts = {k: v / steps / 1e3 for k, v in raw.items()}
+    eager_total = eager_total / steps / 1e3
+    parts["moe_router"] = parts.pop("moe_block", 0.0)  # the MoE block's own kernels: gate, top-k, sort, gathers
+    with profile(activities=[ProfilerActivity.CUDA]) as prof2:  # the normal path (graphs if any)
+        for _ in range(steps):
+            engine.step()
+        sync()
+    busy = _kernel_time(prof2) / steps / 1e3
+    scale = busy / eager_total if eager_total > 0 else 1.0
+    out = {k: round(v * scale, 3) for k, v in sorted(parts.items())}
+    out.update(device_busy=round(busy, 3), eager_device=round(eager_total, 3))
+    out["top_kernels"] = top_kernels(prof2, steps)
+    return out  # the caller adds host_overhead = unprofiled step time - device_busy

@@ -1,0 +1,145 @@
+"""GPU correctness of the decode fast path (skipped without CUDA; run them on a GPU):
+
+* the Triton paged-decode kernel against plain SDPA per row (float32 exact-ish, bf16 loose);
+* tiny float32 checkpoints of every family, TF32 off, CUDA graphs on: greedy tokens identical to
+  transformers `generate` on the same GPU;
+* bf16 at real shape (a few layers, random weights): every step's logits against transformers
+  run teacher-forced on the same tokens — in float32 on the same (bf16) weights, the function both
+  bf16 runs approximate: relative error <= 2e-2, top-1 agreement >= 99 %. transformers' own bf16
+  logits are reported beside it (`benchmarks/gpu_logits_check.py` prints the table).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.checkpoints import FAMILIES
+from tests.test_decode_path import paged_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i in range(140)]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,KVH,hd,bs,lens", [
+    (4, 2, 16, 4, [1, 5, 17, 0, 12]),
+    (32, 4, 128, 16, [1, 1000, 0, 4000, 65, 64]),  # Qwen3-30B-A3B attention
+    (16, 2, 256, 16, [3, 1025, 2048]),  # Qwen3.5 / Qwen3-Next full attention
+])
+def test_triton_decode_kernel(dtype, tol, H, KVH, hd, bs, lens):
+    from epinfer.layers.paged_attention import decode_attention
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    args, expected = paged_case(lens, H, KVH, hd, bs)
+    q, k, v, table, slots, lens_t = (t.cuda() for t in args)
+    out = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), table, slots, lens_t, hd**-0.5)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol)
+
+
+def hf_on_gpu(folder, dtype=torch.float32):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).cuda().eval()
+    model.generation_config = transformers.GenerationConfig()
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    import transformers
+
+    ids = torch.tensor([prompt], device="cuda")
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                        pad_token_id=None, bos_token_id=None, temperature=None, top_p=None,
+                                        top_k=None)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_float32_with_graphs_matches_transformers(ckpt_dir, family):
+    from epinfer import LLM, SamplingParams
+
+    folder = ckpt_dir(family)
+    llm = LLM(str(folder), dtype="float32", device="cuda")  # builds with TF32 off
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ours = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs, "no CUDA graph ran"
+    model = hf_on_gpu(folder)
+    assert ours == [hf_greedy(model, p, 24) for p in PROMPTS]
+
+
+def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16):
+    """A transformers model of a real shape with `layers` layers, random weights, saved."""
+    import transformers
+
+    from epinfer.bench import shape_folder
+
+    cfg_dir = shape_folder(shape, layers, str(tmp_path))
+    cfg = transformers.AutoConfig.from_pretrained(str(cfg_dir))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():  # decisive routing and sharper logits: top-1 and experts are not coin tosses
+        for name, p in model.named_parameters():
+            if name.endswith("lm_head.weight") or name.endswith("mlp.gate.weight"):
+                p.mul_(8.0)
+    out = tmp_path / "ckpt"
+    model.save_pretrained(str(out))
+    return out, model.eval()
+
+
+def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 24) -> dict:
+    """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens."""
+    from epinfer import LLM, SamplingParams
+
+    llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs)
+    engine = llm.engine
+    steps: list[torch.Tensor] = []
+    apply = engine.apply
+    engine.apply = lambda scheduled, logits: (steps.append(logits.float().cpu()), apply(scheduled, logits))[1]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (64, 17, 100, 5)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))
+    graphs = engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
+    del llm
+    torch.cuda.empty_cache()
+    mine = torch.stack([torch.stack([s[i] for s in steps]) for i in range(len(prompts))])  # [requests, steps, V]
+
+    def teacher_forced(m) -> torch.Tensor:
+        refs = []
+        for prompt, out in zip(prompts, outs, strict=True):
+            seq = torch.tensor([prompt + out.token_ids], device="cuda")
+            with torch.inference_mode():
+                refs.append(m(seq).logits[0, len(prompt) - 1:-1].float().cpu())
+        return torch.stack(refs)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    ref = teacher_forced(model)
+    def top1(a, b):
+        return (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+    res = {"graphs": graphs, "rel_err": rel(mine, ref), "rel_err_prefill": rel(mine[:, 0], ref[:, 0]),
+           "rel_err_decode": rel(mine[:, 1:], ref[:, 1:]), "top1": top1(mine, ref)}
+    if next(model.parameters()).dtype != torch.float32:
+        # the same weights computed in float32: the function both bf16 runs approximate
+        exact = teacher_forced(model.float())
+        model.to(torch.bfloat16)
+        res.update(rel_err_vs_fp32=rel(mine, exact), top1_vs_fp32=top1(mine, exact),
+                   hf_bf16_rel_err_vs_fp32=rel(ref, exact), hf_bf16_top1_vs_fp32=top1(ref, exact))
+    return res
+
+
+@pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
+def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers):
+    folder, model = real_shape_folder(tmp_path, shape, layers)
+    res = compare_logits(folder, model, "bfloat16")
+    print(f"{shape} x{layers}: {res}")
+    assert res["graphs"], "no CUDA graph ran"
+    # against transformers in float32 on the same weights (what both bf16 runs approximate)
+    assert res["rel_err_vs_fp32"] <= 2e-2
+    assert res["top1_vs_fp32"] >= 0.99
