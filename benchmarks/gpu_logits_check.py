@@ -2,11 +2,13 @@
 bf16, CUDA graphs on and off, prefill and decode errors separately (isolates an implementation
 difference from bf16 rounding).
 
-    python benchmarks/gpu_logits_check.py [SHAPE LAYERS ...]   # default: qwen3.5-35b-a3b 4
+    [DTYPES=bfloat16] [GRAPHS=1] python benchmarks/gpu_logits_check.py [SHAPE LAYERS ...]
+    (default: qwen3.5-35b-a3b 4; DTYPES float32,bfloat16 and GRAPHS 1,0 by default)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,11 +22,11 @@ def main(argv: list[str]) -> None:
     pairs = list(zip(argv[::2], map(int, argv[1::2]), strict=True)) or [("qwen3.5-35b-a3b", 4)]
     rows = []
     for shape, layers in pairs:
-        for dtype in ("float32", "bfloat16"):
+        for dtype in os.environ.get("DTYPES", "float32,bfloat16").split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 folder, model = real_shape_folder(Path(tmp), shape, layers, getattr(torch, dtype))
-                for graphs in (True, False):
+                for graphs in [g == "1" for g in os.environ.get("GRAPHS", "1,0").split(",")]:
                     res = compare_logits(folder, model, dtype, graphs)
                     rows.append((shape, layers, dtype, res))
                     print(rows[-1], flush=True)
