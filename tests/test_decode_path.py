@@ -85,3 +85,36 @@ def test_fast_decode_path_gives_the_same_tokens(ckpt_dir, family):
     assert run(folder, fast=True) == eager
     # padding rows on the fast path: scratch slot, zero routing weight; NaN-poisoned they stay inert
     assert run(folder, fast=True, extra_rows=3, poison=True) == eager
+
+
+@pytest.mark.parametrize("T,first,n,total", [(5, 0, 8, 8), (64, 2, 3, 8), (1100, 4, 4, 8)])
+def test_pair_permutation_and_combine(T, first, n, total):
+    """The sync-free MoE permutation equals a stable sort by local expert (other ranks' experts
+    last), and combining per-pair expert outputs — with garbage where grouped_mm leaves rows
+    undefined — equals the per-expert reference loop."""
+    from epinfer.layers.moe import FusedExperts, combine_pairs, permute_pairs
+
+    gen = torch.Generator().manual_seed(T)
+    K, D, inter = 2, 8, 6
+    ids = torch.stack([torch.randperm(total, generator=gen)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=gen)
+    order, offs, rows = permute_pairs(ids, first, n)
+    local = ids.flatten() - first
+    key = torch.where((local >= 0) & (local < n), local, n)
+    assert torch.equal(order, torch.argsort(key, stable=True))
+    assert offs.tolist() == torch.bincount(key, minlength=n + 1)[:n].cumsum(0).tolist()
+    assert torch.equal(rows, order // K)
+
+    experts = FusedExperts(range(first, first + n), D, inter, total)
+    experts.w13.data.normal_(generator=gen)
+    experts.w2.data.normal_(generator=gen)
+    x = torch.randn(T, D, generator=gen)
+    y = torch.full((T * K, D), float("nan"))  # what grouped_mm would compute, NaN past the groups
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        r = rows[start:end]
+        gate, up = (x[r] @ experts.w13[e].T).chunk(2, dim=-1)
+        y[start:end] = (F.silu(gate) * up) @ experts.w2[e].T
+        start = end
+    out = combine_pairs(y, weights, ids, order, first, n)
+    torch.testing.assert_close(out, experts(x, weights, ids), rtol=1e-5, atol=1e-5)

@@ -39,6 +39,8 @@ class Sequence:
         prompt_len = len(self.prompt_ids)
         if end <= prompt_len:
             return self.prompt_ids[start:end]
+        if start >= prompt_len:  # decoding: no copy of the whole sequence per step
+            return self.output_ids[start - prompt_len:end - prompt_len]
         return (self.prompt_ids + self.output_ids)[start:end]
 
 

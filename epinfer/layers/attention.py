@@ -19,11 +19,17 @@ from torch import nn
 from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
+from epinfer.layers.fused import fused
 from epinfer.layers.linear import Linear, row_parallel
 from epinfer.layers.norm import RMSNorm
 from epinfer.layers.paged_attention import decode_attention
 from epinfer.layers.rotary import apply_rotary
 from epinfer.runner.batch import ForwardBatch
+
+
+@fused
+def sigmoid_gate(attn: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return attn * torch.sigmoid(gate)
 
 
 def head_rows(heads: range, width: int) -> list[int]:
@@ -120,7 +126,7 @@ class Attention(nn.Module):
                 out[rows] = _seq_attention(q_THd[rows], k_THd[rows], v_THd[rows], k_cache, v_cache, seq, scale)
         attn = out.reshape(T, H * hd)
         if gate is not None:
-            attn = attn * torch.sigmoid(gate)
+            attn = sigmoid_gate(attn, gate)
         return self.o_proj(attn)
 
 

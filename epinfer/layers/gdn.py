@@ -21,10 +21,24 @@ from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.attention import head_rows
+from epinfer.layers.fused import fused
 from epinfer.layers.gdn_ops import chunk_gated_delta_rule, recurrent_gated_delta_step
 from epinfer.layers.linear import Linear, row_parallel, set_shard
 from epinfer.layers.norm import GatedRMSNorm
 from epinfer.runner.batch import ForwardBatch
+
+
+@fused
+def gdn_gates(a_TH: torch.Tensor, b_TH: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """(log decay g, fp32; write strength beta)."""
+    return -A_log.float().exp() * F.softplus(a_TH.float() + dt_bias), torch.sigmoid(b_TH)
+
+
+@fused
+def conv_step(prev_BCK: torch.Tensor, new_BC: torch.Tensor, w_CK: torch.Tensor):
+    """One decode step of the causal depthwise conv: (the K inputs [B, C, K], silu(conv) [B, C])."""
+    full = torch.cat([prev_BCK.to(new_BC.dtype), new_BC[:, :, None]], dim=2)
+    return full, F.silu((full * w_CK[None]).sum(-1))
 
 
 class GatedDeltaNet(nn.Module):
@@ -74,9 +88,7 @@ class GatedDeltaNet(nn.Module):
         T = x_TD.shape[0]
         qkv_TC = self.in_proj_qkv(x_TD)
         z = self.in_proj_z(x_TD).view(T, self.num_v_heads, self.dv)
-        beta_TH = torch.sigmoid(self.in_proj_b(x_TD))
-        a = self.in_proj_a(x_TD)
-        g_TH = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        g_TH, beta_TH = gdn_gates(self.in_proj_a(x_TD), self.in_proj_b(x_TD), self.A_log, self.dt_bias)
         w_CK = self.conv1d.weight[:, 0, :]
         core = x_TD.new_zeros(T, self.num_v_heads, self.dv)
 
@@ -99,10 +111,8 @@ class GatedDeltaNet(nn.Module):
 
         if batch.decode_seq_ids:
             rows, slots = batch.decode_rows, batch.decode_state_slots
-            prev = conv_state[slots].to(qkv_TC.dtype)  # [B, C, K-1]
-            full_BCK = torch.cat([prev, qkv_TC[rows][:, :, None]], dim=2)
+            full_BCK, conv = conv_step(conv_state[slots], qkv_TC[rows], w_CK)
             conv_state[slots] = full_BCK[:, :, 1:].to(conv_state.dtype)
-            conv = F.silu((full_BCK * w_CK[None]).sum(-1))  # [B, C]
             q, k, v = self._split_heads(conv)
             out, new_state = recurrent_gated_delta_step(
                 q, k, v, g_TH[rows], beta_TH[rows], ssm_state[slots]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from epinfer.layers.fused import fused
+
 CHUNK = 64
 
 
@@ -80,6 +82,7 @@ def chunk_gated_delta_rule(
     return out.to(out_dtype), S
 
 
+@fused
 def recurrent_gated_delta_step(
     q_BHK: torch.Tensor,
     k_BHK: torch.Tensor,

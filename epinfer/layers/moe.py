@@ -24,10 +24,12 @@ from torch import nn
 from epinfer.config import ModelConfig
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
+from epinfer.layers.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear
 from epinfer.runner.batch import ForwardBatch
 
 
+@fused
 def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights_TK fp32, topk_ids_TK int64)."""
     probs = torch.softmax(router_logits_TE, dim=-1, dtype=torch.float32)
@@ -95,23 +97,50 @@ class FusedExperts(nn.Module):
     def _grouped(self, x_TD, topk_weights_TK, topk_ids_TK):
         """All local experts in two grouped GEMMs, with no host sync (CUDA-graph safe): (row, k)
         pairs sorted by local expert, pairs of other ranks' experts sorted last and weighted 0."""
-        n, K = self.w13.shape[0], topk_ids_TK.shape[1]
-        local = topk_ids_TK.flatten() - self.first_expert
-        mine = (local >= 0) & (local < n)
-        key = torch.where(mine, local, n)
+        n = self.w13.shape[0]
+        order, offs, rows = permute_pairs(topk_ids_TK, self.first_expert, n)
+        gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
+        y = F.grouped_mm(silu_mul(gate_up), self.w2.transpose(1, 2), offs=offs)  # [P, D]
+        return combine_pairs(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
+
+
+@fused
+def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
+    """(order, offs, rows): pair indices sorted by local expert (stable; other ranks' experts
+    last), grouped_mm's int32 group ends, and each sorted pair's row."""
+    local = ids_TK.flatten() - first
+    key = torch.where((local >= 0) & (local < n), local, n)
+    P = key.shape[0]
+    if P <= 8192:  # counting sort: a few fused kernels instead of a radix sort
+        onehot = (key[:, None] == torch.arange(n + 1, device=key.device)[None, :]).to(torch.int32)
+        counts = onehot.sum(0)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+        pos = (counts.cumsum(0) - counts)[key] + rank
+        order = torch.empty_like(key).scatter_(0, pos, torch.arange(P, device=key.device))
+    else:
         order = torch.argsort(key, stable=True)
         counts = torch.zeros(n + 1, dtype=torch.int32, device=key.device)  # (bincount would sync)
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-        offs = counts[:n].cumsum(0, dtype=torch.int32)
-        rows = order // K
-        gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # [P, D]
-        # rows past the last offset (other ranks' experts) are left undefined by grouped_mm
-        y = torch.where(mine[order, None], y * topk_weights_TK.flatten()[order, None].to(y.dtype), 0.0)
-        # back to (row, k) order and a sum over k: deterministic, unlike atomic index_add
-        T, D = x_TD.shape
-        return torch.empty_like(y).index_copy_(0, order, y).view(T, K, D).sum(1)
+    offs = counts[:n].cumsum(0, dtype=torch.int32)
+    return order, offs, order // ids_TK.shape[1]
+
+
+@fused
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@fused
+def combine_pairs(y_PD, weights_TK, ids_TK, order, first: int, n: int):
+    """Weighted sum over k of each row's expert outputs; pairs past the last group (other ranks'
+    experts: grouped_mm leaves them undefined) count 0. Back to (row, k) order, then a sum over k:
+    deterministic, unlike an atomic index_add."""
+    T, K = ids_TK.shape
+    local = ids_TK.flatten()[order] - first
+    mine = (local >= 0) & (local < n)
+    y = torch.where(mine[:, None], y_PD * weights_TK.flatten()[order, None].to(y_PD.dtype), 0.0)
+    return torch.empty_like(y).index_copy_(0, order, y).view(T, K, -1).sum(1)
 
 
 _GROUPED_MM_OK: dict[torch.dtype, bool] = {}

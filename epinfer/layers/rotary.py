@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from epinfer.layers.fused import fused
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, theta: float) -> None:
@@ -28,6 +30,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@fused
 def apply_rotary(x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     rot = cos_TR.shape[-1]
     cos, sin = cos_TR[:, None, :], sin_TR[:, None, :]

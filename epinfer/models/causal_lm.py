@@ -50,8 +50,7 @@ class DecoderLayer(nn.Module):
         if numerics is not None:
             numerics.check(f"layer.{self.layer_idx}.{'attn' if self.mixer_type == 'attention' else 'gdn'}",
                            h, batch.num_real_rows, batch.step_id)
-        x_TD = x_TD + h
-        h = self.post_attention_layernorm(x_TD)
+        x_TD, h = self.post_attention_layernorm.add_forward(x_TD, h)
         if isinstance(self.mlp, MoEBlock):
             h = self.mlp(h, batch)
         else:

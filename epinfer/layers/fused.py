@@ -1,0 +1,44 @@
+"""Small-op fusion on the GPU: `fused(fn)` runs `fn` through `torch.compile` (Triton kernels from
+inductor) when its first tensor argument is a bf16 / fp16 CUDA tensor, and as plain torch
+everywhere else — CPU runs and float32 correctness runs keep the exact reference arithmetic.
+
+A decode step is otherwise dozens of tiny elementwise kernels per layer (norm statistics, rotary
+halves, router softmax / top-k renormalisation, the MoE permutation, the gated delta rule's decode
+update), each costing a launch slot even inside a CUDA graph. Compiled with dynamic shapes, each
+fused function serves every layer and batch size; the first call (a warm-up, never a graph
+capture) compiles it. If compilation fails the function falls back to eager, once, with a note.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+ENABLED = [os.environ.get("EPINFER_COMPILE", "1") != "0"]  # EPINFER_COMPILE=0: eager, for A/B runs
+for _name in ("cache_size_limit", "recompile_limit"):  # variants per 0/1-size specialisation and dtype
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 64)
+
+
+def fused(fn):
+    state: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        x = args[0]
+        if not (ENABLED[0] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)) or state.get("broken"):
+            return fn(*args)
+        if "compiled" not in state:
+            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return state["compiled"](*args)
+        except Exception as exc:  # a compiler problem must not stop inference: run eager from now on
+            state["broken"] = True
+            print(f"epinfer: note: torch.compile of {fn.__name__} failed ({type(exc).__name__}); running it eager",
+                  file=sys.stderr)
+            return fn(*args)
+
+    return wrapper
