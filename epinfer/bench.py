@@ -104,9 +104,14 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
 
 
 def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
+    """Prefill `batch` random prompts, then time decode steps in which all `batch` sequences decode
+    (prompts prefilled in chunks start decoding at different steps: each gets enough extra tokens
+    that at least `output_len` steps run with the whole batch)."""
     gen = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    sched = engine.scheduler
+    prefill_steps = -(-batch * input_len // sched.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=output_len + prefill_steps + 1, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(torch.randint(1, vocab, (input_len,), generator=gen).tolist(), params)
             for _ in range(batch)]
     t0 = time.perf_counter()
@@ -116,19 +121,20 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
     profile_steps = 3
     with_breakdown = with_breakdown and output_len >= 8 + 2 * profile_steps
     steps, parts = [], None
-    while engine.scheduler.has_work():
-        left = output_len - min(len(s.output_ids) for s in seqs)
-        if with_breakdown and parts is None and left <= 2 * profile_steps + 1:
+    while sched.has_work():
+        full = len(sched.running) == batch and not sched.waiting
+        if with_breakdown and parts is None and full and len(steps) >= output_len - 2 * profile_steps - 1:
             parts = breakdown(engine, profile_steps)
             continue
         t = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - t)  # step() ends with a host sync (sampled tokens)
-    steps = steps[1:] or steps  # the first decode step warms up (and captures a CUDA graph)
+        engine.step()  # ends with a host sync (the sampled tokens)
+        if full:
+            steps.append(time.perf_counter() - t)
+    steps = steps[1:] or steps  # the first full decode step warms up (and captures a CUDA graph)
     median = statistics.median(steps)
     out = {"prefill_tok_s": round(batch * input_len / prefill_s, 1),
            "decode_tok_s": round(batch / median, 1), "step_ms_median": round(median * 1e3, 3),
-           "step_ms_p90": round(sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3, 3)}
+           "step_ms_p90": round(sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3, 3), "decode_steps": len(steps)}
     if parts is not None:
         parts["host_overhead"] = round(max(0.0, median * 1e3 - parts["device_busy"]), 3)
         parts["top_kernels"] = parts.pop("top_kernels")  # last: the long one

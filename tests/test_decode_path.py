@@ -87,7 +87,7 @@ def test_fast_decode_path_gives_the_same_tokens(ckpt_dir, family):
     assert run(folder, fast=True, extra_rows=3, poison=True) == eager
 
 
-@pytest.mark.parametrize("T,first,n,total", [(5, 0, 8, 8), (64, 2, 3, 8), (1100, 4, 4, 8)])
+@pytest.mark.parametrize("T,first,n,total", [(5, 0, 8, 8), (64, 2, 3, 8), (1100, 4, 4, 8), (3000, 0, 8, 8)])
 def test_pair_permutation_and_combine(T, first, n, total):
     """The sync-free MoE permutation equals a stable sort by local expert (other ranks' experts
     last), and combining per-pair expert outputs — with garbage where grouped_mm leaves rows

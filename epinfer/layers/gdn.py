@@ -22,7 +22,7 @@ from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.attention import head_rows
 from epinfer.layers.fused import fused
-from epinfer.layers.gdn_ops import chunk_gated_delta_rule, recurrent_gated_delta_step
+from epinfer.layers.gdn_ops import chunk_gated_delta_rule, recurrent_step_inplace
 from epinfer.layers.linear import Linear, row_parallel, set_shard
 from epinfer.layers.norm import GatedRMSNorm
 from epinfer.runner.batch import ForwardBatch
@@ -114,10 +114,7 @@ class GatedDeltaNet(nn.Module):
             full_BCK, conv = conv_step(conv_state[slots], qkv_TC[rows], w_CK)
             conv_state[slots] = full_BCK[:, :, 1:].to(conv_state.dtype)
             q, k, v = self._split_heads(conv)
-            out, new_state = recurrent_gated_delta_step(
-                q, k, v, g_TH[rows], beta_TH[rows], ssm_state[slots]
-            )
-            ssm_state[slots] = new_state
+            out = recurrent_step_inplace(q, k, v, g_TH[rows], beta_TH[rows], ssm_state, slots)
             if batch.decode is not None:  # padding rows ran on the scratch slot: zero them
                 out = torch.where(batch.decode.row_mask_T[:, None, None], out, 0.0)
             core[rows] = out

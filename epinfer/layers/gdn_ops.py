@@ -106,3 +106,61 @@ def recurrent_gated_delta_step(
     S = S + k[..., None] * delta[..., None, :]
     out = (S * q[..., None]).sum(dim=-2)
     return out.to(out_dtype), S
+
+
+def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -> torch.Tensor:
+    """`recurrent_gated_delta_step` with the state read and written in place at `state[slots_B]`
+    (no gather / scatter copies); one Triton kernel on CUDA. Returns the output [B, H, V]."""
+    if _triton is not None and q_BHK.is_cuda:
+        return _recurrent_triton(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B)
+    out, new_state = recurrent_gated_delta_step(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state[slots_B])
+    state[slots_B] = new_state
+    return out
+
+
+def _recurrent_triton(q, k, v, g, beta, state, slots):
+    B, Hk, DK = q.shape
+    Hv, DV = v.shape[1], v.shape[2]
+    out = torch.empty_like(v)
+    BV = 32 if DV % 32 == 0 else DV
+    _gdn_decode_kernel[(B, Hv, DV // BV)](
+        q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
+        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, BV=BV, num_warps=4)
+    return out
+
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton as _triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    _triton = None
+
+if _triton is not None:
+
+    @_triton.jit
+    def _gdn_decode_kernel(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+                           ss_slot, ss_h, ss_k, so_b, so_h, scale,
+                           REP: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
+        """Program (row b, value head h, value block): the [DK, BV] state tile is read once,
+        decayed, delta-updated and written back; the output is the updated tile times q."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_k = tl.arange(0, DK)
+        offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+        hk = h // REP
+        q = tl.load(Q + b * sq_b + hk * sq_h + offs_k).to(tl.float32)
+        k = tl.load(K + b * sk_b + hk * sk_h + offs_k).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_v).to(tl.float32)
+        g = tl.load(G + b * sg_b + h).to(tl.float32)
+        beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        ptr = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :]
+        s = tl.load(ptr) * tl.exp(g)
+        delta = (v - tl.sum(s * k[:, None], 0)) * beta
+        s = s + k[:, None] * delta[None, :]
+        tl.store(ptr, s)
+        o = tl.sum(s * q[:, None], 0)
+        tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))

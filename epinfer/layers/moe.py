@@ -111,12 +111,13 @@ def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
     local = ids_TK.flatten() - first
     key = torch.where((local >= 0) & (local < n), local, n)
     P = key.shape[0]
-    if P <= 8192:  # counting sort: a few fused kernels instead of a radix sort
-        onehot = (key[:, None] == torch.arange(n + 1, device=key.device)[None, :]).to(torch.int32)
-        counts = onehot.sum(0)
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1
-        pos = (counts.cumsum(0) - counts)[key] + rank
-        order = torch.empty_like(key).scatter_(0, pos, torch.arange(P, device=key.device))
+    if P <= 4096:  # counting sort by comparisons: fused reductions instead of a radix sort / scan
+        idx = torch.arange(P, device=key.device)
+        same = key[:, None] == key[None, :]
+        rank = (same & (idx[None, :] < idx[:, None])).sum(1)  # earlier pairs with the same key
+        counts = (key[None, :] == torch.arange(n + 1, device=key.device)[:, None]).sum(1)
+        before = (key[None, :] < key[:, None]).sum(1)  # pairs with a smaller key
+        order = torch.empty_like(key).scatter_(0, before + rank, idx)
     else:
         order = torch.argsort(key, stable=True)
         counts = torch.zeros(n + 1, dtype=torch.int32, device=key.device)  # (bincount would sync)
