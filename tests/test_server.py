@@ -54,7 +54,8 @@ class Served:
         raise AssertionError(f"server not healthy after {timeout} s: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return open(self.log_path).read()[-4000:]
 
     def wait(self, timeout: float) -> int:
@@ -386,3 +387,112 @@ def test_disconnect_cancels_and_frees_slots(demo):
         assert end[f'epinfer_free_kv_blocks{{replica="{r}"}}'] == start[f'epinfer_free_kv_blocks{{replica="{r}"}}']
     assert end["epinfer_generation_tokens_total"] - start["epinfer_generation_tokens_total"] < 2 * 900 - 200
     assert post(demo.url, "/v1/completions", {"prompt": "Simple is", "max_tokens": 3}).status_code == 200
+
+
+# --- short-lived servers ---------------------------------------------------------------------------
+
+def stream_ids(url: str, body: dict, started) -> list[int]:
+    ids = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200
+        for event in sse_events(r):
+            assert "error" not in event, event
+            ids += event["choices"][0]["token_ids"]
+            started.set()
+    return ids
+
+
+def test_queue_limit_then_sigterm_drains(ckpt_dir, tmp_path):
+    """Tiny checkpoint without a tokenizer (token-id prompts), dp=2 tp=2, one sequence slot per
+    replica and a queue of 2: A and B run, C and D wait, E gets 429; SIGTERM refuses new requests,
+    finishes A-D (equal to offline) and exits 0."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = str(ckpt_dir("qwen3_5_moe"))
+    prompts = [[5, 6, 7], list(range(30, 71)), [200], [9, 9, 9, 9, 9]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model, dtype="float32", device="cpu").generate(prompts, params)]
+    server = Served(["--model", model, "--dtype", "float32", "--dp", "2", "--tp", "2", "--max-num-seqs", "1",
+                     "--max-queue", "2", "--shutdown-timeout", "120"], tmp_path / "serve.log")
+    try:
+        bodies = [{"prompt": p, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "model": model}
+                  for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            running = []
+            for body in bodies[:2]:
+                started = threading.Event()
+                running.append(pool.submit(stream_ids, server.url, body, started))
+                assert started.wait(120), server.output()
+            waiting = [pool.submit(post, server.url, "/v1/completions", body, 300) for body in bodies[2:]]
+            deadline = time.time() + 60
+            while metrics(server.url)["epinfer_queue_depth"] < 2:
+                assert time.time() < deadline and not any(f.done() for f in waiting), server.output()
+                time.sleep(0.1)
+            refused = post(server.url, "/v1/completions", bodies[0])
+            assert refused.status_code == 429 and "queue is full" in refused.json()["error"]["message"]
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            try:
+                late = post(server.url, "/v1/completions", bodies[0], timeout=10)
+                assert late.status_code == 503, late.text
+            except httpx.ConnectError:
+                pass  # the listening socket is closed: refused, as it should be
+            got = [f.result(timeout=300) for f in running]
+            got += [r.json()["choices"][0]["token_ids"] for r in (f.result(timeout=300) for f in waiting)]
+        assert got == want
+        assert server.wait(120) == 0, server.output()
+        assert "shutting down" in server.output()
+    finally:
+        server.kill()
+
+
+def test_rank_failure_fails_every_request(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dumps = tmp_path / "dumps"
+    timeout = 5.0
+    server = Served(["--dp", "2", "--max-num-seqs", "2", "--collective-timeout", str(timeout), "--fault", "kill",
+                     "--fault-rank", "1", "--fault-step", "30", "--dump-dir", str(dumps)], tmp_path / "serve.log")
+
+    def request(body: dict) -> str:
+        if not body["stream"]:
+            r = post(server.url, "/v1/completions", body, timeout=timeout + 30)
+            assert r.status_code == 500, r.text
+            return r.json()["error"]["message"]
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=timeout + 30) as r:
+            errors = [e["error"]["message"] for e in sse_events(r) if "error" in e]
+        assert len(errors) == 1
+        return errors[0]
+
+    try:
+        bodies = [{"prompt": ZEN[i], "max_tokens": 300, "ignore_eos": True, "stream": i % 2 == 0} for i in range(6)]
+        start = time.time()
+        with ThreadPoolExecutor(6) as pool:  # 4 run, 2 wait in the queue
+            messages = list(pool.map(request, bodies))
+        assert time.time() - start < timeout + 30
+        assert all("rank 1 was killed by SIGKILL" in m for m in messages), messages
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "rank 1" in health.json()["error"]
+        assert server.wait(90) == 3, server.output()
+        out = server.output()
+        assert "epinfer: doctor: Ranks [1] died" in out, out
+        assert (dumps / "rank0.jsonl").is_file()
+    finally:
+        server.kill()
+
+
+def test_bad_start_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "epinfer", "serve", "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "epinfer", "serve", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr, proc.stderr

@@ -94,11 +94,14 @@ class RankSet:
         """Starts the thread that reports the first unasked rank exit."""
         def watch() -> None:
             while not self.stopping:
-                for rank, p in enumerate(self.procs):
-                    if p.exitcode is not None and not self.stopping:
-                        self.failed.set()
-                        on_failure(f"engine failure: {describe_exit(rank, p.exitcode)}")
-                        return
+                exited = [(rank, p.exitcode) for rank, p in enumerate(self.procs) if p.exitcode is not None]
+                if exited and not self.stopping:
+                    # a rank that stopped on a fault (exit 3) usually reacts to another's death:
+                    # name the others first
+                    exited.sort(key=lambda rc: (rc[1] == EXIT_FAULT, rc[0]))
+                    self.failed.set()
+                    on_failure("engine failure: " + "; ".join(describe_exit(r, c) for r, c in exited))
+                    return
                 time.sleep(0.05)
 
         threading.Thread(target=watch, name="epinfer-rank-monitor", daemon=True).start()
