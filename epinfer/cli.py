@@ -241,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rec) if args.json else "  ".join(f"{k}={v}" for k, v in rec.items()))
             return 0
         if args.command == "serve":
-            from epinfer.server.main import serve
-
+            try:
+                from epinfer.server.main import serve
+            except ImportError as exc:
+                if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+                    raise
+                raise UserError(f"epinfer serve needs {exc.name}: pip install 'epinfer[serve]'") from None
             return serve(args, engine_kwargs(args))
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor

@@ -496,3 +496,32 @@ def test_bad_start_exits_2(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "epinfer", "serve", "--port", str(port)],
                               capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr, proc.stderr
+
+
+def test_sigterm_timeout_ends_what_is_left(tmp_path):
+    """dp=1 (one rank, no collectives): a request still running when --shutdown-timeout runs out
+    ends with an error event, and the server still exits 0."""
+    import threading
+
+    server = Served(["--shutdown-timeout", "1"], tmp_path / "serve.log")
+    try:
+        body = {"prompt": "Beautiful", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        events, started = [], threading.Event()
+
+        def read() -> None:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+                for event in sse_events(r):
+                    events.append(event)
+                    started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(60), server.output()
+        server.proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive()
+        assert "shut down before this request finished" in events[-1]["error"]["message"]
+        assert sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) < 1000
+        assert server.wait(60) == 0, server.output()
+    finally:
+        server.kill()

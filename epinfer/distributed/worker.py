@@ -5,7 +5,8 @@ plan to its TP peers (`tp.plan`), the DP coordinator reduces every replica's num
 (`dp.sync`), and all ranks run the forward the decision implies (a dummy batch for an idle
 replica) or all skip / stop together. Only TP rank 0 samples. Requests are read and validated on
 rank 0, broadcast once (`launch.requests`), placed on replicas round-robin in input order, and the
-outputs gathered back to rank 0 (`launch.outputs`).
+outputs gathered back to rank 0 (`launch.outputs`). `epinfer serve` runs the same loop with
+requests that arrive while it runs (`epinfer.server.engine_loop`).
 """
 
 from __future__ import annotations
