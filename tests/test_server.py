@@ -39,7 +39,7 @@ class Served:
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
         self.proc = subprocess.Popen([sys.executable, "-m", "epinfer", "serve", "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -404,8 +404,8 @@ def stream_ids(url: str, body: dict, started) -> list[int]:
 
 def test_queue_limit_then_sigterm_drains(ckpt_dir, tmp_path):
     """Tiny checkpoint without a tokenizer (token-id prompts), dp=2 tp=2, one sequence slot per
-    replica and a queue of 2: A and B run, C and D wait, E gets 429; SIGTERM refuses new requests,
-    finishes A-D (equal to offline) and exits 0."""
+    replica and a queue of 2: A and B run, C and D wait, E gets 429; SIGTERM (to the whole process
+    group) refuses new requests, finishes A-D (equal to offline) and exits 0."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -431,7 +431,7 @@ def test_queue_limit_then_sigterm_drains(ckpt_dir, tmp_path):
                 time.sleep(0.1)
             refused = post(server.url, "/v1/completions", bodies[0])
             assert refused.status_code == 429 and "queue is full" in refused.json()["error"]["message"]
-            server.proc.send_signal(signal.SIGTERM)
+            os.killpg(server.proc.pid, signal.SIGTERM)  # as a service manager would: the ranks get it too
             time.sleep(0.5)
             try:
                 late = post(server.url, "/v1/completions", bodies[0], timeout=10)

@@ -66,12 +66,14 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo) -> FastAPI:
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             return JSONResponse(exc.body(), status_code=exc.status)
-        client.metrics.http[(endpoint, 200)] += 1  # streams: the status sent; failures come as events
         reply = Reply(client, tokenizer, info, state, request)
-        if req.stream:
+        if req.stream:  # the status is sent now; a later failure comes as an error event
+            client.metrics.http[(endpoint, 200)] += 1
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await reply.whole()
+        answer = await reply.whole()
+        client.metrics.http[(endpoint, answer.status_code)] += 1
+        return answer
 
     return app
 
@@ -118,8 +120,8 @@ class Reply:
                     self.client.cancel(self.state)
                     return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
                 if update.error is not None:
-                    return JSONResponse(error_body(update.error, "server_error", code="engine_error"),
-                                        status_code=500 if not self.client.healthy else 503)
+                    kind = "invalid_request_error" if update.status == 400 else "server_error"
+                    return JSONResponse(error_body(update.error, kind, code="engine_error"), status_code=update.status)
                 self.text.add(update.token_ids)
                 self.token_ids += update.token_ids
                 records += update.logprobs or []
@@ -130,7 +132,7 @@ class Reply:
         text = self.text.full_text(update.stop_text_end)
         lp = self.logprobs(self.token_ids, records if self.state.req.logprobs is not None else None, 0)
         finish = update.finish_reason
-        return self.body([choice(self.chat, text, finish, lp, self.token_ids)], self.usage(), chunk=False)
+        return JSONResponse(self.body([choice(self.chat, text, finish, lp, self.token_ids)], self.usage(), chunk=False))
 
     def sse(self, choices: list[dict], usage_: dict | None = None) -> str:
         return f"data: {json.dumps(self.body(choices, usage_, chunk=True))}\n\n"

@@ -30,7 +30,8 @@ class Update:
     logprobs: list[tuple] | None = None
     finish_reason: str | None = None  # stop | length | cancelled | error
     stop_text_end: int | None = None
-    error: str | None = None  # the engine failed, or the request was refused late
+    error: str | None = None  # the engine failed, the server stopped, or the request was refused late
+    status: int = 500  # the HTTP status of a non-streaming reply that ends with `error`
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,11 +101,11 @@ class EngineClient:
     def fail(self, message: str) -> None:
         """Every pending request ends now with `message`; /health turns unhealthy."""
         self.healthy, self.failure = False, message
-        self.abort_all(message)
+        self.abort_all(message, 500)
 
-    def abort_all(self, message: str) -> None:
+    def abort_all(self, message: str, status: int = 503) -> None:
         for state in list(self.requests.values()):
-            state.queue.put_nowait(Update([], finish_reason="error", error=message))
+            state.queue.put_nowait(Update([], finish_reason="error", error=message, status=status))
             self._finish(state, "error")
 
     # --- messages from the ranks -----------------------------------------------------------
@@ -153,8 +154,8 @@ class EngineClient:
             if new_ids and state.first_token_at is None:
                 state.first_token_at = now
                 self.metrics.ttft.observe(now - state.arrived)
-            if reason == "error":
-                state.queue.put_nowait(Update(new_ids, logprobs, reason, error=extra))
+            if reason == "error":  # the leader refused it (the server's validation should have)
+                state.queue.put_nowait(Update(new_ids, logprobs, reason, error=extra, status=400))
             else:
                 state.queue.put_nowait(Update(new_ids, logprobs, reason, extra))
             if reason is not None:

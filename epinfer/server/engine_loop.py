@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import signal
 import time
 
 import torch
@@ -94,8 +95,7 @@ class SkewProbe:
 class ServeLoop:
     def __init__(self, engine: Engine, ctx: ParallelContext, channels: ServeChannels, watchdog=None) -> None:
         self.engine, self.ctx, self.watchdog = engine, ctx, watchdog
-        groups = ctx.groups
-        self.rank = groups.world_rank if groups else 0
+        self.rank = ctx.groups.world_rank
         self.dp = ctx.dp_size
         self.leader = ctx.tp_rank == 0
         self.inbox = channels.inbox if self.rank == 0 else None
@@ -107,25 +107,27 @@ class ServeLoop:
         self.pending_events: list[tuple] = []  # cancellations, rejections: sent with the next report
         self.stopping = False
         self.last_stats = None
-        if groups is not None:
-            ctx.comm.hooks.append(SkewProbe(self.outbox, self.rank))
+        ctx.comm.hooks.append(SkewProbe(self.outbox, self.rank))
+        # the server process owns the lifecycle (drain, then a joint stop): a Ctrl-C or a SIGTERM
+        # sent to the whole process group must not kill ranks under requests in flight. Ranks
+        # still stop on their own if the server dies: the watchdog loses the rendezvous store.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
         ctx, engine = self.ctx, self.engine
-        tp_group = ctx.groups.tp_group if ctx.groups else None
         coord = DPCoordinator(ctx)
         idle, first = True, True
         while True:
-            ctx.comm.step = coord.step_id if ctx.comm else -1
+            ctx.comm.step = coord.step_id
             self.admit(block=idle)
             if first and self.rank == 0:  # every rank has reached the loop: the model is loaded
                 self.outbox.put(("ready", self.engine_info()))
             first = False
             scheduled, plan = engine.plan_step() if self.leader else (None, None)
-            if tp_group is not None:
-                plan = ctx.comm.broadcast_object(plan, 0, tp_group, "tp.plan")
+            plan = ctx.comm.broadcast_object(plan, 0, ctx.groups.tp_group, "tp.plan")
             decision = coord.sync(plan.num_tokens, plan.has_work or not self.stopping)
             if decision.done:
                 break
@@ -155,14 +157,12 @@ class ServeLoop:
         if self.leader:
             vec[ctx.dp_rank] = sum(outstanding_tokens(s) for s in self.seqs.values())
         vec[dp] = int(bool(messages))
-        if ctx.groups is not None:
-            ctx.comm.all_reduce_cpu(vec, ctx.groups.world_cpu, "serve.sync")
+        ctx.comm.all_reduce_cpu(vec, ctx.groups.world_cpu, "serve.sync")
         values = vec.tolist()
         if not values[dp]:
             return
         payload = self.make_admission(messages, values[:dp]) if self.rank == 0 else None
-        if ctx.groups is not None:
-            payload = ctx.comm.broadcast_object(payload, 0, ctx.groups.world_cpu, "serve.admit")
+        payload = ctx.comm.broadcast_object(payload, 0, ctx.groups.world_cpu, "serve.admit")
         assigned, cancels, stop = payload
         if self.leader:
             for replica, rid, ids, params, logprobs in assigned:
