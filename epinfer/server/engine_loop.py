@@ -107,6 +107,8 @@ class ServeLoop:
         self.pending_events: list[tuple] = []  # cancellations, rejections: sent with the next report
         self.stopping = False
         self.last_stats = None
+        # ranks wait inside serve.sync while rank 0 waits on its inbox: well under the timeout
+        self.idle_wait = min(IDLE_WAIT_S, watchdog.timeout / 4) if watchdog is not None else IDLE_WAIT_S
         ctx.comm.hooks.append(SkewProbe(self.outbox, self.rank))
         # the server process owns the lifecycle (drain, then a joint stop): a Ctrl-C or a SIGTERM
         # sent to the whole process group must not kill ranks under requests in flight. Ranks
@@ -179,7 +181,7 @@ class ServeLoop:
         messages = []
         if block:
             try:
-                messages.append(self.inbox.get(timeout=IDLE_WAIT_S))
+                messages.append(self.inbox.get(timeout=self.idle_wait))
             except queue.Empty:
                 return []
         while True:
