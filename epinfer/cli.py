@@ -1,4 +1,4 @@
-"""Command line: `epinfer generate` (offline generation).
+"""Command line: `epinfer generate` (offline generation), `epinfer serve` (OpenAI-compatible HTTP).
 
 Exit codes: 0 success; 2 bad input or usage, with one `epinfer: error: ...` line on stderr (the
 traceback only with `--debug`); 1 an internal error.
@@ -16,9 +16,21 @@ from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.distributed.launch import RunFailed, under_torchrun
 from epinfer.errors import UserError
+from epinfer.progress import ProgressBar
 
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "ignore_eos"}
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a sequence slot before new ones get 429")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument("--served-model-name", default=None, help="the model id in responses (default: --model)")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of GPU memory for weights + caches")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
+    add_engine_args(srv)
+    add_serve_args(srv)
     doc = sub.add_parser("doctor", help="analyse the collective dumps of a failed (or any) run")
     doc.add_argument("dump_dir")
     doc.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -174,11 +189,20 @@ def run_generate(args: argparse.Namespace) -> int:
                   check_collectives=args.check_collectives, check_numerics=args.check_numerics,
                   fault=args.fault, fault_rank=args.fault_rank, fault_step=args.fault_step,
                   fault_delay=args.fault_delay)
-        outputs = run_torchrun(job) if under_torchrun() else launch(job)
+        bar = None if under_torchrun() else ProgressBar.for_terminal(len(prompts))
+        try:
+            outputs = run_torchrun(job) if under_torchrun() else launch(job, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         if outputs is None:  # a torchrun rank other than 0
             return 0
     else:
-        outputs = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
+        llm = LLM(args.model, **engine_kwargs(args))
+        bar = ProgressBar.for_terminal(len(prompts))
+        outputs = llm.generate(prompts, params, progress=bar.update if bar else None)
+        if bar is not None:
+            bar.close()
     write_outputs(outputs, requests, args.output)
     if args.check_numerics:
         for line in degenerate_warnings(outputs):
@@ -222,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
                             args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization)
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
+        if args.command == "serve":
+            try:
+                from epinfer.server.main import serve
+            except ImportError as exc:
+                if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+                    raise
+                raise UserError(f"epinfer serve needs {exc.name}: pip install 'epinfer[serve]'") from None
+            return serve(args, engine_kwargs(args))
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor
 

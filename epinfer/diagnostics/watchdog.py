@@ -47,6 +47,10 @@ class Watchdog(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
 
+    def idle_tick(self) -> None:
+        """An idle iteration of a serving loop: no step id is used, but the loop is alive."""
+        self.step_started = time.time()
+
     def run(self) -> None:
         peers_checked = 0.0
         while not self.stopped.wait(self.interval):

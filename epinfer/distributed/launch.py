@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import sys
 import tempfile
@@ -85,7 +86,8 @@ def _spawned(rank: int, world: int, port: int, job: Job, result_path: str) -> No
         raise
 
 
-def launch(job: Job) -> list:
+def launch(job: Job, progress_bar=None) -> list:
+    """`progress_bar`: a `ProgressBar` the leaders' progress is drawn on (a terminal only)."""
     world = job.dp * job.tp
     check_layout(job.dp, job.tp)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
@@ -94,13 +96,16 @@ def launch(job: Job) -> list:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="epinfer-") as tmp:
         result_path = os.path.join(tmp, "outputs.pkl")
+        if progress_bar is not None:
+            job.progress = ctx.Queue()
         procs = [ctx.Process(target=_spawned, args=(r, world, store.port, job, result_path),
                              name=f"epinfer-rank{r}") for r in range(world)]
         stop = _install_stop(procs, store)
         try:
             for p in procs:
                 p.start()
-            code = _wait(procs, stop)
+            code = _wait(procs, stop, lambda: _draw_progress(job.progress, progress_bar))
+            _draw_progress(job.progress, progress_bar)  # the leaders' last reports
             if code != 0 and not stop["signal"]:
                 code = _drain(procs, store, code)
         finally:
@@ -151,10 +156,19 @@ def _drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
     return EXIT_FAULT if EXIT_FAULT in codes else first_code
 
 
-def _wait(procs: list, stop: dict) -> int:
+def _draw_progress(progress, bar) -> None:
+    if bar is None:
+        return
+    with contextlib.suppress(queue.Empty):
+        while True:
+            bar.update_replica(*progress.get_nowait())
+
+
+def _wait(procs: list, stop: dict, tick=lambda: None) -> int:
     """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
     wait in their next collective)."""
     while True:
+        tick()
         codes = [p.exitcode for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed or stop["signal"]:

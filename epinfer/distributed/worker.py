@@ -5,7 +5,8 @@ plan to its TP peers (`tp.plan`), the DP coordinator reduces every replica's num
 (`dp.sync`), and all ranks run the forward the decision implies (a dummy batch for an idle
 replica) or all skip / stop together. Only TP rank 0 samples. Requests are read and validated on
 rank 0, broadcast once (`launch.requests`), placed on replicas round-robin in input order, and the
-outputs gathered back to rank 0 (`launch.outputs`).
+outputs gathered back to rank 0 (`launch.outputs`). `epinfer serve` runs the same loop with
+requests that arrive while it runs (`epinfer.server.engine_loop`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import datetime
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,8 @@ from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.engine import Engine, EngineConfig, RequestOutput, resolve_device
 from epinfer.engine.sampling_params import SamplingParams
 from epinfer.errors import UserError
+
+PROGRESS_EVERY_S = 0.2
 
 
 @dataclasses.dataclass
@@ -54,6 +58,8 @@ class Job:
     fault_step: int = 0
     fault_delay: float = 2.0
     store_addr: tuple[str, int] | None = None  # the rendezvous store, for the watchdog's client
+    serve: object | None = None  # `epinfer serve`: ServeChannels (requests arrive while the loop runs)
+    progress: object | None = None  # a queue for (dp_rank, requests done, tokens) when a bar is shown
 
 
 def make_context(job: Job, backend: str, members: list[int] | None = None) -> ParallelContext | None:
@@ -81,9 +87,11 @@ def validate_on_rank0(engine: Engine, ctx: ParallelContext,
     return payload[1]
 
 
-def run_requests(engine: Engine, ctx: ParallelContext,
-                 requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput] | None:
-    """The lockstep loop. Returns all outputs in input order on rank 0, None elsewhere."""
+def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list[int], SamplingParams]],
+                 progress=None) -> list[RequestOutput] | None:
+    """The lockstep loop. Returns all outputs in input order on rank 0, None elsewhere.
+    `progress`: a queue the leaders post (dp_rank, requests done, tokens generated) to, for the
+    launcher's progress bar (a local, time-based decision: it issues no collective)."""
     groups = ctx.groups
     leader = groups.tp_rank == 0
     seqs = []
@@ -95,6 +103,7 @@ def run_requests(engine: Engine, ctx: ParallelContext,
                 seqs.append(seq)
     coord = DPCoordinator(ctx)
     fault = ctx.fault
+    posted = 0.0
     while True:
         ctx.comm.step = coord.step_id
         scheduled, plan = engine.plan_step() if leader else (None, None)
@@ -111,11 +120,21 @@ def run_requests(engine: Engine, ctx: ParallelContext,
                                        want_logits=leader, step_id=decision.step_id)
         if leader:
             engine.apply(scheduled, logits)
+            if progress is not None and time.monotonic() - posted > PROGRESS_EVERY_S:
+                posted = time.monotonic()
+                post_progress(progress, groups.dp_rank, seqs)
+    if leader and progress is not None:
+        post_progress(progress, groups.dp_rank, seqs)
     mine = [(s.index, engine.output(s)) for s in seqs]
     gathered = ctx.comm.gather_object(mine, 0, groups.world_cpu, "launch.outputs")
     if gathered is None:
         return None
     return [out for _, out in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
+
+
+def post_progress(progress, dp_rank: int, seqs: list) -> None:
+    done = sum(s.finish_reason is not None for s in seqs)
+    progress.put((dp_rank, done, sum(len(s.output_ids) for s in seqs)))
 
 
 def backend_for(device: torch.device) -> str:
@@ -155,8 +174,13 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout)
     try:
         engine = Engine(job.engine, ctx, device)
-        requests = validate_on_rank0(engine, ctx, job)
-        outputs = run_requests(engine, ctx, requests)
+        if job.serve is not None:
+            from epinfer.server.engine_loop import serve_requests
+
+            outputs = serve_requests(engine, ctx, job.serve, watchdog)
+        else:
+            requests = validate_on_rank0(engine, ctx, job)
+            outputs = run_requests(engine, ctx, requests, job.progress)
     except UserError:
         watchdog.stop()
         raise

@@ -18,8 +18,10 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Outputs in input order. `prompts`: strings or token-id lists (or one of either)."""
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 progress=None) -> list[RequestOutput]:
+        """Outputs in input order. `prompts`: strings or token-id lists (or one of either).
+        `progress(requests_done, tokens_generated)` is called after every step when given."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -33,6 +35,9 @@ class LLM:
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
         for seq in seqs:
             self.engine.submit(seq)
+        done = 0
         while self.engine.scheduler.has_work():
-            self.engine.step()
+            done += len(self.engine.step())
+            if progress is not None:
+                progress(done, sum(len(s.output_ids) for s in seqs))
         return [self.engine.output(s) for s in seqs]

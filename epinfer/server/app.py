@@ -1,0 +1,171 @@
+"""The HTTP routes (FastAPI on uvicorn).
+
+  POST /v1/completions, /v1/chat/completions   OpenAI bodies; `stream: true` → server-sent events
+  GET  /v1/models, /health (503 unless healthy), /metrics (Prometheus text)
+
+Every request is validated before it reaches the engine (`protocol.parse_request`). A handler
+watches its connection: when the client goes away the request is cancelled in the engine (its
+cache slots are freed). Engine failures reach the client as an error: a 500 body, or, once a
+stream has started, an SSE `data: {"error": ...}` event (the `openai` client raises it) — never a
+connection left waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from epinfer.server.client import EngineClient, RequestState, Update
+from epinfer.server.protocol import APIError, ModelInfo, choice, error_body, parse_request, response, usage
+from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
+
+DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
+
+
+def build_app(client: EngineClient, tokenizer, info: ModelInfo) -> FastAPI:
+    app = FastAPI(title="epinfer", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        status, body = client.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(client.render_metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": created,
+                                            "owned_by": "epinfer", "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    async def generate(request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise APIError(400, f"malformed JSON body: {exc}") from None
+            req = parse_request(body, chat, tokenizer, info)
+            state = client.submit(req)
+        except APIError as exc:
+            client.metrics.http[(endpoint, exc.status)] += 1
+            return JSONResponse(exc.body(), status_code=exc.status)
+        reply = Reply(client, tokenizer, info, state, request)
+        if req.stream:  # the status is sent now; a later failure comes as an error event
+            client.metrics.http[(endpoint, 200)] += 1
+            return StreamingResponse(reply.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        answer = await reply.whole()
+        client.metrics.http[(endpoint, answer.status_code)] += 1
+        return answer
+
+    return app
+
+
+class Reply:
+    """One request's answer, streamed or whole."""
+
+    def __init__(self, client: EngineClient, tokenizer, info: ModelInfo, state: RequestState,
+                 request: Request) -> None:
+        self.client, self.tokenizer, self.info, self.state, self.request = client, tokenizer, info, state, request
+        self.chat = state.req.chat
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.text = TextStream(tokenizer, state.req.params.stop)
+        self.token_ids: list[int] = []
+
+    async def watch_disconnect(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.state.queue.put_nowait(DISCONNECTED)
+                return
+
+    def logprobs(self, ids: list[int], records: list[tuple] | None, offset: int) -> dict | None:
+        if self.state.req.logprobs is None or records is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, ids, records)
+        return completion_logprobs(self.tokenizer, ids, records, offset)
+
+    def body(self, choices: list[dict], usage_: dict | None, chunk: bool) -> dict:
+        return response(self.chat, self.id, self.created, self.info.name, choices, usage_, chunk)
+
+    def usage(self) -> dict:
+        return usage(len(self.state.req.prompt_ids), len(self.token_ids))
+
+    async def whole(self):
+        watcher = asyncio.create_task(self.watch_disconnect())
+        records: list[tuple] = []
+        try:
+            while True:
+                update = await self.state.queue.get()
+                if update is DISCONNECTED:
+                    self.client.cancel(self.state)
+                    return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+                if update.error is not None:
+                    kind = "invalid_request_error" if update.status == 400 else "server_error"
+                    return JSONResponse(error_body(update.error, kind, code="engine_error"), status_code=update.status)
+                self.text.add(update.token_ids)
+                self.token_ids += update.token_ids
+                records += update.logprobs or []
+                if update.finish_reason is not None:
+                    break
+        finally:
+            watcher.cancel()
+        text = self.text.full_text(update.stop_text_end)
+        lp = self.logprobs(self.token_ids, records if self.state.req.logprobs is not None else None, 0)
+        finish = update.finish_reason
+        return JSONResponse(self.body([choice(self.chat, text, finish, lp, self.token_ids)], self.usage(), chunk=False))
+
+    def sse(self, choices: list[dict], usage_: dict | None = None) -> str:
+        return f"data: {json.dumps(self.body(choices, usage_, chunk=True))}\n\n"
+
+    async def events(self):
+        watcher = asyncio.create_task(self.watch_disconnect())
+        try:
+            if self.chat:  # the role comes first, as in OpenAI's streams
+                first = choice(True, "", None, None, [], delta=True)
+                first["delta"] = {"role": "assistant", "content": ""}
+                yield self.sse([first])
+            while True:
+                update = await self.state.queue.get()
+                if update is DISCONNECTED:
+                    return
+                if update.error is not None:
+                    yield f"data: {json.dumps(error_body(update.error, 'server_error', code='engine_error'))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                offset = len(self.text.sent)
+                self.text.add(update.token_ids)
+                self.token_ids += update.token_ids
+                final = update.finish_reason is not None
+                delta = self.text.delta(final, update.stop_text_end)
+                lp = self.logprobs(update.token_ids, update.logprobs, offset)
+                if delta or lp or final or update.token_ids:
+                    yield self.sse([choice(self.chat, delta, update.finish_reason, lp, update.token_ids,
+                                           delta=True)])
+                if final:
+                    break
+            if self.state.req.include_usage:
+                yield self.sse([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            self.client.cancel(self.state)  # a no-op once the request finished

@@ -1,0 +1,188 @@
+"""`epinfer serve`: the server process from start to exit code.
+
+Start: bind the port (a taken port is a usage error before any rank starts), spawn the ranks and
+wait until rank 0's serving loop reports ready, then serve HTTP on this process's asyncio loop.
+
+Exit codes:
+  0  SIGTERM / SIGINT: new connections are refused and new requests on open ones get 503; in-flight
+     requests finish (up to `--shutdown-timeout` seconds; whatever is left then ends with an
+     error), the ranks stop together, the process exits 0.
+  2  bad flags, checkpoint or port (one `epinfer: error:` line).
+  3  an engine rank failed: every pending request ends with an error naming the failure at once,
+     /health turns unhealthy (503), the surviving ranks dump their ledgers and stop, and the
+     process prints the doctor's one-paragraph summary and exits 3 (after at least
+     `FAILURE_LINGER_S`, so health checks see the unhealthy state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from pathlib import Path
+
+import uvicorn
+
+from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
+from epinfer.distributed.launch import under_torchrun
+from epinfer.distributed.worker import Job
+from epinfer.engine.engine import DEMO_MODEL, EngineConfig, load_tokenizer
+from epinfer.errors import UserError
+from epinfer.server.app import build_app
+from epinfer.server.client import EngineClient
+from epinfer.server.protocol import ModelInfo
+from epinfer.server.ranks import RankSet
+
+FAILURE_LINGER_S = 2.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    if under_torchrun():
+        raise UserError("epinfer serve spawns its own ranks: run it without torchrun")
+    if args.max_queue < 1 or args.shutdown_timeout < 0:
+        raise UserError("--max-queue must be >= 1 and --shutdown-timeout >= 0")
+    folder = Path(args.model) if args.model else DEMO_MODEL
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    sock = bind(args.host, args.port)
+    tokenizer = load_tokenizer(folder)
+    job = Job(EngineConfig(model=args.model, **engine_kwargs), args.dp, args.tp, args.dispatch, args.dp_padding,
+              not args.no_expert_parallel, args.poison_pads, args.collective_timeout, dump_dir=args.dump_dir,
+              check_collectives=args.check_collectives, check_numerics=args.check_numerics, fault=args.fault,
+              fault_rank=args.fault_rank, fault_step=args.fault_step, fault_delay=args.fault_delay)
+    ranks = RankSet(job)
+    signals: list[int] = []
+    old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ranks.start()
+        engine = ranks.wait_ready(lambda: bool(signals))
+    except BaseException:
+        ranks.close()
+        sock.close()
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    name = args.served_model_name or args.model or "epinfer-demo"
+    info = ModelInfo(name, engine["max_model_len"], engine["vocab_size"], engine["defaults"])
+    return asyncio.run(Server(args, ranks, tokenizer, info, sock, engine).run())
+
+
+class Server:
+    def __init__(self, args, ranks: RankSet, tokenizer, info: ModelInfo, sock: socket.socket, engine: dict) -> None:
+        self.args, self.ranks, self.tokenizer, self.info, self.sock, self.engine = \
+            args, ranks, tokenizer, info, sock, engine
+        self.exit_code: asyncio.Future | None = None
+        self.shutting_down = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.exit_code = loop.create_future()
+        self.client = EngineClient(self.ranks, loop, self.args.max_queue, self.engine["dp"])
+        app = build_app(self.client, self.tokenizer, self.info)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self.http = QuietServer(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self.ranks.forward_usr1)
+        self.ranks.monitor(lambda msg: loop.call_soon_threadsafe(self.on_failure, msg))
+        http_task = asyncio.create_task(self.http.serve(sockets=[self.sock]))
+        host, port = self.sock.getsockname()[:2]
+        log_line(f"epinfer: serving {self.info.name} on http://{host}:{port} (dp={self.engine['dp']} "
+                 f"tp={self.engine['tp']}, max model length {self.info.max_model_len})")
+        done, _ = await asyncio.wait({http_task, self.exit_code}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task in done and not self.exit_code.done():  # uvicorn stopped on its own
+            self.ranks.stop()
+            return 1
+        code = self.exit_code.result()
+        self.http.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(http_task, timeout=10)
+        self.client.readers_stop.set()
+        return code
+
+    def on_signal(self) -> None:
+        if self.shutting_down:  # a second signal: stop now
+            self.client.abort_all("the server was interrupted")
+            self.finish(self.ranks_stop_code(timeout=5))
+            return
+        self.shutting_down = True
+        asyncio.ensure_future(self.shutdown())
+
+    async def shutdown(self) -> None:
+        log_line("epinfer: shutting down: no new requests; waiting for the ones in flight")
+        self.client.draining = True
+        for listener in getattr(self.http, "servers", []):
+            listener.close()  # new connections are refused; open ones get 503
+        try:
+            await asyncio.wait_for(self.client.idle.wait(), timeout=self.args.shutdown_timeout)
+        except TimeoutError:
+            left = len(self.client.requests)
+            log_line(f"epinfer: {left} requests still running after {self.args.shutdown_timeout} s; ending them")
+            self.client.abort_all("the server shut down before this request finished")
+        if not self.client.healthy:
+            return  # the failure path owns the exit
+        code = await asyncio.get_running_loop().run_in_executor(None, self.ranks_stop_code)
+        self.finish(code)
+
+    def ranks_stop_code(self, timeout: float = 30.0) -> int:
+        return 0 if self.ranks.stop(timeout) else EXIT_FAULT
+
+    def on_failure(self, message: str) -> None:
+        if self.exit_code.done():
+            return
+        log_line(f"epinfer: error: {message}; failing every pending request")
+        self.client.fail(message)
+        asyncio.ensure_future(self.after_failure(message, time.monotonic()))
+
+    async def after_failure(self, message: str, since: float) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.ranks.drain_after_failure)
+        for line in self.ranks.errors():
+            log_line(f"epinfer: {line}")
+        summary = await loop.run_in_executor(None, doctor_summary, self.ranks.dump_dir)
+        log_line(f"epinfer: doctor: {summary}")
+        log_line(f"epinfer: dumps in {self.ranks.dump_dir}: run `epinfer doctor {self.ranks.dump_dir}`")
+        await asyncio.sleep(max(0.0, FAILURE_LINGER_S - (time.monotonic() - since)))
+        self.finish(EXIT_FAULT)
+
+    def finish(self, code: int) -> None:
+        if not self.exit_code.done():
+            self.exit_code.set_result(code)
+
+
+def doctor_summary(dump_dir: str) -> str:
+    from epinfer.diagnostics.doctor import analyse
+
+    try:
+        return analyse(Path(dump_dir))["summary"]
+    except Exception as exc:  # no dumps (every rank died), or unreadable ones: say so, still exit 3
+        return f"no analysis ({type(exc).__name__}: {exc})"
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: this process drains and stops the engine first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass

@@ -1,0 +1,244 @@
+"""OpenAI request validation and response bodies (pure functions, no I/O).
+
+A request body is checked field by field: a known field of the wrong type or out of range, an
+empty prompt, `n` other than 1, a prompt that leaves no room for one generated token or
+`max_tokens` beyond the model length all raise `APIError(400)` with an OpenAI-style body
+(`{"error": {"message", "type", "param", "code"}}`); unknown fields are ignored. A `model` other
+than the served one is a 404, as in the OpenAI API.
+
+Defaults: unset sampling fields come from the checkpoint's generation_config.json, then the
+engine's built-ins (like offline `generate`); unset `max_tokens` is the engine default (64),
+capped at what the model length leaves after the prompt. Extensions: `ignore_eos` (bool) in the
+request; `token_ids` (the generated ids) in each choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from epinfer.engine.sampling_params import SamplingParams
+from epinfer.errors import UserError
+
+MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_TOKENS = 64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about the served model (from rank 0's engine)."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    defaults: dict  # generation_config.json sampling defaults
+
+
+@dataclasses.dataclass
+class GenerateRequest:
+    chat: bool
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved: every field set
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    logprobs: int | None = None  # None: none; N: the chosen token's and the top N
+
+
+# --- field checks -------------------------------------------------------------------------
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+def _field(body: dict, key: str, kind: type, default=None):
+    """body[key] if present and not null, checked against `kind` (int is not bool; a number
+    may be an int)."""
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise APIError(400, f"'{key}' must be {_TYPE_NAMES[kind]}, got {type(value).__name__}", param=key)
+    return value
+
+
+def _check_model(body: dict, info: ModelInfo) -> None:
+    model = _field(body, "model", str)
+    if model is not None and model != info.name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{info.name}'",
+                       param="model", code="model_not_found")
+
+
+def _token_list(value, key: str, info: ModelInfo) -> list[int] | None:
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value):
+        return None
+    bad = [t for t in value if not 0 <= t < info.vocab_size]
+    if bad:
+        raise APIError(400, f"'{key}': token id {bad[0]} is outside the vocabulary (size {info.vocab_size})",
+                       param=key)
+    return list(value)
+
+
+def _prompt_ids(body: dict, tokenizer, info: ModelInfo) -> list[int]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise APIError(400, "'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise APIError(400, "'prompt' is empty after tokenization", param="prompt")
+        return ids
+    if isinstance(prompt, list) and not prompt:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, "only one prompt per request is supported", param="prompt")
+    ids = _token_list(prompt, "prompt", info)
+    if ids is None:
+        raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+    return ids
+
+
+def _chat_ids(body: dict, tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty array", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
+                           param="messages")
+        clean.append({"role": m["role"], "content": content})
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises many kinds; the template rejected these messages
+        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+    return chat_prompt_ids(tokenizer, text)
+
+
+def chat_prompt_ids(tokenizer, rendered: str) -> list[int]:
+    """The rendered template already holds its special tokens: add none."""
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    if chat:
+        want = _field(body, "logprobs", bool, False)
+        top = _field(body, "top_logprobs", int)
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        return (top or 0) if want else None
+    top = _field(body, "logprobs", int)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+    return top
+
+
+def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateRequest:
+    """Validates an already JSON-decoded body; raises `APIError`."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    _check_model(body, info)
+    n = _field(body, "n", int, 1)
+    if n != 1:
+        raise APIError(400, "only 'n': 1 is supported", param="n")
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    include_usage = _field(options, "include_usage", bool, False) if stream else False
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, key, int)
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
+                                                           and all(isinstance(s, str) for s in stop))):
+        raise APIError(400, "'stop' must be a string or an array of strings", param="stop")
+    fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
+                  top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
+                  ignore_eos=_field(body, "ignore_eos", bool, False))
+    logprobs = _logprobs(body, chat)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
+    ids = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer, info)
+    room = info.max_model_len - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                       f"{info.max_model_len} (prompt + at least one generated token)", param="prompt")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; you "
+                       f"requested {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in the "
+                       f"completion)", param=key)
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    try:
+        params = SamplingParams(max_tokens=max_tokens, stop=stop, **fields).resolved(info.defaults)
+    except UserError as exc:
+        raise APIError(400, str(exc)) from None
+    return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
+
+
+# --- responses -----------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice(chat: bool, text: str, finish_reason: str | None, logprobs: dict | None, token_ids: list[int],
+           delta: bool = False) -> dict:
+    out: dict = {"index": 0}
+    if chat and delta:
+        out["delta"] = {"content": text} if text or finish_reason is None else {}
+    elif chat:
+        out["message"] = {"role": "assistant", "content": text}
+    else:
+        out["text"] = text
+    out["logprobs"] = logprobs
+    out["finish_reason"] = finish_reason
+    out["token_ids"] = token_ids
+    return out
+
+
+def response(chat: bool, request_id: str, created: int, model: str, choices: list[dict],
+             usage_: dict | None, chunk: bool = False) -> dict:
+    if chat:
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        obj = "text_completion"
+    body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
+    if usage_ is not None or not chunk:
+        body["usage"] = usage_
+    return body

@@ -1,0 +1,79 @@
+"""Text for responses: incremental detokenization of a stream and OpenAI logprob records.
+
+`TextStream` decodes all of a request's ids at every update (O(n) per update, fine at the lengths
+a stream has) and emits only text that can no longer change: a trailing U+FFFD (an incomplete
+UTF-8 sequence split over tokens) and any suffix that is the start of a stop string are held
+back. The engine cuts the final text at the first stop string it sees, and that match can never
+begin inside text already emitted (it would have been held back), so the concatenated deltas
+equal the non-streaming text exactly.
+"""
+
+from __future__ import annotations
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class TextStream:
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""  # text emitted so far
+
+    def add(self, new_ids: list[int]) -> None:
+        self.ids.extend(new_ids)
+
+    def full_text(self, stop_end: int | None = None) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return text if stop_end is None else text[:stop_end]
+
+    def delta(self, final: bool, stop_end: int | None = None) -> str:
+        """New text since the last call; `final`: the request finished (nothing held back)."""
+        if self.tokenizer is None:
+            return ""
+        text = self.full_text(stop_end)
+        if not final:
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - held_back(text, self.stops)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""  # nothing new (a decoder that rewrites earlier text can't be un-sent)
+        out, self.sent = text[len(self.sent):], text
+        return out
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tokenizer, ids: list[int], records: list[tuple], offset: int) -> dict:
+    """The /v1/completions `logprobs` object; `records[i]` = (logprob, [(id, logprob), ...])."""
+    tokens = [token_text(tokenizer, t) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    top = [{token_text(tokenizer, t): lp for t, lp in rec[1]} for rec in records]
+    return {"tokens": tokens, "token_logprobs": [rec[0] for rec in records], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], records: list[tuple]) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, rec[0]), "top_logprobs": [entry(i, lp) for i, lp in rec[1]]}
+                        for t, rec in zip(ids, records, strict=True)]}
