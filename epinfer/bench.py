@@ -247,3 +247,33 @@ def format_table(records: list[dict]) -> str:
             parts = "  ".join(f"{k}={v}" for k, v in r["breakdown_ms"].items())
             lines.append(f"batch {r['batch']} breakdown (ms/step): {parts}")
     return "\n".join(lines)
+
+
+def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None,
+                   device: str, dtype: str, dp: int, tp: int, dispatch: str = "agrs", dp_padding: str = "uniform",
+                   replica_batch: list[int] | None = None, cuda_graphs: bool = True,
+                   gpu_memory_utilization: float = 0.9) -> list[dict]:
+    """The same measurement on dp × tp spawned ranks (see `bench_parallel.py`); one record per batch."""
+    from epinfer.bench_parallel import BenchSpec
+    from epinfer.distributed.launch import launch
+    from epinfer.distributed.worker import Job
+
+    if replica_batch is not None and len(replica_batch) != dp:
+        raise UserError(f"--replica-batch needs {dp} counts (one per DP replica), got {len(replica_batch)}")
+    top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = shape_folder(shape, layers, tmp)
+        ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
+                            max_num_seqs=max(1, top), max_model_len=input_len + output_len + 64,
+                            max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
+                            gpu_memory_utilization=gpu_memory_utilization)
+        job = Job(ecfg, dp, tp, dispatch, dp_padding,
+                  bench=BenchSpec(batches, input_len, output_len, replica_batch))
+        records = launch(job)
+        depth = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    for rec in records:
+        rec.update(shape=shape, layers=depth, input_len=input_len, output_len=output_len, dtype=dtype)
+        print(f"epinfer bench: dp={dp} tp={tp} batch {rec['batch']} {rec['replica_batch']}: decode "
+              f"{rec['decode_tok_s']} tok/s, step {rec['step_ms_median']} ms, pad waste {rec['pad_waste']:.1%}",
+              file=sys.stderr, flush=True)
+    return records

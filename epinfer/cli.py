@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="prefill / decode speed on a model shape with random weights")
     bench.add_argument("--shape", required=True, help="qwen3-30b-a3b | qwen3.5-35b-a3b | qwen3-next-80b-a3b | PATH")
     bench.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
-    bench.add_argument("--batch", type=int, action="append", required=True)
+    bench.add_argument("--batch", type=int, action="append", default=None)
     bench.add_argument("--input-len", type=int, default=128)
     bench.add_argument("--output-len", type=int, default=32)
     bench.add_argument("--device", default="auto")
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="share of GPU memory for weights + caches")
+    bench.add_argument("--dp", type=int, default=1, help="data-parallel replicas (spawned ranks)")
+    bench.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    bench.add_argument("--dispatch", default="agrs", help="MoE dispatcher: agrs | alltoall | naive")
+    bench.add_argument("--dp-padding", default="uniform", help="uniform | none")
+    bench.add_argument("--replica-batch", default=None,
+                       help="requests per DP replica, e.g. 64,8 (imbalanced load; replaces --batch)")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
@@ -242,6 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from epinfer.bench import bench, format_table
 
+            if not args.batch and not args.replica_batch:
+                raise UserError("give at least one --batch B (or --replica-batch N0,N1,... with --dp)")
+            if any(b < 1 for b in args.batch or []) or args.input_len < 1 or args.output_len < 1:
+                raise UserError("--batch, --input-len and --output-len must be >= 1")
+            if args.dp * args.tp > 1 or args.replica_batch:
+                from epinfer.bench import bench_parallel
+
+                replica = [int(x) for x in args.replica_batch.split(",")] if args.replica_batch else None
+                records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
+                                         args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
+                                         replica, not args.enforce_eager, args.gpu_memory_utilization)
+                print("\n".join(json.dumps(r) for r in records))
+                return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
                             args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization)
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))

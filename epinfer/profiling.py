@@ -99,20 +99,51 @@ def _ranges(model):
             h.remove()
 
 
-def _profile_steps(engine, steps: int, sync):
+def comm_kind(label: str) -> str:
+    """The breakdown's name for a collective label."""
+    for suffix, kind in ((".dispatch", "dispatch"), (".combine", "combine"), ("dp.sync", "dp_sync"),
+                         ("tp.plan", "tp_plan")):
+        if label.endswith(suffix):
+            return kind
+    return "tp_collectives"  # row-parallel all-reduces, sequence-parallel gathers, TP expert sums
+
+
+class _CommRanges:
+    """A communicator hook: a profiler range around every collective, so NCCL kernels (their
+    device time includes waiting for peers: exposed communication) count as `comm.<kind>`."""
+
+    def __init__(self) -> None:
+        self.open: list = []
+
+    def before(self, call) -> None:
+        rf = record_function(f"part.comm.{comm_kind(call.label)}")
+        rf.__enter__()
+        self.open.append(rf)
+
+    def after(self, call) -> None:
+        self.open.pop().__exit__(None, None, None)
+
+
+def _profile_steps(step_fn, steps: int, sync):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            engine.step()
+            step_fn()
         sync()
     return prof
 
 
-def breakdown(engine, steps: int = 3) -> dict:
-    """ms per decode step by part; call while the batch is decoding (>= 2 * steps + 1 steps left)."""
+def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
+    """ms per decode step by part; call while the batch is decoding (>= 2 * steps + 1 steps left).
+    `step_fn`: one step (default `engine.step`; a parallel run passes its lockstep step)."""
+    step_fn = step_fn or engine.step
     dev = engine.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None
+    comm = engine.ctx.comm
+    hook = _CommRanges()
+    if comm is not None:
+        comm.hooks.append(hook)
     try:
         with _ranges(engine.runner.model):
             import epinfer.engine.engine as eng_mod
@@ -125,18 +156,20 @@ def breakdown(engine, steps: int = 3) -> dict:
 
             eng_mod.sample = timed_sample
             try:
-                prof = _profile_steps(engine, steps, sync)
+                prof = _profile_steps(step_fn, steps, sync)
             finally:
                 eng_mod.sample = sample
     finally:
         runner.graphs = graphs
+        if comm is not None:
+            comm.hooks.remove(hook)
     raw, eager_total = _by_part(prof)
     parts = {k: v / steps / 1e3 for k, v in raw.items()}
     eager_total = eager_total / steps / 1e3
     parts["moe_router"] = parts.pop("moe_block", 0.0)  # the MoE block's own kernels: gate, top-k, sort, gathers
     with profile(activities=[ProfilerActivity.CUDA]) as prof2:  # the normal path (graphs if any)
         for _ in range(steps):
-            engine.step()
+            step_fn()
         sync()
     busy = _kernel_time(prof2) / steps / 1e3
     scale = busy / eager_total if eager_total > 0 else 1.0

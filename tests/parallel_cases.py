@@ -28,6 +28,7 @@ class Case:
     dp_padding: str = "uniform"
     expert_parallel: bool = True
     poison_pads: bool = False
+    fast_decode: bool = False  # the decode fast path (normally CUDA only) on CPU
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -53,6 +54,7 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
             continue
         engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
                                      max_num_batched_tokens=96), ctx)
+        engine.runner.fast_decode = case.fast_decode
         requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
         outputs = run_requests(engine, ctx, requests)
         if outputs is not None:

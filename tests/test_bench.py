@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from epinfer.bench import SHAPES, bench, decode_bytes
+import pytest
+
+from epinfer.bench import SHAPES, bench, bench_parallel, decode_bytes
 from epinfer.config import ModelConfig
 from epinfer.errors import UserError
 from tests.checkpoints import tiny_config
@@ -35,3 +37,23 @@ def test_unknown_shape():
         assert "unknown shape" in str(exc)
     else:
         raise AssertionError("no error")
+
+
+@pytest.mark.timeout(240)
+def test_bench_parallel_records(tmp_path):
+    """`epinfer bench --dp/--tp` on CPU (Gloo): per-rank step times, padding waste that follows
+    from the DP decisions, collective time and skew per kind, for round-robin and fixed loads."""
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+    recs = bench_parallel(str(tmp_path), [3, 4], 12, 10, None, "cpu", "float32", dp=2, tp=2)
+    assert [r["batch"] for r in recs] == [3, 4] and [r["replica_batch"] for r in recs] == [[2, 1], [2, 2]]
+    # uniform padding, TP 2: both replicas run 2 rows; 3 real of 4 rows, then 4 of 4
+    assert recs[0]["pad_waste"] == 0.25 and recs[1]["pad_waste"] == 0.0
+    for r in recs:
+        assert r["ep"] == 4 and r["decode_steps"] >= 9 and len(r["step_ms_by_rank"]) == 4
+        assert r["decode_tok_s"] > 0 and r["step_ms_p90"] > 0
+        assert {"dispatch", "combine", "dp_sync", "tp_plan"} <= set(r["collective_ms_by_rank"][0])
+        assert {"dispatch", "dp_sync"} <= set(r["skew_ms"]) and r["skew_ms"]["dispatch"]["max"] >= 0
+    json.dumps(recs)
+    fixed = bench_parallel(str(tmp_path), [], 12, 10, None, "cpu", "float32", dp=2, tp=1, dp_padding="none",
+                           replica_batch=[3, 1])
+    assert fixed[0]["replica_batch"] == [3, 1] and fixed[0]["pad_waste"] == 0.0  # rows = tokens per replica

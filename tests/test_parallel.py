@@ -60,6 +60,14 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         Case("qwen3_moe-2x2-no-ep", models["qwen3_moe"], 2, 2, PROMPTS, params, expert_parallel=False),
         Case("six-experts-2x2-agrs", models["six"], 2, 2, PROMPTS, params, "agrs"),
         Case("six-experts-2x2-alltoall", models["six"], 2, 2, PROMPTS, params, "alltoall", "none"),
+        # the decode fast path (device-side padding, batched paged decode; the torch reference
+        # kernel on CPU) under DP padding, sequence-parallel MoE and NaN-poisoned pads
+        Case("qwen3_5_moe-2x2-fast-poison-agrs", models["qwen3_5_moe"], 2, 2, PROMPTS, params, "agrs",
+             "uniform", poison_pads=True, fast_decode=True),
+        Case("qwen3_moe-2x2-fast-alltoall-none", models["qwen3_moe"], 2, 2, PROMPTS, params, "alltoall",
+             "none", fast_decode=True),
+        Case("qwen3_next-1x2-fast-no-ep", models["qwen3_next"], 1, 2, PROMPTS, params, expert_parallel=False,
+             fast_decode=True),
     ]
     return cases
 

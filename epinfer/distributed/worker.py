@@ -25,7 +25,7 @@ from epinfer.diagnostics.ledger import Ledger
 from epinfer.diagnostics.numerics import NumericsMonitor
 from epinfer.diagnostics.watchdog import READY_KEY, Watchdog, log_line, write_dumps
 from epinfer.distributed.communicator import Communicator
-from epinfer.distributed.dp_sync import DPCoordinator
+from epinfer.distributed.dp_sync import DPCoordinator, StepDecision
 from epinfer.distributed.groups import build_groups
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.engine import Engine, EngineConfig, RequestOutput, resolve_device
@@ -60,6 +60,7 @@ class Job:
     store_addr: tuple[str, int] | None = None  # the rendezvous store, for the watchdog's client
     serve: object | None = None  # `epinfer serve`: ServeChannels (requests arrive while the loop runs)
     progress: object | None = None  # a queue for (dp_rank, requests done, tokens) when a bar is shown
+    bench: object | None = None  # `epinfer bench --dp/--tp`: a bench_parallel.BenchSpec
 
 
 def make_context(job: Job, backend: str, members: list[int] | None = None) -> ParallelContext | None:
@@ -102,27 +103,11 @@ def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list
                 engine.submit(seq)
                 seqs.append(seq)
     coord = DPCoordinator(ctx)
-    fault = ctx.fault
     posted = 0.0
-    while True:
-        ctx.comm.step = coord.step_id
-        scheduled, plan = engine.plan_step() if leader else (None, None)
-        plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
-        decision = coord.sync(plan.num_tokens, plan.has_work)
-        if decision.done:
-            break
-        if not decision.run:  # everybody idle this step: all skip together, no step id used
-            continue
-        if fault is not None:
-            fault.at_step(decision.step_id)
-        logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
-                                       decision.moe_sizes(groups.tp, ctx.sequence_parallel),
-                                       want_logits=leader, step_id=decision.step_id)
-        if leader:
-            engine.apply(scheduled, logits)
-            if progress is not None and time.monotonic() - posted > PROGRESS_EVERY_S:
-                posted = time.monotonic()
-                post_progress(progress, groups.dp_rank, seqs)
+    while not lockstep_step(engine, ctx, coord).done:
+        if leader and progress is not None and time.monotonic() - posted > PROGRESS_EVERY_S:
+            posted = time.monotonic()
+            post_progress(progress, groups.dp_rank, seqs)
     if leader and progress is not None:
         post_progress(progress, groups.dp_rank, seqs)
     mine = [(s.index, engine.output(s)) for s in seqs]
@@ -130,6 +115,27 @@ def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list
     if gathered is None:
         return None
     return [out for _, out in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
+
+
+def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator) -> StepDecision:
+    """One step of the lockstep loop on this rank: plan (TP leader) and share it, the DP decision,
+    then the forward the decision implies — or nothing, on every rank alike (all idle / done)."""
+    groups = ctx.groups
+    leader = groups.tp_rank == 0
+    ctx.comm.step = coord.step_id
+    scheduled, plan = engine.plan_step() if leader else (None, None)
+    plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
+    decision = coord.sync(plan.num_tokens, plan.has_work)
+    if decision.done or not decision.run:  # everybody stops / skips together, no step id used
+        return decision
+    if ctx.fault is not None:
+        ctx.fault.at_step(decision.step_id)
+    logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
+                                   decision.moe_sizes(groups.tp, ctx.sequence_parallel),
+                                   want_logits=leader, step_id=decision.step_id)
+    if leader:
+        engine.apply(scheduled, logits)
+    return decision
 
 
 def post_progress(progress, dp_rank: int, seqs: list) -> None:
@@ -178,6 +184,10 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
             from epinfer.server.engine_loop import serve_requests
 
             outputs = serve_requests(engine, ctx, job.serve, watchdog)
+        elif job.bench is not None:  # `epinfer bench --dp/--tp`: records on rank 0
+            from epinfer.bench_parallel import run_bench_rank
+
+            outputs = run_bench_rank(engine, ctx, job.bench)
         else:
             requests = validate_on_rank0(engine, ctx, job)
             outputs = run_requests(engine, ctx, requests, job.progress)

@@ -1,0 +1,142 @@
+"""`epinfer bench --dp N --tp M`: the single-device measurement over a spawned DP × TP (EP) run.
+
+Every rank builds its shard of the random-weight model; for each global batch the requests are
+split over the replicas (round-robin, or `--replica-batch` per replica for imbalanced load) and the
+ranks run the ordinary lockstep step (`worker.lockstep_step`), timing every step. Steps in which
+every replica decodes all of its requests are the decode steps measured (prefill chunks make early
+requests run ahead: each gets enough extra tokens for `output_len` such steps). Per batch, rank 0
+gathers from every rank:
+
+- the step times (decode tok/s = global batch ÷ the median step of the slowest rank);
+- padding waste from the step decisions: padding rows ÷ all rows, over the measured steps;
+- collective time per step by kind (dispatch, combine, dp.sync, tp.plan, TP collectives) from the
+  ledger: the time inside the call on the host — exposed time on Gloo (blocking), enqueue time only
+  on NCCL, where the CUDA breakdown below is the measure;
+- per-label skew: for each collective (group, seq) in the measured steps, the spread of its start
+  time over the ranks that took part, summarised per kind (median and max, ms);
+- on CUDA, each rank's profiler breakdown (`profiling.breakdown`), in which NCCL kernels count as
+  `comm.<kind>` — their device time includes waiting for peers, i.e. exposed communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from epinfer.diagnostics.ledger import Ledger
+from epinfer.distributed.dp_sync import DPCoordinator
+from epinfer.engine.sampling_params import SamplingParams
+from epinfer.profiling import breakdown, comm_kind
+
+
+@dataclasses.dataclass
+class BenchSpec:
+    batches: list[int]  # global batch sizes
+    input_len: int
+    output_len: int
+    replica_batch: list[int] | None = None  # requests per replica (overrides the round-robin split)
+    with_breakdown: bool = True
+
+
+def replica_counts(batch: int, dp: int, fixed: list[int] | None) -> list[int]:
+    if fixed is not None:
+        return list(fixed)
+    return [batch // dp + (r < batch % dp) for r in range(dp)]
+
+
+def run_bench_rank(engine, ctx, spec: BenchSpec) -> list[dict] | None:
+    """Runs on every rank; returns the records on rank 0."""
+    groups = ctx.groups
+    ledger = next(h for h in ctx.comm.hooks if isinstance(h, Ledger))
+    coord = DPCoordinator(ctx)
+    records = []
+    batches = [sum(spec.replica_batch)] if spec.replica_batch else spec.batches
+    for batch in batches:
+        counts = replica_counts(batch, groups.dp, spec.replica_batch)
+        mine = _submit(engine, groups, counts, batch, spec, engine.scheduler.max_num_batched_tokens)
+        stats = _measure(engine, ctx, coord, ledger, counts, spec, mine)
+        gathered = ctx.comm.gather_object(stats, 0, groups.world_cpu, "bench.results")
+        if gathered is not None:
+            records.append(_record(gathered, batch, counts, spec, ctx))
+    return records if groups.world_rank == 0 else None
+
+
+def _submit(engine, groups, counts, batch, spec, chunk_tokens) -> list:
+    if groups.tp_rank != 0:
+        return []
+    prefill_steps = -(-max(counts) * spec.input_len // chunk_tokens)
+    params = SamplingParams(max_tokens=spec.output_len + prefill_steps + 1, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch * 1000 + groups.dp_rank)
+    vocab = engine.model_config.vocab_size
+    return [engine.add_request(torch.randint(1, vocab, (spec.input_len,), generator=gen).tolist(), params)
+            for _ in range(counts[groups.dp_rank])]
+
+
+def _measure(engine, ctx, coord, ledger, counts, spec, mine) -> dict:
+    from epinfer.distributed.worker import lockstep_step
+
+    steps, pad_rows, all_rows, parts, first_step = [], 0, 0, None, None
+    profile_steps = 3
+    want_parts = spec.with_breakdown and engine.device.type == "cuda" and spec.output_len >= 8 + 2 * profile_steps
+    full_streak = 0
+    while True:
+        if want_parts and parts is None and full_streak >= spec.output_len - 2 * profile_steps - 1:
+            # every rank reaches this point at the same step: the decision below is lockstep-safe
+            parts = breakdown(engine, profile_steps, lambda: lockstep_step(engine, ctx, coord))
+            continue
+        t = time.perf_counter()
+        decision = lockstep_step(engine, ctx, coord)
+        elapsed = time.perf_counter() - t
+        if decision.done:
+            break
+        full = decision.run and list(decision.tokens) == counts
+        full_streak = full_streak + 1 if full else 0
+        if full:
+            if first_step is None:
+                first_step = decision.step_id  # warm-up (graph capture): not timed
+                continue
+            steps.append((decision.step_id, elapsed))
+            pad_rows += sum(decision.rows) - sum(decision.tokens)
+            all_rows += sum(decision.rows)
+    timed = {s for s, _ in steps}
+    comm: dict[str, float] = {}
+    starts: dict[tuple[str, int], tuple[str, float]] = {}
+    for e in ledger.entries:
+        if e["step"] in timed and e["t1"] is not None:
+            kind = comm_kind(e["label"])
+            comm[kind] = comm.get(kind, 0.0) + (e["t1"] - e["t0"])
+            starts[(e["group"], e["seq"])] = (kind, e["t0"])
+    n = max(1, len(steps))
+    return {"rank": ctx.groups.world_rank, "steps": [t for _, t in steps], "pad_rows": pad_rows,
+            "all_rows": all_rows, "comm_ms": {k: v / n * 1e3 for k, v in comm.items()}, "starts": starts,
+            "breakdown_ms": parts}
+
+
+def _record(gathered: list[dict], batch: int, counts: list[int], spec: BenchSpec, ctx) -> dict:
+    medians = [statistics.median(g["steps"]) if g["steps"] else float("nan") for g in gathered]
+    slowest = max(medians)
+    skew: dict[str, list[float]] = {}
+    keys = set().union(*(g["starts"] for g in gathered))
+    for key in keys:
+        seen = [g["starts"][key] for g in gathered if key in g["starts"]]
+        if len(seen) > 1:
+            times = [t for _, t in seen]
+            skew.setdefault(seen[0][0], []).append(max(times) - min(times))
+    g0 = gathered[0]
+    groups = ctx.groups
+    rec = {"batch": batch, "replica_batch": counts, "dp": groups.dp, "tp": groups.tp,
+           "ep": groups.ep_group.size if ctx.expert_parallel else 1, "dispatch": ctx.dispatch,
+           "dp_padding": ctx.dp_padding, "decode_steps": len(g0["steps"]),
+           "decode_tok_s": round(batch / slowest, 1), "step_ms_median": round(slowest * 1e3, 3),
+           "step_ms_p90": round(sorted(g0["steps"])[int(0.9 * (len(g0["steps"]) - 1))] * 1e3, 3),
+           "step_ms_by_rank": [round(m * 1e3, 3) for m in medians],
+           "pad_waste": round(g0["pad_rows"] / max(1, g0["all_rows"]), 4),
+           "collective_ms_by_rank": [{k: round(v, 3) for k, v in sorted(g["comm_ms"].items())} for g in gathered],
+           "skew_ms": {k: {"median": round(statistics.median(v) * 1e3, 3), "max": round(max(v) * 1e3, 3)}
+                       for k, v in sorted(skew.items())}}
+    if any(g["breakdown_ms"] for g in gathered):
+        rec["breakdown_ms_by_rank"] = [g["breakdown_ms"] for g in gathered]
+    return rec
