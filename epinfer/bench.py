@@ -121,7 +121,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
     profile_steps = 3
     with_breakdown = with_breakdown and output_len >= 8 + 2 * profile_steps
     steps, parts = [], None
-    while sched.has_work():
+    while engine.has_work():
         full = len(sched.running) == batch and not sched.waiting
         if with_breakdown and parts is None and full and len(steps) >= output_len - 2 * profile_steps - 1:
             parts = breakdown(engine, profile_steps)

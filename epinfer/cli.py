@@ -42,6 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (single-process CUDA runs use them by default)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="plan step n+1 while the device runs step n (sampled tokens stay on the device)")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -73,7 +75,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager)
+                cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
+                async_scheduling=args.async_scheduling)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
                     raise
                 raise UserError(f"epinfer serve needs {exc.name}: pip install 'epinfer[serve]'") from None
+            if args.async_scheduling:
+                raise UserError("--async-scheduling is not supported by `epinfer serve` yet")
             return serve(args, engine_kwargs(args))
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor

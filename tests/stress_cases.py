@@ -3,9 +3,10 @@
 Each round gives every replica its own random list of requests — none at all (an idle replica),
 prompts of 1-40 tokens, 1-10 new tokens, stop ids that end requests at random steps, greedy and
 seeded sampling — with a small token budget (chunked prefill) and few sequence slots (requests
-queue and join mid-run). Every rank runs the ordinary lockstep step and records its ledger; the
-test compares, group by group, that every member issued the same collectives in the same order,
-and that every request's tokens equal the single-process run.
+queue and join mid-run); half the rounds with async scheduling (inputs fed from the device, the TP
+peers get the leader's sampled tokens through `tp.tokens`). Every rank runs the ordinary lockstep
+step and records its ledger; the test compares, group by group, that every member issued the same
+collectives in the same order, and that every request's tokens equal the single-process run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Round:
     per_replica: list[list[tuple[int, list[int], object]]]  # replica -> [(request id, prompt, params)]
     max_num_seqs: int
     max_num_batched_tokens: int
+    async_scheduling: bool = False
 
 
 def run_stress(rank: int, world: int, payload) -> dict:
@@ -41,7 +43,8 @@ def run_stress(rank: int, world: int, payload) -> dict:
     for rnd in rounds:
         ctx = contexts[(rnd.dispatch, rnd.padding)]
         engine = Engine(EngineConfig(model=model, dtype="float32", device="cpu", max_num_seqs=rnd.max_num_seqs,
-                                     max_num_batched_tokens=rnd.max_num_batched_tokens), ctx)
+                                     max_num_batched_tokens=rnd.max_num_batched_tokens,
+                                     async_scheduling=rnd.async_scheduling), ctx)
         seqs = []
         if ctx.groups.tp_rank == 0:
             for rid, prompt, params in rnd.per_replica[ctx.groups.dp_rank]:

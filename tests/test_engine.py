@@ -117,3 +117,39 @@ def test_bad_prompts(hybrid):
         llm.generate(["hello"], GREEDY)
     with pytest.raises(UserError, match="max_tokens"):
         llm.generate([P1], SamplingParams(max_tokens=0))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_async_scheduling_gives_the_same_tokens(hybrid, fast):
+    """Planning step n+1 before step n's tokens reach the host (inputs fed from the device,
+    finished requests learnt a step late) changes nothing: stops at random steps, seeded
+    sampling, chunked prefill, queued requests joining, one slot reused; on the eager and the
+    decode fast path."""
+    prompts = [P1, P2, P3, [9], list(range(100, 140)), [5, 5, 5, 5]]
+    params = [GREEDY, SamplingParams(max_tokens=9, temperature=0, stop_token_ids=[P1[0], 77, 120, 3]),
+              SamplingParams(max_tokens=11, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=9, stop_token_ids=[42, 7]),
+              GREEDY]
+
+    def run(async_scheduling: bool):
+        llm = LLM(hybrid, dtype="float32", device="cpu", max_num_seqs=3, max_num_batched_tokens=16,
+                  async_scheduling=async_scheduling)
+        llm.engine.runner.fast_decode = fast
+        pending_steps = []
+        plan_step = llm.engine.plan_step
+
+        def counted():
+            scheduled, plan = plan_step()
+            pending_steps.append(plan.has_pending)
+            return scheduled, plan
+
+        llm.engine.plan_step = counted
+        outs = llm.generate(prompts, params)
+        return [(o.token_ids, o.finish_reason) for o in outs], sum(pending_steps)
+
+    sync, none_pending = run(False)
+    assert none_pending == 0
+    asynced, pending = run(True)
+    assert pending > 5  # the device fed inputs to most decode steps
+    assert asynced == sync

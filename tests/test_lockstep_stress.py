@@ -1,6 +1,7 @@
 """Lockstep stress test on CPU / Gloo (dp=2 tp=2, EP 4): rounds of random per-replica load —
 idle replicas, requests finishing at random steps (stop ids, 1-10 tokens), chunked prefill,
-queued requests joining mid-run, greedy and seeded sampling, two dispatcher / padding variants.
+queued requests joining mid-run, greedy and seeded sampling, two dispatcher / padding variants,
+synchronous and async scheduling.
 Every group's members must have issued identical collectives (op, label, step, sizes, shapes) in
 the same order, and every request's tokens must equal the single-process run."""
 
@@ -38,7 +39,8 @@ def make_rounds(seed: int = 1234) -> list[Round]:
                 rid += 1
             per_replica.append(reqs)
         dispatch, padding = [("agrs", "uniform"), ("alltoall", "none")][i % 2]
-        rounds.append(Round(dispatch, padding, per_replica, rng.randint(1, 3), rng.choice([8, 16, 64])))
+        rounds.append(Round(dispatch, padding, per_replica, rng.randint(1, 3), rng.choice([8, 16, 64]),
+                            async_scheduling=i % 4 >= 2))
     return rounds
 
 
@@ -57,7 +59,7 @@ def test_random_load_keeps_every_rank_in_lockstep(ckpt_dir):
             if name == "ep":
                 assert set(seqs) == {0, 1, 2, 3}
     labels = {e[2] for r in results for v in r["ledger"].values() for s in v.values() for e in s}
-    assert {"dp.sync", "tp.plan"} <= labels and any(lbl.endswith(".moe.dispatch") for lbl in labels)
+    assert {"dp.sync", "tp.plan", "tp.tokens"} <= labels and any(lbl.endswith(".moe.dispatch") for lbl in labels)
     # every request's tokens equal the single-process engine's (which equals transformers elsewhere)
     llm = LLM(model, dtype="float32", device="cpu")
     reqs = [req for rnd in rounds for reqs in rnd.per_replica for req in reqs]

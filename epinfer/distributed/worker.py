@@ -130,6 +130,10 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator) ->
         return decision
     if ctx.fault is not None:
         ctx.fault.at_step(decision.step_id)
+    if plan.has_pending and groups.tp > 1:  # async scheduling: the leader's last sampled tokens
+        mine = engine.runner.prev_tokens.clone() if leader else \
+            torch.zeros(plan.prev_sampled, dtype=torch.long, device=engine.device)
+        engine.runner.prev_tokens = ctx.comm.all_reduce(mine, groups.tp_group, "tp.tokens")
     logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
                                    decision.moe_sizes(groups.tp, ctx.sequence_parallel),
                                    want_logits=leader, step_id=decision.step_id)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -15,9 +16,9 @@ from epinfer.engine.cache import CacheAllocator, CacheLayout, kv_bytes_per_token
 from epinfer.engine.sampling_params import SamplingParams
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.errors import UserError
-from epinfer.runner.batch import SeqWork, StepPlan
+from epinfer.runner.batch import PENDING, SeqWork, StepPlan
 from epinfer.runner.model_runner import ModelRunner, build_model
-from epinfer.runner.sampler import sample
+from epinfer.runner.sampler import sample_tokens
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +37,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     random_weights: bool = False  # benchmarks: the folder needs only config.json
     cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
+    async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
 
 
 @dataclasses.dataclass
@@ -161,6 +163,8 @@ class Engine:
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
         self.pending_resets: list[int] = []
+        self.inflight: collections.deque = collections.deque()  # launched steps not yet resolved
+        self.last_sampled = 0  # rows sampled by the last launched step
 
     def tokenize(self, prompt: str | list[int], index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -202,21 +206,33 @@ class Engine:
         self.scheduler.add(seq)
 
     def plan_step(self) -> tuple[list[ScheduledSeq], StepPlan]:
-        """Schedules one step and describes it for the runner (and the TP peers)."""
+        """Schedules one step and describes it for the runner (and the TP peers). With async
+        scheduling a decoding sequence's input may be the token its last step sampled, still on
+        the device (`PENDING`, with its row in that step's sampled tokens)."""
         scheduled = self.scheduler.schedule()
+        if not scheduled and self.inflight:  # only in-flight tokens left: learn them first
+            self.resolve(0)
+            scheduled = self.scheduler.schedule()
         if not scheduled and self.scheduler.has_work() and not self.scheduler.running:
             raise RuntimeError("scheduler has requests but planned nothing")  # invariant
         items = []
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
-            items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
-                                 item.samples, list(seq.block_ids) if start == 0 else None))
-        plan = StepPlan(items, self.pending_resets, self.scheduler.has_work())
+            if seq.pending:
+                items.append(SeqWork([PENDING], start, seq.state_slot, item.samples, prev_row=seq.pending_row))
+            else:
+                items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
+                                     item.samples, list(seq.block_ids) if start == 0 else None))
+        plan = StepPlan(items, self.pending_resets, self.has_work(), self.last_sampled)
         self.pending_resets = []
         return scheduled, plan
 
-    def apply(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Sequence]:
-        """Samples, appends tokens, applies stop rules; returns the sequences that finished."""
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.inflight)
+
+    def launch(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """After the forward: samples on the device and starts the tokens' copy to the host; the
+        tokens are applied by `resolve`. The sampled tokens also feed the next step's inputs."""
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
@@ -224,21 +240,54 @@ class Engine:
             bad = (~torch.isfinite(logits)).any(dim=-1).tolist()  # host sync: debug mode only
             for seq, is_bad in zip(sampled, bad, strict=True):
                 seq.nan_logits = seq.nan_logits or is_bad
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        for row, seq in enumerate(sampled):
+            seq.pending += 1
+            seq.pending_row = row
+            after = len(seq.output_ids) + seq.pending
+            seq.final = after >= seq.params.max_tokens or len(seq.prompt_ids) + after >= seq.max_total_len
+        self.runner.prev_tokens = tokens
+        self.last_sampled = len(sampled)
+        event = None
+        if tokens.is_cuda:
+            host = tokens.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = tokens
+        self.inflight.append((sampled, host, event))
+
+    def resolve(self, keep: int) -> list[Sequence]:
+        """Applies the tokens of all but the newest `keep` launched steps: appends them, applies
+        stop rules; returns the sequences that finished. A sequence that finished has no more
+        tokens: one it was sampled in a later, already launched step is dropped."""
         finished = []
-        for seq, token in zip(sampled, tokens, strict=True):
-            seq.output_ids.append(token)
-            if self._check_stop(seq, token):
-                self.scheduler.finish(seq)
-                self.pending_resets.append(seq.state_slot)
-                finished.append(seq)
+        while len(self.inflight) > keep:
+            sampled, host, event = self.inflight.popleft()
+            if event is not None:
+                event.synchronize()
+            for seq, token in zip(sampled, host.tolist(), strict=True):
+                seq.pending -= 1
+                if seq.finish_reason is not None:
+                    continue
+                seq.output_ids.append(token)
+                if self._check_stop(seq, token):
+                    self.scheduler.finish(seq)
+                    self.pending_resets.append(seq.state_slot)
+                    finished.append(seq)
         return finished
 
+    def apply(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Sequence]:
+        """Samples, appends tokens, applies stop rules; returns the sequences that finished."""
+        self.launch(scheduled, logits)
+        return self.resolve(1 if self.ecfg.async_scheduling else 0)
+
     def step(self) -> list[Sequence]:
-        """Single-process step: one forward; returns the sequences that finished in it."""
+        """Single-process step: one forward; returns the sequences that finished in it (with
+        async scheduling, in the next one: the host plans step n+1 while the device runs n)."""
         scheduled, plan = self.plan_step()
         if not scheduled:
-            return []
+            return self.resolve(0)
         return self.apply(scheduled, self.runner.execute(plan))
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:

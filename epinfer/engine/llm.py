@@ -36,7 +36,7 @@ class LLM:
         for seq in seqs:
             self.engine.submit(seq)
         done = 0
-        while self.engine.scheduler.has_work():
+        while self.engine.has_work():
             done += len(self.engine.step())
             if progress is not None:
                 progress(done, sum(len(s.output_ids) for s in seqs))

@@ -30,6 +30,12 @@ class Sequence:
     stop_text_end: int | None = None  # text is cut here when a stop string matched
     generator: object = None  # torch.Generator for seeded sampling
     nan_logits: bool = False  # --check-numerics saw a non-finite logit
+    # async scheduling: tokens sampled on the device but not yet seen by the host (0 or 1 at plan
+    # time), the row of the last one in its step's sampled tokens, and whether that one is the
+    # request's last by count (max tokens / length): then it is not scheduled again
+    pending: int = 0
+    pending_row: int = -1
+    final: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +58,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so a next token is sampled."""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens + self.seq.pending
 
 
 class Scheduler:
@@ -75,7 +81,9 @@ class Scheduler:
         decoding = [s for s in self.running if s.num_computed >= len(s.prompt_ids)]
         prefilling = [s for s in self.running if s.num_computed < len(s.prompt_ids)]
         for seq in decoding + prefilling:
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.final:
+                continue
+            n = min(seq.num_tokens + seq.pending - seq.num_computed, budget)
             if n > 0:
                 plan.append(ScheduledSeq(seq, n))
                 budget -= n

@@ -78,6 +78,9 @@ class ForwardBatch:
         return self
 
 
+PENDING = -1  # a token sampled in the previous step, still on the device (async scheduling)
+
+
 @dataclasses.dataclass
 class SeqWork:
     """One sequence's work in a step, as the replica's scheduler sends it to its TP peers."""
@@ -87,13 +90,19 @@ class SeqWork:
     state_slot: int
     samples: bool  # the last row's logits are sampled
     new_blocks: list[int] | None = None  # the sequence's KV blocks, sent with its first chunk
+    prev_row: int = -1  # tokens == [PENDING]: its row in the previous step's sampled tokens
 
 
 @dataclasses.dataclass
 class StepPlan:
     items: list[SeqWork]
     reset_slots: list[int]  # state slots freed since the last step: zeroed before this forward
-    has_work: bool  # the replica has requests left (waiting or running)
+    has_work: bool  # the replica has requests left (waiting, running or in flight)
+    prev_sampled: int = 0  # rows sampled in the previous step (the size of its token tensor)
+
+    @property
+    def has_pending(self) -> bool:
+        return any(w.prev_row >= 0 for w in self.items)
 
     @property
     def num_tokens(self) -> int:

@@ -25,28 +25,32 @@ class DecodeGraphs:
     def __init__(self, runner, max_rows: int) -> None:
         self.runner = runner
         self.buckets = buckets_up_to(max_rows)
-        self.meta = torch.zeros(6, self.buckets[-1], dtype=torch.long, device=runner.device)
+        self.meta = torch.zeros(7, self.buckets[-1], dtype=torch.long, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
-    def run(self, meta_host: torch.Tensor, real: int) -> torch.Tensor:
-        """Logits [real, V] of a decode step whose host metadata is padded to a bucket size."""
+    def run(self, meta_host: torch.Tensor, real: int, pending: bool = False) -> torch.Tensor:
+        """Logits [real, V] of a decode step whose host metadata is padded to a bucket size;
+        `pending`: some inputs are the previous step's sampled tokens (fed on the device)."""
         size = meta_host.shape[1]
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, logits = self.graphs[size]
         self.meta[:, :size].copy_(meta_host, non_blocking=True)
+        if pending:
+            self.runner.feed_pending(self.meta[0, :size], self.meta[6, :size])
         graph.replay()
         return logits[:real]
 
     def _padding_meta(self, size: int) -> torch.Tensor:
         r = self.runner
-        meta = torch.zeros(6, size, dtype=torch.long)
+        meta = torch.zeros(7, size, dtype=torch.long)
         meta[2] = r.scratch_row
         meta[3] = r.scratch_slot
+        meta[6] = -1
         return meta
 
     def _forward(self, size: int) -> torch.Tensor:

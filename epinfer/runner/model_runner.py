@@ -77,6 +77,7 @@ class ModelRunner:
         ctx = model.ctx
         self.poison = ctx.poison_pads
         self.cache = CacheTensors(model, layout, dtype, device, poison=self.poison)
+        self.prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens (async scheduling)
         self.block_tables: dict[int, torch.Tensor] = {}  # state slot -> KV blocks (device)
         self.host_tables: dict[int, list[int]] = {}  # the same, on the host
         self.fast_decode = device.type == "cuda" and paged_attention.triton is not None
@@ -99,6 +100,7 @@ class ModelRunner:
     def build_batch(self, plan: StepPlan, rows: int | None = None,
                     moe_sizes: list[int] | None = None, step_id: int = -1) -> ForwardBatch:
         ids: list[int] = []
+        src: list[int] = []  # per row: the previous step's sampled row feeding it, or -1
         positions: list[int] = []
         kv_slots: list[int] = []
         seqs: list[SeqSlice] = []
@@ -110,6 +112,7 @@ class ModelRunner:
             blocks = self.host_tables[work.state_slot]
             row, n = len(ids), len(work.tokens)
             ids.extend(work.tokens)
+            src.extend([work.prev_row] if work.prev_row >= 0 else [-1] * n)
             pos = range(work.start, work.start + n)
             positions.extend(pos)
             kv_slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
@@ -126,32 +129,42 @@ class ModelRunner:
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        batch = ForwardBatch(t(ids), t(positions), t(kv_slots), seqs, t(logits_rows), real,
+        input_ids = t(ids)
+        if plan.has_pending:
+            src.extend([-1] * pad)
+            self.feed_pending(input_ids, t(src))
+        batch = ForwardBatch(input_ids, t(positions), t(kv_slots), seqs, t(logits_rows), real,
                              moe_sizes=moe_sizes, step_id=step_id)
         return batch.finalize(self.device)
 
+    def feed_pending(self, ids_T: torch.Tensor, src_T: torch.Tensor) -> None:
+        """Rows whose input is a token sampled in the previous step take it from the device."""
+        ids_T.copy_(torch.where(src_T >= 0, self.prev_tokens[src_T.clamp(min=0)], ids_T))
+
     def decode_meta_host(self, plan: StepPlan, rows: int) -> torch.Tensor | None:
-        """[6, rows] int64 on the host (ids, positions, kv rows, state slots, lengths, real mask)
-        when every item of `plan` decodes one token after earlier context; None otherwise."""
+        """[7, rows] int64 on the host (ids, positions, kv rows, state slots, lengths, real mask,
+        previous-step source row or -1) when every item of `plan` decodes one token after earlier
+        context; None otherwise."""
         if not self.fast_decode or not plan.items or any(
                 len(w.tokens) != 1 or w.start == 0 or w.new_blocks is not None for w in plan.items):
             return None
         bs, n = self.layout.block_size, len(plan.items)
         pad = rows - n
-        meta = [[w.tokens[0] for w in plan.items] + [0] * pad,
+        meta = [[max(w.tokens[0], 0) for w in plan.items] + [0] * pad,
                 [w.start for w in plan.items] + [0] * pad,
                 [self.host_tables[w.state_slot][w.start // bs] * bs + w.start % bs for w in plan.items]
                 + [self.scratch_row] * pad,
                 [w.state_slot for w in plan.items] + [self.scratch_slot] * pad,
                 [w.start + 1 for w in plan.items] + [0] * pad,
-                [1] * n + [0] * pad]
+                [1] * n + [0] * pad,
+                [w.prev_row for w in plan.items] + [-1] * pad]
         return torch.tensor(meta, dtype=torch.long)
 
-    def decode_batch(self, meta_6T: torch.Tensor, real: int, moe_sizes: list[int] | None = None,
+    def decode_batch(self, meta_7T: torch.Tensor, real: int, moe_sizes: list[int] | None = None,
                      step_id: int = -1) -> ForwardBatch:
-        """A ForwardBatch whose tensors are views of `meta_6T` (device): the graphs' static buffer."""
-        ids, positions, kv_rows, slots, lens, mask = meta_6T
-        T = meta_6T.shape[1]
+        """A ForwardBatch whose tensors are views of `meta_7T` (device): the graphs' static buffer."""
+        ids, positions, kv_rows, slots, lens, mask = meta_7T[:6]
+        T = meta_7T.shape[1]
         batch = ForwardBatch(ids, positions, kv_rows, [], torch.arange(real, device=self.device), real,
                              moe_sizes=moe_sizes, step_id=step_id,
                              decode=DecodeMeta(slots, lens, mask.bool(), self.block_table))
@@ -170,9 +183,12 @@ class ModelRunner:
         bucket = graphs.bucket(n) if graphs is not None else None
         meta = self.decode_meta_host(plan, bucket or rows or plan.num_tokens)
         if meta is not None and bucket is not None:
-            return graphs.run(meta, n)
+            return graphs.run(meta, n, plan.has_pending)
         if meta is not None:
-            batch = self.decode_batch(meta.to(self.device, non_blocking=True), n, moe_sizes, step_id)
+            meta = meta.to(self.device, non_blocking=True)
+            if plan.has_pending:
+                self.feed_pending(meta[0], meta[6])
+            batch = self.decode_batch(meta, n, moe_sizes, step_id)
         else:
             batch = self.build_batch(plan, rows, moe_sizes, step_id)
         hidden = self.model(batch, self.cache.per_layer)

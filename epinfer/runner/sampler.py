@@ -13,8 +13,13 @@ from epinfer.engine.sampling_params import SamplingParams
 
 def sample(logits_SV: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    greedy = torch.argmax(logits_SV, dim=-1)
-    tokens = greedy.tolist()  # host sync: the scheduler needs the tokens
+    return sample_tokens(logits_SV, params, generators).tolist()  # host sync: the scheduler needs them
+
+
+def sample_tokens(logits_SV: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The sampled token of every row, as a device tensor (no host sync)."""
+    tokens = torch.argmax(logits_SV, dim=-1)
     for i, p in enumerate(params):
         if p.greedy:
             continue
@@ -29,5 +34,5 @@ def sample(logits_SV: torch.Tensor, params: list[SamplingParams],
             drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
             logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        tokens[i:i + 1] = torch.multinomial(probs, 1, generator=generators[i])
     return tokens
