@@ -3,6 +3,7 @@ and padding mode at DP=2 EP=2 and TP=2 EP=2 on two GPUs, tokens compared with on
 
     python benchmarks/gpu_parallel_check.py CKPT_DIR [CKPT_DIR ...]          # 2 GPUs: 2x1 and 1x2
     LAYOUTS=2x2 python benchmarks/gpu_parallel_check.py CKPT_DIR [...]        # 4 GPUs: dp=2 tp=2
+    ASYNC=1 ...                                                                # async scheduling on
 
 Prints one line per configuration and a summary table; exits 1 on any mismatch."""
 
@@ -29,7 +30,7 @@ def main(paths: list[str]) -> int:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in MAX_TOKENS]
     rows, failures = [], 0
     for path in paths:
-        ecfg = dict(dtype="float32", device="cuda")
+        ecfg = dict(dtype="float32", device="cuda", async_scheduling=os.environ.get("ASYNC") == "1")
         ref = [o.token_ids for o in LLM(path, **ecfg).generate(PROMPTS, params)]
         cpu = [o.token_ids for o in LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)]
         rows.append((path, "1 GPU vs CPU", "-", "-", ref == cpu, 0.0))

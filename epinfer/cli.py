@@ -44,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="no CUDA graphs for decode steps (single-process CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="plan step n+1 while the device runs step n (sampled tokens stay on the device)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="benchmarks: random weights, the model folder needs only config.json")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,7 +78,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, random_weights=args.random_weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

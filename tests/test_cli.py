@@ -114,3 +114,17 @@ def test_no_traceback_in_a_real_process(tmp_path):
                            "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_random_weights_need_only_a_config(tiny, tmp_path, capsys):
+    shutil.copy(tiny / "config.json", tmp_path / "config.json")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2, 3]}) + "\n")
+    base = ["generate", "--model", str(tmp_path), "--prompts-file", str(prompts), "--max-tokens", "3",
+            "--ignore-eos", "--dtype", "float32", "--device", "cpu"]
+    code, _, err = run(base, capsys)
+    assert code == 2 and "epinfer: error:" in err  # no weights in the folder
+    out_file = tmp_path / "out.json"
+    code, _, err = run([*base, "--random-weights", "--output", str(out_file)], capsys)
+    assert code == 0, err
+    assert len(json.loads(out_file.read_text())[0]["token_ids"]) == 3

@@ -155,8 +155,9 @@ class Engine:
         self.tokenizer = load_tokenizer(folder)
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
-        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
+        # weights first: on a GPU the cache gets what is left of the memory budget after them
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx)
+        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
                                   ecfg.cuda_graphs)
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,

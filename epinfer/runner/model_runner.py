@@ -87,9 +87,10 @@ class ModelRunner:
         # every sequence's blocks by state slot, for the decode kernel (kept on any device so the
         # fast path can be switched on for tests on CPU, where it runs the torch reference)
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
-        single = ctx.tp_size == 1 and ctx.ep_size == 1 and ctx.groups is None
+        # graphs hold no collectives yet: only where the forward issues none (TP 1, no EP)
+        no_collectives = ctx.tp_size == 1 and ctx.ep_size == 1
         self.graphs = DecodeGraphs(self, layout.num_state_slots) if (
-            cuda_graphs and self.fast_decode and single) else None
+            cuda_graphs and self.fast_decode and no_collectives) else None
 
     def _register_blocks(self, slot: int, blocks: list[int]) -> None:
         self.host_tables[slot] = blocks
@@ -179,7 +180,8 @@ class ModelRunner:
             self.block_tables.pop(slot, None)
             self.host_tables.pop(slot, None)
         n = len(plan.items)
-        graphs = self.graphs if (self.graphs is not None and self.model.ctx.numerics is None) else None
+        ctx = self.model.ctx  # debug modes run Python per layer and step: no graphs then
+        graphs = self.graphs if (self.graphs is not None and ctx.numerics is None and ctx.fault is None) else None
         bucket = graphs.bucket(n) if graphs is not None else None
         meta = self.decode_meta_host(plan, bucket or rows or plan.num_tokens)
         if meta is not None and bucket is not None:
