@@ -1,6 +1,7 @@
 """Small-op fusion on the GPU: `fused(fn)` runs `fn` through `torch.compile` (Triton kernels from
-inductor) when its first tensor argument is a bf16 / fp16 CUDA tensor, and as plain torch
-everywhere else — CPU runs and float32 correctness runs keep the exact reference arithmetic.
+inductor) when its first tensor argument is a CUDA tensor of a low-precision float or an integer
+type (expert ids), and as plain torch everywhere else — CPU runs and float32 correctness runs keep
+the exact reference arithmetic.
 
 A decode step is otherwise dozens of tiny elementwise kernels per layer (norm statistics, rotary
 halves, router softmax / top-k renormalisation, the MoE permutation, the gated delta rule's decode
@@ -23,13 +24,16 @@ for _name in ("cache_size_limit", "recompile_limit"):  # variants per 0/1-size s
         setattr(torch._dynamo.config, _name, 64)
 
 
+EXACT = (torch.float32, torch.float64)  # reference arithmetic: never compiled (integer work is exact anyway)
+
+
 def fused(fn):
     state: dict = {}
 
     @functools.wraps(fn)
     def wrapper(*args):
         x = args[0]
-        if not (ENABLED[0] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)) or state.get("broken"):
+        if not (ENABLED[0] and x.is_cuda and x.dtype not in EXACT) or state.get("broken"):
             return fn(*args)
         if "compiled" not in state:
             state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)

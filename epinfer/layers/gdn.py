@@ -22,7 +22,7 @@ from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.attention import head_rows
 from epinfer.layers.fused import fused
-from epinfer.layers.gdn_ops import chunk_gated_delta_rule, recurrent_step_inplace
+from epinfer.layers.gdn_ops import HAVE_TRITON, chunk_gated_delta_rule, conv_triton, recurrent_step_inplace
 from epinfer.layers.linear import Linear, row_parallel, set_shard
 from epinfer.layers.norm import GatedRMSNorm
 from epinfer.runner.batch import ForwardBatch
@@ -34,11 +34,15 @@ def gdn_gates(a_TH: torch.Tensor, b_TH: torch.Tensor, A_log: torch.Tensor, dt_bi
     return -A_log.float().exp() * F.softplus(a_TH.float() + dt_bias), torch.sigmoid(b_TH)
 
 
-@fused
-def conv_step(prev_BCK: torch.Tensor, new_BC: torch.Tensor, w_CK: torch.Tensor):
-    """One decode step of the causal depthwise conv: (the K inputs [B, C, K], silu(conv) [B, C])."""
-    full = torch.cat([prev_BCK.to(new_BC.dtype), new_BC[:, :, None]], dim=2)
-    return full, F.silu((full * w_CK[None]).sum(-1))
+def conv_step_inplace(conv_state: torch.Tensor, slots_B: torch.Tensor, new_BC: torch.Tensor,
+                      w_CK: torch.Tensor) -> torch.Tensor:
+    """One decode step of the causal depthwise conv, silu(conv) [B, C], shifting `new_BC` into
+    `conv_state[slots_B]` in place (one Triton kernel for bf16 / fp16 on CUDA)."""
+    if HAVE_TRITON and new_BC.is_cuda and new_BC.dtype in (torch.bfloat16, torch.float16):
+        return conv_triton(conv_state, slots_B, new_BC, w_CK)
+    full = torch.cat([conv_state[slots_B].to(new_BC.dtype), new_BC[:, :, None]], dim=2)  # [B, C, K]
+    conv_state[slots_B] = full[:, :, 1:].to(conv_state.dtype)
+    return F.silu((full * w_CK[None]).sum(-1))
 
 
 class GatedDeltaNet(nn.Module):
@@ -111,8 +115,7 @@ class GatedDeltaNet(nn.Module):
 
         if batch.decode_seq_ids:
             rows, slots = batch.decode_rows, batch.decode_state_slots
-            full_BCK, conv = conv_step(conv_state[slots], qkv_TC[rows], w_CK)
-            conv_state[slots] = full_BCK[:, :, 1:].to(conv_state.dtype)
+            conv = conv_step_inplace(conv_state, slots, qkv_TC[rows], w_CK)
             q, k, v = self._split_heads(conv)
             out = recurrent_step_inplace(q, k, v, g_TH[rows], beta_TH[rows], ssm_state, slots)
             if batch.decode is not None:  # padding rows ran on the scratch slot: zero them

@@ -130,11 +130,25 @@ def _recurrent_triton(q, k, v, g, beta, state, slots):
     return out
 
 
+def conv_triton(state, slots, x, w):
+    """`gdn.conv_step_inplace` on CUDA: program (row, channel block) reads its K-1 state columns,
+    the new input and the weights once, writes the shifted state back and silu(conv)."""
+    B, C = x.shape
+    K = w.shape[1]
+    out = torch.empty_like(x)
+    BLOCK_C = 256
+    _conv_step_kernel[(B, _triton.cdiv(C, BLOCK_C))](
+        state, slots, x, w, out, state.stride(0), state.stride(1), state.stride(2), x.stride(0), w.stride(0),
+        out.stride(0), C, K=K, KP=_triton.next_power_of_2(K), BLOCK_C=BLOCK_C, num_warps=4)
+    return out
+
+
 try:  # Triton is optional: CPU installs don't have it
     import triton as _triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     _triton = None
+HAVE_TRITON = _triton is not None
 
 if _triton is not None:
 
@@ -164,3 +178,27 @@ if _triton is not None:
         tl.store(ptr, s)
         o = tl.sum(s * q[:, None], 0)
         tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+
+    @_triton.jit
+    def _conv_step_kernel(S, SLOTS, X, W, OUT, ss_slot, ss_c, ss_k, sx_b, sw_c, so_b, C,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr):
+        b = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, KP)
+        c_ok = offs_c < C
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        x = tl.load(X + b * sx_b + offs_c, mask=c_ok, other=0.0)
+        s_ptr = S + slot * ss_slot + offs_c[:, None] * ss_c + offs_k[None, :] * ss_k
+        old_mask = c_ok[:, None] & (offs_k[None, :] < K - 1)
+        prev = tl.load(s_ptr, mask=old_mask, other=0.0).to(x.dtype)  # [BLOCK_C, KP]: the K-1 older inputs
+        w = tl.load(W + offs_c[:, None] * sw_c + offs_k[None, :], mask=c_ok[:, None] & (offs_k[None, :] < K),
+                    other=0.0).to(tl.float32)
+        last = offs_k[None, :] == K - 1
+        full = tl.where(last, x[:, None], prev)  # [BLOCK_C, KP]: inputs t-K+1 .. t
+        acc = tl.sum(full.to(tl.float32) * w, 1)
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(OUT + b * so_b + offs_c, out.to(OUT.dtype.element_ty), mask=c_ok)
+        # shifted state: column j takes input j + 1 (the new input lands in column K-2)
+        nxt = tl.load(s_ptr + ss_k, mask=c_ok[:, None] & (offs_k[None, :] < K - 2), other=0.0).to(x.dtype)
+        shifted = tl.where(offs_k[None, :] == K - 2, x[:, None], nxt)
+        tl.store(s_ptr, shifted.to(S.dtype.element_ty), mask=old_mask)

@@ -61,6 +61,28 @@ def test_triton_gdn_decode_kernel(dtype, tol):
     assert torch.equal(state[[2, 4, 6, 7]], untouched)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_conv_step_kernel(dtype):
+    import torch.nn.functional as F
+
+    from epinfer.layers.gdn_ops import conv_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, C, K = 5, 8192, 4
+    state = torch.randn(9, C, K - 1, device="cuda", generator=gen).to(dtype)
+    x = torch.randn(B, C, device="cuda", generator=gen).to(dtype)
+    w = torch.randn(C, K, device="cuda", generator=gen).to(dtype)
+    slots = torch.tensor([3, 0, 8, 5, 1], device="cuda")
+    ref_state = state.clone()
+    full = torch.cat([ref_state[slots], x[:, :, None]], dim=2)
+    ref_state[slots] = full[:, :, 1:]
+    ref = F.silu((full.float() * w.float()[None]).sum(-1))
+    out = conv_triton(state, slots, x, w)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(state, ref_state)  # shifted in place, other slots untouched
+
+
 def hf_on_gpu(folder, dtype=torch.float32):
     import transformers
 
