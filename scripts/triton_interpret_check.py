@@ -42,3 +42,18 @@ print("gdn", (o - ro).abs().max().item(), (st[sl] - rs).abs().max().item())
 args, expected = paged_case([1, 5, 17, 0, 12], H=4, KVH=2, hd=16, bs=4)
 out = paged_attention._decode_triton(*args, 16**-0.5)
 print("attn", (out - expected).abs().max().item())
+# small-batch MoE (with another rank's experts in the mix)
+from epinfer.layers.moe import FusedExperts  # noqa: E402
+from epinfer.layers.moe_triton import moe_small  # noqa: E402
+
+T, D, inter, total, K = 3, 256, 96, 8, 2
+for first, n in ((0, 8), (2, 4)):
+    experts = FusedExperts(range(first, first + n), D, inter, total)
+    experts.w13.data.normal_(std=0.05)
+    experts.w2.data.normal_(std=0.05)
+    x = torch.randn(T, D)
+    ids = torch.stack([torch.randperm(total)[:K] for _ in range(T)])
+    wts = torch.rand(T, K)
+    ref = experts(x, wts, ids)
+    out = moe_small(x, experts.w13.data, experts.w2.data, wts, ids, first)
+    print("moe_small", first, n, (out - ref).abs().max().item(), ref.abs().max().item())

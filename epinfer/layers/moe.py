@@ -24,6 +24,7 @@ from torch import nn
 from epinfer.config import ModelConfig
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
+from epinfer.layers import moe_triton
 from epinfer.layers.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear
 from epinfer.runner.batch import ForwardBatch
@@ -58,6 +59,8 @@ class FusedExperts(nn.Module):
         num_local = self.w13.shape[0]
         if num_local == 0 or x_TD.shape[0] == 0:
             return torch.zeros_like(x_TD)
+        if moe_triton.usable(x_TD, topk_ids_TK.numel()):  # few pairs: per-pair Triton kernels
+            return moe_triton.moe_small(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert)
         if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
             return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
         if x_TD.is_cuda:
