@@ -21,10 +21,19 @@ from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.fused import fused
 from epinfer.layers.linear import Linear, row_parallel
-from epinfer.layers.norm import RMSNorm
+from epinfer.layers.norm import RMSNorm, rms_norm
 from epinfer.layers.paged_attention import decode_attention
 from epinfer.layers.rotary import apply_rotary
 from epinfer.runner.batch import ForwardBatch
+
+
+@fused
+def head_norm_rope(q_THd, k_THd, cos_TR, sin_TR, q_w, k_w, eps: float, zero_centered: bool):
+    """Per-head q / k RMS norm (when the weights are given), then rotary: one fused kernel on GPUs."""
+    if q_w is not None:
+        q_THd = rms_norm.__wrapped__(q_THd, q_w, eps, zero_centered)
+        k_THd = rms_norm.__wrapped__(k_THd, k_w, eps, zero_centered)
+    return apply_rotary.__wrapped__(q_THd, cos_TR, sin_TR), apply_rotary.__wrapped__(k_THd, cos_TR, sin_TR)
 
 
 @fused
@@ -70,6 +79,7 @@ class Attention(nn.Module):
         self.o_proj = row_parallel(cfg.num_heads * hd, D, ctx, "attention heads",
                                    f"layer.{layer_idx}.attn.o_proj", bias=o_bias)
         self.qk_norm = cfg.qk_norm
+        self.norm_eps, self.norm_zc = cfg.rms_norm_eps, cfg.zero_centered_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.zero_centered_norm)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.zero_centered_norm)
@@ -100,10 +110,9 @@ class Attention(nn.Module):
         q_THd = q.reshape(T, H, hd)
         k_THd = k.view(T, KVH, hd)
         v_THd = v.view(T, KVH, hd)
-        if self.qk_norm == "head":
-            q_THd, k_THd = self.q_norm(q_THd), self.k_norm(k_THd)
-        cos, sin = cos_sin
-        q_THd, k_THd = apply_rotary(q_THd, cos, sin), apply_rotary(k_THd, cos, sin)
+        head_norm = self.qk_norm == "head"
+        q_THd, k_THd = head_norm_rope(q_THd, k_THd, *cos_sin, self.q_norm.weight if head_norm else None,
+                                      self.k_norm.weight if head_norm else None, self.norm_eps, self.norm_zc)
 
         k_cache, v_cache = kv_cache  # [blocks, block_size, KVH, hd]
         flat_k = k_cache.view(-1, KVH, hd)

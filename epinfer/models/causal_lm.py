@@ -41,8 +41,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
 
-    def forward(self, x_TD, batch: ForwardBatch, cache, cos_sin, numerics=None) -> torch.Tensor:
-        h = self.input_layernorm(x_TD)
+    def forward(self, x_TD, residual_TD, batch: ForwardBatch, cache, cos_sin, numerics=None):
+        """(x, mlp output): the caller adds them, fused with the next norm. `residual_TD`: the
+        previous layer's mlp output, None for the first layer."""
+        if residual_TD is None:
+            h = self.input_layernorm(x_TD)
+        else:
+            x_TD, h = self.input_layernorm.add_forward(x_TD, residual_TD)
         if self.mixer_type == "attention":
             h = self.self_attn(h, batch, cache, cos_sin)
         else:
@@ -58,7 +63,7 @@ class DecoderLayer(nn.Module):
         if numerics is not None:
             kind = "moe" if isinstance(self.mlp, MoEBlock) else "mlp"
             numerics.check(f"layer.{self.layer_idx}.{kind}", h, batch.num_real_rows, batch.step_id)
-        return x_TD + h
+        return x_TD, h
 
 
 class Model(nn.Module):
@@ -92,9 +97,10 @@ class CausalLM(nn.Module):
         elif batch.num_real_rows < batch.num_rows:
             x[batch.num_real_rows:] = fill
         cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
+        h = None
         for layer, cache in zip(self.model.layers, caches, strict=True):
-            x = layer(x, batch, cache, cos_sin, self.ctx.numerics)
-        return self.model.norm(x)
+            x, h = layer(x, h, batch, cache, cos_sin, self.ctx.numerics)
+        return self.model.norm.add_forward(x, h)[1]
 
     def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_SD).float()
