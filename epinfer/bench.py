@@ -60,17 +60,24 @@ def ceilings(device: torch.device) -> dict:
     return {"copy_GBps": round(2 * n / copy_s / 1e9, 1), "bf16_TFLOPs": round(2 * size**3 / mm_s / 1e12, 1)}
 
 
-def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int) -> int:
-    """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write)."""
+def _weights_per_layer(cfg: ModelConfig) -> tuple[int, int, int, int]:
+    """Weight elements of one layer's (attention mixer, GDN mixer, one routed expert, shared expert
+    + its gate)."""
     D = cfg.hidden_size
     attn = cfg.num_heads * cfg.head_dim * (2 if cfg.attn_output_gate else 1) * D \
         + 2 * cfg.num_kv_heads * cfg.head_dim * D + cfg.num_heads * cfg.head_dim * D
     nk, nv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                       cfg.linear_value_head_dim)
     gdn = (2 * nk * dk + 2 * nv * dv + 2 * nv) * D + nv * dv * D
-    expert = 3 * D * cfg.moe_intermediate_size
+    return attn, gdn, 3 * D * cfg.moe_intermediate_size, 3 * D * cfg.shared_expert_intermediate_size + D
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int) -> int:
+    """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write)."""
+    D = cfg.hidden_size
+    attn, gdn, expert, shared = _weights_per_layer(cfg)
+    nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     touched = cfg.num_experts * (1 - (1 - cfg.top_k / max(cfg.num_experts, 1)) ** batch)
-    shared = 3 * D * cfg.shared_expert_intermediate_size + D
     total = 0
     for kind, mlp in zip(cfg.layer_types, cfg.mlp_types, strict=True):
         total += (attn if kind == "attention" else gdn) * itemsize
@@ -84,6 +91,23 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int) -> i
             total += batch * nv * dk * dv * 4 * 2  # recurrent state read + write, fp32
     total += cfg.vocab_size * D * itemsize  # LM head
     return int(total)
+
+
+def prefill_flops_per_token(cfg: ModelConfig, prompt_len: int) -> float:
+    """FLOPs per prompt token: 2 x the active weights (mixer, router, top-k experts, shared expert)
+    plus causal attention scores and values (average context prompt_len / 2) and the GDN update."""
+    D = cfg.hidden_size
+    attn, gdn, expert, shared = _weights_per_layer(cfg)
+    nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    flops = 0.0
+    for kind, mlp in zip(cfg.layer_types, cfg.mlp_types, strict=True):
+        if kind == "attention":
+            flops += 2 * attn + 4 * (prompt_len / 2) * cfg.num_heads * cfg.head_dim
+        else:
+            flops += 2 * gdn + 4 * nv * dk * dv
+        flops += 2 * (cfg.num_experts * D + cfg.top_k * expert + shared) if mlp == "moe" \
+            else 6 * D * cfg.intermediate_size
+    return flops
 
 
 def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
@@ -101,6 +125,16 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
             raw["layer_types"] = raw["layer_types"][:layers]
     Path(tmp, "config.json").write_text(json.dumps(raw))
     return Path(tmp)
+
+
+def warm_up(engine: Engine, input_len: int) -> None:
+    """Two short requests end to end, so kernel compilation (Triton, torch.compile) and the first
+    CUDA graphs are not timed as prefill."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for _ in range(2):
+        engine.add_request(list(range(1, 1 + min(input_len, 1024))), params)
+    while engine.has_work():
+        engine.step()
 
 
 def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
@@ -196,6 +230,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
         records = []
+        warm_up(engine, input_len)
         for batch in batches:
             speed = run_batch(engine, batch, input_len, output_len, with_breakdown=dev.type == "cuda")
             nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2,
@@ -206,6 +241,8 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
                    "cuda_graphs": engine.runner.graphs is not None, **ceil, **speed,
                    "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),
                    "fraction_of_floor": round(floor_s * 1e3 / speed["step_ms_median"], 4)}
+            flops = prefill_flops_per_token(engine.model_config, input_len) * speed["prefill_tok_s"]
+            rec["prefill_fraction_of_matmul"] = round(flops / (ceil["bf16_TFLOPs"] * 1e12), 4)
             if datasheet:
                 rec["fraction_of_datasheet_floor"] = round(
                     nbytes / (datasheet * 1e12) * 1e3 / speed["step_ms_median"], 4)
@@ -237,6 +274,7 @@ def format_table(records: list[dict]) -> str:
     cols = [("batch", "batch"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
             ("step_ms_median", "step ms"), ("step_ms_p90", "p90 ms"), ("floor_ms", "floor ms"),
             ("fraction_of_floor", "of floor"), ("fraction_of_datasheet_floor", "of datasheet"),
+            ("prefill_fraction_of_matmul", "prefill/mm"),
             ("hf_decode_tok_s", "HF tok/s"), ("speedup_vs_hf", "vs HF")]
     cols = [(k, h) for k, h in cols if any(k in r for r in records)]
     lines.append("  ".join(f"{h:>13}" for _, h in cols))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from epinfer.bench import SHAPES, bench, bench_parallel, decode_bytes
+from epinfer.bench import SHAPES, bench, bench_parallel, decode_bytes, prefill_flops_per_token
 from epinfer.config import ModelConfig
 from epinfer.errors import UserError
 from tests.checkpoints import tiny_config
@@ -20,6 +20,14 @@ def test_bench_records(tmp_path):
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["step_ms_p90"] >= r["step_ms_median"]
         assert r["fraction_of_floor"] > 0 and r["floor_ms"] > 0 and r["copy_GBps"] > 0
     json.dumps(records)
+
+
+def test_prefill_flops_count_active_parameters():
+    cfg = ModelConfig.from_hf(json.loads((SHAPES / "qwen3-30b-a3b.json").read_text()))
+    per_token = prefill_flops_per_token(cfg, 2)  # attention scores negligible at 2 tokens
+    # PERFORMANCE.md: 3.0 B active parameters, of which the LM head (0.31 B) is not run per prompt token
+    assert 2 * 2.5e9 < per_token < 2 * 2.9e9
+    assert prefill_flops_per_token(cfg, 2048) > per_token  # attention grows with the prompt
 
 
 def test_decode_bytes_grow_with_batch_and_touch_experts():
