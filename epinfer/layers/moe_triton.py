@@ -51,16 +51,20 @@ def moe_small(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_T
 if triton is not None:
 
     @triton.jit
+    def _pair_expert(IDS, p, first, n_local, offs_n, N: tl.constexpr):
+        """Pair p's local expert (0 when it is another rank's), the tile's in-range mask, and the
+        mask of weights to read (empty for another rank's expert: nothing is loaded)."""
+        e = tl.load(IDS + p).to(tl.int32) - first
+        mine = (e >= 0) & (e < n_local)
+        return tl.where(mine, e, 0).to(tl.int64), offs_n < N, offs_n < tl.where(mine, N, 0)
+
+    @triton.jit
     def _up_kernel(X, W13, IDS, ACT, sx_t, sw_e, sw_n, sa_p, first, n_local,
                    D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        e = tl.load(IDS + p).to(tl.int32) - first
-        mine = (e >= 0) & (e < n_local)
-        e = tl.where(mine, e, 0).to(tl.int64)
-        n_ok = offs_n < INTER
-        w_ok = offs_n < tl.where(mine, INTER, 0)  # another rank's expert: no weight is read
+        e, n_ok, w_ok = _pair_expert(IDS, p, first, n_local, offs_n, INTER)
         row = (p // K).to(tl.int64)
         acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -82,11 +86,7 @@ if triton is not None:
                      D: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        e = tl.load(IDS + p).to(tl.int32) - first
-        mine = (e >= 0) & (e < n_local)
-        e = tl.where(mine, e, 0).to(tl.int64)
-        n_ok = offs_n < D
-        w_ok = offs_n < tl.where(mine, D, 0)
+        e, n_ok, w_ok = _pair_expert(IDS, p, first, n_local, offs_n, D)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i0 in range(0, INTER, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
