@@ -117,15 +117,20 @@ def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list
     return [out for _, out in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
 
 
-def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator) -> StepDecision:
+def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, keep_alive: bool = False,
+                  apply=None) -> StepDecision:
     """One step of the lockstep loop on this rank: plan (TP leader) and share it, the DP decision,
-    then the forward the decision implies — or nothing, on every rank alike (all idle / done)."""
+    then the forward the decision implies — or nothing, on every rank alike (all idle / done).
+    `keep_alive`: this replica counts as having work (a server that has not been stopped);
+    `apply(scheduled, logits)`: the leader's sampling step (default `engine.apply`); its result is
+    left in `coord.applied`."""
     groups = ctx.groups
     leader = groups.tp_rank == 0
     ctx.comm.step = coord.step_id
+    coord.applied = None
     scheduled, plan = engine.plan_step() if leader else (None, None)
     plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
-    decision = coord.sync(plan.num_tokens, plan.has_work)
+    decision = coord.sync(plan.num_tokens, plan.has_work or keep_alive)
     if decision.done or not decision.run:  # everybody stops / skips together, no step id used
         return decision
     if ctx.fault is not None:
@@ -138,7 +143,7 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator) ->
                                    decision.moe_sizes(groups.tp, ctx.sequence_parallel),
                                    want_logits=leader, step_id=decision.step_id)
     if leader:
-        engine.apply(scheduled, logits)
+        coord.applied = (apply or engine.apply)(scheduled, logits)
     return decision
 
 

@@ -13,9 +13,9 @@ Every iteration, on every rank, in this order:
      to the replica with the fewest outstanding tokens (ties → the lowest index), counting the
      requests it routes in the same message. Leaders submit their requests and drop cancelled ones
      (their KV blocks and state slot are freed and the slot is reset before the next forward).
-  3. as in `worker.run_requests`: the leader plans (`tp.plan`), `dp.sync` decides, everybody runs
-     the forward (a dummy batch for an idle replica) or all skip. Leaders sample and send each
-     request's new tokens (and logprobs when asked) to the server.
+  3. `worker.lockstep_step`, as in `worker.run_requests`: the leader plans (`tp.plan`), `dp.sync`
+     decides, everybody runs the forward (a dummy batch for an idle replica) or all skip. Leaders
+     sample and send each request's new tokens (and logprobs when asked) to the server.
 Both new collectives are decided from numbers every rank has (the reduced flag), so every rank
 issues the same sequence. When all replicas are idle, rank 0 waits up to `IDLE_WAIT_S` on its inbox
 before step 1 (the others wait inside `serve.sync`), so an idle server costs a few collectives a
@@ -38,6 +38,7 @@ import torch
 
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.parallel import ParallelContext
+from epinfer.distributed.worker import lockstep_step
 from epinfer.engine.engine import Engine
 from epinfer.engine.scheduler import ScheduledSeq, Sequence
 from epinfer.errors import UserError
@@ -128,9 +129,8 @@ class ServeLoop:
             if first and self.rank == 0:  # every rank has reached the loop: the model is loaded
                 self.outbox.put(("ready", self.engine_info()))
             first = False
-            scheduled, plan = engine.plan_step() if self.leader else (None, None)
-            plan = ctx.comm.broadcast_object(plan, 0, ctx.groups.tp_group, "tp.plan")
-            decision = coord.sync(plan.num_tokens, plan.has_work or not self.stopping)
+            t0 = time.perf_counter()
+            decision = lockstep_step(engine, ctx, coord, keep_alive=not self.stopping, apply=self.apply)
             if decision.done:
                 break
             if not decision.run:  # everybody idle: all skip; not a stuck step
@@ -140,15 +140,8 @@ class ServeLoop:
                 self.report([], 0.0)
                 continue
             idle = False
-            if ctx.fault is not None:
-                ctx.fault.at_step(decision.step_id)
-            t0 = time.perf_counter()
-            logits = engine.runner.execute(plan, decision.rows[ctx.dp_rank],
-                                           decision.moe_sizes(ctx.tp_size, ctx.sequence_parallel),
-                                           want_logits=self.leader, step_id=decision.step_id)
             if self.leader:
-                events = self.apply(scheduled, logits)
-                self.report(events, time.perf_counter() - t0)
+                self.report(coord.applied, time.perf_counter() - t0)
         self.report([], 0.0)  # the cancellations of a stop
 
     def admit(self, block: bool) -> None:
