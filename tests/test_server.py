@@ -59,6 +59,23 @@ def test_stream_holds_back_stop_prefixes(demo_llm):
     assert any(len(s) < len(final) and final.startswith(s + "u") for s in snapshots)  # "u" was held back
 
 
+def test_stream_deltas_concatenate_to_the_full_text(demo_llm):
+    """Incremental detokenization: random token sequences (byte tokens too, so split and invalid
+    UTF-8 sequences) streamed a token at a time give exactly the full decode, and each sent text
+    is a prefix of the final one."""
+    import random
+
+    tok = demo_llm.tokenizer
+    rng = random.Random(7)
+    for n in (1, 5, 40, 200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(n)]
+        stream, text = TextStream(tok, ["\n\n"]), ""
+        for i, t in enumerate(ids):
+            stream.add([t])
+            text += stream.delta(final=i == len(ids) - 1)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_chat_template_renders_chatml(demo_llm):
     tok = demo_llm.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)

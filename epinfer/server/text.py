@@ -1,9 +1,10 @@
 """Text for responses: incremental detokenization of a stream and OpenAI logprob records.
 
-`TextStream` decodes all of a request's ids at every update (O(n) per update, fine at the lengths
-a stream has) and emits only text that can no longer change: a trailing U+FFFD (an incomplete
-UTF-8 sequence split over tokens) and any suffix that is the start of a stop string are held
-back. The engine cuts the final text at the first stop string it sees, and that match can never
+`TextStream` decodes a request's new ids incrementally (a short window of earlier ids as context,
+so a stream costs O(n) in all, not O(n^2)) and emits only text that can no longer change: an
+incomplete UTF-8 sequence split over tokens (U+FFFD) is not taken until it completes, and any
+suffix that is the start of a stop string is held back. The final update decodes the whole
+output once. The engine cuts the final text at the first stop string it sees, and that match can never
 begin inside text already emitted (it would have been held back), so the concatenated deltas
 equal the non-streaming text exactly.
 """
@@ -27,6 +28,9 @@ class TextStream:
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
+        self.text = ""  # the text of ids[:read], decoded incrementally
+        self.prefix = 0  # ids[prefix:read] are decoded again as context for the next tokens
+        self.read = 0
 
     def add(self, new_ids: list[int]) -> None:
         self.ids.extend(new_ids)
@@ -37,13 +41,25 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return text if stop_end is None else text[:stop_end]
 
+    def _advance(self) -> None:
+        """Extends `self.text` by the new ids, decoding only a short window: the ids since the last
+        cut as context, so leading-space and multi-byte rules see what they need (O(window))."""
+        decode = self.tokenizer.decode
+        context = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        window = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(window) > len(context) and not window.endswith("\ufffd") and window.startswith(context):
+            self.text += window[len(context):]
+            self.prefix, self.read = self.read, len(self.ids)
+
     def delta(self, final: bool, stop_end: int | None = None) -> str:
         """New text since the last call; `final`: the request finished (nothing held back)."""
         if self.tokenizer is None:
             return ""
-        text = self.full_text(stop_end)
-        if not final:
-            text = text.rstrip("\ufffd")
+        if final:  # once per request: the whole text, cut where the engine saw a stop string
+            text = self.full_text(stop_end)
+        else:
+            self._advance()
+            text = self.text
             text = text[:len(text) - held_back(text, self.stops)]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""  # nothing new (a decoder that rewrites earlier text can't be un-sent)
