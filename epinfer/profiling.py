@@ -124,8 +124,8 @@ class _CommRanges:
         self.open.pop().__exit__(None, None, None)
 
 
-def _profile_steps(step_fn, steps: int, sync):
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+def _profile_steps(step_fn, steps: int, sync, activities=(ProfilerActivity.CPU, ProfilerActivity.CUDA)):
+    with profile(activities=list(activities)) as prof:
         for _ in range(steps):
             step_fn()
         sync()
@@ -148,17 +148,17 @@ def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
         with _ranges(engine.runner.model):
             import epinfer.engine.engine as eng_mod
 
-            sample = eng_mod.sample
+            sample = eng_mod.sample_tokens
 
             def timed_sample(*a, **kw):
                 with record_function("part.sampling"):
                     return sample(*a, **kw)
 
-            eng_mod.sample = timed_sample
+            eng_mod.sample_tokens = timed_sample
             try:
                 prof = _profile_steps(step_fn, steps, sync)
             finally:
-                eng_mod.sample = sample
+                eng_mod.sample_tokens = sample
     finally:
         runner.graphs = graphs
         if comm is not None:
@@ -167,10 +167,8 @@ def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
     parts = {k: v / steps / 1e3 for k, v in raw.items()}
     eager_total = eager_total / steps / 1e3
     parts["moe_router"] = parts.pop("moe_block", 0.0)  # the MoE block's own kernels: gate, top-k, sort, gathers
-    with profile(activities=[ProfilerActivity.CUDA]) as prof2:  # the normal path (graphs if any)
-        for _ in range(steps):
-            step_fn()
-        sync()
+    device_only = (ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU,)
+    prof2 = _profile_steps(step_fn, steps, sync, device_only)  # the normal path (graphs if any)
     busy = _kernel_time(prof2) / steps / 1e3
     scale = busy / eager_total if eager_total > 0 else 1.0
     out = {k: round(v * scale, 3) for k, v in sorted(parts.items())}

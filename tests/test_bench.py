@@ -65,3 +65,20 @@ def test_bench_parallel_records(tmp_path):
     fixed = bench_parallel(str(tmp_path), [], 12, 10, None, "cpu", "float32", dp=2, tp=1, dp_padding="none",
                            replica_batch=[3, 1])
     assert fixed[0]["replica_batch"] == [3, 1] and fixed[0]["pad_waste"] == 0.0  # rows = tokens per replica
+
+
+def test_breakdown_runs_on_a_decoding_engine(tmp_path):
+    """The profiler breakdown's plumbing (module ranges, the sampling range, the comm hook) on CPU,
+    where device times are zero; on CUDA `epinfer bench` reports it per batch."""
+    from epinfer.engine.engine import Engine, EngineConfig
+    from epinfer.engine.sampling_params import SamplingParams
+    from epinfer.profiling import breakdown
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+    engine = Engine(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu", random_weights=True))
+    seqs = [engine.add_request(list(range(1, 9)), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            for _ in range(2)]
+    engine.step()
+    parts = breakdown(engine, 3)
+    assert {"device_busy", "eager_device", "top_kernels"} <= set(parts)
+    assert all(len(s.output_ids) == 7 for s in seqs)  # the 6 profiled steps decoded normally
