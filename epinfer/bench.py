@@ -137,17 +137,27 @@ def warm_up(engine: Engine, input_len: int) -> None:
         engine.step()
 
 
-def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
-    """Prefill `batch` random prompts, then time decode steps in which all `batch` sequences decode
-    (prompts prefilled in chunks start decoding at different steps: each gets enough extra tokens
-    that at least `output_len` steps run with the whole batch)."""
-    gen = torch.Generator().manual_seed(batch)
-    vocab = engine.model_config.vocab_size
-    sched = engine.scheduler
-    prefill_steps = -(-batch * input_len // sched.max_num_batched_tokens)
+def submit_random(engine: Engine, count: int, prefilled_together: int, input_len: int, output_len: int,
+                  seed: int) -> list:
+    """`count` random prompts, greedy, never stopping early. Prompts prefilled in chunks start
+    decoding at different steps, so each gets enough extra tokens that at least `output_len` steps
+    run with all `prefilled_together` requests (the largest set sharing the chunks) decoding."""
+    prefill_steps = -(-prefilled_together * input_len // engine.scheduler.max_num_batched_tokens)
     params = SamplingParams(max_tokens=output_len + prefill_steps + 1, temperature=0, ignore_eos=True)
-    seqs = [engine.add_request(torch.randint(1, vocab, (input_len,), generator=gen).tolist(), params)
-            for _ in range(batch)]
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    return [engine.add_request(torch.randint(1, vocab, (input_len,), generator=gen).tolist(), params)
+            for _ in range(count)]
+
+
+def p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
+def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
+    """Prefill `batch` random prompts, then time the decode steps in which all of them decode."""
+    sched = engine.scheduler
+    seqs = submit_random(engine, batch, batch, input_len, output_len, seed=batch)
     t0 = time.perf_counter()
     while any(len(s.output_ids) == 0 for s in seqs):
         engine.step()
@@ -168,7 +178,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
     median = statistics.median(steps)
     out = {"prefill_tok_s": round(batch * input_len / prefill_s, 1),
            "decode_tok_s": round(batch / median, 1), "step_ms_median": round(median * 1e3, 3),
-           "step_ms_p90": round(sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3, 3), "decode_steps": len(steps)}
+           "step_ms_p90": round(p90(steps) * 1e3, 3), "decode_steps": len(steps)}
     if parts is not None:
         parts["host_overhead"] = round(max(0.0, median * 1e3 - parts["device_busy"]), 3)
         parts["top_kernels"] = parts.pop("top_kernels")  # last: the long one

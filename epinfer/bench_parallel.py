@@ -24,11 +24,9 @@ import dataclasses
 import statistics
 import time
 
-import torch
-
+from epinfer.bench import p90, submit_random
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.distributed.dp_sync import DPCoordinator
-from epinfer.engine.sampling_params import SamplingParams
 from epinfer.profiling import breakdown, comm_kind
 
 
@@ -56,7 +54,7 @@ def run_bench_rank(engine, ctx, spec: BenchSpec) -> list[dict] | None:
     batches = [sum(spec.replica_batch)] if spec.replica_batch else spec.batches
     for batch in batches:
         counts = replica_counts(batch, groups.dp, spec.replica_batch)
-        mine = _submit(engine, groups, counts, batch, spec, engine.scheduler.max_num_batched_tokens)
+        mine = _submit(engine, groups, counts, batch, spec)
         stats = _measure(engine, ctx, coord, ledger, counts, spec, mine)
         gathered = ctx.comm.gather_object(stats, 0, groups.world_cpu, "bench.results")
         if gathered is not None:
@@ -64,15 +62,11 @@ def run_bench_rank(engine, ctx, spec: BenchSpec) -> list[dict] | None:
     return records if groups.world_rank == 0 else None
 
 
-def _submit(engine, groups, counts, batch, spec, chunk_tokens) -> list:
+def _submit(engine, groups, counts, batch, spec) -> list:
     if groups.tp_rank != 0:
         return []
-    prefill_steps = -(-max(counts) * spec.input_len // chunk_tokens)
-    params = SamplingParams(max_tokens=spec.output_len + prefill_steps + 1, temperature=0, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch * 1000 + groups.dp_rank)
-    vocab = engine.model_config.vocab_size
-    return [engine.add_request(torch.randint(1, vocab, (spec.input_len,), generator=gen).tolist(), params)
-            for _ in range(counts[groups.dp_rank])]
+    return submit_random(engine, counts[groups.dp_rank], max(counts), spec.input_len, spec.output_len,
+                         seed=batch * 1000 + groups.dp_rank)
 
 
 def _measure(engine, ctx, coord, ledger, counts, spec, mine) -> dict:
@@ -131,7 +125,7 @@ def _record(gathered: list[dict], batch: int, counts: list[int], spec: BenchSpec
            "ep": groups.ep_group.size if ctx.expert_parallel else 1, "dispatch": ctx.dispatch,
            "dp_padding": ctx.dp_padding, "decode_steps": len(g0["steps"]),
            "decode_tok_s": round(batch / slowest, 1), "step_ms_median": round(slowest * 1e3, 3),
-           "step_ms_p90": round(sorted(g0["steps"])[int(0.9 * (len(g0["steps"]) - 1))] * 1e3, 3),
+           "step_ms_p90": round(p90(g0["steps"]) * 1e3, 3),
            "step_ms_by_rank": [round(m * 1e3, 3) for m in medians],
            "pad_waste": round(g0["pad_rows"] / max(1, g0["all_rows"]), 4),
            "collective_ms_by_rank": [{k: round(v, 3) for k, v in sorted(g["comm_ms"].items())} for g in gathered],
