@@ -24,7 +24,7 @@ class SeqSlice:
     num_new: int  # rows (new tokens) this step
     context_len: int  # tokens of this sequence already in the cache before this step
     state_slot: int  # index into per-sequence state (GDN conv/recurrent state)
-    block_ids: torch.Tensor  # KV cache blocks of this sequence (device, int64)
+    block_ids: torch.Tensor  # KV cache blocks of this sequence (device, int32; a row of the block table)
 
     @property
     def total_len(self) -> int:

@@ -78,14 +78,13 @@ class ModelRunner:
         self.poison = ctx.poison_pads
         self.cache = CacheTensors(model, layout, dtype, device, poison=self.poison)
         self.prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens (async scheduling)
-        self.block_tables: dict[int, torch.Tensor] = {}  # state slot -> KV blocks (device)
-        self.host_tables: dict[int, list[int]] = {}  # the same, on the host
+        self.host_tables: dict[int, list[int]] = {}  # state slot -> KV blocks (the device copy: block_table)
         self.fast_decode = device.type == "cuda" and paged_attention.triton is not None
         self.scratch_slot = layout.num_state_slots
         self.scratch_row = layout.num_blocks * layout.block_size  # first row of the scratch block
         max_blocks = max(1, -(-(max_model_len or layout.capacity_tokens) // layout.block_size))
-        # every sequence's blocks by state slot, for the decode kernel (kept on any device so the
-        # fast path can be switched on for tests on CPU, where it runs the torch reference)
+        # every sequence's blocks by state slot (rows beyond its blocks are unused): the decode
+        # kernel reads it whole, the eager path one row per sequence
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
         # graphs hold no collectives yet: only where the forward issues none (TP 1, no EP)
         no_collectives = ctx.tp_size == 1 and ctx.ep_size == 1
@@ -94,9 +93,7 @@ class ModelRunner:
 
     def _register_blocks(self, slot: int, blocks: list[int]) -> None:
         self.host_tables[slot] = blocks
-        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        self.block_tables[slot] = table
-        self.block_table[slot, :len(blocks)] = table.to(torch.int32)
+        self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
 
     def build_batch(self, plan: StepPlan, rows: int | None = None,
                     moe_sizes: list[int] | None = None, step_id: int = -1) -> ForwardBatch:
@@ -118,7 +115,7 @@ class ModelRunner:
             positions.extend(pos)
             kv_slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
             seqs.append(SeqSlice(row, n, work.start, work.state_slot,
-                                 self.block_tables[work.state_slot]))
+                                 self.block_table[work.state_slot]))
             if work.samples:
                 logits_rows.append(row + n - 1)
         real = len(ids)
@@ -177,7 +174,6 @@ class ModelRunner:
                 want_logits: bool = True, step_id: int = -1) -> torch.Tensor | None:
         for slot in plan.reset_slots:
             self.cache.reset_slot(slot)
-            self.block_tables.pop(slot, None)
             self.host_tables.pop(slot, None)
         n = len(plan.items)
         ctx = self.model.ctx  # debug modes run Python per layer and step: no graphs then
