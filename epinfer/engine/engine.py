@@ -245,8 +245,7 @@ class Engine:
         for row, seq in enumerate(sampled):
             seq.pending += 1
             seq.pending_row = row
-            after = len(seq.output_ids) + seq.pending
-            seq.final = after >= seq.params.max_tokens or len(seq.prompt_ids) + after >= seq.max_total_len
+            seq.final = self._length_reached(seq, len(seq.output_ids) + seq.pending)
         self.runner.prev_tokens = tokens
         self.last_sampled = len(sampled)
         event = None
@@ -291,6 +290,11 @@ class Engine:
             return self.resolve(0)
         return self.apply(scheduled, self.runner.execute(plan))
 
+    @staticmethod
+    def _length_reached(seq: Sequence, generated: int) -> bool:
+        """`generated` output tokens end the request by length (max tokens or model length)."""
+        return generated >= seq.params.max_tokens or len(seq.prompt_ids) + generated >= seq.max_total_len
+
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
@@ -300,8 +304,7 @@ class Engine:
             hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
             if hits:
                 seq.finish_reason, seq.stop_text_end = "stop", min(hits)
-        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens
-                                          or seq.num_tokens >= seq.max_total_len):
+        if seq.finish_reason is None and self._length_reached(seq, len(seq.output_ids)):
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
