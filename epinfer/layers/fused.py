@@ -19,9 +19,14 @@ import sys
 import torch
 
 ENABLED = [os.environ.get("EPINFER_COMPILE", "1") != "0"]  # EPINFER_COMPILE=0: eager, for A/B runs
-for _name in ("cache_size_limit", "recompile_limit"):  # variants per 0/1-size specialisation and dtype
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, 64)
+
+
+@functools.cache
+def _configure_dynamo() -> None:
+    """On first use only (importing dynamo costs start-up time CPU runs never need)."""
+    for name in ("cache_size_limit", "recompile_limit"):  # variants per 0/1-size specialisation and dtype
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
 
 
 EXACT = (torch.float32, torch.float64)  # reference arithmetic: never compiled (integer work is exact anyway)
@@ -36,6 +41,7 @@ def fused(fn):
         if not (ENABLED[0] and x.is_cuda and x.dtype not in EXACT) or state.get("broken"):
             return fn(*args)
         if "compiled" not in state:
+            _configure_dynamo()
             state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:
             return state["compiled"](*args)
