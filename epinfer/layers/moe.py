@@ -17,6 +17,8 @@ Shape suffixes: T rows, D hidden, E experts, K top-k, I expert intermediate.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,8 +163,10 @@ def grouped_mm_supported(dtype: torch.dtype) -> bool:
             b = torch.zeros(2, 16, 16, dtype=dtype, device="cuda")
             F.grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device="cuda"))
             _GROUPED_MM_OK[dtype] = True
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a GPU older than sm80
             _GROUPED_MM_OK[dtype] = False
+            print(f"epinfer: note: F.grouped_mm unavailable here ({type(exc).__name__}); experts run "
+                  f"without it (slower)", file=sys.stderr)
     return _GROUPED_MM_OK[dtype]
 
 
