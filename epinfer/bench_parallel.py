@@ -54,22 +54,17 @@ def run_bench_rank(engine, ctx, spec: BenchSpec) -> list[dict] | None:
     batches = [sum(spec.replica_batch)] if spec.replica_batch else spec.batches
     for batch in batches:
         counts = replica_counts(batch, groups.dp, spec.replica_batch)
-        mine = _submit(engine, groups, counts, batch, spec)
-        stats = _measure(engine, ctx, coord, ledger, counts, spec, mine)
+        if groups.tp_rank == 0:  # the replica's scheduler gets its share
+            submit_random(engine, counts[groups.dp_rank], max(counts), spec.input_len, spec.output_len,
+                          seed=batch * 1000 + groups.dp_rank)
+        stats = _measure(engine, ctx, coord, ledger, counts, spec)
         gathered = ctx.comm.gather_object(stats, 0, groups.world_cpu, "bench.results")
         if gathered is not None:
             records.append(_record(gathered, batch, counts, spec, ctx))
     return records if groups.world_rank == 0 else None
 
 
-def _submit(engine, groups, counts, batch, spec) -> list:
-    if groups.tp_rank != 0:
-        return []
-    return submit_random(engine, counts[groups.dp_rank], max(counts), spec.input_len, spec.output_len,
-                         seed=batch * 1000 + groups.dp_rank)
-
-
-def _measure(engine, ctx, coord, ledger, counts, spec, mine) -> dict:
+def _measure(engine, ctx, coord, ledger, counts, spec) -> dict:
     from epinfer.distributed.worker import lockstep_step
 
     steps, pad_rows, all_rows, parts, first_step = [], 0, 0, None, None
