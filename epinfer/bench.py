@@ -227,13 +227,13 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
-          gpu_memory_utilization: float = 0.9) -> list[dict]:
+          gpu_memory_utilization: float = 0.9, async_scheduling: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
                             max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
-                            gpu_memory_utilization=gpu_memory_utilization)
+                            gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
         engine = Engine(ecfg)
         dev = engine.device
         ceil = ceilings(dev)
@@ -248,7 +248,8 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
             floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
             rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
                    "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,
-                   "cuda_graphs": engine.runner.graphs is not None, **ceil, **speed,
+                   "cuda_graphs": engine.runner.graphs is not None,
+                   "async_scheduling": async_scheduling, **ceil, **speed,
                    "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),
                    "fraction_of_floor": round(floor_s * 1e3 / speed["step_ms_median"], 4)}
             flops = prefill_flops_per_token(engine.model_config, input_len) * speed["prefill_tok_s"]
@@ -300,7 +301,7 @@ def format_table(records: list[dict]) -> str:
 def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None,
                    device: str, dtype: str, dp: int, tp: int, dispatch: str = "agrs", dp_padding: str = "uniform",
                    replica_batch: list[int] | None = None, cuda_graphs: bool = True,
-                   gpu_memory_utilization: float = 0.9) -> list[dict]:
+                   gpu_memory_utilization: float = 0.9, async_scheduling: bool = False) -> list[dict]:
     """The same measurement on dp × tp spawned ranks (see `bench_parallel.py`); one record per batch."""
     from epinfer.bench_parallel import BenchSpec
     from epinfer.distributed.launch import launch
@@ -314,13 +315,14 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
                             max_num_seqs=max(1, top), max_model_len=input_len + output_len + 64,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
-                            gpu_memory_utilization=gpu_memory_utilization)
+                            gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
         job = Job(ecfg, dp, tp, dispatch, dp_padding,
                   bench=BenchSpec(batches, input_len, output_len, replica_batch))
         records = launch(job)
         depth = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     for rec in records:
-        rec.update(shape=shape, layers=depth, input_len=input_len, output_len=output_len, dtype=dtype)
+        rec.update(shape=shape, layers=depth, input_len=input_len, output_len=output_len, dtype=dtype,
+                   async_scheduling=async_scheduling)
         print(f"epinfer bench: dp={dp} tp={tp} batch {rec['batch']} {rec['replica_batch']}: decode "
               f"{rec['decode_tok_s']} tok/s, step {rec['step_ms_median']} ms, pad waste {rec['pad_waste']:.1%}",
               file=sys.stderr, flush=True)

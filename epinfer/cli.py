@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    bench.add_argument("--async-scheduling", action="store_true", help="plan step n+1 while step n runs")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="share of GPU memory for weights + caches")
     bench.add_argument("--dp", type=int, default=1, help="data-parallel replicas (spawned ranks)")
@@ -263,11 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                 replica = [int(x) for x in args.replica_batch.split(",")] if args.replica_batch else None
                 records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
                                          args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
-                                         replica, not args.enforce_eager, args.gpu_memory_utilization)
+                                         replica, not args.enforce_eager, args.gpu_memory_utilization,
+                                         args.async_scheduling)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
-                            args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization)
+                            args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization,
+                            args.async_scheduling)
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
         if args.command == "serve":

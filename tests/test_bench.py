@@ -12,10 +12,13 @@ from epinfer.errors import UserError
 from tests.checkpoints import tiny_config
 
 
-def test_bench_records(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_bench_records(tmp_path, async_scheduling):
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
-    records = bench(str(tmp_path), [1, 3], input_len=12, output_len=5, device="cpu", dtype="float32")
+    records = bench(str(tmp_path), [1, 3], input_len=12, output_len=5, device="cpu", dtype="float32",
+                    async_scheduling=async_scheduling)
     assert [r["batch"] for r in records] == [1, 3]
+    assert all(r["async_scheduling"] == async_scheduling for r in records)
     for r in records:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["step_ms_p90"] >= r["step_ms_median"]
         assert r["fraction_of_floor"] > 0 and r["floor_ms"] > 0 and r["copy_GBps"] > 0
