@@ -5,6 +5,8 @@
 #      async A/B | GPU2,3 tiny float32 parallel check, async on and off
 #   b: GPU0,1 one GPU b1/b64, DP=2 EP=2 b2/b128, TP=2 b1 | GPU2,3 imbalance 64/8, then serve load test
 #   c: all four: the field report's topology (gpu4_field_report.sh without its one-GPU bench)
+#   d: GPU0,1 one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance (graphs with collectives) | GPU2,3
+#      parallel check with graphs | GPU3 serve load test (wheels in .whl) | GPU2(+3) bf16 logits and 2-GPU graph tests, prefill profile
 # Usage: OUT=dir bash benchmarks/gpu4_lanes.sh a|b|c
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,6 +42,23 @@ b)
 c)
   lane c 0,1,2,3 "SKIP_ONE_GPU=1 bash benchmarks/gpu4_field_report.sh /tmp/gpu4; cp /tmp/gpu4/*.log /tmp/gpu4/*.jsonl \
     /tmp/gpu4/*.err $L/ 2>/dev/null" ;;
+d)
+  lane d01 0,1 "CUDA_VISIBLE_DEVICES=0 timeout 130 $B $S30 --batch 1 --batch 64 --json > $L/d_one_gpu.jsonl;
+    timeout 130 $B $S30 --dp 2 --batch 2 --batch 128 > $L/d_dp2.jsonl; timeout 110 $B $S30 --tp 2 --batch 1 > $L/d_tp2.jsonl;
+    timeout 110 $B $S30 --dp 2 --replica-batch 64,8 > $L/d_imb_uniform.jsonl"
+  lane d23 2,3 "python3 -c \"from tests.checkpoints import make_checkpoint
+for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)\";
+    ASYNC=1 timeout 250 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe \
+      > $L/d_parallel_async1.log 2>&1; echo parallel check async=1 exit \$?; grep -v '^(' $L/d_parallel_async1.log;
+    ASYNC=0 timeout 140 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_moe > $L/d_parallel_async0.log 2>&1;
+    echo parallel check async=0 exit \$?; grep -v '^(' $L/d_parallel_async0.log"
+  lane d3 3 "python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl;
+    mkdir -p /tmp/shape && cp epinfer/shapes/qwen3-30b-a3b.json /tmp/shape/config.json;
+    PYTHONPATH=.:/tmp/site timeout 300 python3 benchmarks/serve_load.py --serve '--model /tmp/shape --random-weights \
+      --dtype bfloat16 --max-model-len 2048 --cache-memory-gb 30' --token-prompts --requests 512 \
+      --concurrency 64 --max-tokens 64 --max-seconds 120"
+  lane d2 2,3 "timeout 270 python3 -m pytest -q -p no:cacheprovider -s tests/gpu -k 'bf16_real_shape or collectives';
+    CUDA_VISIBLE_DEVICES=2 timeout 120 python3 benchmarks/prefill_profile.py --layers 8 > $L/d_prefill_profile.jsonl" ;;
 esac
 wait
 grep -h "^epinfer bench\|exit\|passed\|failed" "$OUT"/*.log | cut -c1-220

@@ -41,7 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs for decode steps (single-process CUDA runs use them by default)")
+                   help="no CUDA graphs for decode steps (CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="plan step n+1 while the device runs step n (sampled tokens stay on the device)")
     p.add_argument("--random-weights", action="store_true",

@@ -87,3 +87,65 @@ def test_doctor_crash_without_pending_entries(tmp_path):
     assert report["verdict"] == "crash" and report["missing_ranks"] == [1] and report["culprit_ranks"] == [1]
     assert report["label"] == "layer.2.moe.dispatch" and report["step"] == 4
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decision_pads_decode_steps_to_a_shared_graph_bucket():
+    buckets = [2, 4, 8, 16]
+    d = decide([3, 1], [1, 1], 5, tp=2, padding="uniform", decode_only=[1, 1], buckets=buckets)
+    assert d.graph and d.rows == (4, 4) and d.moe_sizes(2, True) == [2, 2, 2, 2]
+    idle = decide([3, 0], [1, 1], 5, tp=2, padding="uniform", decode_only=[1, 1], buckets=buckets)
+    assert idle.graph and idle.rows == (4, 4)  # the idle replica's dummy batch replays too
+    for case in (dict(decode_only=[1, 0], buckets=buckets),  # a replica prefills: everybody eager
+                 dict(decode_only=[1, 1], buckets=None),  # some rank has no graphs
+                 dict(decode_only=[1, 1], buckets=[2, 4])):  # wider than the largest graph
+        d = decide([5, 1], [1, 1], 5, 2, "uniform", **case)
+        assert not d.graph and d.rows == (6, 6)
+    d = decide([5, 1], [1, 1], 5, 1, "none", [1, 1], buckets)
+    assert not d.graph and d.rows == (5, 1)  # unequal rows per replica: no shared graph
+    assert decide([5], [1], 5, 1, "none", [1], buckets).rows == (8,)  # one replica: padding is moot
+
+
+def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
+    """Captured collectives skip the hooks; each replay is one ledger entry that the doctor reads
+    back as the collectives it ran, with the same seqs an eager rank gives them."""
+    from types import SimpleNamespace
+
+    from epinfer.diagnostics.doctor import analyse
+    from epinfer.diagnostics.ledger import Ledger, read_dump
+    from epinfer.distributed.communicator import Communicator
+
+    ep = SimpleNamespace(name="ep")
+    ledgers = []
+    for rank in range(2):
+        comm = Communicator()
+        ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1]}})
+        comm.hooks.append(ledger)
+        x = torch.zeros(2, 4)
+
+        def forward(c=comm, t=x):
+            for layer in range(2):
+                c._run("all_gather", f"layer.{layer}.moe.dispatch", ep, [t], lambda: None)
+                c._run("reduce_scatter", f"layer.{layer}.moe.combine", ep, [t], lambda: None)
+
+        comm.step = 0
+        forward()  # an eager step
+        if rank == 0:  # rank 0 captures and replays twice, rank 1 runs eagerly
+            schedule = []
+            with comm.recording(schedule):
+                forward()
+            assert len(schedule) == 4 and len(ledger.entries) == 4
+            for step in (1, 2):
+                comm.step = step
+                comm.replayed("decode.b2", schedule)
+        else:
+            for step in (1, 2):
+                comm.step = step
+                forward()
+        ledger.dump(tmp_path, "ok")
+        ledgers.append(ledger)
+    assert len(ledgers[0].entries) == 4 + 2 and ledgers[0].seq["ep"] == ledgers[1].seq["ep"] == 12
+    _, expanded = read_dump(tmp_path / "rank0.jsonl")
+    _, eager = read_dump(tmp_path / "rank1.jsonl")
+    keys = ("group", "seq", "op", "label", "step", "shapes")
+    assert [[e[k] for k in keys] for e in expanded] == [[e[k] for k in keys] for e in eager]
+    assert analyse(tmp_path)["verdict"] == "ok"

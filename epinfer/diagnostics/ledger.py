@@ -2,8 +2,11 @@
 
 A communicator hook. Each group has its own sequence number; an entry records op, label, step id,
 shapes, dtypes, per-rank sizes, enqueue and completion times and state (`pending` until the call
-returns). Kept in a ring buffer (default 200,000 entries, a whole short run) and written as JSON
-lines: a header line describing the rank, then the entries. Cheap by design: a dict per call.
+returns). A CUDA graph replay is one entry of group `graph` whose `covers` gives, per group, the
+first seq of the collectives it ran; the graph's schedule is in the header (`graphs`), and
+`expand_replays` turns the entry back into one entry per collective. Kept in a ring buffer
+(default 200,000 entries, a whole short run) and written as JSON lines: a header line describing
+the rank, then the entries. Cheap by design: a dict per call.
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ class Ledger:
         entry["state"] = "done"
         self.current = None
 
+    def replayed(self, name: str, schedule: list, step: int) -> None:
+        graphs = self.info.setdefault("graphs", {})
+        if name not in graphs:
+            graphs[name] = [[c.group.name, c.op, c.label, c.shapes, c.dtypes, c.sizes] for c in schedule]
+        covers = {}
+        for c in schedule:
+            covers.setdefault(c.group.name, self.seq[c.group.name])
+            self.seq[c.group.name] += 1
+        now = time.time()
+        self.entries.append({"group": "graph", "seq": self.seq["graph"], "op": "graph", "label": f"graph.{name}",
+                             "step": step, "shapes": [], "dtypes": [], "sizes": None, "covers": covers,
+                             "t0": now, "t1": now, "state": "done"})
+        self.seq["graph"] += 1
+        self.step = step
+
     # --- positions and dumps ---------------------------------------------------------------
     def position(self) -> dict:
         """What peers need to know about this rank: step, next seq per group, current call."""
@@ -66,4 +84,21 @@ class Ledger:
 def read_dump(path: str | Path) -> tuple[dict, list[dict]]:
     lines = Path(path).read_text().splitlines()
     header = json.loads(lines[0])
-    return header, [json.loads(line) for line in lines[1:] if line.strip()]
+    return header, expand_replays(header, [json.loads(line) for line in lines[1:] if line.strip()])
+
+
+def expand_replays(header: dict, entries: list[dict]) -> list[dict]:
+    """Each graph-replay entry becomes the entries of the collectives it ran, as if eager."""
+    graphs = header.get("graphs", {})
+    out = []
+    for e in entries:
+        if e["op"] != "graph":
+            out.append(e)
+            continue
+        seq = dict(e["covers"])
+        for group, op, label, shapes, dtypes, sizes in graphs[e["label"].removeprefix("graph.")]:
+            out.append({"group": group, "seq": seq[group], "op": op, "label": label, "step": e["step"],
+                        "shapes": shapes, "dtypes": dtypes, "sizes": sizes, "t0": e["t0"], "t1": e["t1"],
+                        "state": e["state"], "graph": e["label"]})
+            seq[group] += 1
+    return out

@@ -12,6 +12,7 @@ Several tensors travel in one collective as byte views packed along the row axis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -50,6 +51,23 @@ class Communicator:
         self.precheck = precheck  # --check-collectives
         self.fault = None  # a FaultInjector on the one faulty rank (tests only)
         self.step = -1  # the DP step id the next collectives belong to
+        self.schedule: list | None = None  # collectives being captured into a CUDA graph
+
+    @contextlib.contextmanager
+    def recording(self, schedule: list):
+        """Inside: collectives are captured into a CUDA graph, not run; each is appended to
+        `schedule` instead of reaching the hooks (`replayed` reports them at every replay)."""
+        self.schedule = schedule
+        try:
+            yield schedule
+        finally:
+            self.schedule = None
+
+    def replayed(self, name: str, schedule: list) -> None:
+        """A CUDA graph holding `schedule`'s collectives was launched: one hook call per replay."""
+        for hook in self.hooks:
+            if hasattr(hook, "replayed"):
+                hook.replayed(name, schedule, self.step)
 
     def _inject(self, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
         """Fault injection (tests only): (skip this collective?, the tensor to send)."""
@@ -62,6 +80,9 @@ class Communicator:
              fn: Callable[[], object], sizes: list[int] | None = None, device: bool = True):
         call = CollectiveCall(op, label, group, [tuple(t.shape) for t in tensors],
                               [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step)
+        if self.schedule is not None:
+            self.schedule.append(call)
+            return fn()
         if device and self.precheck:
             self._check_fingerprints(call)
         for hook in self.hooks:

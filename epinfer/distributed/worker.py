@@ -130,7 +130,9 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     coord.applied = None
     scheduled, plan = engine.plan_step() if leader else (None, None)
     plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
-    decision = coord.sync(plan.num_tokens, plan.has_work or keep_alive)
+    runner = engine.runner
+    decision = coord.sync(plan.num_tokens, plan.has_work or keep_alive, runner.decode_only(plan),
+                          runner.shared_buckets)
     if decision.done or not decision.run:  # everybody stops / skips together, no step id used
         return decision
     if ctx.fault is not None:
@@ -139,9 +141,8 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
         mine = engine.runner.prev_tokens.clone() if leader else \
             torch.zeros(plan.prev_sampled, dtype=torch.long, device=engine.device)
         engine.runner.prev_tokens = ctx.comm.all_reduce(mine, groups.tp_group, "tp.tokens")
-    logits = engine.runner.execute(plan, decision.rows[groups.dp_rank],
-                                   decision.moe_sizes(groups.tp, ctx.sequence_parallel),
-                                   want_logits=leader, step_id=decision.step_id)
+    logits = runner.execute(plan, decision.rows[groups.dp_rank], decision.moe_sizes(groups.tp, ctx.sequence_parallel),
+                            want_logits=leader, step_id=decision.step_id, graph=decision.graph)
     if leader:
         coord.applied = (apply or engine.apply)(scheduled, logits)
     return decision
@@ -189,6 +190,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout)
     try:
         engine = Engine(job.engine, ctx, device)
+        engine.runner.agree_graphs(ctx)
         if job.serve is not None:
             from epinfer.server.engine_loop import serve_requests
 

@@ -65,8 +65,8 @@ def random_init(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
 
 class ModelRunner:
     """Decode-only steps on CUDA take the fast path: one batched paged-decode attention kernel,
-    metadata in one host-to-device copy, and (`cuda_graphs`, single process) a CUDA graph per
-    batch-size bucket. Everything else (prefill, mixed steps, CPU) runs the eager reference path."""
+    metadata in one host-to-device copy, and (`cuda_graphs`) a CUDA graph per batch-size bucket.
+    Everything else (prefill, mixed steps, CPU) runs the eager reference path."""
 
     def __init__(self, model: CausalLM, layout: CacheLayout, dtype: torch.dtype,
                  device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False) -> None:
@@ -86,10 +86,22 @@ class ModelRunner:
         # every sequence's blocks by state slot (rows beyond its blocks are unused): the decode
         # kernel reads it whole, the eager path one row per sequence
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
-        # graphs hold no collectives yet: only where the forward issues none (TP 1, no EP)
-        no_collectives = ctx.tp_size == 1 and ctx.ep_size == 1
-        self.graphs = DecodeGraphs(self, layout.num_state_slots) if (
-            cuda_graphs and self.fast_decode and no_collectives) else None
+        # graphs hold collectives too, except all-to-all (its split sizes are read on the host);
+        # debug modes run Python per layer and collective: no graphs then
+        capturable = ctx.ep_size == 1 or ctx.dispatch != "alltoall"
+        debug = ctx.numerics is not None or ctx.fault is not None or (ctx.comm is not None and ctx.comm.precheck)
+        self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
+            cuda_graphs and self.fast_decode and capturable and not debug) else None
+        self.shared_buckets: list[int] | None = None  # parallel runs: graph sizes every rank has
+
+    def agree_graphs(self, ctx) -> None:
+        """Parallel runs use graphs only if every rank has them (one all-reduce at start-up): the
+        DP decision then pads decode steps to the shared buckets and every rank replays together."""
+        have = torch.tensor([int(self.graphs is not None)])
+        ctx.comm.all_reduce_cpu(have, ctx.groups.world_cpu, "graphs.agree")
+        if int(have) != ctx.groups.world_size:
+            self.graphs = None
+        self.shared_buckets = self.graphs.buckets if self.graphs is not None else None
 
     def _register_blocks(self, slot: int, blocks: list[int]) -> None:
         self.host_tables[slot] = blocks
@@ -139,12 +151,20 @@ class ModelRunner:
         """Rows whose input is a token sampled in the previous step take it from the device."""
         ids_T.copy_(torch.where(src_T >= 0, self.prev_tokens[src_T.clamp(min=0)], ids_T))
 
-    def decode_meta_host(self, plan: StepPlan, rows: int) -> torch.Tensor | None:
+    def decode_only(self, plan: StepPlan) -> bool:
+        """Every item of `plan` decodes one token after earlier context (true for an empty plan)."""
+        return self.fast_decode and all(len(w.tokens) == 1 and w.start > 0 and w.new_blocks is None
+                                        for w in plan.items)
+
+    def padding_meta(self, rows: int) -> torch.Tensor:
+        return self.decode_meta_host(StepPlan([], [], False), rows, allow_empty=True)
+
+    def decode_meta_host(self, plan: StepPlan, rows: int, allow_empty: bool = False) -> torch.Tensor | None:
         """[7, rows] int64 on the host (ids, positions, kv rows, state slots, lengths, real mask,
         previous-step source row or -1) when every item of `plan` decodes one token after earlier
-        context; None otherwise."""
-        if not self.fast_decode or not plan.items or any(
-                len(w.tokens) != 1 or w.start == 0 or w.new_blocks is not None for w in plan.items):
+        context; None otherwise. `allow_empty`: a plan without items (a dummy batch) gives all
+        padding rows."""
+        if not self.decode_only(plan) or not (plan.items or allow_empty):
             return None
         bs, n = self.layout.block_size, len(plan.items)
         pad = rows - n
@@ -171,17 +191,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, rows: int | None = None, moe_sizes: list[int] | None = None,
-                want_logits: bool = True, step_id: int = -1) -> torch.Tensor | None:
+                want_logits: bool = True, step_id: int = -1, graph: bool | None = None) -> torch.Tensor | None:
+        """`graph`: the parallel step's decision (every rank replays its graph of `rows` rows, a
+        dummy batch too); None in a single process, where the choice is local."""
         for slot in plan.reset_slots:
             self.cache.reset_slot(slot)
             self.host_tables.pop(slot, None)
         n = len(plan.items)
-        ctx = self.model.ctx  # debug modes run Python per layer and step: no graphs then
-        graphs = self.graphs if (self.graphs is not None and ctx.numerics is None and ctx.fault is None) else None
-        bucket = graphs.bucket(n) if graphs is not None else None
+        if graph and self.graphs is not None:
+            logits = self.graphs.run(self.decode_meta_host(plan, rows, allow_empty=True), n, plan.has_pending,
+                                     moe_sizes)
+            return logits if want_logits else None
+        bucket = self.graphs.bucket(n) if graph is None and self.graphs is not None else None
         meta = self.decode_meta_host(plan, bucket or rows or plan.num_tokens)
         if meta is not None and bucket is not None:
-            return graphs.run(meta, n, plan.has_pending)
+            return self.graphs.run(meta, n, plan.has_pending)
         if meta is not None:
             meta = meta.to(self.device, non_blocking=True)
             if plan.has_pending:

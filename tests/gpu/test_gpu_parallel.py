@@ -1,0 +1,36 @@
+"""Two GPUs (NCCL), tiny float32 checkpoint: decode steps replay CUDA graphs with the MoE
+collectives inside, on every rank at the same steps, and the tokens equal one GPU's. Skipped
+with fewer than 2 GPUs; `benchmarks/gpu_parallel_check.py` runs every dispatcher and padding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.gpu.test_gpu_decode import PROMPTS
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dp,tp,async_scheduling", [(2, 1, False), (1, 2, True)])
+def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, dp, tp, async_scheduling):
+    from epinfer import LLM, SamplingParams
+    from epinfer.distributed.launch import launch
+    from epinfer.distributed.worker import Job
+    from epinfer.engine.engine import EngineConfig
+
+    folder = str(ckpt_dir("qwen3_moe"))
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 5, 20, 9)]
+    ecfg = dict(model=folder, dtype="float32", device="cuda", async_scheduling=async_scheduling)
+    ref = [o.token_ids for o in LLM(**ecfg).generate(PROMPTS, params)]
+    job = Job(EngineConfig(**ecfg), dp, tp, "agrs", "uniform", prompts=PROMPTS, params=params,
+              dump_dir=str(tmp_path))
+    assert [o.token_ids for o in launch(job)] == ref
+    for rank in range(dp * tp):
+        lines = (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()
+        header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+        replays = [e for e in entries if e["op"] == "graph"]
+        assert len(replays) >= 10 and header["graphs"], f"rank {rank} replayed {len(replays)} graphs"
