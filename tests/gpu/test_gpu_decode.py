@@ -5,8 +5,9 @@
   transformers `generate` on the same GPU;
 * bf16 at real shape (a few layers, random weights): every step's logits against transformers
   run teacher-forced on the same tokens — in float32 on the same (bf16) weights, the function both
-  bf16 runs approximate: relative error <= 2e-2, top-1 agreement >= 99 %. transformers' own bf16
-  logits are reported beside it (`benchmarks/gpu_logits_check.py` prints the table).
+  bf16 runs approximate, and against transformers' own bf16 run: relative error <= 2e-2, top-1
+  agreement >= 99 %, on weights conditioned like a trained model's (`condition_like_trained`);
+  `benchmarks/gpu_logits_check.py` prints the table.
 """
 
 from __future__ import annotations
@@ -150,12 +151,33 @@ def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16):
         for name, p in model.named_parameters():
             if name.endswith("lm_head.weight") or name.endswith("mlp.gate.weight"):
                 p.mul_(8.0)
+        condition_like_trained(model)
     out = tmp_path / "ckpt"
     model.save_pretrained(str(out))
     return out, model.eval()
 
 
-def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 24) -> dict:
+def condition_like_trained(model) -> None:
+    """Random weights, but numerically like a trained model. transformers initialises embeddings
+    with std 0.02, so every layer's output all but replaces the residual stream, and the GDN and MoE
+    blocks (products such as silu(gate) * up) magnify an input error 2-3x per layer. On the hybrid
+    shape bf16 then drifts ~0.17 from float32 while HF's own bf16 drifts as much. Embeddings of std 1
+    make each layer add ~20 % to the stream, as in trained models. Random logits also have near-ties
+    below bf16's resolution; LM-head rows that fall off with the token index plus a bigram term (the
+    input token's embedding, permuted) give the peaked next-token distribution of a trained model,
+    so top-1 measures the computation rather than rounding luck."""
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        emb, head = params["model.embed_tokens.weight"], params["lm_head.weight"]
+        gen = torch.Generator(device=emb.device).manual_seed(0)
+        emb.copy_(torch.randn(emb.shape, generator=gen, device=emb.device))
+        vocab, width = head.shape
+        falloff = torch.arange(1, vocab + 1, device=head.device, dtype=torch.float32).pow(-0.3)[:, None]
+        bigram = emb.float()[torch.randperm(vocab, generator=gen, device=emb.device)] * (12.0 / width)
+        head.copy_((head.float() * falloff + bigram).to(head.dtype))
+
+
+def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32) -> dict:
     """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens."""
     from epinfer import LLM, SamplingParams
 
@@ -165,7 +187,7 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
     apply = engine.apply
     engine.apply = lambda scheduled, logits: (steps.append(logits.float().cpu()), apply(scheduled, logits))[1]
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (64, 17, 100, 5)]
+    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (64, 17, 100, 5, 33, 80, 9, 50)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))
     graphs = engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
     del llm
@@ -204,8 +226,7 @@ def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers):
     res = compare_logits(folder, model, "bfloat16")
     print(f"{shape} x{layers}: {res}")
     assert res["graphs"], "no CUDA graph ran"
-    # Against transformers in float32 on the same weights (what both bf16 runs approximate). With
-    # random weights bf16 itself can miss the issue's bound (2e-2, 99 % top-1): transformers' own
-    # bf16 logits are the yardstick then, and ours must be at least as close (5 % / 2 points slack).
-    assert res["rel_err_vs_fp32"] <= max(2e-2, 1.05 * res["hf_bf16_rel_err_vs_fp32"])
-    assert res["top1_vs_fp32"] >= min(0.99, res["hf_bf16_top1_vs_fp32"] - 0.02)
+    # the issue's bound, against transformers in float32 on the same weights (the function both
+    # bf16 runs approximate) and against transformers' bf16 run
+    assert res["rel_err_vs_fp32"] <= 2e-2 and res["top1_vs_fp32"] >= 0.99
+    assert res["rel_err"] <= 2e-2 and res["top1"] >= 0.99
