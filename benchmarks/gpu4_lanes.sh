@@ -6,7 +6,11 @@
 #   b: GPU0,1 one GPU b1/b64, DP=2 EP=2 b2/b128, TP=2 b1 | GPU2,3 imbalance 64/8, then serve load test
 #   c: all four: the field report's topology (gpu4_field_report.sh without its one-GPU bench)
 #   d: GPU0,1 one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance (graphs with collectives) | GPU2,3
-#      parallel check with graphs | GPU3 serve load test (wheels in .whl) | GPU2(+3) bf16 logits and 2-GPU graph tests, prefill profile
+#      parallel check with graphs | GPU3 serve load test | GPU2(+3) GPU tests, prefill profile
+#   e: GPU0,1 why graphs with collectives hang (benchmarks/nccl_graph_probe.py, three variants, then
+#      epinfer with EPINFER_PARALLEL_GRAPHS=1) | GPU2 serve load test | GPU3 prefill profile, 48 layers
+# The serve load test needs fastapi/uvicorn/pydantic wheels in .whl (git-ignored): the device call
+# must name it in `carry` (see /work/.library/device/README.md for the download command).
 # Usage: OUT=dir bash benchmarks/gpu4_lanes.sh a|b|c
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -59,6 +63,18 @@ for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)\";
       --concurrency 64 --max-tokens 64 --max-seconds 120"
   lane d2 2,3 "timeout 300 python3 -m pytest -q -p no:cacheprovider -s tests/gpu;
     CUDA_VISIBLE_DEVICES=2 timeout 120 python3 benchmarks/prefill_profile.py --layers 8 > $L/d_prefill_profile.jsonl" ;;
+e)
+  lane e01 0,1 "python3 -c \"from tests.checkpoints import make_checkpoint; make_checkpoint('qwen3_moe', '/tmp/ck/qwen3_moe')\";
+    for v in '--mode thread_local' '--mode global' '--graph-register 0'; do echo \"== probe \$v\";
+      timeout 100 python3 benchmarks/nccl_graph_probe.py \$v; echo \"exit \$?\"; done;
+    echo '== epinfer'; timeout 120 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe; echo \"exit \$?\""
+  lane e2 2 "python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl;
+    mkdir -p /tmp/shape && cp epinfer/shapes/qwen3-30b-a3b.json /tmp/shape/config.json;
+    PYTHONPATH=.:/tmp/site timeout 300 python3 benchmarks/serve_load.py --serve '--model /tmp/shape --random-weights \
+      --dtype bfloat16 --max-model-len 2048 --cache-memory-gb 30' --token-prompts --requests 512 \
+      --concurrency 64 --max-tokens 64 --max-seconds 120"
+  lane e3 3 "timeout 200 python3 benchmarks/prefill_profile.py --layers 48 > $L/e_prefill_profile.jsonl;
+    timeout 200 python3 -m epinfer bench $S30 --batch 8 --input-len 2048 --output-len 16 --json > $L/e_prefill.jsonl" ;;
 esac
 wait
 grep -h "^epinfer bench\|exit\|passed\|failed" "$OUT"/*.log | cut -c1-220

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import os
 import signal
 import time
@@ -188,6 +189,8 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     dist.init_process_group(**kwargs)
     ctx = make_context(job, backend)
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout)
+    if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
+        faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
     try:
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)

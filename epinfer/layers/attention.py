@@ -157,9 +157,11 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     N, H, hd = q_NHd.shape
     L, KVH = k_LKd.shape[0], k_LKd.shape[1]
     rep = H // KVH
-    q = q_NHd.transpose(0, 1)  # [H, N, hd]
-    k = k_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, L, hd]
-    v = v_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)
+    # [1, H, N, hd]: the fused (flash / memory-efficient) kernels take 4-D inputs only; with 3-D ones
+    # SDPA falls back to the math kernel, which runs bf16 in float32 (7.8 % of the matmul rate in prefill)
+    q = q_NHd.transpose(0, 1)[None]
+    k = k_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)[None]  # [1, H, L, hd]
+    v = v_LKd.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
     mask, causal = None, False
     if N > 1 and context_len == 0:
         causal = True  # square causal: lets SDPA pick a flash kernel on GPUs
@@ -169,4 +171,4 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
         mask = key_pos[None, :] <= query_pos[:, None]  # [N, L]
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
                                          scale=scale)
-    return out.transpose(0, 1)  # [N, H, hd]
+    return out[0].transpose(0, 1)  # [N, H, hd]

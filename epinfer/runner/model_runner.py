@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -86,9 +87,12 @@ class ModelRunner:
         # every sequence's blocks by state slot (rows beyond its blocks are unused): the decode
         # kernel reads it whole, the eager path one row per sequence
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
-        # graphs hold collectives too, except all-to-all (its split sizes are read on the host);
+        # graphs hold collectives too, except all-to-all (its split sizes are read on the host) —
+        # experimental, EPINFER_PARALLEL_GRAPHS=1: its first run on 2 H200s hung (see RESULTS.md);
         # debug modes run Python per layer and collective: no graphs then
-        capturable = ctx.ep_size == 1 or ctx.dispatch != "alltoall"
+        parallel = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
+        capturable = (not parallel or os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1") and (
+            ctx.ep_size == 1 or ctx.dispatch != "alltoall")
         debug = ctx.numerics is not None or ctx.fault is not None or (ctx.comm is not None and ctx.comm.precheck)
         self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
             cuda_graphs and self.fast_decode and capturable and not debug) else None
