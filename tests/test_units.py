@@ -137,6 +137,10 @@ def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
             for step in (1, 2):
                 comm.step = step
                 comm.replayed("decode.b2", schedule)
+                # until the host has waited for the device, a stuck replay is where this rank is
+                assert ledger.position()["current"]["label"] == "graph.decode.b2"
+                comm.synced()
+                assert ledger.position()["current"] is None and ledger.entries[-1]["state"] == "done"
         else:
             for step in (1, 2):
                 comm.step = step
@@ -149,3 +153,29 @@ def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
     keys = ("group", "seq", "op", "label", "step", "shapes")
     assert [[e[k] for k in keys] for e in expanded] == [[e[k] for k in keys] for e in eager]
     assert analyse(tmp_path)["verdict"] == "ok"
+
+
+def test_doctor_places_a_hang_inside_a_graph_replay(tmp_path):
+    """A replay whose collectives never finish (no host sync came back) is a hang at its first
+    collective, named with the graph."""
+    from types import SimpleNamespace
+
+    from epinfer.diagnostics.doctor import analyse
+    from epinfer.diagnostics.ledger import Ledger
+    from epinfer.distributed.communicator import Communicator
+
+    ep = SimpleNamespace(name="ep")
+    for rank in range(2):
+        comm = Communicator()
+        ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1], "graph": [0, 1]}})
+        comm.hooks.append(ledger)
+        schedule = []
+        with comm.recording(schedule):
+            for layer in range(2):
+                comm._run("all_gather", f"layer.{layer}.moe.dispatch", ep, [torch.zeros(2, 4)], lambda: None)
+        comm.step = 3
+        comm.replayed("decode.b2", schedule)  # never synced: the device is stuck in it
+        ledger.dump(tmp_path, "fault", "stuck")
+    report = analyse(tmp_path)
+    assert report["verdict"] == "hang" and report["label"] == "layer.0.moe.dispatch" and report["step"] == 3
+    assert "none finished" in report["summary"] and "graph.decode.b2" in report["summary"]

@@ -91,8 +91,11 @@ def analyse(folder: Path) -> dict:
             absent = [r for r in members.get(group, []) if r not in present]
             result.update(verdict="hang", group=group, seq=seq, label=entry["label"], step=entry["step"],
                           missing_ranks=sorted(set(missing) | set(absent)), culprit_ranks=absent)
-            result["summary"] = (f"Hang: ranks {sorted(present)} entered {entry['label']} ({group} seq {seq}, "
-                                 f"step {entry['step']}) but ranks {absent} never arrived.")
+            where = f"{entry['label']} ({group} seq {seq}, step {entry['step']})"
+            if entry.get("graph"):
+                where += f" inside the CUDA graph replay {entry['graph']}"
+            result["summary"] = (f"Hang: ranks {sorted(present)} entered {where} but ranks {absent} never arrived."
+                                 if absent else f"Hang: every rank entered {where} and none finished it.")
     if result["verdict"] == "ok":
         result["summary"] = (f"All {world} ranks issued the same {sum(len(s) for s in by_group.values())} "
                              f"collectives in the same order; no fault found.")

@@ -28,6 +28,7 @@ class Ledger:
 
     # --- communicator hook -----------------------------------------------------------------
     def before(self, call) -> None:
+        self.synced()
         name = call.group.name
         entry = {"group": name, "seq": self.seq[name], "op": call.op, "label": call.label,
                  "step": call.step, "shapes": call.shapes, "dtypes": call.dtypes, "sizes": call.sizes,
@@ -45,6 +46,7 @@ class Ledger:
         self.current = None
 
     def replayed(self, name: str, schedule: list, step: int) -> None:
+        self.synced()
         graphs = self.info.setdefault("graphs", {})
         if name not in graphs:
             graphs[name] = [[c.group.name, c.op, c.label, c.shapes, c.dtypes, c.sizes] for c in schedule]
@@ -52,12 +54,22 @@ class Ledger:
         for c in schedule:
             covers.setdefault(c.group.name, self.seq[c.group.name])
             self.seq[c.group.name] += 1
-        now = time.time()
-        self.entries.append({"group": "graph", "seq": self.seq["graph"], "op": "graph", "label": f"graph.{name}",
-                             "step": step, "shapes": [], "dtypes": [], "sizes": None, "covers": covers,
-                             "t0": now, "t1": now, "state": "done"})
+        entry = {"group": "graph", "seq": self.seq["graph"], "op": "graph", "label": f"graph.{name}",
+                 "step": step, "shapes": [], "dtypes": [], "sizes": None, "covers": covers,
+                 "t0": time.time(), "t1": None, "state": "pending"}
+        self.entries.append(entry)
         self.seq["graph"] += 1
         self.step = step
+        # pending until the host has waited for the device (`synced`) or moved on to the next
+        # collective: a replay stuck in its collectives shows as this rank's current entry
+        self.current = entry
+
+    def synced(self) -> None:
+        cur = self.current
+        if cur is not None and cur["op"] == "graph":
+            cur["t1"] = time.time()
+            cur["state"] = "done"
+            self.current = None
 
     # --- positions and dumps ---------------------------------------------------------------
     def position(self) -> dict:

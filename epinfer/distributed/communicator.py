@@ -69,6 +69,12 @@ class Communicator:
             if hasattr(hook, "replayed"):
                 hook.replayed(name, schedule, self.step)
 
+    def synced(self) -> None:
+        """The host waited for the device (the step's sampled tokens): launched graphs have run."""
+        for hook in self.hooks:
+            if hasattr(hook, "synced"):
+                hook.synced()
+
     def _inject(self, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
         """Fault injection (tests only): (skip this collective?, the tensor to send)."""
         action = self.fault.take_pending() if self.fault is not None else None

@@ -146,6 +146,7 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
                             want_logits=leader, step_id=decision.step_id, graph=decision.graph)
     if leader:
         coord.applied = (apply or engine.apply)(scheduled, logits)
+        ctx.comm.synced()  # sampling read tokens back: a graph replayed before them has finished
     return decision
 
 
@@ -227,7 +228,8 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float)
     groups = ctx.groups
     info = {"rank": rank, "world": groups.world_size, "dp": groups.dp, "tp": groups.tp,
             "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank,
-            "groups": {g.name: list(g.ranks) for g in (groups.tp_group, groups.dp_group, groups.ep_group)},
+            "groups": {g.name: list(g.ranks) for g in (groups.tp_group, groups.dp_group, groups.ep_group)}
+            | {"graph": list(range(groups.world_size))},  # CUDA graph replays: every rank at the same steps
             "dispatch": ctx.dispatch, "dp_padding": ctx.dp_padding}
     ledger = Ledger(info)
     ctx.comm.hooks.append(ledger)
