@@ -8,7 +8,8 @@
 #   d: GPU0,1 one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance (graphs with collectives) | GPU2,3
 #      parallel check with graphs | GPU3 serve load test | GPU2(+3) GPU tests, prefill profile
 #   e: GPU0,1 why graphs with collectives hang (benchmarks/nccl_graph_probe.py, three variants, then
-#      epinfer with EPINFER_PARALLEL_GRAPHS=1) | GPU2 serve load test | GPU3 prefill profile, 48 layers
+#      epinfer with EPINFER_PARALLEL_GRAPHS=1) | GPU2 serve load test | GPU3 GPU tests, prefill 8x2048
+#      profile at 48 layers
 # The serve load test needs fastapi/uvicorn/pydantic wheels in .whl (git-ignored): the device call
 # must name it in `carry` (see /work/.library/device/README.md for the download command).
 # Usage: OUT=dir bash benchmarks/gpu4_lanes.sh a|b|c
@@ -73,8 +74,8 @@ e)
     PYTHONPATH=.:/tmp/site timeout 300 python3 benchmarks/serve_load.py --serve '--model /tmp/shape --random-weights \
       --dtype bfloat16 --max-model-len 2048 --cache-memory-gb 30' --token-prompts --requests 512 \
       --concurrency 64 --max-tokens 64 --max-seconds 120"
-  lane e3 3 "timeout 200 python3 benchmarks/prefill_profile.py --layers 48 > $L/e_prefill_profile.jsonl;
-    timeout 200 python3 -m epinfer bench $S30 --batch 8 --input-len 2048 --output-len 16 --json > $L/e_prefill.jsonl" ;;
+  lane e3 3 "timeout 280 python3 -m pytest -q -p no:cacheprovider tests/gpu; echo pytest exit \$?;
+    timeout 150 python3 benchmarks/prefill_profile.py --layers 48 > $L/e_prefill_profile.jsonl" ;;
 esac
 wait
 grep -h "^epinfer bench\|exit\|passed\|failed" "$OUT"/*.log | cut -c1-220
