@@ -136,10 +136,11 @@ def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
             assert len(schedule) == 4 and len(ledger.entries) == 4
             for step in (1, 2):
                 comm.step = step
-                comm.replayed("decode.b2", schedule)
-                # until the host has waited for the device, a stuck replay is where this rank is
+                ran = [False]
+                comm.replayed("decode.b2", schedule, SimpleNamespace(query=lambda r=ran: r[0]))
+                # until the device has run it, a replay (stuck in its collectives?) is where this rank is
                 assert ledger.position()["current"]["label"] == "graph.decode.b2"
-                comm.synced()
+                ran[0] = True
                 assert ledger.position()["current"] is None and ledger.entries[-1]["state"] == "done"
         else:
             for step in (1, 2):
@@ -174,7 +175,7 @@ def test_doctor_places_a_hang_inside_a_graph_replay(tmp_path):
             for layer in range(2):
                 comm._run("all_gather", f"layer.{layer}.moe.dispatch", ep, [torch.zeros(2, 4)], lambda: None)
         comm.step = 3
-        comm.replayed("decode.b2", schedule)  # never synced: the device is stuck in it
+        comm.replayed("decode.b2", schedule, SimpleNamespace(query=lambda: False))  # the device is stuck in it
         ledger.dump(tmp_path, "fault", "stuck")
     report = analyse(tmp_path)
     assert report["verdict"] == "hang" and report["label"] == "layer.0.moe.dispatch" and report["step"] == 3

@@ -24,6 +24,7 @@ class Ledger:
         self.entries: collections.deque = collections.deque(maxlen=capacity)
         self.seq: dict[str, int] = collections.defaultdict(int)
         self.current: dict | None = None  # the collective this rank is inside, if any
+        self.replay_done = None  # the event that says the current graph replay has run
         self.step = -1
 
     # --- communicator hook -----------------------------------------------------------------
@@ -45,7 +46,7 @@ class Ledger:
         entry["state"] = "done"
         self.current = None
 
-    def replayed(self, name: str, schedule: list, step: int) -> None:
+    def replayed(self, name: str, schedule: list, step: int, done) -> None:
         self.synced()
         graphs = self.info.setdefault("graphs", {})
         if name not in graphs:
@@ -60,11 +61,13 @@ class Ledger:
         self.entries.append(entry)
         self.seq["graph"] += 1
         self.step = step
-        # pending until the host has waited for the device (`synced`) or moved on to the next
-        # collective: a replay stuck in its collectives shows as this rank's current entry
+        # pending until the device has run it (`done`, polled by `position`) or the host moved on
+        # to the next collective: a replay stuck in its collectives shows as this rank's current entry
         self.current = entry
+        self.replay_done = done
 
     def synced(self) -> None:
+        """Close the current replay entry, if any."""
         cur = self.current
         if cur is not None and cur["op"] == "graph":
             cur["t1"] = time.time()
@@ -75,6 +78,9 @@ class Ledger:
     def position(self) -> dict:
         """What peers need to know about this rank: step, next seq per group, current call."""
         cur = self.current
+        if cur is not None and cur["op"] == "graph" and self.replay_done.query():
+            self.synced()
+            cur = None
         return {"t": time.time(), "step": self.step, "seq": dict(self.seq),
                 "current": None if cur is None else {k: cur[k] for k in ("group", "seq", "label", "t0")}}
 

@@ -63,17 +63,12 @@ class Communicator:
         finally:
             self.schedule = None
 
-    def replayed(self, name: str, schedule: list) -> None:
-        """A CUDA graph holding `schedule`'s collectives was launched: one hook call per replay."""
+    def replayed(self, name: str, schedule: list, done) -> None:
+        """A CUDA graph holding `schedule`'s collectives was launched; `done` (a CUDA event recorded
+        after it) says when it has run. One hook call per replay."""
         for hook in self.hooks:
             if hasattr(hook, "replayed"):
-                hook.replayed(name, schedule, self.step)
-
-    def synced(self) -> None:
-        """The host waited for the device (the step's sampled tokens): launched graphs have run."""
-        for hook in self.hooks:
-            if hasattr(hook, "synced"):
-                hook.synced()
+                hook.replayed(name, schedule, self.step, done)
 
     def _inject(self, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
         """Fault injection (tests only): (skip this collective?, the tensor to send)."""

@@ -142,11 +142,11 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
         mine = engine.runner.prev_tokens.clone() if leader else \
             torch.zeros(plan.prev_sampled, dtype=torch.long, device=engine.device)
         engine.runner.prev_tokens = ctx.comm.all_reduce(mine, groups.tp_group, "tp.tokens")
+    graph = decision.graph if runner.shared_buckets is not None else None  # None: this replica's own choice
     logits = runner.execute(plan, decision.rows[groups.dp_rank], decision.moe_sizes(groups.tp, ctx.sequence_parallel),
-                            want_logits=leader, step_id=decision.step_id, graph=decision.graph)
+                            want_logits=leader, step_id=decision.step_id, graph=graph)
     if leader:
         coord.applied = (apply or engine.apply)(scheduled, logits)
-        ctx.comm.synced()  # sampling read tokens back: a graph replayed before them has finished
     return decision
 
 
@@ -229,7 +229,7 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float)
     info = {"rank": rank, "world": groups.world_size, "dp": groups.dp, "tp": groups.tp,
             "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank,
             "groups": {g.name: list(g.ranks) for g in (groups.tp_group, groups.dp_group, groups.ep_group)}
-            | {"graph": list(range(groups.world_size))},  # CUDA graph replays: every rank at the same steps
+            | {"graph": list(groups.world_cpu.ranks)},  # CUDA graph replays: every rank at the same steps
             "dispatch": ctx.dispatch, "dp_padding": ctx.dp_padding}
     ledger = Ledger(info)
     ctx.comm.hooks.append(ledger)

@@ -53,7 +53,9 @@ class DecodeGraphs:
             self.runner.feed_pending(self.meta[0, :size], self.meta[6, :size])
         graph.replay()
         if schedule:
-            self.comm.replayed(f"decode.b{size}", schedule)
+            done = torch.cuda.Event()
+            done.record()
+            self.comm.replayed(f"decode.b{size}", schedule, done)
         return logits[:real]
 
     def _forward(self, size: int, moe_sizes: list[int] | None) -> torch.Tensor:

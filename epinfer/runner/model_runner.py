@@ -90,17 +90,20 @@ class ModelRunner:
         # graphs hold collectives too, except all-to-all (its split sizes are read on the host) —
         # experimental, EPINFER_PARALLEL_GRAPHS=1: its first run on 2 H200s hung (see RESULTS.md);
         # debug modes run Python per layer and collective: no graphs then
-        parallel = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
-        capturable = (not parallel or os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1") and (
+        self.collectives = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
+        capturable = (not self.collectives or os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1") and (
             ctx.ep_size == 1 or ctx.dispatch != "alltoall")
         debug = ctx.numerics is not None or ctx.fault is not None or (ctx.comm is not None and ctx.comm.precheck)
         self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
             cuda_graphs and self.fast_decode and capturable and not debug) else None
-        self.shared_buckets: list[int] | None = None  # parallel runs: graph sizes every rank has
+        self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has
 
     def agree_graphs(self, ctx) -> None:
-        """Parallel runs use graphs only if every rank has them (one all-reduce at start-up): the
-        DP decision then pads decode steps to the shared buckets and every rank replays together."""
+        """A forward with collectives uses graphs only if every rank has them (one all-reduce at
+        start-up): the DP decision then pads decode steps to the shared buckets and every rank
+        replays together. Without collectives (TP 1, no EP) each replica keeps its own choice."""
+        if not self.collectives:
+            return
         have = torch.tensor([int(self.graphs is not None)])
         ctx.comm.all_reduce_cpu(have, ctx.groups.world_cpu, "graphs.agree")
         if int(have) != ctx.groups.world_size:
