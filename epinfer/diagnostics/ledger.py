@@ -29,7 +29,7 @@ class Ledger:
 
     # --- communicator hook -----------------------------------------------------------------
     def before(self, call) -> None:
-        self.synced()
+        self.close_replay()
         name = call.group.name
         entry = {"group": name, "seq": self.seq[name], "op": call.op, "label": call.label,
                  "step": call.step, "shapes": call.shapes, "dtypes": call.dtypes, "sizes": call.sizes,
@@ -47,7 +47,7 @@ class Ledger:
         self.current = None
 
     def replayed(self, name: str, schedule: list, step: int, done) -> None:
-        self.synced()
+        self.close_replay()
         graphs = self.info.setdefault("graphs", {})
         if name not in graphs:
             graphs[name] = [[c.group.name, c.op, c.label, c.shapes, c.dtypes, c.sizes] for c in schedule]
@@ -66,7 +66,7 @@ class Ledger:
         self.current = entry
         self.replay_done = done
 
-    def synced(self) -> None:
+    def close_replay(self) -> None:
         """Close the current replay entry, if any."""
         cur = self.current
         if cur is not None and cur["op"] == "graph":
@@ -79,7 +79,7 @@ class Ledger:
         """What peers need to know about this rank: step, next seq per group, current call."""
         cur = self.current
         if cur is not None and cur["op"] == "graph" and self.replay_done.query():
-            self.synced()
+            self.close_replay()
             cur = None
         return {"t": time.time(), "step": self.step, "seq": dict(self.seq),
                 "current": None if cur is None else {k: cur[k] for k in ("group", "seq", "label", "t0")}}

@@ -129,9 +129,9 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     leader = groups.tp_rank == 0
     ctx.comm.step = coord.step_id
     coord.applied = None
+    runner = engine.runner
     scheduled, plan = engine.plan_step() if leader else (None, None)
     plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
-    runner = engine.runner
     decision = coord.sync(plan.num_tokens, plan.has_work or keep_alive, runner.decode_only(plan),
                           runner.shared_buckets)
     if decision.done or not decision.run:  # everybody stops / skips together, no step id used
@@ -139,9 +139,9 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     if ctx.fault is not None:
         ctx.fault.at_step(decision.step_id)
     if plan.has_pending and groups.tp > 1:  # async scheduling: the leader's last sampled tokens
-        mine = engine.runner.prev_tokens.clone() if leader else \
+        mine = runner.prev_tokens.clone() if leader else \
             torch.zeros(plan.prev_sampled, dtype=torch.long, device=engine.device)
-        engine.runner.prev_tokens = ctx.comm.all_reduce(mine, groups.tp_group, "tp.tokens")
+        runner.prev_tokens = ctx.comm.all_reduce(mine, groups.tp_group, "tp.tokens")
     graph = decision.graph if runner.shared_buckets is not None else None  # None: this replica's own choice
     logits = runner.execute(plan, decision.rows[groups.dp_rank], decision.moe_sizes(groups.tp, ctx.sequence_parallel),
                             want_logits=leader, step_id=decision.step_id, graph=graph)

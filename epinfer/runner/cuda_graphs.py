@@ -17,6 +17,8 @@ communicator records each graph's collectives at capture; a replay is one ledger
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -74,12 +76,10 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         schedule: list = []
-        if self.comm is None:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(size, moe_sizes)
-        else:  # other threads (watchdogs) must not be caught by the capture
-            with self.comm.recording(schedule), torch.cuda.graph(graph, pool=self.pool,
-                                                                 capture_error_mode="thread_local"):
-                logits = self._forward(size, moe_sizes)
+        # with collectives, other threads (the watchdogs) must not be caught by the capture
+        recording = contextlib.nullcontext() if self.comm is None else self.comm.recording(schedule)
+        mode = "global" if self.comm is None else "thread_local"
+        with recording, torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
+            logits = self._forward(size, moe_sizes)
         self.pool = graph.pool()
         return graph, logits, schedule
