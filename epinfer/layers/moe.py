@@ -63,6 +63,10 @@ class FusedExperts(nn.Module):
             return torch.zeros_like(x_TD)
         if moe_triton.usable(x_TD, topk_ids_TK.numel()):  # few pairs: per-pair Triton kernels
             return moe_triton.moe_small(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert)
+        if moe_triton.grouped_usable(x_TD, topk_ids_TK.numel(), num_local):  # decode sizes: gather-GEMM kernels
+            order, offs, _ = permute_pairs(topk_ids_TK, self.first_expert, num_local)
+            return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, order, offs,
+                                          num_local == self.num_experts_total)
         if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
             return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
         if x_TD.is_cuda:

@@ -1,4 +1,6 @@
-"""Small-batch MoE in two Triton kernels (bf16 / fp16 on CUDA): one program per (row, k) pair and
+"""MoE experts in Triton (bf16 / fp16 on CUDA), two paths of two kernels each.
+
+Small batch (`moe_small`): one program per (row, k) pair and
 output tile reads exactly its expert's weights — no sort, no gather, no grouped-GEMM tiles for
 empty experts. Used when there are few pairs (decode at small batch), where a grouped GEMM spends
 most of its time on launch and empty groups; each pair re-reads its expert's weights, so with
@@ -9,9 +11,20 @@ many pairs per expert the grouped GEMM wins and is used instead.
   out[t]        = sum_k y[t*K + k]
 
 Pairs routed to another rank's expert (expert parallelism) produce zeros.
+
+Decode batches (`moe_grouped`): one program per (local expert, output tile) walks its expert's
+pairs (sorted by expert, `permute_pairs`) in blocks of BLOCK_M rows: the up kernel gathers the
+rows by index, so there is no gathered copy of x, applies silu(gate) * up in registers, and the down
+kernel scales by the routing weight and writes each pair's output in (row, k) order, so the combine
+is one sum over k. An expert with no pairs reads none of its weights. At decode sizes (a few to a
+few dozen pairs per expert) the step is bound by reading the expert weights once; the tile sizes are
+chosen for that (`benchmarks/moe_kernel_sweep.py`).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 
@@ -22,10 +35,67 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_PAIRS = 64  # above this the grouped GEMM is used (weights re-read per pair get too costly)
+MAX_PER_EXPERT = 96  # moe_grouped up to this many pairs per expert on average; beyond, cuBLAS grouped GEMM
 
 
 def usable(x: torch.Tensor, pairs: int) -> bool:
     return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and pairs <= MAX_PAIRS
+
+
+def grouped_usable(x: torch.Tensor, pairs: int, num_local: int) -> bool:
+    return (GROUPED[0] and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and pairs <= MAX_PER_EXPERT * num_local)
+
+
+GROUPED = [os.environ.get("EPINFER_MOE_TRITON", "1") != "0"]  # EPINFER_MOE_TRITON=0: cuBLAS grouped GEMM (A/B)
+
+
+def grouped_config(pairs_per_expert: float) -> dict:
+    """Tile sizes by the average pairs per expert (static per batch size: CUDA-graph safe).
+    EPINFER_MOE_CONFIGS=file.json replaces the table (a sweep's output, same format)."""
+    if "file" not in _LOADED:
+        path = _LOADED["file"] = os.environ.get("EPINFER_MOE_CONFIGS")
+        if path:
+            with open(path) as f:
+                CONFIGS[:] = [(limit, cfg) for limit, cfg in json.load(f)]
+    for limit, cfg in CONFIGS:
+        if pairs_per_expert <= limit:
+            return cfg
+    return CONFIGS[-1][1]
+
+
+_LOADED: dict = {}
+# (average pairs per expert up to, {up: ..., down: ...}); measured on H200 (benchmarks/moe_kernel_sweep.py)
+CONFIGS = [
+    (12, {"BLOCK_M": 16, "up": (64, 128, 4, 4), "down": (64, 128, 4, 4)}),
+    (24, {"BLOCK_M": 32, "up": (64, 128, 4, 4), "down": (64, 128, 4, 4)}),
+    (1e9, {"BLOCK_M": 64, "up": (64, 128, 3, 4), "down": (64, 128, 3, 4)}),
+]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps)
+
+
+def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
+                order: torch.Tensor, offs: torch.Tensor, all_local: bool, cfg: dict | None = None) -> torch.Tensor:
+    """Experts for pairs sorted by local expert: `order` (sorted pair indices) and `offs` (int32
+    cumulative group ends), as `permute_pairs` returns them. Pairs of other ranks' experts (only
+    when not `all_local`) get 0."""
+    T, D = x_TD.shape
+    K = weights_TK.shape[1]
+    n, two_i, _ = w13.shape
+    inter = two_i // 2
+    P = T * K
+    cfg = cfg or grouped_config(P / n)
+    bm = cfg["BLOCK_M"]
+    act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
+    bn, bk, stages, warps = cfg["up"]
+    _grouped_up[(n, triton.cdiv(inter, bn))](
+        x_TD, w13, order, offs, act, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        D=D, INTER=inter, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+    y = (torch.empty if all_local else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
+    bn, bk, stages, warps = cfg["down"]
+    _grouped_down[(n, triton.cdiv(D, bn))](
+        act, w2, order, offs, weights_TK.reshape(-1), y, act.stride(0), w2.stride(0), w2.stride(1),
+        y.stride(0), D=D, INTER=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+    return y.view(T, K, D).sum(1).to(x_TD.dtype)
 
 
 def moe_small(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
@@ -97,3 +167,65 @@ if triton is not None:
             acc += tl.sum(w * a[None, :], 1)
         wt = tl.load(WTS + p).to(tl.float32)
         tl.store(Y + p * sy_p + offs_n, tl.where(w_ok, acc * wt, 0.0), mask=n_ok)
+
+    @triton.jit
+    def _group(OFFS, e):
+        start = tl.where(e > 0, tl.load(OFFS + e - 1, mask=e > 0, other=0), 0)
+        return start, tl.load(OFFS + e)
+
+    @triton.jit
+    def _grouped_up(X, W13, ORDER, OFFS, ACT, sx_t, sw_e, sw_n, sa_p,
+                    D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the sorted pairs j of
+        expert e = program_id(0), on one tile of I."""
+        e = tl.program_id(0)
+        start, end = _group(OFFS, e)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < INTER
+        w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < end
+            rows = tl.load(ORDER + offs_m, mask=m_ok, other=0) // K
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < D
+                a = tl.load(X + rows[:, None] * sx_t + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                wm = k_ok[:, None] & n_ok[None, :]
+                wg = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
+                wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
+                acc_g = tl.dot(a, wg, acc_g)
+                acc_u = tl.dot(a, wu, acc_u)
+            act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            tl.store(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_n[None, :], act.to(ACT.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _grouped_down(ACT, W2, ORDER, OFFS, WTS, Y, sa_p, sw_e, sw_n, sy_p,
+                      D: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        """y[pair] = w_pair * (act[j] @ W2[e].T) for the sorted pairs j of expert e, one tile of D."""
+        e = tl.program_id(0)
+        start, end = _group(OFFS, e)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < end
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, INTER, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < INTER
+                a = tl.load(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc)
+            pairs = tl.load(ORDER + offs_m, mask=m_ok, other=0)
+            wt = tl.load(WTS + pairs, mask=m_ok, other=0.0).to(tl.float32)
+            tl.store(Y + pairs[:, None].to(tl.int64) * sy_p + offs_n[None, :], acc * wt[:, None],
+                     mask=m_ok[:, None] & n_ok[None, :])

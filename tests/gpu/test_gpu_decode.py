@@ -103,6 +103,33 @@ def test_triton_small_batch_moe(T, first, n):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("T,first,n,E", [(16, 0, 128, 128), (64, 0, 128, 128), (256, 0, 128, 128), (96, 64, 64, 128),
+                                          (200, 0, 256, 256)])
+def test_triton_grouped_moe(T, first, n, E):
+    """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
+    experts local, the other half's pairs must count 0), for every tile table row."""
+    from epinfer.layers import moe_triton
+    from epinfer.layers.moe import FusedExperts, permute_pairs
+
+    torch.manual_seed(T)
+    inter = 768 if E == 128 else 512
+    with torch.device("cuda"):
+        experts = FusedExperts(range(first, first + n), 2048, inter, E).to(torch.bfloat16)
+        experts.w13.data.normal_(std=0.02)
+        experts.w2.data.normal_(std=0.02)
+        x = torch.randn(T, 2048, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E)[:8] for _ in range(T)])
+        weights = torch.rand(T, 8).to(torch.bfloat16)
+    ref = experts._grouped(x, weights, ids).float()
+    order, offs, _ = permute_pairs(ids, first, n)
+    for _, cfg in moe_triton.CONFIGS:
+        out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, order, offs, n == E, cfg).float()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2, cfg
+    assert moe_triton.grouped_usable(x, ids.numel(), n)
+    assert torch.equal(experts(x, weights, ids).float(), moe_triton.moe_grouped(
+        x, experts.w13, experts.w2, weights, order, offs, n == E).float())  # the path forward takes
+
+
 def hf_on_gpu(folder, dtype=torch.float32):
     import transformers
 
