@@ -25,7 +25,7 @@ from epinfer.config import ModelConfig
 from epinfer.layers import moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
-TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((32, 64, 128), (128, 256), (3, 4), (4, 8))
+TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (3, 4), (4, 8))
          if w == 4 or bn == 128]  # (BLOCK_N, BLOCK_K, num_stages, num_warps)
 
 
@@ -80,6 +80,7 @@ def sweep(ex: FusedExperts, T: int, K: int, block_ms: list[int]) -> dict:
                                                              True, chosen)),
             "cublas_layer_ms": bench(lambda: ex._grouped(x, w, ids)),
             "rel_err_vs_cublas": round(((out - ref).norm() / ref.norm()).item(), 5),
+            "small_ms": bench(lambda: moe_triton.moe_small(x, ex.w13, ex.w2, w, ids, 0)) if P <= 256 else None,
             "top_up": sorted((round(v, 4), k) for k, v in ups.items())[:3],
             "top_down": sorted((round(v, 4), k) for k, v in downs.items())[:3]}
 

@@ -180,3 +180,26 @@ def test_doctor_places_a_hang_inside_a_graph_replay(tmp_path):
     report = analyse(tmp_path)
     assert report["verdict"] == "hang" and report["label"] == "layer.0.moe.dispatch" and report["step"] == 3
     assert "none finished" in report["summary"] and "graph.decode.b2" in report["summary"]
+
+
+def test_stacked_linears_share_memory_and_match():
+    """q/k/v (or gate/up) as one GEMM: the Linears' weights become views of the stacked tensor and
+    the outputs match the separate GEMMs; float32 is never stacked (reference arithmetic)."""
+    from epinfer.layers.linear import Linear, stack_linears
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        lins = [Linear(32, n, bias=b).to(torch.bfloat16) for n, b in ((48, True), (16, False), (16, True))]
+    for lin in lins:
+        torch.nn.init.normal_(lin.weight)
+        if lin.bias is not None:
+            torch.nn.init.normal_(lin.bias)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    separate = [lin(x) for lin in lins]
+    stacked = stack_linears(lins)
+    assert stacked is not None
+    for lin, ref, out in zip(lins, separate, stacked(x), strict=True):
+        assert lin.weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
+    assert stack_linears([Linear(8, 8), Linear(8, 8)]) is None  # float32

@@ -20,7 +20,7 @@ from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.errors import UserError
 from epinfer.layers.fused import fused
-from epinfer.layers.linear import Linear, row_parallel
+from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
 from epinfer.layers.norm import RMSNorm, rms_norm
 from epinfer.layers.paged_attention import decode_attention
 from epinfer.layers.rotary import apply_rotary
@@ -86,6 +86,10 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(cfg.num_heads * hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * hd, cfg.rms_norm_eps)
+        self.qkv: Stacked | None = None
+
+    def stack(self) -> None:
+        self.qkv = stack_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -96,13 +100,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x_TD.shape[0]
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x_TD)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x_TD)
+        else:
+            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
         gate = None
         if self.gated:
             q, gate = q.view(T, H, 2 * hd).chunk(2, dim=-1)  # [T, H, hd] each
             gate = gate.reshape(T, H * hd)
-        k = self.k_proj(x_TD)
-        v = self.v_proj(x_TD)
         if self.qk_norm == "full":
             q, k = self.q_norm(q.reshape(T, H * hd)), self.k_norm(k)
         if self.clip_qkv is not None:

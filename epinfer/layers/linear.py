@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
+from epinfer.layers.fused import fused
 
 
 def set_shard(param: nn.Parameter, dim: int, index: Sequence[int]) -> None:
@@ -50,6 +51,38 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Stacked:
+    """Linears that read the same input as one GEMM: after loading, their weights (and biases) are
+    moved into one tensor and each Linear's parameters become views of it (no extra memory).
+    Applied to low-precision runs only: float32 keeps one GEMM per projection, the reference
+    arithmetic transformers uses."""
+
+    def __init__(self, linears: Sequence[Linear]) -> None:
+        ws = [lin.weight for lin in linears]
+        self.sizes = [w.shape[0] for w in ws]
+        self.weight = torch.cat([w.detach() for w in ws])
+        self.bias = None
+        if any(lin.bias is not None for lin in linears):
+            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(w.shape[0])
+                                   for lin, w in zip(linears, ws, strict=True)])
+        at = 0
+        for lin, n in zip(linears, self.sizes, strict=True):
+            lin.weight = nn.Parameter(self.weight[at:at + n], requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias[at:at + n], requires_grad=False)
+            at += n
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def stack_linears(linears: Sequence[Linear]) -> Stacked | None:
+    """A Stacked for `linears` when they qualify (low precision, no TP reduction), else None."""
+    if any(lin.reduce for lin in linears) or linears[0].weight.dtype in (torch.float32, torch.float64):
+        return None
+    return Stacked(linears)
+
+
 def column_parallel(in_f: int, out_f: int, ctx: ParallelContext, what: str, bias: bool = False) -> Linear:
     if ctx.tp_size == 1:
         return Linear(in_f, out_f, bias)
@@ -76,6 +109,18 @@ class GatedMLP(nn.Module):
         self.gate_proj = column_parallel(hidden, intermediate, ctx, what)
         self.up_proj = column_parallel(hidden, intermediate, ctx, what)
         self.down_proj = row_parallel(intermediate, hidden, ctx, what, label)
+        self.gate_up: Stacked | None = None
+
+    def stack(self) -> None:
+        self.gate_up = stack_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+            return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@fused
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up

@@ -216,13 +216,17 @@ class MoEBlock(nn.Module):
             x_TD = x_TD[lo:lo + rows]
             real = min(max(real - lo, 0), rows)
             mask = mask[lo:lo + rows] if mask is not None else None
-        weights, ids = route(self.gate(x_TD), self.top_k, self.renormalize)
-        if mask is not None:
-            weights = weights.masked_fill(~mask[:, None], 0.0)
+        logits = self.gate(x_TD)
+        if moe_triton.router_usable(logits):
+            weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype)
         else:
-            weights[real:] = 0.0
-        if x_TD.dtype != torch.float32:
-            weights = weights.to(x_TD.dtype)
+            weights, ids = route(logits, self.top_k, self.renormalize)
+            if mask is not None:
+                weights = weights.masked_fill(~mask[:, None], 0.0)
+            else:
+                weights[real:] = 0.0
+            if x_TD.dtype != torch.float32:
+                weights = weights.to(x_TD.dtype)
         if self.dispatcher is not None:
             self.dispatcher.begin(x_TD, batch.moe_sizes, batch.step_id)
             out = self.dispatcher(x_TD, weights, ids, real, batch.moe_sizes, self.experts)

@@ -34,7 +34,8 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_PAIRS = 64  # above this the grouped GEMM is used (weights re-read per pair get too costly)
+# moe_small up to this many pairs (EPINFER_MOE_SMALL_MAX_PAIRS): each pair re-reads its expert's weights
+MAX_PAIRS = int(os.environ.get("EPINFER_MOE_SMALL_MAX_PAIRS", "64"))
 MAX_PER_EXPERT = 96  # moe_grouped up to this many pairs per expert on average; beyond, cuBLAS grouped GEMM
 
 
@@ -47,7 +48,28 @@ def grouped_usable(x: torch.Tensor, pairs: int, num_local: int) -> bool:
             and pairs <= MAX_PER_EXPERT * num_local)
 
 
+def router_usable(logits: torch.Tensor) -> bool:
+    return GROUPED[0] and triton is not None and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) \
+        and logits.shape[1] <= 1024
+
+
 GROUPED = [os.environ.get("EPINFER_MOE_TRITON", "1") != "0"]  # EPINFER_MOE_TRITON=0: cuBLAS grouped GEMM (A/B)
+
+
+def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: torch.Tensor | None, real: int,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router in one kernel: softmax (fp32), top-k (descending; the lowest index among ties),
+    optional renormalisation, weight 0 for padding rows (`row_mask_T` False, or index >= `real`
+    when there is no mask). Returns (weights_TK in `dtype`, ids_TK int64)."""
+    T, E = logits_TE.shape
+    weights = torch.empty(T, top_k, dtype=dtype, device=logits_TE.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
+    if T:
+        mask = row_mask_T if row_mask_T is not None else ids  # (unused without HAS_MASK)
+        _route_kernel[(T,)](logits_TE, weights, ids, mask, real, logits_TE.stride(0), E=E,
+                            BLOCK_E=triton.next_power_of_2(E), K=top_k, KP=triton.next_power_of_2(top_k),
+                            RENORM=renormalize, HAS_MASK=row_mask_T is not None, num_warps=4 if E > 256 else 2)
+    return weights, ids
 
 
 def grouped_config(pairs_per_expert: float) -> dict:
@@ -66,10 +88,10 @@ def grouped_config(pairs_per_expert: float) -> dict:
 
 _LOADED: dict = {}
 # (average pairs per expert up to, {up: ..., down: ...}); measured on H200 (benchmarks/moe_kernel_sweep.py)
-CONFIGS = [
-    (12, {"BLOCK_M": 16, "up": (64, 128, 4, 4), "down": (64, 128, 4, 4)}),
-    (24, {"BLOCK_M": 32, "up": (64, 128, 4, 4), "down": (64, 128, 4, 4)}),
-    (1e9, {"BLOCK_M": 64, "up": (64, 128, 3, 4), "down": (64, 128, 3, 4)}),
+CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the expert weights (RESULTS.md)
+    (12, {"BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}),
+    (24, {"BLOCK_M": 32, "up": (64, 128, 3, 4), "down": (64, 128, 3, 4)}),
+    (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
 ]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps)
 
 
@@ -229,3 +251,30 @@ if triton is not None:
             wt = tl.load(WTS + pairs, mask=m_ok, other=0.0).to(tl.float32)
             tl.store(Y + pairs[:, None].to(tl.int64) * sy_p + offs_n[None, :], acc * wt[:, None],
                      mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _route_kernel(L, W, IDS, MASK, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                      KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_E)
+        logit = tl.load(L + t.to(tl.int64) * sl_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
+        ex = tl.exp(logit - tl.max(logit, 0))
+        work = tl.where(offs < E, ex / tl.sum(ex, 0), -1.0)
+        slot = tl.arange(0, KP)
+        sel_w = tl.zeros([KP], dtype=tl.float32)
+        sel_i = tl.zeros([KP], dtype=tl.int32)
+        for k in tl.static_range(K):
+            best = tl.max(work, 0)
+            idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
+            sel_w = tl.where(slot == k, best, sel_w)
+            sel_i = tl.where(slot == k, idx, sel_i)
+            work = tl.where(offs == idx, -2.0, work)
+        if RENORM:
+            sel_w = sel_w / tl.sum(sel_w, 0)
+        if HAS_MASK:
+            keep = tl.load(MASK + t) != 0
+        else:
+            keep = t < real
+        sel_w = tl.where(keep, sel_w, 0.0)
+        tl.store(W + t * K + slot, sel_w.to(W.dtype.element_ty), mask=slot < K)
+        tl.store(IDS + t * K + slot, sel_i.to(tl.int64), mask=slot < K)

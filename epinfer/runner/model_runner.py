@@ -43,6 +43,9 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
         load_checkpoint(model, folder, cfg)
     else:
         random_init(model)
+    for module in model.modules():
+        if hasattr(module, "stack"):  # q/k/v and gate/up as one GEMM each (low precision only)
+            module.stack()
     return model.eval()
 
 

@@ -130,6 +130,24 @@ def test_triton_grouped_moe(T, first, n, E):
         x, experts.w13, experts.w2, weights, order, offs, n == E).float())  # the path forward takes
 
 
+@pytest.mark.parametrize("T,E,K,masked", [(1, 128, 8, False), (64, 128, 8, True), (33, 256, 8, False),
+                                          (7, 60, 4, True)])
+def test_triton_router(T, E, K, masked):
+    """One-kernel router vs softmax / top-k / renormalise / mask in torch (same ids, weights to bf16)."""
+    from epinfer.layers import moe_triton
+    from epinfer.layers.moe import route
+
+    torch.manual_seed(E + T)
+    # distinct values per row (bf16 would tie often, and ties may order differently)
+    logits = torch.stack([torch.randperm(E, device="cuda") for _ in range(T)]).mul(6 / E).sub(3).to(torch.bfloat16)
+    mask = torch.rand(T, device="cuda") > 0.3 if masked else None
+    weights, ids = route.__wrapped__(logits, K, True)
+    ref = weights.masked_fill(~mask[:, None], 0.0) if masked else torch.cat([weights[:T - 1], 0 * weights[T - 1:]])
+    w2, i2 = moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16)
+    assert torch.equal(ids, i2)
+    torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
+
+
 def hf_on_gpu(folder, dtype=torch.float32):
     import transformers
 
