@@ -80,7 +80,6 @@ def sweep(ex: FusedExperts, T: int, K: int, block_ms: list[int]) -> dict:
                                                              True, chosen)),
             "cublas_layer_ms": bench(lambda: ex._grouped(x, w, ids)),
             "rel_err_vs_cublas": round(((out - ref).norm() / ref.norm()).item(), 5),
-            "small_ms": bench(lambda: moe_triton.moe_small(x, ex.w13, ex.w2, w, ids, 0)) if P <= 256 else None,
             "top_up": sorted((round(v, 4), k) for k, v in ups.items())[:3],
             "top_down": sorted((round(v, 4), k) for k, v in downs.items())[:3]}
 

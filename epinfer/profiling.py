@@ -40,14 +40,14 @@ def _kernel_time(prof) -> float:
     return sum(_self_device(e) for e in prof.key_averages())
 
 
-# Triton kernels launched through the driver API are not linked to the CPU op that launched them in
-# the profile (they come as device events of their own): our kernels are attributed by name.
-TRITON_PARTS = (("_grouped_", "moe_experts"), ("_up_kernel", "moe_experts"), ("_down_kernel", "moe_experts"),
-                ("_split_kernel", "attention"), ("_merge_kernel", "attention"), ("_gdn", "gdn"), ("_conv", "gdn"))
+# Triton kernels (ours and inductor's) are launched through the driver API and are not linked to the
+# CPU op that launched them in the profile: they are attributed by name, from their device events.
+TRITON_PARTS = (("_grouped_", "moe_experts"), ("_route_kernel", "moe_router"), ("_split_kernel", "attention"),
+                ("_merge_kernel", "attention"), ("_gdn", "gdn"), ("_conv", "gdn"), ("triton_", "compiled_small_ops"))
 
 
-def _unlinked_part(name: str) -> str:
-    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), "compiled_small_ops")
+def _triton_part(name: str) -> str | None:
+    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), None)
 
 
 def _by_part(prof) -> tuple[dict[str, float], float]:
@@ -56,10 +56,11 @@ def _by_part(prof) -> tuple[dict[str, float], float]:
     total = 0.0
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CPU:
-            t = _device_time(evt) if evt.cpu_parent is None else 0.0
+            part = _triton_part(evt.name)
+            t = _device_time(evt) if part else 0.0
             if t:
                 total += t
-                parts[_unlinked_part(evt.name)] = parts.get(_unlinked_part(evt.name), 0.0) + t
+                parts[part] = parts.get(part, 0.0) + t
             continue
         if evt.name.startswith("part."):
             continue  # (a range's own device time is its GPU span, idle gaps included)

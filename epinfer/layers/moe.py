@@ -61,8 +61,6 @@ class FusedExperts(nn.Module):
         num_local = self.w13.shape[0]
         if num_local == 0 or x_TD.shape[0] == 0:
             return torch.zeros_like(x_TD)
-        if moe_triton.usable(x_TD, topk_ids_TK.numel()):  # few pairs: per-pair Triton kernels
-            return moe_triton.moe_small(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert)
         if moe_triton.grouped_usable(x_TD, topk_ids_TK.numel(), num_local):  # decode sizes: gather-GEMM kernels
             order, offs, _ = permute_pairs(topk_ids_TK, self.first_expert, num_local)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, order, offs,

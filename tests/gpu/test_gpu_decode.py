@@ -84,27 +84,8 @@ def test_triton_conv_step_kernel(dtype):
     assert torch.equal(state, ref_state)  # shifted in place, other slots untouched
 
 
-@pytest.mark.parametrize("T,first,n", [(1, 0, 128), (8, 0, 128), (4, 32, 64)])
-def test_triton_small_batch_moe(T, first, n):
-    """Per-pair Triton MoE vs the grouped-GEMM path (real expert shape, bf16; with EP in the mix)."""
-    from epinfer.layers.moe import FusedExperts
-    from epinfer.layers.moe_triton import moe_small
-
-    torch.manual_seed(T)
-    with torch.device("cuda"):
-        experts = FusedExperts(range(first, first + n), 2048, 768, 128).to(torch.bfloat16)
-        experts.w13.data.normal_(std=0.02)
-        experts.w2.data.normal_(std=0.02)
-        x = torch.randn(T, 2048, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(128)[:8] for _ in range(T)])
-        weights = torch.rand(T, 8).to(torch.bfloat16)
-    ref = experts._grouped(x, weights, ids).float()
-    out = moe_small(x, experts.w13, experts.w2, weights, ids, first).float()
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@pytest.mark.parametrize("T,first,n,E", [(16, 0, 128, 128), (64, 0, 128, 128), (256, 0, 128, 128), (96, 64, 64, 128),
-                                          (200, 0, 256, 256)])
+@pytest.mark.parametrize("T,first,n,E", [(1, 0, 128, 128), (4, 32, 64, 128), (16, 0, 128, 128), (64, 0, 128, 128),
+                                          (256, 0, 128, 128), (96, 64, 64, 128), (200, 0, 256, 256)])
 def test_triton_grouped_moe(T, first, n, E):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
     experts local, the other half's pairs must count 0), for every tile table row."""
