@@ -142,13 +142,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @fused
 def combine_pairs(y_PD, weights_TK, ids_TK, order, first: int, n: int):
     """Weighted sum over k of each row's expert outputs; pairs past the last group (other ranks'
-    experts: grouped_mm leaves them undefined) count 0. Back to (row, k) order, then a sum over k:
-    deterministic, unlike an atomic index_add."""
+    experts: grouped_mm leaves them undefined) count 0. Each row gathers its K outputs through the
+    inverse permutation and sums them in one pass (deterministic, unlike an atomic index_add; a
+    scatter back to (row, k) order first would cost a slow scattered write of all P rows)."""
     T, K = ids_TK.shape
-    local = ids_TK.flatten()[order] - first
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    local = ids_TK.flatten() - first
     mine = (local >= 0) & (local < n)
-    y = torch.where(mine[:, None], y_PD * weights_TK.flatten()[order, None].to(y_PD.dtype), 0.0)
-    return torch.empty_like(y).index_copy_(0, order, y).view(T, K, -1).sum(1)
+    y = torch.where(mine[:, None], y_PD[inverse] * weights_TK.flatten()[:, None].to(y_PD.dtype), 0.0)
+    return y.view(T, K, -1).sum(1)
 
 
 _GROUPED_MM_OK: dict[torch.dtype, bool] = {}
