@@ -108,7 +108,8 @@ class FusedExperts(nn.Module):
         order, offs, rows = permute_pairs(topk_ids_TK, self.first_expert, n)
         gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
         y = F.grouped_mm(silu_mul(gate_up), self.w2.transpose(1, 2), offs=offs)  # [P, D]
-        return combine_pairs(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
+        combine = moe_triton.combine if moe_triton.grouped_usable(x_TD, 0, n) else combine_pairs
+        return combine(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
 
 
 @fused

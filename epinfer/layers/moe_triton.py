@@ -63,6 +63,21 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: to
     return weights, ids
 
 
+def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, order: torch.Tensor, first: int,
+            n: int) -> torch.Tensor:
+    """`moe.combine_pairs` in one kernel: out[t] = sum_k w[t, k] * y[position of pair (t, k) in
+    `order`], pairs of other ranks' experts skipped (their rows of y are undefined). Each program
+    reads whole rows of y (coalesced) and accumulates in fp32."""
+    T, K = ids_TK.shape
+    D = y_PD.shape[1]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    out = torch.empty(T, D, dtype=y_PD.dtype, device=y_PD.device)
+    if T:
+        _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.reshape(-1), ids_TK.reshape(-1), inverse, out,
+                                                   y_PD.stride(0), out.stride(0), first, n, D=D, K=K, BLOCK_D=1024)
+    return out
+
+
 def grouped_config(pairs_per_expert: float) -> dict:
     """Tile sizes by the average pairs per expert (static per batch size: CUDA-graph safe).
     EPINFER_MOE_CONFIGS=file.json replaces the table (a sweep's output, same format)."""
@@ -203,3 +218,19 @@ if triton is not None:
         sel_w = tl.where(keep, sel_w, 0.0)
         tl.store(W + t * K + slot, sel_w.to(W.dtype.element_ty), mask=slot < K)
         tl.store(IDS + t * K + slot, sel_i.to(tl.int64), mask=slot < K)
+
+    @triton.jit
+    def _combine_kernel(Y, W, IDS, INV, OUT, sy_p, so_t, first, n_local, D: tl.constexpr, K: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(IDS + t * K + k) - first
+            mine = (e >= 0) & (e < n_local)
+            j = tl.load(INV + t * K + k)
+            w = tl.load(W + t * K + k).to(tl.float32)
+            row = tl.load(Y + j * sy_p + offs, mask=offs < tl.where(mine, D, 0), other=0.0).to(tl.float32)
+            acc += row * w
+        tl.store(OUT + t * so_t + offs, acc.to(OUT.dtype.element_ty), mask=d_ok)

@@ -129,6 +129,24 @@ def test_triton_router(T, E, K, masked):
     torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
+def test_triton_combine(T, first, n):
+    """The grouped-GEMM combine kernel vs the torch one (other ranks' rows of y hold NaN: skipped)."""
+    from epinfer.layers import moe_triton
+    from epinfer.layers.moe import combine_pairs, permute_pairs
+
+    torch.manual_seed(T)
+    ids = torch.stack([torch.randperm(128, device="cuda")[:8] for _ in range(T)])
+    weights = torch.rand(T, 8, device="cuda").to(torch.bfloat16)
+    order, _, _ = permute_pairs(ids, first, n)
+    y = torch.randn(T * 8, 2048, device="cuda").to(torch.bfloat16)
+    local = ids.flatten()[order] - first
+    y[(local < 0) | (local >= n)] = float("nan")
+    ref = combine_pairs.__wrapped__(y.float(), weights.float(), ids, order, first, n)
+    out = moe_triton.combine(y, weights, ids, order, first, n).float()
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
 def hf_on_gpu(folder, dtype=torch.float32):
     import transformers
 
