@@ -203,3 +203,50 @@ def test_stacked_linears_share_memory_and_match():
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
     assert stack_linears([Linear(8, 8), Linear(8, 8)]) is None  # float32
+
+
+def test_watchdog_names_a_replay_against_eager_mismatch():
+    """One rank replays a CUDA graph holding ep seqs 4-7 while its peer sits eagerly in ep seq 4:
+    each side's watchdog reports a mismatch naming the other, not 'all peers passed' / 'waiting'."""
+    from types import SimpleNamespace
+
+    from epinfer.diagnostics.ledger import Ledger
+    from epinfer.diagnostics.watchdog import Watchdog, hb_key
+    from epinfer.distributed.communicator import Communicator
+
+    class Store(dict):
+        def set(self, k, v):
+            self[k] = v.encode() if isinstance(v, str) else v
+
+        def get(self, k):
+            return self[k]
+
+        def check(self, keys):
+            return all(k in self for k in keys)
+
+    store, ep, t = Store(), SimpleNamespace(name="ep"), torch.zeros(2)
+    groups = {"ep": [0, 1], "graph": [0, 1]}
+    comms, ledgers = [], []
+    for _ in range(2):
+        comm, ledger = Communicator(), Ledger({"rank": 0, "world": 2, "groups": groups})
+        comm.hooks.append(ledger)
+        comm.step = 0
+        for i in range(4):  # an eager step on both ranks: ep seqs 0-3
+            comm._run("all_gather", f"layer.{i}.moe.dispatch", ep, [t], lambda: None)
+        comms.append(comm)
+        ledgers.append(ledger)
+    schedule = []
+    with comms[0].recording(schedule):
+        for i in range(4):
+            comms[0]._run("all_gather", f"layer.{i}.moe.dispatch", ep, [t], lambda: None)
+    comms[0].step = comms[1].step = 1
+    comms[0].replayed("decode.b2", schedule, SimpleNamespace(query=lambda: False))  # stuck on the device
+    ledgers[1].before(SimpleNamespace(group=ep, op="all_gather", label="layer.0.moe.dispatch", step=1,
+                                      shapes=[], dtypes=[], sizes=None))  # rank 1: eager, stuck
+    dogs = [Watchdog(ledgers[r], store, r, 2, 1.0, "/tmp", groups) for r in range(2)]
+    for r in range(2):
+        store.set(hb_key(r), json.dumps(ledgers[r].position()))
+    said0 = dogs[0]._waiting_for(ledgers[0].position()["current"])
+    said1 = dogs[1]._waiting_for(ledgers[1].position()["current"])
+    assert said0 == "mismatch: rank 1 in layer.0.moe.dispatch outside any graph", said0
+    assert said1 == "mismatch: rank 0 in the CUDA graph replay graph.decode.b2", said1

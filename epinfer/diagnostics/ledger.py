@@ -82,7 +82,8 @@ class Ledger:
             self.close_replay()
             cur = None
         return {"t": time.time(), "step": self.step, "seq": dict(self.seq),
-                "current": None if cur is None else {k: cur[k] for k in ("group", "seq", "label", "t0")}}
+                "current": None if cur is None else {k: cur[k] for k in ("group", "seq", "label", "t0", "covers")
+                                                     if k in cur}}
 
     def dump(self, folder: str | Path, status: str, reason: str | None = None) -> Path:
         folder = Path(folder)

@@ -100,18 +100,28 @@ class Watchdog(threading.Thread):
         return dead
 
     def _waiting_for(self, cur: dict) -> str:
-        """Which peers have not reached this (group, seq), or reached it in another collective."""
+        """Which peers have not reached this (group, seq), or reached it in another collective. A
+        CUDA graph replay (group `graph`) runs the collectives it `covers`: a peer replaying one that
+        holds this collective, or sitting eagerly in one that this rank's replay holds, is a mismatch
+        (one rank captured, the other did not), not a peer that passed or has not arrived."""
         group, seq = cur["group"], cur["seq"]
         missing, elsewhere = [], []
         for r in self.groups.get(group, []):
             if r == self.rank:
                 continue
             pos = self._peer(r)
-            if pos is None or pos["seq"].get(group, 0) <= seq:
+            if pos is None:
                 missing.append(r)
-            elif pos["current"] and pos["current"]["group"] == group and pos["current"]["seq"] == seq \
-                    and pos["current"]["label"] != cur["label"]:
-                elsewhere.append(f"rank {r} in {pos['current']['label']}")
+                continue
+            peer = pos["current"] or {}
+            if _replay_holds(peer, group, seq, pos["seq"]):
+                elsewhere.append(f"rank {r} in the CUDA graph replay {peer['label']}")
+            elif _replay_holds(cur, peer.get("group"), peer.get("seq"), self.ledger.seq):
+                elsewhere.append(f"rank {r} in {peer['label']} outside any graph")
+            elif pos["seq"].get(group, 0) <= seq:
+                missing.append(r)
+            elif peer.get("group") == group and peer.get("seq") == seq and peer.get("label") != cur["label"]:
+                elsewhere.append(f"rank {r} in {peer['label']}")
         parts = [f"waiting for ranks {missing}"] if missing else []
         if elsewhere:
             parts.append("mismatch: " + ", ".join(elsewhere))
@@ -136,6 +146,13 @@ class Watchdog(threading.Thread):
             log_line(f"epinfer: rank {self.rank}: {message}; dumps in {self.dump_dir}")
         finally:
             os._exit(EXIT_FAULT)
+
+
+def _replay_holds(current: dict, group: str | None, seq: int | None, next_seq: dict) -> bool:
+    """Whether `current` (a rank's current entry) is a graph replay that runs collective (group, seq):
+    its covered range of `group` starts at covers[group] and ends before that rank's next seq."""
+    covers = current.get("covers") or {}
+    return current.get("group") == "graph" and group in covers and covers[group] <= seq < next_seq.get(group, 0)
 
 
 def log_line(text: str) -> None:
