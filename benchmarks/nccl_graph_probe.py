@@ -67,7 +67,9 @@ def probe(rank: int, world: int, port: int, mode: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         say(rank, f"2. replay {i} ok, equal to eager: {torch.equal(captured, eager)}")
+    del graph, captured  # before the group: NCCL waits for graphs holding its collectives to go
     dist.destroy_process_group()
+    say(rank, "3. process group destroyed")
 
 
 def main() -> int:

@@ -250,3 +250,36 @@ def test_watchdog_names_a_replay_against_eager_mismatch():
     said1 = dogs[1]._waiting_for(ledgers[1].position()["current"])
     assert said0 == "mismatch: rank 1 in layer.0.moe.dispatch outside any graph", said0
     assert said1 == "mismatch: rank 0 in the CUDA graph replay graph.decode.b2", said1
+
+
+def test_watchdog_reports_a_stuck_teardown_and_lets_peers_leave():
+    """After the run, peers exiting is expected (no 'dead peer' alarm), and a process-group shutdown
+    that outlives its limit is reported (it used to hang silently with graph-captured collectives)."""
+    from epinfer.diagnostics.ledger import Ledger
+    from epinfer.diagnostics.watchdog import Watchdog, hb_key
+
+    store = {hb_key(1): json.dumps({"t": 0.0, "step": 3, "seq": {}, "current": None}).encode()}
+
+    class Store:
+        def set(self, k, v):
+            store[k] = v
+
+        def get(self, k):
+            return store[k]
+
+        def check(self, keys):
+            return all(k in store for k in keys)
+
+    dog = Watchdog(Ledger({"rank": 0, "world": 2, "groups": {}}), Store(), 0, 2, 600.0, "/tmp", {})
+    fired = []
+    dog.fire = lambda message, **_: fired.append(message)
+    dog._tick(0.0)
+    assert fired and "stopped sending heartbeats" in fired[0]  # a stale peer mid-run is an alarm
+    fired.clear()
+    dog.tearing_down(60.0)
+    dog._tick(0.0)
+    assert not fired
+    dog.teardown = (0.0, 60.0)  # the limit has passed
+    dog._tick(0.0)
+    assert fired == ["the process group did not shut down within 60 s after the run finished "
+                     "(destroy_process_group stuck; results may be complete)"]

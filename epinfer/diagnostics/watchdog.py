@@ -34,7 +34,7 @@ def hb_key(rank: int) -> str:
 
 class Watchdog(threading.Thread):
     def __init__(self, ledger, store, rank: int, world: int, timeout: float, dump_dir: str,
-                 groups: dict[str, list[int]], interval: float = 0.5) -> None:
+                 groups: dict[str, list[int]], interval: float = 0.5, device=None) -> None:
         super().__init__(name="epinfer-watchdog", daemon=True)
         self.ledger, self.store, self.rank, self.world = ledger, store, rank, world
         self.timeout, self.dump_dir, self.groups, self.interval = timeout, dump_dir, groups, interval
@@ -43,15 +43,26 @@ class Watchdog(threading.Thread):
         self.fired = threading.Lock()
         self.step_started = time.time()
         self.last_step = -1
+        self.device = device  # polling a replay's CUDA event: this thread works on the rank's GPU
+        self.teardown: tuple[float, float] | None = None  # (deadline, limit) once the run is over
 
     def stop(self) -> None:
         self.stopped.set()
+
+    def tearing_down(self, limit: float) -> None:
+        """The run is over and the process group is being shut down: peers leaving is expected now,
+        and a shutdown that takes longer than `limit` seconds is reported (exit 3) instead of hanging."""
+        self.teardown = (time.time() + limit, limit)
 
     def idle_tick(self) -> None:
         """An idle iteration of a serving loop: no step id is used, but the loop is alive."""
         self.step_started = time.time()
 
     def run(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.device)
         peers_checked = 0.0
         while not self.stopped.wait(self.interval):
             try:
@@ -69,6 +80,11 @@ class Watchdog(threading.Thread):
         if self.store.check([ABORT_KEY]):
             reason = self.store.get(ABORT_KEY).decode()
             self.fire(f"stopping because {reason}", announce=False)
+        if self.teardown is not None:
+            if now > self.teardown[0]:
+                self.fire(f"the process group did not shut down within {self.teardown[1]:.0f} s after the run "
+                          f"finished (destroy_process_group stuck; results may be complete)")
+            return
         cur = pos["current"]
         if cur is not None and now - cur["t0"] > self.timeout:
             self.fire(f"stuck {now - cur['t0']:.1f} s in {cur['label']} ({cur['group']} seq {cur['seq']}, "

@@ -34,6 +34,7 @@ from epinfer.engine.sampling_params import SamplingParams
 from epinfer.errors import UserError
 
 PROGRESS_EVERY_S = 0.2
+TEARDOWN_S = 60.0  # longest wait for the process group to shut down once the run is over
 
 
 @dataclasses.dataclass
@@ -187,9 +188,11 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         kwargs["init_method"] = "env://"
     if device.type != "cpu":
         kwargs["device_id"] = device
+        if os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1":  # no NCCL buffer registration at capture:
+            os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")  # graph-captured outputs come from a pool
     dist.init_process_group(**kwargs)
     ctx = make_context(job, backend)
-    ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout)
+    ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout, device)
     if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
     try:
@@ -214,16 +217,21 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         where = f" in {cur['label']} ({cur['group']} seq {cur['seq']}, step {ledger.step})" if cur else ""
         text = " ".join(str(exc).split()).split(" This is typically")[0][:300]
         watchdog.fire(f"{type(exc).__name__}{where}: {text}")
-    watchdog.stop()
     if job.dump_dir:
         ledger.dump(dump_dir, "ok")
     for line in finish_reports(ctx, ledger):
         log_line(f"epinfer: rank {rank}: {line}")
+    # teardown stays watched: graphs holding NCCL collectives go first (NCCL waits for them), and a
+    # process group that still does not shut down is reported instead of hanging silently
+    watchdog.tearing_down(min(timeout, TEARDOWN_S))
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.release()
     dist.destroy_process_group()
+    watchdog.stop()
     return outputs
 
 
-def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float):
+def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float, device=None):
     """Ledger (always), fault injector and numerics monitor (when asked), watchdog, SIGUSR1 dump."""
     groups = ctx.groups
     info = {"rank": rank, "world": groups.world_size, "dp": groups.dp, "tp": groups.tp,
@@ -240,7 +248,7 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float)
     dump_dir = job.dump_dir or job.failure_dir
     host, port = job.store_addr or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
-    watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"])
+    watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"], device=device)
     watchdog.start()
     signal.signal(signal.SIGUSR1, lambda *_: write_dumps(ledger, dump_dir, "running", "SIGUSR1"))
     client.set(f"{READY_KEY}{rank}", "1")  # the launcher forwards SIGUSR1 only to ready ranks

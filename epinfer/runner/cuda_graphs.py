@@ -38,6 +38,17 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
         self.pool = None
 
+    def release(self) -> None:
+        """Free every graph and the pool. Must run before the process group is destroyed: NCCL keeps a
+        reference per captured collective and waits for the graphs holding them to go before it
+        shuts a communicator down (destroying the group first hangs forever)."""
+        if self.graphs:
+            torch.cuda.synchronize(self.runner.device)
+            for graph, _, _ in self.graphs.values():
+                graph.reset()
+        self.graphs.clear()
+        self.pool = None
+
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 

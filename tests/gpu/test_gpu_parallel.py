@@ -2,8 +2,9 @@
 collectives inside, on every rank at the same steps, and the tokens equal one GPU's. Skipped
 with fewer than 2 GPUs; `benchmarks/gpu_parallel_check.py` runs every dispatcher and padding.
 
-Experimental (EPINFER_PARALLEL_GRAPHS=1): at c29e4ea on 2 H200s this hung at the first graph
-step, silently until the time limit; `benchmarks/nccl_graph_probe.py` narrows it down."""
+Experimental (EPINFER_PARALLEL_GRAPHS=1): at c29e4ea on 2 H200s this hung silently until the
+time limit, most likely in destroy_process_group while graphs still held NCCL collectives (graphs
+are now released first); `benchmarks/gpu2_graphs.sh a` re-runs it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 6 on 2 GPUs of one machine, two device calls of under 10 minutes: do graphs with the MoE
+# collectives inside work now (graphs released before the process group; see RESULTS.md, session 5),
+# then what they buy. Every run is bounded; a hang dumps every thread's stack after 40 s.
+#   a: the c10d probe (capture, 3 replays, destroy) and epinfer dp=2 tiny float32 with graphs;
+#      tests/gpu/test_gpu_parallel.py; gpu_parallel_check.py with graphs (async on)
+#   b: Qwen3-30B-A3B shape: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8 uniform/none
+# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b   (logs: $OUT/*.log, records: $OUT/records.jsonl)
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EPINFER_PARALLEL_GRAPHS=1
+OUT=${OUT:-/tmp/gpu2}; mkdir -p "$OUT"
+B="python3 -m epinfer bench --shape qwen3-30b-a3b --input-len 1024 --output-len 32 --json"
+step() {  # step NAME LIMIT COMMAND...: bounded, logged, exit code printed
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date +%T))"
+  EPINFER_STACKS_AFTER=40 timeout -s INT "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name exit $?"; grep -h "^epinfer bench\|^\[rank\|passed\|failed\|identical\|DIFF\|stuck\|did not" "$OUT/$name.log" | cut -c1-200 | tail -12
+}
+case ${1:-a} in
+a)
+  python3 -c "from tests.checkpoints import make_checkpoint
+for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)"
+  step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe
+  step test_gpu_parallel 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py
+  ASYNC=1 step parallel_check 240 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;
+b)
+  CUDA_VISIBLE_DEVICES=0 step one_gpu 100 $B --batch 1 --batch 64
+  step dp2 120 $B --dp 2 --batch 2 --batch 128
+  step tp2 90 $B --tp 2 --batch 1
+  step imb_uniform 90 $B --dp 2 --replica-batch 64,8 --dp-padding uniform
+  step imb_none 90 $B --dp 2 --replica-batch 64,8 --dp-padding none
+  grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log "$OUT"/imb_*.log > "$OUT/records.jsonl" ;;
+esac
+grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200
