@@ -102,15 +102,16 @@ class ModelRunner:
         self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has
 
     def agree_graphs(self, ctx) -> None:
-        """A forward with collectives uses graphs only if every rank has them (one all-reduce at
-        start-up): the DP decision then pads decode steps to the shared buckets and every rank
-        replays together. Without collectives (TP 1, no EP) each replica keeps its own choice."""
+        """A forward with collectives uses graphs only if every rank has them, with the same buckets
+        (one all-reduce at start-up): the DP decision then pads decode steps to the shared buckets
+        and every rank replays together. Without collectives (TP 1, no EP) each replica keeps its own choice."""
         if not self.collectives:
             return
-        have = torch.tensor([int(self.graphs is not None)])
-        ctx.comm.all_reduce_cpu(have, ctx.groups.world_cpu, "graphs.agree")
-        if int(have) != ctx.groups.world_size:
-            self.graphs = None
+        mine = [1, self.graphs.buckets[-1], len(self.graphs.buckets)] if self.graphs is not None else [0, 0, 0]
+        have = ctx.comm.all_reduce_cpu(torch.tensor(mine), ctx.groups.world_cpu, "graphs.agree")
+        world = ctx.groups.world_size
+        if int(have[0]) != world or have.tolist() != [world * v for v in mine]:
+            self.graphs = None  # some rank has none, or other buckets (the same steps must replay the same graph)
         self.shared_buckets = self.graphs.buckets if self.graphs is not None else None
 
     def _register_blocks(self, slot: int, blocks: list[int]) -> None:
