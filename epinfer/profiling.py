@@ -40,26 +40,32 @@ def _kernel_time(prof) -> float:
     return sum(_self_device(e) for e in prof.key_averages())
 
 
-# Triton kernels (ours and inductor's) are launched through the driver API and are not linked to the
-# CPU op that launched them in the profile: they are attributed by name, from their device events.
+# Kernels the profile does not link to the CPU op that launched them (our Triton kernels, launched
+# through the driver API) come as device events of their own: they are attributed by name.
 TRITON_PARTS = (("_grouped_", "moe_experts"), ("_route_kernel", "moe_router"), ("_split_kernel", "attention"),
-                ("_merge_kernel", "attention"), ("_gdn", "gdn"), ("_conv", "gdn"), ("triton_", "compiled_small_ops"))
+                ("_merge_kernel", "attention"), ("_combine_kernel", "moe_experts"), ("_gdn", "gdn"), ("_conv", "gdn"),
+                ("triton_", "compiled_small_ops"))
 
 
-def _triton_part(name: str) -> str | None:
-    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), None)
+def _unlinked_part(name: str) -> str:
+    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), "unlinked")
 
 
 def _by_part(prof) -> tuple[dict[str, float], float]:
     """Device time (µs) of the kernels launched inside each innermost `part.*` range, and in all."""
     parts: dict[str, float] = {}
     total = 0.0
-    for evt in prof.events():
+    events = prof.events()
+    cpu_ids = {e.id for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    for evt in events:
         if evt.device_type != torch.autograd.DeviceType.CPU:
-            part = _triton_part(evt.name)
-            t = _device_time(evt) if part else 0.0
+            linked = getattr(evt, "linked_correlation_id", 0)
+            if linked and linked in cpu_ids:
+                continue  # counted below, as its launching op's device time
+            t = _device_time(evt)
             if t:
                 total += t
+                part = _unlinked_part(evt.name)
                 parts[part] = parts.get(part, 0.0) + t
             continue
         if evt.name.startswith("part."):

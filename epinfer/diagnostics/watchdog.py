@@ -62,7 +62,8 @@ class Watchdog(threading.Thread):
         if self.device is not None and self.device.type == "cuda":
             import torch
 
-            torch.cuda.set_device(self.device)
+            with contextlib.suppress(Exception):  # only the replay-event polling needs it
+                torch.cuda.set_device(self.device)
         peers_checked = 0.0
         while not self.stopped.wait(self.interval):
             try:
@@ -149,6 +150,12 @@ class Watchdog(threading.Thread):
         if cur is None:
             return f"step {pos['step']}, between collectives"
         return f"{cur['label']} ({cur['group']} seq {cur['seq']}, step {pos['step']})"
+
+    def await_exit(self, grace: float = 60.0) -> None:
+        """After `fire` returned because another thread is firing: that thread dumps and exits the
+        process; never carry on meanwhile (exit 3 here if it somehow has not within `grace` s)."""
+        time.sleep(grace)
+        os._exit(EXIT_FAULT)
 
     def fire(self, message: str, announce: bool = True, status: str = "fault") -> None:
         """Dump, tell the others, print one line, exit 3. Safe to call from any thread."""

@@ -195,6 +195,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout, device)
     if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
+    engine = None
     try:
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)
@@ -217,6 +218,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         where = f" in {cur['label']} ({cur['group']} seq {cur['seq']}, step {ledger.step})" if cur else ""
         text = " ".join(str(exc).split()).split(" This is typically")[0][:300]
         watchdog.fire(f"{type(exc).__name__}{where}: {text}")
+        watchdog.await_exit()  # the watchdog thread was already firing (a peer's abort): it exits the process
     if job.dump_dir:
         ledger.dump(dump_dir, "ok")
     for line in finish_reports(ctx, ledger):
@@ -224,7 +226,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     # teardown stays watched: graphs holding NCCL collectives go first (NCCL waits for them), and a
     # process group that still does not shut down is reported instead of hanging silently
     watchdog.tearing_down(min(timeout, TEARDOWN_S))
-    if engine.runner.graphs is not None:
+    if engine is not None and engine.runner.graphs is not None:
         engine.runner.graphs.release()
     dist.destroy_process_group()
     watchdog.stop()

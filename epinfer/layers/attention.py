@@ -166,9 +166,6 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     # SDPA falls back to the math kernel, which runs bf16 in float32 (7.8 % of the matmul rate in prefill)
     q = q_NHd.transpose(0, 1)[None]
     k, v = k_LKd.transpose(0, 1)[None], v_LKd.transpose(0, 1)[None]  # [1, KVH, L, hd]
-    gqa = rep > 1 and q.dtype not in (torch.float32, torch.float64)  # the kernel shares KV heads: no copies
-    if rep > 1 and not gqa:  # float32: the reference arithmetic (heads repeated, as transformers does)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask, causal = None, False
     if N > 1 and context_len == 0:
         causal = True  # square causal: lets SDPA pick a flash kernel on GPUs
@@ -176,6 +173,11 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
         key_pos = torch.arange(L, device=q.device)
         query_pos = context_len + torch.arange(N, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [N, L]
+    # the flash kernel shares KV heads itself (no copies) but takes no mask; float32 keeps the
+    # reference arithmetic (heads repeated, as transformers does)
+    gqa = rep > 1 and mask is None and q.dtype not in (torch.float32, torch.float64)
+    if rep > 1 and not gqa:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
                                          scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)  # [N, H, hd]

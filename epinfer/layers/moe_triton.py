@@ -205,7 +205,8 @@ if triton is not None:
         sel_i = tl.zeros([KP], dtype=tl.int32)
         for k in tl.static_range(K):
             best = tl.max(work, 0)
-            idx = tl.min(tl.where(work == best, offs, BLOCK_E), 0)
+            # (a NaN row matches nothing: it keeps a valid id and its NaN weight propagates, as in torch)
+            idx = tl.minimum(tl.min(tl.where(work == best, offs, BLOCK_E), 0), E - 1)
             sel_w = tl.where(slot == k, best, sel_w)
             sel_i = tl.where(slot == k, idx, sel_i)
             work = tl.where(offs == idx, -2.0, work)
