@@ -127,6 +127,9 @@ def test_triton_router(T, E, K, masked):
     w2, i2 = moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16)
     assert torch.equal(ids, i2)
     torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
+    logits[0, 1] = float("nan")  # a NaN row: ids stay valid experts, its weights are NaN (propagates)
+    w3, i3 = moe_triton.route(logits, K, True, None, T, torch.bfloat16)
+    assert ((i3 >= 0) & (i3 < E)).all() and w3[0].isnan().all() and torch.equal(i3[1:], i2[1:])
 
 
 @pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
