@@ -280,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
                 if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
                     raise
                 raise UserError(f"epinfer serve needs {exc.name}: pip install 'epinfer[serve]'") from None
-            if args.async_scheduling:
-                raise UserError("--async-scheduling is not supported by `epinfer serve` yet")
             return serve(args, engine_kwargs(args))
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor

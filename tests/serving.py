@@ -20,7 +20,7 @@ class Served:
     def __init__(self, args: list[str], log_path, timeout: float = 180.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
+        self.log_path, self.args = log_path, args
         self.log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
         self.proc = subprocess.Popen([sys.executable, "-m", "epinfer", "serve", "--port", str(self.port), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)

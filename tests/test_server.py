@@ -1,4 +1,5 @@
-"""`epinfer serve` on CPU / Gloo: one dp=2 server on the shipped demo model answers many cases
+"""`epinfer serve` on CPU / Gloo: one dp=2 server on the shipped demo model (synchronous, then with
+async scheduling) answers many cases
 (the official `openai` client, 64 concurrent requests equal to offline `LLM.generate`, seeded
 sampling, streaming, logprobs, validation, routing, disconnects). Lifecycle cases (queue limit,
 SIGTERM, rank failure, bad start) are in test_server_lifecycle.py."""
@@ -91,10 +92,12 @@ def demo_llm():
     return LLM()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+@pytest.fixture(scope="module", params=[[], ["--async-scheduling"]], ids=["sync", "async"])
+def demo(tmp_path_factory, request):
+    """Every served case runs twice: synchronous steps, and async scheduling (a step's tokens are
+    learnt while the next step runs; a request asking for logprobs makes its steps synchronous)."""
     log = tmp_path_factory.mktemp("serve") / "demo.log"
-    server = Served(["--dp", "2", "--max-num-seqs", str(SEQS_PER_REPLICA), "--max-queue", "64"], log)
+    server = Served(["--dp", "2", "--max-num-seqs", str(SEQS_PER_REPLICA), "--max-queue", "64", *request.param], log)
     yield server
     server.proc.send_signal(signal.SIGTERM)
     code = server.wait(60)
@@ -102,6 +105,7 @@ def demo(tmp_path_factory):
 
 
 def test_models_health_metrics(demo):
+    assert ("async scheduling" in demo.output()) == ("--async-scheduling" in demo.args)
     models = httpx.get(f"{demo.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["epinfer-demo"] and models["data"][0]["max_model_len"] == 1024
     assert httpx.get(f"{demo.url}/health").json()["status"] == "ok"

@@ -104,6 +104,7 @@ class ServeLoop:
         self.seqs: dict[int, Sequence] = {}  # leader: this replica's requests by id
         self.logprobs: dict[int, int] = {}  # request id -> top-N (0: only the chosen token)
         self.sent: dict[int, int] = {}  # request id -> tokens already sent to the server
+        self.lp_pending: dict[int, list] = {}  # request id -> logprob records not yet sent
         self.unadmitted: set[int] = set()
         self.pending_events: list[tuple] = []  # cancellations, rejections: sent with the next report
         self.stopping = False
@@ -131,17 +132,19 @@ class ServeLoop:
             first = False
             t0 = time.perf_counter()
             decision = lockstep_step(engine, ctx, coord, keep_alive=not self.stopping, apply=self.apply)
+            events = self.collect() if self.leader else []
             if decision.done:
+                self.report(events, 0.0)
                 break
             if not decision.run:  # everybody idle: all skip; not a stuck step
                 idle = True
                 if self.watchdog is not None:
                     self.watchdog.idle_tick()
-                self.report([], 0.0)
+                self.report(events, 0.0)
                 continue
             idle = False
             if self.leader:
-                self.report(coord.applied, time.perf_counter() - t0)
+                self.report(events, time.perf_counter() - t0)
         self.report([], 0.0)  # the cancellations of a stop
 
     def admit(self, block: bool) -> None:
@@ -215,6 +218,7 @@ class ServeLoop:
         if seq in sched.waiting:
             sched.waiting.remove(seq)
         elif seq in sched.running:
+            seq.finish_reason = "abort"  # a token still in flight (async scheduling) is dropped
             sched.finish(seq)  # frees its KV blocks and state slot
             self.engine.pending_resets.append(seq.state_slot)  # zeroed before the next forward
         self.forget(rid)
@@ -223,28 +227,39 @@ class ServeLoop:
     def forget(self, rid: int) -> None:
         self.sent.pop(rid, None)
         self.logprobs.pop(rid, None)
+        self.lp_pending.pop(rid, None)
         self.unadmitted.discard(rid)
 
-    def apply(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[tuple]:
-        """Samples through the engine, then collects each request's new tokens (+ logprobs)."""
+    def apply(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """Samples through the engine and resolves tokens: with async scheduling those of the step
+        before (this step's stay on the device), except when a request in this step asked for
+        logprobs: they need this step's logits, so the step is resolved at once."""
+        engine = self.engine
         sampled = [item.seq for item in scheduled if item.samples]
-        want = [i for i, s in enumerate(sampled) if s.index in self.logprobs]
+        want = [i for i, s in enumerate(sampled) if s.index in self.logprobs and s.index in self.seqs]
         logprobs_WV = None
         if want:  # [W, V] fp32, only for requests that asked
             logprobs_WV = torch.log_softmax(logits[torch.tensor(want, device=logits.device)].float(), dim=-1)
-        finished = set(self.engine.apply(scheduled, logits))
-        row_of = {i: j for j, i in enumerate(want)}
+        before = [len(sampled[i].output_ids) for i in want]
+        engine.launch(scheduled, logits)
+        engine.resolve(1 if engine.ecfg.async_scheduling and not want else 0)
+        for j, (i, n) in enumerate(zip(want, before, strict=True)):
+            seq = sampled[i]
+            self.lp_pending.setdefault(seq.index, []).extend(
+                self.logprob_record(logprobs_WV[j], tok, self.logprobs[seq.index]) for tok in seq.output_ids[n:])
+
+    def collect(self) -> list[tuple]:
+        """Each request's tokens learnt since the last report, and the requests that finished (in
+        this step, or when in-flight tokens were resolved while planning it)."""
         events = []
-        for i, seq in enumerate(sampled):
-            rid = seq.index
-            if rid not in self.seqs:
-                continue
+        for rid, seq in list(self.seqs.items()):
             new = seq.output_ids[self.sent[rid]:]
+            done = seq.finish_reason is not None
+            if not new and not done:
+                continue
             self.sent[rid] = len(seq.output_ids)
-            lp = None
-            if i in row_of:
-                lp = [self.logprob_record(logprobs_WV[row_of[i]], tok, self.logprobs[rid]) for tok in new]
-            if seq in finished:
+            lp = self.lp_pending.pop(rid, None) if rid in self.logprobs else None
+            if done:
                 events.append((rid, new, lp, seq.finish_reason, seq.stop_text_end))
                 del self.seqs[rid]
                 self.forget(rid)
@@ -284,6 +299,7 @@ class ServeLoop:
         return {"max_model_len": engine.max_model_len, "vocab_size": engine.model_config.vocab_size,
                 "eos_ids": sorted(engine.eos_ids), "defaults": engine.defaults, "dp": self.dp,
                 "tp": self.ctx.tp_size, "max_num_seqs": engine.scheduler.max_num_seqs,
+                "async_scheduling": engine.ecfg.async_scheduling,
                 "num_blocks": len(alloc.free_blocks), "block_size": alloc.layout.block_size}
 
 

@@ -105,8 +105,9 @@ class Server:
         self.ranks.monitor(lambda msg: loop.call_soon_threadsafe(self.on_failure, msg))
         http_task = asyncio.create_task(self.http.serve(sockets=[self.sock]))
         host, port = self.sock.getsockname()[:2]
+        mode = ", async scheduling" if self.engine.get("async_scheduling") else ""
         log_line(f"epinfer: serving {self.info.name} on http://{host}:{port} (dp={self.engine['dp']} "
-                 f"tp={self.engine['tp']}, max model length {self.info.max_model_len})")
+                 f"tp={self.engine['tp']}{mode}, max model length {self.info.max_model_len})")
         done, _ = await asyncio.wait({http_task, self.exit_code}, return_when=asyncio.FIRST_COMPLETED)
         if http_task in done and not self.exit_code.done():  # uvicorn stopped on its own
             self.ranks.stop()
