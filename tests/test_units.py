@@ -283,3 +283,42 @@ def test_watchdog_reports_a_stuck_teardown_and_lets_peers_leave():
     dog._tick(0.0)
     assert fired == ["the process group did not shut down within 60 s after the run finished "
                      "(destroy_process_group stuck; results may be complete)"]
+
+
+def test_batched_sampling_filters_like_one_row_at_a_time():
+    """Unseeded sampling rows are filtered together: per row the same probabilities as the
+    one-row reference (temperature, top-k with ties kept, top-p), draws inside the kept set, and
+    top_k=1 rows equal greedy; seeded rows keep drawing from their own generator."""
+    import torch.nn.functional as F
+
+    from epinfer.runner.sampler import _filtered_probs, sample_tokens
+
+    def reference(logits_V, p):
+        logits = logits_V.float() / p.temperature
+        if 0 < p.top_k < logits.shape[-1]:
+            logits = logits.masked_fill(logits < torch.topk(logits, p.top_k).values[-1], float("-inf"))
+        if p.top_p < 1.0:
+            s, order = torch.sort(logits, descending=True)
+            drop = (torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1)) >= p.top_p
+            logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        return F.softmax(logits, -1)
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    logits[2, :4] = 9.0  # a tie at the k-th value
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.0, top_p=0.8),
+              SamplingParams(temperature=1.3, top_k=3), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.5, top_k=10, top_p=0.6), SamplingParams(temperature=1.0, top_k=1)]
+    params = [p.resolved({}) for p in params]  # as the engine hands them over
+    probs = _filtered_probs(logits, params)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(probs[i], reference(logits[i], p), rtol=1e-6, atol=1e-7)
+    assert (probs[2] > 0).sum() == 4  # ties at the k-th value stay
+    for batched in (True, False) * 10:
+        tokens = sample_tokens(logits, params, [None] * 6, batched)
+        assert (probs.gather(1, tokens[:, None]) > 0).all()
+        assert tokens[5] == logits[5].argmax()
+    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+    a = sample_tokens(logits[:2], params[:2], [gens[0], None], True)[0]
+    b = sample_tokens(logits[:1], params[:1], [gens[1]])[0]
+    assert a == b  # a seeded row does not depend on the rest of the batch
