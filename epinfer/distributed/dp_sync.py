@@ -71,7 +71,6 @@ class DPCoordinator:
     def __init__(self, ctx: ParallelContext) -> None:
         self.ctx = ctx
         self.step_id = 0
-        self.applied = None  # what the leader's sampling step returned in the last step
 
     def sync(self, num_tokens: int, has_work: bool, decode_only: bool = False,
              buckets: list[int] | None = None) -> StepDecision:

@@ -124,12 +124,10 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     """One step of the lockstep loop on this rank: plan (TP leader) and share it, the DP decision,
     then the forward the decision implies — or nothing, on every rank alike (all idle / done).
     `keep_alive`: this replica counts as having work (a server that has not been stopped);
-    `apply(scheduled, logits)`: the leader's sampling step (default `engine.apply`); its result is
-    left in `coord.applied`."""
+    `apply(scheduled, logits)`: the leader's sampling step (default `engine.apply`)."""
     groups = ctx.groups
     leader = groups.tp_rank == 0
     ctx.comm.step = coord.step_id
-    coord.applied = None
     runner = engine.runner
     scheduled, plan = engine.plan_step() if leader else (None, None)
     plan = ctx.comm.broadcast_object(plan, 0, groups.tp_group, "tp.plan")
@@ -147,7 +145,7 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     logits = runner.execute(plan, decision.rows[groups.dp_rank], decision.moe_sizes(groups.tp, ctx.sequence_parallel),
                             want_logits=leader, step_id=decision.step_id, graph=graph)
     if leader:
-        coord.applied = (apply or engine.apply)(scheduled, logits)
+        (apply or engine.apply)(scheduled, logits)
     return decision
 
 
@@ -195,7 +193,6 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout, device)
     if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
-    engine = None
     try:
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)
@@ -226,7 +223,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     # teardown stays watched: graphs holding NCCL collectives go first (NCCL waits for them), and a
     # process group that still does not shut down is reported instead of hanging silently
     watchdog.tearing_down(min(timeout, TEARDOWN_S))
-    if engine is not None and engine.runner.graphs is not None:
+    if engine.runner.graphs is not None:
         engine.runner.graphs.release()
     dist.destroy_process_group()
     watchdog.stop()

@@ -28,7 +28,7 @@ from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
 from epinfer.layers import moe_triton
 from epinfer.layers.fused import fused
-from epinfer.layers.linear import GatedMLP, Linear
+from epinfer.layers.linear import GatedMLP, Linear, silu_mul
 from epinfer.runner.batch import ForwardBatch
 
 
@@ -107,7 +107,7 @@ class FusedExperts(nn.Module):
         n = self.w13.shape[0]
         order, offs, rows = permute_pairs(topk_ids_TK, self.first_expert, n)
         gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
-        y = F.grouped_mm(silu_mul(gate_up), self.w2.transpose(1, 2), offs=offs)  # [P, D]
+        y = F.grouped_mm(silu_mul(*gate_up.chunk(2, dim=-1)), self.w2.transpose(1, 2), offs=offs)  # [P, D]
         combine = moe_triton.combine if moe_triton.grouped_usable(x_TD, 0, n) else combine_pairs
         return combine(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
 
@@ -135,19 +135,13 @@ def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
 
 
 @fused
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-@fused
 def combine_pairs(y_PD, weights_TK, ids_TK, order, first: int, n: int):
     """Weighted sum over k of each row's expert outputs; pairs past the last group (other ranks'
     experts: grouped_mm leaves them undefined) count 0. Each row gathers its K outputs through the
     inverse permutation and sums them in one pass (deterministic, unlike an atomic index_add; a
     scatter back to (row, k) order first would cost a slow scattered write of all P rows)."""
     T, K = ids_TK.shape
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    inverse = moe_triton.inverse_permutation(order)
     local = ids_TK.flatten() - first
     mine = (local >= 0) & (local < n)
     y = torch.where(mine[:, None], y_PD[inverse] * weights_TK.flatten()[:, None].to(y_PD.dtype), 0.0)

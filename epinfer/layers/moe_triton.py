@@ -34,14 +34,16 @@ except ImportError:  # pragma: no cover
 MAX_PER_EXPERT = 96  # moe_grouped up to this many pairs per expert on average; beyond, cuBLAS grouped GEMM
 
 
+def _usable(x: torch.Tensor) -> bool:
+    return GROUPED[0] and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def grouped_usable(x: torch.Tensor, pairs: int, num_local: int) -> bool:
-    return (GROUPED[0] and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and pairs <= MAX_PER_EXPERT * num_local)
+    return _usable(x) and pairs <= MAX_PER_EXPERT * num_local
 
 
 def router_usable(logits: torch.Tensor) -> bool:
-    return GROUPED[0] and triton is not None and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) \
-        and logits.shape[1] <= 1024
+    return _usable(logits) and logits.shape[1] <= 1024
 
 
 GROUPED = [os.environ.get("EPINFER_MOE_TRITON", "1") != "0"]  # EPINFER_MOE_TRITON=0: cuBLAS grouped GEMM (A/B)
@@ -70,12 +72,17 @@ def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, 
     reads whole rows of y (coalesced) and accumulates in fp32."""
     T, K = ids_TK.shape
     D = y_PD.shape[1]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    inverse = inverse_permutation(order)
     out = torch.empty(T, D, dtype=y_PD.dtype, device=y_PD.device)
     if T:
         _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.reshape(-1), ids_TK.reshape(-1), inverse, out,
                                                    y_PD.stride(0), out.stride(0), first, n, D=D, K=K, BLOCK_D=1024)
     return out
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[p] = the position of pair p in `order`."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 
 def grouped_config(pairs_per_expert: float) -> dict:

@@ -40,7 +40,7 @@ def sample_tokens(logits_SV: torch.Tensor, params: list[SamplingParams],
 def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k (ties at the k-th value stay), then top-p (a token goes when the
     mass before it already reaches top_p; the first always stays), per row; softmax."""
-    R, V = logits_RV.shape
+    V = logits_RV.shape[1]
     dev = logits_RV.device
     logits = logits_RV.float() / _on(dev, [p.temperature for p in params])[:, None]
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
