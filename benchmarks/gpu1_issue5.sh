@@ -3,6 +3,8 @@
 #   a: the GPU tests, then the 30B targets in one run with async scheduling and transformers
 #   b: the hybrid at batch 64 (async), prefill 8 x 2048, the serve load test with async scheduling
 #      (needs the .whl wheels: carry [".whl"])
+#   c: the GPU tests, the small-batch MoE tile sweep (best table: $OUT/small.json), batch 1 sync and async
+#   d: the GPU tests, the MoE sweep at 1-16 rows and the projection sweep (CUDA-graph timed), batch 1
 # Usage: OUT=dir bash benchmarks/gpu1_issue5.sh a|b   (logs: $OUT/*.log, records: $OUT/*.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -28,5 +30,22 @@ if [ -d .whl ]; then
     --dtype bfloat16 --max-model-len 2048 --cache-memory-gb 30 --async-scheduling' --token-prompts --requests 512 \
     --concurrency 64 --max-tokens 64 --max-seconds 120 > "$OUT/serve_async.log" 2>&1; tail -1 "$OUT/serve_async.log"
 fi ;;
+c)
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+tail -1 "$OUT/tests.log"
+timeout 240 python3 benchmarks/moe_kernel_sweep.py --batches 1,2,4,8,16 --out "$OUT/small.json" > "$OUT/sweep.log" 2>&1
+echo "sweep exit $?"; grep -v "^#" "$OUT/sweep.log" | cut -c1-220
+timeout 150 $B --shape qwen3-30b-a3b --batch 1 > "$OUT/b1_sync.jsonl" 2> "$OUT/b1_sync.log"
+EPINFER_MOE_CONFIGS=$OUT/small.json timeout 120 $B --shape qwen3-30b-a3b --batch 1 --async-scheduling \
+  > "$OUT/b1_async.jsonl" 2> "$OUT/b1_async.log" ;;
+d)
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+tail -1 "$OUT/tests.log"
+timeout 170 python3 benchmarks/moe_kernel_sweep.py --batches 1,4,16 --out "$OUT/small.json" > "$OUT/sweep.log" 2>&1
+echo "sweep exit $?"; grep -v "^#" "$OUT/sweep.log" | cut -c1-250
+timeout 130 python3 benchmarks/gemv_sweep.py > "$OUT/gemv.log" 2>&1; echo "gemv exit $?"; grep -v "^#" "$OUT/gemv.log" | cut -c1-230
+timeout 90 $B --shape qwen3-30b-a3b --batch 1 > "$OUT/b1_sync.jsonl" 2> "$OUT/b1_sync.log"
+timeout 90 $B --shape qwen3-30b-a3b --batch 1 --async-scheduling > "$OUT/b1_async.jsonl" 2> "$OUT/b1_async.log"
+python3 -c "import json,sys; [print(json.loads(l)['breakdown_ms']) for f in sys.argv[1:] for l in open(f)]" "$OUT"/b1_*.jsonl ;;
 esac
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

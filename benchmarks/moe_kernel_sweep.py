@@ -1,12 +1,14 @@
 """Tile sizes for the decode MoE kernels (`moe_triton.moe_grouped`) on this GPU, against the cuBLAS
-grouped-GEMM path (`FusedExperts._grouped`). One MoE layer of a real shape, random routing, bf16:
-each up / down kernel config is timed alone (the other at a fixed config), then the best pair is
-timed end to end (permutation + both kernels + combine) and checked against the grouped path.
+grouped-GEMM path (`FusedExperts._grouped`). One MoE layer of a real shape, random routing, bf16.
+For each batch and mode (one group per pair — no permutation — for a few rows; one group per used
+expert otherwise), each up tile is timed with the down tile fixed, then each down tile with the best
+up tile; times are whole layers (permutation, both kernels, sum over k) replayed in a CUDA graph,
+so the modes compare.
 
-    python benchmarks/moe_kernel_sweep.py [--shape qwen3-30b-a3b] [--batches 64,128,256,512] [--out best.json]
+    python benchmarks/moe_kernel_sweep.py [--shape qwen3-30b-a3b] [--batches 1,2,4,8,64,128,256,512] [--out best.json]
 
-Prints one JSON record per batch and writes the chosen table (the format of `moe_triton.CONFIGS`,
-usable as EPINFER_MOE_CONFIGS=best.json) to --out.
+Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
+{"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
 """
 
 from __future__ import annotations
@@ -25,59 +27,48 @@ from epinfer.config import ModelConfig
 from epinfer.layers import moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
-TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (3, 4), (4, 8))
-         if w == 4 or bn == 128]  # (BLOCK_N, BLOCK_K, num_stages, num_warps)
+TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (2, 3, 4), (2, 4, 8))
+         if (w == 8) == (bn == 128) or (w == 2 and bn <= 32)]  # (BLOCK_N, BLOCK_K, num_stages, num_warps)
+PER_PAIR_LIMIT = 32  # pairs: the per-pair mode is tried up to here
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=40)  # ms, median
+    """ms per call, replayed in a CUDA graph as decode steps are (launch costs off the host)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-def sweep(ex: FusedExperts, T: int, K: int, block_ms: list[int]) -> dict:
-    """One batch size: the best config and its timings (ms) against the cuBLAS grouped path."""
-    E, two_i, D = ex.w13.shape
-    inter = two_i // 2
+def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int]) -> dict:
+    """One batch size and mode: the best config and its layer time (ms) against the cuBLAS path."""
+    E, _, D = ex.w13.shape
     x = torch.randn(T, D, dtype=torch.bfloat16, device="cuda")
     ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
     w = torch.rand(T, K, device="cuda").to(torch.bfloat16)
-    order, offs, _ = permute_pairs(ids, 0, E)
-    P = T * K
-    act = torch.empty(P, inter, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty(P, D, dtype=torch.float32, device="cuda")
 
-    def up(bm, tile):
-        bn, bk, st, nw = tile
-        moe_triton._grouped_up[(E, triton.cdiv(inter, bn))](
-            x, ex.w13, order, offs, act, x.stride(0), ex.w13.stride(0), ex.w13.stride(1), act.stride(0),
-            D=D, INTER=inter, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=st, num_warps=nw)
+    def layer(cfg):
+        plan = None if per_pair else permute_pairs(ids, 0, E)
+        return moe_triton.moe_grouped(x, ex.w13, ex.w2, w, ids, 0, True, plan, cfg)
 
-    def down(bm, tile):
-        bn, bk, st, nw = tile
-        moe_triton._grouped_down[(E, triton.cdiv(D, bn))](
-            act, ex.w2, order, offs, w.reshape(-1), y, act.stride(0), ex.w2.stride(0), ex.w2.stride(1),
-            y.stride(0), D=D, INTER=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=st, num_warps=nw)
-
-    def timed(fn, bm, tile):
+    def timed(cfg):
         try:
-            return bench(lambda: fn(bm, tile))
+            return bench(lambda: layer(cfg))
         except Exception as exc:  # out of shared memory etc.
-            print(f"# {fn.__name__} bm={bm} {tile}: {type(exc).__name__}", flush=True)
+            print(f"# {cfg}: {type(exc).__name__}", flush=True)
             return float("inf")
 
     best = None
-    for bm in [b for b in block_ms if b <= max(16, 2 * P / E)]:
-        ups = {tile: timed(up, bm, tile) for tile in TILES}
-        downs = {tile: timed(down, bm, tile) for tile in TILES}
-        bu, bd = min(ups, key=ups.get), min(downs, key=downs.get)
-        if best is None or ups[bu] + downs[bd] < best[0]:
-            best = (ups[bu] + downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd}, ups, downs)
-    _, chosen, ups, downs = best
+    for bm in [16] if per_pair else [b for b in block_ms if b <= max(16, 2 * T * K / E)]:
+        fixed = {"BLOCK_M": bm, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}
+        ups = {tile: timed({**fixed, "up": tile}) for tile in TILES}
+        bu = min(ups, key=ups.get)
+        downs = {tile: timed({**fixed, "up": bu, "down": tile}) for tile in TILES}
+        bd = min(downs, key=downs.get)
+        if best is None or downs[bd] < best[0]:
+            best = (downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd}, ups, downs)
+    layer_ms, chosen, ups, downs = best
     ref = ex._grouped(x, w, ids).float()
-    out = moe_triton.moe_grouped(x, ex.w13, ex.w2, w, order, offs, True, chosen).float()
-    return {"T": T, "pairs_per_expert": P / E, "experts_used": int(torch.unique(ids).numel()), "config": chosen,
-            "up_ms": ups[chosen["up"]], "down_ms": downs[chosen["down"]],
-            "layer_ms": bench(lambda: moe_triton.moe_grouped(x, ex.w13, ex.w2, w, *permute_pairs(ids, 0, E)[:2],
-                                                             True, chosen)),
+    out = layer(chosen).float()
+    return {"T": T, "mode": "per_pair" if per_pair else "grouped", "pairs_per_expert": T * K / E,
+            "experts_used": int(torch.unique(ids).numel()), "config": chosen, "layer_ms": layer_ms,
             "cublas_layer_ms": bench(lambda: ex._grouped(x, w, ids)),
             "rel_err_vs_cublas": round(((out - ref).norm() / ref.norm()).item(), 5),
             "top_up": sorted((round(v, 4), k) for k, v in ups.items())[:3],
@@ -87,34 +78,40 @@ def sweep(ex: FusedExperts, T: int, K: int, block_ms: list[int]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-30b-a3b")
-    ap.add_argument("--batches", default="64,128,256,512")
+    ap.add_argument("--batches", default="1,2,4,8,64,128,256,512")
     ap.add_argument("--block-m", default="16,32,64")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ModelConfig.from_dir(shape_folder(args.shape, 1, tmp))
-    E, D, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    E, D, inter, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k
     torch.manual_seed(0)
     with torch.device("cuda"):
         ex = FusedExperts(range(E), D, inter, E).to(torch.bfloat16)
         ex.w13.data.normal_(std=0.02)
         ex.w2.data.normal_(std=0.02)
     copy_tbs = 2 * ex.w13.numel() * 2 / bench(lambda: ex.w13.clone()) / 1e9
-    table = []
+    grouped, per_pair = [], {"max_pairs": 0, **moe_triton.PER_PAIR}
     for T in [int(b) for b in args.batches.split(",")]:
-        rec = sweep(ex, T, cfg.top_k, [int(b) for b in args.block_m.split(",")])
-        gb = rec["experts_used"] * 3 * D * inter * 2 / 1e9
-        kernels_ms = rec["up_ms"] + rec["down_ms"]
-        rec.update(shape=args.shape, copy_tbs=round(copy_tbs, 3), kernels_tbs=round(gb / kernels_ms, 3),
-                   layer_tbs=round(gb / rec["layer_ms"], 3), cublas_tbs=round(gb / rec["cublas_layer_ms"], 3))
-        print(json.dumps(rec), flush=True)
-        table.append((rec["pairs_per_expert"], rec["config"]))
-    limits = [(round((a[0] + b[0]) / 2, 2), a[1]) for a, b in zip(table, table[1:], strict=False)]
-    limits.append((1e9, table[-1][1]))
+        recs = {}
+        for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + [False]:
+            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")])
+            gb = rec["experts_used"] * 3 * D * inter * 2 / 1e9
+            rec.update(shape=args.shape, copy_tbs=round(copy_tbs, 3), layer_tbs=round(gb / rec["layer_ms"], 3),
+                       cublas_tbs=round(gb / rec["cublas_layer_ms"], 3))
+            print(json.dumps(rec), flush=True)
+            recs[rec["mode"]] = rec
+        grouped.append((T * K / E, recs["grouped"]["config"]))
+        pp = recs.get("per_pair")
+        if pp and pp["layer_ms"] < recs["grouped"]["layer_ms"]:
+            per_pair = {**pp["config"], "max_pairs": T * K}
+    limits = [(round((a[0] + b[0]) / 2, 2), a[1]) for a, b in zip(grouped, grouped[1:], strict=False)]
+    limits.append((1e9, grouped[-1][1]))
+    table = {"per_pair": per_pair, "grouped": limits}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(limits, f)
-    print("table:", json.dumps(limits))
+            json.dump(table, f)
+    print("table:", json.dumps(table))
     return 0
 
 

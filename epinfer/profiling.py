@@ -43,19 +43,23 @@ def _kernel_time(prof) -> float:
 # Kernels the profile does not link to the CPU op that launched them (our Triton kernels, launched
 # through the driver API) come as device events of their own: they are attributed by name.
 TRITON_PARTS = (("_grouped_", "moe_experts"), ("_route_kernel", "moe_router"), ("_split_kernel", "attention"),
-                ("_merge_kernel", "attention"), ("_combine_kernel", "moe_experts"), ("_gdn", "gdn"), ("_conv", "gdn"),
+                ("_merge_kernel", "attention"), ("_rope_cache", "attention"), ("_gate_route", "moe_router"),
+                ("_combine_kernel", "moe_experts"), ("_gdn", "gdn"), ("_conv", "gdn"),
                 ("triton_", "compiled_small_ops"))
 
 
 def _unlinked_part(name: str) -> str:
-    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), "unlinked")
+    return next((part for prefix, part in TRITON_PARTS if name.startswith(prefix)), "other")
 
 
 def _by_part(prof) -> tuple[dict[str, float], float]:
     """Device time (µs) of the kernels launched inside each innermost `part.*` range, and in all."""
+    events = prof.events()
+    by_span = _by_device_span(events)
+    if by_span is not None:
+        return by_span
     parts: dict[str, float] = {}
     total = 0.0
-    events = prof.events()
     cpu_ids = {e.id for e in events if e.device_type == torch.autograd.DeviceType.CPU}
     for evt in events:
         if evt.device_type != torch.autograd.DeviceType.CPU:
@@ -79,6 +83,29 @@ def _by_part(prof) -> tuple[dict[str, float], float]:
             up = up.cpu_parent
         key = up.name[5:] if up is not None else "other"
         parts[key] = parts.get(key, 0.0) + t
+    return parts, total
+
+
+def _by_device_span(events) -> tuple[dict[str, float], float] | None:
+    """On GPUs the profile carries each `part.*` range's span on the device timeline (a user
+    annotation). Every kernel (and copy) counts once, for the innermost span that contains its
+    start — whatever launched it: cuBLAS, Triton and inductor kernels launched through the driver
+    API are not linked to the op that launched them. None without such spans (CPU runs)."""
+    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name[5:]) for e in device if e.name.startswith("part.")),
+                   key=lambda span: span[1] - span[0])  # innermost (shortest) first
+    if not spans:
+        return None
+    parts: dict[str, float] = {}
+    total = 0.0
+    for evt in device:
+        t = _device_time(evt)
+        if evt.name.startswith("part.") or not t:
+            continue
+        total += t
+        start = evt.time_range.start
+        part = next((name for lo, hi, name in spans if lo <= start < hi), None) or _unlinked_part(evt.name)
+        parts[part] = parts.get(part, 0.0) + t
     return parts, total
 
 

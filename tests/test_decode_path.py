@@ -98,12 +98,14 @@ def test_pair_permutation_and_combine(T, first, n, total):
     K, D, inter = 2, 8, 6
     ids = torch.stack([torch.randperm(total, generator=gen)[:K] for _ in range(T)])
     weights = torch.rand(T, K, generator=gen)
-    order, offs, rows = permute_pairs(ids, first, n)
+    order, offs, rows, active = permute_pairs(ids, first, n)
     local = ids.flatten() - first
     key = torch.where((local >= 0) & (local < n), local, n)
     assert torch.equal(order, torch.argsort(key, stable=True))
     assert offs.tolist() == torch.bincount(key, minlength=n + 1)[:n].cumsum(0).tolist()
     assert torch.equal(rows, order // K)
+    used = sorted(set(key.tolist()) - {n})  # the Triton kernels' grid: used experts, then -1
+    assert active.tolist() == used + [-1] * (min(T * K, n) - len(used))
 
     experts = FusedExperts(range(first, first + n), D, inter, total)
     experts.w13.data.normal_(generator=gen)

@@ -7,7 +7,8 @@ rows (slot -1) are neither written nor attended, and their output rows are zero.
 
 Prefill and mixed steps run one SDPA call per sequence (a fresh prompt uses its own keys with a
 causal flag, so GPUs get a flash kernel); decode-only steps on the fast path (`batch.decode`) run
-one batched paged-decode kernel for all rows (`paged_attention.py`).
+one batched paged-decode kernel for all rows (`paged_attention.py`), and on GPUs in low precision
+the q/k norm, rotary and cache writes before it are one kernel too (`rope_to_cache`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from epinfer.errors import UserError
 from epinfer.layers.fused import fused
 from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
 from epinfer.layers.norm import RMSNorm, rms_norm
-from epinfer.layers.paged_attention import decode_attention
+from epinfer.layers.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.rotary import apply_rotary
 from epinfer.runner.batch import ForwardBatch
 
@@ -116,17 +117,23 @@ class Attention(nn.Module):
         k_THd = k.view(T, KVH, hd)
         v_THd = v.view(T, KVH, hd)
         head_norm = self.qk_norm == "head"
-        q_THd, k_THd = head_norm_rope(q_THd, k_THd, *cos_sin, self.q_norm.weight if head_norm else None,
-                                      self.k_norm.weight if head_norm else None, self.norm_eps, self.norm_zc)
-
+        q_w = self.q_norm.weight if head_norm else None
+        k_w = self.k_norm.weight if head_norm else None
         k_cache, v_cache = kv_cache  # [blocks, block_size, KVH, hd]
         flat_k = k_cache.view(-1, KVH, hd)
         flat_v = v_cache.view(-1, KVH, hd)
         scale = hd**-0.5
         meta = batch.decode
+        one_kernel = meta is not None and rope_to_cache_usable(q_THd)  # norm, rotary and the cache writes
+        if one_kernel:
+            q_THd = rope_to_cache(q_THd, k_THd, v_THd, *cos_sin, q_w, k_w, self.norm_eps, self.norm_zc, flat_k,
+                                  flat_v, batch.kv_slots_T)
+        else:
+            q_THd, k_THd = head_norm_rope(q_THd, k_THd, *cos_sin, q_w, k_w, self.norm_eps, self.norm_zc)
         if meta is not None:  # decode fast path: padding rows write the scratch block, attend to nothing
-            flat_k.index_copy_(0, batch.kv_slots_T, k_THd.to(k_cache.dtype))
-            flat_v.index_copy_(0, batch.kv_slots_T, v_THd.to(v_cache.dtype))
+            if not one_kernel:
+                flat_k.index_copy_(0, batch.kv_slots_T, k_THd.to(k_cache.dtype))
+                flat_v.index_copy_(0, batch.kv_slots_T, v_THd.to(v_cache.dtype))
             out = decode_attention(q_THd, k_cache, v_cache, meta.block_table, meta.state_slots_T,
                                    meta.seq_lens_T, scale)
         else:

@@ -56,15 +56,18 @@ class FusedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, hidden, inter))
 
     def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor,
-                topk_ids_TK: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over (row, k) pairs routed to this rank's experts; others contribute 0."""
+                topk_ids_TK: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """Weighted sum over (row, k) pairs routed to this rank's experts; others contribute 0.
+        `reduce=False` lets the Triton path return the per-pair outputs [T, K, D] in float32 unsummed
+        (the caller's next residual add sums them: `norm.add_rms_norm`); other paths always sum."""
         num_local = self.w13.shape[0]
         if num_local == 0 or x_TD.shape[0] == 0:
             return torch.zeros_like(x_TD)
-        if moe_triton.grouped_usable(x_TD, topk_ids_TK.numel(), num_local):  # decode sizes: gather-GEMM kernels
-            order, offs, _ = permute_pairs(topk_ids_TK, self.first_expert, num_local)
-            return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, order, offs,
-                                          num_local == self.num_experts_total)
+        pairs = topk_ids_TK.numel()
+        if moe_triton.grouped_usable(x_TD, pairs, num_local):  # decode sizes: gather-GEMM kernels
+            plan = None if moe_triton.per_pair(pairs) else permute_pairs(topk_ids_TK, self.first_expert, num_local)
+            return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
+                                          num_local == self.num_experts_total, plan, reduce=reduce)
         if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
             return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
         if x_TD.is_cuda:
@@ -105,7 +108,7 @@ class FusedExperts(nn.Module):
         """All local experts in two grouped GEMMs, with no host sync (CUDA-graph safe): (row, k)
         pairs sorted by local expert, pairs of other ranks' experts sorted last and weighted 0."""
         n = self.w13.shape[0]
-        order, offs, rows = permute_pairs(topk_ids_TK, self.first_expert, n)
+        order, offs, rows, _ = permute_pairs(topk_ids_TK, self.first_expert, n)
         gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
         y = F.grouped_mm(silu_mul(*gate_up.chunk(2, dim=-1)), self.w2.transpose(1, 2), offs=offs)  # [P, D]
         combine = moe_triton.combine if moe_triton.grouped_usable(x_TD, 0, n) else combine_pairs
@@ -114,8 +117,9 @@ class FusedExperts(nn.Module):
 
 @fused
 def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
-    """(order, offs, rows): pair indices sorted by local expert (stable; other ranks' experts
-    last), grouped_mm's int32 group ends, and each sorted pair's row."""
+    """(order, offs, rows, active): pair indices sorted by local expert (stable; other ranks'
+    experts last), grouped_mm's int32 group ends, each sorted pair's row, and the local experts
+    that have pairs, in order, padded with -1 to min(pairs, n) entries (the Triton kernels' grid)."""
     local = ids_TK.flatten() - first
     key = torch.where((local >= 0) & (local < n), local, n)
     P = key.shape[0]
@@ -131,7 +135,13 @@ def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
         counts = torch.zeros(n + 1, dtype=torch.int32, device=key.device)  # (bincount would sync)
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     offs = counts[:n].cumsum(0, dtype=torch.int32)
-    return order, offs, order // ids_TK.shape[1]
+    used = counts[:n] > 0
+    slots = min(P, n)
+    # slot of each used expert = used experts before it; unused ones write the dropped extra entry
+    at = torch.where(used, used.cumsum(0) - 1, slots)
+    active = torch.full((slots + 1,), -1, dtype=torch.int32, device=key.device)
+    active = active.scatter(0, at, torch.arange(n, dtype=torch.int32, device=key.device))[:slots]
+    return order, offs, order // ids_TK.shape[1], active
 
 
 @fused
@@ -211,8 +221,9 @@ class MoEBlock(nn.Module):
             x_TD = x_TD[lo:lo + rows]
             real = min(max(real - lo, 0), rows)
             mask = mask[lo:lo + rows] if mask is not None else None
-        logits = self.gate(x_TD)
-        if moe_triton.router_usable(logits):
+        if moe_triton.gate_route_usable(x_TD, self.gate.weight.shape[0]):  # a few rows: GEMV + top-k in one kernel
+            weights, ids = moe_triton.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real)
+        elif moe_triton.router_usable(logits := self.gate(x_TD)):
             weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize)
@@ -226,7 +237,9 @@ class MoEBlock(nn.Module):
             self.dispatcher.begin(x_TD, batch.moe_sizes, batch.step_id)
             out = self.dispatcher(x_TD, weights, ids, real, batch.moe_sizes, self.experts)
         else:
-            out = self.experts(x_TD, weights, ids)
+            # alone, the experts' per-pair outputs go back unsummed: the next residual add sums them
+            alone = ctx.tp_size == 1 and self.shared_expert is None
+            out = self.experts(x_TD, weights, ids, reduce=not alone)
             if ctx.tp_size > 1:  # TP-sharded experts: partial sums
                 out = ctx.comm.all_reduce(out, ctx.groups.tp_group, f"{self.label}.tp_reduce")
         if self.shared_expert is not None:

@@ -1,13 +1,15 @@
 """MoE experts and router in Triton (bf16 / fp16 on CUDA), for decode-sized batches.
 
-`moe_grouped`: one program per (local expert, output tile) walks its expert's pairs (sorted by
-expert, `permute_pairs`) in blocks of BLOCK_M rows. The up kernel gathers the rows by index, so there
-is no gathered copy of x, and applies silu(gate) * up in registers; the down kernel scales by the
-routing weight and writes each pair's output in (row, k) order, so the combine is one sum over k.
+`moe_grouped`: one program per (group, output tile) walks its group's pairs in blocks of BLOCK_M
+rows. A group is one used expert's pairs (sorted by expert, `permute_pairs`; the grid has one slot
+per used expert at most) or, for a few rows, a single pair (no permutation kernel at all). The up
+kernel gathers the rows by index, so there is no gathered copy of x, and applies silu(gate) * up in
+registers; the down kernel scales by the routing weight and writes each pair's output in (row, k)
+order, so the combine is one sum over k — which the next residual add can do (`reduce=False`).
 An expert with no pairs reads none of its weights: at decode sizes (one to a few dozen pairs per
 expert) the step is bound by reading the used experts' weights once, and the tile sizes are chosen
-for that (`benchmarks/moe_kernel_sweep.py`). On H200 this beats both cuBLAS's grouped GEMM (which
-needs the gathered copy and pads every group) and per-pair GEMV kernels, from 1 to 512 rows.
+for that (`benchmarks/moe_kernel_sweep.py`). On H200 this beats cuBLAS's grouped GEMM (which needs
+the gathered copy and pads every group) from 1 to 512 rows.
 
   up:   act[j]  = silu(W13[e, :I] @ x[row_j]) * (W13[e, I:] @ x[row_j])      (fp32 accumulate)
   down: y[p_j]  = w_p * (W2[e] @ act[j])                                     (fp32)
@@ -15,7 +17,9 @@ needs the gathered copy and pads every group) and per-pair GEMV kernels, from 1 
 
 Pairs routed to another rank's expert (expert parallelism) produce zeros.
 
-`route`: softmax, top-k, renormalisation and the padding mask in one kernel.
+`route`: softmax, top-k, renormalisation and the padding mask in one kernel; `gate_route`: the
+router's GEMV too, for a few rows (at batch 1 cuBLAS's GEMV + the route kernel took 8.4 µs a layer
+for half a megabyte of weights).
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ def router_usable(logits: torch.Tensor) -> bool:
     return _usable(logits) and logits.shape[1] <= 1024
 
 
+def gate_route_usable(x_TD: torch.Tensor, num_experts: int) -> bool:
+    """Whether `gate_route` (router GEMV + top-k in one kernel) takes this batch: a few rows (the
+    last program selects for all rows at once, in registers)."""
+    return _usable(x_TD) and 0 < x_TD.shape[0] * triton.next_power_of_2(num_experts) <= GATE_ROUTE_ELEMENTS
+
+
+GATE_ROUTE_ELEMENTS = 8192  # rows x experts (power of 2) the fused router's last program selects over
+
 GROUPED = [os.environ.get("EPINFER_MOE_TRITON", "1") != "0"]  # EPINFER_MOE_TRITON=0: cuBLAS grouped GEMM (A/B)
 
 
@@ -53,7 +65,8 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: to
           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The router in one kernel: softmax (fp32), top-k (descending; the lowest index among ties),
     optional renormalisation, weight 0 for padding rows (`row_mask_T` False, or index >= `real`
-    when there is no mask). Returns (weights_TK in `dtype`, ids_TK int64)."""
+    when there is no mask); a row with a NaN logit gets NaN weights (and valid ids). Returns
+    (weights_TK in `dtype`, ids_TK int64)."""
     T, E = logits_TE.shape
     weights = torch.empty(T, top_k, dtype=dtype, device=logits_TE.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
@@ -63,6 +76,32 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: to
                             BLOCK_E=triton.next_power_of_2(E), K=top_k, KP=triton.next_power_of_2(top_k),
                             RENORM=renormalize, HAS_MASK=row_mask_T is not None, num_warps=4 if E > 256 else 2)
     return weights, ids
+
+
+def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool,
+               row_mask_T: torch.Tensor | None, real: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(x @ gate.T, ...)` in one kernel, for a few rows: each program computes the logits of
+    16 experts (rounded to x's dtype, as the linear layer's output is), and the last one to finish
+    (an atomic counter, reset by that program) selects the top-k of every row. Calls on one device
+    must not run concurrently (the model runs on one stream)."""
+    T, D = x_TD.shape
+    E = gate_ED.shape[0]
+    logits = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    weights = torch.empty(T, top_k, dtype=x_TD.dtype, device=x_TD.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=x_TD.device)
+    if x_TD.device not in _COUNTERS:
+        _COUNTERS[x_TD.device] = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
+    mask = row_mask_T if row_mask_T is not None else ids
+    chunks = triton.cdiv(E, 16)
+    _gate_route_kernel[(chunks,)](
+        x_TD, gate_ED, logits, weights, ids, mask, _COUNTERS[x_TD.device], T, real, x_TD.stride(0), gate_ED.stride(0),
+        D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_E=triton.next_power_of_2(E), BE=16, BK=256,
+        K=top_k, KP=triton.next_power_of_2(top_k), RENORM=renormalize, HAS_MASK=row_mask_T is not None,
+        NPROG=chunks, num_warps=4)
+    return weights, ids
+
+
+_COUNTERS: dict = {}  # per device: programs of the running gate_route that have finished (0 between calls)
 
 
 def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, order: torch.Tensor, first: int,
@@ -85,21 +124,34 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 
-def grouped_config(pairs_per_expert: float) -> dict:
-    """Tile sizes by the average pairs per expert (static per batch size: CUDA-graph safe).
-    EPINFER_MOE_CONFIGS=file.json replaces the table (a sweep's output, same format)."""
+def grouped_config(pairs: int, num_local: int) -> dict:
+    """Tile sizes by batch (static per batch size: CUDA-graph safe): PER_PAIR up to its pair count,
+    else by the average pairs per expert. EPINFER_MOE_CONFIGS=file.json replaces the table (a
+    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...]})."""
     if "file" not in _LOADED:
         path = _LOADED["file"] = os.environ.get("EPINFER_MOE_CONFIGS")
         if path:
             with open(path) as f:
-                CONFIGS[:] = [(limit, cfg) for limit, cfg in json.load(f)]
+                table = json.load(f)
+            PER_PAIR.update(table["per_pair"])
+            CONFIGS[:] = [(limit, cfg) for limit, cfg in table["grouped"]]
+    if pairs <= PER_PAIR["max_pairs"]:
+        return PER_PAIR
     for limit, cfg in CONFIGS:
-        if pairs_per_expert <= limit:
+        if pairs / num_local <= limit:
             return cfg
     return CONFIGS[-1][1]
 
 
+def per_pair(pairs: int) -> bool:
+    """Whether `moe_grouped` runs one group per (row, k) pair (no permutation) at this size."""
+    return grouped_config(pairs, 1) is PER_PAIR
+
+
 _LOADED: dict = {}
+# Up to `max_pairs` pairs (a few rows), each pair is its own group: no permutation kernel, and an
+# expert chosen by two rows is read twice (from L2 the second time). PLACEHOLDER until swept on H200.
+PER_PAIR = {"max_pairs": 16, "BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}
 # (average pairs per expert up to, {up: ..., down: ...}); measured on H200 (benchmarks/moe_kernel_sweep.py)
 CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the expert weights from 8 pairs per
     # expert up (RESULTS.md); 2.1-3 TB/s below, where few weights are read (at 1-2 rows the sweep's best
@@ -111,52 +163,76 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
-                order: torch.Tensor, offs: torch.Tensor, all_local: bool, cfg: dict | None = None) -> torch.Tensor:
-    """Experts for pairs sorted by local expert: `order` (sorted pair indices) and `offs` (int32
-    cumulative group ends), as `permute_pairs` returns them. Pairs of other ranks' experts (only
-    when not `all_local`) get 0."""
+                ids_TK: torch.Tensor, first: int, all_local: bool, plan: tuple | None, cfg: dict | None = None,
+                reduce: bool = True) -> torch.Tensor:
+    """The experts of this rank's pairs. `plan`: `permute_pairs`'s (order, offs, rows, active) —
+    one group per used expert — or None: one group per pair, in (row, k) order. Pairs of other
+    ranks' experts (only when not `all_local`) get 0. Returns out [T, D], or with `reduce=False`
+    the weighted per-pair outputs [T, K, D] in float32."""
     T, D = x_TD.shape
     K = weights_TK.shape[1]
     n, two_i, _ = w13.shape
     inter = two_i // 2
     P = T * K
-    cfg = cfg or grouped_config(P / n)
+    cfg = cfg or grouped_config(P, n)
+    if plan is None:
+        flat_ids = ids_TK.reshape(-1)
+        order, offs, group_e, groups, shift = flat_ids, flat_ids, flat_ids, P, first  # (order, offs unused)
+    else:
+        order, offs, _, group_e = plan
+        groups, shift = group_e.shape[0], 0
     bm = cfg["BLOCK_M"]
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
-    _grouped_up[(n, triton.cdiv(inter, bn))](
-        x_TD, w13, order, offs, act, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        D=D, INTER=inter, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+    _grouped_up[(groups, triton.cdiv(inter, bn))](
+        x_TD, w13, order, offs, group_e, act, shift, n, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
+        num_warps=warps)
     y = (torch.empty if all_local else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
-    _grouped_down[(n, triton.cdiv(D, bn))](
-        act, w2, order, offs, weights_TK.reshape(-1), y, act.stride(0), w2.stride(0), w2.stride(1),
-        y.stride(0), D=D, INTER=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
-    return y.view(T, K, D).sum(1).to(x_TD.dtype)
+    _grouped_down[(groups, triton.cdiv(D, bn))](
+        act, w2, order, offs, group_e, weights_TK.reshape(-1), y, shift, n, act.stride(0), w2.stride(0),
+        w2.stride(1), y.stride(0), D=D, INTER=inter, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_stages=stages, num_warps=warps)
+    y = y.view(T, K, D)
+    return y.sum(1).to(x_TD.dtype) if reduce else y
 
 
 if triton is not None:
 
     @triton.jit
-    def _group(OFFS, e):
-        start = tl.where(e > 0, tl.load(OFFS + e - 1, mask=e > 0, other=0), 0)
-        return start, tl.load(OFFS + e)
+    def _group(OFFS, GROUP_E, shift, n_local, PER_PAIR: tl.constexpr):
+        """(expert, first sorted pair, end) of group program_id(0); an empty range for a group
+        without a local expert (another rank's, or an unused slot)."""
+        g = tl.program_id(0)
+        e = tl.load(GROUP_E + g).to(tl.int32) - shift
+        ok = (e >= 0) & (e < n_local)
+        e = tl.where(ok, e, 0)
+        if PER_PAIR:
+            start = g
+            end = g + 1
+        else:
+            start = tl.where(e > 0, tl.load(OFFS + e - 1, mask=e > 0, other=0), 0)
+            end = tl.load(OFFS + e)
+        return e, start, tl.where(ok, end, start)
 
     @triton.jit
-    def _grouped_up(X, W13, ORDER, OFFS, ACT, sx_t, sw_e, sw_n, sa_p,
-                    D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the sorted pairs j of
-        expert e = program_id(0), on one tile of I."""
-        e = tl.program_id(0)
-        start, end = _group(OFFS, e)
+    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, ACT, shift, n_local, sx_t, sw_e, sw_n, sa_p,
+                    D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
+        program_id(0) (expert e), on one tile of I."""
+        e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
-            rows = tl.load(ORDER + offs_m, mask=m_ok, other=0) // K
+            if PER_PAIR:
+                rows = offs_m // K
+            else:
+                rows = tl.load(ORDER + offs_m, mask=m_ok, other=0) // K
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
@@ -174,12 +250,11 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _grouped_down(ACT, W2, ORDER, OFFS, WTS, Y, sa_p, sw_e, sw_n, sy_p,
-                      D: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-        """y[pair] = w_pair * (act[j] @ W2[e].T) for the sorted pairs j of expert e, one tile of D."""
-        e = tl.program_id(0)
-        start, end = _group(OFFS, e)
+    def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, sa_p, sw_e, sw_n, sy_p,
+                      D: tl.constexpr, INTER: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D."""
+        e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
@@ -194,38 +269,85 @@ if triton is not None:
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc)
-            pairs = tl.load(ORDER + offs_m, mask=m_ok, other=0)
+            if PER_PAIR:
+                pairs = offs_m
+            else:
+                pairs = tl.load(ORDER + offs_m, mask=m_ok, other=0)
             wt = tl.load(WTS + pairs, mask=m_ok, other=0.0).to(tl.float32)
             tl.store(Y + pairs[:, None].to(tl.int64) * sy_p + offs_n[None, :], acc * wt[:, None],
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _route_kernel(L, W, IDS, MASK, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                      KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
-        t = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_E)
-        logit = tl.load(L + t.to(tl.int64) * sl_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
-        ex = tl.exp(logit - tl.max(logit, 0))
-        work = tl.where(offs < E, ex / tl.sum(ex, 0), -1.0)
-        slot = tl.arange(0, KP)
-        sel_w = tl.zeros([KP], dtype=tl.float32)
-        sel_i = tl.zeros([KP], dtype=tl.int32)
+    def _select(logit, offs_e, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                RENORM: tl.constexpr):
+        """Rows of logits [R, BLOCK_E] (-inf past E) -> (weights [R, KP], ids [R, KP]): softmax,
+        top-k (lowest index among ties), renormalisation; a row with a NaN gets NaN weights."""
+        ex = tl.exp(logit - tl.max(logit, 1)[:, None])
+        total = tl.sum(ex, 1)
+        work = tl.where(offs_e[None, :] < E, ex / total[:, None], -1.0)
+        slot = tl.arange(0, KP)[None, :]
+        sel_w = tl.zeros([logit.shape[0], KP], dtype=tl.float32)
+        sel_i = tl.zeros([logit.shape[0], KP], dtype=tl.int32)
         for k in tl.static_range(K):
-            best = tl.max(work, 0)
-            # (a NaN row matches nothing: it keeps a valid id and its NaN weight propagates, as in torch)
-            idx = tl.minimum(tl.min(tl.where(work == best, offs, BLOCK_E), 0), E - 1)
+            best = tl.max(work, 1)[:, None]
+            # (a NaN row matches nothing: its ids stay valid experts)
+            idx = tl.minimum(tl.min(tl.where(work == best, offs_e[None, :], BLOCK_E), 1), E - 1)[:, None]
             sel_w = tl.where(slot == k, best, sel_w)
             sel_i = tl.where(slot == k, idx, sel_i)
-            work = tl.where(offs == idx, -2.0, work)
+            work = tl.where(offs_e[None, :] == idx, -2.0, work)
         if RENORM:
-            sel_w = sel_w / tl.sum(sel_w, 0)
+            sel_w = sel_w / tl.sum(sel_w, 1)[:, None]
+        return tl.where((total != total)[:, None], float("nan"), sel_w), sel_i
+
+    @triton.jit
+    def _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K: tl.constexpr, KP: tl.constexpr,
+                        HAS_MASK: tl.constexpr):
+        """Weight 0 for padding rows (mask False, or index >= real without a mask)."""
         if HAS_MASK:
-            keep = tl.load(MASK + t) != 0
+            keep = tl.load(MASK + offs_t, mask=t_ok, other=0) != 0
         else:
-            keep = t < real
-        sel_w = tl.where(keep, sel_w, 0.0)
-        tl.store(W + t * K + slot, sel_w.to(W.dtype.element_ty), mask=slot < K)
-        tl.store(IDS + t * K + slot, sel_i.to(tl.int64), mask=slot < K)
+            keep = offs_t < real
+        sel_w = tl.where(keep[:, None], sel_w, 0.0)
+        slot = tl.arange(0, KP)[None, :]
+        ok = t_ok[:, None] & (slot < K)
+        tl.store(W + offs_t[:, None] * K + slot, sel_w.to(W.dtype.element_ty), mask=ok)
+        tl.store(IDS + offs_t[:, None] * K + slot, sel_i.to(tl.int64), mask=ok)
+
+    @triton.jit
+    def _route_kernel(L, W, IDS, MASK, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                      KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
+        offs_t = tl.program_id(0) + tl.arange(0, 1)
+        offs = tl.arange(0, BLOCK_E)
+        logit = tl.load(L + offs_t[:, None].to(tl.int64) * sl_t + offs[None, :], mask=offs[None, :] < E,
+                        other=-float("inf")).to(tl.float32)
+        sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
+        _store_selected(W, IDS, MASK, real, offs_t, offs_t >= 0, sel_w, sel_i, K, KP, HAS_MASK)
+
+    @triton.jit
+    def _gate_route_kernel(X, G, LOGITS, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                           K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr,
+                           NPROG: tl.constexpr):
+        offs_t = tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
+        e_ok = offs_e < E
+        acc = tl.zeros([BLOCK_T, BE], dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < D
+            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(G + offs_e[None, :] * sg_e + offs_k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+            acc = tl.dot(x, g, acc)
+        acc = acc.to(X.dtype.element_ty).to(tl.float32)  # the linear layer's output dtype
+        tl.store(LOGITS + offs_t[:, None] * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+        if tl.atomic_add(COUNT, 1) == NPROG - 1:  # (acq_rel: every program's logits are visible)
+            offs = tl.arange(0, BLOCK_E)
+            logit = tl.load(LOGITS + offs_t[:, None] * E + offs[None, :], mask=t_ok[:, None] & (offs[None, :] < E),
+                            other=-float("inf"), cache_modifier=".cg")
+            sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
+            _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K, KP, HAS_MASK)
+            tl.atomic_xchg(COUNT, 0)
 
     @triton.jit
     def _combine_kernel(Y, W, IDS, INV, OUT, sy_p, so_t, first, n_local, D: tl.constexpr, K: tl.constexpr,

@@ -26,7 +26,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
 @fused
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, its norm) in one pass."""
+    """(x + residual, its norm) in one pass. A residual [T, K, D] (the MoE experts' per-pair
+    outputs, float32) is summed over K first and rounded as the experts' own sum would be."""
+    if residual.dim() == 3:
+        residual = residual.sum(1).to(x.dtype)
     x = x + residual
     return x, rms_norm.__wrapped__(x, weight, eps, zero_centered)
 

@@ -33,6 +33,31 @@ def decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return decode_attention_reference(q_BHd, k_cache, v_cache, block_table, state_slots_B, seq_lens_B, scale)
 
 
+def rope_to_cache_usable(q: torch.Tensor) -> bool:
+    return triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def rope_to_cache(q_THd, k_THd, v_THd, cos_TR, sin_TR, q_w, k_w, eps: float, zero_centered: bool,
+                  flat_k, flat_v, slots_T) -> torch.Tensor:
+    """Decode steps, in one kernel: per-head q / k RMS norm (when the weights are given), rotary
+    (neox form, first R dims), and the new keys / values written to the flat cache rows
+    `slots_T` (a row with slot -1 writes nothing). Returns the normed, rotated queries [T, H, hd];
+    the same arithmetic as `attention.head_norm_rope` + the cache writes, rounded where they round."""
+    T, H, hd = q_THd.shape
+    KVH = k_THd.shape[1]
+    q_out = torch.empty(T, H, hd, dtype=q_THd.dtype, device=q_THd.device)
+    if T:
+        norm = q_w is not None
+        _rope_cache_kernel[(T, H + KVH)](
+            q_THd, k_THd, v_THd, cos_TR, sin_TR, q_w if norm else cos_TR, k_w if norm else cos_TR, slots_T,
+            q_out, flat_k, flat_v, eps, q_THd.stride(0), q_THd.stride(1), k_THd.stride(0), k_THd.stride(1),
+            v_THd.stride(0), v_THd.stride(1), cos_TR.stride(0), q_out.stride(0), q_out.stride(1),
+            flat_k.stride(0), flat_k.stride(1), flat_v.stride(0), flat_v.stride(1),
+            H=H, HD=hd, HD_P=triton.next_power_of_2(hd), R=cos_TR.shape[1], NORM=norm, ZC=zero_centered,
+            num_warps=1)
+    return q_out
+
+
 def decode_attention_reference(q_BHd, k_cache, v_cache, block_table, state_slots_B, seq_lens_B, scale):
     """Gathers each row's blocks into a padded [B, N*bs] context and masks past its length."""
     B, H, hd = q_BHd.shape
@@ -156,3 +181,52 @@ if triton is not None:
         total = tl.sum(w * l_sum, 0)
         out = tl.sum(w[:, None] * acc, 0) / tl.maximum(total, 1e-30)
         tl.store(OUT + b * so_b + h * so_h + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HD)
+
+    @triton.jit
+    def _norm_rope(X, W, COS, SIN, eps, HD: tl.constexpr, HD_P: tl.constexpr, R: tl.constexpr,
+                   NORM: tl.constexpr, ZC: tl.constexpr):
+        """One head of one row: RMS norm (optional), then rotate-half rotary on the first R dims."""
+        offs = tl.arange(0, HD_P)
+        half = R // 2
+        rot = offs < R
+        partner = tl.where(offs < half, offs + half, offs - half)
+        x = tl.load(X + offs, mask=offs < HD, other=0.0).to(tl.float32)
+        xp = tl.load(X + partner, mask=rot, other=0.0).to(tl.float32)
+        if NORM:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / HD + eps)
+            w = tl.load(W + offs, mask=offs < HD, other=0.0).to(tl.float32)
+            wp = tl.load(W + partner, mask=rot, other=0.0).to(tl.float32)
+            if ZC:
+                x = x * rstd * (1.0 + w)
+                xp = xp * rstd * (1.0 + wp)
+            else:  # the reference rounds the normed value before the weight
+                x = (x * rstd).to(X.dtype.element_ty).to(tl.float32) * w
+                xp = (xp * rstd).to(X.dtype.element_ty).to(tl.float32) * wp
+            x = x.to(X.dtype.element_ty).to(tl.float32)
+            xp = xp.to(X.dtype.element_ty).to(tl.float32)
+        cos = tl.load(COS + offs, mask=rot, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + offs, mask=rot, other=0.0).to(tl.float32)
+        return tl.where(rot, x * cos + tl.where(offs < half, -xp, xp) * sin, x)
+
+    @triton.jit
+    def _rope_cache_kernel(Q, K, V, COS, SIN, QW, KW, SLOTS, QO, KC, VC, eps,
+                           sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, so_t, so_h, skc, skc_h, svc, svc_h,
+                           H: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr, R: tl.constexpr,
+                           NORM: tl.constexpr, ZC: tl.constexpr):
+        """Program (row t, head h): h < H a query head, else KV head h - H (key and value)."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs = tl.arange(0, HD_P)
+        d_ok = offs < HD
+        if h < H:
+            y = _norm_rope(Q + t * sq_t + h * sq_h, QW, COS + t * sc_t, SIN + t * sc_t, eps, HD, HD_P, R, NORM, ZC)
+            tl.store(QO + t * so_t + h * so_h + offs, y.to(QO.dtype.element_ty), mask=d_ok)
+        else:
+            j = h - H
+            slot = tl.load(SLOTS + t).to(tl.int64)
+            if slot >= 0:
+                y = _norm_rope(K + t * sk_t + j * sk_h, KW, COS + t * sc_t, SIN + t * sc_t, eps, HD, HD_P, R, NORM,
+                               ZC)
+                tl.store(KC + slot * skc + j * skc_h + offs, y.to(KC.dtype.element_ty), mask=d_ok)
+                v = tl.load(V + t * sv_t + j * sv_h + offs, mask=d_ok, other=0.0)
+                tl.store(VC + slot * svc + j * svc_h + offs, v.to(VC.dtype.element_ty), mask=d_ok)

@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_TD, residual_TD, batch: ForwardBatch, cache, cos_sin, numerics=None):
         """(x, mlp output): the caller adds them, fused with the next norm. `residual_TD`: the
-        previous layer's mlp output, None for the first layer."""
+        previous layer's mlp output, None for the first layer; [T, K, D] when it is the experts'
+        unsummed per-pair outputs (MoEBlock)."""
         if residual_TD is None:
             h = self.input_layernorm(x_TD)
         else:
@@ -61,6 +62,8 @@ class DecoderLayer(nn.Module):
         else:
             h = self.mlp(h)
         if numerics is not None:
+            if h.dim() == 3:  # unsummed expert outputs (see MoEBlock)
+                h = h.sum(1).to(x_TD.dtype)
             kind = "moe" if isinstance(self.mlp, MoEBlock) else "mlp"
             numerics.check(f"layer.{self.layer_idx}.{kind}", h, batch.num_real_rows, batch.step_id)
         return x_TD, h

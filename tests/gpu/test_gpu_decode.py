@@ -39,6 +39,40 @@ def test_triton_decode_kernel(dtype, tol, H, KVH, hd, bs, lens):
     torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("H,KVH,hd,R,gated,norm,zc", [
+    (32, 4, 128, 128, False, True, False),  # Qwen3-30B-A3B
+    (16, 2, 256, 64, True, True, True),  # Qwen3.5 / Qwen3-Next: output gate, partial rotary, (1 + w) norm
+    (8, 8, 64, 64, False, False, False),  # no q/k norm (Qwen2-MoE)
+])
+def test_rope_to_cache_kernel(H, KVH, hd, R, gated, norm, zc):
+    """The decode kernel for q/k norm + rotary + cache write against the torch ops it replaces
+    (bf16; a row with slot -1 writes nothing)."""
+    from epinfer.layers.attention import head_norm_rope
+    from epinfer.layers.paged_attention import rope_to_cache
+
+    torch.manual_seed(H + R)
+    T, bf = 5, torch.bfloat16
+    qw = 2 * hd if gated else hd
+    with torch.device("cuda"):
+        qkv = torch.randn(T, H * qw + 2 * KVH * hd, dtype=bf)
+        ang = torch.rand(T, R // 2) * 1000
+        w_q, w_k = (torch.randn(hd, dtype=bf), torch.randn(hd, dtype=bf)) if norm else (None, None)
+        kc = torch.full((40, KVH, hd), 7.0, dtype=bf)
+        slots = torch.tensor([3, 17, -1, 39, 0])
+    q, k, v = qkv.split([H * qw, KVH * hd, KVH * hd], -1)
+    q, k, v = q.view(T, H, qw)[..., :hd], k.view(T, KVH, hd), v.view(T, KVH, hd)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(bf), torch.cat([ang, ang], -1).sin().to(bf)
+    vc = kc.clone()
+    out = rope_to_cache(q, k, v, cos, sin, w_q, w_k, 1e-6, zc, kc, vc, slots)
+    rq, rk = head_norm_rope.__wrapped__(q, k, cos, sin, w_q, w_k, 1e-6, zc)
+    torch.testing.assert_close(out.float(), rq.float(), rtol=2e-2, atol=2e-2)
+    real = [0, 1, 3, 4]
+    torch.testing.assert_close(kc[slots[real]].float(), rk[real].float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(vc[slots[real]], v[real])
+    untouched = [i for i in range(40) if i not in slots.tolist()]
+    assert (kc[untouched] == 7).all() and (vc[untouched] == 7).all()
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_triton_gdn_decode_kernel(dtype, tol):
     from epinfer.layers.gdn_ops import _recurrent_triton, recurrent_gated_delta_step
@@ -102,19 +136,24 @@ def test_triton_grouped_moe(T, first, n, E):
         ids = torch.stack([torch.randperm(E)[:8] for _ in range(T)])
         weights = torch.rand(T, 8).to(torch.bfloat16)
     ref = experts._grouped(x, weights, ids).float()
-    order, offs, _ = permute_pairs(ids, first, n)
-    for _, cfg in moe_triton.CONFIGS:
-        out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, order, offs, n == E, cfg).float()
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-2, cfg
+    plan = permute_pairs(ids, first, n)
+    for p, cfg in [(p, cfg) for p in (None, plan) for cfg in [moe_triton.PER_PAIR] + [c for _, c in moe_triton.CONFIGS]
+                   if p is not None or T <= 16]:
+        out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg).float()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (p is None, cfg)
+        y = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg, reduce=False)
+        assert y.shape == (T, 8, 2048) and torch.equal(y.sum(1).to(x.dtype).float(), out)
     assert moe_triton.grouped_usable(x, ids.numel(), n)
+    forward = None if moe_triton.per_pair(ids.numel()) else plan
     assert torch.equal(experts(x, weights, ids).float(), moe_triton.moe_grouped(
-        x, experts.w13, experts.w2, weights, order, offs, n == E).float())  # the path forward takes
+        x, experts.w13, experts.w2, weights, ids, first, n == E, forward).float())  # the path forward takes
 
 
 @pytest.mark.parametrize("T,E,K,masked", [(1, 128, 8, False), (64, 128, 8, True), (33, 256, 8, False),
-                                          (7, 60, 4, True)])
+                                          (7, 60, 4, True), (16, 512, 10, True)])
 def test_triton_router(T, E, K, masked):
-    """One-kernel router vs softmax / top-k / renormalise / mask in torch (same ids, weights to bf16)."""
+    """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
+    torch (same ids, weights to bf16)."""
     from epinfer.layers import moe_triton
     from epinfer.layers.moe import route
 
@@ -127,9 +166,20 @@ def test_triton_router(T, E, K, masked):
     w2, i2 = moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16)
     assert torch.equal(ids, i2)
     torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
+    # the router GEMV fused in: x row t = one-hot at t, so x @ gate.T is exactly these logits
+    x = torch.eye(T, 2048, device="cuda", dtype=torch.bfloat16)
+    gate = torch.zeros(E, 2048, device="cuda", dtype=torch.bfloat16)
+    gate[:, :T] = logits.T
+    if moe_triton.gate_route_usable(x, E):
+        w4, i4 = moe_triton.gate_route(x, gate, K, True, mask, T - 1)
+        assert torch.equal(ids, i4) and torch.equal(w4, w2)
     logits[0, 1] = float("nan")  # a NaN row: ids stay valid experts, its weights are NaN (propagates)
     w3, i3 = moe_triton.route(logits, K, True, None, T, torch.bfloat16)
     assert ((i3 >= 0) & (i3 < E)).all() and w3[0].isnan().all() and torch.equal(i3[1:], i2[1:])
+    x[0, 5] = float("nan")
+    if moe_triton.gate_route_usable(x, E):
+        w5, i5 = moe_triton.gate_route(x, gate, K, True, None, T)
+        assert ((i5 >= 0) & (i5 < E)).all() and w5[0].isnan().all() and torch.equal(i5[1:], i2[1:])
 
 
 @pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
@@ -141,7 +191,7 @@ def test_triton_combine(T, first, n):
     torch.manual_seed(T)
     ids = torch.stack([torch.randperm(128, device="cuda")[:8] for _ in range(T)])
     weights = torch.rand(T, 8, device="cuda").to(torch.bfloat16)
-    order, _, _ = permute_pairs(ids, first, n)
+    order = permute_pairs(ids, first, n)[0]
     y = torch.randn(T * 8, 2048, device="cuda").to(torch.bfloat16)
     local = ids.flatten()[order] - first
     y[(local < 0) | (local >= n)] = float("nan")

@@ -1,0 +1,58 @@
+"""Decode-size projections: `small_gemm.linear` tiles against cuBLAS (`F.linear`) per real shape,
+replayed in a CUDA graph; prints one JSON record per (shape, rows) with the best config, its time,
+cuBLAS's, and the relative error.
+
+    python benchmarks/gemv_sweep.py [--rows 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from epinfer.layers import small_gemm
+
+SHAPES = {"qkv 30B": (5120, 2048), "o 30B": (2048, 4096), "router 30B": (128, 2048), "lm_head": (151936, 2048)}
+TILES = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": w}
+         for bn, bk, st, w in itertools.product((16, 32, 64), (128, 256, 512), (2, 3, 4), (2, 4))]
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=20)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,8")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    for (name, (N, D)), T in itertools.product(SHAPES.items(), [int(r) for r in args.rows.split(",")]):
+        w = torch.randn(N, D, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x, w).float()
+        times = {}
+        for cfg in TILES:
+            try:
+                times[tuple(cfg.values())] = bench(lambda cfg=cfg, x=x, w=w: small_gemm.linear(x, w, None, cfg))
+            except Exception as exc:  # out of shared memory etc.
+                print(f"# {cfg}: {type(exc).__name__}", flush=True)
+        best = min(times, key=times.get)
+        cfg = dict(zip(TILES[0].keys(), best, strict=True))
+        err = ((small_gemm.linear(x, w, None, cfg).float() - ref).norm() / ref.norm()).item()
+        cublas = bench(lambda x=x, w=w: F.linear(x, w))
+        gb = N * D * 2 / 1e9
+        print(json.dumps({"shape": name, "rows": T, "best": cfg, "ms": round(times[best], 5),
+                          "tbs": round(gb / times[best], 2), "cublas_ms": round(cublas, 5),
+                          "cublas_tbs": round(gb / cublas, 2), "rel_err": round(err, 5),
+                          "placeholder_ms": round(times.get(tuple(small_gemm.CONFIG.values()), -1), 5),
+                          "top3": sorted((round(v, 5), k) for k, v in times.items())[:3]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
