@@ -14,7 +14,7 @@ B="python3 -m epinfer bench --input-len 1024 --output-len 32 --json"
 nvidia-smi --query-gpu=name --format=csv,noheader
 case ${1:-a} in
 a)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
 tail -1 "$OUT/tests.log"
 timeout 330 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --batch 256 --async-scheduling --compare-hf \
   > "$OUT/b30_async_hf.jsonl" 2> "$OUT/b30_async_hf.log"; echo "bench exit $?"
@@ -39,7 +39,7 @@ timeout 150 $B --shape qwen3-30b-a3b --batch 1 > "$OUT/b1_sync.jsonl" 2> "$OUT/b
 EPINFER_MOE_CONFIGS=$OUT/small.json timeout 120 $B --shape qwen3-30b-a3b --batch 1 --async-scheduling \
   > "$OUT/b1_async.jsonl" 2> "$OUT/b1_async.log" ;;
 d)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
 tail -1 "$OUT/tests.log"
 timeout 170 python3 benchmarks/moe_kernel_sweep.py --batches 1,4,16 --out "$OUT/small.json" > "$OUT/sweep.log" 2>&1
 echo "sweep exit $?"; grep -v "^#" "$OUT/sweep.log" | cut -c1-250

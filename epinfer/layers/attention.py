@@ -79,6 +79,7 @@ class Attention(nn.Module):
         o_bias = cfg.attention_bias and cfg.family != "qwen2_moe"
         self.o_proj = row_parallel(cfg.num_heads * hd, D, ctx, "attention heads",
                                    f"layer.{layer_idx}.attn.o_proj", bias=o_bias)
+        self.o_proj.small_rows = True
         self.qk_norm = cfg.qk_norm
         self.norm_eps, self.norm_zc = cfg.rms_norm_eps, cfg.zero_centered_norm
         if cfg.qk_norm == "head":

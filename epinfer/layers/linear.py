@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
+from epinfer.layers import small_gemm
 from epinfer.layers.fused import fused
 
 
@@ -43,8 +44,12 @@ class Linear(nn.Module):
         self.reduce = in_index is not None and ctx is not None and ctx.tp_size > 1
         self.ctx, self.label = ctx, label
 
+    small_rows = False  # set on projections where `small_gemm` beats cuBLAS at decode sizes (o_proj, LM head)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce:
+            if self.small_rows and small_gemm.usable(x, self.weight):
+                return small_gemm.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         y = self.ctx.comm.all_reduce(y, self.ctx.groups.tp_group, self.label)

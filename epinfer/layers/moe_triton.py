@@ -72,32 +72,36 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: to
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
     if T:
         mask = row_mask_T if row_mask_T is not None else ids  # (unused without HAS_MASK)
-        _route_kernel[(T,)](logits_TE, weights, ids, mask, real, logits_TE.stride(0), E=E,
-                            BLOCK_E=triton.next_power_of_2(E), K=top_k, KP=triton.next_power_of_2(top_k),
-                            RENORM=renormalize, HAS_MASK=row_mask_T is not None, num_warps=4 if E > 256 else 2)
+        _route_kernel[(triton.cdiv(T, 2),)](logits_TE, weights, ids, mask, T, real, logits_TE.stride(0), E=E,
+                                            BLOCK_E=triton.next_power_of_2(E), K=top_k,
+                                            KP=triton.next_power_of_2(top_k), RENORM=renormalize,
+                                            HAS_MASK=row_mask_T is not None, num_warps=4 if E > 256 else 2)
     return weights, ids
 
 
 def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool,
                row_mask_T: torch.Tensor | None, real: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route(x @ gate.T, ...)` in one kernel, for a few rows: each program computes the logits of
-    16 experts (rounded to x's dtype, as the linear layer's output is), and the last one to finish
-    (an atomic counter, reset by that program) selects the top-k of every row. Calls on one device
-    must not run concurrently (the model runs on one stream)."""
+    """`route(x @ gate.T, ...)` in one kernel, for a few rows: program (c, s) computes the partial
+    logits of 16 experts over one slice of D; the last program to finish (an atomic counter, reset
+    by that program) sums the slices in order (deterministic), rounds to x's dtype as the linear
+    layer's output is, and selects the top-k of every row. Calls on one device must not run
+    concurrently (the model runs on one stream)."""
     T, D = x_TD.shape
     E = gate_ED.shape[0]
-    logits = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    splits = max(1, min(8, D // 256))
+    partial = torch.empty(splits, T, E, dtype=torch.float32, device=x_TD.device)
     weights = torch.empty(T, top_k, dtype=x_TD.dtype, device=x_TD.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x_TD.device)
     if x_TD.device not in _COUNTERS:
         _COUNTERS[x_TD.device] = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
     mask = row_mask_T if row_mask_T is not None else ids
     chunks = triton.cdiv(E, 16)
-    _gate_route_kernel[(chunks,)](
-        x_TD, gate_ED, logits, weights, ids, mask, _COUNTERS[x_TD.device], T, real, x_TD.stride(0), gate_ED.stride(0),
-        D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_E=triton.next_power_of_2(E), BE=16, BK=256,
-        K=top_k, KP=triton.next_power_of_2(top_k), RENORM=renormalize, HAS_MASK=row_mask_T is not None,
-        NPROG=chunks, num_warps=4)
+    _gate_route_kernel[(chunks, splits)](
+        x_TD, gate_ED, partial, weights, ids, mask, _COUNTERS[x_TD.device], T, real, x_TD.stride(0), gate_ED.stride(0),
+        D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_R=triton.next_power_of_2(T),
+        BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
+        BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
+        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2)
     return weights, ids
 
 
@@ -281,20 +285,23 @@ if triton is not None:
     def _select(logit, offs_e, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                 RENORM: tl.constexpr):
         """Rows of logits [R, BLOCK_E] (-inf past E) -> (weights [R, KP], ids [R, KP]): softmax,
-        top-k (lowest index among ties), renormalisation; a row with a NaN gets NaN weights."""
+        top-k (lowest index among ties), renormalisation; a row with a NaN gets NaN weights.
+        Each step is one max over keys packing (probability bits, reversed index): probabilities
+        are >= 0, so their bits order as the values do (slots past E hold -1: below them all)."""
         ex = tl.exp(logit - tl.max(logit, 1)[:, None])
         total = tl.sum(ex, 1)
-        work = tl.where(offs_e[None, :] < E, ex / total[:, None], -1.0)
+        prob = tl.where(offs_e[None, :] < E, ex / total[:, None], -1.0)
+        key = (prob.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - offs_e)[None, :]
         slot = tl.arange(0, KP)[None, :]
         sel_w = tl.zeros([logit.shape[0], KP], dtype=tl.float32)
         sel_i = tl.zeros([logit.shape[0], KP], dtype=tl.int32)
         for k in tl.static_range(K):
-            best = tl.max(work, 1)[:, None]
-            # (a NaN row matches nothing: its ids stay valid experts)
-            idx = tl.minimum(tl.min(tl.where(work == best, offs_e[None, :], BLOCK_E), 1), E - 1)[:, None]
-            sel_w = tl.where(slot == k, best, sel_w)
+            best = tl.max(key, 1)[:, None]
+            value = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            idx = tl.minimum(BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32), E - 1)
+            sel_w = tl.where(slot == k, value, sel_w)
             sel_i = tl.where(slot == k, idx, sel_i)
-            work = tl.where(offs_e[None, :] == idx, -2.0, work)
+            key = tl.where(key == best, -9223372036854775807, key)
         if RENORM:
             sel_w = sel_w / tl.sum(sel_w, 1)[:, None]
         return tl.where((total != total)[:, None], float("nan"), sel_w), sel_i
@@ -314,39 +321,49 @@ if triton is not None:
         tl.store(IDS + offs_t[:, None] * K + slot, sel_i.to(tl.int64), mask=ok)
 
     @triton.jit
-    def _route_kernel(L, W, IDS, MASK, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+    def _route_kernel(L, W, IDS, MASK, T, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
                       KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
-        offs_t = tl.program_id(0) + tl.arange(0, 1)
+        """Two rows per program."""
+        offs_t = tl.program_id(0) * 2 + tl.arange(0, 2)
+        t_ok = offs_t < T
         offs = tl.arange(0, BLOCK_E)
-        logit = tl.load(L + offs_t[:, None].to(tl.int64) * sl_t + offs[None, :], mask=offs[None, :] < E,
-                        other=-float("inf")).to(tl.float32)
+        logit = tl.load(L + offs_t[:, None].to(tl.int64) * sl_t + offs[None, :],
+                        mask=t_ok[:, None] & (offs[None, :] < E), other=-float("inf")).to(tl.float32)
         sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
-        _store_selected(W, IDS, MASK, real, offs_t, offs_t >= 0, sel_w, sel_i, K, KP, HAS_MASK)
+        _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K, KP, HAS_MASK)
 
     @triton.jit
-    def _gate_route_kernel(X, G, LOGITS, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                           K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr,
-                           NPROG: tl.constexpr):
+    def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr,
+                           SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr):
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
         e_ok = offs_e < E
+        split = tl.program_id(1)
+        lo = split * (D // SPLITS)
+        hi = tl.where(split == SPLITS - 1, D, lo + D // SPLITS)
         acc = tl.zeros([BLOCK_T, BE], dtype=tl.float32)
-        for k0 in range(0, D, BK):
+        for k0 in range(lo, hi, BK):
             offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < D
+            k_ok = offs_k < hi
             x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(G + offs_e[None, :] * sg_e + offs_k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
             acc = tl.dot(x, g, acc)
-        acc = acc.to(X.dtype.element_ty).to(tl.float32)  # the linear layer's output dtype
-        tl.store(LOGITS + offs_t[:, None] * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
-        if tl.atomic_add(COUNT, 1) == NPROG - 1:  # (acq_rel: every program's logits are visible)
+        tl.store(PARTIAL + (split * T + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+        if tl.atomic_add(COUNT, 1) == NPROG - 1:  # (acq_rel: every program's partial logits are visible)
+            rows = tl.arange(0, BLOCK_R)
+            r_ok = rows < T
             offs = tl.arange(0, BLOCK_E)
-            logit = tl.load(LOGITS + offs_t[:, None] * E + offs[None, :], mask=t_ok[:, None] & (offs[None, :] < E),
-                            other=-float("inf"), cache_modifier=".cg")
+            ok = r_ok[:, None] & (offs[None, :] < E)
+            logit = tl.zeros([BLOCK_R, BLOCK_E], dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                logit += tl.load(PARTIAL + (s * T + rows[:, None]) * E + offs[None, :], mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            logit = tl.where(ok, logit.to(X.dtype.element_ty).to(tl.float32), -float("inf"))
             sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
-            _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K, KP, HAS_MASK)
+            _store_selected(W, IDS, MASK, real, rows, r_ok, sel_w, sel_i, K, KP, HAS_MASK)
             tl.atomic_xchg(COUNT, 0)
 
     @triton.jit

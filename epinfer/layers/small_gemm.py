@@ -19,7 +19,16 @@ except ImportError:  # pragma: no cover
 
 MAX_ROWS = 16
 ENABLED = [True]
-CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_stages": 3, "num_warps": 4}  # PLACEHOLDER until swept
+# by output columns; H200, 2026-11-29, `benchmarks/gemv_sweep.py` (RESULTS.md): at 1 row, o_proj 2048 x 4096
+# 6.8 µs (cuBLAS 8.1 + its split-K reduce), LM head 151936 x 2048 138 µs (cuBLAS 143); qkv 5120 x 2048
+# ties (6.6 / 6.5), so the stacked q/k/v GEMM stays in cuBLAS
+CONFIGS = [(4096, {"BLOCK_N": 16, "BLOCK_K": 512, "num_stages": 3, "num_warps": 2}),
+           (32768, {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 3, "num_warps": 2}),
+           (None, {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4, "num_warps": 2})]
+
+
+def config(n: int) -> dict:
+    return next(cfg for limit, cfg in CONFIGS if limit is None or n <= limit)
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -32,7 +41,7 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
            cfg: dict | None = None) -> torch.Tensor:
     T, D = x_TD.shape
     N = weight_ND.shape[0]
-    cfg = cfg or CONFIG
+    cfg = cfg or config(N)
     y = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),

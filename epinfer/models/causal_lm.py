@@ -89,6 +89,7 @@ class CausalLM(nn.Module):
         self.ctx = ctx
         self.model = Model(cfg, ctx)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head.small_rows = True
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
 
     def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:

@@ -158,8 +158,8 @@ def test_triton_router(T, E, K, masked):
     from epinfer.layers.moe import route
 
     torch.manual_seed(E + T)
-    # distinct values per row (bf16 would tie often, and ties may order differently)
-    logits = torch.stack([torch.randperm(E, device="cuda") for _ in range(T)]).mul(6 / E).sub(3).to(torch.bfloat16)
+    # distinct values per row, exact in bf16 (ties may order differently): steps of 1/64 within +-E/128
+    logits = torch.stack([torch.randperm(E, device="cuda") for _ in range(T)]).sub(E // 2).div(64).to(torch.bfloat16)
     mask = torch.rand(T, device="cuda") > 0.3 if masked else None
     weights, ids = route.__wrapped__(logits, K, True)
     ref = weights.masked_fill(~mask[:, None], 0.0) if masked else torch.cat([weights[:T - 1], 0 * weights[T - 1:]])
@@ -180,6 +180,26 @@ def test_triton_router(T, E, K, masked):
     if moe_triton.gate_route_usable(x, E):
         w5, i5 = moe_triton.gate_route(x, gate, K, True, None, T)
         assert ((i5 >= 0) & (i5 < E)).all() and w5[0].isnan().all() and torch.equal(i5[1:], i2[1:])
+
+
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_small_gemm(T):
+    """The decode-size projection kernel against F.linear (bf16), with and without bias, for the
+    o_proj and LM head shapes and an odd one."""
+    import torch.nn.functional as F
+
+    from epinfer.layers import small_gemm
+
+    torch.manual_seed(T)
+    for N, D in [(2048, 4096), (151936, 2048), (1000, 520)]:
+        with torch.device("cuda"):
+            x, w, b = torch.randn(T, D), torch.randn(N, D) * 0.02, torch.randn(N)
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        assert small_gemm.usable(x, w)
+        for bias in (None, b):
+            ref = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            out = small_gemm.linear(x, w, bias).float()
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (N, D, bias is None)
 
 
 @pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
