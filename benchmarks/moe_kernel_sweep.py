@@ -91,7 +91,7 @@ def main() -> int:
         ex.w13.data.normal_(std=0.02)
         ex.w2.data.normal_(std=0.02)
     copy_tbs = 2 * ex.w13.numel() * 2 / bench(lambda: ex.w13.clone()) / 1e9
-    grouped, per_pair = [], {"max_pairs": 0, **moe_triton.PER_PAIR}
+    grouped, per_pair = [], {**moe_triton.PER_PAIR, "max_pairs": 0}
     for T in [int(b) for b in args.batches.split(",")]:
         recs = {}
         for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + [False]:

@@ -100,7 +100,8 @@ def _by_device_span(events) -> tuple[dict[str, float], float] | None:
     total = 0.0
     for evt in device:
         t = _device_time(evt)
-        if evt.name.startswith("part.") or not t:
+        # other annotations (inductor's compiled-graph ranges) span kernels counted on their own
+        if evt.name.startswith("part.") or getattr(evt, "is_user_annotation", False) or not t:
             continue
         total += t
         start = evt.time_range.start
@@ -218,7 +219,8 @@ def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
     raw, eager_total = _by_part(prof)
     parts = {k: v / steps / 1e3 for k, v in raw.items()}
     eager_total = eager_total / steps / 1e3
-    parts["moe_router"] = parts.pop("moe_block", 0.0)  # the MoE block's own kernels: gate, top-k, sort, gathers
+    # the MoE block's own kernels (gate, top-k, sort, gathers) and the router kernels counted by name
+    parts["moe_router"] = parts.pop("moe_block", 0.0) + parts.get("moe_router", 0.0)
     device_only = (ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU,)
     prof2 = _profile_steps(step_fn, steps, sync, device_only)  # the normal path (graphs if any)
     busy = _kernel_time(prof2) / steps / 1e3

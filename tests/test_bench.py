@@ -85,3 +85,28 @@ def test_breakdown_runs_on_a_decoding_engine(tmp_path):
     parts = breakdown(engine, 3)
     assert {"device_busy", "eager_device", "top_kernels"} <= set(parts)
     assert all(len(s.output_ids) == 7 for s in seqs)  # the 6 profiled steps decoded normally
+
+
+def test_breakdown_attributes_kernels_by_device_span():
+    """On GPUs each kernel counts once, for the innermost `part.*` span on the device timeline that
+    contains its start, whatever launched it; other annotations are not kernels; kernels outside
+    every span go by name (Triton) or to "other". No device spans (CPU): None, the op-link path."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from epinfer.profiling import _by_device_span
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(name, start, end, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end),
+                               device_time_total=end - start, is_user_annotation=annotation)
+
+    events = [evt("part.moe_block", 0, 100, annotation=True), evt("part.experts", 40, 90, annotation=True),
+              evt("## Call CompiledFxGraph ##", 0, 30, annotation=True), evt("nvjet_gemm", 0, 10),
+              evt("_grouped_up", 40, 70), evt("_grouped_down", 70, 90), evt("triton_red_fused_norm", 100, 104),
+              evt("_split_kernel", 110, 116), evt("aten::mm", 0, 200, device=cpu)]
+    parts, total = _by_device_span(events)
+    assert parts == {"moe_block": 10, "experts": 50, "compiled_small_ops": 4, "attention": 6} and total == 70
+    assert _by_device_span([evt("aten::mm", 0, 5, device=cpu)]) is None

@@ -221,7 +221,7 @@ class MoEBlock(nn.Module):
             x_TD = x_TD[lo:lo + rows]
             real = min(max(real - lo, 0), rows)
             mask = mask[lo:lo + rows] if mask is not None else None
-        if moe_triton.gate_route_usable(x_TD, self.gate.weight.shape[0]):  # a few rows: GEMV + top-k in one kernel
+        if moe_triton.gate_route_usable(x_TD, self.gate.weight):  # a few rows: GEMV + top-k in one kernel
             weights, ids = moe_triton.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real)
         elif moe_triton.router_usable(logits := self.gate(x_TD)):
             weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype)

@@ -193,7 +193,7 @@ if triton is not None:
         x = tl.load(X + offs, mask=offs < HD, other=0.0).to(tl.float32)
         xp = tl.load(X + partner, mask=rot, other=0.0).to(tl.float32)
         if NORM:
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / HD + eps)
+            rstd = tl.rsqrt(tl.sum(x * x, 0) / HD + eps)
             w = tl.load(W + offs, mask=offs < HD, other=0.0).to(tl.float32)
             wp = tl.load(W + partner, mask=rot, other=0.0).to(tl.float32)
             if ZC:

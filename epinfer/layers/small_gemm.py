@@ -17,7 +17,7 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_ROWS = 16
+MAX_ROWS = 8  # measured up to 8 rows (at 8 the o_proj ties cuBLAS)
 ENABLED = [True]
 # by output columns; H200, 2026-11-29, `benchmarks/gemv_sweep.py` (RESULTS.md): at 1 row, o_proj 2048 x 4096
 # 6.8 µs (cuBLAS 8.1 + its split-K reduce), LM head 151936 x 2048 138 µs (cuBLAS 143); qkv 5120 x 2048

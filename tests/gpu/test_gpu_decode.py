@@ -170,19 +170,19 @@ def test_triton_router(T, E, K, masked):
     x = torch.eye(T, 2048, device="cuda", dtype=torch.bfloat16)
     gate = torch.zeros(E, 2048, device="cuda", dtype=torch.bfloat16)
     gate[:, :T] = logits.T
-    if moe_triton.gate_route_usable(x, E):
+    if moe_triton.gate_route_usable(x, gate):
         w4, i4 = moe_triton.gate_route(x, gate, K, True, mask, T - 1)
         assert torch.equal(ids, i4) and torch.equal(w4, w2)
     logits[0, 1] = float("nan")  # a NaN row: ids stay valid experts, its weights are NaN (propagates)
     w3, i3 = moe_triton.route(logits, K, True, None, T, torch.bfloat16)
     assert ((i3 >= 0) & (i3 < E)).all() and w3[0].isnan().all() and torch.equal(i3[1:], i2[1:])
     x[0, 5] = float("nan")
-    if moe_triton.gate_route_usable(x, E):
+    if moe_triton.gate_route_usable(x, gate):
         w5, i5 = moe_triton.gate_route(x, gate, K, True, None, T)
         assert ((i5 >= 0) & (i5 < E)).all() and w5[0].isnan().all() and torch.equal(i5[1:], i2[1:])
 
 
-@pytest.mark.parametrize("T", [1, 5, 16])
+@pytest.mark.parametrize("T", [1, 5, 8])
 def test_small_gemm(T):
     """The decode-size projection kernel against F.linear (bf16), with and without bias, for the
     o_proj and LM head shapes and an odd one."""
@@ -294,8 +294,9 @@ def condition_like_trained(model) -> None:
         head.copy_((head.float() * falloff + bigram).to(head.dtype))
 
 
-def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32) -> dict:
-    """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens."""
+def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32, group: int = 8) -> dict:
+    """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens.
+    The 8 prompts run `group` at a time (decode batches of `group` rows)."""
     from epinfer import LLM, SamplingParams
 
     llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs)
@@ -305,11 +306,15 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
     engine.apply = lambda scheduled, logits: (steps.append(logits.float().cpu()), apply(scheduled, logits))[1]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (64, 17, 100, 5, 33, 80, 9, 50)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))
+    outs, mine = [], []
+    for g in range(0, len(prompts), group):
+        steps.clear()
+        outs += llm.generate(prompts[g:g + group], SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))
+        mine += [torch.stack([s[i] for s in steps]) for i in range(len(prompts[g:g + group]))]
     graphs = engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
     del llm
     torch.cuda.empty_cache()
-    mine = torch.stack([torch.stack([s[i] for s in steps]) for i in range(len(prompts))])  # [requests, steps, V]
+    mine = torch.stack(mine)  # [requests, steps, V]
 
     def teacher_forced(m) -> torch.Tensor:
         refs = []
@@ -337,10 +342,13 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
     return res
 
 
-@pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
-def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers):
+@pytest.mark.parametrize("shape,layers,group", [("qwen3-30b-a3b", 2, 8), ("qwen3-30b-a3b", 2, 1),
+                                                 ("qwen3.5-35b-a3b", 4, 8), ("qwen3.5-35b-a3b", 4, 2)])
+def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers, group):
+    """group 1-2: the few-row kernels (per-pair experts, their sum in the next norm, the fused router
+    GEMV, the small-row o_proj / LM head GEMM)."""
     folder, model = real_shape_folder(tmp_path, shape, layers)
-    res = compare_logits(folder, model, "bfloat16")
+    res = compare_logits(folder, model, "bfloat16", group=group)
     print(f"{shape} x{layers}: {res}")
     assert res["graphs"], "no CUDA graph ran"
     # the issue's bound, against transformers in float32 on the same weights (the function both
