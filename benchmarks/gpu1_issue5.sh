@@ -5,6 +5,7 @@
 #      (needs the .whl wheels: carry [".whl"])
 #   c: the GPU tests, the small-batch MoE tile sweep (best table: $OUT/small.json), batch 1 sync and async
 #   d: the GPU tests, the MoE sweep at 1-16 rows and the projection sweep (CUDA-graph timed), batch 1
+#   e: the GPU tests, then batch 1 and 64 (async) without and with EPINFER_PDL=1 (the PDL decode chain)
 # Usage: OUT=dir bash benchmarks/gpu1_issue5.sh a|b   (logs: $OUT/*.log, records: $OUT/*.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -47,5 +48,13 @@ timeout 130 python3 benchmarks/gemv_sweep.py > "$OUT/gemv.log" 2>&1; echo "gemv 
 timeout 90 $B --shape qwen3-30b-a3b --batch 1 > "$OUT/b1_sync.jsonl" 2> "$OUT/b1_sync.log"
 timeout 90 $B --shape qwen3-30b-a3b --batch 1 --async-scheduling > "$OUT/b1_async.jsonl" 2> "$OUT/b1_async.log"
 python3 -c "import json,sys; [print(json.loads(l)['breakdown_ms']) for f in sys.argv[1:] for l in open(f)]" "$OUT"/b1_*.jsonl ;;
+e)
+timeout 220 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head
+for p in 0 1; do
+  EPINFER_PDL=$p timeout 140 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --async-scheduling > "$OUT/pdl$p.jsonl" 2> "$OUT/pdl$p.log"
+  echo "pdl $p exit $?"
+done
+python3 -c "import json,sys; [print(f[-10:], r['batch'], r['decode_tok_s'], r['fraction_of_floor'], r['breakdown_ms']['top_kernels'][:6]) for f in sys.argv[1:] for l in open(f) for r in [json.loads(l)]]" "$OUT"/pdl*.jsonl ;;
 esac
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
-from epinfer.layers import small_gemm
+from epinfer.layers import pdl, small_gemm
 from epinfer.layers.fused import fused
 
 
@@ -78,6 +78,8 @@ class Stacked:
             at += n
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if pdl.chain(x.device) and small_gemm.usable(x, self.weight):  # (a tie with cuBLAS, but a PDL chain link)
+            return small_gemm.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from epinfer.layers import pdl
+
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
@@ -104,7 +106,8 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
         D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_R=triton.next_power_of_2(T),
         BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
-        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2)
+        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2,
+        PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
     return weights, ids
 
 
@@ -198,13 +201,13 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     _grouped_up[(groups, triton.cdiv(inter, bn))](
         x_TD, w13, order, offs, group_e, act, shift, n, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
-        num_warps=warps)
+        num_warps=warps, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
     y = (torch.empty if all_local else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
     _grouped_down[(groups, triton.cdiv(D, bn))](
         act, w2, order, offs, group_e, weights_TK.reshape(-1), y, shift, n, act.stride(0), w2.stride(0),
         w2.stride(1), y.stride(0), D=D, INTER=inter, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_stages=stages, num_warps=warps)
+        num_stages=stages, num_warps=warps, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
     y = y.view(T, K, D)
     return y.sum(1).to(x_TD.dtype) if reduce else y
 
@@ -230,9 +233,11 @@ if triton is not None:
     @triton.jit
     def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, ACT, shift, n_local, sx_t, sw_e, sw_n, sa_p,
                     D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         program_id(0) (expert e), on one tile of I."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
@@ -256,6 +261,8 @@ if triton is not None:
                 wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
                 acc_g = tl.dot(a, wg, acc_g)
                 acc_u = tl.dot(a, wu, acc_u)
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
             act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
             tl.store(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_n[None, :], act.to(ACT.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
@@ -263,8 +270,10 @@ if triton is not None:
     @triton.jit
     def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, sa_p, sw_e, sw_n, sy_p,
                       D: tl.constexpr, INTER: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
@@ -280,6 +289,8 @@ if triton is not None:
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc)
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
             if PER_PAIR:
                 pairs = offs_m
             else:
@@ -343,7 +354,9 @@ if triton is not None:
     def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr,
                            SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr):
+                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
@@ -359,6 +372,8 @@ if triton is not None:
             g = tl.load(G + offs_e[None, :] * sg_e + offs_k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
             acc = tl.dot(x, g, acc)
         tl.store(PARTIAL + (split * T + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         # all of this program's stores before its (one-thread) release; acq_rel then makes every
         # program's partial logits visible to the last one
         tl.debug_barrier()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.layers import pdl
+
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
@@ -54,7 +56,7 @@ def rope_to_cache(q_THd, k_THd, v_THd, cos_TR, sin_TR, q_w, k_w, eps: float, zer
             v_THd.stride(0), v_THd.stride(1), cos_TR.stride(0), q_out.stride(0), q_out.stride(1),
             flat_k.stride(0), flat_k.stride(1), flat_v.stride(0), flat_v.stride(1),
             H=H, HD=hd, HD_P=triton.next_power_of_2(hd), R=cos_TR.shape[1], NORM=norm, ZC=zero_centered,
-            num_warps=1)
+            num_warps=1, PDL=pdl.on(q_THd.device), **pdl.launch(q_THd.device))
     return q_out
 
 
@@ -100,12 +102,13 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
         block_table.stride(0), part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
         G=G, GP=GP, HD=hd, HD_P=HD_P, BS=bs, BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=ieee,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, PDL=pdl.on(q.device), **pdl.launch(q.device))
     out = torch.empty_like(q)
     _merge_kernel[(B, H)](
         part_acc, part_ml, out, part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2), out.stride(0), out.stride(1),
-        HD=hd, HD_P=HD_P, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        HD=hd, HD_P=HD_P, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        PDL=pdl.on(q.device), **pdl.launch(q.device))
     return out
 
 
@@ -115,7 +118,10 @@ if triton is not None:
     def _split_kernel(Q, K, V, BT, SLOTS, LENS, ACC, ML, scale,
                       sq_b, sq_h, sk_blk, sk_tok, sk_h, sbt, sa_b, sa_s, sa_h, sm_b, sm_s, sm_h,
                       G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
-                      BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                      BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                      PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
@@ -157,6 +163,8 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m = m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         base = b * sa_b + s * sa_s + heads[:, None] * sa_h + offs_d[None, :]
         tl.store(ACC + base, acc, mask=g_ok[:, None] & d_ok[None, :])
         ml = ML + b * sm_b + s * sm_s + heads * sm_h
@@ -165,7 +173,11 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(ACC, ML, OUT, sa_b, sa_s, sa_h, sm_b, sm_s, sm_h, so_b, so_h,
-                      HD: tl.constexpr, HD_P: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+                      HD: tl.constexpr, HD_P: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                      PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SP)
@@ -212,8 +224,11 @@ if triton is not None:
     def _rope_cache_kernel(Q, K, V, COS, SIN, QW, KW, SLOTS, QO, KC, VC, eps,
                            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, so_t, so_h, skc, skc_h, svc, svc_h,
                            H: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr, R: tl.constexpr,
-                           NORM: tl.constexpr, ZC: tl.constexpr):
+                           NORM: tl.constexpr, ZC: tl.constexpr, PDL: tl.constexpr):
         """Program (row t, head h): h < H a query head, else KV head h - H (key and value)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs = tl.arange(0, HD_P)

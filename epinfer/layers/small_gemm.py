@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.layers import pdl
+
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
@@ -46,7 +48,8 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
         y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
     return y
 
 
@@ -54,7 +57,9 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,6 +72,8 @@ if triton is not None:
             w = tl.load(W + offs_n[None, :].to(tl.int64) * sw_n + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(x, w, acc)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_t[:, None] * sy_t + offs_n[None, :], acc.to(Y.dtype.element_ty),

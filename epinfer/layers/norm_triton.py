@@ -1,0 +1,64 @@
+"""The residual add + RMS norm at decode sizes as one Triton kernel (bf16 / fp16 on CUDA), so the
+whole layer can be a chain of programmatically dependent launches (`pdl.py`): inductor's kernels
+are launched without PDL. The residual may be the MoE experts' unsummed per-pair outputs [T, K, D]
+(float32), summed here. Rounds where `norm.add_rms_norm` rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epinfer.layers import pdl
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_ROWS = 8
+
+
+def usable(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and 0 < x.shape[0] <= MAX_ROWS and x.is_contiguous() and residual.is_contiguous()
+            and residual.shape[0] == x.shape[0] and residual.shape[-1] == x.shape[1])
+
+
+def add_rms_norm(x_TD: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, its RMS norm); residual [T, D] in x's dtype or [T, K, D] summed over K."""
+    T, D = x_TD.shape
+    K = residual.shape[1] if residual.dim() == 3 else 1
+    new_x = torch.empty_like(x_TD)
+    out = torch.empty_like(x_TD)
+    _add_rms_norm_kernel[(T,)](x_TD, residual, weight, new_x, out, eps, D=D, K=K, BLOCK_D=triton.next_power_of_2(D),
+                               ZC=zero_centered, num_warps=4, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
+    return new_x, out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(X, R, W, NEW_X, OUT, eps, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ZC: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        r = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):  # the experts' sum over k, in order, then rounded as theirs is
+            r += tl.load(R + (t * K + k) * D + offs, mask=ok, other=0.0).to(tl.float32)
+        r = r.to(X.dtype.element_ty).to(tl.float32)
+        x = (tl.load(X + t * D + offs, mask=ok, other=0.0).to(tl.float32) + r).to(X.dtype.element_ty)
+        tl.store(NEW_X + t * D + offs, x, mask=ok)
+        x32 = x.to(tl.float32)
+        normed = x32 * tl.rsqrt(tl.sum(x32 * x32, 0) / D + eps)
+        w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
+        if ZC:
+            y = normed * (1.0 + w)
+        else:  # the reference rounds the normed value before the weight
+            y = normed.to(X.dtype.element_ty).to(tl.float32) * w
+        tl.store(OUT + t * D + offs, y.to(OUT.dtype.element_ty), mask=ok)
