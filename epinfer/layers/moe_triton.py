@@ -34,6 +34,8 @@ from epinfer.layers import pdl
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
+
+    from epinfer.layers.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -364,13 +366,7 @@ if triton is not None:
         split = tl.program_id(1)
         lo = split * (D // SPLITS)
         hi = tl.where(split == SPLITS - 1, D, lo + D // SPLITS)
-        acc = tl.zeros([BLOCK_T, BE], dtype=tl.float32)
-        for k0 in range(lo, hi, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < hi
-            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(G + offs_e[None, :] * sg_e + offs_k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-            acc = tl.dot(x, g, acc)
+        acc = rows_times_columns(X, G, sx_t, sg_e, offs_t, t_ok, offs_e, e_ok, lo, hi, BLOCK_T, BE, BK)
         tl.store(PARTIAL + (split * T + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()

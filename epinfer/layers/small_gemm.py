@@ -56,6 +56,20 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
 if triton is not None:
 
     @triton.jit
+    def rows_times_columns(X, W, sx_t, sw_n, offs_t, t_ok, offs_n, n_ok, lo, hi, BLOCK_T: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x[rows, lo:hi] @ W[columns, lo:hi].T in fp32 ([BLOCK_T, BLOCK_N]), streaming W in BLOCK_K steps."""
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(lo, hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < hi
+            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw_n + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(x, w, acc)
+        return acc
+
+    @triton.jit
     def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         if PDL:
@@ -64,14 +78,7 @@ if triton is not None:
         t_ok = offs_t < T
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < D
-            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw_n + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(x, w, acc)
+        acc = rows_times_columns(X, W, sx_t, sw_n, offs_t, t_ok, offs_n, n_ok, 0, D, BLOCK_T, BLOCK_N, BLOCK_K)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
