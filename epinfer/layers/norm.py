@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if pdl.chain(x.device) and norm_triton.usable(x, residual):  # a link of the decode layer's PDL chain
+        if pdl.chain(x.device) and norm_triton.usable(x, residual, self.weight):  # a link of the PDL chain
             return norm_triton.add_rms_norm(x, residual, self.weight, self.eps, self.zero_centered)
         return add_rms_norm(x, residual, self.weight, self.eps, self.zero_centered)
 

@@ -17,12 +17,17 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_ROWS = 8
+MAX_DIM = 16384  # one program holds a row
 
 
-def usable(x: torch.Tensor, residual: torch.Tensor) -> bool:
+def usable(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Decode rows in low precision; the residual in x's dtype, or the experts' [T, K, D] in float32
+    (other dtypes would promote in the reference); a weight in x's dtype."""
+    dtype_ok = residual.dtype == x.dtype if residual.dim() == 2 else residual.dtype in (torch.float32, x.dtype)
     return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
-            and 0 < x.shape[0] <= MAX_ROWS and x.is_contiguous() and residual.is_contiguous()
-            and residual.shape[0] == x.shape[0] and residual.shape[-1] == x.shape[1])
+            and 0 < x.shape[0] <= MAX_ROWS and x.shape[1] <= MAX_DIM and x.is_contiguous()
+            and residual.is_contiguous() and residual.shape[0] == x.shape[0] and residual.shape[-1] == x.shape[1]
+            and dtype_ok and weight.dtype == x.dtype)
 
 
 def add_rms_norm(x_TD: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -22,7 +22,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton.language as tl
 
     SUPPORTED = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
-except (ImportError, AttributeError):  # pragma: no cover
+except Exception:  # pragma: no cover - any Triton that cannot say: no PDL
     SUPPORTED = False
 
 ENABLED = [os.environ.get("EPINFER_PDL", "0") == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"]
