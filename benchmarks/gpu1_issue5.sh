@@ -49,10 +49,10 @@ timeout 90 $B --shape qwen3-30b-a3b --batch 1 > "$OUT/b1_sync.jsonl" 2> "$OUT/b1
 timeout 90 $B --shape qwen3-30b-a3b --batch 1 --async-scheduling > "$OUT/b1_async.jsonl" 2> "$OUT/b1_async.log"
 python3 -c "import json,sys; [print(json.loads(l)['breakdown_ms']) for f in sys.argv[1:] for l in open(f)]" "$OUT"/b1_*.jsonl ;;
 e)
-timeout 220 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+timeout 320 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
 tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head
 for p in 0 1; do
-  EPINFER_PDL=$p timeout 140 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --async-scheduling > "$OUT/pdl$p.jsonl" 2> "$OUT/pdl$p.log"
+  EPINFER_PDL=$p timeout 120 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --async-scheduling > "$OUT/pdl$p.jsonl" 2> "$OUT/pdl$p.log"
   echo "pdl $p exit $?"
 done
 python3 -c "import json,sys; [print(f[-10:], r['batch'], r['decode_tok_s'], r['fraction_of_floor'], r['breakdown_ms']['top_kernels'][:6]) for f in sys.argv[1:] for l in open(f) for r in [json.loads(l)]]" "$OUT"/pdl*.jsonl ;;
