@@ -109,7 +109,7 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
         BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
         RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2,
-        PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
+        **pdl.kwargs(x_TD.device))
     return weights, ids
 
 
@@ -203,13 +203,13 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     _grouped_up[(groups, triton.cdiv(inter, bn))](
         x_TD, w13, order, offs, group_e, act, shift, n, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
-        num_warps=warps, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
+        num_warps=warps, **pdl.kwargs(x_TD.device))
     y = (torch.empty if all_local else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
     _grouped_down[(groups, triton.cdiv(D, bn))](
         act, w2, order, offs, group_e, weights_TK.reshape(-1), y, shift, n, act.stride(0), w2.stride(0),
         w2.stride(1), y.stride(0), D=D, INTER=inter, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_stages=stages, num_warps=warps, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
+        num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
     y = y.view(T, K, D)
     return y.sum(1).to(x_TD.dtype) if reduce else y
 

@@ -38,11 +38,19 @@ def add_rms_norm(x_TD: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     new_x = torch.empty_like(x_TD)
     out = torch.empty_like(x_TD)
     _add_rms_norm_kernel[(T,)](x_TD, residual, weight, new_x, out, eps, D=D, K=K, BLOCK_D=triton.next_power_of_2(D),
-                               ZC=zero_centered, num_warps=4, PDL=pdl.on(x_TD.device), **pdl.launch(x_TD.device))
+                               ZC=zero_centered, num_warps=4, **pdl.kwargs(x_TD.device))
     return new_x, out
 
 
 if triton is not None:
+
+    @triton.jit
+    def weighted(normed, w, DTYPE: tl.constexpr, ZC: tl.constexpr):
+        """`norm.rms_norm`'s weight step on fp32 normed values: (1 + w) * x̂, or w * x̂ with x̂ rounded
+        to DTYPE first, as the reference rounds it (fp32 result, not rounded)."""
+        if ZC:
+            return normed * (1.0 + w)
+        return normed.to(DTYPE).to(tl.float32) * w
 
     @triton.jit
     def _add_rms_norm_kernel(X, R, W, NEW_X, OUT, eps, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -62,8 +70,5 @@ if triton is not None:
         x32 = x.to(tl.float32)
         normed = x32 * tl.rsqrt(tl.sum(x32 * x32, 0) / D + eps)
         w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
-        if ZC:
-            y = normed * (1.0 + w)
-        else:  # the reference rounds the normed value before the weight
-            y = normed.to(X.dtype.element_ty).to(tl.float32) * w
+        y = weighted(normed, w, X.dtype.element_ty, ZC)
         tl.store(OUT + t * D + offs, y.to(OUT.dtype.element_ty), mask=ok)

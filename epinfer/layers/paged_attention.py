@@ -23,6 +23,8 @@ from epinfer.layers import pdl
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
+
+    from epinfer.layers.norm_triton import weighted
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
@@ -56,7 +58,7 @@ def rope_to_cache(q_THd, k_THd, v_THd, cos_TR, sin_TR, q_w, k_w, eps: float, zer
             v_THd.stride(0), v_THd.stride(1), cos_TR.stride(0), q_out.stride(0), q_out.stride(1),
             flat_k.stride(0), flat_k.stride(1), flat_v.stride(0), flat_v.stride(1),
             H=H, HD=hd, HD_P=triton.next_power_of_2(hd), R=cos_TR.shape[1], NORM=norm, ZC=zero_centered,
-            num_warps=1, PDL=pdl.on(q_THd.device), **pdl.launch(q_THd.device))
+            num_warps=1, **pdl.kwargs(q_THd.device))
     return q_out
 
 
@@ -102,13 +104,13 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
         block_table.stride(0), part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
         G=G, GP=GP, HD=hd, HD_P=HD_P, BS=bs, BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=ieee,
-        num_warps=4, num_stages=2, PDL=pdl.on(q.device), **pdl.launch(q.device))
+        num_warps=4, num_stages=2, **pdl.kwargs(q.device))
     out = torch.empty_like(q)
     _merge_kernel[(B, H)](
         part_acc, part_ml, out, part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2), out.stride(0), out.stride(1),
         HD=hd, HD_P=HD_P, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4,
-        PDL=pdl.on(q.device), **pdl.launch(q.device))
+        **pdl.kwargs(q.device))
     return out
 
 
@@ -208,12 +210,8 @@ if triton is not None:
             rstd = tl.rsqrt(tl.sum(x * x, 0) / HD + eps)
             w = tl.load(W + offs, mask=offs < HD, other=0.0).to(tl.float32)
             wp = tl.load(W + partner, mask=rot, other=0.0).to(tl.float32)
-            if ZC:
-                x = x * rstd * (1.0 + w)
-                xp = xp * rstd * (1.0 + wp)
-            else:  # the reference rounds the normed value before the weight
-                x = (x * rstd).to(X.dtype.element_ty).to(tl.float32) * w
-                xp = (xp * rstd).to(X.dtype.element_ty).to(tl.float32) * wp
+            x = weighted(x * rstd, w, X.dtype.element_ty, ZC)
+            xp = weighted(xp * rstd, wp, X.dtype.element_ty, ZC)
             x = x.to(X.dtype.element_ty).to(tl.float32)
             xp = xp.to(X.dtype.element_ty).to(tl.float32)
         cos = tl.load(COS + offs, mask=rot, other=1.0).to(tl.float32)

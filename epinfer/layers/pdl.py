@@ -44,10 +44,10 @@ def chain(device: torch.device) -> bool:
 
 
 def on(device: torch.device) -> bool:
-    """Whether kernels launched for `device` use PDL (pass as the PDL constexpr)."""
+    """Whether kernels launched for `device` use PDL."""
     return LAUNCH[0] and chain(device)
 
 
-def launch(device: torch.device) -> dict:
-    """The launch keyword arguments that go with `on(device)`."""
-    return {"launch_pdl": True} if on(device) else {}
+def kwargs(device: torch.device) -> dict:
+    """A chain kernel's launch keywords: its PDL constexpr, and the launch option when it is on."""
+    return {"PDL": True, "launch_pdl": True} if on(device) else {"PDL": False}
