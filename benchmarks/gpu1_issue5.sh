@@ -5,7 +5,9 @@
 #      (needs the .whl wheels: carry [".whl"])
 #   c: the GPU tests, the small-batch MoE tile sweep (best table: $OUT/small.json), batch 1 sync and async
 #   d: the GPU tests, the MoE sweep at 1-16 rows and the projection sweep (CUDA-graph timed), batch 1
-#   e: the GPU tests, then batch 1 and 64 (async) without and with EPINFER_PDL=1 (the PDL decode chain)
+#   e: the GPU tests, then batch 1 and 64 (async) with EPINFER_PDL=0 and 1 (the PDL decode chain)
+#   f: the GPU tests, the decode-attention sweep, batch 1 and 64 (async)
+#   g: a's bench first, then the GPU tests in the time left of a 10-minute call
 # Usage: OUT=dir bash benchmarks/gpu1_issue5.sh a|b   (logs: $OUT/*.log, records: $OUT/*.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -56,5 +58,17 @@ for p in 0 1; do
   echo "pdl $p exit $?"
 done
 python3 -c "import json,sys; [print(f[-10:], r['batch'], r['decode_tok_s'], r['fraction_of_floor'], r['breakdown_ms']['top_kernels'][:6]) for f in sys.argv[1:] for l in open(f) for r in [json.loads(l)]]" "$OUT"/pdl*.jsonl ;;
+f)
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head
+timeout 150 python3 benchmarks/attention_sweep.py > "$OUT/attn.log" 2>&1; echo "attn exit $?"
+cut -c1-300 "$OUT/attn.log"
+timeout 120 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --async-scheduling > "$OUT/b30.jsonl" 2> "$OUT/b30.log"
+python3 -c "import json,sys; [print(r['batch'], r['decode_tok_s'], r['breakdown_ms']['top_kernels'][:12]) for l in open(sys.argv[1]) for r in [json.loads(l)]]" "$OUT/b30.jsonl" ;;
+g)
+timeout 330 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --batch 256 --async-scheduling --compare-hf \
+  > "$OUT/b30_async_hf.jsonl" 2> "$OUT/b30_async_hf.log"; echo "bench exit $?"
+timeout $((570 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head ;;
 esac
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

@@ -42,9 +42,10 @@ print("gdn", (o - ro).abs().max().item(), (st[sl] - rs).abs().max().item())
 args, expected = paged_case([1, 5, 17, 0, 12], H=4, KVH=2, hd=16, bs=4)
 out = paged_attention._decode_triton(*args, 16**-0.5)
 print("attn", (out - expected).abs().max().item())
-# small-batch MoE (with another rank's experts in the mix)
-from epinfer.layers.moe import FusedExperts  # noqa: E402
-from epinfer.layers.moe_triton import moe_small  # noqa: E402
+# decode MoE: one group per pair, and one group per used expert (with another rank's experts in the mix)
+from epinfer.layers import moe_triton, norm_triton  # noqa: E402
+from epinfer.layers.moe import FusedExperts, permute_pairs  # noqa: E402
+from epinfer.layers.norm import add_rms_norm  # noqa: E402
 
 T, D, inter, total, K = 3, 256, 96, 8, 2
 for first, n in ((0, 8), (2, 4)):
@@ -55,5 +56,13 @@ for first, n in ((0, 8), (2, 4)):
     ids = torch.stack([torch.randperm(total)[:K] for _ in range(T)])
     wts = torch.rand(T, K)
     ref = experts(x, wts, ids)
-    out = moe_small(x, experts.w13.data, experts.w2.data, wts, ids, first)
-    print("moe_small", first, n, (out - ref).abs().max().item(), ref.abs().max().item())
+    for plan in (None, permute_pairs(ids, first, n)):
+        args = (x, experts.w13.data, experts.w2.data, wts, ids, first, n == total, plan)
+        out = moe_triton.moe_grouped(*args)
+        per_pair = moe_triton.moe_grouped(*args, reduce=False).sum(1)
+        print("moe_grouped", first, n, plan is None, (out - ref).abs().max().item(), (per_pair - ref).abs().max().item())
+# residual add + RMS norm over the experts' unsummed outputs (fp16: the interpreter's bf16 casts truncate)
+x, r, w = torch.randn(5, 300).half(), torch.randn(5, 4, 300), torch.randn(300).half()
+nx, out = norm_triton.add_rms_norm(x, r, w, 1e-6, False)
+rx, rout = add_rms_norm(x, r, w, 1e-6, False)
+print("add_rms_norm", (nx.float() - rx.float()).abs().max().item(), (out.float() - rout.float()).abs().max().item())

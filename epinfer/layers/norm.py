@@ -54,7 +54,8 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if pdl.chain(x.device) and norm_triton.usable(x, residual, self.weight):  # a link of the PDL chain
+        # the experts' unsummed outputs, or a link of the PDL chain
+        if (residual.dim() == 3 or pdl.chain(x.device)) and norm_triton.usable(x, residual, self.weight):
             return norm_triton.add_rms_norm(x, residual, self.weight, self.eps, self.zero_centered)
         return add_rms_norm(x, residual, self.weight, self.eps, self.zero_centered)
 

@@ -81,22 +81,33 @@ def decode_attention_reference(q_BHd, k_cache, v_cache, block_table, state_slots
     return torch.einsum("bhl,blhd->bhd", probs, values).to(q_BHd.dtype)
 
 
-def _num_splits(batch: int, kv_heads: int, max_tokens: int) -> int:
-    """Enough programs to fill ~2 waves of SMs, never a split shorter than 64 tokens."""
-    want = max(1, 256 // max(1, batch * kv_heads))
-    return int(max(1, min(want, 32, max_tokens // 64)))
+# the split kernel's tiles and the split count's bounds: `programs` to aim for, `min_split` tokens.
+# BLOCK_N by batch x KV heads up to (halved above head dim 128). H200, 30B shape, ctx 1040, graph-timed
+# (`benchmarks/attention_sweep.py`, 2026-11-29): 1 row 5.8 µs (6.4 before), 8 rows 8.8 (13.0),
+# 64 rows 41.7 (48.1), 256 rows 143 (152)
+DECODE = {"BLOCK_N": [(32, 128), (256, 64), (None, 32)], "num_warps": 4, "num_stages": 2, "programs": 512,
+          "max_splits": 32, "min_split": 64}
 
 
-def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scale):
+def _num_splits(batch: int, kv_heads: int, max_tokens: int, cfg: dict = DECODE) -> int:
+    """Enough programs to fill the GPU (`programs`), never a split shorter than `min_split` tokens."""
+    want = max(1, cfg["programs"] // max(1, batch * kv_heads))
+    return int(max(1, min(want, cfg["max_splits"], max_tokens // cfg["min_split"])))
+
+
+def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scale, cfg: dict = DECODE):
     B, H, hd = q.shape
     _, bs, KVH, _ = k_cache.shape
     G = H // KVH
-    splits = _num_splits(B, KVH, block_table.shape[1] * bs)
+    splits = _num_splits(B, KVH, block_table.shape[1] * bs, cfg)
     part_acc = torch.empty(B, splits, H, hd, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, splits, H, 2, dtype=torch.float32, device=q.device)
     HD_P = max(16, triton.next_power_of_2(hd))
     GP = max(16, triton.next_power_of_2(G))
-    BLOCK_N = 64 if hd <= 128 else 32
+    BLOCK_N = cfg["BLOCK_N"]
+    if not isinstance(BLOCK_N, int):
+        BLOCK_N = next(bn for limit, bn in BLOCK_N if limit is None or limit >= B * KVH)
+    BLOCK_N = BLOCK_N if hd <= 128 else max(16, BLOCK_N // 2)
     ieee = q.dtype == torch.float32  # float32 means float32: no TF32 in tl.dot
     _split_kernel[(B, KVH, splits)](
         q, k_cache, v_cache, block_table, state_slots, seq_lens, part_acc, part_ml, scale,
@@ -104,7 +115,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
         block_table.stride(0), part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
         G=G, GP=GP, HD=hd, HD_P=HD_P, BS=bs, BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=ieee,
-        num_warps=4, num_stages=2, **pdl.kwargs(q.device))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.kwargs(q.device))
     out = torch.empty_like(q)
     _merge_kernel[(B, H)](
         part_acc, part_ml, out, part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
