@@ -8,7 +8,6 @@
 #   e: the GPU tests, then batch 1 and 64 (async) with EPINFER_PDL=0 and 1 (the PDL decode chain)
 #   f: the GPU tests, the decode-attention sweep, batch 1 and 64 (async)
 #   g: a's bench first, then the GPU tests in the time left of a 10-minute call
-#   h: batch 1 and 64 (async) with EPINFER_PDL_EARLY=0 and 1, then the PDL / decode GPU tests
 # Usage: OUT=dir bash benchmarks/gpu1_issue5.sh a|b   (logs: $OUT/*.log, records: $OUT/*.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -71,14 +70,5 @@ timeout 330 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --batch 256 --async-sc
   > "$OUT/b30_async_hf.jsonl" 2> "$OUT/b30_async_hf.log"; echo "bench exit $?"
 timeout $((570 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
 tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head ;;
-h)
-for p in 0 1; do
-  EPINFER_PDL_EARLY=$p timeout 100 $B --shape qwen3-30b-a3b --batch 1 --batch 64 --async-scheduling > "$OUT/early$p.jsonl" 2> "$OUT/early$p.log"
-  echo "early $p exit $?"
-done
-timeout $((390 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_pdl.py tests/gpu/test_gpu_decode.py \
-  > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
-tail -1 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head
-python3 -c "import json,sys; [print(f[-12:], r['batch'], r['decode_tok_s'], r['fraction_of_floor'], r['breakdown_ms']['top_kernels'][:8]) for f in sys.argv[1:] for l in open(f) for r in [json.loads(l)]]" "$OUT"/early*.jsonl ;;
 esac
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

@@ -35,7 +35,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
-    from epinfer.layers.small_gemm import prefetch_l2, rows_times_columns
+    from epinfer.layers.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -108,8 +108,8 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
         D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_R=triton.next_power_of_2(T),
         BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
-        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits,
-        LINES=triton.next_power_of_2(triton.cdiv(D // splits + D % splits, 64)), num_warps=2, **pdl.kwargs(x_TD.device))
+        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2,
+        **pdl.kwargs(x_TD.device))
     return weights, ids
 
 
@@ -356,8 +356,9 @@ if triton is not None:
     def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr,
                            SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, LINES: tl.constexpr,
-                           PDL: tl.constexpr):
+                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
@@ -365,10 +366,6 @@ if triton is not None:
         split = tl.program_id(1)
         lo = split * (D // SPLITS)
         hi = tl.where(split == SPLITS - 1, D, lo + D // SPLITS)
-        if PDL >= 2:
-            prefetch_l2(G, sg_e, offs_e, e_ok, lo, hi, LINES)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         acc = rows_times_columns(X, G, sx_t, sg_e, offs_t, t_ok, offs_e, e_ok, lo, hi, BLOCK_T, BE, BK)
         tl.store(PARTIAL + (split * T + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
         if PDL:

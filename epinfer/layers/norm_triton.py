@@ -59,11 +59,8 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(X, R, W, NEW_X, OUT, eps, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
                              ZC: tl.constexpr, PDL: tl.constexpr):
-        if PDL >= 2:  # the q/k/v GEMM or the router launches now and fetches its weights
-            tl.extra.cuda.gdc_launch_dependents()
         if PDL:
             tl.extra.cuda.gdc_wait()
-        if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)

@@ -133,8 +133,6 @@ if triton is not None:
                       G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
                       BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                       PDL: tl.constexpr):
-        if PDL >= 2:  # the merge, and through its early trigger o_proj (which fetches its weights), launch now
-            tl.extra.cuda.gdc_launch_dependents()
         if PDL:
             tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
@@ -178,7 +176,7 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m = m_new
-        if PDL == 1:
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         base = b * sa_b + s * sa_s + heads[:, None] * sa_h + offs_d[None, :]
         tl.store(ACC + base, acc, mask=g_ok[:, None] & d_ok[None, :])
@@ -190,11 +188,8 @@ if triton is not None:
     def _merge_kernel(ACC, ML, OUT, sa_b, sa_s, sa_h, sm_b, sm_s, sm_h, so_b, so_h,
                       HD: tl.constexpr, HD_P: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
                       PDL: tl.constexpr):
-        if PDL >= 2:
-            tl.extra.cuda.gdc_launch_dependents()
         if PDL:
             tl.extra.cuda.gdc_wait()
-        if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)

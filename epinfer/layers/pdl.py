@@ -36,9 +36,6 @@ def _hopper_or_newer(index: int) -> bool:
 
 
 LAUNCH = [True]  # False: the chain's kernels, launched plainly (tests compare the two)
-# the attention / norm kernels let their dependents launch before their own wait, and the weight
-# GEMVs ask L2 for their weights before theirs (EPINFER_PDL_EARLY=0: trigger after the wait, no prefetch)
-EARLY = [os.environ.get("EPINFER_PDL_EARLY", "1") != "0"]
 
 
 def chain(device: torch.device) -> bool:
@@ -53,11 +50,6 @@ def on(device: torch.device) -> bool:
     return LAUNCH[0] and chain(device)
 
 
-def kwargs(device: torch.device, early: bool = True) -> dict:
-    """A chain kernel's launch keywords: its PDL constexpr — 0 a plain launch, 1 PDL, 2 PDL with
-    the early trigger / weight prefetch before the wait (`early` and EARLY) — and the launch option.
-    An early trigger is safe because every chain kernel waits before it touches anything another
-    kernel writes: its dependents then wait for it, and it for its predecessor."""
-    if not on(device):
-        return {"PDL": 0}
-    return {"PDL": 2 if early and EARLY[0] else 1, "launch_pdl": True}
+def kwargs(device: torch.device) -> dict:
+    """A chain kernel's launch keywords: its PDL constexpr, and the launch option when it is on."""
+    return {"PDL": True, "launch_pdl": True} if on(device) else {"PDL": False}

@@ -20,7 +20,6 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_ROWS = 8  # measured up to 8 rows (at 8 the o_proj ties cuBLAS)
-PREFETCH_BYTES = 24 << 20  # weights up to this size are asked into L2 before a PDL wait (L2: 50 MB on H100/H200)
 ENABLED = [True]
 # by output columns; H200, 2026-11-29, `benchmarks/gemv_sweep.py` (RESULTS.md): at 1 row, o_proj 2048 x 4096
 # 6.8 µs (cuBLAS 8.1 + its split-K reduce), LM head 151936 x 2048 138 µs (cuBLAS 143); qkv 5120 x 2048
@@ -49,9 +48,8 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
         y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], LINES=triton.next_power_of_2(triton.cdiv(D, 64)),
-        num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
-        **pdl.kwargs(x_TD.device, weight_ND.numel() * weight_ND.element_size() <= PREFETCH_BYTES))
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        **pdl.kwargs(x_TD.device))
     return y
 
 
@@ -72,26 +70,14 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def prefetch_l2(W, sw_n, offs_n, n_ok, lo, hi, LINES: tl.constexpr):
-        """Asks L2 for W[offs_n, lo:hi] (2-byte elements), one non-blocking request per 128-byte
-        line. Before a PDL kernel's wait: weights no kernel writes arrive while the one before runs."""
-        offs_k = tl.minimum(lo + tl.arange(0, LINES) * 64, hi - 1)
-        rows = tl.where(n_ok, offs_n, 0).to(tl.int64)
-        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l",
-                                  [W + rows[:, None] * sw_n + offs_k[None, :]], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LINES: tl.constexpr,
-                       PDL: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        if PDL >= 2:
-            prefetch_l2(W, sw_n, offs_n, n_ok, 0, D, LINES)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         acc = rows_times_columns(X, W, sx_t, sw_n, offs_t, t_ok, offs_n, n_ok, 0, D, BLOCK_T, BLOCK_N, BLOCK_K)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
