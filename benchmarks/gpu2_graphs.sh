@@ -2,7 +2,8 @@
 # Issue 6 on 2 GPUs of one machine, two device calls of under 10 minutes: do graphs with the MoE
 # collectives inside work now (graphs released before the process group; see RESULTS.md, session 5),
 # then what they buy. Every run is bounded; a hang dumps every thread's stack after 40 s.
-#   a: the c10d probe (capture, 3 replays, destroy) and epinfer dp=2 tiny float32 with graphs;
+#   a: collective latency (NCCL in/out of graphs vs symmetric memory: comm_sweep.py), the c10d probe
+#      (capture, 3 replays, destroy) and epinfer dp=2 tiny float32 with graphs;
 #      tests/gpu/test_gpu_parallel.py; gpu_parallel_check.py with graphs (async on)
 #   b: Qwen3-30B-A3B shape: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8 uniform/none
 # Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b   (logs: $OUT/*.log, records: $OUT/records.jsonl)
@@ -21,6 +22,7 @@ case ${1:-a} in
 a)
   python3 -c "from tests.checkpoints import make_checkpoint
 for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)"
+  step comm_sweep 90 python3 benchmarks/comm_sweep.py
   step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe
   step test_gpu_parallel 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py
   ASYNC=1 step parallel_check 240 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;

@@ -119,10 +119,14 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
     if not path.is_file():
         raise UserError(f"unknown shape {shape!r}: use {', '.join(BUILTIN)} or a config.json / folder")
     raw = json.loads(path.read_text())
-    if layers:
-        raw["num_hidden_layers"] = layers
-        if isinstance(raw.get("layer_types"), list):
-            raw["layer_types"] = raw["layer_types"][:layers]
+    if layers is not None:
+        text = raw.get("text_config", raw)  # multimodal configs keep the language model's fields there
+        depth = text.get("num_hidden_layers", 0)
+        if not 1 <= layers <= depth:
+            raise UserError(f"--layers {layers}: the {shape} shape has {depth} layers (give 1 to {depth})")
+        text["num_hidden_layers"] = layers
+        if isinstance(text.get("layer_types"), list):
+            text["layer_types"] = text["layer_types"][:layers]
     Path(tmp, "config.json").write_text(json.dumps(raw))
     return Path(tmp)
 

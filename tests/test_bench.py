@@ -50,6 +50,37 @@ def test_unknown_shape():
         raise AssertionError("no error")
 
 
+@pytest.mark.parametrize("layers", [0, -1, 49])
+def test_layers_out_of_range(capsys, layers):
+    from epinfer.cli import main
+
+    assert main(["bench", "--shape", "qwen3-30b-a3b", "--layers", str(layers), "--batch", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"epinfer: error: --layers {layers}: the qwen3-30b-a3b shape has 48 layers (give 1 to 48)"]
+
+
+def test_weight_bytes_of_the_30b_shape(tmp_path):
+    import torch
+
+    from epinfer.bench import shape_folder
+    from epinfer.runner.model_runner import weight_bytes
+
+    cfg = ModelConfig.from_dir(shape_folder("qwen3-30b-a3b", None, str(tmp_path)))
+    assert 30.0e9 < weight_bytes(cfg, torch.bfloat16) / 2 < 31.0e9  # Qwen3-30B-A3B: 30.5 B parameters
+
+
+def test_weights_that_do_not_fit_stop_before_allocating(capsys, monkeypatch):
+    """A model whose weights exceed the free memory stops with one line (exit 2) before any weight is
+    allocated, instead of an out-of-memory kill; the estimate is this rank's shard in the run's dtype."""
+    from epinfer.cli import main
+    from epinfer.runner import model_runner
+
+    monkeypatch.setattr(model_runner, "available_bytes", lambda device: 1 << 20)
+    assert main(["bench", "--shape", "qwen3-30b-a3b", "--layers", "2", "--batch", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("epinfer: error: the weights need ") and "2 layers" in err[0], err
+
+
 @pytest.mark.timeout(240)
 def test_bench_parallel_records(tmp_path):
     """`epinfer bench --dp/--tp` on CPU (Gloo): per-rank step times, padding waste that follows

@@ -12,6 +12,7 @@ import torch
 from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheLayout, CacheTensors
+from epinfer.errors import UserError
 from epinfer.layers import paged_attention
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.loader import load_checkpoint
@@ -29,9 +30,38 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx: ParallelContext | None = None) -> int:
+    """Bytes of this rank's shard of the weights in `dtype` (the model built on the meta device)."""
+    with _default_dtype(dtype), torch.device("meta"):
+        model = CausalLM(cfg, ctx)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for the weights: the GPU's free memory, or on the CPU what the system (and a
+    cgroup limit, if any) still has available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        avail = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError):
+        limit, current = (Path(f"/sys/fs/cgroup/memory.{k}").read_text().strip() for k in ("max", "current"))
+        if limit != "max":
+            avail = min(avail, int(limit) - int(current))
+    return avail
+
+
 def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
                 ctx: ParallelContext | None = None) -> CausalLM:
-    """Construct this rank's shard on `device` in `dtype` and load `folder` into it."""
+    """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
+    one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback)."""
+    need, have = weight_bytes(cfg, dtype, ctx), available_bytes(device)
+    if need > have:
+        raise UserError(f"the weights need {need / 2**30:.1f} GiB on {device} ({cfg.num_layers} layers, "
+                        f"{str(dtype).removeprefix('torch.')}) but only {have / 2**30:.1f} GiB is free: use fewer "
+                        f"layers (bench --layers), a smaller dtype, more ranks or another device")
     if dtype == torch.float32 and device.type == "cuda":
         # float32 means float32: no TF32 in matmuls or in cuDNN's convolution (the GDN conv)
         torch.backends.cuda.matmul.allow_tf32 = False
