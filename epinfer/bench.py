@@ -10,6 +10,7 @@ Not yet: the per-layer step breakdown and `--compare-hf` (issue 5).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -155,7 +156,8 @@ def submit_random(engine: Engine, count: int, prefilled_together: int, input_len
 
 
 def p90(values: list[float]) -> float:
-    return sorted(values)[int(0.9 * (len(values) - 1))]
+    """Nearest rank: the smallest value with at least 90 % of the values at or below it."""
+    return sorted(values)[max(0, math.ceil(0.9 * len(values)) - 1)] if values else float("nan")
 
 
 def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
@@ -318,6 +320,8 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
 
     if replica_batch is not None and len(replica_batch) != dp:
         raise UserError(f"--replica-batch needs {dp} counts (one per DP replica), got {len(replica_batch)}")
+    if replica_batch is not None and (min(replica_batch) < 0 or not any(replica_batch)):
+        raise UserError(f"--replica-batch {replica_batch}: counts must be >= 0 (an idle replica is 0), not all 0")
     top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)

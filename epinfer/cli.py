@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "dp", 1) < 1 or getattr(args, "tp", 1) < 1:
+            raise UserError(f"--dp and --tp must be >= 1 (got --dp {args.dp} --tp {args.tp})")
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":
@@ -261,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.dp * args.tp > 1 or args.replica_batch:
                 from epinfer.bench import bench_parallel
 
-                replica = [int(x) for x in args.replica_batch.split(",")] if args.replica_batch else None
+                replica = None
+                if args.replica_batch:
+                    try:
+                        replica = [int(x) for x in args.replica_batch.split(",")]
+                    except ValueError:
+                        raise UserError(f"--replica-batch {args.replica_batch!r}: give counts like 64,8") from None
                 records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
                                          args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
                                          replica, not args.enforce_eager, args.gpu_memory_utilization,

@@ -50,6 +50,24 @@ def test_unknown_shape():
         raise AssertionError("no error")
 
 
+def test_p90_is_nearest_rank():
+    from epinfer.bench import p90
+
+    assert p90([3.0, 1.0]) == 3.0 and p90([5.0]) == 5.0 and p90([float(i) for i in range(10)]) == 8.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dp", "0", "--batch", "1"], "--dp and --tp must be >= 1 (got --dp 0 --tp 1)"),
+    (["--dp", "2", "--replica-batch", "64,x"], "--replica-batch '64,x': give counts like 64,8"),
+    (["--gpu-memory-utilization", "1.5", "--batch", "1"], "--gpu-memory-utilization must be in (0, 1], got 1.5"),
+])
+def test_bad_bench_flags(capsys, argv, message):
+    from epinfer.cli import main
+
+    assert main(["bench", "--shape", "qwen3-30b-a3b", "--layers", "1", "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"epinfer: error: {message}"]
+
+
 @pytest.mark.parametrize("layers", [0, -1, 49])
 def test_layers_out_of_range(capsys, layers):
     from epinfer.cli import main

@@ -152,6 +152,8 @@ class Engine:
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_seqs < 1 or ecfg.max_num_batched_tokens < 1:
             raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1")
+        if not 0 < ecfg.gpu_memory_utilization <= 1:
+            raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
         self.tokenizer = load_tokenizer(folder)
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
