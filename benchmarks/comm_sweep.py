@@ -16,7 +16,8 @@ rows and op with µs per call (CUDA events over a graph of `--reps` calls).
 
 It measures the raw primitives, so it calls torch.distributed directly (the engine never does:
 its collectives go through the communicator). Runs with one GPU too (world 1: checks the APIs,
-times are local copies only). Sets TORCH_SYMM_MEM_DISABLE_MULTICAST=1 unless the caller set it.
+times are local copies only). Sets TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NCCL_GRAPH_REGISTER=0 (as
+epinfer's workers) unless the caller set them.
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ def _one_size(rank: int, world: int, rows: int, D: int, buf: torch.Tensor, hdl, 
 
     def symm_ag():
         peers[rank].copy_(x)
-        hdl.barrier(channel=0)
+        hdl.barrier(channel=0, timeout_ms=10_000)  # a lost peer traps instead of spinning forever
         for r in range(world):
             out_ag[r * rows: (r + 1) * rows].copy_(peers[r])
-        hdl.barrier(channel=1)
+        hdl.barrier(channel=1, timeout_ms=10_000)
 
     nccl_ag()
     nccl_rs()
@@ -116,7 +117,7 @@ def _one_size(rank: int, world: int, rows: int, D: int, buf: torch.Tensor, hdl, 
 
 
 def run(rank: int, world: int, port: int, args) -> None:
-    faulthandler.dump_traceback_later(120, repeat=True)
+    faulthandler.dump_traceback_later(60, repeat=True)
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device,
@@ -148,6 +149,7 @@ def main() -> int:
     args = ap.parse_args()
     world = args.world or torch.cuda.device_count()
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")  # as epinfer's workers run captured NCCL
     mp.spawn(run, args=(world, _free_port(), args), nprocs=world, join=True)
     return 0
 

@@ -15,7 +15,7 @@ B="python3 -m epinfer bench --shape qwen3-30b-a3b --input-len 1024 --output-len 
 step() {  # step NAME LIMIT COMMAND...: bounded, logged, exit code printed
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date +%T))"
-  EPINFER_STACKS_AFTER=40 timeout -s INT "$limit" "$@" > "$OUT/$name.log" 2>&1
+  EPINFER_STACKS_AFTER=40 timeout -k 15 -s INT "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name exit $?"; grep -h "^epinfer bench\|^\[rank\|passed\|failed\|identical\|DIFF\|stuck\|did not" "$OUT/$name.log" | cut -c1-200 | tail -12
 }
 case ${1:-a} in

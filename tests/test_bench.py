@@ -94,6 +94,11 @@ def test_weights_that_do_not_fit_stop_before_allocating(capsys, monkeypatch):
     from epinfer.runner import model_runner
 
     monkeypatch.setattr(model_runner, "available_bytes", lambda device: 1 << 20)
+
+    def no_init(model):
+        raise AssertionError("weights were allocated and initialised before the check")
+
+    monkeypatch.setattr(model_runner, "random_init", no_init)
     assert main(["bench", "--shape", "qwen3-30b-a3b", "--layers", "2", "--batch", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("epinfer: error: the weights need ") and "2 layers" in err[0], err

@@ -27,7 +27,8 @@ try:  # Triton is optional: CPU installs don't have it
 except Exception:  # pragma: no cover - any Triton that cannot say: no PDL
     SUPPORTED = False
 
-ENABLED = [os.environ.get("EPINFER_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"]
+ENABLED = [os.environ.get("EPINFER_PDL", "1").lower() not in ("0", "false", "off", "no")
+           and os.environ.get("TRITON_INTERPRET", "0") != "1"]
 
 
 @functools.cache
@@ -41,7 +42,7 @@ LAUNCH = [True]  # False: the chain's kernels, launched plainly (tests compare t
 def chain(device: torch.device) -> bool:
     """Whether the decode layer runs as a chain of Triton kernels that can be launched with PDL
     (the add + norm and the q/k/v GEMM too, which otherwise are inductor / cuBLAS kernels)."""
-    return (ENABLED[0] and SUPPORTED and device.type == "cuda"
+    return (ENABLED[0] and SUPPORTED and device.type == "cuda" and torch.version.hip is None  # (NVIDIA only)
             and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
 
 

@@ -37,19 +37,35 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx: ParallelContext | No
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory free for the weights: the GPU's free memory, or on the CPU what the system (and a
-    cgroup limit, if any) still has available."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for the weights, or None where unknown (then nothing is checked): a GPU's free
+    memory plus what this process's allocator holds unused; on the CPU what the system still has
+    available, and under a cgroup v2 limit what it leaves (page cache, which the kernel reclaims,
+    not counted as used). A multi-rank CPU run checks each rank's shard alone."""
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type)
+        with contextlib.suppress(AttributeError, RuntimeError):  # a backend without these: unknown
+            cached = backend.memory_reserved(device) - backend.memory_allocated(device)
+            return backend.mem_get_info(device)[0] + cached
+        return None
+    if device.type != "cpu":
+        return None
+    avail = None
     with contextlib.suppress(OSError, ValueError, StopIteration):
         lines = Path("/proc/meminfo").read_text().splitlines()
         avail = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
-    with contextlib.suppress(OSError, ValueError):
-        limit, current = (Path(f"/sys/fs/cgroup/memory.{k}").read_text().strip() for k in ("max", "current"))
+    if avail is None:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            avail = min(avail, int(limit) - int(current))
+            stat = (cgroup / "memory.stat").read_text().splitlines()
+            reclaimable = next(int(line.split()[1]) for line in stat if line.startswith("inactive_file "))
+            used = int((cgroup / "memory.current").read_text()) - reclaimable
+            left = max(0, int(limit) - used)
+            avail = left if avail is None else min(avail, left)
     return avail
 
 
@@ -58,7 +74,7 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
     one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback)."""
     need, have = weight_bytes(cfg, dtype, ctx), available_bytes(device)
-    if need > have:
+    if have is not None and need > have:
         raise UserError(f"the weights need {need / 2**30:.1f} GiB on {device} ({cfg.num_layers} layers, "
                         f"{str(dtype).removeprefix('torch.')}) but only {have / 2**30:.1f} GiB is free: use fewer "
                         f"layers (bench --layers), a smaller dtype, more ranks or another device")

@@ -347,7 +347,7 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
     ("qwen3.5-35b-a3b", 4, 8, False), ("qwen3.5-35b-a3b", 4, 2, False), ("qwen3.5-35b-a3b", 4, 1, True)])
 def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers, group, chain):
     """group 1-2: the few-row kernels (per-pair experts, their sum in the next norm, the fused router
-    GEMV, the small-row o_proj / LM head GEMM); chain: the PDL decode chain (EPINFER_PDL=1)."""
+    GEMV, the small-row o_proj / LM head GEMM); chain: the PDL decode chain (on by default)."""
     from epinfer.layers import pdl
 
     if chain and not (pdl.SUPPORTED and torch.cuda.get_device_capability()[0] >= 9):

@@ -1,4 +1,4 @@
-"""GPU checks of programmatic dependent launch (`layers/pdl.py`, EPINFER_PDL=1) and the kernels
+"""GPU checks of programmatic dependent launch (`layers/pdl.py`, on by default) and the kernels
 that make a decode layer one PDL chain (skipped without CUDA; run them on a GPU):
 
 * that PDL really overlaps launches here (a consumer that skips its wait reads stale data) and that
@@ -118,8 +118,36 @@ def test_triton_add_rms_norm(T, D, K, zc, launch):
             assert (got.float() - want.float()).abs().max().item() <= 0.125
 
 
+def test_add_forward_routes_the_experts_sum_to_the_kernel(monkeypatch):
+    """`RMSNorm.add_forward`: the experts' unsummed [T, K, D] outputs go to the Triton kernel at any
+    row count, with or without PDL; a plain [T, D] residual only as a link of the PDL chain (≤ 8 rows)."""
+    from epinfer.layers import norm_triton, pdl
+    from epinfer.layers.norm import RMSNorm
+
+    calls: list[int] = []
+    kernel = norm_triton.add_rms_norm
+    monkeypatch.setattr(norm_triton, "add_rms_norm", lambda x, r, *rest: calls.append(r.dim()) or kernel(x, r, *rest))
+    norm = RMSNorm(2048, 1e-6).cuda().bfloat16()
+    norm.weight.data.normal_()
+    was = pdl.ENABLED[0]
+    try:
+        for enabled in (False, True):
+            pdl.ENABLED[0] = enabled
+            for T in (1, 64):
+                x = torch.randn(T, 2048, device="cuda").bfloat16()
+                calls.clear()
+                norm.add_forward(x, torch.randn(T, 8, 2048, device="cuda"))
+                assert calls == [3], (enabled, T)
+                calls.clear()
+                norm.add_forward(x, torch.randn(T, 2048, device="cuda").bfloat16())
+                chained = pdl.chain(x.device) and T <= norm_triton.MAX_ROWS
+                assert calls == ([2] if chained else []), (enabled, T)
+    finally:
+        pdl.ENABLED[0] = was
+
+
 def test_pdl_changes_nothing(tmp_path):
-    """Programmatic dependent launch (EPINFER_PDL=1) only moves launches earlier: with CUDA graphs,
+    """Programmatic dependent launch only moves launches earlier: with CUDA graphs,
     at 1 and 8 rows, every decode step's logits are bitwise those of the same kernels launched
     without it (a kernel that read or wrote before its wait would race and differ)."""
     from epinfer import LLM, SamplingParams
