@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Issue 6 on 2 GPUs of one machine, two device calls of under 10 minutes: do graphs with the MoE
+# Issue 6 on 2 GPUs of one machine, device calls of under 10 minutes: do graphs with the MoE
 # collectives inside work now (graphs released before the process group; see RESULTS.md, session 5),
 # then what they buy. Every run is bounded; a hang dumps every thread's stack after 40 s.
-#   a: collective latency (NCCL in/out of graphs vs symmetric memory: comm_sweep.py), the c10d probe
-#      (capture, 3 replays, destroy) and epinfer dp=2 tiny float32 with graphs;
-#      tests/gpu/test_gpu_parallel.py; gpu_parallel_check.py with graphs (async on)
-#   b: Qwen3-30B-A3B shape: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8 uniform/none
-# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b   (logs: $OUT/*.log, records: $OUT/records.jsonl)
+#   a: collective latency (NCCL in / out of graphs vs symmetric memory: comm_sweep.py);
+#      tests/gpu/test_gpu_parallel.py (graphs, NCCL and EPINFER_SYMM_MEM=1); gpu_parallel_check.py with
+#      graphs and async scheduling, every dispatcher and padding
+#   b: Qwen3-30B-A3B shape, async scheduling: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8
+#   c: b's DP=2 and TP=2 runs with EPINFER_SYMM_MEM=1, and the parallel check with it
+#   d: the c10d probe alone (capture, 3 replays, destroy), if a hangs
+# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d   (logs: $OUT/*.log, records: $OUT/records.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EPINFER_PARALLEL_GRAPHS=1
 OUT=${OUT:-/tmp/gpu2}; mkdir -p "$OUT"
-B="python3 -m epinfer bench --shape qwen3-30b-a3b --input-len 1024 --output-len 32 --json"
+B="python3 -m epinfer bench --shape qwen3-30b-a3b --input-len 1024 --output-len 32 --json --async-scheduling"
+checkpoints() {
+  python3 -c "from tests.checkpoints import make_checkpoint
+for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)"
+}
 step() {  # step NAME LIMIT COMMAND...: bounded, logged, exit code printed
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date +%T))"
@@ -20,12 +26,10 @@ step() {  # step NAME LIMIT COMMAND...: bounded, logged, exit code printed
 }
 case ${1:-a} in
 a)
-  python3 -c "from tests.checkpoints import make_checkpoint
-for f in ('qwen3_5_moe', 'qwen3_moe'): make_checkpoint(f, '/tmp/ck/' + f)"
+  checkpoints
   step comm_sweep 90 python3 benchmarks/comm_sweep.py
-  step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe
-  step test_gpu_parallel 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py
-  ASYNC=1 step parallel_check 240 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;
+  step test_gpu_parallel 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py
+  ASYNC=1 step parallel_check 220 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;
 b)
   CUDA_VISIBLE_DEVICES=0 step one_gpu 100 $B --batch 1 --batch 64
   step dp2 120 $B --dp 2 --batch 2 --batch 128
@@ -33,5 +37,15 @@ b)
   step imb_uniform 90 $B --dp 2 --replica-batch 64,8 --dp-padding uniform
   step imb_none 90 $B --dp 2 --replica-batch 64,8 --dp-padding none
   grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log "$OUT"/imb_*.log > "$OUT/records.jsonl" ;;
+c)
+  checkpoints
+  export EPINFER_SYMM_MEM=1
+  step dp2_symm 120 $B --dp 2 --batch 2 --batch 128
+  step tp2_symm 90 $B --tp 2 --batch 1
+  ASYNC=1 step parallel_check_symm 220 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
+  grep -h "^{" "$OUT"/dp2_symm.log "$OUT"/tp2_symm.log > "$OUT/records.jsonl" ;;
+d)
+  checkpoints
+  step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe ;;
 esac
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

@@ -1,11 +1,14 @@
 """Communicator semantics on Gloo with 3 ranks and uneven sizes (zero rows included): the
-variable-size ops built from the uniform ones, all-to-all, objects, and the size check."""
+variable-size ops built from the uniform ones, all-to-all, objects, and the size check; then the
+same ops routed to a group's symmetric buffer (EPINFER_SYMM_MEM's path, a Gloo stand-in here: the
+buffer's kernels need GPUs) and back to the plain path for what it declines."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from epinfer.distributed import communicator, symmetric
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.groups import Group
 from tests.spawn import run_spawned
@@ -51,9 +54,65 @@ def _check(rank: int, world: int, _payload) -> list[str]:
         assert "t.bad" in str(exc) and "rows" in str(exc)
     else:
         raise AssertionError("size mismatch not detected")
+    _check_symmetric_routing(rank, world, group, comm, x, want)
     return seen
+
+
+class GlooSymmetric:
+    """`symmetric.SymmetricBuffer`'s contract (can_gather / can_sum / all_gather / sum) on Gloo."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def can_gather(self, x):
+        return x.numel() > 0
+
+    def can_sum(self, x):
+        return x.dtype in symmetric.SUM_DTYPES
+
+    def all_gather(self, x, out):
+        self.calls.append("gather")
+        communicator._all_gather_tensor(out, x.contiguous(), group=dist.group.WORLD)
+
+    def sum(self, x):
+        self.calls.append("sum")
+        y = x.clone()
+        dist.all_reduce(y, group=dist.group.WORLD)
+        return y
+
+
+def _check_symmetric_routing(rank, world, group, comm, x, want) -> None:
+    fast = comm.fast[group.name] = GlooSymmetric()
+    assert torch.equal(comm.all_gatherv(x, SIZES, group, "s.gatherv"), want)
+    full = torch.arange(sum(SIZES) * 2, dtype=torch.float32).view(-1, 2) * (rank + 1)
+    mine = comm.reduce_scatterv(full, SIZES, group, "s.rsv")
+    lo = sum(SIZES[:rank])
+    assert torch.equal(mine, torch.arange(sum(SIZES) * 2, dtype=torch.float32).view(-1, 2)[lo:lo + SIZES[rank]] * 6)
+    uni = comm.all_gather(torch.full((2, 2), float(rank)), group, "s.gather")
+    assert torch.equal(uni[:, 0], torch.tensor([0.0, 0, 1, 1, 2, 2]))
+    assert torch.all(comm.reduce_scatter(torch.ones(world * 2, 1) * (rank + 1), group, "s.rs") == 6.0)
+    summed = torch.full((2, 2), float(rank + 1))
+    assert comm.all_reduce(summed, group, "s.ar") is summed and torch.all(summed == 6.0)  # in place
+    ints = torch.full((2,), rank + 1, dtype=torch.int64)  # no int sum kernel: the plain path
+    assert torch.all(comm.all_reduce(ints, group, "s.ar_int") == 6)
+    assert fast.calls == ["gather", "sum", "gather", "sum", "sum"], fast.calls
+    comm.release_symmetric()
+    assert not comm.fast
 
 
 def test_communicator_ops():
     seen = run_spawned(_check, 3, None, timeout=120, pg_timeout=30)
-    assert seen[0] == ["t.gatherv", "t.rsv", "t.gather", "t.rs", "t.a2a", "t.bcast"]
+    assert seen[0] == ["t.gatherv", "t.rsv", "t.gather", "t.rs", "t.a2a", "t.bcast",
+                       "s.gatherv", "s.rsv", "s.gather", "s.rs", "s.ar", "s.ar_int"]
+
+
+def test_symmetric_only_where_asked_and_possible(monkeypatch):
+    """EPINFER_SYMM_MEM=1 takes effect on CUDA only; enabling is then a no-op elsewhere (Gloo runs)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(symmetric, "ENABLED", False)
+    assert not symmetric.wanted(cuda)
+    monkeypatch.setattr(symmetric, "ENABLED", True)
+    assert not symmetric.wanted(cpu)
+    comm = Communicator()
+    comm.enable_symmetric([Group("ep", (0, 1), 0, None, None)], cpu, 60.0)
+    assert comm.fast == {}

@@ -8,6 +8,10 @@ Variable-size gather / reduce-scatter are built from the uniform ops by padding 
 to the largest size, because Gloo's list all_gather rejects unequal sizes; the per-rank sizes come
 from the step's DP decision, and `sizes[rank] == local rows` is checked before every such call.
 Several tensors travel in one collective as byte views packed along the row axis.
+
+With EPINFER_SYMM_MEM=1 on CUDA, small all-gathers, reduce-scatters and all-reduces of the TP and
+EP groups go through a symmetric-memory buffer (`symmetric.py`) instead of NCCL; the choice depends
+only on sizes every rank shares, so all ranks make it alike, and labels and hooks are unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from epinfer.distributed import symmetric
 from epinfer.distributed.groups import Group
 
 # torch >= 2.13 renamed the tensor forms; the GPU machines run 2.11
@@ -52,6 +57,22 @@ class Communicator:
         self.fault = None  # a FaultInjector on the one faulty rank (tests only)
         self.step = -1  # the DP step id the next collectives belong to
         self.schedule: list | None = None  # collectives being captured into a CUDA graph
+        self.fast: dict[str, symmetric.SymmetricBuffer] = {}  # group name -> its symmetric buffer
+
+    def enable_symmetric(self, groups: Sequence[Group], device: torch.device, timeout_s: float) -> None:
+        """Symmetric buffers for `groups` (EPINFER_SYMM_MEM=1 on CUDA; otherwise nothing). A collective:
+        every rank calls it with its own groups, in the same order."""
+        if not symmetric.wanted(device):
+            return
+        for group in groups:
+            if group.size > 1 and group.name not in self.fast:
+                self.fast[group.name] = self._run(
+                    "rendezvous", f"symm.{group.name}", group, [], device=False,
+                    fn=lambda g=group: symmetric.SymmetricBuffer(g, device, symmetric.MAX_BYTES, timeout_s))
+
+    def release_symmetric(self) -> None:
+        """Before the process groups go (after any CUDA graph that uses the buffers)."""
+        self.fast.clear()
 
     @contextlib.contextmanager
     def recording(self, schedule: list):
@@ -125,6 +146,10 @@ class Communicator:
         skip, x = self._inject(x)
         if skip:
             return x
+        fast = self.fast.get(group.name)
+        if fast is not None and fast.can_sum(x):
+            self._run("all_reduce", label, group, [x], lambda: x.copy_(fast.sum(x)))
+            return x
         self._run("all_reduce", label, group, [x],
                   lambda: dist.all_reduce(x, group=group.device_group))
         return x
@@ -137,8 +162,7 @@ class Communicator:
         out = x.new_zeros((group.size * x.shape[0], *x.shape[1:]))
         if skip:
             return out
-        self._run("all_gather", label, group, [x],
-                  lambda: _all_gather_tensor(out, x.contiguous(), group=group.device_group))
+        self._run("all_gather", label, group, [x], lambda: self._gather(out, x, group))
         return out
 
     def all_gatherv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
@@ -153,8 +177,7 @@ class Communicator:
         out = x.new_zeros((group.size * padded.shape[0], *x.shape[1:]))
         if skip:
             return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
-        self._run("all_gatherv", label, group, [padded], sizes=sizes,
-                  fn=lambda: _all_gather_tensor(out, padded, group=group.device_group))
+        self._run("all_gatherv", label, group, [padded], sizes=sizes, fn=lambda: self._gather(out, padded, group))
         return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
 
     def reduce_scatter(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
@@ -165,8 +188,7 @@ class Communicator:
         out = x.new_zeros((x.shape[0] // group.size, *x.shape[1:]))
         if skip:
             return out
-        self._run("reduce_scatter", label, group, [x],
-                  lambda: _reduce_scatter_tensor(out, x.contiguous(), group=group.device_group))
+        self._run("reduce_scatter", label, group, [x], lambda: self._scatter_sum(out, x, group))
         return out
 
     def reduce_scatterv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
@@ -185,8 +207,24 @@ class Communicator:
         if skip:
             return out[: sizes[group.rank]]
         self._run("reduce_scatterv", label, group, [padded], sizes=sizes,
-                  fn=lambda: _reduce_scatter_tensor(out, padded, group=group.device_group))
+                  fn=lambda: self._scatter_sum(out, padded, group))
         return out[: sizes[group.rank]]
+
+    def _gather(self, out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+        fast = self.fast.get(group.name)
+        if fast is not None and fast.can_gather(x):
+            fast.all_gather(x, out)
+        else:
+            _all_gather_tensor(out, x.contiguous(), group=group.device_group)
+
+    def _scatter_sum(self, out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+        """out = block `group.rank` of the sum over ranks of x [size * rows, ...]."""
+        fast = self.fast.get(group.name)
+        if fast is not None and fast.can_sum(x):
+            rows = out.shape[0]
+            out.copy_(fast.sum(x)[group.rank * rows:(group.rank + 1) * rows])
+        else:
+            _reduce_scatter_tensor(out, x.contiguous(), group=group.device_group)
 
     def all_to_all(self, x: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group: Group,
                    label: str) -> torch.Tensor:

@@ -194,6 +194,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
     try:
+        ctx.comm.enable_symmetric([ctx.groups.tp_group, ctx.groups.ep_group], device, timeout)  # EPINFER_SYMM_MEM=1
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)
         if job.serve is not None:
@@ -225,6 +226,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     watchdog.tearing_down(min(timeout, TEARDOWN_S))
     if engine.runner.graphs is not None:
         engine.runner.graphs.release()
+    ctx.comm.release_symmetric()
     dist.destroy_process_group()
     watchdog.stop()
     return outputs

@@ -22,8 +22,10 @@ pytestmark = [pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("dp,tp,async_scheduling", [(2, 1, False), (1, 2, True)])
-def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, dp, tp, async_scheduling):
+@pytest.mark.parametrize("dp,tp,async_scheduling,symm", [(2, 1, False, False), (1, 2, True, False),
+                                                          (2, 1, True, True), (1, 2, False, True)])
+def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, monkeypatch, dp, tp, async_scheduling, symm):
+    """symm: the small collectives through symmetric memory (EPINFER_SYMM_MEM=1), in the graphs too."""
     from epinfer import LLM, SamplingParams
     from epinfer.distributed.launch import launch
     from epinfer.distributed.worker import Job
@@ -35,9 +37,11 @@ def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, dp, tp, async
     ref = [o.token_ids for o in LLM(**ecfg).generate(PROMPTS, params)]
     job = Job(EngineConfig(**ecfg), dp, tp, "agrs", "uniform", prompts=PROMPTS, params=params,
               dump_dir=str(tmp_path))
+    monkeypatch.setenv("EPINFER_SYMM_MEM", "1" if symm else "0")  # (the spawned ranks read it)
     assert [o.token_ids for o in launch(job)] == ref
     for rank in range(dp * tp):
         lines = (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()
         header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
         replays = [e for e in entries if e["op"] == "graph"]
         assert len(replays) >= 10 and header["graphs"], f"rank {rank} replayed {len(replays)} graphs"
+        assert any(e["op"] == "rendezvous" for e in entries) == symm, f"rank {rank}: symmetric buffers"

@@ -1,0 +1,91 @@
+"""Small device collectives through PyTorch symmetric memory (EPINFER_SYMM_MEM=1, experimental).
+
+A decode step issues ~100 collectives of a few hundred KB at most, where NCCL's per-call latency,
+not bandwidth, sets the cost (PERFORMANCE.md). On the GPUs of one host, each rank of a group can
+instead map every peer's buffer and move the bytes itself over NVLink: no multicast (it stays
+off on these machines), only peer pointers and signal-pad barriers.
+
+  all-gather      copy my rows into my slot of my buffer, barrier, copy every peer's slot from
+                  its buffer, barrier (no rank overwrites a slot a peer may still be reading)
+  sum             `one_shot_all_reduce_copy`: every rank reads every peer's buffer and adds, in
+                  rank order; the reduce-scatter keeps its block, the all-reduce all of it
+
+The communicator decides per call (the same on every rank: sizes are uniform or padded) and keeps
+labelling, the ledger and graph capture exactly as for NCCL; anything the buffer cannot take
+(too large, a dtype the sum kernel lacks) goes to NCCL. Unmeasured until a 2-GPU run
+(`benchmarks/comm_sweep.py` compares the primitives).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from epinfer.distributed.groups import Group
+
+ENABLED = os.environ.get("EPINFER_SYMM_MEM") == "1"
+MAX_BYTES = int(os.environ.get("EPINFER_SYMM_MEM_BYTES", 1 << 20))  # per collective (NCCL above)
+SUM_DTYPES = (torch.bfloat16, torch.float32)  # what the one-shot sum kernel takes
+
+
+class SymmetricBuffer:
+    """One group's symmetric buffer. Creating it is a collective over the group: every member
+    creates its own at the same point."""
+
+    def __init__(self, group: Group, device: torch.device, nbytes: int, timeout_s: float) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank, self.size, self.nbytes = group.rank, group.size, nbytes
+        self.name = group.device_group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # (absent or a no-op in newer torch)
+            symm_mem.enable_symm_mem_for_group(self.name)
+        self.buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.buf, self.name)
+        self.timeout_ms = int(timeout_s * 1000)  # a peer that never arrives traps the barrier kernel
+        self.summable = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
+        self._slots: dict[int, list[torch.Tensor]] = {}
+
+    def can_gather(self, x: torch.Tensor) -> bool:
+        return x.numel() * x.element_size() * self.size <= min(self.nbytes, MAX_BYTES)
+
+    def can_sum(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return self.summable and x.dtype in SUM_DTYPES and nbytes % 16 == 0 and 0 < nbytes <= min(self.nbytes,
+                                                                                                 MAX_BYTES)
+
+    def _views(self, n: int) -> list[torch.Tensor]:
+        """Slot r (n bytes at offset r * n) of rank r's buffer, for every rank r."""
+        if n not in self._slots:
+            self._slots[n] = [self.handle.get_buffer(r, (n,), torch.uint8, r * n) for r in range(self.size)]
+        return self._slots[n]
+
+    def all_gather(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [size * rows, ...] = every rank's x [rows, ...] in rank order (any dtype, bytes copied)."""
+        src = x.contiguous().view(-1).view(torch.uint8)
+        dst = out.view(-1).view(torch.uint8)
+        n = src.numel()
+        slots = self._views(n)
+        slots[self.rank].copy_(src)
+        self.handle.barrier(channel=0, timeout_ms=self.timeout_ms)
+        for r, slot in enumerate(slots):
+            dst[r * n:(r + 1) * n].copy_(src if r == self.rank else slot)
+        self.handle.barrier(channel=1, timeout_ms=self.timeout_ms)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's x (same shape everywhere), as a new tensor."""
+        x = x.contiguous()
+        staging = self.buf[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.name)
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether this run asks for symmetric-memory collectives and can have them (CUDA, torch with
+    symmetric memory)."""
+    if not (ENABLED and device.type == "cuda"):
+        return False
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        return False
+    return True
