@@ -46,13 +46,15 @@ class SymmetricBuffer:
         self.summable = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
         self._slots: dict[int, list[torch.Tensor]] = {}
 
+    def _fits(self, nbytes: int) -> bool:
+        return 0 < nbytes <= min(self.nbytes, MAX_BYTES)
+
     def can_gather(self, x: torch.Tensor) -> bool:
-        return x.numel() * x.element_size() * self.size <= min(self.nbytes, MAX_BYTES)
+        return self._fits(x.numel() * x.element_size() * self.size)
 
     def can_sum(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
-        return self.summable and x.dtype in SUM_DTYPES and nbytes % 16 == 0 and 0 < nbytes <= min(self.nbytes,
-                                                                                                 MAX_BYTES)
+        return self.summable and x.dtype in SUM_DTYPES and nbytes % 16 == 0 and self._fits(nbytes)
 
     def _views(self, n: int) -> list[torch.Tensor]:
         """Slot r (n bytes at offset r * n) of rank r's buffer, for every rank r."""
