@@ -74,15 +74,25 @@ class GlooSymmetric:
         self.calls.append("gather")
         communicator._all_gather_tensor(out, x.contiguous(), group=dist.group.WORLD)
 
-    def sum(self, x):
+    def sum(self, x, out=None):
         self.calls.append("sum")
         y = x.clone()
         dist.all_reduce(y, group=dist.group.WORLD)
-        return y
+        return y if out is None else out.copy_(y)
 
 
 def _check_symmetric_routing(rank, world, group, comm, x, want) -> None:
     fast = comm.fast[group.name] = GlooSymmetric()
+    paths = {}
+
+    class PathHook:
+        def before(self, call):
+            paths[call.label] = call.path
+
+        def after(self, call):
+            pass
+
+    comm.hooks.append(PathHook())
     assert torch.equal(comm.all_gatherv(x, SIZES, group, "s.gatherv"), want)
     full = torch.arange(sum(SIZES) * 2, dtype=torch.float32).view(-1, 2) * (rank + 1)
     mine = comm.reduce_scatterv(full, SIZES, group, "s.rsv")
@@ -96,6 +106,8 @@ def _check_symmetric_routing(rank, world, group, comm, x, want) -> None:
     ints = torch.full((2,), rank + 1, dtype=torch.int64)  # no int sum kernel: the plain path
     assert torch.all(comm.all_reduce(ints, group, "s.ar_int") == 6)
     assert fast.calls == ["gather", "sum", "gather", "sum", "sum"], fast.calls
+    assert paths == {"s.gatherv": "symm", "s.rsv": "symm", "s.gather": "symm", "s.rs": "symm", "s.ar": "symm",
+                     "s.ar_int": "nccl"}, paths
     comm.release_symmetric()
     assert not comm.fast
 
@@ -114,5 +126,5 @@ def test_symmetric_only_where_asked_and_possible(monkeypatch):
     monkeypatch.setattr(symmetric, "ENABLED", True)
     assert not symmetric.wanted(cpu)
     comm = Communicator()
-    comm.enable_symmetric([Group("ep", (0, 1), 0, None, None)], cpu, 60.0)
+    comm.enable_symmetric([Group("ep", (0, 1), 0, None, None)], Group("world", (0, 1), 0, None, None), cpu, 60.0)
     assert comm.fast == {}

@@ -34,6 +34,8 @@ class Ledger:
         entry = {"group": name, "seq": self.seq[name], "op": call.op, "label": call.label,
                  "step": call.step, "shapes": call.shapes, "dtypes": call.dtypes, "sizes": call.sizes,
                  "t0": time.time(), "t1": None, "state": "pending"}
+        if getattr(call, "path", "nccl") != "nccl":
+            entry["path"] = call.path  # (EPINFER_SYMM_MEM: the group's symmetric buffer)
         self.seq[name] += 1
         self.entries.append(entry)
         self.current = entry

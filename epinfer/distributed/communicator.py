@@ -44,6 +44,7 @@ class CollectiveCall:
     step: int = -1
     t_enqueue: float = 0.0
     t_done: float = 0.0
+    path: str = "nccl"  # "symm": through the group's symmetric-memory buffer
 
 
 class CollectiveMismatch(RuntimeError):
@@ -59,10 +60,18 @@ class Communicator:
         self.schedule: list | None = None  # collectives being captured into a CUDA graph
         self.fast: dict[str, symmetric.SymmetricBuffer] = {}  # group name -> its symmetric buffer
 
-    def enable_symmetric(self, groups: Sequence[Group], device: torch.device, timeout_s: float) -> None:
+    def enable_symmetric(self, groups: Sequence[Group], everyone: Group, device: torch.device,
+                         timeout_s: float) -> None:
         """Symmetric buffers for `groups` (EPINFER_SYMM_MEM=1 on CUDA; otherwise nothing). A collective:
-        every rank calls it with its own groups, in the same order."""
-        if not symmetric.wanted(device):
+        every rank calls it with its own groups, in the same order; `everyone`: a CPU group of all ranks."""
+        if device.type != "cuda" or everyone.size == 1:
+            return
+        # every rank must agree: a rank without the buffers would hang its peers' first collective
+        want = torch.tensor([int(symmetric.wanted(device)), symmetric.MAX_BYTES, 1])
+        total = self.all_reduce_cpu(want.clone(), everyone, "symm.agree")
+        if total[0] not in (0, total[2]) or total[1] != total[2] * symmetric.MAX_BYTES:
+            raise RuntimeError("EPINFER_SYMM_MEM / EPINFER_SYMM_MEM_BYTES differ across ranks: set them alike")
+        if not want[0]:
             return
         for group in groups:
             if group.size > 1 and group.name not in self.fast:
@@ -99,9 +108,9 @@ class Communicator:
         return action == "skip-collective", x
 
     def _run(self, op: str, label: str, group: Group, tensors: Sequence[torch.Tensor],
-             fn: Callable[[], object], sizes: list[int] | None = None, device: bool = True):
+             fn: Callable[[], object], sizes: list[int] | None = None, device: bool = True, path: str = "nccl"):
         call = CollectiveCall(op, label, group, [tuple(t.shape) for t in tensors],
-                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step)
+                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step, path=path)
         if self.schedule is not None:
             self.schedule.append(call)
             return fn()
@@ -146,10 +155,11 @@ class Communicator:
         skip, x = self._inject(x)
         if skip:
             return x
-        fast = self.fast.get(group.name)
-        if fast is not None and fast.can_sum(x):
-            self._run("all_reduce", label, group, [x], lambda: x.copy_(fast.sum(x)))
-            return x
+        fast = self._fast(group, x, summing=True)
+        if fast is not None:
+            out = x if x.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
+            self._run("all_reduce", label, group, [x], lambda: fast.sum(x, out), path="symm")
+            return x if out is x else x.copy_(out)
         self._run("all_reduce", label, group, [x],
                   lambda: dist.all_reduce(x, group=group.device_group))
         return x
@@ -162,7 +172,8 @@ class Communicator:
         out = x.new_zeros((group.size * x.shape[0], *x.shape[1:]))
         if skip:
             return out
-        self._run("all_gather", label, group, [x], lambda: self._gather(out, x, group))
+        fast = self._fast(group, x)
+        self._run("all_gather", label, group, [x], lambda: self._gather(out, x, group, fast), path=_path(fast))
         return out
 
     def all_gatherv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
@@ -177,7 +188,9 @@ class Communicator:
         out = x.new_zeros((group.size * padded.shape[0], *x.shape[1:]))
         if skip:
             return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
-        self._run("all_gatherv", label, group, [padded], sizes=sizes, fn=lambda: self._gather(out, padded, group))
+        fast = self._fast(group, padded)
+        self._run("all_gatherv", label, group, [padded], sizes=sizes, path=_path(fast),
+                  fn=lambda: self._gather(out, padded, group, fast))
         return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
 
     def reduce_scatter(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
@@ -188,7 +201,9 @@ class Communicator:
         out = x.new_zeros((x.shape[0] // group.size, *x.shape[1:]))
         if skip:
             return out
-        self._run("reduce_scatter", label, group, [x], lambda: self._scatter_sum(out, x, group))
+        fast = self._fast(group, x, summing=True)
+        self._run("reduce_scatter", label, group, [x], lambda: self._scatter_sum(out, x, group, fast),
+                  path=_path(fast))
         return out
 
     def reduce_scatterv(self, x: torch.Tensor, sizes: list[int], group: Group, label: str) -> torch.Tensor:
@@ -206,21 +221,29 @@ class Communicator:
         out = x.new_zeros((padded.shape[0] // group.size, *x.shape[1:]))
         if skip:
             return out[: sizes[group.rank]]
-        self._run("reduce_scatterv", label, group, [padded], sizes=sizes,
-                  fn=lambda: self._scatter_sum(out, padded, group))
+        fast = self._fast(group, padded, summing=True)
+        self._run("reduce_scatterv", label, group, [padded], sizes=sizes, path=_path(fast),
+                  fn=lambda: self._scatter_sum(out, padded, group, fast))
         return out[: sizes[group.rank]]
 
-    def _gather(self, out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+    def _fast(self, group: Group, x: torch.Tensor, summing: bool = False):
+        """The group's symmetric buffer if it takes this collective (sizes and dtypes every rank shares)."""
         fast = self.fast.get(group.name)
-        if fast is not None and fast.can_gather(x):
+        if fast is None or not (fast.can_sum(x) if summing else fast.can_gather(x)):
+            return None
+        return fast
+
+    @staticmethod
+    def _gather(out: torch.Tensor, x: torch.Tensor, group: Group, fast) -> None:
+        if fast is not None:
             fast.all_gather(x, out)
         else:
             _all_gather_tensor(out, x.contiguous(), group=group.device_group)
 
-    def _scatter_sum(self, out: torch.Tensor, x: torch.Tensor, group: Group) -> None:
+    @staticmethod
+    def _scatter_sum(out: torch.Tensor, x: torch.Tensor, group: Group, fast) -> None:
         """out = block `group.rank` of the sum over ranks of x [size * rows, ...]."""
-        fast = self.fast.get(group.name)
-        if fast is not None and fast.can_sum(x):
+        if fast is not None:
             rows = out.shape[0]
             out.copy_(fast.sum(x)[group.rank * rows:(group.rank + 1) * rows])
         else:
@@ -269,6 +292,10 @@ class Communicator:
                   lambda: dist.gather_object(obj, box, dst=group.ranks[dst], group=group.cpu_group),
                   device=False)
         return box
+
+
+def _path(fast) -> str:
+    return "nccl" if fast is None else "symm"
 
 
 def _check_sizes(sizes: list[int], x: torch.Tensor, group: Group, label: str) -> None:

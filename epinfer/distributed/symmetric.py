@@ -7,8 +7,9 @@ off on these machines), only peer pointers and signal-pad barriers.
 
   all-gather      copy my rows into my slot of my buffer, barrier, copy every peer's slot from
                   its buffer, barrier (no rank overwrites a slot a peer may still be reading)
-  sum             `one_shot_all_reduce_copy`: every rank reads every peer's buffer and adds, in
-                  rank order; the reduce-scatter keeps its block, the all-reduce all of it
+  sum             copy into my buffer, then `one_shot_all_reduce_out`: every rank reads every
+                  peer's buffer and adds, in rank order (the kernel boundary orders the copy before
+                  the kernel's signals); the reduce-scatter keeps its block, the all-reduce all of it
 
 The communicator decides per call (the same on every rank: sizes are uniform or padded) and keeps
 labelling, the ledger and graph capture exactly as for NCCL; anything the buffer cannot take
@@ -25,7 +26,8 @@ import torch
 from epinfer.distributed.groups import Group
 
 ENABLED = os.environ.get("EPINFER_SYMM_MEM") == "1"
-MAX_BYTES = int(os.environ.get("EPINFER_SYMM_MEM_BYTES", 1 << 20))  # per collective (NCCL above)
+_BYTES = os.environ.get("EPINFER_SYMM_MEM_BYTES", "")
+MAX_BYTES = int(_BYTES) if _BYTES.isdigit() else 1 << 20  # per collective (NCCL above); checked when enabled
 SUM_DTYPES = (torch.bfloat16, torch.float32)  # what the one-shot sum kernel takes
 
 
@@ -34,16 +36,19 @@ class SymmetricBuffer:
     creates its own at the same point."""
 
     def __init__(self, group: Group, device: torch.device, nbytes: int, timeout_s: float) -> None:
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # this path never needs it
         import torch.distributed._symmetric_memory as symm_mem
 
         self.rank, self.size, self.nbytes = group.rank, group.size, nbytes
         self.name = group.device_group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # (absent or a no-op in newer torch)
+        if torch.__version__ < "2.11" and hasattr(symm_mem, "enable_symm_mem_for_group"):  # (deprecated since)
             symm_mem.enable_symm_mem_for_group(self.name)
         self.buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(self.buf, self.name)
-        self.timeout_ms = int(timeout_s * 1000)  # a peer that never arrives traps the barrier kernel
-        self.summable = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
+        # a barrier whose peer never arrives traps (killing this process's CUDA context): only after
+        # the watchdog (which says which collective and rank) and the process group's own timeout
+        self.timeout_ms = int((2 * timeout_s + 60) * 1000)
+        self.summable = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
         self._slots: dict[int, list[torch.Tensor]] = {}
 
     def _fits(self, nbytes: int) -> bool:
@@ -74,11 +79,13 @@ class SymmetricBuffer:
             dst[r * n:(r + 1) * n].copy_(src if r == self.rank else slot)
         self.handle.barrier(channel=1, timeout_ms=self.timeout_ms)
 
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of every rank's x (same shape everywhere), as a new tensor."""
-        x = x.contiguous()
+    def sum(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of every rank's x (same shape everywhere), into `out` (may be x) or a new tensor.
+        The one-shot kernel has no timeout: a peer that dies inside it is the watchdog's to report."""
         staging = self.buf[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.name)
+        staging.copy_(x)
+        out = torch.empty_like(staging) if out is None else out
+        return torch.ops.symm_mem.one_shot_all_reduce_out(staging, "sum", self.name, out)
 
 
 def wanted(device: torch.device) -> bool:

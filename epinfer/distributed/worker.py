@@ -194,7 +194,9 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     if os.environ.get("EPINFER_STACKS_AFTER"):  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(float(os.environ["EPINFER_STACKS_AFTER"]), repeat=True)
     try:
-        ctx.comm.enable_symmetric([ctx.groups.tp_group, ctx.groups.ep_group], device, timeout)  # EPINFER_SYMM_MEM=1
+        groups = ctx.groups  # EPINFER_SYMM_MEM=1: symmetric buffers for the small TP / EP collectives,
+        if not job.fault:  # not under fault injection (a mis-sized collective would pair stray signals)
+            ctx.comm.enable_symmetric([groups.tp_group, groups.ep_group], groups.world_cpu, device, timeout)
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)
         if job.serve is not None:

@@ -45,3 +45,4 @@ def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, monkeypatch, 
         replays = [e for e in entries if e["op"] == "graph"]
         assert len(replays) >= 10 and header["graphs"], f"rank {rank} replayed {len(replays)} graphs"
         assert any(e["op"] == "rendezvous" for e in entries) == symm, f"rank {rank}: symmetric buffers"
+        assert any(e.get("path") == "symm" for e in entries) == symm, f"rank {rank}: symmetric collectives"
