@@ -28,8 +28,8 @@ case ${1:-a} in
 a)
   checkpoints
   step comm_sweep 90 python3 benchmarks/comm_sweep.py
-  step test_gpu_parallel 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py
-  ASYNC=1 step parallel_check 220 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;
+  step test_gpu_parallel 270 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_symmetric.py tests/gpu/test_gpu_parallel.py
+  ASYNC=1 step parallel_check 200 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe ;;
 b)
   CUDA_VISIBLE_DEVICES=0 step one_gpu 100 $B --batch 1 --batch 64
   step dp2 120 $B --dp 2 --batch 2 --batch 128

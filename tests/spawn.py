@@ -1,5 +1,5 @@
-"""Run a function on N spawned Gloo ranks with a hard timeout (a hang fails the test, it never
-stalls CI). Spawning costs seconds, so tests pass many cases to one spawn."""
+"""Run a function on N spawned Gloo ranks (or NCCL ranks, one GPU each) with a hard timeout (a hang
+fails the test, it never stalls CI). Spawning costs seconds, so tests pass many cases to one spawn."""
 
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ import torch
 import torch.distributed as dist
 
 
-def _entry(rank: int, world: int, port: int, fn, payload, out_dir: str, pg_timeout: float) -> None:
+def _entry(rank: int, world: int, port: int, fn, payload, out_dir: str, pg_timeout: float,
+           backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=pg_timeout))
+    extra = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        extra["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout), **extra)
     try:
         result = ("ok", fn(rank, world, payload))
     except BaseException as exc:  # reported to the test, which fails with it
@@ -28,12 +33,13 @@ def _entry(rank: int, world: int, port: int, fn, payload, out_dir: str, pg_timeo
     dist.destroy_process_group()
 
 
-def run_spawned(fn, world: int, payload, timeout: float = 300.0, pg_timeout: float = 60.0) -> list:
+def run_spawned(fn, world: int, payload, timeout: float = 300.0, pg_timeout: float = 60.0,
+                backend: str = "gloo") -> list:
     """Returns each rank's return value; raises AssertionError on an error or a timeout."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(r, world, store.port, fn, payload, out_dir, pg_timeout))
+        procs = [ctx.Process(target=_entry, args=(r, world, store.port, fn, payload, out_dir, pg_timeout, backend))
                  for r in range(world)]
         for p in procs:
             p.start()

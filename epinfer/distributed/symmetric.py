@@ -24,10 +24,11 @@ import os
 import torch
 
 from epinfer.distributed.groups import Group
+from epinfer.errors import UserError
 
 ENABLED = os.environ.get("EPINFER_SYMM_MEM") == "1"
 _BYTES = os.environ.get("EPINFER_SYMM_MEM_BYTES", "")
-MAX_BYTES = int(_BYTES) if _BYTES.isdigit() else 1 << 20  # per collective (NCCL above); checked when enabled
+MAX_BYTES = int(_BYTES) if _BYTES.isdigit() else 1 << 20  # per collective (NCCL above); `wanted` checks it
 SUM_DTYPES = (torch.bfloat16, torch.float32)  # what the one-shot sum kernel takes
 
 
@@ -93,6 +94,8 @@ def wanted(device: torch.device) -> bool:
     symmetric memory)."""
     if not (ENABLED and device.type == "cuda"):
         return False
+    if _BYTES and not _BYTES.isdigit():
+        raise UserError(f"EPINFER_SYMM_MEM_BYTES={_BYTES!r}: give a byte count")
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
