@@ -5,8 +5,8 @@ pointers over NVLink). Decides whether epinfer's communicator gets a symmetric-m
 Per rows (x [rows, D] bf16 on each rank):
   nccl_ag / nccl_rs        all_gather_into_tensor / reduce_scatter_tensor (graph-replayed)
   nccl_ag_eager            the all-gather issued from the host each time
-  symm_ar                  one_shot_all_reduce_copy of [world * rows, D] (a reduce-scatter that keeps
-                           the whole sum: combine = this + a slice)
+  symm_ar                  copy into the buffer + one_shot_all_reduce_out of [world * rows, D] (a
+                           reduce-scatter that keeps the whole sum: combine = this + a slice)
   symm_ag                  copy own rows into the symmetric buffer, barrier, copy every peer's rows
                            (get_buffer views), barrier (buffer reuse)
 Every op is checked against NCCL's result (all-gathers exactly). Rank 0 prints one JSON record per
@@ -93,8 +93,11 @@ def _one_size(rank: int, world: int, rows: int, D: int, buf: torch.Tensor, hdl, 
     def nccl_rs():
         dist.reduce_scatter_tensor(rs, full, group=group)
 
-    def symm_ar():
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[: full.numel()].view_as(full), full, "sum", name)
+    staging, summed = buf[: full.numel()].view_as(full), torch.empty_like(full)
+
+    def symm_ar():  # as epinfer's symmetric path: copy in, then the one-shot sum (no copy-in race)
+        staging.copy_(full)
+        return torch.ops.symm_mem.one_shot_all_reduce_out(staging, "sum", name, summed)
 
     def symm_ag():
         peers[rank].copy_(x)
