@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from epinfer.distributed import symmetric
 from epinfer.distributed.groups import Group
+from epinfer.errors import UserError
 
 # torch >= 2.13 renamed the tensor forms; the GPU machines run 2.11
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -70,7 +71,7 @@ class Communicator:
         want = torch.tensor([int(symmetric.wanted(device)), symmetric.MAX_BYTES, 1])
         total = self.all_reduce_cpu(want.clone(), everyone, "symm.agree")
         if total[0] not in (0, total[2]) or total[1] != total[2] * symmetric.MAX_BYTES:
-            raise RuntimeError("EPINFER_SYMM_MEM / EPINFER_SYMM_MEM_BYTES differ across ranks: set them alike")
+            raise UserError("EPINFER_SYMM_MEM / EPINFER_SYMM_MEM_BYTES differ across ranks: set them alike")
         if not want[0]:
             return
         for group in groups:
