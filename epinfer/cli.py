@@ -14,6 +14,7 @@ from pathlib import Path
 
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
+from epinfer.distributed.groups import check_layout
 from epinfer.distributed.launch import RunFailed, under_torchrun
 from epinfer.errors import UserError
 from epinfer.progress import ProgressBar
@@ -249,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "dp", 1) < 1 or getattr(args, "tp", 1) < 1:
-            raise UserError(f"--dp and --tp must be >= 1 (got --dp {args.dp} --tp {args.tp})")
+        check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":

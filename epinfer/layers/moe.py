@@ -65,9 +65,10 @@ class FusedExperts(nn.Module):
             return torch.zeros_like(x_TD)
         pairs = topk_ids_TK.numel()
         if moe_triton.grouped_usable(x_TD, pairs, num_local):  # decode sizes: gather-GEMM kernels
-            plan = None if moe_triton.per_pair(pairs) else permute_pairs(topk_ids_TK, self.first_expert, num_local)
+            cfg = moe_triton.grouped_config(pairs, num_local)  # (once: it also says which mode)
+            plan = None if cfg is moe_triton.PER_PAIR else permute_pairs(topk_ids_TK, self.first_expert, num_local)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
-                                          num_local == self.num_experts_total, plan, reduce=reduce)
+                                          num_local == self.num_experts_total, plan, cfg, reduce=reduce)
         if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
             return self._grouped(x_TD, topk_weights_TK, topk_ids_TK)
         if x_TD.is_cuda:
