@@ -8,7 +8,7 @@
 #   b: Qwen3-30B-A3B shape, async scheduling: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8
 #   c: b's DP=2 and TP=2 runs with EPINFER_SYMM_MEM=1, and the parallel check with it
 #   d: the c10d probe alone (capture, 3 replays, destroy), if a hangs
-# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d   (logs: $OUT/*.log, records: $OUT/records.jsonl)
+# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d|e|f   (logs: $OUT/*.log, records: $OUT/records.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EPINFER_PARALLEL_GRAPHS=1
@@ -44,6 +44,24 @@ c)
   step tp2_symm 90 $B --tp 2 --batch 1
   ASYNC=1 step parallel_check_symm 220 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
   grep -h "^{" "$OUT"/dp2_symm.log "$OUT"/tp2_symm.log > "$OUT/records.jsonl" ;;
+e)  # what a and c left: the symmetric-memory test, the qwen3_moe check (NCCL and symm), DP/TP with symm
+  checkpoints
+  step test_gpu_symmetric 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_symmetric.py
+  ASYNC=1 step parallel_check 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_moe
+  export EPINFER_SYMM_MEM=1
+  step dp2_symm 100 $B --dp 2 --batch 2 --batch 128
+  step tp2_symm 60 $B --tp 2 --batch 1
+  ASYNC=1 step parallel_check_symm 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_moe
+  grep -h "^{" "$OUT"/dp2_symm.log "$OUT"/tp2_symm.log > "$OUT/records.jsonl" ;;
+f)  # after a dispatcher / MoE kernel change: its GPU tests, the targets, the parallel check for agrs
+  checkpoints
+  step tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py \
+    tests/gpu/test_gpu_decode.py -k "graphs_with_collectives or grouped_moe or router"
+  CUDA_VISIBLE_DEVICES=0 step one_gpu 100 $B --batch 1 --batch 64
+  step dp2 100 $B --dp 2 --batch 2 --batch 128
+  step tp2 60 $B --tp 2 --batch 1
+  ASYNC=1 DISPATCH=agrs step parallel_check 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
+  grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
 d)
   checkpoints
   step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe ;;

@@ -5,6 +5,7 @@ column counts the decode steps rank 0 replayed as CUDA graphs (0: all eager, e.g
     python benchmarks/gpu_parallel_check.py CKPT_DIR [CKPT_DIR ...]          # 2 GPUs: 2x1 and 1x2
     LAYOUTS=2x2 python benchmarks/gpu_parallel_check.py CKPT_DIR [...]        # 4 GPUs: dp=2 tp=2
     ASYNC=1 ...                                                                # async scheduling on
+    DISPATCH=agrs ...                                                          # these dispatchers only
 
 Prints one line per configuration and a summary table; exits 1 on any mismatch."""
 
@@ -39,8 +40,8 @@ def main(paths: list[str]) -> int:
         cpu = [o.token_ids for o in LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)]
         rows.append((path, "1 GPU vs CPU", "-", "-", ref == cpu, 0.0, -1))
         layouts = [tuple(map(int, x.split("x"))) for x in os.environ.get("LAYOUTS", "2x1,1x2").split(",")]
-        for (dp, tp), dispatch, pad in itertools.product(layouts, ("agrs", "alltoall", "naive"),
-                                                         ("uniform", "none")):
+        dispatchers = os.environ.get("DISPATCH", "agrs,alltoall,naive").split(",")
+        for (dp, tp), dispatch, pad in itertools.product(layouts, dispatchers, ("uniform", "none")):
             dumps = tempfile.mkdtemp()
             job = Job(EngineConfig(model=path, **ecfg), dp, tp, dispatch, pad, prompts=PROMPTS,
                       params=params, dump_dir=dumps)

@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import torch.nn.functional as F
 
+from epinfer.distributed.communicator import row_layout, row_views
 from epinfer.layers import gdn_ops, paged_attention
 from tests.test_decode_path import paged_case
 
@@ -62,6 +63,28 @@ for first, n in ((0, 8), (2, 4)):
         per_pair = moe_triton.moe_grouped(*args, reduce=False).sum(1)
         errors = (out - ref).abs().max().item(), (per_pair - ref).abs().max().item()
         print("moe_grouped", first, n, plan is None, *errors)
+        # the same from a dispatcher's packed rows: row-strided x, int32 ids and weights, read in place
+        fields = [(x.dtype, D), (torch.int32, K), (wts.dtype, K)]
+        packed = torch.zeros(T, row_layout(fields)[0], dtype=torch.uint8)
+        for view, value in zip(row_views(packed, fields), (x, ids, wts), strict=True):
+            view.copy_(value)
+        px, pids, pw = row_views(packed, fields)
+        pplan = None if plan is None else permute_pairs(pids, first, n)
+        out = moe_triton.moe_grouped(px, experts.w13.data, experts.w2.data, pw, pids, first, n == total, pplan)
+        print("moe_grouped packed", first, n, plan is None, (out - ref).abs().max().item())
+# routers writing into packed rows vs into their own tensors
+T, D, E, K = 5, 256, 16, 4
+x, gate = torch.randn(T, D), torch.randn(E, D) * 0.1
+mask = torch.tensor([True, False, True, True, False])
+fields = [(x.dtype, D), (torch.int32, K), (x.dtype, K)]
+packed = torch.zeros(T, row_layout(fields)[0], dtype=torch.uint8)
+_, pids, pw = row_views(packed, fields)
+w0, i0 = moe_triton.gate_route(x, gate, K, True, mask, T)
+w1, i1 = (t.clone() for t in moe_triton.gate_route(x, gate, K, True, mask, T, (pw, pids)))
+w2, i2 = moe_triton.route(x @ gate.T, K, True, None, 3, x.dtype)
+w3, i3 = moe_triton.route(x @ gate.T, K, True, None, 3, x.dtype, (pw, pids))
+print("routers packed", torch.equal(w0, w1), torch.equal(i0, i1.long()), torch.equal(w2, w3),
+      torch.equal(i2, i3.long()), w3.data_ptr() == pw.data_ptr())
 # residual add + RMS norm over the experts' unsummed outputs (fp16: the interpreter's bf16 casts truncate)
 x, r, w = torch.randn(5, 300).half(), torch.randn(5, 4, 300), torch.randn(300).half()
 nx, out = norm_triton.add_rms_norm(x, r, w, 1e-6, False)

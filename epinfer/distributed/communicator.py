@@ -317,6 +317,26 @@ def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple
     return torch.cat(parts, dim=1), meta
 
 
+def row_layout(fields: Sequence[tuple[torch.dtype, int]]) -> tuple[int, list[int]]:
+    """(bytes per row, each field's byte offset) of packed rows holding (dtype, width) fields in
+    order: each field aligned to its item size, rows to 16 bytes, so every field can be viewed in
+    place (`row_views`)."""
+    offsets, at = [], 0
+    for dtype, width in fields:
+        at = -(-at // dtype.itemsize) * dtype.itemsize
+        offsets.append(at)
+        at += width * dtype.itemsize
+    return -(-at // 16) * 16, offsets
+
+
+def row_views(packed: torch.Tensor, fields: Sequence[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """Row-strided views [R, width] of each field of packed rows [R, bytes] laid out by `row_layout`
+    (no copies: kernels that take a row stride read them where they are)."""
+    _, offsets = row_layout(fields)
+    return [packed[:, at: at + width * dtype.itemsize].view(dtype)
+            for (dtype, width), at in zip(fields, offsets, strict=True)]
+
+
 def unpack_rows(packed: torch.Tensor, meta: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
     out, offset = [], 0
     for dtype, width in meta:

@@ -6,7 +6,10 @@ and returns the MoE output for the same R rows. All collectives are labelled `<l
 
   - agrs: all-gather rows + weights + ids in ONE packed collective, compute the local experts over
     every rank's rows, reduce-scatter the partial sums back. Uniform sizes use the plain
-    collectives; unequal sizes (`--dp-padding none`) the size-checked v-variants.
+    collectives; unequal sizes (`--dp-padding none`) the size-checked v-variants. The Triton
+    routers write top-k straight into the packed rows (`route_into`) and the experts read the
+    gathered rows in place, so packing costs one copy of x (at decode each small kernel costs
+    about as much as a collective).
   - alltoall: exchange per-destination pair counts, send each routed (row, k) pair only to the
     rank owning its expert (padding rows are not sent), compute, send results back, sum.
   - naive: all-reduce based reference (slow on purpose): every rank scatters its rows into a
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.distributed.communicator import pack_rows, unpack_rows
+from epinfer.distributed.communicator import pack_rows, row_layout, row_views, unpack_rows
 from epinfer.distributed.parallel import split_evenly
 
 
@@ -26,6 +29,10 @@ class Dispatcher:
         self.comm = ctx.comm
         self.group = ctx.groups.ep_group
         self.label = label
+
+    def route_into(self, x_RD: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the router may write (weights, ids) for this call, or None: its own tensors."""
+        return None
 
     def begin(self, x_RD: torch.Tensor, sizes: list[int], step: int) -> None:
         """Every dispatch starts here: the fault injector (tests only) may act."""
@@ -45,18 +52,40 @@ class Dispatcher:
 
 
 class AgRsDispatcher(Dispatcher):
+    def __init__(self, ctx, label: str) -> None:
+        super().__init__(ctx, label)
+        self._rows = None  # (packed rows, their field views) handed to this call's router
+
+    @staticmethod
+    def _fields(x_RD: torch.Tensor, top_k: int) -> list[tuple[torch.dtype, int]]:
+        return [(x_RD.dtype, x_RD.shape[1]), (torch.int32, top_k), (x_RD.dtype, top_k)]  # x | ids | weights
+
+    def route_into(self, x_RD, top_k):
+        fields = self._fields(x_RD, top_k)
+        packed = x_RD.new_empty((x_RD.shape[0], row_layout(fields)[0]), dtype=torch.uint8)
+        self._rows = packed, row_views(packed, fields)
+        _, ids, weights = self._rows[1]
+        return weights, ids
+
     def __call__(self, x_RD, weights_RK, ids_RK, real_rows, sizes, experts):
         self._check(x_RD.shape[0], sizes)
-        packed, meta = pack_rows([x_RD, weights_RK.float(), ids_RK.to(torch.int32)])
+        fields = self._fields(x_RD, ids_RK.shape[1])
+        if self._rows is None or self._rows[0].shape[0] != x_RD.shape[0]:
+            self.route_into(x_RD, ids_RK.shape[1])
+        packed, (x_in, ids_in, w_in) = self._rows
+        self._rows = None
+        if weights_RK.data_ptr() != w_in.data_ptr():  # routed elsewhere (the torch router): pack here
+            w_in.copy_(weights_RK)
+            ids_in.copy_(ids_RK)
+        x_in.copy_(x_RD)
         uniform = len(set(sizes)) == 1
         label = f"{self.label}.dispatch"
         if uniform:
             gathered = self.comm.all_gather(packed, self.group, label)
         else:
             gathered = self.comm.all_gatherv(packed, sizes, self.group, label)
-        x_all, w_all, ids_all = unpack_rows(gathered, meta)
-        y_all = experts(x_all, w_all.to(x_RD.dtype) if x_RD.dtype != torch.float32 else w_all,
-                        ids_all.long())
+        x_all, ids_all, w_all = row_views(gathered, fields)
+        y_all = experts(x_all, w_all, ids_all)
         label = f"{self.label}.combine"
         if uniform:
             return self.comm.reduce_scatter(y_all, self.group, label)

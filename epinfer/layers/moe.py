@@ -121,7 +121,7 @@ def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
     """(order, offs, rows, active): pair indices sorted by local expert (stable; other ranks'
     experts last), grouped_mm's int32 group ends, each sorted pair's row, and the local experts
     that have pairs, in order, padded with -1 to min(pairs, n) entries (the Triton kernels' grid)."""
-    local = ids_TK.flatten() - first
+    local = ids_TK.flatten().long() - first  # (ids may be int32: a dispatcher's packed rows)
     key = torch.where((local >= 0) & (local < n), local, n)
     P = key.shape[0]
     if P <= 4096:  # counting sort by comparisons: fused reductions instead of a radix sort / scan
@@ -222,10 +222,13 @@ class MoEBlock(nn.Module):
             x_TD = x_TD[lo:lo + rows]
             real = min(max(real - lo, 0), rows)
             mask = mask[lo:lo + rows] if mask is not None else None
+        # the Triton routers write straight into the dispatcher's packed rows, where it has them
+        into = self.dispatcher.route_into(x_TD, self.top_k) if self.dispatcher is not None else None
         if moe_triton.gate_route_usable(x_TD, self.gate.weight):  # a few rows: GEMV + top-k in one kernel
-            weights, ids = moe_triton.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real)
+            weights, ids = moe_triton.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real,
+                                                 into)
         elif moe_triton.router_usable(logits := self.gate(x_TD)):
-            weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype)
+            weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype, into)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize)
             if mask is not None:

@@ -69,17 +69,18 @@ GROUPED = [os.environ.get("EPINFER_MOE_TRITON", "1") != "0"]  # EPINFER_MOE_TRIT
 
 
 def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: torch.Tensor | None, real: int,
-          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+          dtype: torch.dtype, out: tuple[torch.Tensor, torch.Tensor] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The router in one kernel: softmax (fp32), top-k (descending; the lowest index among ties),
     optional renormalisation, weight 0 for padding rows (`row_mask_T` False, or index >= `real`
     when there is no mask); a row with a NaN logit gets NaN weights (and valid ids). Returns
-    (weights_TK in `dtype`, ids_TK int64)."""
+    (weights_TK in `dtype`, ids_TK int64), or writes them into `out` (see `_outputs`)."""
     T, E = logits_TE.shape
-    weights = torch.empty(T, top_k, dtype=dtype, device=logits_TE.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
+    weights, ids = _outputs(out, T, top_k, dtype, logits_TE.device)
     if T:
         mask = row_mask_T if row_mask_T is not None else ids  # (unused without HAS_MASK)
-        _route_kernel[(triton.cdiv(T, 2),)](logits_TE, weights, ids, mask, T, real, logits_TE.stride(0), E=E,
+        _route_kernel[(triton.cdiv(T, 2),)](logits_TE, weights, ids, mask, T, real, logits_TE.stride(0),
+                                            weights.stride(0), ids.stride(0), E=E,
                                             BLOCK_E=triton.next_power_of_2(E), K=top_k,
                                             KP=triton.next_power_of_2(top_k), RENORM=renormalize,
                                             HAS_MASK=row_mask_T is not None, num_warps=4 if E > 256 else 2)
@@ -87,7 +88,8 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool, row_mask_T: to
 
 
 def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool,
-               row_mask_T: torch.Tensor | None, real: int) -> tuple[torch.Tensor, torch.Tensor]:
+               row_mask_T: torch.Tensor | None, real: int,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`route(x @ gate.T, ...)` in one kernel, for a few rows: program (c, s) computes the partial
     logits of 16 experts over one slice of D; the last program to finish (an atomic counter, reset
     by that program) sums the slices in order (deterministic), rounds to x's dtype as the linear
@@ -97,19 +99,32 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
     E = gate_ED.shape[0]
     splits = max(1, min(8, D // 256))
     partial = torch.empty(splits, T, E, dtype=torch.float32, device=x_TD.device)
-    weights = torch.empty(T, top_k, dtype=x_TD.dtype, device=x_TD.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=x_TD.device)
+    weights, ids = _outputs(out, T, top_k, x_TD.dtype, x_TD.device)
     if x_TD.device not in _COUNTERS:
         _COUNTERS[x_TD.device] = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
     mask = row_mask_T if row_mask_T is not None else ids
     chunks = triton.cdiv(E, 16)
     _gate_route_kernel[(chunks, splits)](
         x_TD, gate_ED, partial, weights, ids, mask, _COUNTERS[x_TD.device], T, real, x_TD.stride(0), gate_ED.stride(0),
-        D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_R=triton.next_power_of_2(T),
-        BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
+        weights.stride(0), ids.stride(0), D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)),
+        BLOCK_R=triton.next_power_of_2(T), BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
         RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2,
         **pdl.kwargs(x_TD.device))
+    return weights, ids
+
+
+def _outputs(out, T: int, top_k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's (weights [T, K], ids [T, K]): fresh (dtype, int64), or `out` — row-strided views
+    (weights in `dtype`, ids int32 or int64) a dispatcher packs its rows in, so routing is packing."""
+    if out is None:
+        return (torch.empty(T, top_k, dtype=dtype, device=device),
+                torch.empty(T, top_k, dtype=torch.int64, device=device))
+    weights, ids = out
+    if (weights.shape != (T, top_k) or ids.shape != (T, top_k) or weights.dtype != dtype or weights.stride(1) != 1
+            or ids.stride(1) != 1 or ids.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"router outputs: want [{T}, {top_k}] {dtype} / int ids with unit inner stride, "
+                         f"got {weights.dtype} {tuple(weights.shape)} / {ids.dtype} {tuple(ids.shape)}")
     return weights, ids
 
 
@@ -184,16 +199,17 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     """The experts of this rank's pairs. `plan`: `permute_pairs`'s (order, offs, rows, active) —
     one group per used expert — or None: one group per pair, in (row, k) order. Pairs of other
     ranks' experts (only when not `all_local`) get 0. Returns out [T, D], or with `reduce=False`
-    the weighted per-pair outputs [T, K, D] in float32."""
+    the weighted per-pair outputs [T, K, D] in float32. x, weights and ids may be row-strided views
+    (a dispatcher's packed buffer: no copies); ids int32 or int64."""
     T, D = x_TD.shape
     K = weights_TK.shape[1]
     n, two_i, _ = w13.shape
     inter = two_i // 2
     P = T * K
     cfg = cfg or grouped_config(P, n)
+    weights_TK, ids_TK = (t if t.stride(1) == 1 else t.contiguous() for t in (weights_TK, ids_TK))
     if plan is None:
-        flat_ids = ids_TK.reshape(-1)
-        order, offs, group_e, groups, shift = flat_ids, flat_ids, flat_ids, P, first  # (order, offs unused)
+        order, offs, group_e, groups, shift = ids_TK, ids_TK, ids_TK, P, first  # (order, offs unused)
     else:
         order, offs, _, group_e = plan
         groups, shift = group_e.shape[0], 0
@@ -201,27 +217,38 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
     _grouped_up[(groups, triton.cdiv(inter, bn))](
-        x_TD, w13, order, offs, group_e, act, shift, n, x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
-        num_warps=warps, **pdl.kwargs(x_TD.device))
-    y = (torch.empty if all_local else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
+        x_TD, w13, order, offs, group_e, act, shift, n, ids_TK.stride(0), x_TD.stride(0), w13.stride(0), w13.stride(1),
+        act.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
+    # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
+    y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
     _grouped_down[(groups, triton.cdiv(D, bn))](
-        act, w2, order, offs, group_e, weights_TK.reshape(-1), y, shift, n, act.stride(0), w2.stride(0),
-        w2.stride(1), y.stride(0), D=D, INTER=inter, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
-    y = y.view(T, K, D)
-    return y.sum(1).to(x_TD.dtype) if reduce else y
+        act, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0), act.stride(0),
+        w2.stride(0), w2.stride(1), y.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
+    if not reduce:
+        return y.view(T, K, D)
+    out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+    if T:
+        _sum_pairs_kernel[(T, triton.cdiv(D, 1024))](y, ids_TK, out, ids_TK.stride(0), out.stride(0), first, n,
+                                                     ALL_LOCAL=all_local, D=D, K=K, BLOCK_D=1024,
+                                                     **pdl.kwargs(x_TD.device))
+    return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _group(OFFS, GROUP_E, shift, n_local, PER_PAIR: tl.constexpr):
+    def _group(OFFS, GROUP_E, shift, n_local, si_t, K: tl.constexpr, PER_PAIR: tl.constexpr):
         """(expert, first sorted pair, end) of group program_id(0); an empty range for a group
-        without a local expert (another rank's, or an unused slot)."""
+        without a local expert (another rank's, or an unused slot). Per pair, GROUP_E is the ids
+        [T, K] with row stride si_t."""
         g = tl.program_id(0)
-        e = tl.load(GROUP_E + g).to(tl.int32) - shift
+        if PER_PAIR:
+            e = tl.load(GROUP_E + (g // K) * si_t + g % K).to(tl.int32) - shift
+        else:
+            e = tl.load(GROUP_E + g).to(tl.int32) - shift
         ok = (e >= 0) & (e < n_local)
         e = tl.where(ok, e, 0)
         if PER_PAIR:
@@ -233,14 +260,14 @@ if triton is not None:
         return e, start, tl.where(ok, end, start)
 
     @triton.jit
-    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, ACT, shift, n_local, sx_t, sw_e, sw_n, sa_p,
+    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, ACT, shift, n_local, si_t, sx_t, sw_e, sw_n, sa_p,
                     D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         program_id(0) (expert e), on one tile of I."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
+        e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
@@ -270,13 +297,14 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, sa_p, sw_e, sw_n, sy_p,
-                      D: tl.constexpr, INTER: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D."""
+    def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sw_e, sw_n, sy_p,
+                      D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
+        (weights [T, K] with row stride sw_t)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        e, start, end = _group(OFFS, GROUP_E, shift, n_local, PER_PAIR)
+        e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
@@ -297,9 +325,30 @@ if triton is not None:
                 pairs = offs_m
             else:
                 pairs = tl.load(ORDER + offs_m, mask=m_ok, other=0)
-            wt = tl.load(WTS + pairs, mask=m_ok, other=0.0).to(tl.float32)
+            wt = tl.load(WTS + (pairs // K) * sw_t + pairs % K, mask=m_ok, other=0.0).to(tl.float32)
             tl.store(Y + pairs[:, None].to(tl.int64) * sy_p + offs_n[None, :], acc * wt[:, None],
                      mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _sum_pairs_kernel(Y, IDS, OUT, si_t, so_t, first, n_local, ALL_LOCAL: tl.constexpr, D: tl.constexpr,
+                          K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        """out[t] = sum over k, in order, of y[t*K + k] (fp32), pairs of other ranks' experts skipped
+        (their rows of y are unwritten)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            if ALL_LOCAL:
+                limit = D
+            else:
+                e = tl.load(IDS + t * si_t + k).to(tl.int32) - first
+                limit = tl.where((e >= 0) & (e < n_local), D, 0)
+            acc += tl.load(Y + (t * K + k) * D + offs, mask=offs < limit, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(OUT + t * so_t + offs, acc.to(OUT.dtype.element_ty), mask=offs < D)
 
     @triton.jit
     def _select(logit, offs_e, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
@@ -327,9 +376,10 @@ if triton is not None:
         return tl.where((total != total)[:, None], float("nan"), sel_w), sel_i
 
     @triton.jit
-    def _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K: tl.constexpr, KP: tl.constexpr,
-                        HAS_MASK: tl.constexpr):
-        """Weight 0 for padding rows (mask False, or index >= real without a mask)."""
+    def _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, sw_t, si_t, K: tl.constexpr,
+                        KP: tl.constexpr, HAS_MASK: tl.constexpr):
+        """Weight 0 for padding rows (mask False, or index >= real without a mask); W and IDS have
+        row strides sw_t, si_t (views into a dispatcher's packed buffer, or plain [T, K])."""
         if HAS_MASK:
             keep = tl.load(MASK + offs_t, mask=t_ok, other=0) != 0
         else:
@@ -337,12 +387,12 @@ if triton is not None:
         sel_w = tl.where(keep[:, None], sel_w, 0.0)
         slot = tl.arange(0, KP)[None, :]
         ok = t_ok[:, None] & (slot < K)
-        tl.store(W + offs_t[:, None] * K + slot, sel_w.to(W.dtype.element_ty), mask=ok)
-        tl.store(IDS + offs_t[:, None] * K + slot, sel_i.to(tl.int64), mask=ok)
+        tl.store(W + offs_t[:, None] * sw_t + slot, sel_w.to(W.dtype.element_ty), mask=ok)
+        tl.store(IDS + offs_t[:, None] * si_t + slot, sel_i.to(IDS.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _route_kernel(L, W, IDS, MASK, T, real, sl_t, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                      KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
+    def _route_kernel(L, W, IDS, MASK, T, real, sl_t, sw_t, si_t, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                      K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
         """Two rows per program."""
         offs_t = tl.program_id(0) * 2 + tl.arange(0, 2)
         t_ok = offs_t < T
@@ -350,12 +400,12 @@ if triton is not None:
         logit = tl.load(L + offs_t[:, None].to(tl.int64) * sl_t + offs[None, :],
                         mask=t_ok[:, None] & (offs[None, :] < E), other=-float("inf")).to(tl.float32)
         sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
-        _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, K, KP, HAS_MASK)
+        _store_selected(W, IDS, MASK, real, offs_t, t_ok, sel_w, sel_i, sw_t, si_t, K, KP, HAS_MASK)
 
     @triton.jit
-    def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, D: tl.constexpr, E: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BE: tl.constexpr,
-                           SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, sw_t, si_t, D: tl.constexpr,
+                           E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BE: tl.constexpr, SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                            RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -384,7 +434,7 @@ if triton is not None:
                                  cache_modifier=".cg")
             logit = tl.where(ok, logit.to(X.dtype.element_ty).to(tl.float32), -float("inf"))
             sel_w, sel_i = _select(logit, offs, E, BLOCK_E, K, KP, RENORM)
-            _store_selected(W, IDS, MASK, real, rows, r_ok, sel_w, sel_i, K, KP, HAS_MASK)
+            _store_selected(W, IDS, MASK, real, rows, r_ok, sel_w, sel_i, sw_t, si_t, K, KP, HAS_MASK)
             tl.atomic_xchg(COUNT, 0)
 
     @triton.jit

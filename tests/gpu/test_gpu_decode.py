@@ -123,6 +123,7 @@ def test_triton_conv_step_kernel(dtype):
 def test_triton_grouped_moe(T, first, n, E):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
     experts local, the other half's pairs must count 0), for every tile table row."""
+    from epinfer.distributed.communicator import row_layout, row_views
     from epinfer.layers import moe_triton
     from epinfer.layers.moe import FusedExperts, permute_pairs
 
@@ -142,7 +143,16 @@ def test_triton_grouped_moe(T, first, n, E):
         out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (p is None, cfg)
         y = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg, reduce=False)
-        assert y.shape == (T, 8, 2048) and torch.equal(y.sum(1).to(x.dtype).float(), out)
+        assert y.shape == (T, 8, 2048) and torch.equal(sum(y.unbind(1)).to(x.dtype).float(), out)  # k in order
+        # from a dispatcher's packed rows (row-strided x, int32 ids, weights: read in place), bitwise the same
+        fields = [(x.dtype, 2048), (torch.int32, 8), (x.dtype, 8)]
+        packed = torch.empty(T, row_layout(fields)[0], dtype=torch.uint8, device="cuda")
+        for view, value in zip(row_views(packed, fields), (x, ids, weights), strict=True):
+            view.copy_(value)
+        px, pids, pw = row_views(packed, fields)
+        pplan = None if p is None else permute_pairs(pids, first, n)
+        assert torch.equal(moe_triton.moe_grouped(px, experts.w13, experts.w2, pw, pids, first, n == E, pplan,
+                                                  cfg).float(), out)
     assert moe_triton.grouped_usable(x, ids.numel(), n)
     forward = None if moe_triton.per_pair(ids.numel()) else plan
     assert torch.equal(experts(x, weights, ids).float(), moe_triton.moe_grouped(
@@ -154,6 +164,7 @@ def test_triton_grouped_moe(T, first, n, E):
 def test_triton_router(T, E, K, masked):
     """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
     torch (same ids, weights to bf16)."""
+    from epinfer.distributed.communicator import row_layout, row_views
     from epinfer.layers import moe_triton
     from epinfer.layers.moe import route
 
@@ -165,6 +176,12 @@ def test_triton_router(T, E, K, masked):
     ref = weights.masked_fill(~mask[:, None], 0.0) if masked else torch.cat([weights[:T - 1], 0 * weights[T - 1:]])
     w2, i2 = moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16)
     assert torch.equal(ids, i2)
+    # written into a dispatcher's packed rows instead (int32 ids, row-strided): the same values
+    fields = [(torch.bfloat16, 2048), (torch.int32, K), (torch.bfloat16, K)]
+    packed = torch.zeros(T, row_layout(fields)[0], dtype=torch.uint8, device="cuda")
+    _, pids, pw = row_views(packed, fields)
+    moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16, (pw, pids))
+    assert torch.equal(pw, w2) and torch.equal(pids.long(), i2)
     torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
     # the router GEMV fused in: x row t = one-hot at t, so x @ gate.T is exactly these logits
     x = torch.eye(T, 2048, device="cuda", dtype=torch.bfloat16)
@@ -173,6 +190,9 @@ def test_triton_router(T, E, K, masked):
     if moe_triton.gate_route_usable(x, gate):
         w4, i4 = moe_triton.gate_route(x, gate, K, True, mask, T - 1)
         assert torch.equal(ids, i4) and torch.equal(w4, w2)
+        packed.zero_()
+        moe_triton.gate_route(x, gate, K, True, mask, T - 1, (pw, pids))
+        assert torch.equal(pw, w2) and torch.equal(pids.long(), i2)
     logits[0, 1] = float("nan")  # a NaN row: ids stay valid experts, its weights are NaN (propagates)
     w3, i3 = moe_triton.route(logits, K, True, None, T, torch.bfloat16)
     assert ((i3 >= 0) & (i3 < E)).all() and w3[0].isnan().all() and torch.equal(i3[1:], i2[1:])

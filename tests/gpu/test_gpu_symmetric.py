@@ -66,6 +66,7 @@ def _compare(rank: int, world: int, _payload) -> int:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outs = ops(fast, sx, sfull, sizes)
+        paths.clear()
         for _ in range(10):
             sx.copy_(torch.randn(sx.shape, device=device, generator=gen).bfloat16())
             sfull.copy_(torch.randn(sfull.shape, device=device, generator=gen).bfloat16())
