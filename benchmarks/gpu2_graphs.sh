@@ -8,7 +8,7 @@
 #   b: Qwen3-30B-A3B shape, async scheduling: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8
 #   c: b's DP=2 and TP=2 runs with EPINFER_SYMM_MEM=1, and the parallel check with it
 #   d: the c10d probe alone (capture, 3 replays, destroy), if a hangs
-# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d|e|f   (logs: $OUT/*.log, records: $OUT/records.jsonl)
+# Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d|e|f|g   (logs: $OUT/*.log, records: $OUT/records.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EPINFER_PARALLEL_GRAPHS=1
@@ -62,6 +62,12 @@ f)  # after a dispatcher / MoE kernel change: its GPU tests, the targets, the pa
   step tp2 60 $B --tp 2 --batch 1
   ASYNC=1 DISPATCH=agrs step parallel_check 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
   grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
+g)  # still to measure: alltoall / naive vs agrs at the real shape, the imbalance without padding, TP=2 b1
+  step dp2_alltoall 120 $B --dp 2 --batch 2 --batch 128 --dispatch alltoall
+  step dp2_naive 120 $B --dp 2 --batch 2 --batch 128 --dispatch naive
+  step imb_none 90 $B --dp 2 --replica-batch 64,8 --dp-padding none
+  step tp2 60 $B --tp 2 --batch 1
+  grep -h "^{" "$OUT"/dp2_*.log "$OUT"/imb_none.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
 d)
   checkpoints
   step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe ;;
