@@ -72,6 +72,19 @@ for first, n in ((0, 8), (2, 4)):
         pplan = None if plan is None else permute_pairs(pids, first, n)
         out = moe_triton.moe_grouped(px, experts.w13.data, experts.w2.data, pw, pids, first, n == total, pplan)
         print("moe_grouped packed", first, n, plan is None, (out - ref).abs().max().item())
+# one group per pair: a pair of weight 0 (a padding row) reads nothing (here its row is NaN) and gives 0
+experts = FusedExperts(range(0, 4), D, inter, 8)
+experts.w13.data.normal_(std=0.05)
+experts.w2.data.normal_(std=0.05)
+x, wts = torch.randn(T, D), torch.rand(T, K)
+ids = torch.tensor([[0, 5], [1, 2], [3, 6]])  # local experts 0-3, others' 4-7
+x[1], wts[1] = float("nan"), 0.0
+ref = experts(torch.nan_to_num(x), wts, ids)
+out = moe_triton.moe_grouped(x, experts.w13.data, experts.w2.data, wts, ids, 0, False, None)
+per_pair = moe_triton.moe_grouped(x, experts.w13.data, experts.w2.data, wts, ids, 0, False, None, reduce=False)
+print("moe_grouped pad row", out.abs().max().item(), (out - ref).abs().max().item(),
+      torch.equal(out[1], torch.zeros(D)), torch.equal(per_pair[1], torch.zeros(K, D)),
+      (per_pair.sum(1) - ref).abs().max().item())
 # routers writing into packed rows vs into their own tensors
 T, D, E, K = 5, 256, 16, 4
 x, gate = torch.randn(T, D), torch.randn(E, D) * 0.1

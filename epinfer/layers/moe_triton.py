@@ -6,10 +6,11 @@ per used expert at most) or, for a few rows, a single pair (no permutation kerne
 kernel gathers the rows by index, so there is no gathered copy of x, and applies silu(gate) * up in
 registers; the down kernel scales by the routing weight and writes each pair's output in (row, k)
 order, so the combine is one sum over k — which the next residual add can do (`reduce=False`).
-An expert with no pairs reads none of its weights: at decode sizes (one to a few dozen pairs per
-expert) the step is bound by reading the used experts' weights once, and the tile sizes are chosen
-for that (`benchmarks/moe_kernel_sweep.py`). On H200 this beats cuBLAS's grouped GEMM (which needs
-the gathered copy and pads every group) from 1 to 512 rows.
+An expert with no pairs reads none of its weights, nor (one group per pair) does a pair of weight 0
+(a padding row's): at decode sizes (one to a few dozen pairs per expert) the step is bound by
+reading the used experts' weights once, and the tile sizes are chosen for that
+(`benchmarks/moe_kernel_sweep.py`). On H200 this beats cuBLAS's grouped GEMM (which needs the
+gathered copy and pads every group) from 1 to 512 rows.
 
   up:   act[j]  = silu(W13[e, :I] @ x[row_j]) * (W13[e, I:] @ x[row_j])      (fp32 accumulate)
   down: y[p_j]  = w_p * (W2[e] @ act[j])                                     (fp32)
@@ -217,9 +218,9 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
     _grouped_up[(groups, triton.cdiv(inter, bn))](
-        x_TD, w13, order, offs, group_e, act, shift, n, ids_TK.stride(0), x_TD.stride(0), w13.stride(0), w13.stride(1),
-        act.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
+        x_TD, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
@@ -260,7 +261,13 @@ if triton is not None:
         return e, start, tl.where(ok, end, start)
 
     @triton.jit
-    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, ACT, shift, n_local, si_t, sx_t, sw_e, sw_n, sa_p,
+    def _pair_weight(WTS, sw_t, K: tl.constexpr):
+        """Routing weight of pair program_id(0) (one group per pair)."""
+        g = tl.program_id(0)
+        return tl.load(WTS + (g // K) * sw_t + g % K)
+
+    @triton.jit
+    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sw_e, sw_n, sa_p,
                     D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
@@ -268,6 +275,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
+        if PER_PAIR:  # weight 0 (a padding row): no weights read, the down kernel writes its 0
+            end = tl.where(_pair_weight(WTS, sw_t, K) == 0, start, end)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
@@ -307,6 +316,12 @@ if triton is not None:
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
+        if PER_PAIR:  # a local pair of weight 0 (a padding row) reads no weights: its output is 0
+            zero = (end > start) & (_pair_weight(WTS, sw_t, K) == 0)
+            if zero:
+                tl.store(Y + tl.program_id(0).to(tl.int64) * sy_p + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
+                         mask=n_ok)
+            end = tl.where(zero, start, end)
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)

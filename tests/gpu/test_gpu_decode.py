@@ -159,6 +159,31 @@ def test_triton_grouped_moe(T, first, n, E):
         x, experts.w13, experts.w2, weights, ids, first, n == E, forward).float())  # the path forward takes
 
 
+@pytest.mark.parametrize("first,n", [(0, 128), (64, 64)])
+def test_triton_moe_skips_padding_pairs(first, n):
+    """One group per pair: a padding row (top-k weight 0) reads no expert weights and no x (its row is
+    NaN here) and comes out exactly 0, summed or per pair; the real rows are bitwise unchanged."""
+    from epinfer.layers import moe_triton
+    from epinfer.layers.moe import FusedExperts
+
+    torch.manual_seed(first)
+    with torch.device("cuda"):
+        experts = FusedExperts(range(first, first + n), 2048, 768, 128).to(torch.bfloat16)
+        experts.w13.data.normal_(std=0.02)
+        experts.w2.data.normal_(std=0.02)
+        x = torch.randn(3, 2048, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(128)[:8] for _ in range(3)])
+        weights = torch.rand(3, 8).to(torch.bfloat16)
+    assert moe_triton.per_pair(ids.numel())
+    args = (experts.w13, experts.w2)
+    want = moe_triton.moe_grouped(x[[0, 2]], *args, weights[[0, 2]], ids[[0, 2]], first, n == 128, None)
+    x[1], weights[1] = float("nan"), 0.0
+    out = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None)
+    assert torch.equal(out[[0, 2]], want) and torch.equal(out[1], torch.zeros_like(out[1]))
+    y = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None, reduce=False)
+    assert torch.equal(y[1], torch.zeros_like(y[1])) and not y.isnan().any()
+
+
 @pytest.mark.parametrize("T,E,K,masked", [(1, 128, 8, False), (64, 128, 8, True), (33, 256, 8, False),
                                           (7, 60, 4, True), (16, 512, 10, True)])
 def test_triton_router(T, E, K, masked):
