@@ -10,8 +10,8 @@ gathers from every rank:
 - the step times (decode tok/s = global batch ÷ the median step of the slowest rank);
 - padding waste from the step decisions: padding rows ÷ all rows, over the measured steps;
 - collective time per step by kind (dispatch, combine, dp.sync, tp.plan, TP collectives) from the
-  ledger: the time inside the call on the host — exposed time on Gloo (blocking), enqueue time only
-  on NCCL, where the CUDA breakdown below is the measure;
+  ledger, the median over the measured steps: the time inside the call on the host — exposed time
+  on Gloo (blocking), enqueue time only on NCCL, where the CUDA breakdown below is the measure;
 - per-label skew: for each collective (group, seq) in the measured steps, the spread of its start
   time over the ranks that took part, summarised per kind (median and max, ms);
 - on CUDA, each rank's profiler breakdown (`profiling.breakdown`), in which NCCL kernels count as
@@ -91,16 +91,19 @@ def _measure(engine, ctx, coord, ledger, counts, spec) -> dict:
             pad_rows += sum(decision.rows) - sum(decision.tokens)
             all_rows += sum(decision.rows)
     timed = {s for s, _ in steps}
-    comm: dict[str, float] = {}
+    per_step: dict[str, dict[int, float]] = {}  # kind -> step -> seconds in its calls
     starts: dict[tuple[str, int], tuple[str, float]] = {}
     for e in ledger.entries:
         if e["step"] in timed and e["t1"] is not None:
             kind = comm_kind(e["label"])
-            comm[kind] = comm.get(kind, 0.0) + (e["t1"] - e["t0"])
+            by_step = per_step.setdefault(kind, {})
+            by_step[e["step"]] = by_step.get(e["step"], 0.0) + (e["t1"] - e["t0"])
             starts[(e["group"], e["seq"])] = (kind, e["t0"])
-    n = max(1, len(steps))
+    # the median step's time per kind, like the step time (one slow step, e.g. a peer compiling, would
+    # swamp a mean)
+    comm = {k: statistics.median([v.get(s, 0.0) for s in timed]) for k, v in per_step.items()}
     return {"rank": ctx.groups.world_rank, "steps": [t for _, t in steps], "pad_rows": pad_rows,
-            "all_rows": all_rows, "comm_ms": {k: v / n * 1e3 for k, v in comm.items()}, "starts": starts,
+            "all_rows": all_rows, "comm_ms": {k: v * 1e3 for k, v in comm.items()}, "starts": starts,
             "breakdown_ms": parts}
 
 
