@@ -62,12 +62,14 @@ f)  # after a dispatcher / MoE kernel change: its GPU tests, the targets, the pa
   step tp2 60 $B --tp 2 --batch 1
   ASYNC=1 DISPATCH=agrs step parallel_check 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
   grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
-g)  # still to measure: alltoall / naive vs agrs at the real shape, the imbalance without padding, TP=2 b1
+g)  # still to measure: alltoall / naive vs agrs at the real shape, the imbalance without padding,
+    # TP=2 b1 with EP and with TP-sharded experts (2 collectives a layer instead of 4)
   step dp2_alltoall 120 $B --dp 2 --batch 2 --batch 128 --dispatch alltoall
   step dp2_naive 120 $B --dp 2 --batch 2 --batch 128 --dispatch naive
   step imb_none 90 $B --dp 2 --replica-batch 64,8 --dp-padding none
   step tp2 60 $B --tp 2 --batch 1
-  grep -h "^{" "$OUT"/dp2_*.log "$OUT"/imb_none.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
+  step tp2_no_ep 60 $B --tp 2 --batch 1 --no-expert-parallel
+  grep -h "^{" "$OUT"/dp2_*.log "$OUT"/imb_none.log "$OUT"/tp2*.log > "$OUT/records.jsonl" ;;
 d)
   checkpoints
   step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe ;;

@@ -312,8 +312,10 @@ def format_table(records: list[dict]) -> str:
 def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None,
                    device: str, dtype: str, dp: int, tp: int, dispatch: str = "agrs", dp_padding: str = "uniform",
                    replica_batch: list[int] | None = None, cuda_graphs: bool = True,
-                   gpu_memory_utilization: float = 0.9, async_scheduling: bool = False) -> list[dict]:
-    """The same measurement on dp × tp spawned ranks (see `bench_parallel.py`); one record per batch."""
+                   gpu_memory_utilization: float = 0.9, async_scheduling: bool = False,
+                   expert_parallel: bool = True) -> list[dict]:
+    """The same measurement on dp × tp spawned ranks (see `bench_parallel.py`); one record per batch.
+    `expert_parallel=False`: the experts TP-sharded inside each replica (`--no-expert-parallel`)."""
     from epinfer.bench_parallel import BenchSpec
     from epinfer.distributed.launch import launch
     from epinfer.distributed.worker import Job
@@ -329,14 +331,15 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
                             max_num_seqs=max(1, top), max_model_len=input_len + output_len + 64,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
                             gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
-        job = Job(ecfg, dp, tp, dispatch, dp_padding,
+        job = Job(ecfg, dp, tp, dispatch, dp_padding, expert_parallel,
                   bench=BenchSpec(batches, input_len, output_len, replica_batch))
         records = launch(job)
         depth = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     for rec in records:
         rec.update(shape=shape, layers=depth, input_len=input_len, output_len=output_len, dtype=dtype,
                    async_scheduling=async_scheduling)
-        print(f"epinfer bench: dp={dp} tp={tp} batch {rec['batch']} {rec['replica_batch']}: decode "
+        ep = "" if expert_parallel else " no-ep"
+        print(f"epinfer bench: dp={dp} tp={tp}{ep} batch {rec['batch']} {rec['replica_batch']}: decode "
               f"{rec['decode_tok_s']} tok/s, step {rec['step_ms_median']} ms, pad waste {rec['pad_waste']:.1%}",
               file=sys.stderr, flush=True)
     return records

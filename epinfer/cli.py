@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     bench.add_argument("--dispatch", default="agrs", help="MoE dispatcher: agrs | alltoall | naive")
     bench.add_argument("--dp-padding", default="uniform", help="uniform | none")
+    bench.add_argument("--no-expert-parallel", action="store_true",
+                       help="TP-shard the experts inside each replica instead of EP over all ranks")
     bench.add_argument("--replica-batch", default=None,
                        help="requests per DP replica, e.g. 64,8 (imbalanced load; replaces --batch)")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
                                          args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
                                          replica, not args.enforce_eager, args.gpu_memory_utilization,
-                                         args.async_scheduling)
+                                         args.async_scheduling, not args.no_expert_parallel)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,

@@ -122,6 +122,11 @@ def test_bench_parallel_records(tmp_path):
     fixed = bench_parallel(str(tmp_path), [], 12, 10, None, "cpu", "float32", dp=2, tp=1, dp_padding="none",
                            replica_batch=[3, 1])
     assert fixed[0]["replica_batch"] == [3, 1] and fixed[0]["pad_waste"] == 0.0  # rows = tokens per replica
+    # --no-expert-parallel: TP-sharded experts, summed by a TP all-reduce; no dispatch at all
+    tp_only = bench_parallel(str(tmp_path), [1], 12, 10, None, "cpu", "float32", dp=1, tp=2, expert_parallel=False)
+    assert tp_only[0]["ep"] == 1 and tp_only[0]["pad_waste"] == 0.0
+    assert "tp_collectives" in tp_only[0]["collective_ms_by_rank"][0]
+    assert "dispatch" not in tp_only[0]["collective_ms_by_rank"][0]
 
 
 def test_breakdown_runs_on_a_decoding_engine(tmp_path):

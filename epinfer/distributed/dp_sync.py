@@ -45,8 +45,9 @@ class StepDecision:
 
 def decide(tokens: list[int], has_work: list[int], step_id: int, tp: int,
            padding: str, decode_only: list[int] | None = None, buckets: list[int] | None = None) -> StepDecision:
-    """`decode_only[d]`: replica d's step could replay a graph; `buckets`: the graphs' row counts
-    (multiples of `tp`), None without graphs."""
+    """`tp`: rows are rounded up to a multiple of it (the TP size where the MoE is sequence-parallel,
+    else 1); `decode_only[d]`: replica d's step could replay a graph; `buckets`: the graphs' row
+    counts (multiples of `tp`), None without graphs."""
     if not any(has_work):
         return StepDecision(step_id, tuple(tokens), (0,) * len(tokens), False, True)
     if not any(tokens):
@@ -89,7 +90,9 @@ class DPCoordinator:
             behind = [d for d, s in enumerate(steps) if s != steps[me]]
             raise LockstepError(f"dp.sync: replica {me} is at step {steps[me]} but replicas {behind} "
                                 f"report steps {[steps[d] for d in behind]}")
-        decision = decide(tokens, work, self.step_id, ctx.tp_size, ctx.dp_padding, decode, buckets)
+        # rows are rounded to a multiple of TP only where the MoE slices them (sequence parallel)
+        multiple = ctx.tp_size if ctx.sequence_parallel else 1
+        decision = decide(tokens, work, self.step_id, multiple, ctx.dp_padding, decode, buckets)
         if decision.run:
             self.step_id += 1
         return decision
