@@ -120,7 +120,8 @@ def _record(gathered: list[dict], batch: int, counts: list[int], spec: BenchSpec
     g0 = gathered[0]
     groups = ctx.groups
     rec = {"batch": batch, "replica_batch": counts, "dp": groups.dp, "tp": groups.tp,
-           "ep": groups.ep_group.size if ctx.expert_parallel else 1, "dispatch": ctx.dispatch,
+           "ep": groups.ep_group.size if ctx.expert_parallel else 1,
+           "dispatch": "tp-allreduce" if ctx.replicated_moe else ctx.dispatch,  # (DP = 1: no dispatcher)
            "dp_padding": ctx.dp_padding, "decode_steps": len(g0["steps"]),
            "decode_tok_s": round(batch / slowest, 1), "step_ms_median": round(slowest * 1e3, 3),
            "step_ms_p90": round(p90(gathered[medians.index(slowest)]["steps"]) * 1e3, 3),  # the slowest rank's

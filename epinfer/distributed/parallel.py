@@ -57,8 +57,15 @@ class ParallelContext:
 
     @property
     def sequence_parallel(self) -> bool:
-        """MoE runs on a 1/TP slice of the rows when TP > 1 and EP is on."""
-        return self.expert_parallel and self.tp_size > 1
+        """MoE runs on a 1/TP slice of the rows when TP > 1, DP > 1 and EP is on."""
+        return self.expert_parallel and self.tp_size > 1 and self.dp_size > 1
+
+    @property
+    def replicated_moe(self) -> bool:
+        """EP over the TP ranks of a single replica (DP = 1): every rank already holds all the rows, so
+        each runs its own experts on them and one TP all-reduce sums the partial outputs — no
+        dispatch, no row slicing or padding, 2 collectives a layer instead of 4."""
+        return self.expert_parallel and self.tp_size > 1 and self.dp_size == 1
 
 
 def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:

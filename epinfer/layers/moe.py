@@ -7,10 +7,13 @@ fused, `w13 [E_local, 2I_local, D]` (gate rows then up rows) and `w2 [E_local, D
 with expert parallelism a rank owns a contiguous range of experts (counts may differ by one);
 with `--no-expert-parallel` every rank owns all experts with I split over the TP group.
 
-With EP and TP > 1 the block is sequence-parallel: each TP rank routes its 1/TP slice of the
-replica's rows and the TP group all-gathers the result; the shared expert then runs on the slice
-with full weights, so each row gets it exactly once. Rows past the batch's real rows get top-k
-weight 0 (and are not sent by dispatchers that send routed rows only).
+With EP and TP > 1 the block is sequence-parallel when DP > 1: each TP rank routes its 1/TP slice
+of the replica's rows and the TP group all-gathers the result; the shared expert then runs on the
+slice with full weights, so each row gets it exactly once. With DP = 1 the EP group is the TP group
+and every rank has all the rows (`replicated_moe`): each runs its own experts on them and a TP
+all-reduce sums the partial outputs, as with TP-sharded experts (the shared expert TP-sharded too).
+Rows past the batch's real rows get top-k weight 0 (and are not sent by dispatchers that send
+routed rows only).
 
 Shape suffixes: T rows, D hidden, E experts, K top-k, I expert intermediate.
 """
@@ -201,11 +204,11 @@ class MoEBlock(nn.Module):
                 cfg.moe_intermediate_size, ctx.tp_size, ctx.tp_rank, "expert intermediate size")
             self.experts = FusedExperts(range(cfg.num_experts), cfg.hidden_size,
                                         cfg.moe_intermediate_size, cfg.num_experts, inter)
-        self.dispatcher = make_dispatcher(ctx, self.label) if ctx.ep_size > 1 else None
+        self.dispatcher = make_dispatcher(ctx, self.label) if ctx.ep_size > 1 and not ctx.replicated_moe else None
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx,
-                                          f"{self.label}.shared", tp_sharded=ctx.ep_size == 1)
+                                          f"{self.label}.shared", tp_sharded=self.dispatcher is None)
             self.shared_expert_gate = Linear(cfg.hidden_size, 1)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -244,7 +247,7 @@ class MoEBlock(nn.Module):
             # alone, the experts' per-pair outputs go back unsummed: the next residual add sums them
             alone = ctx.tp_size == 1 and self.shared_expert is None
             out = self.experts(x_TD, weights, ids, reduce=not alone)
-            if ctx.tp_size > 1:  # TP-sharded experts: partial sums
+            if ctx.tp_size > 1:  # TP-sharded or (replicated rows) EP experts: partial sums
                 out = ctx.comm.all_reduce(out, ctx.groups.tp_group, f"{self.label}.tp_reduce")
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
