@@ -8,6 +8,9 @@
 #   b: Qwen3-30B-A3B shape, async scheduling: one GPU b1/b64, DP=2 b2/b128, TP=2 b1, imbalance 64/8
 #   c: b's DP=2 and TP=2 runs with EPINFER_SYMM_MEM=1, and the parallel check with it
 #   d: the c10d probe alone (capture, 3 replays, destroy), if a hangs
+#   e: what a and c left in session 8 (symm test, qwen3_moe checks, DP/TP with symm)
+#   f: after a dispatcher / MoE kernel change: its GPU tests, one GPU b1/b64, DP=2, TP=2, agrs check
+#   g: alltoall / naive vs agrs at the real shape, imbalance with none, TP=2 b1 with and without EP
 # Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d|e|f|g   (logs: $OUT/*.log, records: $OUT/records.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
