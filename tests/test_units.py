@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from epinfer.distributed.communicator import pack_rows, unpack_rows
+from epinfer.distributed.communicator import pack_rows, row_views
 from epinfer.distributed.dp_sync import decide
 from epinfer.distributed.parallel import split_evenly
 from epinfer.engine.cache import CacheAllocator, CacheLayout
@@ -30,12 +30,12 @@ def test_pack_roundtrip_mixed_dtypes_and_empty():
     x = torch.randn(4, 6, dtype=torch.bfloat16)
     w = torch.rand(4, 2)
     ids = torch.randint(0, 100, (4, 2), dtype=torch.int32)
-    packed, meta = pack_rows([x, w, ids])
-    assert packed.dtype == torch.uint8 and packed.shape == (4, 12 + 8 + 8)
-    a, b, c = unpack_rows(packed, meta)
+    packed, fields = pack_rows([x, w, ids])
+    assert packed.dtype == torch.uint8 and packed.shape == (4, 32)  # 12 + 8 + 8 bytes, rows to 16
+    a, b, c = row_views(packed, fields)
     assert torch.equal(a, x) and torch.equal(b, w) and torch.equal(c, ids)
-    empty, meta = pack_rows([x[:0], w[:0]])
-    assert empty.shape == (0, 20) and unpack_rows(empty, meta)[1].shape == (0, 2)
+    empty, fields = pack_rows([x[:0], w[:0]])
+    assert empty.shape == (0, 32) and row_views(empty, fields)[1].shape == (0, 2)
 
 
 def test_uneven_expert_split():

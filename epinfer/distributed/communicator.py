@@ -306,15 +306,14 @@ def _check_sizes(sizes: list[int], x: torch.Tensor, group: Group, label: str) ->
 
 
 def pack_rows(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.dtype, int]]]:
-    """Concatenate [R, ...] tensors of any dtypes into one [R, bytes] uint8 tensor."""
+    """[R, ...] tensors of any dtypes as one [R, bytes] uint8 tensor laid out by `row_layout`, and its
+    (dtype, width) fields: `row_views` gives the tensors back, as views."""
     rows = tensors[0].shape[0]
-    parts, meta = [], []
-    for t in tensors:
-        width = math.prod(t.shape[1:])
-        flat = t.contiguous().view(rows, width)
-        parts.append(flat.view(torch.uint8))
-        meta.append((t.dtype, width))
-    return torch.cat(parts, dim=1), meta
+    fields = [(t.dtype, math.prod(t.shape[1:])) for t in tensors]
+    packed = tensors[0].new_empty((rows, row_layout(fields)[0]), dtype=torch.uint8)
+    for view, t in zip(row_views(packed, fields), tensors, strict=True):
+        view.copy_(t.reshape(rows, view.shape[1]))
+    return packed, fields
 
 
 def row_layout(fields: Sequence[tuple[torch.dtype, int]]) -> tuple[int, list[int]]:
@@ -336,11 +335,3 @@ def row_views(packed: torch.Tensor, fields: Sequence[tuple[torch.dtype, int]]) -
     return [packed[:, at: at + width * dtype.itemsize].view(dtype)
             for (dtype, width), at in zip(fields, offsets, strict=True)]
 
-
-def unpack_rows(packed: torch.Tensor, meta: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for dtype, width in meta:
-        nbytes = width * dtype.itemsize
-        out.append(packed[:, offset: offset + nbytes].contiguous().view(dtype))
-        offset += nbytes
-    return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.distributed.communicator import pack_rows, row_layout, row_views, unpack_rows
+from epinfer.distributed.communicator import pack_rows, row_layout, row_views
 from epinfer.distributed.parallel import split_evenly
 
 
@@ -115,11 +115,11 @@ class AllToAllDispatcher(Dispatcher):
                                            f"{self.label}.counts").view(ep)
         send, recv = send_counts.tolist(), recv_counts.tolist()  # host sync: split sizes
         pair_rows = torch.div(order, K, rounding_mode="floor")
-        payload, meta = pack_rows([x_RD[pair_rows], weights_RK[:real_rows].flatten()[order, None].float(),
-                                   ids[order, None].to(torch.int32)])
+        payload, fields = pack_rows([x_RD[pair_rows], weights_RK[:real_rows].flatten()[order, None],
+                                     ids[order, None].to(torch.int32)])
         got = self.comm.all_to_all(payload, send, recv, self.group, f"{self.label}.dispatch")
-        x_in, w_in, ids_in = unpack_rows(got, meta)
-        y = experts(x_in, w_in.to(x_RD.dtype) if x_RD.dtype != torch.float32 else w_in, ids_in.long())
+        x_in, w_in, ids_in = row_views(got, fields)  # read in place, as agrs's gathered rows
+        y = experts(x_in, w_in, ids_in)
         back = self.comm.all_to_all(y, recv, send, self.group, f"{self.label}.combine")
         out = torch.zeros_like(x_RD)
         out.index_add_(0, pair_rows, back)
