@@ -85,6 +85,15 @@ per_pair = moe_triton.moe_grouped(x, experts.w13.data, experts.w2.data, wts, ids
 print("moe_grouped pad row", out.abs().max().item(), (out - ref).abs().max().item(),
       torch.equal(out[1], torch.zeros(D)), torch.equal(per_pair[1], torch.zeros(K, D)),
       (per_pair.sum(1) - ref).abs().max().item())
+# the grouped-GEMM path's combine (the same kernel, gathering through the permutation): other ranks' rows NaN
+from epinfer.layers.moe import combine_pairs  # noqa: E402
+
+ids = torch.tensor([[0, 5], [1, 2], [3, 6]])
+order = permute_pairs(ids, 0, 4)[0]
+y = torch.randn(T * K, D)
+y[4:] = float("nan")  # sorted last: the pairs of experts 4-7
+ref = combine_pairs.__wrapped__(y, wts, ids, order, 0, 4)
+print("combine", (moe_triton.combine(y, wts, ids, order, 0, 4) - ref).abs().max().item())
 # routers writing into packed rows vs into their own tensors
 T, D, E, K = 5, 256, 16, 4
 x, gate = torch.randn(T, D), torch.randn(E, D) * 0.1

@@ -142,8 +142,9 @@ def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, 
     inverse = inverse_permutation(order)
     out = torch.empty(T, D, dtype=y_PD.dtype, device=y_PD.device)
     if T:
-        _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.reshape(-1), ids_TK.reshape(-1), inverse, out,
-                                                   y_PD.stride(0), out.stride(0), first, n, D=D, K=K, BLOCK_D=1024)
+        _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.reshape(-1), ids_TK, inverse, out, y_PD.stride(0),
+                                                   ids_TK.stride(0), out.stride(0), first, n, GATHER=True,
+                                                   ALL_LOCAL=False, D=D, K=K, BLOCK_D=1024, PDL=False)
     return out
 
 
@@ -232,9 +233,9 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         return y.view(T, K, D)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     if T:
-        _sum_pairs_kernel[(T, triton.cdiv(D, 1024))](y, ids_TK, out, ids_TK.stride(0), out.stride(0), first, n,
-                                                     ALL_LOCAL=all_local, D=D, K=K, BLOCK_D=1024,
-                                                     **pdl.kwargs(x_TD.device))
+        _combine_kernel[(T, triton.cdiv(D, 1024))](y, y, ids_TK, y, out, y.stride(0), ids_TK.stride(0), out.stride(0),
+                                                   first, n, GATHER=False, ALL_LOCAL=all_local, D=D, K=K,
+                                                   BLOCK_D=1024, **pdl.kwargs(x_TD.device))
     return out
 
 
@@ -345,27 +346,6 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _sum_pairs_kernel(Y, IDS, OUT, si_t, so_t, first, n_local, ALL_LOCAL: tl.constexpr, D: tl.constexpr,
-                          K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        """out[t] = sum over k, in order, of y[t*K + k] (fp32), pairs of other ranks' experts skipped
-        (their rows of y are unwritten)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(K):
-            if ALL_LOCAL:
-                limit = D
-            else:
-                e = tl.load(IDS + t * si_t + k).to(tl.int32) - first
-                limit = tl.where((e >= 0) & (e < n_local), D, 0)
-            acc += tl.load(Y + (t * K + k) * D + offs, mask=offs < limit, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.store(OUT + t * so_t + offs, acc.to(OUT.dtype.element_ty), mask=offs < D)
-
-    @triton.jit
     def _select(logit, offs_e, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                 RENORM: tl.constexpr):
         """Rows of logits [R, BLOCK_E] (-inf past E) -> (weights [R, KP], ids [R, KP]): softmax,
@@ -453,17 +433,30 @@ if triton is not None:
             tl.atomic_xchg(COUNT, 0)
 
     @triton.jit
-    def _combine_kernel(Y, W, IDS, INV, OUT, sy_p, so_t, first, n_local, D: tl.constexpr, K: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+    def _combine_kernel(Y, W, IDS, INV, OUT, sy_p, si_t, so_t, first, n_local, GATHER: tl.constexpr,
+                        ALL_LOCAL: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr):
+        """out[t] = sum over k, in order (fp32), of pair (t, k)'s output: row t*K + k of y (already
+        weighted: `moe_grouped`), or with GATHER row INV[t*K + k] times W[t*K + k] (`combine`). Pairs
+        of other ranks' experts (ids [T, K], row stride si_t) are skipped: their rows of y are unwritten."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = offs < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for k in tl.static_range(K):
-            e = tl.load(IDS + t * K + k) - first
-            mine = (e >= 0) & (e < n_local)
-            j = tl.load(INV + t * K + k)
-            w = tl.load(W + t * K + k).to(tl.float32)
-            row = tl.load(Y + j * sy_p + offs, mask=offs < tl.where(mine, D, 0), other=0.0).to(tl.float32)
-            acc += row * w
-        tl.store(OUT + t * so_t + offs, acc.to(OUT.dtype.element_ty), mask=d_ok)
+            if ALL_LOCAL:
+                limit = D
+            else:
+                e = tl.load(IDS + t * si_t + k).to(tl.int32) - first
+                limit = tl.where((e >= 0) & (e < n_local), D, 0)
+            if GATHER:
+                j = tl.load(INV + t * K + k)
+                row = tl.load(Y + j * sy_p + offs, mask=offs < limit, other=0.0).to(tl.float32)
+                row = row * tl.load(W + t * K + k).to(tl.float32)
+            else:
+                row = tl.load(Y + (t * K + k) * sy_p + offs, mask=offs < limit, other=0.0).to(tl.float32)
+            acc += row
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(OUT + t * so_t + offs, acc.to(OUT.dtype.element_ty), mask=offs < D)
