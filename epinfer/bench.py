@@ -23,7 +23,7 @@ from epinfer.config import ModelConfig
 from epinfer.engine.engine import DTYPES, Engine, EngineConfig
 from epinfer.engine.sampling_params import SamplingParams
 from epinfer.errors import UserError
-from epinfer.profiling import breakdown
+from epinfer.profiling import breakdown, steps_needed
 
 SHAPES = Path(__file__).resolve().parent / "shapes"  # public config.json of real models
 BUILTIN = {"qwen3-30b-a3b": "qwen3-30b-a3b.json", "qwen3.5-35b-a3b": "qwen3.5-35b-a3b-text.json",
@@ -155,15 +155,27 @@ def submit_random(engine: Engine, count: int, prefilled_together: int, input_len
             for _ in range(count)]
 
 
+def trace_folder(trace: str | None) -> str | None:
+    """`--trace DIR`: created here, before any model is built."""
+    if trace:
+        try:
+            Path(trace).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--trace {trace}: cannot create the folder ({exc.strerror})") from None
+    return trace
+
+
 def p90(values: list[float]) -> float:
     """Nearest rank: the smallest value with at least 90 % of the values at or below it."""
     return sorted(values)[max(0, math.ceil(0.9 * len(values)) - 1)] if values else float("nan")
 
 
-def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool) -> dict:
+def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_breakdown: bool,
+              trace: str | None = None) -> dict:
     """Prefill `batch` random prompts, then time the decode steps in which all of them decode. An
     untimed prefill of the same shape goes first: the timed one measures steady state, not the
-    first use of a shape (kernel selection, compilation)."""
+    first use of a shape (kernel selection, compilation). `trace`: a folder for the breakdown's
+    Chrome trace."""
     sched = engine.scheduler
     submit_random(engine, batch, batch, input_len, 1, seed=10_000 + batch)
     while engine.has_work():
@@ -174,12 +186,12 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
         engine.step()
     prefill_s = time.perf_counter() - t0
     profile_steps = 3
-    with_breakdown = with_breakdown and output_len >= 8 + 2 * profile_steps
+    with_breakdown = with_breakdown and output_len >= 8 + steps_needed(profile_steps)
     steps, parts = [], None
     while engine.has_work():
         full = len(sched.running) == batch and not sched.waiting
-        if with_breakdown and parts is None and full and len(steps) >= output_len - 2 * profile_steps - 1:
-            parts = breakdown(engine, profile_steps)
+        if with_breakdown and parts is None and full and len(steps) >= output_len - steps_needed(profile_steps) - 1:
+            parts = breakdown(engine, profile_steps, trace=trace and f"{trace}/trace_b{batch}.json")
             continue
         t = time.perf_counter()
         engine.step()  # ends with a host sync (the sampled tokens)
@@ -238,7 +250,10 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
-          gpu_memory_utilization: float = 0.9, async_scheduling: bool = False) -> list[dict]:
+          gpu_memory_utilization: float = 0.9, async_scheduling: bool = False, trace: str | None = None) -> list[dict]:
+    """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
+    on CPU, host only, which turns the breakdown on there)."""
+    trace = trace_folder(trace)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
@@ -253,7 +268,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
         records = []
         warm_up(engine, input_len)
         for batch in batches:
-            speed = run_batch(engine, batch, input_len, output_len, with_breakdown=dev.type == "cuda")
+            speed = run_batch(engine, batch, input_len, output_len, dev.type == "cuda" or trace is not None, trace)
             nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2,
                                   DTYPES[dtype].itemsize)
             floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
@@ -313,9 +328,10 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
                    device: str, dtype: str, dp: int, tp: int, dispatch: str = "agrs", dp_padding: str = "uniform",
                    replica_batch: list[int] | None = None, cuda_graphs: bool = True,
                    gpu_memory_utilization: float = 0.9, async_scheduling: bool = False,
-                   expert_parallel: bool = True) -> list[dict]:
+                   expert_parallel: bool = True, trace: str | None = None) -> list[dict]:
     """The same measurement on dp × tp spawned ranks (see `bench_parallel.py`); one record per batch.
-    `expert_parallel=False`: the experts TP-sharded inside each replica (`--no-expert-parallel`)."""
+    `expert_parallel=False`: the experts TP-sharded inside each replica (`--no-expert-parallel`).
+    `trace`: a folder for each batch's profiled steps, one Chrome trace of all ranks (`trace_b{B}.json`)."""
     from epinfer.bench_parallel import BenchSpec
     from epinfer.distributed.launch import launch
     from epinfer.distributed.worker import Job
@@ -325,6 +341,7 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
     if replica_batch is not None and (min(replica_batch) < 0 or not any(replica_batch)):
         raise UserError(f"--replica-batch {replica_batch}: counts must be >= 0 (an idle replica is 0), not all 0")
     top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
+    trace = trace_folder(trace)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
@@ -332,9 +349,15 @@ def bench_parallel(shape: str, batches: list[int], input_len: int, output_len: i
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
                             gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
         job = Job(ecfg, dp, tp, dispatch, dp_padding, expert_parallel,
-                  bench=BenchSpec(batches, input_len, output_len, replica_batch))
+                  bench=BenchSpec(batches, input_len, output_len, replica_batch, trace=trace))
         records = launch(job)
         depth = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    if trace:
+        from epinfer.diagnostics.timeline import merge_traces
+
+        for rec in records:
+            merge_traces(sorted(Path(trace).glob(f"trace_b{rec['batch']}_rank*.json")),
+                         Path(trace) / f"trace_b{rec['batch']}.json")
     for rec in records:
         rec.update(shape=shape, layers=depth, input_len=input_len, output_len=output_len, dtype=dtype,
                    async_scheduling=async_scheduling)

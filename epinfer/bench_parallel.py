@@ -27,7 +27,7 @@ import time
 from epinfer.bench import p90, submit_random
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.distributed.dp_sync import DPCoordinator
-from epinfer.profiling import breakdown, comm_kind
+from epinfer.profiling import breakdown, comm_kind, steps_needed
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class BenchSpec:
     output_len: int
     replica_batch: list[int] | None = None  # requests per replica (overrides the round-robin split)
     with_breakdown: bool = True
+    trace: str | None = None  # a folder: each rank writes its profiled steps as a Chrome trace (CPU too)
 
 
 def replica_counts(batch: int, dp: int, fixed: list[int] | None) -> list[int]:
@@ -69,12 +70,14 @@ def _measure(engine, ctx, coord, ledger, counts, spec) -> dict:
 
     steps, pad_rows, all_rows, parts, first_step = [], 0, 0, None, None
     profile_steps = 3
-    want_parts = spec.with_breakdown and engine.device.type == "cuda" and spec.output_len >= 8 + 2 * profile_steps
+    want_parts = spec.with_breakdown and (engine.device.type == "cuda" or spec.trace is not None) \
+        and spec.output_len >= 8 + steps_needed(profile_steps)
+    trace = spec.trace and f"{spec.trace}/trace_b{sum(counts)}_rank{ctx.groups.world_rank}.json"
     full_streak = 0
     while True:
-        if want_parts and parts is None and full_streak >= spec.output_len - 2 * profile_steps - 1:
+        if want_parts and parts is None and full_streak >= spec.output_len - steps_needed(profile_steps) - 1:
             # every rank reaches this point at the same step: the decision below is lockstep-safe
-            parts = breakdown(engine, profile_steps, lambda: lockstep_step(engine, ctx, coord))
+            parts = breakdown(engine, profile_steps, lambda: lockstep_step(engine, ctx, coord), trace)
             continue
         t = time.perf_counter()
         decision = lockstep_step(engine, ctx, coord)

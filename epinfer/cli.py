@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TP-shard the experts inside each replica instead of EP over all ranks")
     bench.add_argument("--replica-batch", default=None,
                        help="requests per DP replica, e.g. 64,8 (imbalanced load; replaces --batch)")
+    bench.add_argument("--trace", default=None, metavar="DIR",
+                       help="write each batch's profiled decode steps as a Chrome trace (all ranks in one file)")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
@@ -274,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                 records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
                                          args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
                                          replica, not args.enforce_eager, args.gpu_memory_utilization,
-                                         args.async_scheduling, not args.no_expert_parallel)
+                                         args.async_scheduling, not args.no_expert_parallel, args.trace)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
                             args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization,
-                            args.async_scheduling)
+                            args.async_scheduling, args.trace)
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
         if args.command == "serve":

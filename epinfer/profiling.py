@@ -20,18 +20,20 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 PARTS = {"self_attn": "attention", "linear_attn": "gdn", "experts": "moe_experts",
          "shared_expert": "moe_shared_expert", "lm_head": "lm_head"}
 
 
 def _device_time(evt) -> float:
-    return getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+    t = getattr(evt, "device_time_total", None)  # (older torch: cuda_time_total)
+    return t if t is not None else getattr(evt, "cuda_time_total", 0.0)
 
 
 def _self_device(evt) -> float:
-    return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0) or 0.0
+    t = getattr(evt, "self_device_time_total", None)
+    return (t if t is not None else getattr(evt, "self_cuda_time_total", 0.0)) or 0.0
 
 
 def _kernel_time(prof) -> float:
@@ -177,20 +179,33 @@ class _CommRanges:
         self.open.pop().__exit__(None, None, None)
 
 
-def _profile_steps(step_fn, steps: int, sync, activities=(ProfilerActivity.CPU, ProfilerActivity.CUDA)):
-    with profile(activities=list(activities)) as prof:
-        for _ in range(steps):
+def _profile_steps(step_fn, steps: int, sync, activities):
+    """`steps` profiled steps after one that runs under the started profiler but is not recorded: the
+    first step would carry the profiler's start-up (CUPTI) and the switch between eager and graph
+    mode. In a parallel run the ranks start their profilers at different moments, and a peer's
+    collective waits that long in the first step: this was 2.4 ms of TP=2's `tp.tokens` in session 8."""
+    with profile(activities=list(activities), schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        for i in range(steps + 1):
             step_fn()
-        sync()
+            if i == steps:
+                sync()  # every kernel of the recorded steps has run before the window closes
+            prof.step()
     return prof
 
 
-def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
-    """ms per decode step by part; call while the batch is decoding (>= 2 * steps + 1 steps left).
-    `step_fn`: one step (default `engine.step`; a parallel run passes its lockstep step)."""
+def steps_needed(steps: int) -> int:
+    """Decode steps `breakdown(engine, steps)` runs: two passes of `steps`, each after a warm-up step."""
+    return 2 * (steps + 1)
+
+
+def breakdown(engine, steps: int = 3, step_fn=None, trace: str | None = None) -> dict:
+    """ms per decode step by part; call while the batch is decoding (>= steps_needed(steps) steps
+    left). `step_fn`: one step (default `engine.step`; a parallel run passes its lockstep step).
+    `trace`: also write the normal path's steps there as a Chrome trace, host activity included."""
     step_fn = step_fn or engine.step
     dev = engine.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    host_and_device = (ProfilerActivity.CPU, ProfilerActivity.CUDA)[:1 + (dev.type == "cuda")]
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None
     comm = engine.ctx.comm
@@ -209,7 +224,7 @@ def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
 
             eng_mod.sample_tokens = timed_sample
             try:
-                prof = _profile_steps(step_fn, steps, sync)
+                prof = _profile_steps(step_fn, steps, sync, host_and_device)
             finally:
                 eng_mod.sample_tokens = sample
     finally:
@@ -221,8 +236,10 @@ def breakdown(engine, steps: int = 3, step_fn=None) -> dict:
     eager_total = eager_total / steps / 1e3
     # the MoE block's own kernels (gate, top-k, sort, gathers) and the router kernels counted by name
     parts["moe_router"] = parts.pop("moe_block", 0.0) + parts.get("moe_router", 0.0)
-    device_only = (ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU,)
-    prof2 = _profile_steps(step_fn, steps, sync, device_only)  # the normal path (graphs if any)
+    device_only = host_and_device[-1:]
+    prof2 = _profile_steps(step_fn, steps, sync, host_and_device if trace else device_only)  # the normal path
+    if trace:
+        prof2.export_chrome_trace(trace)
     busy = _kernel_time(prof2) / steps / 1e3
     scale = busy / eager_total if eager_total > 0 else 1.0
     out = {k: round(v * scale, 3) for k, v in sorted(parts.items())}

@@ -25,6 +25,29 @@ def test_bench_records(tmp_path, async_scheduling):
     json.dumps(records)
 
 
+def test_bench_trace(tmp_path):
+    """`--trace DIR` on CPU: the breakdown runs (device times 0 here) and writes its profiled steps."""
+    from epinfer.cli import main
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_moe").to_json_string())
+    out = tmp_path / "t" / "new"
+    assert main(["bench", "--shape", str(tmp_path), "--batch", "2", "--input-len", "8", "--output-len", "16",
+                 "--device", "cpu", "--dtype", "float32", "--async-scheduling", "--json", "--trace", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["trace_b2.json"]
+    events = json.loads((out / "trace_b2.json").read_text())["traceEvents"]
+    assert sum(e.get("ph") == "X" for e in events) > 50
+
+
+def test_trace_folder_that_cannot_be_made(tmp_path, capsys):
+    from epinfer.cli import main
+
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "traces"
+    assert main(["bench", "--shape", "qwen3-30b-a3b", "--layers", "1", "--batch", "1", "--trace", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"epinfer: error: --trace {bad}: cannot create the folder (Not a directory)"]
+
+
 def test_prefill_flops_count_active_parameters():
     cfg = ModelConfig.from_hf(json.loads((SHAPES / "qwen3-30b-a3b.json").read_text()))
     per_token = prefill_flops_per_token(cfg, 2)  # attention scores negligible at 2 tokens
@@ -123,10 +146,24 @@ def test_bench_parallel_records(tmp_path):
                            replica_batch=[3, 1])
     assert fixed[0]["replica_batch"] == [3, 1] and fixed[0]["pad_waste"] == 0.0  # rows = tokens per replica
     # --no-expert-parallel: TP-sharded experts, summed by a TP all-reduce; no dispatch at all
-    tp_only = bench_parallel(str(tmp_path), [1], 12, 10, None, "cpu", "float32", dp=1, tp=2, expert_parallel=False)
+    # (with --trace: the profiled steps of both ranks in one Chrome trace, on the host here)
+    tp_only = bench_parallel(str(tmp_path), [1], 12, 16, None, "cpu", "float32", dp=1, tp=2, expert_parallel=False,
+                             trace=str(tmp_path / "trace"))
     assert tp_only[0]["ep"] == 1 and tp_only[0]["pad_waste"] == 0.0
     assert "tp_collectives" in tp_only[0]["collective_ms_by_rank"][0]
     assert "dispatch" not in tp_only[0]["collective_ms_by_rank"][0]
+    assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == ["trace_b1.json"]  # rank files merged
+    assert_ranks_traced(tmp_path / "trace" / "trace_b1.json", 2)
+
+
+def assert_ranks_traced(path, ranks: int) -> None:
+    """A merged trace: every rank's host process named and apart, with work in the profiled steps."""
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    for r in range(ranks):
+        pids = {pid for pid, name in names.items() if name.startswith(f"rank {r}: ")}
+        assert pids and all(pid // 1000 == r for pid in pids), names
+        assert sum(e.get("ph") == "X" and e["pid"] in pids for e in events) > 50
 
 
 def test_breakdown_runs_on_a_decoding_engine(tmp_path):
@@ -143,7 +180,7 @@ def test_breakdown_runs_on_a_decoding_engine(tmp_path):
     engine.step()
     parts = breakdown(engine, 3)
     assert {"device_busy", "eager_device", "top_kernels"} <= set(parts)
-    assert all(len(s.output_ids) == 7 for s in seqs)  # the 6 profiled steps decoded normally
+    assert all(len(s.output_ids) == 9 for s in seqs)  # the 8 profiled steps (2 warm-up) decoded normally
 
 
 def test_breakdown_attributes_kernels_by_device_span():

@@ -68,3 +68,33 @@ def write_timeline(dumps: dict, path: Path, mark: int | None = None, group: str 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
     path.write_bytes(png)
+
+
+def merge_traces(paths: list[Path], out: Path) -> Path | None:
+    """One Chrome trace of several ranks' profiler traces (`rank{r}` in each file's name; ranks of one
+    host, so one clock): every event moved onto the earliest trace's time base, each rank's processes
+    (host, GPU streams) renamed "rank r: ..." and numbered apart, flow ids too. The rank files are
+    removed once merged. None when there is nothing to merge."""
+    if not paths:
+        return None
+    traces = [(int(p.stem.rsplit("rank", 1)[1]), json.loads(p.read_text())) for p in paths]
+    base = min(t.get("baseTimeNanoseconds", 0) for _, t in traces)
+    events = []
+    for rank, trace in traces:
+        shift_us = (trace.get("baseTimeNanoseconds", 0) - base) / 1e3
+        pids: dict = {}
+        for e in trace.get("traceEvents", []):
+            e = dict(e)
+            if "pid" in e:  # numbered per rank: the host pid, or the device index of a GPU's streams
+                e["pid"] = rank * 1000 + pids.setdefault(e["pid"], len(pids))
+            if "ts" in e:
+                e["ts"] = float(e["ts"]) + shift_us
+            if e.get("ph") in ("s", "f", "t") and isinstance(e.get("id"), int):
+                e["id"] = rank * 10**9 + e["id"]
+            if e.get("ph") == "M" and e.get("name") == "process_name":
+                e["args"] = {**e.get("args", {}), "name": f"rank {rank}: {e.get('args', {}).get('name', '')}"}
+            events.append(e)
+    out.write_text(json.dumps({"displayTimeUnit": "ms", "baseTimeNanoseconds": base, "traceEvents": events}))
+    for p in paths:
+        p.unlink()
+    return out
