@@ -36,10 +36,20 @@ def _self_device(evt) -> float:
     return (t if t is not None else getattr(evt, "self_cuda_time_total", 0.0)) or 0.0
 
 
+def _device_work(prof) -> dict[str, float]:
+    """Device time (µs) by name of every device-side event (kernel, copy, memset) of the profiled
+    steps, each once, whether or not host ops were profiled too; annotations are spans, not work."""
+    by_name: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False) \
+                and not e.name.startswith("part."):
+            by_name[e.name] = by_name.get(e.name, 0.0) + _device_time(e)
+    return by_name
+
+
 def _kernel_time(prof) -> float:
-    """Total device time (µs) of the profiled steps: each kernel is the self time of exactly one
-    entry (its own, or the op that launched it)."""
-    return sum(_self_device(e) for e in prof.key_averages())
+    """Total device time (µs) of the profiled steps."""
+    return sum(_device_work(prof).values())
 
 
 # Kernels the profile does not link to the CPU op that launched them (our Triton kernels, launched
@@ -113,7 +123,7 @@ def _by_device_span(events) -> tuple[dict[str, float], float] | None:
 
 
 def top_kernels(prof, steps: int, n: int = 12) -> list[tuple[str, float]]:
-    rows = sorted(((e.key, _self_device(e)) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    rows = sorted(_device_work(prof).items(), key=lambda kv: -kv[1])
     return [(name[:60], round(t / steps / 1e3, 3)) for name, t in rows[:n] if t > 0]
 
 
@@ -187,8 +197,8 @@ def _profile_steps(step_fn, steps: int, sync, activities):
     with profile(activities=list(activities), schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         for i in range(steps + 1):
             step_fn()
-            if i == steps:
-                sync()  # every kernel of the recorded steps has run before the window closes
+            if i in (0, steps):  # the warm-up step's kernels run before the window, the recorded ones in it
+                sync()
             prof.step()
     return prof
 

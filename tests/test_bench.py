@@ -191,7 +191,7 @@ def test_breakdown_attributes_kernels_by_device_span():
 
     import torch
 
-    from epinfer.profiling import _by_device_span
+    from epinfer.profiling import _by_device_span, _device_work
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -206,3 +206,7 @@ def test_breakdown_attributes_kernels_by_device_span():
     parts, total = _by_device_span(events)
     assert parts == {"moe_block": 10, "experts": 50, "compiled_small_ops": 4, "attention": 6} and total == 70
     assert _by_device_span([evt("aten::mm", 0, 5, device=cpu)]) is None
+    # the normal path's busy time and top kernels: the same device work, whether host ops were profiled or not
+    work = _device_work(SimpleNamespace(events=lambda: events + [evt("_grouped_up", 200, 230)]))
+    assert work == {"nvjet_gemm": 10, "_grouped_up": 60, "_grouped_down": 20, "triton_red_fused_norm": 4,
+                    "_split_kernel": 6}
