@@ -11,6 +11,7 @@
 #   e: what a and c left in session 8 (symm test, qwen3_moe checks, DP/TP with symm)
 #   f: after a dispatcher / MoE kernel change: its GPU tests, one GPU b1/b64, DP=2, TP=2, agrs check
 #   g: alltoall / naive vs agrs at the real shape, imbalance with none, TP=2 b1 with and without EP
+# f and g write the DP=2 / TP=2 runs' profiled steps as Chrome traces, both ranks in one file ($OUT/traces.tgz)
 # Usage: OUT=dir bash benchmarks/gpu2_graphs.sh a|b|c|d|e|f|g   (logs: $OUT/*.log, records: $OUT/records.jsonl)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -61,8 +62,8 @@ f)  # after a dispatcher / MoE kernel change: its GPU tests, the targets, the pa
   step tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_parallel.py \
     tests/gpu/test_gpu_decode.py -k "graphs_with_collectives or grouped_moe or router"
   CUDA_VISIBLE_DEVICES=0 step one_gpu 100 $B --batch 1 --batch 64
-  step dp2 100 $B --dp 2 --batch 2 --batch 128
-  step tp2 60 $B --tp 2 --batch 1
+  step dp2 100 $B --dp 2 --batch 2 --batch 128 --trace "$OUT/tr_dp2"
+  step tp2 60 $B --tp 2 --batch 1 --trace "$OUT/tr_tp2"
   ASYNC=1 DISPATCH=agrs step parallel_check 150 python3 benchmarks/gpu_parallel_check.py /tmp/ck/qwen3_5_moe /tmp/ck/qwen3_moe
   grep -h "^{" "$OUT"/one_gpu.log "$OUT"/dp2.log "$OUT"/tp2.log > "$OUT/records.jsonl" ;;
 g)  # still to measure: alltoall / naive vs agrs at the real shape, the imbalance without padding,
@@ -70,11 +71,14 @@ g)  # still to measure: alltoall / naive vs agrs at the real shape, the imbalanc
   step dp2_alltoall 120 $B --dp 2 --batch 2 --batch 128 --dispatch alltoall
   step dp2_naive 120 $B --dp 2 --batch 2 --batch 128 --dispatch naive
   step imb_none 90 $B --dp 2 --replica-batch 64,8 --dp-padding none
-  step tp2 60 $B --tp 2 --batch 1
-  step tp2_no_ep 60 $B --tp 2 --batch 1 --no-expert-parallel
+  step tp2 60 $B --tp 2 --batch 1 --trace "$OUT/tr_tp2"
+  step tp2_no_ep 60 $B --tp 2 --batch 1 --no-expert-parallel --trace "$OUT/tr_tp2_no_ep"
   grep -h "^{" "$OUT"/dp2_*.log "$OUT"/imb_none.log "$OUT"/tp2*.log > "$OUT/records.jsonl" ;;
 d)
   checkpoints
   step probe 90 python3 benchmarks/nccl_graph_probe.py --epinfer /tmp/ck/qwen3_moe ;;
 esac
+if ls -d "$OUT"/tr_* > /dev/null 2>&1; then  # every rank's profiled steps, one trace per run and batch (--trace)
+  (cd "$OUT" && tar czf traces.tgz tr_* && rm -rf tr_*)
+fi
 grep -h "^epinfer bench" "$OUT"/*.log | cut -c1-200

@@ -322,3 +322,36 @@ def test_batched_sampling_filters_like_one_row_at_a_time():
     a = sample_tokens(logits[:2], params[:2], [gens[0], None], True)[0]
     b = sample_tokens(logits[:1], params[:1], [gens[1]])[0]
     assert a == b  # a seeded row does not depend on the rest of the batch
+
+
+def test_gdn_input_projections_stacked_in_low_precision(tmp_path, monkeypatch):
+    """bf16: the four GDN input projections run as one GEMM (views of one weight tensor). A generate
+    (prefill, then decode steps on the batched decode path) gives the first GDN layer the outputs the
+    separate projections give; float32 keeps them separate."""
+    from epinfer.engine.engine import Engine, EngineConfig
+    from epinfer.layers.gdn import GatedDeltaNet
+    from tests.checkpoints import tiny_config
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+
+    def first_gdn_outputs(dtype: str, stacked: bool) -> list[torch.Tensor]:
+        engine = Engine(EngineConfig(model=str(tmp_path), dtype=dtype, device="cpu", random_weights=True))
+        gdns = [m for m in engine.runner.model.modules() if isinstance(m, GatedDeltaNet)]
+        assert gdns and all((m.in_proj is not None) == stacked for m in gdns)
+        if stacked:
+            weight = gdns[0].in_proj.weight
+            assert gdns[0].in_proj_a.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        outs: list[torch.Tensor] = []
+        gdns[0].register_forward_hook(lambda mod, args, out: outs.append(out.float()))
+        engine.add_request(list(range(1, 9)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+        return outs
+
+    first_gdn_outputs("float32", stacked=False)
+    together = first_gdn_outputs("bfloat16", stacked=True)
+    monkeypatch.setattr(GatedDeltaNet, "stack", lambda self: None)
+    apart = first_gdn_outputs("bfloat16", stacked=False)
+    assert len(together) == len(apart) == 4  # the prefill, then 3 decode steps
+    for a, b in zip(together, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

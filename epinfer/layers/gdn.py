@@ -23,7 +23,7 @@ from epinfer.errors import UserError
 from epinfer.layers.attention import head_rows
 from epinfer.layers.fused import fused
 from epinfer.layers.gdn_ops import HAVE_TRITON, chunk_gated_delta_rule, conv_triton, recurrent_step_inplace
-from epinfer.layers.linear import Linear, row_parallel, set_shard
+from epinfer.layers.linear import Linear, Stacked, row_parallel, set_shard, stack_linears
 from epinfer.layers.norm import GatedRMSNorm
 from epinfer.runner.batch import ForwardBatch
 
@@ -84,18 +84,47 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(dv, cfg.rms_norm_eps)
         self.out_proj = row_parallel(nv * dv, D, ctx, "linear-attention value dim",
                                      f"layer.{layer_idx}.gdn.out_proj")
+        self.out_proj.small_rows = True
+        self.in_proj: Stacked | None = None
+
+    def stack(self) -> None:
+        """The four input projections read the same rows: one GEMM (low precision only)."""
+        self.in_proj = stack_linears([self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])
+
+    def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """qkv [T, conv_dim], z [T, value_dim], a and b [T, Hv]."""
+        if self.in_proj is not None:
+            return self.in_proj(x_TD)
+        return self.in_proj_qkv(x_TD), self.in_proj_z(x_TD), self.in_proj_a(x_TD), self.in_proj_b(x_TD)
 
     def forward(
         self, x_TD: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         conv_state, ssm_state = state  # [slots, C, K-1], [slots, Hv, dk, dv]
         T = x_TD.shape[0]
-        qkv_TC = self.in_proj_qkv(x_TD)
-        z = self.in_proj_z(x_TD).view(T, self.num_v_heads, self.dv)
-        g_TH, beta_TH = gdn_gates(self.in_proj_a(x_TD), self.in_proj_b(x_TD), self.A_log, self.dt_bias)
-        w_CK = self.conv1d.weight[:, 0, :]
-        core = x_TD.new_zeros(T, self.num_v_heads, self.dv)
+        qkv_TC, z_TV, a_TH, b_TH = self.project(x_TD)  # (views of one GEMM's output in low precision)
+        g_TH, beta_TH = gdn_gates(a_TH, b_TH, self.A_log, self.dt_bias)
+        slots = batch.decode_state_slots
+        if batch.decode is not None:  # every row decodes, in order (padding rows on the scratch slot): no gathers
+            core = self._decode_step(qkv_TC, g_TH, beta_TH, conv_state, ssm_state, slots)
+            core = torch.where(batch.decode.row_mask_T[:, None, None], core, 0.0)  # padding rows: zero
+        else:
+            core = x_TD.new_zeros(T, self.num_v_heads, self.dv)
+            self._prefill(batch, qkv_TC, g_TH, beta_TH, conv_state, ssm_state, core)
+            if batch.decode_seq_ids:
+                rows = batch.decode_rows
+                core[rows] = self._decode_step(qkv_TC[rows], g_TH[rows], beta_TH[rows], conv_state, ssm_state, slots)
+        normed = self.norm(core, z_TV.view(T, self.num_v_heads, self.dv))
+        return self.out_proj(normed.view(T, self.value_dim))
 
+    def _decode_step(self, qkv_BC, g_BH, beta_BH, conv_state, ssm_state, slots_B) -> torch.Tensor:
+        """One token for each of B sequences, their conv and recurrent states updated in place."""
+        conv = conv_step_inplace(conv_state, slots_B, qkv_BC, self.conv1d.weight[:, 0, :])
+        q, k, v = self._split_heads(conv)
+        return recurrent_step_inplace(q, k, v, g_BH, beta_BH, ssm_state, slots_B)
+
+    def _prefill(self, batch: ForwardBatch, qkv_TC, g_TH, beta_TH, conv_state, ssm_state, core) -> None:
+        """The chunked gated delta rule over each sequence that is not decoding, into `core`."""
         decode_ids = set(batch.decode_seq_ids)
         for i, seq in enumerate(batch.seqs):
             if i in decode_ids:
@@ -112,18 +141,6 @@ class GatedDeltaNet(nn.Module):
             out, final = chunk_gated_delta_rule(q, k, v, g_TH[rows], beta_TH[rows], init)
             ssm_state[seq.state_slot] = final
             core[rows] = out
-
-        if batch.decode_seq_ids:
-            rows, slots = batch.decode_rows, batch.decode_state_slots
-            conv = conv_step_inplace(conv_state, slots, qkv_TC[rows], w_CK)
-            q, k, v = self._split_heads(conv)
-            out = recurrent_step_inplace(q, k, v, g_TH[rows], beta_TH[rows], ssm_state, slots)
-            if batch.decode is not None:  # padding rows ran on the scratch slot: zero them
-                out = torch.where(batch.decode.row_mask_T[:, None, None], out, 0.0)
-            core[rows] = out
-
-        normed = self.norm(core.reshape(-1, self.dv), z.reshape(-1, self.dv))
-        return self.out_proj(normed.view(T, self.value_dim))
 
     def _split_heads(self, conv_NC: torch.Tensor):
         N = conv_NC.shape[0]

@@ -209,6 +209,7 @@ class MoEBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx,
                                           f"{self.label}.shared", tp_sharded=self.dispatcher is None)
+            self.shared_expert.down_proj.small_rows = True
             self.shared_expert_gate = Linear(cfg.hidden_size, 1)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
