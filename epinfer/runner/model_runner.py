@@ -137,7 +137,7 @@ class ModelRunner:
         # kernel reads it whole, the eager path one row per sequence
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
         # graphs hold collectives too, except all-to-all (its split sizes are read on the host) —
-        # experimental, EPINFER_PARALLEL_GRAPHS=1: its first run on 2 H200s hung (see RESULTS.md);
+        # opt-in, EPINFER_PARALLEL_GRAPHS=1 (run on 2 H200s, not yet on 4: see RESULTS.md);
         # debug modes run Python per layer and collective: no graphs then
         self.collectives = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
         capturable = (not self.collectives or os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1") and (
