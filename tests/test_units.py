@@ -324,34 +324,41 @@ def test_batched_sampling_filters_like_one_row_at_a_time():
     assert a == b  # a seeded row does not depend on the rest of the batch
 
 
-def test_gdn_input_projections_stacked_in_low_precision(tmp_path, monkeypatch):
-    """bf16: the four GDN input projections run as one GEMM (views of one weight tensor). A generate
-    (prefill, then decode steps on the batched decode path) gives the first GDN layer the outputs the
-    separate projections give; float32 keeps them separate."""
+def test_gdn_and_shared_expert_projections_stacked_in_low_precision(tmp_path, monkeypatch):
+    """bf16: the four GDN input projections run as one GEMM, and so do the shared expert's gate / up
+    with its gate column (views of one weight tensor each). A generate (prefill, then decode steps on
+    the batched decode path) gives the first GDN layer and MoE block the outputs the separate
+    projections give; float32 keeps them separate."""
     from epinfer.engine.engine import Engine, EngineConfig
     from epinfer.layers.gdn import GatedDeltaNet
+    from epinfer.layers.linear import GatedMLP
+    from epinfer.layers.moe import MoEBlock
     from tests.checkpoints import tiny_config
 
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
 
-    def first_gdn_outputs(dtype: str, stacked: bool) -> list[torch.Tensor]:
+    def outputs(dtype: str, stacked: bool) -> list[torch.Tensor]:
         engine = Engine(EngineConfig(model=str(tmp_path), dtype=dtype, device="cpu", random_weights=True))
-        gdns = [m for m in engine.runner.model.modules() if isinstance(m, GatedDeltaNet)]
-        assert gdns and all((m.in_proj is not None) == stacked for m in gdns)
+        modules = engine.runner.model.modules
+        gdn = next(m for m in modules() if isinstance(m, GatedDeltaNet))
+        moe = next(m for m in modules() if isinstance(m, MoEBlock) and m.shared_expert is not None)
+        assert (gdn.in_proj is not None) == stacked and (moe.shared_expert.gate_up is not None) == stacked
         if stacked:
-            weight = gdns[0].in_proj.weight
-            assert gdns[0].in_proj_a.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+            for stack, part in ((gdn.in_proj, gdn.in_proj_a), (moe.shared_expert.gate_up, moe.shared_expert_gate)):
+                assert part.weight.untyped_storage().data_ptr() == stack.weight.untyped_storage().data_ptr()
         outs: list[torch.Tensor] = []
-        gdns[0].register_forward_hook(lambda mod, args, out: outs.append(out.float()))
+        for m in (gdn, moe):
+            m.register_forward_hook(lambda mod, args, out: outs.append(out.float()))
         engine.add_request(list(range(1, 9)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         while engine.has_work():
             engine.step()
         return outs
 
-    first_gdn_outputs("float32", stacked=False)
-    together = first_gdn_outputs("bfloat16", stacked=True)
+    outputs("float32", stacked=False)
+    together = outputs("bfloat16", stacked=True)
     monkeypatch.setattr(GatedDeltaNet, "stack", lambda self: None)
-    apart = first_gdn_outputs("bfloat16", stacked=False)
-    assert len(together) == len(apart) == 4  # the prefill, then 3 decode steps
+    monkeypatch.setattr(GatedMLP, "stack", lambda self: None)
+    apart = outputs("bfloat16", stacked=False)
+    assert len(together) == len(apart) == 8  # each module: the prefill, then 3 decode steps
     for a, b in zip(together, apart, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

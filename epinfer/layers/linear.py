@@ -117,13 +117,14 @@ class GatedMLP(nn.Module):
         self.up_proj = column_parallel(hidden, intermediate, ctx, what)
         self.down_proj = row_parallel(intermediate, hidden, ctx, what, label)
         self.gate_up: Stacked | None = None
+        self.stack_with: list[Linear] = []  # more projections of the same input in the stacked GEMM
 
     def stack(self) -> None:
-        self.gate_up = stack_linears([self.gate_proj, self.up_proj])
+        self.gate_up = stack_linears([self.gate_proj, self.up_proj, *self.stack_with])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.gate_up(x)
+            gate, up = self.gate_up(x)[:2]
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

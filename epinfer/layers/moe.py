@@ -186,6 +186,11 @@ def grouped_mm_supported(dtype: torch.dtype) -> bool:
 GROUPED_MM = [True]  # switch for A/B checks
 
 
+@fused
+def add_gated(out_TD: torch.Tensor, gate_T1: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    return out_TD + torch.sigmoid(gate_T1) * y_TD
+
+
 class MoEBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
@@ -211,6 +216,7 @@ class MoEBlock(nn.Module):
                                           f"{self.label}.shared", tp_sharded=self.dispatcher is None)
             self.shared_expert.down_proj.small_rows = True
             self.shared_expert_gate = Linear(cfg.hidden_size, 1)
+            self.shared_expert.stack_with = [self.shared_expert_gate]  # gate | up | its gate: one GEMM
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         ctx = self.ctx
@@ -251,7 +257,15 @@ class MoEBlock(nn.Module):
             if ctx.tp_size > 1:  # TP-sharded or (replicated rows) EP experts: partial sums
                 out = ctx.comm.all_reduce(out, ctx.groups.tp_group, f"{self.label}.tp_reduce")
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+            out = self._add_shared(out, x_TD)
         if ctx.sequence_parallel:
             out = ctx.comm.all_gather(out, ctx.groups.tp_group, f"{self.label}.sp_gather")
         return out
+
+    def _add_shared(self, out_TD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        """out + sigmoid(shared gate(x)) * shared expert(x)."""
+        expert = self.shared_expert
+        if expert.gate_up is None:
+            return out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * expert(x_TD)
+        gate, up, shared_gate = expert.gate_up(x_TD)  # (low precision: one GEMM, the gate's column too)
+        return add_gated(out_TD, shared_gate, expert.down_proj(silu_mul(gate, up)))
