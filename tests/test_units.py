@@ -203,6 +203,19 @@ def test_stacked_linears_share_memory_and_match():
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
     assert stack_linears([Linear(8, 8), Linear(8, 8)]) is None  # float32
+    # 24 + 1 rows: padded with zeros to 32 (cuBLAS alignment), the outputs are the two projections alone
+    with torch.device("cpu"):
+        odd = [Linear(32, n, bias=True).to(torch.bfloat16) for n in (24, 1)]
+    for lin in odd:
+        torch.nn.init.normal_(lin.weight)
+        torch.nn.init.normal_(lin.bias)
+    separate = [lin(x) for lin in odd]
+    stacked = stack_linears(odd)
+    assert stacked.weight.shape == (32, 32) and not stacked.weight[25:].any() and not stacked.bias[25:].any()
+    outs = stacked(x)
+    assert [tuple(o.shape) for o in outs] == [(5, 24), (5, 1)]
+    for ref, out in zip(separate, outs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_watchdog_names_a_replay_against_eager_mismatch():
