@@ -46,7 +46,7 @@ print("attn", (out - expected).abs().max().item())
 # decode MoE: one group per pair, and one group per used expert (with another rank's experts in the mix)
 from epinfer.layers import moe_triton, norm_triton  # noqa: E402
 from epinfer.layers.moe import FusedExperts, permute_pairs  # noqa: E402
-from epinfer.layers.norm import add_rms_norm  # noqa: E402
+from epinfer.layers.norm import add_rms_norm, gated_rms_norm  # noqa: E402
 
 T, D, inter, total, K = 3, 256, 96, 8, 2
 for first, n in ((0, 8), (2, 4)):
@@ -112,3 +112,11 @@ x, r, w = torch.randn(5, 300).half(), torch.randn(5, 4, 300), torch.randn(300).h
 nx, out = norm_triton.add_rms_norm(x, r, w, 1e-6, False)
 rx, rout = add_rms_norm(x, r, w, 1e-6, False)
 print("add_rms_norm", (nx.float() - rx.float()).abs().max().item(), (out.float() - rout.float()).abs().max().item())
+# the GDN gated RMS norm: x [T, H, D], the gate a row-strided view of a wider projection; 2-D too
+wide = torch.randn(3, 4 * 128 + 40).half()
+x, gate, w = torch.randn(3, 4, 128).half(), wide[:, 40:].view(3, 4, 128), torch.randn(128).half()
+big = torch.randn(1030, 2, 128).half()  # over 1024 rows: 4 rows a program, the last one partly masked
+for rows_x, rows_g in ((x, gate), (x.view(12, 128), torch.randn(12, 128).half()), (big, big.flip(0))):
+    got = norm_triton.gated_rms_norm(rows_x, rows_g, w, 1e-6)
+    want = gated_rms_norm(rows_x, rows_g, w, 1e-6)
+    print("gated_rms_norm", tuple(rows_x.shape), (got.float() - want.float()).abs().max().item())

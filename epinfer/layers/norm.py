@@ -69,4 +69,6 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if norm_triton.gated_usable(x, gate, self.weight):
+            return norm_triton.gated_rms_norm(x, gate, self.weight, self.eps)
         return gated_rms_norm(x, gate, self.weight, self.eps)

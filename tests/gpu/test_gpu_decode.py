@@ -247,6 +247,24 @@ def test_small_gemm(T):
             assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (N, D, bias is None)
 
 
+@pytest.mark.parametrize("T", [1, 64, 700])
+def test_triton_gated_rms_norm(T):
+    """The GDN gated norm kernel against the torch reference (bf16): x [T, 32, 128], the gate a
+    row-strided view of a wider projection (as the stacked GEMM gives it); over 1024 rows, 4 a program."""
+    from epinfer.layers import norm_triton
+    from epinfer.layers.norm import gated_rms_norm
+
+    torch.manual_seed(T)
+    with torch.device("cuda"):
+        x, wide, w = torch.randn(T, 32, 128), torch.randn(T, 8192 + 4096 + 64), torch.rand(128) + 0.5
+    x, wide, w = x.bfloat16(), wide.bfloat16(), w.bfloat16()
+    gate = wide[:, 8192:8192 + 4096].view(T, 32, 128)
+    assert norm_triton.gated_usable(x, gate, w)
+    out = norm_triton.gated_rms_norm(x, gate, w, 1e-6).float()
+    ref = gated_rms_norm.__wrapped__(x, gate, w, 1e-6).float()  # (eager torch, not the compiled one)
+    assert ((out - ref).abs() <= 1e-2 * ref.abs() + 1e-2).all()
+
+
 @pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
 def test_triton_combine(T, first, n):
     """The grouped-GEMM combine kernel vs the torch one (other ranks' rows of y hold NaN: skipped)."""
