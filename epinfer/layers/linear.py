@@ -128,11 +128,15 @@ class GatedMLP(nn.Module):
     def stack(self) -> None:
         self.gate_up = stack_linears([self.gate_proj, self.up_proj, *self.stack_with])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_extra: bool = False):
+        """The MLP's output; `with_extra`: (it, the `stack_with` projections' outputs)."""
         if self.gate_up is not None:
-            gate, up = self.gate_up(x)[:2]
-            return self.down_proj(silu_mul(gate, up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up, *extra = self.gate_up(x)
+            y = self.down_proj(silu_mul(gate, up))
+        else:
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            extra = [lin(x) for lin in self.stack_with] if with_extra else []
+        return (y, extra) if with_extra else y
 
 
 @fused

@@ -263,9 +263,7 @@ class MoEBlock(nn.Module):
         return out
 
     def _add_shared(self, out_TD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
-        """out + sigmoid(shared gate(x)) * shared expert(x)."""
-        expert = self.shared_expert
-        if expert.gate_up is None:
-            return out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * expert(x_TD)
-        gate, up, shared_gate = expert.gate_up(x_TD)  # (low precision: one GEMM, the gate's column too)
-        return add_gated(out_TD, shared_gate, expert.down_proj(silu_mul(gate, up)))
+        """out + sigmoid(shared gate(x)) * shared expert(x); in low precision the gate's column is in
+        the shared expert's gate / up GEMM (`stack_with`)."""
+        y, (gate,) = self.shared_expert(x_TD, with_extra=True)
+        return add_gated(out_TD, gate, y)
