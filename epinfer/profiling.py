@@ -36,13 +36,19 @@ def _self_device(evt) -> float:
     return (t if t is not None else getattr(evt, "self_cuda_time_total", 0.0)) or 0.0
 
 
+def _is_work(evt) -> bool:
+    """A device-side event that is work (kernel, copy, memset): annotations (our `part.*` ranges,
+    inductor's compiled-graph ranges) are spans over kernels counted on their own."""
+    return (evt.device_type != torch.autograd.DeviceType.CPU and not evt.name.startswith("part.")
+            and not getattr(evt, "is_user_annotation", False))
+
+
 def _device_work(prof) -> dict[str, float]:
-    """Device time (µs) by name of every device-side event (kernel, copy, memset) of the profiled
-    steps, each once, whether or not host ops were profiled too; annotations are spans, not work."""
+    """Device time (µs) by name of every device-side event of the profiled steps that is work, each
+    once, whether or not host ops were profiled too."""
     by_name: dict[str, float] = {}
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False) \
-                and not e.name.startswith("part."):
+        if _is_work(e):
             by_name[e.name] = by_name.get(e.name, 0.0) + _device_time(e)
     return by_name
 
@@ -112,8 +118,7 @@ def _by_device_span(events) -> tuple[dict[str, float], float] | None:
     total = 0.0
     for evt in device:
         t = _device_time(evt)
-        # other annotations (inductor's compiled-graph ranges) span kernels counted on their own
-        if evt.name.startswith("part.") or getattr(evt, "is_user_annotation", False) or not t:
+        if not (_is_work(evt) and t):
             continue
         total += t
         start = evt.time_range.start
@@ -193,7 +198,7 @@ def _profile_steps(step_fn, steps: int, sync, activities):
     """`steps` profiled steps after one that runs under the started profiler but is not recorded: the
     first step would carry the profiler's start-up (CUPTI) and the switch between eager and graph
     mode. In a parallel run the ranks start their profilers at different moments, and a peer's
-    collective waits that long in the first step: this was 2.4 ms of TP=2's `tp.tokens` in session 8."""
+    collective waits that long in the first step (likely part of TP=2's 0.82 ms `tp.tokens` in session 8)."""
     with profile(activities=list(activities), schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         for i in range(steps + 1):
             step_fn()
