@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from epinfer.checkpoint_files import read_json_object
 from epinfer.config import ModelConfig
 from epinfer.engine.engine import DTYPES, Engine, EngineConfig
 from epinfer.engine.sampling_params import SamplingParams
@@ -58,7 +59,8 @@ def ceilings(device: torch.device) -> dict:
 
     copy_s = best(lambda: dst.copy_(src))
     mm_s = best(lambda: a @ b, reps=5)
-    return {"copy_GBps": round(2 * n / copy_s / 1e9, 1), "bf16_TFLOPs": round(2 * size**3 / mm_s / 1e12, 1)}
+    # three significant digits: a slow CPU's bf16 rate (~0.01 TFLOP/s) must not round to 0
+    return {"copy_GBps": float(f"{2 * n / copy_s / 1e9:.3g}"), "bf16_TFLOPs": float(f"{2 * size**3 / mm_s / 1e12:.3g}")}
 
 
 def _weights_per_layer(cfg: ModelConfig) -> tuple[int, int, int, int]:
@@ -119,11 +121,11 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
         path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"unknown shape {shape!r}: use {', '.join(BUILTIN)} or a config.json / folder")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)  # bounded, never blocks; the engine checks every field
     if layers is not None:
         text = raw.get("text_config", raw)  # multimodal configs keep the language model's fields there
-        depth = text.get("num_hidden_layers", 0)
-        if not 1 <= layers <= depth:
+        depth = text.get("num_hidden_layers", 0) if isinstance(text, dict) else 0
+        if not isinstance(depth, int) or not 1 <= layers <= depth:
             raise UserError(f"--layers {layers}: the {shape} shape has {depth} layers (give 1 to {depth})")
         text["num_hidden_layers"] = layers
         if isinstance(text.get("layer_types"), list):

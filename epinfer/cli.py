@@ -16,9 +16,11 @@ from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.distributed.groups import check_layout
 from epinfer.distributed.launch import RunFailed, under_torchrun
+from epinfer.engine.sampling_params import check_text
 from epinfer.errors import UserError
 from epinfer.progress import ProgressBar
 
+MAX_FAILURE_LINES = 5
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "ignore_eos"}
 
@@ -32,6 +34,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     s.add_argument("--served-model-name", default=None, help="the model id in responses (default: --model)")
+    s.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default: 16 bytes per token of the max model "
+                        "length, at least 1 MiB)")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -135,10 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_requests(args: argparse.Namespace) -> list[dict]:
     requests = [{"prompt": p} for p in args.prompt]
+    for i, p in enumerate(args.prompt):  # bytes that are not UTF-8 reach argv as lone surrogates
+        try:
+            check_text("prompt", p)
+        except UserError as exc:
+            raise UserError(f"--prompt number {i + 1}: {exc}") from None
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise UserError(f"prompts file {args.prompts_file} does not exist")
-        for lineno, line in enumerate(args.prompts_file.read_text().splitlines(), start=1):
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{args.prompts_file}: not UTF-8 text (byte {exc.start})") from None
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             requests.append(_parse_line(line, lineno, args.prompts_file))
@@ -153,6 +167,8 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # nesting too deep, an integer of too many digits
+        raise UserError(f"{where}: malformed JSON ({type(exc).__name__})") from None
     if not isinstance(item, dict):
         raise UserError(f"{where}: expected a JSON object")
     unknown = sorted(set(item) - JSONL_FIELDS)
@@ -163,6 +179,11 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
     prompt = item.get("prompt", item.get("prompt_token_ids"))
     if "prompt" in item and not isinstance(prompt, str):
         raise UserError(f"{where}: 'prompt' must be a string")
+    if isinstance(prompt, str):
+        try:
+            check_text("prompt", prompt)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
     if "prompt_token_ids" in item and not (
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
@@ -186,6 +207,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from epinfer import LLM, SamplingParams
 
     requests = read_requests(args)
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        raise UserError(f"--output {args.output}: not a file in an existing folder")  # before the run, not after
     params = []
     for i, req in enumerate(requests):
         seed = req.get("seed", None if args.seed is None else args.seed + i)
@@ -194,6 +217,11 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=req.get("temperature", args.temperature),
             top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
             stop=req.get("stop"), ignore_eos=req.get("ignore_eos", args.ignore_eos)))
+    for i, (req, p) in enumerate(zip(requests, params, strict=True)):
+        try:
+            p.validate()  # here, before any rank starts: the same checks as the server's
+        except UserError as exc:
+            raise UserError(f"{req.get('where', f'request {i}')}: {exc}") from None
     prompts = [r.get("prompt", r.get("prompt_token_ids")) for r in requests]
     if args.dp * args.tp > 1 or under_torchrun():
         from epinfer.distributed.launch import launch, run_torchrun
@@ -224,6 +252,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.check_numerics:
         for line in degenerate_warnings(outputs):
             print(f"epinfer: warning: {line}", file=sys.stderr)
+    failed = [(i, o) for i, o in enumerate(outputs) if o.finish_reason == "error"]
+    if failed:  # the others' results are written; the run still says it failed
+        for i, o in failed[:MAX_FAILURE_LINES]:
+            print(f"epinfer: error: request {i} failed: {o.error}", file=sys.stderr)
+        if len(failed) > MAX_FAILURE_LINES:
+            print(f"epinfer: error: ... and {len(failed) - MAX_FAILURE_LINES} more failed requests", file=sys.stderr)
+        return 1
     if args.compare_single:
         single = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
         same = sum(a.token_ids == b.token_ids for a, b in zip(outputs, single, strict=True))
@@ -237,7 +272,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
     records = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
-                "finish_reason": o.finish_reason} for o in outputs]
+                "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})} for o in outputs]
     if path is not None:
         path.write_text(json.dumps(records, indent=1) + "\n")
         return

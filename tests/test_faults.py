@@ -103,12 +103,27 @@ def test_delay_is_a_straggler_not_a_failure(tmp_path):
 
 
 def test_leak_pad_is_caught_by_check_numerics(tmp_path):
+    """NaN pad rows leak into real rows: --check-numerics names the first layer, and the requests
+    whose logits turned NaN fail with an error instead of printing garbage (the `!!!!`)."""
     proc, _ = run(tmp_path, "--poison-pads", "--check-numerics", "--ignore-eos", "--fault", "leak-pad",
                   "--fault-rank", "0", "--fault-step", "0", max_tokens=6)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert "epinfer: rank 0: check-numerics: NaN/Inf first reached real rows at layer.0.moe (step 0)" \
         in proc.stderr
-    assert "NaN logits" in proc.stderr and "degenerate output" in proc.stderr
+    assert "request 0: NaN logits during generation" in proc.stderr
+    assert "epinfer: error: request 0 failed: the model produced non-finite logits (NaN or Inf) for this " \
+        "request at output token 0" in proc.stderr
+
+
+def test_degenerate_warnings():
+    from types import SimpleNamespace as Out
+
+    from epinfer.diagnostics.numerics import degenerate_warnings
+
+    outs = [Out(token_ids=[0, 0, 0, 0], nan_logits=False), Out(token_ids=[1, 2, 1, 2], nan_logits=False),
+            Out(token_ids=[5], nan_logits=True), Out(token_ids=[7, 7, 7], nan_logits=False)]
+    assert degenerate_warnings(outs) == ["request 0: degenerate output: token 0 repeated 4 times",
+                                         "request 2: NaN logits during generation (the request failed)"]
 
 
 def test_clean_run_is_ok(tmp_path):

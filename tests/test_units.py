@@ -182,6 +182,34 @@ def test_doctor_places_a_hang_inside_a_graph_replay(tmp_path):
     assert "none finished" in report["summary"] and "graph.decode.b2" in report["summary"]
 
 
+def test_doctor_names_the_rank_that_raised(tmp_path):
+    """Rank 0 raised (its dump says so); rank 1 was left waiting in the next collective: the
+    verdict is the error on rank 0, not a hang."""
+    from types import SimpleNamespace
+
+    from epinfer.diagnostics.doctor import analyse
+    from epinfer.diagnostics.ledger import Ledger
+    from epinfer.distributed.communicator import Communicator
+
+    ep = SimpleNamespace(name="ep")
+    for rank in range(2):
+        comm = Communicator()
+        ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1]}})
+        comm.hooks.append(ledger)
+        comm.step = 4
+        comm._run("all_gather", "layer.0.moe.dispatch", ep, [torch.zeros(2, 4)], lambda: None)
+        if rank == 1:
+            ledger.before(SimpleNamespace(group=ep, op="all_gather", label="layer.1.moe.dispatch", step=4,
+                                          shapes=[[2, 4]], dtypes=["float32"], sizes=None))
+            ledger.dump(tmp_path, "fault", "stopping because rank 0 RuntimeError: ...")
+        else:
+            ledger.dump(tmp_path, "error", "RuntimeError: probability tensor contains either inf, nan\n or < 0")
+    report = analyse(tmp_path)
+    assert report["verdict"] == "error" and report["culprit_ranks"] == [0] and report["step"] == 4
+    assert report["summary"].startswith("Rank 0 stopped on an error at step 4: RuntimeError: probability tensor")
+    assert "waiting in layer.1.moe.dispatch (ep seq 1)" in report["summary"]
+
+
 def test_stacked_linears_share_memory_and_match():
     """q/k/v (or gate/up) as one GEMM: the Linears' weights become views of the stacked tensor and
     the outputs match the separate GEMMs; float32 is never stacked (reference arithmetic)."""

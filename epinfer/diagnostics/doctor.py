@@ -1,33 +1,47 @@
 """`epinfer doctor DIR`: reads every rank's ledger dump and says where the run went wrong.
 
 Verdicts, the first that applies: `mismatch` (ranks disagree in op, label, shape or sizes at the
-same group and seq) > `crash` (a rank died: its dump is missing) > `hang` (some ranks never
-arrived at a collective the others entered) > `ok`. Culprits of a mismatch are the ranks whose
+same group and seq) > `error` (a rank stopped on an exception: its header's status is `error` and
+its reason names the exception) > `crash` (a rank died: its dump is missing) > `hang` (some ranks
+never arrived at a collective the others entered) > `ok`. Culprits of a mismatch are the ranks whose
 entry differs from the majority (the schedule the step's DP decision implies; every other rank
 followed it). Stragglers: per rank, the largest lag at one collective behind the median of the
 others, listed above 0.5 s. Also writes `trace.json` (Chrome / Perfetto, a track per rank) and
 `timeline.png` (swimlanes of the last seconds) into DIR.
+
+The folder is read through `dump_format`: a malformed dump is one UserError line naming the file
+and the fault; a rank file whose last line is cut off (the rank was killed while writing) is used
+without that line and listed in `truncated_ranks` and the notes.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from epinfer.diagnostics.ledger import read_dump
+from epinfer.diagnostics.dump_format import DumpFolder, load_folder
 from epinfer.diagnostics.timeline import write_timeline, write_trace
 
 STRAGGLER_S = 0.5
 
 
 def load(folder: Path) -> dict[int, tuple[dict, list[dict]]]:
-    dumps = {}
-    for path in sorted(folder.glob("rank*.jsonl")):
-        header, entries = read_dump(path)
-        dumps[header["rank"]] = (header, entries)
-    return dumps
+    """rank -> (header, entries) of every rank file in `folder`, checked (raises UserError)."""
+    return load_folder(folder).dumps
+
+
+def notes_of(loaded: DumpFolder) -> list[str]:
+    notes = []
+    for rank, dump in sorted(loaded.files.items()):
+        if dump.cut_line is not None:
+            notes.append(f"Rank {rank} stopped while writing its dump: line {dump.cut_line} of {dump.name} "
+                         f"is cut off, the rest of the file was used.")
+        if dump.left_out:
+            notes.append(f"Rank {rank}: only its newest {len(dump.entries)} collectives were read "
+                         f"({dump.left_out} older ones are over the doctor's limit).")
+    return notes
 
 
 def _key(e: dict) -> tuple:
@@ -38,9 +52,8 @@ def _key(e: dict) -> tuple:
 
 
 def analyse(folder: Path) -> dict:
-    dumps = load(folder)
-    if not dumps:
-        raise FileNotFoundError(f"no rank*.jsonl dumps in {folder}")
+    loaded = load_folder(folder)
+    dumps = loaded.dumps
     headers = {r: h for r, (h, _) in dumps.items()}
     world = max(h["world"] for h in headers.values())
     missing = [r for r in range(world) if r not in dumps]
@@ -54,7 +67,9 @@ def analyse(folder: Path) -> dict:
             by_group[e["group"]][e["seq"]][r] = e
     result = {"verdict": "ok", "group": None, "seq": None, "label": None, "step": None,
               "steps_by_rank": {str(r): h["step"] for r, h in sorted(headers.items())},
-              "culprit_ranks": [], "missing_ranks": missing, "stragglers": stragglers(by_group)}
+              "culprit_ranks": [], "missing_ranks": missing, "stragglers": stragglers(by_group),
+              "truncated_ranks": [r for r, d in sorted(loaded.files.items()) if d.cut_line is not None],
+              "notes": notes_of(loaded)}
     found = first_mismatch(by_group)
     if found:
         group, seq, entries = found
@@ -77,6 +92,16 @@ def analyse(folder: Path) -> dict:
         result["summary"] = (f"Collective mismatch in group {group} at seq {seq} (step {ref['step']}): "
                              f"ranks {majority} issued {ref['op']} {ref['label']} {ref['shapes']}, but {odd}. "
                              f"Ranks {culprits} broke the schedule the step's DP decision implies.")
+    elif errored := sorted(r for r, h in headers.items() if h.get("status") == "error"):
+        # a rank raised (a kernel error, a bug): the others then wait for it, which alone reads as a hang
+        group, seq, entry = first_pending(by_group, members=members)
+        first = errored[0]
+        reason = " ".join(str(headers[first].get("reason") or "an exception").split())[:300]
+        result.update(verdict="error", culprit_ranks=errored, group=group, seq=seq,
+                      label=entry and entry["label"], step=headers[first]["step"])
+        waiting = f" The other ranks were waiting in {entry['label']} ({group} seq {seq})." if entry else ""
+        result["summary"] = (f"Rank {first} stopped on an error at step {headers[first]['step']}: {reason}."
+                             f"{waiting}")
     elif missing:
         group, seq, entry = first_pending(by_group, prefer="ep", involving=missing, members=members)
         result.update(verdict="crash", culprit_ranks=missing, group=group, seq=seq,
@@ -104,8 +129,15 @@ def analyse(folder: Path) -> dict:
         result["summary"] += (f" Slowest arrival: rank {worst['rank']} was {worst['late_s']:.1f} s late at "
                               f"{worst['label']}.")
     result["summary"] += f" Steps reached per rank: {result['steps_by_rank']}."
-    write_trace(dumps, folder / "trace.json")
-    write_timeline(dumps, folder / "timeline.png", mark=result["seq"], group=result["group"])
+    writers = {"trace.json": lambda p: write_trace(dumps, p),
+               "timeline.png": lambda p: write_timeline(dumps, p, mark=result["seq"], group=result["group"])}
+    for name, write in writers.items():
+        try:
+            write(folder / name)
+        except OSError as exc:  # a read-only folder: the diagnosis itself still stands
+            result["notes"].append(f"Could not write {name} ({exc.strerror or exc}).")
+    for note in result["notes"]:
+        result["summary"] += " " + note
     return result
 
 
@@ -143,8 +175,9 @@ def expected_label(seqs: dict[int, dict[int, dict]], seq: int, entries: dict[int
 def first_pending(by_group, prefer: str | None = None, involving=(), members=None):
     """The earliest collective some rank entered and never completed (preferring group `prefer`)."""
     candidates = []
+    involving = set(involving)
     for group, seqs in by_group.items():
-        if involving and not set(involving) & set(members.get(group, [])):
+        if involving and not any(m in involving for m in members.get(group, [])):
             continue
         for seq in sorted(seqs):
             pending = [e for e in seqs[seq].values() if e["state"] == "pending"]
@@ -155,7 +188,7 @@ def first_pending(by_group, prefer: str | None = None, involving=(), members=Non
         # NCCL collectives return when enqueued, so a survivor may show nothing pending: take its
         # last collective shared with the dead ranks (the furthest point they were seen together)
         for group, seqs in by_group.items():
-            if set(involving) & set(members.get(group, [])) and seqs:
+            if seqs and any(m in involving for m in members.get(group, [])):
                 seq = max(seqs)
                 entry = next(iter(seqs[seq].values()))
                 candidates.append((group != prefer, -entry["t0"], group, seq, entry))
@@ -172,22 +205,33 @@ def stragglers(by_group) -> list[dict]:
             # start-up collectives (step -1) wait for model loading on other ranks: not stragglers
             if len(entries) < 2 or next(iter(entries.values()))["step"] < 0:
                 continue
+            times = sorted(e["t0"] for e in entries.values())
             for r, e in entries.items():
-                others = [o["t0"] for q, o in entries.items() if q != r]
-                lag = e["t0"] - statistics.median(others)
+                lag = e["t0"] - median_without(times, e["t0"])
                 if lag > worst.get(r, (0.0, ""))[0]:
                     worst[r] = (lag, e["label"])
     return [{"rank": r, "label": label, "late_s": round(lag, 3)}
             for r, (lag, label) in sorted(worst.items()) if lag > STRAGGLER_S]
 
 
+def median_without(times: list, t) -> float:
+    """statistics.median of sorted `times` less one value equal to `t`, in O(log n): the
+    median of the others at each collective, without building each rank's list of others."""
+    skip = bisect.bisect_left(times, t)
+    n = len(times) - 1
+
+    def other(i: int):
+        return times[i] if i < skip else times[i + 1]
+
+    if n % 2 == 1:
+        return other(n // 2)
+    return (other(n // 2 - 1) + other(n // 2)) / 2
+
+
 def main(folder: str, as_json: bool) -> int:
+    """Prints the diagnosis of `folder`; a malformed dump raises UserError (one line, exit 2)."""
     path = Path(folder)
-    try:
-        result = analyse(path)
-    except FileNotFoundError as exc:
-        print(f"epinfer: error: {exc}", file=__import__("sys").stderr)
-        return 2
+    result = analyse(path)
     if as_json:
         print(json.dumps(result))
     else:

@@ -8,6 +8,7 @@ One rank (`--fault-rank`, a global rank) breaks the lockstep contract at one ste
   delay            sleeps `--fault-delay` seconds before its MoE dispatch
   leak-pad         broken padding: NaN-poisoned pad rows reach real rows from step S on
   kill             exits abruptly (SIGKILL) at step S
+  nan-logits       a TP leader's first sampled row gets NaN logits at step S (that request alone fails)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import signal
 import time
 
-KINDS = ("skip-collective", "wrong-size", "reorder", "delay", "leak-pad", "kill")
+KINDS = ("skip-collective", "wrong-size", "reorder", "delay", "leak-pad", "kill", "nan-logits")
 
 
 @dataclasses.dataclass
@@ -32,6 +33,14 @@ class FaultInjector:
         if self.kind == "kill" and step == self.step:
             self.triggered = True
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def at_logits(self, step: int, logits):
+        """The logits to sample from (a copy: the runner's are inference tensors)."""
+        if self.kind == "nan-logits" and step == self.step and logits.shape[0] > 0:
+            self.triggered = True
+            logits = logits.clone()
+            logits[0] = float("nan")
+        return logits
 
     def leak_active(self, step: int) -> bool:
         if self.kind == "leak-pad" and step >= self.step:

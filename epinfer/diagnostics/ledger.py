@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from epinfer.diagnostics.dump_format import expand, read_rank_file
+
 
 class Ledger:
     def __init__(self, info: dict, capacity: int = 200_000) -> None:
@@ -103,23 +105,13 @@ class Ledger:
 
 
 def read_dump(path: str | Path) -> tuple[dict, list[dict]]:
-    lines = Path(path).read_text().splitlines()
-    header = json.loads(lines[0])
-    return header, expand_replays(header, [json.loads(line) for line in lines[1:] if line.strip()])
+    """One rank's dump: its header and its collectives, graph replays expanded. Every field is
+    checked (see `dump_format`): a malformed file raises UserError naming the file, line and field;
+    a cut-off last line (a rank killed while writing) is left out."""
+    dump = read_rank_file(path)
+    return dump.header, dump.entries
 
 
 def expand_replays(header: dict, entries: list[dict]) -> list[dict]:
     """Each graph-replay entry becomes the entries of the collectives it ran, as if eager."""
-    graphs = header.get("graphs", {})
-    out = []
-    for e in entries:
-        if e["op"] != "graph":
-            out.append(e)
-            continue
-        seq = dict(e["covers"])
-        for group, op, label, shapes, dtypes, sizes in graphs[e["label"].removeprefix("graph.")]:
-            out.append({"group": group, "seq": seq[group], "op": op, "label": label, "step": e["step"],
-                        "shapes": shapes, "dtypes": dtypes, "sizes": sizes, "t0": e["t0"], "t1": e["t1"],
-                        "state": e["state"], "graph": e["label"]})
-            seq[group] += 1
-    return out
+    return expand(header, entries)[0]

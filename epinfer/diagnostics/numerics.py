@@ -36,7 +36,7 @@ def degenerate_warnings(outputs) -> list[str]:
     lines = []
     for i, out in enumerate(outputs):
         if getattr(out, "nan_logits", False):
-            lines.append(f"request {i}: NaN logits during generation (output is garbage)")
+            lines.append(f"request {i}: NaN logits during generation (the request failed)")
         if len(out.token_ids) >= 4 and len(set(out.token_ids)) == 1:
             lines.append(f"request {i}: degenerate output: token {out.token_ids[0]} repeated "
                          f"{len(out.token_ids)} times")

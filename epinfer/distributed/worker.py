@@ -145,6 +145,8 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
     logits = runner.execute(plan, decision.rows[groups.dp_rank], decision.moe_sizes(groups.tp, ctx.sequence_parallel),
                             want_logits=leader, step_id=decision.step_id, graph=graph)
     if leader:
+        if ctx.fault is not None:
+            logits = ctx.fault.at_logits(decision.step_id, logits)
         (apply or engine.apply)(scheduled, logits)
     return decision
 
@@ -217,7 +219,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         cur = ledger.current
         where = f" in {cur['label']} ({cur['group']} seq {cur['seq']}, step {ledger.step})" if cur else ""
         text = " ".join(str(exc).split()).split(" This is typically")[0][:300]
-        watchdog.fire(f"{type(exc).__name__}{where}: {text}")
+        watchdog.fire(f"{type(exc).__name__}{where}: {text}", status="error")  # the doctor's `error` verdict
         watchdog.await_exit()  # the watchdog thread was already firing (a peer's abort): it exits the process
     if job.dump_dir:
         ledger.dump(dump_dir, "ok")

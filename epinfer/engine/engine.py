@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -13,12 +13,12 @@ import torch
 from epinfer.config import ModelConfig
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheAllocator, CacheLayout, kv_bytes_per_token, state_bytes_per_slot
-from epinfer.engine.sampling_params import SamplingParams
+from epinfer.engine.sampling_params import SamplingParams, check_text
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.errors import UserError
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
 from epinfer.runner.model_runner import ModelRunner, build_model
-from epinfer.runner.sampler import sample_tokens
+from epinfer.runner.sampler import nonfinite_rows, sample_tokens
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +46,8 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None
     finish_reason: str
-    nan_logits: bool = False  # seen with --check-numerics
+    nan_logits: bool = False  # the model produced non-finite logits for this request
+    error: str | None = None  # why it failed (finish_reason "error")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,31 +76,48 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
 
 
 def load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it has no tokenizer files. Every tokenizer file present
+    must be a regular file inside the folder of bounded size (transformers would block on a FIFO and
+    read any size); a tokenizer that cannot be built, or that encodes text to no tokens (e.g.
+    tokenizer_config.json without tokenizer.json or a vocabulary), is a `UserError` here rather than
+    an "empty prompt" later."""
+    from epinfer.checkpoint_files import MAX_TOKENIZER_BYTES, folder_file, one_line
+
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((folder / n).is_file() for n in names):
+    others = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+    present = [n for n in (*names, *others) if folder_file(folder, n, max_bytes=MAX_TOKENIZER_BYTES) is not None]
+    if not any(n in present for n in names):
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        probe = tokenizer("Hello, world", add_special_tokens=False)["input_ids"]
     except Exception as exc:  # transformers raises many error types for broken tokenizer files
-        raise UserError(f"cannot load the tokenizer in {folder}: {exc}") from None
+        raise UserError(f"cannot load the tokenizer in {folder}: {one_line(exc)}") from None
+    if not probe:
+        raise UserError(f"cannot load the tokenizer in {folder}: the tokenizer files present ({', '.join(present)}) "
+                        f"do not form a usable tokenizer (it encodes text to no tokens; is tokenizer.json missing?)")
+    return tokenizer
 
 
 def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
+    """Sampling defaults and eos ids of the folder's generation_config.json ({}, None without one).
+    Each field used is checked: a wrong type or value is a `UserError` naming the file and the field."""
+    from epinfer.checkpoint_files import JsonFields, folder_file, read_json_object, shown_path
+
+    path = folder_file(folder, "generation_config.json")
+    if path is None:
         return {}, None
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON ({exc})") from None
-    defaults = {k: raw[k] for k in ("temperature", "top_p", "top_k") if raw.get(k) is not None}
-    if raw.get("do_sample") is False:
+    fields = JsonFields(read_json_object(path), shown_path(path))
+    values = {"temperature": fields.number("temperature", None, lo=0.0),
+              "top_p": fields.number("top_p", None, lo=0.0, hi=1.0, lo_open=True),
+              "top_k": fields.integer("top_k", None, lo=0)}
+    defaults = {k: v for k, v in values.items() if v is not None}
+    if fields.flag("do_sample", None) is False:
         defaults["temperature"] = 0.0
-    eos = raw.get("eos_token_id")
-    eos_ids = None if eos is None else tuple(eos if isinstance(eos, list) else [eos])
-    return defaults, eos_ids
+    return defaults, fields.token_ids("eos_token_id")
 
 
 def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
@@ -175,9 +193,13 @@ class Engine:
                 raise UserError(f"prompt {index} is empty")
             if self.tokenizer is None:
                 raise UserError("this model has no tokenizer: pass prompts as token ids")
+            check_text(f"prompt {index}", prompt)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        else:
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                       for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            raise UserError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise UserError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
@@ -239,11 +261,8 @@ class Engine:
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
-        if self.ctx.numerics is not None:
-            bad = (~torch.isfinite(logits)).any(dim=-1).tolist()  # host sync: debug mode only
-            for seq, is_bad in zip(sampled, bad, strict=True):
-                seq.nan_logits = seq.nan_logits or is_bad
-        tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
+        tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1
             seq.pending_row = row
@@ -251,12 +270,13 @@ class Engine:
         self.runner.prev_tokens = tokens
         self.last_sampled = len(sampled)
         event = None
-        if tokens.is_cuda:
-            host = tokens.to("cpu", non_blocking=True)
+        packed = torch.stack((tokens, bad.to(tokens.dtype)))  # [2, S]: one copy to the host
+        if packed.is_cuda:
+            host = packed.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
-            host = tokens
+            host = packed
         self.inflight.append((sampled, host, event))
 
     def resolve(self, keep: int) -> list[Sequence]:
@@ -268,9 +288,16 @@ class Engine:
             sampled, host, event = self.inflight.popleft()
             if event is not None:
                 event.synchronize()
-            for seq, token in zip(sampled, host.tolist(), strict=True):
+            tokens, bad = host.tolist()
+            for seq, token, is_bad in zip(sampled, tokens, bad, strict=True):
                 seq.pending -= 1
                 if seq.finish_reason is not None:
+                    continue
+                if is_bad:
+                    seq.nan_logits = True
+                    self._fail(seq, "the model produced non-finite logits (NaN or Inf) for this request "
+                                    f"at output token {len(seq.output_ids)}; its sampling stopped")
+                    finished.append(seq)
                     continue
                 seq.output_ids.append(token)
                 if self._check_stop(seq, token):
@@ -292,6 +319,12 @@ class Engine:
             return self.resolve(0)
         return self.apply(scheduled, self.runner.execute(plan))
 
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Ends one request with an error; the others in the step go on."""
+        seq.finish_reason, seq.error = "error", message
+        self.scheduler.finish(seq)
+        self.pending_resets.append(seq.state_slot)
+
     @staticmethod
     def _length_reached(seq: Sequence, generated: int) -> bool:
         """`generated` output tokens end the request by length (max tokens or model length)."""
@@ -302,7 +335,7 @@ class Engine:
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            text = self._decode(seq)
             hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
             if hits:
                 seq.finish_reason, seq.stop_text_end = "stop", min(hits)
@@ -310,11 +343,21 @@ class Engine:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
+    def _decode(self, seq: Sequence) -> str:
+        """The request's text so far; a tokenizer that can't decode its tokens fails this request
+        alone (its text is empty), never the step."""
+        try:
+            return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        except Exception as exc:  # tokenizers raise many kinds; the request is what failed
+            if seq.finish_reason != "error":
+                seq.finish_reason, seq.error = "error", f"detokenisation failed: {type(exc).__name__}: {exc}"
+            return ""
+
     def output(self, seq: Sequence) -> RequestOutput:
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            text = self._decode(seq)
             if seq.stop_text_end is not None:
                 text = text[:seq.stop_text_end]
         return RequestOutput(seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason or "",
-                             seq.nan_logits)
+                             seq.nan_logits, seq.error)

@@ -29,7 +29,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_text_end: int | None = None  # text is cut here when a stop string matched
     generator: object = None  # torch.Generator for seeded sampling
-    nan_logits: bool = False  # --check-numerics saw a non-finite logit
+    nan_logits: bool = False  # the model produced a non-finite logit for it
+    error: str | None = None  # why it failed, when finish_reason is "error"
     # async scheduling: tokens sampled on the device but not yet seen by the host (0 or 1 at plan
     # time), the row of the last one in its step's sampled tokens, and whether that one is the
     # request's last by count (max tokens / length): then it is not scheduled again

@@ -4,13 +4,13 @@ Checkpoint names are normalised first (multimodal `model.language_model.` prefix
 `block_sparse_moe` / `w1 w2 w3`), parts we don't run are skipped (`model.visual.*`, `mtp.*`), and
 each tensor goes to a loader that knows its layout: per-expert or fused expert tensors into the
 fused `w13` / `w2` parameters (only the experts this rank owns), Qwen3-Next's grouped GDN input
-projection into the Qwen3.5 layout. Any missing, unexpected or mis-shaped tensor is a `UserError`.
+projection into the Qwen3.5 layout. Any missing, unexpected or mis-shaped tensor is a `UserError`,
+and so is a weight file that is not a regular file inside the folder (whatever the index names).
 Never unpickles: `.bin` checkpoints are refused.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from epinfer.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line, read_json_object, show, shown_path
 from epinfer.config import ModelConfig
 from epinfer.errors import UserError
 from epinfer.models.causal_lm import CausalLM
@@ -29,24 +30,40 @@ _PER_EXPERT = re.compile(
 )
 _FUSED_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise UserError(f"{index}: malformed index ({exc})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
+    """The safetensors files to load: the shards the index names, else `model.safetensors`, else
+    every `*.safetensors`. Only regular files inside the folder qualify (see `folder_file`): an index
+    may name any path, and a FIFO or device among the weights would block or never end the load."""
+    index = folder_file(folder, INDEX_NAME)
+    if index is not None:
+        weight_map = read_json_object(index, MAX_INDEX_BYTES).get("weight_map")
+        where = shown_path(index)
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise UserError(f"{where}: field 'weight_map' must be an object mapping tensor names to file names, "
+                            f"got {show(weight_map)}")
+        if not weight_map:
+            raise UserError(f"{where}: field 'weight_map' is empty")
+        files, missing = [], []
+        for name in sorted(set(weight_map.values())):
+            path = folder_file(folder, name, referrer=f"{where}: field 'weight_map' names")
+            if path is None:
+                missing.append(name)
+            else:
+                files.append(path)
         if missing:
-            raise UserError(f"{index} names missing shard(s): {', '.join(missing)}")
+            shown = ", ".join(one_line(n, 80) for n in missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise UserError(f"{where}: field 'weight_map' names missing shard(s): {shown}")
         return files
-    single = folder / "model.safetensors"
-    if single.is_file():
+    single = folder_file(folder, "model.safetensors")
+    if single is not None:
         return [single]
-    files = sorted(folder.glob("*.safetensors"))
+    files = [folder_file(folder, p.name) for p in sorted(folder.glob("*.safetensors"))]
+    files = [f for f in files if f is not None]
     if files:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -227,7 +244,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
         except UserError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"cannot read {path.name}: {exc}") from None
+            raise UserError(f"cannot read {path.name}: {one_line(exc)}") from None
 
 
 def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig) -> None:

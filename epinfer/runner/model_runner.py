@@ -73,7 +73,13 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
                 ctx: ParallelContext | None = None) -> CausalLM:
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
     one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback)."""
-    need, have = weight_bytes(cfg, dtype, ctx), available_bytes(device)
+    have = available_bytes(device)
+    # the sizes alone first: even the meta-device copy of a huge config takes long to build. Some
+    # rank holds at least an even share of the parameters, so the floor / ranks bounds the largest shard
+    ranks = ctx.groups.world_size if ctx is not None and ctx.groups else 1
+    need = cfg.weight_count_floor() * dtype.itemsize // ranks
+    if have is None or need <= have:
+        need = weight_bytes(cfg, dtype, ctx)
     if have is not None and need > have:
         raise UserError(f"the weights need {need / 2**30:.1f} GiB on {device} ({cfg.num_layers} layers, "
                         f"{str(dtype).removeprefix('torch.')}) but only {have / 2**30:.1f} GiB is free: use fewer "

@@ -1,7 +1,10 @@
 """Token sampling: greedy, temperature, top-k, top-p, with a per-request generator for seeds.
 
 A seeded request draws only from its own `torch.Generator`, so its output does not depend on what
-else is in the batch.
+else is in the batch. A row whose logits are not all finite (a broken model or kernel) can't be
+sampled: `nonfinite_rows` flags it, its draw is made from a harmless stand-in distribution so
+nothing raises (on a GPU `multinomial` of NaN is a device-side assert that kills the process),
+and the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -10,39 +13,62 @@ import torch
 
 from epinfer.engine.sampling_params import SamplingParams
 
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
 
 def sample(logits_SV: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     return sample_tokens(logits_SV, params, generators).tolist()  # host sync: the scheduler needs them
 
 
+def nonfinite_rows(logits_SV: torch.Tensor) -> torch.Tensor:
+    """[S] bool: rows holding a NaN or an infinity. One reduction pass (a non-finite value makes
+    the row's fp32 sum non-finite; finite logits are far too small to overflow it); no host sync."""
+    return ~torch.isfinite(logits_SV.sum(dim=-1, dtype=torch.float32))
+
+
 def sample_tokens(logits_SV: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None], batched: bool | None = None) -> torch.Tensor:
+                  generators: list[torch.Generator | None], batched: bool | None = None,
+                  bad_S: torch.Tensor | None = None) -> torch.Tensor:
     """The sampled token of every row, as a device tensor (no host sync). Greedy rows take the
     argmax. `batched` (default: on GPUs, where each kernel costs a launch) filters and draws the
     unseeded sampling rows together; otherwise, and always for a seeded row (its own generator),
-    one row at a time (on CPUs the vocabulary sort dominates either way)."""
+    one row at a time (on CPUs the vocabulary sort dominates either way). `bad_S`: rows flagged
+    by `nonfinite_rows` (computed here when not given); their tokens are meaningless."""
     tokens = torch.argmax(logits_SV, dim=-1)
     batched = logits_SV.is_cuda if batched is None else batched
-    together = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None] if batched else []
+    sampling = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampling:
+        return tokens
+    bad_S = nonfinite_rows(logits_SV) if bad_S is None else bad_S
+    together = [i for i in sampling if generators[i] is None] if batched else []
     if together:
         rows = _on(logits_SV.device, together)
-        probs = _filtered_probs(logits_SV[rows], [params[i] for i in together])
+        probs = _filtered_probs(logits_SV[rows], [params[i] for i in together], bad_S[rows])
         tokens[rows] = torch.multinomial(probs, 1)[:, 0]
     drawn = set(together)
-    for i, p in enumerate(params):
-        if not p.greedy and i not in drawn:
-            probs = _filtered_probs(logits_SV[i:i + 1], [p])
+    for i in sampling:
+        if i not in drawn:
+            probs = _filtered_probs(logits_SV[i:i + 1], [params[i]], bad_S[i:i + 1])
             tokens[i:i + 1] = torch.multinomial(probs[0], 1, generator=generators[i])
     return tokens
 
 
-def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
+                    bad_R: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature, then top-k (ties at the k-th value stay), then top-p (a token goes when the
-    mass before it already reaches top_p; the first always stays), per row; softmax."""
+    mass before it already reaches top_p; the first always stays), per row; softmax. The row
+    maximum is subtracted before dividing by the temperature, so any finite temperature > 0 keeps
+    the values finite (the maximum becomes 0, the rest at worst -inf: a tiny temperature is
+    greedy, never NaN). `bad_R` rows get a one-hot stand-in distribution."""
     V = logits_RV.shape[1]
     dev = logits_RV.device
-    logits = logits_RV.float() / _on(dev, [p.temperature for p in params])[:, None]
+    logits = logits_RV.float()
+    temps = [max(p.temperature, _FP32_TINY) for p in params]  # a smaller one would be 0 in fp32: 0 / 0
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / _on(dev, temps)[:, None]
+    if bad_R is not None:
+        logits = logits.masked_fill(bad_R[:, None], 0.0)
+        logits[:, 1:].masked_fill_(bad_R[:, None], float("-inf"))
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
         top = torch.topk(logits, max(ks), dim=-1).values  # [R, max k]

@@ -8,28 +8,70 @@ watches its connection: when the client goes away the request is cancelled in th
 cache slots are freed). Engine failures reach the client as an error: a 500 body, or, once a
 stream has started, an SSE `data: {"error": ...}` event (the `openai` client raises it) — never a
 connection left waiting.
+
+Hostile input: a body over `max_request_bytes` is refused with 413 before it is read whole (from
+its Content-Length, else while it streams in); JSON is decoded with NaN / Infinity / overflowing
+numbers and deep nesting refused; decoding, validation and tokenization run in a worker thread,
+so the event loop (and `/health`) keeps answering while a large prompt is tokenized. Every 4xx /
+5xx, including unknown routes and unexpected exceptions, carries an OpenAI error body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient, RequestState, Update
-from epinfer.server.protocol import APIError, ModelInfo, choice, error_body, parse_request, response, usage
+from epinfer.server.protocol import APIError, ModelInfo, choice, decode_json, error_body, parse_request, response, usage
 from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 
 
-def build_app(client: EngineClient, tokenizer, info: ModelInfo) -> FastAPI:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it exceeds `limit` bytes. Nothing past the limit is kept;
+    the rest is read and dropped (up to 8 × the limit) so that a client that sends its whole body
+    before reading the answer gets the 413 rather than a reset connection."""
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"the request body exceeds {limit} bytes; this server accepts at most {limit} "
+                       "(--max-request-bytes)", code="request_too_large")
+    drain = 8 * limit
+    if declared is not None and declared.isdigit() and int(declared) > limit + drain:
+        raise too_big  # not worth reading: the connection closes after the answer
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > limit + drain:
+            break
+    if size > limit:
+        raise too_big
+    return b"".join(chunks)
+
+
+def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_bytes: int) -> FastAPI:
     app = FastAPI(title="epinfer", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown route, wrong method
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {exc}")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -53,15 +95,20 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
+    # one thread: requests are tokenized one at a time (a tokenizer object is not meant to be
+    # shared by threads), and none of it runs on the event loop
+    tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epinfer-tokenize")
+
+    def validate(raw: bytes, chat: bool):
+        return parse_request(decode_json(raw), chat, tokenizer, info)
+
     async def generate(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"malformed JSON body: {exc}") from None
-            req = parse_request(body, chat, tokenizer, info)
+            client.check_accepting()  # refuse before reading or tokenizing anything
+            raw = await read_body(request, max_request_bytes)
+            # off the event loop: a long prompt's tokenization must not stall other requests or /health
+            req = await asyncio.get_running_loop().run_in_executor(tokenize_pool, validate, raw, chat)
             state = client.submit(req)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
@@ -129,10 +176,17 @@ class Reply:
                     break
         finally:
             watcher.cancel()
-        text = self.text.full_text(update.stop_text_end)
-        lp = self.logprobs(self.token_ids, records if self.state.req.logprobs is not None else None, 0)
+        try:
+            text = self.text.full_text(update.stop_text_end)
+            lp = self.logprobs(self.token_ids, records if self.state.req.logprobs is not None else None, 0)
+        except Exception as exc:  # this request's text can't be made: it fails, nothing else does
+            return JSONResponse(self.text_failure(exc), status_code=500)
         finish = update.finish_reason
         return JSONResponse(self.body([choice(self.chat, text, finish, lp, self.token_ids)], self.usage(), chunk=False))
+
+    def text_failure(self, exc: Exception) -> dict:
+        log_line(f"epinfer: error: request {self.id}: detokenisation failed: {type(exc).__name__}: {exc}")
+        return error_body(f"detokenisation failed: {type(exc).__name__}", "server_error", code="engine_error")
 
     def sse(self, choices: list[dict], usage_: dict | None = None) -> str:
         return f"data: {json.dumps(self.body(choices, usage_, chunk=True))}\n\n"
@@ -149,15 +203,21 @@ class Reply:
                 if update is DISCONNECTED:
                     return
                 if update.error is not None:
-                    yield f"data: {json.dumps(error_body(update.error, 'server_error', code='engine_error'))}\n\n"
+                    kind = "invalid_request_error" if update.status == 400 else "server_error"
+                    yield f"data: {json.dumps(error_body(update.error, kind, code='engine_error'))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 offset = len(self.text.sent)
                 self.text.add(update.token_ids)
                 self.token_ids += update.token_ids
                 final = update.finish_reason is not None
-                delta = self.text.delta(final, update.stop_text_end)
-                lp = self.logprobs(update.token_ids, update.logprobs, offset)
+                try:
+                    delta = self.text.delta(final, update.stop_text_end)
+                    lp = self.logprobs(update.token_ids, update.logprobs, offset)
+                except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
+                    yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 if delta or lp or final or update.token_ids:
                     yield self.sse([choice(self.chat, delta, update.finish_reason, lp, update.token_ids,
                                            delta=True)])

@@ -68,11 +68,14 @@ class EngineClient:
     def queue_depth(self) -> int:
         return sum(not s.admitted for s in self.requests.values())
 
-    def submit(self, req: GenerateRequest) -> RequestState:
+    def check_accepting(self) -> None:
         if not self.healthy:
             raise APIError(503, f"the engine failed: {self.failure}", "server_error", code="engine_failed")
         if self.draining:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+
+    def submit(self, req: GenerateRequest) -> RequestState:
+        self.check_accepting()  # again: the state may have changed while the request was validated
         if self.queue_depth >= self.max_queue:
             raise APIError(429, f"the request queue is full ({self.max_queue} requests waiting); retry later",
                            "rate_limit_error", code="queue_full")
@@ -154,8 +157,9 @@ class EngineClient:
             if new_ids and state.first_token_at is None:
                 state.first_token_at = now
                 self.metrics.ttft.observe(now - state.arrived)
-            if reason == "error":  # the leader refused it (the server's validation should have)
-                state.queue.put_nowait(Update(new_ids, logprobs, reason, error=extra, status=400))
+            if reason == "error":  # (status, message): refused by the leader (400) or failed in sampling (500)
+                status, message = extra
+                state.queue.put_nowait(Update(new_ids, logprobs, reason, error=message, status=status))
             else:
                 state.queue.put_nowait(Update(new_ids, logprobs, reason, extra))
             if reason is not None:

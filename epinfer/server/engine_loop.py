@@ -201,7 +201,7 @@ class ServeLoop:
         try:
             seq = self.engine.make_request(ids, params, rid)
         except UserError as exc:  # the server validated it already; never let it stop the loop
-            self.pending_events.append((rid, [], None, "error", str(exc)))
+            self.pending_events.append((rid, [], None, "error", (400, str(exc))))
             return
         self.engine.submit(seq)
         self.seqs[rid] = seq
@@ -260,7 +260,8 @@ class ServeLoop:
             self.sent[rid] = len(seq.output_ids)
             lp = self.lp_pending.pop(rid, None) if rid in self.logprobs else None
             if done:
-                events.append((rid, new, lp, seq.finish_reason, seq.stop_text_end))
+                extra = (500, seq.error) if seq.finish_reason == "error" else seq.stop_text_end
+                events.append((rid, new, lp, seq.finish_reason, extra))
                 del self.seqs[rid]
                 self.forget(rid)
             else:
@@ -279,7 +280,7 @@ class ServeLoop:
     def report(self, events: list[tuple], step_s: float) -> None:
         """One message per step and replica: token events, admissions, cache statistics. An event is
         (request id, new token ids, logprobs or None, finish reason or None, where a stop string
-        cut the text — or the error message when the reason is "error")."""
+        cut the text — or (HTTP status, message) when the reason is "error")."""
         if not self.leader:
             return
         events, self.pending_events = self.pending_events + events, []

@@ -55,8 +55,10 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     if under_torchrun():
         raise UserError("epinfer serve spawns its own ranks: run it without torchrun")
-    if args.max_queue < 1 or args.shutdown_timeout < 0:
-        raise UserError("--max-queue must be >= 1 and --shutdown-timeout >= 0")
+    if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):
+        raise UserError("--max-queue must be >= 1 and --shutdown-timeout a finite number >= 0")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1024:
+        raise UserError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     folder = Path(args.model) if args.model else DEMO_MODEL
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")
@@ -95,7 +97,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.exit_code = loop.create_future()
         self.client = EngineClient(self.ranks, loop, self.args.max_queue, self.engine["dp"])
-        app = build_app(self.client, self.tokenizer, self.info)
+        app = build_app(self.client, self.tokenizer, self.info, request_limit(self.args, self.info))
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)
         self.http = QuietServer(config)
@@ -167,6 +169,12 @@ class Server:
     def finish(self, code: int) -> None:
         if not self.exit_code.done():
             self.exit_code.set_result(code)
+
+
+def request_limit(args, info: ModelInfo) -> int:
+    """--max-request-bytes, or room for a prompt of the max model length sent as token ids (up to
+    ~16 bytes each in JSON), at least 1 MiB."""
+    return args.max_request_bytes or max(2**20, 16 * info.max_model_len)
 
 
 def doctor_summary(dump_dir: str) -> str:

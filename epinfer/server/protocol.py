@@ -15,8 +15,10 @@ request; `token_ids` (the generated ids) in each choice.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
-from epinfer.engine.sampling_params import SamplingParams
+from epinfer.engine.sampling_params import SamplingParams, check_text
 from epinfer.errors import UserError
 
 MAX_TOP_LOGPROBS = 20
@@ -57,6 +59,39 @@ class GenerateRequest:
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
 
 
+# --- decoding ------------------------------------------------------------------------------
+
+def _no_constant(name: str):
+    raise APIError(400, f"the JSON body holds {name}, which is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise APIError(400, f"the JSON body holds the number {text[:40]}, which overflows a double")
+    return value
+
+
+def decode_json(raw: bytes):
+    """The body as JSON (UTF-8/16/32), refusing what Python's decoder would otherwise accept:
+    NaN, Infinity and numbers that overflow to infinity. Nesting too deep for the decoder is a
+    400 like any other malformed body."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise APIError(400, f"malformed JSON body: {str(exc)[:200]}") from None
+
+
+def _text(value: str, key: str) -> str:
+    try:
+        check_text(key, value)
+    except UserError as exc:
+        raise APIError(400, f"'{key}' is not valid Unicode ({str(exc).split('(', 1)[-1]}", param=key) from None
+    return value
+
+
 # --- field checks -------------------------------------------------------------------------
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array",
@@ -80,7 +115,8 @@ def _field(body: dict, key: str, kind: type, default=None):
 def _check_model(body: dict, info: ModelInfo) -> None:
     model = _field(body, "model", str)
     if model is not None and model != info.name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{info.name}'",
+        shown = _text(model, "model")[:100] + ("..." if len(model) > 100 else "")
+        raise APIError(404, f"The model '{shown}' does not exist; this server serves '{info.name}'",
                        param="model", code="model_not_found")
 
 
@@ -106,7 +142,7 @@ def _prompt_ids(body: dict, tokenizer, info: ModelInfo) -> list[int]:
             raise APIError(400, "'prompt' is empty", param="prompt")
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(_text(prompt, "prompt"), add_special_tokens=True)["input_ids"])
         if not ids:
             raise APIError(400, "'prompt' is empty after tokenization", param="prompt")
         return ids
@@ -139,7 +175,7 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
                            param="messages")
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     try:
@@ -169,6 +205,22 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return top
 
 
+# OpenAI's penalties: checked, and refused unless neutral (the engine does not apply them)
+PENALTIES = {"presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2.0, 0.0),
+             "repetition_penalty": (0.0, 2.0**31, 1.0)}
+
+
+def _unsupported_penalties(body: dict) -> None:
+    for key, (low, high, neutral) in PENALTIES.items():
+        value = _field(body, key, float)
+        if value is None:
+            continue
+        if not low <= value <= high or (key == "repetition_penalty" and value == 0):
+            raise APIError(400, f"'{key}' must be in [{low:g}, {high:g}], got {value}", param=key)
+        if value != neutral:
+            raise APIError(400, f"'{key}' is not supported by this server (only {neutral:g})", param=key)
+
+
 def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateRequest:
     """Validates an already JSON-decoded body; raises `APIError`."""
     if not isinstance(body, dict):
@@ -190,6 +242,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False))
     logprobs = _logprobs(body, chat)
+    _unsupported_penalties(body)
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
     ids = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer, info)
@@ -205,8 +258,8 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
     try:
         params = SamplingParams(max_tokens=max_tokens, stop=stop, **fields).resolved(info.defaults)
-    except UserError as exc:
-        raise APIError(400, str(exc)) from None
+    except UserError as exc:  # the shared checks: ranges, finite numbers, seed width, stop strings
+        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
     return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
 
 

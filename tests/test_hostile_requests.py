@@ -1,0 +1,337 @@
+"""Hostile or careless requests: the Python API, `epinfer generate` flags and JSONL lines, and the
+HTTP server. Every bad value gets one clear line (exit 2) or an OpenAI error body (4xx); a request
+whose sampling fails (non-finite logits) fails alone; the server keeps serving in the same process."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from epinfer import LLM, SamplingParams
+from epinfer.cli import main
+from epinfer.errors import UserError
+from epinfer.runner.sampler import _filtered_probs, nonfinite_rows, sample_tokens
+from tests.serving import Served, post, sse_events
+
+# --- the shared validation ---------------------------------------------------------------------
+
+BAD_PARAMS = [
+    (dict(seed=2**64), "seed must be an integer in [0, 18446744073709551615]"),
+    (dict(seed=-1), "seed must be an integer in"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=True), "temperature must be a number"),
+    (dict(temperature="0.7"), "temperature must be a number"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(top_p=float("nan")), "top_p must be a finite number"),
+    (dict(top_k=-2), "top_k must be -1, 0 (off) or positive"),
+    (dict(top_k=2**40), "top_k must be -1, 0 (off) or positive"),
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(max_tokens="3"), "max_tokens must be an integer"),
+    (dict(stop=[""]), "stop strings must be non-empty"),
+    (dict(stop=["a\ud800"]), "stop is not valid Unicode"),
+    (dict(stop=["x"] * 33), "at most 32"),
+    (dict(stop=5), "stop must be a string or a list"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must be an integer >= 0"),
+    (dict(ignore_eos="yes"), "ignore_eos must be a boolean"),
+]
+
+
+@pytest.mark.parametrize("kwargs,fragment", BAD_PARAMS, ids=[repr(k) for k, _ in BAD_PARAMS])
+def test_sampling_params_validation(kwargs, fragment):
+    with pytest.raises(UserError) as err:
+        SamplingParams(**kwargs).resolved({})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sampling_params_accept_edges():
+    import numpy as np
+
+    p = SamplingParams(max_tokens=np.int64(3), temperature=1e-300, top_p=1.0, top_k=-1, seed=2**64 - 1,
+                       stop="ab").resolved({})
+    assert (p.max_tokens, p.seed, p.stop) == (3, 2**64 - 1, ["ab"]) and type(p.max_tokens) is int
+    with pytest.raises(UserError, match="top_k must be an integer"):  # a bad default is caught too
+        SamplingParams().resolved({"top_k": "20"})
+
+
+def test_sampler_survives_nonfinite_rows_and_extreme_temperatures():
+    """NaN / Inf rows are flagged and still draw (a stand-in distribution, no exception, batched or
+    one row at a time); a temperature below fp32's range is greedy, a huge finite one is finite."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40) * 4
+    logits[1, 3] = float("nan")
+    logits[3, 7] = float("inf")
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k).resolved({})
+              for t, p, k in [(1.0, 0.9, 0), (1.0, 1.0, 0), (1e-50, 1.0, 0), (0.7, 0.5, 5), (1e30, 1.0, 3)]]
+    bad = nonfinite_rows(logits)
+    assert bad.tolist() == [False, True, False, True, False]
+    for batched in (True, False):
+        gens = [torch.Generator().manual_seed(i) for i in range(5)]
+        tokens = sample_tokens(logits, params, gens if not batched else [None] * 5, batched)
+        assert tokens[2] == logits[2].argmax()  # 1e-50 is greedy, not NaN
+        assert all(0 <= t < 40 for t in tokens.tolist())
+    probs = _filtered_probs(logits, params, bad)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(5))
+    assert (probs[4] > 0).sum() == 3  # a huge temperature is uniform over the top-k, still finite
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    return LLM()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_nan_logits_fail_one_request_alone(async_scheduling, demo_llm):
+    """One request's logits turn NaN at its third token: it ends with an error naming the cause;
+    the others in the same steps (greedy, seeded, a 1e-50 temperature) are what they are alone."""
+    llm = LLM(async_scheduling=async_scheduling) if async_scheduling else demo_llm
+    runner = llm.engine.runner
+    execute, calls = runner.execute, [0]
+
+    def broken(plan, *args, **kwargs):
+        logits = execute(plan, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            logits = logits.clone()
+            logits[1] = float("nan")
+        return logits
+
+    prompts = ["Beautiful is", "Flat is", "Sparse"]
+    params = [SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=8, temperature=1.0, seed=3),
+              SamplingParams(max_tokens=8, temperature=1e-50, seed=1)]
+    runner.execute = broken
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        del runner.execute
+    assert outs[1].finish_reason == "error" and "non-finite logits" in outs[1].error and outs[1].nan_logits
+    assert len(outs[1].token_ids) == 2
+    alone = llm.generate([prompts[0], prompts[2]], [params[0], SamplingParams(max_tokens=8, temperature=0)])
+    assert [outs[0].token_ids, outs[2].token_ids] == [o.token_ids for o in alone]
+    assert all(o.finish_reason == "length" and o.error is None for o in (outs[0], outs[2]))
+    again = llm.generate(prompts[1], params[1])[0]  # the engine is fine afterwards
+    assert again.finish_reason == "length" and len(again.token_ids) == 8
+
+
+def test_api_prompt_types(demo_llm):
+    for prompt, fragment in [(["a", "b"], "must be a string or a list of token ids"),
+                             ([1, True], "must be a string or a list of token ids"),
+                             ("a\ud800", "prompt 0 is not valid Unicode"), (None, "must be a string")]:
+        with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+            demo_llm.generate([prompt], SamplingParams(max_tokens=2))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def cli_cases(tmp_path):
+    def jsonl(name: str, text: str | bytes):
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["--prompts-file", str(path)]
+
+    hi = ["--prompt", "hi"]
+    return [
+        ([*hi, "--seed", str(2**70)], "request 0: seed must be an integer in [0, 18446744073709551615]"),
+        ([*hi, "--prompt", "x", "--seed", str(2**64 - 1)], "request 1: seed must be an integer in"),
+        ([*hi, "--temperature", "nan"], "temperature must be a finite number, got nan"),
+        ([*hi, "--temperature", "inf"], "temperature must be a finite number, got inf"),
+        ([*hi, "--temperature", "-1"], "temperature must be >= 0"),
+        ([*hi, "--top-p", "0"], "top_p must be in (0, 1]"),
+        ([*hi, "--top-p", "nan"], "top_p must be a finite number"),
+        ([*hi, "--top-k", "-7"], "top_k must be -1, 0 (off) or positive"),
+        ([*hi, "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+        (jsonl("seed.jsonl", '{"prompt": "hi", "seed": 18446744073709551616}\n'), "seed.jsonl:1: seed must be"),
+        (jsonl("nan.jsonl", '{"prompt": "hi"}\n{"prompt": "hi", "temperature": NaN}\n'),
+         "nan.jsonl:2: temperature must be a finite number"),
+        (jsonl("inf.jsonl", '{"prompt": "hi", "top_p": Infinity}\n'), "inf.jsonl:1: top_p must be a finite"),
+        (jsonl("surrogate.jsonl", '{"prompt": "a\\ud800b"}\n'), "surrogate.jsonl:1: prompt is not valid Unicode"),
+        (["--prompt", "caf\udce9"], "--prompt number 1: prompt is not valid Unicode"),
+        (jsonl("stop.jsonl", '{"prompt": "hi", "stop": ["\\udfff"]}\n'), "stop is not valid Unicode"),
+        (jsonl("bytes.jsonl", b'{"prompt": "caf\xe9"}\n'), "bytes.jsonl: not UTF-8 text (byte 15)"),
+        (jsonl("deep.jsonl", "[" * 100_000 + "\n"), "deep.jsonl:1: malformed JSON"),
+        ([*hi, "--output", str(tmp_path / "missing" / "out.json")], "not a file in an existing folder"),
+        ([*hi, "--output", str(tmp_path)], "not a file in an existing folder"),
+    ]
+
+
+def test_generate_bad_flags_and_lines(tmp_path, capsys):
+    for argv, fragment in cli_cases(tmp_path):
+        code = main(["generate", *argv])
+        out, err = capsys.readouterr()
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and err.startswith("epinfer: error:") and fragment in err, (argv, err)
+        assert "Traceback" not in err and not out
+
+
+def test_generate_tiny_temperature_is_greedy(tmp_path, capsys):
+    outs = []
+    for temp in ("1e-50", "0"):
+        path = tmp_path / f"t{temp}.json"
+        assert main(["generate", "--prompt", "Beautiful is", "--max-tokens", "6", "--temperature", temp,
+                     "--seed", "5", "--output", str(path)]) == 0, capsys.readouterr().err
+        outs.append(json.loads(path.read_text())[0]["token_ids"])
+    assert outs[0] == outs[1]
+
+
+def test_generate_failed_request_keeps_the_others(tmp_path, capsys):
+    """dp=2 on Gloo: rank 0's first sampled row turns NaN at step 0 (`--fault nan-logits`); that
+    request fails with a line naming it, the others are written and equal the single-process run,
+    and the exit code says the run was not clean."""
+    prompts = ["Beautiful is", "Flat is", "Sparse is", "Now is"]
+    out = tmp_path / "out.json"
+    argv = ["generate", *sum((["--prompt", p] for p in prompts), []), "--max-tokens", "5", "--dp", "2",
+            "--temperature", "0", "--fault", "nan-logits", "--fault-rank", "0", "--fault-step", "0",
+            "--collective-timeout", "60", "--output", str(out)]
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert code == 1, err
+    records = json.loads(out.read_text())
+    assert records[0]["finish_reason"] == "error" and "non-finite logits" in records[0]["error"]
+    assert "epinfer: error: request 0 failed: the model produced non-finite logits" in err
+    want = LLM().generate(prompts[1:], SamplingParams(max_tokens=5, temperature=0))
+    assert [r["token_ids"] for r in records[1:]] == [w.token_ids for w in want]
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """dp=2 with async scheduling; rank 0's first sampled row at step 0 gets NaN logits."""
+    log = tmp_path_factory.mktemp("hostile") / "serve.log"
+    server = Served(["--dp", "2", "--max-num-seqs", "4", "--async-scheduling", "--fault", "nan-logits",
+                     "--fault-rank", "0", "--fault-step", "0"], log)
+    yield server
+    server.proc.terminate()
+    assert server.wait(60) == 0, server.output()
+
+
+def assert_error_body(r: httpx.Response, status: int, fragment: str = "") -> None:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and "\n" not in error["message"] and error["type"], error
+    assert fragment in error["message"], (fragment, error)
+
+
+def test_server_sampling_failure_fails_that_request_alone(hostile):
+    r = post(hostile.url, "/v1/completions", {"prompt": "Beautiful is", "max_tokens": 5, "temperature": 0})
+    assert_error_body(r, 500, "non-finite logits")
+    assert httpx.get(f"{hostile.url}/health").status_code == 200
+    ok = post(hostile.url, "/v1/completions", {"prompt": "Beautiful is", "max_tokens": 5, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+
+
+HOSTILE_BODIES = [
+    (b'{"prompt": "hi", "seed": 18446744073709551616}', 400, "seed must be an integer in"),
+    (b'{"prompt": "hi", "temperature": NaN}', 400, "NaN"),
+    (b'{"prompt": "hi", "temperature": Infinity}', 400, "Infinity"),
+    (b'{"prompt": "hi", "temperature": -Infinity}', 400, "-Infinity"),
+    (b'{"prompt": "hi", "temperature": 1e309}', 400, "overflows"),
+    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "malformed JSON"),
+    (b'{"prompt": "a\\ud800b"}', 400, "'prompt' is not valid Unicode"),
+    (b'{"prompt": "hi", "stop": ["\\ud800"]}', 400, "not valid Unicode"),
+    (b'{"prompt": "hi", "model": "\\udfff"}', 400, "'model' is not valid Unicode"),
+    (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400, "'messages' is not valid Unicode"),
+    (b"[" * 10_000 + b"]" * 10_000, 400, "nested too deeply"),
+    (b'{"prompt": "caf\xe9"}', 400, "malformed JSON"),
+    (b"\xff\xfe\x00garbage", 400, "malformed JSON"),
+    (b'{"prompt": "hi", "presence_penalty": 0.5}', 400, "'presence_penalty' is not supported"),
+    (b'{"prompt": "hi", "frequency_penalty": 3}', 400, "'frequency_penalty' must be in [-2, 2]"),
+    (b'{"prompt": "hi", "repetition_penalty": 0}', 400, "'repetition_penalty' must be in"),
+    (b'{"prompt": "hi", "top_k": 4294967296}', 400, "top_k must be"),
+    (b'{"prompt": "hi", "stop": ' + json.dumps(["s"] * 40).encode() + b"}", 400, "at most 32"),
+]
+
+
+def test_server_hostile_bodies(hostile):
+    pid = hostile.proc.pid
+    for body, status, fragment in HOSTILE_BODIES:
+        path = "/v1/chat/completions" if b'"messages"' in body else "/v1/completions"
+        assert_error_body(post(hostile.url, path, body), status, fragment)
+    for body in (b'{"prompt": "hi", "max_tokens": 3, "temperature": 1e-50, "seed": 1}',
+                 b'{"prompt": "hi", "max_tokens": 3, "presence_penalty": 0, "repetition_penalty": 1}'):
+        assert post(hostile.url, "/v1/completions", body).status_code == 200
+    r = httpx.get(f"{hostile.url}/v1/nowhere")
+    assert_error_body(r, 404)
+    assert_error_body(httpx.get(f"{hostile.url}/v1/completions"), 405)
+    too_big = b'{"prompt": "' + b"x" * (2**20 + 10) + b'"}'
+    assert_error_body(post(hostile.url, "/v1/completions", too_big), 413, "exceeds 1048576 bytes")
+
+    def chunks():  # no Content-Length: refused while it streams in
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = httpx.post(f"{hostile.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_error_body(r, 413, "exceeds 1048576 bytes")
+    ok = post(hostile.url, "/v1/completions", {"prompt": "Flat is", "max_tokens": 4})
+    assert ok.status_code == 200 and hostile.proc.pid == pid and hostile.proc.poll() is None
+
+
+def test_health_answers_while_a_large_prompt_is_tokenized(hostile):
+    """A prompt string at the body limit takes seconds to tokenize (then is refused as too long):
+    /health keeps answering within 1 s all the while."""
+    words = "Beautiful is better than ugly. " * (2**20 // 31 - 1)
+    body = json.dumps({"prompt": words, "max_tokens": 2})
+    assert len(body) < 2**20
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(r=post(hostile.url, "/v1/completions", body)))
+    worker.start()
+    slowest, polls = 0.0, 0
+    while worker.is_alive():
+        t = time.monotonic()
+        assert httpx.get(f"{hostile.url}/health", timeout=10).status_code == 200
+        slowest, polls = max(slowest, time.monotonic() - t), polls + 1
+        time.sleep(0.05)
+    worker.join()
+    assert_error_body(result["r"], 400, "maximum context length is 1024")
+    assert polls >= 3 and slowest < 1.0, (polls, slowest)
+
+
+def random_body(rng: random.Random) -> bytes:
+    values = [None, True, False, 0, 1, -1, 3, 2**31, 2**64, -(2**63), 0.5, 1e-50, 1e300, -0.0, "", "x",
+              "\ud800", "Beautiful", [], [1, 2], [[1]], ["a", 3], {}, {"a": 1}, "a" * 3000, [5] * 2000]
+    fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+              "stream_options", "logprobs", "top_logprobs", "ignore_eos", "model", "presence_penalty",
+              "max_completion_tokens", "echo", "user"]
+    kind = rng.random()
+    if kind < 0.1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+    body = {"prompt": "Beautiful is"} if rng.random() < 0.5 else {}
+    for key in rng.sample(fields, rng.randrange(1, 6)):
+        body[key] = rng.choice(values)
+    if rng.random() < 0.9:
+        body["max_tokens"] = rng.choice([1, 2, 3, 0, -1, "2", None])
+    text = json.dumps(body)
+    if kind < 0.2:  # a non-finite literal or a cut
+        text = text.replace("0.5", rng.choice(["NaN", "Infinity", "1e999"])) if rng.random() < 0.5 \
+            else text[: rng.randrange(len(text))]
+    return text.encode()
+
+
+def test_server_fuzz_keeps_serving(hostile):
+    """200 random bodies (fixed seed): every answer is 200 or a 4xx with an OpenAI error body; then a
+    normal request still succeeds on the same process and /health is 200."""
+    rng = random.Random(1234)
+    pid = hostile.proc.pid
+    seen = set()
+    for i in range(200):
+        body = random_body(rng)
+        path = "/v1/chat/completions" if i % 3 == 0 else "/v1/completions"
+        r = post(hostile.url, path, body, timeout=60)
+        seen.add(r.status_code)
+        if r.status_code != 200:
+            assert r.status_code in (400, 404, 413), (body[:200], r.status_code, r.text[:300])
+            assert_error_body(r, r.status_code)
+    assert 200 in seen and 400 in seen
+    r = post(hostile.url, "/v1/completions", {"prompt": "Sparse is", "max_tokens": 3, "stream": True})
+    events = list(sse_events(r)) if r.status_code == 200 else []
+    assert events and all("error" not in e for e in events)
+    assert httpx.get(f"{hostile.url}/health").status_code == 200 and hostile.proc.pid == pid
