@@ -16,7 +16,7 @@ import json
 import torch
 import triton.testing
 
-from epinfer.layers import paged_attention as pa
+from epinfer.kernels import paged_attention as pa
 
 SPLITS = {1: (4, 8, 16, 32, 64), 8: (1, 2, 4, 8, 16), 64: (1, 2, 4), 256: (1, 2)}
 TILES = [{"BLOCK_N": bn, "num_warps": w, "num_stages": 2} for bn, w in itertools.product((32, 64, 128), (2, 4))]

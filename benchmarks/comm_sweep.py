@@ -1,6 +1,7 @@
 """Latency of the MoE dispatch / combine collectives at decode sizes on the GPUs of one machine:
 NCCL eagerly and inside a CUDA graph against PyTorch symmetric memory without multicast (peer
-pointers over NVLink). Decides whether epinfer's communicator gets a symmetric-memory path (issue 6).
+pointers over NVLink): the measurement behind epinfer's experimental symmetric-memory path
+(EPINFER_SYMM_MEM=1).
 
 Per rows (x [rows, D] bf16 on each rank):
   nccl_ag / nccl_rs        all_gather_into_tensor / reduce_scatter_tensor (graph-replayed)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from epinfer.layers import small_gemm
+from epinfer.kernels import small_gemm
 
 SHAPES = {"qkv 30B": (5120, 2048), "o 30B": (2048, 4096), "router 30B": (128, 2048), "lm_head": (151936, 2048)}
 TILES = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": w}

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from epinfer import LLM, SamplingParams
-from epinfer.distributed.launch import launch
-from epinfer.distributed.worker import Job
+from epinfer.core.env import SWITCHES
 from epinfer.engine.engine import EngineConfig
+from epinfer.runtime.job import Job
+from epinfer.runtime.launch import launch
+from epinfer.runtime.lockstep import GenerateMode
 
 PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i in range(140)],
            [2, 7, 1, 8, 2, 8, 1, 8, 2]]
@@ -43,8 +45,8 @@ def main(paths: list[str]) -> int:
         dispatchers = os.environ.get("DISPATCH", "agrs,alltoall,naive").split(",")
         for (dp, tp), dispatch, pad in itertools.product(layouts, dispatchers, ("uniform", "none")):
             dumps = tempfile.mkdtemp()
-            job = Job(EngineConfig(model=path, **ecfg), dp, tp, dispatch, pad, prompts=PROMPTS,
-                      params=params, dump_dir=dumps)
+            job = Job(EngineConfig(model=path, **ecfg, parallel_graphs=SWITCHES.parallel_graphs), dp, tp, dispatch,
+                      pad, dump_dir=dumps, symm_mem=SWITCHES.symm_mem, mode=GenerateMode(PROMPTS, params))
             t0 = time.time()
             out = [o.token_ids for o in launch(job)]
             ok = out == ref

@@ -20,14 +20,14 @@ for T in (1, 64, 256, 4096):
     x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
     w, ids = route(torch.randn(T, E, device=dev), K, True)
     w = w.to(torch.bfloat16)
-    moe.GROUPED_MM[0] = False
+    moe.GROUPED_MM = False
     ref = experts(x, w, ids)
-    moe.GROUPED_MM[0] = True
+    moe.GROUPED_MM = True
     out = experts(x, w, ids)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     times = {}
     for flag in (False, True):
-        moe.GROUPED_MM[0] = flag
+        moe.GROUPED_MM = flag
         experts(x, w, ids)
         torch.cuda.synchronize()
         t = time.perf_counter()

@@ -23,9 +23,10 @@ from epinfer import SamplingParams
 from epinfer.diagnostics.ledger import Ledger, read_dump
 from epinfer.distributed.communicator import CollectiveCall
 from epinfer.distributed.groups import Group
-from epinfer.distributed.launch import launch
-from epinfer.distributed.worker import Job
 from epinfer.engine.engine import EngineConfig
+from epinfer.runtime.job import Job
+from epinfer.runtime.launch import launch
+from epinfer.runtime.lockstep import GenerateMode
 
 
 def hook_cost_us(n: int = 200_000) -> float:
@@ -67,8 +68,8 @@ def main() -> None:
         prompts = [torch.randint(1, vocab, (args.input_len,), generator=gen).tolist() for _ in range(args.batch)]
         params = [SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)] * args.batch
         dump = Path(tmp, "dumps")
-        job = Job(ecfg, args.dp, args.tp, prompts=prompts, params=params, dump_dir=str(dump),
-                  check_collectives=args.check_collectives)
+        job = Job(ecfg, args.dp, args.tp, dump_dir=str(dump), check_collectives=args.check_collectives,
+                  mode=GenerateMode(prompts, params))
         launch(job)
         header, entries = read_dump(dump / "rank0.jsonl")
     syncs = [e["t0"] for e in entries if e["label"] == "dp.sync"]

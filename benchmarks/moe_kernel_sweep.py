@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.testing
 
-from epinfer.bench import shape_folder
-from epinfer.config import ModelConfig
-from epinfer.layers import moe_triton
+from epinfer.bench.single import shape_folder
+from epinfer.core.config import ModelConfig
+from epinfer.kernels import moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
 TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (2, 3, 4), (2, 4, 8))

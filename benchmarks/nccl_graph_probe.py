@@ -1,4 +1,4 @@
-"""Why did decode steps with the MoE collectives captured in CUDA graphs hang on 2 H200s? Stage by
+"""Do decode steps with the MoE collectives captured in CUDA graphs complete on NCCL? Stage by
 stage, with a timestamped line per phase and every thread's Python stack if a stage stalls:
 
   1. c10d all-gather + reduce-scatter eager (the dispatcher's pattern, bf16, NCCL)
@@ -9,7 +9,7 @@ stage, with a timestamped line per phase and every thread's Python stack if a st
         [--epinfer CKPT]
 
 `--graph-register 0` sets NCCL_GRAPH_REGISTER=0 (NCCL registers captured buffers with the peers
-otherwise), one suspect for the hang.
+otherwise), one suspect when a captured collective never completes.
 """
 
 from __future__ import annotations
@@ -83,16 +83,16 @@ def main() -> int:
     port = 29000 + os.getpid() % 1000
     mp.spawn(probe, args=(2, port, args.mode), nprocs=2, join=True)
     if args.epinfer:
-        os.environ["EPINFER_PARALLEL_GRAPHS"] = "1"
         os.environ["EPINFER_STACKS_AFTER"] = str(STALL_S)
         from epinfer import SamplingParams
-        from epinfer.distributed.launch import launch
-        from epinfer.distributed.worker import Job
         from epinfer.engine.engine import EngineConfig
+        from epinfer.runtime.job import Job
+        from epinfer.runtime.launch import launch
+        from epinfer.runtime.lockstep import GenerateMode
 
         params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * 2
-        job = Job(EngineConfig(model=args.epinfer, dtype="float32", device="cuda"), 2, 1, "agrs", "uniform",
-                  prompts=[[1, 2, 3], [4, 5]], params=params, collective_timeout=20)
+        job = Job(EngineConfig(model=args.epinfer, dtype="float32", device="cuda", parallel_graphs=True), 2, 1,
+                  "agrs", "uniform", collective_timeout=20, mode=GenerateMode([[1, 2, 3], [4, 5]], params))
         outs = launch(job)
         say(0, f"3. epinfer dp=2 with graphs: {[o.token_ids for o in outs]}")
     return 0

@@ -1,6 +1,6 @@
 """Where a prefill step's time goes: `BATCH` random prompts of `LEN` tokens prefilled in one step,
 timed twice (the second is reported), then profiled once: wall time, device-busy time, time per
-model part and the top kernels. For the prefill target of issue 5 (8 x 2048 tokens).
+model part and the top kernels. The default is the prefill figure of RESULTS.md (8 x 2048 tokens).
 
     python benchmarks/prefill_profile.py [--shape qwen3-30b-a3b] [--layers 8] [--batch 8] [--len 2048]
 """
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from epinfer.bench import ceilings, prefill_flops_per_token, shape_folder, submit_random, warm_up
+from epinfer.bench.profiling import _by_part, _kernel_time, _profile_steps, _ranges, top_kernels
+from epinfer.bench.single import ceilings, prefill_flops_per_token, shape_folder, submit_random, warm_up
 from epinfer.engine.engine import Engine, EngineConfig
-from epinfer.profiling import _by_part, _kernel_time, _profile_steps, _ranges, top_kernels
 
 
 def main() -> int:

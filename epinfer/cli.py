@@ -12,13 +12,17 @@ import signal
 import sys
 from pathlib import Path
 
+from epinfer.core.env import SWITCHES
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import check_text
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.distributed.groups import check_layout
-from epinfer.distributed.launch import RunFailed, under_torchrun
-from epinfer.engine.sampling_params import check_text
-from epinfer.errors import UserError
+from epinfer.distributed.parallel import DISPATCHERS, PADDING_MODES
+from epinfer.engine.engine import EngineConfig
 from epinfer.progress import ProgressBar
+from epinfer.runtime.job import Job
+from epinfer.runtime.launch import RunFailed, under_torchrun
 
 MAX_FAILURE_LINES = 5
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
@@ -55,17 +59,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """The layout and diagnostics flags, the same for generate, serve and bench."""
     par = p.add_argument_group("parallelism")
     par.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
-    par.add_argument("--dispatch", default="agrs", help="MoE dispatcher: agrs | alltoall | naive")
-    par.add_argument("--dp-padding", default="uniform", help="uniform | none")
+    par.add_argument("--dispatch", default="agrs", choices=DISPATCHERS, help="MoE dispatcher")
+    par.add_argument("--dp-padding", default="uniform", choices=PADDING_MODES,
+                     help="uniform: every replica runs the largest step; none: per-rank sizes")
     par.add_argument("--no-expert-parallel", action="store_true",
                      help="TP-shard the experts inside each replica instead of EP over all ranks")
     par.add_argument("--poison-pads", action="store_true",
                      help="debug: fill padding rows and never-written cache entries with NaN")
     par.add_argument("--collective-timeout", type=float, default=None,
                      help="seconds before a stuck collective fails the run (default 60 CPU, 600 GPU)")
+    par.add_argument("--parallel-graphs", action=argparse.BooleanOptionalAction, default=SWITCHES.parallel_graphs,
+                     help="experimental: decode CUDA graphs that hold the MoE / TP collectives (default: "
+                          "EPINFER_PARALLEL_GRAPHS)")
+    par.add_argument("--symm-mem", action=argparse.BooleanOptionalAction, default=SWITCHES.symm_mem,
+                     help="experimental: small TP / EP collectives through symmetric memory on CUDA (default: "
+                          "EPINFER_SYMM_MEM)")
     diag = p.add_argument_group("diagnostics")
     diag.add_argument("--dump-dir", default=None,
                       help="every rank writes its collective ledger here at exit (default: only on "
@@ -80,11 +96,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     diag.add_argument("--fault-delay", type=float, default=2.0)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
-                async_scheduling=args.async_scheduling, random_weights=args.random_weights)
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """generate / serve: the engine flags."""
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
+                        async_scheduling=args.async_scheduling, random_weights=args.random_weights,
+                        parallel_graphs=args.parallel_graphs)
+
+
+def build_job(args: argparse.Namespace, engine: EngineConfig, mode=None) -> Job:
+    """The one description of a run from the flags, for generate, serve and bench."""
+    return Job(engine, args.dp, args.tp, args.dispatch, args.dp_padding, not args.no_expert_parallel,
+               args.poison_pads, args.collective_timeout, dump_dir=args.dump_dir,
+               check_collectives=args.check_collectives, check_numerics=args.check_numerics,
+               symm_mem=args.symm_mem, symm_mem_bytes=SWITCHES.symm_mem_bytes if args.symm_mem else 1 << 20,
+               fault=args.fault, fault_rank=args.fault_rank, fault_step=args.fault_step,
+               fault_delay=args.fault_delay, mode=mode)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,18 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--async-scheduling", action="store_true", help="plan step n+1 while step n runs")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="share of GPU memory for weights + caches")
-    bench.add_argument("--dp", type=int, default=1, help="data-parallel replicas (spawned ranks)")
-    bench.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
-    bench.add_argument("--dispatch", default="agrs", help="MoE dispatcher: agrs | alltoall | naive")
-    bench.add_argument("--dp-padding", default="uniform", help="uniform | none")
-    bench.add_argument("--no-expert-parallel", action="store_true",
-                       help="TP-shard the experts inside each replica instead of EP over all ranks")
     bench.add_argument("--replica-batch", default=None,
                        help="requests per DP replica, e.g. 64,8 (imbalanced load; replaces --batch)")
     bench.add_argument("--trace", default=None, metavar="DIR",
                        help="write each batch's profiled decode steps as a Chrome trace (all ranks in one file)")
     bench.add_argument("--json", action="store_true", help="one JSON record per configuration")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_parallel_args(bench)
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
     add_engine_args(srv)
     add_serve_args(srv)
@@ -224,16 +247,10 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UserError(f"{req.get('where', f'request {i}')}: {exc}") from None
     prompts = [r.get("prompt", r.get("prompt_token_ids")) for r in requests]
     if args.dp * args.tp > 1 or under_torchrun():
-        from epinfer.distributed.launch import launch, run_torchrun
-        from epinfer.distributed.worker import Job
-        from epinfer.engine.engine import EngineConfig
+        from epinfer.runtime.launch import launch, run_torchrun
+        from epinfer.runtime.lockstep import GenerateMode
 
-        job = Job(EngineConfig(model=args.model, **engine_kwargs(args)), args.dp, args.tp,
-                  args.dispatch, args.dp_padding, not args.no_expert_parallel, args.poison_pads,
-                  args.collective_timeout, prompts, params, args.dump_dir,
-                  check_collectives=args.check_collectives, check_numerics=args.check_numerics,
-                  fault=args.fault, fault_rank=args.fault_rank, fault_step=args.fault_step,
-                  fault_delay=args.fault_delay)
+        job = build_job(args, engine_config(args), GenerateMode(prompts, params))
         bar = None if under_torchrun() else ProgressBar.for_terminal(len(prompts))
         try:
             outputs = run_torchrun(job) if under_torchrun() else launch(job, bar)
@@ -243,7 +260,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if outputs is None:  # a torchrun rank other than 0
             return 0
     else:
-        llm = LLM(args.model, **engine_kwargs(args))
+        llm = LLM(engine=engine_config(args))
         bar = ProgressBar.for_terminal(len(prompts))
         outputs = llm.generate(prompts, params, progress=bar.update if bar else None)
         if bar is not None:
@@ -260,7 +277,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"epinfer: error: ... and {len(failed) - MAX_FAILURE_LINES} more failed requests", file=sys.stderr)
         return 1
     if args.compare_single:
-        single = LLM(args.model, **engine_kwargs(args)).generate(prompts, params)
+        single = LLM(engine=engine_config(args)).generate(prompts, params)
         same = sum(a.token_ids == b.token_ids for a, b in zip(outputs, single, strict=True))
         layout = f"dp={args.dp} tp={args.tp} ep={args.dp * args.tp if not args.no_expert_parallel else 1}"
         verdict = "yes" if same == len(single) else "NO"
@@ -293,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":
-            from epinfer.bench import bench, format_table
+            from epinfer.bench.single import bench, format_table
 
             if not args.batch and not args.replica_batch:
                 raise UserError("give at least one --batch B (or --replica-batch N0,N1,... with --dp)")
             if any(b < 1 for b in args.batch or []) or args.input_len < 1 or args.output_len < 1:
                 raise UserError("--batch, --input-len and --output-len must be >= 1")
             if args.dp * args.tp > 1 or args.replica_batch:
-                from epinfer.bench import bench_parallel
+                from epinfer.bench.parallel import bench_parallel
 
                 replica = None
                 if args.replica_batch:
@@ -308,10 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                         replica = [int(x) for x in args.replica_batch.split(",")]
                     except ValueError:
                         raise UserError(f"--replica-batch {args.replica_batch!r}: give counts like 64,8") from None
-                records = bench_parallel(args.shape, args.batch, args.input_len, args.output_len, args.layers,
-                                         args.device, args.dtype, args.dp, args.tp, args.dispatch, args.dp_padding,
-                                         replica, not args.enforce_eager, args.gpu_memory_utilization,
-                                         args.async_scheduling, not args.no_expert_parallel, args.trace)
+                engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
+                                      gpu_memory_utilization=args.gpu_memory_utilization,
+                                      async_scheduling=args.async_scheduling, parallel_graphs=args.parallel_graphs)
+                records = bench_parallel(build_job(args, engine), args.shape, args.batch, args.input_len,
+                                         args.output_len, args.layers, replica, args.trace)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
                     raise
                 raise UserError(f"epinfer serve needs {exc.name}: pip install 'epinfer[serve]'") from None
-            return serve(args, engine_kwargs(args))
+            return serve(args, build_job(args, engine_config(args)))
         if args.command == "doctor":
             from epinfer.diagnostics.doctor import main as doctor
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from epinfer.distributed.communicator import row_layout, row_views
-from epinfer.layers import gdn_ops, paged_attention
+from epinfer.kernels import gdn_ops, paged_attention
 from tests.test_decode_path import paged_case
 
 torch.manual_seed(0)
@@ -44,7 +44,7 @@ args, expected = paged_case([1, 5, 17, 0, 12], H=4, KVH=2, hd=16, bs=4)
 out = paged_attention._decode_triton(*args, 16**-0.5)
 print("attn", (out - expected).abs().max().item())
 # decode MoE: one group per pair, and one group per used expert (with another rank's experts in the mix)
-from epinfer.layers import moe_triton, norm_triton  # noqa: E402
+from epinfer.kernels import moe_triton, norm_triton  # noqa: E402
 from epinfer.layers.moe import FusedExperts, permute_pairs  # noqa: E402
 from epinfer.layers.norm import add_rms_norm, gated_rms_norm  # noqa: E402
 

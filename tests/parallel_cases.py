@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from epinfer.distributed.worker import Job, make_context, run_requests
 from epinfer.engine.engine import Engine, EngineConfig
+from epinfer.runtime.job import Job
+from epinfer.runtime.lockstep import run_requests
+from epinfer.runtime.worker import make_context
 
 # (dp, tp) -> member ranks of the 4-rank world
 LAYOUTS = {(1, 1): [0], (2, 1): [0, 1], (1, 2): [2, 3], (2, 2): [0, 1, 2, 3]}

@@ -15,8 +15,10 @@ import dataclasses
 
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.distributed.dp_sync import DPCoordinator
-from epinfer.distributed.worker import Job, lockstep_step, make_context
 from epinfer.engine.engine import Engine, EngineConfig
+from epinfer.runtime.job import Job
+from epinfer.runtime.lockstep import lockstep_step
+from epinfer.runtime.worker import make_context
 
 
 @dataclasses.dataclass
@@ -36,7 +38,7 @@ def run_stress(rank: int, world: int, payload) -> dict:
     for dispatch, padding in variants:  # group creation is collective: same order on every rank
         ctx = make_context(Job(EngineConfig(), 2, 2, dispatch, padding), "gloo")
         ledger = Ledger({"rank": rank})
-        ctx.comm.hooks.append(ledger)
+        ctx.comm.add_plugin(ledger)
         contexts[(dispatch, padding)] = ctx
         ledgers[(dispatch, padding)] = ledger
     outputs = {}

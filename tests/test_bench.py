@@ -6,9 +6,12 @@ import json
 
 import pytest
 
-from epinfer.bench import SHAPES, bench, bench_parallel, decode_bytes, prefill_flops_per_token
-from epinfer.config import ModelConfig
-from epinfer.errors import UserError
+from epinfer.bench.parallel import bench_parallel
+from epinfer.bench.single import SHAPES, bench, decode_bytes, prefill_flops_per_token
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+from epinfer.engine.engine import EngineConfig
+from epinfer.runtime.job import Job
 from tests.checkpoints import tiny_config
 
 
@@ -74,7 +77,7 @@ def test_unknown_shape():
 
 
 def test_p90_is_nearest_rank():
-    from epinfer.bench import p90
+    from epinfer.bench.single import p90
 
     assert p90([3.0, 1.0]) == 3.0 and p90([5.0]) == 5.0 and p90([float(i) for i in range(10)]) == 8.0
 
@@ -103,7 +106,7 @@ def test_layers_out_of_range(capsys, layers):
 def test_weight_bytes_of_the_30b_shape(tmp_path):
     import torch
 
-    from epinfer.bench import shape_folder
+    from epinfer.bench.single import shape_folder
     from epinfer.runner.model_runner import weight_bytes
 
     cfg = ModelConfig.from_dir(shape_folder("qwen3-30b-a3b", None, str(tmp_path)))
@@ -132,7 +135,8 @@ def test_bench_parallel_records(tmp_path):
     """`epinfer bench --dp/--tp` on CPU (Gloo): per-rank step times, padding waste that follows
     from the DP decisions, collective time and skew per kind, for round-robin and fixed loads."""
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
-    recs = bench_parallel(str(tmp_path), [3, 4], 12, 10, None, "cpu", "float32", dp=2, tp=2)
+    cpu = EngineConfig(device="cpu", dtype="float32")
+    recs = bench_parallel(Job(cpu, 2, 2), str(tmp_path), [3, 4], 12, 10, None)
     assert [r["batch"] for r in recs] == [3, 4] and [r["replica_batch"] for r in recs] == [[2, 1], [2, 2]]
     # uniform padding, TP 2: both replicas run 2 rows; 3 real of 4 rows, then 4 of 4
     assert recs[0]["pad_waste"] == 0.25 and recs[1]["pad_waste"] == 0.0
@@ -142,12 +146,11 @@ def test_bench_parallel_records(tmp_path):
         assert {"dispatch", "combine", "dp_sync", "tp_plan"} <= set(r["collective_ms_by_rank"][0])
         assert {"dispatch", "dp_sync"} <= set(r["skew_ms"]) and r["skew_ms"]["dispatch"]["max"] >= 0
     json.dumps(recs)
-    fixed = bench_parallel(str(tmp_path), [], 12, 10, None, "cpu", "float32", dp=2, tp=1, dp_padding="none",
-                           replica_batch=[3, 1])
+    fixed = bench_parallel(Job(cpu, 2, 1, dp_padding="none"), str(tmp_path), [], 12, 10, None, replica_batch=[3, 1])
     assert fixed[0]["replica_batch"] == [3, 1] and fixed[0]["pad_waste"] == 0.0  # rows = tokens per replica
     # --no-expert-parallel: TP-sharded experts, summed by a TP all-reduce; no dispatch at all
     # (with --trace: the profiled steps of both ranks in one Chrome trace, on the host here)
-    tp_only = bench_parallel(str(tmp_path), [1], 12, 16, None, "cpu", "float32", dp=1, tp=2, expert_parallel=False,
+    tp_only = bench_parallel(Job(cpu, 1, 2, expert_parallel=False), str(tmp_path), [1], 12, 16, None,
                              trace=str(tmp_path / "trace"))
     assert tp_only[0]["ep"] == 1 and tp_only[0]["pad_waste"] == 0.0
     assert "tp_collectives" in tp_only[0]["collective_ms_by_rank"][0]
@@ -169,9 +172,9 @@ def assert_ranks_traced(path, ranks: int) -> None:
 def test_breakdown_runs_on_a_decoding_engine(tmp_path):
     """The profiler breakdown's plumbing (module ranges, the sampling range, the comm hook) on CPU,
     where device times are zero; on CUDA `epinfer bench` reports it per batch."""
+    from epinfer.bench.profiling import breakdown
+    from epinfer.core.sampling_params import SamplingParams
     from epinfer.engine.engine import Engine, EngineConfig
-    from epinfer.engine.sampling_params import SamplingParams
-    from epinfer.profiling import breakdown
 
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
     engine = Engine(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu", random_weights=True))
@@ -191,7 +194,7 @@ def test_breakdown_attributes_kernels_by_device_span():
 
     import torch
 
-    from epinfer.profiling import _by_device_span, _device_work
+    from epinfer.bench.profiling import _by_device_span, _device_work
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 

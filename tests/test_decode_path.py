@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from epinfer.core.sampling_params import SamplingParams
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.engine import Engine, EngineConfig
-from epinfer.engine.sampling_params import SamplingParams
-from epinfer.layers.paged_attention import decode_attention_reference
+from epinfer.kernels.paged_attention import decode_attention_reference
 from epinfer.runner.cuda_graphs import buckets_up_to
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], list(range(10, 80)), [200, 100, 50], [9]]

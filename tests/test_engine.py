@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from epinfer import LLM, SamplingParams
-from epinfer.errors import UserError
+from epinfer.core.errors import UserError
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 P1 = [5, 17, 99, 3, 250, 41, 7]

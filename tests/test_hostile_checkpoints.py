@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from epinfer.checkpoint_files import MAX_JSON_BYTES
 from epinfer.cli import main
-from epinfer.config import ModelConfig
+from epinfer.core.checkpoint_files import MAX_JSON_BYTES
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
 from epinfer.engine.engine import DEMO_MODEL, load_generation_defaults
-from epinfer.errors import UserError
 
 NAN, INF = math.nan, math.inf
 DROP = object()  # config_set value: remove the field
@@ -381,7 +381,7 @@ def test_fuzzed_config_parses_or_fails_in_one_line(sources, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_fuzzed_generation_config_loads_or_fails_in_one_line(tmp_path):
-    from epinfer.engine.sampling_params import SamplingParams
+    from epinfer.core.sampling_params import SamplingParams
 
     rng = random.Random(4321)
     base = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": [1, 2]}

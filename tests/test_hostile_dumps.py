@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from epinfer import cli
+from epinfer.core.errors import UserError
 from epinfer.diagnostics import dump_format
 from epinfer.diagnostics.ledger import read_dump
-from epinfer.errors import UserError
 
 T_START = 1_764_300_000.0
 GRAPH = "decode.b2"

@@ -15,7 +15,7 @@ import torch
 
 from epinfer import LLM, SamplingParams
 from epinfer.cli import main
-from epinfer.errors import UserError
+from epinfer.core.errors import UserError
 from epinfer.runner.sampler import _filtered_probs, nonfinite_rows, sample_tokens
 from tests.serving import Served, post, sse_events
 

@@ -6,12 +6,13 @@ import json
 
 import torch
 
+from epinfer.core.sampling_params import SamplingParams
 from epinfer.distributed.communicator import pack_rows, row_views
 from epinfer.distributed.dp_sync import decide
 from epinfer.distributed.parallel import split_evenly
-from epinfer.engine.cache import CacheAllocator, CacheLayout
-from epinfer.engine.sampling_params import SamplingParams
+from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.scheduler import Scheduler, Sequence
+from epinfer.runner.cache import CacheLayout
 
 
 def test_decision_uniform_and_variable():
@@ -119,7 +120,7 @@ def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
     for rank in range(2):
         comm = Communicator()
         ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1]}})
-        comm.hooks.append(ledger)
+        comm.add_plugin(ledger)
         x = torch.zeros(2, 4)
 
         def forward(c=comm, t=x):
@@ -169,7 +170,7 @@ def test_doctor_places_a_hang_inside_a_graph_replay(tmp_path):
     for rank in range(2):
         comm = Communicator()
         ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1], "graph": [0, 1]}})
-        comm.hooks.append(ledger)
+        comm.add_plugin(ledger)
         schedule = []
         with comm.recording(schedule):
             for layer in range(2):
@@ -195,7 +196,7 @@ def test_doctor_names_the_rank_that_raised(tmp_path):
     for rank in range(2):
         comm = Communicator()
         ledger = Ledger({"rank": rank, "world": 2, "groups": {"ep": [0, 1]}})
-        comm.hooks.append(ledger)
+        comm.add_plugin(ledger)
         comm.step = 4
         comm._run("all_gather", "layer.0.moe.dispatch", ep, [torch.zeros(2, 4)], lambda: None)
         if rank == 1:
@@ -270,7 +271,7 @@ def test_watchdog_names_a_replay_against_eager_mismatch():
     comms, ledgers = [], []
     for _ in range(2):
         comm, ledger = Communicator(), Ledger({"rank": 0, "world": 2, "groups": groups})
-        comm.hooks.append(ledger)
+        comm.add_plugin(ledger)
         comm.step = 0
         for i in range(4):  # an eager step on both ranks: ep seqs 0-3
             comm._run("all_gather", f"layer.{i}.moe.dispatch", ep, [t], lambda: None)

@@ -1,13 +1,13 @@
 """`epinfer doctor DIR`: reads every rank's ledger dump and says where the run went wrong.
 
 Verdicts, the first that applies: `mismatch` (ranks disagree in op, label, shape or sizes at the
-same group and seq) > `error` (a rank stopped on an exception: its header's status is `error` and
-its reason names the exception) > `crash` (a rank died: its dump is missing) > `hang` (some ranks
-never arrived at a collective the others entered) > `ok`. Culprits of a mismatch are the ranks whose
-entry differs from the majority (the schedule the step's DP decision implies; every other rank
-followed it). Stragglers: per rank, the largest lag at one collective behind the median of the
-others, listed above 0.5 s. Also writes `trace.json` (Chrome / Perfetto, a track per rank) and
-`timeline.png` (swimlanes of the last seconds) into DIR.
+same group and seq) > `crash` (a rank died: its dump is missing; survivors' errors are its
+consequence) > `error` (a rank stopped on an exception: its header's status is `error` and its
+reason names the exception) > `hang` (some ranks never arrived at a collective the others entered) >
+`ok`. Culprits of a mismatch are the ranks whose entry differs from the majority (the schedule the
+step's DP decision implies; every other rank followed it). Stragglers: per rank, the largest lag at
+one collective behind the median of the others, listed above 0.5 s. Also writes `trace.json` (Chrome
+/ Perfetto, a track per rank) and `timeline.png` (swimlanes of the last seconds) into DIR.
 
 The folder is read through `dump_format`: a malformed dump is one UserError line naming the file
 and the fault; a rank file whose last line is cut off (the rank was killed while writing) is used
@@ -92,8 +92,16 @@ def analyse(folder: Path) -> dict:
         result["summary"] = (f"Collective mismatch in group {group} at seq {seq} (step {ref['step']}): "
                              f"ranks {majority} issued {ref['op']} {ref['label']} {ref['shapes']}, but {odd}. "
                              f"Ranks {culprits} broke the schedule the step's DP decision implies.")
+    elif missing:
+        group, seq, entry = first_pending(by_group, prefer="ep", involving=missing, members=members)
+        result.update(verdict="crash", culprit_ranks=missing, group=group, seq=seq,
+                      label=entry and entry["label"], step=entry and entry["step"])
+        where = f"{entry['label']} ({group} seq {seq}, step {entry['step']})" if entry else "no collective"
+        result["summary"] = (f"Ranks {missing} died (no dump). The survivors were waiting for them in "
+                             f"{where}; that is the last step the dead ranks reached.")
     elif errored := sorted(r for r, h in headers.items() if h.get("status") == "error"):
-        # a rank raised (a kernel error, a bug): the others then wait for it, which alone reads as a hang
+        # a rank raised (a kernel error, a bug) while all lived: the others then wait for it, which
+        # alone reads as a hang
         group, seq, entry = first_pending(by_group, members=members)
         first = errored[0]
         reason = " ".join(str(headers[first].get("reason") or "an exception").split())[:300]
@@ -102,13 +110,6 @@ def analyse(folder: Path) -> dict:
         waiting = f" The other ranks were waiting in {entry['label']} ({group} seq {seq})." if entry else ""
         result["summary"] = (f"Rank {first} stopped on an error at step {headers[first]['step']}: {reason}."
                              f"{waiting}")
-    elif missing:
-        group, seq, entry = first_pending(by_group, prefer="ep", involving=missing, members=members)
-        result.update(verdict="crash", culprit_ranks=missing, group=group, seq=seq,
-                      label=entry and entry["label"], step=entry and entry["step"])
-        where = f"{entry['label']} ({group} seq {seq}, step {entry['step']})" if entry else "no collective"
-        result["summary"] = (f"Ranks {missing} died (no dump). The survivors were waiting for them in "
-                             f"{where}; that is the last step the dead ranks reached.")
     else:
         group, seq, entry = first_pending(by_group, members=members)
         if entry is not None:

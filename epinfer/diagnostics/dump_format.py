@@ -12,7 +12,7 @@ A dump folder may come from a crashed run, a copy, or anywhere else, so nothing 
   graph replays) are kept, the newest ones, as the ledger's own ring buffer does.
 
 Every fault is a `UserError` whose one-line message names the file (and the line and field). The
-file type checks, the non-blocking open and the message helpers are `epinfer.untrusted`'s, shared
+file type checks, the non-blocking open and the message helpers are `epinfer.core.untrusted`'s, shared
 with the checkpoint reader.
 The limits are module constants, read at call time.
 """
@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epinfer.errors import UserError
-from epinfer.untrusted import ints_in, is_int, is_number, open_regular, reason, show, shown_path
+from epinfer.core.errors import UserError
+from epinfer.core.untrusted import ints_in, is_int, is_number, open_regular, reason, show, shown_path
 
 MiB = 1 << 20
 MAX_WORLD = 65536  # ranks in a run: bounds `world`, rank numbers and group members

@@ -1,4 +1,6 @@
-"""Fault injection, for tests and demos only (reached only through `--fault`).
+"""Fault injection, for tests and demos only (reached only through `--fault`): a communicator
+plugin (`distributed.communicator`'s extension points) plus, for `leak-pad`, a forward pre-hook on
+the first MoE block, attached by the runtime to the one faulty rank. No production module knows it.
 
 One rank (`--fault-rank`, a global rank) breaks the lockstep contract at one step
 (`--fault-step`, a DP step id) in a chosen way, so tests can prove the diagnosis is right:
@@ -17,6 +19,8 @@ import dataclasses
 import os
 import signal
 import time
+
+import torch
 
 KINDS = ("skip-collective", "wrong-size", "reorder", "delay", "leak-pad", "kill", "nan-logits")
 
@@ -42,11 +46,16 @@ class FaultInjector:
             logits[0] = float("nan")
         return logits
 
-    def leak_active(self, step: int) -> bool:
-        if self.kind == "leak-pad" and step >= self.step:
-            self.triggered = True
-            return True
-        return False
+    def leak_pads(self, module, args):
+        """Forward pre-hook of the first MoE block (`leak-pad`): from step S on, padding rows bleed
+        into real rows (NaN when there is no padding row to take them from)."""
+        x_TD, batch = args[0], args[1]
+        if self.kind != "leak-pad" or batch.step_id < self.step:
+            return None
+        self.triggered = True
+        real = batch.num_real_rows
+        leak = x_TD[real:].sum(0) if real < x_TD.shape[0] else torch.full_like(x_TD[0], float("nan"))
+        return (torch.cat([x_TD[:real] + leak, x_TD[real:]]), *args[1:])
 
     def at_moe_dispatch(self, step: int, dispatcher, x, sizes) -> None:
         if self.triggered or step != self.step:
@@ -61,9 +70,14 @@ class FaultInjector:
             self.triggered = True
             self.pending = self.kind
 
-    def take_pending(self) -> str | None:
+    def payload(self, op: str, label: str, step: int, x):
+        """What the next device collective after the chosen dispatch sends (None: skipped)."""
         action, self.pending = self.pending, None
-        return action
+        if action == "skip-collective":
+            return None
+        if action == "wrong-size":
+            return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+        return x
 
     def report(self, last_step: int) -> str | None:
         if self.triggered:

@@ -1,6 +1,6 @@
 """The collective ledger: always on, one entry per collective, per rank.
 
-A communicator hook. Each group has its own sequence number; an entry records op, label, step id,
+A communicator plugin. Each group has its own sequence number; an entry records op, label, step id,
 shapes, dtypes, per-rank sizes, enqueue and completion times and state (`pending` until the call
 returns). A CUDA graph replay is one entry of group `graph` whose `covers` gives, per group, the
 first seq of the collectives it ran; the graph's schedule is in the header (`graphs`), and
@@ -29,7 +29,7 @@ class Ledger:
         self.replay_done = None  # the event that says the current graph replay has run
         self.step = -1
 
-    # --- communicator hook -----------------------------------------------------------------
+    # --- communicator plugin -----------------------------------------------------------------
     def before(self, call) -> None:
         self.close_replay()
         name = call.group.name

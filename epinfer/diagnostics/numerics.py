@@ -9,9 +9,30 @@ import torch
 
 
 class NumericsMonitor:
+    """Attached to a model as forward hooks (`attach`): every decoder layer's mixer output
+    (`layer.N.attn` / `layer.N.gdn`) and MLP output (`layer.N.moe` / `layer.N.mlp`) is checked."""
+
     def __init__(self) -> None:
         self.first_real: tuple[str, int] | None = None  # (op, step) where real rows first go bad
         self.first_pad: tuple[str, int] | None = None
+        self.batch = None  # the forward batch of the layer running now
+
+    def attach(self, model) -> None:
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(self._remember_batch)
+            mixer = layer.self_attn if layer.mixer_type == "attention" else layer.linear_attn
+            mixer.register_forward_hook(self._hook(f"layer.{i}.{'attn' if layer.mixer_type == 'attention' else 'gdn'}"))
+            kind = "mlp" if type(layer.mlp).__name__ == "GatedMLP" else "moe"
+            layer.mlp.register_forward_hook(self._hook(f"layer.{i}.{kind}"))
+
+    def _remember_batch(self, layer, args) -> None:
+        self.batch = args[2]  # DecoderLayer.forward(x, residual, batch, ...)
+
+    def _hook(self, op: str):
+        def check(module, args, out) -> None:
+            h = out.sum(1) if out.dim() == 3 else out  # the experts' unsummed per-pair outputs
+            self.check(op, h, self.batch.num_real_rows, self.batch.step_id)
+        return check
 
     def check(self, op: str, x_TD: torch.Tensor, real_rows: int, step: int) -> None:
         if self.first_real is None and real_rows and not torch.isfinite(x_TD[:real_rows]).all():

@@ -9,9 +9,21 @@ to the largest size, because Gloo's list all_gather rejects unequal sizes; the p
 from the step's DP decision, and `sizes[rank] == local rows` is checked before every such call.
 Several tensors travel in one collective as byte views packed along the row axis.
 
-With EPINFER_SYMM_MEM=1 on CUDA, small all-gathers, reduce-scatters and all-reduces of the TP and
-EP groups go through a symmetric-memory buffer (`symmetric.py`) instead of NCCL; the choice depends
-only on sizes every rank shares, so all ranks make it alike, and labels and hooks are unchanged.
+Plugins: everything else that watches or bends collectives is a plugin, attached by the runtime
+(`add_plugin`), never a branch here. A plugin is an object with any of these methods, each an
+extension point called in attachment order:
+  before(call) / after(call)        around every collective (the ledger, the fingerprint pre-check,
+                                    the server's skew probe); `before` may raise to stop the call
+  payload(op, label, step, x)       what a device collective sends: x, another tensor, or None to
+                                    skip it (fault injection only)
+  replayed(name, schedule, step, done)   a CUDA graph holding collectives was launched
+  at_moe_dispatch(step, dispatcher, x, sizes)   called by every MoE dispatch (fault injection)
+  at_step(step) / at_logits(step, logits)       called by the lockstep loop (fault injection)
+With no plugin the call is the collective alone; the runtime always attaches the ledger.
+
+With `--symm-mem` on CUDA, small all-gathers, reduce-scatters and all-reduces of the TP and EP groups
+go through a symmetric-memory buffer (`symmetric.py`) instead of NCCL; the choice depends only on
+sizes every rank shares, so all ranks make it alike, and labels and plugins are unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +39,6 @@ import torch.distributed as dist
 
 from epinfer.distributed import symmetric
 from epinfer.distributed.groups import Group
-from epinfer.errors import UserError
 
 # torch >= 2.13 renamed the tensor forms; the GPU machines run 2.11
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -46,39 +57,48 @@ class CollectiveCall:
     t_enqueue: float = 0.0
     t_done: float = 0.0
     path: str = "nccl"  # "symm": through the group's symmetric-memory buffer
+    device: bool = True  # a device-group collective (False: the CPU twin)
 
 
-class CollectiveMismatch(RuntimeError):
-    """Raised on every rank by the pre-flight check when ranks disagree about a collective."""
+EXTENSION_POINTS = ("before", "after", "payload", "replayed", "at_moe_dispatch", "at_step", "at_logits")
 
 
 class Communicator:
-    def __init__(self, precheck: bool = False) -> None:
-        self.hooks: list = []  # objects with before(call) / after(call)
-        self.precheck = precheck  # --check-collectives
-        self.fault = None  # a FaultInjector on the one faulty rank (tests only)
+    def __init__(self) -> None:
+        self.plugins: list = []
+        self._at: dict[str, list] = {name: [] for name in EXTENSION_POINTS}  # plugins by extension point
         self.step = -1  # the DP step id the next collectives belong to
         self.schedule: list | None = None  # collectives being captured into a CUDA graph
         self.fast: dict[str, symmetric.SymmetricBuffer] = {}  # group name -> its symmetric buffer
 
-    def enable_symmetric(self, groups: Sequence[Group], everyone: Group, device: torch.device,
+    def add_plugin(self, plugin) -> None:
+        """Attach `plugin` after those already attached (see the module docstring)."""
+        self.plugins.append(plugin)
+        for name, attached in self._at.items():
+            if callable(getattr(plugin, name, None)):
+                attached.append(plugin)
+
+    def remove_plugin(self, plugin) -> None:
+        self.plugins.remove(plugin)
+        for attached in self._at.values():
+            if plugin in attached:
+                attached.remove(plugin)
+
+    def at(self, point: str) -> list:
+        """The plugins attached to extension point `point` (empty without diagnostics)."""
+        return self._at[point]
+
+    def enable_symmetric(self, groups: Sequence[Group], device: torch.device, max_bytes: int,
                          timeout_s: float) -> None:
-        """Symmetric buffers for `groups` (EPINFER_SYMM_MEM=1 on CUDA; otherwise nothing). A collective:
-        every rank calls it with its own groups, in the same order; `everyone`: a CPU group of all ranks."""
-        if device.type != "cuda" or everyone.size == 1:
-            return
-        # every rank must agree: a rank without the buffers would hang its peers' first collective
-        want = torch.tensor([int(symmetric.wanted(device)), symmetric.MAX_BYTES, 1])
-        total = self.all_reduce_cpu(want.clone(), everyone, "symm.agree")
-        if total[0] not in (0, total[2]) or total[1] != total[2] * symmetric.MAX_BYTES:
-            raise UserError("EPINFER_SYMM_MEM / EPINFER_SYMM_MEM_BYTES differ across ranks: set them alike")
-        if not want[0]:
+        """Symmetric buffers for `groups` (`--symm-mem` on CUDA, which every rank has agreed on at
+        start). A collective: every rank calls it with its own groups, in the same order."""
+        if not symmetric.available(device):
             return
         for group in groups:
             if group.size > 1 and group.name not in self.fast:
                 self.fast[group.name] = self._run(
                     "rendezvous", f"symm.{group.name}", group, [], device=False,
-                    fn=lambda g=group: symmetric.SymmetricBuffer(g, device, symmetric.MAX_BYTES, timeout_s))
+                    fn=lambda g=group: symmetric.SymmetricBuffer(g, device, max_bytes, timeout_s))
 
     def release_symmetric(self) -> None:
         """Before the process groups go (after any CUDA graph that uses the buffers)."""
@@ -96,64 +116,42 @@ class Communicator:
 
     def replayed(self, name: str, schedule: list, done) -> None:
         """A CUDA graph holding `schedule`'s collectives was launched; `done` (a CUDA event recorded
-        after it) says when it has run. One hook call per replay."""
-        for hook in self.hooks:
-            if hasattr(hook, "replayed"):
-                hook.replayed(name, schedule, self.step, done)
+        after it) says when it has run. One plugin call per replay."""
+        for plugin in self._at["replayed"]:
+            plugin.replayed(name, schedule, self.step, done)
 
-    def _inject(self, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
-        """Fault injection (tests only): (skip this collective?, the tensor to send)."""
-        action = self.fault.take_pending() if self.fault is not None else None
-        if action == "wrong-size":
-            x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
-        return action == "skip-collective", x
+    def _payload(self, op: str, label: str, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """(skip this collective?, the tensor to send): what the `payload` plugins make of x."""
+        for plugin in self._at["payload"]:
+            sent = plugin.payload(op, label, self.step, x)
+            if sent is None:
+                return True, x
+            x = sent
+        return False, x
 
     def _run(self, op: str, label: str, group: Group, tensors: Sequence[torch.Tensor],
              fn: Callable[[], object], sizes: list[int] | None = None, device: bool = True, path: str = "nccl"):
         call = CollectiveCall(op, label, group, [tuple(t.shape) for t in tensors],
-                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step, path=path)
+                              [str(t.dtype).removeprefix("torch.") for t in tensors], sizes, self.step,
+                              path=path, device=device)
         if self.schedule is not None:
             self.schedule.append(call)
             return fn()
-        if device and self.precheck:
-            self._check_fingerprints(call)
-        for hook in self.hooks:
-            hook.before(call)
+        for plugin in self._at["before"]:
+            plugin.before(call)
         call.t_enqueue = time.time()
         result = fn()
         call.t_done = time.time()
-        for hook in self.hooks:
-            hook.after(call)
+        for plugin in self._at["after"]:
+            plugin.after(call)
         return result
 
     # --- tensor collectives (device group) -------------------------------------------------
 
-    def _check_fingerprints(self, call: CollectiveCall) -> None:
-        """Ranks exchange (op, label, dtypes, shapes, sizes) over the CPU group before the device
-        collective; on any difference every rank raises the same error instead of hanging."""
-        shapes = [s[1:] for s in call.shapes] if call.op == "all_to_all" else call.shapes
-        mine = (call.op, call.label, call.dtypes, shapes, None if call.op == "all_to_all" else call.sizes)
-        prints: list = [None] * call.group.size
-        dist.all_gather_object(prints, mine, group=call.group.cpu_group)
-        if all(p == prints[0] for p in prints):
-            return
-        keys = [repr(p) for p in prints]
-        majority = max(set(keys), key=keys.count)
-        odd = [call.group.ranks[i] for i, k in enumerate(keys) if k != majority]
-        fields = ("op", "label", "dtypes", "shapes", "sizes")
-        ref = prints[keys.index(majority)]
-        diffs = []
-        for i, p in enumerate(prints):
-            if keys[i] != majority:
-                diffs += [f"rank {call.group.ranks[i]} {f}={p[j]!r} (others {ref[j]!r})"
-                          for j, f in enumerate(fields) if p[j] != ref[j]]
-        raise CollectiveMismatch(f"collective mismatch in {call.group.name} before {ref[1]}: ranks {odd} "
-                                 f"differ: {'; '.join(diffs[:4])}")
-
     def all_reduce(self, x: torch.Tensor, group: Group, label: str) -> torch.Tensor:
         if group.size == 1:
             return x
-        skip, x = self._inject(x)
+        skip, x = self._payload("all_reduce", label, x)
         if skip:
             return x
         fast = self._fast(group, x, summing=True)
@@ -169,7 +167,7 @@ class Communicator:
         """Uniform rows: returns [size * rows, ...] in rank order."""
         if group.size == 1:
             return x
-        skip, x = self._inject(x)
+        skip, x = self._payload("all_gather", label, x)
         out = x.new_zeros((group.size * x.shape[0], *x.shape[1:]))
         if skip:
             return out
@@ -185,7 +183,7 @@ class Communicator:
         width = max(sizes)
         padded = x.new_zeros((width, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        skip, padded = self._inject(padded)
+        skip, padded = self._payload("all_gatherv", label, padded)
         out = x.new_zeros((group.size * padded.shape[0], *x.shape[1:]))
         if skip:
             return torch.cat([out[r * width: r * width + n] for r, n in enumerate(sizes)])
@@ -198,7 +196,7 @@ class Communicator:
         """Uniform: x is [size * rows, ...]; returns the sum of every rank's block `rank`."""
         if group.size == 1:
             return x
-        skip, x = self._inject(x)
+        skip, x = self._payload("reduce_scatter", label, x)
         out = x.new_zeros((x.shape[0] // group.size, *x.shape[1:]))
         if skip:
             return out
@@ -218,7 +216,7 @@ class Communicator:
         for r, n in enumerate(sizes):
             padded[r * width: r * width + n] = x[offset: offset + n]
             offset += n
-        skip, padded = self._inject(padded)
+        skip, padded = self._payload("reduce_scatterv", label, padded)
         out = x.new_zeros((padded.shape[0] // group.size, *x.shape[1:]))
         if skip:
             return out[: sizes[group.rank]]
@@ -256,7 +254,7 @@ class Communicator:
         assert x.shape[0] == sum(send_sizes), f"{label}: {x.shape[0]} rows for sends {send_sizes}"
         if group.size == 1:
             return x
-        skip, x = self._inject(x)
+        skip, x = self._payload("all_to_all", label, x)
         out = x.new_zeros((sum(recv_sizes), *x.shape[1:]))
         if skip:
             return out

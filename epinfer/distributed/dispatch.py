@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from epinfer.distributed.communicator import pack_rows, row_layout, row_views
-from epinfer.distributed.parallel import split_evenly
+from epinfer.distributed.parallel import DISPATCHERS, split_evenly
 
 
 class Dispatcher:
@@ -35,9 +35,9 @@ class Dispatcher:
         return None
 
     def begin(self, x_RD: torch.Tensor, sizes: list[int], step: int) -> None:
-        """Every dispatch starts here: the fault injector (tests only) may act."""
-        if self.comm.fault is not None:
-            self.comm.fault.at_moe_dispatch(step, self, x_RD, sizes)
+        """Every dispatch starts here: plugins at `at_moe_dispatch` see it (fault injection)."""
+        for plugin in self.comm.at("at_moe_dispatch"):
+            plugin.at_moe_dispatch(step, self, x_RD, sizes)
 
     def combine_probe(self, x_RD: torch.Tensor, sizes: list[int]) -> None:
         """The collective that follows this dispatcher's first one, on a zero buffer of its shape
@@ -146,7 +146,8 @@ class NaiveDispatcher(Dispatcher):
         return y_all[offset:offset + rows]
 
 
-DISPATCHER_CLASSES = {"agrs": AgRsDispatcher, "alltoall": AllToAllDispatcher, "naive": NaiveDispatcher}
+# the names live in parallel.DISPATCHERS (what the command line offers and ParallelContext checks)
+DISPATCHER_CLASSES = dict(zip(DISPATCHERS, (AgRsDispatcher, AllToAllDispatcher, NaiveDispatcher), strict=True))
 
 
 def make_dispatcher(ctx, label: str) -> Dispatcher:

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch.distributed as dist
 
-from epinfer.errors import UserError
+from epinfer.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from epinfer.core.errors import UserError
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.groups import ParallelGroups
-from epinfer.errors import UserError
 
 DISPATCHERS = ("agrs", "alltoall", "naive")
 PADDING_MODES = ("uniform", "none")
@@ -22,8 +22,7 @@ class ParallelContext:
     dispatch: str = "agrs"
     dp_padding: str = "uniform"
     poison_pads: bool = False
-    fault: object | None = None  # FaultInjector on the faulty rank (tests only)
-    numerics: object | None = None  # NumericsMonitor with --check-numerics
+    eager_only: bool = False  # a diagnostic runs Python per layer or per collective: no CUDA graphs
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCHERS:

@@ -1,4 +1,4 @@
-"""Small device collectives through PyTorch symmetric memory (EPINFER_SYMM_MEM=1, experimental).
+"""Small device collectives through PyTorch symmetric memory (`--symm-mem`, experimental).
 
 A decode step issues ~100 collectives of a few hundred KB at most, where NCCL's per-call latency,
 not bandwidth, sets the cost (PERFORMANCE.md). On the GPUs of one host, each rank of a group can
@@ -24,11 +24,7 @@ import os
 import torch
 
 from epinfer.distributed.groups import Group
-from epinfer.errors import UserError
 
-ENABLED = os.environ.get("EPINFER_SYMM_MEM") == "1"
-_BYTES = os.environ.get("EPINFER_SYMM_MEM_BYTES", "")
-MAX_BYTES = int(_BYTES) if _BYTES.isdigit() else 1 << 20  # per collective (NCCL above); `wanted` checks it
 SUM_DTYPES = (torch.bfloat16, torch.float32)  # what the one-shot sum kernel takes
 
 
@@ -53,7 +49,7 @@ class SymmetricBuffer:
         self._slots: dict[int, list[torch.Tensor]] = {}
 
     def _fits(self, nbytes: int) -> bool:
-        return 0 < nbytes <= min(self.nbytes, MAX_BYTES)
+        return 0 < nbytes <= self.nbytes  # (the buffer is as large as the largest collective it takes)
 
     def can_gather(self, x: torch.Tensor) -> bool:
         return self._fits(x.numel() * x.element_size() * self.size)
@@ -89,13 +85,10 @@ class SymmetricBuffer:
         return torch.ops.symm_mem.one_shot_all_reduce_out(staging, "sum", self.name, out)
 
 
-def wanted(device: torch.device) -> bool:
-    """Whether this run asks for symmetric-memory collectives and can have them (CUDA, torch with
-    symmetric memory)."""
-    if not (ENABLED and device.type == "cuda"):
+def available(device: torch.device) -> bool:
+    """Whether symmetric-memory collectives can run here (CUDA, torch with symmetric memory)."""
+    if device.type != "cuda":
         return False
-    if _BYTES and not _BYTES.isdigit():
-        raise UserError(f"EPINFER_SYMM_MEM_BYTES={_BYTES!r}: give a byte count")
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:

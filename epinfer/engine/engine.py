@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import numbers
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.cache import CacheAllocator, CacheLayout, kv_bytes_per_token, state_bytes_per_slot
-from epinfer.engine.sampling_params import SamplingParams, check_text
+from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from epinfer.errors import UserError
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
+from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
 from epinfer.runner.model_runner import ModelRunner, build_model
 from epinfer.runner.sampler import nonfinite_rows, sample_tokens
 
@@ -38,6 +41,7 @@ class EngineConfig:
     random_weights: bool = False  # benchmarks: the folder needs only config.json
     cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
     async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
+    parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
 
 
 @dataclasses.dataclass
@@ -81,7 +85,7 @@ def load_tokenizer(folder: Path):
     read any size); a tokenizer that cannot be built, or that encodes text to no tokens (e.g.
     tokenizer_config.json without tokenizer.json or a vocabulary), is a `UserError` here rather than
     an "empty prompt" later."""
-    from epinfer.checkpoint_files import MAX_TOKENIZER_BYTES, folder_file, one_line
+    from epinfer.core.checkpoint_files import MAX_TOKENIZER_BYTES, folder_file, one_line
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     others = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -105,7 +109,7 @@ def load_tokenizer(folder: Path):
 def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None]:
     """Sampling defaults and eos ids of the folder's generation_config.json ({}, None without one).
     Each field used is checked: a wrong type or value is a `UserError` naming the file and the field."""
-    from epinfer.checkpoint_files import JsonFields, folder_file, read_json_object, shown_path
+    from epinfer.core.checkpoint_files import JsonFields, folder_file, read_json_object, shown_path
 
     path = folder_file(folder, "generation_config.json")
     if path is None:
@@ -179,13 +183,15 @@ class Engine:
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx)
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
-                                  ecfg.cuda_graphs)
+                                  ecfg.cuda_graphs, ecfg.parallel_graphs)
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
         self.pending_resets: list[int] = []
         self.inflight: collections.deque = collections.deque()  # launched steps not yet resolved
         self.last_sampled = 0  # rows sampled by the last launched step
+        # a profiler attaches here: `part_scope(name)` wraps the engine's own parts of a step
+        self.part_scope: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
 
     def tokenize(self, prompt: str | list[int], index: int) -> list[int]:
         if isinstance(prompt, str):
@@ -261,8 +267,9 @@ class Engine:
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
-        bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-        tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
+        with self.part_scope("sampling"):
+            bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
+            tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1
             seq.pending_row = row

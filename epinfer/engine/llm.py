@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import SamplingParams
 from epinfer.engine.engine import Engine, EngineConfig, RequestOutput
-from epinfer.engine.sampling_params import SamplingParams
-from epinfer.errors import UserError
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
-        self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
+    def __init__(self, model: str | None = None, engine: EngineConfig | None = None, **engine_kwargs) -> None:
+        """`LLM(model, dtype=..., ...)` (EngineConfig's fields), or `LLM(engine=EngineConfig(...))`."""
+        if engine is not None and (model is not None or engine_kwargs):
+            raise UserError("give either an EngineConfig or the model and engine keywords, not both")
+        self.engine = Engine(engine or EngineConfig(model=model, **engine_kwargs))
 
     @property
     def tokenizer(self):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
+from epinfer.core.sampling_params import SamplingParams
 from epinfer.engine.cache import CacheAllocator
-from epinfer.engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(eq=False)

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.errors import UserError
-from epinfer.layers.fused import fused
+from epinfer.kernels.fused import fused
+from epinfer.kernels.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
 from epinfer.layers.norm import RMSNorm, rms_norm
-from epinfer.layers.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.rotary import apply_rotary
-from epinfer.runner.batch import ForwardBatch
 
 
 @fused

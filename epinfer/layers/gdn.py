@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.errors import UserError
+from epinfer.kernels.fused import fused
+from epinfer.kernels.gdn_ops import HAVE_TRITON, chunk_gated_delta_rule, conv_triton, recurrent_step_inplace
 from epinfer.layers.attention import head_rows
-from epinfer.layers.fused import fused
-from epinfer.layers.gdn_ops import HAVE_TRITON, chunk_gated_delta_rule, conv_triton, recurrent_step_inplace
 from epinfer.layers.linear import Linear, Stacked, row_parallel, set_shard, stack_linears
 from epinfer.layers.norm import GatedRMSNorm
-from epinfer.runner.batch import ForwardBatch
 
 
 @fused

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
-from epinfer.layers import pdl, small_gemm
-from epinfer.layers.fused import fused
+from epinfer.kernels import pdl, small_gemm
+from epinfer.kernels.fused import fused
 
 
 def set_shard(param: nn.Parameter, dim: int, index: Sequence[int]) -> None:

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
-from epinfer.layers import moe_triton
-from epinfer.layers.fused import fused
+from epinfer.kernels import moe_triton
+from epinfer.kernels.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear, silu_mul
-from epinfer.runner.batch import ForwardBatch
 
 
 @fused
@@ -167,8 +167,8 @@ _GROUPED_MM_OK: dict[torch.dtype, bool] = {}
 
 def grouped_mm_supported(dtype: torch.dtype) -> bool:
     """Whether `F.grouped_mm` runs on this GPU in `dtype` without a host sync: bf16 only (other
-    dtypes take a fallback that copies the offsets to the host). `GROUPED_MM[0] = False` turns it off."""
-    if not (GROUPED_MM[0] and hasattr(F, "grouped_mm")) or dtype != torch.bfloat16:
+    dtypes take a fallback that copies the offsets to the host). `GROUPED_MM = False` turns it off."""
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or dtype != torch.bfloat16:
         return False
     if dtype not in _GROUPED_MM_OK:
         try:
@@ -183,7 +183,7 @@ def grouped_mm_supported(dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[dtype]
 
 
-GROUPED_MM = [True]  # switch for A/B checks
+GROUPED_MM = True  # switch for A/B checks
 
 
 @fused
@@ -222,10 +222,6 @@ class MoEBlock(nn.Module):
         ctx = self.ctx
         real = batch.num_real_rows
         mask = batch.decode.row_mask_T if batch.decode is not None else None
-        if self.first_moe and ctx.fault is not None and ctx.fault.leak_active(batch.step_id):
-            # the `leak-pad` fault (tests only): padding rows bleed into real rows
-            leak = x_TD[real:].sum(0) if real < x_TD.shape[0] else torch.full_like(x_TD[0], float("nan"))
-            x_TD = torch.cat([x_TD[:real] + leak, x_TD[real:]])
         if ctx.sequence_parallel:
             rows = x_TD.shape[0] // ctx.tp_size
             lo = ctx.tp_rank * rows

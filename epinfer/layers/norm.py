@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epinfer.layers import norm_triton, pdl
-from epinfer.layers.fused import fused
+from epinfer.kernels import norm_triton, pdl
+from epinfer.kernels.fused import fused
 
 
 @fused

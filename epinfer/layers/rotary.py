@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from epinfer.layers.fused import fused
+from epinfer.kernels.fused import fused
 
 
 class RotaryEmbedding(nn.Module):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.layers.attention import Attention
 from epinfer.layers.gdn import GatedDeltaNet
@@ -21,7 +22,6 @@ from epinfer.layers.linear import GatedMLP, Linear
 from epinfer.layers.moe import MoEBlock
 from epinfer.layers.norm import RMSNorm
 from epinfer.layers.rotary import RotaryEmbedding
-from epinfer.runner.batch import ForwardBatch
 
 
 class DecoderLayer(nn.Module):
@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, zc)
 
-    def forward(self, x_TD, residual_TD, batch: ForwardBatch, cache, cos_sin, numerics=None):
+    def forward(self, x_TD, residual_TD, batch: ForwardBatch, cache, cos_sin):
         """(x, mlp output): the caller adds them, fused with the next norm. `residual_TD`: the
         previous layer's mlp output, None for the first layer; [T, K, D] when it is the experts'
         unsummed per-pair outputs (MoEBlock)."""
@@ -53,19 +53,11 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, batch, cache, cos_sin)
         else:
             h = self.linear_attn(h, batch, cache)
-        if numerics is not None:
-            numerics.check(f"layer.{self.layer_idx}.{'attn' if self.mixer_type == 'attention' else 'gdn'}",
-                           h, batch.num_real_rows, batch.step_id)
         x_TD, h = self.post_attention_layernorm.add_forward(x_TD, h)
         if isinstance(self.mlp, MoEBlock):
             h = self.mlp(h, batch)
         else:
             h = self.mlp(h)
-        if numerics is not None:
-            if h.dim() == 3:  # unsummed expert outputs (see MoEBlock)
-                h = h.sum(1).to(x_TD.dtype)
-            kind = "moe" if isinstance(self.mlp, MoEBlock) else "mlp"
-            numerics.check(f"layer.{self.layer_idx}.{kind}", h, batch.num_real_rows, batch.step_id)
         return x_TD, h
 
 
@@ -103,7 +95,7 @@ class CausalLM(nn.Module):
         cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
         h = None
         for layer, cache in zip(self.model.layers, caches, strict=True):
-            x, h = layer(x, h, batch, cache, cos_sin, self.ctx.numerics)
+            x, h = layer(x, h, batch, cache, cos_sin)
         return self.model.norm.add_forward(x, h)[1]
 
     def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:

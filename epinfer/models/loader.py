@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from epinfer.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line, read_json_object, show, shown_path
-from epinfer.config import ModelConfig
-from epinfer.errors import UserError
+from epinfer.core.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line, read_json_object, show, shown_path
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
 from epinfer.models.causal_lm import CausalLM
+from epinfer.models.families import WEIGHT_RENAMES
 
 SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
 _PER_EXPERT = re.compile(
     r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
 )
 _FUSED_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -81,10 +81,8 @@ def normalize_name(key: str, cfg: ModelConfig) -> str | None:
         key = "model." + key[len("language_model.model."):]
     elif key.startswith("language_model.lm_head."):
         key = key[len("language_model."):]
-    if cfg.family == "mixtral":
-        key = key.replace(".block_sparse_moe.", ".mlp.")
-        key = re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda m: f".experts.{m[1]}.{_MIXTRAL_W[m[2]]}.", key)
-    return key
+    rename = WEIGHT_RENAMES.get(cfg.family)
+    return key if rename is None else rename(key)
 
 
 class _Tracker:

@@ -1,82 +1,9 @@
-"""`ForwardBatch`: what one forward pass computes, as flat rows.
-
-Rows `[0, num_real_rows)` are real tokens of scheduled sequences, laid out sequence after sequence;
-rows `[num_real_rows, num_rows)` are padding (data-parallel padding, later graph buckets). Padding
-rows belong to no sequence: attention and the gated delta net compute nothing for them (their
-output rows are zero), they write no cache (slot -1), and the MoE gives them weight 0. Sequences
-are described once here, so every kernel agrees on what "number of tokens" means.
-
-Shape suffixes: T rows, S sequences.
-"""
+"""What the engine hands the runner for one step: `StepPlan` (a replica's scheduled work, also sent
+to its TP peers) of `SeqWork` items. The runner turns a plan into a `core.forward.ForwardBatch`."""
 
 from __future__ import annotations
 
 import dataclasses
-
-import torch
-
-
-@dataclasses.dataclass
-class SeqSlice:
-    """One sequence's part of the batch."""
-
-    start: int  # first row of this sequence in the batch
-    num_new: int  # rows (new tokens) this step
-    context_len: int  # tokens of this sequence already in the cache before this step
-    state_slot: int  # index into per-sequence state (GDN conv/recurrent state)
-    block_ids: torch.Tensor  # KV cache blocks of this sequence (device, int32; a row of the block table)
-
-    @property
-    def total_len(self) -> int:
-        return self.context_len + self.num_new
-
-
-@dataclasses.dataclass
-class DecodeMeta:
-    """A decode-only batch on the device fast path: row b is sequence b's one new token for
-    b < S, rows past S are padding. Everything is a device tensor (CUDA-graph safe); padding rows
-    point at the cache's scratch block / state slot, attend to nothing and are masked out."""
-
-    state_slots_T: torch.Tensor  # [T] block-table row and GDN state slot (scratch for padding)
-    seq_lens_T: torch.Tensor  # [T] tokens attended, the new one included; 0 for padding
-    row_mask_T: torch.Tensor  # [T] bool, True for real rows
-    block_table: torch.Tensor  # [slots + 1, max blocks] int32, the runner's persistent table
-
-
-@dataclasses.dataclass
-class ForwardBatch:
-    input_ids_T: torch.Tensor  # [T] int64
-    positions_T: torch.Tensor  # [T] int64
-    kv_slots_T: torch.Tensor  # [T] flat KV cache row per token, -1 for padding
-    seqs: list[SeqSlice]
-    logits_rows: torch.Tensor  # [S_sampled] rows whose next token is sampled
-    num_real_rows: int
-    # sequences decoding a single token after earlier context: batched in the gated delta net
-    decode_seq_ids: list[int] = dataclasses.field(default_factory=list)
-    decode_rows: torch.Tensor | None = None  # [S_dec] rows of those sequences
-    decode_state_slots: torch.Tensor | None = None  # [S_dec]
-    moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
-    step_id: int = -1  # the DP step id (-1 in single-process runs)
-    decode: DecodeMeta | None = None  # set on the decode fast path (kernels take their sizes from it)
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.input_ids_T.shape[0])
-
-    def finalize(self, device: torch.device) -> ForwardBatch:
-        """Fill the derived decode index tensors (call once after `seqs` is complete)."""
-        if self.decode is not None:  # every row (padding too) takes the batched decode path
-            self.decode_seq_ids = list(range(self.num_rows))
-            self.decode_rows = torch.arange(self.num_rows, device=device)
-            self.decode_state_slots = self.decode.state_slots_T
-            return self
-        self.decode_seq_ids = [i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len > 0]
-        rows = [self.seqs[i].start for i in self.decode_seq_ids]
-        slots = [self.seqs[i].state_slot for i in self.decode_seq_ids]
-        self.decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.decode_state_slots = torch.tensor(slots, dtype=torch.long, device=device)
-        return self
-
 
 PENDING = -1  # a token sampled in the previous step, still on the device (async scheduling)
 

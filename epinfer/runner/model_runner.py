@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from epinfer.config import ModelConfig
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+from epinfer.core.forward import DecodeMeta, ForwardBatch, SeqSlice
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.cache import CacheLayout, CacheTensors
-from epinfer.errors import UserError
-from epinfer.layers import paged_attention
+from epinfer.kernels import paged_attention
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.loader import load_checkpoint
-from epinfer.runner.batch import DecodeMeta, ForwardBatch, SeqSlice, StepPlan
+from epinfer.runner.batch import StepPlan
+from epinfer.runner.cache import CacheLayout, CacheTensors
 from epinfer.runner.cuda_graphs import DecodeGraphs
 
 
@@ -125,7 +126,8 @@ class ModelRunner:
     Everything else (prefill, mixed steps, CPU) runs the eager reference path."""
 
     def __init__(self, model: CausalLM, layout: CacheLayout, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False) -> None:
+                 device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False,
+                 parallel_graphs: bool = False) -> None:
         self.model = model
         self.cfg = model.config
         self.layout = layout
@@ -143,12 +145,12 @@ class ModelRunner:
         # kernel reads it whole, the eager path one row per sequence
         self.block_table = torch.zeros(layout.num_state_slots + 1, max_blocks, dtype=torch.int32, device=device)
         # graphs hold collectives too, except all-to-all (its split sizes are read on the host) —
-        # opt-in, EPINFER_PARALLEL_GRAPHS=1 (run on 2 H200s, not yet on 4: see RESULTS.md);
+        # opt-in, `parallel_graphs` (--parallel-graphs; run on 2 H200s, not yet on 4: see RESULTS.md);
         # debug modes run Python per layer and collective: no graphs then
         self.collectives = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
-        capturable = (not self.collectives or os.environ.get("EPINFER_PARALLEL_GRAPHS") == "1") and (
+        capturable = (not self.collectives or parallel_graphs) and (
             ctx.ep_size == 1 or ctx.dispatch != "alltoall")
-        debug = ctx.numerics is not None or ctx.fault is not None or (ctx.comm is not None and ctx.comm.precheck)
+        debug = ctx.eager_only
         self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
             cuda_graphs and self.fast_decode and capturable and not debug) else None
         self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has

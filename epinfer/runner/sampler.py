@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.engine.sampling_params import SamplingParams
+from epinfer.core.sampling_params import SamplingParams
 
 _FP32_TINY = torch.finfo(torch.float32).tiny
 

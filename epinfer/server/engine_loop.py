@@ -13,7 +13,7 @@ Every iteration, on every rank, in this order:
      to the replica with the fewest outstanding tokens (ties → the lowest index), counting the
      requests it routes in the same message. Leaders submit their requests and drop cancelled ones
      (their KV blocks and state slot are freed and the slot is reset before the next forward).
-  3. `worker.lockstep_step`, as in `worker.run_requests`: the leader plans (`tp.plan`), `dp.sync`
+  3. `runtime.lockstep.lockstep_step`, as in `generate`: the leader plans (`tp.plan`), `dp.sync`
      decides, everybody runs the forward (a dummy batch for an idle replica) or all skip. Leaders
      sample and send each request's new tokens (and logprobs when asked) to the server.
 Both new collectives are decided from numbers every rank has (the reduced flag), so every rank
@@ -36,12 +36,13 @@ import time
 
 import torch
 
+from epinfer.core.errors import UserError
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.distributed.worker import lockstep_step
 from epinfer.engine.engine import Engine
 from epinfer.engine.scheduler import ScheduledSeq, Sequence
-from epinfer.errors import UserError
+from epinfer.runtime.job import RankRuntime
+from epinfer.runtime.lockstep import lockstep_step
 
 IDLE_WAIT_S = 0.2
 SKEW_LABEL = "dp.sync"  # ranks arrive at it straight after planning: arrival gaps are real skew
@@ -78,7 +79,7 @@ def outstanding_tokens(seq: Sequence) -> int:
 
 
 class SkewProbe:
-    """Communicator hook: sends the ledger's arrival time of every SKEW_EVERY-th `dp.sync`."""
+    """Communicator plugin: sends the ledger's arrival time of every SKEW_EVERY-th `dp.sync`."""
 
     def __init__(self, outbox, rank: int) -> None:
         self.outbox, self.rank = outbox, rank
@@ -111,7 +112,7 @@ class ServeLoop:
         self.last_stats = None
         # ranks wait inside serve.sync while rank 0 waits on its inbox: well under the timeout
         self.idle_wait = min(IDLE_WAIT_S, watchdog.timeout / 4) if watchdog is not None else IDLE_WAIT_S
-        ctx.comm.hooks.append(SkewProbe(self.outbox, self.rank))
+        ctx.comm.add_plugin(SkewProbe(self.outbox, self.rank))
         # the server process owns the lifecycle (drain, then a joint stop): a Ctrl-C or a SIGTERM
         # sent to the whole process group must not kill ranks under requests in flight. Ranks
         # still stop on their own if the server dies: the watchdog loses the rendezvous store.
@@ -304,5 +305,11 @@ class ServeLoop:
                 "num_blocks": len(alloc.free_blocks), "block_size": alloc.layout.block_size}
 
 
-def serve_requests(engine: Engine, ctx: ParallelContext, channels: ServeChannels, watchdog=None) -> None:
-    ServeLoop(engine, ctx, channels, watchdog).run()
+@dataclasses.dataclass
+class ServeMode:
+    """The runtime mode of `epinfer serve` (`runtime.job`): the serving loop on every rank."""
+
+    channels: ServeChannels
+
+    def __call__(self, engine: Engine, ctx: ParallelContext, rt: RankRuntime) -> None:
+        ServeLoop(engine, ctx, self.channels, rt.watchdog).run()

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import uvicorn
 
+from epinfer.core.errors import UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
-from epinfer.distributed.launch import under_torchrun
-from epinfer.distributed.worker import Job
-from epinfer.engine.engine import DEMO_MODEL, EngineConfig, load_tokenizer
-from epinfer.errors import UserError
+from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
+from epinfer.runtime.launch import under_torchrun
+from epinfer.runtime.worker import Job
 from epinfer.server.app import build_app
 from epinfer.server.client import EngineClient
 from epinfer.server.protocol import ModelInfo
@@ -52,7 +52,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
+def serve(args: argparse.Namespace, job: Job) -> int:
+    """`job`: the run description built from the flags (its mode is set here: the serving loop)."""
     if under_torchrun():
         raise UserError("epinfer serve spawns its own ranks: run it without torchrun")
     if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):
@@ -64,11 +65,7 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
         raise UserError(f"model folder {folder} does not exist")
     sock = bind(args.host, args.port)
     tokenizer = load_tokenizer(folder)
-    job = Job(EngineConfig(model=args.model, **engine_kwargs), args.dp, args.tp, args.dispatch, args.dp_padding,
-              not args.no_expert_parallel, args.poison_pads, args.collective_timeout, dump_dir=args.dump_dir,
-              check_collectives=args.check_collectives, check_numerics=args.check_numerics, fault=args.fault,
-              fault_rank=args.fault_rank, fault_step=args.fault_step, fault_delay=args.fault_delay)
-    ranks = RankSet(job)
+    ranks = RankSet(job)  # (it sets the job's mode: the serving loop, with its channels)
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

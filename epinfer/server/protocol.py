@@ -18,8 +18,8 @@ import dataclasses
 import json
 import math
 
-from epinfer.engine.sampling_params import SamplingParams, check_text
-from epinfer.errors import UserError
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import SamplingParams, check_text
 
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 64

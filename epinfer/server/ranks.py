@@ -5,7 +5,7 @@ Like `launch.launch`, this process hosts the rendezvous store and spawns one pro
 it, the ranks run until told to stop, so the pieces are separate calls: `start`, `wait_ready`
 (the first message of rank 0's serving loop, or the error that stopped a rank on the way),
 `stop` (a joint stop through rank 0's inbox), and `drain_after_failure` (the launcher's
-`_drain`: the abort key makes every live rank's watchdog dump and exit 3). A monitor thread
+`drain`: the abort key makes every live rank's watchdog dump and exit 3). A monitor thread
 watches the exit codes and calls `on_failure(message)` once when a rank ends unasked.
 """
 
@@ -23,12 +23,12 @@ import time
 
 import torch.distributed as dist
 
+from epinfer.core.errors import UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY
 from epinfer.distributed.groups import check_layout
-from epinfer.distributed.launch import RunFailed, _drain, _errors, _spawned, _terminate, prepare_dump_dir
-from epinfer.distributed.worker import Job
-from epinfer.errors import UserError
-from epinfer.server.engine_loop import ServeChannels
+from epinfer.runtime.job import Job
+from epinfer.runtime.launch import RunFailed, drain, prepare_dump_dir, rank_errors, spawned_rank, terminate
+from epinfer.server.engine_loop import ServeChannels, ServeMode
 
 
 def describe_exit(rank: int, code: int) -> str:
@@ -60,9 +60,10 @@ class RankSet:
         prepare_dump_dir(self.job)
         self.job.store_addr = ("127.0.0.1", self.store.port)
         ctx = mp.get_context("spawn")
-        self.job.serve = self.channels = ServeChannels(ctx.Queue(), [ctx.Queue() for _ in range(self.world)])
+        self.channels = ServeChannels(ctx.Queue(), [ctx.Queue() for _ in range(self.world)])
+        self.job.mode = ServeMode(self.channels)
         result = os.path.join(self.tmp, "outputs.pkl")
-        self.procs = [ctx.Process(target=_spawned, args=(r, self.world, self.store.port, self.job, result),
+        self.procs = [ctx.Process(target=spawned_rank, args=(r, self.world, self.store.port, self.job, result),
                                   name=f"epinfer-rank{r}") for r in range(self.world)]
         for p in self.procs:
             p.start()
@@ -82,8 +83,8 @@ class RankSet:
                 raise KeyboardInterrupt
             if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
                 first = next(c for c in codes if c is not None)
-                code = _drain(self.procs, self.store, first, grace=10.0) if first != 0 else first
-                messages = _errors(self.store, self.world)
+                code = drain(self.procs, self.store, first, grace=10.0) if first != 0 else first
+                messages = rank_errors(self.store, self.world)
                 if code == 2 and messages:
                     raise UserError(messages[0])
                 detail = "; ".join(messages) or describe_exit(codes.index(first), first)
@@ -127,15 +128,15 @@ class RankSet:
         """A rank failed: every live rank dumps and exits (bounded), then the rest are stopped."""
         self.stopping = True
         first = next((p.exitcode for p in self.procs if p.exitcode not in (None, 0)), 1)
-        _drain(self.procs, self.store, first)
+        drain(self.procs, self.store, first)
         self.close()
 
     def errors(self) -> list[str]:
-        return _errors(self.store, self.world) if self.store is not None else []
+        return rank_errors(self.store, self.world) if self.store is not None else []
 
     def close(self) -> None:
         self.stopping = True
-        _terminate(self.procs)
+        terminate(self.procs)
         for q in [self.channels.inbox, *self.channels.outboxes] if self.procs else []:
             q.cancel_join_thread()  # never block exit on a queue whose reader is gone
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -30,7 +30,7 @@ PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i i
     (16, 2, 256, 16, [3, 1025, 2048]),  # Qwen3.5 / Qwen3-Next full attention
 ])
 def test_triton_decode_kernel(dtype, tol, H, KVH, hd, bs, lens):
-    from epinfer.layers.paged_attention import decode_attention
+    from epinfer.kernels.paged_attention import decode_attention
 
     torch.backends.cuda.matmul.allow_tf32 = False
     args, expected = paged_case(lens, H, KVH, hd, bs)
@@ -47,8 +47,8 @@ def test_triton_decode_kernel(dtype, tol, H, KVH, hd, bs, lens):
 def test_rope_to_cache_kernel(H, KVH, hd, R, gated, norm, zc):
     """The decode kernel for q/k norm + rotary + cache write against the torch ops it replaces
     (bf16; a row with slot -1 writes nothing)."""
+    from epinfer.kernels.paged_attention import rope_to_cache
     from epinfer.layers.attention import head_norm_rope
-    from epinfer.layers.paged_attention import rope_to_cache
 
     torch.manual_seed(H + R)
     T, bf = 5, torch.bfloat16
@@ -75,7 +75,7 @@ def test_rope_to_cache_kernel(H, KVH, hd, R, gated, norm, zc):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_triton_gdn_decode_kernel(dtype, tol):
-    from epinfer.layers.gdn_ops import _recurrent_triton, recurrent_gated_delta_step
+    from epinfer.kernels.gdn_ops import _recurrent_triton, recurrent_gated_delta_step
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, Hk, Hv, DK, DV, slots_total = 5, 16, 32, 128, 128, 9
@@ -100,7 +100,7 @@ def test_triton_gdn_decode_kernel(dtype, tol):
 def test_triton_conv_step_kernel(dtype):
     import torch.nn.functional as F
 
-    from epinfer.layers.gdn_ops import conv_triton
+    from epinfer.kernels.gdn_ops import conv_triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, C, K = 5, 8192, 4
@@ -124,7 +124,7 @@ def test_triton_grouped_moe(T, first, n, E):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
     experts local, the other half's pairs must count 0), for every tile table row."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.layers import moe_triton
+    from epinfer.kernels import moe_triton
     from epinfer.layers.moe import FusedExperts, permute_pairs
 
     torch.manual_seed(T)
@@ -163,7 +163,7 @@ def test_triton_grouped_moe(T, first, n, E):
 def test_triton_moe_skips_padding_pairs(first, n):
     """One group per pair: a padding row (top-k weight 0) reads no expert weights and no x (its row is
     NaN here) and comes out exactly 0, summed or per pair; the real rows are bitwise unchanged."""
-    from epinfer.layers import moe_triton
+    from epinfer.kernels import moe_triton
     from epinfer.layers.moe import FusedExperts
 
     torch.manual_seed(first)
@@ -190,7 +190,7 @@ def test_triton_router(T, E, K, masked):
     """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
     torch (same ids, weights to bf16)."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.layers import moe_triton
+    from epinfer.kernels import moe_triton
     from epinfer.layers.moe import route
 
     torch.manual_seed(E + T)
@@ -233,7 +233,7 @@ def test_small_gemm(T):
     o_proj and LM head shapes and an odd one."""
     import torch.nn.functional as F
 
-    from epinfer.layers import small_gemm
+    from epinfer.kernels import small_gemm
 
     torch.manual_seed(T)
     for N, D in [(2048, 4096), (151936, 2048), (1000, 520)]:
@@ -251,7 +251,7 @@ def test_small_gemm(T):
 def test_triton_gated_rms_norm(T):
     """The GDN gated norm kernel against the torch reference (bf16): x [T, 32, 128], the gate a
     row-strided view of a wider projection (as the stacked GEMM gives it); over 1024 rows, 4 a program."""
-    from epinfer.layers import norm_triton
+    from epinfer.kernels import norm_triton
     from epinfer.layers.norm import gated_rms_norm
 
     torch.manual_seed(T)
@@ -268,7 +268,7 @@ def test_triton_gated_rms_norm(T):
 @pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
 def test_triton_combine(T, first, n):
     """The grouped-GEMM combine kernel vs the torch one (other ranks' rows of y hold NaN: skipped)."""
-    from epinfer.layers import moe_triton
+    from epinfer.kernels import moe_triton
     from epinfer.layers.moe import combine_pairs, permute_pairs
 
     torch.manual_seed(T)
@@ -320,7 +320,7 @@ def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16):
     """A transformers model of a real shape with `layers` layers, random weights, saved."""
     import transformers
 
-    from epinfer.bench import shape_folder
+    from epinfer.bench.single import shape_folder
 
     cfg_dir = shape_folder(shape, layers, str(tmp_path))
     cfg = transformers.AutoConfig.from_pretrained(str(cfg_dir))
@@ -411,17 +411,17 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
 def test_bf16_real_shape_logits_match_transformers(tmp_path, shape, layers, group, chain):
     """group 1-2: the few-row kernels (per-pair experts, their sum in the next norm, the fused router
     GEMV, the small-row o_proj / LM head GEMM); chain: the PDL decode chain (on by default)."""
-    from epinfer.layers import pdl
+    from epinfer.kernels import pdl
 
     if chain and not (pdl.SUPPORTED and torch.cuda.get_device_capability()[0] >= 9):
         pytest.skip("needs Triton's gdc ops and a Hopper-or-newer GPU")
     folder, model = real_shape_folder(tmp_path, shape, layers)
-    was = pdl.ENABLED[0]
-    pdl.ENABLED[0] = chain
+    was = pdl.ENABLED
+    pdl.ENABLED = chain
     try:
         res = compare_logits(folder, model, "bfloat16", group=group)
     finally:
-        pdl.ENABLED[0] = was
+        pdl.ENABLED = was
     print(f"{shape} x{layers}: {res}")
     assert res["graphs"], "no CUDA graph ran"
     # the issue's bound, against transformers in float32 on the same weights (the function both

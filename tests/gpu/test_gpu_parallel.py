@@ -2,9 +2,9 @@
 collectives inside, on every rank at the same steps, and the tokens equal one GPU's. Skipped
 with fewer than 2 GPUs; `benchmarks/gpu_parallel_check.py` runs every dispatcher and padding.
 
-Experimental (EPINFER_PARALLEL_GRAPHS=1): at c29e4ea on 2 H200s this hung silently until the
-time limit, most likely in destroy_process_group while graphs still held NCCL collectives (graphs
-are now released first); `benchmarks/gpu2_graphs.sh a` re-runs it."""
+Experimental (`--parallel-graphs`, selected here with EPINFER_PARALLEL_GRAPHS=1): graphs are
+released before the process group, since NCCL waits for graphs that hold its collectives;
+`bash benchmarks/parallel_2gpu.sh tests` runs it."""
 
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ pytestmark = [pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 
 def test_graphs_with_collectives_match_one_gpu(ckpt_dir, tmp_path, monkeypatch, dp, tp, async_scheduling, symm):
     """symm: the small collectives through symmetric memory (EPINFER_SYMM_MEM=1), in the graphs too."""
     from epinfer import LLM, SamplingParams
-    from epinfer.distributed.launch import launch
-    from epinfer.distributed.worker import Job
     from epinfer.engine.engine import EngineConfig
+    from epinfer.runtime.job import Job
+    from epinfer.runtime.launch import launch
+    from epinfer.runtime.lockstep import GenerateMode
 
     folder = str(ckpt_dir("qwen3_moe"))
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 5, 20, 9)]
     ecfg = dict(model=folder, dtype="float32", device="cuda", async_scheduling=async_scheduling)
     ref = [o.token_ids for o in LLM(**ecfg).generate(PROMPTS, params)]
-    job = Job(EngineConfig(**ecfg), dp, tp, "agrs", "uniform", prompts=PROMPTS, params=params,
-              dump_dir=str(tmp_path))
-    monkeypatch.setenv("EPINFER_SYMM_MEM", "1" if symm else "0")  # (the spawned ranks read it)
+    job = Job(EngineConfig(**ecfg, parallel_graphs=True), dp, tp, "agrs", "uniform", dump_dir=str(tmp_path),
+              symm_mem=symm, mode=GenerateMode(PROMPTS, params))
     assert [o.token_ids for o in launch(job)] == ref
     for rank in range(dp * tp):
         lines = (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()

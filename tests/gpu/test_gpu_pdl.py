@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _pdl_capable() -> bool:
-    from epinfer.layers import pdl
+    from epinfer.kernels import pdl
 
     return pdl.SUPPORTED and torch.cuda.get_device_capability()[0] >= 9
 
@@ -82,7 +82,7 @@ def test_pdl_overlaps_and_wait_orders():
 def test_triton_add_rms_norm(T, D, K, zc, launch):
     """The decode add + norm kernel against `norm.add_rms_norm` (eager and as compiled) in bf16, the
     residual the experts' unsummed [T, K, D] float32 outputs or a plain [T, D] one; with PDL too."""
-    from epinfer.layers import norm_triton, pdl
+    from epinfer.kernels import norm_triton, pdl
     from epinfer.layers.norm import add_rms_norm
 
     if launch and not _pdl_capable():
@@ -94,13 +94,13 @@ def test_triton_add_rms_norm(T, D, K, zc, launch):
         w = torch.randn(D).bfloat16()
     assert norm_triton.usable(x, r, w) and not norm_triton.usable(x, r.float() if not K else r.double(), w)
     assert norm_triton.usable(x[:0], r[:0], w) is False
-    was = pdl.ENABLED[0]
-    pdl.ENABLED[0] = launch
+    was = pdl.ENABLED
+    pdl.ENABLED = launch
     try:
         assert pdl.on(x.device) == launch
         nx, out = norm_triton.add_rms_norm(x, r, w, 1e-6, zc)
     finally:
-        pdl.ENABLED[0] = was
+        pdl.ENABLED = was
     if K:  # summed over k in order (as the kernel does), the residual add rounds identically
         in_order = r[:, 0].clone()
         for k in range(1, K):
@@ -121,7 +121,7 @@ def test_triton_add_rms_norm(T, D, K, zc, launch):
 def test_add_forward_routes_the_experts_sum_to_the_kernel(monkeypatch):
     """`RMSNorm.add_forward`: the experts' unsummed [T, K, D] outputs go to the Triton kernel at any
     row count, with or without PDL; a plain [T, D] residual only as a link of the PDL chain (≤ 8 rows)."""
-    from epinfer.layers import norm_triton, pdl
+    from epinfer.kernels import norm_triton, pdl
     from epinfer.layers.norm import RMSNorm
 
     calls: list[int] = []
@@ -129,10 +129,10 @@ def test_add_forward_routes_the_experts_sum_to_the_kernel(monkeypatch):
     monkeypatch.setattr(norm_triton, "add_rms_norm", lambda x, r, *rest: calls.append(r.dim()) or kernel(x, r, *rest))
     norm = RMSNorm(2048, 1e-6).cuda().bfloat16()
     norm.weight.data.normal_()
-    was = pdl.ENABLED[0]
+    was = pdl.ENABLED
     try:
         for enabled in (False, True):
-            pdl.ENABLED[0] = enabled
+            pdl.ENABLED = enabled
             for T in (1, 64):
                 x = torch.randn(T, 2048, device="cuda").bfloat16()
                 calls.clear()
@@ -143,7 +143,7 @@ def test_add_forward_routes_the_experts_sum_to_the_kernel(monkeypatch):
                 chained = pdl.chain(x.device) and T <= norm_triton.MAX_ROWS
                 assert calls == ([2] if chained else []), (enabled, T)
     finally:
-        pdl.ENABLED[0] = was
+        pdl.ENABLED = was
 
 
 def test_pdl_changes_nothing(tmp_path):
@@ -151,7 +151,7 @@ def test_pdl_changes_nothing(tmp_path):
     at 1 and 8 rows, every decode step's logits are bitwise those of the same kernels launched
     without it (a kernel that read or wrote before its wait would race and differ)."""
     from epinfer import LLM, SamplingParams
-    from epinfer.layers import pdl
+    from epinfer.kernels import pdl
 
     if not _pdl_capable():
         pytest.skip("needs Triton's gdc ops and a Hopper-or-newer GPU")
@@ -174,13 +174,13 @@ def test_pdl_changes_nothing(tmp_path):
         torch.cuda.empty_cache()
         return steps
 
-    was = pdl.ENABLED[0]
+    was = pdl.ENABLED
     try:
-        pdl.ENABLED[0], pdl.LAUNCH[0] = True, False  # the same kernels, launched plainly
+        pdl.ENABLED, pdl.LAUNCH = True, False  # the same kernels, launched plainly
         plain = run()
-        pdl.LAUNCH[0] = True
+        pdl.LAUNCH = True
         assert pdl.on(torch.device("cuda"))
         with_pdl = run()
     finally:
-        pdl.ENABLED[0], pdl.LAUNCH[0] = was, True
+        pdl.ENABLED, pdl.LAUNCH = was, True
     assert len(plain) == len(with_pdl) and all(torch.equal(a, b) for a, b in zip(plain, with_pdl, strict=True))

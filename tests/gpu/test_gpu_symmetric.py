@@ -17,7 +17,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 C
 def _compare(rank: int, world: int, _payload) -> int:
     import torch.distributed as dist
 
-    from epinfer.distributed import symmetric
     from epinfer.distributed.communicator import Communicator
     from epinfer.distributed.groups import Group
 
@@ -25,8 +24,7 @@ def _compare(rank: int, world: int, _payload) -> int:
     cpu = dist.new_group(backend="gloo")
     group = Group("ep", tuple(range(world)), rank, dist.group.WORLD, cpu)
     plain, fast = Communicator(), Communicator()
-    symmetric.ENABLED = True
-    fast.enable_symmetric([group], Group("world", group.ranks, rank, cpu, cpu), device, 60.0)
+    fast.enable_symmetric([group], device, 1 << 20, 60.0)
     assert group.name in fast.fast
     paths: list[str] = []
 
@@ -37,7 +35,7 @@ def _compare(rank: int, world: int, _payload) -> int:
         def after(self, call):
             pass
 
-    fast.hooks.append(Paths())
+    fast.add_plugin(Paths())
     gen = torch.Generator(device=device).manual_seed(rank)
     checked = 0
 

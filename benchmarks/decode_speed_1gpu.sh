@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Single-GPU decode and prefill speed, and the GPU correctness tests, on ONE NVIDIA GPU: `epinfer bench`
+# at the Qwen3-30B-A3B and Qwen3.5-35B-A3B shapes (all layers unless LAYERS is set, bf16, random
+# weights, prompts of 1024 tokens, 32 decode steps timed). The figures of benchmarks/RESULTS.md
+# ("Single-GPU decode", "Prefill") come from these modes.
+#
+#   targets          Qwen3-30B-A3B batch 1 / 64 / 256, async scheduling, plus transformers `generate`
+#                    on the same shape (--compare-hf)
+#   tests            pytest tests/gpu (kernels, CUDA graphs, bf16 logits against transformers)
+#   hybrid           Qwen3.5-35B-A3B batch 1 / 64, async scheduling
+#   prefill          Qwen3-30B-A3B prefill of 8 x 2048 tokens
+#   prefill-profile  where one 8 x 2048 prefill step's time goes (benchmarks/prefill_profile.py;
+#                    LAYERS layers, default 48)
+#   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
+#                    dependent launch off / on)
+#   graphs-vs-eager  Qwen3-30B-A3B, LAYERS layers (default 8), BATCHES (default "1 64"): CUDA graphs
+#                    against --enforce-eager
+#
+# Usage: [OUT=DIR] bash benchmarks/decode_speed_1gpu.sh [MODE...]      (default: targets tests)
+# Output: $OUT (default benchmarks/logs/decode_speed_1gpu/, git-ignored): per run NAME.jsonl (the
+# `epinfer bench --json` records, one per batch) and NAME.log (progress, summary lines, test output).
+# The summary lines are printed as each run ends.
+NAME=decode_speed_1gpu
+source "$(dirname "$0")/common.sh"
+IO="--input-len 1024 --output-len 32"
+LAYER_ARGS=${LAYERS:+--layers $LAYERS}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+for mode in ${*:-targets tests}; do case $mode in
+targets)
+  bench targets 330 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 --batch 256 $IO --async-scheduling --compare-hf ;;
+tests)
+  step tests "${TESTS_LIMIT:-420}" python3 -m pytest -q -p no:cacheprovider tests/gpu
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head ;;
+hybrid)
+  bench hybrid 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling ;;
+prefill)
+  bench prefill 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 8 --input-len 2048 --output-len 16 ;;
+prefill-profile)
+  step prefill_profile 150 python3 benchmarks/prefill_profile.py --layers "${LAYERS:-48}" --batch 8 --len 2048 ;;
+pdl)
+  for p in 0 1; do
+    EPINFER_PDL=$p bench "pdl$p" 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling
+  done ;;
+graphs-vs-eager)
+  BARGS=$(for b in ${BATCHES:-1 64}; do printf -- "--batch %s " "$b"; done)
+  bench graphs 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO
+  bench eager 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO --enforce-eager ;;
+*)
+  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile pdl graphs-vs-eager)"; exit 2 ;;
+esac; done

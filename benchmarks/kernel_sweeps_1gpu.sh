@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Kernel tile sweeps on ONE NVIDIA GPU, every candidate timed as a whole call replayed in a CUDA graph
+# (the "Kernel sweeps" section of benchmarks/RESULTS.md):
+#
+#   moe        the decode MoE expert kernels against the cuBLAS grouped GEMM, one layer of SHAPE
+#              (default qwen3-30b-a3b) at MOE_BATCHES rows (default: the sweep's own list;
+#              e.g. MOE_BATCHES=1,4,16); the chosen table is written to $OUT/moe_table.json, then
+#              `epinfer bench` batch 1 and 64 (async) runs with it (EPINFER_MOE_CONFIGS)
+#   gemv       decode-size projections: the small-rows Triton GEMM against cuBLAS (benchmarks/gemv_sweep.py)
+#   attention  decode attention split count and tiles per batch size (benchmarks/attention_sweep.py)
+#
+# Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
+# Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
+# record per configuration measured), moe_table.json, and the bench records moe_table_bench.jsonl.
+NAME=kernel_sweeps_1gpu
+source "$(dirname "$0")/common.sh"
+SHAPE=${SHAPE:-qwen3-30b-a3b}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+for mode in ${*:-moe gemv attention}; do case $mode in
+moe)
+  step moe_sweep 300 python3 benchmarks/moe_kernel_sweep.py --shape "$SHAPE" ${MOE_BATCHES:+--batches $MOE_BATCHES} \
+    --out "$OUT/moe_table.json"
+  grep -v "^#" "$OUT/moe_sweep.log" | cut -c1-250
+  EPINFER_MOE_CONFIGS=$OUT/moe_table.json bench moe_table_bench 150 --shape "$SHAPE" --batch 1 --batch 64 \
+    --input-len 1024 --output-len 32 --async-scheduling ;;
+gemv)
+  step gemv_sweep 150 python3 benchmarks/gemv_sweep.py
+  grep -v "^#" "$OUT/gemv_sweep.log" | cut -c1-230 ;;
+attention)
+  step attention_sweep 150 python3 benchmarks/attention_sweep.py
+  cut -c1-300 "$OUT/attention_sweep.log" ;;
+*)
+  echo "unknown mode $mode (moe gemv attention)"; exit 2 ;;
+esac; done

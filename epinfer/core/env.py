@@ -1,0 +1,93 @@
+"""Every `EPINFER_*` environment variable, typed and read in one place.
+
+Switches here change how a kernel runs or what a rank prints, never which collectives run. The two
+that change the collective schedule are read here only as the defaults of their flags
+(`--parallel-graphs`, `--symm-mem`): the command line turns them into fields of the run
+description, which every rank compares at start-up (`runtime.worker.agree_settings`), so a rank
+whose environment differs is a one-line error instead of a hang.
+
+  EPINFER_COMPILE=0           small elementwise ops eager instead of `torch.compile` (A/B runs)
+  EPINFER_MOE_TRITON=0        MoE experts through cuBLAS grouped GEMMs instead of the Triton kernels
+  EPINFER_MOE_CONFIGS=FILE    a tile table from `benchmarks/moe_kernel_sweep.py` instead of the built-in one
+  EPINFER_PDL=0               no programmatic dependent launch on Hopper
+  EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
+  EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
+  EPINFER_SYMM_MEM=1          the default of --symm-mem
+  EPINFER_SYMM_MEM_BYTES=N    the largest collective the symmetric-memory path takes (default 1 MiB)
+  EPINFER_SPAWNED=1           set by the launcher in the ranks it spawns (they are not under torchrun)
+"""
+
+from __future__ import annotations
+
+import os
+
+from epinfer.core.errors import UserError
+
+_OFF = ("0", "false", "off", "no")
+
+
+def _on(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in _OFF
+
+
+def _number(name: str, kind, default):
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r}: give a number") from None
+    if not value > 0:
+        raise UserError(f"{name}={text!r}: give a positive number")
+    return value
+
+
+class Switches:
+    """Each property reads its variable when asked (a bad number is a one-line UserError then,
+    never at import)."""
+
+    @property
+    def compile(self) -> bool:
+        return _on("EPINFER_COMPILE", True)
+
+    @property
+    def moe_triton(self) -> bool:
+        return _on("EPINFER_MOE_TRITON", True)
+
+    @property
+    def moe_configs(self) -> str | None:
+        return os.environ.get("EPINFER_MOE_CONFIGS") or None
+
+    @property
+    def pdl(self) -> bool:
+        return _on("EPINFER_PDL", True) and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+    @property
+    def stacks_after(self) -> float | None:
+        return _number("EPINFER_STACKS_AFTER", float, None)
+
+    @property
+    def parallel_graphs(self) -> bool:
+        return _on("EPINFER_PARALLEL_GRAPHS", False)
+
+    @property
+    def symm_mem(self) -> bool:
+        return _on("EPINFER_SYMM_MEM", False)
+
+    @property
+    def symm_mem_bytes(self) -> int:
+        return _number("EPINFER_SYMM_MEM_BYTES", int, 1 << 20)
+
+    @property
+    def spawned(self) -> bool:
+        return _on("EPINFER_SPAWNED", False)
+
+
+SWITCHES = Switches()
+
+
+def mark_spawned() -> None:
+    """In a rank the launcher spawned: it is not a torchrun rank, whatever RANK says."""
+    os.environ["EPINFER_SPAWNED"] = "1"

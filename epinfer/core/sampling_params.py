@@ -1,0 +1,130 @@
+"""Per-request sampling and stopping parameters, and the one validation every entry point shares.
+
+`SamplingParams.validate` is what the Python API, `epinfer generate` (flags and JSONL lines) and the
+HTTP server all call, so a value that one of them accepts the others accept too. Rules:
+  max_tokens       an integer >= 1
+  temperature      a finite number >= 0 (0 = greedy); any finite positive value is safe: the
+                   sampler subtracts the row maximum before dividing
+  top_p            a finite number in (0, 1]
+  top_k            an integer >= -1 (0 and -1: off), below 2**31
+  seed             an integer in [0, 2**64 - 1] (the width of the generator's seed): range-checked,
+                   never reduced
+  stop             at most MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS characters,
+                   encodable as UTF-8
+  stop_token_ids   at most MAX_STOP_STRINGS non-negative integers
+Booleans are not numbers here (`True` is no temperature). A failed check is a `UserError` with one
+line naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+from epinfer.core.errors import UserError
+
+SEED_MAX = 2**64 - 1
+TOP_K_MAX = 2**31 - 1
+MAX_STOP_STRINGS = 32  # every generated token is checked against each of them
+MAX_STOP_CHARS = 1024
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """`None` means "the model's generation_config.json default, else the built-in default"."""
+
+    max_tokens: int | None = None  # default 64
+    temperature: float | None = None  # default 1.0; 0 = greedy
+    top_p: float | None = None  # default 1.0
+    top_k: int | None = None  # default 0 (off); -1 also means off
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def resolved(self, defaults: dict) -> SamplingParams:
+        """A copy with every None replaced by `defaults` or the built-in default, validated
+        before anything is converted (int("3") or float(True) must not pass)."""
+        def pick(name: str, builtin):
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name)
+            return builtin if value is None else value
+
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        merged = SamplingParams(pick("max_tokens", 64), pick("temperature", 1.0), pick("top_p", 1.0),
+                                pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos)
+        merged.validate()
+        return SamplingParams(
+            max_tokens=int(merged.max_tokens),
+            temperature=float(merged.temperature),
+            top_p=float(merged.top_p),
+            top_k=int(merged.top_k),
+            seed=None if self.seed is None else int(self.seed),
+            stop=list(stop or []),
+            stop_token_ids=[int(t) for t in self.stop_token_ids or []],
+            ignore_eos=self.ignore_eos,
+        )
+
+    def validate(self) -> None:
+        _integer("max_tokens", self.max_tokens, 1, None)
+        _number("temperature", self.temperature, 0.0, None)
+        if self.top_p is not None:
+            _number("top_p", self.top_p, None, None)
+            if not 0 < self.top_p <= 1:
+                raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        _integer("top_k", self.top_k, -1, TOP_K_MAX, "top_k must be -1, 0 (off) or positive")
+        _integer("seed", self.seed, 0, SEED_MAX)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stops is not None:
+            if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP_STRINGS:
+                raise UserError(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+            for s in stops:
+                if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                    raise UserError(f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} "
+                                    "characters")
+                check_text("stop", s)
+        ids = self.stop_token_ids
+        if ids is not None:
+            if not isinstance(ids, (list, tuple)) or len(ids) > MAX_STOP_STRINGS:
+                raise UserError(f"stop_token_ids must be a list of at most {MAX_STOP_STRINGS} token ids")
+            for t in ids:
+                _integer("stop_token_ids", t, 0, None)
+        if not isinstance(self.ignore_eos, bool):
+            raise UserError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _integer(name: str, value, low: int | None, high: int | None, what: str | None = None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints too
+        raise UserError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UserError(f"{what or f'{name} must be an integer {span}'}, got {value}")
+
+
+def _number(name: str, value, low: float | None, high: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low:g}" if high is None else f"<= {high:g}"
+        raise UserError(f"{name} must be {span}, got {value}")
+
+
+def check_text(name: str, text: str) -> None:
+    """Text the tokenizer will see must be valid Unicode: JSON can carry lone UTF-16 surrogates
+    (`"\\ud800"`), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{name} is not valid Unicode (a lone surrogate at character {exc.start})") from None

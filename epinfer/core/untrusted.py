@@ -1,0 +1,145 @@
+"""Primitives for reading files that may be anything: opening them safely, and naming what is wrong.
+
+Checkpoint folders (`epinfer.core.checkpoint_files`) and dump folders (`epinfer.diagnostics.dump_format`)
+come from outside, so a name in them may be a FIFO (opening it blocks forever), a device (reading
+it never ends), a folder, or a symbolic link to any of these, and a JSON value in them may be of any
+type, size or depth. This module holds what both readers need for that:
+
+- `stat_regular` and `open_regular` admit only regular files, checking the type before opening and
+  again on the opened fd, and open without blocking;
+- `one_line`, `reason`, `show`, `shown_path` and `file_kind` put a fault into a one-line,
+  ASCII-safe `UserError` message of bounded length;
+- `is_int`, `is_number` and `ints_in` are the JSON type tests (a bool is not a number).
+
+It does not decide what is allowed where (folder bounds, size limits, the fields of a format): the
+readers do. It imports only the standard library and `epinfer.core.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import reprlib
+import stat
+from pathlib import Path
+from typing import Any
+
+from epinfer.core.errors import UserError
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` (an exception, say) as one line of at most `limit` characters: user errors are one line."""
+    line = " ".join(str(text).split()) or type(text).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def reason(exc: BaseException) -> str:
+    """Why an OS call failed, in one line: its strerror (the message names the path already), else
+    the exception itself (a ValueError for a NUL in a path has no strerror)."""
+    return one_line(getattr(exc, "strerror", None) or exc)
+
+
+class _Short(reprlib.Repr):
+    """reprlib's bounded rendering (a few items, a few levels, short strings: a huge or deeply nested
+    value costs little), with JSON's words for the JSON values that Python spells differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = 40
+        self.maxlist = self.maxdict = 4
+        self.maxlevel = 2
+
+    def repr_bool(self, x: bool, level: int) -> str:
+        return "true" if x else "false"
+
+    def repr_NoneType(self, x: None, level: int) -> str:  # reprlib finds these methods by type name
+        return "null"
+
+    def repr_float(self, x: float, level: int) -> str:
+        return json.dumps(x)  # NaN, Infinity, as a JSON file spells them
+
+
+_SHORT = _Short()
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A short one-line ASCII rendering of a JSON value for an error message."""
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        text = type(value).__name__
+    # non-ASCII (an RTL mark, say) is escaped: the message must show the value, not act on the terminal
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown_path(path: Path | str) -> str:
+    """A path for a one-line message: as is, or escaped where it holds a newline or other control character."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of stat mode `mode` is, for a message ("a FIFO")."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+             (stat.S_ISREG, "a regular file"))
+    return next((text for test, text in kinds if test(mode)), "a special file")
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number: an int or a float, not a bool (NaN and infinities included: callers bound them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def ints_in(values: list, lo: int, hi: int) -> bool:
+    """Every value an int (exactly `int`, as JSON gives, never bool) in [lo, hi]; at C speed, as a
+    list from a file can be long."""
+    return not values or ({type(v) for v in values} <= {int} and lo <= min(values) and max(values) <= hi)
+
+
+def stat_regular(path: Path | str, name: str, missing_ok: bool = False) -> os.stat_result | None:
+    """The stat of the regular file at `path` (links followed), or None when nothing of that name
+    exists and `missing_ok`. Anything else is a `UserError` that starts with `name`: not a regular
+    file (saying what it is, and whether a symbolic link leads there), a broken link, unreadable."""
+    link = None
+    try:
+        link = os.lstat(path)
+        info = os.stat(path)
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
+        gone = isinstance(exc, FileNotFoundError)
+        if gone and link is None and missing_ok:
+            return None
+        why = "a broken symbolic link" if gone and link is not None else reason(exc)
+        raise UserError(f"{name}: cannot read it ({why})") from None
+    if not stat.S_ISREG(info.st_mode):
+        what = file_kind(info.st_mode)
+        if stat.S_ISLNK(link.st_mode):
+            what = f"a symbolic link to {what}"
+        raise UserError(f"{name}: not a regular file ({what})")
+    return info
+
+
+def open_regular(path: Path | str, name: str) -> tuple[int, os.stat_result]:
+    """An fd of the regular file at `path`, and its stat; the caller closes it. Its type is checked
+    before opening (opening a FIFO can block, opening a device can act), and again on the fd, which
+    must be the very file checked (the path may have been swapped in between). Faults are
+    `UserError`s that start with `name`, as `stat_regular`'s."""
+    checked = stat_regular(path, name)
+    assert checked is not None  # not missing_ok: a missing file raised
+    # O_NONBLOCK: should a FIFO be swapped in after the check, opening it must not wait for a writer
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise UserError(f"{name}: cannot read it ({reason(exc)})") from None
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(fd)
+        raise UserError(f"{name}: not a regular file (it changed while being opened)")
+    return fd, opened

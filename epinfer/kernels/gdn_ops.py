@@ -1,0 +1,204 @@
+"""Pure-torch gated delta rule: the chunked form (prefill) and the one-step recurrent form (decode).
+
+Both work on CPU and GPU in float32 and are the reference the faster GPU kernels are checked
+against. State layout: `[B, Hv, dk, dv]`, float32. The recurrence per token t, per value head:
+
+    S = S * exp(g_t)
+    S = S + k_t (beta_t (v_t - S^T k_t))^T
+    o_t = S^T q_t          (q, k L2-normalised, q scaled by dk^-0.5)
+
+Shape suffixes: B batch, N tokens, H value heads, K key dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from epinfer.kernels.fused import fused
+
+CHUNK = 64
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, beta, g, num_v_heads: int):
+    """Expand key heads to value heads, move heads first, fp32, normalise q/k."""
+    rep = num_v_heads // q.shape[-2]
+    if rep > 1:
+        q = q.repeat_interleave(rep, dim=-2)
+        k = k.repeat_interleave(rep, dim=-2)
+    q, k, v = (t.transpose(-3, -2).float().contiguous() for t in (q, k, v))  # [..., H, N, d]
+    beta, g = (t.transpose(-2, -1).float().contiguous() for t in (beta, g))  # [..., H, N]
+    q, k = l2norm(q), l2norm(k)
+    q = q * q.shape[-1] ** -0.5
+    return q, k, v, beta, g
+
+
+def chunk_gated_delta_rule(
+    q_NHK: torch.Tensor,
+    k_NHK: torch.Tensor,
+    v_NHV: torch.Tensor,
+    g_NH: torch.Tensor,
+    beta_NH: torch.Tensor,
+    state_HKV: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence of N tokens. Returns (output [N, H, V] in v's dtype, final state [H, K, V] fp32)."""
+    out_dtype = v_NHV.dtype
+    num_heads = v_NHV.shape[-2]
+    q, k, v, beta, g = _prepare(q_NHK, k_NHK, v_NHV, beta_NH, g_NH, num_heads)  # [H, N, *]
+    H, N, K = k.shape
+    V = v.shape[-1]
+    pad = (CHUNK - N % CHUNK) % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
+    C = (N + pad) // CHUNK
+    v_beta = (v * beta[..., None]).view(H, C, CHUNK, V)
+    k_beta = (k * beta[..., None]).view(H, C, CHUNK, K)
+    q, k = q.view(H, C, CHUNK, K), k.view(H, C, CHUNK, K)
+    g_cum = g.view(H, C, CHUNK).cumsum(dim=-1)  # log decay from chunk start to each position
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    decay_ij = (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # Lower-triangular system (I + A) X = B of the WY / UT form of the delta rule inside a chunk.
+    system = (k_beta @ k.transpose(-1, -2)) * decay_ij
+    intra = (q @ k.transpose(-1, -2)) * decay_ij
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(
+        system, k_beta * g_cum.exp()[..., None], upper=False, unitriangular=True
+    )
+    S = torch.zeros(H, K, V, dtype=torch.float32, device=q.device) if state_HKV is None \
+        else state_HKV.float()
+    out = torch.empty(H, C, CHUNK, V, dtype=torch.float32, device=q.device)
+    q_dec = q * g_cum.exp()[..., None]
+    k_dec = k * (g_cum[..., -1:] - g_cum).exp()[..., None]
+    chunk_decay = g_cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
+    for c in range(C):
+        v_new = u[:, c] - w[:, c] @ S
+        out[:, c] = q_dec[:, c] @ S + intra[:, c] @ v_new
+        S = S * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new
+    out = out.view(H, C * CHUNK, V)[:, :N].transpose(0, 1)
+    return out.to(out_dtype), S
+
+
+@fused
+def recurrent_gated_delta_step(
+    q_BHK: torch.Tensor,
+    k_BHK: torch.Tensor,
+    v_BHV: torch.Tensor,
+    g_BH: torch.Tensor,
+    beta_BH: torch.Tensor,
+    state_BHKV: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for each of B sequences. Returns (output [B, H, V], new state [B, H, K, V] fp32)."""
+    out_dtype = v_BHV.dtype
+    num_heads = v_BHV.shape[-2]
+    # _prepare expects a token axis: add N=1 before the head axis
+    q, k, v, beta, g = _prepare(
+        q_BHK[:, None], k_BHK[:, None], v_BHV[:, None], beta_BH[:, None], g_BH[:, None], num_heads
+    )  # [B, H, 1, *]
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, H, d]
+    beta, g = beta[:, :, 0], g[:, :, 0]  # [B, H]
+    S = state_BHKV.float() * g.exp()[..., None, None]
+    kv_mem = (S * k[..., None]).sum(dim=-2)  # [B, H, V]
+    delta = (v - kv_mem) * beta[..., None]
+    S = S + k[..., None] * delta[..., None, :]
+    out = (S * q[..., None]).sum(dim=-2)
+    return out.to(out_dtype), S
+
+
+def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -> torch.Tensor:
+    """`recurrent_gated_delta_step` with the state read and written in place at `state[slots_B]`
+    (no gather / scatter copies); one Triton kernel on CUDA. Returns the output [B, H, V]."""
+    if _triton is not None and q_BHK.is_cuda:
+        return _recurrent_triton(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B)
+    out, new_state = recurrent_gated_delta_step(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state[slots_B])
+    state[slots_B] = new_state
+    return out
+
+
+def _recurrent_triton(q, k, v, g, beta, state, slots):
+    B, Hk, DK = q.shape
+    Hv, DV = v.shape[1], v.shape[2]
+    out = torch.empty_like(v)
+    BV = 32 if DV % 32 == 0 else DV
+    _gdn_decode_kernel[(B, Hv, DV // BV)](
+        q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
+        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, BV=BV, num_warps=4)
+    return out
+
+
+def conv_triton(state, slots, x, w):
+    """`gdn.conv_step_inplace` on CUDA: program (row, channel block) reads its K-1 state columns,
+    the new input and the weights once, writes the shifted state back and silu(conv)."""
+    B, C = x.shape
+    K = w.shape[1]
+    out = torch.empty_like(x)
+    BLOCK_C = 256
+    _conv_step_kernel[(B, _triton.cdiv(C, BLOCK_C))](
+        state, slots, x, w, out, state.stride(0), state.stride(1), state.stride(2), x.stride(0), w.stride(0),
+        out.stride(0), C, K=K, KP=_triton.next_power_of_2(K), BLOCK_C=BLOCK_C, num_warps=4)
+    return out
+
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton as _triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    _triton = None
+HAVE_TRITON = _triton is not None
+
+if _triton is not None:
+
+    @_triton.jit
+    def _gdn_decode_kernel(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+                           ss_slot, ss_h, ss_k, so_b, so_h, scale,
+                           REP: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
+        """Program (row b, value head h, value block): the [DK, BV] state tile is read once,
+        decayed, delta-updated and written back; the output is the updated tile times q."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_k = tl.arange(0, DK)
+        offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+        hk = h // REP
+        q = tl.load(Q + b * sq_b + hk * sq_h + offs_k).to(tl.float32)
+        k = tl.load(K + b * sk_b + hk * sk_h + offs_k).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_v).to(tl.float32)
+        g = tl.load(G + b * sg_b + h).to(tl.float32)
+        beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        ptr = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :]
+        s = tl.load(ptr) * tl.exp(g)
+        delta = (v - tl.sum(s * k[:, None], 0)) * beta
+        s = s + k[:, None] * delta[None, :]
+        tl.store(ptr, s)
+        o = tl.sum(s * q[:, None], 0)
+        tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+
+    @_triton.jit
+    def _conv_step_kernel(S, SLOTS, X, W, OUT, ss_slot, ss_c, ss_k, sx_b, sw_c, so_b, C,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr):
+        b = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, KP)
+        c_ok = offs_c < C
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        x = tl.load(X + b * sx_b + offs_c, mask=c_ok, other=0.0)
+        s_ptr = S + slot * ss_slot + offs_c[:, None] * ss_c + offs_k[None, :] * ss_k
+        old_mask = c_ok[:, None] & (offs_k[None, :] < K - 1)
+        prev = tl.load(s_ptr, mask=old_mask, other=0.0).to(x.dtype)  # [BLOCK_C, KP]: the K-1 older inputs
+        w = tl.load(W + offs_c[:, None] * sw_c + offs_k[None, :], mask=c_ok[:, None] & (offs_k[None, :] < K),
+                    other=0.0).to(tl.float32)
+        last = offs_k[None, :] == K - 1
+        full = tl.where(last, x[:, None], prev)  # [BLOCK_C, KP]: inputs t-K+1 .. t
+        acc = tl.sum(full.to(tl.float32) * w, 1)
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(OUT + b * so_b + offs_c, out.to(OUT.dtype.element_ty), mask=c_ok)
+        # shifted state: column j takes input j + 1 (the new input lands in column K-2)
+        nxt = tl.load(s_ptr + ss_k, mask=c_ok[:, None] & (offs_k[None, :] < K - 2), other=0.0).to(x.dtype)
+        shifted = tl.where(offs_k[None, :] == K - 2, x[:, None], nxt)
+        tl.store(s_ptr, shifted.to(S.dtype.element_ty), mask=old_mask)

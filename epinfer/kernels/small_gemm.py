@@ -1,0 +1,87 @@
+"""Linear layers at decode batch sizes on the GPU: y = x @ W.T for a few rows (bf16 / fp16).
+
+At one to a few rows a projection is a matrix-vector product bound by reading W once. This kernel
+gives each program BLOCK_N output columns for all rows (rows padded to 16 for the tensor-core dot)
+and streams its [BLOCK_N, D] slice of W with BLOCK_K-wide loads, accumulating in fp32; with many
+output columns (every projection of the supported models) that is enough programs to keep every SM
+reading. Measured against cuBLAS per shape by `benchmarks/gemv_sweep.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epinfer.kernels import pdl
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_ROWS = 8  # measured up to 8 rows (at 8 the o_proj ties cuBLAS)
+ENABLED = True
+# by output columns; H200, 2026-11-29, `benchmarks/gemv_sweep.py` (RESULTS.md): at 1 row, o_proj 2048 x 4096
+# 6.8 µs (cuBLAS 8.1 + its split-K reduce), LM head 151936 x 2048 138 µs (cuBLAS 143); qkv 5120 x 2048
+# ties (6.6 / 6.5), so the stacked q/k/v GEMM stays in cuBLAS
+CONFIGS = [(4096, {"BLOCK_N": 16, "BLOCK_K": 512, "num_stages": 3, "num_warps": 2}),
+           (32768, {"BLOCK_N": 32, "BLOCK_K": 512, "num_stages": 3, "num_warps": 2}),
+           (None, {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 4, "num_warps": 2})]
+
+
+def config(n: int) -> dict:
+    return next(cfg for limit, cfg in CONFIGS if limit is None or n <= limit)
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and weight.dtype == x.dtype and weight.stride(1) == 1
+            and x.stride(1) == 1)
+
+
+def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | None = None,
+           cfg: dict | None = None) -> torch.Tensor:
+    T, D = x_TD.shape
+    N = weight_ND.shape[0]
+    cfg = cfg or config(N)
+    y = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
+    _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
+        y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+        **pdl.kwargs(x_TD.device))
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def rows_times_columns(X, W, sx_t, sw_n, offs_t, t_ok, offs_n, n_ok, lo, hi, BLOCK_T: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x[rows, lo:hi] @ W[columns, lo:hi].T in fp32 ([BLOCK_T, BLOCK_N]), streaming W in BLOCK_K steps."""
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(lo, hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < hi
+            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw_n + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(x, w, acc)
+        return acc
+
+    @triton.jit
+    def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs_t = tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = rows_times_columns(X, W, sx_t, sw_n, offs_t, t_ok, offs_n, n_ok, 0, D, BLOCK_T, BLOCK_N, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_t[:, None] * sy_t + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=t_ok[:, None] & n_ok[None, :])

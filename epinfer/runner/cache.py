@@ -1,0 +1,80 @@
+"""The cache layout and tensors: sizes per token and per state slot, and the per-layer tensors.
+
+KV cache: paged, `[num_blocks, block_size, kv_heads, head_dim]` per attention layer; a sequence
+reserves all the blocks it can ever need (prompt + max_tokens, capped by the max model length)
+when it is admitted, so a running sequence never waits for memory and nothing is preempted.
+GDN state: one slot per running sequence (`[slots, C, K-1]` conv, `[slots, Hv, dk, dv]` fp32
+recurrent). Blocks and slots are returned when a sequence ends, and its state slot is zeroed
+("reset"), so the next owner can't see stale state even if a kernel forgot to ignore it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from epinfer.core.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    block_size: int
+    num_blocks: int
+    num_state_slots: int
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
+    """KV bytes per token on one rank (KV heads are split over TP, at least one per rank)."""
+    attn_layers = sum(t == "attention" for t in cfg.layer_types)
+    return attn_layers * 2 * max(1, cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
+
+
+def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
+    """GDN conv + recurrent state bytes per sequence on one rank (heads split over TP)."""
+    gdn_layers = sum(t == "linear_attention" for t in cfg.layer_types)
+    conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
+        cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    conv = conv_dim * (cfg.linear_conv_kernel - 1) * dtype.itemsize
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    return gdn_layers * (conv + ssm) // tp
+
+
+class CacheTensors:
+    """Per-layer cache tensors of this rank's shard: (k, v) for attention layers, (conv, ssm) for
+    GDN layers. With `poison` (`--poison-pads`) never-written entries hold NaN instead of 0, so a
+    kernel that reads what it shouldn't produces NaN instead of a plausible wrong answer.
+
+    One block and one state slot past the allocator's range are scratch: padding rows of the
+    decode fast path (fixed-size, CUDA-graph friendly) write there, and nothing ever reads it."""
+
+    def __init__(self, model, layout: CacheLayout, dtype: torch.dtype, device: torch.device,
+                 poison: bool = False) -> None:
+        self.fill = float("nan") if poison else 0.0
+        self.per_layer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gdn_layers: list[int] = []
+        for i, layer in enumerate(model.model.layers):
+            if layer.mixer_type == "attention":
+                attn = layer.self_attn
+                shape = (layout.num_blocks + 1, layout.block_size, attn.num_kv_heads, attn.head_dim)
+                self.per_layer.append((torch.full(shape, self.fill, dtype=dtype, device=device),
+                                       torch.full(shape, self.fill, dtype=dtype, device=device)))
+            else:
+                gdn = layer.linear_attn
+                slots = layout.num_state_slots + 1
+                conv = torch.full((slots, gdn.conv_dim, gdn.kernel - 1), self.fill, dtype=dtype,
+                                  device=device)
+                ssm = torch.full((slots, gdn.num_v_heads, gdn.dk, gdn.dv), self.fill,
+                                 dtype=torch.float32, device=device)
+                self.per_layer.append((conv, ssm))
+                self.gdn_layers.append(i)
+
+    def reset_slot(self, slot: int) -> None:
+        for i in self.gdn_layers:
+            conv, ssm = self.per_layer[i]
+            conv[slot].fill_(self.fill)
+            ssm[slot].fill_(self.fill)

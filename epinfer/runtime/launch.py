@@ -1,0 +1,202 @@
+"""Launching a parallel run.
+
+`launch(job)` spawns DP × TP ranks on this machine: the launcher process hosts the rendezvous
+store on a free port (so any rank may die without taking the store with it), starts one process
+per rank, stops all of them on Ctrl-C / SIGTERM or as soon as one fails, and returns rank 0's
+outputs. Under `torchrun` (RANK / WORLD_SIZE in the environment) this process *is* a rank:
+`run_torchrun(job)` checks WORLD_SIZE == dp × tp and runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from epinfer.core.errors import UserError
+from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT, READY_KEY
+from epinfer.distributed.groups import check_layout
+from epinfer.runtime.job import Job
+from epinfer.runtime.worker import worker_main
+
+ERROR_KEY = "epinfer/error/"
+
+
+class RunFailed(RuntimeError):
+    """A parallel run ended with a fault (exit 3) or a crash; the ranks printed why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def failure_dir() -> str:
+    return os.path.join("epinfer-dumps", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+
+def prepare_dump_dir(job: Job) -> None:
+    """--dump-dir replaces the files of an earlier run; without it, failures get a new folder."""
+    if job.dump_dir:
+        Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
+        for old in Path(job.dump_dir).glob("rank*.*"):
+            old.unlink()
+    else:
+        job.failure_dir = failure_dir()
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "EPINFER_SPAWNED" not in os.environ
+
+
+def run_torchrun(job: Job) -> list | None:
+    world = int(os.environ["WORLD_SIZE"])
+    check_layout(job.dp, job.tp, world)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if job.dump_dir:
+        Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
+    else:  # one folder name for all ranks of this run, without a collective
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        port = os.environ.get("MASTER_PORT", "0")
+        job.failure_dir = os.path.join("epinfer-dumps", f"torchrun-{run_id}-{port}")
+    return worker_main(rank, world, local_rank, job)
+
+
+def spawned_rank(rank: int, world: int, port: int, job: Job, result_path: str) -> None:
+    os.environ["EPINFER_SPAWNED"] = "1"
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, use_libuv=True)
+    try:
+        outputs = worker_main(rank, world, rank, job, dist.PrefixStore("pg", store))
+        if rank == 0:
+            Path(result_path).write_bytes(pickle.dumps(outputs))
+    except UserError as exc:
+        store.set(f"{ERROR_KEY}{rank}", str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as exc:
+        store.set(f"{ERROR_KEY}{rank}", f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def launch(job: Job, progress_bar=None) -> list:
+    """`progress_bar`: a `ProgressBar` the leaders' progress is drawn on (a terminal only)."""
+    world = job.dp * job.tp
+    check_layout(job.dp, job.tp)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    prepare_dump_dir(job)
+    job.store_addr = ("127.0.0.1", store.port)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="epinfer-") as tmp:
+        result_path = os.path.join(tmp, "outputs.pkl")
+        if progress_bar is not None:
+            job.progress = ctx.Queue()
+        procs = [ctx.Process(target=spawned_rank, args=(r, world, store.port, job, result_path),
+                             name=f"epinfer-rank{r}") for r in range(world)]
+        stop = _install_stop(procs, store)
+        try:
+            for p in procs:
+                p.start()
+            code = _wait(procs, stop, lambda: _draw_progress(job.progress, progress_bar))
+            _draw_progress(job.progress, progress_bar)  # the leaders' last reports
+            if code != 0 and not stop["signal"]:
+                code = drain(procs, store, code)
+        finally:
+            terminate(procs)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if code != 0:
+            messages = rank_errors(store, world)
+            if code == 2 and messages:
+                raise UserError(messages[0])
+            if stop["signal"]:
+                raise KeyboardInterrupt
+            where = job.dump_dir or job.failure_dir
+            detail = "; ".join(messages) if messages else f"a rank exited with code {code}"
+            raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code,
+                            f"parallel run failed ({detail}); dumps in {where}: run `epinfer doctor {where}`")
+        return pickle.loads(Path(result_path).read_bytes())
+
+
+def _install_stop(procs: list, store) -> dict:
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        terminate(procs)
+
+    def forward_usr1(signum, frame):  # "dump now" for a job that looks stuck
+        for rank, p in enumerate(procs):
+            if p.is_alive() and store.check([f"{READY_KEY}{rank}"]):
+                os.kill(p.pid, signal.SIGUSR1)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGUSR1, forward_usr1)
+    return stop
+
+
+def drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
+    """A rank failed: ask every live rank to dump and stop (the abort key their watchdogs poll),
+    give them `grace` seconds, then stop the rest. Returns 3 if any rank reported a fault."""
+    dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+    with contextlib.suppress(Exception):
+        store.compare_set(ABORT_KEY, "", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
+    deadline = time.time() + grace
+    while time.time() < deadline and any(p.is_alive() for p in procs):
+        time.sleep(0.05)
+    codes = [p.exitcode for p in procs]
+    return EXIT_FAULT if EXIT_FAULT in codes else first_code
+
+
+def _draw_progress(progress, bar) -> None:
+    if bar is None:
+        return
+    with contextlib.suppress(queue.Empty):
+        while True:
+            bar.update_replica(*progress.get_nowait())
+
+
+def _wait(procs: list, stop: dict, tick=lambda: None) -> int:
+    """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
+    wait in their next collective)."""
+    while True:
+        tick()
+        codes = [p.exitcode for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or stop["signal"]:
+            return failed[0] if failed else 130
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.05)
+
+
+def terminate(procs: list, grace: float = 3.0) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def rank_errors(store, world: int) -> list[str]:
+    messages = []
+    for r in range(world):
+        key = f"{ERROR_KEY}{r}"
+        if store.check([key]):
+            msg = store.get(key).decode()
+            if msg not in messages:
+                messages.append(msg)
+    return messages
