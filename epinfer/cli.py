@@ -12,17 +12,15 @@ import signal
 import sys
 from pathlib import Path
 
-from epinfer.core.env import SWITCHES
-from epinfer.core.errors import UserError
+from epinfer.core.config import EngineConfig
+from epinfer.core.env import SWITCHES, under_torchrun
+from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
-from epinfer.distributed.groups import check_layout
-from epinfer.distributed.parallel import DISPATCHERS, PADDING_MODES
-from epinfer.engine.engine import EngineConfig
-from epinfer.progress import ProgressBar
+from epinfer.progress import Progress, generate_with_progress, plural, say, summary
 from epinfer.runtime.job import Job
-from epinfer.runtime.launch import RunFailed, under_torchrun
 
 MAX_FAILURE_LINES = 5
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
@@ -227,8 +225,11 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import time
+
     from epinfer import LLM, SamplingParams
 
+    started = time.monotonic()
     requests = read_requests(args)
     if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
         raise UserError(f"--output {args.output}: not a file in an existing folder")  # before the run, not after
@@ -246,26 +247,29 @@ def run_generate(args: argparse.Namespace) -> int:
         except UserError as exc:
             raise UserError(f"{req.get('where', f'request {i}')}: {exc}") from None
     prompts = [r.get("prompt", r.get("prompt_token_ids")) for r in requests]
+    model = args.model or "the demo model"
+    # stderr only (stdout holds the results): a start line, progress, one summary line at the end
     if args.dp * args.tp > 1 or under_torchrun():
         from epinfer.runtime.launch import launch, run_torchrun
         from epinfer.runtime.lockstep import GenerateMode
 
         job = build_job(args, engine_config(args), GenerateMode(prompts, params))
-        bar = None if under_torchrun() else ProgressBar.for_terminal(len(prompts))
-        try:
-            outputs = run_torchrun(job) if under_torchrun() else launch(job, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        progress = None  # under torchrun: no launcher to gather the replicas' progress
+        if under_torchrun():
+            outputs = run_torchrun(job)
+        else:
+            say(f"starting {args.dp * args.tp} ranks (dp={args.dp} tp={args.tp}) for {model} ...")
+            progress = Progress.for_stream(len(prompts))
+            try:
+                outputs = launch(job, progress)
+            finally:
+                progress.close()
         if outputs is None:  # a torchrun rank other than 0
             return 0
     else:
-        llm = LLM(engine=engine_config(args))
-        bar = ProgressBar.for_terminal(len(prompts))
-        outputs = llm.generate(prompts, params, progress=bar.update if bar else None)
-        if bar is not None:
-            bar.close()
+        outputs, progress = generate_with_progress(lambda: LLM(engine=engine_config(args)), prompts, params, model)
     write_outputs(outputs, requests, args.output)
+    say(summary(outputs, progress.seconds() if progress is not None else None, time.monotonic() - started))
     if args.check_numerics:
         for line in degenerate_warnings(outputs):
             print(f"epinfer: warning: {line}", file=sys.stderr)
@@ -277,7 +281,8 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"epinfer: error: ... and {len(failed) - MAX_FAILURE_LINES} more failed requests", file=sys.stderr)
         return 1
     if args.compare_single:
-        single = LLM(engine=engine_config(args)).generate(prompts, params)
+        single, _ = generate_with_progress(lambda: LLM(engine=engine_config(args)), prompts, params, model,
+                                           label="single-process reference run", final_line=True)
         same = sum(a.token_ids == b.token_ids for a, b in zip(outputs, single, strict=True))
         layout = f"dp={args.dp} tp={args.tp} ep={args.dp * args.tp if not args.no_expert_parallel else 1}"
         verdict = "yes" if same == len(single) else "NO"
@@ -292,6 +297,7 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
                 "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})} for o in outputs]
     if path is not None:
         path.write_text(json.dumps(records, indent=1) + "\n")
+        say(f"wrote {plural(len(records), 'result')} to {path}")  # stderr: stdout stays empty
         return
     for i, (req, rec) in enumerate(zip(requests, records, strict=True)):
         prompt = req.get("prompt", req.get("prompt_token_ids"))
@@ -301,12 +307,34 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
         print(f"completion: {completion!r}")
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """What config.json and the flags decide on their own, before any process starts: the layout
+    against the model's head and intermediate counts, and enough GPUs for the ranks."""
+    if args.command not in ("generate", "serve") or args.dp * args.tp == 1 or under_torchrun():
+        return
+    from epinfer.core.config import DEMO_MODEL, ModelConfig
+    from epinfer.core.layout import check_model_layout
+
+    folder = Path(args.model) if args.model else DEMO_MODEL
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    check_model_layout(ModelConfig.from_dir(folder), args.dp, args.tp, not args.no_expert_parallel)
+    if args.device.startswith("cuda"):
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < args.dp * args.tp:
+            raise UserError(f"--dp {args.dp} --tp {args.tp} needs {args.dp * args.tp} GPUs (one per rank); "
+                            f"this machine has {have}")
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
     try:
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
+        preflight(args)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":

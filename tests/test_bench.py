@@ -213,3 +213,14 @@ def test_breakdown_attributes_kernels_by_device_span():
     work = _device_work(SimpleNamespace(events=lambda: events + [evt("_grouped_up", 200, 230)]))
     assert work == {"nvjet_gemm": 10, "_grouped_up": 60, "_grouped_down": 20, "triton_red_fused_norm": 4,
                     "_split_kernel": 6}
+
+
+def test_table_prints_fractions_as_its_summary_line_does():
+    from epinfer.bench.single import format_table
+
+    rec = {"shape": "s", "layers": 1, "dtype": "bfloat16", "device": "cpu", "input_len": 8, "output_len": 4,
+           "copy_GBps": 10.0, "bf16_TFLOPs": 0.01, "cuda_graphs": False, "batch": 1, "decode_tok_s": 5.0,
+           "fraction_of_floor": 0.0117, "prefill_fraction_of_matmul": 0.25}
+    table = format_table([rec])
+    assert "1.2%" in table and "25.0%" in table and "0.0117" not in table
+    assert f"{rec['fraction_of_floor']:.1%}" == "1.2%"  # what the per-batch summary line prints

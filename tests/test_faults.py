@@ -52,9 +52,13 @@ def test_fault_is_diagnosed(kind, rank, step, tmp_path):
     report = doctor(tmp_path)
     assert rank in report["culprit_ranks"], report
     assert "moe" in report["label"] and report["step"] == step, report
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("epinfer: error: parallel run failed: rank ") and f"dumps in {tmp_path}" in last, last
+    assert "/__w/" not in proc.stderr and ".cc:" not in proc.stderr  # no backend lines with build paths
     if kind == "kill":
         assert report["verdict"] == "crash" and report["missing_ranks"] == [rank]
         assert dumps_of(tmp_path) == {0, 1, 2, 3} - {rank}
+        assert last.startswith(f"epinfer: error: parallel run failed: rank {rank} was killed by SIGKILL;"), last
     else:
         assert report["verdict"] == "mismatch", report
         # every rank still alive dumped (Gloo may abort a receiver of a wrong-size message)

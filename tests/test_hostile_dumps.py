@@ -321,7 +321,7 @@ def test_odd_times_and_many_ranks_keep_pictures_bounded(tmp_path, capsys):
     assert code == 0 and json.loads(out)["verdict"] == "hang"
     png = (folder / "timeline.png").read_bytes()
     width, height = struct.unpack(">II", png[16:24])
-    assert width == 1000 and height == 256 * 24 + 8 and len(png) < 1_000_000
+    assert width == 1100 and height == 88 + 256 * 24 + 58 and len(png) < 1_000_000  # title, legend; the axis
 
     empty = write_dump(tmp_path / "empty", {r: [{**header, "world": 2, "groups": {}, "rank": r}] for r in range(2)})
     code, out, err = run_doctor(capsys, empty, "--json")

@@ -319,9 +319,16 @@ def format_table(records: list[dict]) -> str:
     cols = [(k, h) for k, h in cols if any(k in r for r in records)]
     lines.append("  ".join(f"{h:>13}" for _, h in cols))
     for r in records:
-        lines.append("  ".join(f"{r.get(k, '-')!s:>13}" for k, _ in cols))
+        lines.append("  ".join(f"{_cell(k, r.get(k, '-')):>13}" for k, _ in cols))
     for r in records:
         if "breakdown_ms" in r:
             parts = "  ".join(f"{k}={v}" for k, v in r["breakdown_ms"].items())
             lines.append(f"batch {r['batch']} breakdown (ms/step): {parts}")
     return "\n".join(lines)
+
+
+def _cell(key: str, value) -> str:
+    """Fractions as percentages, as the progress lines print them (`0.0117` is `1.2%`)."""
+    if key.startswith(("fraction_of", "prefill_fraction")) and isinstance(value, float):
+        return f"{value:.1%}"
+    return str(value)

@@ -40,6 +40,8 @@ MAX_EXPERTS = 1 << 14  # real: up to 512
 MAX_POSITIONS = 1 << 30  # real: up to ~10M
 MAX_CONV_KERNEL = 64  # the linear-attention causal conv; real: 4
 
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"  # what runs without --model
+
 # architecture name in config.json -> family
 ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -288,3 +290,20 @@ class ModelConfig:
         count += sum(attention if t == "attention" else linear_attention for t in self.layer_types)
         count += sum(moe if t == "moe" else dense for t in self.mlp_types)
         return count
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint folder; None = the shipped demo model
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
+    gpu_memory_utilization: float = 0.9
+    random_weights: bool = False  # benchmarks: the folder needs only config.json
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
+    async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
+    parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs

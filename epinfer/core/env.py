@@ -91,3 +91,7 @@ SWITCHES = Switches()
 def mark_spawned() -> None:
     """In a rank the launcher spawned: it is not a torchrun rank, whatever RANK says."""
     os.environ["EPINFER_SPAWNED"] = "1"
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not SWITCHES.spawned

@@ -12,3 +12,11 @@ class UserError(ValueError):
     """A problem with the user's input: printed as one line, exit code 2."""
 
     exit_code = 2
+
+
+class RunFailed(RuntimeError):
+    """A parallel run ended with a fault (exit 3) or a crash; the ranks printed why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = code

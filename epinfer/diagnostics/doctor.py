@@ -131,7 +131,8 @@ def analyse(folder: Path) -> dict:
                               f"{worst['label']}.")
     result["summary"] += f" Steps reached per rank: {result['steps_by_rank']}."
     writers = {"trace.json": lambda p: write_trace(dumps, p),
-               "timeline.png": lambda p: write_timeline(dumps, p, mark=result["seq"], group=result["group"])}
+               "timeline.png": lambda p: write_timeline(dumps, p, mark=result["seq"], group=result["group"],
+                                                        mark_label=result["label"])}
     for name, write in writers.items():
         try:
             write(folder / name)

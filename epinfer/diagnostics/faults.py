@@ -20,8 +20,6 @@ import os
 import signal
 import time
 
-import torch
-
 KINDS = ("skip-collective", "wrong-size", "reorder", "delay", "leak-pad", "kill", "nan-logits")
 
 
@@ -52,6 +50,8 @@ class FaultInjector:
         x_TD, batch = args[0], args[1]
         if self.kind != "leak-pad" or batch.step_id < self.step:
             return None
+        import torch
+
         self.triggered = True
         real = batch.num_real_rows
         leak = x_TD[real:].sum(0) if real < x_TD.shape[0] else torch.full_like(x_TD[0], float("nan"))
@@ -76,6 +76,8 @@ class FaultInjector:
         if action == "skip-collective":
             return None
         if action == "wrong-size":
+            import torch
+
             return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
         return x
 

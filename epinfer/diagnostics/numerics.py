@@ -5,8 +5,6 @@ Costs a device-to-host sync per check: a debugging mode."""
 
 from __future__ import annotations
 
-import torch
-
 
 class NumericsMonitor:
     """Attached to a model as forward hooks (`attach`): every decoder layer's mixer output
@@ -34,7 +32,9 @@ class NumericsMonitor:
             self.check(op, h, self.batch.num_real_rows, self.batch.step_id)
         return check
 
-    def check(self, op: str, x_TD: torch.Tensor, real_rows: int, step: int) -> None:
+    def check(self, op: str, x_TD, real_rows: int, step: int) -> None:
+        import torch  # (this module is imported by the command line, which must start fast)
+
         if self.first_real is None and real_rows and not torch.isfinite(x_TD[:real_rows]).all():
             self.first_real = (op, step)
         has_pad = real_rows < x_TD.shape[0]

@@ -26,6 +26,7 @@ from pathlib import Path
 ABORT_KEY = "epinfer/abort"
 READY_KEY = "epinfer/ready/"  # + rank: its SIGUSR1 handler is installed
 EXIT_FAULT = 3
+STARTUP_S = 60.0  # the least a start-up (step -1) may take before the watchdog calls it stuck
 
 
 def hb_key(rank: int) -> str:
@@ -74,6 +75,13 @@ class Watchdog(threading.Thread):
             if time.time() - peers_checked > 1.0:
                 peers_checked = time.time()
 
+    def _step_limit(self, step: int) -> float:
+        """A step may take two collective timeouts; start-up (step -1: the model loads, CUDA graphs
+        are captured) at least STARTUP_S, as loading is no collective wait. A start-up collective
+        that hangs is still caught by its own timeout, and a dead peer by its heartbeat."""
+        limit = 2 * self.timeout + 5
+        return limit if step >= 0 else max(limit, STARTUP_S)
+
     def _tick(self, peers_checked: float) -> None:
         pos = self.ledger.position()
         self.store.set(hb_key(self.rank), json.dumps(pos))
@@ -92,7 +100,7 @@ class Watchdog(threading.Thread):
                       f"step {pos['step']}); {self._waiting_for(cur)}")
         if pos["step"] != self.last_step:
             self.last_step, self.step_started = pos["step"], now
-        elif now - self.step_started > 2 * self.timeout + 5:
+        elif now - self.step_started > self._step_limit(pos["step"]):
             self.fire(f"step {pos['step']} has run {now - self.step_started:.1f} s without finishing")
         if now - peers_checked > 1.0:
             dead = self._stale_peers(now)
@@ -178,9 +186,24 @@ def _replay_holds(current: dict, group: str | None, seq: int | None, next_seq: d
     return current.get("group") == "graph" and group in covers and covers[group] <= seq < next_seq.get(group, 0)
 
 
+_CONSOLE = {"fd": None}  # where log_line writes: the user's stderr, also once a rank's fd 2 is a log file
+
+
 def log_line(text: str) -> None:
     """One write per line: ranks share stderr, and print() may split text and newline."""
-    os.write(sys.stderr.fileno(), (text + "\n").encode())
+    fd = _CONSOLE["fd"]
+    os.write(sys.stderr.fileno() if fd is None else fd, (text + "\n").encode())
+
+
+def divert_stderr(path: str) -> None:
+    """In a spawned rank: fd 2 (the backend's own lines, e.g. Gloo's `[.../pair.cc:553] Connection
+    closed by peer`, Python warnings and tracebacks) goes to the file `path`; epinfer's own one-line
+    messages (`log_line`) still reach the user's stderr. The launcher keeps the file with the dumps
+    when the run fails."""
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _CONSOLE["fd"] = os.dup(2)
+    os.dup2(log, 2)
+    os.close(log)
 
 
 def write_dumps(ledger, dump_dir: str, status: str, reason: str | None) -> None:

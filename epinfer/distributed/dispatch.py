@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.core.layout import DISPATCHERS
 from epinfer.distributed.communicator import pack_rows, row_layout, row_views
-from epinfer.distributed.parallel import DISPATCHERS, split_evenly
+from epinfer.distributed.parallel import split_evenly
 
 
 class Dispatcher:
@@ -146,7 +147,7 @@ class NaiveDispatcher(Dispatcher):
         return y_all[offset:offset + rows]
 
 
-# the names live in parallel.DISPATCHERS (what the command line offers and ParallelContext checks)
+# the names live in core.layout.DISPATCHERS (what the command line offers and ParallelContext checks)
 DISPATCHER_CLASSES = dict(zip(DISPATCHERS, (AgRsDispatcher, AllToAllDispatcher, NaiveDispatcher), strict=True))
 
 

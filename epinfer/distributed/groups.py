@@ -15,7 +15,7 @@ import dataclasses
 
 import torch.distributed as dist
 
-from epinfer.core.errors import UserError
+from epinfer.core.layout import check_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +47,6 @@ class ParallelGroups:
     @property
     def ep_size(self) -> int:
         return self.world_size
-
-
-def check_layout(dp: int, tp: int, world_size: int | None = None) -> None:
-    if dp < 1 or tp < 1:
-        raise UserError(f"--dp and --tp must be >= 1 (got dp={dp}, tp={tp})")
-    if world_size is not None and world_size != dp * tp:
-        raise UserError(f"WORLD_SIZE={world_size} but --dp {dp} × --tp {tp} = {dp * tp}")
 
 
 def _name(kind: str, ranks: list[int]) -> str:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 from epinfer.core.errors import UserError
+from epinfer.core.layout import DISPATCHERS, PADDING_MODES
 from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.groups import ParallelGroups
-
-DISPATCHERS = ("agrs", "alltoall", "naive")
-PADDING_MODES = ("uniform", "none")
 
 
 @dataclasses.dataclass

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from epinfer.core.config import ModelConfig
+from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
 from epinfer.core.errors import UserError
+from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheAllocator
@@ -23,25 +24,7 @@ from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_pe
 from epinfer.runner.model_runner import ModelRunner, build_model
 from epinfer.runner.sampler import nonfinite_rows, sample_tokens
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # checkpoint folder; None = the shipped demo model
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    block_size: int = 16
-    cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
-    gpu_memory_utilization: float = 0.9
-    random_weights: bool = False  # benchmarks: the folder needs only config.json
-    cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
-    async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
-    parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
 
 
 @dataclasses.dataclass
@@ -170,6 +153,7 @@ class Engine:
         self.ecfg = ecfg
         self.ctx = ctx = ctx or ParallelContext()
         self.model_config = cfg = ModelConfig.from_dir(folder)
+        check_model_layout(cfg, ctx.dp_size, ctx.tp_size, ctx.expert_parallel)
         self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_seqs < 1 or ecfg.max_num_batched_tokens < 1:

@@ -24,7 +24,8 @@ class LLM:
                  params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress=None) -> list[RequestOutput]:
         """Outputs in input order. `prompts`: strings or token-id lists (or one of either).
-        `progress(requests_done, tokens_generated)` is called after every step when given."""
+        `progress(requests_done, prompt_tokens_done, tokens_generated)` is called once with zeros as
+        generation starts, then after every step, when given."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -39,8 +40,11 @@ class LLM:
         for seq in seqs:
             self.engine.submit(seq)
         done = 0
+        if progress is not None:
+            progress(0, 0, 0)  # generation starts: rates are measured from here
         while self.engine.has_work():
             done += len(self.engine.step())
             if progress is not None:
-                progress(done, sum(len(s.output_ids) for s in seqs))
+                progress(done, sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs),
+                         sum(len(s.output_ids) for s in seqs))
         return [self.engine.output(s) for s in seqs]

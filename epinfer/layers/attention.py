@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.core.config import ModelConfig
-from epinfer.core.errors import UserError
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
@@ -54,12 +53,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int) -> None:
         super().__init__()
         tp, rank = ctx.tp_size, ctx.tp_rank
-        if cfg.num_heads % tp:
-            raise UserError(f"attention heads ({cfg.num_heads}) are not divisible by --tp {tp}")
-        if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-            raise UserError(f"KV heads ({cfg.num_kv_heads}) and --tp {tp}: one must divide the other")
-        if cfg.qk_norm == "full" and tp > 1:
-            raise UserError(f"{cfg.family} (q/k norm over all heads) does not support --tp > 1 yet")
         self.num_heads = cfg.num_heads // tp
         self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
         self.head_dim = hd = cfg.head_dim

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.core.config import ModelConfig
-from epinfer.core.errors import UserError
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
@@ -52,8 +51,6 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         tp, rank = ctx.tp_size, ctx.tp_rank
         nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        if nk % tp or nv % tp:
-            raise UserError(f"linear-attention heads ({nk} key, {nv} value) are not divisible by --tp {tp}")
         self.num_k_heads, self.num_v_heads = nk // tp, nv // tp
         self.dk = dk = cfg.linear_key_head_dim
         self.dv = dv = cfg.linear_value_head_dim

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.engine import Engine, EngineConfig
+from epinfer.core.config import EngineConfig
+
+if TYPE_CHECKING:  # (annotations only: building a Job imports no torch)
+    from epinfer.distributed.parallel import ParallelContext
+    from epinfer.engine.engine import Engine
 
 
 @dataclasses.dataclass
@@ -47,6 +51,6 @@ class Job:
     fault_step: int = 0
     fault_delay: float = 2.0
     store_addr: tuple[str, int] | None = None  # the rendezvous store, for the watchdog's client
-    progress: object | None = None  # a queue for (dp_rank, requests done, tokens) when a bar is shown
+    progress: object | None = None  # a queue for (dp_rank, requests done, prompt tokens, generated tokens)
     # what every rank runs once the engine is built; rank 0's result is what `launch` returns
     mode: Callable[[Engine, ParallelContext, RankRuntime], object] | None = None

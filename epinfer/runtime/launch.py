@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
 import signal
 import sys
 import tempfile
@@ -22,21 +23,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from epinfer.core.errors import UserError
-from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT, READY_KEY
-from epinfer.distributed.groups import check_layout
+from epinfer.core.env import mark_spawned
+from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.layout import check_layout
+from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT, READY_KEY, divert_stderr
 from epinfer.runtime.job import Job
 from epinfer.runtime.worker import worker_main
 
 ERROR_KEY = "epinfer/error/"
-
-
-class RunFailed(RuntimeError):
-    """A parallel run ended with a fault (exit 3) or a crash; the ranks printed why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = code
 
 
 def failure_dir() -> str:
@@ -53,10 +47,6 @@ def prepare_dump_dir(job: Job) -> None:
         job.failure_dir = failure_dir()
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "EPINFER_SPAWNED" not in os.environ
-
-
 def run_torchrun(job: Job) -> list | None:
     world = int(os.environ["WORLD_SIZE"])
     check_layout(job.dp, job.tp, world)
@@ -71,7 +61,10 @@ def run_torchrun(job: Job) -> list | None:
 
 
 def spawned_rank(rank: int, world: int, port: int, job: Job, result_path: str) -> None:
-    os.environ["EPINFER_SPAWNED"] = "1"
+    """A spawned rank. Its own stderr goes to `rank<N>.stderr.txt` beside `result_path` (kept with
+    the dumps if the run fails, `keep_rank_logs`); epinfer's one-line messages still reach the user."""
+    mark_spawned()
+    divert_stderr(str(Path(result_path).parent / f"rank{rank}.stderr.txt"))
     store = dist.TCPStore("127.0.0.1", port, is_master=False, use_libuv=True)
     try:
         outputs = worker_main(rank, world, rank, job, dist.PrefixStore("pg", store))
@@ -88,7 +81,7 @@ def spawned_rank(rank: int, world: int, port: int, job: Job, result_path: str) -
 
 
 def launch(job: Job, progress_bar=None) -> list:
-    """`progress_bar`: a `ProgressBar` the leaders' progress is drawn on (a terminal only)."""
+    """`progress_bar`: a progress display (a bar on a terminal, log lines elsewhere) the leaders report to."""
     world = job.dp * job.tp
     check_layout(job.dp, job.tp)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
@@ -105,7 +98,7 @@ def launch(job: Job, progress_bar=None) -> list:
         try:
             for p in procs:
                 p.start()
-            code = _wait(procs, stop, lambda: _draw_progress(job.progress, progress_bar))
+            code, first = _wait(procs, stop, lambda: _draw_progress(job.progress, progress_bar))
             _draw_progress(job.progress, progress_bar)  # the leaders' last reports
             if code != 0 and not stop["signal"]:
                 code = drain(procs, store, code)
@@ -120,9 +113,8 @@ def launch(job: Job, progress_bar=None) -> list:
             if stop["signal"]:
                 raise KeyboardInterrupt
             where = job.dump_dir or job.failure_dir
-            detail = "; ".join(messages) if messages else f"a rank exited with code {code}"
             raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code,
-                            f"parallel run failed ({detail}); dumps in {where}: run `epinfer doctor {where}`")
+                            failure_line(first, messages, where, keep_rank_logs(tmp, where)))
         return pickle.loads(Path(result_path).read_bytes())
 
 
@@ -161,22 +153,57 @@ def _draw_progress(progress, bar) -> None:
     if bar is None:
         return
     with contextlib.suppress(queue.Empty):
-        while True:
+        while True:  # (dp_rank, requests done, prompt tokens, generated tokens)
             bar.update_replica(*progress.get_nowait())
+    bar.tick()  # no report yet (ranks starting) still redraws the bar / logs the wait
 
 
-def _wait(procs: list, stop: dict, tick=lambda: None) -> int:
+def _wait(procs: list, stop: dict, tick=lambda: None) -> tuple[int, tuple[int, int] | None]:
     """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
-    wait in their next collective)."""
+    wait in their next collective). Returns (code, (rank, exit code) of the first rank seen failing)."""
     while True:
         tick()
         codes = [p.exitcode for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed or stop["signal"]:
-            return failed[0] if failed else 130
+        failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+        if failed:  # a rank that stopped on a fault (exit 3) usually reacts to another's death: name that one
+            failed.sort(key=lambda rc: (rc[1] == EXIT_FAULT, rc[0]))
+            return failed[0][1], failed[0]
+        if stop["signal"]:
+            return 130, None
         if all(c == 0 for c in codes):
-            return 0
+            return 0, None
         time.sleep(0.05)
+
+
+def describe_exit(rank: int, code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"rank {rank} was killed by {signal.Signals(-code).name}"
+    if code == EXIT_FAULT:
+        return f"rank {rank} stopped on a fault (exit {code})"
+    return f"rank {rank} exited with code {code}"
+
+
+def failure_line(first: tuple[int, int] | None, messages: list[str], where: str, logs: list[str],
+                 what: str = "parallel run failed") -> str:
+    """The one line a failed parallel run ends with: the failed rank and its exit cause, what the
+    ranks said, and where the dumps (and the ranks' own stderr) are."""
+    cause = describe_exit(*first) if first is not None else "a rank failed"
+    said = f" ({'; '.join(messages)})" if messages else ""
+    kept = f", the ranks' own output in {', '.join(logs)}" if logs else ""
+    return f"{what}: {cause}{said}; dumps in {where}{kept}: run `epinfer doctor {where}`"
+
+
+def keep_rank_logs(folder: str, dump_dir: str) -> list[str]:
+    """The non-empty `rank<N>.stderr.txt` of `folder`, moved into the dump folder (their names)."""
+    kept = []
+    for path in sorted(Path(folder).glob("rank*.stderr.txt")):
+        if path.stat().st_size:
+            with contextlib.suppress(OSError):
+                Path(dump_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(dump_dir) / path.name)
+                kept.append(path.name)
+    return kept
 
 
 def terminate(procs: list, grace: float = 3.0) -> None:

@@ -58,8 +58,9 @@ def validate_on_rank0(engine: Engine, ctx: ParallelContext, prompts: list,
 def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list[int], SamplingParams]],
                  progress=None) -> list[RequestOutput] | None:
     """The lockstep loop. Returns all outputs in input order on rank 0, None elsewhere.
-    `progress`: a queue the leaders post (dp_rank, requests done, tokens generated) to, for the
-    launcher's progress bar (a local, time-based decision: it issues no collective)."""
+    `progress`: a queue the leaders post (dp_rank, requests done, prompt tokens done, tokens
+    generated) to, for the launcher's progress display: once with zeros as generation starts, then
+    every PROGRESS_EVERY_S (a local, time-based decision: it issues no collective)."""
     groups = ctx.groups
     leader = groups.tp_rank == 0
     seqs = []
@@ -70,7 +71,9 @@ def run_requests(engine: Engine, ctx: ParallelContext, requests: list[tuple[list
                 engine.submit(seq)
                 seqs.append(seq)
     coord = DPCoordinator(ctx)
-    posted = 0.0
+    posted = time.monotonic()
+    if leader and progress is not None:
+        post_progress(progress, groups.dp_rank, seqs)  # zeros: this replica starts generating
     while not lockstep_step(engine, ctx, coord).done:
         if leader and progress is not None and time.monotonic() - posted > PROGRESS_EVERY_S:
             posted = time.monotonic()
@@ -118,4 +121,5 @@ def lockstep_step(engine: Engine, ctx: ParallelContext, coord: DPCoordinator, ke
 
 def post_progress(progress, dp_rank: int, seqs: list) -> None:
     done = sum(s.finish_reason is not None for s in seqs)
-    progress.put((dp_rank, done, sum(len(s.output_ids) for s in seqs)))
+    prompt = sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs)
+    progress.put((dp_rank, done, prompt, sum(len(s.output_ids) for s in seqs)))

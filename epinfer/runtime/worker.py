@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
+import re
 import signal
 
 import torch
@@ -118,7 +119,8 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     except Exception as exc:  # a backend error, a mismatch caught by the pre-check, a bug
         cur = ledger.current
         where = f" in {cur['label']} ({cur['group']} seq {cur['seq']}, step {ledger.step})" if cur else ""
-        text = " ".join(str(exc).split()).split(" This is typically")[0][:300]
+        text = " ".join(str(exc).split()).split(" This is typically")[0]
+        text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\] ", "", text)[:300]  # no backend source paths
         watchdog.fire(f"{type(exc).__name__}{where}: {text}", status="error")  # the doctor's `error` verdict
         watchdog.await_exit()  # the watchdog thread was already firing (a peer's abort): it exits the process
     if job.dump_dir:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import uvicorn
 
+from epinfer.core.env import under_torchrun
 from epinfer.core.errors import UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
-from epinfer.runtime.launch import under_torchrun
 from epinfer.runtime.worker import Job
 from epinfer.server.app import build_app
 from epinfer.server.client import EngineClient

@@ -11,7 +11,6 @@ watches the exit codes and calls `on_failure(message)` once when a rank ends una
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -23,21 +22,21 @@ import time
 
 import torch.distributed as dist
 
-from epinfer.core.errors import UserError
+from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.layout import check_layout
 from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY
-from epinfer.distributed.groups import check_layout
 from epinfer.runtime.job import Job
-from epinfer.runtime.launch import RunFailed, drain, prepare_dump_dir, rank_errors, spawned_rank, terminate
+from epinfer.runtime.launch import (
+    describe_exit,
+    drain,
+    failure_line,
+    keep_rank_logs,
+    prepare_dump_dir,
+    rank_errors,
+    spawned_rank,
+    terminate,
+)
 from epinfer.server.engine_loop import ServeChannels, ServeMode
-
-
-def describe_exit(rank: int, code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"rank {rank} was killed by {signal.Signals(-code).name}"
-    if code == EXIT_FAULT:
-        return f"rank {rank} stopped on a fault (exit {code})"
-    return f"rank {rank} exited with code {code}"
 
 
 class RankSet:
@@ -87,9 +86,10 @@ class RankSet:
                 messages = rank_errors(self.store, self.world)
                 if code == 2 and messages:
                     raise UserError(messages[0])
-                detail = "; ".join(messages) or describe_exit(codes.index(first), first)
+                logs = keep_rank_logs(self.tmp, self.dump_dir)
                 raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code or 1,
-                                f"the engine did not start ({detail}); dumps in {self.dump_dir}")
+                                failure_line((codes.index(first), first), messages, self.dump_dir, logs,
+                                             "the engine did not start"))
 
     def monitor(self, on_failure) -> None:
         """Starts the thread that reports the first unasked rank exit."""
@@ -129,6 +129,7 @@ class RankSet:
         self.stopping = True
         first = next((p.exitcode for p in self.procs if p.exitcode not in (None, 0)), 1)
         drain(self.procs, self.store, first)
+        keep_rank_logs(self.tmp, self.dump_dir)  # (the ranks' own stderr, with the dumps)
         self.close()
 
     def errors(self) -> list[str]:
