@@ -133,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", required=True, help="qwen3-30b-a3b | qwen3.5-35b-a3b | qwen3-next-80b-a3b | PATH")
     bench.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
     bench.add_argument("--batch", type=int, action="append", default=None)
-    bench.add_argument("--input-len", type=int, default=128)
-    bench.add_argument("--output-len", type=int, default=32)
+    bench.add_argument("--workload", default=None, metavar="throughput|long-context|generation-heavy|mixed",
+                       help="end to end: every request at once through the engine, as generate runs them")
+    bench.add_argument("--num-requests", type=int, default=None, help="--workload: other than the profile's")
+    bench.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128; --workload: its own)")
+    bench.add_argument("--output-len", type=int, default=None,
+                       help="generated tokens (default 32; --workload: its own)")
+    bench.add_argument("--max-num-seqs", type=int, default=256, help="--workload: running requests at most")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--workload: tokens per step at most")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
@@ -307,6 +313,24 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
         print(f"completion: {completion!r}")
 
 
+def run_workload_bench(args: argparse.Namespace) -> int:
+    from epinfer.bench.workload import bench_workload
+
+    if args.dp * args.tp > 1:
+        raise UserError("--workload runs one process for now: drop --dp / --tp")
+    for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
+                          gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
+                            args.output_len)
+    print(json.dumps(record))
+    return 0
+
+
 def preflight(args: argparse.Namespace) -> None:
     """What config.json and the flags decide on their own, before any process starts: the layout
     against the model's head and intermediate counts, and enough GPUs for the ranks."""
@@ -340,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from epinfer.bench.single import bench, format_table
 
+            if args.workload:
+                return run_workload_bench(args)
+            args.input_len = 128 if args.input_len is None else args.input_len
+            args.output_len = 32 if args.output_len is None else args.output_len
             if not args.batch and not args.replica_batch:
-                raise UserError("give at least one --batch B (or --replica-batch N0,N1,... with --dp)")
+                raise UserError("give at least one --batch B (or --replica-batch N0,N1,... with --dp), or --workload")
             if any(b < 1 for b in args.batch or []) or args.input_len < 1 or args.output_len < 1:
                 raise UserError("--batch, --input-len and --output-len must be >= 1")
             if args.dp * args.tp > 1 or args.replica_batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -224,3 +225,22 @@ def test_table_prints_fractions_as_its_summary_line_does():
     table = format_table([rec])
     assert "1.2%" in table and "25.0%" in table and "0.0117" not in table
     assert f"{rec['fraction_of_floor']:.1%}" == "1.2%"  # what the per-batch summary line prints
+
+
+def test_workload_runs_every_request_to_its_length(tmp_path):
+    """`bench --workload`: every request submitted at once, each generates exactly its output length
+    (long-tailed lengths in `mixed`), steps counted by kind, latencies within the wall time."""
+    from epinfer.bench.workload import WORKLOADS, bench_workload, lengths
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+    w = dataclasses.replace(WORKLOADS["mixed"], requests=10, input_len=30, output_len=8)
+    pairs = lengths(w)
+    assert len(set(pairs)) > 5 and max(i for i, _ in pairs) > 30 > min(i for i, _ in pairs)
+    assert lengths(w) == pairs  # seeded
+    cpu = EngineConfig(device="cpu", dtype="float32", max_num_batched_tokens=64)
+    rec = bench_workload(str(tmp_path), "mixed", cpu, requests=10, input_len=30, output_len=8)
+    assert rec["requests"] == 10 and rec["prompt_tokens"] == sum(i for i, _ in pairs)
+    assert rec["output_tokens"] == sum(o for _, o in pairs)
+    assert rec["steps"]["prefill"]["count"] + rec["steps"]["mixed"]["count"] >= sum(i for i, _ in pairs) // 64
+    assert rec["steps"]["decode"]["count"] > 0 and 0 < rec["ttft_ms_p50"] <= rec["wall_s"] * 1e3
+    assert rec["total_tok_s"] > rec["output_tok_s"] > 0 and rec["startup_s"]["engine"] > 0

@@ -1,0 +1,148 @@
+"""`epinfer bench --workload NAME`: end-to-end throughput the way users measure it.
+
+A fresh engine on a model shape with random weights is given every request at once (as
+`epinfer generate` does) and runs them to completion. Reported: total and output tokens/s,
+requests/s, time to first token and time per output token (p50 / p99, over requests), start-up
+(engine construction, then a warm-up that compiles kernels and captures graphs), and wall time
+by step kind: `prefill` (only prompt chunks), `mixed` (prompt chunks and decodes), `decode` (only
+decodes). Prompts are random token ids; `--ignore-eos` semantics: every request generates its
+full `output_len`. What it deliberately does not do: HTTP (`benchmarks/serve_load.py` drives a
+running server), several ranks.
+
+Profiles (vLLM's published H200 profiles use the same shapes):
+  throughput        1000 requests, 1024 in / 128 out
+  long-context      100 requests, 32000 in / 100 out
+  generation-heavy  200 requests, 1000 in / 2000 out
+  mixed             500 requests, lengths from a seeded long-tailed (log-normal) draw
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from epinfer.bench.single import shape_folder
+from epinfer.core.config import EngineConfig
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import SamplingParams
+from epinfer.engine.engine import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    requests: int
+    input_len: int
+    output_len: int
+    long_tailed: bool = False  # lengths drawn log-normal around input_len / output_len
+
+
+WORKLOADS = {
+    "throughput": Workload(1000, 1024, 128),
+    "long-context": Workload(100, 32000, 100),
+    "generation-heavy": Workload(200, 1000, 2000),
+    "mixed": Workload(500, 1024, 256, long_tailed=True),
+}
+
+
+def lengths(w: Workload, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per request; `mixed`: a seeded log-normal draw (sigma 1),
+    so a few requests are many times the median, as in real traffic."""
+    if not w.long_tailed:
+        return [(w.input_len, w.output_len)] * w.requests
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randn(w.requests, 2, generator=gen).clamp_(-2.0, 2.0).exp_()  # 0.14x to 7.4x the median
+    return [(max(1, round(w.input_len * a)), max(1, round(w.output_len * b))) for a, b in draw.tolist()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank."""
+    return sorted(values)[max(0, math.ceil(q * len(values)) - 1)] if values else float("nan")
+
+
+def step_kind(scheduled) -> str:
+    decodes = sum(item.seq.num_computed >= len(item.seq.prompt_ids) for item in scheduled)
+    return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
+
+
+def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
+    """Every request submitted at once, run to the end; per-request first-token and finish times."""
+    pairs = lengths(w, seed)
+    room = engine.max_model_len - 1
+    if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
+        raise UserError(f"the workload needs a max model length of {max(i + o for i, o in pairs)} tokens; "
+                        f"the cache holds {engine.max_model_len}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    vocab = engine.model_config.vocab_size
+    start = time.perf_counter()
+    seqs = [engine.add_request(torch.randint(1, vocab, (i,), generator=gen).tolist(),
+                               SamplingParams(max_tokens=o, temperature=0, ignore_eos=True)) for i, o in pairs]
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+    by_kind: dict[str, list[float]] = {"prefill": [], "mixed": [], "decode": []}
+    while engine.has_work():
+        t = time.perf_counter()
+        scheduled, plan = engine.plan_step()
+        kind = step_kind(scheduled) if scheduled else "decode"
+        if scheduled:
+            engine.apply(scheduled, engine.runner.execute(plan))
+        else:
+            engine.resolve(0)
+        now = time.perf_counter()
+        by_kind[kind].append(now - t)
+        for s in seqs:
+            if s.index not in first and s.output_ids:
+                first[s.index] = now
+            if s.index not in done and s.finish_reason is not None:
+                done[s.index] = now
+    wall = time.perf_counter() - start
+    prompt = sum(len(s.prompt_ids) for s in seqs)
+    out = sum(len(s.output_ids) for s in seqs)
+    ttft = [first[s.index] - start for s in seqs]
+    tpot = [(done[s.index] - first[s.index]) / (len(s.output_ids) - 1) for s in seqs if len(s.output_ids) > 1]
+    ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
+    return {"requests": len(seqs), "prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
+            "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
+            "requests_per_s": round(len(seqs) / wall, 2),
+            "ttft_ms_p50": ms(statistics.median(ttft)), "ttft_ms_p99": ms(percentile(ttft, 0.99)),
+            "tpot_ms_p50": ms(statistics.median(tpot)) if tpot else None,
+            "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None,
+            "steps": {k: {"count": len(v), "total_s": round(sum(v), 2),
+                          "median_ms": ms(statistics.median(v)) if v else None} for k, v in by_kind.items()}}
+
+
+def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
+                   requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
+                   seed: int = 0) -> dict:
+    """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`."""
+    if name not in WORKLOADS:
+        raise UserError(f"unknown workload {name!r}; use {', '.join(WORKLOADS)}")
+    base = WORKLOADS[name]
+    w = dataclasses.replace(base, requests=requests or base.requests, input_len=input_len or base.input_len,
+                            output_len=output_len or base.output_len)
+    longest = max(i + o for i, o in lengths(w, seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = shape_folder(shape, layers, tmp)
+        ecfg = dataclasses.replace(engine_cfg, model=str(folder), random_weights=True,
+                                   max_model_len=max(engine_cfg.max_model_len or 0, longest + 16))
+        t0 = time.perf_counter()
+        engine = Engine(ecfg)
+        built = time.perf_counter() - t0
+        warm = run_workload(engine, dataclasses.replace(w, requests=min(4, w.requests), output_len=min(8, w.output_len),
+                                                        long_tailed=False, input_len=min(w.input_len, 512)), seed + 7)
+        record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
+                  "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+                  "dtype": engine_cfg.dtype, "async_scheduling": engine_cfg.async_scheduling,
+                  "max_num_seqs": engine_cfg.max_num_seqs,
+                  "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
+                  "startup_s": {"engine": round(built, 2), "warm_up": warm["wall_s"]},
+                  **run_workload(engine, w, seed)}
+    print(f"epinfer bench: {name}: {record['requests']} requests, {record['total_tok_s']} tok/s total, "
+          f"{record['output_tok_s']} tok/s out, TTFT p50 {record['ttft_ms_p50']} ms, TPOT p50 "
+          f"{record['tpot_ms_p50']} ms", file=sys.stderr, flush=True)
+    return record
