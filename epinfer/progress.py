@@ -16,6 +16,7 @@ with its start line and progress.
 
 from __future__ import annotations
 
+import abc
 import os
 import sys
 import time
@@ -65,7 +66,7 @@ def _rate(tokens: int, seconds: float | None, minimum: float) -> str:
     return f"{tokens / seconds:.1f}"
 
 
-class Progress:
+class Progress(abc.ABC):
     """The shared state: totals so far, when generation started, the rates."""
 
     def __init__(self, total: int, label: str = "", stream=None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -135,12 +136,13 @@ class Progress:
             self.finished = self.last
         return self.finished if self.finished is not None else self.clock()
 
+    @abc.abstractmethod
     def show(self, now: float, force: bool = False, final: bool = False) -> None:
-        raise NotImplementedError
+        """Draw (a bar) or log (a line) the current state, if due."""
 
+    @abc.abstractmethod
     def close(self, final_line: bool = False) -> None:
         """The run is over. `final_line`: log mode writes a last line (a run with no summary)."""
-        raise NotImplementedError
 
 
 class ProgressBar(Progress):
