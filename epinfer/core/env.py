@@ -10,6 +10,7 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_MOE_TRITON=0        MoE experts through cuBLAS grouped GEMMs instead of the Triton kernels
   EPINFER_MOE_CONFIGS=FILE    a tile table from `benchmarks/moe_kernel_sweep.py` instead of the built-in one
   EPINFER_PDL=0               no programmatic dependent launch on Hopper
+  EPINFER_FLA=0               GDN prefill through the torch chunked form instead of fla-core's kernel
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem
@@ -63,6 +64,10 @@ class Switches:
     @property
     def pdl(self) -> bool:
         return _on("EPINFER_PDL", True) and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+    @property
+    def fla(self) -> bool:
+        return _on("EPINFER_FLA", True)
 
     @property
     def stacks_after(self) -> float | None:

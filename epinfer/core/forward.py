@@ -13,6 +13,7 @@ Shape suffixes: T rows, S sequences.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -45,6 +46,20 @@ class DecodeMeta:
 
 
 @dataclasses.dataclass
+class PrefillMeta:
+    """The sequences of a step that are not one-token decodes (prompt chunks), packed in row order:
+    what the varlen prefill kernels read. Built once per step, shared by every layer."""
+
+    seq_ids: list[int]  # indices into `ForwardBatch.seqs`
+    lens: list[int]  # new rows of each
+    rows: slice | torch.Tensor  # their rows in the batch (a slice when contiguous)
+    state_slots: torch.Tensor  # [N] long
+    fresh: torch.Tensor  # [N] bool: starts at position 0 (zero GDN state whatever the slot holds)
+    cu_seqlens: torch.Tensor  # [N + 1] long, row offsets within the packed rows
+    memo: dict = dataclasses.field(default_factory=dict)  # per-step index tensors a layer derives once
+
+
+@dataclasses.dataclass
 class ForwardBatch:
     input_ids_T: torch.Tensor  # [T] int64
     positions_T: torch.Tensor  # [T] int64
@@ -59,6 +74,9 @@ class ForwardBatch:
     moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
     step_id: int = -1  # the DP step id (-1 in single-process runs)
     decode: DecodeMeta | None = None  # set on the decode fast path (kernels take their sizes from it)
+    decode_seq_lens: torch.Tensor | None = None  # [S_dec] tokens each decode row attends (mixed steps)
+    block_table: torch.Tensor | None = None  # the runner's persistent table (rows: state slots)
+    prefill: PrefillMeta | None = None  # the prompt chunks of a mixed or prefill step
 
     @property
     def num_rows(self) -> int:
@@ -71,9 +89,23 @@ class ForwardBatch:
             self.decode_rows = torch.arange(self.num_rows, device=device)
             self.decode_state_slots = self.decode.state_slots_T
             return self
-        self.decode_seq_ids = [i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len > 0]
-        rows = [self.seqs[i].start for i in self.decode_seq_ids]
-        slots = [self.seqs[i].state_slot for i in self.decode_seq_ids]
-        self.decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.decode_state_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        decoding = [s.num_new == 1 and s.context_len > 0 for s in self.seqs]
+        self.decode_seq_ids = [i for i, d in enumerate(decoding) if d]
+        dec = [self.seqs[i] for i in self.decode_seq_ids]
+        meta = torch.tensor([[s.start for s in dec], [s.state_slot for s in dec], [s.total_len for s in dec]],
+                            dtype=torch.long).view(3, len(dec)).to(device, non_blocking=True)
+        self.decode_rows, self.decode_state_slots, self.decode_seq_lens = meta
+        chunks = [i for i, d in enumerate(decoding) if not d]
+        if chunks:
+            pre = [self.seqs[i] for i in chunks]
+            lens = [s.num_new for s in pre]
+            first, end = pre[0].start, pre[-1].start + pre[-1].num_new
+            contiguous = end - first == sum(lens)
+            rows = [r for s in pre for r in range(s.start, s.start + s.num_new)] if not contiguous else []
+            host = torch.tensor([s.state_slot for s in pre] + [s.context_len == 0 for s in pre]
+                                + [0, *itertools.accumulate(lens)] + rows, dtype=torch.long)
+            host = host.to(device, non_blocking=True)
+            n = len(pre)
+            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[3 * n + 1:],
+                                       host[:n], host[n:2 * n].bool(), host[2 * n:3 * n + 1])
         return self

@@ -1,6 +1,7 @@
-"""Pure-torch gated delta rule: the chunked form (prefill) and the one-step recurrent form (decode).
+"""Pure-torch gated delta rule, one-step recurrent form (decode), and the Triton decode kernels.
+The chunked form (prefill, many sequences at once) is in `gdn_prefill`.
 
-Both work on CPU and GPU in float32 and are the reference the faster GPU kernels are checked
+The torch forms work on CPU and GPU in float32 and are the reference the faster GPU kernels are checked
 against. State layout: `[B, Hv, dk, dv]`, float32. The recurrence per token t, per value head:
 
     S = S * exp(g_t)
@@ -13,7 +14,6 @@ Shape suffixes: B batch, N tokens, H value heads, K key dim, V value dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from epinfer.kernels.fused import fused
 
@@ -24,7 +24,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def _prepare(q, k, v, beta, g, num_v_heads: int):
+def prepare_qkv(q, k, v, beta, g, num_v_heads: int):
     """Expand key heads to value heads, move heads first, fp32, normalise q/k."""
     rep = num_v_heads // q.shape[-2]
     if rep > 1:
@@ -35,51 +35,6 @@ def _prepare(q, k, v, beta, g, num_v_heads: int):
     q, k = l2norm(q), l2norm(k)
     q = q * q.shape[-1] ** -0.5
     return q, k, v, beta, g
-
-
-def chunk_gated_delta_rule(
-    q_NHK: torch.Tensor,
-    k_NHK: torch.Tensor,
-    v_NHV: torch.Tensor,
-    g_NH: torch.Tensor,
-    beta_NH: torch.Tensor,
-    state_HKV: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence of N tokens. Returns (output [N, H, V] in v's dtype, final state [H, K, V] fp32)."""
-    out_dtype = v_NHV.dtype
-    num_heads = v_NHV.shape[-2]
-    q, k, v, beta, g = _prepare(q_NHK, k_NHK, v_NHV, beta_NH, g_NH, num_heads)  # [H, N, *]
-    H, N, K = k.shape
-    V = v.shape[-1]
-    pad = (CHUNK - N % CHUNK) % CHUNK
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
-    C = (N + pad) // CHUNK
-    v_beta = (v * beta[..., None]).view(H, C, CHUNK, V)
-    k_beta = (k * beta[..., None]).view(H, C, CHUNK, K)
-    q, k = q.view(H, C, CHUNK, K), k.view(H, C, CHUNK, K)
-    g_cum = g.view(H, C, CHUNK).cumsum(dim=-1)  # log decay from chunk start to each position
-    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
-    decay_ij = (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(upper, float("-inf")).exp()
-    # Lower-triangular system (I + A) X = B of the WY / UT form of the delta rule inside a chunk.
-    system = (k_beta @ k.transpose(-1, -2)) * decay_ij
-    intra = (q @ k.transpose(-1, -2)) * decay_ij
-    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(
-        system, k_beta * g_cum.exp()[..., None], upper=False, unitriangular=True
-    )
-    S = torch.zeros(H, K, V, dtype=torch.float32, device=q.device) if state_HKV is None \
-        else state_HKV.float()
-    out = torch.empty(H, C, CHUNK, V, dtype=torch.float32, device=q.device)
-    q_dec = q * g_cum.exp()[..., None]
-    k_dec = k * (g_cum[..., -1:] - g_cum).exp()[..., None]
-    chunk_decay = g_cum[..., -1].exp()[..., None, None]  # [H, C, 1, 1]
-    for c in range(C):
-        v_new = u[:, c] - w[:, c] @ S
-        out[:, c] = q_dec[:, c] @ S + intra[:, c] @ v_new
-        S = S * chunk_decay[:, c] + k_dec[:, c].transpose(-1, -2) @ v_new
-    out = out.view(H, C * CHUNK, V)[:, :N].transpose(0, 1)
-    return out.to(out_dtype), S
 
 
 @fused
@@ -94,8 +49,8 @@ def recurrent_gated_delta_step(
     """One token for each of B sequences. Returns (output [B, H, V], new state [B, H, K, V] fp32)."""
     out_dtype = v_BHV.dtype
     num_heads = v_BHV.shape[-2]
-    # _prepare expects a token axis: add N=1 before the head axis
-    q, k, v, beta, g = _prepare(
+    # prepare_qkv expects a token axis: add N=1 before the head axis
+    q, k, v, beta, g = prepare_qkv(
         q_BHK[:, None], k_BHK[:, None], v_BHV[:, None], beta_BH[:, None], g_BH[:, None], num_heads
     )  # [B, H, 1, *]
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, H, d]

@@ -5,10 +5,13 @@ all heads (OLMoE), clip_qkv (OLMoE), partial rotary and a sigmoid output gate ca
 projection (Qwen3-Next / Qwen3.5). Each real row is written to the cache at `kv_slots_T`; padding
 rows (slot -1) are neither written nor attended, and their output rows are zero.
 
-Prefill and mixed steps run one SDPA call per sequence (a fresh prompt uses its own keys with a
-causal flag, so GPUs get a flash kernel); decode-only steps on the fast path (`batch.decode`) run
-one batched paged-decode kernel for all rows (`paged_attention.py`), and on GPUs in low precision
-the q/k norm, rotary and cache writes before it are one kernel too (`rope_to_cache`).
+Prefill and mixed steps run one SDPA call per prompt chunk (a fresh prompt uses its own keys with a
+causal flag, a later chunk its cached context with a bottom-right causal bias: flash kernels on
+GPUs either way); on GPUs the decode rows of a mixed step all go through one batched paged-decode
+kernel (`paged_attention.py`). Decode-only steps on the fast path (`batch.decode`) run that kernel
+for all rows, and in low precision the q/k norm, rotary and cache writes before it are one kernel
+too (`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same
+arithmetic as transformers).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
+from epinfer.kernels import paged_attention
 from epinfer.kernels.fused import fused
 from epinfer.kernels.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
@@ -136,7 +141,14 @@ class Attention(nn.Module):
             flat_k[slots] = k_THd[:real].to(k_cache.dtype)
             flat_v[slots] = v_THd[:real].to(v_cache.dtype)
             out = q_THd.new_zeros(T, H, hd)
-            for seq in batch.seqs:
+            batched = batch.decode_seq_ids and q_THd.is_cuda and paged_attention.triton is not None
+            if batched:  # the mixed step's decode rows: one paged-decode kernel for all of them
+                rows = batch.decode_rows
+                out[rows] = decode_attention(q_THd[rows], k_cache, v_cache, batch.block_table,
+                                             batch.decode_state_slots, batch.decode_seq_lens, scale)
+            chunks = (batch.prefill.seq_ids if batch.prefill else []) if batched else range(len(batch.seqs))
+            for i in chunks:
+                seq = batch.seqs[i]
                 rows = slice(seq.start, seq.start + seq.num_new)
                 out[rows] = _seq_attention(q_THd[rows], k_THd[rows], v_THd[rows], k_cache, v_cache, seq, scale)
         attn = out.reshape(T, H * hd)
@@ -167,16 +179,19 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     # SDPA falls back to the math kernel, which runs bf16 in float32 (7.8 % of the matmul rate in prefill)
     q = q_NHd.transpose(0, 1)[None]
     k, v = k_LKd.transpose(0, 1)[None], v_LKd.transpose(0, 1)[None]  # [1, KVH, L, hd]
+    low = q.dtype not in (torch.float32, torch.float64)
     mask, causal = None, False
     if N > 1 and context_len == 0:
         causal = True  # square causal: lets SDPA pick a flash kernel on GPUs
+    elif N > 1 and low:  # a chunk after cached context: causal aligned to the last key (flash too)
+        mask = causal_lower_right(N, L)
     elif N > 1:
         key_pos = torch.arange(L, device=q.device)
         query_pos = context_len + torch.arange(N, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [N, L]
-    # the flash kernel shares KV heads itself (no copies) but takes no mask; float32 keeps the
-    # reference arithmetic (heads repeated, as transformers does)
-    gqa = rep > 1 and mask is None and q.dtype not in (torch.float32, torch.float64)
+    # the flash kernel shares KV heads itself (no copies) but takes no boolean mask; float32 keeps
+    # the reference arithmetic (heads repeated, as transformers does)
+    gqa = rep > 1 and low and (mask is None or isinstance(mask, CausalBias))
     if rep > 1 and not gqa:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,

@@ -21,7 +21,8 @@ from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
-from epinfer.kernels.gdn_ops import HAVE_TRITON, chunk_gated_delta_rule, conv_triton, recurrent_step_inplace
+from epinfer.kernels.gdn_ops import HAVE_TRITON, conv_triton, recurrent_step_inplace
+from epinfer.kernels.gdn_prefill import causal_conv_varlen, chunk_rule_varlen, conv_taps
 from epinfer.layers.attention import head_rows
 from epinfer.layers.linear import Linear, Stacked, row_parallel, set_shard, stack_linears
 from epinfer.layers.norm import GatedRMSNorm
@@ -121,23 +122,24 @@ class GatedDeltaNet(nn.Module):
         return recurrent_step_inplace(q, k, v, g_BH, beta_BH, ssm_state, slots_B)
 
     def _prefill(self, batch: ForwardBatch, qkv_TC, g_TH, beta_TH, conv_state, ssm_state, core) -> None:
-        """The chunked gated delta rule over each sequence that is not decoding, into `core`."""
-        decode_ids = set(batch.decode_seq_ids)
-        for i, seq in enumerate(batch.seqs):
-            if i in decode_ids:
-                continue
-            rows = slice(seq.start, seq.start + seq.num_new)
-            fresh = seq.context_len == 0
-            prev = qkv_TC.new_zeros(self.conv_dim, self.kernel - 1) if fresh \
-                else conv_state[seq.state_slot].to(qkv_TC.dtype)
-            full_CL = torch.cat([prev, qkv_TC[rows].T], dim=1)  # [C, K-1+N]
-            conv_state[seq.state_slot] = full_CL[:, -(self.kernel - 1):].to(conv_state.dtype)
-            conv = F.silu(F.conv1d(full_CL[None], self.conv1d.weight, groups=self.conv_dim)[0].T)
-            q, k, v = self._split_heads(conv)
-            init = None if fresh else ssm_state[seq.state_slot]
-            out, final = chunk_gated_delta_rule(q, k, v, g_TH[rows], beta_TH[rows], init)
-            ssm_state[seq.state_slot] = final
-            core[rows] = out
+        """Every prompt chunk of the step at once (varlen conv, then the chunked gated delta rule),
+        into `core`; their conv and recurrent states updated."""
+        meta = batch.prefill
+        if meta is None:
+            return
+        key = ("gdn_conv", self.kernel)
+        if key not in meta.memo:
+            meta.memo[key] = tuple(t.to(qkv_TC.device) for t in conv_taps(meta.lens, self.kernel))
+        taps, state_rows = meta.memo[key]
+        slots, fresh = meta.state_slots, meta.fresh
+        prev = torch.where(fresh[:, None, None], 0.0, conv_state[slots].to(qkv_TC.dtype))
+        conv, new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps, state_rows)
+        conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
+        q, k, v = self._split_heads(conv)
+        init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
+        out, final = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens, meta.cu_seqlens, init)
+        ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
+        core[meta.rows] = out.to(core.dtype)
 
     def _split_heads(self, conv_NC: torch.Tensor):
         N = conv_NC.shape[0]

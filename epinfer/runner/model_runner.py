@@ -209,7 +209,7 @@ class ModelRunner:
             src.extend([-1] * pad)
             self.feed_pending(input_ids, t(src))
         batch = ForwardBatch(input_ids, t(positions), t(kv_slots), seqs, t(logits_rows), real,
-                             moe_sizes=moe_sizes, step_id=step_id)
+                             moe_sizes=moe_sizes, step_id=step_id, block_table=self.block_table)
         return batch.finalize(self.device)
 
     def feed_pending(self, ids_T: torch.Tensor, src_T: torch.Tensor) -> None:

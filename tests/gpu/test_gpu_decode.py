@@ -357,23 +357,32 @@ def condition_like_trained(model) -> None:
         head.copy_((head.float() * falloff + bigram).to(head.dtype))
 
 
-def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32, group: int = 8) -> dict:
+def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32, group: int = 8,
+                   budget: int = 4096) -> dict:
     """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens.
-    The 8 prompts run `group` at a time (decode batches of `group` rows)."""
+    The 8 prompts run `group` at a time (decode batches of `group` rows), `budget` tokens a step."""
     from epinfer import LLM, SamplingParams
 
-    llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs)
+    llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs,
+              max_num_batched_tokens=budget)
     engine = llm.engine
-    steps: list[torch.Tensor] = []
+    by_seq: dict[int, list[torch.Tensor]] = {}  # request index -> logits of each step that sampled it
     apply = engine.apply
-    engine.apply = lambda scheduled, logits: (steps.append(logits.float().cpu()), apply(scheduled, logits))[1]
+
+    def spy(scheduled, logits):
+        host = logits.float().cpu()
+        for row, item in enumerate(i for i in scheduled if i.samples):
+            by_seq.setdefault(item.seq.index, []).append(host[row])
+        return apply(scheduled, logits)
+
+    engine.apply = spy
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (64, 17, 100, 5, 33, 80, 9, 50)]
     outs, mine = [], []
     for g in range(0, len(prompts), group):
-        steps.clear()
+        by_seq.clear()
         outs += llm.generate(prompts[g:g + group], SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))
-        mine += [torch.stack([s[i] for s in steps]) for i in range(len(prompts[g:g + group]))]
+        mine += [torch.stack(by_seq[i]) for i in sorted(by_seq)]
     graphs = engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
     del llm
     torch.cuda.empty_cache()

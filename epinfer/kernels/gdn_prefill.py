@@ -1,0 +1,162 @@
+"""Gated DeltaNet prefill over many sequences at once (variable lengths, packed rows).
+
+`causal_conv_varlen`: the depthwise causal conv + silu of every prefill row of a step, each
+sequence continuing from its conv state (zeros for a fresh one), and the new conv states. One
+gather per tap over the packed rows: no per-sequence work.
+
+`chunk_rule_varlen`: the chunked gated delta rule over the packed rows, each sequence from its
+own initial state, returning the outputs and the final states. On CUDA with the field's Triton
+library (`fla-core`, an optional GPU dependency; `EPINFER_FLA=0` turns it off) it is that
+library's varlen kernel; elsewhere the torch form below, with all sequences batched: each is
+padded to whole chunks and the chunk loop runs once for all of them. The single-sequence
+`gdn_ops.chunk_gated_delta_rule` is its one-sequence case.
+
+Shape suffixes: P packed rows, N sequences, C channels, H value heads, K key dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from epinfer.core.env import SWITCHES
+from epinfer.kernels.gdn_ops import CHUNK, prepare_qkv
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test environment)
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
+except Exception:  # pragma: no cover - ImportError, or a Triton / driver mismatch at import
+    _fla_chunk = None
+
+
+def fla_usable(x: torch.Tensor) -> bool:
+    return _fla_chunk is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and SWITCHES.fla
+
+
+def conv_taps(lens: list[int], kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host index tensors into `cat([previous inputs of each sequence, N*(K-1) rows], packed rows)`:
+    taps [K, P] (tap m of row t reads input t - (K-1) + m of its sequence) and the new state rows
+    [N, K-1] (each sequence's last K-1 inputs)."""
+    n, k1 = len(lens), kernel - 1
+    head = n * k1
+    taps, state = [], []
+    start = 0
+    for j, length in enumerate(lens):
+        local = torch.arange(length)
+        src = local[None, :] - k1 + torch.arange(kernel)[:, None]  # [K, n_j] positions in the sequence
+        taps.append(torch.where(src >= 0, head + start + src, j * k1 + k1 + src))
+        last = torch.arange(length - k1, length)
+        state.append(torch.where(last >= 0, head + start + last, j * k1 + k1 + last))
+        start += length
+    return torch.cat(taps, dim=1), torch.stack(state)
+
+
+def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.Tensor, taps_KP: torch.Tensor,
+                       state_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(causal depthwise conv) of the packed rows [P, C] in x's dtype (accumulated in fp32), and
+    the new conv states [N, C, K-1]. `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh)."""
+    N, C, k1 = prev_NCk.shape
+    src = torch.cat([prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype), x_PC])
+    new_state = src[state_rows.flatten()].view(N, k1, C).transpose(1, 2)
+    if triton is not None and x_PC.is_cuda and x_PC.dtype in (torch.bfloat16, torch.float16):
+        P, K = x_PC.shape[0], w_CK.shape[1]
+        out = torch.empty_like(x_PC)
+        BLOCK_T, BLOCK_C = 16, 256
+        _conv_varlen_kernel[(triton.cdiv(P, BLOCK_T), triton.cdiv(C, BLOCK_C))](
+            src, taps_KP, w_CK, out, P, C, src.stride(0), taps_KP.stride(0), w_CK.stride(0), out.stride(0),
+            K=K, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4)
+        return out, new_state
+    acc = None
+    for m in range(w_CK.shape[1]):
+        term = src[taps_KP[m]].float() * w_CK[:, m].float()
+        acc = term if acc is None else acc + term
+    return F.silu(acc).to(x_PC.dtype), new_state
+
+
+def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], cu_seqlens: torch.Tensor | None,
+                      init_NHKV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32). `cu_seqlens`: the device
+    copy of the row offsets (the fla kernel's)."""
+    if fla_usable(v_PHV):
+        cu_host = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        if cu_seqlens is None:
+            cu_seqlens = cu_host.to(v_PHV.device)
+        out, final = _fla_chunk(q_PHK[None], k_PHK[None], v_PHV[None], g_PH[None].float(), beta_PH[None],
+                                scale=q_PHK.shape[-1] ** -0.5, initial_state=init_NHKV.float(),
+                                output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
+                                cu_seqlens_cpu=cu_host)
+        return out[0], final
+    return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV)
+
+
+def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_NHKV: torch.Tensor | None):
+    """The chunked form for N packed sequences at once (the reference; float32 inside)."""
+    out_dtype, num_heads = v_PHV.dtype, v_PHV.shape[-2]
+    q, k, v, beta, g = prepare_qkv(q_PHK, k_PHK, v_PHV, beta_PH, g_PH, num_heads)  # [H, P, *]
+    H, P, K = k.shape
+    V = v.shape[-1]
+    N = len(lens)
+    chunks = [-(-n // CHUNK) for n in lens]
+    L = max(chunks) * CHUNK
+    # padded layout [N, L]: row index into the packed rows, P (a zero row) for padding
+    pad_idx = torch.full((N, L), P, dtype=torch.long)
+    start = 0
+    for j, n in enumerate(lens):
+        pad_idx[j, :n] = torch.arange(start, start + n)
+        start += n
+    pad_idx = pad_idx.to(q.device)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [H, P, *] -> [N, H, L, *] (zeros past each sequence)
+        t = torch.cat([t, t.new_zeros(H, 1, *t.shape[2:])], dim=1)
+        return t[:, pad_idx].transpose(0, 1)
+
+    q, k, v, beta, g = (padded(t) for t in (q, k, v, beta, g))
+    C = L // CHUNK
+    v_beta = (v * beta[..., None]).view(N, H, C, CHUNK, V)
+    k_beta = (k * beta[..., None]).view(N, H, C, CHUNK, K)
+    q, k = q.view(N, H, C, CHUNK, K), k.view(N, H, C, CHUNK, K)
+    g_cum = g.view(N, H, C, CHUNK).cumsum(dim=-1)  # log decay from chunk start to each position
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    decay_ij = (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    # lower-triangular system (I + A) X = B of the WY / UT form of the delta rule inside a chunk
+    system = (k_beta @ k.transpose(-1, -2)) * decay_ij
+    intra = (q @ k.transpose(-1, -2)) * decay_ij
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * g_cum.exp()[..., None], upper=False, unitriangular=True)
+    S = torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device) if init_NHKV is None else init_NHKV.float()
+    out = torch.empty(N, H, C, CHUNK, V, dtype=torch.float32, device=q.device)
+    q_dec = q * g_cum.exp()[..., None]
+    k_dec = k * (g_cum[..., -1:] - g_cum).exp()[..., None]
+    chunk_decay = g_cum[..., -1].exp()[..., None, None]  # [N, H, C, 1, 1]
+    for c in range(C):  # padding past a sequence's end: g = 0, k = v = 0, so its state is unchanged
+        v_new = u[:, :, c] - w[:, :, c] @ S
+        out[:, :, c] = q_dec[:, :, c] @ S + intra[:, :, c] @ v_new
+        S = S * chunk_decay[:, :, c] + k_dec[:, :, c].transpose(-1, -2) @ v_new
+    out = out.view(N, H, L, V).transpose(1, 2)  # [N, L, H, V]
+    valid = pad_idx < P
+    return out[valid].to(out_dtype), S  # rows back in packed order (sequence after sequence)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_varlen_kernel(SRC, TAPS, W, OUT, P, C, s_src, s_taps, s_w, s_out,
+                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c])."""
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        t_ok, c_ok = offs_t < P, offs_c < C
+        ok = t_ok[:, None] & c_ok[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for m in tl.static_range(K):
+            row = tl.load(TAPS + m * s_taps + offs_t, mask=t_ok, other=0).to(tl.int64)
+            x = tl.load(SRC + row[:, None] * s_src + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W + offs_c * s_w + m, mask=c_ok, other=0.0).to(tl.float32)
+            acc += x * w[None, :]
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(OUT + offs_t[:, None] * s_out + offs_c[None, :], out.to(OUT.dtype.element_ty), mask=ok)
