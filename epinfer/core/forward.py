@@ -13,7 +13,6 @@ Shape suffixes: T rows, S sequences.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import torch
 
@@ -55,7 +54,6 @@ class PrefillMeta:
     rows: slice | torch.Tensor  # their rows in the batch (a slice when contiguous)
     state_slots: torch.Tensor  # [N] long
     fresh: torch.Tensor  # [N] bool: starts at position 0 (zero GDN state whatever the slot holds)
-    cu_seqlens: torch.Tensor  # [N + 1] long, row offsets within the packed rows
     memo: dict = dataclasses.field(default_factory=dict)  # per-step index tensors a layer derives once
 
 
@@ -102,10 +100,9 @@ class ForwardBatch:
             first, end = pre[0].start, pre[-1].start + pre[-1].num_new
             contiguous = end - first == sum(lens)
             rows = [r for s in pre for r in range(s.start, s.start + s.num_new)] if not contiguous else []
-            host = torch.tensor([s.state_slot for s in pre] + [s.context_len == 0 for s in pre]
-                                + [0, *itertools.accumulate(lens)] + rows, dtype=torch.long)
-            host = host.to(device, non_blocking=True)
+            host = torch.tensor([s.state_slot for s in pre] + [s.context_len == 0 for s in pre] + rows,
+                                dtype=torch.long).to(device, non_blocking=True)
             n = len(pre)
-            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[3 * n + 1:],
-                                       host[:n], host[n:2 * n].bool(), host[2 * n:3 * n + 1])
+            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[2 * n:],
+                                       host[:n], host[n:2 * n].bool())
         return self

@@ -16,6 +16,8 @@ Shape suffixes: P packed rows, N sequences, C channels, H value heads, K key dim
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,7 @@ except ImportError:  # pragma: no cover
 
 try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test environment)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
+    from fla.ops.utils.index import prepare_chunk_indices as _fla_chunk_indices
 except Exception:  # pragma: no cover - ImportError, or a Triton / driver mismatch at import
     _fla_chunk = None
 
@@ -78,18 +81,24 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     return F.silu(acc).to(x_PC.dtype), new_state
 
 
-def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], cu_seqlens: torch.Tensor | None,
+def varlen_index(lens: list[int], device: torch.device) -> dict:
+    """The fla kernel's per-step index tensors (row offsets, chunk list), built once on the host
+    (no device sync) and shared by every layer of the step."""
+    cu_host = torch.tensor([0, *itertools.accumulate(lens)])
+    cu = cu_host.to(device)
+    return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host,
+            "chunk_indices": _fla_chunk_indices(cu, CHUNK, cu_seqlens_cpu=cu_host)}
+
+
+def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], index: dict | None,
                       init_NHKV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32). `cu_seqlens`: the device
-    copy of the row offsets (the fla kernel's)."""
+    """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32). `index`: `varlen_index`
+    of `lens` (the fla kernel's; built here when None)."""
     if fla_usable(v_PHV):
-        cu_host = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-        if cu_seqlens is None:
-            cu_seqlens = cu_host.to(v_PHV.device)
+        index = index or varlen_index(lens, v_PHV.device)
         out, final = _fla_chunk(q_PHK[None], k_PHK[None], v_PHV[None], g_PH[None].float(), beta_PH[None],
                                 scale=q_PHK.shape[-1] ** -0.5, initial_state=init_NHKV.float(),
-                                output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
-                                cu_seqlens_cpu=cu_host)
+                                output_final_state=True, use_qk_l2norm_in_kernel=True, **index)
         return out[0], final
     return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV)
 

@@ -16,9 +16,12 @@ arithmetic as transformers).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from epinfer.core.config import ModelConfig
@@ -170,6 +173,11 @@ def _seq_attention(q_NHd, k_NKd, v_NKd, k_cache, v_cache, seq, scale: float) -> 
     return _sdpa(q_NHd, keys, values, seq.context_len, scale)
 
 
+# cuDNN's attention builds a plan per new shape (about 1 ms of host time a call: prompt chunks come
+# in every length); flash and memory-efficient kernels launch at once
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     """Causal attention of N new queries (positions context_len..) over L = context_len + N keys."""
     N, H, hd = q_NHd.shape
@@ -194,6 +202,7 @@ def _sdpa(q_NHd, k_LKd, v_LKd, context_len: int, scale: float) -> torch.Tensor:
     gqa = rep > 1 and low and (mask is None or isinstance(mask, CausalBias))
     if rep > 1 and not gqa:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
-                                         scale=scale, enable_gqa=gqa)
+    with sdpa_kernel(_NO_CUDNN) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                             scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)  # [N, H, hd]

@@ -22,7 +22,7 @@ from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
 from epinfer.kernels.gdn_ops import HAVE_TRITON, conv_triton, recurrent_step_inplace
-from epinfer.kernels.gdn_prefill import causal_conv_varlen, chunk_rule_varlen, conv_taps
+from epinfer.kernels.gdn_prefill import causal_conv_varlen, chunk_rule_varlen, conv_taps, fla_usable, varlen_index
 from epinfer.layers.attention import head_rows
 from epinfer.layers.linear import Linear, Stacked, row_parallel, set_shard, stack_linears
 from epinfer.layers.norm import GatedRMSNorm
@@ -137,7 +137,10 @@ class GatedDeltaNet(nn.Module):
         conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
         q, k, v = self._split_heads(conv)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
-        out, final = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens, meta.cu_seqlens, init)
+        if fla_usable(v) and "fla" not in meta.memo:
+            meta.memo["fla"] = varlen_index(meta.lens, v.device)
+        out, final = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens, meta.memo.get("fla"),
+                                       init)
         ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
         core[meta.rows] = out.to(core.dtype)
 
