@@ -31,6 +31,7 @@ class Case:
     expert_parallel: bool = True
     poison_pads: bool = False
     fast_decode: bool = False  # the decode fast path (normally CUDA only) on CPU
+    budget: int = 96  # tokens a step (--max-num-batched-tokens): prompts split into chunks of it
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -55,7 +56,7 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
         if ctx is None:
             continue
         engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
-                                     max_num_batched_tokens=96), ctx)
+                                     max_num_batched_tokens=case.budget), ctx)
         engine.runner.fast_decode = case.fast_decode
         requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
         outputs = run_requests(engine, ctx, requests)

@@ -1,8 +1,9 @@
 """Parallel runtime on CPU / Gloo: every (dp, tp) layout × dispatcher × padding mode gives the
 single-process greedy tokens (which equal transformers'), including unequal prompt lengths,
-unequal requests per replica, an idle replica, a replica finishing early, row counts not
-divisible by TP, NaN-poisoned padding and an expert count EP doesn't divide. One spawn of 4 ranks
-runs all cases; a hang fails the test at its timeout."""
+unequal requests per replica, an idle replica, a replica finishing early, prompts in chunks of
+1, 7 and 64 tokens mixed with decodes, row counts not divisible by TP, NaN-poisoned padding and
+an expert count EP doesn't divide. One spawn of 4 ranks runs all cases; a hang fails the test at
+its timeout."""
 
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         # one request: replica 1 has nothing at all and runs dummy batches
         cases.append(Case(f"{family}-2x2-idle", models[family], 2, 2, PROMPTS[3:4], params[3:4],
                           "alltoall" if family == "qwen3_next" else "agrs"))
+    # prompts in chunks of 1, 7 and 64 tokens, packed with other prompts' chunks and running decodes
+    for family, budget in (("qwen3_5_moe", 1), ("qwen3_5_moe", 7), ("qwen3_next", 7), ("qwen3_moe", 7),
+                           ("qwen3_next", 64)):
+        cases.append(Case(f"{family}-2x2-chunks-{budget}", models[family], 2, 2, PROMPTS, params, budget=budget))
     cases += [
         Case("qwen3_5_moe-2x2-poison-agrs", models["qwen3_5_moe"], 2, 2, PROMPTS, params,
              "agrs", "uniform", poison_pads=True),
