@@ -47,7 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | xpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="tokens a step at most: decodes first, then prompt chunks")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action="store_true",

@@ -299,7 +299,7 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 8192  # tokens a step at most (decodes first, then prompt chunks)
     block_size: int = 16
     cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
     gpu_memory_utilization: float = 0.9
