@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import numbers
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,10 +165,14 @@ class Engine:
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
         # weights first: on a GPU the cache gets what is left of the memory budget after them
+        started = time.perf_counter()
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx)
+        built = time.perf_counter()
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
                                   ecfg.cuda_graphs, ecfg.parallel_graphs)
+        # start-up by phase, seconds: weights built / loaded, cache planned and allocated
+        self.startup = {"weights": round(built - started, 2), "cache": round(time.perf_counter() - built, 2)}
         self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
