@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128; --workload: its own)")
     bench.add_argument("--output-len", type=int, default=None,
                        help="generated tokens (default 32; --workload: its own)")
+    bench.add_argument("--serve", action="store_true",
+                       help="--workload through `epinfer serve` over HTTP (streaming clients; --dp/--tp apply)")
+    bench.add_argument("--concurrency", type=int, default=None,
+                       help="--workload --serve: concurrent streaming clients (default: every request at once)")
     bench.add_argument("--max-num-seqs", type=int, default=256, help="--workload: running requests at most")
     bench.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--workload: tokens per step at most")
     bench.add_argument("--device", default="auto")
@@ -317,12 +321,27 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
 def run_workload_bench(args: argparse.Namespace) -> int:
     from epinfer.bench.workload import bench_workload
 
-    if args.dp * args.tp > 1:
-        raise UserError("--workload runs one process for now: drop --dp / --tp")
-    for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens"):
+    for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens", "concurrency"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.serve:
+        from epinfer.bench.serve_workload import bench_serve_workload
+
+        flags = ["--dtype", args.dtype, "--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
+                 "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
+                 "--dp-padding", args.dp_padding]
+        switches = (("--async-scheduling", args.async_scheduling), ("--enforce-eager", args.enforce_eager),
+                    ("--no-expert-parallel", args.no_expert_parallel))
+        flags += [flag for flag, on in switches if on]
+        record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
+                                      args.input_len, args.output_len, args.concurrency, args.max_num_batched_tokens)
+        print(json.dumps(record))
+        return 0 if record["failed"] == 0 and record["server_exit"] == 0 else 1
+    if args.dp * args.tp > 1:
+        raise UserError("--workload without --serve runs one process: add --serve for --dp / --tp")
+    if args.concurrency is not None:
+        raise UserError("--concurrency is for --serve (offline, every request is submitted at once)")
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -367,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.workload:
                 return run_workload_bench(args)
+            if args.serve or args.concurrency is not None:
+                raise UserError("--serve and --concurrency measure a --workload: add --workload NAME")
             args.input_len = 128 if args.input_len is None else args.input_len
             args.output_len = 32 if args.output_len is None else args.output_len
             if not args.batch and not args.replica_batch:

@@ -6,8 +6,8 @@ requests/s, time to first token and time per output token (p50 / p99, over reque
 (engine construction, then a warm-up that compiles kernels and captures graphs), and wall time
 by step kind: `prefill` (only prompt chunks), `mixed` (prompt chunks and decodes), `decode` (only
 decodes). Prompts are random token ids; `--ignore-eos` semantics: every request generates its
-full `output_len`. What it deliberately does not do: HTTP (`benchmarks/serve_load.py` drives a
-running server), several ranks.
+full `output_len`. Through HTTP, and with several ranks (`--dp/--tp`), the same workloads run
+with `--serve` (`serve_workload.py`: a fresh `epinfer serve` and streaming clients).
 
 Profiles (vLLM's published H200 profiles use the same shapes):
   throughput        1000 requests, 1024 in / 128 out

@@ -1,0 +1,200 @@
+"""`epinfer bench --workload NAME --serve`: the same workloads through `epinfer serve` over HTTP.
+
+A server is started as its own process on a free loopback port (the model shape with random
+weights, the bench's engine and `--dp/--tp` flags), waited for until `/health` answers, warmed up
+with one full-budget round of requests, then given every request of the workload by
+`--concurrency` streaming clients (default: all at once). Each request streams
+`/v1/completions` with token-id prompts and `ignore_eos`; its time to first token is the first
+event that carries tokens. Reported as the offline workload is (total / output tokens/s,
+requests/s, TTFT and TPOT p50 / p99), plus the server's start-up (process start to healthy) and
+failed requests. The server is stopped with SIGTERM at the end (killed if it does not stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from epinfer.bench.single import shape_folder
+from epinfer.bench.workload import WORKLOADS, Workload, lengths, percentile
+from epinfer.core.config import ModelConfig
+from epinfer.core.errors import UserError
+
+HEALTH_TIMEOUT_S = 900.0  # a full-size shape on a GPU compiles and captures for a minute or more
+REQUEST_TIMEOUT_S = 3600.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_server(flags: list[str], log: Path) -> tuple[subprocess.Popen, str, float]:
+    """(process, base url, seconds to healthy); a server that exits or never gets healthy is a
+    `UserError` carrying the end of its log."""
+    import httpx
+
+    port = _free_port()
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "epinfer", "serve", "--port", str(port), *flags],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < HEALTH_TIMEOUT_S:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with {proc.returncode} before it was healthy: {_tail(log)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise UserError(f"the server was not healthy after {HEALTH_TIMEOUT_S:.0f} s: {_tail(log)}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    return proc.returncode
+
+
+async def _one(client, prompt: list[int], max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    first, tokens, error = None, 0, None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}", "start": start, "end": time.perf_counter()}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"].get("message", "error")
+                    break
+                n = len(event["choices"][0].get("token_ids", []))
+                if n and first is None:
+                    first = time.perf_counter()
+                tokens += n
+    except Exception as exc:  # a dropped connection ends this request only
+        error = f"{type(exc).__name__}: {exc}"
+    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": tokens, "error": error}
+
+
+async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int) -> tuple[list[dict], float]:
+    """Every request through `concurrency` clients; (per-request results in input order, wall s)."""
+    import httpx
+
+    results: list[dict | None] = [None] * len(prompts)
+    todo = iter(range(len(prompts)))
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async def worker() -> None:
+            for i in todo:
+                results[i] = await _one(client, prompts[i], outputs[i])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return [r for r in results if r is not None], wall
+
+
+def summarize(results: list[dict], prompts: list[list[int]], wall: float) -> dict:
+    """TTFT per request from its own send (all at once: the workload's start)."""
+    ok = [(r, p) for r, p in zip(results, prompts, strict=True) if r["error"] is None]
+    out = sum(r["tokens"] for r, _ in ok)
+    prompt = sum(len(p) for _, p in ok)
+    ttft = [r["first"] - r["start"] for r, _ in ok if r["first"] is not None]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r, _ in ok if r["first"] is not None and r["tokens"] > 1]
+    ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
+    return {"requests": len(results), "failed": len(results) - len(ok),
+            "first_error": next((r["error"] for r in results if r["error"]), None),
+            "prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
+            "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
+            "requests_per_s": round(len(ok) / wall, 2),
+            "ttft_ms_p50": ms(statistics.median(ttft)) if ttft else None,
+            "ttft_ms_p99": ms(percentile(ttft, 0.99)) if ttft else None,
+            "tpot_ms_p50": ms(statistics.median(tpot)) if tpot else None,
+            "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None}
+
+
+def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers: int | None = None,
+                         requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
+                         concurrency: int | None = None, budget: int = 8192, seed: int = 0) -> dict:
+    """One record: workload `name` through a fresh `epinfer serve` of `shape` (`server_flags`: the
+    engine and parallel flags, passed through)."""
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise UserError("--serve needs httpx: pip install httpx (or epinfer[serve])") from None
+    if name not in WORKLOADS:
+        raise UserError(f"unknown workload {name!r}; use {', '.join(WORKLOADS)}")
+    base = WORKLOADS[name]
+    w = dataclasses.replace(base, requests=requests or base.requests, input_len=input_len or base.input_len,
+                            output_len=output_len or base.output_len)
+    pairs = lengths(w, seed)
+    clients = min(concurrency or len(pairs), len(pairs))
+    if clients < 1:
+        raise UserError("--concurrency must be >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = shape_folder(shape, layers, tmp)
+        vocab = ModelConfig.from_dir(folder).vocab_size
+        longest = max(i + o for i, o in pairs)
+        log = Path(tmp, "server.log")
+        flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(longest + 16),
+                 "--max-queue", str(len(pairs) + 16), "--max-num-batched-tokens", str(budget), *server_flags]
+        proc, url, healthy_s = start_server(flags, log)
+        try:
+            gen = torch.Generator().manual_seed(seed + 1)
+            warm_len = min(w.input_len, budget)
+            warm = Workload(max(4, -(-budget // warm_len)), warm_len, min(8, w.output_len))
+            warm_prompts = [torch.randint(1, vocab, (warm.input_len,), generator=gen).tolist()
+                            for _ in range(warm.requests)]
+            t = time.perf_counter()
+            warm_res, _ = asyncio.run(drive(url, warm_prompts, [warm.output_len] * warm.requests, warm.requests))
+            warm_s = time.perf_counter() - t
+            if any(r["error"] for r in warm_res):
+                raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
+                                f"server log: {_tail(log)}")
+            prompts = [torch.randint(1, vocab, (i,), generator=gen).tolist() for i, _ in pairs]
+            results, wall = asyncio.run(drive(url, prompts, [o for _, o in pairs], clients))
+            record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
+                      "server_flags": shlex.join(server_flags), "concurrency": clients,
+                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                      "max_num_batched_tokens": budget,
+                      "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},
+                      **summarize(results, prompts, wall)}
+        finally:
+            code = stop_server(proc)
+    record["server_exit"] = code
+    print(f"epinfer bench: {name} via epinfer serve: {record['requests']} requests ({record['failed']} failed), "
+          f"{record['total_tok_s']} tok/s total, {record['output_tok_s']} tok/s out, TTFT p50 "
+          f"{record['ttft_ms_p50']} ms, TPOT p50 {record['tpot_ms_p50']} ms", file=sys.stderr, flush=True)
+    return record
