@@ -113,7 +113,7 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
 def make_checkpoint(family: str, path, *, seed: int = 0, expert_layout: str = "per_expert",
                     sharded: bool = False, config_style: str = "tf5", multimodal: bool = False,
                     extra_tensors: dict | None = None, generation_config: dict | None = None,
-                    **config_overrides) -> Path:
+                    fp8_block: tuple[int, int] | None = None, **config_overrides) -> Path:
     """Build the seeded random transformers model of `family` and write it to folder `path`.
 
     expert_layout: "per_expert" (hub: ``mlp.experts.{e}.gate_proj.weight``; mixtral
@@ -125,6 +125,9 @@ def make_checkpoint(family: str, path, *, seed: int = 0, expert_layout: str = "p
     ``model.visual.*`` and ``mtp.*`` tensors that an engine must skip.
     extra_tensors: added to the saved tensors under their given names.
     generation_config: written as generation_config.json when given.
+    fp8_block: an FP8 checkpoint as Qwen publishes them (projection and expert weights float8_e4m3fn
+    with float32 ``<name>_scale_inv`` per block of this size, quantization_config in config.json);
+    the same weights dequantised go to ``dequantized/`` inside the folder (transformers' reference).
     Returns the folder as a Path."""
     _check_family(family)
     if expert_layout not in ("per_expert", "fused"):
@@ -147,11 +150,45 @@ def make_checkpoint(family: str, path, *, seed: int = 0, expert_layout: str = "p
         tensors, config_dict = _wrap_multimodal(tensors, config_dict, seed)
     for name, tensor in (extra_tensors or {}).items():
         tensors[name] = tensor.detach().clone().contiguous()
+    if fp8_block is not None:
+        tensors, plain = quantize_fp8(tensors, fp8_block)
+        ref = path / "dequantized"
+        ref.mkdir(exist_ok=True)
+        _write_json(ref / "config.json", config_dict)
+        _write_safetensors(ref, plain, False)
+        config_dict = {**config_dict, "quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(fp8_block), "modules_to_not_convert": ["lm_head"]}}
     _write_json(path / "config.json", config_dict)
     if generation_config is not None:
         _write_json(path / "generation_config.json", generation_config)
     _write_safetensors(path, tensors, sharded)
     return path
+
+
+_FP8_WEIGHT = re.compile(r"(proj\.weight|experts\.(gate_up_proj|down_proj)|\.w[123]\.weight)$")
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def quantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int]):
+    """(FP8 tensors with their block scales, the same weights dequantised) — scale = block amax / 448,
+    edge blocks partial; dequantised exactly as the format defines: fp8 x scale, in float32."""
+    quantized, plain = {}, {}
+    for name, t in tensors.items():
+        if t.dim() < 2 or not _FP8_WEIGHT.search(name):
+            quantized[name] = plain[name] = t
+            continue
+        rows, cols = t.shape[-2:]
+        br, bc = block
+        pr, pc = -(-rows // br) * br, -(-cols // bc) * bc
+        padded = torch.nn.functional.pad(t.float(), (0, pc - cols, 0, pr - rows))
+        blocks = padded.reshape(*t.shape[:-2], pr // br, br, pc // bc, bc)
+        scale = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp(min=1e-12)  # [..., rows/br, cols/bc]
+        full = scale.repeat_interleave(br, -2)[..., :rows, :].repeat_interleave(bc, -1)[..., :cols]
+        q = (t.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        quantized[name], quantized[name + "_scale_inv"] = q.contiguous(), scale.contiguous()
+        plain[name] = (q.float() * full).to(t.dtype).contiguous()
+    return quantized, plain
 
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -59,8 +59,12 @@ def bad_cases(tiny, tmp_path):
     quant = tmp_path / "quant"
     shutil.copytree(tiny, quant)
     cfg = json.loads((quant / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (quant / "config.json").write_text(json.dumps(cfg))
+    unblocked = tmp_path / "fp8-unblocked"
+    shutil.copytree(tiny, unblocked)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (unblocked / "config.json").write_text(json.dumps(cfg))
     binonly = tmp_path / "bin"
     shutil.copytree(tiny, binonly)
     (binonly / "model.safetensors").rename(binonly / "pytorch_model.bin")
@@ -72,7 +76,8 @@ def bad_cases(tiny, tmp_path):
         (["--model", str(tmp_path / "nope")], "does not exist"),
         (["--model", str(tmp_path / "empty")], "no config.json"),
         (["--model", str(arch)], "unsupported architecture"),
-        (["--model", str(quant)], "quantized checkpoint"),
+        (["--model", str(quant)], "quantized checkpoint (gptq) is not supported"),
+        (["--model", str(unblocked)], "'quantization_config.weight_block_size' must be [rows, columns]"),
         (["--model", str(binonly)], "safetensors only"),
         (["--model", str(missing)], "missing tensors: " + first),
         (["--model", str(extra)], "unexpected tensor 'model.layers.0.foo'"),

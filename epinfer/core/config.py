@@ -90,6 +90,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     dtype: str  # checkpoint dtype name, e.g. "bfloat16"
     weight_prefix: str  # "model." or "model.language_model."
+    # FP8 checkpoints (quant_method "fp8", e4m3, dynamic activations): the weight block of the
+    # `*_scale_inv` tensors, (rows, columns); None for a bf16 / fp16 / fp32 checkpoint
+    fp8_block: tuple[int, int] | None = None
 
     @property
     def is_hybrid(self) -> bool:
@@ -119,15 +122,14 @@ class ModelConfig:
             raise UserError(f"{source}: field 'architectures': unsupported architecture "
                             f"{show(archs) if archs else '(none given)'}; supported: {known}")
         text_config = top.obj("text_config")
-        quant = raw.get("quantization_config") or (text_config or {}).get("quantization_config")
-        if quant:
-            method = quant.get("quant_method") if isinstance(quant, dict) else None
-            method = one_line(method, 40) if isinstance(method, str) else "unknown"
-            raise UserError(f"{source}: field 'quantization_config': quantized checkpoint ({method}) is not "
-                            f"supported; use a bf16/fp16/fp32 one")
+        where = "quantization_config" if raw.get("quantization_config") else "text_config.quantization_config"
+        quant = parse_quantization(raw.get("quantization_config") or (text_config or {}).get("quantization_config"),
+                                   source, where)
         if text_config is None:
-            return cls._parse(family, top, top, "model.")
-        return cls._parse(family, JsonFields(text_config, source, "text_config."), top, "model.language_model.")
+            cfg = cls._parse(family, top, top, "model.")
+        else:
+            cfg = cls._parse(family, JsonFields(text_config, source, "text_config."), top, "model.language_model.")
+        return dataclasses.replace(cfg, fp8_block=quant)
 
     @classmethod
     def _parse(cls, family: str, f: JsonFields, top: JsonFields, weight_prefix: str) -> ModelConfig:
@@ -307,3 +309,27 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
     async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
+
+
+def parse_quantization(quant: Any, source: str, where: str) -> tuple[int, int] | None:
+    """The FP8 weight block of a `quantization_config` (None when absent); every other method, or an
+    FP8 variant the loader does not read, is a one-line `UserError` naming it."""
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise UserError(f"{source}: field '{where}' must be a JSON object, got {show(quant)}")
+    f = JsonFields(quant, source, f"{where}.")
+    method = quant.get("quant_method")
+    if method != "fp8":
+        name = one_line(method, 40) if isinstance(method, str) else "unknown"
+        raise UserError(f"{source}: field '{where}': quantized checkpoint ({name}) is not supported; use an FP8 "
+                        f"(quant_method fp8) or a bf16 / fp16 / fp32 one")
+    if f.text("fmt", "e4m3") != "e4m3":
+        raise f.fail("fmt", "must be e4m3 (float8_e4m3fn weights)")
+    if f.text("activation_scheme", "dynamic") != "dynamic":
+        raise f.fail("activation_scheme", "must be dynamic (static activation scales are not supported)")
+    block = f.int_list("weight_block_size", None, lo=1, hi=1 << 16)
+    if block is None or len(block) != 2:
+        raise f.fail("weight_block_size", "must be [rows, columns] (block-scaled FP8)")
+    f.str_list("modules_to_not_convert", None)
+    return block[0], block[1]

@@ -11,6 +11,7 @@ Never unpickles: `.bin` checkpoints are refused.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -233,22 +234,73 @@ def _select(tensor: torch.Tensor, dim: int, keep: range, key: str) -> torch.Tens
     return tensor.narrow(dim, keep.start, len(keep))
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
+    """Every tensor of the files, by name: (a reader, its safetensors dtype name). The files stay
+    open (memory-mapped) until `stack` closes, so a tensor can be read with one from another shard."""
+    tensors = {}
     for path in files:
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, (lambda h=handle, k=key: h.get_tensor(k))
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensors[key] = ((lambda h=handle, k=key, p=path: _read(h, k, p)), handle.get_slice(key).get_dtype())
         except UserError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise UserError(f"cannot read {path.name}: {one_line(exc)}") from None
+    return tensors
+
+
+def _read(handle, key: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as exc:
+        raise UserError(f"cannot read tensor {key} from {path.name}: {one_line(exc)}") from None
+
+
+FP8 = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"
+
+
+def dequantized(tensors: dict, cfg: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """The checkpoint's tensors in the model's terms: an FP8 weight is read with its block scales
+    (`<name>_scale_inv`) and dequantised to float32 (the copy into a parameter casts it to the compute
+    dtype), the scales themselves are consumed. Only checkpoints whose config declares FP8 may hold
+    FP8 tensors; each needs its scale, and each scale its weight."""
+    for key, (get, dtype) in tensors.items():
+        if dtype == FP8 and cfg.fp8_block is None:
+            raise UserError(f"tensor {key} is float8 but config.json has no FP8 quantization_config")
+        if cfg.fp8_block is not None and key.endswith(SCALE_SUFFIX):
+            weight = key[:-len(SCALE_SUFFIX)]
+            if tensors.get(weight, (None, None))[1] != FP8:
+                raise UserError(f"tensor {key}: a scale without the FP8 weight {weight}")
+            continue
+        if dtype != FP8:
+            yield key, get
+            continue
+        if key + SCALE_SUFFIX not in tensors:
+            raise UserError(f"tensor {key} is FP8 but its scale {key + SCALE_SUFFIX} is missing")
+        scale = tensors[key + SCALE_SUFFIX][0]
+        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g(), sc(), cfg.fp8_block, k))
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:
+    """weight = fp8 x scale of its (rows x columns) block, over the last two dims (edge blocks partial)."""
+    if w.dim() < 2:
+        raise UserError(f"tensor {key}: an FP8 weight must have 2 or more dims, got shape {tuple(w.shape)}")
+    rows, cols = w.shape[-2:]
+    want = (*w.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale.shape) != want or not scale.is_floating_point():
+        raise UserError(f"tensor {key}{SCALE_SUFFIX}: shape {tuple(scale.shape)} ({str(scale.dtype)[6:]}) does not "
+                        f"match the {block[0]}x{block[1]} blocks of {key} {tuple(w.shape)}: expected {want}, float")
+    full = scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+    return w.float() * full
 
 
 def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig) -> None:
     loader = WeightLoader(model, cfg)
-    for key, get in iter_tensors(checkpoint_files(folder)):
-        loader.load(key, get)
+    with contextlib.ExitStack() as stack:
+        for key, get in dequantized(open_tensors(checkpoint_files(folder), stack), cfg):
+            loader.load(key, get)
     missing = loader.tracker.missing()
     if "lm_head.weight" in missing and cfg.tie_word_embeddings:
         with torch.no_grad():

@@ -1,0 +1,74 @@
+"""FP8 checkpoints (block-scaled float8_e4m3fn weights with `*_scale_inv`, as Qwen publishes them)
+on CPU: dequantised once at load into the compute dtype, every family gives greedy tokens identical
+to transformers running the same weights dequantised (block sizes that divide the weights and ones
+that leave partial edge blocks; fused experts, sharded files); malformed FP8 checkpoints are one
+line naming the tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from epinfer import LLM, SamplingParams
+from epinfer.core.errors import UserError
+from tests.checkpoints import FAMILIES, hf_generate
+
+PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73))]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def block_for(family: str) -> tuple[int, int]:
+    return (16, 16) if family in ("qwen3_5_moe", "qwen3_moe", "olmoe") else (12, 20)  # (12, 20): edge blocks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_matches_transformers_on_dequantized_weights(family, ckpt_dir):
+    path = ckpt_dir(family, fp8_block=block_for(family))
+    raw = load_file(str(path / "model.safetensors"))
+    assert any(t.dtype == torch.float8_e4m3fn for t in raw.values())
+    ours = [o.token_ids for o in LLM(str(path), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)]
+    assert ours == [hf_generate(path / "dequantized", p, 10)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("layout", [dict(expert_layout="fused", sharded=True), dict(multimodal=True)])
+def test_fp8_layouts(layout, ckpt_dir):
+    path = ckpt_dir("qwen3_5_moe", fp8_block=(16, 16), **layout)
+    ours = [o.token_ids for o in LLM(str(path), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)]
+    ref = [o.token_ids for o in LLM(str(path / "dequantized"), dtype="float32", device="cpu").generate(PROMPTS, GREEDY)]
+    assert ours == ref
+
+
+def _variant(src, dst, edit_tensors=None, edit_config=None):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("dequantized"))
+    if edit_tensors:
+        tensors = load_file(str(dst / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(dst / "model.safetensors"))
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_malformed_fp8_checkpoints_are_one_line(ckpt_dir, tmp_path):
+    src = ckpt_dir("qwen3_5_moe", fp8_block=(16, 16))
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    cases = [
+        (lambda t: t.pop(name + "_scale_inv"), None, f"tensor {name} is FP8 but its scale {name}_scale_inv is missing"),
+        (lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)}), None, f"tensor {name}_scale_inv: shape (1, 1)"),
+        (lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1)}), None,
+         "tensor model.norm.weight_scale_inv: a scale without the FP8 weight model.norm.weight"),
+        (None, lambda c: c.pop("quantization_config"), "is float8 but config.json has no FP8 quantization_config"),
+        (None, lambda c: c["quantization_config"].update(activation_scheme="static"), "activation_scheme"),
+        (None, lambda c: c["quantization_config"].update(quant_method="awq"), "quantized checkpoint (awq)"),
+    ]
+    for i, (tensors, config, message) in enumerate(cases):
+        bad = _variant(src, tmp_path / f"bad{i}", tensors, config)
+        with pytest.raises(UserError, match=None) as err:
+            LLM(str(bad), dtype="float32", device="cpu")
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
