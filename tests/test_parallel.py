@@ -1,7 +1,8 @@
 """Parallel runtime on CPU / Gloo: every (dp, tp) layout × dispatcher × padding mode gives the
 single-process greedy tokens (which equal transformers'), including unequal prompt lengths,
 unequal requests per replica, an idle replica, a replica finishing early, prompts in chunks of
-1, 7 and 64 tokens mixed with decodes, row counts not divisible by TP, NaN-poisoned padding and
+1, 7 and 64 tokens mixed with decodes, an FP8 checkpoint whose blocks straddle the TP shard
+boundaries (dequantised before sharding), row counts not divisible by TP, NaN-poisoned padding and
 an expert count EP doesn't divide. One spawn of 4 ranks runs all cases; a hang fails the test at
 its timeout."""
 
@@ -53,6 +54,9 @@ def build_cases(models: dict[str, str]) -> list[Case]:
     for family, budget in (("qwen3_5_moe", 1), ("qwen3_5_moe", 7), ("qwen3_next", 7), ("qwen3_moe", 7),
                            ("qwen3_next", 64)):
         cases.append(Case(f"{family}-2x2-chunks-{budget}", models[family], 2, 2, PROMPTS, params, budget=budget))
+    # an FP8 checkpoint (dequantised at load, then sharded) under every dispatcher
+    for dispatch in dispatchers:
+        cases.append(Case(f"fp8-2x2-{dispatch}", models["fp8"], 2, 2, PROMPTS, params, dispatch))
     cases += [
         Case("qwen3_5_moe-2x2-poison-agrs", models["qwen3_5_moe"], 2, 2, PROMPTS, params,
              "agrs", "uniform", poison_pads=True),
@@ -81,6 +85,7 @@ def build_cases(models: dict[str, str]) -> list[Case]:
 def models(ckpt_dir):
     out = {f: str(ckpt_dir(f)) for f in FAMILIES}
     out["six"] = str(ckpt_dir("qwen3_5_moe", num_experts=6))
+    out["fp8"] = str(ckpt_dir("qwen3_5_moe", fp8_block=(12, 20), seed=3))
     return out
 
 
@@ -92,8 +97,9 @@ def expected(models):
     for name, path in models.items():
         outs = LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)
         out[name] = [o.token_ids for o in outs]
+        reference = f"{path}/dequantized" if name == "fp8" else path  # transformers: the same weights dequantised
         for prompt, n, tokens in zip(PROMPTS, MAX_TOKENS, out[name], strict=True):
-            assert tokens == hf_generate(path, prompt, n)[0], f"{name}: single-process != transformers"
+            assert tokens == hf_generate(reference, prompt, n)[0], f"{name}: single-process != transformers"
     return out
 
 
