@@ -49,6 +49,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="tokens a step at most: decodes first, then prompt chunks")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action="store_true",
@@ -101,7 +103,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
-                        parallel_graphs=args.parallel_graphs)
+                        parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching)
 
 
 def build_job(args: argparse.Namespace, engine: EngineConfig, mode=None) -> Job:

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from epinfer import LLM, SamplingParams
-from epinfer.server.engine_loop import outstanding_tokens, pick_replica, route
+from epinfer.server.engine_loop import outstanding_tokens
 from epinfer.server.protocol import chat_prompt_ids
+from epinfer.server.routing import AFFINITY_SLACK, Router, pick_replica
 from epinfer.server.text import TextStream, held_back
 from tests.serving import Served, gather_requests, metrics, post, sse_events, wait_idle
 
@@ -31,7 +32,24 @@ def test_routing_rule():
     assert pick_replica([5, 3, 3]) == 1 and pick_replica([0, 0]) == 0 and pick_replica([7]) == 0
     params = SamplingParams(max_tokens=10).resolved({})
     # each routed request counts toward the next decision: 4+10 on replica 1 makes replica 0 (9) lighter
+    route = Router(2, 16).route  # by load only
     assert route([9, 0], [(0, [1] * 4, params, None), (1, [1], params, None)]) == [1, 0]
+    # prefix affinity: a request follows its prefix to the replica that prefilled it ...
+    router = Router(2, 4, prefix_blocks=100)
+    shared = list(range(1, 13))  # 3 blocks of 4
+    assert router.route([0, 0], [(0, shared + [50], params, None)]) == [0]
+    assert router.route([30, 0], [(1, shared + [60, 61], params, None)]) == [0]  # not the lighter replica 1
+    assert router.route([30, 0], [(2, [99] * 13, params, None)]) == [1]  # no prefix anywhere: by load
+    assert router.route([0, 0], [(3, shared[:4] + [7] * 9, params, None)]) == [0]  # one shared block suffices
+    # ... unless that replica is much more loaded: more than 2 x the lightest + the slack
+    assert router.route([2 * 100 + AFFINITY_SLACK, 100], [(4, shared + [1], params, None)]) == [0]
+    assert router.route([2 * 100 + AFFINITY_SLACK + 1, 100], [(5, shared + [1], params, None)]) == [1]
+    from epinfer.engine.cache import block_hashes
+
+    assert router.cached_blocks(1, block_hashes(shared + [1], 4)) == 3  # replica 1 now holds it too
+    small = Router(1, 4, prefix_blocks=2)  # bounded: the least recently routed blocks are forgotten
+    small.route([0], [(0, shared + [1], params, None)])
+    assert len(small.known[0]) == 2
     from epinfer.engine.scheduler import Sequence
 
     seq = Sequence(0, [1, 2, 3, 4], params, 14)
@@ -113,7 +131,10 @@ def test_models_health_metrics(demo):
     for name in ("epinfer_healthy", "epinfer_queue_depth", 'epinfer_running_requests{replica="1"}',
                  'epinfer_free_kv_blocks{replica="0"}', "epinfer_prompt_tokens_total",
                  "epinfer_generation_tokens_total",
-                 'epinfer_collective_skew_max_seconds{label="dp.sync"}', 'epinfer_step_seconds_count{replica="0"}'):
+                 'epinfer_collective_skew_max_seconds{label="dp.sync"}', 'epinfer_step_seconds_count{replica="0"}',
+                 'epinfer_prefix_cache_queries_total{replica="0"}', 'epinfer_prefix_cache_hits_total{replica="1"}',
+                 'epinfer_prefix_cache_hit_rate{replica="0"}', 'epinfer_prefix_cache_blocks{replica="1"}',
+                 'epinfer_prefix_cache_evictions_total{replica="0"}'):
         assert name in m, name
     assert m["epinfer_healthy"] == 1
 

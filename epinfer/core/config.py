@@ -309,6 +309,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
     async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
+    enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
 
 
 def parse_quantization(quant: Any, source: str, where: str) -> tuple[int, int] | None:

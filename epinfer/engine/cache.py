@@ -1,30 +1,109 @@
-"""Cache accounting (pure Python): free lists of KV blocks and GDN state slots. A sequence reserves
-every block it can ever need when it is admitted (see `runner.cache` for the layout and tensors)."""
+"""Cache accounting (pure Python): KV blocks and GDN state slots. A sequence reserves every block it
+can ever need when it is admitted (see `runner.cache` for the layout and tensors).
+
+Prefix caching: a full block of prompt tokens whose KV has been computed is registered under the
+hash chain of its tokens (its own tokens and its predecessor's hash), so a later request whose
+prompt starts with the same blocks reuses them instead of prefilling them again. Blocks carry
+reference counts; a cached block no sequence holds stays cached and is evicted least recently
+released first, only when a new block is needed. A block is never written while shared: a request
+reuses only whole blocks, and at least its last prompt token is always computed, into a block of
+its own.
+"""
 
 from __future__ import annotations
+
+import collections
+import itertools
 
 from epinfer.runner.cache import CacheLayout
 
 
-class CacheAllocator:
-    """Free lists of KV blocks and state slots."""
+def block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The hash chain of the full blocks of `tokens` (deterministic across processes: ints only)."""
+    out: list[int] = []
+    parent = 0
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash((parent, tuple(tokens[start:start + block_size])))
+        out.append(parent)
+    return out
 
-    def __init__(self, layout: CacheLayout) -> None:
+
+class CacheAllocator:
+    """Free lists of KV blocks and state slots, and with `prefix_caching` the cached blocks."""
+
+    def __init__(self, layout: CacheLayout, prefix_caching: bool = False) -> None:
         self.layout = layout
+        self.prefix_caching = prefix_caching
         self.free_blocks = list(range(layout.num_blocks - 1, -1, -1))
         self.free_slots = list(range(layout.num_state_slots - 1, -1, -1))
+        self.refs = [0] * layout.num_blocks
+        self.cached: dict[int, int] = {}  # chain hash -> block
+        self.hash_of: dict[int, int] = {}  # block -> chain hash
+        self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # refs 0, cached; LRU first
+        self.queried_tokens = 0  # prompt tokens looked up, and found (metrics)
+        self.hit_tokens = 0
+        self.evictions = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.layout.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return bool(self.free_slots) and self.blocks_for(num_tokens) <= len(self.free_blocks)
+    def match(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest cached prefix of `hashes`."""
+        if not self.prefix_caching:
+            return []
+        return [self.cached[h] for h in itertools.takewhile(lambda h: h in self.cached, hashes)]
 
-    def allocate(self, num_tokens: int) -> tuple[list[int], int]:
-        assert self.can_allocate(num_tokens)
-        blocks = [self.free_blocks.pop() for _ in range(self.blocks_for(num_tokens))]
+    def can_allocate(self, num_tokens: int, prefix: list[int] = ()) -> bool:
+        idle_reused = sum(1 for b in prefix if self.refs[b] == 0)  # evictable now, but about to be held
+        room = len(self.free_blocks) + len(self.evictable) - idle_reused
+        return bool(self.free_slots) and self.blocks_for(num_tokens) - len(prefix) <= room
+
+    def allocate(self, num_tokens: int, prefix: list[int] = ()) -> tuple[list[int], int]:
+        """Blocks for `num_tokens` (the `prefix` blocks first, shared) and a state slot."""
+        assert self.can_allocate(num_tokens, prefix)
+        for b in prefix:
+            if self.refs[b] == 0:
+                del self.evictable[b]
+            self.refs[b] += 1
+        blocks = list(prefix) + [self._take() for _ in range(self.blocks_for(num_tokens) - len(prefix))]
         return blocks, self.free_slots.pop()
 
+    def _take(self) -> int:
+        if self.free_blocks:
+            b = self.free_blocks.pop()
+        else:  # the least recently released cached block
+            b, _ = self.evictable.popitem(last=False)
+            del self.cached[self.hash_of.pop(b)]
+            self.evictions += 1
+        self.refs[b] = 1
+        return b
+
+    def register(self, block: int, chain_hash: int) -> None:
+        """`block` now holds the KV of the full block `chain_hash` names."""
+        if self.prefix_caching and chain_hash not in self.cached and block not in self.hash_of:
+            self.cached[chain_hash] = block
+            self.hash_of[block] = chain_hash
+
     def free(self, blocks: list[int], slot: int) -> None:
-        self.free_blocks.extend(reversed(blocks))
+        for b in reversed(blocks):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self.evictable[b] = None  # most recently released last
+                else:
+                    self.free_blocks.append(b)
         self.free_slots.append(slot)
+
+    def clear_prefix_cache(self) -> int:
+        """Forgets every cached block no sequence holds (they become free); returns how many."""
+        dropped = list(self.evictable)
+        for b in dropped:
+            del self.cached[self.hash_of.pop(b)]
+        self.evictable.clear()
+        self.free_blocks.extend(dropped)
+        return len(dropped)
+
+    def stats(self) -> dict:
+        return {"prefix_cache_queries": self.queried_tokens, "prefix_cache_hits": self.hit_tokens,
+                "cached_blocks": len(self.cached), "evictions": self.evictions,
+                "free_blocks": len(self.free_blocks) + len(self.evictable)}

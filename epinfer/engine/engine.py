@@ -173,7 +173,10 @@ class Engine:
                                   ecfg.cuda_graphs, ecfg.parallel_graphs)
         # start-up by phase, seconds: weights built / loaded, cache planned and allocated
         self.startup = {"weights": round(built - started, 2), "cache": round(time.perf_counter() - built, 2)}
-        self.scheduler = Scheduler(CacheAllocator(layout), ecfg.max_num_seqs,
+        # prefix caching reuses KV blocks; a hybrid model would also need the GDN state at the
+        # reuse point, which is not kept yet: it prefills in full
+        caching = ecfg.enable_prefix_caching and not cfg.is_hybrid
+        self.scheduler = Scheduler(CacheAllocator(layout, caching), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
         self.pending_resets: list[int] = []
@@ -242,7 +245,8 @@ class Engine:
                 items.append(SeqWork([PENDING], start, seq.state_slot, item.samples, prev_row=seq.pending_row))
             else:
                 items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
-                                     item.samples, list(seq.block_ids) if start == 0 else None))
+                                     item.samples, None if seq.blocks_sent else list(seq.block_ids)))
+                seq.blocks_sent = True
         plan = StepPlan(items, self.pending_resets, self.has_work(), self.last_sampled)
         self.pending_resets = []
         return scheduled, plan
@@ -256,6 +260,8 @@ class Engine:
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
+            if item.seq.registered < len(item.seq.block_hashes):
+                self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)

@@ -2,7 +2,8 @@
 
 Each step it plans, within `max_num_batched_tokens`: one token for every running sequence that is
 decoding, then the next chunk of every running sequence still prefilling, then admits waiting
-requests in arrival order while a sequence slot and cache room for the whole request exist. A
+requests in arrival order while a sequence slot and cache room for the whole request exist (with
+prefix caching, a request starts after the longest cached prefix of its prompt: see `cache`). A
 long prompt is prefilled over several steps (chunked prefill); prefill and decode of different
 requests share a step.
 """
@@ -13,7 +14,7 @@ import dataclasses
 from collections import deque
 
 from epinfer.core.sampling_params import SamplingParams
-from epinfer.engine.cache import CacheAllocator
+from epinfer.engine.cache import CacheAllocator, block_hashes
 
 
 @dataclasses.dataclass(eq=False)
@@ -37,6 +38,11 @@ class Sequence:
     pending: int = 0
     pending_row: int = -1
     final: bool = False
+    # prefix caching: the hash chain of the prompt's full blocks, how many of them are registered
+    # in the cache, and whether the runner has this sequence's block list yet
+    block_hashes: list[int] = dataclasses.field(default_factory=list)
+    registered: int = 0
+    blocks_sent: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -88,17 +94,34 @@ class Scheduler:
             if n > 0:
                 plan.append(ScheduledSeq(seq, n))
                 budget -= n
+        alloc = self.allocator
+        bs = alloc.layout.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.allocator.can_allocate(seq.max_total_len):
+            if alloc.prefix_caching and not seq.block_hashes:
+                seq.block_hashes = block_hashes(seq.prompt_ids, bs)
+            # at least the last prompt token is computed (its logits are sampled), in its own block
+            prefix = alloc.match(seq.block_hashes[:(len(seq.prompt_ids) - 1) // bs])
+            if not alloc.can_allocate(seq.max_total_len, prefix):
                 break
             self.waiting.popleft()
-            seq.block_ids, seq.state_slot = self.allocator.allocate(seq.max_total_len)
+            seq.block_ids, seq.state_slot = alloc.allocate(seq.max_total_len, prefix)
+            seq.num_computed = seq.registered = len(prefix)
+            seq.num_computed *= bs
+            alloc.queried_tokens += len(seq.prompt_ids) if alloc.prefix_caching else 0
+            alloc.hit_tokens += seq.num_computed
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
+            n = min(len(seq.prompt_ids) - seq.num_computed, budget)
             plan.append(ScheduledSeq(seq, n))
             budget -= n
         return plan
+
+    def computed(self, seq: Sequence) -> None:
+        """After a step: registers the prompt blocks `seq` has now filled, for later requests."""
+        full = min(seq.num_computed, len(seq.prompt_ids)) // self.allocator.layout.block_size
+        while seq.registered < min(full, len(seq.block_hashes)):
+            self.allocator.register(seq.block_ids[seq.registered], seq.block_hashes[seq.registered])
+            seq.registered += 1
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -10,8 +10,9 @@ Every iteration, on every rank, in this order:
      and running requests); world rank 0 adds a flag "I have messages".
   2. only if the flag is set, `serve.admit` (world CPU group, broadcast from rank 0): new requests
      with the replica each goes to, cancellations, and the stop flag. Rank 0 routes each new request
-     to the replica with the fewest outstanding tokens (ties → the lowest index), counting the
-     requests it routes in the same message. Leaders submit their requests and drop cancelled ones
+     (`routing.Router`: to the replica holding the longest cached prefix of it unless that one is
+     much more loaded, else to the one with the fewest outstanding tokens), counting the requests
+     it routes in the same message. Leaders submit their requests and drop cancelled ones
      (their KV blocks and state slot are freed and the slot is reset before the next forward).
   3. `runtime.lockstep.lockstep_step`, as in `generate`: the leader plans (`tp.plan`), `dp.sync`
      decides, everybody runs the forward (a dummy batch for an idle replica) or all skip. Leaders
@@ -43,6 +44,7 @@ from epinfer.engine.engine import Engine
 from epinfer.engine.scheduler import ScheduledSeq, Sequence
 from epinfer.runtime.job import RankRuntime
 from epinfer.runtime.lockstep import lockstep_step
+from epinfer.server.routing import Router
 
 IDLE_WAIT_S = 0.2
 SKEW_LABEL = "dp.sync"  # ranks arrive at it straight after planning: arrival gaps are real skew
@@ -55,22 +57,6 @@ class ServeChannels:
 
     inbox: object  # server → world rank 0
     outboxes: list  # outboxes[rank]: rank → server
-
-
-def pick_replica(outstanding: list[int]) -> int:
-    """The replica with the fewest outstanding tokens; ties go to the lowest index."""
-    return min(range(len(outstanding)), key=lambda r: (outstanding[r], r))
-
-
-def route(outstanding: list[int], requests: list[tuple]) -> list[int]:
-    """Replica per request, in arrival order; each routed request adds its own tokens."""
-    load = list(outstanding)
-    replicas = []
-    for _, ids, params, _ in requests:
-        r = pick_replica(load)
-        load[r] += len(ids) + params.max_tokens
-        replicas.append(r)
-    return replicas
 
 
 def outstanding_tokens(seq: Sequence) -> int:
@@ -110,6 +96,8 @@ class ServeLoop:
         self.pending_events: list[tuple] = []  # cancellations, rejections: sent with the next report
         self.stopping = False
         self.last_stats = None
+        alloc = engine.scheduler.allocator  # (every replica runs the same model and cache settings)
+        self.router = Router(self.dp, alloc.layout.block_size, alloc.layout.num_blocks if alloc.prefix_caching else 0)
         # ranks wait inside serve.sync while rank 0 waits on its inbox: well under the timeout
         self.idle_wait = min(IDLE_WAIT_S, watchdog.timeout / 4) if watchdog is not None else IDLE_WAIT_S
         ctx.comm.add_plugin(SkewProbe(self.outbox, self.rank))
@@ -191,7 +179,7 @@ class ServeLoop:
         adds = [m[1:] for m in messages if m[0] == "add"]
         cancels = [m[1] for m in messages if m[0] == "cancel"]
         stop = any(m[0] == "stop" for m in messages)
-        replicas = route(outstanding, adds)
+        replicas = self.router.route(outstanding, adds)
         if adds:
             self.outbox.put(("routed", [(a[0], r) for a, r in zip(adds, replicas, strict=True)]))
         return [(r, *a) for a, r in zip(adds, replicas, strict=True)], cancels, stop
@@ -289,8 +277,9 @@ class ServeLoop:
         admitted = [rid for rid in self.unadmitted if self.seqs[rid] in sched.running]
         self.unadmitted.difference_update(admitted)
         alloc = sched.allocator
-        stats = (len(sched.running), len(sched.waiting), len(alloc.free_slots), len(alloc.free_blocks),
-                 sum(outstanding_tokens(s) for s in self.seqs.values()))
+        stats = (len(sched.running), len(sched.waiting), len(alloc.free_slots),
+                 len(alloc.free_blocks) + len(alloc.evictable), sum(outstanding_tokens(s) for s in self.seqs.values()),
+                 alloc.queried_tokens, alloc.hit_tokens, len(alloc.cached), alloc.evictions)
         if events or admitted or stats != self.last_stats or step_s:
             self.outbox.put(("step", self.ctx.dp_rank, events, admitted, stats, step_s))
             self.last_stats = stats

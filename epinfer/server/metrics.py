@@ -42,7 +42,9 @@ class Metrics:
         self.finished = collections.Counter()  # finish reason -> requests
         self.prompt_tokens = self.generation_tokens = 0
         self.routed = [0] * dp
-        self.replica_stats: list[tuple] = [(0, 0, 0, 0, 0)] * dp  # running, waiting, slots, blocks, outstanding
+        # running, waiting, free slots, free blocks, outstanding tokens; prefix cache: queried and hit
+        # prompt tokens, cached blocks, evictions
+        self.replica_stats: list[tuple] = [(0,) * 9] * dp
         self.step_time = [Histogram(STEP_BUCKETS) for _ in range(dp)]
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
@@ -85,11 +87,21 @@ class Metrics:
         names = ("running_requests", "waiting_requests", "free_sequence_slots", "free_kv_blocks",
                  "outstanding_tokens")
         helps = ("requests in the running batch", "requests routed here, not yet admitted",
-                 "free sequence (state) slots", "free KV cache blocks",
+                 "free sequence (state) slots", "free KV cache blocks (cached ones no request holds included)",
                  "prompt tokens not yet prefilled + tokens still to generate")
         for i, (name, help_) in enumerate(zip(names, helps, strict=True)):
             metric(f"epinfer_{name}", "gauge", f"per DP replica: {help_}",
                    [f'epinfer_{name}{{replica="{r}"}} {s[i]}' for r, s in enumerate(self.replica_stats)])
+        prefix = (("prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache"),
+                  ("prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not prefilled)"),
+                  ("prefix_cache_blocks", "gauge", "KV blocks held by the prefix cache"),
+                  ("prefix_cache_evictions_total", "counter", "cached KV blocks evicted for new ones"))
+        for i, (name, kind, help_) in enumerate(prefix, start=5):
+            metric(f"epinfer_{name}", kind, f"per DP replica: {help_}",
+                   [f'epinfer_{name}{{replica="{r}"}} {s[i]}' for r, s in enumerate(self.replica_stats)])
+        metric("epinfer_prefix_cache_hit_rate", "gauge", "per DP replica: hits / queries (0 before any query)",
+               [f'epinfer_prefix_cache_hit_rate{{replica="{r}"}} {s[6] / s[5] if s[5] else 0.0:.4f}'
+                for r, s in enumerate(self.replica_stats)])
         metric("epinfer_routed_requests_total", "counter", "requests routed to each DP replica",
                [f'epinfer_routed_requests_total{{replica="{r}"}} {n}' for r, n in enumerate(self.routed)])
         metric("epinfer_step_seconds", "histogram", "forward + sampling time of a step, per DP replica",

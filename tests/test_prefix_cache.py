@@ -1,0 +1,111 @@
+"""Prefix caching (KV blocks keyed by the hash chain of their tokens) on CPU in float32: greedy
+tokens identical with the cache on and off and to transformers, for prefixes that end on and off
+block boundaries, prompts identical to a cached one, a prefix reused after part of it was evicted;
+no block leaks under random load with cancellations; the allocator's rules. Hybrid (GDN) models
+prefill in full for now (their state at the reuse point is not kept): no hits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from epinfer import LLM, SamplingParams
+from epinfer.engine.cache import CacheAllocator, block_hashes
+from epinfer.runner.cache import CacheLayout
+from tests.checkpoints import hf_generate
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+BASE = [(i * 37 + 11) % 250 + 1 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
+
+
+def prompts() -> list[list[int]]:
+    return [BASE, BASE + [5, 6, 7], BASE[:48] + [9] * 20, BASE[:40] + [3, 3], list(BASE), BASE[:16] + [1],
+            [4] * 33]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_tokens_identical_with_the_cache_on_and_off(family, ckpt_dir):
+    path = str(ckpt_dir(family))
+    on = LLM(path, dtype="float32", device="cpu", max_num_seqs=2)
+    off = LLM(path, dtype="float32", device="cpu", max_num_seqs=2, enable_prefix_caching=False)
+    ps = prompts()
+    got = [o.token_ids for o in on.generate(ps, GREEDY)]
+    assert got == [o.token_ids for o in off.generate(ps, GREEDY)]
+    stats = on.engine.scheduler.allocator.stats()
+    assert stats["prefix_cache_hits"] >= 5 * 16, stats  # reused blocks, not a cache that is never hit
+    assert off.engine.scheduler.allocator.stats()["prefix_cache_hits"] == 0
+    again = [o.token_ids for o in on.generate(ps, GREEDY)]  # everything cached now
+    assert again == got
+    for p, tokens in zip(ps, got, strict=True):
+        assert tokens == hf_generate(path, p, 8)[0]
+
+
+def test_reuse_after_partial_eviction(ckpt_dir):
+    path = str(ckpt_dir("qwen3_moe"))
+    ref = LLM(path, dtype="float32", device="cpu", enable_prefix_caching=False)
+    # room for few blocks: later requests evict parts of earlier prefixes
+    llm = LLM(path, dtype="float32", device="cpu", max_num_seqs=1, max_model_len=96, cache_memory_gb=0.00019)
+    alloc = llm.engine.scheduler.allocator
+    assert alloc.layout.num_blocks < 16, alloc.layout.num_blocks
+    gen = random.Random(0)
+    others = [[gen.randrange(1, 250) for _ in range(60)] for _ in range(3)]
+    order = [BASE, others[0], BASE + [2], others[1], BASE[:50], others[2], BASE]
+    got = [o.token_ids for o in llm.generate(order, GREEDY)]
+    assert got == [o.token_ids for o in ref.generate(order, GREEDY)]
+    assert alloc.evictions > 0 and alloc.hit_tokens > 0
+
+
+def test_hybrid_models_prefill_in_full(ckpt_dir):
+    llm = LLM(str(ckpt_dir("qwen3_5_moe")), dtype="float32", device="cpu")
+    llm.generate([BASE, BASE], GREEDY)
+    assert llm.engine.scheduler.allocator.stats()["prefix_cache_hits"] == 0
+
+
+def test_no_leak_under_random_load_with_cancellations(ckpt_dir):
+    llm = LLM(str(ckpt_dir("qwen3_moe")), dtype="float32", device="cpu", max_num_seqs=3, max_num_batched_tokens=40)
+    eng, rng = llm.engine, random.Random(1)
+    alloc = eng.scheduler.allocator
+    total = alloc.layout.num_blocks
+    seqs = []
+    for step in range(120):
+        if step < 80 and rng.random() < 0.4:
+            prompt = BASE[:rng.choice([17, 32, 48, 70])] + [rng.randrange(1, 250) for _ in range(rng.randrange(0, 20))]
+            seqs.append(eng.add_request(prompt, SamplingParams(max_tokens=rng.randrange(1, 10), temperature=0,
+                                                               ignore_eos=True)))
+        running = [s for s in eng.scheduler.running if s.finish_reason is None]
+        if running and rng.random() < 0.15:  # a client goes away: the request is cancelled
+            victim = rng.choice(running)
+            victim.finish_reason = "cancelled"
+            eng.scheduler.finish(victim)
+            eng.pending_resets.append(victim.state_slot)
+        if eng.has_work():
+            eng.step()
+    while eng.has_work():
+        eng.step()
+    assert alloc.hit_tokens > 0 and all(r == 0 for r in alloc.refs)
+    assert len(alloc.free_blocks) + len(alloc.evictable) == total
+    assert len(alloc.free_slots) == alloc.layout.num_state_slots
+    alloc.clear_prefix_cache()
+    assert sorted(alloc.free_blocks) == list(range(total)) and not alloc.cached and not alloc.hash_of
+
+
+def test_allocator_rules():
+    alloc = CacheAllocator(CacheLayout(4, 6, 3), prefix_caching=True)
+    tokens = list(range(10))
+    hashes = block_hashes(tokens, 4)
+    assert len(hashes) == 2 and block_hashes(tokens[:8] + [99], 4) == hashes  # full blocks only
+    assert block_hashes([0, 1, 2, 3, 9, 5, 6, 7], 4)[1] != hashes[1]  # a block's hash covers its tokens
+    assert block_hashes([7, 1, 2, 3, 4, 5, 6, 7], 4)[1] != hashes[1]  # ... and every block before it
+    a, slot_a = alloc.allocate(10)
+    for b, h in zip(a, hashes, strict=False):
+        alloc.register(b, h)
+    assert alloc.match(hashes) == a[:2]
+    b, slot_b = alloc.allocate(12, alloc.match(hashes))  # shares two blocks, takes one
+    assert b[:2] == a[:2] and alloc.refs[a[0]] == 2 and not alloc.can_allocate(12, [])
+    alloc.free(a, slot_a)
+    assert alloc.refs[a[0]] == 1 and a[2] in alloc.free_blocks  # the unregistered block is free at once
+    alloc.free(b, slot_b)
+    assert list(alloc.evictable) == [a[1], a[0]]  # released: cached, evictable (the chain's end first)
+    c, _ = alloc.allocate(4 * 5)  # one block more than the free ones: evicts the least recently released
+    assert alloc.evictions == 1 and list(alloc.cached.values()) == [a[0]] and len(c) == 5
