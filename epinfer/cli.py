@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", required=True, help="qwen3-30b-a3b | qwen3.5-35b-a3b | qwen3-next-80b-a3b | PATH")
     bench.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
     bench.add_argument("--batch", type=int, action="append", default=None)
-    bench.add_argument("--workload", default=None, metavar="throughput|long-context|generation-heavy|mixed",
+    bench.add_argument("--workload", default=None,
+                       metavar="throughput|long-context|generation-heavy|mixed|shared-prefix|multi-turn",
                        help="end to end: every request at once through the engine, as generate runs them")
     bench.add_argument("--num-requests", type=int, default=None, help="--workload: other than the profile's")
     bench.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128; --workload: its own)")
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     bench.add_argument("--async-scheduling", action="store_true", help="plan step n+1 while step n runs")
+    bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="share of GPU memory for weights + caches")
     bench.add_argument("--replica-batch", default=None,
@@ -334,7 +336,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                  "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
                  "--dp-padding", args.dp_padding]
         switches = (("--async-scheduling", args.async_scheduling), ("--enforce-eager", args.enforce_eager),
-                    ("--no-expert-parallel", args.no_expert_parallel))
+                    ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching))
         flags += [flag for flag, on in switches if on]
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
                                       args.input_len, args.output_len, args.concurrency, args.max_num_batched_tokens)
@@ -346,7 +348,8 @@ def run_workload_bench(args: argparse.Namespace) -> int:
         raise UserError("--concurrency is for --serve (offline, every request is submitted at once)")
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching)
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
                             args.output_len)
     print(json.dumps(record))

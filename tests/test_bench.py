@@ -266,3 +266,25 @@ def test_workload_through_the_server_in_parallel(tmp_path):
     assert rec["startup_s"]["server_healthy"] > 0 and rec["total_tok_s"] > rec["output_tok_s"] > 0
     with pytest.raises(UserError, match="exited with 2 before it was healthy.*--tp 3"):
         bench_serve_workload(str(tmp_path), "throughput", ["--device", "cpu", "--tp", "3"], requests=1)
+
+
+def test_shared_prefix_and_multi_turn_workloads(tmp_path):
+    """The prefix-caching workloads: every request after one shared system prompt; chats whose turns
+    resend the whole history and are submitted as the previous reply completes. With the cache the
+    repeated tokens are hits; without it, none."""
+    from epinfer.bench.workload import bench_workload
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_moe", max_position_embeddings=8192).to_json_string())
+    for caching in (True, False):
+        cpu = EngineConfig(device="cpu", dtype="float32", enable_prefix_caching=caching)
+        shared = bench_workload(str(tmp_path), "shared-prefix", cpu, requests=6, input_len=20, output_len=4)
+        assert shared["requests"] == 6 and shared["prompt_tokens"] == 6 * (4096 + 20)
+        chats = bench_workload(str(tmp_path), "multi-turn", cpu, requests=10, input_len=20, output_len=4)
+        # 2 chats x 5 turns: turn t sends t x 20 new tokens and the t - 1 replies before it
+        assert chats["requests"] == 10 and chats["prompt_tokens"] == 2 * sum(20 * t + 4 * (t - 1) for t in range(1, 6))
+        assert chats["output_tokens"] == 10 * 4
+        if caching:
+            # (the first two requests share the first step: neither finds the other's blocks yet)
+            assert shared["prefix_cache_hit_rate"] > 0.6 and chats["prefix_cache_hit_rate"] > 0.4
+        else:
+            assert shared["prefix_cache_hit_rate"] == chats["prefix_cache_hit_rate"] == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from epinfer.bench.single import shape_folder
-from epinfer.bench.workload import WORKLOADS, Workload, lengths, percentile
+from epinfer.bench.workload import WORKLOADS, Workload, first_prompts, lengths, next_turn, percentile
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
 
@@ -87,11 +87,11 @@ def stop_server(proc: subprocess.Popen) -> int:
 async def _one(client, prompt: list[int], max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
-    first, tokens, error = None, 0, None
+    first, ids, error = None, [], None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}", "start": start, "end": time.perf_counter()}
+                return {"error": f"HTTP {r.status_code}", "start": start, "end": time.perf_counter(), "prompt": prompt}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -99,36 +99,47 @@ async def _one(client, prompt: list[int], max_tokens: int) -> dict:
                 if "error" in event:
                     error = event["error"].get("message", "error")
                     break
-                n = len(event["choices"][0].get("token_ids", []))
-                if n and first is None:
+                new = event["choices"][0].get("token_ids", [])
+                if new and first is None:
                     first = time.perf_counter()
-                tokens += n
+                ids += new
     except Exception as exc:  # a dropped connection ends this request only
         error = f"{type(exc).__name__}: {exc}"
-    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": tokens, "error": error}
+    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": len(ids), "ids": ids, "error": error,
+            "prompt": prompt}
 
 
-async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int) -> tuple[list[dict], float]:
-    """Every request through `concurrency` clients; (per-request results in input order, wall s)."""
+async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
+                chat: tuple[Workload, int] | None = None) -> tuple[list[dict], float]:
+    """Every request through `concurrency` clients; (per-request results, wall s). `chat`: the
+    workload and vocabulary of multi-turn chats: prompt i opens chat i, whose later turns its
+    client sends one after the other, each once the previous reply is complete."""
     import httpx
 
-    results: list[dict | None] = [None] * len(prompts)
+    results: list[dict] = []
     todo = iter(range(len(prompts)))
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         async def worker() -> None:
             for i in todo:
-                results[i] = await _one(client, prompts[i], outputs[i])
+                prompt, last = prompts[i], None
+                for turn in range(1, (chat[0].turns if chat else 1) + 1):
+                    if turn > 1:
+                        if last["error"] is not None:
+                            break
+                        prompt = next_turn(chat[0], prompt, last["ids"], chat[1], i, turn - 1)
+                    last = await _one(client, prompt, outputs[i])
+                    results.append(last)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return [r for r in results if r is not None], wall
+    return results, wall
 
 
-def summarize(results: list[dict], prompts: list[list[int]], wall: float) -> dict:
+def summarize(results: list[dict], wall: float) -> dict:
     """TTFT per request from its own send (all at once: the workload's start)."""
-    ok = [(r, p) for r, p in zip(results, prompts, strict=True) if r["error"] is None]
+    ok = [(r, r["prompt"]) for r in results if r["error"] is None]
     out = sum(r["tokens"] for r, _ in ok)
     prompt = sum(len(p) for _, p in ok)
     ttft = [r["first"] - r["start"] for r, _ in ok if r["first"] is not None]
@@ -168,13 +179,14 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         vocab = ModelConfig.from_dir(folder).vocab_size
         longest = max(i + o for i, o in pairs)
         log = Path(tmp, "server.log")
+        warm_len = min(w.input_len, budget)
+        warm = Workload(max(4, -(-budget // warm_len)), warm_len, min(8, w.output_len))
         flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(longest + 16),
-                 "--max-queue", str(len(pairs) + 16), "--max-num-batched-tokens", str(budget), *server_flags]
+                 "--max-queue", str(max(len(pairs), warm.requests) + 16), "--max-num-batched-tokens", str(budget),
+                 *server_flags]
         proc, url, healthy_s = start_server(flags, log)
         try:
             gen = torch.Generator().manual_seed(seed + 1)
-            warm_len = min(w.input_len, budget)
-            warm = Workload(max(4, -(-budget // warm_len)), warm_len, min(8, w.output_len))
             warm_prompts = [torch.randint(1, vocab, (warm.input_len,), generator=gen).tolist()
                             for _ in range(warm.requests)]
             t = time.perf_counter()
@@ -183,14 +195,16 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
             if any(r["error"] for r in warm_res):
                 raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
                                 f"server log: {_tail(log)}")
-            prompts = [torch.randint(1, vocab, (i,), generator=gen).tolist() for i, _ in pairs]
-            results, wall = asyncio.run(drive(url, prompts, [o for _, o in pairs], clients))
+            firsts = pairs if w.turns == 1 else [(w.input_len, w.output_len)] * w.chats
+            prompts = first_prompts(w, firsts, vocab, seed)
+            results, wall = asyncio.run(drive(url, prompts, [o for _, o in firsts], clients,
+                                              (w, vocab) if w.turns > 1 else None))
             record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
                       "server_flags": shlex.join(server_flags), "concurrency": clients,
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       "max_num_batched_tokens": budget,
                       "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},
-                      **summarize(results, prompts, wall)}
+                      **summarize(results, wall)}
         finally:
             code = stop_server(proc)
     record["server_exit"] = code

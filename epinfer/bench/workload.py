@@ -14,6 +14,9 @@ Profiles (vLLM's published H200 profiles use the same shapes):
   long-context      100 requests, 32000 in / 100 out
   generation-heavy  200 requests, 1000 in / 2000 out
   mixed             500 requests, lengths from a seeded long-tailed (log-normal) draw
+  shared-prefix     1000 requests: one 4096-token system prompt + 256 tokens of their own / 128 out
+  multi-turn        100 chats of 5 turns (500 requests): each turn adds 256 tokens to the whole history
+                    and the previous reply, and is submitted when that reply is complete; 128 out
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ class Workload:
     input_len: int
     output_len: int
     long_tailed: bool = False  # lengths drawn log-normal around input_len / output_len
+    shared_prefix: int = 0  # tokens of one system prompt every request starts with (before its own)
+    turns: int = 1  # chats of this many turns: a turn's prompt = the last turn's prompt + its reply + new tokens
+
+    @property
+    def chats(self) -> int:
+        return -(-self.requests // self.turns)
 
 
 WORKLOADS = {
@@ -47,14 +56,33 @@ WORKLOADS = {
     "long-context": Workload(100, 32000, 100),
     "generation-heavy": Workload(200, 1000, 2000),
     "mixed": Workload(500, 1024, 256, long_tailed=True),
+    "shared-prefix": Workload(1000, 256, 128, shared_prefix=4096),
+    "multi-turn": Workload(500, 256, 128, turns=5),
 }
+
+
+def first_prompts(w: Workload, pairs: list[tuple[int, int]], vocab: int, seed: int) -> list[list[int]]:
+    """The prompts submitted at the start (random token ids, seeded): one per request, or per chat's
+    first turn; each after the shared system prompt when the workload has one."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    system = torch.randint(1, vocab, (w.shared_prefix,), generator=gen).tolist()
+    return [system + torch.randint(1, vocab, (i - w.shared_prefix,), generator=gen).tolist()
+            for i, _ in pairs[:w.chats]]
+
+
+def next_turn(w: Workload, prompt: list[int], reply: list[int], vocab: int, chat: int, turn: int) -> list[int]:
+    """A chat's next prompt: the whole history and the user's new message (seeded by chat and turn)."""
+    gen = torch.Generator().manual_seed(1_000_003 * chat + turn)
+    return prompt + reply + torch.randint(1, vocab, (w.input_len,), generator=gen).tolist()
 
 
 def lengths(w: Workload, seed: int = 0) -> list[tuple[int, int]]:
     """(prompt tokens, output tokens) per request; `mixed`: a seeded log-normal draw (sigma 1),
     so a few requests are many times the median, as in real traffic."""
+    if w.turns > 1:  # the longest turn of every chat, first: what the cache must hold
+        return [(w.turns * w.input_len + (w.turns - 1) * w.output_len, w.output_len)] * w.chats
     if not w.long_tailed:
-        return [(w.input_len, w.output_len)] * w.requests
+        return [(w.shared_prefix + w.input_len, w.output_len)] * w.requests
     gen = torch.Generator().manual_seed(seed)
     draw = torch.randn(w.requests, 2, generator=gen).clamp_(-2.0, 2.0).exp_()  # 0.14x to 7.4x the median
     return [(max(1, round(w.input_len * a)), max(1, round(w.output_len * b))) for a, b in draw.tolist()]
@@ -77,11 +105,14 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
     if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
         raise UserError(f"the workload needs a max model length of {max(i + o for i, o in pairs)} tokens; "
                         f"the cache holds {engine.max_model_len}")
-    gen = torch.Generator().manual_seed(seed + 1)
     vocab = engine.model_config.vocab_size
+    firsts = first_prompts(w, pairs if w.turns == 1 else [(w.input_len, w.output_len)] * w.chats, vocab, seed)
+    before = engine.scheduler.allocator.stats()
     start = time.perf_counter()
-    seqs = [engine.add_request(torch.randint(1, vocab, (i,), generator=gen).tolist(),
-                               SamplingParams(max_tokens=o, temperature=0, ignore_eos=True)) for i, o in pairs]
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
+            for p, (_, o) in zip(firsts, pairs, strict=False)]
+    chat_of = {s.index: (c, 1) for c, s in enumerate(seqs)}  # request -> (chat, turn)
+    submitted = {s.index: start for s in seqs}
     first: dict[int, float] = {}
     done: dict[int, float] = {}
     by_kind: dict[str, list[float]] = {"prefill": [], "mixed": [], "decode": []}
@@ -97,18 +128,27 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
         now = time.perf_counter()
         by_kind[kind].append(now - t)
         first_s = now - t if first_s is None else first_s
-        for s in seqs:
+        for s in list(seqs):
             if s.index not in first and s.output_ids:
                 first[s.index] = now
             if s.index not in done and s.finish_reason is not None:
                 done[s.index] = now
+                chat, turn = chat_of[s.index]
+                if turn < w.turns and len(seqs) < w.requests:  # the user answers: the chat's next turn
+                    nxt = engine.add_request(next_turn(w, s.prompt_ids, s.output_ids, vocab, chat, turn),
+                                             SamplingParams(max_tokens=w.output_len, temperature=0, ignore_eos=True))
+                    seqs.append(nxt)
+                    chat_of[nxt.index], submitted[nxt.index] = (chat, turn + 1), time.perf_counter()
     wall = time.perf_counter() - start
     prompt = sum(len(s.prompt_ids) for s in seqs)
     out = sum(len(s.output_ids) for s in seqs)
-    ttft = [first[s.index] - start for s in seqs]
+    ttft = [first[s.index] - submitted[s.index] for s in seqs]
     tpot = [(done[s.index] - first[s.index]) / (len(s.output_ids) - 1) for s in seqs if len(s.output_ids) > 1]
     ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
+    after = engine.scheduler.allocator.stats()
+    queried, hit = (after[k] - before[k] for k in ("prefix_cache_queries", "prefix_cache_hits"))
     return {"requests": len(seqs), "prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
+            "prefix_cache_hit_rate": round(hit / max(1, queried), 4),
             "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
             "requests_per_s": round(len(seqs) / wall, 2), "first_step_s": round(first_s or 0.0, 2),
             "ttft_ms_p50": ms(statistics.median(ttft)), "ttft_ms_p99": ms(percentile(ttft, 0.99)),
@@ -141,10 +181,11 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         warm_len = min(w.input_len, budget, engine.max_model_len - 9)
         warm = run_workload(engine, dataclasses.replace(
             w, requests=min(max(4, -(-budget // warm_len)), w.requests), output_len=min(8, w.output_len),
-            long_tailed=False, input_len=warm_len), seed + 7)
+            long_tailed=False, input_len=warm_len, shared_prefix=0, turns=1), seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "async_scheduling": engine_cfg.async_scheduling,
+                  "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "max_num_seqs": engine_cfg.max_num_seqs,
                   "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
                   # start-up by phase: weights, cache, the warm-up's first (full-budget) step — kernel
