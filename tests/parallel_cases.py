@@ -62,4 +62,5 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
         outputs = run_requests(engine, ctx, requests)
         if outputs is not None:
             results[case.name] = [o.token_ids for o in outputs]
+            results[f"{case.name}:hits"] = engine.scheduler.allocator.hit_tokens  # (this replica's)
     return results

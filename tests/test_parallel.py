@@ -1,10 +1,10 @@
 """Parallel runtime on CPU / Gloo: every (dp, tp) layout × dispatcher × padding mode gives the
 single-process greedy tokens (which equal transformers'), including unequal prompt lengths,
 unequal requests per replica, an idle replica, a replica finishing early, prompts in chunks of
-1, 7 and 64 tokens mixed with decodes, an FP8 checkpoint whose blocks straddle the TP shard
-boundaries (dequantised before sharding), row counts not divisible by TP, NaN-poisoned padding and
-an expert count EP doesn't divide. One spawn of 4 ranks runs all cases; a hang fails the test at
-its timeout."""
+1, 7 and 64 tokens mixed with decodes, prompts sharing cached prefixes, an FP8 checkpoint whose
+blocks straddle the TP shard boundaries (dequantised before sharding), row counts not divisible
+by TP, NaN-poisoned padding and an expert count EP doesn't divide. One spawn of 4 ranks runs all
+cases; a hang fails the test at its timeout."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i i
            [2, 7, 1, 8, 2, 8, 1, 8, 2]]
 # round-robin over 2 replicas: replica 0 gets 0, 2, 4 (long), replica 1 gets 1, 3 (short: done early)
 MAX_TOKENS = [14, 3, 14, 4, 14]
+# prompts that share prefixes of 1 and 2 blocks (block size 16), prefilled 7 tokens a step so that
+# later ones find the earlier ones' blocks cached (round-robin: replica 0 gets 0, 2, 4)
+_S = [(i * 53 + 7) % 250 + 1 for i in range(40)]
+SHARED = [_S + [1, 2], _S[:32] + [9] * 5, _S + [1, 2], _S[:16] + [3], _S[:33] + [7] * 20, _S[:34]]
 
 
 def greedy(n: int) -> SamplingParams:
@@ -54,6 +58,9 @@ def build_cases(models: dict[str, str]) -> list[Case]:
     for family, budget in (("qwen3_5_moe", 1), ("qwen3_5_moe", 7), ("qwen3_next", 7), ("qwen3_moe", 7),
                            ("qwen3_next", 64)):
         cases.append(Case(f"{family}-2x2-chunks-{budget}", models[family], 2, 2, PROMPTS, params, budget=budget))
+    # prefix caching under DP x TP: each replica's own cache, shared blocks read by every TP rank
+    cases.append(Case("qwen3_moe-2x2-prefix-cache", models["qwen3_moe"], 2, 2, SHARED,
+                      [greedy(6)] * len(SHARED), budget=7))
     # an FP8 checkpoint (dequantised at load, then sharded) under every dispatcher
     for dispatch in dispatchers:
         cases.append(Case(f"fp8-2x2-{dispatch}", models["fp8"], 2, 2, PROMPTS, params, dispatch))
@@ -100,6 +107,10 @@ def expected(models):
         reference = f"{path}/dequantized" if name == "fp8" else path  # transformers: the same weights dequantised
         for prompt, n, tokens in zip(PROMPTS, MAX_TOKENS, out[name], strict=True):
             assert tokens == hf_generate(reference, prompt, n)[0], f"{name}: single-process != transformers"
+    off = LLM(models["qwen3_moe"], dtype="float32", device="cpu", enable_prefix_caching=False)
+    out["shared"] = [o.token_ids for o in off.generate(SHARED, greedy(6))]
+    for prompt, tokens in zip(SHARED, out["shared"], strict=True):
+        assert tokens == hf_generate(models["qwen3_moe"], prompt, 6)[0], "shared prompts: != transformers"
     return out
 
 
@@ -109,12 +120,15 @@ def test_every_layout_matches_single_process(models, expected):
     merged = {}
     for part in results:
         merged.update(part)
-    assert set(merged) == {c.name for c in cases}
+    assert {k for k in merged if ":" not in k} == {c.name for c in cases}
     model_name = {path: name for name, path in models.items()}
     mismatches = []
     for case in cases:
         want = expected[model_name[case.model]][: len(case.prompts)]
-        if case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
+        if case.prompts is SHARED:  # the single process with the cache off
+            want = expected["shared"]
+            assert merged[f"{case.name}:hits"] > 0, "no prefix-cache hit on replica 0"
+        elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]
         if merged[case.name] != want:
             mismatches.append(case.name)
