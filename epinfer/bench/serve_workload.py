@@ -13,12 +13,10 @@ failed requests. The server is stopped with SIGTERM at the end (killed if it doe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 from epinfer.bench.single import shape_folder
-from epinfer.bench.workload import WORKLOADS, Workload, first_prompts, lengths, next_turn, percentile
+from epinfer.bench.workload import Workload, first_prompts, lengths, next_turn, summary, warm_up_workload, workload
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
 
@@ -91,7 +89,8 @@ async def _one(client, prompt: list[int], max_tokens: int) -> dict:
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}", "start": start, "end": time.perf_counter(), "prompt": prompt}
+                return {"error": f"HTTP {r.status_code}", "start": start, "end": time.perf_counter(), "ids": [],
+                        "prompt": prompt}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -105,8 +104,7 @@ async def _one(client, prompt: list[int], max_tokens: int) -> dict:
                 ids += new
     except Exception as exc:  # a dropped connection ends this request only
         error = f"{type(exc).__name__}: {exc}"
-    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": len(ids), "ids": ids, "error": error,
-            "prompt": prompt}
+    return {"start": start, "first": first, "end": time.perf_counter(), "ids": ids, "error": error, "prompt": prompt}
 
 
 async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
@@ -139,21 +137,12 @@ async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurre
 
 def summarize(results: list[dict], wall: float) -> dict:
     """TTFT per request from its own send (all at once: the workload's start)."""
-    ok = [(r, r["prompt"]) for r in results if r["error"] is None]
-    out = sum(r["tokens"] for r, _ in ok)
-    prompt = sum(len(p) for _, p in ok)
-    ttft = [r["first"] - r["start"] for r, _ in ok if r["first"] is not None]
-    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r, _ in ok if r["first"] is not None and r["tokens"] > 1]
-    ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
+    ok = [r for r in results if r["error"] is None]
+    ttft = [r["first"] - r["start"] for r in ok if r["first"] is not None]
+    tpot = [(r["end"] - r["first"]) / (len(r["ids"]) - 1) for r in ok if r["first"] is not None and len(r["ids"]) > 1]
     return {"requests": len(results), "failed": len(results) - len(ok),
             "first_error": next((r["error"] for r in results if r["error"]), None),
-            "prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
-            "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
-            "requests_per_s": round(len(ok) / wall, 2),
-            "ttft_ms_p50": ms(statistics.median(ttft)) if ttft else None,
-            "ttft_ms_p99": ms(percentile(ttft, 0.99)) if ttft else None,
-            "tpot_ms_p50": ms(statistics.median(tpot)) if tpot else None,
-            "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None}
+            **summary(len(ok), sum(len(r["prompt"]) for r in ok), sum(len(r["ids"]) for r in ok), wall, ttft, tpot)}
 
 
 def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers: int | None = None,
@@ -165,11 +154,7 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         import httpx  # noqa: F401
     except ImportError:
         raise UserError("--serve needs httpx: pip install httpx (or epinfer[serve])") from None
-    if name not in WORKLOADS:
-        raise UserError(f"unknown workload {name!r}; use {', '.join(WORKLOADS)}")
-    base = WORKLOADS[name]
-    w = dataclasses.replace(base, requests=requests or base.requests, input_len=input_len or base.input_len,
-                            output_len=output_len or base.output_len)
+    w = workload(name, requests, input_len, output_len)
     pairs = lengths(w, seed)
     clients = min(concurrency or len(pairs), len(pairs))
     if clients < 1:
@@ -179,25 +164,21 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         vocab = ModelConfig.from_dir(folder).vocab_size
         longest = max(i + o for i, o in pairs)
         log = Path(tmp, "server.log")
-        warm_len = min(w.input_len, budget)
-        warm = Workload(max(4, -(-budget // warm_len)), warm_len, min(8, w.output_len))
+        warm = warm_up_workload(w, budget, longest)
         flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(longest + 16),
                  "--max-queue", str(max(len(pairs), warm.requests) + 16), "--max-num-batched-tokens", str(budget),
                  *server_flags]
         proc, url, healthy_s = start_server(flags, log)
         try:
-            gen = torch.Generator().manual_seed(seed + 1)
-            warm_prompts = [torch.randint(1, vocab, (warm.input_len,), generator=gen).tolist()
-                            for _ in range(warm.requests)]
+            warm_prompts, warm_outputs = zip(*first_prompts(warm, vocab, seed + 7), strict=True)
             t = time.perf_counter()
-            warm_res, _ = asyncio.run(drive(url, warm_prompts, [warm.output_len] * warm.requests, warm.requests))
+            warm_res, _ = asyncio.run(drive(url, list(warm_prompts), list(warm_outputs), warm.requests))
             warm_s = time.perf_counter() - t
             if any(r["error"] for r in warm_res):
                 raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
                                 f"server log: {_tail(log)}")
-            firsts = pairs if w.turns == 1 else [(w.input_len, w.output_len)] * w.chats
-            prompts = first_prompts(w, firsts, vocab, seed)
-            results, wall = asyncio.run(drive(url, prompts, [o for _, o in firsts], clients,
+            prompts, outputs = zip(*first_prompts(w, vocab, seed), strict=True)
+            results, wall = asyncio.run(drive(url, list(prompts), list(outputs), clients,
                                               (w, vocab) if w.turns > 1 else None))
             record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
                       "server_flags": shlex.join(server_flags), "concurrency": clients,

@@ -61,13 +61,30 @@ WORKLOADS = {
 }
 
 
-def first_prompts(w: Workload, pairs: list[tuple[int, int]], vocab: int, seed: int) -> list[list[int]]:
-    """The prompts submitted at the start (random token ids, seeded): one per request, or per chat's
-    first turn; each after the shared system prompt when the workload has one."""
+def workload(name: str, requests: int | None = None, input_len: int | None = None,
+             output_len: int | None = None) -> Workload:
+    """The profile `name`, with the lengths and count given instead of its own."""
+    if name not in WORKLOADS:
+        raise UserError(f"unknown workload {name!r}; use {', '.join(WORKLOADS)}")
+    base = WORKLOADS[name]
+    return dataclasses.replace(base, requests=requests or base.requests, input_len=input_len or base.input_len,
+                               output_len=output_len or base.output_len)
+
+
+def warm_up_workload(w: Workload, budget: int, max_len: int) -> Workload:
+    """One step of the full token budget and a few decode steps, so the kernels' first compilation
+    and autotuning at these sizes is start-up, not part of the measured run."""
+    warm_len = min(w.input_len, budget, max_len)
+    return Workload(min(max(4, -(-budget // warm_len)), w.requests), warm_len, min(8, w.output_len))
+
+
+def first_prompts(w: Workload, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt, max tokens) of the requests submitted at the start (random token ids, seeded): every
+    request, or each chat's first turn; each after the shared system prompt when there is one."""
+    opening = lengths(w, seed) if w.turns == 1 else [(w.input_len, w.output_len)] * w.chats
     gen = torch.Generator().manual_seed(seed + 1)
     system = torch.randint(1, vocab, (w.shared_prefix,), generator=gen).tolist()
-    return [system + torch.randint(1, vocab, (i - w.shared_prefix,), generator=gen).tolist()
-            for i, _ in pairs[:w.chats]]
+    return [(system + torch.randint(1, vocab, (i - w.shared_prefix,), generator=gen).tolist(), o) for i, o in opening]
 
 
 def next_turn(w: Workload, prompt: list[int], reply: list[int], vocab: int, chat: int, turn: int) -> list[int]:
@@ -93,6 +110,18 @@ def percentile(values: list[float], q: float) -> float:
     return sorted(values)[max(0, math.ceil(q * len(values)) - 1)] if values else float("nan")
 
 
+def summary(completed: int, prompt: int, out: int, wall: float, ttft: list[float], tpot: list[float]) -> dict:
+    """Tokens and requests per second, time to first token and per output token (p50 / p99, ms)."""
+    ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
+    return {"prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
+            "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
+            "requests_per_s": round(completed / wall, 2),
+            "ttft_ms_p50": ms(statistics.median(ttft)) if ttft else None,
+            "ttft_ms_p99": ms(percentile(ttft, 0.99)) if ttft else None,
+            "tpot_ms_p50": ms(statistics.median(tpot)) if tpot else None,
+            "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None}
+
+
 def step_kind(scheduled) -> str:
     decodes = sum(item.seq.num_computed >= len(item.seq.prompt_ids) for item in scheduled)
     return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
@@ -106,11 +135,10 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
         raise UserError(f"the workload needs a max model length of {max(i + o for i, o in pairs)} tokens; "
                         f"the cache holds {engine.max_model_len}")
     vocab = engine.model_config.vocab_size
-    firsts = first_prompts(w, pairs if w.turns == 1 else [(w.input_len, w.output_len)] * w.chats, vocab, seed)
+    firsts = first_prompts(w, vocab, seed)
     before = engine.scheduler.allocator.stats()
     start = time.perf_counter()
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
-            for p, (_, o) in zip(firsts, pairs, strict=False)]
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True)) for p, o in firsts]
     chat_of = {s.index: (c, 1) for c, s in enumerate(seqs)}  # request -> (chat, turn)
     submitted = {s.index: start for s in seqs}
     first: dict[int, float] = {}
@@ -144,29 +172,20 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
     out = sum(len(s.output_ids) for s in seqs)
     ttft = [first[s.index] - submitted[s.index] for s in seqs]
     tpot = [(done[s.index] - first[s.index]) / (len(s.output_ids) - 1) for s in seqs if len(s.output_ids) > 1]
-    ms = lambda xs: round(1e3 * xs, 2)  # noqa: E731
     after = engine.scheduler.allocator.stats()
     queried, hit = (after[k] - before[k] for k in ("prefix_cache_queries", "prefix_cache_hits"))
-    return {"requests": len(seqs), "prompt_tokens": prompt, "output_tokens": out, "wall_s": round(wall, 2),
-            "prefix_cache_hit_rate": round(hit / max(1, queried), 4),
-            "total_tok_s": round((prompt + out) / wall, 1), "output_tok_s": round(out / wall, 1),
-            "requests_per_s": round(len(seqs) / wall, 2), "first_step_s": round(first_s or 0.0, 2),
-            "ttft_ms_p50": ms(statistics.median(ttft)), "ttft_ms_p99": ms(percentile(ttft, 0.99)),
-            "tpot_ms_p50": ms(statistics.median(tpot)) if tpot else None,
-            "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None,
+    return {"requests": len(seqs), **summary(len(seqs), prompt, out, wall, ttft, tpot),
+            "prefix_cache_hit_rate": round(hit / max(1, queried), 4), "first_step_s": round(first_s or 0.0, 2),
             "steps": {k: {"count": len(v), "total_s": round(sum(v), 2),
-                          "median_ms": ms(statistics.median(v)) if v else None} for k, v in by_kind.items()}}
+                          "median_ms": round(1e3 * statistics.median(v), 2) if v else None}
+                      for k, v in by_kind.items()}}
 
 
 def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
                    seed: int = 0) -> dict:
     """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`."""
-    if name not in WORKLOADS:
-        raise UserError(f"unknown workload {name!r}; use {', '.join(WORKLOADS)}")
-    base = WORKLOADS[name]
-    w = dataclasses.replace(base, requests=requests or base.requests, input_len=input_len or base.input_len,
-                            output_len=output_len or base.output_len)
+    w = workload(name, requests, input_len, output_len)
     longest = max(i + o for i, o in lengths(w, seed))
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp)
@@ -175,13 +194,8 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         t0 = time.perf_counter()
         engine = Engine(ecfg)
         built = time.perf_counter() - t0
-        # warm-up: one step of the full token budget and a few decode steps, so the kernels' first
-        # compilation / autotuning at these sizes is start-up, not part of the measured run
-        budget = engine_cfg.max_num_batched_tokens
-        warm_len = min(w.input_len, budget, engine.max_model_len - 9)
-        warm = run_workload(engine, dataclasses.replace(
-            w, requests=min(max(4, -(-budget // warm_len)), w.requests), output_len=min(8, w.output_len),
-            long_tailed=False, input_len=warm_len, shared_prefix=0, turns=1), seed + 7)
+        warm = run_workload(engine, warm_up_workload(w, engine_cfg.max_num_batched_tokens, engine.max_model_len - 9),
+                            seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "async_scheduling": engine_cfg.async_scheduling,

@@ -28,6 +28,12 @@ def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     return out
 
 
+def reusable_blocks(prompt_len: int, block_size: int) -> int:
+    """How many leading full blocks of a prompt may come from the cache: at least its last token is
+    computed (its logits are sampled), into a block of its own."""
+    return (prompt_len - 1) // block_size
+
+
 class CacheAllocator:
     """Free lists of KV blocks and state slots, and with `prefix_caching` the cached blocks."""
 
@@ -58,9 +64,13 @@ class CacheAllocator:
         room = len(self.free_blocks) + len(self.evictable) - idle_reused
         return bool(self.free_slots) and self.blocks_for(num_tokens) - len(prefix) <= room
 
-    def allocate(self, num_tokens: int, prefix: list[int] = ()) -> tuple[list[int], int]:
-        """Blocks for `num_tokens` (the `prefix` blocks first, shared) and a state slot."""
+    def allocate(self, num_tokens: int, prefix: list[int] = (), prompt_len: int = 0) -> tuple[list[int], int]:
+        """Blocks for `num_tokens` (the `prefix` blocks first, shared) and a state slot; a request's
+        `prompt_len` counts as looked up, its prefix as found."""
         assert self.can_allocate(num_tokens, prefix)
+        if self.prefix_caching:
+            self.queried_tokens += prompt_len
+            self.hit_tokens += len(prefix) * self.layout.block_size
         for b in prefix:
             if self.refs[b] == 0:
                 del self.evictable[b]

@@ -260,8 +260,7 @@ class Engine:
         sampled = [item.seq for item in scheduled if item.samples]
         for item in scheduled:
             item.seq.num_computed += item.num_new
-            if item.seq.registered < len(item.seq.block_hashes):
-                self.scheduler.computed(item.seq)
+            self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)

@@ -14,7 +14,7 @@ import dataclasses
 from collections import deque
 
 from epinfer.core.sampling_params import SamplingParams
-from epinfer.engine.cache import CacheAllocator, block_hashes
+from epinfer.engine.cache import CacheAllocator, block_hashes, reusable_blocks
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,16 +100,13 @@ class Scheduler:
             seq = self.waiting[0]
             if alloc.prefix_caching and not seq.block_hashes:
                 seq.block_hashes = block_hashes(seq.prompt_ids, bs)
-            # at least the last prompt token is computed (its logits are sampled), in its own block
-            prefix = alloc.match(seq.block_hashes[:(len(seq.prompt_ids) - 1) // bs])
+            prefix = alloc.match(seq.block_hashes[:reusable_blocks(len(seq.prompt_ids), bs)])
             if not alloc.can_allocate(seq.max_total_len, prefix):
                 break
             self.waiting.popleft()
-            seq.block_ids, seq.state_slot = alloc.allocate(seq.max_total_len, prefix)
-            seq.num_computed = seq.registered = len(prefix)
-            seq.num_computed *= bs
-            alloc.queried_tokens += len(seq.prompt_ids) if alloc.prefix_caching else 0
-            alloc.hit_tokens += seq.num_computed
+            seq.block_ids, seq.state_slot = alloc.allocate(seq.max_total_len, prefix, len(seq.prompt_ids))
+            seq.registered = len(prefix)
+            seq.num_computed = len(prefix) * bs
             self.running.append(seq)
             n = min(len(seq.prompt_ids) - seq.num_computed, budget)
             plan.append(ScheduledSeq(seq, n))

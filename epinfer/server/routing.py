@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 
-from epinfer.engine.cache import block_hashes
+from epinfer.engine.cache import block_hashes, reusable_blocks
 
 AFFINITY_SLACK = 8192  # tokens: a replica this much busier than twice the lightest one loses affinity
 
@@ -50,12 +50,14 @@ class Router:
         load = list(outstanding)
         replicas = []
         for _, ids, params, _ in requests:
-            hashes = block_hashes(ids, self.block_size)[:(len(ids) - 1) // self.block_size] if self.capacity else []
+            hashes = block_hashes(ids, self.block_size)[:reusable_blocks(len(ids), self.block_size)] \
+                if self.capacity else []
             lightest = pick_replica(load)
             r = lightest
             if hashes:
-                best = max(range(len(load)), key=lambda i: (self.cached_blocks(i, hashes), -load[i], -i))
-                if self.cached_blocks(best, hashes) and not too_loaded(load[best], load[lightest]):
+                held = [self.cached_blocks(i, hashes) for i in range(len(load))]
+                best = max(range(len(load)), key=lambda i: (held[i], -load[i], -i))
+                if held[best] and not too_loaded(load[best], load[lightest]):
                     r = best
                 self.remember(r, hashes)
             load[r] += len(ids) + params.max_tokens
