@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     bench.add_argument("--async-scheduling", action="store_true", help="plan step n+1 while step n runs")
     bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")
+    bench.add_argument("--step-log", default=None, metavar="FILE",
+                       help="--workload: one JSON line per measured step (kind, rows, decode rows, ms)")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="share of GPU memory for weights + caches")
     bench.add_argument("--replica-batch", default=None,
@@ -351,7 +353,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching)
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
-                            args.output_len)
+                            args.output_len, step_log=args.step_log)
     print(json.dumps(record))
     return 0
 

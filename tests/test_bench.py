@@ -238,7 +238,16 @@ def test_workload_runs_every_request_to_its_length(tmp_path):
     assert len(set(pairs)) > 5 and max(i for i, _ in pairs) > 30 > min(i for i, _ in pairs)
     assert lengths(w) == pairs  # seeded
     cpu = EngineConfig(device="cpu", dtype="float32", max_num_batched_tokens=64)
-    rec = bench_workload(str(tmp_path), "mixed", cpu, requests=10, input_len=30, output_len=8)
+    log = tmp_path / "steps.jsonl"
+    rec = bench_workload(str(tmp_path), "mixed", cpu, requests=10, input_len=30, output_len=8, step_log=str(log))
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    for kind, summary in rec["steps"].items():  # the log is the record's steps, one line each
+        mine = [s for s in steps if s["kind"] == kind]
+        assert len(mine) == summary["count"] and all(s["rows"] <= 64 for s in mine)
+        assert not mine or summary["median_ms"] <= summary["p90_ms"] <= summary["max_ms"]
+        assert not mine or abs(summary["max_ms"] - max(s["ms"] for s in mine)) < 0.01
+    assert sum(s["rows"] for s in steps) == sum(i + o - 1 for i, o in pairs)  # a row per prompt and generated token
+    assert all(s["decode_rows"] == s["rows"] for s in steps if s["kind"] == "decode")
     assert rec["requests"] == 10 and rec["prompt_tokens"] == sum(i for i, _ in pairs)
     assert rec["output_tokens"] == sum(o for _, o in pairs)
     assert rec["steps"]["prefill"]["count"] + rec["steps"]["mixed"]["count"] >= sum(i for i, _ in pairs) // 64

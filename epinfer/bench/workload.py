@@ -22,6 +22,7 @@ Profiles (vLLM's published H200 profiles use the same shapes):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -122,13 +123,16 @@ def summary(completed: int, prompt: int, out: int, wall: float, ttft: list[float
             "tpot_ms_p99": ms(percentile(tpot, 0.99)) if tpot else None}
 
 
-def step_kind(scheduled) -> str:
+def step_shape(scheduled) -> tuple[str, int, int]:
+    """(kind, rows, decode rows) of a planned step (before it runs)."""
     decodes = sum(item.seq.num_computed >= len(item.seq.prompt_ids) for item in scheduled)
-    return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
+    kind = "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
+    return kind, sum(item.num_new for item in scheduled), decodes
 
 
-def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
-    """Every request submitted at once, run to the end; per-request first-token and finish times."""
+def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | None = None) -> dict:
+    """Every request submitted at once, run to the end; per-request first-token and finish times.
+    `step_log`: gets one dict per step (kind, rows, decode rows, ms)."""
     pairs = lengths(w, seed)
     room = engine.max_model_len - 1
     if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
@@ -148,13 +152,15 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
     while engine.has_work():
         t = time.perf_counter()
         scheduled, plan = engine.plan_step()
-        kind = step_kind(scheduled) if scheduled else "decode"
+        kind, rows, decodes = step_shape(scheduled)
         if scheduled:
             engine.apply(scheduled, engine.runner.execute(plan))
         else:
             engine.resolve(0)
         now = time.perf_counter()
         by_kind[kind].append(now - t)
+        if step_log is not None:
+            step_log.append({"kind": kind, "rows": rows, "decode_rows": decodes, "ms": round(1e3 * (now - t), 3)})
         first_s = now - t if first_s is None else first_s
         for s in list(seqs):
             if s.index not in first and s.output_ids:
@@ -177,14 +183,17 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0) -> dict:
     return {"requests": len(seqs), **summary(len(seqs), prompt, out, wall, ttft, tpot),
             "prefix_cache_hit_rate": round(hit / max(1, queried), 4), "first_step_s": round(first_s or 0.0, 2),
             "steps": {k: {"count": len(v), "total_s": round(sum(v), 2),
-                          "median_ms": round(1e3 * statistics.median(v), 2) if v else None}
+                          **{f"{q}_ms": round(1e3 * f(v), 2) if v else None
+                             for q, f in (("median", statistics.median), ("p90", lambda x: percentile(x, 0.9)),
+                                          ("max", max))}}
                       for k, v in by_kind.items()}}
 
 
 def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
-                   seed: int = 0) -> dict:
-    """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`."""
+                   seed: int = 0, step_log: str | None = None) -> dict:
+    """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`;
+    `step_log`: a file to get one JSON line per measured step (kind, rows, decode rows, ms)."""
     w = workload(name, requests, input_len, output_len)
     longest = max(i + o for i, o in lengths(w, seed))
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,6 +203,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         t0 = time.perf_counter()
         engine = Engine(ecfg)
         built = time.perf_counter() - t0
+        steps: list[dict] | None = [] if step_log else None
         warm = run_workload(engine, warm_up_workload(w, engine_cfg.max_num_batched_tokens, engine.max_model_len - 9),
                             seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
@@ -206,7 +216,10 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   # compilation and autotuning — and the rest of the warm-up (decode graph capture)
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],
                                 "warm_up_first_step": warm["first_step_s"]},
-                  **run_workload(engine, w, seed)}
+                  **run_workload(engine, w, seed, steps)}
+    if step_log:
+        with open(step_log, "w") as f:
+            f.writelines(json.dumps(step) + "\n" for step in steps)
     print(f"epinfer bench: {name}: {record['requests']} requests, {record['total_tok_s']} tok/s total, "
           f"{record['output_tok_s']} tok/s out, TTFT p50 {record['ttft_ms_p50']} ms, TPOT p50 "
           f"{record['tpot_ms_p50']} ms", file=sys.stderr, flush=True)
