@@ -404,3 +404,12 @@ def test_gdn_and_shared_expert_projections_stacked_in_low_precision(tmp_path, mo
     assert len(together) == len(apart) == 8  # each module: the prefill, then 3 decode steps
     for a, b in zip(together, apart, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_varlen_chunk_index():
+    """The varlen GDN kernel's per-step index: row offsets and (sequence, chunk) pairs of 64 rows."""
+    from epinfer.kernels.gdn_prefill import varlen_index
+
+    idx = varlen_index([1, 64, 65, 130], torch.device("cpu"))
+    assert idx["cu_seqlens"].tolist() == idx["cu_seqlens_cpu"].tolist() == [0, 1, 65, 130, 260]
+    assert idx["chunk_indices"].tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [3, 0], [3, 1], [3, 2]]

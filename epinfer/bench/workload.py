@@ -3,7 +3,7 @@
 A fresh engine on a model shape with random weights is given every request at once (as
 `epinfer generate` does) and runs them to completion. Reported: total and output tokens/s,
 requests/s, time to first token and time per output token (p50 / p99, over requests), start-up
-(engine construction, then a warm-up that compiles kernels and captures graphs), and wall time
+(engine construction incl. the decode graphs, then a warm-up that compiles the prefill kernels), and wall time
 by step kind: `prefill` (only prompt chunks), `mixed` (prompt chunks and decodes), `decode` (only
 decodes). Prompts are random token ids; `--ignore-eos` semantics: every request generates its
 full `output_len`. Through HTTP, and with several ranks (`--dp/--tp`), the same workloads run
@@ -132,7 +132,7 @@ def step_shape(scheduled) -> tuple[str, int, int]:
 
 def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | None = None) -> dict:
     """Every request submitted at once, run to the end; per-request first-token and finish times.
-    `step_log`: gets one dict per step (kind, rows, decode rows, ms)."""
+    `step_log`: gets one dict per step (kind, rows, decode rows, ms, end since the start)."""
     pairs = lengths(w, seed)
     room = engine.max_model_len - 1
     if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
@@ -160,7 +160,8 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
         now = time.perf_counter()
         by_kind[kind].append(now - t)
         if step_log is not None:
-            step_log.append({"kind": kind, "rows": rows, "decode_rows": decodes, "ms": round(1e3 * (now - t), 3)})
+            step_log.append({"kind": kind, "rows": rows, "decode_rows": decodes, "ms": round(1e3 * (now - t), 3),
+                             "end_s": round(now - start, 4)})
         first_s = now - t if first_s is None else first_s
         for s in list(seqs):
             if s.index not in first and s.output_ids:
@@ -193,7 +194,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
                    seed: int = 0, step_log: str | None = None) -> dict:
     """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`;
-    `step_log`: a file to get one JSON line per measured step (kind, rows, decode rows, ms)."""
+    `step_log`: a file to get one JSON line per measured step (kind, rows, decode rows, ms, end since the start)."""
     w = workload(name, requests, input_len, output_len)
     longest = max(i + o for i, o in lengths(w, seed))
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,8 +213,8 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "max_num_seqs": engine_cfg.max_num_seqs,
                   "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
-                  # start-up by phase: weights, cache, the warm-up's first (full-budget) step — kernel
-                  # compilation and autotuning — and the rest of the warm-up (decode graph capture)
+                  # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
+                  # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],
                                 "warm_up_first_step": warm["first_step_s"]},
                   **run_workload(engine, w, seed, steps)}

@@ -171,8 +171,14 @@ class Engine:
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
                                   ecfg.cuda_graphs, ecfg.parallel_graphs)
-        # start-up by phase, seconds: weights built / loaded, cache planned and allocated
-        self.startup = {"weights": round(built - started, 2), "cache": round(time.perf_counter() - built, 2)}
+        planned = time.perf_counter()
+        if self.runner.graphs is not None and not self.runner.collectives:
+            self.runner.graphs.capture_all()  # with collectives: by every rank at the step needing one
+            self.runner.warm_up(ecfg.max_num_batched_tokens)
+        # start-up by phase, seconds: weights built / loaded, cache planned and allocated, decode graphs
+        # (and the larger steps' kernel variants)
+        self.startup = {"weights": round(built - started, 2), "cache": round(planned - built, 2),
+                        "graphs": round(time.perf_counter() - planned, 2)}
         # prefix caching reuses KV blocks; a hybrid model would also need the GDN state at the
         # reuse point, which is not kept yet: it prefills in full
         caching = ecfg.enable_prefix_caching and not cfg.is_hybrid

@@ -32,7 +32,6 @@ except ImportError:  # pragma: no cover
 
 try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test environment)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
-    from fla.ops.utils.index import prepare_chunk_indices as _fla_chunk_indices
 except Exception:  # pragma: no cover - ImportError, or a Triton / driver mismatch at import
     _fla_chunk = None
 
@@ -60,20 +59,24 @@ def conv_taps(lens: list[int], kernel: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.Tensor, taps_KP: torch.Tensor,
-                       state_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       state_rows: torch.Tensor, norm_cols: int = 0,
+                       head_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(causal depthwise conv) of the packed rows [P, C] in x's dtype (accumulated in fp32), and
-    the new conv states [N, C, K-1]. `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh)."""
+    the new conv states [N, C, K-1]. `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh).
+    `norm_cols` (the Triton kernel only, see `conv_norm_fusable`): the first `norm_cols` channels
+    (q and k) come out L2-normalised per head of `head_dim`, before rounding."""
     N, C, k1 = prev_NCk.shape
     src = torch.cat([prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype), x_PC])
     new_state = src[state_rows.flatten()].view(N, k1, C).transpose(1, 2)
-    if triton is not None and x_PC.is_cuda and x_PC.dtype in (torch.bfloat16, torch.float16):
+    if conv_kernel_usable(x_PC):
         P, K = x_PC.shape[0], w_CK.shape[1]
         out = torch.empty_like(x_PC)
-        BLOCK_T, BLOCK_C = 16, 256
-        _conv_varlen_kernel[(triton.cdiv(P, BLOCK_T), triton.cdiv(C, BLOCK_C))](
-            src, taps_KP, w_CK, out, P, C, src.stride(0), taps_KP.stride(0), w_CK.stride(0), out.stride(0),
-            K=K, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4)
+        _conv_varlen_kernel[(triton.cdiv(P, CONV_BLOCK_T), triton.cdiv(C, CONV_BLOCK_C))](
+            src, taps_KP, w_CK, out, P, C, norm_cols, src.stride(0), taps_KP.stride(0), w_CK.stride(0),
+            out.stride(0), K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, NORM=norm_cols > 0,
+            HEAD=head_dim or CONV_BLOCK_C, num_warps=4)
         return out, new_state
+    assert not norm_cols, "the q / k norm is fused in the Triton kernel only"
     acc = None
     for m in range(w_CK.shape[1]):
         term = src[taps_KP[m]].float() * w_CK[:, m].float()
@@ -81,24 +84,40 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     return F.silu(acc).to(x_PC.dtype), new_state
 
 
+CONV_BLOCK_T, CONV_BLOCK_C = 16, 256
+
+
+def conv_kernel_usable(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def conv_norm_fusable(x: torch.Tensor, key_dim: int, head_dim: int) -> bool:
+    """Whether the conv kernel can L2-normalise q and k (each channel block holds whole heads of
+    q or k only), so the chunk kernel needs no norm launch (and no autotuning of its own)."""
+    return (conv_kernel_usable(x) and fla_usable(x) and CONV_BLOCK_C % head_dim == 0
+            and (2 * key_dim) % CONV_BLOCK_C == 0)
+
+
 def varlen_index(lens: list[int], device: torch.device) -> dict:
-    """The fla kernel's per-step index tensors (row offsets, chunk list), built once on the host
-    (no device sync) and shared by every layer of the step."""
+    """The fla kernel's per-step index tensors, built once on the host and copied without a stream
+    sync, shared by every layer of the step: row offsets [N + 1] and the chunk list [chunks, 2]
+    (sequence, chunk within it)."""
     cu_host = torch.tensor([0, *itertools.accumulate(lens)])
-    cu = cu_host.to(device)
-    return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host,
-            "chunk_indices": _fla_chunk_indices(cu, CHUNK, cu_seqlens_cpu=cu_host)}
+    chunks = torch.tensor([(i, c) for i, n in enumerate(lens) for c in range(-(-n // CHUNK))], dtype=torch.long)
+    cu, chunk_indices = (t.to(device, non_blocking=True) for t in (cu_host, chunks))
+    return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host, "chunk_indices": chunk_indices}
 
 
 def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], index: dict | None,
-                      init_NHKV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      init_NHKV: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32). `index`: `varlen_index`
-    of `lens` (the fla kernel's; built here when None)."""
+    of `lens` (the fla kernel's; built here when None). `normalized`: q and k are already
+    L2-normalised (the fla kernel only)."""
     if fla_usable(v_PHV):
         index = index or varlen_index(lens, v_PHV.device)
         out, final = _fla_chunk(q_PHK[None], k_PHK[None], v_PHV[None], g_PH[None].float(), beta_PH[None],
                                 scale=q_PHK.shape[-1] ** -0.5, initial_state=init_NHKV.float(),
-                                output_final_state=True, use_qk_l2norm_in_kernel=True, **index)
+                                output_final_state=True, use_qk_l2norm_in_kernel=not normalized, **index)
         return out[0], final
     return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV)
 
@@ -118,7 +137,7 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
     for j, n in enumerate(lens):
         pad_idx[j, :n] = torch.arange(start, start + n)
         start += n
-    pad_idx = pad_idx.to(q.device)
+    pad_idx = pad_idx.to(q.device, non_blocking=True)
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # [H, P, *] -> [N, H, L, *] (zeros past each sequence)
         t = torch.cat([t, t.new_zeros(H, 1, *t.shape[2:])], dim=1)
@@ -154,9 +173,11 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
 if triton is not None:
 
     @triton.jit
-    def _conv_varlen_kernel(SRC, TAPS, W, OUT, P, C, s_src, s_taps, s_w, s_out,
-                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c])."""
+    def _conv_varlen_kernel(SRC, TAPS, W, OUT, P, C, norm_cols, s_src, s_taps, s_w, s_out,
+                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                            NORM: tl.constexpr, HEAD: tl.constexpr):
+        """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c]);
+        with NORM, a block of the first `norm_cols` channels is L2-normalised per head of HEAD."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         t_ok, c_ok = offs_t < P, offs_c < C
@@ -168,4 +189,9 @@ if triton is not None:
             w = tl.load(W + offs_c * s_w + m, mask=c_ok, other=0.0).to(tl.float32)
             acc += x * w[None, :]
         out = acc / (1.0 + tl.exp(-acc))
+        if NORM:  # noqa: SIM102 - a compile-time branch around a run-time one
+            if tl.program_id(1) * BLOCK_C < norm_cols:
+                heads = tl.reshape(out, (BLOCK_T, BLOCK_C // HEAD, HEAD))
+                inv = tl.rsqrt(tl.sum(heads * heads, axis=2) + 1e-6)  # as gdn_ops.l2norm
+                out = tl.reshape(heads * inv[:, :, None], (BLOCK_T, BLOCK_C))
         tl.store(OUT + offs_t[:, None] * s_out + offs_c[None, :], out.to(OUT.dtype.element_ty), mask=ok)

@@ -99,14 +99,18 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
     B, H, hd = q.shape
     _, bs, KVH, _ = k_cache.shape
     G = H // KVH
-    splits = _num_splits(B, KVH, block_table.shape[1] * bs, cfg)
+    # tiles and splits are chosen for the decode graph bucket holding B rows (1, 2, 4, 8, then
+    # multiples of 16): the decode rows of a mixed step, any count, use kernel variants the graphs'
+    # capture already compiled, so no step of a run waits for a compilation
+    R = 1 << (B - 1).bit_length() if B <= 8 else -(-B // 16) * 16
+    splits = _num_splits(R, KVH, block_table.shape[1] * bs, cfg)
     part_acc = torch.empty(B, splits, H, hd, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, splits, H, 2, dtype=torch.float32, device=q.device)
     HD_P = max(16, triton.next_power_of_2(hd))
     GP = max(16, triton.next_power_of_2(G))
     BLOCK_N = cfg["BLOCK_N"]
     if not isinstance(BLOCK_N, int):
-        BLOCK_N = next(bn for limit, bn in BLOCK_N if limit is None or limit >= B * KVH)
+        BLOCK_N = next(bn for limit, bn in BLOCK_N if limit is None or limit >= R * KVH)
     BLOCK_N = BLOCK_N if hd <= 128 else max(16, BLOCK_N // 2)
     ieee = q.dtype == torch.float32  # float32 means float32: no TF32 in tl.dot
     _split_kernel[(B, KVH, splits)](

@@ -22,7 +22,14 @@ from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
 from epinfer.kernels.gdn_ops import HAVE_TRITON, conv_triton, recurrent_step_inplace
-from epinfer.kernels.gdn_prefill import causal_conv_varlen, chunk_rule_varlen, conv_taps, fla_usable, varlen_index
+from epinfer.kernels.gdn_prefill import (
+    causal_conv_varlen,
+    chunk_rule_varlen,
+    conv_norm_fusable,
+    conv_taps,
+    fla_usable,
+    varlen_index,
+)
 from epinfer.layers.attention import head_rows
 from epinfer.layers.linear import Linear, Stacked, row_parallel, set_shard, stack_linears
 from epinfer.layers.norm import GatedRMSNorm
@@ -129,18 +136,20 @@ class GatedDeltaNet(nn.Module):
             return
         key = ("gdn_conv", self.kernel)
         if key not in meta.memo:
-            meta.memo[key] = tuple(t.to(qkv_TC.device) for t in conv_taps(meta.lens, self.kernel))
+            meta.memo[key] = tuple(t.to(qkv_TC.device, non_blocking=True) for t in conv_taps(meta.lens, self.kernel))
         taps, state_rows = meta.memo[key]
         slots, fresh = meta.state_slots, meta.fresh
         prev = torch.where(fresh[:, None, None], 0.0, conv_state[slots].to(qkv_TC.dtype))
-        conv, new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps, state_rows)
+        fused = conv_norm_fusable(qkv_TC, self.key_dim, self.dk)  # q / k L2-normalised in the conv kernel
+        conv, new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps, state_rows,
+                                            2 * self.key_dim if fused else 0, self.dk)
         conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
         q, k, v = self._split_heads(conv)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
         if fla_usable(v) and "fla" not in meta.memo:
             meta.memo["fla"] = varlen_index(meta.lens, v.device)
         out, final = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens, meta.memo.get("fla"),
-                                       init)
+                                       init, normalized=fused)
         ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
         core[meta.rows] = out.to(core.dtype)
 

@@ -6,9 +6,11 @@ the graph replays forward + LM head for every row of the bucket. Padding rows ar
 in eager mode (scratch cache block and state slot, zero routing weight, masked outputs), so the
 real rows' results do not depend on the bucket.
 
-Graphs are captured lazily, the first time a bucket is needed, after one warm-up forward whose rows
-are all padding (so it compiles the kernels without touching any sequence's cache or state). All
-graphs share one memory pool.
+Each graph is captured after one warm-up forward whose rows are all padding (so it compiles the
+kernels without touching any sequence's cache or state). Without collectives in the forward the
+engine captures every bucket at start-up, largest first (`capture_all`), so no step of a run pays
+for a capture; with collectives a bucket is captured the first time a step needs it, by every rank
+at that same step. All graphs share one memory pool.
 
 In a parallel run every rank captures and replays at the same steps (the DP decision says when, and
 with which bucket), so the collectives inside the graphs pair up exactly as eager ones do. The
@@ -48,6 +50,12 @@ class DecodeGraphs:
                 graph.reset()
         self.graphs.clear()
         self.pool = None
+
+    def capture_all(self) -> None:
+        """Every bucket's graph now, largest first (the smaller ones then fit in its pool)."""
+        for size in reversed(self.buckets):
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size, None)
 
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)

@@ -168,9 +168,21 @@ class ModelRunner:
             self.graphs = None  # some rank has none, or other buckets (the same steps must replay the same graph)
         self.shared_buckets = self.graphs.buckets if self.graphs is not None else None
 
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int) -> None:
+        """Eager forwards of padding rows (the scratch block and slot only) at the powers of two past
+        the largest graph bucket up to `max_rows`, and `max_rows`: the MoE kernels' tile variants and
+        the compiled functions' shapes of larger steps are built now, not in the middle of a run."""
+        first = self.graphs.buckets[-1] if self.graphs is not None else 1
+        sizes = sorted({max_rows, *(1 << i for i in range(first.bit_length(), max_rows.bit_length()))})
+        for rows in (r for r in sizes if r > first):
+            meta = self.padding_meta(rows).to(self.device)
+            self.model(self.decode_batch(meta, 0), self.cache.per_layer)
+
     def _register_blocks(self, slot: int, blocks: list[int]) -> None:
         self.host_tables[slot] = blocks
-        self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        row = torch.tensor(blocks, dtype=torch.int32)
+        self.block_table[slot, :len(blocks)] = row.to(self.device, non_blocking=True)
 
     def build_batch(self, plan: StepPlan, rows: int | None = None,
                     moe_sizes: list[int] | None = None, step_id: int = -1) -> ForwardBatch:
@@ -202,7 +214,7 @@ class ModelRunner:
         kv_slots.extend([-1] * pad)
 
         def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)  # no stream sync
 
         input_ids = t(ids)
         if plan.has_pending:

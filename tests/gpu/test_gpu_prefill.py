@@ -21,7 +21,10 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_varlen_conv_kernel():
+@pytest.mark.parametrize("norm_cols", [0, 512])
+def test_varlen_conv_kernel(norm_cols):
+    """With `norm_cols`, the first channels come out L2-normalised per head of 128 (q and k)."""
+    from epinfer.kernels.gdn_ops import l2norm
     from epinfer.kernels.gdn_prefill import causal_conv_varlen, conv_taps
 
     torch.manual_seed(0)
@@ -32,11 +35,14 @@ def test_varlen_conv_kernel():
         prev[1] = 0  # a fresh sequence
         w = torch.randn(C, K, dtype=torch.bfloat16)
     taps, rows = (t.cuda() for t in conv_taps(lens, K))
-    out, state = causal_conv_varlen(x, prev, w, taps, rows)
+    out, state = causal_conv_varlen(x, prev, w, taps, rows, norm_cols, 128)
     start = 0
     for j, n in enumerate(lens):
         full = torch.cat([prev[j].float(), x[start:start + n].float().T], dim=1)  # [C, K-1+n]
         ref = F.silu(F.conv1d(full[None], w.float()[:, None, :], groups=C)[0].T)
+        if norm_cols:
+            ref[:, :norm_cols] = l2norm(ref[:, :norm_cols].reshape(n, -1, 128)).reshape(n, norm_cols)
+            assert (out[start:start + n, :norm_cols].float().view(n, -1, 128).norm(dim=-1) - 1).abs().max() < 1e-2
         torch.testing.assert_close(out[start:start + n].float(), ref, atol=3e-2, rtol=2e-2)
         assert torch.equal(state[j], full[:, -(K - 1):].to(state.dtype))
         start += n
@@ -56,6 +62,18 @@ def test_varlen_chunk_rule(lens):
         beta = torch.rand(P, Hv, dtype=bf)
         init = torch.randn(len(lens), Hv, dk, dv) * 0.1
     out, final = gdn_prefill.chunk_rule_varlen(q, k, v, g, beta, lens, None, init)
+    if gdn_prefill.fla_usable(v):  # q and k normalised beforehand (as the conv kernel does): the same
+        from epinfer.kernels.gdn_ops import l2norm
+
+        pre = gdn_prefill.chunk_rule_varlen(l2norm(q.float()).to(bf), l2norm(k.float()).to(bf), v, g, beta, lens,
+                                            None, init, normalized=True)
+        torch.testing.assert_close(pre[0], out, atol=2e-3, rtol=2e-2)
+        torch.testing.assert_close(pre[1], final, atol=2e-2, rtol=2e-2)
+    if gdn_prefill.fla_usable(v):  # our host-built chunk list is the library's
+        from fla.ops.utils.index import prepare_chunk_indices
+
+        index = gdn_prefill.varlen_index(lens, v.device)
+        assert torch.equal(index["chunk_indices"], prepare_chunk_indices(index["cu_seqlens"], 64))
     ref, ref_final = gdn_prefill.chunk_rule_torch(q.float(), k.float(), v.float(), g, beta.float(), lens, init)
     print(f"fla: {gdn_prefill.fla_usable(v)}; out max err {(out.float() - ref).abs().max():.2e}, "
           f"state max err {(final - ref_final).abs().max():.2e}")
