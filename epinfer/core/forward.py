@@ -90,8 +90,12 @@ class ForwardBatch:
         decoding = [s.num_new == 1 and s.context_len > 0 for s in self.seqs]
         self.decode_seq_ids = [i for i, d in enumerate(decoding) if d]
         dec = [self.seqs[i] for i in self.decode_seq_ids]
-        meta = torch.tensor([[s.start for s in dec], [s.state_slot for s in dec], [s.total_len for s in dec]],
-                            dtype=torch.long).view(3, len(dec)).to(device, non_blocking=True)
+        # each index row starts 16-byte aligned (rows of even length): Triton compiles a kernel per
+        # pointer alignment, and a row's alignment must not depend on how many sequences there are
+        pad = [0] * (len(dec) % 2)
+        meta = torch.tensor([[s.start for s in dec] + pad, [s.state_slot for s in dec] + pad,
+                             [s.total_len for s in dec] + pad],
+                            dtype=torch.long).view(3, len(dec) + len(pad)).to(device, non_blocking=True)[:, :len(dec)]
         self.decode_rows, self.decode_state_slots, self.decode_seq_lens = meta
         chunks = [i for i, d in enumerate(decoding) if not d]
         if chunks:
@@ -100,9 +104,10 @@ class ForwardBatch:
             first, end = pre[0].start, pre[-1].start + pre[-1].num_new
             contiguous = end - first == sum(lens)
             rows = [r for s in pre for r in range(s.start, s.start + s.num_new)] if not contiguous else []
-            host = torch.tensor([s.state_slot for s in pre] + [s.context_len == 0 for s in pre] + rows,
+            n, pad = len(pre), [0] * (len(pre) % 2)  # 16-byte aligned rows, as above
+            host = torch.tensor([s.state_slot for s in pre] + pad + [s.context_len == 0 for s in pre] + pad + rows,
                                 dtype=torch.long).to(device, non_blocking=True)
-            n = len(pre)
-            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[2 * n:],
-                                       host[:n], host[n:2 * n].bool())
+            w = n + len(pad)
+            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[2 * w:],
+                                       host[:n], host[w:w + n].bool())
         return self

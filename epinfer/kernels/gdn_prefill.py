@@ -172,7 +172,7 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "s_taps", "norm_cols"])  # one compiled kernel for any row count
     def _conv_varlen_kernel(SRC, TAPS, W, OUT, P, C, norm_cols, s_src, s_taps, s_w, s_out,
                             K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                             NORM: tl.constexpr, HEAD: tl.constexpr):

@@ -385,7 +385,7 @@ if triton is not None:
         tl.store(W + offs_t[:, None] * sw_t + slot, sel_w.to(W.dtype.element_ty), mask=ok)
         tl.store(IDS + offs_t[:, None] * si_t + slot, sel_i.to(IDS.dtype.element_ty), mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "real"])  # one compiled kernel for any row count
     def _route_kernel(L, W, IDS, MASK, T, real, sl_t, sw_t, si_t, E: tl.constexpr, BLOCK_E: tl.constexpr,
                       K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, HAS_MASK: tl.constexpr):
         """Two rows per program."""
