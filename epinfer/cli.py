@@ -46,7 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | xpu")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="running sequences at most (default: 512 on a GPU, unless the recurrent state of 512 "
+                        "would take over a quarter of its memory; else 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="tokens a step at most: decodes first, then prompt chunks")
     p.add_argument("--no-prefix-caching", action="store_true",
@@ -99,8 +101,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """generate / serve: the engine flags."""
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise UserError("--max-num-seqs must be >= 1")
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
                         cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
                         parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching)
@@ -147,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--workload through `epinfer serve` over HTTP (streaming clients; --dp/--tp apply)")
     bench.add_argument("--concurrency", type=int, default=None,
                        help="--workload --serve: concurrent streaming clients (default: every request at once)")
-    bench.add_argument("--max-num-seqs", type=int, default=256, help="--workload: running requests at most")
+    bench.add_argument("--max-num-seqs", type=int, default=None,
+                       help="--workload: running requests at most (default as for generate)")
     bench.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--workload: tokens per step at most")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -334,7 +339,8 @@ def run_workload_bench(args: argparse.Namespace) -> int:
     if args.serve:
         from epinfer.bench.serve_workload import bench_serve_workload
 
-        flags = ["--dtype", args.dtype, "--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
+        flags = ["--dtype", args.dtype, "--device", args.device, *(["--max-num-seqs", str(args.max_num_seqs)]
+                                                                   if args.max_num_seqs else []),
                  "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
                  "--dp-padding", args.dp_padding]
         switches = (("--async-scheduling", args.async_scheduling), ("--enforce-eager", args.enforce_eager),
@@ -350,7 +356,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
         raise UserError("--concurrency is for --serve (offline, every request is submitted at once)")
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching)
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
                             args.output_len, step_log=args.step_log)

@@ -211,7 +211,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "async_scheduling": engine_cfg.async_scheduling,
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
-                  "max_num_seqs": engine_cfg.max_num_seqs,
+                  "max_num_seqs": engine.scheduler.max_num_seqs,
                   "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
                   # (full-budget) step is the prefill kernels' compilation and autotuning

@@ -300,7 +300,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int = 0  # 0: chosen by the engine for the device and model (`auto_max_num_seqs`)
     max_num_batched_tokens: int = 8192  # tokens a step at most (decodes first, then prompt chunks)
     block_size: int = 16
     cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
