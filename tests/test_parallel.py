@@ -59,8 +59,10 @@ def build_cases(models: dict[str, str]) -> list[Case]:
                            ("qwen3_next", 64)):
         cases.append(Case(f"{family}-2x2-chunks-{budget}", models[family], 2, 2, PROMPTS, params, budget=budget))
     # prefix caching under DP x TP: each replica's own cache, shared blocks read by every TP rank
-    cases.append(Case("qwen3_moe-2x2-prefix-cache", models["qwen3_moe"], 2, 2, SHARED,
-                      [greedy(6)] * len(SHARED), budget=7))
+    # (and for a hybrid, the GDN state snapshots, copied on every TP rank of the replica)
+    for family in ("qwen3_moe", "qwen3_5_moe"):
+        cases.append(Case(f"{family}-2x2-prefix-cache", models[family], 2, 2, SHARED, [greedy(6)] * len(SHARED),
+                          budget=7))
     # an FP8 checkpoint (dequantised at load, then sharded) under every dispatcher
     for dispatch in dispatchers:
         cases.append(Case(f"fp8-2x2-{dispatch}", models["fp8"], 2, 2, PROMPTS, params, dispatch))
@@ -107,10 +109,11 @@ def expected(models):
         reference = f"{path}/dequantized" if name == "fp8" else path  # transformers: the same weights dequantised
         for prompt, n, tokens in zip(PROMPTS, MAX_TOKENS, out[name], strict=True):
             assert tokens == hf_generate(reference, prompt, n)[0], f"{name}: single-process != transformers"
-    off = LLM(models["qwen3_moe"], dtype="float32", device="cpu", enable_prefix_caching=False)
-    out["shared"] = [o.token_ids for o in off.generate(SHARED, greedy(6))]
-    for prompt, tokens in zip(SHARED, out["shared"], strict=True):
-        assert tokens == hf_generate(models["qwen3_moe"], prompt, 6)[0], "shared prompts: != transformers"
+    for family in ("qwen3_moe", "qwen3_5_moe"):
+        off = LLM(models[family], dtype="float32", device="cpu", enable_prefix_caching=False)
+        out[f"shared:{family}"] = [o.token_ids for o in off.generate(SHARED, greedy(6))]
+        for prompt, tokens in zip(SHARED, out[f"shared:{family}"], strict=True):
+            assert tokens == hf_generate(models[family], prompt, 6)[0], f"{family}, shared prompts: != transformers"
     return out
 
 
@@ -126,7 +129,7 @@ def test_every_layout_matches_single_process(models, expected):
     for case in cases:
         want = expected[model_name[case.model]][: len(case.prompts)]
         if case.prompts is SHARED:  # the single process with the cache off
-            want = expected["shared"]
+            want = expected[f"shared:{model_name[case.model]}"]
             assert merged[f"{case.name}:hits"] > 0, "no prefix-cache hit on replica 0"
         elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]

@@ -134,7 +134,9 @@ def test_models_health_metrics(demo):
                  'epinfer_collective_skew_max_seconds{label="dp.sync"}', 'epinfer_step_seconds_count{replica="0"}',
                  'epinfer_prefix_cache_queries_total{replica="0"}', 'epinfer_prefix_cache_hits_total{replica="1"}',
                  'epinfer_prefix_cache_hit_rate{replica="0"}', 'epinfer_prefix_cache_blocks{replica="1"}',
-                 'epinfer_prefix_cache_evictions_total{replica="0"}'):
+                 'epinfer_prefix_cache_evictions_total{replica="0"}',
+                 'epinfer_prefix_cache_state_snapshots{replica="1"}',
+                 'epinfer_prefix_cache_snapshot_evictions_total{replica="0"}'):
         assert name in m, name
     assert m["epinfer_healthy"] == 1
 

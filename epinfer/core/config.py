@@ -310,6 +310,8 @@ class EngineConfig:
     async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
+    # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
+    prefix_state_snapshots: int = 0
 
 
 def parse_quantization(quant: Any, source: str, where: str) -> tuple[int, int] | None:

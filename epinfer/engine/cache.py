@@ -8,6 +8,14 @@ reference counts; a cached block no sequence holds stays cached and is evicted l
 released first, only when a new block is needed. A block is never written while shared: a request
 reuses only whole blocks, and at least its last prompt token is always computed, into a block of
 its own.
+
+Hybrid models (Gated DeltaNet layers) also need the recurrent and conv state at the reuse point:
+a bounded pool of state snapshots, each the state of some sequence right after a block boundary,
+keyed by the chain hash of the block ending there and evicted least recently used first. A request
+reuses the longest cached prefix that ends at a snapshot; it takes new snapshots where its prefill
+passes the end of the cached KV prefix it found (where it branches off earlier prompts: the next
+request with that prefix finds the state there) and at its last reusable block (for a later turn
+of the same chat). Snapshots are copied, never shared, so they need no reference counts.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ class CacheAllocator:
         self.cached: dict[int, int] = {}  # chain hash -> block
         self.hash_of: dict[int, int] = {}  # block -> chain hash
         self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # refs 0, cached; LRU first
+        self.needs_state = prefix_caching and layout.num_snapshots > 0  # hybrid: reuse needs a snapshot
+        self.free_snapshots = list(range(layout.num_snapshots - 1, -1, -1))
+        self.snapshots: collections.OrderedDict[int, int] = collections.OrderedDict()  # chain hash -> index; LRU first
+        self.snapshot_evictions = 0
         self.queried_tokens = 0  # prompt tokens looked up, and found (metrics)
         self.hit_tokens = 0
         self.evictions = 0
@@ -58,6 +70,30 @@ class CacheAllocator:
         if not self.prefix_caching:
             return []
         return [self.cached[h] for h in itertools.takewhile(lambda h: h in self.cached, hashes)]
+
+    def with_state(self, hashes: list[int], kv_blocks: int) -> tuple[int, int | None]:
+        """(k, snapshot index): the longest prefix of at most `kv_blocks` blocks whose state is kept
+        (k = 0 and None when none is)."""
+        for k in range(kv_blocks, 0, -1):
+            index = self.snapshots.get(hashes[k - 1])
+            if index is not None:
+                self.snapshots.move_to_end(hashes[k - 1])
+                return k, index
+        return 0, None
+
+    def take_snapshot(self, chain_hash: int) -> int | None:
+        """A snapshot index to hold the state after the block `chain_hash` names (the least recently
+        used one evicted if none is free); None when that state is kept already."""
+        if chain_hash in self.snapshots:
+            self.snapshots.move_to_end(chain_hash)
+            return None
+        if self.free_snapshots:
+            index = self.free_snapshots.pop()
+        else:
+            _, index = self.snapshots.popitem(last=False)
+            self.snapshot_evictions += 1
+        self.snapshots[chain_hash] = index
+        return index
 
     def can_allocate(self, num_tokens: int, prefix: list[int] = ()) -> bool:
         idle_reused = sum(1 for b in prefix if self.refs[b] == 0)  # evictable now, but about to be held
@@ -111,9 +147,12 @@ class CacheAllocator:
             del self.cached[self.hash_of.pop(b)]
         self.evictable.clear()
         self.free_blocks.extend(dropped)
+        self.free_snapshots.extend(self.snapshots.values())
+        self.snapshots.clear()
         return len(dropped)
 
     def stats(self) -> dict:
         return {"prefix_cache_queries": self.queried_tokens, "prefix_cache_hits": self.hit_tokens,
                 "cached_blocks": len(self.cached), "evictions": self.evictions,
+                "state_snapshots": len(self.snapshots), "snapshot_evictions": self.snapshot_evictions,
                 "free_blocks": len(self.free_blocks) + len(self.evictable)}

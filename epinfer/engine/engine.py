@@ -131,11 +131,13 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
         budget = int(total * ecfg.gpu_memory_utilization) - used - 2 * 2**30  # activation headroom
     else:
         budget = 2 * 2**30
-    state_bytes = state_bytes_per_slot(cfg, dtype, tp) * ecfg.max_num_seqs
+    snapshots = state_snapshots(cfg, ecfg)
+    state_bytes = state_bytes_per_slot(cfg, dtype, tp) * (ecfg.max_num_seqs + snapshots)
     kv_budget = budget - state_bytes
     per_token = kv_bytes_per_token(cfg, dtype, tp)
     if kv_budget <= 0:
-        raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences needs "
+        kept = f" and {snapshots} prefix-cache snapshots" if snapshots else ""
+        raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences{kept} needs "
                         f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
                         f"{budget / 2**30:.2f} GiB; lower --max-num-seqs")
     capacity = kv_budget // max(per_token, 1)
@@ -150,7 +152,14 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     num_blocks = max(1, min(capacity // ecfg.block_size, useful))
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
-    return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs), max_len
+    return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots), max_len
+
+
+def state_snapshots(cfg: ModelConfig, ecfg: EngineConfig) -> int:
+    """GDN state snapshots for prefix caching (hybrid models with caching on; none otherwise)."""
+    if not (ecfg.enable_prefix_caching and cfg.is_hybrid):
+        return 0
+    return ecfg.prefix_state_snapshots or max(8, ecfg.max_num_seqs // 4)
 
 
 class Engine:
@@ -194,10 +203,8 @@ class Engine:
         # (and the larger steps' kernel variants)
         self.startup = {"weights": round(built - started, 2), "cache": round(planned - built, 2),
                         "graphs": round(time.perf_counter() - planned, 2)}
-        # prefix caching reuses KV blocks; a hybrid model would also need the GDN state at the
-        # reuse point, which is not kept yet: it prefills in full
-        caching = ecfg.enable_prefix_caching and not cfg.is_hybrid
-        self.scheduler = Scheduler(CacheAllocator(layout, caching), ecfg.max_num_seqs,
+        # prefix caching reuses KV blocks, and in a hybrid model the GDN state snapshot at the reuse point
+        self.scheduler = Scheduler(CacheAllocator(layout, ecfg.enable_prefix_caching), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
         self.num_requests = 0
         self.pending_resets: list[int] = []
@@ -259,17 +266,22 @@ class Engine:
             scheduled = self.scheduler.schedule()
         if not scheduled and self.scheduler.has_work() and not self.scheduler.running:
             raise RuntimeError("scheduler has requests but planned nothing")  # invariant
-        items = []
+        items, restores = [], []
+        layout = self.runner.layout
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
+            if seq.restore >= 0:  # its first chunk: the state of its reused prefix first
+                restores.append((layout.snapshot_row(seq.restore), seq.state_slot))
+                seq.restore = -1
             if seq.pending:
                 items.append(SeqWork([PENDING], start, seq.state_slot, item.samples, prev_row=seq.pending_row))
             else:
                 items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
                                      item.samples, None if seq.blocks_sent else list(seq.block_ids)))
                 seq.blocks_sent = True
-        plan = StepPlan(items, self.pending_resets, self.has_work(), self.last_sampled)
-        self.pending_resets = []
+        snapshots = [(slot, layout.snapshot_row(i)) for slot, i in self.scheduler.snapshots]
+        plan = StepPlan(items, self.pending_resets, self.has_work(), self.last_sampled, snapshots, restores)
+        self.pending_resets, self.scheduler.snapshots = [], []
         return scheduled, plan
 
     def has_work(self) -> bool:

@@ -43,6 +43,10 @@ class Sequence:
     block_hashes: list[int] = dataclasses.field(default_factory=list)
     registered: int = 0
     blocks_sent: bool = False
+    # hybrid models: block counts at whose end its state is to be snapshot (ascending), and the
+    # snapshot its state starts from (restored before its first chunk), or -1
+    snapshot_at: list[int] = dataclasses.field(default_factory=list)
+    restore: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +79,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.snapshots: list[tuple[int, int]] = []  # (state slot, snapshot index) taken, not yet planned
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -90,7 +95,7 @@ class Scheduler:
         for seq in decoding + prefilling:
             if seq.final:
                 continue
-            n = min(seq.num_tokens + seq.pending - seq.num_computed, budget)
+            n = self._chunk(seq, min(seq.num_tokens + seq.pending - seq.num_computed, budget))
             if n > 0:
                 plan.append(ScheduledSeq(seq, n))
                 budget -= n
@@ -100,7 +105,13 @@ class Scheduler:
             seq = self.waiting[0]
             if alloc.prefix_caching and not seq.block_hashes:
                 seq.block_hashes = block_hashes(seq.prompt_ids, bs)
-            prefix = alloc.match(seq.block_hashes[:reusable_blocks(len(seq.prompt_ids), bs)])
+            last = reusable_blocks(len(seq.prompt_ids), bs)
+            prefix = alloc.match(seq.block_hashes[:last])
+            if alloc.needs_state:  # only as far as a kept state; snapshots where it branches off and at its end
+                kept, index = alloc.with_state(seq.block_hashes, len(prefix))
+                seq.restore = -1 if index is None else index
+                seq.snapshot_at = sorted({b for b in (len(prefix), last) if b > kept})
+                prefix = prefix[:kept]
             if not alloc.can_allocate(seq.max_total_len, prefix):
                 break
             self.waiting.popleft()
@@ -108,17 +119,33 @@ class Scheduler:
             seq.registered = len(prefix)
             seq.num_computed = len(prefix) * bs
             self.running.append(seq)
-            n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+            n = self._chunk(seq, min(len(seq.prompt_ids) - seq.num_computed, budget))
             plan.append(ScheduledSeq(seq, n))
             budget -= n
         return plan
 
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot."""
+        bs = self.allocator.layout.block_size
+        for blocks in seq.snapshot_at:
+            if seq.num_computed < blocks * bs < seq.num_computed + n:
+                return blocks * bs - seq.num_computed
+        return n
+
     def computed(self, seq: Sequence) -> None:
-        """After a step: registers the prompt blocks `seq` has now filled, for later requests."""
-        full = min(seq.num_computed, len(seq.prompt_ids)) // self.allocator.layout.block_size
+        """After a step: registers the prompt blocks `seq` has now filled, for later requests, and
+        takes the snapshot of its state due here (copied before the next step runs)."""
+        bs = self.allocator.layout.block_size
+        full = min(seq.num_computed, len(seq.prompt_ids)) // bs
         while seq.registered < min(full, len(seq.block_hashes)):
             self.allocator.register(seq.block_ids[seq.registered], seq.block_hashes[seq.registered])
             seq.registered += 1
+        while seq.snapshot_at and seq.snapshot_at[0] * bs <= seq.num_computed:
+            blocks = seq.snapshot_at.pop(0)
+            if blocks * bs == seq.num_computed:
+                index = self.allocator.take_snapshot(seq.block_hashes[blocks - 1])
+                if index is not None:
+                    self.snapshots.append((seq.state_slot, index))
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

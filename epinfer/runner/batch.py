@@ -26,6 +26,10 @@ class StepPlan:
     reset_slots: list[int]  # state slots freed since the last step: zeroed before this forward
     has_work: bool  # the replica has requests left (waiting, running or in flight)
     prev_sampled: int = 0  # rows sampled in the previous step (the size of its token tensor)
+    # GDN state rows copied before the forward: snapshots (running slot -> snapshot row) first,
+    # then the resets, then restores (snapshot row -> the slot of a sequence reusing a prefix)
+    snapshots: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    restores: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def has_pending(self) -> bool:

@@ -5,7 +5,9 @@ reserves all the blocks it can ever need (prompt + max_tokens, capped by the max
 when it is admitted, so a running sequence never waits for memory and nothing is preempted.
 GDN state: one slot per running sequence (`[slots, C, K-1]` conv, `[slots, Hv, dk, dv]` fp32
 recurrent). Blocks and slots are returned when a sequence ends, and its state slot is zeroed
-("reset"), so the next owner can't see stale state even if a kernel forgot to ignore it.
+("reset"), so the next owner can't see stale state even if a kernel forgot to ignore it. With
+prefix caching of a hybrid model, rows past the scratch slot hold snapshots of a sequence's state
+at a block boundary (`engine.cache`), copied in and out of running slots.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ class CacheLayout:
     block_size: int
     num_blocks: int
     num_state_slots: int
+    num_snapshots: int = 0  # GDN state snapshots at block boundaries (prefix caching of hybrid models)
 
     @property
     def capacity_tokens(self) -> int:
         return self.block_size * self.num_blocks
+
+    def snapshot_row(self, index: int) -> int:
+        """The state row of snapshot `index`: after the running slots and the scratch slot."""
+        return self.num_state_slots + 1 + index
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
@@ -65,13 +72,21 @@ class CacheTensors:
                                        torch.full(shape, self.fill, dtype=dtype, device=device)))
             else:
                 gdn = layer.linear_attn
-                slots = layout.num_state_slots + 1
+                slots = layout.num_state_slots + 1 + layout.num_snapshots
                 conv = torch.full((slots, gdn.conv_dim, gdn.kernel - 1), self.fill, dtype=dtype,
                                   device=device)
                 ssm = torch.full((slots, gdn.num_v_heads, gdn.dk, gdn.dv), self.fill,
                                  dtype=torch.float32, device=device)
                 self.per_layer.append((conv, ssm))
                 self.gdn_layers.append(i)
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """State row `src` (conv and recurrent, every GDN layer) into row `dst`: a snapshot taken
+        or restored."""
+        for i in self.gdn_layers:
+            conv, ssm = self.per_layer[i]
+            conv[dst].copy_(conv[src])
+            ssm[dst].copy_(ssm[src])
 
     def reset_slot(self, slot: int) -> None:
         for i in self.gdn_layers:
