@@ -413,3 +413,24 @@ def test_varlen_chunk_index():
     idx = varlen_index([1, 64, 65, 130], torch.device("cpu"))
     assert idx["cu_seqlens"].tolist() == idx["cu_seqlens_cpu"].tolist() == [0, 1, 65, 130, 260]
     assert idx["chunk_indices"].tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [3, 0], [3, 1], [3, 2]]
+
+
+def test_doctor_names_a_lost_link():
+    """Every rank in one collective, none finishing: the ranks' own reasons say whom they lost."""
+    from epinfer.diagnostics.doctor import lost_link
+
+    headers = {0: {"reason": "stopping because rank 1 ranks [2] stopped sending heartbeats (dead?); ..."},
+               1: {"reason": "stuck 20.4 s in layer.3.moe.dispatch (ep seq 9, step 2); waiting for ranks [2, 3]"},
+               2: {"reason": "stopped by SIGTERM (torchrun stops every rank of a host once one has failed)"},
+               3: {"reason": "the rendezvous store at 10.0.0.1:29500 has not answered for 21 s (its host ...)"}}
+    ranks, text = lost_link(headers)
+    assert ranks == [2, 3]
+    for r, h in headers.items():  # torchrun: ranks 0, 1 on node 0, 2, 3 on node 1; rank 2 named by no one
+        h["node"] = r // 2
+        h["reason"] = h["reason"].replace("[2, 3]", "[3]").replace("[2]", "[3]")
+    assert lost_link(headers)[0] == [2, 3] and "node ranks) [1] hold ranks [2, 3]" in lost_link(headers)[1]
+    assert "ranks [0, 1] stopped hearing ranks [2, 3]" in text and "ranks [3] lost the rendezvous store" in text
+    assert lost_link({0: {"reason": None}, 1: {"reason": "stuck 20 s in x; mismatch: rank 0 in y"}}) is None
+    from epinfer.diagnostics.doctor import CONNECTION_LOST
+
+    assert CONNECTION_LOST.search("RuntimeError in layer.1.moe.dispatch: Connection closed by peer [10.0.0.2]:5")

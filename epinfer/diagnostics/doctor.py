@@ -3,9 +3,11 @@
 Verdicts, the first that applies: `mismatch` (ranks disagree in op, label, shape or sizes at the
 same group and seq) > `crash` (a rank died: its dump is missing; survivors' errors are its
 consequence) > `error` (a rank stopped on an exception: its header's status is `error` and its
-reason names the exception) > `hang` (some ranks never arrived at a collective the others entered) >
-`ok`. Culprits of a mismatch are the ranks whose entry differs from the majority (the schedule the
-step's DP decision implies; every other rank followed it). Stragglers: per rank, the largest lag at
+reason names the exception; not a lost socket when other ranks say whom they lost) > `hang`
+(some ranks never arrived at a collective the others entered; when all did, the peers the ranks'
+reasons say they lost, e.g. across a cut link between hosts) > `ok`. Culprits of a mismatch are
+the ranks whose entry differs from the majority (the schedule the step's DP decision implies; every
+other rank followed it). Stragglers: per rank, the largest lag at
 one collective behind the median of the others, listed above 0.5 s. Also writes `trace.json` (Chrome
 / Perfetto, a track per rank) and `timeline.png` (swimlanes of the last seconds) into DIR.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -99,7 +102,8 @@ def analyse(folder: Path) -> dict:
         where = f"{entry['label']} ({group} seq {seq}, step {entry['step']})" if entry else "no collective"
         result["summary"] = (f"Ranks {missing} died (no dump). The survivors were waiting for them in "
                              f"{where}; that is the last step the dead ranks reached.")
-    elif errored := sorted(r for r, h in headers.items() if h.get("status") == "error"):
+    elif errored := sorted(r for r, h in headers.items() if h.get("status") == "error"
+                           and not (CONNECTION_LOST.search(str(h.get("reason"))) and lost_link(headers))):
         # a rank raised (a kernel error, a bug) while all lived: the others then wait for it, which
         # alone reads as a hang
         group, seq, entry = first_pending(by_group, members=members)
@@ -122,6 +126,8 @@ def analyse(folder: Path) -> dict:
                 where += f" inside the CUDA graph replay {entry['graph']}"
             result["summary"] = (f"Hang: ranks {sorted(present)} entered {where} but ranks {absent} never arrived."
                                  if absent else f"Hang: every rank entered {where} and none finished it.")
+            if not absent and (link := lost_link(headers)):
+                result["culprit_ranks"], result["summary"] = link[0], result["summary"] + " " + link[1]
     if result["verdict"] == "ok":
         result["summary"] = (f"All {world} ranks issued the same {sum(len(s) for s in by_group.values())} "
                              f"collectives in the same order; no fault found.")
@@ -141,6 +147,39 @@ def analyse(folder: Path) -> dict:
     for note in result["notes"]:
         result["summary"] += " " + note
     return result
+
+
+# a collective's error that only says a peer's socket went away: when other ranks say whom they lost
+# (`lost_link`), the consequence of that loss, not the cause
+CONNECTION_LOST = re.compile(r"Connection (closed|reset) by peer|Read error|Broken pipe")
+
+
+def lost_link(headers: dict[int, dict]) -> tuple[list[int], str] | None:
+    """When every rank entered one collective and none finished it: the peers the ranks' own reasons
+    say they lost (heartbeats stopped, a collective left waiting for them, the rendezvous store
+    unanswered); a cut link between hosts reads so."""
+    unheard: set[int] = set()
+    hearing: list[int] = []
+    cut_off: list[int] = []
+    for rank, header in sorted(headers.items()):
+        reason = str(header.get("reason") or "")
+        if m := re.search(r"ranks \[([\d, ]+)\] stopped sending heartbeats|waiting for ranks \[([\d, ]+)\]", reason):
+            unheard.update(int(x) for x in (m.group(1) or m.group(2)).split(","))
+            hearing.append(rank)
+        elif "rendezvous store" in reason and "has not answered" in reason:
+            cut_off.append(rank)
+    if not unheard and not cut_off:
+        return None
+    parts = [f"ranks {hearing} stopped hearing ranks {sorted(unheard)}"] if unheard else []
+    if cut_off:
+        parts.append(f"ranks {cut_off} lost the rendezvous store")
+    lost = unheard | set(cut_off)
+    node = {r: h.get("node") for r, h in headers.items()}
+    far = {node[r] for r in lost if node.get(r) is not None}
+    if far and len(set(node.values())) > 1:  # under torchrun: every rank of the hosts cut off
+        lost |= {r for r, n in node.items() if n in far}
+        parts.append(f"hosts (torchrun node ranks) {sorted(far)} hold ranks {sorted(lost)}")
+    return sorted(lost), f"The link between them was lost: {'; '.join(parts)}."
 
 
 def first_mismatch(by_group) -> tuple[str, int, dict] | None:

@@ -29,14 +29,20 @@ EXIT_FAULT = 3
 STARTUP_S = 60.0  # the least a start-up (step -1) may take before the watchdog calls it stuck
 
 
+ACTIVE: dict = {}  # this process's running watchdog ("watchdog"), for the SIGTERM thread of a torchrun rank
+
+
 def hb_key(rank: int) -> str:
     return f"epinfer/hb/{rank}"
 
 
 class Watchdog(threading.Thread):
     def __init__(self, ledger, store, rank: int, world: int, timeout: float, dump_dir: str,
-                 groups: dict[str, list[int]], interval: float = 0.5, device=None) -> None:
+                 groups: dict[str, list[int]], interval: float = 0.5, device=None,
+                 store_addr: str = "the rendezvous store") -> None:
         super().__init__(name="epinfer-watchdog", daemon=True)
+        self.store_addr = store_addr
+        self.tick_since: float | None = None  # when the tick now running started (its store calls may block)
         self.ledger, self.store, self.rank, self.world = ledger, store, rank, world
         self.timeout, self.dump_dir, self.groups, self.interval = timeout, dump_dir, groups, interval
         self.dead_after = max(5.0, min(timeout, 30.0))
@@ -60,20 +66,38 @@ class Watchdog(threading.Thread):
         self.step_started = time.time()
 
     def run(self) -> None:
+        ACTIVE["watchdog"] = self
         if self.device is not None and self.device.type == "cuda":
             import torch
 
             with contextlib.suppress(Exception):  # only the replay-event polling needs it
                 torch.cuda.set_device(self.device)
+        threading.Thread(target=self._sentinel, name="epinfer-watchdog-sentinel", daemon=True).start()
         peers_checked = 0.0
         while not self.stopped.wait(self.interval):
+            self.tick_since = time.time()
             try:
                 self._tick(peers_checked)
             except Exception as exc:  # the store itself went away: nobody can coordinate any more
                 if not self.stopped.is_set():
                     self.fire(f"lost the rendezvous store ({type(exc).__name__}: {exc})", announce=False)
+            self.tick_since = None
             if time.time() - peers_checked > 1.0:
                 peers_checked = time.time()
+
+    def _sentinel(self) -> None:
+        """A store call that never returns (the link to the store's host is cut: TCP retransmits
+        for many minutes, no error) would silence the watchdog: a tick blocked longer than a dead
+        peer's heartbeat limit is reported from here, from what this rank knows alone."""
+        while not self.stopped.wait(1.0):
+            since = self.tick_since
+            if since is not None and time.time() - since > self.dead_after and not self.stopped.is_set():
+                pos = self.ledger.position()
+                cur = pos["current"]
+                peers = [r for r in self.groups.get(cur["group"], []) if r != self.rank] if cur else []
+                with_whom = f" with ranks {peers}" if peers else ""
+                self.fire(f"{self.store_addr} has not answered for {time.time() - since:.0f} s (its host "
+                          f"unreachable or gone); this rank was at {self._where(pos)}{with_whom}", announce=False)
 
     def _step_limit(self, step: int) -> float:
         """A step may take two collective timeouts; start-up (step -1: the model loads, CUDA graphs

@@ -10,14 +10,18 @@ outputs. Under `torchrun` (RANK / WORLD_SIZE in the environment) this process *i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import shutil
 import signal
+import socket
+import struct
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import torch.distributed as dist
 from epinfer.core.env import mark_spawned
 from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.layout import check_layout
-from epinfer.diagnostics.watchdog import ABORT_KEY, EXIT_FAULT, READY_KEY, divert_stderr
+from epinfer.diagnostics.watchdog import ABORT_KEY, ACTIVE, EXIT_FAULT, READY_KEY, divert_stderr
 from epinfer.runtime.job import Job
 from epinfer.runtime.worker import worker_main
 
@@ -47,9 +51,56 @@ def prepare_dump_dir(job: Job) -> None:
         job.failure_dir = failure_dir()
 
 
+def route_interface(addr: str) -> str | None:
+    """The name of this host's network interface that reaches `addr` (Linux, IPv4), or None."""
+    try:
+        target = socket.gethostbyname(addr)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # a UDP connect sends nothing: it only picks the route
+            local = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+                info = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                if socket.inet_ntoa(info[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None
+
+
+SIOCGIFADDR = 0x8915
+
+
+def dump_on_sigterm() -> None:
+    """torchrun ends the other ranks of a host with SIGTERM once one has failed. A rank blocked in a
+    collective never returns to the interpreter to run a Python handler, so SIGTERM is blocked in
+    every thread (call this before any other thread starts) and one thread waits for it: the rank
+    then writes its dump (status `terminated`, for the doctor) and exits."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGTERM})
+        dog = ACTIVE.get("watchdog")
+        if dog is not None:  # (it exits the process)
+            dog.fire("stopped by SIGTERM (torchrun stops every rank of a host once one has failed)",
+                     announce=False, status="terminated")
+            time.sleep(10)  # it returned: another thread is already firing, its dump half written
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="epinfer-sigterm", daemon=True).start()
+
+
 def run_torchrun(job: Job) -> list | None:
     world = int(os.environ["WORLD_SIZE"])
     check_layout(job.dp, job.tp, world)
+    dump_on_sigterm()
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if "GLOO_SOCKET_IFNAME" not in os.environ and not master.startswith("127.") and master != "localhost":
+        # across hosts Gloo must listen where the peers can reach it, not on the address the host
+        # name resolves to (often loopback): the interface that routes to the master host
+        name = route_interface(master)
+        if name is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if job.dump_dir:
         Path(job.dump_dir).mkdir(parents=True, exist_ok=True)

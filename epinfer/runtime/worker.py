@@ -145,7 +145,8 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float,
             "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank,
             "groups": {g.name: list(g.ranks) for g in (groups.tp_group, groups.dp_group, groups.ep_group)}
             | {"graph": list(groups.world_cpu.ranks)},  # CUDA graph replays: every rank at the same steps
-            "dispatch": ctx.dispatch, "dp_padding": ctx.dp_padding}
+            "dispatch": ctx.dispatch, "dp_padding": ctx.dp_padding,
+            "node": int(os.environ.get("GROUP_RANK", "0") or 0)}  # the host, under torchrun
     ledger = Ledger(info)
     if job.check_collectives:  # before the ledger: a mismatch stops the call before it is recorded
         ctx.comm.add_plugin(FingerprintCheck())
@@ -157,7 +158,8 @@ def start_diagnostics(rank: int, ctx: ParallelContext, job: Job, timeout: float,
     dump_dir = job.dump_dir or job.failure_dir
     host, port = job.store_addr or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     client = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
-    watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"], device=device)
+    watchdog = Watchdog(ledger, client, rank, groups.world_size, timeout, dump_dir, info["groups"], device=device,
+                        store_addr=f"the rendezvous store at {host}:{port}")
     watchdog.start()
     signal.signal(signal.SIGUSR1, lambda *_: write_dumps(ledger, dump_dir, "running", "SIGUSR1"))
     client.set(f"{READY_KEY}{rank}", "1")  # the launcher forwards SIGUSR1 only to ready ranks
