@@ -279,6 +279,8 @@ class Engine:
                 items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
                                      item.samples, None if seq.blocks_sent else list(seq.block_ids)))
                 seq.blocks_sent = True
+        if not items:  # nothing runs (the caller may drop this plan): resets and snapshots wait for one that does
+            return scheduled, StepPlan([], [], self.has_work(), self.last_sampled)
         snapshots = [(slot, layout.snapshot_row(i)) for slot, i in self.scheduler.snapshots]
         plan = StepPlan(items, self.pending_resets, self.has_work(), self.last_sampled, snapshots, restores)
         self.pending_resets, self.scheduler.snapshots = [], []
