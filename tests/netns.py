@@ -44,6 +44,10 @@ class Host:
     def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.netns, *cmd], **kwargs)
 
+    def pids(self) -> list[int]:
+        """The processes running in this host's namespace."""
+        return [int(p) for p in _ip("netns", "pids", self.netns, check=False).stdout.split()]
+
 
 @dataclasses.dataclass
 class Hosts:
@@ -76,8 +80,7 @@ def two_hosts(subnet: int = 0):
         yield Hosts(hosts)
     finally:
         for h in hosts:
-            pids = _ip("netns", "pids", h.netns, check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
+            for pid in h.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
             _ip("netns", "del", h.netns, check=False)

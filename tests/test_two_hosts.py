@@ -70,11 +70,6 @@ def test_tokens_identical_across_two_hosts(which, ckpt_dir, prompts, tmp_path):
     assert [r["token_ids"] for r in json.loads((tmp_path / "out0.json").read_text())] == single(model, 10)
 
 
-def running(hosts, node: int) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", hosts[node].netns], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault", ["cut-link", "lost-host"])
 def test_a_lost_link_or_host_ends_both_sides(fault, prompts, tmp_path):
@@ -94,12 +89,12 @@ def test_a_lost_link_or_host_ends_both_sides(fault, prompts, tmp_path):
         if fault == "cut-link":
             hosts.cut()
         else:
-            for pid in running(hosts, 1):
+            for pid in hosts[1].pids():
                 os.kill(pid, signal.SIGKILL)
         survivors = procs if fault == "cut-link" else procs[:1]
         errs = [p.communicate(timeout=TIMEOUT + 30)[1] for p in survivors]
         took = time.time() - struck
-        left = [running(hosts, node) for node in (0, 1)]
+        left = [hosts[node].pids() for node in (0, 1)]
     assert took <= TIMEOUT + 30, took
     assert left == [[], []], f"processes left running: {left}"
     lines = [[ln for ln in err.splitlines() if ln.startswith("epinfer: rank")] for err in errs]

@@ -17,6 +17,24 @@ import dataclasses
 import torch
 
 
+def graph_bucket(rows: int) -> int:
+    """The decode graph size holding `rows` rows (before any limit): 1, 2, 4, 8, then multiples of
+    16. Kernels pick their tiles by it, so an eager step of any size reuses the captured variants."""
+    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 16) * 16
+
+
+def aligned_device_rows(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Int64 lists as device tensors in one copy without a stream sync, each starting 16-byte
+    aligned (padded to an even length): Triton compiles a kernel per pointer alignment, and a
+    row's alignment must not depend on how many sequences a step has."""
+    flat, starts = [], []
+    for row in rows:
+        starts.append(len(flat))
+        flat += row + [0] * (len(row) % 2)
+    host = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+    return [host[s:s + len(row)] for s, row in zip(starts, rows, strict=True)]
+
+
 @dataclasses.dataclass
 class SeqSlice:
     """One sequence's part of the batch."""
@@ -90,13 +108,8 @@ class ForwardBatch:
         decoding = [s.num_new == 1 and s.context_len > 0 for s in self.seqs]
         self.decode_seq_ids = [i for i, d in enumerate(decoding) if d]
         dec = [self.seqs[i] for i in self.decode_seq_ids]
-        # each index row starts 16-byte aligned (rows of even length): Triton compiles a kernel per
-        # pointer alignment, and a row's alignment must not depend on how many sequences there are
-        pad = [0] * (len(dec) % 2)
-        meta = torch.tensor([[s.start for s in dec] + pad, [s.state_slot for s in dec] + pad,
-                             [s.total_len for s in dec] + pad],
-                            dtype=torch.long).view(3, len(dec) + len(pad)).to(device, non_blocking=True)[:, :len(dec)]
-        self.decode_rows, self.decode_state_slots, self.decode_seq_lens = meta
+        self.decode_rows, self.decode_state_slots, self.decode_seq_lens = aligned_device_rows(
+            [[s.start for s in dec], [s.state_slot for s in dec], [s.total_len for s in dec]], device)
         chunks = [i for i, d in enumerate(decoding) if not d]
         if chunks:
             pre = [self.seqs[i] for i in chunks]
@@ -104,10 +117,7 @@ class ForwardBatch:
             first, end = pre[0].start, pre[-1].start + pre[-1].num_new
             contiguous = end - first == sum(lens)
             rows = [r for s in pre for r in range(s.start, s.start + s.num_new)] if not contiguous else []
-            n, pad = len(pre), [0] * (len(pre) % 2)  # 16-byte aligned rows, as above
-            host = torch.tensor([s.state_slot for s in pre] + pad + [s.context_len == 0 for s in pre] + pad + rows,
-                                dtype=torch.long).to(device, non_blocking=True)
-            w = n + len(pad)
-            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else host[2 * w:],
-                                       host[:n], host[w:w + n].bool())
+            slots, fresh, packed = aligned_device_rows(
+                [[s.state_slot for s in pre], [int(s.context_len == 0) for s in pre], rows], device)
+            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else packed, slots, fresh.bool())
         return self

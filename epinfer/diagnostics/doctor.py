@@ -60,6 +60,7 @@ def analyse(folder: Path) -> dict:
     headers = {r: h for r, (h, _) in dumps.items()}
     world = max(h["world"] for h in headers.values())
     missing = [r for r in range(world) if r not in dumps]
+    link = lost_link(headers)  # the peers the ranks' own reasons say they lost, if any
     members: dict[str, list[int]] = {}
     for h in headers.values():
         members.update(h["groups"])
@@ -103,7 +104,7 @@ def analyse(folder: Path) -> dict:
         result["summary"] = (f"Ranks {missing} died (no dump). The survivors were waiting for them in "
                              f"{where}; that is the last step the dead ranks reached.")
     elif errored := sorted(r for r, h in headers.items() if h.get("status") == "error"
-                           and not (CONNECTION_LOST.search(str(h.get("reason"))) and lost_link(headers))):
+                           and not (link and CONNECTION_LOST.search(str(h.get("reason"))))):
         # a rank raised (a kernel error, a bug) while all lived: the others then wait for it, which
         # alone reads as a hang
         group, seq, entry = first_pending(by_group, members=members)
@@ -126,7 +127,7 @@ def analyse(folder: Path) -> dict:
                 where += f" inside the CUDA graph replay {entry['graph']}"
             result["summary"] = (f"Hang: ranks {sorted(present)} entered {where} but ranks {absent} never arrived."
                                  if absent else f"Hang: every rank entered {where} and none finished it.")
-            if not absent and (link := lost_link(headers)):
+            if not absent and link:
                 result["culprit_ranks"], result["summary"] = link[0], result["summary"] + " " + link[1]
     if result["verdict"] == "ok":
         result["summary"] = (f"All {world} ranks issued the same {sum(len(s) for s in by_group.values())} "

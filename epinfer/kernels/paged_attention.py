@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.core.forward import graph_bucket
 from epinfer.kernels import pdl
 
 try:  # Triton is optional: CPU installs don't have it
@@ -99,10 +100,10 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
     B, H, hd = q.shape
     _, bs, KVH, _ = k_cache.shape
     G = H // KVH
-    # tiles and splits are chosen for the decode graph bucket holding B rows (1, 2, 4, 8, then
-    # multiples of 16): the decode rows of a mixed step, any count, use kernel variants the graphs'
-    # capture already compiled, so no step of a run waits for a compilation
-    R = 1 << (B - 1).bit_length() if B <= 8 else -(-B // 16) * 16
+    # tiles and splits are chosen for the decode graph bucket holding B rows: the decode rows of a
+    # mixed step, any count, use kernel variants the graphs' capture already compiled, so no step of
+    # a run waits for a compilation
+    R = graph_bucket(B)
     splits = _num_splits(R, KVH, block_table.shape[1] * bs, cfg)
     part_acc = torch.empty(B, splits, H, hd, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, splits, H, 2, dtype=torch.float32, device=q.device)

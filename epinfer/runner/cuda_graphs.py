@@ -23,12 +23,13 @@ import contextlib
 
 import torch
 
+from epinfer.core.forward import graph_bucket
+
 
 def buckets_up_to(limit: int, multiple: int = 1) -> list[int]:
-    """Batch sizes with a graph, up to `limit` rows, each a multiple of `multiple` (TP with
-    sequence-parallel MoE splits the rows evenly)."""
-    small = [b for b in (1, 2, 4, 8) if b < limit]
-    return sorted({-(-b // multiple) * multiple for b in small + list(range(16, limit, 16)) + [limit]})
+    """Batch sizes with a graph, up to `limit` rows (`core.forward.graph_bucket`, the last one
+    `limit`), each a multiple of `multiple` (TP with sequence-parallel MoE splits the rows evenly)."""
+    return sorted({-(-min(graph_bucket(r), limit) // multiple) * multiple for r in range(1, limit + 1)})
 
 
 class DecodeGraphs:

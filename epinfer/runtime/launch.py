@@ -84,7 +84,7 @@ def dump_on_sigterm() -> None:
         if dog is not None:  # (it exits the process)
             dog.fire("stopped by SIGTERM (torchrun stops every rank of a host once one has failed)",
                      announce=False, status="terminated")
-            time.sleep(10)  # it returned: another thread is already firing, its dump half written
+            dog.await_exit(grace=10.0)  # it returned: another thread is already firing (and exits)
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=wait, name="epinfer-sigterm", daemon=True).start()
