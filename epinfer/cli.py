@@ -39,6 +39,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-request-bytes", type=int, default=None,
                    help="larger request bodies get 413 (default: 16 bytes per token of the max model "
                         "length, at least 1 MiB)")
+    hosts = p.add_argument_group("several hosts (host 0 serves HTTP; the same command on each, its own --node-rank)")
+    hosts.add_argument("--nnodes", type=int, default=1, help="hosts of the run (each runs dp/nnodes whole replicas)")
+    hosts.add_argument("--node-rank", type=int, default=0, help="this host: 0 serves HTTP, the others only compute")
+    hosts.add_argument("--master-addr", default=None, help="host 0's address, reachable from every host")
+    hosts.add_argument("--master-port", type=int, default=29500, help="host 0's rendezvous port")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

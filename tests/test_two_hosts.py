@@ -115,3 +115,111 @@ def test_a_lost_link_or_host_ends_both_sides(fault, prompts, tmp_path):
     else:  # (host 1's second rank, stopped by torchrun, at times leaves no dump: then a crash naming it)
         assert verdict["verdict"] in ("hang", "crash") and verdict["label"], verdict
         assert verdict["culprit_ranks"] == [2, 3] or verdict["missing_ranks"] in ([2], [3]), verdict
+
+
+# --- epinfer serve across the two hosts -------------------------------------------------------
+
+# a client inside host 0's network stack: the HTTP server listens there
+CLIENT = """
+import json, sys, threading, httpx
+url, bodies = sys.argv[1], json.loads(sys.argv[2])
+out = [None] * len(bodies)
+def one(i):
+    r = httpx.post(url + "/v1/completions", json=bodies[i], timeout=300)
+    out[i] = r.json()
+threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(json.dumps(out))
+"""
+HEALTH = """
+import sys, time, httpx
+for _ in range(600):
+    try:
+        if httpx.get(sys.argv[1] + "/health", timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.3)
+sys.exit(1)
+"""
+
+
+def serve_host(hosts, node: int, args: list[str], cwd) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "epinfer", "serve", "--nnodes", "2", "--node-rank", str(node), "--master-addr",
+           hosts[0].addr, "--master-port", str(PORT), "--host", hosts[0].addr, "--port", "8000", *args]
+    return hosts[node].popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
+
+
+def client(hosts, script: str, *args: str) -> subprocess.Popen:
+    return hosts[0].popen([sys.executable, "-c", script, f"http://{hosts[0].addr}:8000", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+@pytest.mark.timeout(400)
+def test_serve_across_two_hosts_then_host_1_lost(tmp_path):
+    """Host 0 serves HTTP and replica 0 (ranks 0, 1); host 1 runs replica 1 (ranks 2, 3) and relays
+    its tokens. Four requests at once (both replicas get some) equal the single-process run; then,
+    with long requests in flight, every process of host 1 is killed: each request ends with an
+    error naming host 1, the server exits 3 within the collective timeout + 30 s, nothing is left."""
+    args = ["--dtype", "float32", "--dp", "2", "--tp", "2", "--collective-timeout", str(TIMEOUT),
+            "--dump-dir", str(tmp_path / "dumps")]
+    with netns.two_hosts(subnet=3) as hosts:
+        procs = [serve_host(hosts, node, args, tmp_path) for node in (0, 1)]
+        ready = client(hosts, HEALTH)
+        assert ready.wait(timeout=240) == 0, [p.kill() or p.communicate() for p in procs]
+        bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
+        done = client(hosts, CLIENT, json.dumps(bodies))
+        out, err = done.communicate(timeout=120)
+        got = [r["choices"][0]["token_ids"] for r in json.loads(out)]
+        assert got == single(None, 10), err
+        metrics = subprocess.run(["ip", "netns", "exec", hosts[0].netns, sys.executable, "-c",
+                                  f"import httpx; print(httpx.get('http://{hosts[0].addr}:8000/metrics').text)"],
+                                 capture_output=True, text=True, timeout=60, env=ENV).stdout
+        tokens = {r: float(re.search(rf'epinfer_prefix_cache_queries_total{{replica="{r}"}} (\S+)', metrics)[1])
+                  for r in (0, 1)}
+        assert tokens[0] > 0 and tokens[1] > 0, tokens  # both replicas, so host 1's tokens came back
+
+        long = [{"prompt": p, "max_tokens": 900, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
+        inflight = client(hosts, CLIENT, json.dumps(long))
+        time.sleep(3)
+        struck = time.time()
+        for pid in hosts[1].pids():
+            os.kill(pid, signal.SIGKILL)
+        out, _ = inflight.communicate(timeout=TIMEOUT + 30)
+        server_err = procs[0].communicate(timeout=TIMEOUT + 30)[1]
+        took = time.time() - struck
+        left = [hosts[node].pids() for node in (0, 1)]
+    assert took <= TIMEOUT + 30 and procs[0].returncode == 3, (took, server_err)
+    assert left == [[], []], f"processes left running: {left}"
+    errors = [r["error"]["message"] for r in json.loads(out)]
+    assert len(errors) == 4 and all("host 1 (ranks [2, 3]) was lost" in e for e in errors), errors
+    assert "host 1 (ranks [2, 3]) was lost" in server_err and "epinfer: doctor:" in server_err, server_err
+
+
+@pytest.mark.timeout(300)
+def test_hosts_that_disagree_stop_at_start(ckpt_dir, prompts, tmp_path):
+    """Each host has its own command line. Under torchrun, host 1 with --dp 1 --tp 4 (the same world
+    size); under `epinfer serve`, host 1 with another checkpoint: every process stops at start with
+    one line naming the difference, instead of hanging in the first collective."""
+    with netns.two_hosts(subnet=4) as hosts:
+        base = generate_args(None, prompts, tmp_path / "out.json", 4)
+        other = list(base)
+        other[other.index("--dp") + 1], other[other.index("--tp") + 1] = "1", "4"
+        procs = [start(hosts, 0, base, tmp_path), start(hosts, 1, other, tmp_path)]
+        errs = [p.communicate(timeout=200)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs), errs
+    for err in errs:
+        lines = [ln for ln in err.splitlines() if ln.startswith("epinfer: error:")]
+        assert len(lines) == 2, err  # one line per rank
+        assert all("(host 1) does not match: --dp 1 there, 2 on rank 0 (host 0); --tp 4 there, 2 on rank 0"
+                   in ln for ln in lines), lines
+
+    with netns.two_hosts(subnet=5) as hosts:
+        procs = [serve_host(hosts, 0, ["--dtype", "float32", "--dp", "2"], tmp_path),
+                 serve_host(hosts, 1, ["--dtype", "float32", "--dp", "2", "--model", str(ckpt_dir("qwen3_5_moe"))],
+                            tmp_path)]
+        errs = [p.communicate(timeout=200)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for err in errs:
+        lines = [ln for ln in err.splitlines() if ln.startswith("epinfer: error:")]
+        assert len(lines) == 1 and "host 1 does not match: the model config" in lines[0], err

@@ -31,6 +31,7 @@ from epinfer.core.env import mark_spawned
 from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.layout import check_layout
 from epinfer.diagnostics.watchdog import ABORT_KEY, ACTIVE, EXIT_FAULT, READY_KEY, divert_stderr
+from epinfer.runtime.agreement import torchrun_agree
 from epinfer.runtime.job import Job
 from epinfer.runtime.worker import worker_main
 
@@ -71,6 +72,15 @@ def route_interface(addr: str) -> str | None:
 SIOCGIFADDR = 0x8915
 
 
+def gloo_towards(master: str) -> None:
+    """Across hosts Gloo must listen where the peers can reach it, not on the address the host name
+    resolves to (often loopback): the interface that routes to the master host (unless set)."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ and not master.startswith("127.") and master != "localhost":
+        name = route_interface(master)
+        if name is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
 def dump_on_sigterm() -> None:
     """torchrun ends the other ranks of a host with SIGTERM once one has failed. A rank blocked in a
     collective never returns to the interpreter to run a Python handler, so SIGTERM is blocked in
@@ -92,15 +102,13 @@ def dump_on_sigterm() -> None:
 
 def run_torchrun(job: Job) -> list | None:
     world = int(os.environ["WORLD_SIZE"])
-    check_layout(job.dp, job.tp, world)
     dump_on_sigterm()
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    if "GLOO_SOCKET_IFNAME" not in os.environ and not master.startswith("127.") and master != "localhost":
-        # across hosts Gloo must listen where the peers can reach it, not on the address the host
-        # name resolves to (often loopback): the interface that routes to the master host
-        name = route_interface(master)
-        if name is not None:
-            os.environ["GLOO_SOCKET_IFNAME"] = name
+    try:
+        check_layout(job.dp, job.tp, world)
+    except UserError as exc:
+        torchrun_agree(job, world, exc)
+    torchrun_agree(job, world)  # hosts that disagree on the layout or model: one line, not a hang
+    gloo_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if job.dump_dir:
         Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
@@ -111,14 +119,16 @@ def run_torchrun(job: Job) -> list | None:
     return worker_main(rank, world, local_rank, job)
 
 
-def spawned_rank(rank: int, world: int, port: int, job: Job, result_path: str) -> None:
-    """A spawned rank. Its own stderr goes to `rank<N>.stderr.txt` beside `result_path` (kept with
-    the dumps if the run fails, `keep_rank_logs`); epinfer's one-line messages still reach the user."""
+def spawned_rank(rank: int, world: int, local_rank: int, job: Job, result_path: str) -> None:
+    """A spawned rank (the launcher's store at `job.store_addr`). Its own stderr goes to
+    `rank<N>.stderr.txt` beside `result_path` (kept with the dumps if the run fails,
+    `keep_rank_logs`); epinfer's one-line messages still reach the user."""
     mark_spawned()
     divert_stderr(str(Path(result_path).parent / f"rank{rank}.stderr.txt"))
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, use_libuv=True)
+    host, port = job.store_addr
+    store = dist.TCPStore(host, port, is_master=False, use_libuv=True)
     try:
-        outputs = worker_main(rank, world, rank, job, dist.PrefixStore("pg", store))
+        outputs = worker_main(rank, world, local_rank, job, dist.PrefixStore("pg", store))
         if rank == 0:
             Path(result_path).write_bytes(pickle.dumps(outputs))
     except UserError as exc:
@@ -143,7 +153,7 @@ def launch(job: Job, progress_bar=None) -> list:
         result_path = os.path.join(tmp, "outputs.pkl")
         if progress_bar is not None:
             job.progress = ctx.Queue()
-        procs = [ctx.Process(target=spawned_rank, args=(r, world, store.port, job, result_path),
+        procs = [ctx.Process(target=spawned_rank, args=(r, world, r, job, result_path),
                              name=f"epinfer-rank{r}") for r in range(world)]
         stop = _install_stop(procs, store)
         try:

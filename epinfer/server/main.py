@@ -12,6 +12,9 @@ Exit codes:
      /health turns unhealthy (503), the surviving ranks dump their ledgers and stop, and the
      process prints the doctor's one-paragraph summary and exits 3 (after at least
      `FAILURE_LINGER_S`, so health checks see the unhealthy state).
+
+On several hosts (`--nnodes`) host 0 is this process; the others run `server.nodes.run_headless`:
+their ranks only, no HTTP, exit 0 after the joint stop and 3 after a fault.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
 from epinfer.runtime.worker import Job
 from epinfer.server.app import build_app
 from epinfer.server.client import EngineClient
+from epinfer.server.nodes import Nodes, run_headless
 from epinfer.server.protocol import ModelInfo
 from epinfer.server.ranks import RankSet
 
@@ -55,7 +59,9 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace, job: Job) -> int:
     """`job`: the run description built from the flags (its mode is set here: the serving loop)."""
     if under_torchrun():
-        raise UserError("epinfer serve spawns its own ranks: run it without torchrun")
+        raise UserError("epinfer serve spawns its own ranks: run it without torchrun (on several hosts: "
+                        "--nnodes N --node-rank R --master-addr HOST0 on each)")
+    nodes = Nodes.from_args(args, job.dp, job.tp)
     if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):
         raise UserError("--max-queue must be >= 1 and --shutdown-timeout a finite number >= 0")
     if args.max_request_bytes is not None and args.max_request_bytes < 1024:
@@ -63,9 +69,11 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     folder = Path(args.model) if args.model else DEMO_MODEL
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist")
+    if nodes.rank > 0:  # no HTTP here: this host's ranks, relayed to host 0
+        return run_headless(RankSet(job, nodes))
     sock = bind(args.host, args.port)
     tokenizer = load_tokenizer(folder)
-    ranks = RankSet(job)  # (it sets the job's mode: the serving loop, with its channels)
+    ranks = RankSet(job, nodes)  # (it sets the job's mode: the serving loop, with its channels)
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

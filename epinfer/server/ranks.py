@@ -7,10 +7,14 @@ it, the ranks run until told to stop, so the pieces are separate calls: `start`,
 `stop` (a joint stop through rank 0's inbox), and `drain_after_failure` (the launcher's
 `drain`: the abort key makes every live rank's watchdog dump and exit 3). A monitor thread
 watches the exit codes and calls `on_failure(message)` once when a rank ends unasked.
+
+On several hosts (`server.nodes`) each host's RankSet spawns that host's ranks; host 0's also
+holds the store on --master-port and sees the other hosts' ranks through the relay.
 """
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 import queue
@@ -24,12 +28,14 @@ import torch.distributed as dist
 
 from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.layout import check_layout
-from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY
+from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY, log_line
+from epinfer.runtime.agreement import agree, start_settings
 from epinfer.runtime.job import Job
 from epinfer.runtime.launch import (
     describe_exit,
     drain,
     failure_line,
+    gloo_towards,
     keep_rank_logs,
     prepare_dump_dir,
     rank_errors,
@@ -37,15 +43,18 @@ from epinfer.runtime.launch import (
     terminate,
 )
 from epinfer.server.engine_loop import ServeChannels, ServeMode
+from epinfer.server.nodes import DUMPS_KEY, JOIN_TIMEOUT_S, Nodes, RelayServer
 
 
 class RankSet:
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, nodes: Nodes | None = None) -> None:
         check_layout(job.dp, job.tp)
         self.job = job
+        self.nodes = nodes or Nodes()
         self.world = job.dp * job.tp
-        self.procs: list = []
+        self.procs: list = []  # host 0: every rank (those of other hosts as `RemoteRank`); host R: its own
         self.store = None
+        self.relay: RelayServer | None = None
         self.stopping = False  # a stop we asked for: exits are expected
         self.failed = threading.Event()
         self.tmp = tempfile.mkdtemp(prefix="epinfer-serve-")
@@ -55,17 +64,41 @@ class RankSet:
         return self.job.dump_dir or self.job.failure_dir
 
     def start(self) -> None:
-        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
-        prepare_dump_dir(self.job)
-        self.job.store_addr = ("127.0.0.1", self.store.port)
+        nodes, job = self.nodes, self.job
+        self.store = open_store(nodes)
+        if nodes.rank == 0:
+            prepare_dump_dir(job)
+            self.store.set(DUMPS_KEY, job.failure_dir)
+        job.store_addr = (nodes.master_addr, nodes.master_port) if nodes.count > 1 else ("127.0.0.1", self.store.port)
+        local = nodes.local_ranks(self.world)
+        if nodes.count > 1:
+            gloo_towards(nodes.master_addr)  # (the spawned ranks inherit it)
+            if nodes.rank == 0:
+                self.relay = RelayServer(nodes, self.world, self.store)
+                others = ", ".join(str(n) for n in range(1, nodes.count))
+                log_line(f"epinfer: waiting up to {JOIN_TIMEOUT_S:.0f} s for host(s) {others} to join at "
+                         f"{nodes.master_addr}:{nodes.master_port}")
+            else:
+                log_line(f"epinfer: host {nodes.rank}: joined host 0 at {nodes.master_addr}:{nodes.master_port}; "
+                         "comparing settings")
+            join(self.store, nodes, job)
+            if nodes.rank and not job.dump_dir:  # one folder name on every host
+                job.failure_dir = self.store.get(DUMPS_KEY).decode()
         ctx = mp.get_context("spawn")
-        self.channels = ServeChannels(ctx.Queue(), [ctx.Queue() for _ in range(self.world)])
-        self.job.mode = ServeMode(self.channels)
+        # the ranks' channels: this host's queues only; the server reads the others' through the relay
+        inbox = ctx.Queue() if nodes.rank == 0 else None
+        outboxes = [ctx.Queue() if r in local else None for r in range(self.world)]
+        job.mode = ServeMode(ServeChannels(inbox, outboxes))
+        if self.relay is not None:
+            outboxes = [self.relay.queues.get(r, q) for r, q in enumerate(outboxes)]
+        self.channels = ServeChannels(inbox, outboxes)
         result = os.path.join(self.tmp, "outputs.pkl")
-        self.procs = [ctx.Process(target=spawned_rank, args=(r, self.world, self.store.port, self.job, result),
-                                  name=f"epinfer-rank{r}") for r in range(self.world)]
-        for p in self.procs:
+        procs = {r: ctx.Process(target=spawned_rank, args=(r, self.world, i, job, result), name=f"epinfer-rank{r}")
+                 for i, r in enumerate(local)}
+        for p in procs.values():
             p.start()
+        remote = self.relay.ranks if self.relay is not None else {}
+        self.procs = [procs[r] if r in procs else remote[r] for r in range(self.world) if r in procs or r in remote]
 
     def wait_ready(self, interrupted=lambda: False) -> dict:
         """Rank 0's engine info once every rank is in the serving loop; raises `UserError`
@@ -101,16 +134,20 @@ class RankSet:
                     # name the others first
                     exited.sort(key=lambda rc: (rc[1] == EXIT_FAULT, rc[0]))
                     self.failed.set()
-                    on_failure("engine failure: " + "; ".join(describe_exit(r, c) for r, c in exited))
+                    on_failure("engine failure: " + "; ".join(dict.fromkeys(self.describe(r) for r, _ in exited)))
                     return
                 time.sleep(0.05)
 
         threading.Thread(target=watch, name="epinfer-rank-monitor", daemon=True).start()
 
+    def describe(self, rank: int) -> str:
+        proc = self.procs[rank]
+        return getattr(proc, "why", None) or describe_exit(rank, proc.exitcode)
+
     def forward_usr1(self) -> None:
         """`kill -USR1 <server pid>`: every ready rank dumps its ledger now, without stopping."""
         for rank, p in enumerate(self.procs):
-            if p.is_alive() and self.store.check([f"{READY_KEY}{rank}"]):
+            if p.pid is not None and p.is_alive() and self.store.check([f"{READY_KEY}{rank}"]):
                 os.kill(p.pid, signal.SIGUSR1)
 
     def stop(self, timeout: float = 30.0) -> bool:
@@ -139,5 +176,39 @@ class RankSet:
         self.stopping = True
         terminate(self.procs)
         for q in [self.channels.inbox, *self.channels.outboxes] if self.procs else []:
-            q.cancel_join_thread()  # never block exit on a queue whose reader is gone
+            if hasattr(q, "cancel_join_thread"):  # (not: a relayed rank's queue, a rank of another host)
+                q.cancel_join_thread()  # never block exit on a queue whose reader is gone
+        if self.relay is not None:
+            self.relay.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def open_store(nodes: Nodes):
+    """The rendezvous store: this process holds it (one host: on a free port; host 0: on
+    --master-port, reachable from the others), or host R's client of host 0's."""
+    if nodes.count == 1:
+        return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    where = f"{nodes.master_addr}:{nodes.master_port}"
+    try:
+        if nodes.rank == 0:
+            return dist.TCPStore(nodes.master_addr, nodes.master_port, is_master=True, wait_for_workers=False,
+                                 use_libuv=True)
+        return dist.TCPStore(nodes.master_addr, nodes.master_port, is_master=False, use_libuv=True,
+                             timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    except (RuntimeError, OSError) as exc:
+        text = " ".join(str(exc).split())[:160]
+        if nodes.rank == 0:
+            raise UserError(f"cannot hold the rendezvous store at {where} (--master-addr / --master-port): "
+                            f"{text}") from None
+        raise UserError(f"cannot reach host 0's rendezvous store at {where} within {JOIN_TIMEOUT_S:.0f} s: start "
+                        f"`epinfer serve --nnodes {nodes.count} --node-rank 0` there, or check --master-addr / "
+                        "--master-port") from None
+
+
+def join(store, nodes: Nodes, job: Job) -> None:
+    """The hosts of a run agree before any rank starts: distinct node ranks, the same layout, model
+    and dtype (`runtime.agreement`)."""
+    if nodes.rank and store.add(f"epinfer/serve/node{nodes.rank}", 1) > 1:
+        raise UserError(f"another host already joined this run as --node-rank {nodes.rank}")
+    settings = start_settings(job, **{"--nnodes": nodes.count})
+    agree(store, nodes.rank, nodes.count, settings, lambda i, _: f"host {i}", JOIN_TIMEOUT_S, scope="serve/")
