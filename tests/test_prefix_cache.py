@@ -136,3 +136,26 @@ def test_allocator_rules():
     assert list(alloc.evictable) == [a[1], a[0]]  # released: cached, evictable (the chain's end first)
     c, _ = alloc.allocate(4 * 5)  # one block more than the free ones: evicts the least recently released
     assert alloc.evictions == 1 and list(alloc.cached.values()) == [a[0]] and len(c) == 5
+
+
+def test_chats_keep_their_latest_turn_in_a_pool_the_size_of_the_chats(ckpt_dir):
+    """Three chats, one turn at a time each (a turn's prompt = the last one + its reply + 16 tokens,
+    block multiples: the branch point and the turn's end are both snapshot), with three snapshots:
+    a chat's earlier turns, passed by its later ones, are evicted first, so every chat's next turn
+    finds its state (before, the newest chat's snapshots evicted the others'). Tokens stay exact."""
+    path = str(ckpt_dir("qwen3_5_moe"))
+    llm = LLM(path, dtype="float32", device="cpu", prefix_state_snapshots=3)
+    off = LLM(path, dtype="float32", device="cpu", enable_prefix_caching=False)
+    alloc = llm.engine.scheduler.allocator
+    chats = [[(c * 31 + i * 7) % 250 + 1 for i in range(32)] for c in range(3)]
+    hits = []
+    for turn in range(3):
+        for c, prompt in enumerate(chats):
+            before = alloc.hit_tokens
+            got = llm.generate([prompt], GREEDY)[0].token_ids
+            assert got == off.generate([prompt], GREEDY)[0].token_ids
+            hits.append(alloc.hit_tokens - before)
+            chats[c] = prompt + got + [(turn * 13 + c * 5 + i) % 250 + 1 for i in range(16)]
+    # turn 1: nothing; turn 2: the first prompt's state at its last reusable block (16 of 32 tokens);
+    # turn 3: the whole second prompt (56 tokens: 3 blocks)
+    assert hits == [0] * 3 + [16] * 3 + [48] * 3, hits

@@ -15,7 +15,10 @@ keyed by the chain hash of the block ending there and evicted least recently use
 reuses the longest cached prefix that ends at a snapshot; it takes new snapshots where its prefill
 passes the end of the cached KV prefix it found (where it branches off earlier prompts: the next
 request with that prefix finds the state there) and at its last reusable block (for a later turn
-of the same chat). Snapshots are copied, never shared, so they need no reference counts.
+of the same chat). Snapshots are copied, never shared, so they need no reference counts. A snapshot
+that a request took or started from and then passed with a later one of its own is evicted before
+any other, unless a second request started from it (a shared branch point): so a pool about the
+size of the chats in flight holds each chat's latest turn.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class CacheAllocator:
         self.needs_state = prefix_caching and layout.num_snapshots > 0  # hybrid: reuse needs a snapshot
         self.free_snapshots = list(range(layout.num_snapshots - 1, -1, -1))
         self.snapshots: collections.OrderedDict[int, int] = collections.OrderedDict()  # chain hash -> index; LRU first
+        self.restores: dict[int, int] = {}  # chain hash -> requests that started from that snapshot
+        # restored by one request only, which then snapshot further along (a chat's earlier turn): evicted first
+        self.superseded: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.snapshot_evictions = 0
         self.queried_tokens = 0  # prompt tokens looked up, and found (metrics)
         self.hit_tokens = 0
@@ -81,16 +87,31 @@ class CacheAllocator:
                 return k, index
         return 0, None
 
+    def restored(self, chain_hash: int) -> None:
+        """A request was admitted starting from the snapshot `chain_hash` names."""
+        self.restores[chain_hash] = self.restores.get(chain_hash, 0) + 1
+        self.superseded.pop(chain_hash, None)  # a second taker: a shared branch point after all
+
+    def supersede(self, chain_hash: int) -> None:
+        """A request that took or started from `chain_hash` has snapshot further along its chain. If
+        no other request started there, it goes first when a snapshot is needed (a chat's next turn
+        starts further on; a branch point nobody else reached is worth little)."""
+        if chain_hash in self.snapshots and self.restores.get(chain_hash, 0) <= 1:
+            self.superseded[chain_hash] = None
+
     def take_snapshot(self, chain_hash: int) -> int | None:
-        """A snapshot index to hold the state after the block `chain_hash` names (the least recently
-        used one evicted if none is free); None when that state is kept already."""
+        """A snapshot index to hold the state after the block `chain_hash` names (when none is free:
+        a superseded one evicted, else the least recently used); None when that state is kept already."""
         if chain_hash in self.snapshots:
             self.snapshots.move_to_end(chain_hash)
             return None
         if self.free_snapshots:
             index = self.free_snapshots.pop()
         else:
-            _, index = self.snapshots.popitem(last=False)
+            victim = next(iter(self.superseded)) if self.superseded else next(iter(self.snapshots))
+            index = self.snapshots.pop(victim)
+            self.superseded.pop(victim, None)
+            self.restores.pop(victim, None)
             self.snapshot_evictions += 1
         self.snapshots[chain_hash] = index
         return index
@@ -149,6 +170,8 @@ class CacheAllocator:
         self.free_blocks.extend(dropped)
         self.free_snapshots.extend(self.snapshots.values())
         self.snapshots.clear()
+        self.restores.clear()
+        self.superseded.clear()
         return len(dropped)
 
     def stats(self) -> dict:

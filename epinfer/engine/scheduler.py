@@ -44,9 +44,11 @@ class Sequence:
     registered: int = 0
     blocks_sent: bool = False
     # hybrid models: block counts at whose end its state is to be snapshot (ascending), and the
-    # snapshot its state starts from (restored before its first chunk), or -1
+    # snapshot its state starts from (restored before its first chunk), or -1, and the chain hash
+    # of the latest snapshot on its way (the one it started from, then each it took)
     snapshot_at: list[int] = dataclasses.field(default_factory=list)
     restore: int = -1
+    last_snapshot: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +112,7 @@ class Scheduler:
             if alloc.needs_state:  # only as far as a kept state; snapshots where it branches off and at its end
                 kept, index = alloc.with_state(seq.block_hashes, len(prefix))
                 seq.restore = -1 if index is None else index
+                seq.last_snapshot = seq.block_hashes[kept - 1] if index is not None else None
                 seq.snapshot_at = sorted({b for b in (len(prefix), last) if b > kept})
                 prefix = prefix[:kept]
             if not alloc.can_allocate(seq.max_total_len, prefix):
@@ -118,6 +121,8 @@ class Scheduler:
             seq.block_ids, seq.state_slot = alloc.allocate(seq.max_total_len, prefix, len(seq.prompt_ids))
             seq.registered = len(prefix)
             seq.num_computed = len(prefix) * bs
+            if seq.last_snapshot is not None:
+                alloc.restored(seq.last_snapshot)
             self.running.append(seq)
             n = self._chunk(seq, min(len(seq.prompt_ids) - seq.num_computed, budget))
             plan.append(ScheduledSeq(seq, n))
@@ -143,9 +148,12 @@ class Scheduler:
         while seq.snapshot_at and seq.snapshot_at[0] * bs <= seq.num_computed:
             blocks = seq.snapshot_at.pop(0)
             if blocks * bs == seq.num_computed:
+                if seq.last_snapshot is not None:  # passed: unless others start there, it goes first
+                    self.allocator.supersede(seq.last_snapshot)
                 index = self.allocator.take_snapshot(seq.block_hashes[blocks - 1])
                 if index is not None:
                     self.snapshots.append((seq.state_slot, index))
+                seq.last_snapshot = seq.block_hashes[blocks - 1]
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
