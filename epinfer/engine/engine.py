@@ -138,8 +138,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     if kv_budget <= 0:
         kept = f" and {snapshots} prefix-cache snapshots" if snapshots else ""
         raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences{kept} needs "
-                        f"{state_bytes / 2**30:.2f} GiB, more than the cache budget "
-                        f"{budget / 2**30:.2f} GiB; lower --max-num-seqs")
+                        f"{gib(state_bytes)}, more than the cache budget {gib(budget)}; lower --max-num-seqs"
+                        + (" or add --no-prefix-caching" if snapshots else ""))
     capacity = kv_budget // max(per_token, 1)
     max_len = ecfg.max_model_len
     if max_len is None:
@@ -153,6 +153,10 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots), max_len
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
 def state_snapshots(cfg: ModelConfig, ecfg: EngineConfig) -> int:
