@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from epinfer.core.sampling_params import SamplingParams
+from epinfer.core.version import VERSION
 
 __all__ = ["LLM", "SamplingParams"]
-__version__ = "0.1.0"
+__version__ = VERSION
 
 
 def __getattr__(name: str):

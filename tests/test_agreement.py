@@ -96,3 +96,14 @@ def test_serve_nnodes_flags(flags, message):
         Nodes.from_args(args, dp, 1)
     assert Nodes.from_args(argparse.Namespace(nnodes=2, node_rank=1, master_addr="h", master_port=1), 4, 2) \
         .local_ranks(8) == range(4, 8)
+
+
+def test_the_version_hosts_compare_is_the_packaged_one():
+    import tomllib
+    from pathlib import Path
+
+    import epinfer
+    from epinfer.core.version import VERSION
+
+    project = tomllib.loads((Path(epinfer.__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["version"] == VERSION == epinfer.__version__

@@ -18,9 +18,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from epinfer import __version__
 from epinfer.core.config import DEMO_MODEL, EngineConfig
 from epinfer.core.errors import UserError
+from epinfer.core.version import VERSION
 
 AGREE_KEY = "epinfer/agree/"
 
@@ -41,7 +41,7 @@ def start_settings(job, **extra) -> dict:
     """What every host of a run must share: the layout, the checkpoint, the dtype, epinfer itself
     (the flags that change the collective schedule are checked again by the ranks' `settings.agree`)."""
     return {"--dp": job.dp, "--tp": job.tp, **extra, "the model": model_fingerprint(job.engine),
-            "--dtype": job.engine.dtype, "--max-model-len": job.engine.max_model_len, "epinfer": __version__}
+            "--dtype": job.engine.dtype, "--max-model-len": job.engine.max_model_len, "epinfer": VERSION}
 
 
 def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], str], timeout: float,
