@@ -60,8 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (CUDA runs use them by default)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="plan step n+1 while the device runs step n (sampled tokens stay on the device)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan step n+1 while the device runs step n, sampled tokens staying on the device "
+                        "(default: on for CUDA, off on CPU)")
     p.add_argument("--random-weights", action="store_true",
                    help="benchmarks: random weights, the model folder needs only config.json")
     p.add_argument("--cache-memory-gb", type=float, default=None,
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    bench.add_argument("--async-scheduling", action="store_true", help="plan step n+1 while step n runs")
+    bench.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="plan step n+1 while step n runs (default: on for CUDA, off on CPU)")
     bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")
     bench.add_argument("--step-log", default=None, metavar="FILE",
                        help="--workload: one JSON line per measured step (kind, rows, decode rows, ms)")
@@ -348,7 +350,8 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                                                                    if args.max_num_seqs else []),
                  "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
                  "--dp-padding", args.dp_padding]
-        switches = (("--async-scheduling", args.async_scheduling), ("--enforce-eager", args.enforce_eager),
+        switches = (("--async-scheduling", args.async_scheduling is True),
+                    ("--no-async-scheduling", args.async_scheduling is False), ("--enforce-eager", args.enforce_eager),
                     ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching))
         flags += [flag for flag, on in switches if on]
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,

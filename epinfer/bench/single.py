@@ -253,7 +253,8 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
-          gpu_memory_utilization: float = 0.9, async_scheduling: bool = False, trace: str | None = None) -> list[dict]:
+          gpu_memory_utilization: float = 0.9, async_scheduling: bool | None = None,
+          trace: str | None = None) -> list[dict]:
     """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
     on CPU, host only, which turns the breakdown on there)."""
     trace = trace_folder(trace)
@@ -278,7 +279,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
             rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
                    "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,
                    "cuda_graphs": engine.runner.graphs is not None,
-                   "async_scheduling": async_scheduling, **ceil, **speed,
+                   "async_scheduling": engine.ecfg.async_scheduling, **ceil, **speed,
                    "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),
                    "fraction_of_floor": round(floor_s * 1e3 / speed["step_ms_median"], 4)}
             flops = prefill_flops_per_token(engine.model_config, input_len) * speed["prefill_tok_s"]

@@ -209,7 +209,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                             seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
-                  "dtype": engine_cfg.dtype, "async_scheduling": engine_cfg.async_scheduling,
+                  "dtype": engine_cfg.dtype, "async_scheduling": engine.ecfg.async_scheduling,
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "max_num_seqs": engine.scheduler.max_num_seqs,
                   "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,

@@ -307,7 +307,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     random_weights: bool = False  # benchmarks: the folder needs only config.json
     cuda_graphs: bool = True  # decode steps as CUDA graphs (single-process CUDA runs); --enforce-eager
-    async_scheduling: bool = False  # plan step n+1 while the device runs step n; --async-scheduling
+    # plan step n+1 while the device runs step n; None: on where the device runs asynchronously (CUDA)
+    async_scheduling: bool | None = None
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)

@@ -108,6 +108,13 @@ def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None
     return defaults, fields.token_ids("eos_token_id")
 
 
+def async_default(ecfg: EngineConfig, device: torch.device) -> bool:
+    """--async-scheduling unless set: on for CUDA, where the host plans the next step while the GPU
+    runs this one (tokens identical to the synchronous loop: tests/test_engine.py); off where the
+    device computes synchronously (CPU), since there it only delays each token by a step."""
+    return ecfg.async_scheduling if ecfg.async_scheduling is not None else device.type == "cuda"
+
+
 def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: int = 1) -> int:
     """The default sequence limit: 512 on a GPU, unless the recurrent state of 512 sequences would
     take over a quarter of its memory; 256 otherwise. More running sequences let prompt chunks ride
@@ -187,6 +194,8 @@ class Engine:
         if ecfg.max_num_seqs == 0:
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_seqs=auto_max_num_seqs(cfg, self.dtype, self.device,
                                                                                         ctx.tp_size))
+        if ecfg.async_scheduling is None:
+            self.ecfg = ecfg = dataclasses.replace(ecfg, async_scheduling=async_default(ecfg, self.device))
         if not 0 < ecfg.gpu_memory_utilization <= 1:
             raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
         self.tokenizer = load_tokenizer(folder)

@@ -24,7 +24,7 @@ from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.fingerprint import FingerprintCheck
 from epinfer.distributed.groups import build_groups
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.engine import Engine, resolve_device
+from epinfer.engine.engine import Engine, async_default, resolve_device
 from epinfer.runtime.job import Job, RankRuntime
 
 TEARDOWN_S = 60.0  # longest wait for the process group to shut down once the run is over
@@ -44,13 +44,15 @@ AGREED = ("dispatch", "dp_padding", "expert_parallel", "check_collectives", "sym
           "engine.parallel_graphs", "engine.cuda_graphs", "engine.async_scheduling")
 
 
-def agree_settings(ctx: ParallelContext, job: Job) -> None:
+def agree_settings(ctx: ParallelContext, job: Job, device: torch.device) -> None:
     """One all-reduce at start-up (`settings.agree`) of every AGREED setting and its square: each
     rank sees the same sums, so every rank finds the same differences and raises the same one-line
     error (all values equal iff world * sum(v^2) == sum(v)^2)."""
     def value(name: str) -> int:
         obj = job.engine if name.startswith("engine.") else job
         v = getattr(obj, name.removeprefix("engine."))
+        if name == "engine.async_scheduling":
+            v = async_default(job.engine, device)
         return {"agrs": 0, "alltoall": 1, "naive": 2, "uniform": 0, "none": 1}.get(v, v) if isinstance(v, str) \
             else int(v)
 
@@ -105,7 +107,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
     if SWITCHES.stacks_after:  # debugging a hang: every thread's stack, repeatedly
         faulthandler.dump_traceback_later(SWITCHES.stacks_after, repeat=True)
     try:
-        agree_settings(ctx, job)
+        agree_settings(ctx, job, device)
         groups = ctx.groups  # --symm-mem: symmetric buffers for the small TP / EP collectives,
         if job.symm_mem and not job.fault:  # (a mis-sized collective under fault injection would pair stray signals)
             ctx.comm.enable_symmetric([groups.tp_group, groups.ep_group], device, job.symm_mem_bytes, timeout)
