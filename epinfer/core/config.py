@@ -310,6 +310,9 @@ class EngineConfig:
     # plan step n+1 while the device runs step n; None: on where the device runs asynchronously (CUDA)
     async_scheduling: bool | None = None
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
+    # prefill and mixed steps as graph pieces between the attention / GDN parts (`runner.piecewise`);
+    # None: with CUDA graphs on CUDA (EPINFER_PIECEWISE=0: off); True on the CPU runs the pieces as calls
+    piecewise_graphs: bool | None = None
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
     prefix_state_snapshots: int = 0

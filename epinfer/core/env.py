@@ -11,6 +11,7 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_MOE_CONFIGS=FILE    a tile table from `benchmarks/moe_kernel_sweep.py` instead of the built-in one
   EPINFER_PDL=0               no programmatic dependent launch on Hopper
   EPINFER_FLA=0               GDN prefill through the torch chunked form instead of fla-core's kernel
+  EPINFER_PIECEWISE=0         prefill and mixed steps fully eager instead of graph pieces (A/B runs)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem
@@ -68,6 +69,10 @@ class Switches:
     @property
     def fla(self) -> bool:
         return _on("EPINFER_FLA", True)
+
+    @property
+    def piecewise(self) -> bool:
+        return _on("EPINFER_PIECEWISE", True)
 
     @property
     def stacks_after(self) -> float | None:

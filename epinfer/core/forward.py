@@ -93,6 +93,8 @@ class ForwardBatch:
     decode_seq_lens: torch.Tensor | None = None  # [S_dec] tokens each decode row attends (mixed steps)
     block_table: torch.Tensor | None = None  # the runner's persistent table (rows: state slots)
     prefill: PrefillMeta | None = None  # the prompt chunks of a mixed or prefill step
+    row_mask_T: torch.Tensor | None = None  # [T] bool, True for real rows, where the device holds it
+    memo: dict = dataclasses.field(default_factory=dict)  # per-step index tensors a layer derives once
 
     @property
     def num_rows(self) -> int:
@@ -101,6 +103,7 @@ class ForwardBatch:
     def finalize(self, device: torch.device) -> ForwardBatch:
         """Fill the derived decode index tensors (call once after `seqs` is complete)."""
         if self.decode is not None:  # every row (padding too) takes the batched decode path
+            self.row_mask_T = self.decode.row_mask_T
             self.decode_seq_ids = list(range(self.num_rows))
             self.decode_rows = torch.arange(self.num_rows, device=device)
             self.decode_state_slots = self.decode.state_slots_T

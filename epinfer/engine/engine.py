@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
+from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
@@ -135,7 +136,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        budget = int(total * ecfg.gpu_memory_utilization) - used - 2 * 2**30  # activation headroom
+        # activation headroom, and the graph pieces' memory pool (its largest step's MoE activations)
+        budget = int(total * ecfg.gpu_memory_utilization) - used - 2 * 2**30 - pieces_pool_bytes(cfg, ecfg, dtype)
     else:
         budget = 2 * 2**30
     snapshots = state_snapshots(cfg, ecfg)
@@ -160,6 +162,15 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots), max_len
+
+
+def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
+    """What the graph pieces keep (`runner.piecewise`): at the largest step, the routed rows'
+    inputs, gate / up, activation and outputs (K per row), in the compute dtype."""
+    if not (ecfg.cuda_graphs and ecfg.piecewise_graphs is not False and SWITCHES.piecewise):
+        return 0
+    width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
+    return ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
 
 
 def gib(n: int) -> str:
@@ -207,11 +218,14 @@ class Engine:
         built = time.perf_counter()
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
-                                  ecfg.cuda_graphs, ecfg.parallel_graphs)
+                                  ecfg.cuda_graphs, ecfg.parallel_graphs, ecfg.piecewise_graphs,
+                                  ecfg.max_num_batched_tokens)
         planned = time.perf_counter()
         if self.runner.graphs is not None and not self.runner.collectives:
             self.runner.graphs.capture_all()  # with collectives: by every rank at the step needing one
             self.runner.warm_up(ecfg.max_num_batched_tokens)
+        if self.runner.pieces is not None and not self.runner.pieces.capture_all():
+            self.runner.pieces = None
         # start-up by phase, seconds: weights built / loaded, cache planned and allocated, decode graphs
         # (and the larger steps' kernel variants)
         self.startup = {"weights": round(built - started, 2), "cache": round(planned - built, 2),

@@ -5,13 +5,15 @@ all heads (OLMoE), clip_qkv (OLMoE), partial rotary and a sigmoid output gate ca
 projection (Qwen3-Next / Qwen3.5). Each real row is written to the cache at `kv_slots_T`; padding
 rows (slot -1) are neither written nor attended, and their output rows are zero.
 
-Prefill and mixed steps run one SDPA call per prompt chunk (a fresh prompt uses its own keys with a
-causal flag, a later chunk its cached context with a bottom-right causal bias: flash kernels on
-GPUs either way); on GPUs the decode rows of a mixed step all go through one batched paged-decode
-kernel (`paged_attention.py`). Decode-only steps on the fast path (`batch.decode`) run that kernel
-for all rows, and in low precision the q/k norm, rotary and cache writes before it are one kernel
-too (`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same
-arithmetic as transformers).
+Prefill and mixed steps in bf16 / fp16 on GPUs run every prompt chunk of the step in one kernel
+over the paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike),
+and the decode rows of a mixed step all go through one batched paged-decode kernel
+(`paged_attention.py`); elsewhere (float32, CPU) each prompt chunk is one SDPA call (a fresh prompt
+its own keys with a causal flag, a later chunk its cached context with a bottom-right causal bias).
+Decode-only steps on the fast path (`batch.decode`) run the paged-decode kernel for all rows, and
+in low precision the q/k norm, rotary and cache writes before it are one kernel too
+(`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same arithmetic
+as transformers).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from epinfer.core.config import ModelConfig
-from epinfer.core.forward import ForwardBatch
+from epinfer.core.forward import ForwardBatch, aligned_device_rows
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.kernels import paged_attention
+from epinfer.kernels import paged_attention, prefill_attention
 from epinfer.kernels.fused import fused
 from epinfer.kernels.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
@@ -101,6 +103,16 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
+        return self.o_proj(self.mix(x_TD, batch, kv_cache, cos_sin))
+
+    def mix(
+        self,
+        x_TD: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Everything before `o_proj`: its input [T, H * hd] (the attention, gated)."""
         T = x_TD.shape[0]
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv is not None:
@@ -150,14 +162,34 @@ class Attention(nn.Module):
                 out[rows] = decode_attention(q_THd[rows], k_cache, v_cache, batch.block_table,
                                              batch.decode_state_slots, batch.decode_seq_lens, scale)
             chunks = (batch.prefill.seq_ids if batch.prefill else []) if batched else range(len(batch.seqs))
+            if chunks and prefill_attention.usable(q_THd):  # every prompt chunk (or row): one kernel
+                prefill_attention.prefill_attention(q_THd, k_cache, v_cache, batch.block_table,
+                                                    *chunk_tables(batch, list(chunks), hd), scale, out)
+                chunks = []
             for i in chunks:
                 seq = batch.seqs[i]
                 rows = slice(seq.start, seq.start + seq.num_new)
                 out[rows] = _seq_attention(q_THd[rows], k_THd[rows], v_THd[rows], k_cache, v_cache, seq, scale)
-        attn = out.reshape(T, H * hd)
-        if gate is not None:
-            attn = sigmoid_gate(attn, gate)
-        return self.o_proj(attn)
+        return self._gate(out.reshape(T, H * hd), gate)
+
+    @staticmethod
+    def _gate(attn: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return sigmoid_gate(attn, gate) if gate is not None else attn
+
+
+def chunk_tables(batch: ForwardBatch, seq_ids: list[int], hd: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The prefill kernel's tiles and per-chunk (start row, rows, cached context, block-table row)
+    for the sequences `seq_ids`, on the device: made once per step, shared by every attention layer."""
+    block_m = prefill_attention.blocks_for(hd)[0]
+    key = ("attention", block_m, len(seq_ids))
+    if key not in batch.memo:
+        pre = [batch.seqs[i] for i in seq_ids]
+        lens = [s.num_new for s in pre]
+        rows = aligned_device_rows([*prefill_attention.tile_map(lens, block_m), [s.start for s in pre], lens,
+                                    [s.context_len for s in pre], [s.state_slot for s in pre]],
+                                   batch.input_ids_T.device)
+        batch.memo[key] = (tuple(rows[:2]), tuple(rows[2:]))
+    return batch.memo[key]
 
 
 def _seq_attention(q_NHd, k_NKd, v_NKd, k_cache, v_cache, seq, scale: float) -> torch.Tensor:

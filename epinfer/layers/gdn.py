@@ -105,6 +105,10 @@ class GatedDeltaNet(nn.Module):
     def forward(
         self, x_TD: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
+        return self.out_proj(self.mix(x_TD, batch, state))
+
+    def mix(self, x_TD: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Everything before `out_proj`: its input [T, value_dim] (the rule's output, normed and gated)."""
         conv_state, ssm_state = state  # [slots, C, K-1], [slots, Hv, dk, dv]
         T = x_TD.shape[0]
         qkv_TC, z_TV, a_TH, b_TH = self.project(x_TD)  # (views of one GEMM's output in low precision)
@@ -120,7 +124,7 @@ class GatedDeltaNet(nn.Module):
                 rows = batch.decode_rows
                 core[rows] = self._decode_step(qkv_TC[rows], g_TH[rows], beta_TH[rows], conv_state, ssm_state, slots)
         normed = self.norm(core, z_TV.view(T, self.num_v_heads, self.dv))
-        return self.out_proj(normed.view(T, self.value_dim))
+        return normed.view(T, self.value_dim)
 
     def _decode_step(self, qkv_BC, g_BH, beta_BH, conv_state, ssm_state, slots_B) -> torch.Tensor:
         """One token for each of B sequences, their conv and recurrent states updated in place."""

@@ -221,7 +221,7 @@ class MoEBlock(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         ctx = self.ctx
         real = batch.num_real_rows
-        mask = batch.decode.row_mask_T if batch.decode is not None else None
+        mask = batch.row_mask_T
         if ctx.sequence_parallel:
             rows = x_TD.shape[0] // ctx.tp_size
             lo = ctx.tp_rank * rows

@@ -45,20 +45,39 @@ class DecoderLayer(nn.Module):
         """(x, mlp output): the caller adds them, fused with the next norm. `residual_TD`: the
         previous layer's mlp output, None for the first layer; [T, K, D] when it is the experts'
         unsummed per-pair outputs (MoEBlock)."""
-        if residual_TD is None:
-            h = self.input_layernorm(x_TD)
-        else:
-            x_TD, h = self.input_layernorm.add_forward(x_TD, residual_TD)
-        if self.mixer_type == "attention":
+        x_TD, h = self.enter(x_TD, residual_TD)
+        if self.mixer_type == "attention":  # (the modules' own calls: diagnostics hook them)
             h = self.self_attn(h, batch, cache, cos_sin)
         else:
             h = self.linear_attn(h, batch, cache)
-        x_TD, h = self.post_attention_layernorm.add_forward(x_TD, h)
+        return self.finish(x_TD, h, batch)
+
+    def enter(self, x_TD, residual_TD):
+        """(x + residual, its input norm)."""
+        if residual_TD is None:
+            return x_TD, self.input_layernorm(x_TD)
+        return self.input_layernorm.add_forward(x_TD, residual_TD)
+
+    def mix(self, h_TD, batch: ForwardBatch, cache, cos_sin):
+        """The token mixer up to its output projection: the part that reads the step's sequences
+        and caches (graph pieces run it eagerly, `runner.piecewise`)."""
+        if self.mixer_type == "attention":
+            return self.self_attn.mix(h_TD, batch, cache, cos_sin)
+        return self.linear_attn.mix(h_TD, batch, cache)
+
+    def leave(self, x_TD, mixed, batch: ForwardBatch):
+        """The mixer's output projection, the residual add and norm, and the mlp: per row only."""
+        return self.finish(x_TD, self.mixer_out_proj(mixed), batch)
+
+    def finish(self, x_TD, mixer_out, batch: ForwardBatch):
+        x_TD, h = self.post_attention_layernorm.add_forward(x_TD, mixer_out)
         if isinstance(self.mlp, MoEBlock):
-            h = self.mlp(h, batch)
-        else:
-            h = self.mlp(h)
-        return x_TD, h
+            return x_TD, self.mlp(h, batch)
+        return x_TD, self.mlp(h)
+
+    @property
+    def mixer_out_proj(self) -> Linear:
+        return self.self_attn.o_proj if self.mixer_type == "attention" else self.linear_attn.out_proj
 
 
 class Model(nn.Module):
@@ -86,17 +105,21 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
         """Hidden states after the final norm, [T, D]; padding rows are zero on entry."""
+        x, cos_sin = self.embed(batch)
+        h = None
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            x, h = layer(x, h, batch, cache, cos_sin)
+        return self.model.norm.add_forward(x, h)[1]
+
+    def embed(self, batch: ForwardBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(the rows' embeddings, padding rows filled; the rotary tables of their positions)."""
         x = self.model.embed_tokens(batch.input_ids_T)
         fill = float("nan") if self.ctx.poison_pads else 0.0  # NaN proves nothing reads padding rows
         if batch.decode is not None:  # padding decided on the device (a CUDA graph replays any count)
             x = torch.where(batch.decode.row_mask_T[:, None], x, fill)
         elif batch.num_real_rows < batch.num_rows:
             x[batch.num_real_rows:] = fill
-        cos_sin = self.rotary.cos_sin(batch.positions_T, x.dtype)
-        h = None
-        for layer, cache in zip(self.model.layers, caches, strict=True):
-            x, h = layer(x, h, batch, cache, cos_sin)
-        return self.model.norm.add_forward(x, h)[1]
+        return x, self.rotary.cos_sin(batch.positions_T, x.dtype)
 
     def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_SD).float()

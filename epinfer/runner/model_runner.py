@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from epinfer.core.config import ModelConfig
+from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.forward import DecodeMeta, ForwardBatch, SeqSlice
 from epinfer.distributed.parallel import ParallelContext
@@ -19,6 +20,7 @@ from epinfer.models.loader import load_checkpoint
 from epinfer.runner.batch import StepPlan
 from epinfer.runner.cache import CacheLayout, CacheTensors
 from epinfer.runner.cuda_graphs import DecodeGraphs
+from epinfer.runner.piecewise import PiecewiseGraphs
 
 
 @contextlib.contextmanager
@@ -123,11 +125,16 @@ def random_init(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
 class ModelRunner:
     """Decode-only steps on CUDA take the fast path: one batched paged-decode attention kernel,
     metadata in one host-to-device copy, and (`cuda_graphs`) a CUDA graph per batch-size bucket.
-    Everything else (prefill, mixed steps, CPU) runs the eager reference path."""
+    Prefill and mixed steps run their attention / GDN parts eagerly and the rest of each layer as
+    graph pieces (`piecewise`) where there are no collectives in the forward; everything else (CPU,
+    parallel prefill) runs the eager reference path."""
 
     def __init__(self, model: CausalLM, layout: CacheLayout, dtype: torch.dtype,
                  device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False,
-                 parallel_graphs: bool = False) -> None:
+                 parallel_graphs: bool = False, pieces: bool | None = None, max_step_rows: int = 8192) -> None:
+        """`pieces`: prefill and mixed steps of up to `max_step_rows` rows as graph pieces
+        (`runner.piecewise`); None: where decode graphs are used, unless EPINFER_PIECEWISE=0; True
+        without CUDA: the same pieces as plain calls."""
         self.model = model
         self.cfg = model.config
         self.layout = layout
@@ -154,6 +161,11 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
             cuda_graphs and self.fast_decode and capturable and not debug) else None
         self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has
+        if pieces is None:
+            pieces = cuda_graphs and self.fast_decode and SWITCHES.piecewise
+        capture = device.type == "cuda" and cuda_graphs
+        self.pieces = PiecewiseGraphs(self, max_step_rows, capture) if (
+            pieces and not self.collectives and not debug and not self.poison) else None
 
     def agree_graphs(self, ctx) -> None:
         """A forward with collectives uses graphs only if every rank has them, with the same buckets
@@ -293,7 +305,11 @@ class ModelRunner:
                 self.feed_pending(meta[0], meta[6])
             batch = self.decode_batch(meta, n, moe_sizes, step_id)
         else:
-            batch = self.build_batch(plan, rows, moe_sizes, step_id)
+            size = self.pieces.bucket(max(rows or 0, plan.num_tokens)) if self.pieces is not None else None
+            batch = self.build_batch(plan, size or rows, moe_sizes, step_id)
+            if size is not None:
+                hidden = self.pieces.run(batch, self.cache.per_layer)
+                return self.model.compute_logits(hidden[batch.logits_rows]) if want_logits else None
         hidden = self.model(batch, self.cache.per_layer)
         if not want_logits:
             return None

@@ -9,7 +9,9 @@
   the logits of the first generated tokens against transformers on the same weights, in float32
   (relative error <= 3e-2) and in bf16, top-1 agreement reported (>= 3 of 4 asserted);
 * mixed steps (8 prompts chunked 40 tokens a step, so prompt chunks run beside decoding rows) at
-  real shape: every step's logits against transformers, the decode path's bounds.
+  real shape: every step's logits against transformers, the decode path's bounds;
+* the graph pieces of prefill and mixed steps (captured, padded to their buckets) in float32: tokens
+  identical to the same engine without pieces and to transformers, for every family.
 """
 
 from __future__ import annotations
@@ -147,3 +149,77 @@ def test_bf16_mixed_steps_logits_match_transformers(tmp_path, shape, layers):
     print(f"{shape} x{layers}, 40-token steps: {res}")
     assert res["rel_err_vs_fp32"] <= 2e-2 and res["top1_vs_fp32"] >= 0.99
     assert res["rel_err"] <= 2e-2 and res["top1"] >= 0.99
+
+
+@pytest.mark.parametrize("budget", [7, 64])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen2_moe", "olmoe", "mixtral"])
+def test_graph_pieces_float32_tokens(family, budget, ckpt_dir):
+    from epinfer import LLM, SamplingParams
+    from tests.checkpoints import hf_generate
+    from tests.test_generation import prompts
+
+    path = ckpt_dir(family)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ps = prompts()
+    kw = {"dtype": "float32", "device": "cuda", "max_num_batched_tokens": budget, "max_num_seqs": len(ps)}
+    llm = LLM(str(path), **kw)
+    pieces = llm.engine.runner.pieces
+    assert pieces is not None and pieces.capture and pieces.graphs, "no captured pieces"
+    sizes = []
+    run = pieces.run
+    pieces.run = lambda batch, caches: sizes.append(batch.num_rows) or run(batch, caches)
+    got = [o.token_ids for o in llm.generate(ps, params)]
+    assert sizes, "no step ran through the pieces"
+    eager = LLM(str(path), piecewise_graphs=False, **kw)
+    assert eager.engine.runner.pieces is None
+    assert got == [o.token_ids for o in eager.generate(ps, params)]
+    for p, tokens in zip(ps, got, strict=True):
+        assert tokens == hf_generate(path, p, 24)[0], f"{family}: prompt of {len(p)} tokens"
+
+
+def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, heads=(8, 2)) -> float:
+    """The chunks' attention in one kernel against SDPA per chunk (float32, heads repeated): fresh
+    prompts, chunks after cached context, one-row chunks, lengths off the tile grid, scattered
+    blocks; rows of other chunks untouched. Returns the largest error."""
+    from epinfer.core.forward import aligned_device_rows
+    from epinfer.kernels.prefill_attention import blocks_for, prefill_attention, tile_map
+    from epinfer.layers.attention import _sdpa
+
+    gen = torch.Generator().manual_seed(hd + bs)
+    H, KVH = heads
+    chunks = [(0, 70), (37, 1), (130, 64), (5, 129), (0, 1), (200, 3)]  # (cached context, new rows)
+    num_blocks, slots = 96, len(chunks) + 1
+    k_cache = torch.randn(num_blocks, bs, KVH, hd, generator=gen).to(device, dtype)
+    v_cache = torch.randn(num_blocks, bs, KVH, hd, generator=gen).to(device, dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()  # every chunk's blocks scattered
+    table = torch.zeros(slots, 40, dtype=torch.int32)
+    starts, row = [], 3  # rows 0-2: another kind of row (a decode row, say)
+    for c, (ctx, n) in enumerate(chunks):
+        need = -(-(ctx + n) // bs)
+        table[c + 1, :need] = torch.tensor([perm.pop() for _ in range(need)], dtype=torch.int32)
+        starts.append(row)
+        row += n
+    T = row + 5  # padding rows at the end
+    q = torch.randn(T, H, hd, generator=gen).to(device, dtype)
+    out = torch.full((T, H, hd), 7.0, dtype=dtype, device=device)
+    tiles = aligned_device_rows(list(tile_map([n for _, n in chunks], blocks_for(hd)[0])), torch.device(device))
+    meta = aligned_device_rows([starts, [n for _, n in chunks], [c for c, _ in chunks],
+                                list(range(1, len(chunks) + 1))], torch.device(device))
+    prefill_attention(q, k_cache, v_cache, table.to(device), tiles, meta, hd**-0.5, out)
+    worst = 0.0
+    for c, (ctx, n) in enumerate(chunks):
+        pages = table[c + 1, :-(-(ctx + n) // bs)].long().to(device)
+        keys = k_cache[pages].reshape(-1, KVH, hd)[:ctx + n].float()
+        values = v_cache[pages].reshape(-1, KVH, hd)[:ctx + n].float()
+        ref = _sdpa(q[starts[c]:starts[c] + n].float(), keys, values, ctx, hd**-0.5)
+        got = out[starts[c]:starts[c] + n].float()
+        worst = max(worst, (got - ref).abs().max().item())
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    assert (out[:3] == 7.0).all() and (out[row:] == 7.0).all(), "rows outside the chunks were written"
+    return worst
+
+
+@pytest.mark.parametrize("hd,bs", [(128, 16), (256, 16), (64, 32)])
+def test_prefill_attention_kernel(hd, bs):
+    print(f"hd {hd}, block {bs}: largest error {check_prefill_kernel('cuda', torch.bfloat16, hd, bs):.2e}")

@@ -1,0 +1,123 @@
+"""Causal attention of prompt chunks over the paged KV cache, every chunk of a step in one kernel.
+
+`prefill_attention(q, k_cache, v_cache, block_table, tiles, chunks, scale, out)`: chunk c has
+`lens[c]` new rows starting at batch row `starts[c]`, after `ctx[c]` tokens already cached, and
+reads its blocks through block-table row `slots[c]`; its keys and values, the new ones included,
+are in the cache already. Query i of the chunk attends to the first `ctx[c] + i + 1` tokens (causal,
+aligned to the end: a fresh prompt and a chunk that starts mid-sequence are the same case). Rows
+of other chunks and padding rows of `out` are left as they are.
+
+FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk and streams the
+keys up to its last query's position in BLOCK_N steps (running max, sum and weighted accumulator
+in float32, exp2); each key's cache row is looked up through the block table, so no gathered
+copy of the context is made and the block size is free. Tiles come from the host, where the
+chunk lengths are known (`tile_map`): one launch per layer, whatever the chunks.
+
+Shape suffixes: T rows, H query heads, KVH key/value heads, hd head dim, C chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def usable(q_THd: torch.Tensor) -> bool:
+    """bf16 / fp16 on CUDA (float32 runs keep SDPA's arithmetic, which transformers shares)."""
+    return triton is not None and q_THd.is_cuda and q_THd.dtype in (torch.bfloat16, torch.float16)
+
+
+def blocks_for(hd: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a head dim: 64 queries; keys halved past 128 dims (registers)."""
+    return 64, 64 if hd <= 128 else 32
+
+
+def tile_map(lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """(chunk of each query tile, the tile's first query within its chunk)."""
+    chunk, first = [], []
+    for c, n in enumerate(lens):
+        for m0 in range(0, n, block_m):
+            chunk.append(c)
+            first.append(m0)
+    return chunk, first
+
+
+def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      tiles: tuple[torch.Tensor, torch.Tensor], chunks: tuple[torch.Tensor, ...], scale: float,
+                      out_THd: torch.Tensor) -> torch.Tensor:
+    """`tiles`: (chunk, first query) per tile (device, from `tile_map`); `chunks`: (starts, lens,
+    ctx, slots) per chunk (device). Writes the chunks' rows of `out_THd` and returns it."""
+    T, H, hd = q_THd.shape
+    _, bs, KVH, _ = k_cache.shape
+    tile_chunk, tile_first = tiles
+    starts, lens, ctx, slots = chunks
+    n_tiles = tile_chunk.shape[0]
+    if n_tiles == 0:
+        return out_THd
+    block_m, block_n = blocks_for(hd)
+    _prefill_kernel[(n_tiles, H)](
+        q_THd, k_cache, v_cache, out_THd, block_table, tile_chunk, tile_first, starts, lens, ctx, slots,
+        scale * LOG2E, q_THd.stride(0), q_THd.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_THd.stride(0), out_THd.stride(1),
+        block_table.stride(0), BS=bs, REP=H // KVH, HD=hd, HD_P=max(16, triton.next_power_of_2(hd)),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if hd <= 128 else 8, num_stages=2)
+    return out_THd
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(Q, K, V, Out, BT, TILE_C, TILE_M, STARTS, LENS, CTX, SLOTS, qk_scale,
+                        sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
+                        BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.load(TILE_C + tile)
+        m0 = tl.load(TILE_M + tile)
+        start = tl.load(STARTS + c)
+        n = tl.load(LENS + c)
+        context = tl.load(CTX + c)
+        slot = tl.load(SLOTS + c).to(tl.int64)
+        kvh = h // REP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HD_P)
+        row_ok = offs_m < n
+        d_ok = offs_d < HD
+        rows = (start + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * sq0 + h * sq1 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        q_pos = context + offs_m  # each query's position: it sees keys 0 ..= q_pos
+        end = context + tl.minimum(m0 + BLOCK_M, n)  # keys past the tile's last query are never seen
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD_P], tl.float32)
+        for k0 in range(0, end, BLOCK_N):
+            offs_n = k0 + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < end
+            page = tl.load(BT + slot * sbt + offs_n // BS, mask=key_ok, other=0).to(tl.int64)
+            at = page[:, None] * sk0 + (offs_n % BS)[:, None] * sk1 + kvh * sk2 + offs_d[None, :]
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + at, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], base 2
+            seen = (offs_n[None, :] <= q_pos[:, None]) & key_ok[None, :]
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + page[:, None] * sv0 + (offs_n % BS)[:, None] * sv1 + kvh * sv2 + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + rows[:, None] * so0 + h * so1 + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
