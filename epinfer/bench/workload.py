@@ -33,6 +33,7 @@ import torch
 
 from epinfer.bench.single import shape_folder
 from epinfer.core.config import EngineConfig
+from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams
 from epinfer.engine.engine import Engine
@@ -211,6 +212,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "async_scheduling": engine.ecfg.async_scheduling,
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
+                  "graph_pieces": engine.runner.pieces is not None, "chunk_attention": SWITCHES.chunk_attention,
                   "max_num_seqs": engine.scheduler.max_num_seqs,
                   "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first

@@ -311,7 +311,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
     # prefill and mixed steps as graph pieces between the attention / GDN parts (`runner.piecewise`);
-    # None: with CUDA graphs on CUDA (EPINFER_PIECEWISE=0: off); True on the CPU runs the pieces as calls
+    # None: EPINFER_PIECEWISE=1 with CUDA graphs on CUDA; True on the CPU runs the pieces as calls
     piecewise_graphs: bool | None = None
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)

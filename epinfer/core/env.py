@@ -11,7 +11,10 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_MOE_CONFIGS=FILE    a tile table from `benchmarks/moe_kernel_sweep.py` instead of the built-in one
   EPINFER_PDL=0               no programmatic dependent launch on Hopper
   EPINFER_FLA=0               GDN prefill through the torch chunked form instead of fla-core's kernel
-  EPINFER_PIECEWISE=0         prefill and mixed steps fully eager instead of graph pieces (A/B runs)
+  EPINFER_PIECEWISE=1         prefill and mixed steps as graph pieces (`runner.piecewise`; opt-in until
+                              measured on a GPU)
+  EPINFER_CHUNK_ATTENTION=1   every prompt chunk's attention in one Triton kernel over the paged cache
+                              (`kernels.prefill_attention`; opt-in until measured on a GPU)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem
@@ -72,7 +75,11 @@ class Switches:
 
     @property
     def piecewise(self) -> bool:
-        return _on("EPINFER_PIECEWISE", True)
+        return _on("EPINFER_PIECEWISE", False)
+
+    @property
+    def chunk_attention(self) -> bool:
+        return _on("EPINFER_CHUNK_ATTENTION", False)
 
     @property
     def stacks_after(self) -> float | None:

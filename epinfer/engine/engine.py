@@ -167,7 +167,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
     """What the graph pieces keep (`runner.piecewise`): at the largest step, the routed rows'
     inputs, gate / up, activation and outputs (K per row), in the compute dtype."""
-    if not (ecfg.cuda_graphs and ecfg.piecewise_graphs is not False and SWITCHES.piecewise):
+    wanted = SWITCHES.piecewise if ecfg.piecewise_graphs is None else ecfg.piecewise_graphs
+    if not (ecfg.cuda_graphs and wanted):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
     return ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize

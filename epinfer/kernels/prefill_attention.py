@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.core.env import SWITCHES
+
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
@@ -30,8 +32,10 @@ LOG2E = 1.4426950408889634
 
 
 def usable(q_THd: torch.Tensor) -> bool:
-    """bf16 / fp16 on CUDA (float32 runs keep SDPA's arithmetic, which transformers shares)."""
-    return triton is not None and q_THd.is_cuda and q_THd.dtype in (torch.bfloat16, torch.float16)
+    """bf16 / fp16 on CUDA with EPINFER_CHUNK_ATTENTION=1 (float32 runs keep SDPA's arithmetic,
+    which transformers shares)."""
+    return (SWITCHES.chunk_attention and triton is not None and q_THd.is_cuda
+            and q_THd.dtype in (torch.bfloat16, torch.float16))
 
 
 def blocks_for(hd: int) -> tuple[int, int]:

@@ -5,11 +5,11 @@ all heads (OLMoE), clip_qkv (OLMoE), partial rotary and a sigmoid output gate ca
 projection (Qwen3-Next / Qwen3.5). Each real row is written to the cache at `kv_slots_T`; padding
 rows (slot -1) are neither written nor attended, and their output rows are zero.
 
-Prefill and mixed steps in bf16 / fp16 on GPUs run every prompt chunk of the step in one kernel
-over the paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike),
-and the decode rows of a mixed step all go through one batched paged-decode kernel
-(`paged_attention.py`); elsewhere (float32, CPU) each prompt chunk is one SDPA call (a fresh prompt
-its own keys with a causal flag, a later chunk its cached context with a bottom-right causal bias).
+On GPUs the decode rows of a mixed step all go through one batched paged-decode kernel
+(`paged_attention.py`). Each prompt chunk is one SDPA call (a fresh prompt its own keys with a
+causal flag, a later chunk its cached context with a bottom-right causal bias), or, in bf16 / fp16
+on GPUs with EPINFER_CHUNK_ATTENTION=1, every chunk of the step goes through one kernel over the
+paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike).
 Decode-only steps on the fast path (`batch.decode`) run the paged-decode kernel for all rows, and
 in low precision the q/k norm, rotary and cache writes before it are one kernel too
 (`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same arithmetic

@@ -133,7 +133,7 @@ class ModelRunner:
                  device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False,
                  parallel_graphs: bool = False, pieces: bool | None = None, max_step_rows: int = 8192) -> None:
         """`pieces`: prefill and mixed steps of up to `max_step_rows` rows as graph pieces
-        (`runner.piecewise`); None: where decode graphs are used, unless EPINFER_PIECEWISE=0; True
+        (`runner.piecewise`); None: where decode graphs are used, if EPINFER_PIECEWISE=1; True
         without CUDA: the same pieces as plain calls."""
         self.model = model
         self.cfg = model.config

@@ -11,7 +11,9 @@
 * mixed steps (8 prompts chunked 40 tokens a step, so prompt chunks run beside decoding rows) at
   real shape: every step's logits against transformers, the decode path's bounds;
 * the graph pieces of prefill and mixed steps (captured, padded to their buckets) in float32: tokens
-  identical to the same engine without pieces and to transformers, for every family.
+  identical to the same engine without pieces and to transformers, for every family; the long-prompt
+  and mixed-step cases above again with the pieces and the prompt-chunk attention kernel on;
+* that kernel against SDPA per chunk (bf16; head dims 64 / 128 / 256).
 """
 
 from __future__ import annotations
@@ -99,9 +101,14 @@ def test_chunk_attention_after_context(N, context):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["sdpa", "pieces+chunk-kernel"])
 @pytest.mark.parametrize("prompt_len,budget", [(8192, 2048), (32768, 8192)])
-def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget):
+def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, fast, monkeypatch):
     from epinfer import LLM, SamplingParams
+
+    if fast:  # the opt-in paths: graph pieces and the prompt-chunk attention kernel
+        monkeypatch.setenv("EPINFER_PIECEWISE", "1")
+        monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1")
     from tests.gpu.test_gpu_decode import real_shape_folder
 
     folder, model = real_shape_folder(tmp_path, "qwen3.5-35b-a3b", 4)
@@ -140,9 +147,14 @@ def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget):
     assert rel(mine, exact) <= 3e-2 and top1 >= 3
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["sdpa", "pieces+chunk-kernel"])
 @pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
-def test_bf16_mixed_steps_logits_match_transformers(tmp_path, shape, layers):
+def test_bf16_mixed_steps_logits_match_transformers(tmp_path, shape, layers, fast, monkeypatch):
     from tests.gpu.test_gpu_decode import compare_logits, real_shape_folder
+
+    if fast:
+        monkeypatch.setenv("EPINFER_PIECEWISE", "1")
+        monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1")
 
     folder, model = real_shape_folder(tmp_path, shape, layers)
     res = compare_logits(folder, model, "bfloat16", budget=40)
@@ -162,7 +174,7 @@ def test_graph_pieces_float32_tokens(family, budget, ckpt_dir):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ps = prompts()
     kw = {"dtype": "float32", "device": "cuda", "max_num_batched_tokens": budget, "max_num_seqs": len(ps)}
-    llm = LLM(str(path), **kw)
+    llm = LLM(str(path), piecewise_graphs=True, **kw)
     pieces = llm.engine.runner.pieces
     assert pieces is not None and pieces.capture and pieces.graphs, "no captured pieces"
     sizes = []
