@@ -32,6 +32,7 @@ class Case:
     poison_pads: bool = False
     fast_decode: bool = False  # the decode fast path (normally CUDA only) on CPU
     budget: int = 96  # tokens a step (--max-num-batched-tokens): prompts split into chunks of it
+    pieces: bool = False  # prefill / mixed steps as graph pieces (plain calls on CPU; forwards without collectives)
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -56,8 +57,9 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
         if ctx is None:
             continue
         engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
-                                     max_num_batched_tokens=case.budget), ctx)
+                                     max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces), ctx)
         engine.runner.fast_decode = case.fast_decode
+        assert (engine.runner.pieces is not None) == case.pieces, "graph pieces where a forward has collectives"
         requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
         outputs = run_requests(engine, ctx, requests)
         if outputs is not None:

@@ -86,6 +86,9 @@ def build_cases(models: dict[str, str]) -> list[Case]:
              "none", fast_decode=True),
         Case("qwen3_next-1x2-fast-no-ep", models["qwen3_next"], 1, 2, PROMPTS, params, expert_parallel=False,
              fast_decode=True),
+        # graph pieces: replicas without collectives in the forward, each padding its own steps
+        Case("qwen3_5_moe-2x1-no-ep-pieces", models["qwen3_5_moe"], 2, 1, PROMPTS, params, expert_parallel=False,
+             budget=40, pieces=True),
     ]
     return cases
 
