@@ -23,6 +23,7 @@ from safetensors import safe_open
 from epinfer.core.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line, read_json_object, show, shown_path
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
+from epinfer.kernels.fp8_gemm import dequantize_blocks
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.families import WEIGHT_RENAMES
 
@@ -292,8 +293,7 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     if tuple(scale.shape) != want or not scale.is_floating_point():
         raise UserError(f"tensor {key}{SCALE_SUFFIX}: shape {tuple(scale.shape)} ({str(scale.dtype)[6:]}) does not "
                         f"match the {block[0]}x{block[1]} blocks of {key} {tuple(w.shape)}: expected {want}, float")
-    full = scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
-    return w.float() * full
+    return dequantize_blocks(w, scale, block)
 
 
 def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig) -> None:

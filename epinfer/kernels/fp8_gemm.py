@@ -1,0 +1,122 @@
+"""Block-scaled FP8 linear layers in Triton: y = x @ W.T with W stored as float8_e4m3fn and one
+float32 scale per 128 x 128 block (`scale_inv`, as Qwen's FP8 checkpoints ship it), and x quantised
+on the fly per token and group of 128 input columns (dynamic activation scales, the checkpoints'
+`activation_scheme: dynamic`).
+
+Program (m, n) holds BLOCK_M rows x BLOCK_N output columns and walks K in groups of GROUP (the
+weight block's column count): it loads the rows' group, takes each row's absolute maximum, scales
+the group into FP8's range (max 448), multiplies the FP8 tiles on the tensor cores and adds the
+product times (row scale x weight block scale) to a float32 accumulator. The quantisation is
+repeated by every column tile, which costs a few elementwise operations per loaded value and saves
+a separate pass over x and its scales. BLOCK_N divides the weight block's row count, so a tile
+reads one scale per group.
+
+`fp8_linear_reference` computes the same quantisation in torch (float32 products): what the kernel
+is tested against, and the arithmetic it promises.
+
+Shape suffixes: M rows, N output columns, K input columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU installs don't have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_SCALE = 1e-12  # a group of zeros keeps a finite scale
+
+
+def quantize_groups(x_MK: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in FP8 [M, K], float32 scales [M, ceil(K / group)]): each row's group of `group` columns
+    scaled by its absolute maximum / 448 (the last group may be partial)."""
+    M, K = x_MK.shape
+    groups = -(-K // group)
+    padded = torch.nn.functional.pad(x_MK.float(), (0, groups * group - K)).view(M, groups, group)
+    scale = (padded.abs().amax(-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (padded / scale[..., None]).to(torch.float8_e4m3fn)
+    return q.view(M, groups * group)[:, :K], scale
+
+
+def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 weight: each (block rows x block columns) tile of the last two dims times its scale
+    (edge tiles partial)."""
+    rows, cols = w.shape[-2:]
+    full = scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+    return w.float() * full
+
+
+def fp8_linear_reference(x_MK, w_NK, scale, block: tuple[int, int], bias=None) -> torch.Tensor:
+    q, s = quantize_groups(x_MK, block[1])
+    xq = q.float() * s.repeat_interleave(block[1], 1)[:, :q.shape[1]]
+    y = xq @ dequantize_blocks(w_NK, scale, block).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x_MK.dtype)
+
+
+def usable(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
+    """CUDA bf16 / fp16 activations, an FP8 weight, blocks of whole 16-column multiples."""
+    return (triton is not None and x_MK.is_cuda and x_MK.dtype in (torch.bfloat16, torch.float16)
+            and w_NK.dtype == torch.float8_e4m3fn and block[0] % 16 == 0 and block[1] % 16 == 0)
+
+
+def tiles(M: int, block: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the row count: decode sizes read the weight
+    once with narrow row tiles; larger M uses square-ish tensor-core tiles."""
+    bn = min(block[0], 128)
+    if M <= 16:
+        return 16, min(bn, 64), 4, 4
+    if M <= 64:
+        return 64, bn, 4, 3
+    return 128, bn, 8, 3
+
+
+def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16) @ W.T, W [N, K] float8_e4m3fn with `scale` [ceil(N / b0), ceil(K / b1)]."""
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+    if M == 0:
+        return out
+    bm, bn, warps, stages = tiles(M, block)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _fp8_linear_kernel[grid](x_MK, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
+                             x_MK.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
+                             GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None,
+                             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_linear_kernel(X, W, S, B, Out, M, N, K, sx, sw, ss, so, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        scale_row = (tl.program_id(1) * BLOCK_N) // SCALE_ROWS  # BLOCK_N divides SCALE_ROWS
+        offs_k = tl.arange(0, GROUP)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, tl.cdiv(K, GROUP)):
+            k = g * GROUP + offs_k
+            k_ok = k < K
+            a = tl.load(X + offs_m[:, None].to(tl.int64) * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            a_scale = tl.maximum(tl.max(tl.abs(a), 1) / 448.0, 1e-12)  # [BLOCK_M]: this row's group
+            a_q = (a / a_scale[:, None]).to(tl.float8e4nv)
+            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)  # [GROUP, BLOCK_N], fp8
+            w_scale = tl.load(S + scale_row * ss + g)
+            acc += tl.dot(a_q, w) * (a_scale[:, None] * w_scale)
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
