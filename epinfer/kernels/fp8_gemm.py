@@ -6,10 +6,10 @@ on the fly per token and group of 128 input columns (dynamic activation scales, 
 Program (m, n) holds BLOCK_M rows x BLOCK_N output columns and walks K in groups of GROUP (the
 weight block's column count): it loads the rows' group, takes each row's absolute maximum, scales
 the group into FP8's range (max 448), multiplies the FP8 tiles on the tensor cores and adds the
-product times (row scale x weight block scale) to a float32 accumulator. The quantisation is
-repeated by every column tile, which costs a few elementwise operations per loaded value and saves
-a separate pass over x and its scales. BLOCK_N divides the weight block's row count, so a tile
-reads one scale per group.
+product times (row scale x each column's weight block scale) to a float32 accumulator. The
+quantisation is repeated by every column tile, which costs a few elementwise operations per loaded
+value and saves a separate pass over x and its scales. Weight blocks may have any row count (a
+tile reads its columns' scales as a vector); their column count is the activation group.
 
 `fp8_linear_reference` computes the same quantisation in torch (float32 products): what the kernel
 is tested against, and the arithmetic it promises.
@@ -42,6 +42,19 @@ def quantize_groups(x_MK: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     return q.view(M, groups * group)[:, :K], scale
 
 
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 scales [..., ceil(rows / b0), ceil(cols / b1)]) of a weight whose last
+    two dims are (rows, cols): each block scaled by its absolute maximum / 448, as Qwen's
+    checkpoints are (a block already quantised that way comes back as the same FP8 values)."""
+    *lead, rows, cols = w.shape
+    nr, nc = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.nn.functional.pad(w.float(), (0, nc * block[1] - cols, 0, nr * block[0] - rows))
+    tiles = padded.view(*lead, nr, block[0], nc, block[1])
+    scale = (tiles.abs().amax((-3, -1)) / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (tiles / scale[..., :, None, :, None]).to(torch.float8_e4m3fn).view(*lead, nr * block[0], nc * block[1])
+    return q[..., :rows, :cols].contiguous(), scale
+
+
 def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float32 weight: each (block rows x block columns) tile of the last two dims times its scale
     (edge tiles partial)."""
@@ -50,30 +63,34 @@ def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
     return w.float() * full
 
 
+def fake_quantize(x_MK: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the kernels see it, float32: quantised per row and group of `group` columns, dequantised."""
+    q, s = quantize_groups(x_MK, group)
+    return q.float() * s.repeat_interleave(group, 1)[:, :q.shape[1]]
+
+
 def fp8_linear_reference(x_MK, w_NK, scale, block: tuple[int, int], bias=None) -> torch.Tensor:
-    q, s = quantize_groups(x_MK, block[1])
-    xq = q.float() * s.repeat_interleave(block[1], 1)[:, :q.shape[1]]
-    y = xq @ dequantize_blocks(w_NK, scale, block).T
+    y = fake_quantize(x_MK, block[1]) @ dequantize_blocks(w_NK, scale, block).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x_MK.dtype)
 
 
 def usable(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
-    """CUDA bf16 / fp16 activations, an FP8 weight, blocks of whole 16-column multiples."""
+    """CUDA bf16 / fp16 activations, an FP8 weight, activation groups of a power of two >= 16."""
+    group = block[1]
     return (triton is not None and x_MK.is_cuda and x_MK.dtype in (torch.bfloat16, torch.float16)
-            and w_NK.dtype == torch.float8_e4m3fn and block[0] % 16 == 0 and block[1] % 16 == 0)
+            and w_NK.dtype == torch.float8_e4m3fn and group >= 16 and group & (group - 1) == 0)
 
 
-def tiles(M: int, block: tuple[int, int]) -> tuple[int, int, int, int]:
+def tiles(M: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the row count: decode sizes read the weight
     once with narrow row tiles; larger M uses square-ish tensor-core tiles."""
-    bn = min(block[0], 128)
     if M <= 16:
-        return 16, min(bn, 64), 4, 4
+        return 16, 64, 4, 4
     if M <= 64:
-        return 64, bn, 4, 3
-    return 128, bn, 8, 3
+        return 64, 128, 4, 3
+    return 128, 128, 8, 3
 
 
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -84,7 +101,7 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    bm, bn, warps, stages = tiles(M, block)
+    bm, bn, warps, stages = tiles(M)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fp8_linear_kernel[grid](x_MK, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
                              x_MK.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
@@ -96,26 +113,32 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
 if triton is not None:
 
     @triton.jit
+    def quantize_rows(a):
+        """A tile [M, group] -> (FP8 tile, float32 scale per row): each row scaled into +-448."""
+        a = a.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(a), 1) / 448.0, 1e-12)
+        return (a / scale[:, None]).to(tl.float8e4nv), scale
+
+    @triton.jit
     def _fp8_linear_kernel(X, W, S, B, Out, M, N, K, sx, sw, ss, so, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        scale_row = (tl.program_id(1) * BLOCK_N) // SCALE_ROWS  # BLOCK_N divides SCALE_ROWS
+        scale_rows = (offs_n // SCALE_ROWS).to(tl.int64) * ss  # each column's block row of scales
         offs_k = tl.arange(0, GROUP)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(0, tl.cdiv(K, GROUP)):
             k = g * GROUP + offs_k
             k_ok = k < K
             a = tl.load(X + offs_m[:, None].to(tl.int64) * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            a_scale = tl.maximum(tl.max(tl.abs(a), 1) / 448.0, 1e-12)  # [BLOCK_M]: this row's group
-            a_q = (a / a_scale[:, None]).to(tl.float8e4nv)
+                        other=0.0)
+            a_q, a_scale = quantize_rows(a)  # [BLOCK_M]: each row's scale for this group
             w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)  # [GROUP, BLOCK_N], fp8
-            w_scale = tl.load(S + scale_row * ss + g)
-            acc += tl.dot(a_q, w) * (a_scale[:, None] * w_scale)
+            w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]
+            acc += tl.dot(a_q, w) * a_scale[:, None] * w_scale[None, :]
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),

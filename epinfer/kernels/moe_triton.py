@@ -36,6 +36,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
+    from epinfer.kernels.fp8_gemm import quantize_rows
     from epinfer.kernels.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
@@ -197,12 +198,14 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
                 ids_TK: torch.Tensor, first: int, all_local: bool, plan: tuple | None, cfg: dict | None = None,
-                reduce: bool = True) -> torch.Tensor:
+                reduce: bool = True, fp8: tuple | None = None) -> torch.Tensor:
     """The experts of this rank's pairs. `plan`: `permute_pairs`'s (order, offs, rows, active) —
     one group per used expert — or None: one group per pair, in (row, k) order. Pairs of other
     ranks' experts (only when not `all_local`) get 0. Returns out [T, D], or with `reduce=False`
     the weighted per-pair outputs [T, K, D] in float32. x, weights and ids may be row-strided views
-    (a dispatcher's packed buffer: no copies); ids int32 or int64."""
+    (a dispatcher's packed buffer: no copies); ids int32 or int64. `fp8`: (w13 scales, w2 scales,
+    block) of FP8 expert weights: each kernel's K steps are the block's columns, and the rows it
+    reads (x, then the activations) are quantised per row and step, as `fp8_gemm` does."""
     T, D = x_TD.shape
     K = weights_TK.shape[1]
     n, two_i, _ = w13.shape
@@ -216,19 +219,25 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         order, offs, _, group_e = plan
         groups, shift = group_e.shape[0], 0
     bm = cfg["BLOCK_M"]
+    s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread without FP8)
+    quant = {"FP8": fp8 is not None, "SCALE_ROWS": block[0]}
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
+    bk = block[1] if fp8 is not None else bk
     _grouped_up[(groups, triton.cdiv(inter, bn))](
         x_TD, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
-        x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
+        x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0), s13.stride(1), D=D,
+        INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
+        num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
     bn, bk, stages, warps = cfg["down"]
+    bk = block[1] if fp8 is not None else bk
     _grouped_down[(groups, triton.cdiv(D, bn))](
         act, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0), act.stride(0),
-        w2.stride(0), w2.stride(1), y.stride(0), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **pdl.kwargs(x_TD.device))
+        w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1), D=D, INTER=inter, K=K,
+        PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **quant,
+        **pdl.kwargs(x_TD.device))
     if not reduce:
         return y.view(T, K, D)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -269,10 +278,12 @@ if triton is not None:
 
     @triton.jit
     def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sw_e, sw_n, sa_p,
-                    D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                    S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                    FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
-        program_id(0) (expert e), on one tile of I."""
+        program_id(0) (expert e), on one tile of I. FP8: W13 float8 with block scales S13 [E, rows
+        / SCALE_ROWS, D / BLOCK_K], x quantised per row and BLOCK_K columns."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
@@ -281,6 +292,8 @@ if triton is not None:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
+        s_gate = S13 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r  # FP8: each column's scale row
+        s_up = S13 + e.to(tl.int64) * ss_e + ((INTER + offs_n) // SCALE_ROWS) * ss_r
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
@@ -298,8 +311,15 @@ if triton is not None:
                 wm = k_ok[:, None] & n_ok[None, :]
                 wg = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
                 wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
-                acc_g = tl.dot(a, wg, acc_g)
-                acc_u = tl.dot(a, wu, acc_u)
+                if FP8:
+                    a_q, a_s = quantize_rows(a)
+                    sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                    su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                    acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
+                    acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
+                else:
+                    acc_g = tl.dot(a, wg, acc_g)
+                    acc_u = tl.dot(a, wu, acc_u)
             if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
             act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -308,8 +328,9 @@ if triton is not None:
 
     @triton.jit
     def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sw_e, sw_n, sy_p,
-                      D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                      S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                      FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
         (weights [T, K] with row stride sw_t)."""
         if PDL:
@@ -324,6 +345,7 @@ if triton is not None:
                          mask=n_ok)
             end = tl.where(zero, start, end)
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
+        s_base = S2 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
@@ -334,7 +356,12 @@ if triton is not None:
                 a = tl.load(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_k[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, w, acc)
+                if FP8:
+                    a_q, a_s = quantize_rows(a)
+                    sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                    acc += tl.dot(a_q, w) * a_s[:, None] * sw[None, :]
+                else:
+                    acc = tl.dot(a, w, acc)
             if PDL:
                 tl.extra.cuda.gdc_launch_dependents()
             if PER_PAIR:

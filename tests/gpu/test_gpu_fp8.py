@@ -4,7 +4,9 @@ against the torch reference with the same dynamic per-token-group activation qua
 error FP8 activations add), for decode and prefill row counts, weights whose sides are not block
 multiples (edge blocks), the checkpoints' 128 x 128 blocks and the tiny models' 16 x 16. With
 activations that are FP8 values times a power of two the quantisation is exact, so only the
-kernel's indexing and scales remain (bf16 output rounding)."""
+kernel's indexing and scales remain (bf16 output rounding). The grouped expert kernels with FP8
+weights (per-pair and permuted modes) against a per-pair reference with the same quantisation of x
+and of the activations."""
 
 from __future__ import annotations
 
@@ -16,13 +18,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def random_fp8_weight(N: int, K: int, block: tuple[int, int], gen: torch.Generator):
     """(FP8 weight, its block scales) of a weight with std ~0.02, quantised per block as Qwen's are."""
-    w = torch.randn(N, K, generator=gen) * 0.02
-    rows, cols = -(-N // block[0]), -(-K // block[1])
-    padded = torch.nn.functional.pad(w, (0, cols * block[1] - K, 0, rows * block[0] - N))
-    tiles = padded.view(rows, block[0], cols, block[1])
-    scale = (tiles.abs().amax((1, 3)) / 448.0).clamp(min=1e-12)
-    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * block[0], cols * block[1])[:N, :K]
-    return q.contiguous(), scale
+    from epinfer.kernels.fp8_gemm import quantize_blocks
+
+    return quantize_blocks(torch.randn(N, K, generator=gen) * 0.02, block)
 
 
 def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, block: tuple[int, int],
@@ -54,7 +52,7 @@ def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, bl
 
 
 CASES = [(1, 256, 512, (128, 128)), (7, 384, 2048, (128, 128)), (64, 200, 300, (128, 128)),
-         (300, 1024, 2048, (128, 128)), (33, 48, 80, (16, 16))]
+         (300, 1024, 2048, (128, 128)), (33, 48, 80, (16, 16)), (5, 90, 64, (12, 32))]
 
 
 @pytest.mark.parametrize("M,N,K,block", CASES)
@@ -63,3 +61,55 @@ def test_fp8_linear_kernel(M, N, K, block):
     rel, rel_exact = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1)
     print(f"M {M} N {N} K {K} block {block}: {rel:.2e} vs same quantisation ({exact:.2e} with representable "
           f"inputs), {rel_exact:.2e} vs bf16 activations")
+
+
+def fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids):
+    """Per pair: x quantised per group, gate / up with the dequantised weights (float32), silu * up
+    rounded to x's dtype, quantised again, the down projection, times the routing weight; summed."""
+    from epinfer.kernels.fp8_gemm import dequantize_blocks, fake_quantize
+
+    T, K = ids.shape
+    inter = w13.shape[1] // 2
+    out = torch.zeros(T, w2.shape[1])
+    xq = fake_quantize(x, block[1])
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            gu = xq[t:t + 1] @ dequantize_blocks(w13[e], s13[e], block).T
+            act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
+            y = fake_quantize(act, block[1]) @ dequantize_blocks(w2[e], s2[e], block).T
+            out[t] += float(weights[t, k]) * y[0]
+    return out
+
+
+def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, inter: int, K: int,
+                      block: tuple[int, int]) -> float:
+    """The Triton grouped expert kernels with FP8 weights against the reference; both the per-pair
+    and the grouped (permuted) modes. Returns the largest relative error."""
+    from epinfer.kernels import moe_triton
+    from epinfer.kernels.fp8_gemm import quantize_blocks
+    from epinfer.layers.moe import permute_pairs
+
+    gen = torch.Generator().manual_seed(T + E + D)
+    w13, s13 = quantize_blocks(torch.randn(E, 2 * inter, D, generator=gen) * 0.05, block)
+    w2, s2 = quantize_blocks(torch.randn(E, D, inter, generator=gen) * 0.05, block)
+    x = torch.randn(T, D, generator=gen)
+    logits = torch.randn(T, E, generator=gen)
+    weights, ids = torch.softmax(logits, -1).topk(K, -1)
+    ref = fp8_experts_reference(x.to(dtype), w13, s13, w2, s2, block, weights, ids)
+    worst = 0.0
+    for plan in (None, permute_pairs(ids.to(device), 0, E)):
+        dev = [t.to(device) for t in (w13, s13, w2, s2)]
+        got = moe_triton.moe_grouped(x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device),
+                                     0, True, plan, moe_triton.grouped_config(T * K, E), fp8=(dev[1], dev[3], block))
+        rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
+        worst = max(worst, rel)
+    return worst
+
+
+@pytest.mark.parametrize("T,E,D,inter,block", [(1, 8, 256, 128, (128, 128)), (5, 16, 512, 384, (128, 128)),
+                                               (64, 8, 256, 256, (128, 128)), (9, 6, 64, 48, (16, 16))])
+def test_fp8_expert_kernels(T, E, D, inter, block):
+    rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block)
+    print(f"T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
+    assert rel <= 1e-2
