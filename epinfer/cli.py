@@ -65,6 +65,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: on for CUDA, off on CPU)")
     p.add_argument("--random-weights", action="store_true",
                    help="benchmarks: random weights, the model folder needs only config.json")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="an FP8 checkpoint: keep its weights in FP8 (block-scaled FP8 kernels on GPUs; not yet "
+                        "measured there) instead of dequantising them to --dtype")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -113,7 +116,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
                         cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
-                        parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching)
+                        parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching,
+                        fp8_weights=args.fp8_weights)
 
 
 def build_job(args: argparse.Namespace, engine: EngineConfig, mode=None) -> Job:

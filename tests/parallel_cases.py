@@ -33,6 +33,7 @@ class Case:
     fast_decode: bool = False  # the decode fast path (normally CUDA only) on CPU
     budget: int = 96  # tokens a step (--max-num-batched-tokens): prompts split into chunks of it
     pieces: bool = False  # prefill / mixed steps as graph pieces (plain calls on CPU; forwards without collectives)
+    fp8_weights: bool = False  # an FP8 checkpoint kept in FP8 (the kernels' quantisation, in torch on CPU)
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -57,7 +58,8 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
         if ctx is None:
             continue
         engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
-                                     max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces), ctx)
+                                     max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces,
+                                     fp8_weights=case.fp8_weights), ctx)
         engine.runner.fast_decode = case.fast_decode
         assert (engine.runner.pieces is not None) == case.pieces, "graph pieces where a forward has collectives"
         requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]

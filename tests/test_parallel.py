@@ -86,6 +86,10 @@ def build_cases(models: dict[str, str]) -> list[Case]:
              "none", fast_decode=True),
         Case("qwen3_next-1x2-fast-no-ep", models["qwen3_next"], 1, 2, PROMPTS, params, expert_parallel=False,
              fast_decode=True),
+        # FP8 weights sharded over TP and EP (blocks that divide the shards): the single process's tokens
+        *[Case(f"fp8w-2x2-{d}", models["fp8w"], 2, 2, PROMPTS, params, d, fp8_weights=True)
+          for d in ("agrs", "alltoall")],
+        Case("fp8w-1x2-no-ep", models["fp8w"], 1, 2, PROMPTS, params, expert_parallel=False, fp8_weights=True),
         # graph pieces: replicas without collectives in the forward, each padding its own steps
         Case("qwen3_5_moe-2x1-no-ep-pieces", models["qwen3_5_moe"], 2, 1, PROMPTS, params, expert_parallel=False,
              budget=40, pieces=True),
@@ -98,6 +102,7 @@ def models(ckpt_dir):
     out = {f: str(ckpt_dir(f)) for f in FAMILIES}
     out["six"] = str(ckpt_dir("qwen3_5_moe", num_experts=6))
     out["fp8"] = str(ckpt_dir("qwen3_5_moe", fp8_block=(12, 20), seed=3))
+    out["fp8w"] = str(ckpt_dir("qwen3_5_moe", fp8_block=(16, 16), seed=5))
     return out
 
 
@@ -107,8 +112,10 @@ def expected(models):
     params = [greedy(n) for n in MAX_TOKENS]
     out = {}
     for name, path in models.items():
-        outs = LLM(path, dtype="float32", device="cpu").generate(PROMPTS, params)
+        outs = LLM(path, dtype="float32", device="cpu", fp8_weights=name == "fp8w").generate(PROMPTS, params)
         out[name] = [o.token_ids for o in outs]
+        if name == "fp8w":  # FP8 activations: the single process is the reference
+            continue
         reference = f"{path}/dequantized" if name == "fp8" else path  # transformers: the same weights dequantised
         for prompt, n, tokens in zip(PROMPTS, MAX_TOKENS, out[name], strict=True):
             assert tokens == hf_generate(reference, prompt, n)[0], f"{name}: single-process != transformers"

@@ -313,6 +313,9 @@ class EngineConfig:
     # prefill and mixed steps as graph pieces between the attention / GDN parts (`runner.piecewise`);
     # None: EPINFER_PIECEWISE=1 with CUDA graphs on CUDA; True on the CPU runs the pieces as calls
     piecewise_graphs: bool | None = None
+    # an FP8 checkpoint's (or, with random weights, an FP8 config's) weights kept in FP8 with block
+    # scales, run by the FP8 kernels (`kernels.fp8_gemm`); off: dequantised to `dtype` at load
+    fp8_weights: bool = False
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
     prefix_state_snapshots: int = 0

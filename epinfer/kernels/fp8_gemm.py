@@ -48,6 +48,8 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     checkpoints are (a block already quantised that way comes back as the same FP8 values)."""
     *lead, rows, cols = w.shape
     nr, nc = -(-rows // block[0]), -(-cols // block[1])
+    if w.numel() == 0:  # (an expert-parallel rank without experts)
+        return w.to(torch.float8_e4m3fn), torch.ones(*lead, nr, nc, device=w.device)
     padded = torch.nn.functional.pad(w.float(), (0, nc * block[1] - cols, 0, nr * block[0] - rows))
     tiles = padded.view(*lead, nr, block[0], nc, block[1])
     scale = (tiles.abs().amax((-3, -1)) / FP8_MAX).clamp(min=MIN_SCALE)

@@ -44,8 +44,13 @@ except ImportError:  # pragma: no cover
 MAX_PER_EXPERT = 96  # moe_grouped up to this many pairs per expert on average; beyond, cuBLAS grouped GEMM
 
 
+def usable(x: torch.Tensor) -> bool:
+    """The Triton kernels run here (bf16 / fp16 on CUDA, with Triton)."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _usable(x: torch.Tensor) -> bool:
-    return GROUPED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return GROUPED and usable(x)
 
 
 def grouped_usable(x: torch.Tensor, pairs: int, num_local: int) -> bool:

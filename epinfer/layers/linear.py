@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
-from epinfer.kernels import pdl, small_gemm
+from epinfer.kernels import fp8_gemm, pdl, small_gemm
 from epinfer.kernels.fused import fused
 
 
@@ -45,13 +45,37 @@ class Linear(nn.Module):
         self.ctx, self.label = ctx, label
 
     small_rows = False  # set on projections where `small_gemm` beats cuBLAS at decode sizes (o_proj, LM head)
+    fp8_block: tuple[int, int] | None = None  # set by `to_fp8`
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """The weight as FP8 with float32 scales per (block rows x block columns) of this rank's
+        shard (`kernels.fp8_gemm`); activations are then quantised per row and block of columns."""
+        q, scale = fp8_gemm.quantize_blocks(self.weight.detach(), block)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.fp8_block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_block is not None:
+            return self._fp8(x)
         if not self.reduce:
             if self.small_rows and small_gemm.usable(x, self.weight):
                 return small_gemm.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
+        y = self.ctx.comm.all_reduce(y, self.ctx.groups.tp_group, self.label)
+        return y if self.bias is None else y + self.bias
+
+    def _fp8(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        bias = None if self.reduce else self.bias
+        if fp8_gemm.usable(rows, self.weight, self.fp8_block):
+            y = fp8_gemm.fp8_linear(rows, self.weight, self.weight_scale, self.fp8_block, bias)
+        else:  # CPU and float32 runs: the same quantisation in torch
+            y = fp8_gemm.fp8_linear_reference(rows, self.weight, self.weight_scale, self.fp8_block, bias)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        if not self.reduce:
+            return y
         y = self.ctx.comm.all_reduce(y, self.ctx.groups.tp_group, self.label)
         return y if self.bias is None else y + self.bias
 
@@ -91,7 +115,8 @@ class Stacked:
 
 def stack_linears(linears: Sequence[Linear]) -> Stacked | None:
     """A Stacked for `linears` when they qualify (low precision, no TP reduction), else None."""
-    if any(lin.reduce for lin in linears) or linears[0].weight.dtype in (torch.float32, torch.float64):
+    if any(lin.reduce for lin in linears) or linears[0].weight.dtype in (torch.float32, torch.float64) or \
+            any(lin.fp8_block is not None for lin in linears):  # (FP8 projections keep their own blocks)
         return None
     return Stacked(linears)
 

@@ -30,7 +30,7 @@ from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
-from epinfer.kernels import moe_triton
+from epinfer.kernels import fp8_gemm, moe_triton
 from epinfer.kernels.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear, silu_mul
 
@@ -57,6 +57,13 @@ class FusedExperts(nn.Module):
         n = len(expert_ids)
         self.w13 = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, inter))
+        self.fp8: tuple | None = None  # (w13 scales, w2 scales, block) once `to_fp8` ran
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Expert weights as FP8 with block scales per expert (`kernels.fp8_gemm.quantize_blocks`)."""
+        (w13, s13), (w2, s2) = (fp8_gemm.quantize_blocks(w.detach(), block) for w in (self.w13, self.w2))
+        self.w13, self.w2 = nn.Parameter(w13, requires_grad=False), nn.Parameter(w2, requires_grad=False)
+        self.fp8 = (s13, s2, block)
 
     def forward(self, x_TD: torch.Tensor, topk_weights_TK: torch.Tensor,
                 topk_ids_TK: torch.Tensor, reduce: bool = True) -> torch.Tensor:
@@ -67,6 +74,8 @@ class FusedExperts(nn.Module):
         if num_local == 0 or x_TD.shape[0] == 0:
             return torch.zeros_like(x_TD)
         pairs = topk_ids_TK.numel()
+        if self.fp8 is not None:
+            return self._fp8(x_TD, topk_weights_TK, topk_ids_TK)
         if moe_triton.grouped_usable(x_TD, pairs, num_local):  # decode sizes: gather-GEMM kernels
             cfg = moe_triton.grouped_config(pairs, num_local)  # (once: it also says which mode)
             plan = None if cfg is moe_triton.PER_PAIR else permute_pairs(topk_ids_TK, self.first_expert, num_local)
@@ -95,6 +104,30 @@ class FusedExperts(nn.Module):
             y = y * flat_weights[pairs, None].to(y.dtype)
             out.index_add_(0, rows, y)
         return out
+
+    def _fp8(self, x_TD, topk_weights_TK, topk_ids_TK):
+        """FP8 experts: the grouped kernels at every size on GPUs; elsewhere the same quantisation
+        per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are)."""
+        n = self.w13.shape[0]
+        if moe_triton.usable(x_TD):
+            per_pair = moe_triton.per_pair(topk_ids_TK.numel())
+            plan = None if per_pair else permute_pairs(topk_ids_TK, self.first_expert, n)
+            return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
+                                          n == self.num_experts_total, plan, fp8=self.fp8)
+        s13, s2, block = self.fp8
+        out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        local = topk_ids_TK - self.first_expert
+        xq = fp8_gemm.fake_quantize(x_TD, block[1])
+        inter = self.w13.shape[1] // 2
+        for e in range(n):
+            rows, k = torch.nonzero(local == e, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            gate_up = xq[rows] @ fp8_gemm.dequantize_blocks(self.w13[e], s13[e], block).T
+            act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x_TD.dtype)
+            y = fp8_gemm.fake_quantize(act, block[1]) @ fp8_gemm.dequantize_blocks(self.w2[e], s2[e], block).T
+            out.index_add_(0, rows, y * topk_weights_TK[rows, k, None].float())
+        return out.to(x_TD.dtype)
 
     def _dense(self, x_TD, topk_weights_TK, topk_ids_TK):
         """Every local expert on every row, weighted by its routing weight (0 when not chosen):

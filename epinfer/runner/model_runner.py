@@ -16,6 +16,7 @@ from epinfer.core.forward import DecodeMeta, ForwardBatch, SeqSlice
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels import paged_attention
 from epinfer.models.causal_lm import CausalLM
+from epinfer.models.fp8 import quantize_fp8
 from epinfer.models.loader import load_checkpoint
 from epinfer.runner.batch import StepPlan
 from epinfer.runner.cache import CacheLayout, CacheTensors
@@ -73,7 +74,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
-                ctx: ParallelContext | None = None) -> CausalLM:
+                ctx: ParallelContext | None = None, fp8: bool = False) -> CausalLM:
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
     one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback)."""
     have = available_bytes(device)
@@ -98,6 +99,8 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
         load_checkpoint(model, folder, cfg)
     else:
         random_init(model)
+    if fp8:  # this rank's shards, requantised in blocks of their own (the checkpoint's where they align)
+        quantize_fp8(model, cfg.fp8_block or (128, 128))
     for module in model.modules():
         if hasattr(module, "stack"):  # q/k/v and gate/up as one GEMM each (low precision only)
             module.stack()
