@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
+    bench.add_argument("--quant", choices=["fp8"], default=None,
+                       help="fp8: random FP8 weights with 128 x 128 block scales (the floor from FP8 bytes)")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     bench.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan step n+1 while step n runs (default: on for CUDA, off on CPU)")
@@ -356,7 +358,8 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                  "--dp-padding", args.dp_padding]
         switches = (("--async-scheduling", args.async_scheduling is True),
                     ("--no-async-scheduling", args.async_scheduling is False), ("--enforce-eager", args.enforce_eager),
-                    ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching))
+                    ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
+                    ("--fp8-weights", args.quant == "fp8"))
         flags += [flag for flag, on in switches if on]
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
                                       args.input_len, args.output_len, args.concurrency, args.max_num_batched_tokens)
@@ -369,7 +372,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
                           max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8")
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
                             args.output_len, step_log=args.step_log)
     print(json.dumps(record))
@@ -430,14 +433,15 @@ def main(argv: list[str] | None = None) -> int:
                         raise UserError(f"--replica-batch {args.replica_batch!r}: give counts like 64,8") from None
                 engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                                       gpu_memory_utilization=args.gpu_memory_utilization,
-                                      async_scheduling=args.async_scheduling, parallel_graphs=args.parallel_graphs)
+                                      async_scheduling=args.async_scheduling, parallel_graphs=args.parallel_graphs,
+                                      fp8_weights=args.quant == "fp8")
                 records = bench_parallel(build_job(args, engine), args.shape, args.batch, args.input_len,
                                          args.output_len, args.layers, replica, args.trace)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
                             args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization,
-                            args.async_scheduling, args.trace)
+                            args.async_scheduling, args.trace, args.quant == "fp8")
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
         if args.command == "serve":

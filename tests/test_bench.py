@@ -68,6 +68,17 @@ def test_decode_bytes_grow_with_batch_and_touch_experts():
     assert 80e9 < many < 92e9
 
 
+def test_fp8_decode_bytes_and_bench(tmp_path):
+    """--quant fp8: the floor counts the projections and experts at one byte (the 30B shape's batch-1
+    weights ~6.1 GB in bf16, ~3.2 GB in FP8); the bench runs the shape with FP8 weights."""
+    cfg = ModelConfig.from_hf(json.loads((SHAPES / "qwen3-30b-a3b.json").read_text()))
+    bf16, fp8 = decode_bytes(cfg, 1, 16, 2), decode_bytes(cfg, 1, 16, 2, fp8=True)
+    assert 0.5 < fp8 / bf16 < 0.56
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
+    records = bench(str(tmp_path), [2], input_len=12, output_len=3, device="cpu", dtype="float32", fp8=True)
+    assert records[0]["weights"] == "fp8" and records[0]["decode_tok_s"] > 0
+
+
 def test_unknown_shape():
     try:
         bench("no-such-shape", [1], 4, 2, device="cpu")

@@ -169,7 +169,7 @@ def bench_parallel(job: Job, shape: str, batches: list[int], input_len: int, out
     top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
     trace = trace_folder(trace)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = shape_folder(shape, layers, tmp)
+        folder = shape_folder(shape, layers, tmp, job.engine.fp8_weights)
         ecfg = dataclasses.replace(job.engine, model=str(folder), random_weights=True, max_num_seqs=max(1, top),
                                    max_model_len=input_len + output_len + 64,
                                    max_num_batched_tokens=max(16384, input_len))

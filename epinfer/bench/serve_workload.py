@@ -160,7 +160,7 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
     if clients < 1:
         raise UserError("--concurrency must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = shape_folder(shape, layers, tmp)
+        folder = shape_folder(shape, layers, tmp, "--fp8-weights" in server_flags)
         vocab = ModelConfig.from_dir(folder).vocab_size
         longest = max(i + o for i, o in pairs)
         log = Path(tmp, "server.log")

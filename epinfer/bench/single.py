@@ -76,10 +76,15 @@ def _weights_per_layer(cfg: ModelConfig) -> tuple[int, int, int, int]:
     return attn, gdn, 3 * D * cfg.moe_intermediate_size, 3 * D * cfg.shared_expert_intermediate_size + D
 
 
-def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int) -> int:
-    """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write)."""
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8: bool = False) -> int:
+    """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write).
+    `fp8`: the projections and experts are FP8 weights (1 byte, plus a float32 scale per block)."""
     D = cfg.hidden_size
-    attn, gdn, expert, shared = _weights_per_layer(cfg)
+    per_weight = (1 + 4 / (128 * 128)) / itemsize if fp8 else 1.0  # (of itemsize: scaled below)
+    attn, gdn, expert, shared = (int(n * per_weight) for n in _weights_per_layer(cfg))
     nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     touched = cfg.num_experts * (1 - (1 - cfg.top_k / max(cfg.num_experts, 1)) ** batch)
     total = 0
@@ -114,7 +119,9 @@ def prefill_flops_per_token(cfg: ModelConfig, prompt_len: int) -> float:
     return flops
 
 
-def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
+def shape_folder(shape: str, layers: int | None, tmp: str, fp8: bool = False) -> Path:
+    """A folder holding the shape's config.json (`layers`: cut to that depth; `fp8`: with an FP8
+    quantization_config of 128 x 128 blocks unless it has one)."""
     if shape in BUILTIN:
         path = SHAPES / BUILTIN[shape]
     else:
@@ -131,6 +138,9 @@ def shape_folder(shape: str, layers: int | None, tmp: str) -> Path:
         text["num_hidden_layers"] = layers
         if isinstance(text.get("layer_types"), list):
             text["layer_types"] = text["layer_types"][:layers]
+    if fp8 and not raw.get("quantization_config"):
+        target = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+        target["quantization_config"] = dict(FP8_CONFIG)
     Path(tmp, "config.json").write_text(json.dumps(raw))
     return Path(tmp)
 
@@ -254,13 +264,13 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
           gpu_memory_utilization: float = 0.9, async_scheduling: bool | None = None,
-          trace: str | None = None) -> list[dict]:
+          trace: str | None = None, fp8: bool = False) -> list[dict]:
     """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
     on CPU, host only, which turns the breakdown on there)."""
     trace = trace_folder(trace)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = shape_folder(shape, layers, tmp)
-        ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True,
+        folder = shape_folder(shape, layers, tmp, fp8)
+        ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True, fp8_weights=fp8,
                             max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
                             gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
@@ -274,10 +284,11 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
         for batch in batches:
             speed = run_batch(engine, batch, input_len, output_len, dev.type == "cuda" or trace is not None, trace)
             nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2,
-                                  DTYPES[dtype].itemsize)
+                                  DTYPES[dtype].itemsize, fp8)
             floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
             rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
                    "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,
+                   "weights": "fp8" if fp8 else dtype,
                    "cuda_graphs": engine.runner.graphs is not None,
                    "async_scheduling": engine.ecfg.async_scheduling, **ceil, **speed,
                    "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),

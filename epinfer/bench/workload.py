@@ -199,7 +199,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
     w = workload(name, requests, input_len, output_len)
     longest = max(i + o for i, o in lengths(w, seed))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = shape_folder(shape, layers, tmp)
+        folder = shape_folder(shape, layers, tmp, engine_cfg.fp8_weights)
         ecfg = dataclasses.replace(engine_cfg, model=str(folder), random_weights=True,
                                    max_model_len=max(engine_cfg.max_model_len or 0, longest + 16))
         t0 = time.perf_counter()
@@ -210,7 +210,8 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                             seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
-                  "dtype": engine_cfg.dtype, "async_scheduling": engine.ecfg.async_scheduling,
+                  "dtype": engine_cfg.dtype, "weights": "fp8" if engine_cfg.fp8_weights else engine_cfg.dtype,
+                  "async_scheduling": engine.ecfg.async_scheduling,
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "graph_pieces": engine.runner.pieces is not None, "chunk_attention": SWITCHES.chunk_attention,
                   "max_num_seqs": engine.scheduler.max_num_seqs,
