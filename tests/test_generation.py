@@ -89,6 +89,14 @@ def test_multimodal_wrapper_layout(ckpt_dir):
 _HF: dict[tuple[str, int], list[int]] = {}
 
 
+def assert_transformers_tokens(path, ps: list[list[int]], got: list[list[int]], what: str) -> None:
+    for p, tokens in zip(ps, got, strict=True):
+        key = (str(path), len(p))
+        if key not in _HF:
+            _HF[key] = hf_generate(path, p, NEW_TOKENS)[0]
+        assert tokens == _HF[key], f"{what}: prompt of {len(p)} tokens"
+
+
 @pytest.mark.parametrize("budget", [1, 7, 64])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_matches_transformers(family, budget, ckpt_dir):
@@ -102,11 +110,7 @@ def test_chunked_prefill_matches_transformers(family, budget, ckpt_dir):
     whole = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=512)
     got = [o.token_ids for o in chunked.generate(ps, params)]
     assert got == [o.token_ids for o in whole.generate(ps, params)]
-    for p, tokens in zip(ps, got, strict=True):
-        key = (str(path), len(p))
-        if key not in _HF:
-            _HF[key] = hf_generate(path, p, NEW_TOKENS)[0]
-        assert tokens == _HF[key], f"{family}: prompt of {len(p)} tokens, chunks of {budget}"
+    assert_transformers_tokens(path, ps, got, f"{family}, chunks of {budget}")
 
 
 @pytest.mark.parametrize("budget", [7, 64])
@@ -130,8 +134,4 @@ def test_graph_pieces_match(family, budget, ckpt_dir):
     whole = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=budget, max_num_seqs=len(ps))
     assert whole.engine.runner.pieces is None
     assert got == [o.token_ids for o in whole.generate(ps, params)]
-    for p, tokens in zip(ps, got, strict=True):
-        key = (str(path), len(p))
-        if key not in _HF:
-            _HF[key] = hf_generate(path, p, NEW_TOKENS)[0]
-        assert tokens == _HF[key], f"{family}: prompt of {len(p)} tokens, chunks of {budget}"
+    assert_transformers_tokens(path, ps, got, f"{family}, chunks of {budget}")

@@ -96,14 +96,9 @@ class Attention(nn.Module):
     def stack(self) -> None:
         self.qkv = stack_linears([self.q_proj, self.k_proj, self.v_proj])
 
-    def forward(
-        self,
-        x_TD: torch.Tensor,
-        batch: ForwardBatch,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        return self.o_proj(self.mix(x_TD, batch, kv_cache, cos_sin))
+    def forward(self, *args) -> torch.Tensor:
+        """`mix`'s arguments: (x, batch, KV cache, (cos, sin)); the layer's output [T, D]."""
+        return self.o_proj(self.mix(*args))
 
     def mix(
         self,
