@@ -119,3 +119,34 @@ def test_fp8_weights_logits_close_to_dequantized(family, ckpt_dir):
 def test_fp8_weights_need_an_fp8_checkpoint(ckpt_dir):
     with pytest.raises(UserError, match="--fp8-weights needs an FP8 checkpoint"):
         LLM(str(ckpt_dir("qwen3_5_moe")), dtype="float32", device="cpu", fp8_weights=True)
+
+
+def test_fp8_weights_load_one_layer_at_a_time(ckpt_dir, monkeypatch):
+    """With --fp8-weights the model is made layer by layer: when a layer is quantised, the layers
+    after it do not exist yet (so only one layer is ever held in the compute dtype), and the result
+    is the single-process FP8 run's (checkpoint and random weights alike)."""
+    from epinfer.runner import model_runner
+
+    seen = []
+    real = model_runner.quantize_fp8
+
+    def spy(module, block):
+        if not isinstance(module, real_lm):  # (the whole model: the memory estimate, on the meta device)
+            seen.append([lay.input_layernorm.weight.is_meta for lay in model_box[-1].model.layers])
+        return real(module, block)
+
+    model_box = []
+    real_lm = model_runner.CausalLM
+
+    class Recording(real_lm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            model_box.append(self)
+
+    monkeypatch.setattr(model_runner, "quantize_fp8", spy)
+    monkeypatch.setattr(model_runner, "CausalLM", Recording)
+    path = ckpt_dir("qwen3_5_moe", fp8_block=(16, 16))
+    llm = LLM(str(path), dtype="float32", device="cpu", fp8_weights=True)
+    n = len(model_box[-1].model.layers)
+    assert seen == [[j > i for j in range(n)] for i in range(n)]
+    assert llm.generate(PROMPTS, GREEDY)[0].token_ids

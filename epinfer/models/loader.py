@@ -135,6 +135,16 @@ class WeightLoader:
                 self.tracker.expected[f"{name}.w13"] = 2 * len(index)
                 self.tracker.expected[f"{name}.w2"] = len(index)
 
+    def adopt(self, prefix: str, module: torch.nn.Module) -> None:
+        """Loads into `module`'s parameters as they are now (made since the loader was built)."""
+        for name, param in module.named_parameters():
+            self.params[prefix + name] = param
+
+    def forget(self, prefix: str) -> None:
+        """Drops the references to the parameters under `prefix` (loaded: their module owns them)."""
+        for name in [n for n in self.params if n.startswith(prefix)]:
+            del self.params[name]
+
     def load(self, key: str, get: Callable[[], torch.Tensor]) -> None:
         name = normalize_name(key, self.cfg)
         if name is None:
@@ -296,11 +306,34 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     return dequantize_blocks(w, scale, block)
 
 
-def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig) -> None:
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
+                    each_layer: Callable[[torch.nn.Module, Callable[[], None]], None] | None = None) -> None:
+    """`each_layer(module, load)`: the model's layers, then the rest, are loaded one module at a
+    time — `each_layer` makes the module's memory, calls `load` (its tensors), and may transform it
+    (FP8: quantise, so that only one layer is ever held in the compute dtype)."""
     loader = WeightLoader(model, cfg)
     with contextlib.ExitStack() as stack:
-        for key, get in dequantized(open_tensors(checkpoint_files(folder), stack), cfg):
-            loader.load(key, get)
+        tensors = list(dequantized(open_tensors(checkpoint_files(folder), stack), cfg))
+        if each_layer is None:
+            for key, get in tensors:
+                loader.load(key, get)
+        else:
+            by_layer: dict[int | None, list] = defaultdict(list)
+            for key, get in tensors:
+                m = _LAYER.match(normalize_name(key, cfg) or "")
+                by_layer[int(m[1]) if m and int(m[1]) < cfg.num_layers else None].append((key, get))
+            def load_unit(prefix: str, module: torch.nn.Module, unit: int | None) -> None:
+                loader.adopt(prefix, module)  # the parameters `each_layer` just made
+                for key, get in by_layer.pop(unit, []):
+                    loader.load(key, get)
+
+            for i, layer in enumerate(model.model.layers):
+                each_layer(layer, lambda i=i, layer=layer: load_unit(f"model.layers.{i}.", layer, i))
+                loader.forget(f"model.layers.{i}.")
+            each_layer(model, lambda: load_unit("", model, None))
     missing = loader.tracker.missing()
     if "lm_head.weight" in missing and cfg.tie_word_embeddings:
         with torch.no_grad():

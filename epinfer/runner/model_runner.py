@@ -15,6 +15,7 @@ from epinfer.core.errors import UserError
 from epinfer.core.forward import DecodeMeta, ForwardBatch, SeqSlice
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels import paged_attention
+from epinfer.layers.rotary import RotaryEmbedding
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.fp8 import quantize_fp8
 from epinfer.models.loader import load_checkpoint
@@ -34,11 +35,17 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx: ParallelContext | None = None) -> int:
-    """Bytes of this rank's shard of the weights in `dtype` (the model built on the meta device)."""
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx: ParallelContext | None = None, fp8: bool = False) -> int:
+    """Bytes of this rank's shard of the weights in `dtype` (the model built on the meta device);
+    `fp8`: with the projections in FP8 and their scales, plus the largest layer in `dtype` (the
+    load holds one at a time)."""
     with _default_dtype(dtype), torch.device("meta"):
         model = CausalLM(cfg, ctx)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    if not fp8:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    layer = max(sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in model.model.layers)
+    quantize_fp8(model, cfg.fp8_block or (128, 128))
+    return layer + sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -81,39 +88,71 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     # the sizes alone first: even the meta-device copy of a huge config takes long to build. Some
     # rank holds at least an even share of the parameters, so the floor / ranks bounds the largest shard
     ranks = ctx.groups.world_size if ctx is not None and ctx.groups else 1
-    need = cfg.weight_count_floor() * dtype.itemsize // ranks
+    need = cfg.weight_count_floor() * (1 if fp8 else dtype.itemsize) // ranks
     if have is None or need <= have:
-        need = weight_bytes(cfg, dtype, ctx)
+        need = weight_bytes(cfg, dtype, ctx, fp8)
     if have is not None and need > have:
         raise UserError(f"the weights need {need / 2**30:.1f} GiB on {device} ({cfg.num_layers} layers, "
-                        f"{str(dtype).removeprefix('torch.')}) but only {have / 2**30:.1f} GiB is free: use fewer "
+                        f"{str(dtype).removeprefix('torch.')}{', FP8 projections' if fp8 else ''}) but only {have / 2**30:.1f} GiB is free: use fewer "
                         f"layers (bench --layers), a smaller dtype, more ranks or another device")
     if dtype == torch.float32 and device.type == "cuda":
         # float32 means float32: no TF32 in matmuls or in cuDNN's convolution (the GDN conv)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    with _default_dtype(dtype), torch.device(device):
+    # FP8: built on the meta device, then made, loaded and quantised one layer at a time, so that
+    # only one layer is ever held in the compute dtype
+    with _default_dtype(dtype), torch.device("meta" if fp8 else device):
         model = CausalLM(cfg, ctx)
     model.rotary.inv_freq = model.rotary.inv_freq.float()
+    block = cfg.fp8_block or (128, 128)
+
+    def each_layer(module: torch.nn.Module, load) -> None:
+        materialize(module, device)
+        load()
+        if module is not model:
+            quantize_fp8(module, block)
+
     if folder is not None:
-        load_checkpoint(model, folder, cfg)
+        load_checkpoint(model, folder, cfg, each_layer if fp8 else None)
+    elif fp8:
+        for i, layer in enumerate(model.model.layers):
+            each_layer(layer, lambda i=i, layer=layer: random_init(layer, cfg.zero_centered_norm, seed=i))
+        each_layer(model, lambda: random_init(model, cfg.zero_centered_norm, skip="model.layers."))
     else:
-        random_init(model)
-    if fp8:  # this rank's shards, requantised in blocks of their own (the checkpoint's where they align)
-        quantize_fp8(model, cfg.fp8_block or (128, 128))
+        random_init(model, cfg.zero_centered_norm)
     for module in model.modules():
         if hasattr(module, "stack"):  # q/k/v and gate/up as one GEMM each (low precision only)
             module.stack()
     return model.eval()
 
 
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """`module`'s parameters and buffers still on the meta device, made (uninitialised) on `device`;
+    a parameter keeps its attributes (the shard it selects)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                made = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                made.__dict__.update(p.__dict__)
+                sub._parameters[name] = made
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_meta:
+                sub._buffers[name] = torch.empty_like(b, device=device)
+    if isinstance(module, CausalLM):  # its only computed buffer: the rotary frequencies
+        made = RotaryEmbedding(module.rotary.rotary_dim, module.config.rope_theta).to(device)
+        module.rotary.inv_freq = made.inv_freq.float()
+
+
 @torch.no_grad()
-def random_init(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
+def random_init(model: torch.nn.Module, zero_centered: bool, std: float = 0.02, seed: int = 0,
+                skip: str | None = None) -> None:
     """Random weights generated on the device (benchmarks: speed doesn't depend on values).
-    Norm weights are the identity, GDN decay parameters in their usual range."""
+    Norm weights are the identity, GDN decay parameters in their usual range. `skip`: a name
+    prefix left as it is (layers made already)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    zero_centered = model.config.zero_centered_norm
     for name, p in model.named_parameters():
+        if skip is not None and name.startswith(skip):
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name:
             p.fill_(0.0 if zero_centered and "linear_attn.norm" not in name else 1.0)
