@@ -49,6 +49,10 @@ def test_hosts_agree_or_all_stop_with_the_same_line(ckpt_dir):
                                                           "the model config "), errors
     assert "where" not in errors[0]  # (reported, never compared)
     assert run_agreement([same | {"where": 0}, same | {"where": 1}]) == [None, None]
+    fp8 = start_settings(Job(EngineConfig(dtype="float32", fp8_weights=True), 2, 2), **{"--nnodes": 2})
+    errors = run_agreement([same, fp8])
+    assert errors[0] == errors[1] == "host 1 does not match: --fp8-weights True there, False on host 0: " \
+        "every host needs the same model and flags", errors
 
 
 def test_a_host_that_never_comes_is_named():

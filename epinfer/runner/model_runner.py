@@ -92,8 +92,9 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     if have is None or need <= have:
         need = weight_bytes(cfg, dtype, ctx, fp8)
     if have is not None and need > have:
+        kind = str(dtype).removeprefix("torch.") + (", FP8 projections" if fp8 else "")
         raise UserError(f"the weights need {need / 2**30:.1f} GiB on {device} ({cfg.num_layers} layers, "
-                        f"{str(dtype).removeprefix('torch.')}{', FP8 projections' if fp8 else ''}) but only {have / 2**30:.1f} GiB is free: use fewer "
+                        f"{kind}) but only {have / 2**30:.1f} GiB is free: use fewer "
                         f"layers (bench --layers), a smaller dtype, more ranks or another device")
     if dtype == torch.float32 and device.type == "cuda":
         # float32 means float32: no TF32 in matmuls or in cuDNN's convolution (the GDN conv)
