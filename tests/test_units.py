@@ -434,3 +434,27 @@ def test_doctor_names_a_lost_link():
     from epinfer.diagnostics.doctor import CONNECTION_LOST
 
     assert CONNECTION_LOST.search("RuntimeError in layer.1.moe.dispatch: Connection closed by peer [10.0.0.2]:5")
+
+
+def test_a_rank_whose_dump_fails_still_prints_its_line(tmp_path):
+    """`Watchdog.fire`: the one line is printed (naming the dump that failed) and the rank exits 3
+    even when its dump cannot be written."""
+    import subprocess
+    import sys
+    import textwrap
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the dump folder should be")
+    code = textwrap.dedent(f"""
+        from epinfer.diagnostics.ledger import Ledger
+        from epinfer.diagnostics.watchdog import Watchdog
+        class Store:
+            def compare_set(self, *a): pass
+        dog = Watchdog(Ledger({{"rank": 1, "world": 2, "groups": {{}}}}), Store(), 1, 2, 600.0, {str(blocked)!r}, {{}})
+        dog.fire("CollectiveMismatch: test")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epinfer: rank 1: CollectiveMismatch: test; its dump could "
+                                                   f"not be written to {blocked} (FileExistsError"), proc.stderr

@@ -197,8 +197,12 @@ class Watchdog(threading.Thread):
             if announce:  # the store may be gone; the dump below still happens
                 with contextlib.suppress(Exception):
                     self.store.compare_set(ABORT_KEY, "", f"rank {self.rank} {message}")
-            write_dumps(self.ledger, self.dump_dir, status, message)
-            log_line(f"epinfer: rank {self.rank}: {message}; dumps in {self.dump_dir}")
+            where = f"dumps in {self.dump_dir}"
+            try:
+                write_dumps(self.ledger, self.dump_dir, status, message)
+            except Exception as exc:  # the line matters more than the dump: it is printed whatever happens
+                where = f"its dump could not be written to {self.dump_dir} ({type(exc).__name__}: {exc})"
+            log_line(f"epinfer: rank {self.rank}: {message}; {where}")
         finally:
             os._exit(EXIT_FAULT)
 

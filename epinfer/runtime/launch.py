@@ -197,9 +197,17 @@ def _install_stop(procs: list, store) -> dict:
     return stop
 
 
+OWN_REPORT_S = 3.0  # after a rank fails, how long the others may take to end (and report) on their own
+
+
 def drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
-    """A rank failed: ask every live rank to dump and stop (the abort key their watchdogs poll),
-    give them `grace` seconds, then stop the rest. Returns 3 if any rank reported a fault."""
+    """A rank failed: give the others OWN_REPORT_S to end on their own (ranks that met the same fault,
+    a collective mismatch say, then each print their own line rather than the abort's), then ask every
+    live rank to dump and stop (the abort key their watchdogs poll), give them `grace` seconds, and
+    stop the rest. Returns 3 if any rank reported a fault."""
+    own = time.time() + OWN_REPORT_S
+    while time.time() < own and any(p.is_alive() for p in procs):
+        time.sleep(0.05)
     dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
     with contextlib.suppress(Exception):
         store.compare_set(ABORT_KEY, "", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
