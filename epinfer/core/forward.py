@@ -85,7 +85,7 @@ class ForwardBatch:
     num_real_rows: int
     # sequences decoding a single token after earlier context: batched in the gated delta net
     decode_seq_ids: list[int] = dataclasses.field(default_factory=list)
-    decode_rows: torch.Tensor | None = None  # [S_dec] rows of those sequences
+    decode_rows: slice | torch.Tensor | None = None  # [S_dec] rows of those sequences (a slice when contiguous)
     decode_state_slots: torch.Tensor | None = None  # [S_dec]
     moe_sizes: list[int] | None = None  # rows per EP rank in the MoE dispatch (DP decision)
     step_id: int = -1  # the DP step id (-1 in single-process runs)
@@ -113,6 +113,8 @@ class ForwardBatch:
         dec = [self.seqs[i] for i in self.decode_seq_ids]
         self.decode_rows, self.decode_state_slots, self.decode_seq_lens = aligned_device_rows(
             [[s.start for s in dec], [s.state_slot for s in dec], [s.total_len for s in dec]], device)
+        if all(s.start == i for i, s in enumerate(dec)):  # decodes come first in a step: views, not gathers
+            self.decode_rows = slice(0, len(dec))
         chunks = [i for i, d in enumerate(decoding) if not d]
         if chunks:
             pre = [self.seqs[i] for i in chunks]
