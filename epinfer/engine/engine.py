@@ -21,6 +21,7 @@ from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from epinfer.kernels import paged_attention
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
 from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
 from epinfer.runner.model_runner import ModelRunner, build_model
@@ -164,11 +165,18 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots), max_len
 
 
+def piecewise_default(ecfg: EngineConfig, device: torch.device) -> bool:
+    """`piecewise_graphs` unless set: on with EPINFER_PIECEWISE=1 where decode graphs run (CUDA with
+    Triton, graphs on); opt-in until measured on a GPU."""
+    if ecfg.piecewise_graphs is not None:
+        return ecfg.piecewise_graphs
+    return SWITCHES.piecewise and ecfg.cuda_graphs and device.type == "cuda" and paged_attention.triton is not None
+
+
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
-    """What the graph pieces keep (`runner.piecewise`): at the largest step, the routed rows'
-    inputs, gate / up, activation and outputs (K per row), in the compute dtype."""
-    wanted = SWITCHES.piecewise if ecfg.piecewise_graphs is None else ecfg.piecewise_graphs
-    if not (ecfg.cuda_graphs and wanted):
+    """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step, the
+    routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype."""
+    if not (ecfg.cuda_graphs and ecfg.piecewise_graphs):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
     return ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
@@ -208,6 +216,8 @@ class Engine:
                                                                                         ctx.tp_size))
         if ecfg.async_scheduling is None:
             self.ecfg = ecfg = dataclasses.replace(ecfg, async_scheduling=async_default(ecfg, self.device))
+        if ecfg.piecewise_graphs is None:
+            self.ecfg = ecfg = dataclasses.replace(ecfg, piecewise_graphs=piecewise_default(ecfg, self.device))
         if not 0 < ecfg.gpu_memory_utilization <= 1:
             raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
         self.tokenizer = load_tokenizer(folder)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from epinfer.core.config import ModelConfig
-from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.forward import DecodeMeta, ForwardBatch, SeqSlice
 from epinfer.distributed.parallel import ParallelContext
@@ -174,10 +173,10 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, layout: CacheLayout, dtype: torch.dtype,
                  device: torch.device, max_model_len: int = 0, cuda_graphs: bool = False,
-                 parallel_graphs: bool = False, pieces: bool | None = None, max_step_rows: int = 8192) -> None:
+                 parallel_graphs: bool = False, pieces: bool = False, max_step_rows: int = 8192) -> None:
         """`pieces`: prefill and mixed steps of up to `max_step_rows` rows as graph pieces
-        (`runner.piecewise`); None: where decode graphs are used, if EPINFER_PIECEWISE=1; True
-        without CUDA: the same pieces as plain calls."""
+        (`runner.piecewise`; the engine's `piecewise_default` decides); without CUDA the same pieces
+        run as plain calls."""
         self.model = model
         self.cfg = model.config
         self.layout = layout
@@ -204,8 +203,6 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, layout.num_state_slots, ctx.tp_size if ctx.sequence_parallel else 1) if (
             cuda_graphs and self.fast_decode and capturable and not debug) else None
         self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has
-        if pieces is None:
-            pieces = cuda_graphs and self.fast_decode and SWITCHES.piecewise
         capture = device.type == "cuda" and cuda_graphs
         self.pieces = PiecewiseGraphs(self, max_step_rows, capture) if (
             pieces and not self.collectives and not debug and not self.poison) else None
