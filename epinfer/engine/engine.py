@@ -225,8 +225,6 @@ class Engine:
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
         # weights first: on a GPU the cache gets what is left of the memory budget after them
         started = time.perf_counter()
-        if ecfg.fp8_weights and cfg.fp8_block is None:
-            raise UserError("--fp8-weights needs an FP8 checkpoint (config.json with an fp8 quantization_config)")
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx,
                             ecfg.fp8_weights)
         built = time.perf_counter()

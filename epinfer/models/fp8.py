@@ -22,11 +22,8 @@ from epinfer.layers.moe import FusedExperts
 KEPT = (".lm_head", ".mlp.gate", ".shared_expert_gate", ".in_proj_a", ".in_proj_b")  # names ending so stay as they are
 
 
-def quantize_fp8(model: nn.Module, block: tuple[int, int]) -> int:
-    """Quantises the projections in place; returns how many modules now hold FP8 weights."""
-    count = 0
+def quantize_fp8(model: nn.Module, block: tuple[int, int]) -> None:
+    """Quantises the projections in place."""
     for name, module in model.named_modules():
         if isinstance(module, FusedExperts) or (isinstance(module, Linear) and not f".{name}".endswith(KEPT)):
             module.to_fp8(block)
-            count += 1
-    return count

@@ -43,7 +43,7 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, ctx: ParallelContext | No
     if not fp8:
         return sum(p.numel() * p.element_size() for p in model.parameters())
     layer = max(sum(p.numel() * p.element_size() for p in lay.parameters()) for lay in model.model.layers)
-    quantize_fp8(model, cfg.fp8_block or (128, 128))
+    quantize_fp8(model, cfg.fp8_block)
     return layer + sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
@@ -82,7 +82,10 @@ def available_bytes(device: torch.device) -> int | None:
 def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
                 ctx: ParallelContext | None = None, fp8: bool = False) -> CausalLM:
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
-    one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback)."""
+    one-line error first if the shard cannot fit (instead of an out-of-memory kill or traceback).
+    `fp8`: keep the projections in FP8 in the checkpoint's blocks (`models.fp8`)."""
+    if fp8 and cfg.fp8_block is None:
+        raise UserError("--fp8-weights needs an FP8 checkpoint (config.json with an fp8 quantization_config)")
     have = available_bytes(device)
     # the sizes alone first: even the meta-device copy of a huge config takes long to build. Some
     # rank holds at least an even share of the parameters, so the floor / ranks bounds the largest shard
@@ -104,13 +107,12 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     with _default_dtype(dtype), torch.device("meta" if fp8 else device):
         model = CausalLM(cfg, ctx)
     model.rotary.inv_freq = model.rotary.inv_freq.float()
-    block = cfg.fp8_block or (128, 128)
 
     def each_layer(module: torch.nn.Module, load) -> None:
         materialize(module, device)
         load()
         if module is not model:
-            quantize_fp8(module, block)
+            quantize_fp8(module, cfg.fp8_block)
 
     if folder is not None:
         load_checkpoint(model, folder, cfg, each_layer if fp8 else None)
