@@ -205,17 +205,20 @@ def drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
     a collective mismatch say, then each print their own line rather than the abort's), then ask every
     live rank to dump and stop (the abort key their watchdogs poll), give them `grace` seconds, and
     stop the rest. Returns 3 if any rank reported a fault."""
-    own = time.time() + OWN_REPORT_S
-    while time.time() < own and any(p.is_alive() for p in procs):
-        time.sleep(0.05)
+    _await_ranks(procs, OWN_REPORT_S)
     dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
     with contextlib.suppress(Exception):
         store.compare_set(ABORT_KEY, "", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
-    deadline = time.time() + grace
-    while time.time() < deadline and any(p.is_alive() for p in procs):
-        time.sleep(0.05)
+    _await_ranks(procs, grace)
     codes = [p.exitcode for p in procs]
     return EXIT_FAULT if EXIT_FAULT in codes else first_code
+
+
+def _await_ranks(procs: list, seconds: float) -> None:
+    """Until every rank has ended, or `seconds` have passed."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(p.is_alive() for p in procs):
+        time.sleep(0.05)
 
 
 def _draw_progress(progress, bar) -> None:
