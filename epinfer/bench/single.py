@@ -83,8 +83,9 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8:
     """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write).
     `fp8`: the projections and experts are FP8 weights (1 byte, plus a float32 scale per block)."""
     D = cfg.hidden_size
-    per_weight = (1 + 4 / (128 * 128)) / itemsize if fp8 else 1.0  # (of itemsize: scaled below)
-    attn, gdn, expert, shared = (int(n * per_weight) for n in _weights_per_layer(cfg))
+    attn, gdn, expert, shared = _weights_per_layer(cfg)
+    if fp8:  # in units of `itemsize` bytes, as everything below is counted
+        attn, gdn, expert, shared = (int(n * (1 + 4 / (128 * 128)) / itemsize) for n in (attn, gdn, expert, shared))
     nv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     touched = cfg.num_experts * (1 - (1 - cfg.top_k / max(cfg.num_experts, 1)) ** batch)
     total = 0
