@@ -28,9 +28,17 @@ Two changes to the seeded transformers init (both deterministic, both in ``_buil
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+if os.environ.get("EPINFER_TEST_HIDE_FLA"):  # before transformers looks for it: its torch path
+    sys.modules["fla"] = None  # type: ignore[assignment]
 
 import torch
 import transformers
@@ -198,8 +206,21 @@ def hf_generate(path, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[
     """Greedy transformers generation for one prompt (batch 1, no padding, never stops early).
 
     Returns (the generated ids only, the raw logits of the last generation step as a float32 1-D
-    tensor of size vocab). The loaded model is cached per folder."""
+    tensor of size vocab). The loaded model is cached per folder. Where fla is installed (GPU
+    machines), transformers would run its gated-delta-rule layers through fla's Triton kernels,
+    which take no CPU tensors: the generation then runs in a child process without fla."""
+    return hf_generate_all(path, [prompt_ids], max_new_tokens)[0]
+
+
+def hf_generate_all(path, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """`hf_generate` for each prompt (one child process for all of them where fla is installed)."""
+    if importlib.util.find_spec("fla") is not None:
+        return _generate_without_fla(path, prompts, max_new_tokens)
     model = _load(path)
+    return [_generate(model, p, max_new_tokens) for p in prompts]
+
+
+def _generate(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     gen = transformers.GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
@@ -212,6 +233,20 @@ def hf_generate(path, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[
     if len(tokens) != max_new_tokens:
         raise RuntimeError(f"transformers generated {len(tokens)} tokens, not {max_new_tokens}")
     return tokens, out.logits[-1][0].detach().float().clone()
+
+
+def _generate_without_fla(path, prompts: list[list[int]], max_new_tokens: int) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.pt"
+        code = ("import sys, torch; from tests.checkpoints import hf_generate_all; "
+                f"torch.save(hf_generate_all(sys.argv[1], {[list(p) for p in prompts]!r}, {max_new_tokens}), "
+                "sys.argv[2])")
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "EPINFER_TEST_HIDE_FLA": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, env=env, cwd=root,
+                       timeout=900)
+        return torch.load(out)
 
 
 def _load(path) -> torch.nn.Module:

@@ -175,11 +175,14 @@ def piecewise_default(ecfg: EngineConfig, device: torch.device) -> bool:
 
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
     """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step, the
-    routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype."""
+    routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
+    half again and 256 MiB for the router, shared expert and the allocator's rounding (the Qwen3.5
+    shape at 8192 rows: 0.69 GiB by the rows alone, a 1.0 GiB pool measured on an H200)."""
     if not (ecfg.cuda_graphs and ecfg.piecewise_graphs):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
-    return ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
+    rows = ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
+    return rows * 3 // 2 + 2**28
 
 
 def gib(n: int) -> str:

@@ -36,7 +36,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
-    from epinfer.kernels.fp8_gemm import quantize_rows
+    from epinfer.kernels.fp8_gemm import fp8_dot, quantize_rows
     from epinfer.kernels.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
@@ -320,8 +320,8 @@ if triton is not None:
                     a_q, a_s = quantize_rows(a)
                     sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
-                    acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
+                    acc_g += fp8_dot(a_q, wg) * a_s[:, None] * sg[None, :]
+                    acc_u += fp8_dot(a_q, wu) * a_s[:, None] * su[None, :]
                 else:
                     acc_g = tl.dot(a, wg, acc_g)
                     acc_u = tl.dot(a, wu, acc_u)
@@ -364,7 +364,7 @@ if triton is not None:
                 if FP8:
                     a_q, a_s = quantize_rows(a)
                     sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc += tl.dot(a_q, w) * a_s[:, None] * sw[None, :]
+                    acc += fp8_dot(a_q, w) * a_s[:, None] * sw[None, :]
                 else:
                     acc = tl.dot(a, w, acc)
             if PDL:

@@ -64,18 +64,22 @@ class PiecewiseGraphs:
         self.mask = torch.zeros(top, dtype=torch.bool, device=dev)
         widths = {lay.mixer_out_proj.weight.shape[1] for lay in layers}  # each mixer output's columns
         self.mixed = {w: torch.zeros(top, w, dtype=dtype, device=dev) for w in widths}
-        self.graphs: dict[int, list] = {}
+        self.graphs: dict[int, list] = {}  # bucket -> each layer's piece (a replay, or a call on the CPU)
+        self.captured: list[torch.cuda.CUDAGraph] = []
         self.pool = None
+        # one side stream for every warm-up: blocks the allocator caches for a stream serve only that
+        # stream, so a stream per bucket would keep each bucket's warm-up memory apart
+        self.stream = torch.cuda.Stream(dev) if capture else None
 
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
     def release(self) -> None:
-        if self.graphs and self.capture:
+        if self.captured:
             torch.cuda.synchronize(self.runner.device)
-            for pieces in self.graphs.values():
-                for graph in pieces:
-                    graph.reset()
+            for graph in self.captured:
+                graph.reset()
+            self.captured.clear()
         self.graphs.clear()
         self.pool = None
 
@@ -90,6 +94,9 @@ class PiecewiseGraphs:
                   f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
             self.release()
             return False
+        finally:
+            if self.capture:  # the warm-ups' cached blocks go back to the device
+                torch.cuda.empty_cache()
         return True
 
     def _piece_batch(self, size: int, step_id: int = -1) -> ForwardBatch:
@@ -117,8 +124,7 @@ class PiecewiseGraphs:
         if not self.capture:
             pieces = [(lambda i=i: self._piece(i, size, batch)) for i in range(n)]
         else:
-            pieces = []
-            stream = torch.cuda.Stream(self.runner.device)
+            pieces, stream = [], self.stream
             # a data-parallel run has watchdog threads: the capture must not catch them
             mode = "global" if self.model.ctx.comm is None else "thread_local"
             for i in range(n):
@@ -130,6 +136,7 @@ class PiecewiseGraphs:
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                     self._piece(i, size, batch)
                 self.pool = graph.pool()
+                self.captured.append(graph)
                 pieces.append(graph.replay)
         self.graphs[size] = pieces
         return pieces

@@ -112,7 +112,12 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
 def test_fp8_expert_kernels(T, E, D, inter, block):
     rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block)
     print(f"T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
-    assert rel <= 1e-2
+    # the intermediate is quantised again: a sum in another order (the tensor cores accumulate FP8
+    # products with fewer bits within a group) can round an activation
+    # to the neighbouring bf16 value and that to the neighbouring FP8 value (1/16 apart), so the
+    # kernel and the reference agree to a few 1e-2, not to float32 rounding (a wrong scale, expert
+    # or weight gives ~1)
+    assert rel <= 3e-2
 
 
 @pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])

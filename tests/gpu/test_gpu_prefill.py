@@ -167,7 +167,7 @@ def test_bf16_mixed_steps_logits_match_transformers(tmp_path, shape, layers, fas
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen2_moe", "olmoe", "mixtral"])
 def test_graph_pieces_float32_tokens(family, budget, ckpt_dir):
     from epinfer import LLM, SamplingParams
-    from tests.checkpoints import hf_generate
+    from tests.checkpoints import hf_generate_all
     from tests.test_generation import prompts
 
     path = ckpt_dir(family)
@@ -185,8 +185,8 @@ def test_graph_pieces_float32_tokens(family, budget, ckpt_dir):
     eager = LLM(str(path), piecewise_graphs=False, **kw)
     assert eager.engine.runner.pieces is None
     assert got == [o.token_ids for o in eager.generate(ps, params)]
-    for p, tokens in zip(ps, got, strict=True):
-        assert tokens == hf_generate(path, p, 24)[0], f"{family}: prompt of {len(p)} tokens"
+    for p, tokens, (ref, _) in zip(ps, got, hf_generate_all(path, ps, 24), strict=True):
+        assert tokens == ref, f"{family}: prompt of {len(p)} tokens"
 
 
 def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, heads=(8, 2)) -> float:
