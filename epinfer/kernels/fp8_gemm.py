@@ -3,13 +3,14 @@ float32 scale per 128 x 128 block (`scale_inv`, as Qwen's FP8 checkpoints ship i
 on the fly per token and group of 128 input columns (dynamic activation scales, the checkpoints'
 `activation_scheme: dynamic`).
 
-Program (m, n) holds BLOCK_M rows x BLOCK_N output columns and walks K in groups of GROUP (the
-weight block's column count): it loads the rows' group, takes each row's absolute maximum, scales
-the group into FP8's range (max 448), multiplies the FP8 tiles on the tensor cores and adds the
-product times (row scale x each column's weight block scale) to a float32 accumulator. The
-quantisation is repeated by every column tile, which costs a few elementwise operations per loaded
-value and saves a separate pass over x and its scales. Weight blocks may have any row count (a
-tile reads its columns' scales as a vector); their column count is the activation group.
+x is quantised first, in one pass (`quantize_activations`): each row's group of GROUP columns (the
+weight block's column count) scaled by its absolute maximum into FP8's range (max 448), a float32
+scale per row and group. Program (m, n) of the GEMM then holds BLOCK_M rows x BLOCK_N output columns
+and walks K a group at a time: it multiplies the FP8 tiles on the tensor cores and adds the product
+times (row scale x each column's weight block scale) to a float32 accumulator. (Quantising inside
+the GEMM instead repeats a row reduction per group in every column tile, on the path between the
+loads and the product: measured slower on an H200.) Weight blocks may have any row count (a tile
+reads its columns' scales as a vector); their column count is the activation group.
 
 `fp8_linear_reference` computes the same quantisation in torch (float32 products): what the kernel
 is tested against, and the arithmetic it promises.
@@ -19,6 +20,9 @@ Shape suffixes: M rows, N output columns, K input columns.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 try:  # Triton is optional: CPU installs don't have it
@@ -27,6 +31,7 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (their checks here)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_SCALE = 1e-12  # a group of zeros keeps a finite scale
 
@@ -85,14 +90,40 @@ def usable(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bo
             and w_NK.dtype == torch.float8_e4m3fn and group >= 16 and group & (group - 1) == 0)
 
 
-def tiles(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the row count: decode sizes read the weight
-    once with narrow row tiles; larger M uses square-ish tensor-core tiles."""
+def tiles(M: int, N: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the shape: decode sizes read the weight once
+    with narrow row tiles, and columns split finely enough to keep every SM streaming weights;
+    larger M uses square-ish tensor-core tiles."""
     if M <= 16:
-        return 16, 64, 4, 4
+        bn = 64
+        while bn > 16 and triton.cdiv(N, bn) < 2 * sms:
+            bn //= 2
+        return 16, bn, 4, 4
     if M <= 64:
         return 64, 128, 4, 3
     return 128, 128, 8, 3
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":  # (Triton's interpreter)
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def quantize_activations(x_MK: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_groups` in one Triton pass on CUDA (x may be row-strided); torch elsewhere."""
+    if triton is None or not (x_MK.is_cuda or INTERPRETED):
+        return quantize_groups(x_MK, group)
+    M, K = x_MK.shape
+    G = triton.cdiv(K, group)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    s = torch.empty(M, G, dtype=torch.float32, device=x_MK.device)
+    per = max(1, min(G, 2048 // group))  # groups per program
+    if M:
+        _quantize_kernel[(M, triton.cdiv(G, per))](x_MK, q, s, K, G, x_MK.stride(0), q.stride(0), s.stride(0),
+                                                   GROUP=group, GROUPS=triton.next_power_of_2(per), num_warps=4)
+    return q, s
 
 
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -103,10 +134,11 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    bm, bn, warps, stages = tiles(M)
+    q, qs = quantize_activations(x_MK, block[1])
+    bm, bn, warps, stages = tiles(M, N, multiprocessors(x_MK.device))
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _fp8_linear_kernel[grid](x_MK, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
-                             x_MK.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
+    _fp8_linear_kernel[grid](q, qs, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
+                             q.stride(0), qs.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
                              GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None,
                              BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return out
@@ -131,8 +163,21 @@ if triton is not None:
             return tl.dot(a_q.to(tl.float16), w.to(tl.float16))
 
     @triton.jit
-    def _fp8_linear_kernel(X, W, S, B, Out, M, N, K, sx, sw, ss, so, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _quantize_kernel(X, Q, S, K, G, sx, sq, ss, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+        """Row program_id(0), groups program_id(1) * GROUPS on: each group scaled into +-448."""
+        m = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ok = (g[:, None] < G) & (cols < K)
+        q, scale = quantize_rows(tl.load(X + m * sx + cols, mask=ok, other=0.0))
+        tl.store(Q + m * sq + cols, q, mask=ok)
+        tl.store(S + m * ss + g, scale, mask=g < G)
+
+    @triton.jit
+    def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,
+                           SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """X in FP8 [M, K] with scales XS [M, K / GROUP] (`quantize_activations`)."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
@@ -145,11 +190,11 @@ if triton is not None:
             k_ok = k < K
             a = tl.load(X + offs_m[:, None].to(tl.int64) * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            a_q, a_scale = quantize_rows(a)  # [BLOCK_M]: each row's scale for this group
+            a_scale = tl.load(XS + offs_m.to(tl.int64) * sxs + g, mask=m_ok, other=0.0)  # each row's, this group
             w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)  # [GROUP, BLOCK_N], fp8
             w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]
-            acc += fp8_dot(a_q, w) * a_scale[:, None] * w_scale[None, :]
+            acc += fp8_dot(a, w) * a_scale[:, None] * w_scale[None, :]
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),

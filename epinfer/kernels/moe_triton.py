@@ -36,7 +36,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
-    from epinfer.kernels.fp8_gemm import fp8_dot, quantize_rows
+    from epinfer.kernels.fp8_gemm import fp8_dot, quantize_activations
     from epinfer.kernels.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
@@ -226,23 +226,26 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     bm = cfg["BLOCK_M"]
     s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread without FP8)
     quant = {"FP8": fp8 is not None, "SCALE_ROWS": block[0]}
+    # FP8: the rows quantised once, per row and group of block[1] columns (each kernel's K step)
+    x_in, x_s = quantize_activations(x_TD, block[1]) if fp8 is not None else (x_TD, x_TD)
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
     bk = block[1] if fp8 is not None else bk
     _grouped_up[(groups, triton.cdiv(inter, bn))](
-        x_TD, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
-        x_TD.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0), s13.stride(1), D=D,
-        INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
-        num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
+        x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
+        s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
+    act_in, act_s = quantize_activations(act, block[1]) if fp8 is not None else (act, act)
     bn, bk, stages, warps = cfg["down"]
     bk = block[1] if fp8 is not None else bk
     _grouped_down[(groups, triton.cdiv(D, bn))](
-        act, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0), act.stride(0),
-        w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1), D=D, INTER=inter, K=K,
-        PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps, **quant,
-        **pdl.kwargs(x_TD.device))
+        act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
+        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
+        num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     if not reduce:
         return y.view(T, K, D)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -282,13 +285,13 @@ if triton is not None:
         return tl.load(WTS + (g // K) * sw_t + g % K)
 
     @triton.jit
-    def _grouped_up(X, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sw_e, sw_n, sa_p,
-                    S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                    FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sxs_t, sw_e, sw_n,
+                    sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
+                    PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr, FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         program_id(0) (expert e), on one tile of I. FP8: W13 float8 with block scales S13 [E, rows
-        / SCALE_ROWS, D / BLOCK_K], x quantised per row and BLOCK_K columns."""
+        / SCALE_ROWS, D / BLOCK_K], x in FP8 with a scale per row and BLOCK_K columns (XS)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
@@ -317,11 +320,11 @@ if triton is not None:
                 wg = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
                 wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
                 if FP8:
-                    a_q, a_s = quantize_rows(a)
+                    a_s = tl.load(XS + rows * sxs_t + k0 // BLOCK_K, mask=m_ok, other=0.0)
                     sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc_g += fp8_dot(a_q, wg) * a_s[:, None] * sg[None, :]
-                    acc_u += fp8_dot(a_q, wu) * a_s[:, None] * su[None, :]
+                    acc_g += fp8_dot(a, wg) * a_s[:, None] * sg[None, :]
+                    acc_u += fp8_dot(a, wu) * a_s[:, None] * su[None, :]
                 else:
                     acc_g = tl.dot(a, wg, acc_g)
                     acc_u = tl.dot(a, wu, acc_u)
@@ -332,12 +335,13 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _grouped_down(ACT, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sw_e, sw_n, sy_p,
+    def _grouped_down(ACT, AS, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sas_p, sw_e, sw_n,
+                      sy_p,
                       S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                       FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
-        (weights [T, K] with row stride sw_t)."""
+        (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
@@ -362,9 +366,9 @@ if triton is not None:
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if FP8:
-                    a_q, a_s = quantize_rows(a)
+                    a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
                     sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc += fp8_dot(a_q, w) * a_s[:, None] * sw[None, :]
+                    acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]
                 else:
                     acc = tl.dot(a, w, acc)
             if PDL:
