@@ -15,6 +15,8 @@ whose environment differs is a one-line error instead of a hang.
                               measured on a GPU)
   EPINFER_CHUNK_ATTENTION=1   every prompt chunk's attention in one Triton kernel over the paged cache
                               (`kernels.prefill_attention`; opt-in until measured on a GPU)
+  EPINFER_FP8_DECODE_W16=1    FP8 weights at decode sizes widened to bf16 in registers, activations unquantised
+                              (`kernels.fp8_gemm`; opt-in until measured on a GPU)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem
@@ -80,6 +82,10 @@ class Switches:
     @property
     def chunk_attention(self) -> bool:
         return _on("EPINFER_CHUNK_ATTENTION", False)
+
+    @property
+    def fp8_decode_w16(self) -> bool:
+        return _on("EPINFER_FP8_DECODE_W16", False)
 
     @property
     def stacks_after(self) -> float | None:

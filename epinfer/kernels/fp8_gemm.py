@@ -15,6 +15,13 @@ reads its columns' scales as a vector); their column count is the activation gro
 `fp8_linear_reference` computes the same quantisation in torch (float32 products): what the kernel
 is tested against, and the arithmetic it promises.
 
+At decode sizes (`W16_ROWS` rows or fewer, EPINFER_FP8_DECODE_W16=1) the GEMM is bound by reading
+the weight, and the per-group FP8 products above keep too few bytes in flight (one 128-column group
+a step). There the kernel widens each FP8 weight tile to the activations' dtype in registers, times
+its block scales, and multiplies the unquantised activations in wide K steps (`w16` mode: weight-only
+FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is the widened
+weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
+
 Shape suffixes: M rows, N output columns, K input columns.
 """
 
@@ -24,6 +31,8 @@ import functools
 import os
 
 import torch
+
+from epinfer.core.env import SWITCHES
 
 try:  # Triton is optional: CPU installs don't have it
     import triton
@@ -76,8 +85,10 @@ def fake_quantize(x_MK: torch.Tensor, group: int) -> torch.Tensor:
     return q.float() * s.repeat_interleave(group, 1)[:, :q.shape[1]]
 
 
-def fp8_linear_reference(x_MK, w_NK, scale, block: tuple[int, int], bias=None) -> torch.Tensor:
-    y = fake_quantize(x_MK, block[1]) @ dequantize_blocks(w_NK, scale, block).T
+def fp8_linear_reference(x_MK, w_NK, scale, block: tuple[int, int], bias=None, w16: bool = False) -> torch.Tensor:
+    """The kernel's arithmetic in float32: activations quantised per group (or, `w16`, as they are)."""
+    x = x_MK.float() if w16 else fake_quantize(x_MK, block[1])
+    y = x @ dequantize_blocks(w_NK, scale, block).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x_MK.dtype)
@@ -90,18 +101,31 @@ def usable(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bo
             and w_NK.dtype == torch.float8_e4m3fn and group >= 16 and group & (group - 1) == 0)
 
 
-def tiles(M: int, N: int, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by the shape: decode sizes read the weight once
-    with narrow row tiles, and columns split finely enough to keep every SM streaming weights;
-    larger M uses square-ish tensor-core tiles."""
+W16_ROWS = 64  # the most rows `w16` mode takes
+
+
+def w16_mode(M: int) -> bool:
+    return M <= W16_ROWS and SWITCHES.fp8_decode_w16
+
+
+def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the shape: decode sizes read the
+    weight once with narrow row tiles, and columns split finely enough to keep every SM streaming
+    weights (`w16`: wide K steps, as `small_gemm`'s bf16 kernel); larger M uses square-ish
+    tensor-core tiles, one activation group a K step."""
+    if w16:
+        if M <= 16:
+            bn = 16 if N <= 4096 else 32
+            return 16, bn, 512, 2, 3
+        return 64, 64, 256, 4, 3
     if M <= 16:
         bn = 64
         while bn > 16 and triton.cdiv(N, bn) < 2 * sms:
             bn //= 2
-        return 16, bn, 4, 4
+        return 16, bn, group, 4, 4
     if M <= 64:
-        return 64, 128, 4, 3
-    return 128, 128, 8, 3
+        return 64, 128, group, 4, 3
+    return 128, 128, group, 8, 3
 
 
 @functools.cache
@@ -134,13 +158,14 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    q, qs = quantize_activations(x_MK, block[1])
-    bm, bn, warps, stages = tiles(M, N, multiprocessors(x_MK.device))
+    w16 = w16_mode(M)
+    q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
+    bm, bn, bk, warps, stages = tiles(M, N, multiprocessors(x_MK.device), block[1], w16)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fp8_linear_kernel[grid](q, qs, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
                              q.stride(0), qs.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
-                             GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None,
-                             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                             GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None, W16=w16,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -174,27 +199,38 @@ if triton is not None:
         tl.store(S + m * ss + g, scale, mask=g < G)
 
     @triton.jit
+    def widen(w, scales_ptr, offs_k, ok, GROUP: tl.constexpr):
+        """An FP8 weight tile [BLOCK_K, BLOCK_N] times its block scales, float32. `scales_ptr`:
+        each column's row of scales [BLOCK_N]; input column k's scale is that row's entry k // GROUP."""
+        s = tl.load(scales_ptr[None, :] + offs_k[:, None] // GROUP, mask=ok, other=0.0)
+        return w.to(tl.float32) * s
+
+    @triton.jit
     def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,
-                           SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
-        """X in FP8 [M, K] with scales XS [M, K / GROUP] (`quantize_activations`)."""
+                           SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """X in FP8 [M, K] with scales XS [M, K / GROUP] (`quantize_activations`), BLOCK_K = GROUP;
+        `W16`: X as it is, the weight widened (`widen`), any BLOCK_K."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
         n_ok = offs_n < N
         scale_rows = (offs_n // SCALE_ROWS).to(tl.int64) * ss  # each column's block row of scales
-        offs_k = tl.arange(0, GROUP)
+        offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(0, tl.cdiv(K, GROUP)):
-            k = g * GROUP + offs_k
+        for g in range(0, tl.cdiv(K, BLOCK_K)):
+            k = g * BLOCK_K + offs_k
             k_ok = k < K
             a = tl.load(X + offs_m[:, None].to(tl.int64) * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            a_scale = tl.load(XS + offs_m.to(tl.int64) * sxs + g, mask=m_ok, other=0.0)  # each row's, this group
-            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)  # [GROUP, BLOCK_N], fp8
-            w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]
-            acc += fp8_dot(a, w) * a_scale[:, None] * w_scale[None, :]
+            wm = k_ok[:, None] & n_ok[None, :]
+            w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=wm, other=0.0)  # [BLOCK_K, BLOCK_N]
+            if W16:
+                acc = tl.dot(a, widen(w, S + scale_rows, k, wm, GROUP).to(a.dtype), acc)
+            else:
+                a_scale = tl.load(XS + offs_m.to(tl.int64) * sxs + g, mask=m_ok, other=0.0)  # each row's, this group
+                w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]
+                acc += fp8_dot(a, w) * a_scale[:, None] * w_scale[None, :]
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),

@@ -36,7 +36,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
-    from epinfer.kernels.fp8_gemm import fp8_dot, quantize_activations
+    from epinfer.kernels.fp8_gemm import fp8_dot, quantize_activations, widen
     from epinfer.kernels.small_gemm import rows_times_columns
 except ImportError:  # pragma: no cover
     triton = None
@@ -225,12 +225,15 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         groups, shift = group_e.shape[0], 0
     bm = cfg["BLOCK_M"]
     s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread without FP8)
-    quant = {"FP8": fp8 is not None, "SCALE_ROWS": block[0]}
-    # FP8: the rows quantised once, per row and group of block[1] columns (each kernel's K step)
-    x_in, x_s = quantize_activations(x_TD, block[1]) if fp8 is not None else (x_TD, x_TD)
+    # FP8 at decode tiles with EPINFER_FP8_DECODE_W16=1: weights widened in registers, the bf16 tiles
+    # (`fp8_gemm`'s w16 mode); else the rows quantised once, per row and group of block[1] columns
+    # (each kernel's K step)
+    w16 = fp8 is not None and bm <= 32 and SWITCHES.fp8_decode_w16
+    quant = {"FP8": fp8 is not None and not w16, "W16": w16, "SCALE_ROWS": block[0], "GROUP": block[1]}
+    x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
-    bk = block[1] if fp8 is not None else bk
+    bk = block[1] if quant["FP8"] else bk
     _grouped_up[(groups, triton.cdiv(inter, bn))](
         x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
@@ -238,9 +241,9 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
-    act_in, act_s = quantize_activations(act, block[1]) if fp8 is not None else (act, act)
+    act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
     bn, bk, stages, warps = cfg["down"]
-    bk = block[1] if fp8 is not None else bk
+    bk = block[1] if quant["FP8"] else bk
     _grouped_down[(groups, triton.cdiv(D, bn))](
         act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
@@ -288,10 +291,12 @@ if triton is not None:
     def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sxs_t, sw_e, sw_n,
                     sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
                     PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr, FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
+                    PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                    GROUP: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         program_id(0) (expert e), on one tile of I. FP8: W13 float8 with block scales S13 [E, rows
-        / SCALE_ROWS, D / BLOCK_K], x in FP8 with a scale per row and BLOCK_K columns (XS)."""
+        / SCALE_ROWS, D / GROUP], x in FP8 with a scale per row and GROUP = BLOCK_K columns (XS);
+        W16: x as it is, W13 widened (`fp8_gemm.widen`)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
@@ -325,6 +330,9 @@ if triton is not None:
                     su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     acc_g += fp8_dot(a, wg) * a_s[:, None] * sg[None, :]
                     acc_u += fp8_dot(a, wu) * a_s[:, None] * su[None, :]
+                elif W16:
+                    acc_g = tl.dot(a, widen(wg, s_gate, offs_k, wm, GROUP).to(a.dtype), acc_g)
+                    acc_u = tl.dot(a, widen(wu, s_up, offs_k, wm, GROUP).to(a.dtype), acc_u)
                 else:
                     acc_g = tl.dot(a, wg, acc_g)
                     acc_u = tl.dot(a, wu, acc_u)
@@ -339,7 +347,7 @@ if triton is not None:
                       sy_p,
                       S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                      FP8: tl.constexpr, SCALE_ROWS: tl.constexpr):
+                      FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
         (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS)."""
         if PDL:
@@ -364,11 +372,14 @@ if triton is not None:
                 k_ok = offs_k < INTER
                 a = tl.load(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_k[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                wm = k_ok[:, None] & n_ok[None, :]
+                w = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
                 if FP8:
                     a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
                     sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]
+                elif W16:
+                    acc = tl.dot(a, widen(w, s_base, offs_k, wm, GROUP).to(a.dtype), acc)
                 else:
                     acc = tl.dot(a, w, acc)
             if PDL:

@@ -24,11 +24,13 @@ def random_fp8_weight(N: int, K: int, block: tuple[int, int], gen: torch.Generat
 
 
 def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, block: tuple[int, int],
-                     bias: bool, tol: float = 1e-2, representable: bool = False) -> tuple[float, float]:
+                     bias: bool, tol: float = 1e-2, representable: bool = False,
+                     w16: bool = False) -> tuple[float, float]:
     """(error against the same-quantisation reference, against unquantised activations), both
     relative to the output's norm; asserts `tol` and 6e-2. `representable`: every activation group
     is FP8 values times a power of two with its maximum at 448 (quantisation exact whatever the
-    rounding: the rest is the kernel's indexing and scaling)."""
+    rounding: the rest is the kernel's indexing and scaling). `w16`: the kernel in its w16 mode
+    (EPINFER_FP8_DECODE_W16 set by the caller), against unquantised activations."""
     from epinfer.kernels.fp8_gemm import dequantize_blocks, fp8_linear, fp8_linear_reference
 
     gen = torch.Generator().manual_seed(M * 7 + N + K)
@@ -43,7 +45,7 @@ def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, bl
     b = torch.randn(N, generator=gen) * 0.1 if bias else None
     bias_dev = b.to(device, dtype) if bias else None
     got = fp8_linear(x.to(device, dtype), w.to(device), scale.to(device), block, bias_dev)
-    ref = fp8_linear_reference(x.to(dtype), w, scale, block, b.to(dtype) if bias else None).float()
+    ref = fp8_linear_reference(x.to(dtype), w, scale, block, b.to(dtype) if bias else None, w16).float()
     exact = x @ dequantize_blocks(w, scale, block).T + (b if bias else 0)
     rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
     rel_exact = ((got.float().cpu() - exact).norm() / exact.norm()).item()
@@ -63,29 +65,34 @@ def test_fp8_linear_kernel(M, N, K, block):
           f"inputs), {rel_exact:.2e} vs bf16 activations")
 
 
-def fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids):
+def fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids, w16: bool = False):
     """Per pair: x quantised per group, gate / up with the dequantised weights (float32), silu * up
-    rounded to x's dtype, quantised again, the down projection, times the routing weight; summed."""
+    rounded to x's dtype, quantised again, the down projection, times the routing weight; summed.
+    `w16`: neither x nor the activations quantised."""
     from epinfer.kernels.fp8_gemm import dequantize_blocks, fake_quantize
+
+    def quantize(t):
+        return t.float() if w16 else fake_quantize(t, block[1])
 
     T, K = ids.shape
     inter = w13.shape[1] // 2
     out = torch.zeros(T, w2.shape[1])
-    xq = fake_quantize(x, block[1])
+    xq = quantize(x)
     for t in range(T):
         for k in range(K):
             e = int(ids[t, k])
             gu = xq[t:t + 1] @ dequantize_blocks(w13[e], s13[e], block).T
             act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-            y = fake_quantize(act, block[1]) @ dequantize_blocks(w2[e], s2[e], block).T
+            y = quantize(act) @ dequantize_blocks(w2[e], s2[e], block).T
             out[t] += float(weights[t, k]) * y[0]
     return out
 
 
 def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, inter: int, K: int,
-                      block: tuple[int, int]) -> float:
+                      block: tuple[int, int], w16: bool = False) -> float:
     """The Triton grouped expert kernels with FP8 weights against the reference; both the per-pair
-    and the grouped (permuted) modes. Returns the largest relative error."""
+    and the grouped (permuted) modes. Returns the largest relative error. `w16`: the kernels in
+    their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller; decode tile sizes)."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import permute_pairs
@@ -96,7 +103,7 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     x = torch.randn(T, D, generator=gen)
     logits = torch.randn(T, E, generator=gen)
     weights, ids = torch.softmax(logits, -1).topk(K, -1)
-    ref = fp8_experts_reference(x.to(dtype), w13, s13, w2, s2, block, weights, ids)
+    ref = fp8_experts_reference(x.to(dtype), w13, s13, w2, s2, block, weights, ids, w16)
     worst = 0.0
     for plan in (None, permute_pairs(ids.to(device), 0, E)):
         dev = [t.to(device) for t in (w13, s13, w2, s2)]
@@ -118,6 +125,28 @@ def test_fp8_expert_kernels(T, E, D, inter, block):
     # kernel and the reference agree to a few 1e-2, not to float32 rounding (a wrong scale, expert
     # or weight gives ~1)
     assert rel <= 3e-2
+
+
+W16_LINEAR = [c for c in CASES if c[0] <= 64]
+W16_EXPERTS = [(1, 8, 256, 128, (128, 128)), (5, 16, 512, 384, (128, 128)), (64, 8, 256, 256, (128, 128)),
+               (9, 6, 64, 48, (16, 16))]
+
+
+@pytest.mark.parametrize("M,N,K,block", W16_LINEAR)
+def test_fp8_linear_w16(M, N, K, block, monkeypatch):
+    """Decode sizes with the weight widened in registers: only the widened weight's bf16 rounding
+    and the output's separate the kernel from x @ the dequantised weight."""
+    monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "1")
+    rel, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1, tol=1e-2, w16=True)
+    print(f"w16 M {M} N {N} K {K} block {block}: {rel:.2e}")
+
+
+@pytest.mark.parametrize("T,E,D,inter,block", W16_EXPERTS)
+def test_fp8_expert_kernels_w16(T, E, D, inter, block, monkeypatch):
+    monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "1")
+    rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block, w16=True)
+    print(f"w16 T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
+    assert rel <= 1e-2  # the intermediate is not quantised again: bf16 rounding only
 
 
 @pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
