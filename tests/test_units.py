@@ -458,3 +458,21 @@ def test_a_rank_whose_dump_fails_still_prints_its_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("epinfer: rank 1: CollectiveMismatch: test; its dump could "
                                                    f"not be written to {blocked} (FileExistsError"), proc.stderr
+
+
+def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
+    """The activation headroom: 2 GiB up to 8192 rows a step, in proportion beyond; the graph
+    pieces' pool only when pieces are captured, and more for a larger step."""
+    import dataclasses
+
+    from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
+    from epinfer.engine.engine import activation_headroom, pieces_pool_bytes
+
+    step = EngineConfig(model="x", max_num_batched_tokens=8192, cuda_graphs=True, piecewise_graphs=True)
+    assert activation_headroom(dataclasses.replace(step, max_num_batched_tokens=512)) == 2 * 2**30
+    assert activation_headroom(step) == 2 * 2**30
+    assert activation_headroom(dataclasses.replace(step, max_num_batched_tokens=16384)) == 4 * 2**30
+    cfg = ModelConfig.from_dir(DEMO_MODEL)
+    assert pieces_pool_bytes(cfg, dataclasses.replace(step, piecewise_graphs=False), torch.bfloat16) == 0
+    assert 0 < pieces_pool_bytes(cfg, step, torch.bfloat16) < pieces_pool_bytes(
+        cfg, dataclasses.replace(step, max_num_batched_tokens=16384), torch.bfloat16)
