@@ -125,7 +125,9 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
     for module in model.modules():
         if hasattr(module, "stack"):  # q/k/v and gate/up as one GEMM each (low precision only)
             module.stack()
-    return model.eval()
+    # inference only: a forward outside inference mode (a capture, say) must record no autograd
+    # graph, which would keep every intermediate it saves alive
+    return model.requires_grad_(False).eval()
 
 
 def materialize(module: torch.nn.Module, device: torch.device) -> None:

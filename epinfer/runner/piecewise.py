@@ -83,6 +83,7 @@ class PiecewiseGraphs:
         self.graphs.clear()
         self.pool = None
 
+    @torch.inference_mode()
     def capture_all(self) -> bool:
         """Every bucket's pieces now, largest first. False (and no pieces from then on) when a piece
         cannot be captured: steps then run eagerly, as without pieces."""
