@@ -185,7 +185,7 @@ def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) 
     """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step, the
     routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
     half again and 256 MiB for the router, shared expert and the allocator's rounding (the Qwen3.5
-    shape at 8192 rows: 0.69 GiB by the rows alone, a 1.0 GiB pool measured on an H200)."""
+    shape at 8192 rows: 0.69 GiB by the rows alone, 1.28 GiB reserved)."""
     if not (ecfg.cuda_graphs and ecfg.piecewise_graphs):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
