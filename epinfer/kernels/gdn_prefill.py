@@ -66,17 +66,22 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     `norm_cols` (the Triton kernel only, see `conv_norm_fusable`): the first `norm_cols` channels
     (q and k) come out L2-normalised per head of `head_dim`, before rounding."""
     N, C, k1 = prev_NCk.shape
-    src = torch.cat([prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype), x_PC])
-    new_state = src[state_rows.flatten()].view(N, k1, C).transpose(1, 2)
+    head = prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype)  # the "previous inputs" rows
     if conv_kernel_usable(x_PC):
+        # the kernel reads the previous inputs and the packed rows where they are: no concatenated copy
+        # of every row (a [8192, 8192] copy a GDN layer at the Qwen3.5 shape's step)
+        flat, n = state_rows.flatten(), head.shape[0]
+        new_state = torch.where((flat < n)[:, None], head[flat.clamp(max=max(n - 1, 0))], x_PC[(flat - n).clamp(min=0)])
         P, K = x_PC.shape[0], w_CK.shape[1]
-        out = torch.empty_like(x_PC)
+        out = torch.empty(P, C, dtype=x_PC.dtype, device=x_PC.device)
         _conv_varlen_kernel[(triton.cdiv(P, CONV_BLOCK_T), triton.cdiv(C, CONV_BLOCK_C))](
-            src, taps_KP, w_CK, out, P, C, norm_cols, src.stride(0), taps_KP.stride(0), w_CK.stride(0),
-            out.stride(0), K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, NORM=norm_cols > 0,
+            head, x_PC, taps_KP, w_CK, out, n, P, C, norm_cols, head.stride(0), x_PC.stride(0), taps_KP.stride(0),
+            w_CK.stride(0), out.stride(0), K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, NORM=norm_cols > 0,
             HEAD=head_dim or CONV_BLOCK_C, num_warps=4)
-        return out, new_state
+        return out, new_state.view(N, k1, C).transpose(1, 2)
     assert not norm_cols, "the q / k norm is fused in the Triton kernel only"
+    src = torch.cat([head, x_PC])
+    new_state = src[state_rows.flatten()].view(N, k1, C).transpose(1, 2)
     acc = None
     for m in range(w_CK.shape[1]):
         term = src[taps_KP[m]].float() * w_CK[:, m].float()
@@ -172,12 +177,13 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["P", "s_taps", "norm_cols"])  # one compiled kernel for any row count
-    def _conv_varlen_kernel(SRC, TAPS, W, OUT, P, C, norm_cols, s_src, s_taps, s_w, s_out,
+    @triton.jit(do_not_specialize=["n_prev", "P", "s_taps", "norm_cols"])  # one kernel for any row count
+    def _conv_varlen_kernel(PREV, X, TAPS, W, OUT, n_prev, P, C, norm_cols, s_prev, s_x, s_taps, s_w, s_out,
                             K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                             NORM: tl.constexpr, HEAD: tl.constexpr):
-        """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c]);
-        with NORM, a block of the first `norm_cols` channels is L2-normalised per head of HEAD."""
+        """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c]),
+        src = the rows of PREV [n_prev, C] then those of X [P, C] (each read where it is); with NORM,
+        a block of the first `norm_cols` channels is L2-normalised per head of HEAD."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         t_ok, c_ok = offs_t < P, offs_c < C
@@ -185,7 +191,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for m in tl.static_range(K):
             row = tl.load(TAPS + m * s_taps + offs_t, mask=t_ok, other=0).to(tl.int64)
-            x = tl.load(SRC + row[:, None] * s_src + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+            before = (row < n_prev)[:, None]  # exactly one of the two loads reads
+            x = (tl.load(PREV + row[:, None] * s_prev + offs_c[None, :], mask=ok & before, other=0.0).to(tl.float32)
+                 + tl.load(X + (row - n_prev)[:, None] * s_x + offs_c[None, :], mask=ok & ~before,
+                           other=0.0).to(tl.float32))
             w = tl.load(W + offs_c * s_w + m, mask=c_ok, other=0.0).to(tl.float32)
             acc += x * w[None, :]
         out = acc / (1.0 + tl.exp(-acc))

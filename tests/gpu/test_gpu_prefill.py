@@ -25,20 +25,21 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("norm_cols", [0, 512])
-def test_varlen_conv_kernel(norm_cols):
-    """With `norm_cols`, the first channels come out L2-normalised per head of 128 (q and k)."""
+def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: bool) -> None:
+    """The varlen conv kernel against `F.conv1d` per sequence; `strided`: the packed rows are a column
+    slice of a wider tensor (as the in_proj output gives them)."""
     from epinfer.kernels.gdn_ops import l2norm
     from epinfer.kernels.gdn_prefill import causal_conv_varlen, conv_taps
 
     torch.manual_seed(0)
     lens, C, K = [1, 5, 300, 64, 2], 1000, 4
-    with torch.device("cuda"):
-        x = torch.randn(sum(lens), C, dtype=torch.bfloat16)
-        prev = torch.randn(len(lens), C, K - 1, dtype=torch.bfloat16)
+    with torch.device(device):
+        x = torch.randn(sum(lens), C + 24 if strided else C, dtype=dtype)
+        x = x[:, 8:8 + C] if strided else x
+        prev = torch.randn(len(lens), C, K - 1, dtype=dtype)
         prev[1] = 0  # a fresh sequence
-        w = torch.randn(C, K, dtype=torch.bfloat16)
-    taps, rows = (t.cuda() for t in conv_taps(lens, K))
+        w = torch.randn(C, K, dtype=dtype)
+    taps, rows = (t.to(device) for t in conv_taps(lens, K))
     out, state = causal_conv_varlen(x, prev, w, taps, rows, norm_cols, 128)
     start = 0
     for j, n in enumerate(lens):
@@ -50,6 +51,13 @@ def test_varlen_conv_kernel(norm_cols):
         torch.testing.assert_close(out[start:start + n].float(), ref, atol=3e-2, rtol=2e-2)
         assert torch.equal(state[j], full[:, -(K - 1):].to(state.dtype))
         start += n
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("norm_cols", [0, 512])
+def test_varlen_conv_kernel(norm_cols, strided):
+    """With `norm_cols`, the first channels come out L2-normalised per head of 128 (q and k)."""
+    check_varlen_conv("cuda", torch.bfloat16, norm_cols, strided)
 
 
 @pytest.mark.parametrize("lens", [[1024, 700, 33, 1], [64, 65, 8000]])
