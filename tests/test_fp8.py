@@ -116,6 +116,27 @@ def test_fp8_weights_logits_close_to_dequantized(family, ckpt_dir):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99 and a.argmax() == b.argmax()
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe"])
+def test_fp8_projections_stack(family, ckpt_dir, monkeypatch):
+    """In low precision the FP8 projections that read the same rows run as one GEMM (q / k / v, the
+    GDN's qkv / z, gate / up, with the bf16 columns apart), with the same logits as one GEMM each."""
+    from epinfer.layers import attention, gdn, linear
+
+    path = ckpt_dir(family, fp8_block=(16, 16))
+    stacked = LLM(str(path), dtype="bfloat16", device="cpu", fp8_weights=True)
+    model = stacked.engine.runner.model
+    found = {name for m in model.modules() for name, v in vars(m).items() if isinstance(v, linear.Stacked)
+             and v.block == (16, 16)}
+    assert found == ({"qkv", "in_proj", "gate_up"} if family == "qwen3_5_moe" else {"qkv"}), found
+    for module in (attention, gdn, linear):
+        monkeypatch.setattr(module, "stack_linears", lambda linears: None)
+    apart = LLM(str(path), dtype="bfloat16", device="cpu", fp8_weights=True)
+    for prompt in PROMPTS:
+        a, b = first_logits(stacked, prompt), first_logits(apart, prompt)
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=0)  # bf16 outputs of the same arithmetic
+        assert a.argmax() == b.argmax()
+
+
 def test_fp8_weights_need_an_fp8_checkpoint(ckpt_dir):
     with pytest.raises(UserError, match="--fp8-weights needs an FP8 checkpoint"):
         LLM(str(ckpt_dir("qwen3_5_moe")), dtype="float32", device="cpu", fp8_weights=True)

@@ -46,11 +46,13 @@ class Linear(nn.Module):
 
     small_rows = False  # set on projections where `small_gemm` beats cuBLAS at decode sizes (o_proj, LM head)
     fp8_block: tuple[int, int] | None = None  # set by `to_fp8`
+    fp8_compute_dtype: torch.dtype | None = None  # an FP8 layer's compute dtype (its weight's before)
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """The weight as FP8 with float32 scales per (block rows x block columns) of this rank's
         shard (`kernels.fp8_gemm`); activations are then quantised per row and block of columns."""
         q, scale = fp8_gemm.quantize_blocks(self.weight.detach(), block)
+        self.fp8_compute_dtype = self.weight.dtype
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale, persistent=False)
         self.fp8_block = block
@@ -67,17 +69,23 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _fp8(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        bias = None if self.reduce else self.bias
-        if fp8_gemm.usable(rows, self.weight, self.fp8_block):
-            y = fp8_gemm.fp8_linear(rows, self.weight, self.weight_scale, self.fp8_block, bias)
-        else:  # CPU and float32 runs: the same quantisation in torch
-            y = fp8_gemm.fp8_linear_reference(rows, self.weight, self.weight_scale, self.fp8_block, bias)
-        y = y.view(*x.shape[:-1], y.shape[-1])
+        y = fp8_linear(x, self.weight, self.weight_scale, self.fp8_block, None if self.reduce else self.bias)
         if not self.reduce:
             return y
         y = self.ctx.comm.all_reduce(y, self.ctx.groups.tp_group, self.label)
         return y if self.bias is None else y + self.bias
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ an FP8 weight with block scales: the Triton kernel on GPUs, elsewhere (CPU,
+    float32 runs) the same quantisation in torch."""
+    rows = x.reshape(-1, x.shape[-1])
+    if fp8_gemm.usable(rows, weight, block):
+        y = fp8_gemm.fp8_linear(rows, weight, scale, block, bias)
+    else:
+        y = fp8_gemm.fp8_linear_reference(rows, weight, scale, block, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Stacked:
@@ -86,7 +94,9 @@ class Stacked:
     Applied to low-precision runs only: float32 keeps one GEMM per projection, the reference
     arithmetic transformers uses. The rows are padded with zeros to a multiple of 16: cuBLAS picks a
     slow unaligned kernel otherwise (the shared expert's gate | up | gate column, 1025 rows: a cutlass
-    sm75 kernel at batch 64 on an H200)."""
+    sm75 kernel at batch 64 on an H200). FP8 projections stack their FP8 rows and their scales'
+    block rows alike (each but the last a whole number of blocks: `stack_linears`); the input is
+    then quantised once for all of them."""
 
     def __init__(self, linears: Sequence[Linear]) -> None:
         ws = [lin.weight for lin in linears]
@@ -98,15 +108,25 @@ class Stacked:
         if any(lin.bias is not None for lin in linears):
             self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(w.shape[0])
                                    for lin, w in zip(linears, ws, strict=True)] + [ws[0].new_zeros(pad)])
-        at = 0
+        self.block = linears[0].fp8_block
+        if self.block is not None:  # the padding rows' own block row, where they start one (zero rows: any scale)
+            scales = [lin.weight_scale for lin in linears]
+            more = -(-self.weight.shape[0] // self.block[0]) - sum(sc.shape[0] for sc in scales)
+            self.scale = torch.cat(scales + [scales[0].new_ones(more, scales[0].shape[1])])
+        at = row = 0
         for lin, n in zip(linears, self.sizes, strict=True):
             lin.weight = nn.Parameter(self.weight[at:at + n], requires_grad=False)
             if lin.bias is not None:
                 lin.bias = nn.Parameter(self.bias[at:at + n], requires_grad=False)
+            if self.block is not None:
+                lin.weight_scale = self.scale[row:row + lin.weight_scale.shape[0]]
+                row += lin.weight_scale.shape[0]
             at += n
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if pdl.chain(x.device) and small_gemm.usable(x, self.weight):  # (a tie with cuBLAS, but a PDL chain link)
+        if self.block is not None:
+            y = fp8_linear(x, self.weight, self.scale, self.block, self.bias)
+        elif pdl.chain(x.device) and small_gemm.usable(x, self.weight):  # (a tie with cuBLAS, but a PDL chain link)
             y = small_gemm.linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -114,9 +134,15 @@ class Stacked:
 
 
 def stack_linears(linears: Sequence[Linear]) -> Stacked | None:
-    """A Stacked for `linears` when they qualify (low precision, no TP reduction), else None."""
-    if any(lin.reduce for lin in linears) or linears[0].weight.dtype in (torch.float32, torch.float64) or \
-            any(lin.fp8_block is not None for lin in linears):  # (FP8 projections keep their own blocks)
+    """A Stacked for `linears` when they qualify (low precision, no TP reduction; FP8 ones all FP8 in
+    the same blocks, each but the last a whole number of block rows), else None."""
+    dtype = linears[0].fp8_compute_dtype or linears[0].weight.dtype
+    if any(lin.reduce for lin in linears) or dtype in (torch.float32, torch.float64):
+        return None
+    block = linears[0].fp8_block
+    if any(lin.fp8_block != block for lin in linears):
+        return None
+    if block is not None and any(lin.weight.shape[0] % block[0] for lin in linears[:-1]):
         return None
     return Stacked(linears)
 
@@ -149,15 +175,21 @@ class GatedMLP(nn.Module):
         self.down_proj = row_parallel(intermediate, hidden, ctx, what, label)
         self.gate_up: Stacked | None = None
         self.stack_with: list[Linear] = []  # more projections of the same input in the stacked GEMM
+        self.extra_apart = False  # `stack_with` not in `gate_up` (FP8 gate / up, a bf16 extra column)
 
     def stack(self) -> None:
         self.gate_up = stack_linears([self.gate_proj, self.up_proj, *self.stack_with])
+        if self.gate_up is None and self.stack_with:
+            self.gate_up = stack_linears([self.gate_proj, self.up_proj])
+            self.extra_apart = self.gate_up is not None
 
     def forward(self, x: torch.Tensor, with_extra: bool = False):
         """The MLP's output; `with_extra`: (it, the `stack_with` projections' outputs)."""
         if self.gate_up is not None:
             gate, up, *extra = self.gate_up(x)
             y = self.down_proj(silu_mul(gate, up))
+            if with_extra and self.extra_apart:
+                extra = [lin(x) for lin in self.stack_with]
         else:
             y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
             extra = [lin(x) for lin in self.stack_with] if with_extra else []
