@@ -247,12 +247,13 @@ class Engine:
         if self.runner.graphs is not None and not self.runner.collectives:
             self.runner.graphs.capture_all()  # with collectives: by every rank at the step needing one
             self.runner.warm_up(ecfg.max_num_batched_tokens)
+        captured = time.perf_counter()
         if self.runner.pieces is not None and not self.runner.pieces.capture_all():
             self.runner.pieces = None
         # start-up by phase, seconds: weights built / loaded, cache planned and allocated, decode graphs
-        # (and the larger steps' kernel variants)
+        # (and the larger steps' kernel variants), graph pieces
         self.startup = {"weights": round(built - started, 2), "cache": round(planned - built, 2),
-                        "graphs": round(time.perf_counter() - planned, 2)}
+                        "graphs": round(captured - planned, 2), "pieces": round(time.perf_counter() - captured, 2)}
         # prefix caching reuses KV blocks, and in a hybrid model the GDN state snapshot at the reuse point
         self.scheduler = Scheduler(CacheAllocator(layout, ecfg.enable_prefix_caching), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens)
