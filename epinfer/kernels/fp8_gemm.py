@@ -143,10 +143,10 @@ def quantize_activations(x_MK: torch.Tensor, group: int) -> tuple[torch.Tensor, 
     G = triton.cdiv(K, group)
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
     s = torch.empty(M, G, dtype=torch.float32, device=x_MK.device)
-    per = max(1, min(G, 2048 // group))  # groups per program
+    per = triton.next_power_of_2(max(1, min(G, 2048 // group)))  # groups per program
     if M:
         _quantize_kernel[(M, triton.cdiv(G, per))](x_MK, q, s, K, G, x_MK.stride(0), q.stride(0), s.stride(0),
-                                                   GROUP=group, GROUPS=triton.next_power_of_2(per), num_warps=4)
+                                                   GROUP=group, GROUPS=per, num_warps=4)
     return q, s
 
 

@@ -96,17 +96,10 @@ class GatedDeltaNet(nn.Module):
         """The four input projections read the same rows: one GEMM (low precision only; with FP8
         weights qkv and z, while a and b stay in the compute dtype, `models.fp8`)."""
         self.in_proj = stack_linears([self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b])
-        if self.in_proj is None:
-            self.in_proj = stack_linears([self.in_proj_qkv, self.in_proj_z])
-            self.ab_apart = self.in_proj is not None
-
-    ab_apart = False  # a and b outside `in_proj`
 
     def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """qkv [T, conv_dim], z [T, value_dim], a and b [T, Hv]."""
         if self.in_proj is not None:
-            if self.ab_apart:
-                return (*self.in_proj(x_TD), self.in_proj_a(x_TD), self.in_proj_b(x_TD))
             return self.in_proj(x_TD)
         return self.in_proj_qkv(x_TD), self.in_proj_z(x_TD), self.in_proj_a(x_TD), self.in_proj_b(x_TD)
 

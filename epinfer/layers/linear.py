@@ -96,9 +96,11 @@ class Stacked:
     slow unaligned kernel otherwise (the shared expert's gate | up | gate column, 1025 rows: a cutlass
     sm75 kernel at batch 64 on an H200). FP8 projections stack their FP8 rows and their scales'
     block rows alike (each but the last a whole number of blocks: `stack_linears`); the input is
-    then quantised once for all of them."""
+    then quantised once for all of them. Only the first `count` linears are stacked; the rest (bf16
+    columns after FP8 ones) run on their own, and a call returns every linear's output in order."""
 
-    def __init__(self, linears: Sequence[Linear]) -> None:
+    def __init__(self, linears: Sequence[Linear], count: int) -> None:
+        linears, self.apart = linears[:count], list(linears[count:])
         ws = [lin.weight for lin in linears]
         self.sizes = [w.shape[0] for w in ws]
         pad = -sum(self.sizes) % 16
@@ -130,21 +132,22 @@ class Stacked:
             y = small_gemm.linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
-        return y.split(self.split, dim=-1)[:len(self.sizes)]
+        return (*y.split(self.split, dim=-1)[:len(self.sizes)], *(lin(x) for lin in self.apart))
 
 
 def stack_linears(linears: Sequence[Linear]) -> Stacked | None:
-    """A Stacked for `linears` when they qualify (low precision, no TP reduction; FP8 ones all FP8 in
-    the same blocks, each but the last a whole number of block rows), else None."""
+    """A Stacked for `linears` when they qualify (low precision, no TP reduction), else None: the
+    longest leading run in the first one's format (FP8 in the same blocks, each but the last a whole
+    number of block rows) is stacked, when it holds two or more."""
     dtype = linears[0].fp8_compute_dtype or linears[0].weight.dtype
     if any(lin.reduce for lin in linears) or dtype in (torch.float32, torch.float64):
         return None
     block = linears[0].fp8_block
-    if any(lin.fp8_block != block for lin in linears):
-        return None
-    if block is not None and any(lin.weight.shape[0] % block[0] for lin in linears[:-1]):
-        return None
-    return Stacked(linears)
+    count = 1
+    while count < len(linears) and linears[count].fp8_block == block and (
+            block is None or linears[count - 1].weight.shape[0] % block[0] == 0):
+        count += 1
+    return Stacked(linears, count) if count > 1 else None
 
 
 def column_parallel(in_f: int, out_f: int, ctx: ParallelContext, what: str, bias: bool = False) -> Linear:
@@ -175,21 +178,15 @@ class GatedMLP(nn.Module):
         self.down_proj = row_parallel(intermediate, hidden, ctx, what, label)
         self.gate_up: Stacked | None = None
         self.stack_with: list[Linear] = []  # more projections of the same input in the stacked GEMM
-        self.extra_apart = False  # `stack_with` not in `gate_up` (FP8 gate / up, a bf16 extra column)
 
     def stack(self) -> None:
         self.gate_up = stack_linears([self.gate_proj, self.up_proj, *self.stack_with])
-        if self.gate_up is None and self.stack_with:
-            self.gate_up = stack_linears([self.gate_proj, self.up_proj])
-            self.extra_apart = self.gate_up is not None
 
     def forward(self, x: torch.Tensor, with_extra: bool = False):
         """The MLP's output; `with_extra`: (it, the `stack_with` projections' outputs)."""
         if self.gate_up is not None:
             gate, up, *extra = self.gate_up(x)
             y = self.down_proj(silu_mul(gate, up))
-            if with_extra and self.extra_apart:
-                extra = [lin(x) for lin in self.stack_with]
         else:
             y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
             extra = [lin(x) for lin in self.stack_with] if with_extra else []
