@@ -54,8 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="running sequences at most (default: 512 on a GPU, unless the recurrent state of 512 "
                         "would take over a quarter of its memory; else 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="tokens a step at most: decodes first, then prompt chunks")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens a step at most: decodes first, then prompt chunks (default: 16384 on a GPU, else 8192)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -110,10 +110,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """generate / serve: the engine flags."""
-    if args.max_num_seqs is not None and args.max_num_seqs < 1:
-        raise UserError("--max-num-seqs must be >= 1")
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens or 0,
                         cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
                         parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching,
@@ -163,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--workload --serve: concurrent streaming clients (default: every request at once)")
     bench.add_argument("--max-num-seqs", type=int, default=None,
                        help="--workload: running requests at most (default as for generate)")
-    bench.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--workload: tokens per step at most")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="--workload: tokens per step at most (default: 16384 on a GPU, else 8192)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
@@ -345,12 +344,9 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
 def run_workload_bench(args: argparse.Namespace) -> int:
     from epinfer.bench.workload import bench_workload
 
-    for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens", "concurrency"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.serve:
         from epinfer.bench.serve_workload import bench_serve_workload
+        from epinfer.engine.engine import auto_max_num_batched_tokens, resolve_device
 
         flags = ["--dtype", args.dtype, "--device", args.device, *(["--max-num-seqs", str(args.max_num_seqs)]
                                                                    if args.max_num_seqs else []),
@@ -361,8 +357,9 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                     ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
                     ("--fp8-weights", args.quant == "fp8"))
         flags += [flag for flag, on in switches if on]
+        budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(resolve_device(args.device))
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
-                                      args.input_len, args.output_len, args.concurrency, args.max_num_batched_tokens)
+                                      args.input_len, args.output_len, args.concurrency, budget)
         print(json.dumps(record))
         return 0 if record["failed"] == 0 and record["server_exit"] == 0 else 1
     if args.dp * args.tp > 1:
@@ -371,12 +368,20 @@ def run_workload_bench(args: argparse.Namespace) -> int:
         raise UserError("--concurrency is for --serve (offline, every request is submitted at once)")
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
-                          max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens or 0,
                           enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8")
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
                             args.output_len, step_log=args.step_log)
     print(json.dumps(record))
     return 0
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Every count flag the command has, given, is at least 1 (before anything is imported or started)."""
+    for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens", "concurrency"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
+        check_counts(args)
         preflight(args)
         if args.command == "generate":
             return run_generate(args)

@@ -25,6 +25,7 @@ def run(*argv: str) -> tuple[subprocess.CompletedProcess, float]:
     (["generate", "--tp", "3", "--prompt", "hi"], "attention heads (4) are not divisible by --tp 3"),
     (["serve", "--tp", "3"], "attention heads (4) are not divisible by --tp 3"),
     (["generate", "--dp", "0", "--prompt", "hi"], "--dp and --tp must be >= 1"),
+    (["generate", "--max-num-batched-tokens", "0", "--prompt", "hi"], "--max-num-batched-tokens must be >= 1"),
 ])
 def test_layout_refused_before_any_rank(argv, fragment):
     proc, elapsed = run(*argv)

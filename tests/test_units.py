@@ -478,6 +478,18 @@ def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
         cfg, dataclasses.replace(step, max_num_batched_tokens=16384), torch.bfloat16)
 
 
+def test_step_token_budget_by_device():
+    """No --max-num-batched-tokens: 16384 tokens a step on a GPU, 8192 elsewhere; the engine
+    resolves the default before it sizes anything by it."""
+    from epinfer.core.config import DEMO_MODEL, EngineConfig
+    from epinfer.engine.engine import Engine, auto_max_num_batched_tokens
+
+    assert auto_max_num_batched_tokens(torch.device("cuda")) == 16384
+    assert auto_max_num_batched_tokens(torch.device("cpu")) == 8192
+    engine = Engine(EngineConfig(model=str(DEMO_MODEL), device="cpu", dtype="float32"))
+    assert engine.ecfg.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == 8192
+
+
 def test_graph_pieces_capture_without_autograd():
     """The pieces are captured in inference mode, and the model's parameters need no gradient: a
     capture that recorded autograd graphs kept every saved intermediate of every piece alive

@@ -206,7 +206,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         engine = Engine(ecfg)
         built = time.perf_counter() - t0
         steps: list[dict] | None = [] if step_log else None
-        warm = run_workload(engine, warm_up_workload(w, engine_cfg.max_num_batched_tokens, engine.max_model_len - 9),
+        warm = run_workload(engine, warm_up_workload(w, engine.ecfg.max_num_batched_tokens, engine.max_model_len - 9),
                             seed + 7)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -215,7 +215,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "graph_pieces": engine.runner.pieces is not None, "chunk_attention": SWITCHES.chunk_attention,
                   "max_num_seqs": engine.scheduler.max_num_seqs,
-                  "max_num_batched_tokens": engine_cfg.max_num_batched_tokens,
+                  "max_num_batched_tokens": engine.ecfg.max_num_batched_tokens,
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
                   # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],

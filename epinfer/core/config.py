@@ -301,7 +301,8 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 0  # 0: chosen by the engine for the device and model (`auto_max_num_seqs`)
-    max_num_batched_tokens: int = 8192  # tokens a step at most (decodes first, then prompt chunks)
+    # tokens a step at most (decodes first, then prompt chunks); 0: by the device (`auto_max_num_batched_tokens`)
+    max_num_batched_tokens: int = 0
     block_size: int = 16
     cache_memory_gb: float | None = None  # KV + GDN state budget; None = automatic
     gpu_memory_utilization: float = 0.9
@@ -311,7 +312,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     parallel_graphs: bool = False  # decode graphs that hold MoE / TP collectives too; --parallel-graphs
     # prefill and mixed steps as graph pieces between the attention / GDN parts (`runner.piecewise`);
-    # None: EPINFER_PIECEWISE=1 with CUDA graphs on CUDA; True on the CPU runs the pieces as calls
+    # None: with CUDA graphs on CUDA unless EPINFER_PIECEWISE=0; True on the CPU runs the pieces as calls
     piecewise_graphs: bool | None = None
     # an FP8 checkpoint's (or, with random weights, an FP8 config's) weights kept in FP8 with block
     # scales, run by the FP8 kernels (`kernels.fp8_gemm`); off: dequantised to `dtype` at load

@@ -11,10 +11,9 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_MOE_CONFIGS=FILE    a tile table from `benchmarks/moe_kernel_sweep.py` instead of the built-in one
   EPINFER_PDL=0               no programmatic dependent launch on Hopper
   EPINFER_FLA=0               GDN prefill through the torch chunked form instead of fla-core's kernel
-  EPINFER_PIECEWISE=1         prefill and mixed steps as graph pieces (`runner.piecewise`; opt-in until
-                              measured on a GPU)
-  EPINFER_CHUNK_ATTENTION=1   every prompt chunk's attention in one Triton kernel over the paged cache
-                              (`kernels.prefill_attention`; opt-in until measured on a GPU)
+  EPINFER_PIECEWISE=0         prefill and mixed steps without graph pieces (`runner.piecewise`), eagerly
+  EPINFER_CHUNK_ATTENTION=0   prompt chunks' attention through SDPA per chunk instead of one Triton kernel
+                              over the paged cache (`kernels.prefill_attention`)
   EPINFER_FP8_DECODE_W16=1    FP8 weights at decode sizes widened to bf16 in registers, activations unquantised
                               (`kernels.fp8_gemm`; opt-in until measured on a GPU)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
@@ -77,11 +76,11 @@ class Switches:
 
     @property
     def piecewise(self) -> bool:
-        return _on("EPINFER_PIECEWISE", False)
+        return _on("EPINFER_PIECEWISE", True)
 
     @property
     def chunk_attention(self) -> bool:
-        return _on("EPINFER_CHUNK_ATTENTION", False)
+        return _on("EPINFER_CHUNK_ATTENTION", True)
 
     @property
     def fp8_decode_w16(self) -> bool:

@@ -117,7 +117,7 @@ def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[int, int, in
         if M <= 16:
             bn = 16 if N <= 4096 else 32
             return 16, bn, 512, 2, 3
-        return 64, 64, 256, 4, 3
+        return 64, 64, 128, 4, 3  # (K steps of 256 need ~288 KiB of shared memory here)
     if M <= 16:
         bn = 64
         while bn > 16 and triton.cdiv(N, bn) < 2 * sms:

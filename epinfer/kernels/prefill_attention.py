@@ -32,7 +32,7 @@ LOG2E = 1.4426950408889634
 
 
 def usable(q_THd: torch.Tensor) -> bool:
-    """bf16 / fp16 on CUDA with EPINFER_CHUNK_ATTENTION=1 (float32 runs keep SDPA's arithmetic,
+    """bf16 / fp16 on CUDA unless EPINFER_CHUNK_ATTENTION=0 (float32 runs keep SDPA's arithmetic,
     which transformers shares)."""
     return (SWITCHES.chunk_attention and triton is not None and q_THd.is_cuda
             and q_THd.dtype in (torch.bfloat16, torch.float16))

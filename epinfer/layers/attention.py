@@ -8,7 +8,7 @@ rows (slot -1) are neither written nor attended, and their output rows are zero.
 On GPUs the decode rows of a mixed step all go through one batched paged-decode kernel
 (`paged_attention.py`). Each prompt chunk is one SDPA call (a fresh prompt its own keys with a
 causal flag, a later chunk its cached context with a bottom-right causal bias), or, in bf16 / fp16
-on GPUs with EPINFER_CHUNK_ATTENTION=1, every chunk of the step goes through one kernel over the
+on GPUs (unless EPINFER_CHUNK_ATTENTION=0), every chunk of the step goes through one kernel over the
 paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike).
 Decode-only steps on the fast path (`batch.decode`) run the paged-decode kernel for all rows, and
 in low precision the q/k norm, rotary and cache writes before it are one kernel too

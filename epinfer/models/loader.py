@@ -150,7 +150,7 @@ class WeightLoader:
         if name is None:
             return
         if m := _PER_EXPERT.match(name):
-            return self._per_expert(key, m[1], int(m[2]), m[3], get())
+            return self._per_expert(key, m[1], int(m[2]), m[3], get)
         if m := _FUSED_EXPERT.match(name):
             return self._fused_expert(key, m[1], m[2], get())
         if name.endswith("linear_attn.in_proj_qkvz.weight") or name.endswith("linear_attn.in_proj_ba.weight"):
@@ -160,12 +160,13 @@ class WeightLoader:
         _copy(self.params[name], get(), key)
         self.tracker.mark(name)
 
-    def _per_expert(self, key: str, prefix: str, expert: int, proj: str, tensor: torch.Tensor) -> None:
+    def _per_expert(self, key: str, prefix: str, expert: int, proj: str, get: Callable[[], torch.Tensor]) -> None:
         if prefix not in self.local_index or expert >= self.cfg.num_experts:
             raise UserError(f"unexpected tensor {key!r} in checkpoint")
         local = self.local_index[prefix].get(expert)
         if local is None:
-            return  # another expert-parallel rank owns it
+            return  # another expert-parallel rank owns it (not even read)
+        tensor = get()
         keep = self.inter_index[prefix]
         if proj == "down_proj":
             if keep is not None:
@@ -272,11 +273,14 @@ FP8 = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"
 
 
-def dequantized(tensors: dict, cfg: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def dequantized(tensors: dict, cfg: ModelConfig,
+                device: torch.device | None = None) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """The checkpoint's tensors in the model's terms: an FP8 weight is read with its block scales
-    (`<name>_scale_inv`) and dequantised to float32 (the copy into a parameter casts it to the compute
-    dtype), the scales themselves are consumed. Only checkpoints whose config declares FP8 may hold
-    FP8 tensors; each needs its scale, and each scale its weight."""
+    (`<name>_scale_inv`) and dequantised to float32 on `device` (the parameters': on a GPU only the
+    FP8 bytes cross the bus, and the float32 product is the GPU's work, not the host's), the copy
+    into a parameter casts it to the compute dtype; the scales themselves are consumed. Only
+    checkpoints whose config declares FP8 may hold FP8 tensors; each needs its scale, and each scale
+    its weight."""
     for key, (get, dtype) in tensors.items():
         if dtype == FP8 and cfg.fp8_block is None:
             raise UserError(f"tensor {key} is float8 but config.json has no FP8 quantization_config")
@@ -291,7 +295,7 @@ def dequantized(tensors: dict, cfg: ModelConfig) -> Iterator[tuple[str, Callable
         if key + SCALE_SUFFIX not in tensors:
             raise UserError(f"tensor {key} is FP8 but its scale {key + SCALE_SUFFIX} is missing")
         scale = tensors[key + SCALE_SUFFIX][0]
-        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g(), sc(), cfg.fp8_block, k))
+        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device), sc().to(device), cfg.fp8_block, k))
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:
@@ -310,13 +314,15 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
-                    each_layer: Callable[[torch.nn.Module, Callable[[], None]], None] | None = None) -> None:
+                    each_layer: Callable[[torch.nn.Module, Callable[[], None]], None] | None = None,
+                    device: torch.device | None = None) -> None:
     """`each_layer(module, load)`: the model's layers, then the rest, are loaded one module at a
     time — `each_layer` makes the module's memory, calls `load` (its tensors), and may transform it
-    (FP8: quantise, so that only one layer is ever held in the compute dtype)."""
+    (FP8: quantise, so that only one layer is ever held in the compute dtype). `device`: where FP8
+    weights are dequantised (the parameters' device)."""
     loader = WeightLoader(model, cfg)
     with contextlib.ExitStack() as stack:
-        tensors = list(dequantized(open_tensors(checkpoint_files(folder), stack), cfg))
+        tensors = list(dequantized(open_tensors(checkpoint_files(folder), stack), cfg, device))
         if each_layer is None:
             for key, get in tensors:
                 loader.load(key, get)

@@ -115,7 +115,7 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
             quantize_fp8(module, cfg.fp8_block)
 
     if folder is not None:
-        load_checkpoint(model, folder, cfg, each_layer if fp8 else None)
+        load_checkpoint(model, folder, cfg, each_layer if fp8 else None, device)
     elif fp8:
         for i, layer in enumerate(model.model.layers):
             each_layer(layer, lambda i=i, layer=layer: random_init(layer, cfg.zero_centered_norm, seed=i))

@@ -21,8 +21,8 @@ mask). Buffers are static and shared by every layer and bucket; the graphs share
 (captured and replayed in layer order). Forwards with collectives (TP, EP) do not use pieces.
 
 Without CUDA (`capture=False`, the CPU tests) the same pieces run as plain calls on the same
-buffers, so the split and the padding are tested everywhere. On GPUs pieces are opt-in
-(EPINFER_PIECEWISE=1, or `EngineConfig.piecewise_graphs`) until measured there.
+buffers, so the split and the padding are tested everywhere. On GPUs pieces are on by default
+(EPINFER_PIECEWISE=0, or `EngineConfig.piecewise_graphs=False`, runs those parts eagerly).
 """
 
 from __future__ import annotations

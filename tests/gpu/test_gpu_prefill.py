@@ -114,9 +114,9 @@ def test_chunk_attention_after_context(N, context):
 def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, fast, monkeypatch):
     from epinfer import LLM, SamplingParams
 
-    if fast:  # the opt-in paths: graph pieces and the prompt-chunk attention kernel
-        monkeypatch.setenv("EPINFER_PIECEWISE", "1")
-        monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1")
+    # graph pieces and the prompt-chunk attention kernel (the defaults), or SDPA per chunk, eagerly
+    monkeypatch.setenv("EPINFER_PIECEWISE", "1" if fast else "0")
+    monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1" if fast else "0")
     from tests.gpu.test_gpu_decode import real_shape_folder
 
     folder, model = real_shape_folder(tmp_path, "qwen3.5-35b-a3b", 4)
@@ -160,9 +160,9 @@ def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, fas
 def test_bf16_mixed_steps_logits_match_transformers(tmp_path, shape, layers, fast, monkeypatch):
     from tests.gpu.test_gpu_decode import compare_logits, real_shape_folder
 
-    if fast:
-        monkeypatch.setenv("EPINFER_PIECEWISE", "1")
-        monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1")
+    # graph pieces and the prompt-chunk attention kernel (the defaults), or SDPA per chunk, eagerly
+    monkeypatch.setenv("EPINFER_PIECEWISE", "1" if fast else "0")
+    monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1" if fast else "0")
 
     folder, model = real_shape_folder(tmp_path, shape, layers)
     res = compare_logits(folder, model, "bfloat16", budget=40)
