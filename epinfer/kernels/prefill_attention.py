@@ -8,7 +8,8 @@ aligned to the end: a fresh prompt and a chunk that starts mid-sequence are the 
 of other chunks and padding rows of `out` are left as they are.
 
 FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk and streams the
-keys up to its last query's position in BLOCK_N steps (running max, sum and weighted accumulator
+keys up to its last query's position in BLOCK_N steps (unmasked up to the tile's first position,
+causally masked past it) (running max, sum and weighted accumulator
 in float32, exp2); each key's cache row is looked up through the block table, so no gathered
 copy of the context is made and the block size is free. Tiles come from the host, where the
 chunk lengths are known (`tile_map`): one launch per layer, whatever the chunks.
@@ -78,6 +79,34 @@ def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 if triton is not None:
 
     @triton.jit
+    def _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
+              sk0, sk1, sk2, sv0, sv1, sv2, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """One BLOCK_N step of keys from k0 (online softmax); `CAUSAL`: the step reaches the tile's
+        own positions (or the end), so keys past each query, or past `end`, are masked."""
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            key_ok = offs_n < end
+            page = tl.load(BT + slot * sbt + offs_n // BS, mask=key_ok, other=0).to(tl.int64)
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+        else:
+            page = tl.load(BT + slot * sbt + offs_n // BS).to(tl.int64)
+            kv_mask = d_ok[None, :]
+        at = page[:, None] * sk0 + (offs_n % BS)[:, None] * sk1 + kvh * sk2 + offs_d[None, :]
+        k = tl.load(K + at, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], base 2
+        if CAUSAL:
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * sv0 + (offs_n % BS)[:, None] * sv1 + kvh * sv2 + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _prefill_kernel(Q, K, V, Out, BT, TILE_C, TILE_M, STARTS, LENS, CTX, SLOTS, qk_scale,
                         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
                         BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
@@ -103,25 +132,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD_P], tl.float32)
-        for k0 in range(0, end, BLOCK_N):
-            offs_n = k0 + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < end
-            page = tl.load(BT + slot * sbt + offs_n // BS, mask=key_ok, other=0).to(tl.int64)
-            at = page[:, None] * sk0 + (offs_n % BS)[:, None] * sk1 + kvh * sk2 + offs_d[None, :]
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + at, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], base 2
-            seen = (offs_n[None, :] <= q_pos[:, None]) & key_ok[None, :]
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + page[:, None] * sv0 + (offs_n % BS)[:, None] * sv1 + kvh * sv2 + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # keys before the tile's first query position are seen by every query: no causal mask there
+        full = (context + m0) // BLOCK_N * BLOCK_N
+        for k0 in range(0, full, BLOCK_N):
+            m_i, l_i, acc = _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
+                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, False)
+        for k0 in range(full, end, BLOCK_N):
+            m_i, l_i, acc = _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
+                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, True)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + rows[:, None] * so0 + h * so1 + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
