@@ -23,6 +23,7 @@ from epinfer.progress import Progress, generate_with_progress, plural, say, summ
 from epinfer.runtime.job import Job
 
 MAX_FAILURE_LINES = 5
+STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "ignore_eos"}
 
@@ -58,6 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens a step at most: decodes first, then prompt chunks (default: 16384 on a GPU, else 8192)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
+    p.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=STATE_DTYPES,
+                   help="the GDN recurrent state's dtype (default float32, transformers' arithmetic; auto: the "
+                        "compute dtype, as vLLM's default: half the state traffic, rounded every token)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -115,7 +119,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
                         parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching,
-                        fp8_weights=args.fp8_weights)
+                        fp8_weights=args.fp8_weights, mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
 
 
 def build_job(args: argparse.Namespace, engine: EngineConfig, mode=None) -> Job:
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quant", choices=["fp8"], default=None,
                        help="fp8: random FP8 weights with 128 x 128 block scales (the floor from FP8 bytes)")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    bench.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=STATE_DTYPES,
+                       help="the GDN recurrent state's dtype (auto: the compute dtype)")
     bench.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan step n+1 while step n runs (default: on for CUDA, off on CPU)")
     bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")
@@ -356,7 +362,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                     ("--no-async-scheduling", args.async_scheduling is False), ("--enforce-eager", args.enforce_eager),
                     ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
                     ("--fp8-weights", args.quant == "fp8"))
-        flags += [flag for flag, on in switches if on]
+        flags += [flag for flag, on in switches if on] + ["--mamba-ssm-cache-dtype", args.mamba_ssm_cache_dtype]
         budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(resolve_device(args.device))
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
                                       args.input_len, args.output_len, args.concurrency, budget)
@@ -369,7 +375,8 @@ def run_workload_bench(args: argparse.Namespace) -> int:
     engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                           gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
                           max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens or 0,
-                          enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8")
+                          enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8",
+                          mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
                             args.output_len, step_log=args.step_log)
     print(json.dumps(record))
@@ -440,14 +447,14 @@ def main(argv: list[str] | None = None) -> int:
                 engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
                                       gpu_memory_utilization=args.gpu_memory_utilization,
                                       async_scheduling=args.async_scheduling, parallel_graphs=args.parallel_graphs,
-                                      fp8_weights=args.quant == "fp8")
+                                      fp8_weights=args.quant == "fp8", mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
                 records = bench_parallel(build_job(args, engine), args.shape, args.batch, args.input_len,
                                          args.output_len, args.layers, replica, args.trace)
                 print("\n".join(json.dumps(r) for r in records))
                 return 0
             records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
                             args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization,
-                            args.async_scheduling, args.trace, args.quant == "fp8")
+                            args.async_scheduling, args.trace, args.quant == "fp8", args.mamba_ssm_cache_dtype)
             print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
             return 0
         if args.command == "serve":

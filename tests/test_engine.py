@@ -153,3 +153,30 @@ def test_async_scheduling_gives_the_same_tokens(hybrid, fast):
     asynced, pending = run(True)
     assert pending > 5  # the device fed inputs to most decode steps
     assert asynced == sync
+
+
+def test_half_precision_recurrent_state(hybrid):
+    """--mamba-ssm-cache-dtype bfloat16: the GDN recurrent state is kept (and snapshotted) in bf16,
+    half the bytes; the arithmetic stays float32, so the prefill's first token is the float32
+    state's, and a prompt prefilled in chunks (each starting from the rounded state) and its decode
+    stay close to it. A bad name is one line."""
+    import torch
+
+    from epinfer.engine.engine import resolve_state_dtype
+    from epinfer.runner.cache import state_bytes_per_slot
+
+    llm = LLM(hybrid, dtype="float32", device="cpu", max_num_batched_tokens=16, mamba_ssm_cache_dtype="bfloat16")
+    cache = llm.engine.runner.cache
+    states = [cache.per_layer[i][1] for i in cache.gdn_layers]
+    assert states and all(s.dtype == torch.bfloat16 for s in states)
+    cfg = llm.engine.model_config
+    assert state_bytes_per_slot(cfg, torch.float32, 1, torch.bfloat16) < state_bytes_per_slot(cfg, torch.float32)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    whole = LLM(hybrid, dtype="float32", device="cpu", mamba_ssm_cache_dtype="bfloat16").generate([P2], params)[0]
+    exact = alone(hybrid, P2, params)
+    assert whole.token_ids[0] == exact[0]  # the prompt in one step: no rounded state read yet
+    for half in (whole.token_ids, llm.generate([P2], params)[0].token_ids):  # chunks read the rounded state
+        assert sum(a == b for a, b in zip(half, exact, strict=True)) >= 6, (half, exact)
+    assert resolve_state_dtype("auto", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(UserError, match="unknown --mamba-ssm-cache-dtype 'fp4'"):
+        LLM(hybrid, dtype="float32", device="cpu", mamba_ssm_cache_dtype="fp4")

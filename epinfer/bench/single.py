@@ -79,9 +79,11 @@ def _weights_per_layer(cfg: ModelConfig) -> tuple[int, int, int, int]:
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
-def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8: bool = False) -> int:
+def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8: bool = False,
+                 state_itemsize: int = 4) -> int:
     """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write).
-    `fp8`: the projections and experts are FP8 weights (1 byte, plus a float32 scale per block)."""
+    `fp8`: the projections and experts are FP8 weights (1 byte, plus a float32 scale per block);
+    `state_itemsize`: bytes of a GDN recurrent state element (float32 unless --mamba-ssm-cache-dtype)."""
     D = cfg.hidden_size
     attn, gdn, expert, shared = _weights_per_layer(cfg)
     if fp8:  # in units of `itemsize` bytes, as everything below is counted
@@ -98,7 +100,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8:
         if kind == "attention":
             total += batch * ctx_len * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
         else:
-            total += batch * nv * dk * dv * 4 * 2  # recurrent state read + write, fp32
+            total += batch * nv * dk * dv * state_itemsize * 2  # recurrent state read + write
     total += cfg.vocab_size * D * itemsize  # LM head
     return int(total)
 
@@ -265,7 +267,7 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
           gpu_memory_utilization: float = 0.9, async_scheduling: bool | None = None,
-          trace: str | None = None, fp8: bool = False) -> list[dict]:
+          trace: str | None = None, fp8: bool = False, state_dtype: str = "float32") -> list[dict]:
     """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
     on CPU, host only, which turns the breakdown on there)."""
     trace = trace_folder(trace)
@@ -274,7 +276,8 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True, fp8_weights=fp8,
                             max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
-                            gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling)
+                            gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling,
+                            mamba_ssm_cache_dtype=state_dtype)
         engine = Engine(ecfg)
         dev = engine.device
         ceil = ceilings(dev)
@@ -285,7 +288,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
         for batch in batches:
             speed = run_batch(engine, batch, input_len, output_len, dev.type == "cuda" or trace is not None, trace)
             nbytes = decode_bytes(engine.model_config, batch, input_len + output_len // 2,
-                                  DTYPES[dtype].itemsize, fp8)
+                                  DTYPES[dtype].itemsize, fp8, engine.runner.layout.state_dtype.itemsize)
             floor_s = nbytes / (ceil["copy_GBps"] * 1e9)
             rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
                    "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,

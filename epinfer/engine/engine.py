@@ -57,6 +57,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_state_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """--mamba-ssm-cache-dtype: float32, bfloat16, float16, or auto (the compute dtype)."""
+    if name == "auto":
+        return dtype
+    if name not in DTYPES:
+        raise UserError(f"unknown --mamba-ssm-cache-dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     if name == "auto":
         name = cfg.dtype if cfg.dtype in DTYPES else "float32"
@@ -117,7 +126,8 @@ def async_default(ecfg: EngineConfig, device: torch.device) -> bool:
     return ecfg.async_scheduling if ecfg.async_scheduling is not None else device.type == "cuda"
 
 
-def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: int = 1) -> int:
+def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: int = 1,
+                      state_dtype: torch.dtype = torch.float32) -> int:
     """The default sequence limit: 512 on a GPU, unless the recurrent state of 512 sequences would
     take over a quarter of its memory; 256 otherwise. More running sequences let prompt chunks ride
     along with more decodes: the throughput profile on an H200 ran 190 decode-only steps at 512
@@ -126,7 +136,7 @@ def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
     if device.type != "cuda":
         return 256
     total = torch.cuda.get_device_properties(device).total_memory
-    return 512 if state_bytes_per_slot(cfg, dtype, tp) * 512 <= total // 4 else 256
+    return 512 if state_bytes_per_slot(cfg, dtype, tp, state_dtype) * 512 <= total // 4 else 256
 
 
 def auto_max_num_batched_tokens(device: torch.device) -> int:
@@ -151,7 +161,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     else:
         budget = 2 * 2**30
     snapshots = state_snapshots(cfg, ecfg)
-    state_bytes = state_bytes_per_slot(cfg, dtype, tp) * (ecfg.max_num_seqs + snapshots)
+    state_dtype = resolve_state_dtype(ecfg.mamba_ssm_cache_dtype, dtype)
+    state_bytes = state_bytes_per_slot(cfg, dtype, tp, state_dtype) * (ecfg.max_num_seqs + snapshots)
     kv_budget = budget - state_bytes
     per_token = kv_bytes_per_token(cfg, dtype, tp)
     if kv_budget <= 0:
@@ -171,7 +182,7 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     num_blocks = max(1, min(capacity // ecfg.block_size, useful))
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
-    return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots), max_len
+    return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots, state_dtype), max_len
 
 
 def activation_headroom(ecfg: EngineConfig) -> int:
@@ -235,8 +246,9 @@ class Engine:
             budget = auto_max_num_batched_tokens(self.device)
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=budget)
         if ecfg.max_num_seqs == 0:
-            self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_seqs=auto_max_num_seqs(cfg, self.dtype, self.device,
-                                                                                        ctx.tp_size))
+            seqs = auto_max_num_seqs(cfg, self.dtype, self.device, ctx.tp_size,
+                                     resolve_state_dtype(ecfg.mamba_ssm_cache_dtype, self.dtype))
+            self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_seqs=seqs)
         if ecfg.async_scheduling is None:
             self.ecfg = ecfg = dataclasses.replace(ecfg, async_scheduling=async_default(ecfg, self.device))
         if ecfg.piecewise_graphs is None:

@@ -69,7 +69,7 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
     if _triton is not None and q_BHK.is_cuda:
         return _recurrent_triton(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B)
     out, new_state = recurrent_gated_delta_step(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state[slots_B])
-    state[slots_B] = new_state
+    state[slots_B] = new_state.to(state.dtype)
     return out
 
 
@@ -127,10 +127,10 @@ if _triton is not None:
         beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
         slot = tl.load(SLOTS + b).to(tl.int64)
         ptr = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :]
-        s = tl.load(ptr) * tl.exp(g)
+        s = tl.load(ptr).to(tl.float32) * tl.exp(g)
         delta = (v - tl.sum(s * k[:, None], 0)) * beta
         s = s + k[:, None] * delta[None, :]
-        tl.store(ptr, s)
+        tl.store(ptr, s.to(S.dtype.element_ty))
         o = tl.sum(s * q[:, None], 0)
         tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
 

@@ -25,6 +25,7 @@ class CacheLayout:
     num_blocks: int
     num_state_slots: int
     num_snapshots: int = 0  # GDN state snapshots at block boundaries (prefix caching of hybrid models)
+    state_dtype: torch.dtype = torch.float32  # the GDN recurrent state's (the conv state is in the compute dtype)
 
     @property
     def capacity_tokens(self) -> int:
@@ -41,13 +42,15 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int
     return attn_layers * 2 * max(1, cfg.num_kv_heads // tp) * cfg.head_dim * dtype.itemsize
 
 
-def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
-    """GDN conv + recurrent state bytes per sequence on one rank (heads split over TP)."""
+def state_bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1,
+                         state_dtype: torch.dtype = torch.float32) -> int:
+    """GDN conv (`dtype`) + recurrent (`state_dtype`) state bytes per sequence on one rank (heads
+    split over TP)."""
     gdn_layers = sum(t == "linear_attention" for t in cfg.layer_types)
     conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + \
         cfg.linear_num_value_heads * cfg.linear_value_head_dim
     conv = conv_dim * (cfg.linear_conv_kernel - 1) * dtype.itemsize
-    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * state_dtype.itemsize
     return gdn_layers * (conv + ssm) // tp
 
 
@@ -76,7 +79,7 @@ class CacheTensors:
                 conv = torch.full((slots, gdn.conv_dim, gdn.kernel - 1), self.fill, dtype=dtype,
                                   device=device)
                 ssm = torch.full((slots, gdn.num_v_heads, gdn.dk, gdn.dv), self.fill,
-                                 dtype=torch.float32, device=device)
+                                 dtype=layout.state_dtype, device=device)
                 self.per_layer.append((conv, ssm))
                 self.gdn_layers.append(i)
 
