@@ -8,6 +8,7 @@
 #              `epinfer bench` batch 1 and 64 (async) runs with it (EPINFER_MOE_CONFIGS)
 #   gemv       decode-size projections: the small-rows Triton GEMM against cuBLAS (benchmarks/gemv_sweep.py)
 #   attention  decode attention split count and tiles per batch size (benchmarks/attention_sweep.py)
+#   prefill-attention  prompt-chunk attention tiles at a long-context step (benchmarks/prefill_attention_sweep.py)
 #
 # Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
 # Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
@@ -29,6 +30,9 @@ gemv)
 attention)
   step attention_sweep 150 python3 benchmarks/attention_sweep.py
   cut -c1-300 "$OUT/attention_sweep.log" ;;
+prefill-attention)
+  step prefill_attention_sweep 150 python3 benchmarks/prefill_attention_sweep.py
+  cut -c1-300 "$OUT/prefill_attention_sweep.log" ;;
 *)
-  echo "unknown mode $mode (moe gemv attention)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention)"; exit 2 ;;
 esac; done

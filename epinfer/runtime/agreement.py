@@ -42,7 +42,8 @@ def start_settings(job, **extra) -> dict:
     (the flags that change the collective schedule are checked again by the ranks' `settings.agree`)."""
     return {"--dp": job.dp, "--tp": job.tp, **extra, "the model": model_fingerprint(job.engine),
             "--dtype": job.engine.dtype, "--fp8-weights": job.engine.fp8_weights,
-            "--mamba-ssm-cache-dtype": job.engine.mamba_ssm_cache_dtype, "--max-model-len": job.engine.max_model_len, "epinfer": VERSION}
+            "--mamba-ssm-cache-dtype": job.engine.mamba_ssm_cache_dtype,
+            "--max-model-len": job.engine.max_model_len, "epinfer": VERSION}
 
 
 def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], str], timeout: float,
