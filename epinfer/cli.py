@@ -132,8 +132,15 @@ def build_job(args: argparse.Namespace, engine: EngineConfig, mode=None) -> Job:
                fault_delay=args.fault_delay, mode=mode)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line and exit 2 (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epinfer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="epinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate completions for prompts")
     add_engine_args(gen)

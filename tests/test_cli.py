@@ -133,3 +133,17 @@ def test_random_weights_need_only_a_config(tiny, tmp_path, capsys):
     code, _, err = run([*base, "--random-weights", "--output", str(out_file)], capsys)
     assert code == 0, err
     assert len(json.loads(out_file.read_text())[0]["token_ids"]) == 3
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["generate", "--mamba-ssm-cache-dtype", "fp4"], "argument --mamba-ssm-cache-dtype: invalid choice: 'fp4'"),
+    (["generate", "--max-num-batched-tokens", "many"], "argument --max-num-batched-tokens: invalid int value"),
+    (["bench", "--shape", "qwen3-30b-a3b", "--quant", "int4"], "argument --quant: invalid choice: 'int4'"),
+    (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),  # (the top parser's)
+])
+def test_bad_flag_is_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith(("epinfer: error: ", f"epinfer {argv[0]}: error: ")) and fragment in err, err
