@@ -490,6 +490,22 @@ def test_step_token_budget_by_device():
     assert engine.ecfg.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == 8192
 
 
+def test_no_graph_pieces_pool_where_no_pieces_are_built():
+    """Pieces (and the memory pool kept for them) only where the runner builds them: a forward
+    with collectives, a debug mode or poisoned pads turns them off in the engine's settings too,
+    even when asked for."""
+    from epinfer.core.config import DEMO_MODEL, EngineConfig
+    from epinfer.distributed.parallel import ParallelContext
+    from epinfer.engine.engine import Engine
+    from epinfer.runner.model_runner import pieces_allowed
+
+    ecfg = EngineConfig(model=str(DEMO_MODEL), device="cpu", dtype="float32", piecewise_graphs=True)
+    assert Engine(ecfg).ecfg.piecewise_graphs and pieces_allowed(ParallelContext())
+    for ctx in (ParallelContext(poison_pads=True), ParallelContext(eager_only=True)):
+        engine = Engine(ecfg, ctx)
+        assert not pieces_allowed(ctx) and not engine.ecfg.piecewise_graphs and engine.runner.pieces is None
+
+
 def test_graph_pieces_capture_without_autograd():
     """The pieces are captured in inference mode, and the model's parameters need no gradient: a
     capture that recorded autograd graphs kept every saved intermediate of every piece alive

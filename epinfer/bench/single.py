@@ -293,6 +293,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
             rec = {"shape": shape, "layers": engine.model_config.num_layers, "batch": batch,
                    "input_len": input_len, "output_len": output_len, "dtype": dtype, "device": name,
                    "weights": "fp8" if fp8 else dtype,
+                   "ssm_state": str(engine.runner.layout.state_dtype).removeprefix("torch."),
                    "cuda_graphs": engine.runner.graphs is not None,
                    "async_scheduling": engine.ecfg.async_scheduling, **ceil, **speed,
                    "decode_bytes_GB": round(nbytes / 1e9, 3), "floor_ms": round(floor_s * 1e3, 3),

@@ -211,6 +211,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "weights": "fp8" if engine_cfg.fp8_weights else engine_cfg.dtype,
+                  "ssm_state": str(engine.runner.layout.state_dtype).removeprefix("torch."),
                   "async_scheduling": engine.ecfg.async_scheduling,
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "graph_pieces": engine.runner.pieces is not None, "chunk_attention": SWITCHES.chunk_attention,

@@ -24,7 +24,7 @@ from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.kernels import paged_attention
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
 from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
-from epinfer.runner.model_runner import ModelRunner, build_model
+from epinfer.runner.model_runner import ModelRunner, build_model, pieces_allowed
 from epinfer.runner.sampler import nonfinite_rows, sample_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,7 +140,7 @@ def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 
 
 def auto_max_num_batched_tokens(device: torch.device) -> int:
-    """The default token budget of a step: 16384 on a GPU, 8192 elsewhere. On an H200 the
+    """The default token budget of a step: 16384 on CUDA GPUs, 8192 elsewhere. On an H200 the
     throughput profile (Qwen3.5-35B-A3B shape, 1000 x 1024 in / 128 out) ran 3.6 % faster at 16384
     than at 8192 in the same call, its mixed steps 18.4 s against 21.4 s (RESULTS.md, end-to-end
     workloads); a larger budget reads the weights once for more rows."""
@@ -241,7 +241,7 @@ class Engine:
         self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_seqs < 0 or ecfg.max_num_batched_tokens < 0:
-            raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1")
+            raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1 (0: chosen by the engine)")
         if ecfg.max_num_batched_tokens == 0:
             budget = auto_max_num_batched_tokens(self.device)
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=budget)
@@ -251,8 +251,10 @@ class Engine:
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_seqs=seqs)
         if ecfg.async_scheduling is None:
             self.ecfg = ecfg = dataclasses.replace(ecfg, async_scheduling=async_default(ecfg, self.device))
-        if ecfg.piecewise_graphs is None:
-            self.ecfg = ecfg = dataclasses.replace(ecfg, piecewise_graphs=piecewise_default(ecfg, self.device))
+        if ecfg.piecewise_graphs is None or (ecfg.piecewise_graphs and not pieces_allowed(ctx)):
+            # (never a pool for pieces the runner will not build: a forward with collectives, debug modes)
+            pieces = piecewise_default(ecfg, self.device) and pieces_allowed(ctx)
+            self.ecfg = ecfg = dataclasses.replace(ecfg, piecewise_graphs=pieces)
         if not 0 < ecfg.gpu_memory_utilization <= 1:
             raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
         self.tokenizer = load_tokenizer(folder)

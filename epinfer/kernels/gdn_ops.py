@@ -2,7 +2,8 @@
 The chunked form (prefill, many sequences at once) is in `gdn_prefill`.
 
 The torch forms work on CPU and GPU in float32 and are the reference the faster GPU kernels are checked
-against. State layout: `[B, Hv, dk, dv]`, float32. The recurrence per token t, per value head:
+against. State layout: `[B, Hv, dk, dv]`, float32 in the arithmetic (the cache may store it in bf16 /
+fp16: read widened, written rounded). The recurrence per token t, per value head:
 
     S = S * exp(g_t)
     S = S + k_t (beta_t (v_t - S^T k_t))^T

@@ -79,6 +79,16 @@ def available_bytes(device: torch.device) -> int | None:
     return avail
 
 
+def forward_has_collectives(ctx: ParallelContext) -> bool:
+    """The forward issues TP or EP collectives (a parallel run with more than one rank a replica or EP)."""
+    return ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
+
+
+def pieces_allowed(ctx: ParallelContext) -> bool:
+    """Graph pieces need a forward without collectives, debug modes (Python per layer) or poisoned pads."""
+    return not forward_has_collectives(ctx) and not ctx.eager_only and not ctx.poison_pads
+
+
 def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device,
                 ctx: ParallelContext | None = None, fp8: bool = False) -> CausalLM:
     """Construct this rank's shard on `device` in `dtype` and load `folder` into it. Stops with a
@@ -116,6 +126,8 @@ def build_model(cfg: ModelConfig, folder: Path | None, dtype: torch.dtype, devic
 
     if folder is not None:
         load_checkpoint(model, folder, cfg, each_layer if fp8 else None, device)
+        if device.type == "cuda":  # the load's temporaries (FP8 dequantisation) are not kept from the cache
+            torch.cuda.empty_cache()
     elif fp8:
         for i, layer in enumerate(model.model.layers):
             each_layer(layer, lambda i=i, layer=layer: random_init(layer, cfg.zero_centered_norm, seed=i))
@@ -200,7 +212,7 @@ class ModelRunner:
         # graphs hold collectives too, except all-to-all (its split sizes are read on the host) —
         # opt-in, `parallel_graphs` (--parallel-graphs; run on 2 H200s, not yet on 4: see RESULTS.md);
         # debug modes run Python per layer and collective: no graphs then
-        self.collectives = ctx.comm is not None and (ctx.tp_size > 1 or ctx.ep_size > 1)
+        self.collectives = forward_has_collectives(ctx)
         capturable = (not self.collectives or parallel_graphs) and (
             ctx.ep_size == 1 or ctx.dispatch != "alltoall")
         debug = ctx.eager_only
@@ -208,8 +220,7 @@ class ModelRunner:
             cuda_graphs and self.fast_decode and capturable and not debug) else None
         self.shared_buckets: list[int] | None = None  # forwards with collectives: graph sizes every rank has
         capture = device.type == "cuda" and cuda_graphs
-        self.pieces = PiecewiseGraphs(self, max_step_rows, capture) if (
-            pieces and not self.collectives and not debug and not self.poison) else None
+        self.pieces = PiecewiseGraphs(self, max_step_rows, capture) if pieces and pieces_allowed(ctx) else None
 
     def agree_graphs(self, ctx) -> None:
         """A forward with collectives uses graphs only if every rank has them, with the same buckets
