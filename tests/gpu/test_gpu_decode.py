@@ -358,13 +358,14 @@ def condition_like_trained(model) -> None:
 
 
 def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: int = 32, group: int = 8,
-                   budget: int = 4096) -> dict:
+                   budget: int = 4096, **engine) -> dict:
     """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens.
-    The 8 prompts run `group` at a time (decode batches of `group` rows), `budget` tokens a step."""
+    The 8 prompts run `group` at a time (decode batches of `group` rows), `budget` tokens a step;
+    `engine`: more `LLM` settings."""
     from epinfer import LLM, SamplingParams
 
     llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs,
-              max_num_batched_tokens=budget)
+              max_num_batched_tokens=budget, **engine)
     engine = llm.engine
     by_seq: dict[int, list[torch.Tensor]] = {}  # request index -> logits of each step that sampled it
     apply = engine.apply
