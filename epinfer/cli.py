@@ -485,13 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"epinfer: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")  # one write: the ranks of a torchrun share stderr
         return exc.exit_code
     except RunFailed as exc:
-        print(f"epinfer: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("epinfer: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
 
 

@@ -28,7 +28,7 @@ BAR_WIDTH = 20
 
 
 def say(message: str, stream=None) -> None:
-    """One `epinfer: ...` line on stderr."""
+    """One `epinfer: ...` line on stderr, in one write (ranks may share the stream)."""
     stream = stream or sys.stderr
     stream.write(f"epinfer: {message}\n")
     stream.flush()
