@@ -57,7 +57,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "would take over a quarter of its memory; else 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens a step at most: decodes first, then prompt chunks "
-                        "(default: 16384 on CUDA GPUs, else 8192)")
+                        "(default: 16384 on GPUs of 70 GiB or more, else 8192)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
     p.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=STATE_DTYPES,
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-seqs", type=int, default=None,
                        help="--workload: running requests at most (default as for generate)")
     bench.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="--workload: tokens per step at most (default: 16384 on CUDA GPUs, else 8192)")
+                       help="--workload: tokens per step at most (default: 16384 on GPUs of 70 GiB or more, else 8192)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers generate, same shape")
@@ -371,11 +371,12 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                     ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
                     ("--fp8-weights", args.quant == "fp8"))
         flags += [flag for flag, on in switches if on] + ["--mamba-ssm-cache-dtype", args.mamba_ssm_cache_dtype]
-        # (the device by name: resolving it here would open a CUDA context beside the server's)
+        # (the device by name and its properties only: no CUDA context beside the server's)
         import torch
 
         gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(torch.device("cuda" if gpu else "cpu"))
+        budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(
+            torch.device("cuda" if gpu else "cpu"), torch.cuda.get_device_properties(0).total_memory if gpu else 0)
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
                                       args.input_len, args.output_len, args.concurrency, budget)
         print(json.dumps(record))

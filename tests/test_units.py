@@ -479,12 +479,13 @@ def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
 
 
 def test_step_token_budget_by_device():
-    """No --max-num-batched-tokens: 16384 tokens a step on a GPU, 8192 elsewhere; the engine
+    """No --max-num-batched-tokens: 16384 tokens a step on a GPU of 70 GiB or more, 8192 elsewhere; the engine
     resolves the default before it sizes anything by it."""
     from epinfer.core.config import DEMO_MODEL, EngineConfig
     from epinfer.engine.engine import Engine, auto_max_num_batched_tokens
 
-    assert auto_max_num_batched_tokens(torch.device("cuda")) == 16384
+    assert auto_max_num_batched_tokens(torch.device("cuda"), 141 * 10**9) == 16384  # an H200
+    assert auto_max_num_batched_tokens(torch.device("cuda"), 24 * 2**30) == 8192
     assert auto_max_num_batched_tokens(torch.device("cpu")) == 8192
     engine = Engine(EngineConfig(model=str(DEMO_MODEL), device="cpu", dtype="float32"))
     assert engine.ecfg.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == 8192
