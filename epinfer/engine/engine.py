@@ -156,8 +156,8 @@ def auto_max_num_batched_tokens(device: torch.device, gpu_bytes: int | None = No
     return 16384 if gpu_bytes >= LARGE_GPU_BYTES else 8192
 
 
-def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
-               device: torch.device, tp: int = 1) -> tuple[CacheLayout, int]:
+def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device, tp: int = 1,
+               state_dtype: torch.dtype = torch.float32) -> tuple[CacheLayout, int]:
     """Returns the cache layout and the max model length."""
     if ecfg.cache_memory_gb is not None:
         budget = int(ecfg.cache_memory_gb * 2**30)
@@ -170,7 +170,6 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype,
     else:
         budget = 2 * 2**30
     snapshots = state_snapshots(cfg, ecfg)
-    state_dtype = resolve_state_dtype(ecfg.mamba_ssm_cache_dtype, dtype)
     state_bytes = state_bytes_per_slot(cfg, dtype, tp, state_dtype) * (ecfg.max_num_seqs + snapshots)
     kv_budget = budget - state_bytes
     per_token = kv_bytes_per_token(cfg, dtype, tp)
@@ -254,15 +253,15 @@ class Engine:
         if ecfg.max_num_batched_tokens == 0:
             budget = auto_max_num_batched_tokens(self.device)
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=budget)
+        state_dtype = resolve_state_dtype(ecfg.mamba_ssm_cache_dtype, self.dtype)
         if ecfg.max_num_seqs == 0:
-            seqs = auto_max_num_seqs(cfg, self.dtype, self.device, ctx.tp_size,
-                                     resolve_state_dtype(ecfg.mamba_ssm_cache_dtype, self.dtype))
+            seqs = auto_max_num_seqs(cfg, self.dtype, self.device, ctx.tp_size, state_dtype)
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_seqs=seqs)
         if ecfg.async_scheduling is None:
             self.ecfg = ecfg = dataclasses.replace(ecfg, async_scheduling=async_default(ecfg, self.device))
-        if ecfg.piecewise_graphs is None or (ecfg.piecewise_graphs and not pieces_allowed(ctx)):
-            # (never a pool for pieces the runner will not build: a forward with collectives, debug modes)
-            pieces = piecewise_default(ecfg, self.device) and pieces_allowed(ctx)
+        # (never a pool for pieces the runner will not build: a forward with collectives, debug modes)
+        pieces = piecewise_default(ecfg, self.device) and pieces_allowed(ctx)
+        if pieces != ecfg.piecewise_graphs:
             self.ecfg = ecfg = dataclasses.replace(ecfg, piecewise_graphs=pieces)
         if not 0 < ecfg.gpu_memory_utilization <= 1:
             raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
@@ -274,7 +273,7 @@ class Engine:
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx,
                             ecfg.fp8_weights)
         built = time.perf_counter()
-        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size)
+        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size, state_dtype)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
                                   ecfg.cuda_graphs, ecfg.parallel_graphs, ecfg.piecewise_graphs,
                                   ecfg.max_num_batched_tokens)
