@@ -74,15 +74,23 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
     return out
 
 
-def _recurrent_triton(q, k, v, g, beta, state, slots):
+# (BV value columns a block, SPLIT programs a head, num_warps) by the state's element size; H200,
+# Qwen3.5 shape (32 value heads of 128 x 128) at 200 rows, float32 state: 64-column blocks, one a
+# program, 231 µs (3.6 TB/s) against 263 µs with 32-column blocks (RESULTS.md, kernel sweeps)
+DECODE_CONFIGS = {4: (64, 2, 4), 2: (64, 2, 4)}
+
+
+def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int] | None = None):
     B, Hk, DK = q.shape
     Hv, DV = v.shape[1], v.shape[2]
     out = torch.empty_like(v)
-    BV = 32 if DV % 32 == 0 else DV
-    _gdn_decode_kernel[(B, Hv, DV // BV)](
+    BV, split, warps = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4))
+    if DV % (BV * split):
+        BV, split = DV, 1
+    _gdn_decode_kernel[(B, Hv, split)](
         q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
-        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, BV=BV, num_warps=4)
+        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, DV=DV, BV=BV, SPLIT=split, num_warps=warps)
     return out
 
 
@@ -111,29 +119,33 @@ if _triton is not None:
     @_triton.jit
     def _gdn_decode_kernel(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
                            ss_slot, ss_h, ss_k, so_b, so_h, scale,
-                           REP: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr):
-        """Program (row b, value head h, value block): the [DK, BV] state tile is read once,
-        decayed, delta-updated and written back; the output is the updated tile times q."""
+                           REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                           SPLIT: tl.constexpr):
+        """Program (row b, value head h, split): its DV / SPLIT value columns in [DK, BV] state
+        tiles, each read once, decayed, delta-updated and written back; the output is the updated
+        tile times q."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_k = tl.arange(0, DK)
-        offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
         hk = h // REP
+        slot = tl.load(SLOTS + b).to(tl.int64)
         q = tl.load(Q + b * sq_b + hk * sq_h + offs_k).to(tl.float32)
         k = tl.load(K + b * sk_b + hk * sk_h + offs_k).to(tl.float32)
         q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
         k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_v).to(tl.float32)
-        g = tl.load(G + b * sg_b + h).to(tl.float32)
+        decay = tl.exp(tl.load(G + b * sg_b + h).to(tl.float32))
         beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
-        slot = tl.load(SLOTS + b).to(tl.int64)
-        ptr = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :]
-        s = tl.load(ptr).to(tl.float32) * tl.exp(g)
-        delta = (v - tl.sum(s * k[:, None], 0)) * beta
-        s = s + k[:, None] * delta[None, :]
-        tl.store(ptr, s.to(S.dtype.element_ty))
-        o = tl.sum(s * q[:, None], 0)
-        tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+        tile = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k
+        lo = tl.program_id(2) * (DV // SPLIT)
+        for v0 in tl.range(lo, lo + DV // SPLIT, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            v = tl.load(V + b * sv_b + h * sv_h + offs_v).to(tl.float32)
+            s = tl.load(tile + offs_v[None, :]).to(tl.float32) * decay
+            delta = (v - tl.sum(s * k[:, None], 0)) * beta
+            s = s + k[:, None] * delta[None, :]
+            tl.store(tile + offs_v[None, :], s.to(S.dtype.element_ty))
+            o = tl.sum(s * q[:, None], 0)
+            tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
 
     @_triton.jit
     def _conv_step_kernel(S, SLOTS, X, W, OUT, ss_slot, ss_c, ss_k, sx_b, sw_c, so_b, C,
