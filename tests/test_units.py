@@ -461,18 +461,25 @@ def test_a_rank_whose_dump_fails_still_prints_its_line(tmp_path):
 
 
 def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
-    """The activation headroom: 2 GiB up to 8192 rows a step, in proportion beyond; the graph
+    """The activation headroom: 2 GiB up to 8192 rows a step, in proportion beyond, and with graphs
+    the largest decode graph's logits twice (compute dtype + float32, per sequence slot); the graph
     pieces' pool only when pieces are captured, and more for a larger step."""
     import dataclasses
 
     from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
     from epinfer.engine.engine import activation_headroom, pieces_pool_bytes
 
-    step = EngineConfig(model="x", max_num_batched_tokens=8192, cuda_graphs=True, piecewise_graphs=True)
-    assert activation_headroom(dataclasses.replace(step, max_num_batched_tokens=512)) == 2 * 2**30
-    assert activation_headroom(step) == 2 * 2**30
-    assert activation_headroom(dataclasses.replace(step, max_num_batched_tokens=16384)) == 4 * 2**30
     cfg = ModelConfig.from_dir(DEMO_MODEL)
+    step = EngineConfig(model="x", max_num_batched_tokens=8192, cuda_graphs=True, piecewise_graphs=True,
+                        max_num_seqs=512)
+    eager = dataclasses.replace(step, cuda_graphs=False)
+    bf16 = torch.bfloat16
+    assert activation_headroom(dataclasses.replace(eager, max_num_batched_tokens=512), cfg, bf16) == 2 * 2**30
+    assert activation_headroom(eager, cfg, bf16) == 2 * 2**30
+    assert activation_headroom(dataclasses.replace(eager, max_num_batched_tokens=16384), cfg, bf16) == 4 * 2**30
+    logits = 512 * cfg.vocab_size * 6
+    assert activation_headroom(step, cfg, bf16) == 2 * 2**30 + 2 * logits
+    assert activation_headroom(dataclasses.replace(step, max_num_seqs=1024), cfg, bf16) == 2 * 2**30 + 4 * logits
     assert pieces_pool_bytes(cfg, dataclasses.replace(step, piecewise_graphs=False), torch.bfloat16) == 0
     assert 0 < pieces_pool_bytes(cfg, step, torch.bfloat16) < pieces_pool_bytes(
         cfg, dataclasses.replace(step, max_num_batched_tokens=16384), torch.bfloat16)
@@ -528,3 +535,16 @@ def test_graph_pieces_capture_without_autograd():
     finally:
         PiecewiseGraphs._pieces = original
     assert seen and all(seen)
+
+
+def test_open_file_limit_raised_to_the_hard_one():
+    """A server holds a socket per client: its soft open-file limit goes up to the hard one."""
+    import subprocess
+    import sys
+
+    code = ("import resource\nfrom epinfer.core.env import raise_open_file_limit\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+            "raise_open_file_limit()\nprint(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard) or hard == -1)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "True", proc.stderr

@@ -165,7 +165,7 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         # activation headroom, and the graph pieces' memory pool (its largest step's MoE activations)
-        budget = (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg)
+        budget = (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg, cfg, dtype)
                   - pieces_pool_bytes(cfg, ecfg, dtype))
     else:
         budget = 2 * 2**30
@@ -193,11 +193,15 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots, state_dtype), max_len
 
 
-def activation_headroom(ecfg: EngineConfig) -> int:
+def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
     """GPU memory kept out of the cache for a step's activations: 2 GiB up to 8192 rows a step (the
     Qwen3.5-35B-A3B shape's throughput profile ran at 8192 rows in it on an H200), in proportion
-    beyond (a step's activations grow with its rows)."""
-    return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192))
+    beyond (a step's activations grow with its rows); and the logits of the largest decode graph
+    (`max_num_seqs` rows, in the compute dtype and in float32), twice: its warm-up's outside the
+    graphs' pool and its own inside (1024 sequences of the Qwen3.5 shape ran out of memory there
+    without them: 1.5 GB each)."""
+    logits = ecfg.max_num_seqs * cfg.vocab_size * (dtype.itemsize + 4) if ecfg.cuda_graphs else 0
+    return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192)) + 2 * logits
 
 
 def piecewise_default(ecfg: EngineConfig, device: torch.device) -> bool:
