@@ -28,6 +28,7 @@ import torch
 from epinfer.bench.single import shape_folder
 from epinfer.bench.workload import Workload, first_prompts, lengths, next_turn, summary, warm_up_workload, workload
 from epinfer.core.config import ModelConfig
+from epinfer.core.env import raise_open_file_limit
 from epinfer.core.errors import UserError
 
 HEALTH_TIMEOUT_S = 900.0  # a full-size shape on a GPU compiles and captures for a minute or more
@@ -114,6 +115,7 @@ async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurre
     client sends one after the other, each once the previous reply is complete."""
     import httpx
 
+    raise_open_file_limit()  # a socket per client
     results: list[dict] = []
     todo = iter(range(len(prompts)))
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)

@@ -25,6 +25,7 @@ whose environment differs is a one-line error instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from epinfer.core.errors import UserError
@@ -117,3 +118,18 @@ def mark_spawned() -> None:
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not SWITCHES.spawned
+
+
+def raise_open_file_limit() -> None:
+    """The soft limit on open files raised to the hard one: a server holds a socket per client, and
+    the common soft limit of 1024 is reached below a thousand concurrent streams (as vLLM and
+    SGLang do at start-up). Nothing happens where the platform has no such limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
+                                                        hard))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
-from epinfer.core.env import under_torchrun
+from epinfer.core.env import raise_open_file_limit, under_torchrun
 from epinfer.core.errors import UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
@@ -71,6 +71,7 @@ def serve(args: argparse.Namespace, job: Job) -> int:
         raise UserError(f"model folder {folder} does not exist")
     if nodes.rank > 0:  # no HTTP here: this host's ranks, relayed to host 0
         return run_headless(RankSet(job, nodes))
+    raise_open_file_limit()  # a socket per client
     sock = bind(args.host, args.port)
     tokenizer = load_tokenizer(folder)
     ranks = RankSet(job, nodes)  # (it sets the job's mode: the serving loop, with its channels)
