@@ -9,6 +9,7 @@
 #   gemv       decode-size projections: the small-rows Triton GEMM against cuBLAS (benchmarks/gemv_sweep.py)
 #   attention  decode attention split count and tiles per batch size (benchmarks/attention_sweep.py)
 #   prefill-attention  prompt-chunk attention tiles at a long-context step (benchmarks/prefill_attention_sweep.py)
+#   gdn-decode the GDN decode kernel's block layouts, float32 and bf16 state (benchmarks/gdn_decode_sweep.py)
 #
 # Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
 # Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
@@ -33,6 +34,9 @@ attention)
 prefill-attention)
   step prefill_attention_sweep 150 python3 benchmarks/prefill_attention_sweep.py
   cut -c1-300 "$OUT/prefill_attention_sweep.log" ;;
+gdn-decode)
+  step gdn_decode_sweep 150 python3 benchmarks/gdn_decode_sweep.py
+  cut -c1-200 "$OUT/gdn_decode_sweep.log" ;;
 *)
-  echo "unknown mode $mode (moe gemv attention prefill-attention)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode)"; exit 2 ;;
 esac; done
