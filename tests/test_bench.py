@@ -273,14 +273,19 @@ def test_workload_runs_every_request_to_its_length(tmp_path):
 @pytest.mark.timeout(240)
 def test_workload_through_the_server_in_parallel(tmp_path):
     """`bench --workload --serve --dp 2 --tp 2`: every request streams through `epinfer serve` (4
-    Gloo ranks) to its full length; a server that cannot start is one line with its log's end."""
-    from epinfer.bench.serve_workload import bench_serve_workload
+    Gloo ranks) to its full length, from clients in two processes; a server that cannot start is
+    one line with its log's end."""
+    from epinfer.bench.serve_workload import bench_serve_workload, client_processes
+
+    assert client_processes(512, cores=16) == 8 and client_processes(100, cores=16) == 2
+    assert client_processes(512, cores=2) == 1 and client_processes(1, cores=64) == 1
 
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
     flags = ["--dtype", "float32", "--device", "cpu", "--dp", "2", "--tp", "2"]
     rec = bench_serve_workload(str(tmp_path), "throughput", flags, requests=7, input_len=20, output_len=5,
-                               concurrency=3, budget=32)
+                               concurrency=3, budget=32, client_procs=2)
     assert rec["failed"] == 0 and rec["server_exit"] == 0 and rec["concurrency"] == 3
+    assert rec["client_processes"] == 2
     assert rec["requests"] == 7 and rec["prompt_tokens"] == 7 * 20 and rec["output_tokens"] == 7 * 5
     assert 0 < rec["ttft_ms_p50"] <= rec["ttft_ms_p99"] and rec["tpot_ms_p50"] > 0
     assert rec["startup_s"]["server_healthy"] > 0 and rec["total_tok_s"] > rec["output_tok_s"] > 0

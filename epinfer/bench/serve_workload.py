@@ -3,17 +3,21 @@
 A server is started as its own process on a free loopback port (the model shape with random
 weights, the bench's engine and `--dp/--tp` flags), waited for until `/health` answers, warmed up
 with one full-budget round of requests, then given every request of the workload by
-`--concurrency` streaming clients (default: all at once). Each request streams
-`/v1/completions` with token-id prompts and `ignore_eos`; its time to first token is the first
-event that carries tokens. Reported as the offline workload is (total / output tokens/s,
-requests/s, TTFT and TPOT p50 / p99), plus the server's start-up (process start to healthy) and
-failed requests. The server is stopped with SIGTERM at the end (killed if it does not stop).
+`--concurrency` streaming clients (default: all at once), spread over a few processes
+(`client_processes`: one Python process cannot parse 512 streams' events as fast as the server
+sends them). Each request streams `/v1/completions` with token-id prompts and `ignore_eos`; its
+time to first token is the first event that carries tokens. Reported as the offline workload is
+(total / output tokens/s, requests/s, TTFT and TPOT p50 / p99), plus the server's start-up
+(process start to healthy) and failed requests. The server is stopped with SIGTERM at the end
+(killed if it does not stop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import shlex
 import signal
 import socket
@@ -109,32 +113,68 @@ async def _one(client, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
-                chat: tuple[Workload, int] | None = None) -> tuple[list[dict], float]:
+                chat: tuple[Workload, int] | None = None, ids: list[int] | None = None) -> tuple[list[dict], float]:
     """Every request through `concurrency` clients; (per-request results, wall s). `chat`: the
-    workload and vocabulary of multi-turn chats: prompt i opens chat i, whose later turns its
-    client sends one after the other, each once the previous reply is complete."""
+    workload and vocabulary of multi-turn chats: prompt i opens chat `ids[i]` (default i), whose
+    later turns its client sends one after the other, each once the previous reply is complete."""
     import httpx
 
     raise_open_file_limit()  # a socket per client
     results: list[dict] = []
     todo = iter(range(len(prompts)))
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        async def worker() -> None:
+
+    async def worker() -> None:
+        # a client (one connection) per worker: httpx's shared pool scans all its connections at
+        # every request and response event, which cost more CPU than the streams at 256 clients
+        # (plain HTTP on loopback: no TLS context, whose certificates take 30 ms to load per client)
+        async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, verify=False,
+                                     limits=httpx.Limits(max_connections=1)) as client:
             for i in todo:
                 prompt, last = prompts[i], None
                 for turn in range(1, (chat[0].turns if chat else 1) + 1):
                     if turn > 1:
                         if last["error"] is not None:
                             break
-                        prompt = next_turn(chat[0], prompt, last["ids"], chat[1], i, turn - 1)
+                        prompt = next_turn(chat[0], prompt, last["ids"], chat[1], ids[i] if ids else i, turn - 1)
                     last = await _one(client, prompt, outputs[i])
                     results.append(last)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return results, wall
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+def client_processes(concurrency: int, cores: int | None = None) -> int:
+    """Processes the streaming clients are spread over: one per 64 streams, at most half the cores
+    (the server and its ranks keep the rest) and 8. One Python process parsing every stream's events
+    measured ≈ 1 ms of CPU a token and became the bottleneck at 512 streams."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2, -(-concurrency // 64)))
+
+
+def run_clients(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
+                chat: tuple[Workload, int] | None = None, processes: int | None = None) -> tuple[list[dict], float]:
+    """`drive` over `processes` (default `client_processes`) forked processes, request i in process
+    i mod P with its share of the clients, all starting at one moment; (results, wall s from that
+    moment to the last process's end)."""
+    processes = min(processes or client_processes(concurrency), concurrency, len(prompts))
+    if processes <= 1:
+        return asyncio.run(drive(url, prompts, outputs, concurrency, chat))
+    start_at = time.monotonic() + 0.5  # (CLOCK_MONOTONIC: one clock for every process)
+    shares = []
+    for p in range(processes):
+        ids = list(range(p, len(prompts), processes))
+        shares.append((url, [prompts[i] for i in ids], [outputs[i] for i in ids],
+                       concurrency // processes + (p < concurrency % processes), chat, ids, start_at))
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.starmap(_client_process, shares)
+    return [r for part, _ in parts for r in part], max(end for _, end in parts) - start_at
+
+
+def _client_process(url, prompts, outputs, concurrency, chat, ids, start_at) -> tuple[list[dict], float]:
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    results, _ = asyncio.run(drive(url, prompts, outputs, concurrency, chat, ids))
+    return results, time.monotonic()
 
 
 def summarize(results: list[dict], wall: float) -> dict:
@@ -149,9 +189,11 @@ def summarize(results: list[dict], wall: float) -> dict:
 
 def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers: int | None = None,
                          requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
-                         concurrency: int | None = None, budget: int = 8192, seed: int = 0) -> dict:
+                         concurrency: int | None = None, budget: int = 8192, seed: int = 0,
+                         client_procs: int | None = None) -> dict:
     """One record: workload `name` through a fresh `epinfer serve` of `shape` (`server_flags`: the
-    engine and parallel flags, passed through)."""
+    engine and parallel flags, passed through); `client_procs`: the clients' processes (default
+    `client_processes`)."""
     try:
         import httpx  # noqa: F401
     except ImportError:
@@ -174,16 +216,17 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         try:
             warm_prompts, warm_outputs = zip(*first_prompts(warm, vocab, seed + 7), strict=True)
             t = time.perf_counter()
-            warm_res, _ = asyncio.run(drive(url, list(warm_prompts), list(warm_outputs), warm.requests))
+            warm_res, _ = run_clients(url, list(warm_prompts), list(warm_outputs), warm.requests)
             warm_s = time.perf_counter() - t
             if any(r["error"] for r in warm_res):
                 raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
                                 f"server log: {_tail(log)}")
             prompts, outputs = zip(*first_prompts(w, vocab, seed), strict=True)
-            results, wall = asyncio.run(drive(url, list(prompts), list(outputs), clients,
-                                              (w, vocab) if w.turns > 1 else None))
+            results, wall = run_clients(url, list(prompts), list(outputs), clients,
+                                        (w, vocab) if w.turns > 1 else None, client_procs)
             record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
                       "server_flags": shlex.join(server_flags), "concurrency": clients,
+                      "client_processes": min(client_procs or client_processes(clients), clients),
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       "max_num_batched_tokens": budget,
                       "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},
