@@ -548,3 +548,29 @@ def test_open_file_limit_raised_to_the_hard_one():
             "raise_open_file_limit()\nprint(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard) or hard == -1)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_queued_stream_updates_merge_into_one_event():
+    """A stream whose HTTP side fell behind sends the queued token updates as one event (same
+    tokens, logprobs and finish); an error behind them is kept for the next event, not merged."""
+    import asyncio
+
+    from epinfer.server.client import Update, merged
+
+    async def run():
+        q = asyncio.Queue()
+        for u in (Update([2], [("b",)]), Update([3, 4], [("c",), ("d",)]), Update([5], [("e",)], "length", 7)):
+            q.put_nowait(u)
+        one, held = merged(Update([1], [("a",)]), q)
+        assert (one.token_ids, one.logprobs, one.finish_reason, one.stop_text_end, held) == \
+            ([1, 2, 3, 4, 5], [("a",), ("b",), ("c",), ("d",), ("e",)], "length", 7, None)
+        assert q.empty()
+        failure = Update([], finish_reason="error", error="engine failed")
+        q.put_nowait(Update([2]))
+        q.put_nowait(failure)
+        q.put_nowait(Update([3]))
+        one, held = merged(Update([1]), q)
+        assert one.token_ids == [1, 2] and one.logprobs is None and held is failure and q.qsize() == 1
+        assert merged(failure, q) == (failure, None) and q.qsize() == 1  # an error is never merged into
+
+    asyncio.run(run())

@@ -75,9 +75,9 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
 
 
 # (BV value columns a block, SPLIT programs a head, num_warps) by the state's element size; H200,
-# Qwen3.5 shape (32 value heads of 128 x 128) at 200 rows, float32 state: 64-column blocks, one a
-# program, 231 µs (3.6 TB/s) against 263 µs with 32-column blocks (RESULTS.md, kernel sweeps)
-DECODE_CONFIGS = {4: (64, 2, 4), 2: (64, 2, 4)}
+# Qwen3.5 shape (32 value heads of 128 x 128), 512 rows (`benchmarks/gdn_decode_sweep.py`): float32
+# 566 µs (3.8 TB/s; 665 with the earlier 32-column blocks), bf16 381 µs (2.8 TB/s; 592 before)
+DECODE_CONFIGS = {4: (64, 2, 4), 2: (64, 2, 2)}
 
 
 def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int] | None = None):

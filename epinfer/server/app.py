@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from epinfer.diagnostics.watchdog import log_line
-from epinfer.server.client import EngineClient, RequestState, Update
+from epinfer.server.client import EngineClient, RequestState, Update, merged
 from epinfer.server.protocol import APIError, ModelInfo, choice, decode_json, error_body, parse_request, response, usage
 from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 
@@ -198,8 +198,9 @@ class Reply:
                 first = choice(True, "", None, None, [], delta=True)
                 first["delta"] = {"role": "assistant", "content": ""}
                 yield self.sse([first])
+            held = None
             while True:
-                update = await self.state.queue.get()
+                update, held = merged(held or await self.state.queue.get(), self.state.queue)
                 if update is DISCONNECTED:
                     return
                 if update.error is not None:

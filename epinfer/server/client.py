@@ -34,6 +34,21 @@ class Update:
     status: int = 500  # the HTTP status of a non-streaming reply that ends with `error`
 
 
+def merged(first: Update, queue: asyncio.Queue) -> tuple[Update, Update | None]:
+    """`first` and the token updates already queued behind it as one update (the HTTP side fell
+    behind the engine: one event instead of several; the text and tokens are the same), and an
+    error or final update met on the way, left for the next event (None if none). No waiting."""
+    update = first
+    while update.error is None and update.finish_reason is None and not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt.error is not None:
+            return update, nxt
+        logprobs = None if update.logprobs is None and nxt.logprobs is None else \
+            (update.logprobs or []) + (nxt.logprobs or [])
+        update = Update(update.token_ids + nxt.token_ids, logprobs, nxt.finish_reason, nxt.stop_text_end)
+    return update, None
+
+
 @dataclasses.dataclass(eq=False)
 class RequestState:
     rid: int
