@@ -11,6 +11,8 @@
 #   prefill          Qwen3-30B-A3B prefill of 8 x 2048 tokens
 #   prefill-profile  where one 8 x 2048 prefill step's time goes (benchmarks/prefill_profile.py;
 #                    LAYERS layers, default 48)
+#   mixed-profile    where a mixed step of the throughput profile goes (Qwen3.5-35B-A3B, 16384 rows with
+#                    480 decodes; benchmarks/mixed_step_profile.py; STATE=auto for a bf16 GDN state)
 #   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
 #                    dependent launch off / on)
 #   graphs-vs-eager  Qwen3-30B-A3B, LAYERS layers (default 8), BATCHES (default "1 64"): CUDA graphs
@@ -37,6 +39,8 @@ prefill)
   bench prefill 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 8 --input-len 2048 --output-len 16 ;;
 prefill-profile)
   step prefill_profile 150 python3 benchmarks/prefill_profile.py --layers "${LAYERS:-48}" --batch 8 --len 2048 ;;
+mixed-profile)
+  step mixed_profile 300 python3 benchmarks/mixed_step_profile.py --state-dtype "${STATE:-float32}" ;;
 pdl)
   for p in 0 1; do
     EPINFER_PDL=$p bench "pdl$p" 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling
@@ -46,5 +50,5 @@ graphs-vs-eager)
   bench graphs 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO
   bench eager 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO --enforce-eager ;;
 *)
-  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile pdl graphs-vs-eager)"; exit 2 ;;
+  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile mixed-profile pdl graphs-vs-eager)"; exit 2 ;;
 esac; done
