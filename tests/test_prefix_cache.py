@@ -159,3 +159,20 @@ def test_chats_keep_their_latest_turn_in_a_pool_the_size_of_the_chats(ckpt_dir):
     # turn 1: nothing; turn 2: the first prompt's state at its last reusable block (16 of 32 tokens);
     # turn 3: the whole second prompt (56 tokens: 3 blocks)
     assert hits == [0] * 3 + [16] * 3 + [48] * 3, hits
+
+
+def test_start_up_prefill_warm_up_leaves_no_trace(ckpt_dir):
+    """The start-up warm-up (on GPUs with graphs; called directly here) runs a full-budget prefill
+    and a few decode steps of stand-in requests, then leaves the engine as it found it: no cached
+    prefix, counters at zero, every block and slot free, and the same tokens as a fresh engine."""
+    path = str(ckpt_dir("qwen3_5_moe"))
+    fresh = LLM(path, dtype="float32", device="cpu", max_num_seqs=3, max_num_batched_tokens=64)
+    warmed = LLM(path, dtype="float32", device="cpu", max_num_seqs=3, max_num_batched_tokens=64)
+    engine, alloc = warmed.engine, warmed.engine.scheduler.allocator
+    free_blocks, free_slots = len(alloc.free_blocks), len(alloc.free_slots)
+    assert engine.warm_up_prefill() >= 0
+    assert alloc.stats()["cached_blocks"] == 0 and alloc.queried_tokens == alloc.hit_tokens == 0
+    assert (len(alloc.free_blocks), len(alloc.free_slots)) == (free_blocks, free_slots)
+    assert engine.num_requests == 0 and not engine.has_work()
+    ps = prompts()
+    assert [o.token_ids for o in warmed.generate(ps, GREEDY)] == [o.token_ids for o in fresh.generate(ps, GREEDY)]
