@@ -176,3 +176,16 @@ def test_start_up_prefill_warm_up_leaves_no_trace(ckpt_dir):
     assert engine.num_requests == 0 and not engine.has_work()
     ps = prompts()
     assert [o.token_ids for o in warmed.generate(ps, GREEDY)] == [o.token_ids for o in fresh.generate(ps, GREEDY)]
+
+
+def test_a_small_cache_holds_a_request_of_the_max_model_length(ckpt_dir):
+    """With no --max-model-len the length is what the cache holds, in whole blocks: a request of
+    that length is admitted (and the start-up warm-up, whose stand-ins are nearly that long, runs)."""
+    path = str(ckpt_dir("qwen3_5_moe"))
+    llm = LLM(path, dtype="float32", device="cpu", max_num_seqs=2, max_num_batched_tokens=256, cache_memory_gb=0.00019)
+    layout = llm.engine.scheduler.allocator.layout
+    assert llm.engine.max_model_len <= layout.num_blocks * layout.block_size < 16 * 16
+    assert llm.engine.warm_up_prefill() >= 0
+    prompt = [(i * 13) % 250 + 1 for i in range(llm.engine.max_model_len - 1)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 1  # the length allows one generated token

@@ -155,8 +155,10 @@ def client_processes(concurrency: int, cores: int | None = None) -> int:
 def run_clients(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
                 chat: tuple[Workload, int] | None = None, processes: int | None = None) -> tuple[list[dict], float]:
     """`drive` over `processes` (default `client_processes`) forked processes, request i in process
-    i mod P with its share of the clients, all starting at one moment; (results, wall s from that
-    moment to the last process's end)."""
+    i mod P with its share of the clients, all told to start at one moment; (results, wall s from
+    the first process's start to the last one's end). Each process has its own requests: one that
+    runs out early leaves its clients idle while others still queue (the run's tail only, with
+    requests of similar length)."""
     processes = min(processes or client_processes(concurrency), concurrency, len(prompts))
     if processes <= 1:
         return asyncio.run(drive(url, prompts, outputs, concurrency, chat))
@@ -168,13 +170,14 @@ def run_clients(url: str, prompts: list[list[int]], outputs: list[int], concurre
                        concurrency // processes + (p < concurrency % processes), chat, ids, start_at))
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         parts = pool.starmap(_client_process, shares)
-    return [r for part, _ in parts for r in part], max(end for _, end in parts) - start_at
+    return [r for part, _, _ in parts for r in part], max(end for *_, end in parts) - min(s for _, s, _ in parts)
 
 
-def _client_process(url, prompts, outputs, concurrency, chat, ids, start_at) -> tuple[list[dict], float]:
+def _client_process(url, prompts, outputs, concurrency, chat, ids, start_at) -> tuple[list[dict], float, float]:
     time.sleep(max(0.0, start_at - time.monotonic()))
+    start = time.monotonic()
     results, _ = asyncio.run(drive(url, prompts, outputs, concurrency, chat, ids))
-    return results, time.monotonic()
+    return results, start, time.monotonic()
 
 
 def summarize(results: list[dict], wall: float) -> dict:

@@ -129,7 +129,9 @@ def raise_open_file_limit() -> None:
     except ImportError:  # pragma: no cover - not POSIX
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
-                                                        hard))
+    if soft == resource.RLIM_INFINITY:
+        return
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):  # (a platform may refuse: the limit stays)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -178,7 +178,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
         raise UserError(f"recurrent state for {ecfg.max_num_seqs} sequences{kept} needs "
                         f"{gib(state_bytes)}, more than the cache budget {gib(budget)}; lower --max-num-seqs"
                         + (" or add --no-prefix-caching" if snapshots else ""))
-    capacity = kv_budget // max(per_token, 1)
+    # whole blocks: a sequence of the max model length must fit in the blocks there are
+    capacity = kv_budget // max(per_token, 1) // ecfg.block_size * ecfg.block_size
     max_len = ecfg.max_model_len
     if max_len is None:
         max_len = min(cfg.max_position_embeddings, capacity)
@@ -312,7 +313,7 @@ class Engine:
         step took 1.6 s with warm kernel caches and 25 s or more on a fresh machine. Seconds taken."""
         t = time.perf_counter()
         budget, vocab = self.ecfg.max_num_batched_tokens, self.model_config.vocab_size
-        length = max(1, min(1024, budget, self.max_model_len - 5))
+        length = max(1, min(1024, budget, self.max_model_len - 5))  # (the cache holds max_model_len)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         for i in range(max(2, min(64, -(-budget // length)))):
             self.add_request([(7919 * i + j) % (vocab - 1) + 1 for j in range(length)], params)

@@ -85,8 +85,8 @@ def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int] 
     Hv, DV = v.shape[1], v.shape[2]
     out = torch.empty_like(v)
     BV, split, warps = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4))
-    if DV % (BV * split):
-        BV, split = DV, 1
+    if DV % (BV * split):  # (a head size the table's blocks do not divide: 32-column blocks, or one)
+        BV, split = (32, DV // 32) if DV % 32 == 0 else (DV, 1)
     _gdn_decode_kernel[(B, Hv, split)](
         q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
