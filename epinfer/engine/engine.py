@@ -310,7 +310,8 @@ class Engine:
         requests, then every trace of them removed (cached prefix blocks, counters): the prefill
         path's first compilation and autotuning (the chunked GDN rule, the attention and conv
         kernels at these sizes) is start-up, not the first requests' wait; on an H200 that first
-        step took 1.6 s with warm kernel caches and 25 s or more on a fresh machine. Seconds taken."""
+        step took 1.6 s with warm kernel caches, and the bench's warm-up round 44 s on a fresh
+        machine (RESULTS.md, end-to-end workloads). Seconds taken."""
         t = time.perf_counter()
         budget, vocab = self.ecfg.max_num_batched_tokens, self.model_config.vocab_size
         length = max(1, min(1024, budget, self.max_model_len - 5))  # (the cache holds max_model_len)
