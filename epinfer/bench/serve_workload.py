@@ -225,11 +225,12 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
                 raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
                                 f"server log: {_tail(log)}")
             prompts, outputs = zip(*first_prompts(w, vocab, seed), strict=True)
+            procs = min(client_procs or client_processes(clients), clients)
             results, wall = run_clients(url, list(prompts), list(outputs), clients,
-                                        (w, vocab) if w.turns > 1 else None, client_procs)
+                                        (w, vocab) if w.turns > 1 else None, procs)
             record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
                       "server_flags": shlex.join(server_flags), "concurrency": clients,
-                      "client_processes": min(client_procs or client_processes(clients), clients),
+                      "client_processes": procs,
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       "max_num_batched_tokens": budget,
                       "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},

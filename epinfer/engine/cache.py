@@ -63,6 +63,10 @@ class CacheAllocator:
         self.restores: dict[int, int] = {}  # chain hash -> requests that started from that snapshot
         # restored by one request only, which then snapshot further along (a chat's earlier turn): evicted first
         self.superseded: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """The metrics back to zero (prompt tokens looked up and found, evictions)."""
         self.snapshot_evictions = 0
         self.queried_tokens = 0  # prompt tokens looked up, and found (metrics)
         self.hit_tokens = 0

@@ -320,9 +320,8 @@ class Engine:
             self.add_request([(7919 * i + j) % (vocab - 1) + 1 for j in range(length)], params)
         while self.has_work():
             self.step()
-        allocator = self.scheduler.allocator
-        allocator.clear_prefix_cache()
-        allocator.queried_tokens = allocator.hit_tokens = allocator.evictions = allocator.snapshot_evictions = 0
+        self.scheduler.allocator.clear_prefix_cache()
+        self.scheduler.allocator.reset_counters()
         self.num_requests = 0
         return round(time.perf_counter() - t, 2)
 

@@ -35,9 +35,10 @@ class Update:
 
 
 def merged(first: Update, queue: asyncio.Queue) -> tuple[Update, Update | None]:
-    """`first` and the token updates already queued behind it as one update (the HTTP side fell
-    behind the engine: one event instead of several; the text and tokens are the same), and an
-    error or final update met on the way, left for the next event (None if none). No waiting."""
+    """`first` and the token updates already queued behind it, up to and including a final one, as
+    one update (the HTTP side fell behind the engine: one event instead of several; the text and
+    tokens are the same), and an error met on the way, left for the next event (None if none).
+    No waiting."""
     update = first
     while update.error is None and update.finish_reason is None and not queue.empty():
         nxt = queue.get_nowait()
