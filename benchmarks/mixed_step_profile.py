@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from epinfer.bench.profiling import _by_part, _kernel_time, _profile_steps, _ranges, top_kernels
+from epinfer.bench.profiling import _by_part, _kernel_time, _profile_steps, _ranges, top_kernels, top_kernels_by_part
 from epinfer.bench.single import shape_folder, submit_random
 from epinfer.engine.engine import Engine, EngineConfig
 
@@ -74,7 +74,7 @@ def main() -> int:
                "timed_steps": [{"rows": r, "decode_rows": d, "wall_ms": round(w * 1e3, 2)} for r, d, w in timed],
                "profiled_device_busy_ms": round(_kernel_time(prof) / 1e3, 2),
                "parts_ms": {k: round(v / 1e3, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
-               "top_kernels": top_kernels(prof, 1, 25)}
+               "top_kernels": top_kernels(prof, 1, 25), "top_kernels_by_part": top_kernels_by_part(prof, 1, 40)}
         print(json.dumps(rec))
         print(f"mixed steps ({args.budget} rows, {args.running} running): "
               f"{[t['wall_ms'] for t in rec['timed_steps']]} ms wall, eager profile "

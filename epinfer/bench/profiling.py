@@ -104,27 +104,44 @@ def _by_part(prof) -> tuple[dict[str, float], float]:
     return parts, total
 
 
-def _by_device_span(events) -> tuple[dict[str, float], float] | None:
+def _device_parts(events) -> list[tuple[object, str]] | None:
     """On GPUs the profile carries each `part.*` range's span on the device timeline (a user
-    annotation). Every kernel (and copy) counts once, for the innermost span that contains its
-    start — whatever launched it: cuBLAS, Triton and inductor kernels launched through the driver
-    API are not linked to the op that launched them. None without such spans (CPU runs)."""
+    annotation). Each kernel (and copy) with its part: the innermost span that contains its start —
+    whatever launched it: cuBLAS, Triton and inductor kernels launched through the driver API are
+    not linked to the op that launched them. None without such spans (CPU runs)."""
     device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
     spans = sorted(((e.time_range.start, e.time_range.end, e.name[5:]) for e in device if e.name.startswith("part.")),
                    key=lambda span: span[1] - span[0])  # innermost (shortest) first
     if not spans:
         return None
-    parts: dict[str, float] = {}
-    total = 0.0
+    found = []
     for evt in device:
-        t = _device_time(evt)
-        if not (_is_work(evt) and t):
-            continue
-        total += t
-        start = evt.time_range.start
-        part = next((name for lo, hi, name in spans if lo <= start < hi), None) or _unlinked_part(evt.name)
-        parts[part] = parts.get(part, 0.0) + t
-    return parts, total
+        if _is_work(evt) and _device_time(evt):
+            start = evt.time_range.start
+            found.append((evt, next((name for lo, hi, name in spans if lo <= start < hi), None)
+                          or _unlinked_part(evt.name)))
+    return found
+
+
+def _by_device_span(events) -> tuple[dict[str, float], float] | None:
+    """Device time (µs) by part, every kernel once (`_device_parts`); None on CPU runs."""
+    found = _device_parts(events)
+    if found is None:
+        return None
+    parts: dict[str, float] = {}
+    for evt, part in found:
+        parts[part] = parts.get(part, 0.0) + _device_time(evt)
+    return parts, sum(parts.values())
+
+
+def top_kernels_by_part(prof, steps: int, n: int = 25) -> list[tuple[str, str, float]]:
+    """(part, kernel, ms a step) of the kernels that took longest, each name counted in each part
+    apart (one elementwise kernel serves many ops); empty on CPU runs."""
+    acc: dict[tuple[str, str], float] = {}
+    for evt, part in _device_parts(prof.events()) or []:
+        acc[part, evt.name[:60]] = acc.get((part, evt.name[:60]), 0.0) + _device_time(evt)
+    rows = sorted(acc.items(), key=lambda kv: -kv[1])[:n]
+    return [(part, name, round(t / steps / 1e3, 3)) for (part, name), t in rows]
 
 
 def top_kernels(prof, steps: int, n: int = 12) -> list[tuple[str, float]]:

@@ -84,6 +84,12 @@ class Switches:
         return _on("EPINFER_CHUNK_ATTENTION", True)
 
     @property
+    def mixed_step_kernels(self) -> bool:
+        """The SiLU-mul kernel (`kernels/activation.py`) and the conv kernel's separate q / k / v
+        outputs (`gdn_prefill.planar_groups`); off until measured on a GPU."""
+        return _on("EPINFER_MIXED_STEP_KERNELS", False)
+
+    @property
     def fp8_decode_w16(self) -> bool:
         return _on("EPINFER_FP8_DECODE_W16", False)
 

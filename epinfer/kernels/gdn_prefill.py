@@ -59,12 +59,15 @@ def conv_taps(lens: list[int], kernel: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.Tensor, taps_KP: torch.Tensor,
-                       state_rows: torch.Tensor, norm_cols: int = 0,
-                       head_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(causal depthwise conv) of the packed rows [P, C] in x's dtype (accumulated in fp32), and
-    the new conv states [N, C, K-1]. `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh).
-    `norm_cols` (the Triton kernel only, see `conv_norm_fusable`): the first `norm_cols` channels
-    (q and k) come out L2-normalised per head of `head_dim`, before rounding."""
+                       state_rows: torch.Tensor, norm_cols: int = 0, head_dim: int = 0,
+                       groups: tuple[int, ...] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """silu(causal depthwise conv) of the packed rows [P, C] in x's dtype (accumulated in fp32), as
+    the column groups of widths `groups` (default: one, [P, C]), and the new conv states [N, C, K-1].
+    `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh). `norm_cols` (the Triton kernel
+    only, see `conv_norm_fusable`): the first `norm_cols` channels (q and k) come out L2-normalised
+    per head of `head_dim`, before rounding. The Triton kernel writes each group contiguous where
+    the groups fall on its channel blocks (`planar_groups`): q, k and v then reach the chunk kernel
+    without the copies it makes of strided inputs (three [P, width] copies a GDN layer)."""
     N, C, k1 = prev_NCk.shape
     head = prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype)  # the "previous inputs" rows
     if conv_kernel_usable(x_PC):
@@ -73,12 +76,17 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
         flat, n = state_rows.flatten(), head.shape[0]
         new_state = torch.where((flat < n)[:, None], head[flat.clamp(max=max(n - 1, 0))], x_PC[(flat - n).clamp(min=0)])
         P, K = x_PC.shape[0], w_CK.shape[1]
-        out = torch.empty(P, C, dtype=x_PC.dtype, device=x_PC.device)
+        planar = planar_groups(groups or (C,))
+        out = torch.empty(P * C, dtype=x_PC.dtype, device=x_PC.device)
+        starts = list(itertools.accumulate(planar))  # group ends; groups past the second never start
         _conv_varlen_kernel[(triton.cdiv(P, CONV_BLOCK_T), triton.cdiv(C, CONV_BLOCK_C))](
             head, x_PC, taps_KP, w_CK, out, n, P, C, norm_cols, head.stride(0), x_PC.stride(0), taps_KP.stride(0),
-            w_CK.stride(0), out.stride(0), K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, NORM=norm_cols > 0,
-            HEAD=head_dim or CONV_BLOCK_C, num_warps=4)
-        return out, new_state.view(N, k1, C).transpose(1, 2)
+            w_CK.stride(0), *(starts + [C, C])[:2], K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C,
+            NORM=norm_cols > 0, HEAD=head_dim or CONV_BLOCK_C, num_warps=4)
+        parts = [out[P * (end - width):P * end].view(P, width) for end, width in zip(starts, planar, strict=True)]
+        if len(planar) == 1 and groups and len(groups) > 1:
+            parts = list(torch.split(parts[0], list(groups), dim=1))
+        return parts, new_state.view(N, k1, C).transpose(1, 2)
     assert not norm_cols, "the q / k norm is fused in the Triton kernel only"
     src = torch.cat([head, x_PC])
     new_state = src[state_rows.flatten()].view(N, k1, C).transpose(1, 2)
@@ -86,7 +94,15 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     for m in range(w_CK.shape[1]):
         term = src[taps_KP[m]].float() * w_CK[:, m].float()
         acc = term if acc is None else acc + term
-    return F.silu(acc).to(x_PC.dtype), new_state
+    return list(torch.split(F.silu(acc).to(x_PC.dtype), list(groups or (C,)), dim=1)), new_state
+
+
+def planar_groups(groups: tuple[int, ...]) -> tuple[int, ...]:
+    """The column groups the conv kernel writes apart: `groups` when at most three and each boundary
+    falls on a channel block (every program writes inside one group), else all the columns as one;
+    EPINFER_MIXED_STEP_KERNELS=1 (off until measured on a GPU)."""
+    ok = SWITCHES.mixed_step_kernels and len(groups) <= 3 and all(width % CONV_BLOCK_C == 0 for width in groups[:-1])
+    return tuple(groups) if ok else (sum(groups),)
 
 
 CONV_BLOCK_T, CONV_BLOCK_C = 16, 256
@@ -178,12 +194,14 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n_prev", "P", "s_taps", "norm_cols"])  # one kernel for any row count
-    def _conv_varlen_kernel(PREV, X, TAPS, W, OUT, n_prev, P, C, norm_cols, s_prev, s_x, s_taps, s_w, s_out,
+    def _conv_varlen_kernel(PREV, X, TAPS, W, OUT, n_prev, P, C, norm_cols, s_prev, s_x, s_taps, s_w, end0, end1,
                             K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                             NORM: tl.constexpr, HEAD: tl.constexpr):
         """Program (row block, channel block): out[t, c] = silu(sum_m w[c, m] * src[taps[m, t], c]),
         src = the rows of PREV [n_prev, C] then those of X [P, C] (each read where it is); with NORM,
-        a block of the first `norm_cols` channels is L2-normalised per head of HEAD."""
+        a block of the first `norm_cols` channels is L2-normalised per head of HEAD. OUT holds the
+        column groups [0, end0), [end0, end1), [end1, C) one after another, each [P, width]
+        contiguous (a block lies inside one group)."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         t_ok, c_ok = offs_t < P, offs_c < C
@@ -203,4 +221,8 @@ if triton is not None:
                 heads = tl.reshape(out, (BLOCK_T, BLOCK_C // HEAD, HEAD))
                 inv = tl.rsqrt(tl.sum(heads * heads, axis=2) + 1e-6)  # as gdn_ops.l2norm
                 out = tl.reshape(heads * inv[:, :, None], (BLOCK_T, BLOCK_C))
-        tl.store(OUT + offs_t[:, None] * s_out + offs_c[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+        c0 = tl.program_id(1) * BLOCK_C
+        first = tl.where(c0 >= end1, end1, tl.where(c0 >= end0, end0, 0))  # the block's group: its first column
+        width = tl.where(c0 >= end1, C, tl.where(c0 >= end0, end1, end0)) - first
+        at = P.to(tl.int64) * first + offs_t[:, None].to(tl.int64) * width + (offs_c[None, :] - first)
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=ok)

@@ -147,10 +147,13 @@ class GatedDeltaNet(nn.Module):
         slots, fresh = meta.state_slots, meta.fresh
         prev = torch.where(fresh[:, None, None], 0.0, conv_state[slots].to(qkv_TC.dtype))
         fused = conv_norm_fusable(qkv_TC, self.key_dim, self.dk)  # q / k L2-normalised in the conv kernel
-        conv, new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps, state_rows,
-                                            2 * self.key_dim if fused else 0, self.dk)
+        (q, k, v), new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps,
+                                                 state_rows, 2 * self.key_dim if fused else 0, self.dk,
+                                                 (self.key_dim, self.key_dim, self.value_dim))
         conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
-        q, k, v = self._split_heads(conv)
+        P = q.shape[0]
+        q, k, v = (q.view(P, self.num_k_heads, self.dk), k.view(P, self.num_k_heads, self.dk),
+                   v.view(P, self.num_v_heads, self.dv))
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
         if fla_usable(v) and "fla" not in meta.memo:
             meta.memo["fla"] = varlen_index(meta.lens, v.device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.distributed.parallel import ParallelContext, shard_range
-from epinfer.kernels import fp8_gemm, pdl, small_gemm
+from epinfer.kernels import activation, fp8_gemm, pdl, small_gemm
 from epinfer.kernels.fused import fused
 
 
@@ -193,6 +193,11 @@ class GatedMLP(nn.Module):
         return (y, extra) if with_extra else y
 
 
-@fused
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up: the Triton kernel where it applies (`kernels/activation.py`), else compiled."""
+    return activation.silu_mul(gate, up) if activation.usable(gate, up) else _silu_mul(gate, up)
+
+
+@fused
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up

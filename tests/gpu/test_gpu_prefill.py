@@ -25,9 +25,11 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: bool) -> None:
+def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: bool,
+                      groups: tuple[int, ...] | None = None) -> None:
     """The varlen conv kernel against `F.conv1d` per sequence; `strided`: the packed rows are a column
-    slice of a wider tensor (as the in_proj output gives them)."""
+    slice of a wider tensor (as the in_proj output gives them); `groups`: the output as column
+    groups (q | k | v), each contiguous where they fall on the kernel's channel blocks."""
     from epinfer.kernels.gdn_ops import l2norm
     from epinfer.kernels.gdn_prefill import causal_conv_varlen, conv_taps
 
@@ -40,7 +42,12 @@ def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: 
         prev[1] = 0  # a fresh sequence
         w = torch.randn(C, K, dtype=dtype)
     taps, rows = (t.to(device) for t in conv_taps(lens, K))
-    out, state = causal_conv_varlen(x, prev, w, taps, rows, norm_cols, 128)
+    parts, state = causal_conv_varlen(x, prev, w, taps, rows, norm_cols, 128, groups)
+    assert [p.shape[1] for p in parts] == list(groups or (C,))
+    if groups and device == "cuda":
+        from epinfer.kernels.gdn_prefill import planar_groups
+        assert all(p.is_contiguous() for p in parts) == (planar_groups(groups) == groups)
+    out = torch.cat(parts, dim=1)
     start = 0
     for j, n in enumerate(lens):
         full = torch.cat([prev[j].float(), x[start:start + n].float().T], dim=1)  # [C, K-1+n]
@@ -53,11 +60,13 @@ def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: 
         start += n
 
 
+@pytest.mark.parametrize("groups", [None, (256, 256, 488), (300, 700)], ids=["one", "planar", "unaligned"])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("norm_cols", [0, 512])
-def test_varlen_conv_kernel(norm_cols, strided):
+def test_varlen_conv_kernel(norm_cols, strided, groups, monkeypatch):
     """With `norm_cols`, the first channels come out L2-normalised per head of 128 (q and k)."""
-    check_varlen_conv("cuda", torch.bfloat16, norm_cols, strided)
+    monkeypatch.setenv("EPINFER_MIXED_STEP_KERNELS", "1")
+    check_varlen_conv("cuda", torch.bfloat16, norm_cols, strided, groups)
 
 
 @pytest.mark.parametrize("lens", [[1024, 700, 33, 1], [64, 65, 8000]])
@@ -256,3 +265,22 @@ def test_bf16_recurrent_state_logits(tmp_path, budget):
     res = compare_logits(folder, model, "bfloat16", budget=budget, mamba_ssm_cache_dtype="auto")
     print(f"qwen3.5-35b-a3b x4, bf16 state, budget {budget}: {res}")
     assert res["rel_err_vs_fp32"] <= 3e-2 and res["top1_vs_fp32"] >= 0.97
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 512), (37, 768), (32768, 512), (300, 96)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_kernel(rows, inter, dtype, monkeypatch):
+    """SiLU(gate) * up over the halves of one stacked output (the experts' and the MLP's layout),
+    against float32, within one rounding of the output dtype."""
+    monkeypatch.setenv("EPINFER_MIXED_STEP_KERNELS", "1")
+    from epinfer.kernels import activation
+    from epinfer.layers.linear import silu_mul
+
+    torch.manual_seed(0)
+    gate_up = torch.randn(rows, 2 * inter + 8, dtype=dtype, device="cuda")[:, 8:]
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert activation.usable(gate, up)
+    got = silu_mul(gate, up)
+    ref = F.silu(gate.float()) * up.float()
+    torch.testing.assert_close(got.float(), ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+    assert got.shape == (rows, inter) and got.is_contiguous()
