@@ -199,8 +199,8 @@ def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype
     Qwen3.5-35B-A3B shape's throughput profile ran at 8192 rows in it on an H200), in proportion
     beyond (a step's activations grow with its rows); and the logits of the largest decode graph
     (`max_num_seqs` rows, in the compute dtype and in float32), twice: its warm-up's outside the
-    graphs' pool and its own inside (1024 sequences of the Qwen3.5 shape ran out of memory there
-    without them: 1.5 GB each)."""
+    graphs' pool, and the graphs' one float32 buffer with the compute-dtype product inside the pool
+    (1.5 GB each at 1024 sequences of the Qwen3.5 shape)."""
     logits = ecfg.max_num_seqs * cfg.vocab_size * (dtype.itemsize + 4) if ecfg.cuda_graphs else 0
     return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192)) + 2 * logits
 

@@ -121,5 +121,7 @@ class CausalLM(nn.Module):
             x[batch.num_real_rows:] = fill
         return x, self.rotary.cos_sin(batch.positions_T, x.dtype)
 
-    def compute_logits(self, hidden_SD: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_SD).float()
+    def compute_logits(self, hidden_SD: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [S, V]; `out`: the [S, V] float32 buffer to write them into."""
+        logits = self.lm_head(hidden_SD)
+        return logits.float() if out is None else out.copy_(logits)

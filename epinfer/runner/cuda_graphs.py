@@ -40,6 +40,12 @@ class DecodeGraphs:
         self.meta = torch.zeros(7, self.buckets[-1], dtype=torch.long, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list]] = {}
         self.pool = None
+        # [largest bucket, V] float32, every graph's logits (a view of its first rows). A graph's own
+        # output would stay allocated in the pool: 7.8 GiB over the buckets up to 512 rows at a 248k
+        # vocabulary, 31 GiB up to 1024 (which ran out of memory capturing them on an H200). The steps
+        # run in stream order, so a step's logits are read before the next replay writes them, as
+        # when consecutive steps replay the same graph.
+        self.logits: torch.Tensor | None = None
 
     def release(self) -> None:
         """Free every graph and the pool. Must run before the process group is destroyed: NCCL keeps a
@@ -51,6 +57,7 @@ class DecodeGraphs:
                 graph.reset()
         self.graphs.clear()
         self.pool = None
+        self.logits = None
 
     def capture_all(self) -> None:
         """Every bucket's graph now, largest first (the smaller ones then fit in its pool)."""
@@ -80,11 +87,11 @@ class DecodeGraphs:
             self.comm.replayed(f"decode.b{size}", schedule, done)
         return logits[:real]
 
-    def _forward(self, size: int, moe_sizes: list[int] | None) -> torch.Tensor:
+    def _forward(self, size: int, moe_sizes: list[int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
         r = self.runner
         batch = r.decode_batch(self.meta[:, :size], size, moe_sizes)
         hidden = r.model(batch, r.cache.per_layer)
-        return r.model.compute_logits(hidden)
+        return r.model.compute_logits(hidden, out)
 
     @torch.inference_mode()
     def _capture(self, size: int, moe_sizes: list[int] | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, list]:
@@ -92,14 +99,17 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles kernels, writes scratch only
-            self._forward(size, moe_sizes)
+            warm = self._forward(size, moe_sizes)
         torch.cuda.current_stream().wait_stream(stream)
+        if self.logits is None:
+            self.logits = torch.empty(self.buckets[-1], warm.shape[1], dtype=warm.dtype, device=warm.device)
+        del warm
         graph = torch.cuda.CUDAGraph()
         schedule: list = []
         # with collectives, other threads (the watchdogs) must not be caught by the capture
         recording = contextlib.nullcontext() if self.comm is None else self.comm.recording(schedule)
         mode = "global" if self.comm is None else "thread_local"
         with recording, torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
-            logits = self._forward(size, moe_sizes)
+            logits = self._forward(size, moe_sizes, self.logits[:size])
         self.pool = graph.pool()
         return graph, logits, schedule

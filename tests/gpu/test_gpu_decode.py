@@ -317,7 +317,10 @@ def test_tiny_float32_with_graphs_matches_transformers(ckpt_dir, family):
     llm = LLM(str(folder), dtype="float32", device="cuda")  # builds with TF32 off
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(PROMPTS, params)]
-    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs, "no CUDA graph ran"
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.graphs, "no CUDA graph ran"
+    assert len(graphs.graphs) > 1 and all(out.data_ptr() == graphs.logits.data_ptr()
+                                          for _, out, _ in graphs.graphs.values()), "one logits buffer for all"
     model = hf_on_gpu(folder)
     assert ours == [hf_greedy(model, p, 24) for p in PROMPTS]
 
