@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# End-to-end workloads on ONE NVIDIA GPU (the "End-to-end workloads" section of benchmarks/RESULTS.md):
+# `epinfer bench --shape qwen3.5-35b-a3b --workload W --json` (random bf16 weights, the defaults: graph
+# pieces, chunk-attention kernel, 16384 tokens a step, 512 sequences, async scheduling), one run per mode:
+#
+#   throughput        1000 x 1024 in / 128 out, float32 GDN state (the default)
+#   throughput-bf16   the same with --mamba-ssm-cache-dtype auto (bf16 state)
+#   seqs-1024         the same with a bf16 state and --max-num-seqs 1024
+#   mixed-kernels     throughput with EPINFER_MIXED_STEP_KERNELS=0, then =1 (the SiLU-mul kernel and the
+#                     conv kernel's separate q / k / v outputs), same call
+#   long-context      100 x 32,000 in / 100 out
+#   generation-heavy  200 x 1000 in / 2000 out (float32 state; STATE=auto for bf16)
+#   serve             throughput through `epinfer serve` over HTTP, 512 concurrent streaming clients
+#                     (needs the serve extra; wheels in WHEELS, default .whl, are installed offline)
+#
+# The first run on a fresh machine compiles every kernel (about 80 s more start-up); put a throwaway
+# or a tolerant run first when comparing. Each run's step log (one JSON line a step) is NAME.steps.
+#
+# Usage: [OUT=DIR] bash benchmarks/workloads_1gpu.sh [MODE...]      (default: throughput throughput-bf16)
+# Output: $OUT (default benchmarks/logs/workloads_1gpu/, git-ignored): NAME.jsonl (the record), NAME.log.
+NAME=workloads_1gpu
+source "$(dirname "$0")/common.sh"
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$WHEELS"/*.whl
+  export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
+fi
+S="--shape qwen3.5-35b-a3b"
+run() {  # run NAME LIMIT ARGS...: one workload with its step log
+  local name=$1 limit=$2; shift 2
+  bench "$name" "$limit" $S "$@" --step-log "$OUT/$name.steps"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+for mode in ${*:-throughput throughput-bf16}; do case $mode in
+throughput)       run throughput 200 --workload throughput ;;
+throughput-bf16)  run throughput_bf16 200 --workload throughput --mamba-ssm-cache-dtype auto ;;
+seqs-1024)        run seqs_1024 200 --workload throughput --mamba-ssm-cache-dtype auto --max-num-seqs 1024 ;;
+mixed-kernels)
+  for k in 0 1; do EPINFER_MIXED_STEP_KERNELS=$k run "mixed_kernels$k" 200 --workload throughput; done ;;
+long-context)     run long_context 300 --workload long-context ;;
+generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-float32}" ;;
+serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
+*)
+  echo "unknown mode $mode (throughput throughput-bf16 seqs-1024 mixed-kernels long-context generation-heavy serve)"
+  exit 2 ;;
+esac; done
