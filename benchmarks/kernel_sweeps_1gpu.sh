@@ -10,6 +10,8 @@
 #   attention  decode attention split count and tiles per batch size (benchmarks/attention_sweep.py)
 #   prefill-attention  prompt-chunk attention tiles at a long-context step (benchmarks/prefill_attention_sweep.py)
 #   gdn-decode the GDN decode kernel's block layouts, float32 and bf16 state (benchmarks/gdn_decode_sweep.py)
+#   mixed      a mixed step's SiLU-mul and varlen conv kernels: tiles, the conv's planar output, inductor's
+#              SiLU-mul (benchmarks/mixed_kernel_sweep.py)
 #
 # Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
 # Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
@@ -37,6 +39,9 @@ prefill-attention)
 gdn-decode)
   step gdn_decode_sweep 150 python3 benchmarks/gdn_decode_sweep.py
   cut -c1-200 "$OUT/gdn_decode_sweep.log" ;;
+mixed)
+  step mixed_kernel_sweep 150 python3 benchmarks/mixed_kernel_sweep.py
+  cut -c1-220 "$OUT/mixed_kernel_sweep.log" ;;
 *)
-  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed)"; exit 2 ;;
 esac; done

@@ -18,8 +18,7 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover
     triton = None
 
-BLOCK_ROWS = 16
-BLOCK_COLS = 256
+CONFIG = (16, 256, 4)  # rows, columns, warps a program
 
 
 def usable(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -32,12 +31,13 @@ def usable(gate: torch.Tensor, up: torch.Tensor) -> bool:
             and gate.stride(0) == up.stride(0))
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, cfg: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`cfg`: (rows, columns, warps) a program (default `CONFIG`; the sweep's)."""
     N, inter = gate.shape
+    rows, cols, warps = cfg or CONFIG
     out = torch.empty((N, inter), dtype=gate.dtype, device=gate.device)
-    grid = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(inter, BLOCK_COLS))
-    _silu_mul_kernel[grid](gate, up, out, N, gate.stride(0), inter, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS,
-                           num_warps=4)
+    grid = (triton.cdiv(N, rows), triton.cdiv(inter, cols))
+    _silu_mul_kernel[grid](gate, up, out, N, gate.stride(0), inter, BLOCK_R=rows, BLOCK_C=cols, num_warps=warps)
     return out
 
 

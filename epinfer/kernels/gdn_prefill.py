@@ -60,14 +60,16 @@ def conv_taps(lens: list[int], kernel: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.Tensor, taps_KP: torch.Tensor,
                        state_rows: torch.Tensor, norm_cols: int = 0, head_dim: int = 0,
-                       groups: tuple[int, ...] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                       groups: tuple[int, ...] | None = None,
+                       cfg: tuple[int, int, int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """silu(causal depthwise conv) of the packed rows [P, C] in x's dtype (accumulated in fp32), as
     the column groups of widths `groups` (default: one, [P, C]), and the new conv states [N, C, K-1].
     `prev_NCk`: each sequence's previous K-1 inputs (zeros when fresh). `norm_cols` (the Triton kernel
     only, see `conv_norm_fusable`): the first `norm_cols` channels (q and k) come out L2-normalised
     per head of `head_dim`, before rounding. The Triton kernel writes each group contiguous where
     the groups fall on its channel blocks (`planar_groups`): q, k and v then reach the chunk kernel
-    without the copies it makes of strided inputs (three [P, width] copies a GDN layer)."""
+    without the copies it makes of strided inputs (three [P, width] copies a GDN layer). `cfg`: the
+    kernel's (rows, channels, warps) a program (default `CONV_CONFIG`; the sweep's)."""
     N, C, k1 = prev_NCk.shape
     head = prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype)  # the "previous inputs" rows
     if conv_kernel_usable(x_PC):
@@ -76,13 +78,14 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
         flat, n = state_rows.flatten(), head.shape[0]
         new_state = torch.where((flat < n)[:, None], head[flat.clamp(max=max(n - 1, 0))], x_PC[(flat - n).clamp(min=0)])
         P, K = x_PC.shape[0], w_CK.shape[1]
-        planar = planar_groups(groups or (C,))
+        block_t, block_c, warps = cfg or CONV_CONFIG
+        planar = planar_groups(groups or (C,), block_c)
         out = torch.empty(P * C, dtype=x_PC.dtype, device=x_PC.device)
         starts = list(itertools.accumulate(planar))  # group ends; groups past the second never start
-        _conv_varlen_kernel[(triton.cdiv(P, CONV_BLOCK_T), triton.cdiv(C, CONV_BLOCK_C))](
+        _conv_varlen_kernel[(triton.cdiv(P, block_t), triton.cdiv(C, block_c))](
             head, x_PC, taps_KP, w_CK, out, n, P, C, norm_cols, head.stride(0), x_PC.stride(0), taps_KP.stride(0),
-            w_CK.stride(0), *(starts + [C, C])[:2], K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C,
-            NORM=norm_cols > 0, HEAD=head_dim or CONV_BLOCK_C, num_warps=4)
+            w_CK.stride(0), *(starts + [C, C])[:2], K=K, BLOCK_T=block_t, BLOCK_C=block_c,
+            NORM=norm_cols > 0, HEAD=head_dim or block_c, num_warps=warps)
         parts = [out[P * (end - width):P * end].view(P, width) for end, width in zip(starts, planar, strict=True)]
         if len(planar) == 1 and groups and len(groups) > 1:
             parts = list(torch.split(parts[0], list(groups), dim=1))
@@ -97,15 +100,16 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     return list(torch.split(F.silu(acc).to(x_PC.dtype), list(groups or (C,)), dim=1)), new_state
 
 
-def planar_groups(groups: tuple[int, ...]) -> tuple[int, ...]:
+def planar_groups(groups: tuple[int, ...], block_c: int | None = None) -> tuple[int, ...]:
     """The column groups the conv kernel writes apart: `groups` when at most three and each boundary
     falls on a channel block (every program writes inside one group), else all the columns as one;
     EPINFER_MIXED_STEP_KERNELS=1 (off until measured on a GPU)."""
-    ok = SWITCHES.mixed_step_kernels and len(groups) <= 3 and all(width % CONV_BLOCK_C == 0 for width in groups[:-1])
+    block_c = block_c or CONV_CONFIG[1]
+    ok = SWITCHES.mixed_step_kernels and len(groups) <= 3 and all(width % block_c == 0 for width in groups[:-1])
     return tuple(groups) if ok else (sum(groups),)
 
 
-CONV_BLOCK_T, CONV_BLOCK_C = 16, 256
+CONV_CONFIG = (16, 256, 4)  # rows, channels (a multiple of the head size: the fused norm), warps
 
 
 def conv_kernel_usable(x: torch.Tensor) -> bool:
@@ -115,8 +119,8 @@ def conv_kernel_usable(x: torch.Tensor) -> bool:
 def conv_norm_fusable(x: torch.Tensor, key_dim: int, head_dim: int) -> bool:
     """Whether the conv kernel can L2-normalise q and k (each channel block holds whole heads of
     q or k only), so the chunk kernel needs no norm launch (and no autotuning of its own)."""
-    return (conv_kernel_usable(x) and fla_usable(x) and CONV_BLOCK_C % head_dim == 0
-            and (2 * key_dim) % CONV_BLOCK_C == 0)
+    return (conv_kernel_usable(x) and fla_usable(x) and CONV_CONFIG[1] % head_dim == 0
+            and (2 * key_dim) % CONV_CONFIG[1] == 0)
 
 
 def varlen_index(lens: list[int], device: torch.device) -> dict:
