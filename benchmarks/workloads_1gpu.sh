@@ -12,6 +12,9 @@
 #   generation-heavy  200 x 1000 in / 2000 out (float32 state; STATE=auto for bf16)
 #   serve             throughput through `epinfer serve` over HTTP, 512 concurrent streaming clients
 #                     (needs the serve extra; wheels in WHEELS, default .whl, are installed offline)
+#   serve-decode-64   the server's steady decode at 64 streams against the engine's: 64 requests of
+#                     1000 in / 2000 out through `epinfer serve` (64 / TPOT p50 is its decode rate),
+#                     then `epinfer bench --batch 64` (1000 in, 32 decode steps timed) on the same shape
 #
 # The first run on a fresh machine compiles every kernel (about 80 s more start-up); put a throwaway
 # or a tolerant run first when comparing. Each run's step log (one JSON line a step) is NAME.steps.
@@ -40,7 +43,11 @@ mixed-kernels)
 long-context)     run long_context 300 --workload long-context ;;
 generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-float32}" ;;
 serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
+serve-decode-64)
+  bench serve_decode64 240 $S --workload generation-heavy --num-requests 64 --serve --concurrency 64
+  bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
-  echo "unknown mode $mode (throughput throughput-bf16 seqs-1024 mixed-kernels long-context generation-heavy serve)"
+  echo "unknown mode $mode (throughput throughput-bf16 seqs-1024 mixed-kernels long-context generation-heavy serve" \
+    "serve-decode-64)"
   exit 2 ;;
 esac; done
