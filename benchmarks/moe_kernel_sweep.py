@@ -7,6 +7,11 @@ so the modes compare.
 
     python benchmarks/moe_kernel_sweep.py [--shape qwen3-30b-a3b] [--batches 1,2,4,8,64,128,256,512] [--out best.json]
 
+Prefill sizes (e.g. `--shape qwen3.5-35b-a3b --batches 2048,16384 --block-m 64,128`, over 96 pairs per
+expert) sweep GEMM-sized tiles with the pairs' outputs in bf16: with that table in EPINFER_MOE_CONFIGS
+and EPINFER_MOE_TRITON_MAX=1e9 the Triton kernels take prefill and mixed steps too (no gathered copy
+of x, SiLU in registers) in place of cuBLAS's grouped GEMM.
+
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
 """
@@ -29,6 +34,9 @@ from epinfer.layers.moe import FusedExperts, permute_pairs
 
 TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (2, 3, 4), (2, 4, 8))
          if (w == 8) == (bn == 128) or (w == 2 and bn <= 32)]  # (BLOCK_N, BLOCK_K, num_stages, num_warps)
+# prefill sizes (over LARGE pairs per expert on average): GEMM-sized tiles, the pairs' outputs in bf16 ("y16")
+LARGE = 96
+LARGE_TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((64, 128), (64, 128), (3, 4), (4, 8))]
 PER_PAIR_LIMIT = 32  # pairs: the per-pair mode is tried up to here
 
 
@@ -55,15 +63,17 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int])
             print(f"# {cfg}: {type(exc).__name__}", flush=True)
             return float("inf")
 
+    large = not per_pair and T * K / E > LARGE
+    tiles, extra = (LARGE_TILES, {"y16": True}) if large else (TILES, {})
     best = None
     for bm in [16] if per_pair else [b for b in block_ms if b <= max(16, 2 * T * K / E)]:
-        fixed = {"BLOCK_M": bm, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}
-        ups = {tile: timed({**fixed, "up": tile}) for tile in TILES}
+        fixed = {"BLOCK_M": bm, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4), **extra}
+        ups = {tile: timed({**fixed, "up": tile}) for tile in tiles}
         bu = min(ups, key=ups.get)
-        downs = {tile: timed({**fixed, "up": bu, "down": tile}) for tile in TILES}
+        downs = {tile: timed({**fixed, "up": bu, "down": tile}) for tile in tiles}
         bd = min(downs, key=downs.get)
         if best is None or downs[bd] < best[0]:
-            best = (downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd}, ups, downs)
+            best = (downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd, **extra}, ups, downs)
     layer_ms, chosen, ups, downs = best
     ref = ex._grouped(x, w, ids).float()
     out = layer(chosen).float()

@@ -64,6 +64,12 @@ class Switches:
         return _on("EPINFER_MOE_TRITON", True)
 
     @property
+    def moe_triton_max(self) -> float:
+        """Average pairs per expert up to which the Triton expert kernels run; beyond, cuBLAS's
+        grouped GEMM (EPINFER_MOE_TRITON_MAX, for the prefill-size comparison)."""
+        return _number("EPINFER_MOE_TRITON_MAX", float, 96.0)
+
+    @property
     def moe_configs(self) -> str | None:
         return os.environ.get("EPINFER_MOE_CONFIGS") or None
 

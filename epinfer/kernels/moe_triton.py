@@ -41,7 +41,8 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_PER_EXPERT = 96  # moe_grouped up to this many pairs per expert on average; beyond, cuBLAS grouped GEMM
+MAX_PER_EXPERT = SWITCHES.moe_triton_max  # moe_grouped up to this many pairs per expert on average (96);
+# beyond, cuBLAS grouped GEMM
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -198,7 +199,8 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
     (12, {"BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}),
     (24, {"BLOCK_M": 32, "up": (64, 128, 3, 4), "down": (64, 128, 3, 4)}),
     (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
-]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps)
+]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps); "y16": the pairs' outputs in x's dtype (summed
+# in float32 by the combine), half the bytes of float32 ones at prefill sizes
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
@@ -240,7 +242,8 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
-    y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=torch.float32, device=x_TD.device)
+    y_dtype = x_TD.dtype if reduce and cfg.get("y16") else torch.float32
+    y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=y_dtype, device=x_TD.device)
     act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
     bn, bk, stages, warps = cfg["down"]
     bk = block[1] if quant["FP8"] else bk
