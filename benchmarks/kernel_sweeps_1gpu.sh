@@ -40,7 +40,7 @@ gdn-decode)
   step gdn_decode_sweep 150 python3 benchmarks/gdn_decode_sweep.py
   cut -c1-200 "$OUT/gdn_decode_sweep.log" ;;
 mixed)
-  step mixed_kernel_sweep 150 python3 benchmarks/mixed_kernel_sweep.py
+  step mixed_kernel_sweep 240 python3 benchmarks/mixed_kernel_sweep.py
   cut -c1-220 "$OUT/mixed_kernel_sweep.log" ;;
 *)
   echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed)"; exit 2 ;;

@@ -7,10 +7,12 @@ so the modes compare.
 
     python benchmarks/moe_kernel_sweep.py [--shape qwen3-30b-a3b] [--batches 1,2,4,8,64,128,256,512] [--out best.json]
 
-Prefill sizes (e.g. `--shape qwen3.5-35b-a3b --batches 2048,16384 --block-m 64,128`, over 96 pairs per
-expert) sweep GEMM-sized tiles with the pairs' outputs in bf16: with that table in EPINFER_MOE_CONFIGS
-and EPINFER_MOE_TRITON_MAX=1e9 the Triton kernels take prefill and mixed steps too (no gathered copy
-of x, SiLU in registers) in place of cuBLAS's grouped GEMM.
+Prefill sizes (over 96 pairs per expert: at the Qwen3.5-35B-A3B shape, 256 experts and 8 a row, from
+3072 rows) sweep GEMM-sized tiles with the pairs' outputs in bf16. The table covers every size swept,
+so sweep the decode sizes too (e.g. `--shape qwen3.5-35b-a3b --batches 1,2,4,8,64,128,256,512,4096,16384
+--block-m 16,32,64,128`): with it in EPINFER_MOE_CONFIGS and EPINFER_MOE_TRITON_MAX=1e9 the Triton
+kernels take prefill and mixed steps too (no gathered copy of x, SiLU in registers) in place of
+cuBLAS's grouped GEMM.
 
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.

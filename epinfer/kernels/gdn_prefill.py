@@ -71,13 +71,16 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
     without the copies it makes of strided inputs (three [P, width] copies a GDN layer). `cfg`: the
     kernel's (rows, channels, warps) a program (default `CONV_CONFIG`; the sweep's)."""
     N, C, k1 = prev_NCk.shape
-    head = prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype)  # the "previous inputs" rows
+    # the "previous inputs" rows, contiguous: for one sequence the reshape is a view with a column
+    # stride of K-1, and the kernel takes a row stride only
+    head = prev_NCk.transpose(1, 2).reshape(N * k1, C).to(x_PC.dtype).contiguous()
     if conv_kernel_usable(x_PC):
         # the kernel reads the previous inputs and the packed rows where they are: no concatenated copy
         # of every row (a [8192, 8192] copy a GDN layer at the Qwen3.5 shape's step)
         flat, n = state_rows.flatten(), head.shape[0]
         new_state = torch.where((flat < n)[:, None], head[flat.clamp(max=max(n - 1, 0))], x_PC[(flat - n).clamp(min=0)])
         P, K = x_PC.shape[0], w_CK.shape[1]
+        assert groups is None or sum(groups) == C, f"column groups {groups} do not add up to {C}"
         block_t, block_c, warps = cfg or CONV_CONFIG
         planar = planar_groups(groups or (C,), block_c)
         out = torch.empty(P * C, dtype=x_PC.dtype, device=x_PC.device)

@@ -41,8 +41,6 @@ try:  # Triton is optional: CPU installs don't have it
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_PER_EXPERT = SWITCHES.moe_triton_max  # moe_grouped up to this many pairs per expert on average (96);
-# beyond, cuBLAS grouped GEMM
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -55,7 +53,9 @@ def _usable(x: torch.Tensor) -> bool:
 
 
 def grouped_usable(x: torch.Tensor, pairs: int, num_local: int) -> bool:
-    return _usable(x) and pairs <= MAX_PER_EXPERT * num_local
+    """moe_grouped up to EPINFER_MOE_TRITON_MAX pairs per expert on average (96); beyond, cuBLAS's
+    grouped GEMM."""
+    return _usable(x) and pairs <= SWITCHES.moe_triton_max * num_local
 
 
 def router_usable(logits: torch.Tensor) -> bool:

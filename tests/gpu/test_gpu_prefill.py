@@ -26,20 +26,23 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def check_varlen_conv(device: str, dtype: torch.dtype, norm_cols: int, strided: bool,
-                      groups: tuple[int, ...] | None = None) -> None:
+                      groups: tuple[int, ...] | None = None, lens: tuple[int, ...] = (1, 5, 300, 64, 2)) -> None:
     """The varlen conv kernel against `F.conv1d` per sequence; `strided`: the packed rows are a column
     slice of a wider tensor (as the in_proj output gives them); `groups`: the output as column
-    groups (q | k | v), each contiguous where they fall on the kernel's channel blocks."""
+    groups (q | k | v), each contiguous where they fall on the kernel's channel blocks; `lens`: the
+    sequences (the second, if any, fresh; one sequence alone continues from its conv state, as a
+    long prompt's later chunks do)."""
     from epinfer.kernels.gdn_ops import l2norm
     from epinfer.kernels.gdn_prefill import causal_conv_varlen, conv_taps
 
     torch.manual_seed(0)
-    lens, C, K = [1, 5, 300, 64, 2], 1000, 4
+    lens, C, K = list(lens), 1000, 4
     with torch.device(device):
         x = torch.randn(sum(lens), C + 24 if strided else C, dtype=dtype)
         x = x[:, 8:8 + C] if strided else x
         prev = torch.randn(len(lens), C, K - 1, dtype=dtype)
-        prev[1] = 0  # a fresh sequence
+        if len(lens) > 1:
+            prev[1] = 0  # a fresh sequence
         w = torch.randn(C, K, dtype=dtype)
     taps, rows = (t.to(device) for t in conv_taps(lens, K))
     parts, state = causal_conv_varlen(x, prev, w, taps, rows, norm_cols, 128, groups)
@@ -67,6 +70,13 @@ def test_varlen_conv_kernel(norm_cols, strided, groups, monkeypatch):
     """With `norm_cols`, the first channels come out L2-normalised per head of 128 (q and k)."""
     monkeypatch.setenv("EPINFER_MIXED_STEP_KERNELS", "1")
     check_varlen_conv("cuda", torch.bfloat16, norm_cols, strided, groups)
+
+
+@pytest.mark.parametrize("lens", [(40,), (1,), (2, 7)])
+def test_varlen_conv_kernel_continues_one_sequence(lens):
+    """A step with one prompt chunk continuing from its conv state (the previous inputs' rows were a
+    strided view for a single sequence, and the kernel read them as contiguous)."""
+    check_varlen_conv("cuda", torch.bfloat16, 0, True, None, lens)
 
 
 @pytest.mark.parametrize("lens", [[1024, 700, 33, 1], [64, 65, 8000]])
