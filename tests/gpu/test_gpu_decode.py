@@ -325,13 +325,21 @@ def test_tiny_float32_with_graphs_matches_transformers(ckpt_dir, family):
     assert ours == [hf_greedy(model, p, 24) for p in PROMPTS]
 
 
-def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16):
-    """A transformers model of a real shape with `layers` layers, random weights, saved."""
+def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16, experts: int | None = None):
+    """A transformers model of a real shape with `layers` layers, random weights, saved; `experts`:
+    fewer routed experts than the shape has (a checkpoint an eighth the size at 32 of 256)."""
+    import json
+
     import transformers
 
     from epinfer.bench.single import shape_folder
 
     cfg_dir = shape_folder(shape, layers, str(tmp_path))
+    if experts is not None:
+        raw = json.loads((cfg_dir / "config.json").read_text())
+        text = raw.get("text_config", raw)
+        text["num_experts"] = experts
+        (cfg_dir / "config.json").write_text(json.dumps(raw))
     cfg = transformers.AutoConfig.from_pretrained(str(cfg_dir))
     torch.manual_seed(0)
     with torch.device("cuda"):
