@@ -13,6 +13,8 @@
 #                    LAYERS layers, default 48)
 #   mixed-profile    where a mixed step of the throughput profile goes (Qwen3.5-35B-A3B, 16384 rows with
 #                    480 decodes; benchmarks/mixed_step_profile.py; STATE=auto for a bf16 GDN state)
+#   fp8-load         a 31 GB Qwen3-30B-A3B FP8 checkpoint (as Qwen publishes them) written to local disk,
+#                    the page cache dropped, then loaded: GB/s and first token (benchmarks/fp8_load.py)
 #   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
 #                    dependent launch off / on)
 #   graphs-vs-eager  Qwen3-30B-A3B, LAYERS layers (default 8), BATCHES (default "1 64"): CUDA graphs
@@ -41,6 +43,8 @@ prefill-profile)
   step prefill_profile 150 python3 benchmarks/prefill_profile.py --layers "${LAYERS:-48}" --batch 8 --len 2048 ;;
 mixed-profile)
   step mixed_profile 300 python3 benchmarks/mixed_step_profile.py --state-dtype "${STATE:-float32}" ;;
+fp8-load)
+  step fp8_load 500 python3 benchmarks/fp8_load.py --dir "$SCRATCH/fp8-ckpt" ;;
 pdl)
   for p in 0 1; do
     EPINFER_PDL=$p bench "pdl$p" 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling
@@ -50,5 +54,6 @@ graphs-vs-eager)
   bench graphs 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO
   bench eager 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO --enforce-eager ;;
 *)
-  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile mixed-profile pdl graphs-vs-eager)"; exit 2 ;;
+  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile mixed-profile fp8-load pdl graphs-vs-eager)"
+  exit 2 ;;
 esac; done
