@@ -143,13 +143,17 @@ def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, 
             n: int) -> torch.Tensor:
     """`moe.combine_pairs` in one kernel: out[t] = sum_k w[t, k] * y[position of pair (t, k) in
     `order`], pairs of other ranks' experts skipped (their rows of y are undefined). Each program
-    reads whole rows of y (coalesced) and accumulates in fp32."""
+    reads whole rows of y (coalesced) and accumulates in fp32. The kernel reads the weights as one
+    flat [T * K] run: a dispatcher's row view of them is copied (`reshape` would keep a one-column
+    view, K == 1, strided)."""
     T, K = ids_TK.shape
     D = y_PD.shape[1]
     inverse = inverse_permutation(order)
     out = torch.empty(T, D, dtype=y_PD.dtype, device=y_PD.device)
+    ids_TK = ids_TK if ids_TK.stride(1) == 1 else ids_TK.contiguous()
     if T:
-        _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.reshape(-1), ids_TK, inverse, out, y_PD.stride(0),
+        _combine_kernel[(T, triton.cdiv(D, 1024))](y_PD, weights_TK.contiguous().view(-1), ids_TK, inverse, out,
+                                                   y_PD.stride(0),
                                                    ids_TK.stride(0), out.stride(0), first, n, GATHER=True,
                                                    ALL_LOCAL=False, D=D, K=K, BLOCK_D=1024, PDL=False)
     return out

@@ -271,17 +271,27 @@ def test_triton_gated_rms_norm(T):
     assert ((out - ref).abs() <= 1e-2 * ref.abs() + 1e-2).all()
 
 
-@pytest.mark.parametrize("T,first,n", [(5, 0, 128), (300, 32, 64)])
-def test_triton_combine(T, first, n):
-    """The grouped-GEMM combine kernel vs the torch one (other ranks' rows of y hold NaN: skipped)."""
+@pytest.mark.parametrize("T,first,n,K,packed", [(5, 0, 128, 8, False), (300, 32, 64, 8, False),
+                                               (300, 32, 64, 1, True), (300, 0, 128, 8, True)])
+def test_triton_combine(T, first, n, K, packed):
+    """The grouped-GEMM combine kernel vs the torch one (other ranks' rows of y hold NaN: skipped).
+    `packed`: ids and weights as row views of one wider buffer, as a dispatcher hands them over
+    (K == 1: each all-to-all pair is its own row)."""
     from epinfer.kernels import moe_triton
     from epinfer.layers.moe import combine_pairs, permute_pairs
 
     torch.manual_seed(T)
-    ids = torch.stack([torch.randperm(128, device="cuda")[:8] for _ in range(T)])
-    weights = torch.rand(T, 8, device="cuda").to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(128, device="cuda")[:K] for _ in range(T)])
+    weights = torch.rand(T, K, device="cuda").to(torch.bfloat16)
+    if packed:  # [T, K] views with a row stride of 2K + 3
+        buf = torch.zeros(T, 2 * K + 3, device="cuda", dtype=torch.bfloat16)
+        buf[:, 1:1 + K] = weights
+        weights = buf[:, 1:1 + K]
+        ibuf = torch.zeros(T, 2 * K + 3, device="cuda", dtype=torch.long)
+        ibuf[:, 2:2 + K] = ids
+        ids = ibuf[:, 2:2 + K]
     order = permute_pairs(ids, first, n)[0]
-    y = torch.randn(T * 8, 2048, device="cuda").to(torch.bfloat16)
+    y = torch.randn(T * K, 2048, device="cuda").to(torch.bfloat16)
     local = ids.flatten()[order] - first
     y[(local < 0) | (local >= n)] = float("nan")
     ref = combine_pairs.__wrapped__(y.float(), weights.float(), ids, order, first, n)
