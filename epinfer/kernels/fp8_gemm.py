@@ -95,10 +95,12 @@ def fp8_linear_reference(x_MK, w_NK, scale, block: tuple[int, int], bias=None, w
 
 
 def usable(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
-    """CUDA bf16 / fp16 activations, an FP8 weight, activation groups of a power of two >= 16."""
+    """CUDA bf16 / fp16 activations, an FP8 weight, activation groups of a power of two >= 16; unit
+    inner strides (the kernels take row strides only)."""
     group = block[1]
     return (triton is not None and x_MK.is_cuda and x_MK.dtype in (torch.bfloat16, torch.float16)
-            and w_NK.dtype == torch.float8_e4m3fn and group >= 16 and group & (group - 1) == 0)
+            and w_NK.dtype == torch.float8_e4m3fn and group >= 16 and group & (group - 1) == 0
+            and x_MK.stride(-1) == 1 and w_NK.stride(-1) == 1)
 
 
 W16_ROWS = 64  # the most rows `w16` mode takes

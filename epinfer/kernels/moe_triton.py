@@ -44,8 +44,9 @@ except ImportError:  # pragma: no cover
 
 
 def usable(x: torch.Tensor) -> bool:
-    """The Triton kernels run here (bf16 / fp16 on CUDA, with Triton)."""
-    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    """The Triton kernels run here (bf16 / fp16 on CUDA, with Triton; rows of unit inner stride: the
+    kernels take a row stride only)."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
 
 
 def _usable(x: torch.Tensor) -> bool:
