@@ -54,3 +54,13 @@ for f in sys.argv[2:]: make_checkpoint(f, sys.argv[1] + '/' + f)" "$SCRATCH/ckpt
 shape_folder() {
   mkdir -p "$SCRATCH/shape-$1" && cp "epinfer/shapes/$1.json" "$SCRATCH/shape-$1/config.json" && echo "$SCRATCH/shape-$1"
 }
+
+# install_wheels: the wheels in WHEELS (default .whl in the repository root), if any, installed offline
+# into $SCRATCH/site and put on PYTHONPATH (packages the machine lacks: the serve extra, fla-core)
+install_wheels() {
+  local wheels=${WHEELS:-.whl}
+  if ls "$wheels"/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$wheels"/*.whl
+    export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
+  fi
+}

@@ -14,11 +14,7 @@
 # and the load test's summary (requests/s, tokens/s, latency and time-to-first-token percentiles).
 NAME=serve_load_1gpu
 source "$(dirname "$0")/common.sh"
-WHEELS=${WHEELS:-.whl}
-if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$WHEELS"/*.whl
-  export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
-fi
+install_wheels
 model=$(shape_folder qwen3-30b-a3b)
 flags="--model $model --random-weights --dtype bfloat16 --max-model-len 2048 --cache-memory-gb ${CACHE_GB:-30}"
 [ "${ASYNC:-0}" = 1 ] && flags="$flags --async-scheduling"

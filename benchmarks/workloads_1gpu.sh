@@ -25,11 +25,7 @@
 # Output: $OUT (default benchmarks/logs/workloads_1gpu/, git-ignored): NAME.jsonl (the record), NAME.log.
 NAME=workloads_1gpu
 source "$(dirname "$0")/common.sh"
-WHEELS=${WHEELS:-.whl}
-if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$WHEELS"/*.whl
-  export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
-fi
+install_wheels
 S="--shape qwen3.5-35b-a3b"
 run() {  # run NAME LIMIT ARGS...: one workload with its step log
   local name=$1 limit=$2; shift 2
