@@ -191,6 +191,14 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
                       for k, v in by_kind.items()}}
 
 
+def allocator_counts(device: torch.device) -> dict[str, int] | None:
+    """The CUDA caching allocator's retry and device-allocation counts so far (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {"alloc_retries": stats.get("num_alloc_retries", 0), "device_allocs": stats.get("num_device_alloc", 0)}
+
+
 def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
                    seed: int = 0, step_log: str | None = None) -> dict:
@@ -208,6 +216,9 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         steps: list[dict] | None = [] if step_log else None
         warm = run_workload(engine, warm_up_workload(w, engine.ecfg.max_num_batched_tokens, engine.max_model_len - 9),
                             seed + 7)
+        before = allocator_counts(engine.device)
+        measured = run_workload(engine, w, seed, steps)
+        after = allocator_counts(engine.device)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                   "dtype": engine_cfg.dtype, "weights": "fp8" if engine_cfg.fp8_weights else engine_cfg.dtype,
@@ -221,7 +232,12 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],
                                 "warm_up_first_step": warm["first_step_s"]},
-                  **run_workload(engine, w, seed, steps)}
+                  **measured}
+        if before is not None:
+            # the caching allocator during the measured run: a retry frees cached blocks and
+            # synchronises the device (a step that waits), a device allocation costs a cudaMalloc
+            record["cuda_allocator"] = {k: after[k] - before[k] for k in before} | {
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)}
     if step_log:
         with open(step_log, "w") as f:
             f.writelines(json.dumps(step) + "\n" for step in steps)
