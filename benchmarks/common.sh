@@ -60,7 +60,7 @@ shape_folder() {
 install_wheels() {
   local wheels=${WHEELS:-.whl}
   if ls "$wheels"/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$wheels"/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SCRATCH/site" "$wheels"/*.whl
     export PYTHONPATH=$PYTHONPATH:$SCRATCH/site
   fi
 }

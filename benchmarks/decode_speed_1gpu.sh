@@ -26,6 +26,7 @@
 # The summary lines are printed as each run ends.
 NAME=decode_speed_1gpu
 source "$(dirname "$0")/common.sh"
+install_wheels  # fla-core (the GDN prefill kernels of the hybrid shape), where its wheel is in .whl
 IO="--input-len 1024 --output-len 32"
 LAYER_ARGS=${LAYERS:+--layers $LAYERS}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -8,8 +8,10 @@ disk, the weights phase's seconds and GB/s, the start-up by phase, the first tok
     python benchmarks/fp8_load.py --dir DIR [--shape qwen3-30b-a3b] [--layers L] [--shard-gb 5]
         [--device cuda] [--keep]
 
-The random values are drawn on --device (on a GPU the full 30B shape's 31 GB takes seconds to draw);
-the checkpoint is written once and reused while DIR holds it (--keep leaves it there afterwards).
+The random values are drawn on --device (on a GPU the full 30B shape's 31 GB takes seconds to draw).
+DIR must be new or empty, or hold this script's complete checkpoint of the same shape and layers (it
+is then reused, and kept); one the script wrote is removed at the end unless --keep. A write that was
+cut short is cleared and redone. The values are random, their scales arbitrary: for load timing only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -68,7 +71,8 @@ def write_checkpoint(folder: Path, shape: str, layers: int | None, shard_bytes: 
     """Writes the checkpoint (config.json, shards, index) into `folder`; returns its bytes."""
     shape_folder(shape, layers, str(folder), fp8=True)
     cfg = ModelConfig.from_dir(folder)
-    if cfg.is_hybrid or cfg.num_experts == 0 or cfg.attn_output_gate or set(cfg.mlp_types) != {"moe"}:
+    if (cfg.is_hybrid or cfg.num_experts == 0 or cfg.attn_output_gate or set(cfg.mlp_types) != {"moe"}
+            or cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm not in ("head", "none")):
         raise SystemExit(f"fp8_load.py writes Qwen3-MoE shapes only (plain attention, every layer MoE), "
                          f"not {shape}")
     weight_map: dict[str, str] = {}
@@ -100,6 +104,27 @@ def write_checkpoint(folder: Path, shape: str, layers: int | None, shard_bytes: 
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+MARKER = "fp8_load.json"  # written last: the checkpoint is complete, of this shape and depth
+OWN = re.compile(r"^(config\.json|model-\d{5}\.safetensors|model\.safetensors\.index\.json)$")
+
+
+def prepare(folder: Path, want: dict) -> bool:
+    """Whether `folder` already holds this script's complete checkpoint for `want` (reuse it); else
+    makes it ready for a new one: created, or cleared of a cut-short write of this script's own files.
+    Stops on anything else in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [p.name for p in folder.iterdir()]
+    marker = folder / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return True
+    if any(not OWN.match(n) for n in names if n != MARKER) or (names and marker.is_file()):
+        raise SystemExit(f"--dir {folder}: holds other files or another checkpoint ({want} wanted); "
+                         f"give a new or empty folder")
+    for n in names:  # a write that was cut short
+        (folder / n).unlink()
+    return False
+
+
 def drop_page_cache() -> bool:
     """Whether the kernel's page cache could be dropped (root only), so the load reads the disk."""
     os.sync()
@@ -121,13 +146,15 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     folder = Path(args.dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    want = {"shape": args.shape, "layers": args.layers}
     t = time.perf_counter()
-    if any(folder.glob("*.safetensors")):
+    reused = prepare(folder, want)
+    if reused:
         written = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         write_s = None
     else:
         written = write_checkpoint(folder, args.shape, args.layers, int(args.shard_gb * 1e9), args.device)
+        (folder / MARKER).write_text(json.dumps(want))
         write_s = round(time.perf_counter() - t, 1)
     dropped = drop_page_cache()
     t = time.perf_counter()
@@ -145,7 +172,7 @@ def main() -> int:
     print(json.dumps(rec))
     print(f"FP8 load: {written / 1e9:.1f} GB in {weights_s:.1f} s ({rec['weights_GBps']} GB/s), first token "
           f"{first:.1f} s after LLM(...); page cache dropped: {dropped}", file=sys.stderr)
-    if not args.keep:
+    if not (args.keep or reused):
         shutil.rmtree(folder)
     return 0
 

@@ -217,6 +217,8 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         warm = run_workload(engine, warm_up_workload(w, engine.ecfg.max_num_batched_tokens, engine.max_model_len - 9),
                             seed + 7)
         before = allocator_counts(engine.device)
+        if before is not None:
+            torch.cuda.reset_peak_memory_stats(engine.device)
         measured = run_workload(engine, w, seed, steps)
         after = allocator_counts(engine.device)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,

@@ -268,7 +268,7 @@ def test_prefill_attention_kernel(hd, bs):
 def test_bf16_recurrent_state_logits(tmp_path, budget):
     """--mamba-ssm-cache-dtype auto (the GDN state kept in bf16, vLLM's default) at the 4-layer
     Qwen3.5 shape: logits against transformers in float32, prompts in chunks that read the rounded
-    state (budget 40) or whole; reports the drift beside the float32-state figures of the test above.
+    state (budget 40) or whole; reports the drift (the float32-state test above runs all 256 experts).
     32 routed experts of 256 (the GDN layers, whose state this is about, at their real size): with
     all 256 the test ran past 150 s on an H200, three times."""
     from tests.gpu.test_gpu_decode import compare_logits, real_shape_folder
