@@ -334,7 +334,7 @@ class Engine:
             check_text(f"prompt {index}", prompt)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         elif isinstance(prompt, (list, tuple)) and all(type(t) is int for t in prompt):
-            ids = list(prompt)  # (plain ints: the ABC check below costs ~1 µs a token, 1 s for 1000 x 1024)
+            ids = list(prompt)  # (plain ints: the ABC check below took 0.5 s for 1000 x 1024 tokens on 2 cores)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                                        for t in prompt):
             ids = [int(t) for t in prompt]
@@ -342,11 +342,10 @@ class Engine:
             raise UserError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise UserError(f"prompt {index} is empty")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size] if ids and (
-            min(ids) < 0 or max(ids) >= self.model_config.vocab_size) else None
-        if bad:
-            raise UserError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
-                            f"(size {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:  # (one pass each in C; the offender found only then)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            raise UserError(f"prompt {index}: token id {bad[0]} is outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
             raise UserError(f"prompt {index} has {len(ids)} tokens; the max model length is "
                             f"{self.max_model_len} (prompt + at least one generated token)")

@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-
 def usable(x: torch.Tensor) -> bool:
     """The Triton kernels run here (bf16 / fp16 on CUDA, with Triton; rows of unit inner stride: the
     kernels take a row stride only)."""

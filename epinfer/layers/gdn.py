@@ -151,9 +151,7 @@ class GatedDeltaNet(nn.Module):
                                                  state_rows, 2 * self.key_dim if fused else 0, self.dk,
                                                  (self.key_dim, self.key_dim, self.value_dim))
         conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
-        P = q.shape[0]
-        q, k, v = (q.view(P, self.num_k_heads, self.dk), k.view(P, self.num_k_heads, self.dk),
-                   v.view(P, self.num_v_heads, self.dv))
+        q, k, v = self._heads(q, k, v)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
         if fla_usable(v) and "fla" not in meta.memo:
             meta.memo["fla"] = varlen_index(meta.lens, v.device)
@@ -163,7 +161,10 @@ class GatedDeltaNet(nn.Module):
         core[meta.rows] = out.to(core.dtype)
 
     def _split_heads(self, conv_NC: torch.Tensor):
-        N = conv_NC.shape[0]
-        q, k, v = torch.split(conv_NC, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        return (q.reshape(N, self.num_k_heads, self.dk), k.reshape(N, self.num_k_heads, self.dk),
-                v.reshape(N, self.num_v_heads, self.dv))
+        return self._heads(*torch.split(conv_NC, [self.key_dim, self.key_dim, self.value_dim], dim=-1))
+
+    def _heads(self, q_NC, k_NC, v_NC):
+        """q, k, v [N, columns] as [N, heads, head dim]."""
+        N = q_NC.shape[0]
+        return (q_NC.reshape(N, self.num_k_heads, self.dk), k_NC.reshape(N, self.num_k_heads, self.dk),
+                v_NC.reshape(N, self.num_v_heads, self.dv))
