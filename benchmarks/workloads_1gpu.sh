@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end workloads on ONE NVIDIA GPU (the "End-to-end workloads" section of benchmarks/RESULTS.md):
 # `epinfer bench --shape qwen3.5-35b-a3b --workload W --json` (random bf16 weights, the defaults: graph
-# pieces, chunk-attention kernel, 16384 tokens a step, 512 sequences, async scheduling), one run per mode:
+# pieces, chunk-attention kernel, the mixed-step kernels, a bf16 GDN state, 16384 tokens a step, 512
+# sequences, async scheduling), one run per mode:
 #
-#   throughput        1000 x 1024 in / 128 out, float32 GDN state (the default)
-#   throughput-bf16   the same with --mamba-ssm-cache-dtype auto (bf16 state)
-#   seqs-1024         the same with a bf16 state and --max-num-seqs 1024 (no prefix cache, whose state
-#                     snapshots would take 8 GiB, and 93 % of the GPU: the KV cache then holds the 1000
-#                     requests' 1152 tokens each)
+#   throughput        1000 x 1024 in / 128 out
+#   throughput-fp32   the same with --mamba-ssm-cache-dtype float32 (transformers' state arithmetic)
+#   seqs-1024         the same with --max-num-seqs 1024 (no prefix cache, whose state snapshots would
+#                     take 8 GiB, and 93 % of the GPU: the KV cache then holds the 1000 requests' 1152
+#                     tokens each)
 #   mixed-kernels     throughput with EPINFER_MIXED_STEP_KERNELS=0, then =1 (the SiLU-mul kernel and the
 #                     conv kernel's separate q / k / v outputs), same call
 #   long-context      100 x 32,000 in / 100 out
-#   generation-heavy  200 x 1000 in / 2000 out (float32 state; STATE=auto for bf16)
+#   generation-heavy  200 x 1000 in / 2000 out (STATE=float32 for a float32 state)
 #   serve             throughput through `epinfer serve` over HTTP, 512 concurrent streaming clients
 #                     (needs the serve extra; wheels in WHEELS, default .whl, are installed offline)
 #   serve-decode-64   the server's steady decode at 64 streams against the engine's: 64 requests of
@@ -21,7 +22,7 @@
 # The first run on a fresh machine compiles every kernel (about 80 s more start-up); put a throwaway
 # or a tolerant run first when comparing. Each run's step log (one JSON line a step) is NAME.steps.
 #
-# Usage: [OUT=DIR] bash benchmarks/workloads_1gpu.sh [MODE...]      (default: throughput throughput-bf16)
+# Usage: [OUT=DIR] bash benchmarks/workloads_1gpu.sh [MODE...]      (default: throughput throughput-fp32)
 # Output: $OUT (default benchmarks/logs/workloads_1gpu/, git-ignored): NAME.jsonl (the record), NAME.log.
 NAME=workloads_1gpu
 source "$(dirname "$0")/common.sh"
@@ -32,21 +33,21 @@ run() {  # run NAME LIMIT ARGS...: one workload with its step log
   bench "$name" "$limit" $S "$@" --step-log "$OUT/$name.steps"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-for mode in ${*:-throughput throughput-bf16}; do case $mode in
+for mode in ${*:-throughput throughput-fp32}; do case $mode in
 throughput)       run throughput 200 --workload throughput ;;
-throughput-bf16)  run throughput_bf16 200 --workload throughput --mamba-ssm-cache-dtype auto ;;
-seqs-1024)        run seqs_1024 200 --workload throughput --mamba-ssm-cache-dtype auto --max-num-seqs 1024 \
-                    --no-prefix-caching --gpu-memory-utilization 0.93 ;;
+throughput-fp32)  run throughput_fp32 200 --workload throughput --mamba-ssm-cache-dtype float32 ;;
+seqs-1024)        run seqs_1024 200 --workload throughput --max-num-seqs 1024 --no-prefix-caching \
+                    --gpu-memory-utilization 0.93 ;;
 mixed-kernels)
   for k in 0 1; do EPINFER_MIXED_STEP_KERNELS=$k run "mixed_kernels$k" 200 --workload throughput; done ;;
 long-context)     run long_context 300 --workload long-context ;;
-generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-float32}" ;;
+generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-auto}" ;;
 serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
 serve-decode-64)
   bench serve_decode64 240 $S --workload generation-heavy --num-requests 64 --serve --concurrency 64
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
-  echo "unknown mode $mode (throughput throughput-bf16 seqs-1024 mixed-kernels long-context generation-heavy serve" \
+  echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 mixed-kernels long-context generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done

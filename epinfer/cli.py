@@ -60,9 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: 16384 on GPUs of 70 GiB or more, else 8192)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt in full (default: reuse the KV blocks of cached prompt prefixes)")
-    p.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=STATE_DTYPES,
-                   help="the GDN recurrent state's dtype (default float32, transformers' arithmetic; auto: the "
-                        "compute dtype, as vLLM's default: half the state traffic, rounded every token)")
+    p.add_argument("--mamba-ssm-cache-dtype", default="auto", choices=STATE_DTYPES,
+                   help="the GDN recurrent state's dtype (default auto: the compute dtype, as vLLM's default; in "
+                        "bf16 half the state traffic, rounded every token; float32: transformers' arithmetic)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (CUDA runs use them by default)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quant", choices=["fp8"], default=None,
                        help="fp8: random FP8 weights with 128 x 128 block scales (the floor from FP8 bytes)")
     bench.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    bench.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=STATE_DTYPES,
-                       help="the GDN recurrent state's dtype (auto: the compute dtype)")
+    bench.add_argument("--mamba-ssm-cache-dtype", default="auto", choices=STATE_DTYPES,
+                       help="the GDN recurrent state's dtype (default auto: the compute dtype)")
     bench.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan step n+1 while step n runs (default: on for CUDA, off on CPU)")
     bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")

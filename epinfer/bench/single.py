@@ -83,7 +83,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx_len: int, itemsize: int, fp8:
                  state_itemsize: int = 4) -> int:
     """Bytes one decode step of `batch` sequences at context `ctx_len` must read (and write).
     `fp8`: the projections and experts are FP8 weights (1 byte, plus a float32 scale per block);
-    `state_itemsize`: bytes of a GDN recurrent state element (float32 unless --mamba-ssm-cache-dtype)."""
+    `state_itemsize`: bytes of a GDN recurrent state element (--mamba-ssm-cache-dtype; auto: the compute dtype)."""
     D = cfg.hidden_size
     attn, gdn, expert, shared = _weights_per_layer(cfg)
     if fp8:  # in units of `itemsize` bytes, as everything below is counted
@@ -267,7 +267,7 @@ def _hf_time(model, ids: torch.Tensor, n: int) -> float:
 def bench(shape: str, batches: list[int], input_len: int, output_len: int, layers: int | None = None,
           device: str = "auto", dtype: str = "bfloat16", compare_hf: bool = False, cuda_graphs: bool = True,
           gpu_memory_utilization: float = 0.9, async_scheduling: bool | None = None,
-          trace: str | None = None, fp8: bool = False, state_dtype: str = "float32") -> list[dict]:
+          trace: str | None = None, fp8: bool = False, state_dtype: str = "auto") -> list[dict]:
     """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
     on CPU, host only, which turns the breakdown on there)."""
     trace = trace_folder(trace)

@@ -317,10 +317,10 @@ class EngineConfig:
     # an FP8 checkpoint's (or, with random weights, an FP8 config's) weights kept in FP8 with block
     # scales, run by the FP8 kernels (`kernels.fp8_gemm`); off: dequantised to `dtype` at load
     fp8_weights: bool = False
-    # the GDN recurrent state's dtype: float32 (transformers' arithmetic), bfloat16 / float16, or auto
-    # (the compute dtype, as vLLM's --mamba-ssm-cache-dtype auto): half the state bytes a decode step
-    # reads and writes, and room for more sequences, at the cost of rounding the state every token
-    mamba_ssm_cache_dtype: str = "float32"
+    # the GDN recurrent state's dtype: auto (the compute dtype, as vLLM's default): in bf16 half the
+    # state bytes a decode step reads and writes, and room for more sequences, at the cost of rounding
+    # the state every token; float32 (transformers' arithmetic), bfloat16, float16
+    mamba_ssm_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes; --no-prefix-caching
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
     prefix_state_snapshots: int = 0

@@ -23,8 +23,7 @@ CONFIG = (16, 256, 4)  # rows, columns, warps a program
 
 def usable(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Two [N, I] low-precision CUDA views with unit inner stride and one row stride (the halves
-    of one [N, 2I] output, or two tensors laid out alike); EPINFER_MIXED_STEP_KERNELS=1 (off until
-    measured on a GPU)."""
+    of one [N, 2I] output, or two tensors laid out alike), unless EPINFER_MIXED_STEP_KERNELS=0."""
     return (triton is not None and SWITCHES.mixed_step_kernels and gate.is_cuda
             and gate.dtype in (torch.bfloat16, torch.float16) and up.dtype == gate.dtype and gate.dim() == 2
             and gate.shape == up.shape and gate.shape[0] > 0 and gate.stride(1) == 1 and up.stride(1) == 1

@@ -105,8 +105,8 @@ def causal_conv_varlen(x_PC: torch.Tensor, prev_NCk: torch.Tensor, w_CK: torch.T
 
 def planar_groups(groups: tuple[int, ...], block_c: int | None = None) -> tuple[int, ...]:
     """The column groups the conv kernel writes apart: `groups` when at most three and each boundary
-    falls on a channel block (every program writes inside one group), else all the columns as one;
-    EPINFER_MIXED_STEP_KERNELS=1 (off until measured on a GPU)."""
+    falls on a channel block (every program writes inside one group), else all the columns as one
+    (and always with EPINFER_MIXED_STEP_KERNELS=0)."""
     block_c = block_c or CONV_CONFIG[1]
     ok = SWITCHES.mixed_step_kernels and len(groups) <= 3 and all(width % block_c == 0 for width in groups[:-1])
     return tuple(groups) if ok else (sum(groups),)

@@ -6,8 +6,8 @@ depthwise conv (kernel K) over q|k|v with silu, the gated delta rule, a gated RM
 and `out_proj`.
 
 Per-sequence state lives in the cache at the sequence's `state_slot`: the conv state (the last K-1
-conv inputs, `[C, K-1]`) and the recurrent state (`[Hv, dk, dv]`, float32 unless
---mamba-ssm-cache-dtype; always updated in float32). A sequence whose
+conv inputs, `[C, K-1]`) and the recurrent state (`[Hv, dk, dv]`, kept in the
+compute dtype unless --mamba-ssm-cache-dtype says otherwise; always updated in float32). A sequence whose
 `context_len` is 0 starts from zero state whatever the slot holds. Padding rows belong to no
 sequence: nothing is computed, read or written for them, and their output is zero.
 """

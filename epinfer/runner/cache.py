@@ -4,10 +4,11 @@ KV cache: paged, `[num_blocks, block_size, kv_heads, head_dim]` per attention la
 reserves all the blocks it can ever need (prompt + max_tokens, capped by the max model length)
 when it is admitted, so a running sequence never waits for memory and nothing is preempted.
 GDN state: one slot per running sequence (`[slots, C, K-1]` conv, `[slots, Hv, dk, dv]` recurrent,
-float32 unless --mamba-ssm-cache-dtype). Blocks and slots are returned when a sequence ends, and its
-state slot is zeroed ("reset"), so the next owner can't see stale state even if a kernel forgot to
-ignore it. With prefix caching of a hybrid model, rows past the scratch slot hold snapshots of a
-sequence's state at a block boundary (`engine.cache`), copied in and out of running slots.
+in the compute dtype unless --mamba-ssm-cache-dtype says otherwise). Blocks and slots are returned
+when a sequence ends, and its state slot is zeroed ("reset"), so the next owner can't see stale
+state even if a kernel forgot to ignore it. With prefix caching of a hybrid model, rows past the
+scratch slot hold snapshots of a sequence's state at a block boundary (`engine.cache`), copied in
+and out of running slots.
 """
 
 from __future__ import annotations

@@ -388,8 +388,11 @@ def compare_logits(folder, model, dtype: str, cuda_graphs: bool = True, n_new: i
                    budget: int = 4096, **engine) -> dict:
     """Our logits at every step (prefill + decode) vs transformers teacher-forced on our tokens.
     The 8 prompts run `group` at a time (decode batches of `group` rows), `budget` tokens a step;
-    `engine`: more `LLM` settings."""
+    `engine`: more `LLM` settings. The GDN state stays in float32 unless `engine` says otherwise:
+    these checks are of the kernels; `test_bf16_recurrent_state_logits` measures the rounded state."""
     from epinfer import LLM, SamplingParams
+
+    engine.setdefault("mamba_ssm_cache_dtype", "float32")
 
     llm = LLM(str(folder), dtype=dtype, device="cuda", max_model_len=512, max_num_seqs=8, cuda_graphs=cuda_graphs,
               max_num_batched_tokens=budget, **engine)
