@@ -12,6 +12,9 @@
 #   gdn-decode the GDN decode kernel's block layouts, float32 and bf16 state (benchmarks/gdn_decode_sweep.py)
 #   mixed      a mixed step's SiLU-mul and varlen conv kernels: tiles, the conv's planar output, inductor's
 #              SiLU-mul (benchmarks/mixed_kernel_sweep.py)
+#   fp8-gemm   prefill-size FP8 projections: bf16 cuBLAS, the Triton FP8 kernel and cuBLAS's block-scaled
+#              FP8 GEMM (EPINFER_FP8_CUBLAS); whether F.scaled_grouped_mm takes block scales
+#              (benchmarks/fp8_gemm_sweep.py)
 #
 # Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
 # Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
@@ -42,6 +45,9 @@ gdn-decode)
 mixed)
   step mixed_kernel_sweep 240 python3 benchmarks/mixed_kernel_sweep.py
   cut -c1-220 "$OUT/mixed_kernel_sweep.log" ;;
+fp8-gemm)
+  step fp8_gemm_sweep 150 python3 benchmarks/fp8_gemm_sweep.py
+  cut -c1-220 "$OUT/fp8_gemm_sweep.log" ;;
 *)
-  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed fp8-gemm)"; exit 2 ;;
 esac; done

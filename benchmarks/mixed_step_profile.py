@@ -6,7 +6,7 @@ time per model part and the top kernels. The defaults are the throughput profile
 (Qwen3.5-35B-A3B shape, 16384 rows, ≈ 480 of them decodes).
 
     python benchmarks/mixed_step_profile.py [--shape qwen3.5-35b-a3b] [--layers L] [--running 480]
-        [--budget 16384] [--len 1024] [--state-dtype float32|auto]
+        [--budget 16384] [--len 1024] [--state-dtype auto|float32] [--quant fp8]
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ def main() -> int:
     ap.add_argument("--running", type=int, default=480)
     ap.add_argument("--budget", type=int, default=16384)
     ap.add_argument("--len", type=int, default=1024)
-    ap.add_argument("--state-dtype", default="float32")
+    ap.add_argument("--state-dtype", default="auto")
+    ap.add_argument("--quant", choices=["fp8"], default=None, help="random FP8 weights, 128 x 128 block scales")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = shape_folder(args.shape, args.layers, tmp)
+        fp8 = args.quant == "fp8"
+        folder = shape_folder(args.shape, args.layers, tmp, fp8)
         prompts_a_step = -(-(args.budget - args.running) // args.len)
         engine = Engine(EngineConfig(model=str(folder), dtype=args.dtype, device=args.device, random_weights=True,
                                      max_num_seqs=args.running + 6 * prompts_a_step, max_model_len=args.len + 600,
-                                     max_num_batched_tokens=args.budget, mamba_ssm_cache_dtype=args.state_dtype))
+                                     max_num_batched_tokens=args.budget, mamba_ssm_cache_dtype=args.state_dtype,
+                                     fp8_weights=fp8))
         sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else (lambda: None)
         submit_random(engine, args.running, args.running, args.len, 400, seed=0)
         while any(not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -69,6 +72,7 @@ def main() -> int:
         parts, _ = _by_part(prof)
         rec = {"shape": args.shape, "layers": engine.model_config.num_layers, "budget": args.budget,
                "state_dtype": str(engine.runner.layout.state_dtype).removeprefix("torch."),
+               "weights": "fp8" if fp8 else args.dtype,
                "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                "graph_pieces": pieces is not None,
                "timed_steps": [{"rows": r, "decode_rows": d, "wall_ms": round(w * 1e3, 2)} for r, d, w in timed],

@@ -102,6 +102,12 @@ class Switches:
         return _on("EPINFER_FP8_DECODE_W16", False)
 
     @property
+    def fp8_cublas(self) -> bool:
+        """FP8 linears of 256 rows or more through cuBLAS's block-scaled GEMM (`kernels.fp8_gemm`);
+        off until measured on a GPU against the Triton kernel."""
+        return _on("EPINFER_FP8_CUBLAS", False)
+
+    @property
     def stacks_after(self) -> float | None:
         return _number("EPINFER_STACKS_AFTER", float, None)
 

@@ -22,6 +22,11 @@ its block scales, and multiplies the unquantised activations in wide K steps (`w
 FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is the widened
 weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
 
+At prefill sizes (`CUBLAS_ROWS` rows or more, EPINFER_FP8_CUBLAS=1, Hopper, 128 x 128 blocks) the
+same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead (`F.scaled_mm` with 1 x 128
+activation and 128 x 128 weight scales, the arithmetic above): its scales column-major, rows padded
+to a multiple of 4, the weight's scale columns to a multiple of 4 (cuBLAS's layout).
+
 Shape suffixes: M rows, N output columns, K input columns.
 """
 
@@ -31,6 +36,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from epinfer.core.env import SWITCHES
 
@@ -137,19 +143,56 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def quantize_activations(x_MK: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_groups` in one Triton pass on CUDA (x may be row-strided); torch elsewhere."""
+def quantize_activations(x_MK: torch.Tensor, group: int,
+                         cublas: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_groups` in one Triton pass on CUDA (x may be row-strided); torch elsewhere.
+    `cublas`: cuBLAS's layout: rows padded with zeros to a multiple of 4, the scales column-major."""
     if triton is None or not (x_MK.is_cuda or INTERPRETED):
         return quantize_groups(x_MK, group)
     M, K = x_MK.shape
     G = triton.cdiv(K, group)
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
-    s = torch.empty(M, G, dtype=torch.float32, device=x_MK.device)
+    rows = -(-M // 4) * 4 if cublas else M
+    q = torch.empty(rows, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    if cublas:
+        s = torch.empty(G, rows, dtype=torch.float32, device=x_MK.device).t()
+        q[M:].zero_()
+        s[M:].fill_(1.0)
+    else:
+        s = torch.empty(M, G, dtype=torch.float32, device=x_MK.device)
     per = triton.next_power_of_2(max(1, min(G, 2048 // group)))  # groups per program
     if M:
         _quantize_kernel[(M, triton.cdiv(G, per))](x_MK, q, s, K, G, x_MK.stride(0), q.stride(0), s.stride(0),
-                                                   GROUP=group, GROUPS=per, num_warps=4)
+                                                   s.stride(1), GROUP=group, GROUPS=per, num_warps=4)
     return q, s
+
+
+CUBLAS_ROWS = 256  # the fewest rows the cuBLAS path takes
+
+
+@functools.cache
+def hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
+    """cuBLAS's block-scaled FP8 GEMM for this input: EPINFER_FP8_CUBLAS=1, `CUBLAS_ROWS` rows or
+    more, 128 x 128 blocks that tile the weight, a Hopper GPU and a torch with `F.scaled_mm`."""
+    return (SWITCHES.fp8_cublas and x_MK.shape[0] >= CUBLAS_ROWS and tuple(block) == (128, 128)
+            and x_MK.shape[1] % 128 == 0 and w_NK.shape[0] % 128 == 0 and hasattr(F, "scaled_mm")
+            and hopper(x_MK.device))
+
+
+def cublas_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`fp8_linear` through cuBLAS (`cublas_mode`): the activations quantised by our kernel in
+    cuBLAS's layout, the weight's scales [N / 128, K / 128] padded to a multiple of 4 columns."""
+    M = x_MK.shape[0]
+    q, qs = quantize_activations(x_MK, 128, cublas=True)
+    pad = -scale.shape[1] % 4
+    w_scale = F.pad(scale.float(), (0, pad)) if pad else scale.float()
+    y = F.scaled_mm(q, w_NK.t(), qs, F.ScalingType.BlockWise1x128, w_scale.t(), F.ScalingType.BlockWise128x128,
+                    output_dtype=x_MK.dtype)[:M]
+    return y if bias is None else y + bias
 
 
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -160,6 +203,8 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
+    if cublas_mode(x_MK, w_NK, block):
+        return cublas_linear(x_MK, w_NK, scale, bias)
     w16 = w16_mode(M)
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
     bm, bn, bk, warps, stages = tiles(M, N, multiprocessors(x_MK.device), block[1], w16)
@@ -190,15 +235,16 @@ if triton is not None:
             return tl.dot(a_q.to(tl.float16), w.to(tl.float16))
 
     @triton.jit
-    def _quantize_kernel(X, Q, S, K, G, sx, sq, ss, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-        """Row program_id(0), groups program_id(1) * GROUPS on: each group scaled into +-448."""
+    def _quantize_kernel(X, Q, S, K, G, sx, sq, ss, sg, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+        """Row program_id(0), groups program_id(1) * GROUPS on: each group scaled into +-448; the
+        scale of row m, group g at S + m * ss + g * sg."""
         m = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         ok = (g[:, None] < G) & (cols < K)
         q, scale = quantize_rows(tl.load(X + m * sx + cols, mask=ok, other=0.0))
         tl.store(Q + m * sq + cols, q, mask=ok)
-        tl.store(S + m * ss + g, scale, mask=g < G)
+        tl.store(S + m * ss + g * sg, scale, mask=g < G)
 
     @triton.jit
     def widen(w, scales_ptr, offs_k, ok, GROUP: tl.constexpr):

@@ -1,0 +1,113 @@
+"""FP8 GEMMs at prefill sizes: the dense projections of a 16384-row step of the Qwen3.5-35B-A3B
+shape (or `--rows`), each timed as bf16 cuBLAS (`F.linear`), the Triton block-scaled FP8 kernel
+(`kernels.fp8_gemm`, activation quantisation included) and cuBLAS's block-scaled FP8 GEMM
+(EPINFER_FP8_CUBLAS=1: `F.scaled_mm`, the same quantisation), with `triton.testing.do_bench`; one
+JSON record per shape and path with ms, TFLOP/s and the relative error against the same quantisation
+in torch. Then whether this torch's `F.scaled_grouped_mm` takes 1 x 128 / 128 x 128 block scales (the
+routed experts' layout), and if so its time at the experts' gate / up shape against the bf16
+grouped GEMM (`torch._grouped_mm`).
+
+    python benchmarks/fp8_gemm_sweep.py [--rows 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from epinfer.kernels import fp8_gemm
+
+# (name, N, K) of the Qwen3.5-35B-A3B shape's FP8 projections
+SHAPES = [("gdn_in_qkvz", 12288, 2048), ("gdn_out", 2048, 4096), ("attn_qkv", 9216, 2048), ("attn_o", 2048, 4096),
+          ("shared_gate_up", 1024, 2048), ("shared_down", 2048, 512)]
+
+
+def timed(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def dense(rows: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for name, N, K in SHAPES:
+        one_shape(name, rows, N, K, gen)
+
+
+def one_shape(name: str, rows: int, N: int, K: int, gen: torch.Generator) -> None:
+    w, scale = fp8_gemm.quantize_blocks(torch.randn(N, K, generator=gen) * 0.02, (128, 128))
+    x = torch.randn(rows, K, generator=gen).to("cuda", torch.bfloat16)
+    w, scale = w.cuda(), scale.cuda()
+    w16 = fp8_gemm.dequantize_blocks(w, scale, (128, 128)).to(torch.bfloat16)
+    ref = fp8_gemm.fp8_linear_reference(x[:512].cpu(), w.cpu(), scale.cpu(), (128, 128)).float()
+    flops = 2 * rows * N * K
+
+    def fp8():
+        return fp8_gemm.fp8_linear(x, w, scale, (128, 128))
+
+    for path, fn, switch in (("bf16", lambda: F.linear(x, w16), None), ("fp8_triton", fp8, "0"),
+                             ("fp8_cublas", fp8, "1")):
+        if switch is not None:
+            os.environ["EPINFER_FP8_CUBLAS"] = switch
+        rec = {"shape": name, "rows": rows, "N": N, "K": K, "path": path}
+        try:
+            out = fn()
+            if path != "bf16":
+                rec["rel_err"] = round(((out[:512].float().cpu() - ref).norm() / ref.norm()).item(), 5)
+            ms = timed(fn)
+            rec |= {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+        except Exception as e:  # (a torch without the block-scaled cuBLAS GEMM: say so, go on)
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(json.dumps(rec), flush=True)
+
+
+def grouped(rows: int, experts: int = 256, top_k: int = 8, N: int = 1024, K: int = 2048) -> None:
+    """The routed experts' gate / up: rows x top_k pairs spread evenly over `experts`."""
+    pairs = rows * top_k
+    per = pairs // experts
+    offs = torch.arange(1, experts + 1, device="cuda", dtype=torch.int32) * per
+    x = torch.randn(per * experts, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(experts, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    flops = 2 * per * experts * N * K
+    rec = {"shape": "experts_gate_up", "pairs": per * experts, "experts": experts, "N": N, "K": K,
+           "path": "bf16_grouped"}
+    ms = timed(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
+    print(json.dumps(rec | {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}), flush=True)
+    rec["path"] = "fp8_scaled_grouped_mm"
+    if not hasattr(F, "scaled_grouped_mm"):
+        print(json.dumps(rec | {"error": "no F.scaled_grouped_mm"}), flush=True)
+        return
+    try:
+        q, qs = fp8_gemm.quantize_activations(x, 128, cublas=True)
+        wq, ws = fp8_gemm.quantize_blocks(w, (128, 128))
+        pad = -ws.shape[-1] % 4
+        ws = F.pad(ws, (0, pad)).transpose(1, 2) if pad else ws.transpose(1, 2)
+
+        def run():
+            return F.scaled_grouped_mm(q, wq.transpose(1, 2), qs, F.ScalingType.BlockWise1x128, ws,
+                                       F.ScalingType.BlockWise128x128, offs=offs, output_dtype=torch.bfloat16)
+
+        run()
+        ms = timed(run)
+        rec |= {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    print(json.dumps(rec), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=16384)
+    args = ap.parse_args()
+    print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                      "gpu": torch.cuda.get_device_name(), "scaled_mm": hasattr(F, "scaled_mm")}), flush=True)
+    dense(args.rows)
+    grouped(args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
