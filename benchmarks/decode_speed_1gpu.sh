@@ -8,11 +8,15 @@
 #                    on the same shape (--compare-hf)
 #   tests            pytest tests/gpu (kernels, CUDA graphs, bf16 logits against transformers)
 #   hybrid           Qwen3.5-35B-A3B batch 1 / 64, async scheduling
+#   workload-decode  Qwen3.5-35B-A3B decode steps at the end-to-end workloads' sizes, each with its
+#                    breakdown: batch 200 at 2000 tokens of context (generation heavy), 512 and 1000 at
+#                    1100 (throughput at 512 and 1024 sequences); QUANT=fp8 for FP8 weights
 #   prefill          Qwen3-30B-A3B prefill of 8 x 2048 tokens
 #   prefill-profile  where one 8 x 2048 prefill step's time goes (benchmarks/prefill_profile.py;
 #                    LAYERS layers, default 48)
 #   mixed-profile    where a mixed step of the throughput profile goes (Qwen3.5-35B-A3B, 16384 rows with
-#                    480 decodes; benchmarks/mixed_step_profile.py; STATE=auto for a bf16 GDN state)
+#                    480 decodes; benchmarks/mixed_step_profile.py; STATE=float32 for a float32 GDN state,
+#                    QUANT=fp8 for FP8 weights)
 #   fp8-load         a 31 GB Qwen3-30B-A3B FP8 checkpoint (as Qwen publishes them) written to local disk,
 #                    the page cache dropped, then loaded: GB/s and first token (benchmarks/fp8_load.py)
 #   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
@@ -38,12 +42,18 @@ tests)
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head ;;
 hybrid)
   bench hybrid 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling ;;
+workload-decode)
+  bench "workload_decode_200${QUANT:+_$QUANT}" 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 200 --input-len 2000 \
+    --output-len 40 --async-scheduling ${QUANT:+--quant $QUANT}
+  bench "workload_decode_1000${QUANT:+_$QUANT}" 240 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 512 --batch 1000 \
+    --input-len 1100 --output-len 40 --async-scheduling ${QUANT:+--quant $QUANT} ;;
 prefill)
   bench prefill 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 8 --input-len 2048 --output-len 16 ;;
 prefill-profile)
   step prefill_profile 150 python3 benchmarks/prefill_profile.py --layers "${LAYERS:-48}" --batch 8 --len 2048 ;;
 mixed-profile)
-  step mixed_profile 300 python3 benchmarks/mixed_step_profile.py --state-dtype "${STATE:-float32}" ;;
+  step "mixed_profile${QUANT:+_$QUANT}" 300 python3 benchmarks/mixed_step_profile.py --state-dtype "${STATE:-auto}" \
+    ${QUANT:+--quant $QUANT} ;;
 fp8-load)
   step fp8_load 500 python3 benchmarks/fp8_load.py --dir "$SCRATCH/fp8-ckpt" ;;
 pdl)
@@ -55,6 +65,6 @@ graphs-vs-eager)
   bench graphs 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO
   bench eager 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO --enforce-eager ;;
 *)
-  echo "unknown mode $mode (targets tests hybrid prefill prefill-profile mixed-profile fp8-load pdl graphs-vs-eager)"
+  echo "unknown mode $mode (targets tests hybrid workload-decode prefill prefill-profile mixed-profile fp8-load pdl graphs-vs-eager)"
   exit 2 ;;
 esac; done
