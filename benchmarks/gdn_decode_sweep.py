@@ -20,6 +20,8 @@ from epinfer.kernels import gdn_ops
 
 LAYOUTS = [(32, 4, 4), (32, 2, 4), (32, 1, 4), (64, 2, 4), (64, 2, 2), (64, 2, 8), (64, 1, 4), (128, 1, 4),
            (128, 1, 8)]  # (BV, programs a head, warps)
+# each with the state's loads in program order and issued early (`_gdn_decode_kernel`'s EARLY)
+LAYOUTS = [(*layout, early) for layout in LAYOUTS for early in (False, True)]
 
 
 def main() -> int:
@@ -46,7 +48,7 @@ def main() -> int:
                 call = functools.partial(gdn_ops._recurrent_triton, q, k, v, g, beta, work, slots, cfg)
                 ms = triton.testing.do_bench(call)
                 print(json.dumps({"batch": B, "state": str(state_dtype).removeprefix("torch."), "bv": cfg[0],
-                                  "split": cfg[1], "warps": cfg[2], "us": round(ms * 1e3, 1),
+                                  "split": cfg[1], "warps": cfg[2], "early": cfg[3], "us": round(ms * 1e3, 1),
                                   "gb_s": round(moved / ms / 1e6), "max_err": float(f"{err:.2e}"),
                                   "current": cfg == current}), flush=True)
             del state

@@ -74,23 +74,25 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
     return out
 
 
-# (BV value columns a block, SPLIT programs a head, num_warps) by the state's element size; H200,
-# Qwen3.5 shape (32 value heads of 128 x 128), 512 rows (`benchmarks/gdn_decode_sweep.py`): float32
-# 566 µs (3.8 TB/s; 665 with the earlier 32-column blocks), bf16 381 µs (2.8 TB/s; 592 before)
-DECODE_CONFIGS = {4: (64, 2, 4), 2: (64, 2, 2)}
+# (BV value columns a block, SPLIT programs a head, num_warps, EARLY state loads) by the state's
+# element size; H200, Qwen3.5 shape (32 value heads of 128 x 128), 512 rows
+# (`benchmarks/gdn_decode_sweep.py`): float32 566 µs (3.8 TB/s; 665 with the earlier 32-column
+# blocks), bf16 381 µs (2.8 TB/s; 592 before); the early loads not yet measured
+DECODE_CONFIGS = {4: (64, 2, 4, False), 2: (64, 2, 2, False)}
 
 
-def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int] | None = None):
+def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int, bool] | None = None):
     B, Hk, DK = q.shape
     Hv, DV = v.shape[1], v.shape[2]
     out = torch.empty_like(v)
-    BV, split, warps = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4))
+    BV, split, warps, early = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4, False))
     if DV % (BV * split):  # (a head size the table's blocks do not divide: 32-column blocks, or one)
         BV, split = (32, DV // 32) if DV % 32 == 0 else (DV, 1)
     _gdn_decode_kernel[(B, Hv, split)](
         q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
-        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, DV=DV, BV=BV, SPLIT=split, num_warps=warps)
+        out.stride(0), out.stride(1), DK**-0.5, REP=Hv // Hk, DK=DK, DV=DV, BV=BV, SPLIT=split, EARLY=early,
+        num_warps=warps)
     return out
 
 
@@ -120,27 +122,43 @@ if _triton is not None:
     def _gdn_decode_kernel(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
                            ss_slot, ss_h, ss_k, so_b, so_h, scale,
                            REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                           SPLIT: tl.constexpr):
+                           SPLIT: tl.constexpr, EARLY: tl.constexpr):
         """Program (row b, value head h, split): its DV / SPLIT value columns in [DK, BV] state
         tiles, each read once, decayed, delta-updated and written back; the output is the updated
-        tile times q."""
+        tile times q. `EARLY`: the first tile's load is issued right after the slot's, before the
+        q / k loads and their norms (its latency overlaps theirs), and each later tile's one tile
+        ahead."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_k = tl.arange(0, DK)
         hk = h // REP
         slot = tl.load(SLOTS + b).to(tl.int64)
+        tile = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k
+        lo = tl.program_id(2) * (DV // SPLIT)
+        hi = lo + DV // SPLIT
+        v_row = V + b * sv_b + h * sv_h
+        if EARLY:
+            first = lo + tl.arange(0, BV)
+            next_s = tl.load(tile + first[None, :])
+            next_v = tl.load(v_row + first)
         q = tl.load(Q + b * sq_b + hk * sq_h + offs_k).to(tl.float32)
         k = tl.load(K + b * sk_b + hk * sk_h + offs_k).to(tl.float32)
         q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
         k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
         decay = tl.exp(tl.load(G + b * sg_b + h).to(tl.float32))
         beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
-        tile = S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k
-        lo = tl.program_id(2) * (DV // SPLIT)
-        for v0 in tl.range(lo, lo + DV // SPLIT, BV):
+        for v0 in tl.range(lo, hi, BV):
             offs_v = v0 + tl.arange(0, BV)
-            v = tl.load(V + b * sv_b + h * sv_h + offs_v).to(tl.float32)
-            s = tl.load(tile + offs_v[None, :]).to(tl.float32) * decay
+            if EARLY:
+                v = next_v.to(tl.float32)
+                s = next_s.to(tl.float32) * decay
+                ahead = offs_v + BV
+                more = ahead < hi
+                next_s = tl.load(tile + ahead[None, :], mask=more[None, :], other=0.0)
+                next_v = tl.load(v_row + ahead, mask=more, other=0.0)
+            else:
+                v = tl.load(v_row + offs_v).to(tl.float32)
+                s = tl.load(tile + offs_v[None, :]).to(tl.float32) * decay
             delta = (v - tl.sum(s * k[:, None], 0)) * beta
             s = s + k[:, None] * delta[None, :]
             tl.store(tile + offs_v[None, :], s.to(S.dtype.element_ty))
