@@ -238,8 +238,13 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         if before is not None:
             # the caching allocator during the measured run: a retry frees cached blocks and
             # synchronises the device (a step that waits), a device allocation costs a cudaMalloc
+            # (peak reserved well above peak allocated: the cache's blocks fragmented; above
+            # utilization_gib: more than the memory plan allowed for)
             record["cuda_allocator"] = {k: after[k] - before[k] for k in before} | {
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)}
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2),
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2),
+                "utilization_gib": round(engine.ecfg.gpu_memory_utilization
+                                  * torch.cuda.get_device_properties(engine.device).total_memory / 2**30, 2)}
     if step_log:
         with open(step_log, "w") as f:
             f.writelines(json.dumps(step) + "\n" for step in steps)
