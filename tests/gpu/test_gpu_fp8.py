@@ -65,7 +65,7 @@ def test_fp8_linear_kernel(M, N, K, block):
           f"inputs), {rel_exact:.2e} vs bf16 activations")
 
 
-@pytest.mark.parametrize("M,N,K", [(256, 1024, 2048), (1001, 12288, 2048), (4099, 2048, 512)])
+@pytest.mark.parametrize("M,N,K", [(256, 1024, 2048), (1001, 12288, 2048), (4099, 2048, 640)])
 def test_fp8_linear_cublas(M, N, K, monkeypatch):
     """EPINFER_FP8_CUBLAS=1: prefill-size inputs through cuBLAS's block-scaled GEMM (rows padded to
     a multiple of 4, K / 128 scale columns not a multiple of 4 in the last case), against the same
