@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from epinfer import LLM, SamplingParams
+from epinfer.core.config import EngineConfig
 from epinfer.core.errors import UserError
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -178,5 +179,9 @@ def test_half_precision_recurrent_state(hybrid):
     for half in (whole.token_ids, llm.generate([P2], params)[0].token_ids):  # chunks read the rounded state
         assert sum(a == b for a, b in zip(half, exact, strict=True)) >= 6, (half, exact)
     assert resolve_state_dtype("auto", torch.bfloat16) == torch.bfloat16
+    # the default is the compute dtype (vLLM's): float32 here, bf16 in a bf16 run
+    assert EngineConfig().mamba_ssm_cache_dtype == "auto"
+    default = LLM(hybrid, dtype="bfloat16", device="cpu").engine.runner.cache
+    assert all(default.per_layer[i][1].dtype == torch.bfloat16 for i in default.gdn_layers)
     with pytest.raises(UserError, match="unknown --mamba-ssm-cache-dtype 'fp4'"):
         LLM(hybrid, dtype="float32", device="cpu", mamba_ssm_cache_dtype="fp4")
