@@ -46,7 +46,7 @@ workload-decode)
   bench "workload_decode_200${QUANT:+_$QUANT}" 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 200 --input-len 2000 \
     --output-len 40 --async-scheduling ${QUANT:+--quant $QUANT}
   bench "workload_decode_1000${QUANT:+_$QUANT}" 240 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 512 --batch 1000 \
-    --input-len 1100 --output-len 40 --async-scheduling ${QUANT:+--quant $QUANT} ;;
+    --input-len 1100 --output-len 40 --async-scheduling --gpu-memory-utilization 0.93 ${QUANT:+--quant $QUANT} ;;
 prefill)
   bench prefill 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 8 --input-len 2048 --output-len 16 ;;
 prefill-profile)

@@ -40,7 +40,7 @@ prefill-attention)
   step prefill_attention_sweep 150 python3 benchmarks/prefill_attention_sweep.py
   cut -c1-300 "$OUT/prefill_attention_sweep.log" ;;
 gdn-decode)
-  step gdn_decode_sweep 150 python3 benchmarks/gdn_decode_sweep.py
+  step gdn_decode_sweep 300 python3 benchmarks/gdn_decode_sweep.py
   cut -c1-200 "$OUT/gdn_decode_sweep.log" ;;
 mixed)
   step mixed_kernel_sweep 240 python3 benchmarks/mixed_kernel_sweep.py

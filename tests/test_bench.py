@@ -181,6 +181,19 @@ def assert_ranks_traced(path, ranks: int) -> None:
         assert sum(e.get("ph") == "X" and e["pid"] in pids for e in events) > 50
 
 
+def test_batch_the_cache_cannot_hold_at_once_is_one_line(tmp_path):
+    """A batch whose sequences never all run at once (here: a sequence limit below it, as a cache
+    too small for them gives) has no step to time: a UserError naming how many ran, not a crash."""
+    from epinfer.bench.single import run_batch
+    from epinfer.engine.engine import Engine
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_moe").to_json_string())
+    engine = Engine(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu", random_weights=True,
+                                 max_num_seqs=2))
+    with pytest.raises(UserError, match="batch 3: at most 2 of its 3 sequences ran at once"):
+        run_batch(engine, 3, 6, 4, with_breakdown=False)
+
+
 def test_breakdown_runs_on_a_decoding_engine(tmp_path):
     """The profiler breakdown's plumbing (module ranges, the sampling range, the comm hook) on CPU,
     where device times are zero; on CUDA `epinfer bench` reports it per batch."""

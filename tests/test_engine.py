@@ -182,6 +182,6 @@ def test_half_precision_recurrent_state(hybrid):
     # the default is the compute dtype (vLLM's): float32 here, bf16 in a bf16 run
     assert EngineConfig().mamba_ssm_cache_dtype == "auto"
     default = LLM(hybrid, dtype="bfloat16", device="cpu").engine.runner.cache
-    assert all(default.per_layer[i][1].dtype == torch.bfloat16 for i in default.gdn_layers)
+    assert default.gdn_layers and all(default.per_layer[i][1].dtype == torch.bfloat16 for i in default.gdn_layers)
     with pytest.raises(UserError, match="unknown --mamba-ssm-cache-dtype 'fp4'"):
         LLM(hybrid, dtype="float32", device="cpu", mamba_ssm_cache_dtype="fp4")

@@ -198,13 +198,16 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
         engine.step()
     seqs = submit_random(engine, batch, batch, input_len, output_len, seed=batch)
     t0 = time.perf_counter()
+    most = 0  # the most sequences running at once
     while any(len(s.output_ids) == 0 for s in seqs):
         engine.step()
+        most = max(most, len(sched.running))
     prefill_s = time.perf_counter() - t0
     profile_steps = 3
     with_breakdown = with_breakdown and output_len >= 8 + steps_needed(profile_steps)
     steps, parts = [], None
     while engine.has_work():
+        most = max(most, len(sched.running))
         full = len(sched.running) == batch and not sched.waiting
         if with_breakdown and parts is None and full and len(steps) >= output_len - steps_needed(profile_steps) - 1:
             parts = breakdown(engine, profile_steps, trace=trace and f"{trace}/trace_b{batch}.json")
@@ -213,6 +216,10 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
         engine.step()  # ends with a host sync (the sampled tokens)
         if full:
             steps.append(time.perf_counter() - t)
+    if not steps:
+        raise UserError(f"batch {batch}: at most {most} of its {batch} sequences ran at once (the cache holds no "
+                        f"more at {input_len + output_len} tokens each); lower the batch or raise "
+                        "--gpu-memory-utilization")
     steps = steps[1:] or steps  # the first full decode step warms up (and captures a CUDA graph)
     median = statistics.median(steps)
     out = {"prefill_tok_s": round(batch * input_len / prefill_s, 1),
@@ -269,7 +276,8 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
           gpu_memory_utilization: float = 0.9, async_scheduling: bool | None = None,
           trace: str | None = None, fp8: bool = False, state_dtype: str = "auto") -> list[dict]:
     """`trace`: a folder; each batch's profiled steps go there as a Chrome trace (host and device;
-    on CPU, host only, which turns the breakdown on there)."""
+    on CPU, host only, which turns the breakdown on there). No prefix caching: the random prompts
+    share no prefix, and a hybrid model's state snapshots would only take the cache's memory."""
     trace = trace_folder(trace)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, fp8)
@@ -277,7 +285,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
                             max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
                             gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling,
-                            mamba_ssm_cache_dtype=state_dtype)
+                            mamba_ssm_cache_dtype=state_dtype, enable_prefix_caching=False)
         engine = Engine(ecfg)
         dev = engine.device
         ceil = ceilings(dev)

@@ -16,6 +16,11 @@ whose environment differs is a one-line error instead of a hang.
                               over the paged cache (`kernels.prefill_attention`)
   EPINFER_FP8_DECODE_W16=1    FP8 weights at decode sizes widened to bf16 in registers, activations unquantised
                               (`kernels.fp8_gemm`; opt-in until measured on a GPU)
+  EPINFER_FP8_CUBLAS=1        FP8 projections of 256 rows or more through cuBLAS's block-scaled GEMM
+                              (`kernels.fp8_gemm`; opt-in until measured on a GPU)
+  EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
+                              off (prefill and mixed steps; A/B runs)
+  EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem

@@ -171,7 +171,9 @@ CUBLAS_ROWS = 256  # the fewest rows the cuBLAS path takes
 
 @functools.cache
 def hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    """A Hopper GPU and a torch built with CUDA 12.9 or later (cuBLAS's block-scaled FP8 GEMM)."""
+    cuda = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9)
 
 
 def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
@@ -200,11 +202,11 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     """x [M, K] (bf16 / fp16) @ W.T, W [N, K] float8_e4m3fn with `scale` [ceil(N / b0), ceil(K / b1)]."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
+    if M and cublas_mode(x_MK, w_NK, block):
+        return cublas_linear(x_MK, w_NK, scale, bias)
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    if cublas_mode(x_MK, w_NK, block):
-        return cublas_linear(x_MK, w_NK, scale, bias)
     w16 = w16_mode(M)
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
     bm, bn, bk, warps, stages = tiles(M, N, multiprocessors(x_MK.device), block[1], w16)

@@ -76,6 +76,8 @@ def test_fp8_linear_cublas(M, N, K, monkeypatch):
 
     if not hasattr(F, "scaled_mm"):
         pytest.fail(f"torch {torch.__version__} has no F.scaled_mm: the cuBLAS path cannot run here")
+    if not fp8_gemm.hopper(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("cuBLAS's block-scaled FP8 GEMM needs a Hopper GPU and CUDA 12.9 or later")
     monkeypatch.setenv("EPINFER_FP8_CUBLAS", "1")
     taken, original = [], fp8_gemm.cublas_linear
     monkeypatch.setattr(fp8_gemm, "cublas_linear", lambda *a, **k: taken.append(1) or original(*a, **k))
