@@ -9,6 +9,8 @@
 #   seqs-1024         the same with --max-num-seqs 1024 (no prefix cache, whose state snapshots would
 #                     take 8 GiB, and 93 % of the GPU: the KV cache then holds the 1000 requests' 1152
 #                     tokens each)
+#   seqs-1024-cached  --max-num-seqs 1024 with the other defaults (prefix caching on, 0.9 of the GPU): how many
+#                     requests the KV cache then admits, and the allocator's peaks against the plan
 #   mixed-kernels     throughput with EPINFER_MIXED_STEP_KERNELS=0, then =1 (the SiLU-mul kernel and the
 #                     conv kernel's separate q / k / v outputs), same call
 #   long-context      100 x 32,000 in / 100 out
@@ -38,6 +40,7 @@ throughput)       run throughput 200 --workload throughput ;;
 throughput-fp32)  run throughput_fp32 200 --workload throughput --mamba-ssm-cache-dtype float32 ;;
 seqs-1024)        run seqs_1024 200 --workload throughput --max-num-seqs 1024 --no-prefix-caching \
                     --gpu-memory-utilization 0.93 ;;
+seqs-1024-cached) run seqs_1024_cached 200 --workload throughput --max-num-seqs 1024 ;;
 mixed-kernels)
   for k in 0 1; do EPINFER_MIXED_STEP_KERNELS=$k run "mixed_kernels$k" 200 --workload throughput; done ;;
 long-context)     run long_context 300 --workload long-context ;;
@@ -47,7 +50,7 @@ serve-decode-64)
   bench serve_decode64 240 $S --workload generation-heavy --num-requests 64 --serve --concurrency 64
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
-  echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 mixed-kernels long-context generation-heavy serve" \
+  echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done
