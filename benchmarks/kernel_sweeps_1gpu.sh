@@ -5,7 +5,8 @@
 #   moe        the decode MoE expert kernels against the cuBLAS grouped GEMM, one layer of SHAPE
 #              (default qwen3-30b-a3b) at MOE_BATCHES rows (default: the sweep's own list;
 #              e.g. MOE_BATCHES=1,4,16); the chosen table is written to $OUT/moe_table.json, then
-#              `epinfer bench` batch 1 and 64 (async) runs with it (EPINFER_MOE_CONFIGS)
+#              `epinfer bench` batch 1 and 64 (async) runs with it (EPINFER_MOE_CONFIGS); QUANT=fp8: the
+#              FP8 expert kernels' table
 #   gemv       decode-size projections: the small-rows Triton GEMM against cuBLAS (benchmarks/gemv_sweep.py)
 #   attention  decode attention split count and tiles per batch size (benchmarks/attention_sweep.py)
 #   prefill-attention  prompt-chunk attention tiles at a long-context step (benchmarks/prefill_attention_sweep.py)
@@ -26,10 +27,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 for mode in ${*:-moe gemv attention}; do case $mode in
 moe)
   step moe_sweep 300 python3 benchmarks/moe_kernel_sweep.py --shape "$SHAPE" ${MOE_BATCHES:+--batches $MOE_BATCHES} \
-    --out "$OUT/moe_table.json"
+    --out "$OUT/moe_table.json" ${QUANT:+--quant $QUANT}
   grep -v "^#" "$OUT/moe_sweep.log" | cut -c1-250
   EPINFER_MOE_CONFIGS=$OUT/moe_table.json bench moe_table_bench 150 --shape "$SHAPE" --batch 1 --batch 64 \
-    --input-len 1024 --output-len 32 --async-scheduling ;;
+    --input-len 1024 --output-len 32 --async-scheduling ${QUANT:+--quant $QUANT} ;;
 gemv)
   step gemv_sweep 150 python3 benchmarks/gemv_sweep.py
   grep -v "^#" "$OUT/gemv_sweep.log" | cut -c1-230 ;;

@@ -14,6 +14,10 @@ so sweep the decode sizes too (e.g. `--shape qwen3.5-35b-a3b --batches 1,2,4,8,6
 kernels take prefill and mixed steps too (no gathered copy of x, SiLU in registers) in place of
 cuBLAS's grouped GEMM.
 
+`--quant fp8`: FP8 expert weights with 128 x 128 block scales (the K step is the block's 128
+columns, so only BLOCK_N, stages and warps vary), against cuBLAS's bf16 grouped GEMM on the same
+weights dequantised; the table then holds "fp8_grouped" (the FP8 path's) and no per-pair entry.
+
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
 """
@@ -31,7 +35,7 @@ import triton.testing
 
 from epinfer.bench.single import shape_folder
 from epinfer.core.config import ModelConfig
-from epinfer.kernels import moe_triton
+from epinfer.kernels import fp8_gemm, moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
 TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (2, 3, 4), (2, 4, 8))
@@ -47,8 +51,11 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int]) -> dict:
-    """One batch size and mode: the best config and its layer time (ms) against the cuBLAS path."""
+def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
+          ref_ex: FusedExperts | None = None) -> dict:
+    """One batch size and mode: the best config and its layer time (ms) against the cuBLAS path
+    (`ref_ex`'s: FP8 `ex`'s weights dequantised to bf16)."""
+    ref_ex = ref_ex or ex
     E, _, D = ex.w13.shape
     x = torch.randn(T, D, dtype=torch.bfloat16, device="cuda")
     ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
@@ -56,7 +63,7 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int])
 
     def layer(cfg):
         plan = None if per_pair else permute_pairs(ids, 0, E)
-        return moe_triton.moe_grouped(x, ex.w13, ex.w2, w, ids, 0, True, plan, cfg)
+        return moe_triton.moe_grouped(x, ex.w13, ex.w2, w, ids, 0, True, plan, cfg, fp8=ex.fp8)
 
     def timed(cfg):
         try:
@@ -67,6 +74,8 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int])
 
     large = not per_pair and T * K / E > LARGE
     tiles, extra = (LARGE_TILES, {"y16": True}) if large else (TILES, {})
+    if ex.fp8 is not None:  # (the K step is the scale block's: one tile per BLOCK_K-free shape)
+        tiles = sorted({(bn, 128, st, wp) for bn, _, st, wp in tiles})
     best = None
     for bm in [16] if per_pair else [b for b in block_ms if b <= max(16, 2 * T * K / E)]:
         fixed = {"BLOCK_M": bm, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4), **extra}
@@ -77,11 +86,11 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int])
         if best is None or downs[bd] < best[0]:
             best = (downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd, **extra}, ups, downs)
     layer_ms, chosen, ups, downs = best
-    ref = ex._grouped(x, w, ids).float()
+    ref = ref_ex._grouped(x, w, ids).float()
     out = layer(chosen).float()
     return {"T": T, "mode": "per_pair" if per_pair else "grouped", "pairs_per_expert": T * K / E,
             "experts_used": int(torch.unique(ids).numel()), "config": chosen, "layer_ms": layer_ms,
-            "cublas_layer_ms": bench(lambda: ex._grouped(x, w, ids)),
+            "cublas_layer_ms": bench(lambda: ref_ex._grouped(x, w, ids)),
             "rel_err_vs_cublas": round(((out - ref).norm() / ref.norm()).item(), 5),
             "top_up": sorted((round(v, 4), k) for k, v in ups.items())[:3],
             "top_down": sorted((round(v, 4), k) for k, v in downs.items())[:3]}
@@ -93,6 +102,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,2,4,8,64,128,256,512")
     ap.add_argument("--block-m", default="16,32,64")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quant", choices=["fp8"], default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ModelConfig.from_dir(shape_folder(args.shape, 1, tmp))
@@ -103,14 +113,24 @@ def main() -> int:
         ex.w13.data.normal_(std=0.02)
         ex.w2.data.normal_(std=0.02)
     copy_tbs = 2 * ex.w13.numel() * 2 / bench(lambda: ex.w13.clone()) / 1e9
+    ref_ex, itemsize = None, 2
+    if args.quant == "fp8":
+        block = (128, 128)
+        ex.to_fp8(block)
+        with torch.device("cuda"):
+            ref_ex = FusedExperts(range(E), D, inter, E).to(torch.bfloat16)
+        for ref_w, w, s in ((ref_ex.w13, ex.w13, ex.fp8[0]), (ref_ex.w2, ex.w2, ex.fp8[1])):
+            ref_w.data.copy_(fp8_gemm.dequantize_blocks(w, s, block))
+        itemsize = 1
     grouped, per_pair = [], {**moe_triton.PER_PAIR, "max_pairs": 0}
     for T in [int(b) for b in args.batches.split(",")]:
         recs = {}
-        for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + [False]:
-            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")])
-            gb = rec["experts_used"] * 3 * D * inter * 2 / 1e9
-            rec.update(shape=args.shape, copy_tbs=round(copy_tbs, 3), layer_tbs=round(gb / rec["layer_ms"], 3),
-                       cublas_tbs=round(gb / rec["cublas_layer_ms"], 3))
+        for mode in ([True] if T * K <= PER_PAIR_LIMIT and not args.quant else []) + [False]:
+            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex)
+            gb = rec["experts_used"] * 3 * D * inter * itemsize / 1e9
+            rec.update(shape=args.shape, quant=args.quant, copy_tbs=round(copy_tbs, 3),
+                       layer_tbs=round(gb / rec["layer_ms"], 3),  # (of the weights' own bytes)
+                       cublas_tbs=round(gb * 2 / itemsize / rec["cublas_layer_ms"], 3))
             print(json.dumps(rec), flush=True)
             recs[rec["mode"]] = rec
         grouped.append((T * K / E, recs["grouped"]["config"]))
@@ -119,7 +139,7 @@ def main() -> int:
             per_pair = {**pp["config"], "max_pairs": T * K}
     limits = [(round((a[0] + b[0]) / 2, 2), a[1]) for a, b in zip(grouped, grouped[1:], strict=False)]
     limits.append((1e9, grouped[-1][1]))
-    table = {"per_pair": per_pair, "grouped": limits}
+    table = {"fp8_grouped": limits} if args.quant else {"per_pair": per_pair, "grouped": limits}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(table, f)

@@ -164,10 +164,12 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 
-def grouped_config(pairs: int, num_local: int) -> dict:
+def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
     """Tile sizes by batch (static per batch size: CUDA-graph safe): PER_PAIR up to its pair count,
-    else by the average pairs per expert. EPINFER_MOE_CONFIGS=file.json replaces the table (a
-    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...]})."""
+    else by the average pairs per expert; `fp8`: FP8 expert weights' table (`FP8_CONFIGS`, the bf16
+    one until a sweep fills it). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
+    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_grouped": [...]}, each key
+    optional)."""
     if "file" not in _LOADED:
         path = _LOADED["file"] = SWITCHES.moe_configs
         if path:
@@ -175,14 +177,17 @@ def grouped_config(pairs: int, num_local: int) -> dict:
                 table = json.load(f)
             if isinstance(table, list):  # the grouped table alone (sweeps before the per-pair mode)
                 table = {"per_pair": {}, "grouped": table}
-            PER_PAIR.update(table["per_pair"])
-            CONFIGS[:] = [(limit, cfg) for limit, cfg in table["grouped"]]
+            PER_PAIR.update(table.get("per_pair", {}))
+            for key, configs in (("grouped", CONFIGS), ("fp8_grouped", FP8_CONFIGS)):
+                if key in table:
+                    configs[:] = [(limit, cfg) for limit, cfg in table[key]]
     if pairs <= PER_PAIR["max_pairs"]:
         return PER_PAIR
-    for limit, cfg in CONFIGS:
+    table = FP8_CONFIGS if fp8 and FP8_CONFIGS else CONFIGS
+    for limit, cfg in table:
         if pairs / num_local <= limit:
             return cfg
-    return CONFIGS[-1][1]
+    return table[-1][1]
 
 
 def per_pair(pairs: int) -> bool:
@@ -205,6 +210,9 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
     (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
 ]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps); "y16": the pairs' outputs in x's dtype (summed
 # in float32 by the combine), half the bytes of float32 ones at prefill sizes
+# FP8 expert weights (BLOCK_K is the scale block's columns): empty, so the table above, until a sweep
+# (`benchmarks/moe_kernel_sweep.py --quant fp8`) gives one
+FP8_CONFIGS: list[tuple[float, dict]] = []
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
@@ -222,7 +230,7 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     n, two_i, _ = w13.shape
     inter = two_i // 2
     P = T * K
-    cfg = cfg or grouped_config(P, n)
+    cfg = cfg or grouped_config(P, n, fp8 is not None)
     weights_TK, ids_TK = (t if t.stride(1) == 1 else t.contiguous() for t in (weights_TK, ids_TK))
     if plan is None:
         order, offs, group_e, groups, shift = ids_TK, ids_TK, ids_TK, P, first  # (order, offs unused)
