@@ -87,8 +87,7 @@ def grouped(rows: int, experts: int = 256, top_k: int = 8, N: int = 1024, K: int
     try:
         q, qs = fp8_gemm.quantize_activations(x, 128, cublas=True)
         wq, ws = fp8_gemm.quantize_blocks(w, (128, 128))
-        pad = -ws.shape[-1] % 4
-        ws = F.pad(ws, (0, pad)).transpose(1, 2) if pad else ws.transpose(1, 2)
+        ws = fp8_gemm.cublas_weight_scales(ws)
 
         def run():
             return F.scaled_grouped_mm(q, wq.transpose(1, 2), qs, F.ScalingType.BlockWise1x128, ws,

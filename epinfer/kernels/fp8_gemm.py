@@ -184,16 +184,22 @@ def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) 
             and hopper(x_MK.device))
 
 
+def cublas_weight_scales(scale: torch.Tensor) -> torch.Tensor:
+    """A weight's block scales [..., N / 128, K / 128] as cuBLAS takes them: the K blocks padded to
+    a multiple of 4, the last two dims transposed (a view)."""
+    pad = -scale.shape[-1] % 4
+    s = scale.float()
+    return (F.pad(s, (0, pad)) if pad else s).transpose(-2, -1)
+
+
 def cublas_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """`fp8_linear` through cuBLAS (`cublas_mode`): the activations quantised by our kernel in
-    cuBLAS's layout, the weight's scales [N / 128, K / 128] padded to a multiple of 4 columns."""
+    cuBLAS's layout, the weight's scales in theirs (`cublas_weight_scales`)."""
     M = x_MK.shape[0]
     q, qs = quantize_activations(x_MK, 128, cublas=True)
-    pad = -scale.shape[1] % 4
-    w_scale = F.pad(scale.float(), (0, pad)) if pad else scale.float()
-    y = F.scaled_mm(q, w_NK.t(), qs, F.ScalingType.BlockWise1x128, w_scale.t(), F.ScalingType.BlockWise128x128,
-                    output_dtype=x_MK.dtype)[:M]
+    y = F.scaled_mm(q, w_NK.t(), qs, F.ScalingType.BlockWise1x128, cublas_weight_scales(scale),
+                    F.ScalingType.BlockWise128x128, output_dtype=x_MK.dtype)[:M]
     return y if bias is None else y + bias
 
 
