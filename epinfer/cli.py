@@ -360,7 +360,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
 
     if args.serve:
         from epinfer.bench.serve_workload import bench_serve_workload
-        from epinfer.engine.engine import auto_max_num_batched_tokens
+        from epinfer.engine.memory import auto_max_num_batched_tokens
 
         flags = ["--dtype", args.dtype, "--device", args.device, *(["--max-num-seqs", str(args.max_num_seqs)]
                                                                    if args.max_num_seqs else []),

@@ -53,6 +53,7 @@ def test_reference_decode_attention_matches_sdpa():
 def test_buckets():
     assert buckets_up_to(256)[:6] == [1, 2, 4, 8, 16, 32] and buckets_up_to(256)[-1] == 256
     assert buckets_up_to(3) == [1, 2, 3] and buckets_up_to(40)[-2:] == [32, 40]
+    assert buckets_up_to(512)[19:22] == [256, 288, 320] and len(buckets_up_to(832)) == 38  # by 32s past 256
 
 
 def run(folder, fast: bool, extra_rows: int = 0, poison: bool = False) -> list[list[int]]:

@@ -467,7 +467,7 @@ def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
     import dataclasses
 
     from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
-    from epinfer.engine.engine import activation_headroom, pieces_pool_bytes
+    from epinfer.engine.memory import activation_headroom, pieces_pool_bytes
 
     cfg = ModelConfig.from_dir(DEMO_MODEL)
     step = EngineConfig(model="x", max_num_batched_tokens=8192, cuda_graphs=True, piecewise_graphs=True,
@@ -574,3 +574,24 @@ def test_queued_stream_updates_merge_into_one_event():
         assert merged(failure, q) == (failure, None) and q.qsize() == 1  # an error is never merged into
 
     asyncio.run(run())
+
+
+def test_expandable_segments_only_where_asked_for(monkeypatch):
+    """The allocator's expandable segments: set for a single-process CUDA run, never on the CPU, in a
+    parallel run, with EPINFER_EXPANDABLE_SEGMENTS=0, or over the user's own PYTORCH_CUDA_ALLOC_CONF."""
+    from epinfer.distributed.parallel import ParallelContext
+    from epinfer.engine.memory import expandable_segments
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "EPINFER_EXPANDABLE_SEGMENTS"):
+        monkeypatch.delenv(var, raising=False)
+    cuda, single = torch.device("cuda"), ParallelContext()
+    assert not expandable_segments(torch.device("cpu"), single) and not calls
+    assert not expandable_segments(cuda, ParallelContext(groups=object())) and not calls
+    assert expandable_segments(cuda, single) and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("EPINFER_EXPANDABLE_SEGMENTS", "0")
+    assert not expandable_segments(cuda, single)
+    monkeypatch.delenv("EPINFER_EXPANDABLE_SEGMENTS")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert not expandable_segments(cuda, single) and len(calls) == 1

@@ -199,6 +199,15 @@ def allocator_counts(device: torch.device) -> dict[str, int] | None:
     return {"alloc_retries": stats.get("num_alloc_retries", 0), "device_allocs": stats.get("num_device_alloc", 0)}
 
 
+def cache_plan(engine) -> dict:
+    """What the memory plan gave the cache: KV tokens, GDN state slots and snapshots, GiB in all."""
+    layout, cache = engine.runner.layout, engine.runner.cache
+    held = sum(t.numel() * t.element_size() for pair in cache.per_layer for t in pair)
+    return {"kv_tokens": layout.capacity_tokens, "state_slots": layout.num_state_slots,
+            "snapshots": layout.num_snapshots, "gib": round(held / 2**30, 2),
+            "expandable_segments": engine.expandable_segments}
+
+
 def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
                    seed: int = 0, step_log: str | None = None) -> dict:
@@ -229,6 +238,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "prefix_caching": engine.scheduler.allocator.prefix_caching,
                   "graph_pieces": engine.runner.pieces is not None, "chunk_attention": SWITCHES.chunk_attention,
                   "max_num_seqs": engine.scheduler.max_num_seqs,
+                  "cache": cache_plan(engine),
                   "max_num_batched_tokens": engine.ecfg.max_num_batched_tokens,
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
                   # (full-budget) step is the prefill kernels' compilation and autotuning

@@ -20,6 +20,8 @@ whose environment differs is a one-line error instead of a hang.
                               (`kernels.fp8_gemm`; opt-in until measured on a GPU)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
                               off (prefill and mixed steps; A/B runs)
+  EPINFER_EXPANDABLE_SEGMENTS=0  the CUDA caching allocator's fixed-size segments in a single-process run
+                              (`engine.memory.expandable_segments`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
@@ -67,6 +69,10 @@ class Switches:
     @property
     def moe_triton(self) -> bool:
         return _on("EPINFER_MOE_TRITON", True)
+
+    @property
+    def expandable_segments(self) -> bool:
+        return _on("EPINFER_EXPANDABLE_SEGMENTS", True)
 
     @property
     def moe_triton_max(self) -> float:

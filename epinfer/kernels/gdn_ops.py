@@ -75,10 +75,10 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
 
 
 # (BV value columns a block, SPLIT programs a head, num_warps, EARLY state loads) by the state's
-# element size; H200, Qwen3.5 shape (32 value heads of 128 x 128), 512 rows
-# (`benchmarks/gdn_decode_sweep.py`): float32 566 µs (3.8 TB/s; 665 with the earlier 32-column
-# blocks), bf16 381 µs (2.8 TB/s; 592 before); the early loads not yet measured
-DECODE_CONFIGS = {4: (64, 2, 4, False), 2: (64, 2, 2, False)}
+# element size; H200, Qwen3.5 shape (32 value heads of 128 x 128), 200 / 512 / 1000 rows
+# (`benchmarks/gdn_decode_sweep.py`): float32 229 / 567 / 1103 µs (3.8 TB/s; early loads within 1 %
+# either way), bf16 with early loads 142 / 353 / 692 µs (3.0 TB/s; 152 / 383 / 746 without)
+DECODE_CONFIGS = {4: (64, 2, 4, False), 2: (64, 2, 2, True)}
 
 
 def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int, bool] | None = None):

@@ -338,13 +338,11 @@ class ModelRunner:
                 want_logits: bool = True, step_id: int = -1, graph: bool | None = None) -> torch.Tensor | None:
         """`graph`: the parallel step's decision (every rank replays its graph of `rows` rows, a
         dummy batch too); None in a single process, where the choice is local."""
-        for src, dst in plan.snapshots:
-            self.cache.copy_state(src, dst)
+        self.cache.copy_states(plan.snapshots)
+        self.cache.reset_slots(plan.reset_slots)
         for slot in plan.reset_slots:
-            self.cache.reset_slot(slot)
             self.host_tables.pop(slot, None)
-        for src, dst in plan.restores:
-            self.cache.copy_state(src, dst)
+        self.cache.copy_states(plan.restores)
         n = len(plan.items)
         if graph and self.graphs is not None:
             logits = self.graphs.run(self.decode_meta_host(plan, rows, allow_empty=True), n, plan.has_pending,
