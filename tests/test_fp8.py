@@ -191,3 +191,15 @@ def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch)
     assert moe_triton.grouped_config(pairs, 8, fp8=True) == fp8_cfg
     assert moe_triton.grouped_config(pairs, 8) == bf16  # the bf16 table kept: the file has none
     assert moe_triton.grouped_config(1, 8, fp8=True) is moe_triton.PER_PAIR  # a few pairs: per pair either way
+
+
+def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
+    """cuBLAS's block-scaled FP8 GEMM (EPINFER_FP8_CUBLAS=1) only for 256 rows or more and weights of
+    2048 x 2048 or wider, in whole 128 blocks: on an H200 it lost to the Triton kernel on the shared
+    expert's 1024 x 2048 and 2048 x 512 projections."""
+    from epinfer.kernels.fp8_gemm import cublas_shape
+
+    assert cublas_shape(16384, 12288, 2048) and cublas_shape(256, 2048, 4096)
+    assert not cublas_shape(255, 12288, 2048)  # decode sizes: the Triton kernel
+    assert not cublas_shape(16384, 1024, 2048) and not cublas_shape(16384, 2048, 512)
+    assert not cublas_shape(16384, 2048 + 64, 2048)  # a partial block

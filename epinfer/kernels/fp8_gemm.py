@@ -22,7 +22,8 @@ its block scales, and multiplies the unquantised activations in wide K steps (`w
 FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is the widened
 weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
 
-At prefill sizes (`CUBLAS_ROWS` rows or more, EPINFER_FP8_CUBLAS=1, Hopper, 128 x 128 blocks) the
+At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, EPINFER_FP8_CUBLAS=1,
+Hopper, 128 x 128 blocks) the
 same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead (`F.scaled_mm` with 1 x 128
 activation and 128 x 128 weight scales, the arithmetic above): its scales column-major, rows padded
 to a multiple of 4, the weight's scale columns to a multiple of 4 (cuBLAS's layout).
@@ -167,6 +168,15 @@ def quantize_activations(x_MK: torch.Tensor, group: int,
 
 
 CUBLAS_ROWS = 256  # the fewest rows the cuBLAS path takes
+# the narrowest weight it takes, both ways: at 16384 rows on an H200 cuBLAS ran the Qwen3.5 shape's
+# projections of 2048 x 4096 and wider 1.3-1.45x faster than bf16 and 1.8-1.9x faster than the Triton
+# kernel, but the shared expert's 1024 x 2048 and 2048 x 512 slower than both (RESULTS.md, kernel sweeps)
+CUBLAS_MIN_NK = 2048
+
+
+def cublas_shape(M: int, N: int, K: int) -> bool:
+    """Whether an [M, K] x [N, K]^T FP8 GEMM is one cuBLAS's block-scaled kernel runs faster."""
+    return M >= CUBLAS_ROWS and N >= CUBLAS_MIN_NK and K >= CUBLAS_MIN_NK and N % 128 == 0 and K % 128 == 0
 
 
 @functools.cache
@@ -177,11 +187,10 @@ def hopper(device: torch.device) -> bool:
 
 
 def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
-    """cuBLAS's block-scaled FP8 GEMM for this input: EPINFER_FP8_CUBLAS=1, `CUBLAS_ROWS` rows or
-    more, 128 x 128 blocks that tile the weight, a Hopper GPU and a torch with `F.scaled_mm`."""
-    return (SWITCHES.fp8_cublas and x_MK.shape[0] >= CUBLAS_ROWS and tuple(block) == (128, 128)
-            and x_MK.shape[1] % 128 == 0 and w_NK.shape[0] % 128 == 0 and hasattr(F, "scaled_mm")
-            and hopper(x_MK.device))
+    """cuBLAS's block-scaled FP8 GEMM for this input: EPINFER_FP8_CUBLAS=1, a shape it runs faster
+    (`cublas_shape`), 128 x 128 blocks, a Hopper GPU and a torch with `F.scaled_mm`."""
+    return (SWITCHES.fp8_cublas and cublas_shape(x_MK.shape[0], w_NK.shape[0], x_MK.shape[1])
+            and tuple(block) == (128, 128) and hasattr(F, "scaled_mm") and hopper(x_MK.device))
 
 
 def cublas_weight_scales(scale: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,8 @@ def test_fp8_linear_kernel(M, N, K, block):
 def test_fp8_linear_cublas(M, N, K, monkeypatch):
     """EPINFER_FP8_CUBLAS=1: prefill-size inputs through cuBLAS's block-scaled GEMM (rows padded to
     a multiple of 4, K / 128 scale columns not a multiple of 4 in the last case), against the same
-    quantisation in torch; asserts the path was taken."""
+    quantisation in torch; asserts the path was taken (every width here: the narrow ones too, which
+    by default stay on the Triton kernel)."""
     import torch.nn.functional as F
 
     from epinfer.kernels import fp8_gemm
@@ -79,6 +80,7 @@ def test_fp8_linear_cublas(M, N, K, monkeypatch):
     if not fp8_gemm.hopper(torch.device("cuda", torch.cuda.current_device())):
         pytest.skip("cuBLAS's block-scaled FP8 GEMM needs a Hopper GPU and CUDA 12.9 or later")
     monkeypatch.setenv("EPINFER_FP8_CUBLAS", "1")
+    monkeypatch.setattr(fp8_gemm, "CUBLAS_MIN_NK", 128)
     taken, original = [], fp8_gemm.cublas_linear
     monkeypatch.setattr(fp8_gemm, "cublas_linear", lambda *a, **k: taken.append(1) or original(*a, **k))
     for representable in (True, False):
