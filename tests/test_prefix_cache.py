@@ -189,3 +189,44 @@ def test_a_small_cache_holds_a_request_of_the_max_model_length(ckpt_dir):
     prompt = [(i * 13) % 250 + 1 for i in range(llm.engine.max_model_len - 1)]
     out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 1  # the length allows one generated token
+
+
+def test_more_snapshots_in_one_step_than_rows(ckpt_dir):
+    """Three prompts reach their snapshot point in the same step with one snapshot row: the later
+    ones evict the earlier, the row is written three times in one step (the last one kept, as the
+    cache records), and tokens stay those of a run without the cache."""
+    path = str(ckpt_dir("qwen3_5_moe"))
+    ps = [[(c * 31 + i * 7) % 250 + 1 for i in range(33)] for c in range(3)]  # snapshots at 32 tokens
+    llm = LLM(path, dtype="float32", device="cpu", max_num_seqs=4, prefix_state_snapshots=1)
+    off = LLM(path, dtype="float32", device="cpu", max_num_seqs=4, enable_prefix_caching=False)
+    want = [o.token_ids for o in off.generate(ps, GREEDY)]
+    assert [o.token_ids for o in llm.generate(ps, GREEDY)] == want
+    assert llm.engine.scheduler.allocator.stats()["snapshot_evictions"] >= 2
+    hits = llm.engine.scheduler.allocator.hit_tokens
+    assert [o.token_ids for o in llm.generate(ps[2:], GREEDY)] == want[2:]  # the row kept is the third's
+    assert llm.engine.scheduler.allocator.hit_tokens == hits + 32  # restored from it
+
+
+def check_hybrid_reuse(path: str, device: str, snapshots: int = 0, **kw) -> dict:
+    """Hybrid prefix caching against the same engine without it and against transformers: three
+    snapshots taken in the same steps, then two prompts restored from one row in the same step and
+    two more from branch points; `snapshots`: the rows kept (0: the default). Returns the cache stats."""
+    system = BASE[:48]
+    first = [system + [5] * 30, system + [6] * 20, BASE[:70]]
+    then = [system + [7] * 9, system + [8] * 17, BASE[:70] + [9] * 3, BASE[:70] + [10] * 5]
+    kw = {"dtype": "float32", "device": device, "max_num_seqs": 8, **kw}
+    want = [o.token_ids for o in LLM(path, enable_prefix_caching=False, **kw).generate(first + then, GREEDY)]
+    llm = LLM(path, prefix_state_snapshots=snapshots, **kw)
+    got = [o.token_ids for o in llm.generate(first, GREEDY)] + [o.token_ids for o in llm.generate(then, GREEDY)]
+    assert got == want
+    for prompt, tokens in zip(first + then, got, strict=True):
+        assert tokens == hf_generate(path, prompt, 8)[0]
+    return llm.engine.scheduler.allocator.stats()
+
+
+@pytest.mark.parametrize("snapshots", [0, 1])
+def test_hybrid_reuse_of_one_row_by_two(snapshots, ckpt_dir):
+    stats = check_hybrid_reuse(str(ckpt_dir("qwen3_5_moe")), "cpu", snapshots)
+    assert stats["prefix_cache_hits"] >= (128 if snapshots == 0 else 0), stats
+    assert snapshots == 0 or stats["snapshot_evictions"] > 0, stats
+

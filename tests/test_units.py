@@ -580,18 +580,29 @@ def test_expandable_segments_only_where_asked_for(monkeypatch):
     """The allocator's expandable segments: set for a single-process CUDA run, never on the CPU, in a
     parallel run, with EPINFER_EXPANDABLE_SEGMENTS=0, or over the user's own PYTORCH_CUDA_ALLOC_CONF."""
     from epinfer.distributed.parallel import ParallelContext
+    from epinfer.engine import memory
     from epinfer.engine.memory import expandable_segments
 
     calls = []
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(memory, "allocator_settings", calls.append)
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "EPINFER_EXPANDABLE_SEGMENTS"):
         monkeypatch.delenv(var, raising=False)
     cuda, single = torch.device("cuda"), ParallelContext()
     assert not expandable_segments(torch.device("cpu"), single) and not calls
     assert not expandable_segments(cuda, ParallelContext(groups=object())) and not calls
     assert expandable_segments(cuda, single) and calls == ["expandable_segments:True"]
-    monkeypatch.setenv("EPINFER_EXPANDABLE_SEGMENTS", "0")
-    assert not expandable_segments(cuda, single)
+    monkeypatch.setenv("EPINFER_EXPANDABLE_SEGMENTS", "0")  # an earlier engine's setting undone
+    assert not expandable_segments(cuda, single) and calls[-1] == "expandable_segments:False"
     monkeypatch.delenv("EPINFER_EXPANDABLE_SEGMENTS")
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
-    assert not expandable_segments(cuda, single) and len(calls) == 1
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(var, "max_split_size_mb:512")
+        assert not expandable_segments(cuda, single) and len(calls) == 2
+        monkeypatch.delenv(var)
+
+
+def test_allocator_settings_reach_torch():
+    """The setter `expandable_segments` calls exists in this torch and takes the setting (checked
+    with the default value, on a CPU build too)."""
+    from epinfer.engine.memory import allocator_settings
+
+    allocator_settings("expandable_segments:False")  # the default

@@ -132,8 +132,15 @@ def expandable_segments(device: torch.device, ctx) -> bool:
     of the whole GPU; with these segments, 928 running, 120.6 GiB for 117.8 (RESULTS.md, end-to-end
     workloads). Parallel runs keep the default allocator: NCCL and symmetric memory with these
     segments are not yet measured."""
-    if (device.type != "cuda" or ctx.groups is not None or not SWITCHES.expandable_segments
+    if (device.type != "cuda" or ctx.groups is not None
             or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
         return False
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    return True
+    on = SWITCHES.expandable_segments  # set either way: the setting is the process's, an earlier engine's stays
+    allocator_settings(f"expandable_segments:{on}")
+    return on
+
+
+def allocator_settings(text: str) -> None:
+    """The caching allocator's settings from now on (PYTORCH_CUDA_ALLOC_CONF's syntax)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch 2.13 deprecates the other
+    (setter or torch.cuda.memory._set_allocator_settings)(text)

@@ -88,14 +88,16 @@ class CacheTensors:
         return [t for i in self.gdn_layers for t in self.per_layer[i]]
 
     def copy_states(self, pairs: list[tuple[int, int]]) -> None:
-        """State rows `src` (conv and recurrent, every GDN layer) into rows `dst`, for each pair
-        (snapshots taken or restored); the destinations distinct, none of them a source. One gather
-        and one scatter a tensor for all the pairs: a step of the throughput profile takes about 16
-        snapshots, 60 tensors each."""
+        """State rows `src` (conv and recurrent, every GDN layer) into rows `dst`, for each pair in
+        order (snapshots taken or restored), as one gather and one scatter a tensor: a step of the
+        throughput profile takes about 16 snapshots, 60 tensors each. A row written twice keeps the
+        later pair's (a step that takes more snapshots than there are rows evicts its own earlier
+        ones); no destination may be another pair's source."""
         if not pairs or not self.gdn_layers:
             return
-        srcs, dsts = zip(*pairs, strict=True)
-        assert len(set(dsts)) == len(dsts) and not set(dsts) & set(srcs), f"overlapping state copies {pairs}"
+        last = {dst: src for src, dst in pairs}
+        srcs, dsts = tuple(last.values()), tuple(last)
+        assert not set(dsts) & set(srcs), f"a state copy's destination is another's source: {pairs}"
         src, dst = self._rows(srcs), self._rows(dsts)
         for t in self.state_tensors():
             t.index_copy_(0, dst, t.index_select(0, src))
