@@ -1,7 +1,8 @@
 """Where a mixed step's time goes (prompt chunks riding with running decodes, the steps that carry
 most of the end-to-end workloads): `--running` sequences are prefilled and left decoding, then
 prompts of `--len` tokens fill each step up to `--budget` rows. Two mixed steps are timed as the
-engine runs them (graph pieces where they are on), then one is profiled eagerly: device-busy time,
+engine runs them (graph pieces where they are on; host planning, host queueing and the stream's
+time apart, so a host-bound step shows), then one is profiled eagerly: device-busy time,
 time per model part and the top kernels. The defaults are the throughput profile's steps on an H200
 (Qwen3.5-35B-A3B shape, 16384 rows, ≈ 480 of them decodes).
 
@@ -49,15 +50,32 @@ def main() -> int:
         while any(not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()  # prefill the running set (and compile what the mixed steps need)
 
-        def mixed_step() -> tuple[int, int, float]:
+        cuda = engine.device.type == "cuda"
+
+        def mixed_step() -> dict:
+            """One mixed step as the engine runs it, timed by phase: the host's planning, the host
+            until `execute` returns (every launch queued), the stream from the first launch to the
+            last kernel's end (CUDA events: idle gaps between launches count), and the wall time.
+            A stream time near the queueing time and well above the profiled device time below
+            means the host's launches, not the GPU, set the step's pace."""
             sync()
             t = time.perf_counter()
             scheduled, plan = engine.plan_step()
+            planned = time.perf_counter()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             logits = engine.runner.execute(plan)
+            queued = time.perf_counter()
+            if cuda:
+                end.record()
             sync()
             wall = time.perf_counter() - t
             engine.apply(scheduled, logits)
-            return sum(len(w.tokens) for w in plan.items), sum(len(w.tokens) == 1 for w in plan.items), wall
+            return {"rows": sum(len(w.tokens) for w in plan.items),
+                    "decode_rows": sum(len(w.tokens) == 1 for w in plan.items), "wall_ms": round(wall * 1e3, 2),
+                    "plan_ms": round((planned - t) * 1e3, 2), "queue_ms": round((queued - planned) * 1e3, 2),
+                    "stream_ms": round(start.elapsed_time(end), 2) if cuda else None}
 
         submit_random(engine, 6 * prompts_a_step, prompts_a_step, args.len, 8, seed=1)
         timed = [mixed_step() for _ in range(2)]
@@ -75,7 +93,7 @@ def main() -> int:
                "weights": "fp8" if fp8 else args.dtype,
                "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                "graph_pieces": pieces is not None,
-               "timed_steps": [{"rows": r, "decode_rows": d, "wall_ms": round(w * 1e3, 2)} for r, d, w in timed],
+               "timed_steps": timed,
                "profiled_device_busy_ms": round(_kernel_time(prof) / 1e3, 2),
                "parts_ms": {k: round(v / 1e3, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
                "top_kernels": top_kernels(prof, 1, 25), "top_kernels_by_part": top_kernels_by_part(prof, 1, 40)}
