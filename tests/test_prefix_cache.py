@@ -230,3 +230,60 @@ def check_hybrid_reuse(path: str, device: str, snapshots: int = 0, **kw) -> None
 @pytest.mark.parametrize("snapshots", [0, 1])
 def test_hybrid_reuse_of_one_row_by_two(snapshots, ckpt_dir):
     check_hybrid_reuse(str(ckpt_dir("qwen3_5_moe")), "cpu", snapshots)
+
+
+def test_hybrid_snapshots_captured_inside_chunks(ckpt_dir, monkeypatch):
+    """A snapshot point inside a prompt chunk: the state is captured there (at the last block
+    boundary at or before it that lies a multiple of 64 rows into the chunk) instead of the chunk
+    being cut, so a prompt still prefills in one step; a repeat and prompts branching off restore
+    from the captures. Tokens identical to the engine without the cache, to the one that cuts
+    (EPINFER_STATE_CAPTURE=0), and to transformers."""
+    path = str(ckpt_dir("qwen3_5_moe"))
+    gen = random.Random(5)
+    long = [gen.randrange(1, 250) for _ in range(200)]
+    order = [long, list(long), long[:150] + [7] * 30, long[:150] + [8] * 40, long[:100] + [9] * 5]
+    off = LLM(path, dtype="float32", device="cpu", enable_prefix_caching=False)
+    want = [o.token_ids for o in off.generate(order, GREEDY)]
+
+    def run(llm: LLM) -> tuple[list[int], list[int]]:
+        alloc, hits, steps, calls = llm.engine.scheduler.allocator, [], [], []
+        step = llm.engine.step
+        llm.engine.step = lambda: calls.append(1) or step()
+        for prompt, tokens in zip(order, want, strict=True):
+            before, first = alloc.hit_tokens, len(calls)
+            assert llm.generate([prompt], GREEDY)[0].token_ids == tokens
+            hits.append(alloc.hit_tokens - before)
+            steps.append(len(calls) - first)
+        return hits, steps
+
+    captured = LLM(path, dtype="float32", device="cpu")
+    hits, steps = run(captured)
+    # 192 = the repeat's last reusable block (12 of 16 tokens); 128: the branch point (144) moved back
+    # to 2 x 64 rows; the fourth prompt starts at 128, off the 64-row grid of its points: it cuts
+    assert hits == [0, 192, 0, 128, 0], hits
+    assert captured.engine.scheduler.allocator.stats()["snapshot_captures"] == 3
+    assert steps[0] == steps[2] == steps[4] == 8, steps  # prefilled in one step: first token at once
+    monkeypatch.setenv("EPINFER_STATE_CAPTURE", "0")
+    cut = LLM(path, dtype="float32", device="cpu")
+    cut_hits, cut_steps = run(cut)
+    assert cut.engine.scheduler.allocator.stats()["snapshot_captures"] == 0
+    assert cut_hits[1] == 192 and cut_steps[0] == 9, (cut_hits, cut_steps)  # the cut costs a step
+    for prompt, tokens in zip(order, want, strict=True):
+        assert tokens == hf_generate(path, prompt, 8)[0]
+
+
+def test_reserved_snapshots_wait_for_their_step():
+    """A snapshot reserved for a state the step in flight captures is not found before `ready`, and
+    no other reservation evicts it meanwhile (two would write one row in one forward)."""
+    alloc = CacheAllocator(CacheLayout(4, 8, 2, num_snapshots=2), prefix_caching=True)
+    hashes = block_hashes(list(range(12)), 4)
+    for b, h in zip(alloc.allocate(12)[0], hashes, strict=True):
+        alloc.register(b, h)
+    first = alloc.reserve_snapshot(hashes[0])
+    assert alloc.with_state(hashes, 3) == (0, None)  # written by the step in flight: not yet
+    alloc.ready(hashes[0])
+    assert alloc.with_state(hashes, 3) == (1, first)
+    second, third = alloc.reserve_snapshot(hashes[1]), alloc.reserve_snapshot(hashes[2])
+    assert third == first and alloc.snapshot_evictions == 1  # the ready one goes, the reserved one stays
+    assert alloc.reserve_snapshot(99) is None  # every row reserved: the caller cuts its chunk instead
+    assert second != third and alloc.with_state(hashes, 3) == (0, None)

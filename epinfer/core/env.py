@@ -20,6 +20,8 @@ whose environment differs is a one-line error instead of a hang.
                               block-scaled GEMM (`kernels.fp8_gemm`; opt-in until measured end to end)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
                               off (prefill and mixed steps; A/B runs)
+  EPINFER_STATE_CAPTURE=0     prefix caching in hybrid models cuts a prompt chunk at each GDN state snapshot
+                              instead of capturing the state inside the chunk (`engine.scheduler`; A/B runs)
   EPINFER_EXPANDABLE_SEGMENTS=0  the CUDA caching allocator's fixed-size segments in a single-process run
                               (`engine.memory.expandable_segments`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
@@ -107,6 +109,10 @@ class Switches:
         an H200, in the same call (RESULTS.md, end-to-end workloads); EPINFER_MIXED_STEP_KERNELS=0
         for an A/B run."""
         return _on("EPINFER_MIXED_STEP_KERNELS", True)
+
+    @property
+    def state_capture(self) -> bool:
+        return _on("EPINFER_STATE_CAPTURE", True)
 
     @property
     def fp8_decode_w16(self) -> bool:

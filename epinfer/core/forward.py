@@ -49,6 +49,7 @@ class SeqSlice:
     context_len: int  # tokens of this sequence already in the cache before this step
     state_slot: int  # index into per-sequence state (GDN conv/recurrent state)
     block_ids: torch.Tensor  # KV cache blocks of this sequence (device, int32; a row of the block table)
+    captures: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (rows in, GDN state row)
 
     @property
     def total_len(self) -> int:
@@ -77,6 +78,8 @@ class PrefillMeta:
     rows: slice | torch.Tensor  # their rows in the batch (a slice when contiguous)
     state_slots: torch.Tensor  # [N] long
     fresh: torch.Tensor  # [N] bool: starts at position 0 (zero GDN state whatever the slot holds)
+    # GDN states to capture inside the chunks (prefix caching): (sequence, rows into it, state row)
+    captures: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     memo: dict = dataclasses.field(default_factory=dict)  # per-step index tensors a layer derives once
 
 
@@ -129,5 +132,6 @@ class ForwardBatch:
             rows = [r for s in pre for r in range(s.start, s.start + s.num_new)] if not contiguous else []
             slots, fresh, packed = aligned_device_rows(
                 [[s.state_slot for s in pre], [int(s.context_len == 0) for s in pre], rows], device)
-            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else packed, slots, fresh.bool())
+            self.prefill = PrefillMeta(chunks, lens, slice(first, end) if contiguous else packed, slots, fresh.bool(),
+                                       [(j, r, row) for j, s in enumerate(pre) for r, row in s.captures])
         return self

@@ -15,7 +15,10 @@ keyed by the chain hash of the block ending there and evicted least recently use
 reuses the longest cached prefix that ends at a snapshot; it takes new snapshots where its prefill
 passes the end of the cached KV prefix it found (where it branches off earlier prompts: the next
 request with that prefix finds the state there) and at its last reusable block (for a later turn
-of the same chat). Snapshots are copied, never shared, so they need no reference counts. A snapshot
+of the same chat). Where the runner can capture a state inside a prompt chunk (`Scheduler`), a
+snapshot's row is reserved when the chunk is planned and written by that step's forward; it is found
+by later requests only once the step is computed (`ready`), and no other reservation evicts it
+meanwhile. Snapshots are copied, never shared, so they need no reference counts. A snapshot
 that a request took or started from and then passed with a later one of its own is evicted before
 any other, unless a second request started from it (a shared branch point): so a pool about the
 size of the chats in flight holds each chat's latest turn.
@@ -63,11 +66,13 @@ class CacheAllocator:
         self.restores: dict[int, int] = {}  # chain hash -> requests that started from that snapshot
         # restored by one request only, which then snapshot further along (a chat's earlier turn): evicted first
         self.superseded: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.unready: set[int] = set()  # reserved for a state the step in flight captures
         self.reset_counters()
 
     def reset_counters(self) -> None:
         """The metrics back to zero (prompt tokens looked up and found, evictions)."""
         self.snapshot_evictions = 0
+        self.snapshot_captures = 0  # snapshots taken inside a prompt chunk (no cut there)
         self.queried_tokens = 0  # prompt tokens looked up, and found (metrics)
         self.hit_tokens = 0
         self.evictions = 0
@@ -86,7 +91,7 @@ class CacheAllocator:
         (k = 0 and None when none is)."""
         for k in range(kv_blocks, 0, -1):
             index = self.snapshots.get(hashes[k - 1])
-            if index is not None:
+            if index is not None and hashes[k - 1] not in self.unready:
                 self.snapshots.move_to_end(hashes[k - 1])
                 return k, index
         return 0, None
@@ -109,15 +114,38 @@ class CacheAllocator:
         if chain_hash in self.snapshots:
             self.snapshots.move_to_end(chain_hash)
             return None
-        if self.free_snapshots:
-            index = self.free_snapshots.pop()
-        else:
-            victim = next(iter(self.superseded)) if self.superseded else next(iter(self.snapshots))
-            index = self.snapshots.pop(victim)
-            self.superseded.pop(victim, None)
-            self.restores.pop(victim, None)
-            self.snapshot_evictions += 1
+        index = self._snapshot_row(spare_unready=False)
         self.snapshots[chain_hash] = index
+        return index
+
+    def reserve_snapshot(self, chain_hash: int) -> int | None:
+        """A snapshot index for the state after the block `chain_hash` names, captured by the coming
+        step's forward (`chain_hash` not kept yet); found by requests once `ready`. None when every
+        index is reserved so (the caller cuts its chunk there instead)."""
+        assert chain_hash not in self.snapshots
+        if not self.free_snapshots and len(self.unready) >= len(self.snapshots):
+            return None
+        self.snapshots[chain_hash] = self._snapshot_row(spare_unready=True)
+        self.unready.add(chain_hash)
+        self.snapshot_captures += 1
+        return self.snapshots[chain_hash]
+
+    def ready(self, chain_hash: int) -> None:
+        """The step that captured `chain_hash`'s state is computed: later requests may restore it."""
+        self.unready.discard(chain_hash)
+
+    def _snapshot_row(self, spare_unready: bool) -> int:
+        """A free snapshot index, else one evicted: a superseded snapshot first, then the least
+        recently used (with `spare_unready`, never one a step in flight is writing)."""
+        if self.free_snapshots:
+            return self.free_snapshots.pop()
+        candidates = itertools.chain(self.superseded, self.snapshots)
+        victim = next(h for h in candidates if not (spare_unready and h in self.unready))
+        index = self.snapshots.pop(victim)
+        self.superseded.pop(victim, None)
+        self.restores.pop(victim, None)
+        self.unready.discard(victim)
+        self.snapshot_evictions += 1
         return index
 
     def can_allocate(self, num_tokens: int, prefix: list[int] = ()) -> bool:
@@ -176,10 +204,12 @@ class CacheAllocator:
         self.snapshots.clear()
         self.restores.clear()
         self.superseded.clear()
+        self.unready.clear()
         return len(dropped)
 
     def stats(self) -> dict:
         return {"prefix_cache_queries": self.queried_tokens, "prefix_cache_hits": self.hit_tokens,
                 "cached_blocks": len(self.cached), "evictions": self.evictions,
                 "state_snapshots": len(self.snapshots), "snapshot_evictions": self.snapshot_evictions,
+                "snapshot_captures": self.snapshot_captures,
                 "free_blocks": len(self.free_blocks) + len(self.evictable)}

@@ -28,6 +28,8 @@ from epinfer.engine.memory import (
 )
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.kernels import paged_attention
+from epinfer.kernels.gdn_ops import CHUNK
+from epinfer.kernels.gdn_prefill import capture_exact
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
 from epinfer.runner.model_runner import ModelRunner, build_model, pieces_allowed
 from epinfer.runner.sampler import nonfinite_rows, sample_tokens
@@ -198,8 +200,10 @@ class Engine:
         self.startup = {"weights": round(built - started, 2), "cache": round(planned - built, 2),
                         "graphs": round(captured - planned, 2), "pieces": round(time.perf_counter() - captured, 2)}
         # prefix caching reuses KV blocks, and in a hybrid model the GDN state snapshot at the reuse point
+        # (captured inside a prompt chunk where the GDN kernels give it exactly: `kernels.gdn_prefill`)
+        exact = capture_exact(torch.empty(0, dtype=self.dtype, device=self.device), layout.state_dtype)
         self.scheduler = Scheduler(CacheAllocator(layout, ecfg.enable_prefix_caching), ecfg.max_num_seqs,
-                                   ecfg.max_num_batched_tokens)
+                                   ecfg.max_num_batched_tokens, CHUNK if exact and SWITCHES.state_capture else 0)
         self.num_requests = 0
         self.pending_resets: list[int] = []
         self.inflight: collections.deque = collections.deque()  # launched steps not yet resolved
@@ -294,8 +298,11 @@ class Engine:
             if seq.pending:
                 items.append(SeqWork([PENDING], start, seq.state_slot, item.samples, prev_row=seq.pending_row))
             else:
+                captures = [(blocks * layout.block_size - start, layout.snapshot_row(index))
+                            for blocks, index in seq.capturing if index is not None]
                 items.append(SeqWork(seq.token_slice(start, start + item.num_new), start, seq.state_slot,
-                                     item.samples, None if seq.blocks_sent else list(seq.block_ids)))
+                                     item.samples, None if seq.blocks_sent else list(seq.block_ids),
+                                     captures=captures))
                 seq.blocks_sent = True
         if not items:  # nothing runs (the caller may drop this plan): resets and snapshots wait for one that does
             return scheduled, StepPlan([], [], self.has_work(), self.last_sampled)

@@ -49,6 +49,9 @@ class Sequence:
     snapshot_at: list[int] = dataclasses.field(default_factory=list)
     restore: int = -1
     last_snapshot: int | None = None
+    # snapshots the chunk in flight captures inside itself: (block count, snapshot index, or None
+    # when that state is kept already)
+    capturing: list[tuple[int, int | None]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +78,17 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, allocator: CacheAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    """`capture_rows` (hybrid models with prefix caching): the runner can capture a sequence's state
+    this many rows (or a multiple) into a prompt chunk, so a snapshot point inside a chunk does not
+    cut it (a cut chunk's tail waits for the next step, and so does the request's first token): the
+    point moves back to the nearest such block boundary. 0: every snapshot point ends a chunk."""
+
+    def __init__(self, allocator: CacheAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 capture_rows: int = 0):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.capture_rows = capture_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.snapshots: list[tuple[int, int]] = []  # (state slot, snapshot index) taken, not yet planned
@@ -130,12 +140,35 @@ class Scheduler:
         return plan
 
     def _chunk(self, seq: Sequence, n: int) -> int:
-        """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot."""
-        bs = self.allocator.layout.block_size
-        for blocks in seq.snapshot_at:
-            if seq.num_computed < blocks * bs < seq.num_computed + n:
-                return blocks * bs - seq.num_computed
+        """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot
+        (unless the runner captures it inside the chunk). A chunk cut short by the budget before a
+        snapshot point ends a whole number of capture rows in, so the next one can capture."""
+        bs, start = self.allocator.layout.block_size, seq.num_computed
+        if self.capture_rows and seq.snapshot_at and n < len(seq.prompt_ids) - start and n > self.capture_rows:
+            n -= n % self.capture_rows
+        while seq.snapshot_at and seq.snapshot_at[0] * bs < start + n:
+            if not self._capture(seq, seq.snapshot_at[0]):
+                return seq.snapshot_at[0] * bs - start
+            seq.snapshot_at.pop(0)
         return n
+
+    def _capture(self, seq: Sequence, blocks: int) -> bool:
+        """Plans the capture of `seq`'s state inside its coming chunk at the last block boundary at
+        or before `blocks` that lies a whole number of capture rows into the chunk; False when there
+        is none or no snapshot index is free of other captures in flight."""
+        bs, start, rows = self.allocator.layout.block_size, seq.num_computed, self.capture_rows
+        at = next((b for b in range(blocks, start // bs, -1) if rows and (b * bs - start) % rows == 0), 0)
+        if at * bs <= start:
+            return False
+        chain_hash = seq.block_hashes[at - 1]
+        if chain_hash in self.allocator.snapshots:  # kept already (or captured by another this step)
+            seq.capturing.append((at, None))
+            return True
+        index = self.allocator.reserve_snapshot(chain_hash)
+        if index is None:
+            return False
+        seq.capturing.append((at, index))
+        return True
 
     def computed(self, seq: Sequence) -> None:
         """After a step: registers the prompt blocks `seq` has now filled, for later requests, and
@@ -145,6 +178,13 @@ class Scheduler:
         while seq.registered < min(full, len(seq.block_hashes)):
             self.allocator.register(seq.block_ids[seq.registered], seq.block_hashes[seq.registered])
             seq.registered += 1
+        for blocks, index in seq.capturing:  # captured by this step's forward
+            if index is not None:
+                self.allocator.ready(seq.block_hashes[blocks - 1])
+            if seq.last_snapshot is not None:
+                self.allocator.supersede(seq.last_snapshot)
+            seq.last_snapshot = seq.block_hashes[blocks - 1]
+        seq.capturing = []
         while seq.snapshot_at and seq.snapshot_at[0] * bs <= seq.num_computed:
             blocks = seq.snapshot_at.pop(0)
             if blocks * bs == seq.num_computed:

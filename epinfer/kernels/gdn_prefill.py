@@ -5,10 +5,13 @@ sequence continuing from its conv state (zeros for a fresh one), and the new con
 gather per tap over the packed rows: no per-sequence work.
 
 `chunk_rule_varlen`: the chunked gated delta rule over the packed rows, each sequence from its
-own initial state, returning the outputs and the final states. On CUDA with the field's Triton
-library (`fla-core`, an optional GPU dependency; `EPINFER_FLA=0` turns it off) it is that
-library's varlen kernel; elsewhere the torch form below, with all sequences batched: each is
-padded to whole chunks and the chunk loop runs once for all of them. The single-sequence
+own initial state, returning the outputs and the final states, and on request the state of a
+sequence after a whole number of chunks into its rows (`capture`: prefix caching snapshots a state
+inside a chunk without cutting it there). On CUDA with the field's Triton library (`fla-core`, an
+optional GPU dependency; `EPINFER_FLA=0` turns it off) it is that library's varlen kernel (its
+stages called one by one when states are captured: the per-chunk states are an intermediate it
+does not return); elsewhere the torch form below, with all sequences batched: each is padded to
+whole chunks and the chunk loop runs once for all of them. The single-sequence
 `gdn_ops.chunk_gated_delta_rule` is its one-sequence case.
 
 Shape suffixes: P packed rows, N sequences, C channels, H value heads, K key dim, V value dim.
@@ -34,6 +37,15 @@ try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test e
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
 except Exception:  # pragma: no cover - ImportError, or a Triton / driver mismatch at import
     _fla_chunk = None
+try:  # the stages of that kernel (fla-core 0.6's layout), for the per-chunk states
+    from fla.modules.norm.l2norm import l2norm_fwd as _fla_l2norm
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h as _fla_states
+    from fla.ops.common.chunk_o import chunk_fwd_o as _fla_output
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra as _fla_intra
+    from fla.ops.utils import chunk_local_cumsum as _fla_cumsum
+    from fla.ops.utils.constant import RCP_LN2 as _RCP_LN2
+except Exception:  # pragma: no cover
+    _fla_states = None
 
 
 def fla_usable(x: torch.Tensor) -> bool:
@@ -136,22 +148,61 @@ def varlen_index(lens: list[int], device: torch.device) -> dict:
     return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host, "chunk_indices": chunk_indices}
 
 
+def capture_exact(x: torch.Tensor, state_dtype: torch.dtype) -> bool:
+    """Whether `chunk_rule_varlen` captures states inside a chunk exactly as a chunk ending there
+    would leave them in a cache of `state_dtype`: always in the torch form (float32 inside); with
+    fla when its per-chunk states (stored in x's dtype) are in the cache's dtype (the bf16 state
+    of a bf16 model) and its stages are importable."""
+    if not fla_usable(x):
+        return True
+    return _fla_states is not None and state_dtype == x.dtype
+
+
 def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], index: dict | None,
-                      init_NHKV: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32). `index`: `varlen_index`
-    of `lens` (the fla kernel's; built here when None). `normalized`: q and k are already
-    L2-normalised (the fla kernel only)."""
+                      init_NHKV: torch.Tensor, normalized: bool = False, capture: list[tuple[int, int]] = ()):
+    """(outputs [P, H, V] in v's dtype, final states [N, H, K, V] fp32, captured states [M, H, K, V]
+    or None). `index`: `varlen_index` of `lens` (the fla kernel's; built here when None).
+    `normalized`: q and k are already L2-normalised (the fla kernel only). `capture`: (sequence,
+    rows) pairs, rows a multiple of the chunk and inside the sequence: its state after those rows
+    (fp32 in the torch form; in v's dtype with fla, see `capture_exact`)."""
+    assert all(0 < r < lens[j] and r % CHUNK == 0 for j, r in capture), f"bad capture points {capture}"
     if fla_usable(v_PHV):
         index = index or varlen_index(lens, v_PHV.device)
+        if capture:
+            return _fla_with_states(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, index, init_NHKV, normalized, capture)
         out, final = _fla_chunk(q_PHK[None], k_PHK[None], v_PHV[None], g_PH[None].float(), beta_PH[None],
                                 scale=q_PHK.shape[-1] ** -0.5, initial_state=init_NHKV.float(),
                                 output_final_state=True, use_qk_l2norm_in_kernel=not normalized, **index)
-        return out[0], final
-    return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV)
+        return out[0], final, None
+    return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV, capture)
 
 
-def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_NHKV: torch.Tensor | None):
-    """The chunked form for N packed sequences at once (the reference; float32 inside)."""
+def _fla_with_states(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, index, init_NHKV, normalized, capture):
+    """fla's forward stage by stage, as its `chunk_gated_delta_rule` runs them (same kernels, same
+    arithmetic), keeping the state it stores at the start of every chunk: sequence j's state after
+    r rows is chunk (its first chunk + r / CHUNK)'s."""
+    assert _fla_states is not None, "this fla-core has no per-chunk states (capture_exact said so)"
+    q, k, v = (t[None].contiguous() for t in (q_PHK, k_PHK, v_PHV))
+    if not normalized:
+        q, k = _fla_l2norm(q)[0], _fla_l2norm(k)[0]
+    cu, chunks = index["cu_seqlens"], index["chunk_indices"]
+    g = _fla_cumsum(g_PH[None].float().contiguous(), chunk_size=CHUNK, scale=_RCP_LN2, cu_seqlens=cu,
+                    chunk_indices=chunks)
+    w, u, _ = _fla_intra(k=k, v=v, g=g, beta=beta_PH[None].contiguous(), cu_seqlens=cu, chunk_size=CHUNK,
+                         chunk_indices=chunks)
+    h, v_new, final = _fla_states(k=k, w=w, u=u, g=g, initial_state=init_NHKV.float().contiguous(),
+                                  output_final_state=True, cu_seqlens=cu, chunk_indices=chunks, chunk_size=CHUNK)
+    out = _fla_output(q=q, k=k, v=v_new, h=h, g=g, scale=q_PHK.shape[-1] ** -0.5, cu_seqlens=cu,
+                      chunk_size=CHUNK, chunk_indices=chunks)
+    first = [0, *itertools.accumulate(-(-n // CHUNK) for n in lens)]
+    at = torch.tensor([first[j] + r // CHUNK for j, r in capture]).to(h.device, non_blocking=True)
+    return out[0].to(v_PHV.dtype), final, h[0, at]
+
+
+def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_NHKV: torch.Tensor | None,
+                     capture: list[tuple[int, int]] = ()):
+    """The chunked form for N packed sequences at once (the reference; float32 inside); with
+    `capture` as `chunk_rule_varlen`'s."""
     out_dtype, num_heads = v_PHV.dtype, v_PHV.shape[-2]
     q, k, v, beta, g = prepare_qkv(q_PHK, k_PHK, v_PHV, beta_PH, g_PH, num_heads)  # [H, P, *]
     H, P, K = k.shape
@@ -189,13 +240,18 @@ def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_N
     q_dec = q * g_cum.exp()[..., None]
     k_dec = k * (g_cum[..., -1:] - g_cum).exp()[..., None]
     chunk_decay = g_cum[..., -1].exp()[..., None, None]  # [N, H, C, 1, 1]
+    captured: list[torch.Tensor | None] = [None] * len(capture)
     for c in range(C):  # padding past a sequence's end: g = 0, k = v = 0, so its state is unchanged
         v_new = u[:, :, c] - w[:, :, c] @ S
         out[:, :, c] = q_dec[:, :, c] @ S + intra[:, :, c] @ v_new
         S = S * chunk_decay[:, :, c] + k_dec[:, :, c].transpose(-1, -2) @ v_new
+        for i, (j, r) in enumerate(capture):
+            if r == (c + 1) * CHUNK:
+                captured[i] = S[j]
     out = out.view(N, H, L, V).transpose(1, 2)  # [N, L, H, V]
     valid = pad_idx < P
-    return out[valid].to(out_dtype), S  # rows back in packed order (sequence after sequence)
+    # rows back in packed order (sequence after sequence)
+    return out[valid].to(out_dtype), S, torch.stack(captured) if capture else None
 
 
 if triton is not None:

@@ -14,6 +14,8 @@ sequence: nothing is computed, read or written for them, and their output is zer
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,18 +149,37 @@ class GatedDeltaNet(nn.Module):
         slots, fresh = meta.state_slots, meta.fresh
         prev = torch.where(fresh[:, None, None], 0.0, conv_state[slots].to(qkv_TC.dtype))
         fused = conv_norm_fusable(qkv_TC, self.key_dim, self.dk)  # q / k L2-normalised in the conv kernel
-        (q, k, v), new_conv = causal_conv_varlen(qkv_TC[meta.rows], prev, self.conv1d.weight[:, 0, :], taps,
+        x_PC = qkv_TC[meta.rows]
+        (q, k, v), new_conv = causal_conv_varlen(x_PC, prev, self.conv1d.weight[:, 0, :], taps,
                                                  state_rows, 2 * self.key_dim if fused else 0, self.dk,
                                                  (self.key_dim, self.key_dim, self.value_dim))
         conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
+        if meta.captures:  # a snapshot's conv state: the K-1 inputs before its row
+            conv_rows, snapshot_rows = self._capture_rows(meta, x_PC.device)
+            conv_state.index_copy_(0, snapshot_rows, x_PC[conv_rows].transpose(1, 2).to(conv_state.dtype))
         q, k, v = self._heads(q, k, v)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
         if fla_usable(v) and "fla" not in meta.memo:
             meta.memo["fla"] = varlen_index(meta.lens, v.device)
-        out, final = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens, meta.memo.get("fla"),
-                                       init, normalized=fused)
+        out, final, captured = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens,
+                                                 meta.memo.get("fla"), init, fused,
+                                                 [(j, r) for j, r, _ in meta.captures])
         ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
+        if captured is not None:
+            ssm_state.index_copy_(0, snapshot_rows, captured.to(ssm_state.dtype))
         core[meta.rows] = out.to(core.dtype)
+
+    def _capture_rows(self, meta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the states captured inside this step's chunks: the packed rows of each one's last K-1
+        conv inputs [M, K-1] and the state rows they go to [M] (built once a step)."""
+        key = ("gdn_capture", self.kernel)
+        if key not in meta.memo:
+            starts = [0, *itertools.accumulate(meta.lens)]
+            k1 = self.kernel - 1
+            conv = torch.tensor([[starts[j] + r - k1 + m for m in range(k1)] for j, r, _ in meta.captures])
+            rows = torch.tensor([row for *_, row in meta.captures])
+            meta.memo[key] = tuple(t.to(device, non_blocking=True) for t in (conv, rows))
+        return meta.memo[key]
 
     def _split_heads(self, conv_NC: torch.Tensor):
         return self._heads(*torch.split(conv_NC, [self.key_dim, self.key_dim, self.value_dim], dim=-1))

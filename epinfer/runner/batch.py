@@ -18,6 +18,8 @@ class SeqWork:
     samples: bool  # the last row's logits are sampled
     new_blocks: list[int] | None = None  # the sequence's KV blocks, sent with its first chunk
     prev_row: int = -1  # tokens == [PENDING]: its row in the previous step's sampled tokens
+    # GDN states captured inside this chunk into snapshot rows: (rows into the chunk, state row)
+    captures: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

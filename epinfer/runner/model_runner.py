@@ -271,7 +271,7 @@ class ModelRunner:
             positions.extend(pos)
             kv_slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
             seqs.append(SeqSlice(row, n, work.start, work.state_slot,
-                                 self.block_table[work.state_slot]))
+                                 self.block_table[work.state_slot], work.captures))
             if work.samples:
                 logits_rows.append(row + n - 1)
         real = len(ids)

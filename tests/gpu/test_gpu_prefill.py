@@ -3,6 +3,7 @@
 * the varlen causal conv kernel against `F.conv1d` per sequence (bf16 in, fp32 reference);
 * the varlen chunked gated delta rule (fla-core's kernel where it is installed, else the torch form)
   against the torch chunked form in float32, with initial states and lengths off the chunk grid;
+  states captured inside a chunk (prefix caching's snapshots) against calls that end there;
 * prompt-chunk attention after cached context (bottom-right causal bias, flash) against the masked
   float32 reference;
 * long prompts (8k and 32k tokens, chunked over 2k / 8k steps) on a few-layer real shape in bf16:
@@ -17,6 +18,8 @@
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -92,7 +95,7 @@ def test_varlen_chunk_rule(lens):
         g = -torch.rand(P, Hv) * 0.5
         beta = torch.rand(P, Hv, dtype=bf)
         init = torch.randn(len(lens), Hv, dk, dv) * 0.1
-    out, final = gdn_prefill.chunk_rule_varlen(q, k, v, g, beta, lens, None, init)
+    out, final, _ = gdn_prefill.chunk_rule_varlen(q, k, v, g, beta, lens, None, init)
     if gdn_prefill.fla_usable(v):  # q and k normalised beforehand (as the conv kernel does): the same
         from epinfer.kernels.gdn_ops import l2norm
 
@@ -105,11 +108,51 @@ def test_varlen_chunk_rule(lens):
 
         index = gdn_prefill.varlen_index(lens, v.device)
         assert torch.equal(index["chunk_indices"], prepare_chunk_indices(index["cu_seqlens"], 64))
-    ref, ref_final = gdn_prefill.chunk_rule_torch(q.float(), k.float(), v.float(), g, beta.float(), lens, init)
+    ref, ref_final, _ = gdn_prefill.chunk_rule_torch(q.float(), k.float(), v.float(), g, beta.float(), lens, init)
     print(f"fla: {gdn_prefill.fla_usable(v)}; out max err {(out.float() - ref).abs().max():.2e}, "
           f"state max err {(final - ref_final).abs().max():.2e}")
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-2)
     torch.testing.assert_close(final, ref_final, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_chunk_rule_captures_states(normalized):
+    """States captured inside a chunk (prefix caching's snapshots without a cut there): fla's
+    forward stage by stage gives the library's outputs and final states bit for bit, and a captured
+    state is bit for bit the final state of a call that ends at that row, in the cache's bf16."""
+    from epinfer.kernels import gdn_prefill
+
+    if not gdn_prefill.fla_usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("fla-core is not installed")
+    torch.manual_seed(3)
+    lens, capture = [1024, 300, 2048, 64 * 5 + 1], [(0, 960), (2, 64), (2, 1984), (3, 320), (0, 64)]
+    Hk, Hv, dk, dv, bf = 16, 32, 128, 128, torch.bfloat16
+    P = sum(lens)
+    with torch.device("cuda"):
+        q, k = torch.randn(P, Hk, dk, dtype=bf), torch.randn(P, Hk, dk, dtype=bf)
+        if normalized:
+            q, k = (torch.nn.functional.normalize(t.float(), dim=-1).to(bf) for t in (q, k))
+        v, g = torch.randn(P, Hv, dv, dtype=bf), -torch.rand(P, Hv) * 0.5
+        beta, init = torch.rand(P, Hv, dtype=bf), torch.randn(len(lens), Hv, dk, dv) * 0.1
+    assert gdn_prefill.capture_exact(v, torch.bfloat16) and not gdn_prefill.capture_exact(v, torch.float32)
+    out, final, none = gdn_prefill.chunk_rule_varlen(q, k, v, g, beta, lens, None, init, normalized)
+    out2, final2, states = gdn_prefill.chunk_rule_varlen(q, k, v, g, beta, lens, None, init, normalized, capture)
+    assert none is None and torch.equal(out, out2) and torch.equal(final, final2)
+    starts = [0, *itertools.accumulate(lens)]
+    for (j, r), state in zip(capture, states, strict=True):
+        rows = slice(starts[j], starts[j] + r)
+        _, cut, _ = gdn_prefill.chunk_rule_varlen(q[rows], k[rows], v[rows], g[rows], beta[rows], [r], None,
+                                                  init[j:j + 1], normalized)
+        assert torch.equal(state, cut[0].to(bf)), (j, r)
+    # the torch form's captures are its own cut runs' final states (float32)
+    ref_out, _, ref_states = gdn_prefill.chunk_rule_torch(q.float(), k.float(), v.float(), g, beta.float(), lens,
+                                                          init, capture)
+    for (j, r), state in zip(capture, ref_states, strict=True):
+        rows = slice(starts[j], starts[j] + r)
+        _, cut, _ = gdn_prefill.chunk_rule_torch(q[rows].float(), k[rows].float(), v[rows].float(), g[rows],
+                                                 beta[rows].float(), [r], init[j:j + 1])
+        torch.testing.assert_close(state, cut[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.to(bf).float(), states[capture.index((j, r))].float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("N,context", [(1, 0), (200, 0), (200, 900), (1, 3000), (2048, 6000)])
