@@ -25,12 +25,11 @@ for half a megabyte of weights).
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from epinfer.core.env import SWITCHES
 from epinfer.kernels import pdl
+from epinfer.kernels.moe_configs import grouped_config
 
 try:  # Triton is optional: CPU installs don't have it
     import triton
@@ -162,57 +161,6 @@ def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """inverse[p] = the position of pair p in `order`."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-
-
-def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
-    """Tile sizes by batch (static per batch size: CUDA-graph safe): PER_PAIR up to its pair count,
-    else by the average pairs per expert; `fp8`: FP8 expert weights' table (`FP8_CONFIGS`, the bf16
-    one until a sweep fills it). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
-    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_grouped": [...]}, each key
-    optional)."""
-    if "file" not in _LOADED:
-        path = _LOADED["file"] = SWITCHES.moe_configs
-        if path:
-            with open(path) as f:
-                table = json.load(f)
-            if isinstance(table, list):  # the grouped table alone (sweeps before the per-pair mode)
-                table = {"per_pair": {}, "grouped": table}
-            PER_PAIR.update(table.get("per_pair", {}))
-            for key, configs in (("grouped", CONFIGS), ("fp8_grouped", FP8_CONFIGS)):
-                if key in table:
-                    configs[:] = [(limit, cfg) for limit, cfg in table[key]]
-    if pairs <= PER_PAIR["max_pairs"]:
-        return PER_PAIR
-    table = FP8_CONFIGS if fp8 and FP8_CONFIGS else CONFIGS
-    for limit, cfg in table:
-        if pairs / num_local <= limit:
-            return cfg
-    return table[-1][1]
-
-
-def per_pair(pairs: int) -> bool:
-    """Whether `moe_grouped` runs one group per (row, k) pair (no permutation) at this size."""
-    return grouped_config(pairs, 1) is PER_PAIR
-
-
-_LOADED: dict = {}
-# Up to `max_pairs` pairs (a few rows), each pair is its own group: no permutation kernel, and an
-# expert chosen by two rows is read twice (from L2 the second time). H200, 30B shape, whole layer in a
-# CUDA graph (2026-11-29): 1 row 28.2 µs vs 42.0 grouped (cuBLAS 72); 4 rows 78.6 vs 91.0 (cuBLAS 146);
-# tiles within 0.3 µs of each other at 1 row
-PER_PAIR = {"max_pairs": 32, "BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (32, 128, 3, 2)}
-# (average pairs per expert up to, {up: ..., down: ...}); measured on H200 (benchmarks/moe_kernel_sweep.py)
-CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the expert weights from 8 pairs per
-    # expert up (RESULTS.md); 2.1-3 TB/s below, where few weights are read (at 1-2 rows the sweep's best
-    # differ within noise, and this row was faster inside the graph)
-    (12, {"BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4)}),
-    (24, {"BLOCK_M": 32, "up": (64, 128, 3, 4), "down": (64, 128, 3, 4)}),
-    (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
-]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps); "y16": the pairs' outputs in x's dtype (summed
-# in float32 by the combine), half the bytes of float32 ones at prefill sizes
-# FP8 expert weights (BLOCK_K is the scale block's columns): empty, so the table above, until a sweep
-# (`benchmarks/moe_kernel_sweep.py --quant fp8`) gives one
-FP8_CONFIGS: list[tuple[float, dict]] = []
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,

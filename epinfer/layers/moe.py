@@ -30,7 +30,7 @@ from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
-from epinfer.kernels import fp8_gemm, moe_triton
+from epinfer.kernels import fp8_gemm, moe_configs, moe_triton
 from epinfer.kernels.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear, silu_mul
 
@@ -77,8 +77,8 @@ class FusedExperts(nn.Module):
         if self.fp8 is not None:
             return self._fp8(x_TD, topk_weights_TK, topk_ids_TK)
         if moe_triton.grouped_usable(x_TD, pairs, num_local):  # decode sizes: gather-GEMM kernels
-            cfg = moe_triton.grouped_config(pairs, num_local)  # (once: it also says which mode)
-            plan = None if cfg is moe_triton.PER_PAIR else permute_pairs(topk_ids_TK, self.first_expert, num_local)
+            cfg = moe_configs.grouped_config(pairs, num_local)  # (once: it also says which mode)
+            plan = None if cfg is moe_configs.PER_PAIR else permute_pairs(topk_ids_TK, self.first_expert, num_local)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
                                           num_local == self.num_experts_total, plan, cfg, reduce=reduce)
         if x_TD.is_cuda and grouped_mm_supported(x_TD.dtype):
@@ -110,7 +110,7 @@ class FusedExperts(nn.Module):
         per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are)."""
         n = self.w13.shape[0]
         if moe_triton.usable(x_TD):
-            per_pair = moe_triton.per_pair(topk_ids_TK.numel())
+            per_pair = moe_configs.per_pair(topk_ids_TK.numel())
             plan = None if per_pair else permute_pairs(topk_ids_TK, self.first_expert, n)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
                                           n == self.num_experts_total, plan, fp8=self.fp8)

@@ -132,7 +132,7 @@ def test_triton_grouped_moe(T, first, n, E):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
     experts local, the other half's pairs must count 0), for every tile table row."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.kernels import moe_triton
+    from epinfer.kernels import moe_configs, moe_triton
     from epinfer.layers.moe import FusedExperts, permute_pairs
 
     torch.manual_seed(T)
@@ -146,8 +146,8 @@ def test_triton_grouped_moe(T, first, n, E):
         weights = torch.rand(T, 8).to(torch.bfloat16)
     ref = experts._grouped(x, weights, ids).float()
     plan = permute_pairs(ids, first, n)
-    for p, cfg in [(p, cfg) for p in (None, plan) for cfg in [moe_triton.PER_PAIR] + [c for _, c in moe_triton.CONFIGS]
-                   if p is not None or T <= 16]:
+    tiles = [moe_configs.PER_PAIR] + [c for _, c in moe_configs.CONFIGS]
+    for p, cfg in [(p, cfg) for p in (None, plan) for cfg in tiles if p is not None or T <= 16]:
         out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (p is None, cfg)
         y = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg, reduce=False)
