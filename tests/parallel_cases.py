@@ -34,6 +34,7 @@ class Case:
     budget: int = 96  # tokens a step (--max-num-batched-tokens): prompts split into chunks of it
     pieces: bool = False  # prefill / mixed steps as graph pieces (plain calls on CPU; forwards without collectives)
     fp8_weights: bool = False  # an FP8 checkpoint kept in FP8 (the kernels' quantisation, in torch on CPU)
+    max_num_seqs: int = 0  # sequences a replica runs at once (0: the engine's default)
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -59,7 +60,8 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
             continue
         engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
                                      max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces,
-                                     fp8_weights=case.fp8_weights), ctx)
+                                     fp8_weights=case.fp8_weights,
+                                     **({"max_num_seqs": case.max_num_seqs} if case.max_num_seqs else {})), ctx)
         engine.runner.fast_decode = case.fast_decode
         assert (engine.runner.pieces is not None) == case.pieces, "graph pieces where a forward has collectives"
         requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
@@ -67,4 +69,5 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
         if outputs is not None:
             results[case.name] = [o.token_ids for o in outputs]
             results[f"{case.name}:hits"] = engine.scheduler.allocator.hit_tokens  # (this replica's)
+            results[f"{case.name}:captures"] = engine.scheduler.allocator.snapshot_captures
     return results

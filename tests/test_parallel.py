@@ -1,7 +1,8 @@
 """Parallel runtime on CPU / Gloo: every (dp, tp) layout × dispatcher × padding mode gives the
 single-process greedy tokens (which equal transformers'), including unequal prompt lengths,
 unequal requests per replica, an idle replica, a replica finishing early, prompts in chunks of
-1, 7 and 64 tokens mixed with decodes, prompts sharing cached prefixes, an FP8 checkpoint whose
+1, 7 and 64 tokens mixed with decodes, prompts sharing cached prefixes (hybrid state snapshots
+cut at or captured inside chunks), an FP8 checkpoint whose
 blocks straddle the TP shard boundaries (dequantised before sharding), row counts not divisible
 by TP, NaN-poisoned padding and an expert count EP doesn't divide. One spawn of 4 ranks runs all
 cases; a hang fails the test at its timeout."""
@@ -26,6 +27,12 @@ MAX_TOKENS = [14, 3, 14, 4, 14]
 # later ones find the earlier ones' blocks cached (round-robin: replica 0 gets 0, 2, 4)
 _S = [(i * 53 + 7) % 250 + 1 for i in range(40)]
 SHARED = [_S + [1, 2], _S[:32] + [9] * 5, _S + [1, 2], _S[:16] + [3], _S[:33] + [7] * 20, _S[:34]]
+# long enough for the GDN state snapshots to be captured inside whole-prompt chunks (64 rows in at a
+# time), one request at a time per replica: replica 0 captures at 192 tokens, restores it for the
+# repeat, and captures the branch point (144) moved back to 128; replica 1 captures at 128 and restores it
+_L = [(i * 29 + 3) % 250 + 1 for i in range(200)]
+SHARED_LONG = [_L + [1, 2], _L[:100] + [3] * 40, _L + [1, 2], _L[:100] + [3] * 40 + [4], _L[:150] + [7] * 20,
+               [5] * 70]
 
 
 def greedy(n: int) -> SamplingParams:
@@ -63,6 +70,8 @@ def build_cases(models: dict[str, str]) -> list[Case]:
     for family in ("qwen3_moe", "qwen3_5_moe"):
         cases.append(Case(f"{family}-2x2-prefix-cache", models[family], 2, 2, SHARED, [greedy(6)] * len(SHARED),
                           budget=7))
+    cases.append(Case("qwen3_5_moe-2x2-prefix-capture", models["qwen3_5_moe"], 2, 2, SHARED_LONG,
+                      [greedy(6)] * len(SHARED_LONG), budget=256, max_num_seqs=1))
     # an FP8 checkpoint (dequantised at load, then sharded) under every dispatcher
     for dispatch in dispatchers:
         cases.append(Case(f"fp8-2x2-{dispatch}", models["fp8"], 2, 2, PROMPTS, params, dispatch))
@@ -124,6 +133,10 @@ def expected(models):
         out[f"shared:{family}"] = [o.token_ids for o in off.generate(SHARED, greedy(6))]
         for prompt, tokens in zip(SHARED, out[f"shared:{family}"], strict=True):
             assert tokens == hf_generate(models[family], prompt, 6)[0], f"{family}, shared prompts: != transformers"
+    off = LLM(models["qwen3_5_moe"], dtype="float32", device="cpu", enable_prefix_caching=False)
+    out["long:qwen3_5_moe"] = [o.token_ids for o in off.generate(SHARED_LONG, greedy(6))]
+    for prompt, tokens in zip(SHARED_LONG, out["long:qwen3_5_moe"], strict=True):
+        assert tokens == hf_generate(models["qwen3_5_moe"], prompt, 6)[0], "long shared prompts: != transformers"
     return out
 
 
@@ -141,6 +154,10 @@ def test_every_layout_matches_single_process(models, expected):
         if case.prompts is SHARED:  # the single process with the cache off
             want = expected[f"shared:{model_name[case.model]}"]
             assert merged[f"{case.name}:hits"] > 0, "no prefix-cache hit on replica 0"
+        elif case.prompts is SHARED_LONG:  # the same, the snapshots captured inside the chunks
+            want = expected[f"long:{model_name[case.model]}"]
+            assert merged[f"{case.name}:hits"] == 192 and merged[f"{case.name}:captures"] == 2, (
+                merged[f"{case.name}:hits"], merged[f"{case.name}:captures"])
         elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]
         if merged[case.name] != want:
