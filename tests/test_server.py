@@ -136,7 +136,8 @@ def test_models_health_metrics(demo):
                  'epinfer_prefix_cache_hit_rate{replica="0"}', 'epinfer_prefix_cache_blocks{replica="1"}',
                  'epinfer_prefix_cache_evictions_total{replica="0"}',
                  'epinfer_prefix_cache_state_snapshots{replica="1"}',
-                 'epinfer_prefix_cache_snapshot_evictions_total{replica="0"}'):
+                 'epinfer_prefix_cache_snapshot_evictions_total{replica="0"}',
+                 'epinfer_prefix_cache_snapshot_captures_total{replica="1"}'):
         assert name in m, name
     assert m["epinfer_healthy"] == 1
 

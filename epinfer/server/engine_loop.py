@@ -280,7 +280,7 @@ class ServeLoop:
         stats = (len(sched.running), len(sched.waiting), len(alloc.free_slots),
                  len(alloc.free_blocks) + len(alloc.evictable), sum(outstanding_tokens(s) for s in self.seqs.values()),
                  alloc.queried_tokens, alloc.hit_tokens, len(alloc.cached), alloc.evictions,
-                 len(alloc.snapshots), alloc.snapshot_evictions)
+                 len(alloc.snapshots), alloc.snapshot_evictions, alloc.snapshot_captures)
         if events or admitted or stats != self.last_stats or step_s:
             self.outbox.put(("step", self.ctx.dp_rank, events, admitted, stats, step_s))
             self.last_stats = stats

@@ -43,8 +43,9 @@ class Metrics:
         self.prompt_tokens = self.generation_tokens = 0
         self.routed = [0] * dp
         # running, waiting, free slots, free blocks, outstanding tokens; prefix cache: queried and hit
-        # prompt tokens, cached blocks, evictions, GDN state snapshots and their evictions
-        self.replica_stats: list[tuple] = [(0,) * 11] * dp
+        # prompt tokens, cached blocks, evictions, GDN state snapshots, their evictions, and those
+        # captured inside prompt chunks
+        self.replica_stats: list[tuple] = [(0,) * 12] * dp
         self.step_time = [Histogram(STEP_BUCKETS) for _ in range(dp)]
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
@@ -97,7 +98,9 @@ class Metrics:
                   ("prefix_cache_blocks", "gauge", "KV blocks held by the prefix cache"),
                   ("prefix_cache_evictions_total", "counter", "cached KV blocks evicted for new ones"),
                   ("prefix_cache_state_snapshots", "gauge", "GDN state snapshots kept (hybrid models)"),
-                  ("prefix_cache_snapshot_evictions_total", "counter", "GDN state snapshots evicted for new ones"))
+                  ("prefix_cache_snapshot_evictions_total", "counter", "GDN state snapshots evicted for new ones"),
+                  ("prefix_cache_snapshot_captures_total", "counter",
+                   "GDN state snapshots captured inside a prompt chunk (no cut there)"))
         for i, (name, kind, help_) in enumerate(prefix, start=5):
             metric(f"epinfer_{name}", kind, f"per DP replica: {help_}",
                    [f'epinfer_{name}{{replica="{r}"}} {s[i]}' for r, s in enumerate(self.replica_stats)])
