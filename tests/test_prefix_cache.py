@@ -287,3 +287,42 @@ def test_reserved_snapshots_wait_for_their_step():
     assert third == first and alloc.snapshot_evictions == 1  # the ready one goes, the reserved one stays
     assert alloc.reserve_snapshot(99) is None  # every row reserved: the caller cuts its chunk instead
     assert second != third and alloc.with_state(hashes, 3) == (0, None)
+
+
+def test_capture_planning_in_the_scheduler():
+    """Without a model: a prompt whose first 5 blocks' KV are cached with no state snapshots at its
+    branch point (80) and its last reusable block (96); both move back to 64 rows and are captured
+    once, and its own capture is not marked to be evicted first. A chunk cut by the budget is
+    rounded to whole capture rows only when no snapshot point lies inside it and it gives up at most
+    an eighth of it; a point the next chunk could not capture is taken at this chunk's end."""
+    from epinfer.core.sampling_params import SamplingParams
+    from epinfer.engine.scheduler import Scheduler, Sequence
+
+    def plan(budget: int, prompt_len: int, capture_rows: int = 64,
+             shared: int = 80) -> tuple[list[int], Sequence, CacheAllocator]:
+        alloc = CacheAllocator(CacheLayout(16, 128, 4, num_snapshots=4), prefix_caching=True)
+        cached = list(range(1, 91))
+        for b, h in zip(alloc.allocate(96)[0], block_hashes(cached, 16), strict=False):
+            alloc.register(b, h)
+        sched = Scheduler(alloc, 4, budget, capture_rows)
+        seq = Sequence(0, cached[:shared] + [300 + i for i in range(prompt_len - shared)],
+                       SamplingParams(max_tokens=1), prompt_len + 1)
+        sched.add(seq)
+        chunks = []
+        while seq.num_computed < prompt_len:
+            (item,) = sched.schedule()
+            chunks.append(item.num_new)
+            if len(chunks) == 1 and budget >= prompt_len:
+                assert seq.capturing == [(4, 0)], seq.capturing
+            seq.num_computed += item.num_new
+            sched.computed(seq)
+        return chunks, seq, alloc
+
+    chunks, seq, alloc = plan(512, 100)
+    assert chunks == [100] and list(alloc.snapshots) == [seq.block_hashes[3]] and not alloc.superseded
+    assert plan(100, 200)[0] == [100, 92, 8]  # the point at 80 is in the first chunk: no rounding
+    assert plan(100, 200, capture_rows=0)[0] == [80, 100, 12, 8]  # every point cuts
+    # a fresh 1024-token prompt, its point at 1008: 1000 rows rounded to 960, where it is then taken
+    assert plan(1000, 1024, shared=0)[0] == [960, 64] and plan(1000, 1024, 0, shared=0)[0] == [1000, 8, 16]
+    assert plan(100, 1024, shared=0)[0] == [100] * 10 + [8, 16]  # 36 of 100 rows: not rounded
+    assert plan(700, 1024, shared=0)[0] == [640, 384]  # rounded, then captured at 960 inside the chunk

@@ -141,15 +141,22 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> int:
         """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot
-        (unless the runner captures it inside the chunk). A chunk cut short by the budget before a
-        snapshot point ends a whole number of capture rows in, so the next one can capture."""
+        (unless the runner captures it inside the chunk). A chunk cut short by the budget before its
+        next snapshot point ends a whole number of capture rows in, so the next one can capture, where
+        that gives up at most an eighth of it (a large step's last admitted prompt; not a small
+        budget's every chunk)."""
         bs, start = self.allocator.layout.block_size, seq.num_computed
-        if self.capture_rows and seq.snapshot_at and n < len(seq.prompt_ids) - start and n > self.capture_rows:
+        if (self.capture_rows and seq.snapshot_at and seq.snapshot_at[0] * bs > start + n
+                and n < len(seq.prompt_ids) - start and n % self.capture_rows <= n // 8):
             n -= n % self.capture_rows
         while seq.snapshot_at and seq.snapshot_at[0] * bs < start + n:
             if not self._capture(seq, seq.snapshot_at[0]):
                 return seq.snapshot_at[0] * bs - start
             seq.snapshot_at.pop(0)
+        end = start + n
+        if (self.capture_rows and seq.snapshot_at and end % bs == 0
+                and seq.snapshot_at[0] * bs - end < self.capture_rows):
+            seq.snapshot_at[0] = end // bs  # the next chunk could not capture it: taken at this one's end
         return n
 
     def _capture(self, seq: Sequence, blocks: int) -> bool:
@@ -160,6 +167,8 @@ class Scheduler:
         at = next((b for b in range(blocks, start // bs, -1) if rows and (b * bs - start) % rows == 0), 0)
         if at * bs <= start:
             return False
+        if any(b == at for b, _ in seq.capturing):  # two points moved back to one boundary
+            return True
         chain_hash = seq.block_hashes[at - 1]
         if chain_hash in self.allocator.snapshots:  # kept already (or captured by another this step)
             seq.capturing.append((at, None))
