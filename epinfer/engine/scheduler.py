@@ -164,7 +164,9 @@ class Scheduler:
         or before `blocks` that lies a whole number of capture rows into the chunk; False when there
         is none or no snapshot index is free of other captures in flight."""
         bs, start, rows = self.allocator.layout.block_size, seq.num_computed, self.capture_rows
-        at = next((b for b in range(blocks, start // bs, -1) if rows and (b * bs - start) % rows == 0), 0)
+        if not rows:
+            return False
+        at = next((b for b in range(blocks, start // bs, -1) if (b * bs - start) % rows == 0), 0)
         if at * bs <= start:
             return False
         if any(b == at for b, _ in seq.capturing):  # two points moved back to one boundary

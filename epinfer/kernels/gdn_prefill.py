@@ -138,14 +138,18 @@ def conv_norm_fusable(x: torch.Tensor, key_dim: int, head_dim: int) -> bool:
             and (2 * key_dim) % CONV_CONFIG[1] == 0)
 
 
-def varlen_index(lens: list[int], device: torch.device) -> dict:
+def varlen_index(lens: list[int], device: torch.device, capture: list[tuple[int, int]] = ()) -> dict:
     """The fla kernel's per-step index tensors, built once on the host and copied without a stream
-    sync, shared by every layer of the step: row offsets [N + 1] and the chunk list [chunks, 2]
-    (sequence, chunk within it)."""
+    sync, shared by every layer of the step: row offsets [N + 1], the chunk list [chunks, 2]
+    (sequence, chunk within it) and, for `chunk_rule_varlen`'s `capture` pairs, the chunk whose
+    starting state each one is [M] (or None)."""
     cu_host = torch.tensor([0, *itertools.accumulate(lens)])
     chunks = torch.tensor([(i, c) for i, n in enumerate(lens) for c in range(-(-n // CHUNK))], dtype=torch.long)
-    cu, chunk_indices = (t.to(device, non_blocking=True) for t in (cu_host, chunks))
-    return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host, "chunk_indices": chunk_indices}
+    first = [0, *itertools.accumulate(-(-n // CHUNK) for n in lens)]
+    at = torch.tensor([first[j] + r // CHUNK for j, r in capture], dtype=torch.long)
+    cu, chunk_indices, at = (t.to(device, non_blocking=True) for t in (cu_host, chunks, at))
+    return {"cu_seqlens": cu, "cu_seqlens_cpu": cu_host, "chunk_indices": chunk_indices,
+            "capture_chunks": at if capture else None}
 
 
 def capture_exact(x: torch.Tensor, state_dtype: torch.dtype) -> bool:
@@ -164,15 +168,18 @@ def chunk_rule_varlen(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], index
     or None). `index`: `varlen_index` of `lens` (the fla kernel's; built here when None).
     `normalized`: q and k are already L2-normalised (the fla kernel only). `capture`: (sequence,
     rows) pairs, rows a multiple of the chunk and inside the sequence: its state after those rows
-    (fp32 in the torch form; in v's dtype with fla, see `capture_exact`)."""
+    (fp32 in the torch form; in v's dtype with fla, see `capture_exact`); `index`, when given, was
+    built with the same pairs."""
     assert all(0 < r < lens[j] and r % CHUNK == 0 for j, r in capture), f"bad capture points {capture}"
     if fla_usable(v_PHV):
-        index = index or varlen_index(lens, v_PHV.device)
+        index = index or varlen_index(lens, v_PHV.device, capture)
         if capture:
             return _fla_with_states(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, index, init_NHKV, normalized, capture)
         out, final = _fla_chunk(q_PHK[None], k_PHK[None], v_PHV[None], g_PH[None].float(), beta_PH[None],
                                 scale=q_PHK.shape[-1] ** -0.5, initial_state=init_NHKV.float(),
-                                output_final_state=True, use_qk_l2norm_in_kernel=not normalized, **index)
+                                output_final_state=True, use_qk_l2norm_in_kernel=not normalized,
+                                cu_seqlens=index["cu_seqlens"], cu_seqlens_cpu=index["cu_seqlens_cpu"],
+                                chunk_indices=index["chunk_indices"])
         return out[0], final, None
     return chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, init_NHKV, capture)
 
@@ -194,9 +201,7 @@ def _fla_with_states(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens, index, init_NHKV,
                                   output_final_state=True, cu_seqlens=cu, chunk_indices=chunks, chunk_size=CHUNK)
     out = _fla_output(q=q, k=k, v=v_new, h=h, g=g, scale=q_PHK.shape[-1] ** -0.5, cu_seqlens=cu,
                       chunk_size=CHUNK, chunk_indices=chunks)
-    first = [0, *itertools.accumulate(-(-n // CHUNK) for n in lens)]
-    at = torch.tensor([first[j] + r // CHUNK for j, r in capture]).to(h.device, non_blocking=True)
-    return out[0].to(v_PHV.dtype), final, h[0, at]
+    return out[0].to(v_PHV.dtype), final, h[0, index["capture_chunks"]]
 
 
 def chunk_rule_torch(q_PHK, k_PHK, v_PHV, g_PH, beta_PH, lens: list[int], init_NHKV: torch.Tensor | None,

@@ -160,7 +160,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._heads(q, k, v)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
         if fla_usable(v) and "fla" not in meta.memo:
-            meta.memo["fla"] = varlen_index(meta.lens, v.device)
+            meta.memo["fla"] = varlen_index(meta.lens, v.device, [(j, r) for j, r, _ in meta.captures])
         out, final, captured = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens,
                                                  meta.memo.get("fla"), init, fused,
                                                  [(j, r) for j, r, _ in meta.captures])
