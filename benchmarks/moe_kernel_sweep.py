@@ -35,7 +35,7 @@ import triton.testing
 
 from epinfer.bench.single import shape_folder
 from epinfer.core.config import ModelConfig
-from epinfer.kernels import fp8_gemm, moe_triton
+from epinfer.kernels import fp8_gemm, moe_configs, moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
 TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128), (128, 256), (2, 3, 4), (2, 4, 8))
@@ -75,7 +75,7 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
     large = not per_pair and T * K / E > LARGE
     tiles, extra = (LARGE_TILES, {"y16": True}) if large else (TILES, {})
     if ex.fp8 is not None:  # (the K step is the scale block's: one tile per BLOCK_K-free shape)
-        tiles = sorted({(bn, 128, st, wp) for bn, _, st, wp in tiles})
+        tiles = sorted({(bn, 128, st, wp) for bn, _, st, wp in tiles} | ({(256, 128, 3, 8)} if large else set()))
     best = None
     for bm in [16] if per_pair else [b for b in block_ms if b <= max(16, 2 * T * K / E)]:
         fixed = {"BLOCK_M": bm, "up": (32, 256, 3, 4), "down": (64, 128, 3, 4), **extra}
@@ -122,7 +122,7 @@ def main() -> int:
         for ref_w, w, s in ((ref_ex.w13, ex.w13, ex.fp8[0]), (ref_ex.w2, ex.w2, ex.fp8[1])):
             ref_w.data.copy_(fp8_gemm.dequantize_blocks(w, s, block))
         itemsize = 1
-    grouped, per_pair = [], {**moe_triton.PER_PAIR, "max_pairs": 0}
+    grouped, per_pair = [], {**moe_configs.PER_PAIR, "max_pairs": 0}
     for T in [int(b) for b in args.batches.split(",")]:
         recs = {}
         for mode in ([True] if T * K <= PER_PAIR_LIMIT and not args.quant else []) + [False]:

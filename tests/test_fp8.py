@@ -174,15 +174,18 @@ def test_fp8_weights_load_one_layer_at_a_time(ckpt_dir, monkeypatch):
 
 
 def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch):
-    """FP8 expert weights take `FP8_CONFIGS` once it has rows (the bf16 table until then); a sweep's
-    file (EPINFER_MOE_CONFIGS) replaces only the tables it holds."""
+    """FP8 expert weights take `FP8_CONFIGS` (the bf16 table while it has no rows); a sweep's file
+    (EPINFER_MOE_CONFIGS) replaces only the tables it holds."""
     from epinfer.kernels import moe_configs
 
     for name in ("PER_PAIR", "CONFIGS", "FP8_CONFIGS", "_LOADED"):  # restored after the test
         monkeypatch.setattr(moe_configs, name, type(getattr(moe_configs, name))(getattr(moe_configs, name)))
     pairs = 64 * moe_configs.PER_PAIR["max_pairs"]
     bf16 = moe_configs.grouped_config(pairs, 8)
-    assert moe_configs.grouped_config(pairs, 8, fp8=True) is bf16  # no FP8 rows yet
+    prefill = moe_configs.grouped_config(1024 * 128, 128, fp8=True)  # 1024 pairs an expert
+    assert prefill in [cfg for _, cfg in moe_configs.FP8_CONFIGS] and prefill["BLOCK_M"] == 128
+    moe_configs.FP8_CONFIGS.clear()
+    assert moe_configs.grouped_config(pairs, 8, fp8=True) is bf16  # no FP8 rows: the bf16 table
     fp8_cfg = {"BLOCK_M": 32, "up": [64, 128, 3, 4], "down": [64, 128, 3, 4]}  # (as JSON gives them)
     table = tmp_path / "moe.json"
     table.write_text(json.dumps({"fp8_grouped": [[1e9, fp8_cfg]]}))

@@ -55,6 +55,14 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
     (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
 ]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps); "y16": the pairs' outputs in x's dtype (summed
 # in float32 by the combine), half the bytes of float32 ones at prefill sizes
-# FP8 expert weights (BLOCK_K is the scale block's columns): empty, so the table above, until a sweep
-# (`benchmarks/moe_kernel_sweep.py --quant fp8`) gives one
-FP8_CONFIGS: list[tuple[float, dict]] = []
+# FP8 expert weights (BLOCK_K is the scale block's columns): the decode rows of the table above (not
+# yet swept in FP8), then prefill sizes from `moe_kernel_sweep.py --shape qwen3-30b-a3b --quant fp8
+# --batches 2048,8192,16384 --block-m 64,128` (H200, 2026-12-04): 128-row tiles with 8 warps from 512
+# pairs per expert, 16384 rows 3.13 ms a layer (the bf16 table's tiles took the 30B shape's prefill of
+# 64 x 1024 from 46.7k to 56.0k tok/s in the same kind of run, RESULTS.md)
+FP8_CONFIGS: list[tuple[float, dict]] = [
+    *CONFIGS[:2],
+    (96, CONFIGS[-1][1]),
+    (320, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 4), "y16": True}),
+    (1e9, {"BLOCK_M": 128, "up": (64, 128, 4, 8), "down": (128, 128, 4, 8), "y16": True}),
+]

@@ -162,7 +162,7 @@ def test_triton_grouped_moe(T, first, n, E):
         assert torch.equal(moe_triton.moe_grouped(px, experts.w13, experts.w2, pw, pids, first, n == E, pplan,
                                                   cfg).float(), out)
     assert moe_triton.grouped_usable(x, ids.numel(), n)
-    forward = None if moe_triton.per_pair(ids.numel()) else plan
+    forward = None if moe_configs.per_pair(ids.numel()) else plan
     assert torch.equal(experts(x, weights, ids).float(), moe_triton.moe_grouped(
         x, experts.w13, experts.w2, weights, ids, first, n == E, forward).float())  # the path forward takes
 
@@ -171,7 +171,7 @@ def test_triton_grouped_moe(T, first, n, E):
 def test_triton_moe_skips_padding_pairs(first, n):
     """One group per pair: a padding row (top-k weight 0) reads no expert weights and no x (its row is
     NaN here) and comes out exactly 0, summed or per pair; the real rows are bitwise unchanged."""
-    from epinfer.kernels import moe_triton
+    from epinfer.kernels import moe_configs, moe_triton
     from epinfer.layers.moe import FusedExperts
 
     torch.manual_seed(first)
@@ -182,7 +182,7 @@ def test_triton_moe_skips_padding_pairs(first, n):
         x = torch.randn(3, 2048, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(128)[:8] for _ in range(3)])
         weights = torch.rand(3, 8).to(torch.bfloat16)
-    assert moe_triton.per_pair(ids.numel())
+    assert moe_configs.per_pair(ids.numel())
     args = (experts.w13, experts.w2)
     want = moe_triton.moe_grouped(x[[0, 2]], *args, weights[[0, 2]], ids[[0, 2]], first, n == 128, None)
     x[1], weights[1] = float("nan"), 0.0

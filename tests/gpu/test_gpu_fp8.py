@@ -133,15 +133,17 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     worst = 0.0
     for plan in (None, permute_pairs(ids.to(device), 0, E)):
         dev = [t.to(device) for t in (w13, s13, w2, s2)]
+        cfg = moe_triton.grouped_config(T * K, E, True)  # the FP8 table
         got = moe_triton.moe_grouped(x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device),
-                                     0, True, plan, moe_triton.grouped_config(T * K, E), fp8=(dev[1], dev[3], block))
+                                     0, True, plan, cfg, fp8=(dev[1], dev[3], block))
         rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
         worst = max(worst, rel)
     return worst
 
 
 @pytest.mark.parametrize("T,E,D,inter,block", [(1, 8, 256, 128, (128, 128)), (5, 16, 512, 384, (128, 128)),
-                                               (64, 8, 256, 256, (128, 128)), (9, 6, 64, 48, (16, 16))])
+                                               (64, 8, 256, 256, (128, 128)), (9, 6, 64, 48, (16, 16)),
+                                               (512, 8, 256, 256, (128, 128)), (1024, 4, 256, 128, (128, 128))])
 def test_fp8_expert_kernels(T, E, D, inter, block):
     rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block)
     print(f"T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
