@@ -15,7 +15,8 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_CHUNK_ATTENTION=0   prompt chunks' attention through SDPA per chunk instead of one Triton kernel
                               over the paged cache (`kernels.prefill_attention`)
   EPINFER_FP8_DECODE_W16=1    FP8 weights at decode sizes widened to bf16 in registers, activations unquantised
-                              (`kernels.fp8_gemm`; an experiment: 6-12x slower decode on an H200)
+                              (`kernels.fp8_gemm`; an experiment: 6-12x slower decode on an H200 while each
+                              weight element gathered its own scale, now read once a group; not re-measured)
   EPINFER_FP8_CUBLAS=1        FP8 projections of 256 rows or more, 2048 x 2048 or wider, through cuBLAS's
                               block-scaled GEMM (`kernels.fp8_gemm`; opt-in until measured end to end)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs

@@ -264,11 +264,22 @@ if triton is not None:
         tl.store(S + m * ss + g * sg, scale, mask=g < G)
 
     @triton.jit
-    def widen(w, scales_ptr, offs_k, ok, GROUP: tl.constexpr):
-        """An FP8 weight tile [BLOCK_K, BLOCK_N] times its block scales, float32. `scales_ptr`:
-        each column's row of scales [BLOCK_N]; input column k's scale is that row's entry k // GROUP."""
-        s = tl.load(scales_ptr[None, :] + offs_k[:, None] // GROUP, mask=ok, other=0.0)
-        return w.to(tl.float32) * s
+    def widen(w, scales_ptr, k0, k_end, n_ok, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """An FP8 weight tile [BLOCK_K, BLOCK_N] of input columns k0 .. k0 + BLOCK_K (k0 a multiple
+        of BLOCK_K, columns from k_end on masked) times its block scales, float32. `scales_ptr`: each
+        column's row of scales [BLOCK_N]; input column k's scale is that row's entry k // GROUP. Each
+        group's scales are read once, [BLOCK_K / GROUP, BLOCK_N], and broadcast over its rows (a
+        scale gathered for every weight element cost more than the weight's own bytes)."""
+        if BLOCK_K <= GROUP:  # (powers of two: the tile lies inside one group)
+            s = tl.load(scales_ptr + k0 // GROUP, mask=n_ok, other=0.0)
+            return w.to(tl.float32) * s[None, :]
+        else:
+            G: tl.constexpr = BLOCK_K // GROUP
+            groups = k0 // GROUP + tl.arange(0, G)
+            s = tl.load(scales_ptr[None, :] + groups[:, None], mask=(groups * GROUP < k_end)[:, None] & n_ok[None, :],
+                        other=0.0)
+            w3 = tl.reshape(w.to(tl.float32), (G, GROUP, w.shape[1]))
+            return tl.reshape(w3 * s[:, None, :], (BLOCK_K, w.shape[1]))
 
     @triton.jit
     def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,
@@ -291,7 +302,7 @@ if triton is not None:
             wm = k_ok[:, None] & n_ok[None, :]
             w = tl.load(W + offs_n[None, :].to(tl.int64) * sw + k[:, None], mask=wm, other=0.0)  # [BLOCK_K, BLOCK_N]
             if W16:
-                acc = tl.dot(a, widen(w, S + scale_rows, k, wm, GROUP).to(a.dtype), acc)
+                acc = tl.dot(a, widen(w, S + scale_rows, g * BLOCK_K, K, n_ok, BLOCK_K, GROUP).to(a.dtype), acc)
             else:
                 a_scale = tl.load(XS + offs_m.to(tl.int64) * sxs + g, mask=m_ok, other=0.0)  # each row's, this group
                 w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]

@@ -294,8 +294,8 @@ if triton is not None:
                     acc_g += fp8_dot(a, wg) * a_s[:, None] * sg[None, :]
                     acc_u += fp8_dot(a, wu) * a_s[:, None] * su[None, :]
                 elif W16:
-                    acc_g = tl.dot(a, widen(wg, s_gate, offs_k, wm, GROUP).to(a.dtype), acc_g)
-                    acc_u = tl.dot(a, widen(wu, s_up, offs_k, wm, GROUP).to(a.dtype), acc_u)
+                    acc_g = tl.dot(a, widen(wg, s_gate, k0, D, n_ok, BLOCK_K, GROUP).to(a.dtype), acc_g)
+                    acc_u = tl.dot(a, widen(wu, s_up, k0, D, n_ok, BLOCK_K, GROUP).to(a.dtype), acc_u)
                 else:
                     acc_g = tl.dot(a, wg, acc_g)
                     acc_u = tl.dot(a, wu, acc_u)
@@ -342,7 +342,7 @@ if triton is not None:
                     sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]
                 elif W16:
-                    acc = tl.dot(a, widen(w, s_base, offs_k, wm, GROUP).to(a.dtype), acc)
+                    acc = tl.dot(a, widen(w, s_base, k0, INTER, n_ok, BLOCK_K, GROUP).to(a.dtype), acc)
                 else:
                     acc = tl.dot(a, w, acc)
             if PDL:
