@@ -7,9 +7,10 @@ are in the cache already. Query i of the chunk attends to the first `ctx[c] + i 
 aligned to the end: a fresh prompt and a chunk that starts mid-sequence are the same case). Rows
 of other chunks and padding rows of `out` are left as they are.
 
-FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk and streams the
-keys up to its last query's position in BLOCK_N steps: unmasked up to the tile's first position,
-causally masked past it (running max, sum and weighted accumulator in float32, exp2). Each key's
+FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
+BLOCK_M / PACK queries of PACK heads that share a KV head) and streams the keys up to its last
+query's position in BLOCK_N steps: unmasked up to the tile's first position, causally masked past
+it (running max, sum and weighted accumulator in float32, exp2). Each key's
 cache row is looked up through the block table, so no gathered copy of the context is made and the
 block size is free. Tiles come from the host, where the chunk lengths are known (`tile_map`): one
 launch per layer, whatever the chunks.
@@ -39,15 +40,23 @@ def usable(q_THd: torch.Tensor) -> bool:
             and q_THd.dtype in (torch.bfloat16, torch.float16))
 
 
-def blocks_for(hd: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for a head dim. Head dim 256 (8 warps, 2 stages), 16384 rows after 16384
-    cached on an H200: 128 x 64 tiles ran at 498 TFLOP/s, 64 x 32 at 163, 128 x 32 at 332, 64 x 64 at
-    216 (SDPA's flash on the same keys: 313). Up to 128 dims: 64 x 64 (not yet swept)."""
-    return (64, 64) if hd <= 128 else (128, 64)
+def blocks_for(hd: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, PACK) for a head dim. Head dim 256 (8 warps, 2 stages), 16384 rows after
+    16384 cached on an H200: 128 x 64 tiles ran at 498 TFLOP/s, 64 x 32 at 163, 128 x 32 at 332, 64 x
+    64 at 216 (SDPA's flash on the same keys: 313). Up to 128 dims: 64 x 64 (not yet swept). PACK:
+    query heads of one KV head a program holds (its BLOCK_M rows are PACK heads x BLOCK_M / PACK
+    queries, each key tile read once for them all); 1 until a sweep shows more pays."""
+    return (64, 64, 1) if hd <= 128 else (128, 64, 1)
+
+
+def tile_rows(hd: int, pack: int | None = None) -> int:
+    """Queries of one chunk a tile holds (what `tile_map` takes): BLOCK_M / PACK."""
+    block_m, _, default = blocks_for(hd)
+    return block_m // (pack or default)
 
 
 def tile_map(lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
-    """(chunk of each query tile, the tile's first query within its chunk)."""
+    """(chunk of each query tile, the tile's first query within its chunk); `block_m`: `tile_rows`."""
     chunk, first = [], []
     for c, n in enumerate(lens):
         for m0 in range(0, n, block_m):
@@ -58,9 +67,11 @@ def tile_map(lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
 
 def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       tiles: tuple[torch.Tensor, torch.Tensor], chunks: tuple[torch.Tensor, ...], scale: float,
-                      out_THd: torch.Tensor) -> torch.Tensor:
-    """`tiles`: (chunk, first query) per tile (device, from `tile_map`); `chunks`: (starts, lens,
-    ctx, slots) per chunk (device). Writes the chunks' rows of `out_THd` and returns it."""
+                      out_THd: torch.Tensor, pack: int | None = None) -> torch.Tensor:
+    """`tiles`: (chunk, first query) per tile (device, from `tile_map` with `tile_rows(hd, pack)`);
+    `chunks`: (starts, lens, ctx, slots) per chunk (device). Writes the chunks' rows of `out_THd`
+    and returns it. `pack`: query heads a program holds (`blocks_for`'s when None; it must divide
+    the query heads of a KV head)."""
     T, H, hd = q_THd.shape
     _, bs, KVH, _ = k_cache.shape
     tile_chunk, tile_first = tiles
@@ -68,13 +79,16 @@ def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     n_tiles = tile_chunk.shape[0]
     if n_tiles == 0:
         return out_THd
-    block_m, block_n = blocks_for(hd)
-    _prefill_kernel[(n_tiles, H)](
+    block_m, block_n, default = blocks_for(hd)
+    pack = pack or default
+    if (H // KVH) % pack:
+        raise ValueError(f"{pack} query heads a program do not divide the {H // KVH} of a KV head")
+    _prefill_kernel[(n_tiles, H // pack)](
         q_THd, k_cache, v_cache, out_THd, block_table, tile_chunk, tile_first, starts, lens, ctx, slots,
         scale * LOG2E, q_THd.stride(0), q_THd.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_THd.stride(0), out_THd.stride(1),
         block_table.stride(0), BS=bs, REP=H // KVH, HD=hd, HD_P=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if hd <= 128 else 8, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack, num_warps=4 if hd <= 128 else 8, num_stages=2)
     return out_THd
 
 
@@ -112,17 +126,24 @@ if triton is not None:
     def _prefill_kernel(Q, K, V, Out, BT, TILE_C, TILE_M, STARTS, LENS, CTX, SLOTS, qk_scale,
                         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
                         BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+        """Program (tile, head group): BLOCK_M rows, PACK query heads (of one KV head) x QM queries."""
+        QM: tl.constexpr = BLOCK_M // PACK  # queries of the chunk in this tile
         tile = tl.program_id(0)
-        h = tl.program_id(1)
         c = tl.load(TILE_C + tile)
         m0 = tl.load(TILE_M + tile)
         start = tl.load(STARTS + c)
         n = tl.load(LENS + c)
         context = tl.load(CTX + c)
         slot = tl.load(SLOTS + c).to(tl.int64)
-        kvh = h // REP
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        kvh = tl.program_id(1) * PACK // REP
+        if PACK == 1:
+            h = tl.program_id(1)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+        else:  # row r: head r // QM of the group, query r % QM of the tile
+            r = tl.arange(0, BLOCK_M)
+            h = (tl.program_id(1) * PACK + r // QM)[:, None]
+            offs_m = m0 + r % QM
         offs_d = tl.arange(0, HD_P)
         row_ok = offs_m < n
         d_ok = offs_d < HD
@@ -130,7 +151,7 @@ if triton is not None:
         q = tl.load(Q + rows[:, None] * sq0 + h * sq1 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0)
         q_pos = context + offs_m  # each query's position: it sees keys 0 ..= q_pos
-        end = context + tl.minimum(m0 + BLOCK_M, n)  # keys past the tile's last query are never seen
+        end = context + tl.minimum(m0 + QM, n)  # keys past the tile's last query are never seen
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD_P], tl.float32)

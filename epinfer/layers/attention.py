@@ -175,7 +175,7 @@ class Attention(nn.Module):
 def chunk_tables(batch: ForwardBatch, seq_ids: list[int], hd: int) -> tuple[tuple[torch.Tensor, ...], ...]:
     """The prefill kernel's tiles and per-chunk (start row, rows, cached context, block-table row)
     for the sequences `seq_ids`, on the device: made once per step, shared by every attention layer."""
-    block_m = prefill_attention.blocks_for(hd)[0]
+    block_m = prefill_attention.tile_rows(hd)
     key = ("attention", block_m, len(seq_ids))
     if key not in batch.memo:
         pre = [batch.seqs[i] for i in seq_ids]
