@@ -15,8 +15,10 @@ kernels take prefill and mixed steps too (no gathered copy of x, SiLU in registe
 cuBLAS's grouped GEMM.
 
 `--quant fp8`: FP8 expert weights with 128 x 128 block scales (the K step is the block's 128
-columns, so only BLOCK_N, stages and warps vary), against cuBLAS's bf16 grouped GEMM on the same
-weights dequantised; the table then holds "fp8_grouped" (the FP8 path's) and no per-pair entry.
+columns, so only BLOCK_N, stages and warps vary; the best tiles are timed again with "tile_scale",
+each tile's one weight scale a K step folded into the rows' scales), against cuBLAS's bf16 grouped
+GEMM on the same weights dequantised; the table then holds "fp8_grouped" (the FP8 path's) and no
+per-pair entry.
 
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
@@ -83,8 +85,14 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
         bu = min(ups, key=ups.get)
         downs = {tile: timed({**fixed, "up": bu, "down": tile}) for tile in tiles}
         bd = min(downs, key=downs.get)
-        if best is None or downs[bd] < best[0]:
-            best = (downs[bd], {"BLOCK_M": bm, "up": bu, "down": bd, **extra}, ups, downs)
+        cfg = {"BLOCK_M": bm, "up": bu, "down": bd, **extra}
+        ms = downs[bd]
+        if ex.fp8 is not None:  # each tile's one weight scale a K step folded into the rows' scales
+            folded = timed({**cfg, "tile_scale": True})
+            if folded < ms:
+                cfg, ms = {**cfg, "tile_scale": True}, folded
+        if best is None or ms < best[0]:
+            best = (ms, cfg, ups, downs)
     layer_ms, chosen, ups, downs = best
     ref = ref_ex._grouped(x, w, ids).float()
     out = layer(chosen).float()

@@ -192,6 +192,11 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     # (each kernel's K step)
     w16 = fp8 is not None and bm <= 32 and SWITCHES.fp8_decode_w16
     quant = {"FP8": fp8 is not None and not w16, "W16": w16, "SCALE_ROWS": block[0], "GROUP": block[1]}
+    # FP8 with "tile_scale" in the config: a column tile inside one block row of weight scales takes
+    # that block's one scale a K step, folded into the rows' scales (one multiply-add an element
+    # instead of two); a tile of BLOCK_N columns is inside one when BLOCK_N divides the block's rows
+    # and the tile starts at a multiple of BLOCK_N (the up kernel's up half at INTER + its columns)
+    tile_scale = quant["FP8"] and bool(cfg.get("tile_scale"))
     x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
     bn, bk, stages, warps = cfg["up"]
@@ -200,6 +205,7 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
         s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0,
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y_dtype = x_TD.dtype if reduce and cfg.get("y16") else torch.float32
@@ -210,8 +216,9 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     _grouped_down[(groups, triton.cdiv(D, bn))](
         act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
-        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages,
-        num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
+        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        TILE_SCALE=tile_scale and block[0] % bn == 0, num_stages=stages, num_warps=warps, **quant,
+        **pdl.kwargs(x_TD.device))
     if not reduce:
         return y.view(T, K, D)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -254,8 +261,8 @@ if triton is not None:
     def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sxs_t, sw_e, sw_n,
                     sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
                     PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                    GROUP: tl.constexpr):
+                    TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr,
+                    SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         program_id(0) (expert e), on one tile of I. FP8: W13 float8 with block scales S13 [E, rows
         / SCALE_ROWS, D / GROUP], x in FP8 with a scale per row and GROUP = BLOCK_K columns (XS);
@@ -270,6 +277,9 @@ if triton is not None:
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         s_gate = S13 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r  # FP8: each column's scale row
         s_up = S13 + e.to(tl.int64) * ss_e + ((INTER + offs_n) // SCALE_ROWS) * ss_r
+        n0 = tl.program_id(1) * BLOCK_N  # TILE_SCALE: the tile's one block row of scales
+        s_gate0 = S13 + e.to(tl.int64) * ss_e + (n0 // SCALE_ROWS) * ss_r
+        s_up0 = S13 + e.to(tl.int64) * ss_e + ((INTER + n0) // SCALE_ROWS) * ss_r
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
@@ -287,7 +297,11 @@ if triton is not None:
                 wm = k_ok[:, None] & n_ok[None, :]
                 wg = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
                 wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
-                if FP8:
+                if FP8 and TILE_SCALE:
+                    a_s = tl.load(XS + rows * sxs_t + k0 // BLOCK_K, mask=m_ok, other=0.0)
+                    acc_g += fp8_dot(a, wg) * (a_s * tl.load(s_gate0 + k0 // BLOCK_K))[:, None]
+                    acc_u += fp8_dot(a, wu) * (a_s * tl.load(s_up0 + k0 // BLOCK_K))[:, None]
+                elif FP8:
                     a_s = tl.load(XS + rows * sxs_t + k0 // BLOCK_K, mask=m_ok, other=0.0)
                     sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
@@ -309,8 +323,9 @@ if triton is not None:
     def _grouped_down(ACT, AS, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sas_p, sw_e, sw_n,
                       sy_p,
                       S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                      FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr,
+                      PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                      GROUP: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
         (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS)."""
         if PDL:
@@ -326,6 +341,7 @@ if triton is not None:
             end = tl.where(zero, start, end)
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         s_base = S2 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r
+        s_tile = S2 + e.to(tl.int64) * ss_e + (tl.program_id(1) * BLOCK_N // SCALE_ROWS) * ss_r  # TILE_SCALE
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
@@ -337,7 +353,10 @@ if triton is not None:
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 wm = k_ok[:, None] & n_ok[None, :]
                 w = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
-                if FP8:
+                if FP8 and TILE_SCALE:
+                    a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
+                    acc += fp8_dot(a, w) * (a_s * tl.load(s_tile + k0 // BLOCK_K))[:, None]
+                elif FP8:
                     a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
                     sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
                     acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]

@@ -115,10 +115,11 @@ def fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids, w16: bool = 
 
 
 def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, inter: int, K: int,
-                      block: tuple[int, int], w16: bool = False) -> float:
+                      block: tuple[int, int], w16: bool = False, cfg: dict | None = None) -> float:
     """The Triton grouped expert kernels with FP8 weights against the reference; both the per-pair
     and the grouped (permuted) modes. Returns the largest relative error. `w16`: the kernels in
-    their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller; decode tile sizes)."""
+    their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller; decode tile sizes). `cfg`: these
+    tiles instead of the FP8 table's."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import permute_pairs
@@ -133,9 +134,9 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     worst = 0.0
     for plan in (None, permute_pairs(ids.to(device), 0, E)):
         dev = [t.to(device) for t in (w13, s13, w2, s2)]
-        cfg = moe_triton.grouped_config(T * K, E, True)  # the FP8 table
+        tiles = cfg or moe_triton.grouped_config(T * K, E, True)  # the FP8 table
         got = moe_triton.moe_grouped(x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device),
-                                     0, True, plan, cfg, fp8=(dev[1], dev[3], block))
+                                     0, True, plan, tiles, fp8=(dev[1], dev[3], block))
         rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
         worst = max(worst, rel)
     return worst
@@ -152,6 +153,18 @@ def test_fp8_expert_kernels(T, E, D, inter, block):
     # to the neighbouring bf16 value and that to the neighbouring FP8 value (1/16 apart), so the
     # kernel and the reference agree to a few 1e-2, not to float32 rounding (a wrong scale, expert
     # or weight gives ~1)
+    assert rel <= 3e-2
+
+
+@pytest.mark.parametrize("T,E,D,inter,block,cfg", [
+    (512, 8, 256, 256, (128, 128), {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 4), "y16": True}),
+    (1024, 4, 256, 384, (128, 128), {"BLOCK_M": 128, "up": (64, 128, 4, 8), "down": (128, 128, 4, 8)}),
+    (96, 4, 384, 192, (64, 64), {"BLOCK_M": 32, "up": (128, 64, 3, 4), "down": (64, 64, 3, 4)})])
+def test_fp8_expert_kernels_tile_scale(T, E, D, inter, block, cfg):
+    """A tile's one weight scale a K step folded into the rows' scales ("tile_scale"; the last case's
+    up tiles span two scale blocks, so only its down kernel folds): the same tolerance as above."""
+    rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block, cfg={**cfg, "tile_scale": True})
+    print(f"tile_scale T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
     assert rel <= 3e-2
 
 
