@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 import signal
 import this
 
@@ -124,6 +125,9 @@ def demo(tmp_path_factory, request):
 
 def test_models_health_metrics(demo):
     assert ("async scheduling" in demo.output()) == ("--async-scheduling" in demo.args)
+    # the serving line says what a replica's KV cache holds
+    assert re.search(r"KV cache [\d,]+ tokens a replica: room for \d+\.\d requests of that length at once, "
+                     rf"{SEQS_PER_REPLICA} sequences at most\)", demo.output()), demo.output()
     models = httpx.get(f"{demo.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["epinfer-demo"] and models["data"][0]["max_model_len"] == 1024
     assert httpx.get(f"{demo.url}/health").json()["status"] == "ok"

@@ -292,7 +292,8 @@ class ServeLoop:
                 "eos_ids": sorted(engine.eos_ids), "defaults": engine.defaults, "dp": self.dp,
                 "tp": self.ctx.tp_size, "max_num_seqs": engine.scheduler.max_num_seqs,
                 "async_scheduling": engine.ecfg.async_scheduling,
-                "num_blocks": len(alloc.free_blocks), "block_size": alloc.layout.block_size}
+                "num_blocks": len(alloc.free_blocks), "block_size": alloc.layout.block_size,
+                "kv_tokens": alloc.layout.capacity_tokens}
 
 
 @dataclasses.dataclass

@@ -92,6 +92,14 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     return asyncio.run(Server(args, ranks, tokenizer, info, sock, engine).run())
 
 
+def capacity(engine: dict) -> str:
+    """What a replica's KV cache holds: a request keeps its prompt and its `max_tokens` from admission
+    on, so requests of the max model length at once is the fewest it runs together."""
+    kv, longest = engine["kv_tokens"], engine["max_model_len"]
+    return (f"KV cache {kv:,} tokens a replica: room for {kv / longest:.1f} requests of that length at once, "
+            f"{engine['max_num_seqs']} sequences at most")
+
+
 class Server:
     def __init__(self, args, ranks: RankSet, tokenizer, info: ModelInfo, sock: socket.socket, engine: dict) -> None:
         self.args, self.ranks, self.tokenizer, self.info, self.sock, self.engine = \
@@ -115,7 +123,7 @@ class Server:
         host, port = self.sock.getsockname()[:2]
         mode = ", async scheduling" if self.engine.get("async_scheduling") else ""
         log_line(f"epinfer: serving {self.info.name} on http://{host}:{port} (dp={self.engine['dp']} "
-                 f"tp={self.engine['tp']}{mode}, max model length {self.info.max_model_len})")
+                 f"tp={self.engine['tp']}{mode}, max model length {self.info.max_model_len}; {capacity(self.engine)})")
         done, _ = await asyncio.wait({http_task, self.exit_code}, return_when=asyncio.FIRST_COMPLETED)
         if http_task in done and not self.exit_code.done():  # uvicorn stopped on its own
             self.ranks.stop()
