@@ -1,0 +1,105 @@
+"""fla-core's autotune choices on this GPU, written as fla's own config files: one `{kernel}.json` per
+autotuned kernel under `--out` (the format fla reads from FLA_CONFIG_DIR when FLA_CACHE_MODE is set:
+`autotune_entries` keyed by the hash of Triton's tuning key, and a `default_config`). The engine of
+`--shape` is built (its prefill warm-up runs a full-budget step, so every fla kernel it calls is
+autotuned at the engine's sizes), then one more prompt chunk runs, and the choice each fla
+autotuner made for each key is read back. With these files as FLA_CONFIG_DIR and
+FLA_CACHE_MODE=full, fla compiles the chosen config alone instead of timing every candidate: what
+the first start on a fresh machine spends autotuning. Prints, per kernel, the candidates it has and
+the keys it chose for.
+
+    python benchmarks/fla_configs.py --out DIR [--shape qwen3.5-35b-a3b] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def serialize(key) -> str:
+    """Triton's tuning key as fla serialises it (tuples as lists, sorted keys, no spaces)."""
+    def norm(v):
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return v
+    return json.dumps(norm(key), separators=(",", ":"), sort_keys=True)
+
+
+def config_dict(cfg) -> dict:
+    """A `triton.Config` as fla's config files hold one."""
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "num_ctas": getattr(cfg, "num_ctas", 1), "maxnreg": getattr(cfg, "maxnreg", None)}
+
+
+def config_file(name: str, choices: dict, triton_version: str) -> dict:
+    """{kernel_name, triton_version, autotune_entries, default_config} for one kernel's choices
+    ({tuning key: triton.Config}); the default is the config chosen for the most keys."""
+    entries, counts = {}, {}
+    for key, cfg in choices.items():
+        as_dict = config_dict(cfg)
+        entries[hashlib.md5(serialize(key).encode()).hexdigest()] = {"autotune_key": json.loads(serialize(key)),
+                                                                     "config": as_dict}
+        text = json.dumps(as_dict, sort_keys=True)
+        counts[text] = counts.get(text, 0) + 1
+    default = json.loads(max(counts, key=counts.get)) if counts else None
+    return {"kernel_name": name, "triton_version": triton_version, "autotune_entries": entries,
+            "default_config": default}
+
+
+def fla_autotuners() -> dict[str, object]:
+    """Every autotuned kernel of the fla modules loaded so far, by kernel name."""
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("fla.") or mod is None:
+            continue
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner):
+                name = getattr(obj, "kernel_name", None) or obj.fn.__name__
+                found[name] = obj
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="qwen3.5-35b-a3b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--len", type=int, default=3000, help="the extra prompt's tokens")
+    args = ap.parse_args()
+    import triton
+
+    from epinfer.bench.single import shape_folder, submit_random
+    from epinfer.engine.engine import Engine, EngineConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(EngineConfig(model=str(shape_folder(args.shape, args.layers, tmp)), dtype="bfloat16",
+                                     device="cuda", random_weights=True, max_model_len=args.len + 64))
+        submit_random(engine, 1, 1, args.len, 4, seed=0)
+        while engine.has_work():
+            engine.step()
+        torch.cuda.synchronize()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tuner in sorted(fla_autotuners().items()):
+        if not tuner.cache:
+            continue
+        (out / f"{name}.json").write_text(json.dumps(config_file(name, tuner.cache, triton.__version__), indent=1))
+        print(f"{name}: {len(tuner.configs)} candidates, chosen for {len(tuner.cache)} key(s): "
+              f"{sorted({json.dumps(config_dict(c), sort_keys=True) for c in tuner.cache.values()})}")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; files in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
