@@ -12,7 +12,7 @@ from epinfer.core.env import SWITCHES
 def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
     """Tile sizes by batch (static per batch size: CUDA-graph safe): PER_PAIR up to its pair count,
     else by the average pairs per expert; `fp8`: FP8 expert weights' table (`FP8_CONFIGS`, the bf16
-    one until a sweep fills it). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
+    one while it is empty). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
     sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_grouped": [...]}, each key
     optional)."""
     if "file" not in _LOADED:
@@ -58,8 +58,8 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
 # FP8 expert weights (BLOCK_K is the scale block's columns): the decode rows of the table above (not
 # yet swept in FP8), then prefill sizes from `moe_kernel_sweep.py --shape qwen3-30b-a3b --quant fp8
 # --batches 2048,8192,16384 --block-m 64,128` (H200, 2026-12-04): 128-row tiles with 8 warps from 512
-# pairs per expert, 16384 rows 3.13 ms a layer (the bf16 table's tiles took the 30B shape's prefill of
-# 64 x 1024 from 46.7k to 56.0k tok/s in the same kind of run, RESULTS.md)
+# pairs per expert, 16384 rows 3.13 ms a layer (with them the 30B shape's prefill of 64 x 1024 ran at
+# 56.0k tok/s, against 46.7k with the bf16 table's tiles, RESULTS.md)
 FP8_CONFIGS: list[tuple[float, dict]] = [
     *CONFIGS[:2],
     (96, CONFIGS[-1][1]),

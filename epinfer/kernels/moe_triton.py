@@ -297,16 +297,16 @@ if triton is not None:
                 wm = k_ok[:, None] & n_ok[None, :]
                 wg = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
                 wu = tl.load(w_base + INTER * sw_n + offs_k[:, None], mask=wm, other=0.0)
-                if FP8 and TILE_SCALE:
+                if FP8:
                     a_s = tl.load(XS + rows * sxs_t + k0 // BLOCK_K, mask=m_ok, other=0.0)
-                    acc_g += fp8_dot(a, wg) * (a_s * tl.load(s_gate0 + k0 // BLOCK_K))[:, None]
-                    acc_u += fp8_dot(a, wu) * (a_s * tl.load(s_up0 + k0 // BLOCK_K))[:, None]
-                elif FP8:
-                    a_s = tl.load(XS + rows * sxs_t + k0 // BLOCK_K, mask=m_ok, other=0.0)
-                    sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc_g += fp8_dot(a, wg) * a_s[:, None] * sg[None, :]
-                    acc_u += fp8_dot(a, wu) * a_s[:, None] * su[None, :]
+                    if TILE_SCALE:
+                        acc_g += fp8_dot(a, wg) * (a_s * tl.load(s_gate0 + k0 // BLOCK_K))[:, None]
+                        acc_u += fp8_dot(a, wu) * (a_s * tl.load(s_up0 + k0 // BLOCK_K))[:, None]
+                    else:
+                        sg = tl.load(s_gate + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                        su = tl.load(s_up + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                        acc_g += fp8_dot(a, wg) * a_s[:, None] * sg[None, :]
+                        acc_u += fp8_dot(a, wu) * a_s[:, None] * su[None, :]
                 elif W16:
                     acc_g = tl.dot(a, widen(wg, s_gate, k0, D, n_ok, BLOCK_K, GROUP).to(a.dtype), acc_g)
                     acc_u = tl.dot(a, widen(wu, s_up, k0, D, n_ok, BLOCK_K, GROUP).to(a.dtype), acc_u)
@@ -353,13 +353,13 @@ if triton is not None:
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 wm = k_ok[:, None] & n_ok[None, :]
                 w = tl.load(w_base + offs_k[:, None], mask=wm, other=0.0)
-                if FP8 and TILE_SCALE:
+                if FP8:
                     a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
-                    acc += fp8_dot(a, w) * (a_s * tl.load(s_tile + k0 // BLOCK_K))[:, None]
-                elif FP8:
-                    a_s = tl.load(AS + offs_m.to(tl.int64) * sas_p + k0 // BLOCK_K, mask=m_ok, other=0.0)
-                    sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
-                    acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]
+                    if TILE_SCALE:
+                        acc += fp8_dot(a, w) * (a_s * tl.load(s_tile + k0 // BLOCK_K))[:, None]
+                    else:
+                        sw = tl.load(s_base + k0 // BLOCK_K, mask=n_ok, other=0.0)
+                        acc += fp8_dot(a, w) * a_s[:, None] * sw[None, :]
                 elif W16:
                     acc = tl.dot(a, widen(w, s_base, k0, INTER, n_ok, BLOCK_K, GROUP).to(a.dtype), acc)
                 else:

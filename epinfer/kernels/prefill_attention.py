@@ -10,10 +10,10 @@ of other chunks and padding rows of `out` are left as they are.
 FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
 BLOCK_M / PACK queries of PACK heads that share a KV head) and streams the keys up to its last
 query's position in BLOCK_N steps: unmasked up to the tile's first position, causally masked past
-it (running max, sum and weighted accumulator in float32, exp2). Each key's
-cache row is looked up through the block table, so no gathered copy of the context is made and the
-block size is free. Tiles come from the host, where the chunk lengths are known (`tile_map`): one
-launch per layer, whatever the chunks.
+it (running max, sum and weighted accumulator in float32, exp2). Each key's cache row is looked up
+through the block table, so no gathered copy of the context is made and the block size is free.
+Tiles come from the host, where the chunk lengths are known (`tile_map`): one launch per layer,
+whatever the chunks.
 
 Shape suffixes: T rows, H query heads, KVH key/value heads, hd head dim, C chunks.
 """
