@@ -14,24 +14,12 @@ the keys it chose for.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-
-
-def serialize(key) -> str:
-    """Triton's tuning key as fla serialises it (tuples as lists, sorted keys, no spaces)."""
-    def norm(v):
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
-        return v
-    return json.dumps(norm(key), separators=(",", ":"), sort_keys=True)
 
 
 def config_dict(cfg) -> dict:
@@ -42,12 +30,15 @@ def config_dict(cfg) -> dict:
 
 def config_file(name: str, choices: dict, triton_version: str) -> dict:
     """{kernel_name, triton_version, autotune_entries, default_config} for one kernel's choices
-    ({tuning key: triton.Config}); the default is the config chosen for the most keys."""
+    ({tuning key: triton.Config}), keyed as fla looks them up; the default is the config chosen for
+    the most keys."""
+    from fla.ops.utils.cache import AutotuneKey
+
     entries, counts = {}, {}
     for key, cfg in choices.items():
         as_dict = config_dict(cfg)
-        entries[hashlib.md5(serialize(key).encode()).hexdigest()] = {"autotune_key": json.loads(serialize(key)),
-                                                                     "config": as_dict}
+        entries[AutotuneKey.key_hash(key)] = {"autotune_key": AutotuneKey.normalize_autotune_key(key),
+                                              "config": as_dict}
         text = json.dumps(as_dict, sort_keys=True)
         counts[text] = counts.get(text, 0) + 1
     default = json.loads(max(counts, key=counts.get)) if counts else None
