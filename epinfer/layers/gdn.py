@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.core.config import ModelConfig
-from epinfer.core.forward import ForwardBatch
+from epinfer.core.forward import ForwardBatch, aligned_device_rows
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.kernels.fused import fused
 from epinfer.kernels.gdn_ops import HAVE_TRITON, conv_triton, recurrent_step_inplace
@@ -159,11 +159,11 @@ class GatedDeltaNet(nn.Module):
             conv_state.index_copy_(0, snapshot_rows, x_PC[conv_rows].transpose(1, 2).to(conv_state.dtype))
         q, k, v = self._heads(q, k, v)
         init = torch.where(fresh[:, None, None, None], 0.0, ssm_state[slots])
+        capture = [(j, r) for j, r, _ in meta.captures]
         if fla_usable(v) and "fla" not in meta.memo:
-            meta.memo["fla"] = varlen_index(meta.lens, v.device, [(j, r) for j, r, _ in meta.captures])
+            meta.memo["fla"] = varlen_index(meta.lens, v.device, capture)
         out, final, captured = chunk_rule_varlen(q, k, v, g_TH[meta.rows], beta_TH[meta.rows], meta.lens,
-                                                 meta.memo.get("fla"), init, fused,
-                                                 [(j, r) for j, r, _ in meta.captures])
+                                                 meta.memo.get("fla"), init, fused, capture)
         ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
         if captured is not None:
             ssm_state.index_copy_(0, snapshot_rows, captured.to(ssm_state.dtype))
@@ -176,9 +176,9 @@ class GatedDeltaNet(nn.Module):
         if key not in meta.memo:
             starts = [0, *itertools.accumulate(meta.lens)]
             k1 = self.kernel - 1
-            conv = torch.tensor([[starts[j] + r - k1 + m for m in range(k1)] for j, r, _ in meta.captures])
-            rows = torch.tensor([row for *_, row in meta.captures])
-            meta.memo[key] = tuple(t.to(device, non_blocking=True) for t in (conv, rows))
+            conv, rows = aligned_device_rows([[starts[j] + r - k1 + m for j, r, _ in meta.captures for m in range(k1)],
+                                              [row for *_, row in meta.captures]], device)
+            meta.memo[key] = (conv.view(-1, k1), rows)
         return meta.memo[key]
 
     def _split_heads(self, conv_NC: torch.Tensor):
