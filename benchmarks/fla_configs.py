@@ -55,10 +55,33 @@ def fla_autotuners() -> dict[str, object]:
         if not mod_name.startswith("fla.") or mod is None:
             continue
         for obj in vars(mod).values():
+            for _ in range(4):  # an autotuner may sit under @triton.heuristics (whose .fn it is)
+                if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
             if isinstance(obj, Autotuner):
-                name = getattr(obj, "kernel_name", None) or obj.fn.__name__
-                found[name] = obj
+                fn = obj.fn
+                while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
+                    fn = fn.fn
+                name = getattr(obj, "kernel_name", None) or fn.__name__
+                # (several fla modules define a kernel of one name: keep the one that ran)
+                if name not in found or len(obj.cache) > len(found[name].cache):
+                    found[name] = obj
     return found
+
+
+def write_configs(out: Path) -> None:
+    """The choices of every fla autotuner that ran in this process, as fla's config files under `out`."""
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tuner in sorted(fla_autotuners().items()):
+        if not tuner.cache:
+            continue
+        (out / f"{name}.json").write_text(json.dumps(config_file(name, tuner.cache, triton.__version__), indent=1))
+        print(f"{name}: {len(tuner.configs)} candidates, chosen for {len(tuner.cache)} key(s): "
+              f"{sorted({json.dumps(config_dict(c), sort_keys=True) for c in tuner.cache.values()})}")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; files in {out}")
 
 
 def main() -> int:
@@ -68,8 +91,6 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--len", type=int, default=3000, help="the extra prompt's tokens")
     args = ap.parse_args()
-    import triton
-
     from epinfer.bench.single import shape_folder, submit_random
     from epinfer.engine.engine import Engine, EngineConfig
 
@@ -80,15 +101,7 @@ def main() -> int:
         while engine.has_work():
             engine.step()
         torch.cuda.synchronize()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, tuner in sorted(fla_autotuners().items()):
-        if not tuner.cache:
-            continue
-        (out / f"{name}.json").write_text(json.dumps(config_file(name, tuner.cache, triton.__version__), indent=1))
-        print(f"{name}: {len(tuner.configs)} candidates, chosen for {len(tuner.cache)} key(s): "
-              f"{sorted({json.dumps(config_dict(c), sort_keys=True) for c in tuner.cache.values()})}")
-    print(f"GPU: {torch.cuda.get_device_name(0)}; files in {out}")
+    write_configs(Path(args.out))
     return 0
 
 

@@ -1,12 +1,17 @@
 """Where a cold start-up goes: the engine of a shape built with empty Triton and TorchInductor caches
 (what the first start on a fresh machine pays), then, with `--warm`, once more on the caches the
-first build left (what every later start pays). For each build: the engine's start-up phases, the
+first build left, in a new process (what every later start pays). For each build: the engine's start-up phases, the
 main thread's time by activity (sampled every `--every` seconds: Triton compiling, autotuning,
 TorchInductor, CUDA graph capture, ...) and, cold only, the kernels compiled: one entry per compiled
 variant in the Triton cache, named by kernel, with the time since the previous compile finished
 (an estimate of its compile and autotune time; the first's is unknown), summed by kernel name.
 
+With `--fla-configs DIR` the cold build's fla autotune choices are also written as fla's config
+files (see benchmarks/fla_configs.py); a start with FLA_CONFIG_DIR=DIR FLA_CACHE_MODE=full then
+compiles the chosen configs alone.
+
     python benchmarks/startup_profile.py [--shape qwen3.5-35b-a3b] [--layers L] [--warm] [--top 25]
+        [--fla-configs DIR]
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import argparse
 import collections
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-# the caches are chosen before torch or Triton is imported: both read these once
-_CACHES = tempfile.mkdtemp(prefix="epinfer-startup-")
+# the caches are chosen before torch or Triton is imported: both read these once (the warm build's
+# process is handed the cold build's through EPINFER_STARTUP_CACHES)
+_CACHES = os.environ.get("EPINFER_STARTUP_CACHES") or tempfile.mkdtemp(prefix="epinfer-startup-")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHES, "triton")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "inductor")
 
@@ -106,11 +113,15 @@ def build(args, folder: str) -> dict:
         engine = Engine(EngineConfig(model=folder, dtype=args.dtype, device=args.device, random_weights=True,
                                      max_model_len=args.max_model_len))
         built = time.perf_counter() - t0
-    record = {"engine_s": round(built, 2), "phases_s": engine.startup, "activities_s": sampler.seconds()}
-    del engine
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return record
+    return {"engine_s": round(built, 2), "phases_s": engine.startup, "activities_s": sampler.seconds()}
+
+
+def report(kind: str, rec: dict) -> None:
+    print(f"{kind}: engine {rec['engine_s']} s, phases {rec['phases_s']}", file=sys.stderr)
+    print(f"  main thread by activity (s): {rec['activities_s']}", file=sys.stderr)
+    for name, count, secs in rec.get("triton_by_kernel", []):
+        print(f"  {secs:7.1f} s  {count:3d} variant(s)  {name}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def main() -> int:
@@ -121,28 +132,34 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--every", type=float, default=0.05, help="sampling period, seconds")
-    ap.add_argument("--warm", action="store_true", help="build a second engine on the caches the first left")
+    ap.add_argument("--warm", action="store_true",
+                    help="then build once more, in a new process, on the caches the first build left")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--fla-configs", default=None,
+                    help="after the cold build, write fla's autotune choices here (benchmarks/fla_configs.py)")
     args = ap.parse_args()
+    kind = "warm" if os.environ.get("EPINFER_STARTUP_CACHES") else "cold"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = str(shape_folder(args.shape, args.layers, tmp))
-        runs = {"cold": build(args, folder)}
+        rec = build(args, str(shape_folder(args.shape, args.layers, tmp)))
+    if kind == "cold":
         kernels = compiled_kernels(Path(os.environ["TRITON_CACHE_DIR"]))
         by_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
         for name, _, took in kernels:
             by_name[name][0] += 1
             by_name[name][1] += took
-        runs["cold"]["triton_variants"] = len(kernels)
-        runs["cold"]["triton_by_kernel"] = sorted(([n, c, round(s, 1)] for n, (c, s) in by_name.items()),
-                                                  key=lambda r: -r[2])[:args.top]
-        if args.warm:
-            runs["warm"] = build(args, folder)
-    print(json.dumps({"shape": args.shape, "caches": _CACHES, **runs}))
-    for kind, rec in runs.items():
-        print(f"{kind}: engine {rec['engine_s']} s, phases {rec['phases_s']}", file=sys.stderr)
-        print(f"  main thread by activity (s): {rec['activities_s']}", file=sys.stderr)
-        for name, count, secs in rec.get("triton_by_kernel", []):
-            print(f"  {secs:7.1f} s  {count:3d} variant(s)  {name}", file=sys.stderr)
+        rec["triton_variants"] = len(kernels)
+        rec["triton_by_kernel"] = sorted(([n, c, round(s, 1)] for n, (c, s) in by_name.items()),
+                                         key=lambda r: -r[2])[:args.top]
+    print(json.dumps({"shape": args.shape, "build": kind, "caches": _CACHES, **rec}), flush=True)
+    report(kind, rec)
+    if args.fla_configs and kind == "cold":
+        from fla_configs import write_configs  # (this script's folder is on the path)
+
+        write_configs(Path(args.fla_configs))
+    if args.warm and kind == "cold":  # a new process: nothing of the first build stays in memory
+        argv = [a for a in sys.argv[1:] if a != "--warm"]
+        return subprocess.run([sys.executable, __file__, *argv],
+                              env={**os.environ, "EPINFER_STARTUP_CACHES": _CACHES}).returncode
     return 0
 
 
