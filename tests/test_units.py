@@ -273,3 +273,34 @@ def test_queued_stream_updates_merge_into_one_event():
         assert merged(failure, q) == (failure, None) and q.qsize() == 1  # an error is never merged into
 
     asyncio.run(run())
+
+
+def test_shipped_fla_configs_are_found_and_well_formed():
+    """The fla config folder of an H200 is found by its device name (fla's spelling), none for a GPU
+    without one; each file is in fla's format, named by its kernel; and importing the GDN prefill
+    module asks fla for exact matches only unless the user configured fla's config cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from epinfer.kernels.gdn_prefill import fla_config_dir
+
+    folder = fla_config_dir("NVIDIA H200")
+    assert folder is not None and folder.name == "NVIDIA_H200"
+    assert fla_config_dir("NVIDIA Unknown-GPU 9") is None
+    files = sorted(folder.glob("*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        assert data["kernel_name"] == path.stem
+        configs = [entry["config"] for entry in data["autotune_entries"].values()] + [data["default_config"]]
+        for cfg in configs:
+            assert isinstance(cfg["kwargs"], dict) and cfg["num_warps"] in (1, 2, 4, 8, 16)
+            assert cfg["num_stages"] >= 1
+    probe = "import os, epinfer.kernels.gdn_prefill; print(os.environ.get('FLA_CACHE_MODE'))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLA_")}
+    for extra, mode in (({}, "strict"), ({"FLA_CACHE_MODE": "disabled"}, "disabled")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        assert out[-1] == mode

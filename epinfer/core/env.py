@@ -14,9 +14,9 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PIECEWISE=0         prefill and mixed steps without graph pieces (`runner.piecewise`), eagerly
   EPINFER_CHUNK_ATTENTION=0   prompt chunks' attention through SDPA per chunk instead of one Triton kernel
                               over the paged cache (`kernels.prefill_attention`)
-  EPINFER_FP8_DECODE_W16=1    FP8 weights at decode sizes widened to bf16 in registers, activations unquantised
-                              (`kernels.fp8_gemm`; an experiment: 6-12x slower decode on an H200 while each
-                              weight element gathered its own scale, now read once a group; not re-measured)
+  EPINFER_FP8_DECODE_W16=1    FP8 weights widened to bf16 in registers, activations unquantised, at every
+                              decode size (`kernels.fp8_gemm`); by default only in steps of 8 tokens or fewer,
+                              where it is faster; =0 never
   EPINFER_FP8_CUBLAS=1        FP8 projections of 256 rows or more, 2048 x 2048 or wider, through cuBLAS's
                               block-scaled GEMM (`kernels.fp8_gemm`; opt-in until measured end to end)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
@@ -31,6 +31,9 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_SYMM_MEM=1          the default of --symm-mem
   EPINFER_SYMM_MEM_BYTES=N    the largest collective the symmetric-memory path takes (default 1 MiB)
   EPINFER_SPAWNED=1           set by the launcher in the ranks it spawns (they are not under torchrun)
+
+fla-core's own FLA_CACHE_MODE and FLA_CONFIG_DIR are left to the user when either is set; otherwise
+fla takes exact matches from the autotune choices shipped for the GPU (`kernels.gdn_prefill`).
 """
 
 from __future__ import annotations
@@ -116,8 +119,15 @@ class Switches:
         return _on("EPINFER_STATE_CAPTURE", True)
 
     @property
-    def fp8_decode_w16(self) -> bool:
-        return _on("EPINFER_FP8_DECODE_W16", False)
+    def fp8_w16_tokens(self) -> int:
+        """The most tokens a step may carry for FP8 weights to take the weight-only decode mode
+        (`kernels.fp8_gemm`): 8 by default (on an H200 the 30B shape's batch-1 step took 3.137 ms
+        in it against 3.375, and batch 64 14.668 against 13.256); EPINFER_FP8_DECODE_W16=1 at every
+        decode size, =0 never."""
+        value = os.environ.get("EPINFER_FP8_DECODE_W16")
+        if value is None:
+            return 8
+        return 1 << 30 if _on("EPINFER_FP8_DECODE_W16", False) else 0
 
     @property
     def fp8_cublas(self) -> bool:

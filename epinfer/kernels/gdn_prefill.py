@@ -20,6 +20,9 @@ Shape suffixes: P packed rows, N sequences, C channels, H value heads, K key dim
 from __future__ import annotations
 
 import itertools
+import os
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,23 @@ try:  # Triton is optional: CPU installs don't have it
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+
+# fla-core autotunes each of its chunk kernels at first use: a dozen candidates compiled and timed,
+# about half a minute of a first start-up. `fla_configs/<GPU>/` holds the choices it made on that GPU
+# at the shipped shapes' sizes (benchmarks/fla_configs.py wrote them), in fla's own format. Unless
+# the user configures fla's config cache, fla looks up exact matches only ("strict": any other size,
+# or a GPU without a folder, autotunes as before), from our folder for the GPU the first call runs on.
+FLA_CONFIGS = Path(__file__).parent / "fla_configs"
+_fla_dir_unset = "FLA_CACHE_MODE" not in os.environ and "FLA_CONFIG_DIR" not in os.environ
+if _fla_dir_unset:
+    os.environ["FLA_CACHE_MODE"] = "strict"  # (fla reads it once, at import)
+
+
+def fla_config_dir(gpu_name: str) -> Path | None:
+    """Our fla config folder for a GPU of this name (fla's spelling of it), if we ship one."""
+    folder = FLA_CONFIGS / (re.sub(r"[^0-9A-Za-z]+", "_", gpu_name).strip("_") or "unknown_gpu")
+    return folder if folder.is_dir() else None
+
 
 try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test environment)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
@@ -49,7 +69,14 @@ except Exception:  # pragma: no cover
 
 
 def fla_usable(x: torch.Tensor) -> bool:
-    return _fla_chunk is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and SWITCHES.fla
+    global _fla_dir_unset
+    usable = _fla_chunk is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and SWITCHES.fla
+    if usable and _fla_dir_unset:  # (fla reads the folder at each lookup: before its first kernel runs)
+        _fla_dir_unset = False
+        folder = fla_config_dir(torch.cuda.get_device_name(x.device))
+        if folder is not None:
+            os.environ["FLA_CONFIG_DIR"] = str(folder)
+    return usable
 
 
 def conv_taps(lens: list[int], kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
