@@ -15,9 +15,9 @@ reads its columns' scales as a vector); their column count is the activation gro
 `fp8_linear_reference` computes the same quantisation in torch (float32 products): what the kernel
 is tested against, and the arithmetic it promises.
 
-At decode sizes (`W16_ROWS` rows or fewer, EPINFER_FP8_DECODE_W16=1) the GEMM is bound by reading
-the weight, and the per-group FP8 products above keep too few bytes in flight (one 128-column group
-a step). There the kernel widens each FP8 weight tile to the activations' dtype in registers, times
+At decode sizes (8 rows or fewer by default, `W16_ROWS` with EPINFER_FP8_DECODE_W16=1) the GEMM is
+bound by reading the weight, and the per-group FP8 products above keep too few bytes in flight (one
+128-column group a step). There the kernel widens each FP8 weight tile to the activations' dtype in registers, times
 its block scales, and multiplies the unquantised activations in wide K steps (`w16` mode: weight-only
 FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is the widened
 weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
@@ -114,7 +114,7 @@ W16_ROWS = 64  # the most rows `w16` mode takes
 
 
 def w16_mode(M: int) -> bool:
-    return M <= W16_ROWS and SWITCHES.fp8_decode_w16
+    return min(W16_ROWS, SWITCHES.fp8_w16_tokens) >= M
 
 
 def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[int, int, int, int, int]:

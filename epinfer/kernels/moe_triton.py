@@ -187,10 +187,10 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
         groups, shift = group_e.shape[0], 0
     bm = cfg["BLOCK_M"]
     s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread without FP8)
-    # FP8 at decode tiles with EPINFER_FP8_DECODE_W16=1: weights widened in registers, the bf16 tiles
-    # (`fp8_gemm`'s w16 mode); else the rows quantised once, per row and group of block[1] columns
-    # (each kernel's K step)
-    w16 = fp8 is not None and bm <= 32 and SWITCHES.fp8_decode_w16
+    # FP8 at decode tiles of steps of few tokens (`SWITCHES.fp8_w16_tokens`): weights widened in
+    # registers, the bf16 tiles (`fp8_gemm`'s w16 mode); else the rows quantised once, per row and
+    # group of block[1] columns (each kernel's K step)
+    w16 = fp8 is not None and bm <= 32 and SWITCHES.fp8_w16_tokens >= T
     quant = {"FP8": fp8 is not None and not w16, "W16": w16, "SCALE_ROWS": block[0], "GROUP": block[1]}
     # FP8 with "tile_scale" in the config: a column tile inside one block row of weight scales takes
     # that block's one scale a K step, folded into the rows' scales (one multiply-add an element
