@@ -46,7 +46,7 @@ ACTIVITIES = [
     ("torchinductor", "torch/_inductor/", ""),
     ("torch.compile tracing", "torch/_dynamo/", ""),
     ("cuda graph capture", "torch/cuda/graphs.py", ""),
-    ("weights", "epinfer/models/", ""),
+    ("model code (forward passes, weights)", "epinfer/models/", ""),
     ("warm-up steps", "epinfer/engine/engine.py", "warm_up"),
 ]
 
