@@ -6,7 +6,9 @@ autotuned at the engine's sizes), then one more prompt chunk runs, and the choic
 autotuner made for each key is read back. With these files as FLA_CONFIG_DIR and
 FLA_CACHE_MODE=full, fla compiles the chosen config alone instead of timing every candidate: what
 the first start on a fresh machine spends autotuning. Prints, per kernel, the candidates it has and
-the keys it chose for.
+the keys it chose for. epinfer ships such files for the GPUs in `epinfer/kernels/fla_configs/` and
+reads them unless fla's config cache is configured; this script turns that off (FLA_CACHE_MODE=disabled
+unless set) so that fla autotunes.
 
     python benchmarks/fla_configs.py --out DIR [--shape qwen3.5-35b-a3b] [--layers 4]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -46,11 +49,12 @@ def config_file(name: str, choices: dict, triton_version: str) -> dict:
             "default_config": default}
 
 
-def fla_autotuners() -> dict[str, object]:
-    """Every autotuned kernel of the fla modules loaded so far, by kernel name."""
+def fla_autotuners() -> dict[str, list]:
+    """Every autotuner of the fla modules loaded so far, by kernel name (several fla modules define
+    kernels of one name: fla's config file of that name serves them all)."""
     from triton.runtime.autotuner import Autotuner
 
-    found = {}
+    found: dict[str, list] = {}
     for mod_name, mod in list(sys.modules.items()):
         if not mod_name.startswith("fla.") or mod is None:
             continue
@@ -63,10 +67,9 @@ def fla_autotuners() -> dict[str, object]:
                 fn = obj.fn
                 while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
                     fn = fn.fn
-                name = getattr(obj, "kernel_name", None) or fn.__name__
-                # (several fla modules define a kernel of one name: keep the one that ran)
-                if name not in found or len(obj.cache) > len(found[name].cache):
-                    found[name] = obj
+                tuners = found.setdefault(getattr(obj, "kernel_name", None) or fn.__name__, [])
+                if all(t is not obj for t in tuners):
+                    tuners.append(obj)
     return found
 
 
@@ -75,12 +78,13 @@ def write_configs(out: Path) -> None:
     import triton
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, tuner in sorted(fla_autotuners().items()):
-        if not tuner.cache:
+    for name, tuners in sorted(fla_autotuners().items()):
+        chosen = {key: cfg for tuner in tuners for key, cfg in tuner.cache.items()}
+        if not chosen:
             continue
-        (out / f"{name}.json").write_text(json.dumps(config_file(name, tuner.cache, triton.__version__), indent=1))
-        print(f"{name}: {len(tuner.configs)} candidates, chosen for {len(tuner.cache)} key(s): "
-              f"{sorted({json.dumps(config_dict(c), sort_keys=True) for c in tuner.cache.values()})}")
+        (out / f"{name}.json").write_text(json.dumps(config_file(name, chosen, triton.__version__), indent=1))
+        print(f"{name}: {max(len(t.configs) for t in tuners)} candidates, chosen for {len(chosen)} key(s): "
+              f"{sorted({json.dumps(config_dict(c), sort_keys=True) for c in chosen.values()})}")
     print(f"GPU: {torch.cuda.get_device_name(0)}; files in {out}")
 
 
@@ -91,6 +95,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--len", type=int, default=3000, help="the extra prompt's tokens")
     args = ap.parse_args()
+    os.environ.setdefault("FLA_CACHE_MODE", "disabled")  # fla autotunes instead of reading the shipped choices
     from epinfer.bench.single import shape_folder, submit_random
     from epinfer.engine.engine import Engine, EngineConfig
 

@@ -1,10 +1,11 @@
 """Where a cold start-up goes: the engine of a shape built with empty Triton and TorchInductor caches
 (what the first start on a fresh machine pays), then, with `--warm`, once more on the caches the
-first build left, in a new process (what every later start pays). For each build: the engine's start-up phases, the
-main thread's time by activity (sampled every `--every` seconds: Triton compiling, autotuning,
-TorchInductor, CUDA graph capture, ...) and, cold only, the kernels compiled: one entry per compiled
-variant in the Triton cache, named by kernel, with the time since the previous compile finished
-(an estimate of its compile and autotune time; the first's is unknown), summed by kernel name.
+first build left, the process replaced by a new one (what every later start pays). For each build:
+the engine's start-up phases, the main thread's time by activity (sampled every `--every` seconds:
+Triton compiling, autotuning, TorchInductor, CUDA graph capture, ...) and, cold only, the kernels
+compiled: one entry per compiled variant in the Triton cache, named by kernel, with the time since
+the previous compile finished (an estimate of its compile and autotune time; the first's is
+unknown), summed by kernel name.
 
 With `--fla-configs DIR` the cold build's fla autotune choices are also written as fla's config
 files (see benchmarks/fla_configs.py); a start with FLA_CONFIG_DIR=DIR FLA_CACHE_MODE=full then
@@ -20,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -139,6 +139,8 @@ def main() -> int:
                     help="after the cold build, write fla's autotune choices here (benchmarks/fla_configs.py)")
     args = ap.parse_args()
     kind = "warm" if os.environ.get("EPINFER_STARTUP_CACHES") else "cold"
+    if args.fla_configs:  # fla autotunes instead of reading the shipped choices (`kernels.gdn_prefill`)
+        os.environ.setdefault("FLA_CACHE_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         rec = build(args, str(shape_folder(args.shape, args.layers, tmp)))
     if kind == "cold":
@@ -156,10 +158,11 @@ def main() -> int:
         from fla_configs import write_configs  # (this script's folder is on the path)
 
         write_configs(Path(args.fla_configs))
-    if args.warm and kind == "cold":  # a new process: nothing of the first build stays in memory
+    if args.warm and kind == "cold":  # this process replaced: nothing of the first build stays in memory
         argv = [a for a in sys.argv[1:] if a != "--warm"]
-        return subprocess.run([sys.executable, __file__, *argv],
-                              env={**os.environ, "EPINFER_STARTUP_CACHES": _CACHES}).returncode
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, "EPINFER_STARTUP_CACHES": _CACHES})
     return 0
 
 

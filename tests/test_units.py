@@ -275,16 +275,15 @@ def test_queued_stream_updates_merge_into_one_event():
     asyncio.run(run())
 
 
-def test_shipped_fla_configs_are_found_and_well_formed():
+def test_shipped_fla_configs_are_found_and_well_formed(monkeypatch):
     """The fla config folder of an H200 is found by its device name (fla's spelling), none for a GPU
-    without one; each file is in fla's format, named by its kernel; and importing the GDN prefill
-    module asks fla for exact matches only unless the user configured fla's config cache."""
+    without one; each file is in fla's format, named by its kernel; fla's config cache module is
+    pointed at it, exact matches only, unless the user configured fla (or we ship nothing)."""
+    import enum
     import json
-    import os
-    import subprocess
-    import sys
+    import types
 
-    from epinfer.kernels.gdn_prefill import fla_config_dir
+    from epinfer.kernels.gdn_prefill import fla_config_dir, use_shipped_fla_configs
 
     folder = fla_config_dir("NVIDIA H200")
     assert folder is not None and folder.name == "NVIDIA_H200"
@@ -298,9 +297,24 @@ def test_shipped_fla_configs_are_found_and_well_formed():
         for cfg in configs:
             assert isinstance(cfg["kwargs"], dict) and cfg["num_warps"] in (1, 2, 4, 8, 16)
             assert cfg["num_stages"] >= 1
-    probe = "import os, epinfer.kernels.gdn_prefill; print(os.environ.get('FLA_CACHE_MODE'))"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLA_")}
-    for extra, mode in (({}, "strict"), ({"FLA_CACHE_MODE": "disabled"}, "disabled")):
-        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
-                             timeout=120, check=True).stdout.split()
-        assert out[-1] == mode
+
+    class Mode(enum.Enum):  # as fla.ops.utils.cache.FlaCacheMode
+        DISABLED = "disabled"
+        STRICT = "strict"
+
+    def fake_fla():
+        return types.SimpleNamespace(FlaCacheMode=Mode, FLA_CACHE_MODE=Mode.DISABLED, get_fla_config_dir=lambda: None)
+
+    for name in ("FLA_CACHE_MODE", "FLA_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    fla = fake_fla()
+    assert use_shipped_fla_configs(fla, "NVIDIA H200")
+    assert fla.FLA_CACHE_MODE is Mode.STRICT and fla.get_fla_config_dir() == folder
+    fla = fake_fla()
+    assert not use_shipped_fla_configs(fla, "NVIDIA Unknown-GPU 9") and fla.FLA_CACHE_MODE is Mode.DISABLED
+    for name, value in (("FLA_CACHE_MODE", "disabled"), ("FLA_CONFIG_DIR", "/somewhere")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            fla = fake_fla()
+            assert not use_shipped_fla_configs(fla, "NVIDIA H200")
+            assert fla.FLA_CACHE_MODE is Mode.DISABLED and fla.get_fla_config_dir() is None

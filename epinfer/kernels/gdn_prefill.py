@@ -38,19 +38,33 @@ except ImportError:  # pragma: no cover
 
 # fla-core autotunes each of its chunk kernels at first use: a dozen candidates compiled and timed,
 # about half a minute of a first start-up. `fla_configs/<GPU>/` holds the choices it made on that GPU
-# at the shipped shapes' sizes (benchmarks/fla_configs.py wrote them), in fla's own format. Unless
-# the user configures fla's config cache, fla looks up exact matches only ("strict": any other size,
-# or a GPU without a folder, autotunes as before), from our folder for the GPU the first call runs on.
+# at the shipped shapes' sizes (benchmarks/fla_configs.py wrote them), in fla's own format. Unless the
+# user configures fla's config cache (FLA_CACHE_MODE or FLA_CONFIG_DIR set), fla is pointed at our
+# folder for the GPU of its first call, exact matches only: any other size, or a GPU without a folder,
+# autotunes as before. Set on fla's module, not in the environment, which ranks spawned later inherit.
 FLA_CONFIGS = Path(__file__).parent / "fla_configs"
-_fla_dir_unset = "FLA_CACHE_MODE" not in os.environ and "FLA_CONFIG_DIR" not in os.environ
-if _fla_dir_unset:
-    os.environ["FLA_CACHE_MODE"] = "strict"  # (fla reads it once, at import)
+_fla_configs_pending = True
 
 
 def fla_config_dir(gpu_name: str) -> Path | None:
     """Our fla config folder for a GPU of this name (fla's spelling of it), if we ship one."""
     folder = FLA_CONFIGS / (re.sub(r"[^0-9A-Za-z]+", "_", gpu_name).strip("_") or "unknown_gpu")
     return folder if folder.is_dir() else None
+
+
+def use_shipped_fla_configs(fla_cache, gpu_name: str) -> bool:
+    """Points fla's config cache module (`fla.ops.utils.cache`) at our folder for `gpu_name`, exact
+    matches only, unless the user configured it or we ship nothing for that GPU (or that fla has no
+    such module attributes). Returns whether it did."""
+    folder = fla_config_dir(gpu_name)
+    if folder is None or "FLA_CACHE_MODE" in os.environ or "FLA_CONFIG_DIR" in os.environ:
+        return False
+    modes = getattr(fla_cache, "FlaCacheMode", None)
+    if modes is None or not hasattr(fla_cache, "get_fla_config_dir") or not hasattr(fla_cache, "FLA_CACHE_MODE"):
+        return False
+    fla_cache.FLA_CACHE_MODE = modes.STRICT
+    fla_cache.get_fla_config_dir = lambda: folder
+    return True
 
 
 try:  # optional: GPU installs only (it pulls in Triton; never in the CPU test environment)
@@ -69,13 +83,13 @@ except Exception:  # pragma: no cover
 
 
 def fla_usable(x: torch.Tensor) -> bool:
-    global _fla_dir_unset
+    global _fla_configs_pending
     usable = _fla_chunk is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and SWITCHES.fla
-    if usable and _fla_dir_unset:  # (fla reads the folder at each lookup: before its first kernel runs)
-        _fla_dir_unset = False
-        folder = fla_config_dir(torch.cuda.get_device_name(x.device))
-        if folder is not None:
-            os.environ["FLA_CONFIG_DIR"] = str(folder)
+    if usable and _fla_configs_pending:  # (before fla's first kernel runs: every call comes through here)
+        _fla_configs_pending = False
+        import fla.ops.utils.cache as fla_cache
+
+        use_shipped_fla_configs(fla_cache, torch.cuda.get_device_name(x.device))
     return usable
 
 

@@ -58,7 +58,8 @@ CASES = [(1, 256, 512, (128, 128)), (7, 384, 2048, (128, 128)), (64, 200, 300, (
 
 
 @pytest.mark.parametrize("M,N,K,block", CASES)
-def test_fp8_linear_kernel(M, N, K, block):
+def test_fp8_linear_kernel(M, N, K, block, monkeypatch):
+    monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "0")  # quantised activations at every size (w16: below)
     exact, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1, tol=1e-2, representable=True)
     rel, rel_exact = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1)
     print(f"M {M} N {N} K {K} block {block}: {rel:.2e} vs same quantisation ({exact:.2e} with representable "
@@ -145,7 +146,8 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
 @pytest.mark.parametrize("T,E,D,inter,block", [(1, 8, 256, 128, (128, 128)), (5, 16, 512, 384, (128, 128)),
                                                (64, 8, 256, 256, (128, 128)), (9, 6, 64, 48, (16, 16)),
                                                (512, 8, 256, 256, (128, 128)), (1024, 4, 256, 128, (128, 128))])
-def test_fp8_expert_kernels(T, E, D, inter, block):
+def test_fp8_expert_kernels(T, E, D, inter, block, monkeypatch):
+    monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "0")  # quantised activations at every size (w16: below)
     rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block)
     print(f"T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
     # the intermediate is quantised again: a sum in another order (the tensor cores accumulate FP8
