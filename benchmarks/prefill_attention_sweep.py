@@ -1,5 +1,5 @@
-"""Prompt-chunk attention (`prefill_attention._prefill_kernel`) tiles and head packing (PACK query heads
-of one KV head a program, each key tile read once for them): one chunk of ROWS new rows
+"""Prompt-chunk attention (`prefill_attention._prefill_kernel`) tiles, head packing (PACK query heads
+of one KV head a program, each key tile read once for them) and lazy rescaling: one chunk of ROWS new rows
 after CONTEXT cached tokens (16-token pages), at the Qwen3.5-35B-A3B attention shape (16 query
 heads, 2 KV heads, head dim 256) or another `--heads H,KVH --head-dim D`. Every tile candidate and
 SDPA (flash, the keys gathered contiguous) timed on the same inputs; one JSON record each, with
@@ -22,10 +22,14 @@ from epinfer.core.forward import aligned_device_rows
 from epinfer.kernels import prefill_attention as pa
 from epinfer.layers.attention import _sdpa
 
-TILES = [(64, 32, 8, 2, 1), (64, 64, 8, 2, 1), (64, 64, 4, 2, 1), (64, 32, 4, 3, 1), (128, 32, 8, 2, 1),
-         (128, 32, 8, 3, 1), (128, 64, 8, 2, 1), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1),
-         (128, 64, 8, 2, 2), (128, 64, 8, 2, 4), (128, 64, 8, 2, 8), (256, 64, 16, 2, 2), (256, 32, 16, 2, 4),
-         (128, 32, 8, 3, 2)]  # (BLOCK_M, BLOCK_N, warps, stages, PACK: query heads of one KV head a program)
+# (BLOCK_M, BLOCK_N, warps, stages, PACK: query heads of one KV head a program, LAZY: the accumulator
+# rescaled only when a row's maximum grew past 2^8)
+TILES = [(64, 32, 8, 2, 1, False), (64, 64, 8, 2, 1, False), (64, 64, 4, 2, 1, False), (64, 32, 4, 3, 1, False),
+         (128, 32, 8, 2, 1, False), (128, 32, 8, 3, 1, False), (128, 64, 8, 2, 1, False), (128, 64, 8, 3, 1, False),
+         (128, 128, 8, 2, 1, False), (128, 64, 8, 2, 2, False), (128, 64, 8, 2, 4, False), (128, 64, 8, 2, 8, False),
+         (256, 64, 16, 2, 2, False), (256, 32, 16, 2, 4, False), (128, 32, 8, 3, 2, False),
+         (128, 64, 8, 2, 1, True), (128, 64, 8, 3, 1, True), (128, 128, 8, 2, 1, True), (128, 64, 8, 2, 2, True),
+         (64, 64, 4, 2, 1, True)]
 
 
 def main() -> int:
@@ -51,21 +55,22 @@ def main() -> int:
                                                C, hd**-0.5), rep=50)
     print(json.dumps({"kernel": "sdpa", "ms": round(ms, 3), "tflops": round(flops / ms / 1e9)}))
     chosen = pa.blocks_for(hd)
-    for bm, bn, warps, stages, pack in TILES:
+    for bm, bn, warps, stages, pack, lazy in TILES:
         record = {"kernel": "prefill_attention", "block_m": bm, "block_n": bn, "warps": warps, "stages": stages,
-                  "pack": pack, "current": (bm, bn, pack) == chosen and (warps == 8) == (hd > 128) and stages == 2}
+                  "pack": pack, "lazy": lazy, "current": (bm, bn, pack) == chosen and (warps == 8) == (hd > 128)
+                  and stages == 2 and lazy == pa.LAZY_RESCALE}
         if (H // KVH) % pack:
             continue
         try:
             tiles = aligned_device_rows(list(pa.tile_map([N], bm // pack)), dev)
 
-            def run(bm=bm, bn=bn, warps=warps, stages=stages, pack=pack, tiles=tiles):
+            def run(bm=bm, bn=bn, warps=warps, stages=stages, pack=pack, lazy=lazy, tiles=tiles):
                 pa._prefill_kernel[(tiles[0].shape[0], H // pack)](
                     q, k, v, out, table, tiles[0], tiles[1], *meta, hd**-0.5 * pa.LOG2E, q.stride(0), q.stride(1),
                     k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
                     out.stride(1), table.stride(0), BS=bs, REP=H // KVH, HD=hd,
-                    HD_P=max(16, triton.next_power_of_2(hd)), BLOCK_M=bm, BLOCK_N=bn, PACK=pack, num_warps=warps,
-                    num_stages=stages)
+                    HD_P=max(16, triton.next_power_of_2(hd)), BLOCK_M=bm, BLOCK_N=bn, PACK=pack, LAZY=lazy,
+                    num_warps=warps, num_stages=stages)
             run()
             ms = triton.testing.do_bench(run, rep=50)
             record.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9), err=(out.float() - ref).abs().max().item())

@@ -120,3 +120,10 @@ for rows_x, rows_g in ((x, gate), (x.view(12, 128), torch.randn(12, 128).half())
     got = norm_triton.gated_rms_norm(rows_x, rows_g, w, 1e-6)
     want = gated_rms_norm(rows_x, rows_g, w, 1e-6)
     print("gated_rms_norm", tuple(rows_x.shape), (got.float() - want.float()).abs().max().item())
+# prompt-chunk attention over the paged cache (fp16: the interpreter's bf16 is unreliable): plain,
+# query heads packed, lazy rescaling; each against SDPA per chunk (the GPU test's check)
+from tests.gpu.test_gpu_prefill import check_prefill_kernel  # noqa: E402
+
+for hd, bs, pack, lazy in [(64, 16, None, False), (64, 32, 2, False), (64, 16, None, True), (128, 16, 4, True)]:
+    print("prefill_attention", hd, bs, pack, lazy, check_prefill_kernel("cpu", torch.float16, hd, bs, pack=pack,
+                                                                        lazy=lazy))

@@ -10,8 +10,10 @@ of other chunks and padding rows of `out` are left as they are.
 FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
 BLOCK_M / PACK queries of PACK heads that share a KV head) and streams the keys up to its last
 query's position in BLOCK_N steps: unmasked up to the tile's first position, causally masked past
-it (running max, sum and weighted accumulator in float32, exp2). Each key's cache row is looked up
-through the block table, so no gathered copy of the context is made and the block size is free.
+it (running max, sum and weighted accumulator in float32, exp2; with `lazy`, the running max and
+the accumulator's scale move only when a row's max grew by more than 2^8). Each key's cache row is
+looked up through the block table, so no gathered copy of the context is made and the block size
+is free.
 Tiles come from the host, where the chunk lengths are known (`tile_map`): one launch per layer,
 whatever the chunks.
 
@@ -31,6 +33,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 LOG2E = 1.4426950408889634
+LAZY_RESCALE = False  # the accumulator rescaled only when a row's maximum grew past 2^8: until a sweep shows it pays
 
 
 def usable(q_THd: torch.Tensor) -> bool:
@@ -67,11 +70,12 @@ def tile_map(lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
 
 def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       tiles: tuple[torch.Tensor, torch.Tensor], chunks: tuple[torch.Tensor, ...], scale: float,
-                      out_THd: torch.Tensor, pack: int | None = None) -> torch.Tensor:
+                      out_THd: torch.Tensor, pack: int | None = None, lazy: bool = LAZY_RESCALE) -> torch.Tensor:
     """`tiles`: (chunk, first query) per tile (device, from `tile_map` with `tile_rows(hd, pack)`);
     `chunks`: (starts, lens, ctx, slots) per chunk (device). Writes the chunks' rows of `out_THd`
     and returns it. `pack`: query heads a program holds (`blocks_for`'s when None; it must divide
-    the query heads of a KV head)."""
+    the query heads of a KV head). `lazy`: the accumulator rescaled only when a maximum grew by more
+    than 2^8 (`_keys`)."""
     T, H, hd = q_THd.shape
     _, bs, KVH, _ = k_cache.shape
     tile_chunk, tile_first = tiles
@@ -88,7 +92,7 @@ def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         scale * LOG2E, q_THd.stride(0), q_THd.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_THd.stride(0), out_THd.stride(1),
         block_table.stride(0), BS=bs, REP=H // KVH, HD=hd, HD_P=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack, num_warps=4 if hd <= 128 else 8, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack, LAZY=lazy, num_warps=4 if hd <= 128 else 8, num_stages=2)
     return out_THd
 
 
@@ -96,9 +100,13 @@ if triton is not None:
 
     @triton.jit
     def _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
-              sk0, sk1, sk2, sv0, sv1, sv2, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+              sk0, sk1, sk2, sv0, sv1, sv2, BS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              LAZY: tl.constexpr):
         """One BLOCK_N step of keys from k0 (online softmax); `CAUSAL`: the step reaches the tile's
-        own positions (or the end), so keys past each query, or past `end`, are masked."""
+        own positions (or the end), so keys past each query, or past `end`, are masked. `LAZY`: the
+        running maxima, and with them the accumulator's scale, move only when a row's maximum grew
+        by more than 2^8 (else the weights exp2(s - m) stay under 256, exact to float32 rounding in
+        the accumulator and the sum): most steps then skip rescaling the [M, HD] accumulator."""
         offs_n = k0 + tl.arange(0, BLOCK_N)
         if CAUSAL:
             key_ok = offs_n < end
@@ -113,20 +121,35 @@ if triton is not None:
         if CAUSAL:
             s = tl.where((offs_n[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if LAZY:
+            grew = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0)  # (inf for a row's first keys)
+            if grew > 8.0:
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # a row that has seen nothing yet
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            m_new = m_i
+        else:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + page[:, None] * sv0 + (offs_n % BS)[:, None] * sv1 + kvh * sv2 + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if LAZY:
+            acc += tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
 
     @triton.jit
     def _prefill_kernel(Q, K, V, Out, BT, TILE_C, TILE_M, STARTS, LENS, CTX, SLOTS, qk_scale,
                         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
                         BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, LAZY: tl.constexpr):
         """Program (tile, head group): BLOCK_M rows, PACK query heads (of one KV head) x QM queries."""
         QM: tl.constexpr = BLOCK_M // PACK  # queries of the chunk in this tile
         tile = tl.program_id(0)
@@ -159,10 +182,10 @@ if triton is not None:
         full = (context + m0) // BLOCK_N * BLOCK_N
         for k0 in range(0, full, BLOCK_N):
             m_i, l_i, acc = _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
-                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, False)
+                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, False, LAZY)
         for k0 in range(full, end, BLOCK_N):
             m_i, l_i, acc = _keys(q, K, V, BT, slot, sbt, kvh, k0, end, q_pos, offs_d, d_ok, m_i, l_i, acc, qk_scale,
-                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, True)
+                                  sk0, sk1, sk2, sv0, sv1, sv2, BS, BLOCK_N, True, LAZY)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + rows[:, None] * so0 + h * so1 + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])

@@ -262,10 +262,12 @@ def test_graph_pieces_float32_tokens(family, budget, ckpt_dir):
 
 
 def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, heads=(8, 2),
-                         pack: int | None = None) -> float:
+                         pack: int | None = None, lazy: bool = False) -> float:
     """The chunks' attention in one kernel against SDPA per chunk (float32, heads repeated): fresh
     prompts, chunks after cached context, one-row chunks, lengths off the tile grid, scattered
-    blocks; rows of other chunks untouched; `pack` query heads a program. Returns the largest error."""
+    blocks; rows of other chunks untouched; `pack` query heads a program; `lazy` rescaling (every
+    other query 6x larger, so that some rows' maxima grow past 2^8 between key steps and others'
+    do not). Returns the largest error."""
     from epinfer.core.forward import aligned_device_rows
     from epinfer.kernels.prefill_attention import prefill_attention, tile_map, tile_rows
     from epinfer.layers.attention import _sdpa
@@ -285,12 +287,15 @@ def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, head
         starts.append(row)
         row += n
     T = row + 5  # padding rows at the end
-    q = torch.randn(T, H, hd, generator=gen).to(device, dtype)
+    q = torch.randn(T, H, hd, generator=gen)
+    if lazy:
+        q[::2] *= 6.0
+    q = q.to(device, dtype)
     out = torch.full((T, H, hd), 7.0, dtype=dtype, device=device)
     tiles = aligned_device_rows(list(tile_map([n for _, n in chunks], tile_rows(hd, pack))), torch.device(device))
     meta = aligned_device_rows([starts, [n for _, n in chunks], [c for c, _ in chunks],
                                 list(range(1, len(chunks) + 1))], torch.device(device))
-    prefill_attention(q, k_cache, v_cache, table.to(device), tiles, meta, hd**-0.5, out, pack)
+    prefill_attention(q, k_cache, v_cache, table.to(device), tiles, meta, hd**-0.5, out, pack, lazy)
     worst = 0.0
     for c, (ctx, n) in enumerate(chunks):
         pages = table[c + 1, :-(-(ctx + n) // bs)].long().to(device)
@@ -305,11 +310,14 @@ def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, head
     return worst
 
 
-@pytest.mark.parametrize("hd,bs,pack", [(128, 16, None), (256, 16, None), (64, 32, None), (256, 16, 2), (128, 16, 4)])
-def test_prefill_attention_kernel(hd, bs, pack):
-    """`pack`: query heads of one KV head in a program (rows = heads x queries), as a sweep tries."""
-    err = check_prefill_kernel('cuda', torch.bfloat16, hd, bs, pack=pack)
-    print(f"hd {hd}, block {bs}, pack {pack}: largest error {err:.2e}")
+@pytest.mark.parametrize("hd,bs,pack,lazy", [(128, 16, None, False), (256, 16, None, False), (64, 32, None, False),
+                                             (256, 16, 2, False), (128, 16, 4, False), (256, 16, None, True),
+                                             (128, 16, 4, True)])
+def test_prefill_attention_kernel(hd, bs, pack, lazy):
+    """`pack`: query heads of one KV head in a program (rows = heads x queries); `lazy`: the
+    accumulator rescaled only past 2^8 of growth; as a sweep tries them."""
+    err = check_prefill_kernel('cuda', torch.bfloat16, hd, bs, pack=pack, lazy=lazy)
+    print(f"hd {hd}, block {bs}, pack {pack}, lazy {lazy}: largest error {err:.2e}")
 
 
 @pytest.mark.parametrize("budget", [40, 4096], ids=["mixed-steps", "whole-prompts"])
