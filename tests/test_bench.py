@@ -281,6 +281,10 @@ def test_workload_runs_every_request_to_its_length(tmp_path):
     assert {"weights", "cache", "graphs", "pieces", "warm_up", "warm_up_first_step"} <= set(phases)
     assert phases["weights"] + phases["cache"] + phases["graphs"] + phases["pieces"] <= phases["engine"] + 0.03
     assert 0 <= phases["warm_up_first_step"] <= phases["warm_up"] + 0.02
+    assert 1 <= rec["most_running"] <= 10  # (admitted as the token budget lets their prompts in)
+    few = bench_workload(str(tmp_path), "mixed", dataclasses.replace(cpu, max_num_seqs=3), requests=10, input_len=30,
+                         output_len=8)
+    assert few["most_running"] == 3 == few["max_num_seqs"] and few["output_tokens"] == rec["output_tokens"]
 
 
 @pytest.mark.timeout(240)

@@ -150,9 +150,11 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
     done: dict[int, float] = {}
     by_kind: dict[str, list[float]] = {"prefill": [], "mixed": [], "decode": []}
     first_s = None
+    most_running = 0  # the most sequences admitted at once (the sequence limit, the KV cache's room or the budget)
     while engine.has_work():
         t = time.perf_counter()
         scheduled, plan = engine.plan_step()
+        most_running = max(most_running, len(engine.scheduler.running))
         kind, rows, decodes = step_shape(scheduled)
         if scheduled:
             engine.apply(scheduled, engine.runner.execute(plan))
@@ -184,6 +186,7 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
     queried, hit = (after[k] - before[k] for k in ("prefix_cache_queries", "prefix_cache_hits"))
     return {"requests": len(seqs), **summary(len(seqs), prompt, out, wall, ttft, tpot),
             "prefix_cache_hit_rate": round(hit / max(1, queried), 4), "first_step_s": round(first_s or 0.0, 2),
+            "most_running": most_running,
             "steps": {k: {"count": len(v), "total_s": round(sum(v), 2),
                           **{f"{q}_ms": round(1e3 * f(v), 2) if v else None
                              for q, f in (("median", statistics.median), ("p90", lambda x: percentile(x, 0.9)),
@@ -260,5 +263,6 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
             f.writelines(json.dumps(step) + "\n" for step in steps)
     print(f"epinfer bench: {name}: {record['requests']} requests, {record['total_tok_s']} tok/s total, "
           f"{record['output_tok_s']} tok/s out, TTFT p50 {record['ttft_ms_p50']} ms, TPOT p50 "
-          f"{record['tpot_ms_p50']} ms", file=sys.stderr, flush=True)
+          f"{record['tpot_ms_p50']} ms, at most {record['most_running']} of {record['max_num_seqs']} sequences "
+          "running", file=sys.stderr, flush=True)
     return record
