@@ -63,11 +63,8 @@ def fla_autotuners() -> dict[str, list]:
                 if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
                     break
                 obj = obj.fn
-            if isinstance(obj, Autotuner):
-                fn = obj.fn
-                while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
-                    fn = fn.fn
-                tuners = found.setdefault(getattr(obj, "kernel_name", None) or fn.__name__, [])
+            if isinstance(obj, Autotuner):  # (base_fn: Triton's own unwrapping, the Python function)
+                tuners = found.setdefault(getattr(obj, "kernel_name", None) or obj.base_fn.__name__, [])
                 if all(t is not obj for t in tuners):
                     tuners.append(obj)
     return found

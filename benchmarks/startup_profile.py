@@ -133,7 +133,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--every", type=float, default=0.05, help="sampling period, seconds")
     ap.add_argument("--warm", action="store_true",
-                    help="then build once more, in a new process, on the caches the first build left")
+                    help="then build once more, the process replaced by a new one, on the caches the first build left")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--fla-configs", default=None,
                     help="after the cold build, write fla's autotune choices here (benchmarks/fla_configs.py)")

@@ -17,10 +17,10 @@ is tested against, and the arithmetic it promises.
 
 At decode sizes (8 rows or fewer by default, `W16_ROWS` with EPINFER_FP8_DECODE_W16=1) the GEMM is
 bound by reading the weight, and the per-group FP8 products above keep too few bytes in flight (one
-128-column group a step). There the kernel widens each FP8 weight tile to the activations' dtype in registers, times
-its block scales, and multiplies the unquantised activations in wide K steps (`w16` mode: weight-only
-FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is the widened
-weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
+128-column group a step). There the kernel widens each FP8 weight tile to the activations' dtype in
+registers, times its block scales, and multiplies the unquantised activations in wide K steps (`w16`
+mode: weight-only FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is
+the widened weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
 
 At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, EPINFER_FP8_CUBLAS=1,
 Hopper, 128 x 128 blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead

@@ -13,9 +13,8 @@ query's position in BLOCK_N steps: unmasked up to the tile's first position, cau
 it (running max, sum and weighted accumulator in float32, exp2; with `lazy`, the running max and
 the accumulator's scale move only when a row's max grew by more than 2^8). Each key's cache row is
 looked up through the block table, so no gathered copy of the context is made and the block size
-is free.
-Tiles come from the host, where the chunk lengths are known (`tile_map`): one launch per layer,
-whatever the chunks.
+is free. Tiles come from the host, where the chunk lengths are known (`tile_map`): one launch per
+layer, whatever the chunks.
 
 Shape suffixes: T rows, H query heads, KVH key/value heads, hd head dim, C chunks.
 """
