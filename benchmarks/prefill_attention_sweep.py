@@ -2,9 +2,9 @@
 of one KV head a program, each key tile read once for them) and lazy rescaling: one chunk of ROWS new rows
 after CONTEXT cached tokens (16-token pages), at the Qwen3.5-35B-A3B attention shape (16 query
 heads, 2 KV heads, head dim 256) or another `--heads H,KVH --head-dim D`. Every tile candidate and
-SDPA (flash, the keys gathered contiguous) timed on the same inputs; one JSON record each, with
-TFLOP/s of the causal attention and the largest error against SDPA; the current table's choice
-marked.
+SDPA (flash, the keys gathered contiguous) timed on the same inputs, the tiles in the engine's
+order (heaviest first) and the current tile also in chunk order; one JSON record each, with TFLOP/s
+of the causal attention and the largest error against SDPA; the current table's choice marked.
 
     python benchmarks/prefill_attention_sweep.py [--context 16384] [--rows 16384]
 """
@@ -55,17 +55,21 @@ def main() -> int:
                                                C, hd**-0.5), rep=50)
     print(json.dumps({"kernel": "sdpa", "ms": round(ms, 3), "tflops": round(flops / ms / 1e9)}))
     chosen = pa.blocks_for(hd)
-    for bm, bn, warps, stages, pack, lazy in TILES:
+    current = [t for t in TILES if (t[0], t[1], t[4]) == chosen and t[2] == (8 if hd > 128 else 4) and t[3] == 2
+               and t[5] == pa.LAZY_RESCALE]
+    # every tile heaviest first (the engine's order), the current one also in chunk order
+    for tile, heavy_first in [(t, True) for t in TILES] + [(t, False) for t in current]:
+        bm, bn, warps, stages, pack, lazy = tile
         record = {"kernel": "prefill_attention", "block_m": bm, "block_n": bn, "warps": warps, "stages": stages,
-                  "pack": pack, "lazy": lazy, "current": (bm, bn, pack) == chosen and (warps == 8) == (hd > 128)
-                  and stages == 2 and lazy == pa.LAZY_RESCALE}
+                  "pack": pack, "lazy": lazy, "order": "heaviest first" if heavy_first else "chunk",
+                  "current": tile in current and heavy_first}
         if (H // KVH) % pack:
             continue
         try:
-            tiles = aligned_device_rows(list(pa.tile_map([N], bm // pack)), dev)
+            tiles = aligned_device_rows(list(pa.tile_map([N], bm // pack, [C] if heavy_first else None)), dev)
 
             def run(bm=bm, bn=bn, warps=warps, stages=stages, pack=pack, lazy=lazy, tiles=tiles):
-                pa._prefill_kernel[(tiles[0].shape[0], H // pack)](
+                pa._prefill_kernel[(H // pack, tiles[0].shape[0])](
                     q, k, v, out, table, tiles[0], tiles[1], *meta, hd**-0.5 * pa.LOG2E, q.stride(0), q.stride(1),
                     k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
                     out.stride(1), table.stride(0), BS=bs, REP=H // KVH, HD=hd,

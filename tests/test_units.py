@@ -318,3 +318,17 @@ def test_shipped_fla_configs_are_found_and_well_formed(monkeypatch):
             fla = fake_fla()
             assert not use_shipped_fla_configs(fla, "NVIDIA H200")
             assert fla.FLA_CACHE_MODE is Mode.DISABLED and fla.get_fla_config_dir() is None
+
+
+def test_prompt_chunk_tiles_heaviest_first():
+    """Every query tile of every chunk once; with the cached context given, in the order of the
+    keys each tile reads, most first; without it, in chunk order."""
+    from epinfer.kernels.prefill_attention import tile_map
+
+    lens, ctx = [300, 1, 128, 40], [0, 900, 50, 0]
+    plain = tile_map(lens, 128)
+    assert plain == ([0, 0, 0, 1, 2, 3], [0, 128, 256, 0, 0, 0])
+    chunk, first = tile_map(lens, 128, ctx)
+    assert sorted(zip(chunk, first, strict=True)) == sorted(zip(*plain, strict=True))
+    keys = [ctx[c] + min(m0 + 128, lens[c]) for c, m0 in zip(chunk, first, strict=True)]
+    assert keys == sorted(keys, reverse=True) and keys[0] == 901 and keys[-1] == 40

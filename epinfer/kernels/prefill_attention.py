@@ -7,14 +7,16 @@ are in the cache already. Query i of the chunk attends to the first `ctx[c] + i 
 aligned to the end: a fresh prompt and a chunk that starts mid-sequence are the same case). Rows
 of other chunks and padding rows of `out` are left as they are.
 
-FlashAttention-2 form: program (tile, head) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
+FlashAttention-2 form: program (head, tile) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
 BLOCK_M / PACK queries of PACK heads that share a KV head) and streams the keys up to its last
 query's position in BLOCK_N steps: unmasked up to the tile's first position, causally masked past
 it (running max, sum and weighted accumulator in float32, exp2; with `lazy`, the running max and
 the accumulator's scale move only when a row's max grew by more than 2^8). Each key's cache row is
 looked up through the block table, so no gathered copy of the context is made and the block size
-is free. Tiles come from the host, where the chunk lengths are known (`tile_map`): one launch per
-layer, whatever the chunks.
+is free. Tiles come from the host, where the chunk lengths are known (`tile_map`, heaviest first):
+one launch per layer, whatever the chunks. The head is the grid's fast axis, so a tile's heads run
+together (its keys are read from L2 by all but the first) and the heaviest tiles of every head
+start first.
 
 Shape suffixes: T rows, H query heads, KVH key/value heads, hd head dim, C chunks.
 """
@@ -57,14 +59,15 @@ def tile_rows(hd: int, pack: int | None = None) -> int:
     return block_m // (pack or default)
 
 
-def tile_map(lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
-    """(chunk of each query tile, the tile's first query within its chunk); `block_m`: `tile_rows`."""
-    chunk, first = [], []
-    for c, n in enumerate(lens):
-        for m0 in range(0, n, block_m):
-            chunk.append(c)
-            first.append(m0)
-    return chunk, first
+def tile_map(lens: list[int], block_m: int, ctx: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(chunk of each query tile, the tile's first query within its chunk); `block_m`: `tile_rows`.
+    With `ctx` (each chunk's cached tokens) the tiles come heaviest first, by the keys they read
+    (programs start in tile order, so the last to start are the shortest and the step's tail is
+    short, as in longest-processing-time-first scheduling); else in chunk order."""
+    tiles = [(c, m0) for c, n in enumerate(lens) for m0 in range(0, n, block_m)]
+    if ctx is not None:
+        tiles.sort(key=lambda t: -(ctx[t[0]] + min(t[1] + block_m, lens[t[0]])))
+    return [c for c, _ in tiles], [m0 for _, m0 in tiles]
 
 
 def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -86,7 +89,7 @@ def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     pack = pack or default
     if (H // KVH) % pack:
         raise ValueError(f"{pack} query heads a program do not divide the {H // KVH} of a KV head")
-    _prefill_kernel[(n_tiles, H // pack)](
+    _prefill_kernel[(H // pack, n_tiles)](
         q_THd, k_cache, v_cache, out_THd, block_table, tile_chunk, tile_first, starts, lens, ctx, slots,
         scale * LOG2E, q_THd.stride(0), q_THd.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_THd.stride(0), out_THd.stride(1),
@@ -149,22 +152,22 @@ if triton is not None:
                         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
                         BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, LAZY: tl.constexpr):
-        """Program (tile, head group): BLOCK_M rows, PACK query heads (of one KV head) x QM queries."""
+        """Program (head group, tile): BLOCK_M rows, PACK query heads (of one KV head) x QM queries."""
         QM: tl.constexpr = BLOCK_M // PACK  # queries of the chunk in this tile
-        tile = tl.program_id(0)
+        tile = tl.program_id(1)
         c = tl.load(TILE_C + tile)
         m0 = tl.load(TILE_M + tile)
         start = tl.load(STARTS + c)
         n = tl.load(LENS + c)
         context = tl.load(CTX + c)
         slot = tl.load(SLOTS + c).to(tl.int64)
-        kvh = tl.program_id(1) * PACK // REP
+        kvh = tl.program_id(0) * PACK // REP
         if PACK == 1:
-            h = tl.program_id(1)
+            h = tl.program_id(0)
             offs_m = m0 + tl.arange(0, BLOCK_M)
         else:  # row r: head r // QM of the group, query r % QM of the tile
             r = tl.arange(0, BLOCK_M)
-            h = (tl.program_id(1) * PACK + r // QM)[:, None]
+            h = (tl.program_id(0) * PACK + r // QM)[:, None]
             offs_m = m0 + r % QM
         offs_d = tl.arange(0, HD_P)
         row_ok = offs_m < n

@@ -180,8 +180,9 @@ def chunk_tables(batch: ForwardBatch, seq_ids: list[int], hd: int) -> tuple[tupl
     if key not in batch.memo:
         pre = [batch.seqs[i] for i in seq_ids]
         lens = [s.num_new for s in pre]
-        rows = aligned_device_rows([*prefill_attention.tile_map(lens, block_m), [s.start for s in pre], lens,
-                                    [s.context_len for s in pre], [s.state_slot for s in pre]],
+        ctx = [s.context_len for s in pre]
+        rows = aligned_device_rows([*prefill_attention.tile_map(lens, block_m, ctx), [s.start for s in pre], lens,
+                                    ctx, [s.state_slot for s in pre]],
                                    batch.input_ids_T.device)
         batch.memo[key] = (tuple(rows[:2]), tuple(rows[2:]))
     return batch.memo[key]

@@ -292,7 +292,8 @@ def check_prefill_kernel(device: str, dtype: torch.dtype, hd: int, bs: int, head
         q[::2] *= 6.0
     q = q.to(device, dtype)
     out = torch.full((T, H, hd), 7.0, dtype=dtype, device=device)
-    tiles = aligned_device_rows(list(tile_map([n for _, n in chunks], tile_rows(hd, pack))), torch.device(device))
+    tiles = tile_map([n for _, n in chunks], tile_rows(hd, pack), [c for c, _ in chunks])  # heaviest first
+    tiles = aligned_device_rows(list(tiles), torch.device(device))
     meta = aligned_device_rows([starts, [n for _, n in chunks], [c for c, _ in chunks],
                                 list(range(1, len(chunks) + 1))], torch.device(device))
     prefill_attention(q, k_cache, v_cache, table.to(device), tiles, meta, hd**-0.5, out, pack, lazy)
