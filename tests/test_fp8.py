@@ -197,7 +197,7 @@ def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch)
 
 
 def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
-    """cuBLAS's block-scaled FP8 GEMM (EPINFER_FP8_CUBLAS=1) only for 256 rows or more and weights of
+    """cuBLAS's block-scaled FP8 GEMM (the default) only for 256 rows or more and weights of
     2048 x 2048 or wider, in whole 128 blocks: on an H200 it lost to the Triton kernel on the shared
     expert's 1024 x 2048 and 2048 x 512 projections."""
     from epinfer.kernels.fp8_gemm import cublas_shape

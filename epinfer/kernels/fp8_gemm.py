@@ -22,11 +22,11 @@ registers, times its block scales, and multiplies the unquantised activations in
 mode: weight-only FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is
 the widened weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
 
-At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, EPINFER_FP8_CUBLAS=1,
-Hopper, 128 x 128 blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead
+At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, Hopper, 128 x 128
+blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead
 (`F.scaled_mm` with 1 x 128 activation and 128 x 128 weight scales, the arithmetic above): its scales
 column-major, rows padded to a multiple of 4, the weight's scale columns to a multiple of 4
-(cuBLAS's layout).
+(cuBLAS's layout). EPINFER_FP8_CUBLAS=0 keeps them on the Triton kernel.
 
 Shape suffixes: M rows, N output columns, K input columns.
 """
@@ -187,7 +187,7 @@ def hopper(device: torch.device) -> bool:
 
 
 def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
-    """cuBLAS's block-scaled FP8 GEMM for this input: EPINFER_FP8_CUBLAS=1, a shape it runs faster
+    """cuBLAS's block-scaled FP8 GEMM for this input: not EPINFER_FP8_CUBLAS=0, a shape it runs faster
     (`cublas_shape`), 128 x 128 blocks, a Hopper GPU and a torch with `F.scaled_mm`."""
     return (SWITCHES.fp8_cublas and cublas_shape(x_MK.shape[0], w_NK.shape[0], x_MK.shape[1])
             and tuple(block) == (128, 128) and hasattr(F, "scaled_mm") and hopper(x_MK.device))

@@ -60,6 +60,7 @@ CASES = [(1, 256, 512, (128, 128)), (7, 384, 2048, (128, 128)), (64, 200, 300, (
 @pytest.mark.parametrize("M,N,K,block", CASES)
 def test_fp8_linear_kernel(M, N, K, block, monkeypatch):
     monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "0")  # quantised activations at every size (w16: below)
+    monkeypatch.setenv("EPINFER_FP8_CUBLAS", "0")  # the Triton kernel at every size (cuBLAS: below)
     exact, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1, tol=1e-2, representable=True)
     rel, rel_exact = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=M % 2 == 1)
     print(f"M {M} N {N} K {K} block {block}: {rel:.2e} vs same quantisation ({exact:.2e} with representable "
@@ -68,7 +69,7 @@ def test_fp8_linear_kernel(M, N, K, block, monkeypatch):
 
 @pytest.mark.parametrize("M,N,K", [(256, 1024, 2048), (1001, 12288, 2048), (4099, 2048, 640)])
 def test_fp8_linear_cublas(M, N, K, monkeypatch):
-    """EPINFER_FP8_CUBLAS=1: prefill-size inputs through cuBLAS's block-scaled GEMM (rows padded to
+    """The default (EPINFER_FP8_CUBLAS unset): prefill-size inputs through cuBLAS's block-scaled GEMM (rows padded to
     a multiple of 4, K / 128 scale columns not a multiple of 4 in the last case), against the same
     quantisation in torch; asserts the path was taken (every width here: the narrow ones too, which
     by default stay on the Triton kernel)."""
@@ -80,7 +81,7 @@ def test_fp8_linear_cublas(M, N, K, monkeypatch):
         pytest.fail(f"torch {torch.__version__} has no F.scaled_mm: the cuBLAS path cannot run here")
     if not fp8_gemm.hopper(torch.device("cuda", torch.cuda.current_device())):
         pytest.skip("cuBLAS's block-scaled FP8 GEMM needs a Hopper GPU and CUDA 12.9 or later")
-    monkeypatch.setenv("EPINFER_FP8_CUBLAS", "1")
+    monkeypatch.delenv("EPINFER_FP8_CUBLAS", raising=False)
     monkeypatch.setattr(fp8_gemm, "CUBLAS_MIN_NK", 128)
     taken, original = [], fp8_gemm.cublas_linear
     monkeypatch.setattr(fp8_gemm, "cublas_linear", lambda *a, **k: taken.append(1) or original(*a, **k))
