@@ -26,6 +26,7 @@ from epinfer.core.errors import UserError
 from epinfer.kernels.fp8_gemm import dequantize_blocks
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.families import WEIGHT_RENAMES
+from epinfer.models.prefetch import Prefetcher, tensor_spans
 
 SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
 _PER_EXPERT = re.compile(
@@ -246,9 +247,14 @@ def _select(tensor: torch.Tensor, dim: int, keep: range, key: str) -> torch.Tens
     return tensor.narrow(dim, keep.start, len(keep))
 
 
-def open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
+Reader = Callable[[], torch.Tensor]
+
+
+def open_tensors(files: list[Path], stack: contextlib.ExitStack,
+                 spans: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, tuple[Reader, str]]:
     """Every tensor of the files, by name: (a reader, its safetensors dtype name). The files stay
-    open (memory-mapped) until `stack` closes, so a tensor can be read with one from another shard."""
+    open (memory-mapped) until `stack` closes, so a tensor can be read with one from another shard.
+    `spans`, if given, gets each tensor's (file, begin, end) bytes (for `Prefetcher`)."""
     tensors = {}
     for path in files:
         try:
@@ -259,6 +265,8 @@ def open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tu
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise UserError(f"cannot read {path.name}: {one_line(exc)}") from None
+        if spans is not None:
+            spans.update((k, (path, b, e)) for k, (b, e) in tensor_spans(path).items() if k in tensors)
     return tensors
 
 
@@ -319,23 +327,32 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
     """`each_layer(module, load)`: the model's layers, then the rest, are loaded one module at a
     time — `each_layer` makes the module's memory, calls `load` (its tensors), and may transform it
     (FP8: quantise, so that only one layer is ever held in the compute dtype). `device`: where FP8
-    weights are dequantised (the parameters' device)."""
+    weights are dequantised (the parameters' device). Units load in layer order, the rest last,
+    their bytes read ahead by a `Prefetcher`."""
     loader = WeightLoader(model, cfg)
     with contextlib.ExitStack() as stack:
-        tensors = list(dequantized(open_tensors(checkpoint_files(folder), stack), cfg, device))
-        if each_layer is None:
-            for key, get in tensors:
-                loader.load(key, get)
-        else:
-            by_layer: dict[int | None, list] = defaultdict(list)
-            for key, get in tensors:
-                m = _LAYER.match(normalize_name(key, cfg) or "")
-                by_layer[int(m[1]) if m and int(m[1]) < cfg.num_layers else None].append((key, get))
-            def load_unit(prefix: str, module: torch.nn.Module, unit: int | None) -> None:
-                loader.adopt(prefix, module)  # the parameters `each_layer` just made
-                for key, get in by_layer.pop(unit, []):
-                    loader.load(key, get)
+        spans: dict[str, tuple[Path, int, int]] = {}
+        raw = open_tensors(checkpoint_files(folder), stack, spans)
+        by_layer: dict[int | None, list] = defaultdict(list)
+        for key, get in dequantized(raw, cfg, device):
+            m = _LAYER.match(normalize_name(key, cfg) or "")
+            by_layer[int(m[1]) if m and int(m[1]) < cfg.num_layers else None].append((key, get))
+        units: list[int | None] = [*range(cfg.num_layers), None]
+        prefetch = Prefetcher([[spans[k] for key, _ in by_layer.get(u, []) for k in (key, key + SCALE_SUFFIX)
+                                if k in spans] for u in units])
+        stack.callback(prefetch.close)
 
+        def load_unit(prefix: str, module: torch.nn.Module | None, unit: int | None) -> None:
+            prefetch.advance(units.index(unit))
+            if module is not None:
+                loader.adopt(prefix, module)  # the parameters `each_layer` just made
+            for key, get in by_layer.pop(unit, []):
+                loader.load(key, get)
+
+        if each_layer is None:
+            for u in units:
+                load_unit("", None, u)
+        else:
             for i, layer in enumerate(model.model.layers):
                 each_layer(layer, lambda i=i, layer=layer: load_unit(f"model.layers.{i}.", layer, i))
                 loader.forget(f"model.layers.{i}.")
