@@ -332,3 +332,44 @@ def test_prompt_chunk_tiles_heaviest_first():
     assert sorted(zip(chunk, first, strict=True)) == sorted(zip(*plain, strict=True))
     keys = [ctx[c] + min(m0 + 128, lens[c]) for c, m0 in zip(chunk, first, strict=True)]
     assert keys == sorted(keys, reverse=True) and keys[0] == 901 and keys[-1] == 40
+
+
+def test_checkpoint_prefetch_reads_the_ranges_of_the_next_units(tmp_path, monkeypatch):
+    """Tensor byte ranges as safetensors lays them out; a unit's adjacent ranges read as one, in
+    16 MiB pieces, the next `lead` units queued ahead of the loader; a file that is not safetensors
+    gives no ranges and an unreadable range is skipped (the loader's own read reports it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from epinfer.models import prefetch
+
+    path = tmp_path / "a.safetensors"
+    tensors = {"x": torch.arange(10, dtype=torch.float32), "y": torch.ones(3, 4, dtype=torch.bfloat16)}
+    save_file(tensors, str(path))
+    spans = prefetch.tensor_spans(path)
+    raw = path.read_bytes()
+    with safe_open(str(path), framework="pt") as f:
+        for k in tensors:
+            b, e = spans[k]
+            assert raw[b:e] == f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes()
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 20)
+    assert prefetch.tensor_spans(tmp_path / "bad.safetensors") == {}
+    assert prefetch.merged([(path, 40, 50), (path, 0, 40), (path, 60, 70)]) == [(path, 0, 50), (path, 60, 70)]
+
+    monkeypatch.setattr(prefetch, "PIECE", 16)
+    reads = []
+    real_read = prefetch.Prefetcher._read
+    monkeypatch.setattr(prefetch.Prefetcher, "_read", lambda self, p, o, n: reads.append((p.name, o, n))
+                        or real_read(self, p, o, n))
+    units = [[(path, 0, 40)], [(path, 40, 50)], [(path, 50, 60)], [(tmp_path / "gone", 0, 8)]]
+    pf = prefetch.Prefetcher(units, threads=2, lead=1)
+    pf.advance(0)
+    [f.result() for f in pf.futures]  # (close() drops the reads not yet started)
+    pf.close()
+    assert sorted(reads) == [("a.safetensors", 0, 16), ("a.safetensors", 16, 16), ("a.safetensors", 32, 8),
+                             ("a.safetensors", 40, 10)]
+    pf = prefetch.Prefetcher(units, threads=1, lead=5)
+    pf.advance(2)  # the missing file's range is read too, and skipped
+    [f.result() for f in pf.futures]
+    pf.close()
+    assert ("gone", 0, 8) in reads

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import numbers
 import time
 from collections.abc import Callable
@@ -142,6 +143,23 @@ def piecewise_default(ecfg: EngineConfig, device: torch.device) -> bool:
     return SWITCHES.piecewise and ecfg.cuda_graphs and device.type == "cuda" and paged_attention.triton is not None
 
 
+def freeze_heap() -> None:
+    """Every object alive now (the model, its compiled code and graphs, the libraries' own) moved out
+    of the cyclic collector's sight, the garbage collected first: a full collection while serving then
+    scans only what serving made. Unfrozen, a full collection of the demo model's throughput run on
+    CPU took up to 238 ms (8 of them, 1.06 s in all); on an H200 decode steps of 40 ms took 300-380 ms."""
+    gc.collect()
+    gc.freeze()
+
+
+def release_frozen() -> None:
+    """An earlier engine's frozen objects back in the collector's sight and its garbage freed, before
+    a new engine takes memory (tests and tools build several in one process)."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+
+
 class Engine:
     """One DP replica's engine. In a parallel run every rank builds one (its model shard, caches
     and runner); only the replica's TP rank 0 schedules and samples, its peers execute the
@@ -149,6 +167,7 @@ class Engine:
 
     def __init__(self, ecfg: EngineConfig, ctx: ParallelContext | None = None,
                  device: torch.device | None = None) -> None:
+        release_frozen()
         folder = Path(ecfg.model) if ecfg.model else DEMO_MODEL
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
@@ -212,6 +231,7 @@ class Engine:
         self.part_scope: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
         if self.runner.graphs is not None and not self.runner.collectives:
             self.startup["prefill_warm_up"] = self.warm_up_prefill()
+        freeze_heap()
 
     def warm_up_prefill(self) -> float:
         """A step of the full token budget (prompt chunks) and a few decode steps of stand-in
