@@ -3,10 +3,12 @@ checkpoint of a Qwen3-MoE shape as Qwen publishes its FP8 models (projection and
 float8_e4m3fn with float32 `*_scale_inv` per 128 x 128 block; embeddings, norms, router and LM head in
 bf16; safetensors shards of --shard-gb with an index), drops the page cache where it may (root), then
 times `LLM(folder, fp8_weights=True)` to ready and to its first token. One JSON record: the bytes on
-disk, the weights phase's seconds and GB/s, the start-up by phase, the first token's seconds.
+disk, the weights phase's seconds and GB/s, the start-up by phase, the first token's seconds. With
+--disk-rate the shards are first read in parallel from the dropped cache (the disk's own GB/s); with
+--cached they are read into the page cache before the load instead of dropped (the loader's own GB/s).
 
     python benchmarks/fp8_load.py --dir DIR [--shape qwen3-30b-a3b] [--layers L] [--shard-gb 5]
-        [--device cuda] [--keep]
+        [--device cuda] [--keep] [--disk-rate] [--cached]
 
 The random values are drawn on --device (on a GPU the full 30B shape's 31 GB takes seconds to draw).
 DIR must be new or empty, or hold this script's complete checkpoint of the same shape and layers (it
@@ -23,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -136,6 +139,21 @@ def drop_page_cache() -> bool:
         return False
 
 
+def read_all(files: list[Path]) -> float:
+    """Seconds to read every file once, one thread a file (16 MiB reads): the disk's own rate when
+    the page cache was dropped before, and the files are in the cache after."""
+    def read(path: Path) -> None:
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(16 << 20)
+            while f.readinto(buf):
+                pass
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(len(files)) as pool:
+        list(pool.map(read, files))
+    return time.perf_counter() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -144,6 +162,10 @@ def main() -> int:
     ap.add_argument("--shard-gb", type=float, default=5.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--disk-rate", action="store_true",
+                    help="also time a parallel read of the shards with the page cache dropped (the disk's rate)")
+    ap.add_argument("--cached", action="store_true",
+                    help="the shards read into the page cache before the load: the loader's own rate")
     args = ap.parse_args()
     folder = Path(args.dir)
     want = {"shape": args.shape, "layers": args.layers}
@@ -156,7 +178,13 @@ def main() -> int:
         written = write_checkpoint(folder, args.shape, args.layers, int(args.shard_gb * 1e9), args.device)
         (folder / MARKER).write_text(json.dumps(want))
         write_s = round(time.perf_counter() - t, 1)
-    dropped = drop_page_cache()
+    shards = sorted(folder.glob("*.safetensors"))
+    disk_s = read_all(shards) if args.disk_rate and drop_page_cache() else None
+    if args.cached:
+        read_all(shards)
+        dropped = False
+    else:
+        dropped = drop_page_cache()
     t = time.perf_counter()
     llm = LLM(str(folder), dtype="bfloat16", device=args.device, fp8_weights=True, max_model_len=2048,
               max_num_seqs=16)
@@ -165,13 +193,15 @@ def main() -> int:
     first = time.perf_counter() - t
     weights_s = llm.engine.startup["weights"]
     rec = {"shape": args.shape, "layers": llm.engine.model_config.num_layers, "bytes": written,
-           "shards": len(list(folder.glob("*.safetensors"))), "written_s": write_s, "page_cache_dropped": dropped,
+           "shards": len(shards), "written_s": write_s, "page_cache_dropped": dropped, "cached": args.cached,
+           "disk_GBps": round(written / disk_s / 1e9, 2) if disk_s else None,
            "weights_s": weights_s, "weights_GBps": round(written / max(weights_s, 1e-9) / 1e9, 2),
            "ready_s": round(ready, 2), "first_token_s": round(first, 2), "startup_s": llm.engine.startup,
            "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device}
     print(json.dumps(rec))
     print(f"FP8 load: {written / 1e9:.1f} GB in {weights_s:.1f} s ({rec['weights_GBps']} GB/s), first token "
-          f"{first:.1f} s after LLM(...); page cache dropped: {dropped}", file=sys.stderr)
+          f"{first:.1f} s after LLM(...); page cache dropped: {dropped}"
+          + (f"; the disk read them at {rec['disk_GBps']} GB/s" if disk_s else ""), file=sys.stderr)
     if not (args.keep or reused):
         shutil.rmtree(folder)
     return 0

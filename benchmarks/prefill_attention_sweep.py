@@ -69,12 +69,12 @@ def main() -> int:
             tiles = aligned_device_rows(list(pa.tile_map([N], bm // pack, [C] if heavy_first else None)), dev)
 
             def run(bm=bm, bn=bn, warps=warps, stages=stages, pack=pack, lazy=lazy, tiles=tiles):
-                pa._prefill_kernel[(H // pack, tiles[0].shape[0])](
+                pa._prefill_kernel[(tiles[0].shape[0] * (H // pack),)](
                     q, k, v, out, table, tiles[0], tiles[1], *meta, hd**-0.5 * pa.LOG2E, q.stride(0), q.stride(1),
                     k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
                     out.stride(1), table.stride(0), BS=bs, REP=H // KVH, HD=hd,
-                    HD_P=max(16, triton.next_power_of_2(hd)), BLOCK_M=bm, BLOCK_N=bn, PACK=pack, LAZY=lazy,
-                    num_warps=warps, num_stages=stages)
+                    HD_P=max(16, triton.next_power_of_2(hd)), BLOCK_M=bm, BLOCK_N=bn, PACK=pack, GROUPS=H // pack,
+                    LAZY=lazy, num_warps=warps, num_stages=stages)
             run()
             ms = triton.testing.do_bench(run, rep=50)
             record.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9), err=(out.float() - ref).abs().max().item())

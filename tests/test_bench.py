@@ -282,6 +282,8 @@ def test_workload_runs_every_request_to_its_length(tmp_path):
     assert phases["weights"] + phases["cache"] + phases["graphs"] + phases["pieces"] <= phases["engine"] + 0.03
     assert 0 <= phases["warm_up_first_step"] <= phases["warm_up"] + 0.02
     assert 1 <= rec["most_running"] <= 10  # (admitted as the token budget lets their prompts in)
+    for g in rec["gc"].values():  # the collector's pauses in the measured run, by generation (if any ran)
+        assert g["count"] >= 1 and 0 <= g["max_ms"] <= g["total_ms"] + 0.1 <= rec["wall_s"] * 1e3 + 0.1
     few = bench_workload(str(tmp_path), "mixed", dataclasses.replace(cpu, max_num_seqs=3), requests=10, input_len=30,
                          output_len=8)
     assert few["most_running"] == 3 == few["max_num_seqs"] and few["output_tokens"] == rec["output_tokens"]

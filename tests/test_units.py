@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from epinfer.core.sampling_params import SamplingParams
@@ -361,7 +363,9 @@ def test_checkpoint_prefetch_reads_the_ranges_of_the_next_units(tmp_path, monkey
     real_read = prefetch.Prefetcher._read
     monkeypatch.setattr(prefetch.Prefetcher, "_read", lambda self, p, o, n: reads.append((p.name, o, n))
                         or real_read(self, p, o, n))
-    units = [[(path, 0, 40)], [(path, 40, 50)], [(path, 50, 60)], [(tmp_path / "gone", 0, 8)]]
+    os.mkfifo(tmp_path / "fifo")  # (a shard swapped for a FIFO: skipped, no reader blocks)
+    units = [[(path, 0, 40)], [(path, 40, 50)], [(path, 50, 60)],
+             [(tmp_path / "gone", 0, 8), (tmp_path / "fifo", 0, 8)]]
     pf = prefetch.Prefetcher(units, threads=2, lead=1)
     pf.advance(0)
     [f.result() for f in pf.futures]  # (close() drops the reads not yet started)
@@ -373,3 +377,19 @@ def test_checkpoint_prefetch_reads_the_ranges_of_the_next_units(tmp_path, monkey
     [f.result() for f in pf.futures]
     pf.close()
     assert ("gone", 0, 8) in reads
+
+
+def test_garbage_collections_timed_by_generation():
+    """`collections_timed` counts the collections inside its block by generation, with their pauses,
+    and stops listening when the block ends."""
+    import gc
+
+    from epinfer.bench.workload import collections_timed
+
+    with collections_timed() as got:
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+    gc.collect(2)
+    assert got["gen2"]["count"] == 2 and got["gen0"]["count"] >= 1
+    assert 0 <= got["gen2"]["max_ms"] <= got["gen2"]["total_ms"]

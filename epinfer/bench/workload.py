@@ -21,7 +21,9 @@ Profiles (vLLM's published H200 profiles use the same shapes):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import statistics
@@ -36,7 +38,7 @@ from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams
-from epinfer.engine.engine import Engine
+from epinfer.engine.engine import Engine, freeze_heap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,33 @@ def allocator_counts(device: torch.device) -> dict[str, int] | None:
     return {"alloc_retries": stats.get("num_alloc_retries", 0), "device_allocs": stats.get("num_device_alloc", 0)}
 
 
+@contextlib.contextmanager
+def collections_timed():
+    """Python's garbage collections while the block runs, by generation: count, total and longest
+    ms (a full collection, generation 2, stops the engine loop; one of the whole heap took hundreds
+    of ms, RESULTS.md §6). Yields the dict, filled when the block ends."""
+    out: dict[str, dict] = {}
+    started: list[float] = []
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            ms = (time.perf_counter() - started.pop()) * 1e3
+            g = out.setdefault(f"gen{info['generation']}", {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+            g["count"] += 1
+            g["total_ms"] += ms
+            g["max_ms"] = max(g["max_ms"], ms)
+
+    gc.callbacks.append(timed)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(timed)
+        for g in out.values():
+            g["total_ms"], g["max_ms"] = round(g["total_ms"], 1), round(g["max_ms"], 1)
+
+
 def cache_plan(engine) -> dict:
     """What the memory plan gave the cache: KV tokens, GDN state slots and snapshots, GiB in all."""
     layout, cache = engine.runner.layout, engine.runner.cache
@@ -225,13 +254,15 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         t0 = time.perf_counter()
         engine = Engine(ecfg)
         built = time.perf_counter() - t0
+        freeze_heap()
         steps: list[dict] | None = [] if step_log else None
         warm = run_workload(engine, warm_up_workload(w, engine.ecfg.max_num_batched_tokens, engine.max_model_len - 9),
                             seed + 7)
         before = allocator_counts(engine.device)
         if before is not None:
             torch.cuda.reset_peak_memory_stats(engine.device)
-        measured = run_workload(engine, w, seed, steps)
+        with collections_timed() as collections:
+            measured = run_workload(engine, w, seed, steps)
         after = allocator_counts(engine.device)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -247,7 +278,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],
                                 "warm_up_first_step": warm["first_step_s"]},
-                  **measured}
+                  **measured, "gc": collections}
         if before is not None:
             # the caching allocator during the measured run: a retry frees cached blocks and
             # synchronises the device (a step that waits), a device allocation costs a cudaMalloc

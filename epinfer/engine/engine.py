@@ -146,15 +146,18 @@ def piecewise_default(ecfg: EngineConfig, device: torch.device) -> bool:
 def freeze_heap() -> None:
     """Every object alive now (the model, its compiled code and graphs, the libraries' own) moved out
     of the cyclic collector's sight, the garbage collected first: a full collection while serving then
-    scans only what serving made. Unfrozen, a full collection of the demo model's throughput run on
-    CPU took up to 238 ms (8 of them, 1.06 s in all); on an H200 decode steps of 40 ms took 300-380 ms."""
+    scans only what serving made. Unfrozen, a full collection during the demo model's throughput run
+    on CPU took 171-232 ms (RESULTS.md §6); on an H200 two decode steps of that profile took 308 and
+    378 ms instead of 40. Called by the programs that keep their engine to the end (a rank, `generate`,
+    `bench --workload`), not by `LLM`: an engine with CUDA graphs sits in reference cycles, so a frozen
+    engine that is dropped keeps its memory until another engine is built (`release_frozen`)."""
     gc.collect()
     gc.freeze()
 
 
 def release_frozen() -> None:
-    """An earlier engine's frozen objects back in the collector's sight and its garbage freed, before
-    a new engine takes memory (tests and tools build several in one process)."""
+    """Frozen objects back in the collector's sight and the garbage among them freed (an earlier,
+    dropped engine's), before a new engine takes memory."""
     if gc.get_freeze_count():
         gc.unfreeze()
         gc.collect()
@@ -231,7 +234,6 @@ class Engine:
         self.part_scope: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
         if self.runner.graphs is not None and not self.runner.collectives:
             self.startup["prefill_warm_up"] = self.warm_up_prefill()
-        freeze_heap()
 
     def warm_up_prefill(self) -> float:
         """A step of the full token budget (prompt chunks) and a few decode steps of stand-in

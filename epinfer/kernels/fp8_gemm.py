@@ -187,9 +187,11 @@ def hopper(device: torch.device) -> bool:
 
 
 def cublas_mode(x_MK: torch.Tensor, w_NK: torch.Tensor, block: tuple[int, int]) -> bool:
-    """cuBLAS's block-scaled FP8 GEMM for this input: not EPINFER_FP8_CUBLAS=0, a shape it runs faster
-    (`cublas_shape`), 128 x 128 blocks, a Hopper GPU and a torch with `F.scaled_mm`."""
-    return (SWITCHES.fp8_cublas and cublas_shape(x_MK.shape[0], w_NK.shape[0], x_MK.shape[1])
+    """cuBLAS's block-scaled FP8 GEMM for this input: not EPINFER_FP8_CUBLAS=0, bf16 activations (the
+    output dtype measured and tested), a shape it runs faster (`cublas_shape`), 128 x 128 blocks, a
+    Hopper GPU and a torch with `F.scaled_mm`."""
+    return (SWITCHES.fp8_cublas and x_MK.dtype == torch.bfloat16
+            and cublas_shape(x_MK.shape[0], w_NK.shape[0], x_MK.shape[1])
             and tuple(block) == (128, 128) and hasattr(F, "scaled_mm") and hopper(x_MK.device))
 
 

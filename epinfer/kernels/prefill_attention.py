@@ -14,7 +14,7 @@ it (running max, sum and weighted accumulator in float32, exp2; with `lazy`, the
 the accumulator's scale move only when a row's max grew by more than 2^8). Each key's cache row is
 looked up through the block table, so no gathered copy of the context is made and the block size
 is free. Tiles come from the host, where the chunk lengths are known (`tile_map`, heaviest first):
-one launch per layer, whatever the chunks. The head is the grid's fast axis, so a tile's heads run
+one launch per layer, whatever the chunks. The head is the grid's fast part, so a tile's heads run
 together (its keys are read from L2 by all but the first) and the heaviest tiles of every head
 start first.
 
@@ -89,12 +89,13 @@ def prefill_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     pack = pack or default
     if (H // KVH) % pack:
         raise ValueError(f"{pack} query heads a program do not divide the {H // KVH} of a KV head")
-    _prefill_kernel[(H // pack, n_tiles)](
+    _prefill_kernel[(n_tiles * (H // pack),)](
         q_THd, k_cache, v_cache, out_THd, block_table, tile_chunk, tile_first, starts, lens, ctx, slots,
         scale * LOG2E, q_THd.stride(0), q_THd.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_THd.stride(0), out_THd.stride(1),
         block_table.stride(0), BS=bs, REP=H // KVH, HD=hd, HD_P=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack, LAZY=lazy, num_warps=4 if hd <= 128 else 8, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, PACK=pack, GROUPS=H // pack, LAZY=lazy, num_warps=4 if hd <= 128 else 8,
+        num_stages=2)
     return out_THd
 
 
@@ -151,23 +152,26 @@ if triton is not None:
     def _prefill_kernel(Q, K, V, Out, BT, TILE_C, TILE_M, STARTS, LENS, CTX, SLOTS, qk_scale,
                         sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, so0, so1, sbt,
                         BS: tl.constexpr, REP: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, LAZY: tl.constexpr):
-        """Program (head group, tile): BLOCK_M rows, PACK query heads (of one KV head) x QM queries."""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, GROUPS: tl.constexpr,
+                        LAZY: tl.constexpr):
+        """Program tile x GROUPS + head group (a 1-D grid, the head group its fast part): BLOCK_M rows,
+        PACK query heads (of one KV head) x QM queries."""
         QM: tl.constexpr = BLOCK_M // PACK  # queries of the chunk in this tile
-        tile = tl.program_id(1)
+        group = tl.program_id(0) % GROUPS
+        tile = tl.program_id(0) // GROUPS
         c = tl.load(TILE_C + tile)
         m0 = tl.load(TILE_M + tile)
         start = tl.load(STARTS + c)
         n = tl.load(LENS + c)
         context = tl.load(CTX + c)
         slot = tl.load(SLOTS + c).to(tl.int64)
-        kvh = tl.program_id(0) * PACK // REP
+        kvh = group * PACK // REP
         if PACK == 1:
-            h = tl.program_id(0)
+            h = group
             offs_m = m0 + tl.arange(0, BLOCK_M)
         else:  # row r: head r // QM of the group, query r % QM of the tile
             r = tl.arange(0, BLOCK_M)
-            h = (tl.program_id(0) * PACK + r // QM)[:, None]
+            h = (group * PACK + r // QM)[:, None]
             offs_m = m0 + r % QM
         offs_d = tl.arange(0, HD_P)
         row_ok = offs_m < n

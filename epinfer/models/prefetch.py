@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -67,12 +68,13 @@ class Prefetcher:
 
     def _read(self, path: Path, offset: int, size: int) -> None:
         buf = getattr(self.local, "buf", None)
-        if buf is None:
-            buf = self.local.buf = bytearray(PIECE)
-        try:
-            fd = os.open(path, os.O_RDONLY)
+        if buf is None or len(buf) < size:  # (a small checkpoint's reads take small buffers)
+            buf = self.local.buf = bytearray(size)
+        try:  # (non-blocking, regular files only: a shard swapped for a FIFO must not hang a reader)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             try:
-                os.preadv(fd, [memoryview(buf)[:size]], offset)
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.preadv(fd, [memoryview(buf)[:size]], offset)
             finally:
                 os.close(fd)
         except OSError:

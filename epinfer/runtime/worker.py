@@ -24,7 +24,7 @@ from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.fingerprint import FingerprintCheck
 from epinfer.distributed.groups import build_groups
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.engine import Engine, async_default, resolve_device
+from epinfer.engine.engine import Engine, async_default, freeze_heap, resolve_device
 from epinfer.runtime.job import Job, RankRuntime
 
 TEARDOWN_S = 60.0  # longest wait for the process group to shut down once the run is over
@@ -114,6 +114,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         engine = Engine(job.engine, ctx, device)
         engine.runner.agree_graphs(ctx)
         attach_forward_hooks(engine.runner.model, ctx)
+        freeze_heap()  # this rank's engine lives as long as the process
         outputs = job.mode(engine, ctx, RankRuntime(rank, watchdog, job.progress))
     except UserError:
         watchdog.stop()
