@@ -276,7 +276,6 @@ def run_generate(args: argparse.Namespace) -> int:
     import time
 
     from epinfer import LLM, SamplingParams
-    from epinfer.engine.engine import freeze_heap
 
     started = time.monotonic()
     requests = read_requests(args)
@@ -316,12 +315,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if outputs is None:  # a torchrun rank other than 0
             return 0
     else:
-        def load() -> LLM:  # the engine lives to the end of the run: its start-up objects frozen
-            llm = LLM(engine=engine_config(args))
-            freeze_heap()
-            return llm
-
-        outputs, progress = generate_with_progress(load, prompts, params, model)
+        outputs, progress = generate_with_progress(lambda: LLM(engine=engine_config(args)), prompts, params, model)
     write_outputs(outputs, requests, args.output)
     say(summary(outputs, progress.seconds() if progress is not None else None, time.monotonic() - started))
     if args.check_numerics:

@@ -232,16 +232,20 @@ def summary(outputs, seconds: float | None, total_seconds: float) -> str:
 
 def generate_with_progress(load: Callable[[], object], prompts: list, params: list, model: str, label: str = "",
                            stream=None, final_line: bool = False) -> tuple[list, Progress]:
-    """A single-process run: `load()` returns the `LLM`. On a terminal a `loading` line comes
-    first; elsewhere a `loaded ...; generating` line once the model is up and every request has
-    passed its checks (the engine's first report), so that a checkpoint or a prompt refused still
-    leaves exactly one `epinfer: error: ...` line on a piped stderr."""
+    """A single-process run: `load()` returns the `LLM`, kept to the end of the run (its start-up
+    objects frozen out of the collector's sight: `engine.freeze_heap`). On a terminal a `loading`
+    line comes first; elsewhere a `loaded ...; generating` line once the model is up and every
+    request has passed its checks (the engine's first report), so that a checkpoint or a prompt
+    refused still leaves exactly one `epinfer: error: ...` line on a piped stderr."""
+    from epinfer.engine.engine import freeze_heap  # (the engine, and torch, only when a run loads one)
+
     stream = stream or sys.stderr
     head = f"{label}: " if label else ""
     if is_terminal(stream):
         say(f"{head}loading {model} ...", stream)
     start = time.monotonic()
     llm = load()
+    freeze_heap()
     loaded = time.monotonic() - start
     progress = Progress.for_stream(len(prompts), label, stream)
 
