@@ -1,12 +1,12 @@
 """Prompt-chunk attention (`prefill_attention._prefill_kernel`) tiles, head packing (PACK query heads
 of one KV head a program, each key tile read once for them) and lazy rescaling: one chunk of ROWS new rows
-after CONTEXT cached tokens (16-token pages), at the Qwen3.5-35B-A3B attention shape (16 query
+after CONTEXT cached tokens (16-token pages, or `--page N`), at the Qwen3.5-35B-A3B attention shape (16 query
 heads, 2 KV heads, head dim 256) or another `--heads H,KVH --head-dim D`. Every tile candidate and
 SDPA (flash, the keys gathered contiguous) timed on the same inputs, the tiles in the engine's
 order (heaviest first) and the current tile also in chunk order; one JSON record each, with TFLOP/s
 of the causal attention and the largest error against SDPA; the current table's choice marked.
 
-    python benchmarks/prefill_attention_sweep.py [--context 16384] [--rows 16384]
+    python benchmarks/prefill_attention_sweep.py [--context 16384] [--rows 16384] [--page 16]
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--heads", default="16,2")
     ap.add_argument("--head-dim", type=int, default=256)
+    ap.add_argument("--page", type=int, default=16, help="tokens a KV cache block holds (the engine's hold 16)")
     args = ap.parse_args()
-    dev, bs = torch.device("cuda"), 16
+    dev, bs = torch.device("cuda"), args.page
     H, KVH = (int(x) for x in args.heads.split(","))
     hd, C, N = args.head_dim, args.context, args.rows
     nb = (C + N) // bs + 1
