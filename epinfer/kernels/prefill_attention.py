@@ -7,7 +7,7 @@ are in the cache already. Query i of the chunk attends to the first `ctx[c] + i 
 aligned to the end: a fresh prompt and a chunk that starts mid-sequence are the same case). Rows
 of other chunks and padding rows of `out` are left as they are.
 
-FlashAttention-2 form: program (head, tile) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
+FlashAttention-2 form: a program (query tile, head group) holds BLOCK_M queries of one chunk (or, `PACK` > 1,
 BLOCK_M / PACK queries of PACK heads that share a KV head) and streams the keys up to its last
 query's position in BLOCK_N steps: unmasked up to the tile's first position, causally masked past
 it (running max, sum and weighted accumulator in float32, exp2; with `lazy`, the running max and
@@ -34,7 +34,9 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 LOG2E = 1.4426950408889634
-LAZY_RESCALE = False  # the accumulator rescaled only when a row's maximum grew past 2^8: until a sweep shows it pays
+# the accumulator rescaled only when a row's maximum grew past 2^8: off, 6-12 % slower at head dim 256 on an
+# H200 (RESULTS.md, kernel sweeps); kept for the sweep to try at other shapes
+LAZY_RESCALE = False
 
 
 def usable(q_THd: torch.Tensor) -> bool:

@@ -343,7 +343,7 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
         stack.callback(prefetch.close)
 
         def load_unit(prefix: str, module: torch.nn.Module | None, unit: int | None) -> None:
-            prefetch.advance(units.index(unit))
+            prefetch.advance(cfg.num_layers if unit is None else unit)  # (its place in `units`)
             if module is not None:
                 loader.adopt(prefix, module)  # the parameters `each_layer` just made
             for key, get in by_layer.pop(unit, []):
