@@ -8,11 +8,18 @@ routed experts' layout), and if so its time at the experts' gate / up shape agai
 grouped GEMM (`torch._grouped_mm`).
 
     python benchmarks/fp8_gemm_sweep.py [--rows 16384]
+
+`--decode 1,8,64`: decode sizes instead. Each projection of the Qwen3-30B-A3B and Qwen3.5-35B-A3B
+shapes at each row count, replayed in a CUDA graph: the bf16 path the engine takes there
+(`small_gemm` up to its rows, else cuBLAS), the FP8 kernel's default tiles, and every tile of a grid
+(weight-only `w16` steps and quantised-activation steps), with the weight's TB/s; then per row count
+the best tile by total time over the shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -20,11 +27,73 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from epinfer.kernels import fp8_gemm
+from epinfer.kernels import fp8_gemm, small_gemm
 
 # (name, N, K) of the Qwen3.5-35B-A3B shape's FP8 projections
 SHAPES = [("gdn_in_qkvz", 12288, 2048), ("gdn_out", 2048, 4096), ("attn_qkv", 9216, 2048), ("attn_o", 2048, 4096),
           ("shared_gate_up", 1024, 2048), ("shared_down", 2048, 512)]
+
+
+# decode-time projections (name, N, K): the Qwen3-30B-A3B shape's stacked q / k / v and o_proj, then the
+# Qwen3.5-35B-A3B shape's GDN and attention ones
+DECODE_SHAPES = [("30b_qkv", 5120, 2048), ("30b_o", 2048, 4096), *SHAPES[:3]]
+
+
+def decode_tiles(M: int) -> list[tuple]:
+    """(mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried at M rows (`fp8_gemm.tiles`)."""
+    bm = max(16, triton.next_power_of_2(M))
+    gemv = [("gemv", 1, bn, bk, w, st) for bn, bk, w, st in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4),
+                                                                             (2, 4))
+            if bn * bk <= 8192] if M == 1 else []
+    w16 = [("w16", bm, bn, bk, w, st) for bn, bk, w, st in itertools.product((16, 32, 64), (256, 512, 1024), (2, 4),
+                                                                            (3, 4, 5))
+           if bn * bk <= 32768 and bm * bk <= 32768]
+    quant = [("fp8", bm, bn, 128, w, st) for bn, w, st in itertools.product((16, 32, 64, 128), (2, 4, 8), (3, 4, 5))
+             if not (w == 8 and bn < 64)]
+    return gemv + w16 + quant
+
+
+def decode(rows: list[int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, N, K in DECODE_SHAPES:
+        w, scale = fp8_gemm.quantize_blocks(torch.randn(N, K, generator=gen) * 0.02, (128, 128))
+        w16 = fp8_gemm.dequantize_blocks(w, scale, (128, 128)).to("cuda", torch.bfloat16)
+        weights[name] = (w.cuda(), scale.cuda(), w16)
+    for M in rows:
+        totals: dict = {}
+        for name, N, K in DECODE_SHAPES:
+            x = torch.randn(M, K, generator=gen).to("cuda", torch.bfloat16)
+            times = decode_shape(x, *weights[name])
+            for tile, ms in times.items():
+                totals[tile] = totals.get(tile, 0.0) + ms
+            best = sorted(times, key=times.get)[:4]
+            print(json.dumps({"rows": M, "shape": name, "N": N, "K": K, "bf16_us": round(times["bf16"] * 1e3, 2),
+                              "fp8_default_us": round(times["default"] * 1e3, 2),
+                              "best": [(round(times[t] * 1e3, 2), round(N * K / 1e9 / times[t], 2), t)
+                                       for t in best]}), flush=True)
+        best = sorted((t for t in totals if isinstance(t, tuple)), key=totals.get)[:5]
+        print(json.dumps({"rows": M, "bf16_us": round(totals["bf16"] * 1e3, 2),
+                          "default_us": round(totals["default"] * 1e3, 2),
+                          "best_over_shapes": [(round(totals[t] * 1e3, 2), t) for t in best]}), flush=True)
+
+
+def decode_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, w16: torch.Tensor) -> dict:
+    """ms by path: "bf16", "default" (the FP8 kernel's own tiles) and each tile of `decode_tiles`."""
+    times = {"bf16": graphed((lambda: small_gemm.linear(x, w16)) if small_gemm.usable(x, w16)
+                             else (lambda: F.linear(x, w16))),
+             "default": graphed(lambda: fp8_gemm.fp8_linear(x, w, scale, (128, 128)))}
+    for tile in decode_tiles(x.shape[0]):
+        times[tile] = graphed(lambda tile=tile: fp8_gemm.fp8_linear(x, w, scale, (128, 128), tile=tile))
+    return times
+
+
+def graphed(fn) -> float:
+    """ms per call replayed in a CUDA graph (inf where the tile does not launch: shared memory)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20)
+    except Exception:
+        return float("inf")
 
 
 def timed(fn) -> float:
@@ -104,7 +173,11 @@ def grouped(rows: int, experts: int = 256, top_k: int = 8, N: int = 1024, K: int
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--decode", default=None, help="row counts, e.g. 1,8,64: the decode-size tile sweep")
     args = ap.parse_args()
+    if args.decode:
+        decode([int(r) for r in args.decode.split(",")])
+        return 0
     fp8_gemm.CUBLAS_MIN_NK = 128  # cuBLAS timed at every width, the narrow ones the engine leaves to Triton too
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
                       "gpu": torch.cuda.get_device_name(), "scaled_mm": hasattr(F, "scaled_mm")}), flush=True)

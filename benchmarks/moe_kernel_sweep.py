@@ -14,11 +14,15 @@ so sweep the decode sizes too (e.g. `--shape qwen3.5-35b-a3b --batches 1,2,4,8,6
 kernels take prefill and mixed steps too (no gathered copy of x, SiLU in registers) in place of
 cuBLAS's grouped GEMM.
 
-`--quant fp8`: FP8 expert weights with 128 x 128 block scales (the K step is the block's 128
-columns, so only BLOCK_N, stages and warps vary; the best tiles are timed again with "tile_scale",
-each tile's one weight scale a K step folded into the rows' scales), against cuBLAS's bf16 grouped
-GEMM on the same weights dequantised; the table then holds "fp8_grouped" (the FP8 path's) and no
-per-pair entry.
+`--quant fp8`: FP8 expert weights with 128 x 128 block scales, against cuBLAS's bf16 grouped GEMM
+on the same weights dequantised; the table then holds "fp8_per_pair" and "fp8_grouped" (the FP8
+path's). Steps of up to EPINFER_FP8_DECODE_W16's tokens (8) take the weight-only mode, the weights
+widened in registers: every tile of `W16_TILES`. Larger ones quantise the rows per 128 columns, so
+the K step is the block's and only BLOCK_N, stages and warps vary; their best tiles are timed again
+with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales).
+
+`--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
+no tensor-core tile), the tiles of `GEMV_TILES`; the table then holds the per-pair entry only.
 
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
@@ -37,6 +41,7 @@ import triton.testing
 
 from epinfer.bench.single import shape_folder
 from epinfer.core.config import ModelConfig
+from epinfer.core.env import SWITCHES
 from epinfer.kernels import fp8_gemm, moe_configs, moe_triton
 from epinfer.layers.moe import FusedExperts, permute_pairs
 
@@ -45,6 +50,14 @@ TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64, 128
 # prefill sizes (over LARGE pairs per expert on average): GEMM-sized tiles, the pairs' outputs in bf16 ("y16")
 LARGE = 96
 LARGE_TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((64, 128), (64, 128), (3, 4), (4, 8))]
+# FP8 weights widened in registers (steps of few tokens): K steps of whole scale blocks, wider ones
+W16_TILES = [(bn, bk, st, w) for bn, bk, st, w in itertools.product((16, 32, 64), (256, 512, 1024), (2, 3, 4), (2, 4))
+             if bn * bk <= 32768]
+# the per-pair mode on the CUDA cores: (BLOCK_N weight rows, BLOCK_K, num_stages, num_warps); "wide": K steps
+# of a whole row or half of one (each step's products summed at once), and the best narrow ones of an H200
+GEMV_TILES = {"all": [(bn, bk, st, w) for bn, bk, st, w in itertools.product((4, 8, 16, 32), (256, 512), (2, 3), (2, 4))
+                      if bn * bk <= 8192],
+              "wide": [*itertools.product((2, 4, 8), (1024, 2048), (1,), (4, 8)), (4, 512, 2, 2), (16, 256, 2, 2)]}
 PER_PAIR_LIMIT = 32  # pairs: the per-pair mode is tried up to here
 
 
@@ -54,7 +67,7 @@ def bench(fn) -> float:
 
 
 def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
-          ref_ex: FusedExperts | None = None) -> dict:
+          ref_ex: FusedExperts | None = None, gemv: str | None = None) -> dict:
     """One batch size and mode: the best config and its layer time (ms) against the cuBLAS path
     (`ref_ex`'s: FP8 `ex`'s weights dequantised to bf16)."""
     ref_ex = ref_ex or ex
@@ -76,7 +89,12 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
 
     large = not per_pair and T * K / E > LARGE
     tiles, extra = (LARGE_TILES, {"y16": True}) if large else (TILES, {})
-    if ex.fp8 is not None:  # (the K step is the scale block's: one tile per BLOCK_K-free shape)
+    w16 = ex.fp8 is not None and SWITCHES.fp8_w16_tokens >= T  # (the kernel's rule, at BLOCK_M <= 32)
+    if gemv:
+        tiles, extra = GEMV_TILES[gemv], {"gemv": True}
+    elif w16:
+        tiles = W16_TILES
+    elif ex.fp8 is not None:  # (the K step is the scale block's: one tile per BLOCK_K-free shape)
         tiles = sorted({(bn, 128, st, wp) for bn, _, st, wp in tiles} | ({(256, 128, 3, 8)} if large else set()))
     best = None
     for bm in [16] if per_pair else [b for b in block_ms if b <= max(16, 2 * T * K / E)]:
@@ -87,7 +105,7 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
         bd = min(downs, key=downs.get)
         cfg = {"BLOCK_M": bm, "up": bu, "down": bd, **extra}
         ms = downs[bd]
-        if ex.fp8 is not None:  # each tile's one weight scale a K step folded into the rows' scales
+        if ex.fp8 is not None and not (w16 or gemv):  # each tile's one weight scale a K step folded in the rows' scales
             folded = timed({**cfg, "tile_scale": True})
             if folded < ms:
                 cfg, ms = {**cfg, "tile_scale": True}, folded
@@ -111,6 +129,8 @@ def main() -> int:
     ap.add_argument("--block-m", default="16,32,64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quant", choices=["fp8"], default=None)
+    ap.add_argument("--gemv", nargs="?", const="all", choices=["all", "wide"], default=None,
+                    help="the per-pair mode on the CUDA cores only (its tiles: all, or the wide K steps)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ModelConfig.from_dir(shape_folder(args.shape, 1, tmp))
@@ -133,21 +153,28 @@ def main() -> int:
     grouped, per_pair = [], {**moe_configs.PER_PAIR, "max_pairs": 0}
     for T in [int(b) for b in args.batches.split(",")]:
         recs = {}
-        for mode in ([True] if T * K <= PER_PAIR_LIMIT and not args.quant else []) + [False]:
-            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex)
+        for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + ([] if args.gemv else [False]):
+            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex, args.gemv)
             gb = rec["experts_used"] * 3 * D * inter * itemsize / 1e9
             rec.update(shape=args.shape, quant=args.quant, copy_tbs=round(copy_tbs, 3),
                        layer_tbs=round(gb / rec["layer_ms"], 3),  # (of the weights' own bytes)
                        cublas_tbs=round(gb * 2 / itemsize / rec["cublas_layer_ms"], 3))
             print(json.dumps(rec), flush=True)
             recs[rec["mode"]] = rec
+        if args.gemv:
+            per_pair = {**recs["per_pair"]["config"], "max_pairs": T * K}
+            continue
         grouped.append((T * K / E, recs["grouped"]["config"]))
         pp = recs.get("per_pair")
         if pp and pp["layer_ms"] < recs["grouped"]["layer_ms"]:
             per_pair = {**pp["config"], "max_pairs": T * K}
     limits = [(round((a[0] + b[0]) / 2, 2), a[1]) for a, b in zip(grouped, grouped[1:], strict=False)]
-    limits.append((1e9, grouped[-1][1]))
-    table = {"fp8_grouped": limits} if args.quant else {"per_pair": per_pair, "grouped": limits}
+    if grouped:
+        limits.append((1e9, grouped[-1][1]))
+    table = {"fp8_per_pair": per_pair, "fp8_grouped": limits} if args.quant else {"per_pair": per_pair,
+                                                                                     "grouped": limits}
+    if args.gemv:  # (the per-pair entry only)
+        table = {key: value for key, value in table.items() if "per_pair" in key}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(table, f)

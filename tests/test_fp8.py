@@ -174,11 +174,11 @@ def test_fp8_weights_load_one_layer_at_a_time(ckpt_dir, monkeypatch):
 
 
 def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch):
-    """FP8 expert weights take `FP8_CONFIGS` (the bf16 table while it has no rows); a sweep's file
-    (EPINFER_MOE_CONFIGS) replaces only the tables it holds."""
+    """FP8 expert weights take `FP8_CONFIGS` (the bf16 table while it has no rows) and, for a few
+    pairs, `FP8_PER_PAIR`; a sweep's file (EPINFER_MOE_CONFIGS) replaces only the tables it holds."""
     from epinfer.kernels import moe_configs
 
-    for name in ("PER_PAIR", "CONFIGS", "FP8_CONFIGS", "_LOADED"):  # restored after the test
+    for name in ("PER_PAIR", "FP8_PER_PAIR", "CONFIGS", "FP8_CONFIGS", "_LOADED"):  # restored after the test
         monkeypatch.setattr(moe_configs, name, type(getattr(moe_configs, name))(getattr(moe_configs, name)))
     pairs = 64 * moe_configs.PER_PAIR["max_pairs"]
     bf16 = moe_configs.grouped_config(pairs, 8)
@@ -193,7 +193,15 @@ def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch)
     moe_configs._LOADED.clear()
     assert moe_configs.grouped_config(pairs, 8, fp8=True) == fp8_cfg
     assert moe_configs.grouped_config(pairs, 8) == bf16  # the bf16 table kept: the file has none
-    assert moe_configs.grouped_config(1, 8, fp8=True) is moe_configs.PER_PAIR  # a few pairs: per pair either way
+    assert moe_configs.grouped_config(1, 8, fp8=True) is moe_configs.FP8_PER_PAIR  # a few pairs: per pair
+    assert moe_configs.grouped_config(1, 8) is moe_configs.PER_PAIR
+    w16_cfg = {"BLOCK_M": 16, "up": [16, 1024, 3, 2], "down": [32, 512, 4, 2], "max_pairs": 4}
+    table.write_text(json.dumps({"fp8_per_pair": w16_cfg}))
+    moe_configs._LOADED.clear()
+    limit = moe_configs.PER_PAIR["max_pairs"]
+    assert moe_configs.grouped_config(limit, 8, fp8=True)["up"] == [16, 1024, 3, 2]  # the bf16 table's pair limit
+    assert moe_configs.grouped_config(limit + 1, 8, fp8=True) == fp8_cfg
+    assert moe_configs.grouped_config(limit, 8)["up"] == moe_configs.PER_PAIR["up"]
 
 
 def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():

@@ -21,6 +21,8 @@ bound by reading the weight, and the per-group FP8 products above keep too few b
 registers, times its block scales, and multiplies the unquantised activations in wide K steps (`w16`
 mode: weight-only FP8, as for GPUs without FP8 products; the only rounding beyond the checkpoint's is
 the widened weight's, 2^-9 relative in bf16). `fp8_linear_reference(..., w16=True)` is its arithmetic.
+A single row takes the same arithmetic on the CUDA cores (`gemv` mode: no tensor-core tile padded to
+16 rows, the weight times its scales kept in float32).
 
 At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, Hopper, 128 x 128
 blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead
@@ -40,10 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from epinfer.core.env import SWITCHES
+from epinfer.kernels import pdl
 
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
+
+    from epinfer.kernels.small_gemm import row_times_rows
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
@@ -117,24 +122,32 @@ def w16_mode(M: int) -> bool:
     return min(W16_ROWS, SWITCHES.fp8_w16_tokens) >= M
 
 
-def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the shape: decode sizes read the
+def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[str, int, int, int, int, int]:
+    """(mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the shape: decode sizes read the
     weight once with narrow row tiles, and columns split finely enough to keep every SM streaming
-    weights (`w16`: wide K steps, as `small_gemm`'s bf16 kernel); larger M uses square-ish
-    tensor-core tiles, one activation group a K step."""
+    weights; larger M uses square-ish tensor-core tiles, one activation group a K step. Modes: "w16"
+    (wide K steps, as `small_gemm`'s bf16 kernel), "fp8" (quantised activations) and "gemv" (one
+    row, the w16 arithmetic on the CUDA cores: `_fp8_gemv_kernel`). Measured on an H200 by
+    `benchmarks/fp8_gemm_sweep.py --decode 1,64` over the 30B and Qwen3.5 shapes' projections
+    (RESULTS.md): at one row the gemv tile below took 26.4 µs in all against 47.4 for the w16 tiles
+    (bf16: 46.1); at 64 rows tiles of 64 x 16 columns for the 2048-wide projections (K = 4096) and
+    64 x 64 for the 5120-wide 53.3 µs against 67.0 for 64 x 128 everywhere."""
     if w16:
+        if M == 1:
+            return "gemv", 1, 8, 512, 2, 4
         if M <= 16:
             bn = 16 if N <= 4096 else 32
-            return 16, bn, 512, 2, 3
-        return 64, 64, 128, 4, 3  # (K steps of 256 need ~288 KiB of shared memory here)
+            return "w16", 16, bn, 512, 2, 3
+        return "w16", 64, 64, 128, 4, 3  # (K steps of 256 need ~288 KiB of shared memory here)
     if M <= 16:
         bn = 64
         while bn > 16 and triton.cdiv(N, bn) < 2 * sms:
             bn //= 2
-        return 16, bn, group, 4, 4
+        return "fp8", 16, bn, group, 4, 4
     if M <= 64:
-        return 64, 128, group, 4, 3
-    return 128, 128, group, 8, 3
+        bn = 128 if N >= 8192 else 64 if N >= 4096 else 16
+        return "fp8", 64, bn, group, 4, 4 if bn == 16 else 3
+    return "fp8", 128, 128, group, 8, 3
 
 
 @functools.cache
@@ -163,7 +176,8 @@ def quantize_activations(x_MK: torch.Tensor, group: int,
     per = triton.next_power_of_2(max(1, min(G, 2048 // group)))  # groups per program
     if M:
         _quantize_kernel[(M, triton.cdiv(G, per))](x_MK, q, s, K, G, x_MK.stride(0), q.stride(0), s.stride(0),
-                                                   s.stride(1), GROUP=group, GROUPS=per, num_warps=4)
+                                                   s.stride(1), GROUP=group, GROUPS=per, num_warps=4,
+                                                   **pdl.kwargs(x_MK.device))
     return q, s
 
 
@@ -215,23 +229,33 @@ def cublas_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor,
 
 
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (bf16 / fp16) @ W.T, W [N, K] float8_e4m3fn with `scale` [ceil(N / b0), ceil(K / b1)]."""
+               bias: torch.Tensor | None = None, tile: tuple | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16) @ W.T, W [N, K] float8_e4m3fn with `scale` [ceil(N / b0), ceil(K / b1)].
+    `tile`: (mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in place of `tiles`' (a sweep's;
+    BLOCK_K is the group in "fp8" mode; "gemv" takes one row)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
-    if M and cublas_mode(x_MK, w_NK, block):
+    if M and tile is None and cublas_mode(x_MK, w_NK, block):
         return cublas_linear(x_MK, w_NK, scale, bias)
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    w16 = w16_mode(M)
+    mode, bm, bn, bk, warps, stages = tile or tiles(M, N, multiprocessors(x_MK.device), block[1], w16_mode(M))
+    if mode == "gemv":
+        _fp8_gemv_kernel[(triton.cdiv(N, bn),)](x_MK, w_NK, scale, bias if bias is not None else scale, out, N, K,
+                                                w_NK.stride(0), scale.stride(0), GROUP=block[1],
+                                                SCALE_ROWS=block[0], HAS_BIAS=bias is not None, BLOCK_N=bn,
+                                                BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                                **pdl.kwargs(x_MK.device))
+        return out
+    w16 = mode == "w16"
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
-    bm, bn, bk, warps, stages = tiles(M, N, multiprocessors(x_MK.device), block[1], w16)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fp8_linear_kernel[grid](q, qs, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
                              q.stride(0), qs.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
                              GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None, W16=w16,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                             **pdl.kwargs(x_MK.device))
     return out
 
 
@@ -254,14 +278,19 @@ if triton is not None:
             return tl.dot(a_q.to(tl.float16), w.to(tl.float16))
 
     @triton.jit
-    def _quantize_kernel(X, Q, S, K, G, sx, sq, ss, sg, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    def _quantize_kernel(X, Q, S, K, G, sx, sq, ss, sg, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                         PDL: tl.constexpr):
         """Row program_id(0), groups program_id(1) * GROUPS on: each group scaled into +-448; the
         scale of row m, group g at S + m * ss + g * sg."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         ok = (g[:, None] < G) & (cols < K)
         q, scale = quantize_rows(tl.load(X + m * sx + cols, mask=ok, other=0.0))
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(Q + m * sq + cols, q, mask=ok)
         tl.store(S + m * ss + g * sg, scale, mask=g < G)
 
@@ -284,11 +313,30 @@ if triton is not None:
             return tl.reshape(w3 * s[:, None, :], (BLOCK_K, w.shape[1]))
 
     @triton.jit
+    def _fp8_gemv_kernel(X, W, S, B, Out, N, K, sw, ss, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """One row: out[n] = sum_k x[k] * W[n, k] * scale(n, k) on the CUDA cores (no tensor-core tile
+        padded to 16 rows; `small_gemm.row_times_rows`)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        y = row_times_rows(X, W, S + (offs_n // SCALE_ROWS).to(tl.int64) * ss, offs_n, n_ok, sw, K, BLOCK_K, True,
+                           GROUP)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            y += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Out + offs_n, y.to(Out.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,
                            SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """X in FP8 [M, K] with scales XS [M, K / GROUP] (`quantize_activations`), BLOCK_K = GROUP;
         `W16`: X as it is, the weight widened (`widen`), any BLOCK_K."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
@@ -309,6 +357,8 @@ if triton is not None:
                 a_scale = tl.load(XS + offs_m.to(tl.int64) * sxs + g, mask=m_ok, other=0.0)  # each row's, this group
                 w_scale = tl.load(S + scale_rows + g, mask=n_ok, other=0.0)  # [BLOCK_N]
                 acc += fp8_dot(a, w) * a_scale[:, None] * w_scale[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),

@@ -13,8 +13,8 @@ def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
     """Tile sizes by batch (static per batch size: CUDA-graph safe): PER_PAIR up to its pair count,
     else by the average pairs per expert; `fp8`: FP8 expert weights' table (`FP8_CONFIGS`, the bf16
     one while it is empty). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
-    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_grouped": [...]}, each key
-    optional)."""
+    sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_per_pair": ...,
+    "fp8_grouped": [...]}, each key optional; the per-pair mode's pair limit is "per_pair"'s)."""
     if "file" not in _LOADED:
         path = _LOADED["file"] = SWITCHES.moe_configs
         if path:
@@ -23,11 +23,12 @@ def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
             if isinstance(table, list):  # the grouped table alone (sweeps before the per-pair mode)
                 table = {"per_pair": {}, "grouped": table}
             PER_PAIR.update(table.get("per_pair", {}))
+            FP8_PER_PAIR.update({k: v for k, v in table.get("fp8_per_pair", {}).items() if k != "max_pairs"})
             for key, configs in (("grouped", CONFIGS), ("fp8_grouped", FP8_CONFIGS)):
                 if key in table:
                     configs[:] = [(limit, cfg) for limit, cfg in table[key]]
     if pairs <= PER_PAIR["max_pairs"]:
-        return PER_PAIR
+        return FP8_PER_PAIR if fp8 else PER_PAIR
     table = FP8_CONFIGS if fp8 and FP8_CONFIGS else CONFIGS
     for limit, cfg in table:
         if pairs / num_local <= limit:
@@ -46,6 +47,11 @@ _LOADED: dict = {}
 # CUDA graph (2026-11-29): 1 row 28.2 µs vs 42.0 grouped (cuBLAS 72); 4 rows 78.6 vs 91.0 (cuBLAS 146);
 # tiles within 0.3 µs of each other at 1 row
 PER_PAIR = {"max_pairs": 32, "BLOCK_M": 16, "up": (32, 256, 3, 4), "down": (32, 128, 3, 2)}
+# FP8 expert weights in the per-pair mode (the same pair limit): one row a pair on the CUDA cores
+# (`moe_gemv`), (BLOCK_N, BLOCK_K, num_stages, num_warps). H200, 30B shape, one row, whole layer in a
+# CUDA graph (`moe_kernel_sweep.py --quant fp8 --gemv`, 2026-12-04): 16.1 µs, against 19.9 for the best
+# tensor-core tiles of the w16 mode and ~21 for the bf16 tiles it used before
+FP8_PER_PAIR = {"BLOCK_M": 16, "gemv": True, "up": (4, 512, 2, 2), "down": (16, 256, 2, 2)}
 # (average pairs per expert up to, {up: ..., down: ...}); measured on H200 (benchmarks/moe_kernel_sweep.py)
 CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the expert weights from 8 pairs per
     # expert up (RESULTS.md); 2.1-3 TB/s below, where few weights are read (at 1-2 rows the sweep's best

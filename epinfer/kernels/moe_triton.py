@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from epinfer.core.env import SWITCHES
-from epinfer.kernels import pdl
+from epinfer.kernels import moe_gemv, pdl
 from epinfer.kernels.moe_configs import grouped_config
 
 try:  # Triton is optional: CPU installs don't have it
@@ -197,28 +197,15 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     # instead of two); a tile of BLOCK_N columns is inside one when BLOCK_N divides the block's rows
     # and the tile starts at a multiple of BLOCK_N (the up kernel's up half at INTER + its columns)
     tile_scale = quant["FP8"] and bool(cfg.get("tile_scale"))
-    x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
     act = torch.empty(P, inter, dtype=x_TD.dtype, device=x_TD.device)
-    bn, bk, stages, warps = cfg["up"]
-    bk = block[1] if quant["FP8"] else bk
-    _grouped_up[(groups, triton.cdiv(inter, bn))](
-        x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
-        x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
-        s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0,
-        num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     # other ranks' pairs stay unwritten: the sum below skips them; unsummed, they must read 0
     y_dtype = x_TD.dtype if reduce and cfg.get("y16") else torch.float32
     y = (torch.empty if all_local or reduce else torch.zeros)(P, D, dtype=y_dtype, device=x_TD.device)
-    act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
-    bn, bk, stages, warps = cfg["down"]
-    bk = block[1] if quant["FP8"] else bk
-    _grouped_down[(groups, triton.cdiv(D, bn))](
-        act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
-        act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
-        D=D, INTER=inter, K=K, PER_PAIR=plan is None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        TILE_SCALE=tile_scale and block[0] % bn == 0, num_stages=stages, num_warps=warps, **quant,
-        **pdl.kwargs(x_TD.device))
+    if plan is None and cfg.get("gemv"):  # one row a pair on the CUDA cores
+        moe_gemv.pair_experts(x_TD, w13, w2, weights_TK, ids_TK, first, act, y, cfg, fp8)
+    else:
+        _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, shift, act, y, plan is None, cfg,
+                 quant, tile_scale, s13, s2, block)
     if not reduce:
         return y.view(T, K, D)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -227,6 +214,32 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
                                                    first, n, GATHER=False, ALL_LOCAL=all_local, D=D, K=K,
                                                    BLOCK_D=1024, **pdl.kwargs(x_TD.device))
     return out
+
+
+def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, shift, act, y, per_pair, cfg, quant,
+             tile_scale, s13, s2, block) -> None:
+    """`moe_grouped`'s tensor-core kernels: act, then y."""
+    T, D = x_TD.shape
+    n, two_i, _ = w13.shape
+    inter, K, bm = two_i // 2, ids_TK.shape[1], cfg["BLOCK_M"]
+    x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
+    bn, bk, stages, warps = cfg["up"]
+    bk = block[1] if quant["FP8"] else bk
+    _grouped_up[(groups, triton.cdiv(inter, bn))](
+        x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
+        s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0,
+        num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
+    act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
+    bn, bk, stages, warps = cfg["down"]
+    bk = block[1] if quant["FP8"] else bk
+    _grouped_down[(groups, triton.cdiv(D, bn))](
+        act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
+        D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        TILE_SCALE=tile_scale and block[0] % bn == 0, num_stages=stages, num_warps=warps, **quant,
+        **pdl.kwargs(x_TD.device))
 
 
 if triton is not None:

@@ -5,6 +5,9 @@ gives each program BLOCK_N output columns for all rows (rows padded to 16 for th
 and streams its [BLOCK_N, D] slice of W with BLOCK_K-wide loads, accumulating in fp32; with many
 output columns (every projection of the supported models) that is enough programs to keep every SM
 reading. Measured against cuBLAS per shape by `benchmarks/gemv_sweep.py`.
+
+`row_times_rows` is the one-row form on the CUDA cores (no tensor-core tile), with the block scales of
+FP8 weights: `fp8_gemm`'s gemv mode and the per-pair experts of `moe_gemv` use it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,50 @@ if triton is not None:
                         other=0.0)
             acc = tl.dot(x, w, acc)
         return acc
+
+    @triton.jit
+    def scale_groups(p, scale_rows, k0, k_end, n_ok, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """p [BLOCK_N, BLOCK_K] (input columns k0 .. k0 + BLOCK_K, k0 a multiple of BLOCK_K) times
+        each row's block scale of each column: `scale_rows` [BLOCK_N] points at each row's scales,
+        input column k's at entry k // GROUP (GROUP a power of two; columns from k_end on get 0)."""
+        if BLOCK_K <= GROUP:  # (the step lies inside one group)
+            return p * tl.load(scale_rows + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+        else:
+            G: tl.constexpr = BLOCK_K // GROUP
+            groups = k0 // GROUP + tl.arange(0, G)
+            s = tl.load(scale_rows[:, None] + groups[None, :], mask=n_ok[:, None] & (groups * GROUP < k_end)[None, :],
+                        other=0.0)
+            return tl.reshape(tl.reshape(p, (p.shape[0], G, GROUP)) * s[:, :, None], (p.shape[0], BLOCK_K))
+
+    @triton.jit
+    def row_times_rows(X, W, S, offs_n, n_ok, sw_n, hi, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
+                       GROUP: tl.constexpr):
+        """sum over k < hi of x[k] * W[n, k] (times its scale, `SCALED`: S [BLOCK_N] points at each
+        row's scales) for the BLOCK_N rows offs_n, float32 [BLOCK_N]. Steps of up to 8192 weights
+        add their products into a [BLOCK_N, BLOCK_K] tile summed once at the end; wider ones (a
+        whole row in one step, all its loads in flight at once) are summed each step."""
+        w_rows = W + offs_n[:, None].to(tl.int64) * sw_n
+        if offs_n.shape[0] * BLOCK_K > 8192:
+            acc = tl.zeros([offs_n.shape[0]], dtype=tl.float32)
+            for k0 in range(0, hi, BLOCK_K):
+                acc += tl.sum(_products(X, w_rows, S, n_ok, k0, hi, BLOCK_K, SCALED, GROUP), 1)
+            return acc
+        else:
+            tile = tl.zeros([offs_n.shape[0], BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, hi, BLOCK_K):
+                tile += _products(X, w_rows, S, n_ok, k0, hi, BLOCK_K, SCALED, GROUP)
+            return tl.sum(tile, 1)
+
+    @triton.jit
+    def _products(X, w_rows, S, n_ok, k0, hi, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, GROUP: tl.constexpr):
+        """x[k] * W[n, k] (scaled) for the input columns k0 .. k0 + BLOCK_K, float32 [BLOCK_N, BLOCK_K]."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < hi
+        x = tl.load(X + k, mask=k_ok, other=0.0).to(tl.float32)
+        p = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * x[None, :]
+        if SCALED:
+            p = scale_groups(p, S, k0, hi, n_ok, BLOCK_K, GROUP)
+        return p
 
     @triton.jit
     def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,

@@ -126,6 +126,9 @@ def test_triton_conv_step_kernel(dtype):
     assert torch.equal(state, ref_state)  # shifted in place, other slots untouched
 
 
+GEMV = {"BLOCK_M": 16, "gemv": True, "up": (8, 512, 2, 4), "down": (16, 256, 3, 2)}  # (`kernels.moe_gemv`)
+
+
 @pytest.mark.parametrize("T,first,n,E", [(1, 0, 128, 128), (4, 32, 64, 128), (16, 0, 128, 128), (64, 0, 128, 128),
                                           (256, 0, 128, 128), (96, 64, 64, 128), (200, 0, 256, 256)])
 def test_triton_grouped_moe(T, first, n, E):
@@ -146,8 +149,9 @@ def test_triton_grouped_moe(T, first, n, E):
         weights = torch.rand(T, 8).to(torch.bfloat16)
     ref = experts._grouped(x, weights, ids).float()
     plan = permute_pairs(ids, first, n)
-    tiles = [moe_configs.PER_PAIR] + [c for _, c in moe_configs.CONFIGS]
-    for p, cfg in [(p, cfg) for p in (None, plan) for cfg in tiles if p is not None or T <= 16]:
+    tiles = [moe_configs.PER_PAIR, GEMV] + [c for _, c in moe_configs.CONFIGS]
+    for p, cfg in [(p, cfg) for p in (None, plan) for cfg in tiles
+                   if (p is not None or T <= 16) and (p is None or not cfg.get("gemv"))]:
         out = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (p is None, cfg)
         y = moe_triton.moe_grouped(x, experts.w13, experts.w2, weights, ids, first, n == E, p, cfg, reduce=False)
@@ -167,10 +171,11 @@ def test_triton_grouped_moe(T, first, n, E):
         x, experts.w13, experts.w2, weights, ids, first, n == E, forward).float())  # the path forward takes
 
 
-@pytest.mark.parametrize("first,n", [(0, 128), (64, 64)])
-def test_triton_moe_skips_padding_pairs(first, n):
+@pytest.mark.parametrize("first,n,gemv", [(0, 128, False), (64, 64, False), (0, 128, True), (64, 64, True)])
+def test_triton_moe_skips_padding_pairs(first, n, gemv):
     """One group per pair: a padding row (top-k weight 0) reads no expert weights and no x (its row is
-    NaN here) and comes out exactly 0, summed or per pair; the real rows are bitwise unchanged."""
+    NaN here) and comes out exactly 0, summed or per pair; the real rows are bitwise unchanged. `gemv`:
+    the CUDA-core kernels (`kernels.moe_gemv`)."""
     from epinfer.kernels import moe_configs, moe_triton
     from epinfer.layers.moe import FusedExperts
 
@@ -184,11 +189,12 @@ def test_triton_moe_skips_padding_pairs(first, n):
         weights = torch.rand(3, 8).to(torch.bfloat16)
     assert moe_configs.per_pair(ids.numel())
     args = (experts.w13, experts.w2)
-    want = moe_triton.moe_grouped(x[[0, 2]], *args, weights[[0, 2]], ids[[0, 2]], first, n == 128, None)
+    cfg = GEMV if gemv else None
+    want = moe_triton.moe_grouped(x[[0, 2]], *args, weights[[0, 2]], ids[[0, 2]], first, n == 128, None, cfg)
     x[1], weights[1] = float("nan"), 0.0
-    out = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None)
+    out = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None, cfg)
     assert torch.equal(out[[0, 2]], want) and torch.equal(out[1], torch.zeros_like(out[1]))
-    y = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None, reduce=False)
+    y = moe_triton.moe_grouped(x, *args, weights, ids, first, n == 128, None, cfg, reduce=False)
     assert torch.equal(y[1], torch.zeros_like(y[1])) and not y.isnan().any()
 
 

@@ -25,7 +25,7 @@ def random_fp8_weight(N: int, K: int, block: tuple[int, int], gen: torch.Generat
 
 def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, block: tuple[int, int],
                      bias: bool, tol: float = 1e-2, representable: bool = False,
-                     w16: bool = False) -> tuple[float, float]:
+                     w16: bool = False, tile: tuple | None = None) -> tuple[float, float]:
     """(error against the same-quantisation reference, against unquantised activations), both
     relative to the output's norm; asserts `tol` and 6e-2. `representable`: every activation group
     is FP8 values times a power of two with its maximum at 448 (quantisation exact whatever the
@@ -44,7 +44,7 @@ def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, bl
         x = x * 2.0 ** shift.repeat_interleave(block[1], 1)[:, :K]
     b = torch.randn(N, generator=gen) * 0.1 if bias else None
     bias_dev = b.to(device, dtype) if bias else None
-    got = fp8_linear(x.to(device, dtype), w.to(device), scale.to(device), block, bias_dev)
+    got = fp8_linear(x.to(device, dtype), w.to(device), scale.to(device), block, bias_dev, tile=tile)
     ref = fp8_linear_reference(x.to(dtype), w, scale, block, b.to(dtype) if bias else None, w16).float()
     exact = x @ dequantize_blocks(w, scale, block).T + (b if bias else 0)
     rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
@@ -121,7 +121,7 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     """The Triton grouped expert kernels with FP8 weights against the reference; both the per-pair
     and the grouped (permuted) modes. Returns the largest relative error. `w16`: the kernels in
     their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller; decode tile sizes). `cfg`: these
-    tiles instead of the FP8 table's."""
+    tiles instead of the FP8 table's (a "gemv" one: the per-pair mode only)."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import permute_pairs
@@ -134,7 +134,7 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     weights, ids = torch.softmax(logits, -1).topk(K, -1)
     ref = fp8_experts_reference(x.to(dtype), w13, s13, w2, s2, block, weights, ids, w16)
     worst = 0.0
-    for plan in (None, permute_pairs(ids.to(device), 0, E)):
+    for plan in (None, *([] if cfg and cfg.get("gemv") else [permute_pairs(ids.to(device), 0, E)])):
         dev = [t.to(device) for t in (w13, s13, w2, s2)]
         tiles = cfg or moe_triton.grouped_config(T * K, E, True)  # the FP8 table
         got = moe_triton.moe_grouped(x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device),
@@ -185,12 +185,36 @@ def test_fp8_linear_w16(M, N, K, block, monkeypatch):
     print(f"w16 M {M} N {N} K {K} block {block}: {rel:.2e}")
 
 
+@pytest.mark.parametrize("N,K,block,tile", [(256, 512, (128, 128), ("gemv", 1, 16, 256, 2, 2)),
+                                            (5120, 2048, (128, 128), ("gemv", 1, 8, 512, 4, 4)),
+                                            (90, 200, (12, 32), ("gemv", 1, 4, 128, 2, 2))])
+def test_fp8_linear_gemv(N, K, block, tile):
+    """One row on the CUDA cores (`_fp8_gemv_kernel`): the w16 arithmetic, partial blocks and K steps."""
+    rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile)
+    print(f"gemv N {N} K {K} block {block} tile {tile}: {rel:.2e}")
+
+
 @pytest.mark.parametrize("T,E,D,inter,block", W16_EXPERTS)
 def test_fp8_expert_kernels_w16(T, E, D, inter, block, monkeypatch):
     monkeypatch.setenv("EPINFER_FP8_DECODE_W16", "1")
     rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block, w16=True)
     print(f"w16 T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
     assert rel <= 1e-2  # the intermediate is not quantised again: bf16 rounding only
+
+
+@pytest.mark.parametrize("T,E,D,inter,block,wide", [(1, 8, 2048, 768, (128, 128), False),
+                                                    (1, 8, 2048, 768, (128, 128), True),
+                                                    (3, 16, 512, 384, (128, 128), True),
+                                                    (2, 6, 80, 48, (16, 16), False), (2, 6, 80, 48, (16, 16), True)])
+def test_fp8_expert_kernels_gemv(T, E, D, inter, block, wide):
+    """One row a pair on the CUDA cores (`kernels.moe_gemv`), the weights scaled per block in float32;
+    `wide`: K steps of over 8192 weights, each step's products summed at once."""
+    cfg = {"BLOCK_M": 16, "gemv": True, "up": (8, 512, 2, 4), "down": (16, 256, 3, 2)}
+    if wide:
+        cfg |= {"up": (4, 2048, 1, 4), "down": (8, 1024, 1, 8)}
+    rel = check_fp8_experts("cuda", torch.bfloat16, T, E, D, inter, 2, block, w16=True, cfg=cfg)
+    print(f"gemv T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
+    assert rel <= 1e-2
 
 
 @pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
