@@ -42,9 +42,10 @@ DECODE_SHAPES = [("30b_qkv", 5120, 2048), ("30b_o", 2048, 4096), *SHAPES[:3]]
 def decode_tiles(M: int) -> list[tuple]:
     """(mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried at M rows (`fp8_gemm.tiles`)."""
     bm = max(16, triton.next_power_of_2(M))
-    gemv = [("gemv", 1, bn, bk, w, st) for bn, bk, w, st in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4),
-                                                                             (2, 4))
-            if bn * bk <= 8192] if M == 1 else []
+    narrow = [(bn, bk, w, st) for bn, bk, w, st in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4), (2, 4))
+              if bn * bk <= 8192]
+    wide = [(bn, bk, w, 1) for bn, bk, w in itertools.product((4, 8, 16), (1024, 2048), (4, 8))]  # (summed each step)
+    gemv = [("gemv", 1, *t) for t in narrow + wide] if M == 1 else []
     w16 = [("w16", bm, bn, bk, w, st) for bn, bk, w, st in itertools.product((16, 32, 64), (256, 512, 1024), (2, 4),
                                                                             (3, 4, 5))
            if bn * bk <= 32768 and bm * bk <= 32768]

@@ -39,16 +39,12 @@ def pair_experts(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     inter = two_i // 2
     s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread unless SCALED)
     common = dict(K=K, SCALED=fp8 is not None, SCALE_ROWS=block[0], GROUP=block[1], **pdl.kwargs(x_TD.device))
-    bn, bk, stages, warps = cfg["up"]
-    _pair_up[(T * K, triton.cdiv(inter, bn))](
-        x_TD, w13, s13, ids_TK, weights_TK, act, first, n, ids_TK.stride(0), weights_TK.stride(0), x_TD.stride(0),
-        w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), act.stride(0), D=D, INTER=inter, BLOCK_N=bn,
-        BLOCK_K=bk, num_stages=stages, num_warps=warps, **common)
-    bn, bk, stages, warps = cfg["down"]
-    _pair_down[(T * K, triton.cdiv(D, bn))](
-        act, w2, s2, ids_TK, weights_TK, y, first, n, ids_TK.stride(0), weights_TK.stride(0), act.stride(0),
-        w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), y.stride(0), D=D, INTER=inter, BLOCK_N=bn,
-        BLOCK_K=bk, num_stages=stages, num_warps=warps, **common)
+    for up, rows, w, s, out, N, depth in ((True, x_TD, w13, s13, act, inter, D), (False, act, w2, s2, y, D, inter)):
+        bn, bk, stages, warps = cfg["up" if up else "down"]
+        _pair_gemv[(T * K, triton.cdiv(N, bn))](
+            rows, w, s, ids_TK, weights_TK, out, first, n, ids_TK.stride(0), weights_TK.stride(0), rows.stride(0),
+            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0), N=N, DEPTH=depth, BLOCK_N=bn,
+            BLOCK_K=bk, UP=up, num_stages=stages, num_warps=warps, **common)
 
 
 if triton is not None:
@@ -62,42 +58,33 @@ if triton is not None:
         return tl.where(local, e, 0), tl.load(WTS + (g // K) * sw_t + g % K), local
 
     @triton.jit
-    def _pair_up(X, W13, S13, IDS, WTS, ACT, first, n_local, si_t, sw_t, sx_t, sw_e, sw_n, ss_e, ss_r, sa_p,
-                 D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    def _pair_gemv(IN, W, S, IDS, WTS, OUT, first, n_local, si_t, sw_t, s_in, sw_e, sw_n, ss_e, ss_r, s_out,
+                   N: tl.constexpr, DEPTH: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UP: tl.constexpr, SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr,
+                   PDL: tl.constexpr):
+        """Pair program_id(0), output columns program_id(1) * BLOCK_N on (N of them, each a dot over
+        DEPTH inputs). UP: the pair's row of x [T, D] in, act out (W13's gate rows, then its up rows
+        N further); else its row of act in, y out. A pair of weight 0 reads no weights (its y is 0);
+        another rank's pair writes nothing."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         g = tl.program_id(0)
         e, wt, local = _pair(IDS, WTS, first, n_local, si_t, sw_t, K)
-        run = local & (wt != 0)  # a padding row's pair (weight 0) reads no weights
-        hi = tl.where(run, D, 0)
+        hi = tl.where(local & (wt != 0), DEPTH, 0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < INTER
-        x = X + (g // K).to(tl.int64) * sx_t
-        w = W13 + e.to(tl.int64) * sw_e
-        s = S13 + e.to(tl.int64) * ss_e
-        gate = row_times_rows(x, w, s + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi, BLOCK_K, SCALED, GROUP)
-        up = row_times_rows(x, w + INTER * sw_n, s + ((INTER + offs_n) // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi,
-                            BLOCK_K, SCALED, GROUP)
+        n_ok = offs_n < N
+        row = IN + (g // K if UP else g).to(tl.int64) * s_in
+        w = W + e.to(tl.int64) * sw_e
+        s = S + e.to(tl.int64) * ss_e
+        out = row_times_rows(row, w, s + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi, BLOCK_K, SCALED, GROUP)
+        if UP:
+            up = row_times_rows(row, w + N * sw_n, s + ((N + offs_n) // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi,
+                                BLOCK_K, SCALED, GROUP)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        act = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(ACT + g.to(tl.int64) * sa_p + offs_n, act.to(ACT.dtype.element_ty), mask=n_ok & run)
-
-    @triton.jit
-    def _pair_down(ACT, W2, S2, IDS, WTS, Y, first, n_local, si_t, sw_t, sa_p, sw_e, sw_n, ss_e, ss_r, sy_p,
-                   D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        g = tl.program_id(0)
-        e, wt, local = _pair(IDS, WTS, first, n_local, si_t, sw_t, K)
-        hi = tl.where(local & (wt != 0), INTER, 0)  # weight 0: no weights read, a row of zeros written
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
-        y = row_times_rows(ACT + g.to(tl.int64) * sa_p, W2 + e.to(tl.int64) * sw_e,
-                           S2 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi,
-                           BLOCK_K, SCALED, GROUP)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.store(Y + g.to(tl.int64) * sy_p + offs_n, y * wt.to(tl.float32), mask=n_ok & local)
+        if UP:
+            tl.store(OUT + g.to(tl.int64) * s_out + offs_n, (out / (1.0 + tl.exp(-out)) * up).to(OUT.dtype.element_ty),
+                     mask=n_ok & (hi > 0))
+        else:
+            tl.store(OUT + g.to(tl.int64) * s_out + offs_n, (out * wt.to(tl.float32)).to(OUT.dtype.element_ty),
+                     mask=n_ok & local)
