@@ -11,9 +11,10 @@ grouped GEMM (`torch._grouped_mm`).
 
 `--decode 1,8,64`: decode sizes instead. Each projection of the Qwen3-30B-A3B and Qwen3.5-35B-A3B
 shapes at each row count, replayed in a CUDA graph: the bf16 path the engine takes there
-(`small_gemm` up to its rows, else cuBLAS), the FP8 kernel's default tiles, and every tile of a grid
-(weight-only `w16` steps and quantised-activation steps), with the weight's TB/s; then per row count
-the best tile by total time over the shapes.
+(`small_gemm` up to its rows, else cuBLAS), the FP8 kernel's default tiles, cuBLAS's block-scaled
+FP8 GEMM, and every tile of a grid (one-row `gemv`, weight-only `w16` and quantised-activation steps,
+the last also with their K steps split over programs), with the weight's TB/s; then per row count the
+best tile by total time over the shapes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def decode_tiles(M: int) -> list[tuple]:
            if bn * bk <= 32768 and bm * bk <= 32768]
     quant = [("fp8", bm, bn, 128, w, st) for bn, w, st in itertools.product((16, 32, 64, 128), (2, 4, 8), (3, 4, 5))
              if not (w == 8 and bn < 64)]
-    return gemv + w16 + quant
+    split = [("fp8", bm, bn, 128, 4, st, sp) for bn, st, sp in itertools.product((32, 64, 128), (3, 4), (2, 4, 8))
+             ] if M > 8 else []  # (K steps shared by `sp` programs)
+    return gemv + w16 + quant + split
 
 
 def decode(rows: list[int]) -> None:
@@ -74,16 +77,20 @@ def decode(rows: list[int]) -> None:
                               "best": [(round(times[t] * 1e3, 2), round(N * K / 1e9 / times[t], 2), t)
                                        for t in best]}), flush=True)
         best = sorted((t for t in totals if isinstance(t, tuple)), key=totals.get)[:5]
+        best += [t for t in ("cublas",) if t in totals]
         print(json.dumps({"rows": M, "bf16_us": round(totals["bf16"] * 1e3, 2),
                           "default_us": round(totals["default"] * 1e3, 2),
                           "best_over_shapes": [(round(totals[t] * 1e3, 2), t) for t in best]}), flush=True)
 
 
 def decode_shape(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, w16: torch.Tensor) -> dict:
-    """ms by path: "bf16", "default" (the FP8 kernel's own tiles) and each tile of `decode_tiles`."""
+    """ms by path: "bf16", "default" (the FP8 kernel's own tiles), "cublas" (its block-scaled FP8 GEMM,
+    where this GPU and torch have it) and each tile of `decode_tiles`."""
     times = {"bf16": graphed((lambda: small_gemm.linear(x, w16)) if small_gemm.usable(x, w16)
                              else (lambda: F.linear(x, w16))),
              "default": graphed(lambda: fp8_gemm.fp8_linear(x, w, scale, (128, 128)))}
+    if hasattr(F, "scaled_mm") and fp8_gemm.hopper(x.device):
+        times["cublas"] = graphed(lambda: fp8_gemm.cublas_linear(x, w, scale))
     for tile in decode_tiles(x.shape[0]):
         times[tile] = graphed(lambda tile=tile: fp8_gemm.fp8_linear(x, w, scale, (128, 128), tile=tile))
     return times

@@ -16,6 +16,10 @@
 #   fp8-gemm   prefill-size FP8 projections: bf16 cuBLAS, the Triton FP8 kernel and cuBLAS's block-scaled
 #              FP8 GEMM (EPINFER_FP8_CUBLAS); whether F.scaled_grouped_mm takes block scales
 #              (benchmarks/fp8_gemm_sweep.py)
+#   fp8-decode decode-size FP8: the projections at 1 and 64 rows (one-row gemv, w16 and quantised tiles,
+#              split K, cuBLAS; benchmarks/fp8_gemm_sweep.py --decode 1,64) and the one-row experts on
+#              the CUDA cores (moe_kernel_sweep.py --quant fp8 --gemv wide), then `epinfer bench --quant
+#              fp8` batch 1 with that per-pair table
 #
 # Usage: [OUT=DIR] bash benchmarks/kernel_sweeps_1gpu.sh [MODE...]      (default: moe gemv attention)
 # Output: $OUT (default benchmarks/logs/kernel_sweeps_1gpu/, git-ignored): NAME.log per sweep (one JSON
@@ -49,6 +53,16 @@ mixed)
 fp8-gemm)
   step fp8_gemm_sweep 150 python3 benchmarks/fp8_gemm_sweep.py
   cut -c1-220 "$OUT/fp8_gemm_sweep.log" ;;
+fp8-decode)
+  step fp8_decode_sweep 300 python3 benchmarks/fp8_gemm_sweep.py --decode 1,64
+  grep best_over "$OUT/fp8_decode_sweep.log" | cut -c1-400
+  step fp8_pair_sweep 150 python3 benchmarks/moe_kernel_sweep.py --shape "$SHAPE" --quant fp8 --gemv wide --batches 1 \
+    --out "$OUT/fp8_pair_table.json"
+  grep -v "^#" "$OUT/fp8_pair_sweep.log" | cut -c1-300
+  python3 -c "import json, sys; t = json.load(open(sys.argv[1])); t['fp8_per_pair'].pop('max_pairs', None)
+json.dump(t, open(sys.argv[1], 'w'))" "$OUT/fp8_pair_table.json"
+  EPINFER_MOE_CONFIGS=$OUT/fp8_pair_table.json bench fp8_pair_bench 150 --shape "$SHAPE" --batch 1 --input-len 1024 \
+    --output-len 32 --quant fp8 ;;
 *)
-  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed fp8-gemm)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed fp8-gemm fp8-decode)"; exit 2 ;;
 esac; done

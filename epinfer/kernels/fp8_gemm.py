@@ -231,8 +231,11 @@ def cublas_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor,
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                bias: torch.Tensor | None = None, tile: tuple | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp16) @ W.T, W [N, K] float8_e4m3fn with `scale` [ceil(N / b0), ceil(K / b1)].
-    `tile`: (mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in place of `tiles`' (a sweep's;
-    BLOCK_K is the group in "fp8" mode; "gemv" takes one row)."""
+    `tile`: (mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, splits]) in place of `tiles`' (a
+    sweep's; BLOCK_K is the group in "fp8" mode; "gemv" takes one row). `splits` > 1 ("fp8" / "w16"):
+    each output tile's K steps are split over that many programs, whose float32 partial sums a second
+    kernel adds in order (deterministic), with the bias: more programs for few, narrow output tiles.
+    Not a default anywhere: no GPU has timed it yet."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     if M and tile is None and cublas_mode(x_MK, w_NK, block):
@@ -240,7 +243,9 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
-    mode, bm, bn, bk, warps, stages = tile or tiles(M, N, multiprocessors(x_MK.device), block[1], w16_mode(M))
+    mode, bm, bn, bk, warps, stages, *splits = tile or tiles(M, N, multiprocessors(x_MK.device), block[1],
+                                                             w16_mode(M))
+    splits = splits[0] if splits else 1
     if mode == "gemv":
         _fp8_gemv_kernel[(triton.cdiv(N, bn),)](x_MK, w_NK, scale, bias if bias is not None else scale, out, N, K,
                                                 w_NK.stride(0), scale.stride(0), GROUP=block[1],
@@ -250,12 +255,16 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
         return out
     w16 = mode == "w16"
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _fp8_linear_kernel[grid](q, qs, w_NK, scale, bias if bias is not None else scale, out, M, N, K,
-                             q.stride(0), qs.stride(0), w_NK.stride(0), scale.stride(0), out.stride(0),
-                             GROUP=block[1], SCALE_ROWS=block[0], HAS_BIAS=bias is not None, W16=w16,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                             **pdl.kwargs(x_MK.device))
+    part = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x_MK.device)
+    _fp8_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
+        q, qs, w_NK, scale, bias if bias is not None else scale, part, M, N, K, q.stride(0), qs.stride(0),
+        w_NK.stride(0), scale.stride(0), part.stride(-2), GROUP=block[1], SCALE_ROWS=block[0],
+        HAS_BIAS=bias is not None and splits == 1, W16=w16, SPLITS=splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages, **pdl.kwargs(x_MK.device))
+    if splits > 1:
+        _sum_splits_kernel[(M, triton.cdiv(N, 1024))](part, bias if bias is not None else part, out, M, N,
+                                                      out.stride(0), SPLITS=splits, HAS_BIAS=bias is not None,
+                                                      BLOCK=1024, num_warps=4, **pdl.kwargs(x_MK.device))
     return out
 
 
@@ -331,10 +340,11 @@ if triton is not None:
 
     @triton.jit
     def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,
-                           SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
+                           SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr, SPLITS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """X in FP8 [M, K] with scales XS [M, K / GROUP] (`quantize_activations`), BLOCK_K = GROUP;
-        `W16`: X as it is, the weight widened (`widen`), any BLOCK_K."""
+        `W16`: X as it is, the weight widened (`widen`), any BLOCK_K. SPLITS > 1: program_id(2)'s
+        share of the K steps, its float32 sum to Out [SPLITS, M, N] (row stride so)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -344,7 +354,10 @@ if triton is not None:
         scale_rows = (offs_n // SCALE_ROWS).to(tl.int64) * ss  # each column's block row of scales
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(0, tl.cdiv(K, BLOCK_K)):
+        steps = tl.cdiv(K, BLOCK_K)
+        share = tl.cdiv(steps, SPLITS)
+        first = tl.program_id(2) * share
+        for g in range(first, tl.minimum(first + share, steps)):
             k = g * BLOCK_K + offs_k
             k_ok = k < K
             a = tl.load(X + offs_m[:, None].to(tl.int64) * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
@@ -361,5 +374,24 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Out + offs_m[:, None].to(tl.int64) * so + offs_n[None, :], acc.to(Out.dtype.element_ty),
+        rows = (tl.program_id(2) * M + offs_m).to(tl.int64)  # (SPLITS == 1: the output's rows)
+        tl.store(Out + rows[:, None] * so + offs_n[None, :], acc.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(P, B, Out, M, N, so, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
+        """Out[m] = sum over s in order of P[s, m] (float32 [SPLITS, M, N]) + bias."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        m = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(P + (s * M + m) * N + offs, mask=ok, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            acc += tl.load(B + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Out + m * so + offs, acc.to(Out.dtype.element_ty), mask=ok)

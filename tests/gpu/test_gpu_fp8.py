@@ -202,6 +202,23 @@ def test_fp8_expert_kernels_w16(T, E, D, inter, block, monkeypatch):
     assert rel <= 1e-2  # the intermediate is not quantised again: bf16 rounding only
 
 
+@pytest.mark.parametrize("M,N,K,block,tile", [(64, 2048, 4096, (128, 128), ("fp8", 64, 64, 128, 4, 3, 4)),
+                                              (40, 200, 640, (128, 128), ("fp8", 64, 32, 128, 4, 3, 3)),
+                                              (5, 90, 200, (12, 32), ("w16", 16, 32, 64, 2, 3, 2))])
+def test_fp8_linear_split_k(M, N, K, block, tile, monkeypatch):
+    """K steps shared by several programs, their partial sums added in order by a second kernel (with
+    the bias): against the same-quantisation reference, and bitwise the same on a second call."""
+    from epinfer.kernels.fp8_gemm import fp8_linear
+
+    monkeypatch.setenv("EPINFER_FP8_CUBLAS", "0")
+    w16 = tile[0] == "w16"
+    rel, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=True, tol=1e-2, w16=w16, tile=tile)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w, scale = (t.cuda() for t in random_fp8_weight(N, K, block, torch.Generator().manual_seed(1)))
+    assert torch.equal(fp8_linear(x, w, scale, block, tile=tile), fp8_linear(x, w, scale, block, tile=tile))
+    print(f"split-K M {M} N {N} K {K} tile {tile}: {rel:.2e}")
+
+
 @pytest.mark.parametrize("T,E,D,inter,block,wide", [(1, 8, 2048, 768, (128, 128), False),
                                                     (1, 8, 2048, 768, (128, 128), True),
                                                     (3, 16, 512, 384, (128, 128), True),
