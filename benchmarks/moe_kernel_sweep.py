@@ -22,7 +22,8 @@ the K step is the block's and only BLOCK_N, stages and warps vary; their best ti
 with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales).
 
 `--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
-no tensor-core tile), the tiles of `GEMV_TILES`; the table then holds the per-pair entry only.
+no tensor-core tile), the tiles of `GEMV_TILES`, at the batches of up to 32 pairs; the table then
+holds the per-pair entry only: the smallest batch's tiles, with the per-pair limit unchanged.
 
 Prints one JSON record per batch and mode, then the chosen table (the format of EPINFER_MOE_CONFIGS:
 {"per_pair": {...}, "grouped": [[limit, cfg], ...]}), also written to --out.
@@ -152,6 +153,9 @@ def main() -> int:
         itemsize = 1
     grouped, per_pair = [], {**moe_configs.PER_PAIR, "max_pairs": 0}
     for T in [int(b) for b in args.batches.split(",")]:
+        if args.gemv and T * K > PER_PAIR_LIMIT:
+            print(f"# batch {T}: over {PER_PAIR_LIMIT} pairs, no per-pair mode to sweep", flush=True)
+            continue
         recs = {}
         for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + ([] if args.gemv else [False]):
             rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex, args.gemv)
@@ -161,8 +165,9 @@ def main() -> int:
                        cublas_tbs=round(gb * 2 / itemsize / rec["cublas_layer_ms"], 3))
             print(json.dumps(rec), flush=True)
             recs[rec["mode"]] = rec
-        if args.gemv:
-            per_pair = {**recs["per_pair"]["config"], "max_pairs": T * K}
+        if args.gemv:  # the smallest batch's tiles; the per-pair / grouped boundary as it was
+            if per_pair.get("gemv") is None:
+                per_pair = {**recs["per_pair"]["config"], "max_pairs": moe_configs.PER_PAIR["max_pairs"]}
             continue
         grouped.append((T * K / E, recs["grouped"]["config"]))
         pp = recs.get("per_pair")

@@ -195,13 +195,13 @@ def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch)
     assert moe_configs.grouped_config(pairs, 8) == bf16  # the bf16 table kept: the file has none
     assert moe_configs.grouped_config(1, 8, fp8=True) is moe_configs.FP8_PER_PAIR  # a few pairs: per pair
     assert moe_configs.grouped_config(1, 8) is moe_configs.PER_PAIR
-    w16_cfg = {"BLOCK_M": 16, "up": [16, 1024, 3, 2], "down": [32, 512, 4, 2], "max_pairs": 4}
-    table.write_text(json.dumps({"fp8_per_pair": w16_cfg}))
+    w16_cfg = {"BLOCK_M": 16, "up": [16, 1024, 3, 2], "down": [32, 512, 4, 2]}  # tensor-core tiles: no "gemv"
+    table.write_text(json.dumps({"fp8_per_pair": {**w16_cfg, "max_pairs": 4}}))
     moe_configs._LOADED.clear()
     limit = moe_configs.PER_PAIR["max_pairs"]
-    assert moe_configs.grouped_config(limit, 8, fp8=True)["up"] == [16, 1024, 3, 2]  # the bf16 table's pair limit
+    assert moe_configs.grouped_config(limit, 8, fp8=True) == w16_cfg  # replaced whole, the bf16 table's limit
     assert moe_configs.grouped_config(limit + 1, 8, fp8=True) == fp8_cfg
-    assert moe_configs.grouped_config(limit, 8)["up"] == moe_configs.PER_PAIR["up"]
+    assert moe_configs.grouped_config(limit, 8) is moe_configs.PER_PAIR and "gemv" not in moe_configs.PER_PAIR
 
 
 def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():

@@ -246,6 +246,9 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     mode, bm, bn, bk, warps, stages, *splits = tile or tiles(M, N, multiprocessors(x_MK.device), block[1],
                                                              w16_mode(M))
     splits = splits[0] if splits else 1
+    if mode == "gemv" and M != 1:
+        raise ValueError(f"fp8_linear: the gemv tiles take one row, not {M}")
+    bk = block[1] if mode == "fp8" else bk  # (a K step is one activation group)
     if mode == "gemv":
         _fp8_gemv_kernel[(triton.cdiv(N, bn),)](x_MK, w_NK, scale, bias if bias is not None else scale, out, N, K,
                                                 w_NK.stride(0), scale.stride(0), GROUP=block[1],

@@ -14,7 +14,8 @@ def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
     else by the average pairs per expert; `fp8`: FP8 expert weights' table (`FP8_CONFIGS`, the bf16
     one while it is empty). EPINFER_MOE_CONFIGS=file.json replaces the tables it holds (a
     sweep's output: {"per_pair": ..., "grouped": [[limit, cfg], ...], "fp8_per_pair": ...,
-    "fp8_grouped": [...]}, each key optional; the per-pair mode's pair limit is "per_pair"'s)."""
+    "fp8_grouped": [...]}, each key optional; "fp8_per_pair" replaces the FP8 per-pair tiles whole
+    (without "gemv", tensor-core tiles); the per-pair mode's pair limit is "per_pair"'s)."""
     if "file" not in _LOADED:
         path = _LOADED["file"] = SWITCHES.moe_configs
         if path:
@@ -23,7 +24,9 @@ def grouped_config(pairs: int, num_local: int, fp8: bool = False) -> dict:
             if isinstance(table, list):  # the grouped table alone (sweeps before the per-pair mode)
                 table = {"per_pair": {}, "grouped": table}
             PER_PAIR.update(table.get("per_pair", {}))
-            FP8_PER_PAIR.update({k: v for k, v in table.get("fp8_per_pair", {}).items() if k != "max_pairs"})
+            if "fp8_per_pair" in table:
+                FP8_PER_PAIR.clear()
+                FP8_PER_PAIR.update({k: v for k, v in table["fp8_per_pair"].items() if k != "max_pairs"})
             for key, configs in (("grouped", CONFIGS), ("fp8_grouped", FP8_CONFIGS)):
                 if key in table:
                     configs[:] = [(limit, cfg) for limit, cfg in table[key]]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from epinfer.core.env import SWITCHES
-from epinfer.kernels import moe_gemv, pdl
+from epinfer.kernels import moe_configs, moe_gemv, pdl
 from epinfer.kernels.moe_configs import grouped_config
 
 try:  # Triton is optional: CPU installs don't have it
@@ -179,6 +179,9 @@ def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     inter = two_i // 2
     P = T * K
     cfg = cfg or grouped_config(P, n, fp8 is not None)
+    # the CUDA-core form runs one group per pair, weight-only: otherwise the per-pair tensor-core tiles
+    if cfg.get("gemv") and (plan is not None or (fp8 is not None and SWITCHES.fp8_w16_tokens < T)):
+        cfg = moe_configs.PER_PAIR
     weights_TK, ids_TK = (t if t.stride(1) == 1 else t.contiguous() for t in (weights_TK, ids_TK))
     if plan is None:
         order, offs, group_e, groups, shift = ids_TK, ids_TK, ids_TK, P, first  # (order, offs unused)

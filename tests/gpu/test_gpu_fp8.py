@@ -16,16 +16,21 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_fp8_weight(N: int, K: int, block: tuple[int, int], gen: torch.Generator):
-    """(FP8 weight, its block scales) of a weight with std ~0.02, quantised per block as Qwen's are."""
+def random_fp8_weight(N: int, K: int, block: tuple[int, int], gen: torch.Generator, spread: bool = False):
+    """(FP8 weight, its block scales) of a weight with std ~0.02, quantised per block as Qwen's are.
+    `spread`: each block scaled by 2^-3 .. 2^3 first, so a scale read from the wrong block is far off."""
     from epinfer.kernels.fp8_gemm import quantize_blocks
 
-    return quantize_blocks(torch.randn(N, K, generator=gen) * 0.02, block)
+    w = torch.randn(N, K, generator=gen) * 0.02
+    if spread:
+        shift = torch.randint(-3, 4, (-(-N // block[0]), -(-K // block[1])), generator=gen).float()
+        w = w * (2.0 ** shift).repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return quantize_blocks(w, block)
 
 
 def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, block: tuple[int, int],
                      bias: bool, tol: float = 1e-2, representable: bool = False,
-                     w16: bool = False, tile: tuple | None = None) -> tuple[float, float]:
+                     w16: bool = False, tile: tuple | None = None, spread: bool = False) -> tuple[float, float]:
     """(error against the same-quantisation reference, against unquantised activations), both
     relative to the output's norm; asserts `tol` and 6e-2. `representable`: every activation group
     is FP8 values times a power of two with its maximum at 448 (quantisation exact whatever the
@@ -34,7 +39,7 @@ def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, bl
     from epinfer.kernels.fp8_gemm import dequantize_blocks, fp8_linear, fp8_linear_reference
 
     gen = torch.Generator().manual_seed(M * 7 + N + K)
-    w, scale = random_fp8_weight(N, K, block, gen)
+    w, scale = random_fp8_weight(N, K, block, gen, spread)
     x = torch.randn(M, K, generator=gen)
     x[0, :5] *= 40  # an outlier: its group's scale, not the row's
     if representable:
@@ -187,10 +192,15 @@ def test_fp8_linear_w16(M, N, K, block, monkeypatch):
 
 @pytest.mark.parametrize("N,K,block,tile", [(256, 512, (128, 128), ("gemv", 1, 16, 256, 2, 2)),
                                             (5120, 2048, (128, 128), ("gemv", 1, 8, 512, 4, 4)),
-                                            (90, 200, (12, 32), ("gemv", 1, 4, 128, 2, 2))])
+                                            (90, 200, (12, 32), ("gemv", 1, 4, 128, 2, 2)),
+                                            (256, 640, (128, 128), ("gemv", 1, 8, 64, 2, 2)),
+                                            (5120, 2048, (128, 128), ("gemv", 1, 8, 2048, 4, 1)),
+                                            (300, 1000, (128, 128), ("gemv", 1, 16, 1024, 8, 1))])
 def test_fp8_linear_gemv(N, K, block, tile):
-    """One row on the CUDA cores (`_fp8_gemv_kernel`): the w16 arithmetic, partial blocks and K steps."""
-    rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile)
+    """One row on the CUDA cores (`_fp8_gemv_kernel`): the w16 arithmetic, partial blocks and K steps,
+    steps inside one scale group and steps of whole rows (summed each step); block scales far apart."""
+    rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile,
+                              spread=True)
     print(f"gemv N {N} K {K} block {block} tile {tile}: {rel:.2e}")
 
 
@@ -212,7 +222,8 @@ def test_fp8_linear_split_k(M, N, K, block, tile, monkeypatch):
 
     monkeypatch.setenv("EPINFER_FP8_CUBLAS", "0")
     w16 = tile[0] == "w16"
-    rel, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=True, tol=1e-2, w16=w16, tile=tile)
+    rel, _ = check_fp8_linear("cuda", torch.bfloat16, M, N, K, block, bias=True, tol=1e-2, w16=w16, tile=tile,
+                              spread=True)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w, scale = (t.cuda() for t in random_fp8_weight(N, K, block, torch.Generator().manual_seed(1)))
     assert torch.equal(fp8_linear(x, w, scale, block, tile=tile), fp8_linear(x, w, scale, block, tile=tile))
