@@ -44,7 +44,7 @@ args, expected = paged_case([1, 5, 17, 0, 12], H=4, KVH=2, hd=16, bs=4)
 out = paged_attention._decode_triton(*args, 16**-0.5)
 print("attn", (out - expected).abs().max().item())
 # decode MoE: one group per pair, and one group per used expert (with another rank's experts in the mix)
-from epinfer.kernels import moe_triton, norm_triton  # noqa: E402
+from epinfer.kernels import moe_router, moe_triton, norm_triton  # noqa: E402
 from epinfer.layers.moe import FusedExperts, permute_pairs  # noqa: E402
 from epinfer.layers.norm import add_rms_norm, gated_rms_norm  # noqa: E402
 
@@ -101,10 +101,10 @@ mask = torch.tensor([True, False, True, True, False])
 fields = [(x.dtype, D), (torch.int32, K), (x.dtype, K)]
 packed = torch.zeros(T, row_layout(fields)[0], dtype=torch.uint8)
 _, pids, pw = row_views(packed, fields)
-w0, i0 = moe_triton.gate_route(x, gate, K, True, mask, T)
-w1, i1 = (t.clone() for t in moe_triton.gate_route(x, gate, K, True, mask, T, (pw, pids)))
-w2, i2 = moe_triton.route(x @ gate.T, K, True, None, 3, x.dtype)
-w3, i3 = moe_triton.route(x @ gate.T, K, True, None, 3, x.dtype, (pw, pids))
+w0, i0 = moe_router.gate_route(x, gate, K, True, mask, T)
+w1, i1 = (t.clone() for t in moe_router.gate_route(x, gate, K, True, mask, T, (pw, pids)))
+w2, i2 = moe_router.route(x @ gate.T, K, True, None, 3, x.dtype)
+w3, i3 = moe_router.route(x @ gate.T, K, True, None, 3, x.dtype, (pw, pids))
 print("routers packed", torch.equal(w0, w1), torch.equal(i0, i1.long()), torch.equal(w2, w3),
       torch.equal(i2, i3.long()), w3.data_ptr() == pw.data_ptr())
 # residual add + RMS norm over the experts' unsummed outputs (fp16: the interpreter's bf16 casts truncate)
@@ -127,3 +127,30 @@ from tests.gpu.test_gpu_prefill import check_prefill_kernel  # noqa: E402
 for hd, bs, pack, lazy in [(64, 16, None, False), (64, 32, 2, False), (64, 16, None, True), (128, 16, 4, True)]:
     print("prefill_attention", hd, bs, pack, lazy, check_prefill_kernel("cpu", torch.float16, hd, bs, pack=pack,
                                                                         lazy=lazy))
+# FP8 linears: one row on the CUDA cores (K steps inside a group, of several groups, of a whole row) and K
+# split over programs, against the weight-only reference; the per-pair experts on the CUDA cores
+# (`moe_gemv`), FP8 against its reference and in the compute dtype against the tensor-core tiles, another
+# rank's experts and a padding pair among them
+from tests.gpu.test_gpu_fp8 import check_fp8_experts, check_fp8_linear  # noqa: E402
+
+for M, N, K, block, tile in [(1, 256, 640, (128, 128), ("gemv", 1, 8, 64, 2, 2)),
+                             (1, 300, 1000, (128, 128), ("gemv", 1, 16, 1024, 8, 1)),
+                             (1, 90, 200, (12, 32), ("gemv", 1, 4, 128, 2, 2)),
+                             (5, 90, 200, (12, 32), ("w16", 16, 32, 64, 2, 3, 2))]:
+    print("fp8_linear", tile, check_fp8_linear("cpu", torch.float16, M, N, K, block, bias=True, w16=True, tile=tile,
+                                               spread=True)[0])
+for cfg in ({"BLOCK_M": 16, "gemv": True, "up": (4, 128, 2, 2), "down": (16, 64, 2, 2)},
+            {"BLOCK_M": 16, "gemv": True, "up": (8, 256, 1, 4), "down": (4, 4096, 1, 4)}):
+    print("fp8 pair gemv", cfg["up"], check_fp8_experts("cpu", torch.float16, 3, 8, 256, 128, 2, (128, 128),
+                                                          w16=True, cfg=cfg))
+    experts = FusedExperts(range(4, 12), 96, 40, 16).half()
+    experts.w13.data.normal_(std=0.05)
+    experts.w2.data.normal_(std=0.05)
+    x, wts = torch.randn(3, 96).half(), torch.rand(3, 4).half()
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(3)])
+    wts[1] = 0
+    tiles = {"BLOCK_M": 16, "up": (32, 32, 2, 4), "down": (32, 32, 2, 4)}
+    args = (x, experts.w13.data, experts.w2.data, wts, ids, 4, False, None)
+    want, got = moe_triton.moe_grouped(*args, tiles).float(), moe_triton.moe_grouped(*args, cfg).float()
+    print("pair gemv", cfg["up"], ((got - want).norm() / want.norm()).item(), got[1].abs().max().item(),
+          torch.equal(moe_triton.moe_grouped(*args, cfg, reduce=False)[1], torch.zeros(4, 96, dtype=torch.float32)))

@@ -30,7 +30,7 @@ from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
-from epinfer.kernels import fp8_gemm, moe_configs, moe_triton
+from epinfer.kernels import fp8_gemm, moe_configs, moe_router, moe_triton
 from epinfer.kernels.fused import fused
 from epinfer.layers.linear import GatedMLP, Linear, silu_mul
 
@@ -263,11 +263,11 @@ class MoEBlock(nn.Module):
             mask = mask[lo:lo + rows] if mask is not None else None
         # the Triton routers write straight into the dispatcher's packed rows, where it has them
         into = self.dispatcher.route_into(x_TD, self.top_k) if self.dispatcher is not None else None
-        if moe_triton.gate_route_usable(x_TD, self.gate.weight):  # a few rows: GEMV + top-k in one kernel
-            weights, ids = moe_triton.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real,
+        if moe_router.gate_route_usable(x_TD, self.gate.weight):  # a few rows: GEMV + top-k in one kernel
+            weights, ids = moe_router.gate_route(x_TD, self.gate.weight, self.top_k, self.renormalize, mask, real,
                                                  into)
-        elif moe_triton.router_usable(logits := self.gate(x_TD)):
-            weights, ids = moe_triton.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype, into)
+        elif moe_router.router_usable(logits := self.gate(x_TD)):
+            weights, ids = moe_router.route(logits, self.top_k, self.renormalize, mask, real, x_TD.dtype, into)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize)
             if mask is not None:

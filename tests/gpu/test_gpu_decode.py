@@ -204,7 +204,7 @@ def test_triton_router(T, E, K, masked):
     """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
     torch (same ids, weights to bf16)."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.kernels import moe_triton
+    from epinfer.kernels import moe_router
     from epinfer.layers.moe import route
 
     torch.manual_seed(E + T)
@@ -213,31 +213,31 @@ def test_triton_router(T, E, K, masked):
     mask = torch.rand(T, device="cuda") > 0.3 if masked else None
     weights, ids = route.__wrapped__(logits, K, True)
     ref = weights.masked_fill(~mask[:, None], 0.0) if masked else torch.cat([weights[:T - 1], 0 * weights[T - 1:]])
-    w2, i2 = moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16)
+    w2, i2 = moe_router.route(logits, K, True, mask, T - 1, torch.bfloat16)
     assert torch.equal(ids, i2)
     # written into a dispatcher's packed rows instead (int32 ids, row-strided): the same values
     fields = [(torch.bfloat16, 2048), (torch.int32, K), (torch.bfloat16, K)]
     packed = torch.zeros(T, row_layout(fields)[0], dtype=torch.uint8, device="cuda")
     _, pids, pw = row_views(packed, fields)
-    moe_triton.route(logits, K, True, mask, T - 1, torch.bfloat16, (pw, pids))
+    moe_router.route(logits, K, True, mask, T - 1, torch.bfloat16, (pw, pids))
     assert torch.equal(pw, w2) and torch.equal(pids.long(), i2)
     torch.testing.assert_close(w2.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
     # the router GEMV fused in: x row t = one-hot at t, so x @ gate.T is exactly these logits
     x = torch.eye(T, 2048, device="cuda", dtype=torch.bfloat16)
     gate = torch.zeros(E, 2048, device="cuda", dtype=torch.bfloat16)
     gate[:, :T] = logits.T
-    if moe_triton.gate_route_usable(x, gate):
-        w4, i4 = moe_triton.gate_route(x, gate, K, True, mask, T - 1)
+    if moe_router.gate_route_usable(x, gate):
+        w4, i4 = moe_router.gate_route(x, gate, K, True, mask, T - 1)
         assert torch.equal(ids, i4) and torch.equal(w4, w2)
         packed.zero_()
-        moe_triton.gate_route(x, gate, K, True, mask, T - 1, (pw, pids))
+        moe_router.gate_route(x, gate, K, True, mask, T - 1, (pw, pids))
         assert torch.equal(pw, w2) and torch.equal(pids.long(), i2)
     logits[0, 1] = float("nan")  # a NaN row: ids stay valid experts, its weights are NaN (propagates)
-    w3, i3 = moe_triton.route(logits, K, True, None, T, torch.bfloat16)
+    w3, i3 = moe_router.route(logits, K, True, None, T, torch.bfloat16)
     assert ((i3 >= 0) & (i3 < E)).all() and w3[0].isnan().all() and torch.equal(i3[1:], i2[1:])
     x[0, 5] = float("nan")
-    if moe_triton.gate_route_usable(x, gate):
-        w5, i5 = moe_triton.gate_route(x, gate, K, True, None, T)
+    if moe_router.gate_route_usable(x, gate):
+        w5, i5 = moe_router.gate_route(x, gate, K, True, None, T)
         assert ((i5 >= 0) & (i5 < E)).all() and w5[0].isnan().all() and torch.equal(i5[1:], i2[1:])
 
 
