@@ -154,3 +154,12 @@ for cfg in ({"BLOCK_M": 16, "gemv": True, "up": (4, 128, 2, 2), "down": (16, 64,
     want, got = moe_triton.moe_grouped(*args, tiles).float(), moe_triton.moe_grouped(*args, cfg).float()
     print("pair gemv", cfg["up"], ((got - want).norm() / want.norm()).item(), got[1].abs().max().item(),
           torch.equal(moe_triton.moe_grouped(*args, cfg, reduce=False)[1], torch.zeros(4, 96, dtype=torch.float32)))
+# the decode MoE's pair permutation in one kernel against the torch form (ties, other ranks' experts, int32)
+from epinfer.layers.moe import torch_permute_pairs  # noqa: E402
+
+for T, K, first, n, total in [(1, 8, 0, 128, 128), (64, 8, 0, 128, 128), (33, 8, 64, 64, 128), (5, 10, 100, 200, 512)]:
+    ids = torch.stack([torch.randperm(total)[:K] for _ in range(T)]).to(torch.int32)
+    ids[::3] = ids[0].clone()
+    pairs = zip(torch_permute_pairs(ids, first, n), moe_triton.permute(ids, first, n), strict=True)
+    same = [torch.equal(a, b) for a, b in pairs]
+    print("permute", T, K, first, n, all(same))

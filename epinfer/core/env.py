@@ -81,6 +81,13 @@ class Switches:
         return _on("EPINFER_EXPANDABLE_SEGMENTS", True)
 
     @property
+    def permute_kernel(self) -> bool:
+        """The decode MoE's pair permutation as one Triton kernel (`kernels.moe_triton.permute`)
+        instead of the compiled torch counting sort: EPINFER_PERMUTE_KERNEL=1; off until timed on a
+        GPU."""
+        return _on("EPINFER_PERMUTE_KERNEL", False)
+
+    @property
     def moe_triton_max(self) -> float:
         """Average pairs per expert up to which the Triton expert kernels run; beyond, cuBLAS's
         grouped GEMM (EPINFER_MOE_TRITON_MAX, for the prefill-size comparison)."""

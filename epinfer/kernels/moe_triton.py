@@ -82,6 +82,36 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 
+def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...]:
+    """`layers.moe.permute_pairs` in one kernel, for up to PERMUTE_MAX_PAIRS pairs on CUDA: (order
+    int64, offs int32, rows int64, active int32), the same values. Program i ranks BLOCK pairs
+    against every pair (a counting sort: pairs with a smaller key, plus earlier ones with the same
+    key, give each pair's place); program 0 also counts each expert's pairs for offs and active."""
+    T, K = ids_TK.shape
+    P = T * K
+    ids_TK = ids_TK if ids_TK.stride(1) == 1 else ids_TK.contiguous()
+    order = torch.empty(P, dtype=torch.int64, device=ids_TK.device)
+    rows = torch.empty_like(order)
+    offs = torch.empty(n, dtype=torch.int32, device=ids_TK.device)
+    slots = min(P, n)
+    active = torch.empty(slots, dtype=torch.int32, device=ids_TK.device)
+    if P:
+        _permute_kernel[(triton.cdiv(P, 64),)](ids_TK, order, rows, offs, active, first, n, P, slots, ids_TK.stride(0),
+                                              K=K, BLOCK=64, CHUNK=256, NP=triton.next_power_of_2(n + 1),
+                                              SP=triton.next_power_of_2(max(slots, 1)), num_warps=4)
+    return order, offs, rows, active
+
+
+PERMUTE_MAX_PAIRS = 4096  # (the torch form's counting sort goes to here too; beyond, its radix sort)
+
+
+def permute_usable(ids_TK: torch.Tensor) -> bool:
+    """`permute` for these ids: on CUDA with Triton, up to PERMUTE_MAX_PAIRS pairs, when switched on
+    (EPINFER_PERMUTE_KERNEL=1: not yet timed against the compiled torch form on a GPU)."""
+    return (SWITCHES.permute_kernel and triton is not None and ids_TK.is_cuda
+            and 0 < ids_TK.numel() <= PERMUTE_MAX_PAIRS)
+
+
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
                 ids_TK: torch.Tensor, first: int, all_local: bool, plan: tuple | None, cfg: dict | None = None,
                 reduce: bool = True, fp8: tuple | None = None) -> torch.Tensor:
@@ -165,6 +195,38 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
 
 
 if triton is not None:
+
+    @triton.jit
+    def _expert_keys(IDS, j, P, first, n, si_t, K: tl.constexpr):
+        """Each pair's local expert, n for another rank's, n + 1 past the last pair."""
+        e = tl.load(IDS + (j // K) * si_t + j % K, mask=j < P, other=0).to(tl.int32) - first
+        return tl.where(j < P, tl.where((e >= 0) & (e < n), e, n), n + 1)
+
+    @triton.jit
+    def _permute_kernel(IDS, ORDER, ROWS, OFFS, ACTIVE, first, n, P, slots, si_t, K: tl.constexpr,
+                        BLOCK: tl.constexpr, CHUNK: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        key_i = _expert_keys(IDS, i, P, first, n, si_t, K)
+        place = tl.zeros([BLOCK], dtype=tl.int32)
+        for c0 in range(0, P, CHUNK):
+            j = c0 + tl.arange(0, CHUNK)
+            key_j = _expert_keys(IDS, j, P, first, n, si_t, K)
+            ahead = (key_j[None, :] < key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+            place += tl.sum(ahead.to(tl.int32), 1)
+        tl.store(ORDER + place, i.to(tl.int64), mask=i < P)
+        tl.store(ROWS + place, (i // K).to(tl.int64), mask=i < P)
+        if tl.program_id(0) == 0:
+            e = tl.arange(0, NP)
+            counts = tl.zeros([NP], dtype=tl.int32)
+            for c0 in range(0, P, CHUNK):
+                key_j = _expert_keys(IDS, c0 + tl.arange(0, CHUNK), P, first, n, si_t, K)
+                counts += tl.sum((key_j[None, :] == e[:, None]).to(tl.int32), 1)
+            tl.store(OFFS + e, tl.cumsum(counts, 0), mask=e < n)
+            used = (counts > 0) & (e < n)
+            slot = tl.cumsum(used.to(tl.int32), 0) - 1  # used experts before it
+            s = tl.arange(0, SP)
+            hit = used[None, :] & (slot[None, :] == s[:, None])
+            tl.store(ACTIVE + s, tl.max(tl.where(hit, e[None, :], -1), 1), mask=s < slots)
 
     @triton.jit
     def _group(OFFS, GROUP_E, shift, n_local, si_t, K: tl.constexpr, PER_PAIR: tl.constexpr):

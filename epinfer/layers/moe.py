@@ -152,11 +152,19 @@ class FusedExperts(nn.Module):
         return combine(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
 
 
-@fused
 def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
     """(order, offs, rows, active): pair indices sorted by local expert (stable; other ranks'
     experts last), grouped_mm's int32 group ends, each sorted pair's row, and the local experts
-    that have pairs, in order, padded with -1 to min(pairs, n) entries (the Triton kernels' grid)."""
+    that have pairs, in order, padded with -1 to min(pairs, n) entries (the Triton kernels' grid).
+    One Triton kernel where `moe_triton.permute_usable` says so, else `torch_permute_pairs`."""
+    if moe_triton.permute_usable(ids_TK):
+        return moe_triton.permute(ids_TK, first, n)
+    return torch_permute_pairs(ids_TK, first, n)
+
+
+@fused
+def torch_permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
+    """`permute_pairs` in torch (compiled on the GPU)."""
     local = ids_TK.flatten().long() - first  # (ids may be int32: a dispatcher's packed rows)
     key = torch.where((local >= 0) & (local < n), local, n)
     P = key.shape[0]

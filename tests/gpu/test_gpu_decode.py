@@ -171,6 +171,24 @@ def test_triton_grouped_moe(T, first, n, E):
         x, experts.w13, experts.w2, weights, ids, first, n == E, forward).float())  # the path forward takes
 
 
+@pytest.mark.parametrize("T,K,first,n,E", [(1, 8, 0, 128, 128), (64, 8, 0, 128, 128), (33, 8, 64, 64, 128),
+                                            (256, 8, 0, 256, 256), (512, 8, 0, 128, 128), (7, 4, 0, 60, 60)])
+def test_permute_kernel_matches_torch(T, K, first, n, E):
+    """The pair permutation in one Triton kernel: every output identical to the compiled torch form,
+    int64 and int32 (packed, row-strided) ids, repeated rows (ties) and other ranks' experts."""
+    from epinfer.kernels import moe_triton
+    from epinfer.layers.moe import torch_permute_pairs
+
+    torch.manual_seed(T)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
+    ids[::3] = ids[0].clone()
+    wide = torch.zeros(T, K + 5, dtype=torch.int32, device="cuda")
+    wide[:, 3:3 + K] = ids
+    for case in (ids, wide[:, 3:3 + K]):
+        want, got = torch_permute_pairs(case, first, n), moe_triton.permute(case, first, n)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got, strict=True))
+
+
 @pytest.mark.parametrize("first,n,gemv", [(0, 128, False), (64, 64, False), (0, 128, True), (64, 64, True)])
 def test_triton_moe_skips_padding_pairs(first, n, gemv):
     """One group per pair: a padding row (top-k weight 0) reads no expert weights and no x (its row is
