@@ -21,11 +21,11 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def routerenabled(logits: torch.Tensor) -> bool:
+def router_usable(logits: torch.Tensor) -> bool:
     return enabled(logits) and logits.shape[1] <= 1024
 
 
-def gate_routeenabled(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> bool:
+def gate_route_usable(x_TD: torch.Tensor, gate_ED: torch.Tensor) -> bool:
     """Whether `gate_route` (router GEMV + top-k in one kernel) takes this batch: a few rows (the
     last program selects for all rows at once, in registers)."""
     return (enabled(x_TD) and 0 < x_TD.shape[0] * triton.next_power_of_2(gate_ED.shape[0]) <= GATE_ROUTE_ELEMENTS
