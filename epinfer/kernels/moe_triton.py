@@ -86,7 +86,7 @@ def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...
     """`layers.moe.permute_pairs` in one kernel, for up to PERMUTE_MAX_PAIRS pairs on CUDA: (order
     int64, offs int32, rows int64, active int32), the same values. Program i ranks BLOCK pairs
     against every pair (a counting sort: pairs with a smaller key, plus earlier ones with the same
-    key, give each pair's place); program 0 also counts each expert's pairs for offs and active."""
+    key, give each pair's place); one more program counts each expert's pairs for offs and active."""
     T, K = ids_TK.shape
     P = T * K
     ids_TK = ids_TK if ids_TK.stride(1) == 1 else ids_TK.contiguous()
@@ -96,9 +96,10 @@ def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...
     slots = min(P, n)
     active = torch.empty(slots, dtype=torch.int32, device=ids_TK.device)
     if P:
-        _permute_kernel[(triton.cdiv(P, 64),)](ids_TK, order, rows, offs, active, first, n, P, slots, ids_TK.stride(0),
-                                              K=K, BLOCK=64, CHUNK=256, NP=triton.next_power_of_2(n + 1),
-                                              SP=triton.next_power_of_2(max(slots, 1)), num_warps=4)
+        _permute_kernel[(triton.cdiv(P, 64) + 1,)](ids_TK, order, rows, offs, active, first, n, P, slots,
+                                                  ids_TK.stride(0), K=K, BLOCK=64, CHUNK=256,
+                                                  NP=triton.next_power_of_2(n + 1),
+                                                  SP=triton.next_power_of_2(max(slots, 1)), num_warps=4)
     return order, offs, rows, active
 
 
@@ -205,17 +206,19 @@ if triton is not None:
     @triton.jit
     def _permute_kernel(IDS, ORDER, ROWS, OFFS, ACTIVE, first, n, P, slots, si_t, K: tl.constexpr,
                         BLOCK: tl.constexpr, CHUNK: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        key_i = _expert_keys(IDS, i, P, first, n, si_t, K)
-        place = tl.zeros([BLOCK], dtype=tl.int32)
-        for c0 in range(0, P, CHUNK):
-            j = c0 + tl.arange(0, CHUNK)
-            key_j = _expert_keys(IDS, j, P, first, n, si_t, K)
-            ahead = (key_j[None, :] < key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
-            place += tl.sum(ahead.to(tl.int32), 1)
-        tl.store(ORDER + place, i.to(tl.int64), mask=i < P)
-        tl.store(ROWS + place, (i // K).to(tl.int64), mask=i < P)
-        if tl.program_id(0) == 0:
+        if tl.program_id(0) < tl.num_programs(0) - 1:
+            i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            key_i = _expert_keys(IDS, i, P, first, n, si_t, K)
+            place = tl.zeros([BLOCK], dtype=tl.int32)
+            for c0 in range(0, P, CHUNK):
+                j = c0 + tl.arange(0, CHUNK)
+                key_j = _expert_keys(IDS, j, P, first, n, si_t, K)
+                ahead = ((key_j[None, :] < key_i[:, None])
+                         | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None])))
+                place += tl.sum(ahead.to(tl.int32), 1)
+            tl.store(ORDER + place, i.to(tl.int64), mask=i < P)
+            tl.store(ROWS + place, (i // K).to(tl.int64), mask=i < P)
+        else:  # the last program: each expert's pairs
             e = tl.arange(0, NP)
             counts = tl.zeros([NP], dtype=tl.int32)
             for c0 in range(0, P, CHUNK):
