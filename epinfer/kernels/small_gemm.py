@@ -44,10 +44,20 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | None = None,
            cfg: dict | None = None) -> torch.Tensor:
+    """`cfg` with "gemv" (one row): `row_times_rows` on the CUDA cores instead of the tensor-core tile
+    (a sweep's option, `benchmarks/gemv_sweep.py`; no default takes it yet)."""
     T, D = x_TD.shape
     N = weight_ND.shape[0]
     cfg = cfg or config(N)
     y = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
+    if cfg.get("gemv"):
+        if T != 1:
+            raise ValueError(f"small_gemm.linear: the gemv tiles take one row, not {T}")
+        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            x_TD, weight_ND, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0), D=D,
+            HAS_BIAS=bias_N is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], **pdl.kwargs(x_TD.device))
+        return y
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
         y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
@@ -115,6 +125,20 @@ if triton is not None:
         if SCALED:
             p = scale_groups(p, S, k0, hi, n_ok, BLOCK_K, GROUP)
         return p
+
+    @triton.jit
+    def _gemv_kernel(X, W, B, Y, N, sw_n, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        y = row_times_rows(X, W, W, offs_n, n_ok, sw_n, D, BLOCK_K, False, 1)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            y += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _linear_kernel(X, W, B, Y, T, N, sx_t, sw_n, sy_t, D: tl.constexpr, BLOCK_T: tl.constexpr,

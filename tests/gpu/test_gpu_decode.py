@@ -263,6 +263,8 @@ def test_triton_router(T, E, K, masked):
 def test_small_gemm(T):
     """The decode-size projection kernel against F.linear (bf16), with and without bias, for the
     o_proj and LM head shapes and an odd one."""
+    import itertools
+
     import torch.nn.functional as F
 
     from epinfer.kernels import small_gemm
@@ -273,10 +275,12 @@ def test_small_gemm(T):
             x, w, b = torch.randn(T, D), torch.randn(N, D) * 0.02, torch.randn(N)
         x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
         assert small_gemm.usable(x, w)
-        for bias in (None, b):
+        gemv = [{"BLOCK_N": 8, "BLOCK_K": 512, "num_stages": 2, "num_warps": 2, "gemv": True},
+                {"BLOCK_N": 4, "BLOCK_K": 2048, "num_stages": 1, "num_warps": 4, "gemv": True}] if T == 1 else []
+        for bias, cfg in itertools.product((None, b), [None, *gemv]):  # (one row: the CUDA-core form too)
             ref = F.linear(x.float(), w.float(), None if bias is None else bias.float())
-            out = small_gemm.linear(x, w, bias).float()
-            assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (N, D, bias is None)
+            out = small_gemm.linear(x, w, bias, cfg).float()
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-2, (N, D, bias is None, cfg)
 
 
 @pytest.mark.parametrize("T", [1, 64, 700])
