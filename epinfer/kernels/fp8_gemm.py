@@ -42,13 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from epinfer.core.env import SWITCHES
-from epinfer.kernels import pdl
+from epinfer.kernels import pdl, small_gemm
 
 try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
-
-    from epinfer.kernels.small_gemm import row_times_rows
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
@@ -127,7 +125,7 @@ def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[str, int, in
     weight once with narrow row tiles, and columns split finely enough to keep every SM streaming
     weights; larger M uses square-ish tensor-core tiles, one activation group a K step. Modes: "w16"
     (wide K steps, as `small_gemm`'s bf16 kernel), "fp8" (quantised activations) and "gemv" (one
-    row, the w16 arithmetic on the CUDA cores: `_fp8_gemv_kernel`). Measured on an H200 by
+    row, the w16 arithmetic on the CUDA cores: `small_gemm.gemv`). Measured on an H200 by
     `benchmarks/fp8_gemm_sweep.py --decode 1,64` over the 30B and Qwen3.5 shapes' projections
     (RESULTS.md): at one row the gemv tile below took 26.4 µs in all against 47.4 for the w16 tiles
     (bf16: 46.1); at 64 rows tiles of 64 x 16 columns for the 2048-wide projections (K = 4096) and
@@ -250,12 +248,7 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
         raise ValueError(f"fp8_linear: the gemv tiles take one row, not {M}")
     bk = block[1] if mode == "fp8" else bk  # (a K step is one activation group)
     if mode == "gemv":
-        _fp8_gemv_kernel[(triton.cdiv(N, bn),)](x_MK, w_NK, scale, bias if bias is not None else scale, out, N, K,
-                                                w_NK.stride(0), scale.stride(0), GROUP=block[1],
-                                                SCALE_ROWS=block[0], HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                                BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                                                **pdl.kwargs(x_MK.device))
-        return out
+        return small_gemm.gemv(x_MK, w_NK, scale, block, bias, bn, bk, warps, stages)
     w16 = mode == "w16"
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
     part = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x_MK.device)
@@ -323,23 +316,6 @@ if triton is not None:
                         other=0.0)
             w3 = tl.reshape(w.to(tl.float32), (G, GROUP, w.shape[1]))
             return tl.reshape(w3 * s[:, None, :], (BLOCK_K, w.shape[1]))
-
-    @triton.jit
-    def _fp8_gemv_kernel(X, W, S, B, Out, N, K, sw, ss, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """One row: out[n] = sum_k x[k] * W[n, k] * scale(n, k) on the CUDA cores (no tensor-core tile
-        padded to 16 rows; `small_gemm.row_times_rows`)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        y = row_times_rows(X, W, S + (offs_n // SCALE_ROWS).to(tl.int64) * ss, offs_n, n_ok, sw, K, BLOCK_K, True,
-                           GROUP)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        if HAS_BIAS:
-            y += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(Out + offs_n, y.to(Out.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _fp8_linear_kernel(X, XS, W, S, B, Out, M, N, K, sx, sxs, sw, ss, so, GROUP: tl.constexpr,

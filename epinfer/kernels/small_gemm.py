@@ -53,16 +53,27 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
     if cfg.get("gemv"):
         if T != 1:
             raise ValueError(f"small_gemm.linear: the gemv tiles take one row, not {T}")
-        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x_TD, weight_ND, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0), D=D,
-            HAS_BIAS=bias_N is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"],
-            num_warps=cfg["num_warps"], **pdl.kwargs(x_TD.device))
-        return y
+        return gemv(x_TD, weight_ND, None, (1, 1), bias_N, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"],
+                    cfg["num_stages"])
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
         y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_stages=cfg["num_stages"], num_warps=cfg["num_warps"],
         **pdl.kwargs(x_TD.device))
+    return y
+
+
+def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int],
+         bias_N: torch.Tensor | None, block_n: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+    """x [1, D] @ W.T on the CUDA cores (`_gemv_kernel`); `scale`: W's FP8 block scales (`block`)."""
+    N, D = weight_ND.shape
+    y = torch.empty(1, N, dtype=x_1D.dtype, device=x_1D.device)
+    s = scale if scale is not None else weight_ND
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x_1D, weight_ND, s, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0),
+        s.stride(0) if scale is not None else 0, D, HAS_BIAS=bias_N is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        SCALED=scale is not None, SCALE_ROWS=block[0], GROUP=block[1], num_warps=warps, num_stages=stages,
+        **pdl.kwargs(x_1D.device))
     return y
 
 
@@ -127,13 +138,17 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _gemv_kernel(X, W, B, Y, N, sw_n, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(X, W, S, B, Y, N, sw_n, ss, D, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr,
+                     PDL: tl.constexpr):
+        """One row: y[n] = x . W[n] (+ bias) on the CUDA cores; `SCALED`: W in FP8 with block scales S
+        [ceil(N / SCALE_ROWS), ceil(D / GROUP)] (row stride ss): `fp8_gemm`'s gemv mode."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        y = row_times_rows(X, W, W, offs_n, n_ok, sw_n, D, BLOCK_K, False, 1)
+        y = row_times_rows(X, W, S + (offs_n // SCALE_ROWS).to(tl.int64) * ss, offs_n, n_ok, sw_n, D, BLOCK_K, SCALED,
+                           GROUP)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:

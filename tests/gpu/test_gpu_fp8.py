@@ -197,7 +197,7 @@ def test_fp8_linear_w16(M, N, K, block, monkeypatch):
                                             (5120, 2048, (128, 128), ("gemv", 1, 8, 2048, 4, 1)),
                                             (300, 1000, (128, 128), ("gemv", 1, 16, 1024, 8, 1))])
 def test_fp8_linear_gemv(N, K, block, tile):
-    """One row on the CUDA cores (`_fp8_gemv_kernel`): the w16 arithmetic, partial blocks and K steps,
+    """One row on the CUDA cores (`small_gemm.gemv`): the w16 arithmetic, partial blocks and K steps,
     steps inside one scale group and steps of whole rows (summed each step); block scales far apart."""
     rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile,
                               spread=True)
