@@ -2,11 +2,10 @@
 
 `moe_triton.moe_grouped`'s per-pair mode runs one group per (row, k) pair; its tensor-core tiles pad
 that one row to 16. Here each program instead holds BLOCK_N weight rows of one pair's expert and
-walks K in BLOCK_K steps, adding the products into a [BLOCK_N, BLOCK_K] float32 tile that is summed
-once at the end (no shared memory, no padded rows): at one row the step reads the used experts'
-weights and little else. FP8 weights (`SCALED`) are multiplied in float32 with their block scales,
-the rows unquantised: the weight-only arithmetic of `fp8_gemm`'s w16 and gemv modes, without
-rounding the widened weight.
+walks K in BLOCK_K steps on the CUDA cores (`small_gemm.row_times_rows`: no shared memory, no padded
+rows): at one row the step reads the used experts' weights and little else. FP8 weights (`SCALED`)
+are multiplied in float32 with their block scales, the rows unquantised: the weight-only arithmetic
+of `fp8_gemm`'s w16 and gemv modes, without rounding the widened weight.
 
   up:   act[p] = silu(W13[e, :I] @ x[row]) * (W13[e, I:] @ x[row])
   down: y[p]   = w_p * (W2[e] @ act[p])                  (0 for a pair of weight 0; another rank's

@@ -7,7 +7,8 @@ output columns (every projection of the supported models) that is enough program
 reading. Measured against cuBLAS per shape by `benchmarks/gemv_sweep.py`.
 
 `row_times_rows` is the one-row form on the CUDA cores (no tensor-core tile), with the block scales of
-FP8 weights: `fp8_gemm`'s gemv mode and the per-pair experts of `moe_gemv` use it.
+FP8 weights: `gemv` (a projection of one row, bf16 or FP8: `fp8_gemm`'s gemv mode) and the per-pair
+experts of `moe_gemv` use it.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def linear(x_TD: torch.Tensor, weight_ND: torch.Tensor, bias_N: torch.Tensor | N
     T, D = x_TD.shape
     N = weight_ND.shape[0]
     cfg = cfg or config(N)
-    y = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
     if cfg.get("gemv"):
         if T != 1:
             raise ValueError(f"small_gemm.linear: the gemv tiles take one row, not {T}")
         return gemv(x_TD, weight_ND, None, (1, 1), bias_N, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"],
                     cfg["num_stages"])
+    y = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x_TD, weight_ND, bias_N if bias_N is not None else y, y, T, N, x_TD.stride(0), weight_ND.stride(0),
         y.stride(0), D=D, BLOCK_T=max(16, triton.next_power_of_2(T)), HAS_BIAS=bias_N is not None,
