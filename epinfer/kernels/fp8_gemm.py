@@ -238,17 +238,17 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     N = w_NK.shape[0]
     if M and tile is None and cublas_mode(x_MK, w_NK, block):
         return cublas_linear(x_MK, w_NK, scale, bias)
-    out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
-        return out
+        return torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     mode, bm, bn, bk, warps, stages, *splits = tile or tiles(M, N, multiprocessors(x_MK.device), block[1],
                                                              w16_mode(M))
     splits = splits[0] if splits else 1
     if mode == "gemv" and M != 1:
         raise ValueError(f"fp8_linear: the gemv tiles take one row, not {M}")
-    bk = block[1] if mode == "fp8" else bk  # (a K step is one activation group)
     if mode == "gemv":
         return small_gemm.gemv(x_MK, w_NK, scale, block, bias, bn, bk, warps, stages)
+    bk = block[1] if mode == "fp8" else bk  # (a K step is one activation group)
+    out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     w16 = mode == "w16"
     q, qs = (x_MK, x_MK) if w16 else quantize_activations(x_MK, block[1])
     part = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x_MK.device)

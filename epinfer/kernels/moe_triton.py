@@ -104,13 +104,13 @@ def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...
 
 
 PERMUTE_MAX_PAIRS = 4096  # (the torch form's counting sort goes to here too; beyond, its radix sort)
+PERMUTE = SWITCHES.permute_kernel  # read once, as GROUPED: `permute_pairs` runs every MoE layer
 
 
 def permute_usable(ids_TK: torch.Tensor) -> bool:
     """`permute` for these ids: on CUDA with Triton, up to PERMUTE_MAX_PAIRS pairs, when switched on
     (EPINFER_PERMUTE_KERNEL=1: not yet timed against the compiled torch form on a GPU)."""
-    return (SWITCHES.permute_kernel and triton is not None and ids_TK.is_cuda
-            and 0 < ids_TK.numel() <= PERMUTE_MAX_PAIRS)
+    return PERMUTE and triton is not None and ids_TK.is_cuda and 0 < ids_TK.numel() <= PERMUTE_MAX_PAIRS
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
