@@ -393,3 +393,45 @@ def test_garbage_collections_timed_by_generation():
     gc.collect(2)
     assert got["gen2"]["count"] == 2 and got["gen0"]["count"] >= 1
     assert 0 <= got["gen2"]["max_ms"] <= got["gen2"]["total_ms"]
+
+
+def test_scheduler_cuts_long_prompts_at_aligned_rows():
+    """With `align` (rows, prompt length), a long prompt's chunk that the budget cuts short ends at a
+    multiple of the rows, and a long prompt waits rather than start with less; short prompts, and a
+    step's only prompt chunk, are cut anywhere."""
+    params = SamplingParams(max_tokens=2).resolved({})
+
+    def scheduler(budget):
+        return Scheduler(CacheAllocator(CacheLayout(block_size=4, num_blocks=256, num_state_slots=8)), 8, budget,
+                         align=(16, 32))
+
+    def step(sched) -> list[tuple[int, int]]:
+        plan = sched.schedule()
+        for p in plan:
+            samples = p.samples
+            p.seq.num_computed += p.num_new
+            if samples:
+                p.seq.output_ids.append(1)
+                if len(p.seq.output_ids) == 2:
+                    sched.finish(p.seq)
+        return [(p.seq.index, p.num_new) for p in plan]
+
+    sched = scheduler(40)
+    for i, n in enumerate((30, 100, 50, 20)):  # short, long, long, short
+        sched.add(Sequence(i, list(range(n)), params, n + 2))
+    assert step(sched) == [(0, 30)]  # 10 rows left: no multiple of 16 for the long one, which waits
+    assert step(sched) == [(0, 1), (1, 32)]  # 39 left: cut at 32; the next long one would get 7
+    assert step(sched) == [(1, 32)]  # 32 .. 72 cut back to 64
+    assert step(sched) == [(1, 36)]  # the prompt's end: no cut
+    assert step(sched) == [(1, 1), (2, 32), (3, 7)]  # a short prompt takes what is left
+    assert step(sched) == [(2, 18), (3, 13)]
+    # every context a long prompt leaves is a multiple of 16; a step's only chunk progresses anyway
+    for budget, contexts in ((24, [0, 16, 32, 48]), (10, [0, 10, 16, 26, 32, 42, 48, 58, 64])):
+        sched = scheduler(budget)
+        long = Sequence(0, list(range(70)), params, 72)
+        sched.add(long)
+        seen = []
+        while long.num_computed < 70:
+            seen.append(long.num_computed)
+            assert step(sched), "no progress"
+        assert seen == contexts

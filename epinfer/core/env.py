@@ -14,6 +14,8 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PIECEWISE=0         prefill and mixed steps without graph pieces (`runner.piecewise`), eagerly
   EPINFER_CHUNK_ATTENTION=0   prompt chunks' attention through SDPA per chunk instead of one Triton kernel
                               over the paged cache (`kernels.prefill_attention`)
+  EPINFER_CUDNN_CHUNKS=1      prompt chunks of 4,096 rows or more through cuDNN's attention, long prompts cut
+                              at multiples of 2,048 tokens (`kernels.cudnn_attention`); off until measured
   EPINFER_FP8_DECODE_W16=1    FP8 weights widened to bf16 in registers, activations unquantised, at every
                               decode size (`kernels.fp8_gemm`); by default only in steps of 8 tokens or fewer,
                               where it is faster; =0 never
@@ -25,6 +27,8 @@ whose environment differs is a one-line error instead of a hang.
                               instead of capturing the state inside the chunk (`engine.scheduler`; A/B runs)
   EPINFER_EXPANDABLE_SEGMENTS=0  the CUDA caching allocator's fixed-size segments in a single-process run
                               (`engine.memory.expandable_segments`; A/B runs)
+  EPINFER_PERMUTE_KERNEL=1    the decode MoE's pair permutation as one Triton kernel (`kernels.moe_triton`);
+                              off until timed
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
@@ -112,6 +116,10 @@ class Switches:
     @property
     def chunk_attention(self) -> bool:
         return _on("EPINFER_CHUNK_ATTENTION", True)
+
+    @property
+    def cudnn_chunks(self) -> bool:
+        return _on("EPINFER_CUDNN_CHUNKS", False)
 
     @property
     def mixed_step_kernels(self) -> bool:

@@ -28,7 +28,7 @@ from epinfer.engine.memory import (
     plan_cache,
 )
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from epinfer.kernels import paged_attention
+from epinfer.kernels import cudnn_attention, paged_attention
 from epinfer.kernels.gdn_ops import CHUNK
 from epinfer.kernels.gdn_prefill import capture_exact
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
@@ -224,8 +224,11 @@ class Engine:
         # prefix caching reuses KV blocks, and in a hybrid model the GDN state snapshot at the reuse point
         # (captured inside a prompt chunk where the GDN kernels give it exactly: `kernels.gdn_prefill`)
         exact = capture_exact(torch.empty(0, dtype=self.dtype, device=self.device), layout.state_dtype)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(CacheAllocator(layout, ecfg.enable_prefix_caching), ecfg.max_num_seqs,
-                                   ecfg.max_num_batched_tokens, CHUNK if exact and SWITCHES.state_capture else 0)
+                                   ecfg.max_num_batched_tokens, CHUNK if exact and SWITCHES.state_capture else 0,
+                                   (cudnn_attention.ALIGN, cudnn_attention.MIN_ROWS)
+                                   if cudnn_attention.usable(probe) else (0, 0))
         self.num_requests = 0
         self.pending_resets: list[int] = []
         self.inflight: collections.deque = collections.deque()  # launched steps not yet resolved

@@ -81,14 +81,17 @@ class Scheduler:
     """`capture_rows` (hybrid models with prefix caching): the runner can capture a sequence's state
     this many rows (or a multiple) into a prompt chunk, so a snapshot point inside a chunk does not
     cut it (a cut chunk's tail waits for the next step, and so does the request's first token): the
-    point moves back to the nearest such block boundary. 0: every snapshot point ends a chunk."""
+    point moves back to the nearest such block boundary. 0: every snapshot point ends a chunk.
+    `align` (rows, prompt length): a prompt at least that long is cut only at multiples of the rows
+    (`_aligned`; the attention of `kernels.cudnn_attention` needs contexts from a few sizes)."""
 
     def __init__(self, allocator: CacheAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 capture_rows: int = 0):
+                 capture_rows: int = 0, align: tuple[int, int] = (0, 0)):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.capture_rows = capture_rows
+        self.align, self.long_prompt = align  # `_aligned`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.snapshots: list[tuple[int, int]] = []  # (state slot, snapshot index) taken, not yet planned
@@ -104,13 +107,17 @@ class Scheduler:
         plan: list[ScheduledSeq] = []
         decoding = [s for s in self.running if s.num_computed >= len(s.prompt_ids)]
         prefilling = [s for s in self.running if s.num_computed < len(s.prompt_ids)]
+        chunked = False  # a prompt chunk is planned
         for seq in decoding + prefilling:
             if seq.final:
                 continue
-            n = self._chunk(seq, min(seq.num_tokens + seq.pending - seq.num_computed, budget))
+            n = self._aligned(seq, seq.num_computed, min(seq.num_tokens + seq.pending - seq.num_computed, budget),
+                              chunked)
+            n = self._chunk(seq, n) if n > 0 else 0  # (a chunk of 0 moves no snapshot point)
             if n > 0:
                 plan.append(ScheduledSeq(seq, n))
                 budget -= n
+                chunked |= seq.num_computed < len(seq.prompt_ids)
         alloc = self.allocator
         bs = alloc.layout.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -125,19 +132,35 @@ class Scheduler:
                 seq.last_snapshot = seq.block_hashes[kept - 1] if index is not None else None
                 seq.snapshot_at = sorted({b for b in (len(prefix), last) if b > kept})
                 prefix = prefix[:kept]
-            if not alloc.can_allocate(seq.max_total_len, prefix):
+            start = len(prefix) * bs
+            n = self._aligned(seq, start, min(len(seq.prompt_ids) - start, budget), chunked)
+            if n == 0 or not alloc.can_allocate(seq.max_total_len, prefix):
                 break
             self.waiting.popleft()
             seq.block_ids, seq.state_slot = alloc.allocate(seq.max_total_len, prefix, len(seq.prompt_ids))
             seq.registered = len(prefix)
-            seq.num_computed = len(prefix) * bs
+            seq.num_computed = start
             if seq.last_snapshot is not None:
                 alloc.restored(seq.last_snapshot)
             self.running.append(seq)
-            n = self._chunk(seq, min(len(seq.prompt_ids) - seq.num_computed, budget))
+            n = self._chunk(seq, n)
             plan.append(ScheduledSeq(seq, n))
             budget -= n
+            chunked = True
         return plan
+
+    def _aligned(self, seq: Sequence, start: int, n: int, chunked: bool) -> int:
+        """`n` new tokens from `start`, or fewer: a chunk of a long prompt that the budget cuts short
+        ends at a multiple of `align` tokens, so every context it leaves is such a multiple; where that
+        leaves nothing, 0 (it waits for a step with room), unless no other prompt chunk is planned
+        (some prefill always progresses)."""
+        end = start + n
+        if not self.align or len(seq.prompt_ids) < self.long_prompt or end >= len(seq.prompt_ids):
+            return n
+        cut = end - end % self.align - start
+        if cut > 0:
+            return cut
+        return 0 if chunked else n
 
     def _chunk(self, seq: Sequence, n: int) -> int:
         """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot

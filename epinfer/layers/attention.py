@@ -9,7 +9,9 @@ On GPUs the decode rows of a mixed step all go through one batched paged-decode 
 (`paged_attention.py`). Each prompt chunk is one SDPA call (a fresh prompt its own keys with a
 causal flag, a later chunk its cached context with a bottom-right causal bias), or, in bf16 / fp16
 on GPUs (unless EPINFER_CHUNK_ATTENTION=0), every chunk of the step goes through one kernel over the
-paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike).
+paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike); with
+EPINFER_CUDNN_CHUNKS=1 the long chunks whose shapes repeat take cuDNN's attention instead
+(`cudnn_attention.py`).
 Decode-only steps on the fast path (`batch.decode`) run the paged-decode kernel for all rows, and
 in low precision the q/k norm, rotary and cache writes before it are one kernel too
 (`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same arithmetic
@@ -29,7 +31,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from epinfer.core.config import ModelConfig
 from epinfer.core.forward import ForwardBatch, aligned_device_rows
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.kernels import paged_attention, prefill_attention
+from epinfer.kernels import cudnn_attention, paged_attention, prefill_attention
 from epinfer.kernels.fused import fused
 from epinfer.kernels.paged_attention import decode_attention, rope_to_cache, rope_to_cache_usable
 from epinfer.layers.linear import Linear, Stacked, row_parallel, stack_linears
@@ -156,7 +158,9 @@ class Attention(nn.Module):
                 rows = batch.decode_rows
                 out[rows] = decode_attention(q_THd[rows], k_cache, v_cache, batch.block_table,
                                              batch.decode_state_slots, batch.decode_seq_lens, scale)
-            chunks = (batch.prefill.seq_ids if batch.prefill else []) if batched else range(len(batch.seqs))
+            chunks = list(batch.prefill.seq_ids if batch.prefill else []) if batched else range(len(batch.seqs))
+            if chunks and cudnn_attention.usable(q_THd):  # long chunks in shapes that repeat: cuDNN
+                chunks = self._cudnn_chunks(batch, list(chunks), q_THd, k_THd, v_THd, kv_cache, scale, out)
             if chunks and prefill_attention.usable(q_THd):  # every prompt chunk (or row): one kernel
                 prefill_attention.prefill_attention(q_THd, k_cache, v_cache, batch.block_table,
                                                     *chunk_tables(batch, list(chunks), hd), scale, out)
@@ -168,6 +172,26 @@ class Attention(nn.Module):
         return self._gate(out.reshape(T, H * hd), gate)
 
     @staticmethod
+    def _cudnn_chunks(batch, chunks, q_THd, k_THd, v_THd, kv_cache, scale, out) -> list[int]:
+        """Writes the rows of the chunks `cudnn_attention` takes; returns the other chunks."""
+        rest = []
+        for i in chunks:
+            seq = batch.seqs[i]
+            if not (cudnn_attention.eligible(seq.num_new, seq.context_len) and cudnn_attention.usable(q_THd)):
+                rest.append(i)
+                continue
+            rows = slice(seq.start, seq.start + seq.num_new)
+            k_cache = kv_cache[0]
+            try:
+                out[rows] = cudnn_attention.chunk_attention(
+                    q_THd[rows], k_THd[rows].to(k_cache.dtype), v_THd[rows].to(k_cache.dtype),
+                    *cudnn_attention.context(*kv_cache, seq.block_ids, seq.context_len), scale)
+            except RuntimeError as exc:  # cuDNN refused the shape (before launching anything)
+                cudnn_attention.give_up(exc)
+                rest.append(i)
+        return rest
+
+    @staticmethod
     def _gate(attn: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return sigmoid_gate(attn, gate) if gate is not None else attn
 
@@ -176,7 +200,7 @@ def chunk_tables(batch: ForwardBatch, seq_ids: list[int], hd: int) -> tuple[tupl
     """The prefill kernel's tiles and per-chunk (start row, rows, cached context, block-table row)
     for the sequences `seq_ids`, on the device: made once per step, shared by every attention layer."""
     block_m = prefill_attention.tile_rows(hd)
-    key = ("attention", block_m, len(seq_ids))
+    key = ("attention", block_m, tuple(seq_ids))
     if key not in batch.memo:
         pre = [batch.seqs[i] for i in seq_ids]
         lens = [s.num_new for s in pre]

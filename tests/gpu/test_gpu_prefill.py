@@ -171,14 +171,37 @@ def test_chunk_attention_after_context(N, context):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["sdpa", "pieces+chunk-kernel"])
+@pytest.mark.parametrize("N,context", [(4096, 0), (5000, 0), (4096, 4096), (4100, 6144)])
+def test_cudnn_chunk_attention(N, context):
+    """`cudnn_attention.chunk_attention` (bf16, the Qwen3.5 attention shape: grouped KV heads, head
+    dim 256, rows padded, the context merged by log-sum-exp) against SDPA in float32."""
+    from epinfer.kernels import cudnn_attention
+    from epinfer.layers.attention import _sdpa
+
+    torch.manual_seed(N + context)
+    H, KVH, hd = 16, 2, 256
+    with torch.device("cuda"):
+        q = torch.randn(N, H, hd)
+        k, v = torch.randn(context + N, KVH, hd), torch.randn(context + N, KVH, hd)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = _sdpa(q, k, v, context, hd**-0.5)
+    b = [t.bfloat16() for t in (q, k, v)]
+    ctx = (b[1][:context], b[2][:context]) if context else (None, None)
+    out = cudnn_attention.chunk_attention(b[0], b[1][context:], b[2][context:], *ctx, hd**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "pieces+chunk-kernel", "cudnn"])
 @pytest.mark.parametrize("prompt_len,budget", [(8192, 2048), (32768, 8192)])
-def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, fast, monkeypatch):
+def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, mode, monkeypatch):
     from epinfer import LLM, SamplingParams
 
-    # graph pieces and the prompt-chunk attention kernel (the defaults), or SDPA per chunk, eagerly
+    # graph pieces and the prompt-chunk attention kernel (the defaults), or SDPA per chunk, eagerly, or
+    # the defaults with the chunks of 4,096 rows or more through cuDNN (the 8192-row chunks of 32768)
+    fast = mode != "sdpa"
     monkeypatch.setenv("EPINFER_PIECEWISE", "1" if fast else "0")
     monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1" if fast else "0")
+    monkeypatch.setenv("EPINFER_CUDNN_CHUNKS", "1" if mode == "cudnn" else "0")
     from tests.gpu.test_gpu_decode import real_shape_folder
 
     folder, model = real_shape_folder(tmp_path, "qwen3.5-35b-a3b", 4)
