@@ -42,6 +42,7 @@ def test_long_chunks_match_transformers(family, ckpt_dir, monkeypatch):
     and after context, with decodes and short chunks in the same steps on the usual path."""
     monkeypatch.setattr(cudnn_attention, "usable", lambda q: True)
     monkeypatch.setattr(cudnn_attention, "cudnn", cudnn_attention.reference)
+    monkeypatch.setattr(cudnn_attention, "_SHAPES", set())
     for name, value in (("MIN_ROWS", 16), ("ALIGN", 16), ("PAD", 8)):
         monkeypatch.setattr(cudnn_attention, name, value)
     taken = []
@@ -52,7 +53,7 @@ def test_long_chunks_match_transformers(family, ckpt_dir, monkeypatch):
     path = ckpt_dir(family)
     ps = prompts()
     llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=40, max_num_seqs=len(ps))
-    assert llm.engine.scheduler.align == 16
+    assert llm.engine.scheduler.alignment() == (16, 16)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     got = [o.token_ids for o in llm.generate(ps, params)]
     assert any(c == 0 for _, c in taken) and any(c > 0 for _, c in taken), taken
@@ -63,6 +64,7 @@ def test_long_chunks_match_transformers(family, ckpt_dir, monkeypatch):
 def test_refusal_falls_back_once(ckpt_dir, monkeypatch, capsys):
     """cuDNN refusing a shape: one note, then every chunk on the usual path, the same tokens."""
     monkeypatch.setattr(cudnn_attention, "_REFUSED", [])
+    monkeypatch.setattr(cudnn_attention, "_SHAPES", set())
     monkeypatch.setattr(cudnn_attention, "usable", lambda q: not cudnn_attention._REFUSED)  # (its device test off)
     for name, value in (("MIN_ROWS", 16), ("ALIGN", 16), ("PAD", 8)):
         monkeypatch.setattr(cudnn_attention, name, value)
@@ -82,3 +84,30 @@ def test_refusal_falls_back_once(ckpt_dir, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert len(calls) == 1 and err.count("cuDNN attention failed") == 1
     assert "No valid execution plans built. more" in err
+    assert llm.engine.scheduler.alignment() == (0, 0)  # and the scheduler stops cutting for it
+
+
+def test_shapes_are_capped_and_warm_up_plans_both_kinds(monkeypatch, capsys):
+    monkeypatch.setattr(cudnn_attention, "_SHAPES", set())
+    monkeypatch.setattr(cudnn_attention, "_REFUSED", [])
+    monkeypatch.setattr(cudnn_attention, "MAX_SHAPES", 3)
+    seen = []
+    monkeypatch.setattr(cudnn_attention, "cudnn", lambda q, k, v, causal, scale: seen.append(
+        (q.shape[2], k.shape[2], causal)) or cudnn_attention.reference(q, k, v, causal, scale))
+    cudnn_attention.warm_up(4, 2, 16, torch.float32, torch.device("cpu"))
+    M, A = cudnn_attention.MIN_ROWS, cudnn_attention.ALIGN
+    assert seen == [(M, M, True), (M, A, False), (M, M, True)]  # after context, then fresh
+    assert {(M, A), (M, 0)} == cudnn_attention._SHAPES
+    assert cudnn_attention.eligible(M + 1, 0)  # the third plan
+    assert cudnn_attention.eligible(M, A) and not cudnn_attention.eligible(M + 1, A)  # past the cap: known only
+    assert not cudnn_attention.eligible(M - 1, 0) and not cudnn_attention.eligible(M, A + 16)
+    assert not cudnn_attention.eligible(M, cudnn_attention.MAX_CONTEXT + A)
+
+    def refuse(*args):
+        raise RuntimeError("unsupported head dim")
+
+    monkeypatch.setattr(cudnn_attention, "_SHAPES", set())
+    monkeypatch.setattr(cudnn_attention, "cudnn", refuse)
+    cudnn_attention.warm_up(4, 2, 16, torch.float32, torch.device("cpu"))
+    assert cudnn_attention._REFUSED == ["unsupported head dim"]
+    assert "cuDNN attention failed (unsupported head dim)" in capsys.readouterr().err

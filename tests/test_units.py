@@ -396,14 +396,15 @@ def test_garbage_collections_timed_by_generation():
 
 
 def test_scheduler_cuts_long_prompts_at_aligned_rows():
-    """With `align` (rows, prompt length), a long prompt's chunk that the budget cuts short ends at a
-    multiple of the rows, and a long prompt waits rather than start with less; short prompts, and a
-    step's only prompt chunk, are cut anywhere."""
+    """With an alignment (rows, prompt length), a long prompt's chunk that the budget cuts short ends
+    at a multiple of the rows where that gives up at most an eighth of the step, and a long prompt
+    waits rather than start with a sliver of a step; short prompts, costly cuts and a step's only
+    prompt chunk are not cut."""
     params = SamplingParams(max_tokens=2).resolved({})
 
-    def scheduler(budget):
+    def scheduler(budget, align):
         return Scheduler(CacheAllocator(CacheLayout(block_size=4, num_blocks=256, num_state_slots=8)), 8, budget,
-                         align=(16, 32))
+                         align=lambda: align)
 
     def step(sched) -> list[tuple[int, int]]:
         plan = sched.schedule()
@@ -416,22 +417,46 @@ def test_scheduler_cuts_long_prompts_at_aligned_rows():
                     sched.finish(p.seq)
         return [(p.seq.index, p.num_new) for p in plan]
 
-    sched = scheduler(40)
-    for i, n in enumerate((30, 100, 50, 20)):  # short, long, long, short
+    sched = scheduler(64, (8, 32))
+    for i, n in enumerate((58, 100, 20, 70)):  # long, long, short, long
         sched.add(Sequence(i, list(range(n)), params, n + 2))
-    assert step(sched) == [(0, 30)]  # 10 rows left: no multiple of 16 for the long one, which waits
-    assert step(sched) == [(0, 1), (1, 32)]  # 39 left: cut at 32; the next long one would get 7
-    assert step(sched) == [(1, 32)]  # 32 .. 72 cut back to 64
-    assert step(sched) == [(1, 36)]  # the prompt's end: no cut
-    assert step(sched) == [(1, 1), (2, 32), (3, 7)]  # a short prompt takes what is left
-    assert step(sched) == [(2, 18), (3, 13)]
-    # every context a long prompt leaves is a multiple of 16; a step's only chunk progresses anyway
-    for budget, contexts in ((24, [0, 16, 32, 48]), (10, [0, 10, 16, 26, 32, 42, 48, 58, 64])):
-        sched = scheduler(budget)
+    assert step(sched) == [(0, 58)]  # 6 rows left: the next long prompt waits
+    assert step(sched) == [(0, 1), (1, 56), (2, 7)]  # 63 rows cut to 56; the short one takes the rest
+    assert step(sched) == [(1, 44), (2, 13)]  # (7 rows left: the long one waits)
+    assert step(sched) == [(1, 1), (2, 1), (3, 56)]
+    assert step(sched) == [(3, 14)]
+    for budget, align, contexts in ((24, (8, 32), [0, 24, 48]),  # aligned already
+                                    (24, (16, 32), [0, 24, 48]),  # a cut to 16 would give up 8 of 24
+                                    (36, (16, 32), [0, 32, 64]),
+                                    (36, (0, 0), [0, 36])):
+        sched = scheduler(budget, align)
         long = Sequence(0, list(range(70)), params, 72)
         sched.add(long)
         seen = []
         while long.num_computed < 70:
             seen.append(long.num_computed)
             assert step(sched), "no progress"
-        assert seen == contexts
+        assert seen == contexts, (budget, align)
+
+
+def test_scheduler_chunk_of_nothing_keeps_the_snapshot_point():
+    """A prefilling sequence the step's budget does not reach keeps its state snapshot point (it was
+    moved to the sequence's current position, where no chunk ends, and every later chunk was 0)."""
+    from epinfer.engine.cache import block_hashes
+
+    alloc = CacheAllocator(CacheLayout(block_size=4, num_blocks=64, num_state_slots=4, num_snapshots=2), True)
+    sched = Scheduler(alloc, 4, 2, capture_rows=32)
+    params = SamplingParams(max_tokens=4).resolved({})
+    for i in range(2):  # two decoding sequences take the whole budget of 2
+        dec = Sequence(i, [1], params, 8)
+        dec.block_ids, dec.state_slot = alloc.allocate(8, [], 1)
+        dec.num_computed, dec.output_ids = 1, [5]
+        sched.running.append(dec)
+    seq = Sequence(2, list(range(40)), params, 42)
+    seq.block_ids, seq.state_slot = alloc.allocate(42, [], 40)
+    seq.num_computed, seq.snapshot_at, seq.block_hashes = 24, [8], block_hashes(seq.prompt_ids, 4)
+    sched.running.append(seq)
+    assert [(p.seq.index, p.num_new) for p in sched.schedule()] == [(0, 1), (1, 1)]
+    assert seq.snapshot_at == [8]
+    sched.max_num_batched_tokens = 40
+    assert (2, 8) in [(p.seq.index, p.num_new) for p in sched.schedule()]  # up to the snapshot point

@@ -223,12 +223,11 @@ class Engine:
                         "graphs": round(captured - planned, 2), "pieces": round(time.perf_counter() - captured, 2)}
         # prefix caching reuses KV blocks, and in a hybrid model the GDN state snapshot at the reuse point
         # (captured inside a prompt chunk where the GDN kernels give it exactly: `kernels.gdn_prefill`)
-        exact = capture_exact(torch.empty(0, dtype=self.dtype, device=self.device), layout.state_dtype)
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        exact = capture_exact(probe, layout.state_dtype)
         self.scheduler = Scheduler(CacheAllocator(layout, ecfg.enable_prefix_caching), ecfg.max_num_seqs,
                                    ecfg.max_num_batched_tokens, CHUNK if exact and SWITCHES.state_capture else 0,
-                                   (cudnn_attention.ALIGN, cudnn_attention.MIN_ROWS)
-                                   if cudnn_attention.usable(probe) else (0, 0))
+                                   lambda: cudnn_attention.alignment(probe, ecfg.max_num_batched_tokens))
         self.num_requests = 0
         self.pending_resets: list[int] = []
         self.inflight: collections.deque = collections.deque()  # launched steps not yet resolved
@@ -246,6 +245,10 @@ class Engine:
         step took 1.6 s with warm kernel caches, and the bench's warm-up round 44 s on a fresh
         machine (RESULTS.md, end-to-end workloads). Seconds taken."""
         t = time.perf_counter()
+        cfg, tp = self.model_config, self.ctx.tp_size
+        if self.scheduler.alignment()[0]:
+            cudnn_attention.warm_up(cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp), cfg.head_dim, self.dtype,
+                                    self.device)
         budget, vocab = self.ecfg.max_num_batched_tokens, self.model_config.vocab_size
         length = max(1, min(1024, budget, self.max_model_len - 5))  # (the cache holds max_model_len)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 
 from epinfer.core.sampling_params import SamplingParams
 from epinfer.engine.cache import CacheAllocator, block_hashes, reusable_blocks
@@ -82,16 +83,17 @@ class Scheduler:
     this many rows (or a multiple) into a prompt chunk, so a snapshot point inside a chunk does not
     cut it (a cut chunk's tail waits for the next step, and so does the request's first token): the
     point moves back to the nearest such block boundary. 0: every snapshot point ends a chunk.
-    `align` (rows, prompt length): a prompt at least that long is cut only at multiples of the rows
-    (`_aligned`; the attention of `kernels.cudnn_attention` needs contexts from a few sizes)."""
+    `align()`: (rows, prompt length), the rule of `_aligned` for this step ((0, 0): none; the attention
+    of `kernels.cudnn_attention` needs contexts from a few sizes)."""
 
     def __init__(self, allocator: CacheAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 capture_rows: int = 0, align: tuple[int, int] = (0, 0)):
+                 capture_rows: int = 0, align: Callable[[], tuple[int, int]] = lambda: (0, 0)):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.capture_rows = capture_rows
-        self.align, self.long_prompt = align  # `_aligned`
+        self.alignment = align
+        self.align = self.long_prompt = 0  # `_aligned`'s, read from `alignment` each step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.snapshots: list[tuple[int, int]] = []  # (state slot, snapshot index) taken, not yet planned
@@ -104,6 +106,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
+        self.align, self.long_prompt = self.alignment()
         plan: list[ScheduledSeq] = []
         decoding = [s for s in self.running if s.num_computed >= len(s.prompt_ids)]
         prefilling = [s for s in self.running if s.num_computed < len(s.prompt_ids)]
@@ -151,16 +154,16 @@ class Scheduler:
 
     def _aligned(self, seq: Sequence, start: int, n: int, chunked: bool) -> int:
         """`n` new tokens from `start`, or fewer: a chunk of a long prompt that the budget cuts short
-        ends at a multiple of `align` tokens, so every context it leaves is such a multiple; where that
-        leaves nothing, 0 (it waits for a step with room), unless no other prompt chunk is planned
-        (some prefill always progresses)."""
+        ends at a multiple of `align` tokens, so that the context it leaves is one, where that gives
+        up at most an eighth of the step's budget; where it leaves nothing, 0 (the prompt waits for a
+        step with room), unless no other prompt chunk is planned (some prefill always progresses)."""
         end = start + n
         if not self.align or len(seq.prompt_ids) < self.long_prompt or end >= len(seq.prompt_ids):
             return n
-        cut = end - end % self.align - start
-        if cut > 0:
-            return cut
-        return 0 if chunked else n
+        cut = max(end - end % self.align - start, 0)
+        if n - cut > self.max_num_batched_tokens // 8 or (cut == 0 and not chunked):
+            return n
+        return cut
 
     def _chunk(self, seq: Sequence, n: int) -> int:
         """`n` new tokens, or fewer so that the chunk ends where the sequence's state is snapshot

@@ -7,14 +7,16 @@ length. So a chunk takes this path only in shapes that repeat:
 
 - its own rows, padded at the end to a multiple of `PAD` (a padded query comes after every real
   one, so under the causal mask no real query sees a padded key; padded rows' outputs are dropped);
-- its cached context, when it has one, a multiple of `ALIGN` tokens: the scheduler cuts a long
-  prompt's chunks at multiples of `ALIGN` (`engine.scheduler`), and starts a long prompt only when
-  such a chunk fits.
+- its cached context, when it has one, a multiple of `ALIGN` tokens up to `MAX_CONTEXT`: the
+  scheduler cuts a long prompt's chunks at multiples of `ALIGN` where that costs little of the
+  step's budget, and rather than start one with a sliver of a step, it waits (`engine.scheduler`);
+- at most `MAX_SHAPES` distinct plans in a process: past them, new shapes take the Triton kernel.
 
 A chunk after context is two calls, its own keys causal and the context's unmasked, merged by their
 log-sum-exps (`merge`). The context's keys are gathered from the paged cache into one dense copy.
-Chunks of `MIN_ROWS` or more with such a context take this path when EPINFER_CUDNN_CHUNKS=1 (off
-until measured end to end); the rest of the step stays on `prefill_attention`.
+Chunks of `MIN_ROWS` or more take this path when EPINFER_CUDNN_CHUNKS=1 (off until measured end to
+end); the rest of the step stays on `prefill_attention`. The engine's start-up runs one chunk of each
+kind (`warm_up`): the merge's compilation and a refusal (an old cuDNN, say) happen there.
 
 Shape suffixes: N a chunk's rows, P padded rows, C context tokens, H query heads, KVH key/value heads.
 """
@@ -33,17 +35,26 @@ from epinfer.kernels.fused import fused
 PAD = 512  # a chunk's rows padded to a multiple of this: 64 shapes up to 32,768 rows
 ALIGN = 2048  # long prompts are cut at multiples of this many tokens, so their contexts come in few sizes
 MIN_ROWS = 4096  # chunks this long take cuDNN (fresh chunks of 4,096 rows: 529 against 336 TFLOP/s)
+MAX_CONTEXT = 65536  # longer contexts stay on the Triton kernel (the dense copy of the context's keys)
+MAX_SHAPES = 64  # plans a process builds at most (about 40 ms each)
 
 # (q [1, H, P, hd], k [1, KVH, L, hd], v, causal, scale) -> (out [1, H, P, hd], log-sum-exp [1, H, P] float32)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 _REFUSED: list[str] = []  # why cuDNN failed once: the path is off for the rest of the run
+_SHAPES: set[tuple[int, int]] = set()  # (padded rows, context tokens) planned so far
 
 
 def usable(q_THd: torch.Tensor) -> bool:
     return (SWITCHES.cudnn_chunks and not _REFUSED and q_THd.is_cuda and q_THd.dtype in (torch.bfloat16, torch.float16)
             and torch.backends.cudnn.is_available())
+
+
+def alignment(probe: torch.Tensor, budget: int) -> tuple[int, int]:
+    """The scheduler's (rows, prompt length) cut rule while this path runs (`usable` for the compute
+    dtype's `probe`, and a step `budget` that holds a chunk of `MIN_ROWS`), else (0, 0): none."""
+    return (ALIGN, MIN_ROWS) if budget >= MIN_ROWS and usable(probe) else (0, 0)
 
 
 def give_up(exc: Exception) -> None:
@@ -54,8 +65,15 @@ def give_up(exc: Exception) -> None:
 
 
 def eligible(num_new: int, context_len: int) -> bool:
-    """Whether a chunk's shapes come from the fixed set."""
-    return num_new >= MIN_ROWS and context_len % ALIGN == 0
+    """Whether a chunk's shapes come from the fixed set, counting them as planned if so."""
+    if num_new < MIN_ROWS or context_len % ALIGN or context_len > MAX_CONTEXT:
+        return False
+    shape = (-(-num_new // PAD) * PAD, context_len)
+    if shape not in _SHAPES:
+        if len(_SHAPES) >= MAX_SHAPES:
+            return False
+        _SHAPES.add(shape)
+    return True
 
 
 def cudnn(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +103,9 @@ def merge(o1, lse1, o2, lse2):
 
 
 def heads_first(x_NHd: torch.Tensor, rows: int) -> torch.Tensor:
-    """[N, H, hd] as [1, H, rows, hd]: a view when rows == N, else zero-padded at the end."""
-    if x_NHd.shape[0] != rows:
+    """[N, H, hd] as [1, H, rows, hd], from a contiguous [rows, H, hd] (cuDNN plans by strides too):
+    a view of x when that is one, else a copy zero-padded at the end."""
+    if x_NHd.shape[0] != rows or not x_NHd.is_contiguous():
         padded = x_NHd.new_zeros(rows, *x_NHd.shape[1:])
         padded[:x_NHd.shape[0]] = x_NHd
         x_NHd = padded
@@ -116,3 +135,19 @@ def chunk_attention(q_NHd: torch.Tensor, k_NKd: torch.Tensor, v_NKd: torch.Tenso
         o2, lse2 = attend(q, heads_first(ctx_k_CKd.to(q.dtype), C), heads_first(ctx_v_CKd.to(q.dtype), C), False, scale)
         out = merge(out, lse, o2, lse2)
     return out[0, :, :N].transpose(0, 1)
+
+
+def warm_up(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """One chunk of `MIN_ROWS` rows after `ALIGN` of context and one fresh: their plans, the merge's
+    compilation, and a refusal (`give_up`) before the first request."""
+    q = torch.zeros(MIN_ROWS, heads, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(MIN_ROWS + ALIGN, kv_heads, head_dim, dtype=dtype, device=device)
+    try:
+        for context in (ALIGN, 0):
+            if eligible(MIN_ROWS, context):
+                chunk_attention(q, k[:MIN_ROWS], k[:MIN_ROWS], *((k[MIN_ROWS:],) * 2 if context else (None, None)),
+                                head_dim**-0.5)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        give_up(exc)

@@ -186,6 +186,8 @@ class Attention(nn.Module):
                 out[rows] = cudnn_attention.chunk_attention(
                     q_THd[rows], k_THd[rows].to(k_cache.dtype), v_THd[rows].to(k_cache.dtype),
                     *cudnn_attention.context(*kv_cache, seq.block_ids, seq.context_len), scale)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as exc:  # cuDNN refused the shape (before launching anything)
                 cudnn_attention.give_up(exc)
                 rest.append(i)

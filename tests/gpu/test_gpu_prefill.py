@@ -191,17 +191,23 @@ def test_cudnn_chunk_attention(N, context):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("mode", ["sdpa", "pieces+chunk-kernel", "cudnn"])
-@pytest.mark.parametrize("prompt_len,budget", [(8192, 2048), (32768, 8192)])
+@pytest.mark.parametrize("prompt_len,budget,mode", [
+    *((n, b, m) for n, b in ((8192, 2048), (32768, 8192)) for m in ("sdpa", "pieces+chunk-kernel")),
+    (32768, 8192, "cudnn")])
 def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, mode, monkeypatch):
     from epinfer import LLM, SamplingParams
+    from epinfer.kernels import cudnn_attention
 
     # graph pieces and the prompt-chunk attention kernel (the defaults), or SDPA per chunk, eagerly, or
-    # the defaults with the chunks of 4,096 rows or more through cuDNN (the 8192-row chunks of 32768)
+    # the defaults with the chunks of 4,096 rows or more through cuDNN (the 8192-row chunks, fresh and
+    # after context)
     fast = mode != "sdpa"
     monkeypatch.setenv("EPINFER_PIECEWISE", "1" if fast else "0")
     monkeypatch.setenv("EPINFER_CHUNK_ATTENTION", "1" if fast else "0")
     monkeypatch.setenv("EPINFER_CUDNN_CHUNKS", "1" if mode == "cudnn" else "0")
+    calls = []
+    cudnn = cudnn_attention.cudnn
+    monkeypatch.setattr(cudnn_attention, "cudnn", lambda q, k, *a: calls.append(k.shape[2]) or cudnn(q, k, *a))
     from tests.gpu.test_gpu_decode import real_shape_folder
 
     folder, model = real_shape_folder(tmp_path, "qwen3.5-35b-a3b", 4)
@@ -236,6 +242,10 @@ def test_long_prompt_logits_match_transformers(tmp_path, prompt_len, budget, mod
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
+    if mode == "cudnn":  # it ran: every layer's chunks (after the start-up's), after context too
+        assert not cudnn_attention._REFUSED and any(k > 8192 for k in calls) and len(calls) > 8, calls[:12]
+    else:
+        assert not calls
     top1 = (mine.argmax(-1) == exact.argmax(-1)).sum().item()
     print(f"{prompt_len} tokens: rel err vs float32 {rel(mine, exact):.2e} (transformers bf16: "
           f"{rel(ref_bf16, exact):.2e}), vs transformers bf16 {rel(mine, ref_bf16):.2e}, top-1 {top1}/4")
