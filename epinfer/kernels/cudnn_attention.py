@@ -10,7 +10,8 @@ length. So a chunk takes this path only in shapes that repeat:
 - its cached context, when it has one, a multiple of `ALIGN` tokens up to `MAX_CONTEXT`: the
   scheduler cuts a long prompt's chunks at multiples of `ALIGN` where that costs little of the
   step's budget, and rather than start one with a sliver of a step, it waits (`engine.scheduler`);
-- at most `MAX_SHAPES` distinct plans in a process: past them, new shapes take the Triton kernel.
+- at most `MAX_SHAPES` distinct (rows, context) shapes in a process (two plans each at most, the
+  causal one shared by every context): past them, new shapes take the Triton kernel.
 
 A chunk after context is two calls, its own keys causal and the context's unmasked, merged by their
 log-sum-exps (`merge`). The context's keys are gathered from the paged cache into one dense copy.
@@ -36,7 +37,7 @@ PAD = 512  # a chunk's rows padded to a multiple of this: 64 shapes up to 32,768
 ALIGN = 2048  # long prompts are cut at multiples of this many tokens, so their contexts come in few sizes
 MIN_ROWS = 4096  # chunks this long take cuDNN (fresh chunks of 4,096 rows: 529 against 336 TFLOP/s)
 MAX_CONTEXT = 65536  # longer contexts stay on the Triton kernel (the dense copy of the context's keys)
-MAX_SHAPES = 64  # plans a process builds at most (about 40 ms each)
+MAX_SHAPES = 64  # (rows, context) shapes a process plans at most (about 40 ms a plan)
 
 # (q [1, H, P, hd], k [1, KVH, L, hd], v, causal, scale) -> (out [1, H, P, hd], log-sum-exp [1, H, P] float32)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
