@@ -163,3 +163,10 @@ for T, K, first, n, total in [(1, 8, 0, 128, 128), (64, 8, 0, 128, 128), (33, 8,
     pairs = zip(torch_permute_pairs(ids, first, n), moe_triton.permute(ids, first, n), strict=True)
     same = [torch.equal(a, b) for a, b in pairs]
     print("permute", T, K, first, n, all(same))
+# FP8 weights dequantised a block a program (experts [E, rows, cols] with partial edge blocks; a 2-D weight)
+from epinfer.kernels.fp8_gemm import dequantize_blocks, dequantize_weights, quantize_blocks  # noqa: E402
+
+for shape, block in [((3, 200, 96), (128, 32)), ((130, 256), (128, 128)), ((2, 48, 80), (16, 16))]:
+    w, s = quantize_blocks(torch.randn(shape), block)
+    got = dequantize_weights(w, s, block, torch.float16)
+    print("dequantize", shape, block, torch.equal(got, dequantize_blocks(w, s, block).half()))

@@ -19,6 +19,9 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_FP8_DECODE_W16=1    FP8 weights widened to bf16 in registers, activations unquantised, at every
                               decode size (`kernels.fp8_gemm`); by default only in steps of 8 tokens or fewer,
                               where it is faster; =0 never
+  EPINFER_FP8_DEQUANT_PAIRS=N  FP8 experts of steps with N or more pairs an expert (prefill sizes) dequantised
+                              to the compute dtype each layer and run through cuBLAS's grouped GEMM
+                              (`layers.moe`); off until measured
   EPINFER_FP8_CUBLAS=0        FP8 projections of 256 rows or more, 2048 x 2048 or wider, through the Triton
                               kernel instead of cuBLAS's block-scaled GEMM (`kernels.fp8_gemm`; A/B runs)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
@@ -143,6 +146,14 @@ class Switches:
         if value is None:
             return 8
         return 1 << 30 if _on("EPINFER_FP8_DECODE_W16", False) else 0
+
+    @property
+    def fp8_dequant_pairs(self) -> float | None:
+        """Average pairs an expert from which FP8 experts are dequantised and run as bf16 grouped
+        GEMMs (EPINFER_FP8_DEQUANT_PAIRS); None: never. On an H200 the FP8 grouped kernel was 9-14 %
+        slower than bf16's grouped GEMM from 512 pairs an expert (RESULTS.md, kernel sweeps), and the
+        dequantisation costs a pass over the layer's expert weights."""
+        return _number("EPINFER_FP8_DEQUANT_PAIRS", float, None)
 
     @property
     def fp8_cublas(self) -> bool:

@@ -93,7 +93,18 @@ def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype
     graphs' pool, and the graphs' one float32 buffer with the compute-dtype product inside the pool
     (1.5 GB each at 1024 sequences of the Qwen3.5 shape)."""
     logits = ecfg.max_num_seqs * cfg.vocab_size * (dtype.itemsize + 4) if ecfg.cuda_graphs else 0
-    return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192)) + 2 * logits
+    return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192)) + 2 * logits + dequantized_experts(
+        cfg, ecfg, dtype)
+
+
+def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
+    """One layer's FP8 experts dequantised to `dtype` (EPINFER_FP8_DEQUANT_PAIRS, `layers.moe`), where a
+    step of the budget reaches that many pairs an expert (all experts counted: an upper bound under
+    expert parallelism)."""
+    at = SWITCHES.fp8_dequant_pairs
+    if at is None or cfg.fp8_block is None or ecfg.max_num_batched_tokens * cfg.top_k < at * max(cfg.num_experts, 1):
+        return 0
+    return cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * dtype.itemsize
 
 
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epinfer.core.config import ModelConfig
+from epinfer.core.env import SWITCHES
 from epinfer.core.forward import ForwardBatch
 from epinfer.distributed.dispatch import make_dispatcher
 from epinfer.distributed.parallel import ParallelContext, shard_range, split_evenly
@@ -109,12 +110,16 @@ class FusedExperts(nn.Module):
         """FP8 experts: the grouped kernels at every size on GPUs; elsewhere the same quantisation
         per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are)."""
         n = self.w13.shape[0]
+        s13, s2, block = self.fp8
+        if dequantized_experts(x_TD, topk_ids_TK.numel(), n):  # prefill sizes: dequantised, bf16's grouped GEMM
+            return self._grouped(x_TD, topk_weights_TK, topk_ids_TK,
+                                 fp8_gemm.dequantize_weights(self.w13, s13, block, x_TD.dtype),
+                                 fp8_gemm.dequantize_weights(self.w2, s2, block, x_TD.dtype))
         if moe_triton.usable(x_TD):
             per_pair = moe_configs.per_pair(topk_ids_TK.numel())
             plan = None if per_pair else permute_pairs(topk_ids_TK, self.first_expert, n)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
                                           n == self.num_experts_total, plan, fp8=self.fp8)
-        s13, s2, block = self.fp8
         out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         local = topk_ids_TK - self.first_expert
         xq = fp8_gemm.fake_quantize(x_TD, block[1])
@@ -141,15 +146,25 @@ class FusedExperts(nn.Module):
             out = out + torch.where(weight_T[:, None] != 0, y * weight_T[:, None], 0.0)
         return out
 
-    def _grouped(self, x_TD, topk_weights_TK, topk_ids_TK):
+    def _grouped(self, x_TD, topk_weights_TK, topk_ids_TK, w13=None, w2=None):
         """All local experts in two grouped GEMMs, with no host sync (CUDA-graph safe): (row, k)
-        pairs sorted by local expert, pairs of other ranks' experts sorted last and weighted 0."""
+        pairs sorted by local expert, pairs of other ranks' experts sorted last and weighted 0.
+        `w13`, `w2`: these weights instead of the parameters (FP8 ones dequantised)."""
         n = self.w13.shape[0]
+        w13, w2 = (self.w13 if w13 is None else w13), (self.w2 if w2 is None else w2)
         order, offs, rows, _ = permute_pairs(topk_ids_TK, self.first_expert, n)
-        gate_up = F.grouped_mm(x_TD[rows], self.w13.transpose(1, 2), offs=offs)  # [P, 2I]
-        y = F.grouped_mm(silu_mul(*gate_up.chunk(2, dim=-1)), self.w2.transpose(1, 2), offs=offs)  # [P, D]
+        gate_up = F.grouped_mm(x_TD[rows], w13.transpose(1, 2), offs=offs)  # [P, 2I]
+        y = F.grouped_mm(silu_mul(*gate_up.chunk(2, dim=-1)), w2.transpose(1, 2), offs=offs)  # [P, D]
         combine = moe_triton.combine if moe_triton.grouped_usable(x_TD, 0, n) else combine_pairs
         return combine(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
+
+
+def dequantized_experts(x_TD: torch.Tensor, pairs: int, num_local: int) -> bool:
+    """Whether FP8 experts run dequantised through the grouped GEMM for a step of `pairs` (row,
+    expert) pairs: EPINFER_FP8_DEQUANT_PAIRS pairs an expert or more, where `F.grouped_mm` runs."""
+    at = SWITCHES.fp8_dequant_pairs
+    return (at is not None and pairs >= at * num_local and x_TD.is_cuda
+            and grouped_mm_supported(x_TD.dtype))
 
 
 def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):

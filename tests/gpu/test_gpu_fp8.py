@@ -245,6 +245,37 @@ def test_fp8_expert_kernels_gemv(T, E, D, inter, block, wide):
     assert rel <= 1e-2
 
 
+@pytest.mark.parametrize("T,E,D,inter,block", [(600, 8, 512, 256, (128, 128)), (300, 4, 256, 96, (64, 32))])
+def test_fp8_experts_dequantized_at_prefill_sizes(T, E, D, inter, block, monkeypatch):
+    """EPINFER_FP8_DEQUANT_PAIRS: a step's FP8 experts dequantised a block a program and run through
+    bf16's grouped GEMM (activations unquantised), against the weight-only reference; the kernel's
+    weights bitwise the torch form's."""
+    from epinfer.kernels import fp8_gemm
+    from epinfer.layers.moe import FusedExperts
+
+    monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "16")
+    gen = torch.Generator().manual_seed(T + E)
+    experts = FusedExperts(range(E), D, inter, E)
+    experts.w13.data = torch.randn(E, 2 * inter, D, generator=gen) * 0.05
+    experts.w2.data = torch.randn(E, D, inter, generator=gen) * 0.05
+    experts.to_fp8(block)
+    w13, w2, (s13, s2, _) = experts.w13.data, experts.w2.data, experts.fp8
+    x = torch.randn(T, D, generator=gen).bfloat16()
+    weights, ids = torch.softmax(torch.randn(T, E, generator=gen), -1).topk(2, -1)
+    ref = fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids, w16=True)
+    experts.cuda()
+    experts.fp8 = tuple(t.cuda() if torch.is_tensor(t) else t for t in experts.fp8)
+    calls = []
+    dequantize = fp8_gemm.dequantize_weights
+    monkeypatch.setattr(fp8_gemm, "dequantize_weights", lambda *a: calls.append(1) or dequantize(*a))
+    got = experts(x.cuda(), weights.cuda(), ids.cuda()).float().cpu()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"dequantised T {T} E {E} D {D} I {inter} block {block}: {rel:.2e}")
+    assert len(calls) == 2 and rel <= 1e-2
+    assert torch.equal(dequantize(w13.cuda(), s13.cuda(), block, torch.bfloat16).cpu(),
+                       fp8_gemm.dequantize_blocks(w13, s13, block).bfloat16())
+
+
 @pytest.mark.parametrize("shape,layers", [("qwen3-30b-a3b", 2), ("qwen3.5-35b-a3b", 4)])
 def test_fp8_model_logits_against_dequantized(tmp_path, shape, layers):
     """A few-layer real shape with --fp8-weights (its weights requantised in 128 x 128 blocks) against
