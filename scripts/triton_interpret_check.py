@@ -170,3 +170,23 @@ for shape, block in [((3, 200, 96), (128, 32)), ((130, 256), (128, 128)), ((2, 4
     w, s = quantize_blocks(torch.randn(shape), block)
     got = dequantize_weights(w, s, block, torch.float16)
     print("dequantize", shape, block, torch.equal(got, dequantize_blocks(w, s, block).half()))
+# the grouped expert kernels with a group's column tiles next to each other in the grid ("n_fast"): bf16 and
+# FP8 (tile scales folded too), the same outputs as the default grid order, bitwise
+for fp8 in (False, True):
+    T, D, inter, E, K = 40, 256, 256, 4, 2
+    experts = FusedExperts(range(0, E), D, inter, E)
+    experts.w13.data.normal_(std=0.05)
+    experts.w2.data.normal_(std=0.05)
+    x, wts = torch.randn(T, D).half(), torch.rand(T, K).half()
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w13, w2 = experts.w13.data.half(), experts.w2.data.half()
+    scales = None
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_blocks(w13.float(), (128, 128)), quantize_blocks(w2.float(), (128, 128))
+        scales = (s13, s2, (128, 128))
+    cfg = {"BLOCK_M": 16, "up": (64, 128, 2, 4), "down": (128, 128, 2, 4), "tile_scale": fp8}
+    plan = permute_pairs(ids, 0, E)
+    a = moe_triton.moe_grouped(x, w13, w2, wts, ids, 0, True, plan, cfg, fp8=scales)
+    b = moe_triton.moe_grouped(x, w13, w2, wts, ids, 0, True, plan, {**cfg, "n_fast": True}, fp8=scales)
+    c = moe_triton.moe_grouped(x, w13, w2, wts, ids, 0, True, None, {**cfg, "n_fast": True}, fp8=scales)
+    print("n_fast", "fp8" if fp8 else "fp16", torch.equal(a, b), (c.float() - a.float()).abs().max().item())

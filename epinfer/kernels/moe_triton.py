@@ -176,22 +176,23 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     n, two_i, _ = w13.shape
     inter, K, bm = two_i // 2, ids_TK.shape[1], cfg["BLOCK_M"]
     x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
+    nf = bool(cfg.get("n_fast"))  # a group's column tiles next to each other in the grid (`_tile_ids`)
     bn, bk, stages, warps = cfg["up"]
     bk = block[1] if quant["FP8"] else bk
-    _grouped_up[(groups, triton.cdiv(inter, bn))](
+    _grouped_up[(triton.cdiv(inter, bn), groups) if nf else (groups, triton.cdiv(inter, bn))](
         x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
         s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0,
+        TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0, N_FAST=nf,
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
     bn, bk, stages, warps = cfg["down"]
     bk = block[1] if quant["FP8"] else bk
-    _grouped_down[(groups, triton.cdiv(D, bn))](
+    _grouped_down[(triton.cdiv(D, bn), groups) if nf else (groups, triton.cdiv(D, bn))](
         act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
         act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
         D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        TILE_SCALE=tile_scale and block[0] % bn == 0, num_stages=stages, num_warps=warps, **quant,
+        TILE_SCALE=tile_scale and block[0] % bn == 0, N_FAST=nf, num_stages=stages, num_warps=warps, **quant,
         **pdl.kwargs(x_TD.device))
 
 
@@ -232,11 +233,10 @@ if triton is not None:
             tl.store(ACTIVE + s, tl.max(tl.where(hit, e[None, :], -1), 1), mask=s < slots)
 
     @triton.jit
-    def _group(OFFS, GROUP_E, shift, n_local, si_t, K: tl.constexpr, PER_PAIR: tl.constexpr):
-        """(expert, first sorted pair, end) of group program_id(0); an empty range for a group
-        without a local expert (another rank's, or an unused slot). Per pair, GROUP_E is the ids
-        [T, K] with row stride si_t."""
-        g = tl.program_id(0)
+    def _group(g, OFFS, GROUP_E, shift, n_local, si_t, K: tl.constexpr, PER_PAIR: tl.constexpr):
+        """(expert, first sorted pair, end) of group g; an empty range for a group without a local
+        expert (another rank's, or an unused slot). Per pair, GROUP_E is the ids [T, K] with row
+        stride si_t."""
         if PER_PAIR:
             e = tl.load(GROUP_E + (g // K) * si_t + g % K).to(tl.int32) - shift
         else:
@@ -252,32 +252,41 @@ if triton is not None:
         return e, start, tl.where(ok, end, start)
 
     @triton.jit
-    def _pair_weight(WTS, sw_t, K: tl.constexpr):
-        """Routing weight of pair program_id(0) (one group per pair)."""
-        g = tl.program_id(0)
+    def _pair_weight(g, WTS, sw_t, K: tl.constexpr):
+        """Routing weight of pair g (one group per pair)."""
         return tl.load(WTS + (g // K) * sw_t + g % K)
+
+    @triton.jit
+    def _tile_ids(N_FAST: tl.constexpr):
+        """(group, column tile) of this program: the grid is (groups, column tiles), or with N_FAST
+        (column tiles, groups), so that a group's column tiles run together and share its rows in L2."""
+        if N_FAST:
+            return tl.program_id(1), tl.program_id(0)
+        else:
+            return tl.program_id(0), tl.program_id(1)
 
     @triton.jit
     def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sxs_t, sw_e, sw_n,
                     sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
                     PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr,
-                    SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr):
+                    SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, N_FAST: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
-        program_id(0) (expert e), on one tile of I. FP8: W13 float8 with block scales S13 [E, rows
+        g (expert e), on one column tile of I (`_tile_ids`). FP8: W13 float8 with block scales S13 [E, rows
         / SCALE_ROWS, D / GROUP], x in FP8 with a scale per row and GROUP = BLOCK_K columns (XS);
         W16: x as it is, W13 widened (`fp8_gemm.widen`)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
+        g, tile = _tile_ids(N_FAST)
+        e, start, end = _group(g, OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         if PER_PAIR:  # weight 0 (a padding row): no weights read, the down kernel writes its 0
-            end = tl.where(_pair_weight(WTS, sw_t, K) == 0, start, end)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            end = tl.where(_pair_weight(g, WTS, sw_t, K) == 0, start, end)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < INTER
         w_base = W13 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         s_gate = S13 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r  # FP8: each column's scale row
         s_up = S13 + e.to(tl.int64) * ss_e + ((INTER + offs_n) // SCALE_ROWS) * ss_r
-        n0 = tl.program_id(1) * BLOCK_N  # TILE_SCALE: the tile's one block row of scales
+        n0 = tile * BLOCK_N  # TILE_SCALE: the tile's one block row of scales
         s_gate0 = S13 + e.to(tl.int64) * ss_e + (n0 // SCALE_ROWS) * ss_r
         s_up0 = S13 + e.to(tl.int64) * ss_e + ((INTER + n0) // SCALE_ROWS) * ss_r
         for m0 in range(start, end, BLOCK_M):
@@ -325,23 +334,24 @@ if triton is not None:
                       S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr,
                       PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                      GROUP: tl.constexpr):
-        """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group program_id(0), one tile of D
+                      GROUP: tl.constexpr, N_FAST: tl.constexpr):
+        """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group g, one column tile of D
         (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        e, start, end = _group(OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g, tile = _tile_ids(N_FAST)
+        e, start, end = _group(g, OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         if PER_PAIR:  # a local pair of weight 0 (a padding row) reads no weights: its output is 0
-            zero = (end > start) & (_pair_weight(WTS, sw_t, K) == 0)
+            zero = (end > start) & (_pair_weight(g, WTS, sw_t, K) == 0)
             if zero:
-                tl.store(Y + tl.program_id(0).to(tl.int64) * sy_p + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
+                tl.store(Y + g.to(tl.int64) * sy_p + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
                          mask=n_ok)
             end = tl.where(zero, start, end)
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         s_base = S2 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r
-        s_tile = S2 + e.to(tl.int64) * ss_e + (tl.program_id(1) * BLOCK_N // SCALE_ROWS) * ss_r  # TILE_SCALE
+        s_tile = S2 + e.to(tl.int64) * ss_e + (tile * BLOCK_N // SCALE_ROWS) * ss_r  # TILE_SCALE
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
