@@ -19,9 +19,9 @@ on the same weights dequantised; the table then holds "fp8_per_pair" and "fp8_gr
 path's). Steps of up to EPINFER_FP8_DECODE_W16's tokens (8) take the weight-only mode, the weights
 widened in registers: every tile of `W16_TILES`. Larger ones quantise the rows per 128 columns, so
 the K step is the block's and only BLOCK_N, stages and warps vary; their best tiles are timed again
-with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales). At prefill
-sizes the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert side by
-side, so that its rows are read from memory once rather than once per column tile).
+with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales). One group
+per expert: the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert
+side by side, so that its rows are read from memory once rather than once per column tile).
 
 `--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
 no tensor-core tile), the tiles of `GEMV_TILES`, at the batches of up to 32 pairs; the table then
@@ -112,7 +112,7 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
             folded = timed({**cfg, "tile_scale": True})
             if folded < ms:
                 cfg, ms = {**cfg, "tile_scale": True}, folded
-        if large:  # a group's column tiles side by side in the grid (its rows read once into L2)
+        if not (per_pair or gemv):  # a group's column tiles side by side in the grid (its rows read once into L2)
             side = timed({**cfg, "n_fast": True})
             if side < ms:
                 cfg, ms = {**cfg, "n_fast": True}, side
