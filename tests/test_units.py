@@ -460,3 +460,20 @@ def test_scheduler_chunk_of_nothing_keeps_the_snapshot_point():
     assert seq.snapshot_at == [8]
     sched.max_num_batched_tokens = 40
     assert (2, 8) in [(p.seq.index, p.num_new) for p in sched.schedule()]  # up to the snapshot point
+
+
+def test_inductor_cache_kept_across_reboots(tmp_path, monkeypatch):
+    """TorchInductor's cache under $XDG_CACHE_HOME/epinfer/inductor unless the user chose one; left
+    to inductor where that folder cannot be made."""
+    from epinfer.kernels.fused import persistent_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert persistent_cache() == str(tmp_path / "epinfer" / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert (tmp_path / "epinfer" / "inductor").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    assert persistent_cache() == "/somewhere/chosen"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a folder
+    assert persistent_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
