@@ -166,10 +166,12 @@ for T, K, first, n, total in [(1, 8, 0, 128, 128), (64, 8, 0, 128, 128), (33, 8,
 # FP8 weights dequantised a block a program (experts [E, rows, cols] with partial edge blocks; a 2-D weight)
 from epinfer.kernels.fp8_gemm import dequantize_blocks, dequantize_weights, quantize_blocks  # noqa: E402
 
-for shape, block in [((3, 200, 96), (128, 32)), ((130, 256), (128, 128)), ((2, 48, 80), (16, 16))]:
+for shape, block in [((3, 200, 96), (128, 32)), ((130, 256), (128, 128)), ((2, 48, 80), (16, 16)),
+                     ((2, 50, 70), (12, 20))]:  # (fp16: the interpreter truncates float32 to bf16)
     w, s = quantize_blocks(torch.randn(shape), block)
-    got = dequantize_weights(w, s, block, torch.float16)
-    print("dequantize", shape, block, torch.equal(got, dequantize_blocks(w, s, block).half()))
+    same = torch.equal(dequantize_weights(w, s, block, torch.float16), dequantize_blocks(w, s, block).half())
+    print("dequantize", shape, block, same)
+    assert same
 # the grouped expert kernels with a group's column tiles next to each other in the grid ("n_fast"): bf16 and
 # FP8 (tile scales folded too), the same outputs as the default grid order, bitwise
 for fp8 in (False, True):
@@ -190,3 +192,4 @@ for fp8 in (False, True):
     b = moe_triton.moe_grouped(x, w13, w2, wts, ids, 0, True, plan, {**cfg, "n_fast": True}, fp8=scales)
     c = moe_triton.moe_grouped(x, w13, w2, wts, ids, 0, True, None, {**cfg, "n_fast": True}, fp8=scales)
     print("n_fast", "fp8" if fp8 else "fp16", torch.equal(a, b), (c.float() - a.float()).abs().max().item())
+    assert torch.equal(a, b)

@@ -218,26 +218,30 @@ def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
 
 def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch):
     """EPINFER_FP8_DEQUANT_PAIRS: FP8 experts dequantised for the grouped GEMM only from that many pairs
-    an expert, on GPUs (never on the CPU); one layer's experts in the compute dtype kept from the
-    cache where a step of the budget gets there; the torch form of the dequantisation as `dequantize_blocks`."""
+    an expert on average over all the model's experts, on GPUs (never on the CPU); one layer's experts
+    in the compute dtype kept from the cache, in the headroom and in the graph pieces' pool, when the
+    experts run in FP8; scales of the wrong shape refused."""
     import dataclasses
 
     from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
-    from epinfer.engine.memory import activation_headroom
-    from epinfer.kernels.fp8_gemm import dequantize_blocks, dequantize_weights, quantize_blocks
+    from epinfer.engine.memory import activation_headroom, pieces_pool_bytes
+    from epinfer.kernels.fp8_gemm import dequantize_weights, quantize_blocks
     from epinfer.layers.moe import dequantized_experts
 
     cfg = dataclasses.replace(ModelConfig.from_dir(DEMO_MODEL), fp8_block=(16, 16))
-    ecfg = EngineConfig(model="x", max_num_batched_tokens=8192)
-    base = activation_headroom(ecfg, cfg, torch.bfloat16)
+    ecfg = EngineConfig(model="x", max_num_batched_tokens=8192, fp8_weights=True, cuda_graphs=True,
+                        piecewise_graphs=True)
+    base = activation_headroom(ecfg, cfg, torch.bfloat16), pieces_pool_bytes(cfg, ecfg, torch.bfloat16)
     layer = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
-    monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", str(8192 * cfg.top_k // cfg.num_experts))
-    assert activation_headroom(ecfg, cfg, torch.bfloat16) == base + layer
-    assert activation_headroom(dataclasses.replace(ecfg, max_num_batched_tokens=4096), cfg, torch.bfloat16) == base
-    assert activation_headroom(ecfg, dataclasses.replace(cfg, fp8_block=None), torch.bfloat16) == base
+    monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "512")
+    assert activation_headroom(ecfg, cfg, torch.bfloat16) == base[0] + layer
+    assert pieces_pool_bytes(cfg, ecfg, torch.bfloat16) == base[1] + layer
+    assert activation_headroom(dataclasses.replace(ecfg, fp8_weights=False), cfg, torch.bfloat16) == base[0]
+    assert activation_headroom(ecfg, dataclasses.replace(cfg, fp8_block=None), torch.bfloat16) == base[0]
     assert not dequantized_experts(torch.zeros(2, 4), 10**9, 8)  # CPU
     monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "zero")
     with pytest.raises(UserError, match="EPINFER_FP8_DEQUANT_PAIRS='zero': give a number"):
         activation_headroom(ecfg, cfg, torch.bfloat16)
     w, s = quantize_blocks(torch.randn(3, 40, 24), (16, 16))
-    assert torch.equal(dequantize_weights(w, s, (16, 16), torch.bfloat16), dequantize_blocks(w, s, (16, 16)).bfloat16())
+    with pytest.raises(ValueError, match=r"scales \(3, 3, 1\) for \(3, 40, 24\)"):
+        dequantize_weights(w, s[..., :1], (16, 16), torch.bfloat16)

@@ -98,11 +98,11 @@ def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype
 
 
 def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
-    """One layer's FP8 experts dequantised to `dtype` (EPINFER_FP8_DEQUANT_PAIRS, `layers.moe`), where a
-    step of the budget reaches that many pairs an expert (all experts counted: an upper bound under
-    expert parallelism)."""
-    at = SWITCHES.fp8_dequant_pairs
-    if at is None or cfg.fp8_block is None or ecfg.max_num_batched_tokens * cfg.top_k < at * max(cfg.num_experts, 1):
+    """One layer's FP8 experts dequantised to `dtype` (EPINFER_FP8_DEQUANT_PAIRS, `layers.moe`) when that
+    mode is asked for and the experts run in FP8: every expert counted (an upper bound under expert
+    or tensor parallelism; a rank is handed more rows than its own step's under data parallelism, so
+    whether a step reaches the mode is not known here)."""
+    if SWITCHES.fp8_dequant_pairs is None or not (ecfg.fp8_weights and cfg.fp8_block):
         return 0
     return cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * dtype.itemsize
 
@@ -116,7 +116,7 @@ def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) 
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
     rows = ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
-    return rows * 3 // 2 + 2**28
+    return rows * 3 // 2 + 2**28 + dequantized_experts(cfg, ecfg, dtype)  # (captured: the pool keeps them)
 
 
 def gib(n: int) -> str:

@@ -92,19 +92,21 @@ def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
 def dequantize_weights(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                        dtype: torch.dtype) -> torch.Tensor:
     """`dequantize_blocks` rounded to `dtype` once, [..., rows, cols]: one Triton pass on CUDA (a
-    program a block: its FP8 bytes read once, its one scale, `dtype` written), torch elsewhere or for
-    blocks that are not powers of two."""
-    b0, b1 = block
-    if (triton is None or not (w.is_cuda or INTERPRETED) or b0 & (b0 - 1) or b1 & (b1 - 1) or b0 * b1 > 65536
-            or w.stride(-1) != 1 or scale.stride(-1) != 1):
-        return dequantize_blocks(w, scale, block).to(dtype)
+    program a block: its FP8 bytes read once, its one scale, `dtype` written), torch elsewhere."""
     *lead, rows, cols = w.shape
+    b0, b1 = block
+    if tuple(scale.shape) != (*lead, -(-rows // b0), -(-cols // b1)):
+        raise ValueError(f"dequantize_weights: scales {tuple(scale.shape)} for {tuple(w.shape)} in {block} blocks")
+    if triton is None or not (w.is_cuda or INTERPRETED):
+        return dequantize_blocks(w, scale, block).to(dtype)
     w3, s3 = w.reshape(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:])
     out = torch.empty(w3.shape, dtype=dtype, device=w.device)
+    tile_r, tile_c = triton.next_power_of_2(b0), triton.next_power_of_2(b1)
     if out.numel():
         _dequantize_kernel[(w3.shape[0], triton.cdiv(rows, b0), triton.cdiv(cols, b1))](
-            w3, s3, out, rows, cols, w3.stride(0), w3.stride(1), s3.stride(0), s3.stride(1), out.stride(0),
-            out.stride(1), BLOCK_R=b0, BLOCK_C=b1, num_warps=8 if b0 * b1 >= 8192 else 4)
+            w3, s3, out, rows, cols, b0, b1, w3.stride(0), w3.stride(1), w3.stride(2), s3.stride(0), s3.stride(1),
+            s3.stride(2), out.stride(0), out.stride(1), BLOCK_R=tile_r, BLOCK_C=tile_c,
+            num_warps=8 if tile_r * tile_c >= 8192 else 4)
     return out.view(w.shape)
 
 
@@ -377,18 +379,20 @@ if triton is not None:
                  mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _dequantize_kernel(W, S, Out, rows, cols, sw_e, sw_r, ss_e, ss_r, so_e, so_r, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-        """Block (program_id(1), program_id(2)) of weight program_id(0): FP8 times its scale, in
-        Out's dtype."""
+    def _dequantize_kernel(W, S, Out, rows, cols, b0, b1, sw_e, sw_r, sw_c, ss_e, ss_r, ss_c, so_e, so_r,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Block (program_id(1), program_id(2)) of weight program_id(0), b0 x b1 (BLOCK_R x BLOCK_C
+        its powers of two at least as large): FP8 times its scale, in Out's dtype."""
         e = tl.program_id(0).to(tl.int64)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = (r < rows)[:, None] & (c < cols)[None, :]
-        w = tl.load(W + e * sw_e + r[:, None].to(tl.int64) * sw_r + c[None, :], mask=ok, other=0.0)
-        scale = tl.load(S + e * ss_e + tl.program_id(1) * ss_r + tl.program_id(2))
-        tl.store(Out + e * so_e + r[:, None].to(tl.int64) * so_r + c[None, :],
-                 (w.to(tl.float32) * scale).to(Out.dtype.element_ty), mask=ok)
+        i, j = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C)
+        r = tl.program_id(1) * b0 + i
+        c = tl.program_id(2) * b1 + j
+        ok = ((i < b0) & (r < rows))[:, None] & ((j < b1) & (c < cols))[None, :]
+        w = tl.load(W + e * sw_e + r[:, None].to(tl.int64) * sw_r + c[None, :].to(tl.int64) * sw_c, mask=ok,
+                    other=0.0)
+        scale = tl.load(S + e * ss_e + tl.program_id(1) * ss_r + tl.program_id(2) * ss_c)
+        tl.store(Out + e * so_e + r[:, None].to(tl.int64) * so_r + c[None, :], (w.to(tl.float32) * scale).to(
+            Out.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _sum_splits_kernel(P, B, Out, M, N, so, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,

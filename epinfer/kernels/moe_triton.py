@@ -176,7 +176,9 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     n, two_i, _ = w13.shape
     inter, K, bm = two_i // 2, ids_TK.shape[1], cfg["BLOCK_M"]
     x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
-    nf = bool(cfg.get("n_fast"))  # a group's column tiles next to each other in the grid (`_tile_ids`)
+    # a group's column tiles next to each other in the grid (`_tile_ids`); not per pair (axis 1 would
+    # hold every pair, at most 65,535)
+    nf = bool(cfg.get("n_fast")) and not per_pair
     bn, bk, stages, warps = cfg["up"]
     bk = block[1] if quant["FP8"] else bk
     _grouped_up[(triton.cdiv(inter, bn), groups) if nf else (groups, triton.cdiv(inter, bn))](

@@ -111,7 +111,7 @@ class FusedExperts(nn.Module):
         per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are)."""
         n = self.w13.shape[0]
         s13, s2, block = self.fp8
-        if dequantized_experts(x_TD, topk_ids_TK.numel(), n):  # prefill sizes: dequantised, bf16's grouped GEMM
+        if dequantized_experts(x_TD, topk_ids_TK.numel(), self.num_experts_total):  # prefill sizes: bf16's GEMM
             return self._grouped(x_TD, topk_weights_TK, topk_ids_TK,
                                  fp8_gemm.dequantize_weights(self.w13, s13, block, x_TD.dtype),
                                  fp8_gemm.dequantize_weights(self.w2, s2, block, x_TD.dtype))
@@ -159,11 +159,12 @@ class FusedExperts(nn.Module):
         return combine(y, topk_weights_TK, topk_ids_TK, order, self.first_expert, n)
 
 
-def dequantized_experts(x_TD: torch.Tensor, pairs: int, num_local: int) -> bool:
-    """Whether FP8 experts run dequantised through the grouped GEMM for a step of `pairs` (row,
-    expert) pairs: EPINFER_FP8_DEQUANT_PAIRS pairs an expert or more, where `F.grouped_mm` runs."""
+def dequantized_experts(x_TD: torch.Tensor, pairs: int, num_experts: int) -> bool:
+    """Whether FP8 experts run dequantised through the grouped GEMM for `pairs` (row, expert) pairs
+    handed to this rank's experts: EPINFER_FP8_DEQUANT_PAIRS pairs an expert or more, on average over
+    all `num_experts` of the model (a rank's share of its rows' pairs), where `F.grouped_mm` runs."""
     at = SWITCHES.fp8_dequant_pairs
-    return (at is not None and pairs >= at * num_local and x_TD.is_cuda
+    return (at is not None and pairs >= at * num_experts and x_TD.is_cuda
             and grouped_mm_supported(x_TD.dtype))
 
 

@@ -245,11 +245,12 @@ def test_fp8_expert_kernels_gemv(T, E, D, inter, block, wide):
     assert rel <= 1e-2
 
 
-@pytest.mark.parametrize("T,E,D,inter,block", [(600, 8, 512, 256, (128, 128)), (300, 4, 256, 96, (64, 32))])
+@pytest.mark.parametrize("T,E,D,inter,block", [(600, 8, 512, 256, (128, 128)), (300, 4, 256, 96, (64, 32)),
+                                               (300, 4, 200, 96, (128, 128)), (200, 4, 160, 80, (12, 20))])
 def test_fp8_experts_dequantized_at_prefill_sizes(T, E, D, inter, block, monkeypatch):
     """EPINFER_FP8_DEQUANT_PAIRS: a step's FP8 experts dequantised a block a program and run through
     bf16's grouped GEMM (activations unquantised), against the weight-only reference; the kernel's
-    weights bitwise the torch form's."""
+    weights bitwise the torch form's (partial edge blocks, and blocks that are not powers of two, too)."""
     from epinfer.kernels import fp8_gemm
     from epinfer.layers.moe import FusedExperts
 
