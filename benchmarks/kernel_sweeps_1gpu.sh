@@ -16,6 +16,8 @@
 #   fp8-gemm   prefill-size FP8 projections: bf16 cuBLAS, the Triton FP8 kernel and cuBLAS's block-scaled
 #              FP8 GEMM (EPINFER_FP8_CUBLAS); whether F.scaled_grouped_mm takes block scales
 #              (benchmarks/fp8_gemm_sweep.py)
+#   moe-prefill the expert kernels at prefill sizes (2048 / 8192 / 16384 rows), FP8 then bf16, against cuBLAS's
+#              bf16 grouped GEMM; the best tiles timed again with "n_fast" (moe_kernel_sweep.py)
 #   fp8-decode decode-size FP8: the projections at 1 and 64 rows (one-row gemv, w16 and quantised tiles,
 #              split K, cuBLAS; benchmarks/fp8_gemm_sweep.py --decode 1,64) and the one-row experts on
 #              the CUDA cores (moe_kernel_sweep.py --quant fp8 --gemv wide), then `epinfer bench --quant
@@ -53,6 +55,12 @@ mixed)
 fp8-gemm)
   step fp8_gemm_sweep 150 python3 benchmarks/fp8_gemm_sweep.py
   cut -c1-220 "$OUT/fp8_gemm_sweep.log" ;;
+moe-prefill)
+  for q in fp8 bf16; do
+    step "moe_prefill_$q" 300 python3 benchmarks/moe_kernel_sweep.py --shape "$SHAPE" --batches 2048,8192,16384 \
+      --block-m 64,128 --out "$OUT/moe_prefill_$q.json" $([ $q = fp8 ] && echo --quant fp8)
+    grep -v "^#" "$OUT/moe_prefill_$q.log" | cut -c1-330
+  done ;;
 fp8-decode)
   step fp8_decode_sweep 300 python3 benchmarks/fp8_gemm_sweep.py --decode 1,64
   grep best_over "$OUT/fp8_decode_sweep.log" | cut -c1-400
@@ -64,5 +72,5 @@ json.dump(t, open(sys.argv[1], 'w'))" "$OUT/fp8_pair_table.json"
   EPINFER_MOE_CONFIGS=$OUT/fp8_pair_table.json bench fp8_pair_bench 150 --shape "$SHAPE" --batch 1 --input-len 1024 \
     --output-len 32 --quant fp8 ;;
 *)
-  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed fp8-gemm fp8-decode)"; exit 2 ;;
+  echo "unknown mode $mode (moe gemv attention prefill-attention gdn-decode mixed fp8-gemm fp8-decode moe-prefill)"; exit 2 ;;
 esac; done

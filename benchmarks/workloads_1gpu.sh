@@ -16,6 +16,8 @@
 #   long-context      100 x 32,000 in / 100 out
 #   long-context-kv   long context at 32,768 tokens a step with 128 sequences (state slots for the
 #                     sequences the KV cache can hold), then at 65,536 with 128
+#   long-context-cudnn  long context at 32,768 tokens a step with 128 sequences, with EPINFER_CUDNN_CHUNKS=1
+#                     (long chunks through cuDNN's attention), then without, same call
 #   startup           where a cold start-up goes (`startup_profile.py --warm`: empty Triton and
 #                     TorchInductor caches, then again on the caches it left)
 #   generation-heavy  200 x 1000 in / 2000 out (STATE=float32 for a float32 state)
@@ -51,6 +53,9 @@ long-context)     run long_context 300 --workload long-context ;;
 long-context-kv)
   for b in 32768 65536; do run "long_context_$b" 300 --workload long-context --max-num-batched-tokens $b \
     --max-num-seqs 128; done ;;
+long-context-cudnn)
+  for c in 1 0; do EPINFER_CUDNN_CHUNKS=$c run "long_context_cudnn$c" 300 --workload long-context \
+    --max-num-batched-tokens 32768 --max-num-seqs 128; done ;;
 startup)          step startup 400 python3 benchmarks/startup_profile.py --warm ;;
 generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-auto}" ;;
 serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
@@ -58,7 +63,8 @@ serve-decode-64)
   bench serve_decode64 240 $S --workload generation-heavy --num-requests 64 --serve --concurrency 64
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
-  echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context long-context-kv startup generation-heavy serve" \
+  echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context long-context-kv" \
+    "long-context-cudnn startup generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done
