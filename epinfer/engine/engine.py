@@ -243,7 +243,8 @@ class Engine:
         path's first compilation and autotuning (the chunked GDN rule, the attention and conv
         kernels at these sizes) is start-up, not the first requests' wait; on an H200 that first
         step took 1.6 s with warm kernel caches, and the bench's warm-up round 44 s on a fresh
-        machine (RESULTS.md, end-to-end workloads). Seconds taken."""
+        machine (RESULTS.md, end-to-end workloads). With cuDNN's long chunks on, their first plans
+        too (`cudnn_attention.warm_up`). Seconds taken."""
         t = time.perf_counter()
         cfg, tp = self.model_config, self.ctx.tp_size
         if self.scheduler.alignment()[0]:
