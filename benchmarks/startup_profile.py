@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 # the caches are chosen before torch or Triton is imported: both read these once (the warm build's
-# process is handed the cold build's through EPINFER_STARTUP_CACHES)
-_CACHES = os.environ.get("EPINFER_STARTUP_CACHES") or tempfile.mkdtemp(prefix="epinfer-startup-")
+# process is handed the cold build's through STARTUP_PROFILE_CACHES)
+_CACHES = os.environ.get("STARTUP_PROFILE_CACHES") or tempfile.mkdtemp(prefix="epinfer-startup-")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHES, "triton")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "inductor")
 
@@ -138,7 +138,7 @@ def main() -> int:
     ap.add_argument("--fla-configs", default=None,
                     help="after the cold build, write fla's autotune choices here (benchmarks/fla_configs.py)")
     args = ap.parse_args()
-    kind = "warm" if os.environ.get("EPINFER_STARTUP_CACHES") else "cold"
+    kind = "warm" if os.environ.get("STARTUP_PROFILE_CACHES") else "cold"
     if args.fla_configs:  # fla autotunes instead of reading the shipped choices (`kernels.gdn_prefill`)
         os.environ.setdefault("FLA_CACHE_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +162,7 @@ def main() -> int:
         argv = [a for a in sys.argv[1:] if a != "--warm"]
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, "EPINFER_STARTUP_CACHES": _CACHES})
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, "STARTUP_PROFILE_CACHES": _CACHES})
     return 0
 
 

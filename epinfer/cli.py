@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from epinfer.core.config import EngineConfig
-from epinfer.core.env import SWITCHES, under_torchrun
+from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
     try:
+        check_switches()
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
         check_counts(args)
         preflight(args)

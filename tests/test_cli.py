@@ -147,3 +147,35 @@ def test_bad_flag_is_one_line(argv, fragment, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
     assert err.startswith(("epinfer: error: ", f"epinfer {argv[0]}: error: ")) and fragment in err, err
+
+
+def test_environment_switches_checked_at_start(tiny, tmp_path, monkeypatch, capsys):
+    """A switch that reads neither on nor off, or a number that is none, stops the run with one line
+    before anything loads; a variable this version does not read gets one note (a misspelt switch
+    would change nothing); every switch `Switches` reads is known, and the module's list names them."""
+    import inspect
+    import re
+
+    from epinfer import LLM
+    from epinfer.core import env
+    from epinfer.core.errors import UserError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
+    base = ["generate", "--model", str(tiny), "--prompts-file", str(prompts), "--max-tokens", "1", "--device", "cpu"]
+    for name, value, fragment in (("EPINFER_PDL", "disable", "EPINFER_PDL='disable': give 1 or 0"),
+                                  ("EPINFER_SYMM_MEM_BYTES", "1MB", "EPINFER_SYMM_MEM_BYTES='1MB': give a number")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            code, _, err = run(base, capsys)
+            assert code == 2 and err.count("\n") == 1 and err.startswith(f"epinfer: error: {fragment}"), err
+            with pytest.raises(UserError, match=fragment):
+                LLM(str(tiny), device="cpu")
+    monkeypatch.setenv("EPINFER_CUDNN_CHUNKS", "yes")
+    monkeypatch.setenv("EPINFER_PDL", "")  # (empty: unset)
+    monkeypatch.setenv("EPINFER_CUDNN_CHUNK", "1")
+    monkeypatch.setattr(env, "_NOTED", set())
+    code, _, err = run(base, capsys)
+    assert code == 0 and err.count("EPINFER_CUDNN_CHUNK is not a variable this version reads") == 1, err
+    read = set(re.findall(r'"(EPINFER_[A-Z0-9_]+)"', inspect.getsource(env.Switches)))
+    assert read == set(env.KNOWN) == set(re.findall(r"EPINFER_[A-Z0-9_]+", env.__doc__))

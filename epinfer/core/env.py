@@ -47,15 +47,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from epinfer.core.errors import UserError
 
 _OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes")
 
 
 def _on(name: str, default: bool) -> bool:
     value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in _OFF
+    return default if value is None or not value.strip() else value.strip().lower() not in _OFF
 
 
 def _number(name: str, kind, default):
@@ -184,6 +186,41 @@ class Switches:
 
 
 SWITCHES = Switches()
+
+# every variable `Switches` reads, by kind (`check_switches`)
+KNOWN = {"EPINFER_COMPILE": bool, "EPINFER_MOE_TRITON": bool, "EPINFER_MOE_CONFIGS": str, "EPINFER_PDL": bool,
+         "EPINFER_FLA": bool, "EPINFER_PIECEWISE": bool, "EPINFER_CHUNK_ATTENTION": bool,
+         "EPINFER_CUDNN_CHUNKS": bool, "EPINFER_FP8_DECODE_W16": bool, "EPINFER_FP8_DEQUANT_PAIRS": float,
+         "EPINFER_FP8_CUBLAS": bool, "EPINFER_MIXED_STEP_KERNELS": bool, "EPINFER_STATE_CAPTURE": bool,
+         "EPINFER_EXPANDABLE_SEGMENTS": bool, "EPINFER_PERMUTE_KERNEL": bool, "EPINFER_MOE_TRITON_MAX": float,
+         "EPINFER_STACKS_AFTER": float, "EPINFER_PARALLEL_GRAPHS": bool, "EPINFER_SYMM_MEM": bool,
+         "EPINFER_SYMM_MEM_BYTES": int, "EPINFER_SPAWNED": bool}
+
+
+_NOTED: set[str] = set()
+
+
+def check_switches() -> None:
+    """Every EPINFER_* variable that is set, checked once at start (the command line, `LLM`): a switch
+    reads 1 or 0 (true / false, on / off, yes / no), a number a positive number, or a one-line
+    UserError — "EPINFER_PDL=disable" would otherwise mean on; a name this version does not read
+    gets a one-line note (a misspelt switch would otherwise change nothing, silently)."""
+    unknown = []
+    for name, value in sorted(os.environ.items()):
+        kind = KNOWN.get(name)
+        if not name.startswith("EPINFER_") or not value.strip():
+            continue
+        if kind is None:
+            if name not in _NOTED:  # (once a process)
+                unknown.append(name)
+                _NOTED.add(name)
+        elif kind is bool and value.strip().lower() not in _OFF + _ON:
+            raise UserError(f"{name}={value!r}: give 1 or 0 (true / false, on / off, yes / no)")
+        elif kind in (int, float):
+            _number(name, kind, None)
+    if unknown:
+        print(f"epinfer: note: {', '.join(unknown)} {'is not a variable' if len(unknown) == 1 else 'are not variables'}"
+              f" this version reads (ignored; epinfer/core/env.py lists them)", file=sys.stderr)
 
 
 def mark_spawned() -> None:

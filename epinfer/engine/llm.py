@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+from epinfer.core.env import check_switches
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams
 from epinfer.engine.engine import Engine, EngineConfig, RequestOutput
@@ -14,6 +15,7 @@ class LLM:
         """`LLM(model, dtype=..., ...)` (EngineConfig's fields), or `LLM(engine=EngineConfig(...))`."""
         if engine is not None and (model is not None or engine_kwargs):
             raise UserError("give either an EngineConfig or the model and engine keywords, not both")
+        check_switches()
         self.engine = Engine(engine or EngineConfig(model=model, **engine_kwargs))
 
     @property
