@@ -7,6 +7,7 @@ other ranks move on. Returns, per case, the outputs seen on the case's first mem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from epinfer.engine.engine import Engine, EngineConfig
@@ -35,6 +36,7 @@ class Case:
     pieces: bool = False  # prefill / mixed steps as graph pieces (plain calls on CPU; forwards without collectives)
     fp8_weights: bool = False  # an FP8 checkpoint kept in FP8 (the kernels' quantisation, in torch on CPU)
     max_num_seqs: int = 0  # sequences a replica runs at once (0: the engine's default)
+    cudnn_chunks: bool = False  # `kernels.cudnn_attention` at stand-in sizes, its torch form for cuDNN
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[int]]]:
@@ -58,16 +60,37 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
                             case.poison_pads))
         if ctx is None:
             continue
-        engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
-                                     max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces,
-                                     fp8_weights=case.fp8_weights,
-                                     **({"max_num_seqs": case.max_num_seqs} if case.max_num_seqs else {})), ctx)
-        engine.runner.fast_decode = case.fast_decode
-        assert (engine.runner.pieces is not None) == case.pieces, "graph pieces where a forward has collectives"
-        requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
-        outputs = run_requests(engine, ctx, requests)
+        with cudnn_stand_in(case.cudnn_chunks) as calls:
+            engine = Engine(EngineConfig(model=case.model, dtype="float32", device="cpu",
+                                         max_num_batched_tokens=case.budget, piecewise_graphs=case.pieces,
+                                         fp8_weights=case.fp8_weights,
+                                         **({"max_num_seqs": case.max_num_seqs} if case.max_num_seqs else {})), ctx)
+            engine.runner.fast_decode = case.fast_decode
+            assert (engine.runner.pieces is not None) == case.pieces, "graph pieces where a forward has collectives"
+            requests = [(p, sp) for p, sp in zip(case.prompts, case.params, strict=True)]
+            outputs = run_requests(engine, ctx, requests)
         if outputs is not None:
             results[case.name] = [o.token_ids for o in outputs]
             results[f"{case.name}:hits"] = engine.scheduler.allocator.hit_tokens  # (this replica's)
             results[f"{case.name}:captures"] = engine.scheduler.allocator.snapshot_captures
+            results[f"{case.name}:cudnn"] = len(calls)
     return results
+
+
+@contextlib.contextmanager
+def cudnn_stand_in(on: bool):
+    """With `on`, long chunks through `cudnn_attention` on the CPU: chunks of 16 rows or more,
+    contexts of multiples of 16, rows padded to multiples of 8, the torch form in cuDNN's place;
+    yields the list its calls are counted in."""
+    from epinfer.kernels import cudnn_attention as ca
+
+    calls: list[int] = []
+    saved = {name: getattr(ca, name) for name in ("usable", "cudnn", "MIN_ROWS", "ALIGN", "PAD", "_SHAPES")}
+    if on:
+        ca.usable, ca.MIN_ROWS, ca.ALIGN, ca.PAD, ca._SHAPES = (lambda q: True), 16, 16, 8, set()
+        ca.cudnn = lambda *args: calls.append(1) or ca.reference(*args)
+    try:
+        yield calls
+    finally:
+        for name, value in saved.items():
+            setattr(ca, name, value)

@@ -99,6 +99,10 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         *[Case(f"fp8w-2x2-{d}", models["fp8w"], 2, 2, PROMPTS, params, d, fp8_weights=True)
           for d in ("agrs", "alltoall")],
         Case("fp8w-1x2-no-ep", models["fp8w"], 1, 2, PROMPTS, params, expert_parallel=False, fp8_weights=True),
+        # long chunks through `kernels.cudnn_attention` (stand-in sizes, its torch form for cuDNN), heads over TP
+        # (qwen3_moe: attention in every layer, so a wrong attention changes its tokens)
+        *[Case(f"qwen3_moe-{dp}x{tp}-cudnn-chunks", models["qwen3_moe"], dp, tp, PROMPTS, params, budget=40,
+               cudnn_chunks=True) for dp, tp in ((2, 2), (1, 2))],
         # graph pieces: replicas without collectives in the forward, each padding its own steps
         Case("qwen3_5_moe-2x1-no-ep-pieces", models["qwen3_5_moe"], 2, 1, PROMPTS, params, expert_parallel=False,
              budget=40, pieces=True),
@@ -160,6 +164,8 @@ def test_every_layout_matches_single_process(models, expected):
                 merged[f"{case.name}:hits"], merged[f"{case.name}:captures"])
         elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]
+        if case.cudnn_chunks:
+            assert merged[f"{case.name}:cudnn"] > 0, f"{case.name}: no chunk took the path"
         if merged[case.name] != want:
             mismatches.append(case.name)
     assert not mismatches, f"cases differing from the single-process run: {mismatches}"
