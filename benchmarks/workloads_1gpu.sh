@@ -18,6 +18,8 @@
 #                     sequences the KV cache can hold), then at 65,536 with 128
 #   long-context-cudnn  long context at 32,768 tokens a step with 128 sequences, with EPINFER_CUDNN_CHUNKS=1
 #                     (long chunks through cuDNN's attention), then without, same call
+#   long-context-fp8  the same with FP8 weights and cuDNN's long chunks (half the weight bytes: the KV
+#                     cache holds about half again as many sequences)
 #   startup           where a cold start-up goes (`startup_profile.py --warm`: empty Triton and
 #                     TorchInductor caches, then again on the caches it left)
 #   generation-heavy  200 x 1000 in / 2000 out (STATE=float32 for a float32 state)
@@ -56,6 +58,9 @@ long-context-kv)
 long-context-cudnn)
   for c in 1 0; do EPINFER_CUDNN_CHUNKS=$c run "long_context_cudnn$c" 300 --workload long-context \
     --max-num-batched-tokens 32768 --max-num-seqs 128; done ;;
+long-context-fp8)
+  EPINFER_CUDNN_CHUNKS=1 run long_context_fp8 300 --workload long-context --max-num-batched-tokens 32768 \
+    --max-num-seqs 128 --quant fp8 ;;
 startup)          step startup 400 python3 benchmarks/startup_profile.py --warm ;;
 generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-auto}" ;;
 serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
@@ -64,7 +69,7 @@ serve-decode-64)
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
   echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context long-context-kv" \
-    "long-context-cudnn startup generation-heavy serve" \
+    "long-context-cudnn long-context-fp8 startup generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done
