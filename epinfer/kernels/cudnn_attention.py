@@ -32,6 +32,7 @@ import torch
 from epinfer.core.env import SWITCHES
 from epinfer.core.untrusted import one_line
 from epinfer.kernels.fused import fused
+from epinfer.kernels.paged_attention import cached_tokens
 
 PAD = 512  # a chunk's rows padded to a multiple of this: 64 shapes up to 32,768 rows
 ALIGN = 2048  # long prompts are cut at multiples of this many tokens, so their contexts come in few sizes
@@ -115,11 +116,7 @@ def heads_first(x_NHd: torch.Tensor, rows: int) -> torch.Tensor:
 
 def context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, tokens: int):
     """A sequence's first `tokens` cached keys and values, dense: ([C, KVH, hd], [C, KVH, hd])."""
-    if tokens == 0:
-        return None, None
-    block_size, KVH, hd = k_cache.shape[1:]
-    pages = block_ids[:-(-tokens // block_size)].long()
-    return (k_cache[pages].reshape(-1, KVH, hd)[:tokens], v_cache[pages].reshape(-1, KVH, hd)[:tokens])
+    return (None, None) if tokens == 0 else cached_tokens(k_cache, v_cache, block_ids, tokens)
 
 
 def chunk_attention(q_NHd: torch.Tensor, k_NKd: torch.Tensor, v_NKd: torch.Tensor, ctx_k_CKd: torch.Tensor | None,

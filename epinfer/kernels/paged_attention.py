@@ -30,6 +30,15 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 
+def cached_tokens(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
+                  tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's first `tokens` keys and values from the paged cache [blocks, block_size, KVH, hd]
+    through its block-table row `block_ids`, dense: ([tokens, KVH, hd], [tokens, KVH, hd])."""
+    block_size, KVH, hd = k_cache.shape[1:]
+    pages = block_ids[:-(-tokens // block_size)].long()
+    return k_cache[pages].reshape(-1, KVH, hd)[:tokens], v_cache[pages].reshape(-1, KVH, hd)[:tokens]
+
+
 def decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, state_slots_B: torch.Tensor, seq_lens_B: torch.Tensor,
                      scale: float) -> torch.Tensor:

@@ -219,11 +219,7 @@ def _seq_attention(q_NHd, k_NKd, v_NKd, k_cache, v_cache, seq, scale: float) -> 
     otherwise the cached context plus the new keys are read from its blocks."""
     if seq.context_len == 0:
         return _sdpa(q_NHd, k_NKd.to(q_NHd.dtype), v_NKd.to(q_NHd.dtype), 0, scale)
-    total = seq.total_len
-    block_size, KVH, hd = k_cache.shape[1:]
-    blocks = seq.block_ids[:-(-total // block_size)]
-    keys = k_cache[blocks].reshape(-1, KVH, hd)[:total]
-    values = v_cache[blocks].reshape(-1, KVH, hd)[:total]
+    keys, values = paged_attention.cached_tokens(k_cache, v_cache, seq.block_ids, seq.total_len)
     return _sdpa(q_NHd, keys, values, seq.context_len, scale)
 
 
