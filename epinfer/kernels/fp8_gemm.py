@@ -81,6 +81,12 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     return q[..., :rows, :cols].contiguous(), scale
 
 
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The block scales' shape of a weight of `shape`: [..., ceil(rows / b0), ceil(cols / b1)]."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
 def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float32 weight: each (block rows x block columns) tile of the last two dims times its scale
     (edge tiles partial)."""
@@ -93,9 +99,9 @@ def dequantize_weights(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
                        dtype: torch.dtype) -> torch.Tensor:
     """`dequantize_blocks` rounded to `dtype` once, [..., rows, cols]: one Triton pass on CUDA (a
     program a block: its FP8 bytes read once, its one scale, `dtype` written), torch elsewhere."""
-    *lead, rows, cols = w.shape
+    rows, cols = w.shape[-2:]
     b0, b1 = block
-    if tuple(scale.shape) != (*lead, -(-rows // b0), -(-cols // b1)):
+    if tuple(scale.shape) != scale_shape(w.shape, block):
         raise ValueError(f"dequantize_weights: scales {tuple(scale.shape)} for {tuple(w.shape)} in {block} blocks")
     if triton is None or not (w.is_cuda or INTERPRETED):
         return dequantize_blocks(w, scale, block).to(dtype)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from epinfer.core.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line, read_json_object, show, shown_path
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
-from epinfer.kernels.fp8_gemm import dequantize_blocks
+from epinfer.kernels.fp8_gemm import dequantize_blocks, scale_shape
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.families import WEIGHT_RENAMES
 from epinfer.models.prefetch import Prefetcher, tensor_spans
@@ -310,8 +310,7 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     """weight = fp8 x scale of its (rows x columns) block, over the last two dims (edge blocks partial)."""
     if w.dim() < 2:
         raise UserError(f"tensor {key}: an FP8 weight must have 2 or more dims, got shape {tuple(w.shape)}")
-    rows, cols = w.shape[-2:]
-    want = (*w.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+    want = scale_shape(w.shape, block)
     if tuple(scale.shape) != want or not scale.is_floating_point():
         raise UserError(f"tensor {key}{SCALE_SUFFIX}: shape {tuple(scale.shape)} ({str(scale.dtype)[6:]}) does not "
                         f"match the {block[0]}x{block[1]} blocks of {key} {tuple(w.shape)}: expected {want}, float")
