@@ -65,15 +65,18 @@ def test_sampling_params_accept_edges():
 
 def test_sampler_survives_nonfinite_rows_and_extreme_temperatures():
     """NaN / Inf rows are flagged and still draw (a stand-in distribution, no exception, batched or
-    one row at a time); a temperature below fp32's range is greedy, a huge finite one is finite."""
+    one row at a time); a temperature below fp32's range is greedy, a huge finite one is finite, a
+    top_p below fp32's range keeps the most likely token."""
     torch.manual_seed(0)
     logits = torch.randn(5, 40) * 4
     logits[1, 3] = float("nan")
     logits[3, 7] = float("inf")
     params = [SamplingParams(temperature=t, top_p=p, top_k=k).resolved({})
-              for t, p, k in [(1.0, 0.9, 0), (1.0, 1.0, 0), (1e-50, 1.0, 0), (0.7, 0.5, 5), (1e30, 1.0, 3)]]
+              for t, p, k in [(1.0, 0.9, 0), (1.0, 1.0, 0), (1e-50, 1e-300, 0), (0.7, 0.5, 5), (1e30, 1.0, 3)]]
     bad = nonfinite_rows(logits)
     assert bad.tolist() == [False, True, False, True, False]
+    tiny_p = _filtered_probs(logits[:1], [SamplingParams(temperature=1.0, top_p=1e-300).resolved({})])
+    assert tiny_p[0].tolist() == torch.nn.functional.one_hot(logits[0].argmax(), 40).float().tolist()
     for batched in (True, False):
         gens = [torch.Generator().manual_seed(i) for i in range(5)]
         tokens = sample_tokens(logits, params, gens if not batched else [None] * 5, batched)

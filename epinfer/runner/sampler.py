@@ -82,6 +82,7 @@ def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         p_R = _on(dev, [p if p < 1.0 else float("inf") for p in ps])[:, None]  # inf: keep all
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= p_R
+        drop_sorted[:, 0] = False  # (a top_p below fp32's range is 0 there, and 0 >= 0 would drop all)
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.softmax(logits, dim=-1)
 
