@@ -12,11 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
+from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
+from epinfer.core.untrusted import reason, shown_path, stat_regular
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.progress import Progress, generate_with_progress, plural, say, summary
@@ -215,12 +217,14 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
         except UserError as exc:
             raise UserError(f"--prompt number {i + 1}: {exc}") from None
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise UserError(f"prompts file {args.prompts_file} does not exist")
+        name = f"prompts file {shown_path(args.prompts_file)}"
+        stat_regular(args.prompts_file, name)  # (what it is, when not a file: a FIFO would block the read)
         try:
             text = args.prompts_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise UserError(f"{args.prompts_file}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise UserError(f"{name}: cannot read it ({reason(exc)})") from None
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -344,7 +348,13 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
     records = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
                 "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})} for o in outputs]
     if path is not None:
-        path.write_text(json.dumps(records, indent=1) + "\n")
+        text = json.dumps(records, indent=1) + "\n"
+        try:
+            path.write_text(text)
+        except OSError as exc:  # (a full disk): the run's results go to stdout rather than nowhere
+            sys.stdout.write(text)
+            raise RunFailed(1, f"cannot write --output {path}: {exc.strerror or exc}; the results are on "
+                               "stdout instead") from None
         say(f"wrote {plural(len(records), 'result')} to {path}")  # stderr: stdout stays empty
         return
     for i, (req, rec) in enumerate(zip(requests, records, strict=True)):
@@ -396,12 +406,26 @@ def run_workload_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    """Every count flag the command has, given, is at least 1 (before anything is imported or started)."""
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number flag the command has, given, in its range (before anything is imported or
+    started): counts at least 1, ports in 0-65535, seconds finite."""
+    def bad(flag: str, want: str):
+        return UserError(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+
     for flag in ("num_requests", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens", "concurrency"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise bad(flag, ">= 1")
+    for flag, lo in (("port", 0), ("master_port", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and not lo <= value <= 65535:
+            raise bad(flag, f"a port number, {lo} to 65535")
+    for flag, lo in (("collective_timeout", 1.0), ("fault_delay", 0.0)):  # (a shorter wait for a
+        value = getattr(args, flag, None)                                   # collective fails healthy runs)
+        if value is not None and not lo <= value < float("inf"):
+            raise bad(flag, f"a finite number of seconds >= {lo:g}")
+    if args.command in ("generate", "serve"):  # the engine's own fields, before any rank starts
+        engine_config(args).check()
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -412,9 +436,7 @@ def preflight(args: argparse.Namespace) -> None:
     from epinfer.core.config import DEMO_MODEL, ModelConfig
     from epinfer.core.layout import check_model_layout
 
-    folder = Path(args.model) if args.model else DEMO_MODEL
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist")
+    folder = model_folder(Path(args.model) if args.model else DEMO_MODEL)
     check_model_layout(ModelConfig.from_dir(folder), args.dp, args.tp, not args.no_expert_parallel)
     if args.device.startswith("cuda"):
         import torch
@@ -432,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_switches()
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
-        check_counts(args)
+        check_numbers(args)
         preflight(args)
         if args.command == "generate":
             return run_generate(args)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,6 +127,59 @@ def test_nan_logits_fail_one_request_alone(async_scheduling, demo_llm):
     assert again.finish_reason == "length" and len(again.token_ids) == 8
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("where", ["forward", "sampling"])
+def test_exception_in_a_step_leaves_the_llm_usable(where, async_scheduling, monkeypatch):
+    """An exception inside a step (a broken kernel, an interrupt) reaches the caller; the call's
+    requests end and free their cache, and the next call gives what a fresh engine gives."""
+    import epinfer.engine.engine as engine_module
+
+    llm = LLM(async_scheduling=async_scheduling, max_num_batched_tokens=16)
+    prompts = ["Beautiful is better than ugly. Explicit is better", "Flat is", "Sparse is better"]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    calls = [0]
+
+    def count() -> bool:
+        calls[0] += 1
+        return calls[0] == 3
+
+    if where == "forward":
+        execute = llm.engine.runner.execute
+        monkeypatch.setattr(llm.engine.runner, "execute", lambda *a, **k: (
+            (_ for _ in ()).throw(KeyboardInterrupt()) if count() else execute(*a, **k)))
+        raised = KeyboardInterrupt
+    else:
+        sample = engine_module.sample_tokens
+        monkeypatch.setattr(engine_module, "sample_tokens", lambda *a, **k: (
+            (_ for _ in ()).throw(RuntimeError("broken sampler")) if count() else sample(*a, **k)))
+        raised = RuntimeError
+    with pytest.raises(raised):
+        llm.generate(prompts, params)
+    monkeypatch.undo()
+    sched = llm.engine.scheduler
+    assert not sched.running and not sched.waiting and not llm.engine.inflight
+    again = [o.token_ids for o in llm.generate(prompts, params)]
+    assert again == [o.token_ids for o in LLM(async_scheduling=async_scheduling).generate(prompts, params)]
+
+
+def test_api_engine_fields_are_checked(ckpt_dir):
+    """Every EngineConfig field of the wrong type or range is one UserError naming it, before the
+    planner divides by it or casts it; stop strings need a tokenizer."""
+    for kw, fragment in [(dict(block_size=0), "block_size must be an integer >= 1"),
+                         (dict(block_size=16.0), "block_size must be an integer"),
+                         (dict(cache_memory_gb=float("nan")), "--cache-memory-gb must be a finite number > 0"),
+                         (dict(max_num_batched_tokens=1.5), "--max-num-batched-tokens must be an integer"),
+                         (dict(max_model_len="100"), "--max-model-len must be an integer >= 2"),
+                         (dict(prefix_state_snapshots=-1), "prefix_state_snapshots must be an integer >= 1"),
+                         (dict(gpu_memory_utilization=0), "--gpu-memory-utilization must be in (0, 1]"),
+                         (dict(enable_prefix_caching="no"), "enable_prefix_caching must be True or False")]:
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            LLM(**kw)
+    llm = LLM(str(ckpt_dir("qwen3_moe")), dtype="float32", device="cpu")  # (no tokenizer)
+    with pytest.raises(UserError, match="stop strings need a tokenizer"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=2, stop=["x"]))
+
+
 def test_api_prompt_types(demo_llm):
     for prompt, fragment in [(["a", "b"], "must be a string or a list of token ids"),
                              ([1, True], "must be a string or a list of token ids"),
@@ -163,6 +218,12 @@ def cli_cases(tmp_path):
         (jsonl("deep.jsonl", "[" * 100_000 + "\n"), "deep.jsonl:1: malformed JSON"),
         ([*hi, "--output", str(tmp_path / "missing" / "out.json")], "not a file in an existing folder"),
         ([*hi, "--output", str(tmp_path)], "not a file in an existing folder"),
+        ([*hi, "--cache-memory-gb", "nan"], "--cache-memory-gb must be a finite number > 0, got nan"),
+        ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "--cache-memory-gb must be a finite number > 0"),
+        ([*hi, "--collective-timeout", "0", "--dp", "2"], "--collective-timeout must be a finite number of"),
+        ([*hi, "--collective-timeout", "nan"], "--collective-timeout must be a finite number of seconds >= 1"),
+        (["--prompts-file", str(tmp_path)], "not a regular file (a directory)"),
+        ([*hi, "--model", str(tmp_path / "seed.jsonl")], "not a folder (a regular file)"),
     ]
 
 
@@ -173,6 +234,33 @@ def test_generate_bad_flags_and_lines(tmp_path, capsys):
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and err.startswith("epinfer: error:") and fragment in err, (argv, err)
         assert "Traceback" not in err and not out
+
+
+def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
+    for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
+                           (["serve", "--port", "-1"], "--port must be a port number"),
+                           (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, (argv, err)
+    for env, fragment in [({"EPINFER_STACKS_AFTER": "0.001"}, "EPINFER_STACKS_AFTER='0.001': give at least 1"),
+                          ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not a port: run under torchrun")]:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            m.delenv("MASTER_PORT", raising=False)
+            assert main(["generate", "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, (env, err)
+
+
+def test_generate_output_that_cannot_be_written_goes_to_stdout(capsys):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    assert main(["generate", "--prompt", "hi", "--max-tokens", "2", "--output", "/dev/full"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["finish_reason"] == "length"
+    assert "cannot write --output /dev/full" in err and "the results are on stdout instead" in err
 
 
 def test_generate_tiny_temperature_is_greedy(tmp_path, capsys):

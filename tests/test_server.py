@@ -10,7 +10,9 @@ import asyncio
 import codecs
 import re
 import signal
+import socket
 import this
+import time
 
 import httpx
 import pytest
@@ -58,6 +60,64 @@ def test_routing_rule():
     assert outstanding_tokens(seq) == 1 + 10
     seq.num_computed, seq.output_ids = 6, [5, 6]
     assert outstanding_tokens(seq) == 8
+
+
+def fake_client(slots: int, max_queue: int = 8):
+    from types import SimpleNamespace
+
+    from epinfer.server.client import EngineClient
+
+    return EngineClient(SimpleNamespace(channels=SimpleNamespace(outboxes=[])), None, max_queue, 2, slots)
+
+
+def test_queue_depth_counts_requests_beyond_the_free_slots():
+    """A burst that arrives between two step reports finds free slots, not a full queue; requests a
+    replica reports waiting (for cache blocks) count however many slots are free."""
+    from types import SimpleNamespace
+
+    client = fake_client(slots=4)
+    for i in range(4):
+        client.requests[i] = SimpleNamespace(admitted=False)
+    assert client.queue_depth == 0
+    client.requests[4] = SimpleNamespace(admitted=False)
+    assert client.queue_depth == 1
+    for i in range(3):
+        client.requests[i].admitted = True
+    assert client.queue_depth == 1  # 2 not admitted, 1 slot free
+    client.metrics.replica_stats = [(3, 3) + (0,) * 10, (0,) * 12]
+    assert client.queue_depth == 3
+
+
+def test_large_bodies_are_tokenized_apart(monkeypatch):
+    """A body over LARGE_BODY bytes is decoded and tokenized on its own thread: while one is stuck
+    there, an ordinary request is answered."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    import epinfer.server.app as app_module
+    from epinfer.server.protocol import APIError, ModelInfo
+
+    release, threads = threading.Event(), []
+
+    def parse(body, chat, tokenizer, info):
+        threads.append(threading.current_thread().name)
+        if len(body["prompt"]) > app_module.LARGE_BODY:
+            release.wait(30)
+        raise APIError(400, "checked")
+
+    monkeypatch.setattr(app_module, "parse_request", parse)
+    client = TestClient(app_module.build_app(fake_client(4), None, ModelInfo("m", 64, 10, {}), 1 << 20))
+    big = threading.Thread(target=client.post, args=("/v1/completions",), kwargs={
+        "json": {"prompt": "x" * (app_module.LARGE_BODY + 1)}})
+    big.start()
+    while not threads:
+        time.sleep(0.01)
+    small = client.post("/v1/completions", json={"prompt": "hi"})  # would wait for `release` in one lane
+    assert small.status_code == 400 and not release.is_set()
+    release.set()
+    big.join(30)
+    assert threads == ["epinfer-tokenize-large_0", "epinfer-tokenize-small_0"]
 
 
 def test_stream_holds_back_stop_prefixes(demo_llm):
@@ -266,6 +326,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "'stop'"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": -100}}, 400, "'logit_bias' is not supported"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "'echo' is not supported"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be a boolean"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "'logprobs' must be in"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
@@ -289,6 +352,10 @@ def test_invalid_requests_get_clear_errors(demo):
     assert metrics(demo.url)['epinfer_http_requests_total{endpoint="completions",code="400"}'] >= 20
     r = post(demo.url, "/v1/completions", {"prompt": "Now is better", "max_tokens": 3, "frobnicate": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # unknown fields ignored
+    body = {"prompt": "Now is better", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    free = post(demo.url, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    stopped = post(demo.url, "/v1/completions", {**body, "stop_token_ids": [free[1]]}).json()["choices"][0]
+    assert stopped["token_ids"] == free[:free.index(free[1]) + 1] and stopped["finish_reason"] == "stop"
     assert httpx.get(f"{demo.url}/health").status_code == 200
 
 
@@ -321,7 +388,13 @@ def test_disconnect_cancels_and_frees_slots(demo):
             next(events)
     with pytest.raises(httpx.ReadTimeout):  # the non-streaming client gives up
         post(demo.url, "/v1/completions", long, timeout=1.5)
+    host, port = demo.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:  # gone before its body arrives: no traceback
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+        time.sleep(0.2)
     end = wait_idle(demo.url, SEQS_PER_REPLICA, timeout=30)
+    assert "Traceback" not in demo.output() and "ClientDisconnect" not in demo.output()
     key = 'epinfer_requests_finished_total{reason="cancelled"}'
     assert end.get(key, 0) - start.get(key, 0) == 2
     for r in ("0", "1"):

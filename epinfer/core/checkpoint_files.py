@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from epinfer.core.errors import UserError
-from epinfer.core.untrusted import ints_in, is_int, is_number, one_line, open_regular, show, shown_path, stat_regular
+from epinfer.core.untrusted import (
+    file_kind,
+    ints_in,
+    is_int,
+    is_number,
+    one_line,
+    open_regular,
+    show,
+    shown_path,
+    stat_regular,
+)
 
 MAX_JSON_BYTES = 16 << 20  # config.json, generation_config.json: real ones are a few KiB
 MAX_INDEX_BYTES = 64 << 20  # a shard index: the largest MoE checkpoints' (~150k tensor names) are ~15 MiB
@@ -34,6 +45,17 @@ def _allowed_roots(folder: Path) -> tuple[Path, ...]:
     if root.parent.name == "snapshots" and blobs.is_dir():
         roots.append(blobs.resolve())
     return tuple(roots)
+
+
+def model_folder(folder: Path) -> Path:
+    """`folder`, or a `UserError` saying what it is when it is not a folder."""
+    if folder.is_dir():
+        return folder
+    try:
+        what = file_kind(os.stat(folder).st_mode)
+    except (OSError, ValueError):
+        raise UserError(f"model folder {shown_path(folder)} does not exist") from None
+    raise UserError(f"model folder {shown_path(folder)}: not a folder ({what})")
 
 
 def folder_file(folder: Path, name: Any, referrer: str | None = None, max_bytes: int | None = None) -> Path | None:

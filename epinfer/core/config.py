@@ -325,6 +325,37 @@ class EngineConfig:
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
     prefix_state_snapshots: int = 0
 
+    def check(self) -> None:
+        """Every field of the right type and range, or a one-line `UserError` naming it (the Python
+        API takes any object: a block size of 0 or a NaN budget must not reach the planner)."""
+        for name, least, auto in (("max_num_seqs", 1, 0), ("max_num_batched_tokens", 1, 0), ("block_size", 1, -1),
+                                  ("prefix_state_snapshots", 1, 0), ("max_model_len", 2, None)):
+            value = getattr(self, name)
+            if value is auto and auto is None or type(value) is int and value == auto:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                note = "" if auto == -1 else f" ({'unset' if auto is None else auto}: chosen by the engine)"
+                raise UserError(f"{_flag(name)} must be an integer >= {least}{note}, got {value!r}")
+        for name, unit in (("cache_memory_gb", False), ("gpu_memory_utilization", True)):
+            value = getattr(self, name)
+            if value is None and not unit:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf") \
+                    or (unit and value > 1):
+                raise UserError(f"{_flag(name)} must be {'in (0, 1]' if unit else 'a finite number > 0'}, "
+                                f"got {value!r}")
+        for name in ("random_weights", "cuda_graphs", "parallel_graphs", "fp8_weights", "enable_prefix_caching",
+                     "async_scheduling", "piecewise_graphs"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in ("async_scheduling", "piecewise_graphs")):
+                raise UserError(f"{name} must be True or False, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    """An engine field as the command line names it (the fields it has), else as `LLM` does."""
+    flags = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "cache_memory_gb", "gpu_memory_utilization"}
+    return "--" + name.replace("_", "-") if name in flags else name
+
 
 def parse_quantization(quant: Any, source: str, where: str) -> tuple[int, int] | None:
     """The FP8 weight block of a `quantization_config` (None when absent); every other method, or an

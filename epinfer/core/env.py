@@ -68,9 +68,14 @@ def _number(name: str, kind, default):
         value = kind(text)
     except ValueError:
         raise UserError(f"{name}={text!r}: give a number") from None
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise UserError(f"{name}={text!r}: give a positive number")
+    if value < LEAST.get(name, 0):
+        raise UserError(f"{name}={text!r}: give at least {LEAST[name]:g}")
     return value
+
+
+LEAST = {"EPINFER_STACKS_AFTER": 1.0}  # (seconds: dumping every stack more often floods stderr and can crash)
 
 
 class Switches:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
@@ -171,17 +172,14 @@ class Engine:
     def __init__(self, ecfg: EngineConfig, ctx: ParallelContext | None = None,
                  device: torch.device | None = None) -> None:
         release_frozen()
-        folder = Path(ecfg.model) if ecfg.model else DEMO_MODEL
-        if not folder.is_dir():
-            raise UserError(f"model folder {folder} does not exist")
+        ecfg.check()
+        folder = model_folder(Path(ecfg.model) if ecfg.model else DEMO_MODEL)
         self.ecfg = ecfg
         self.ctx = ctx = ctx or ParallelContext()
         self.model_config = cfg = ModelConfig.from_dir(folder)
         check_model_layout(cfg, ctx.dp_size, ctx.tp_size, ctx.expert_parallel)
         self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
-        if ecfg.max_num_seqs < 0 or ecfg.max_num_batched_tokens < 0:
-            raise UserError("--max-num-seqs and --max-num-batched-tokens must be >= 1 (0: chosen by the engine)")
         if ecfg.max_num_batched_tokens == 0:
             budget = auto_max_num_batched_tokens(self.device)
             self.ecfg = ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=budget)
@@ -195,8 +193,6 @@ class Engine:
         pieces = piecewise_default(ecfg, self.device) and pieces_allowed(ctx)
         if pieces != ecfg.piecewise_graphs:
             self.ecfg = ecfg = dataclasses.replace(ecfg, piecewise_graphs=pieces)
-        if not 0 < ecfg.gpu_memory_utilization <= 1:
-            raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {ecfg.gpu_memory_utilization}")
         self.tokenizer = load_tokenizer(folder)
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
@@ -292,6 +288,9 @@ class Engine:
                      index: int) -> Sequence:
         """Validates and tokenizes; raises `UserError` before anything is queued."""
         params = (params or SamplingParams()).resolved(self.defaults)
+        if params.stop and self.tokenizer is None:  # (they would never match: no text is made)
+            raise UserError(f"request {index}: stop strings need a tokenizer, and this model has none; "
+                            "use stop_token_ids")
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
         if params.seed is not None:
@@ -408,6 +407,22 @@ class Engine:
         if not scheduled:
             return self.resolve(0)
         return self.apply(scheduled, self.runner.execute(plan))
+
+    def abandon(self, seqs: list[Sequence]) -> None:
+        """After an exception inside a step (or an interrupt) ends the caller's loop: these requests
+        end ("abort"), their blocks and state slots are freed, and launched steps are forgotten, so
+        the next call starts clean instead of waiting on a step that never finishes."""
+        self.inflight.clear()
+        self.last_sampled = 0
+        for seq in seqs:
+            seq.pending = 0
+            if seq in self.scheduler.running:
+                self.scheduler.finish(seq)
+                self.pending_resets.append(seq.state_slot)
+            elif seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
 
     def _fail(self, seq: Sequence, message: str) -> None:
         """Ends one request with an error; the others in the step go on."""

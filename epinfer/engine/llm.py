@@ -44,9 +44,13 @@ class LLM:
         done = 0
         if progress is not None:
             progress(0, 0, 0)  # generation starts: rates are measured from here
-        while self.engine.has_work():
-            done += len(self.engine.step())
-            if progress is not None:
-                progress(done, sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs),
-                         sum(len(s.output_ids) for s in seqs))
+        try:
+            while self.engine.has_work():
+                done += len(self.engine.step())
+                if progress is not None:
+                    progress(done, sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs),
+                             sum(len(s.output_ids) for s in seqs))
+        except BaseException:  # (an interrupt too): this call's requests end, the next call starts clean
+            self.engine.abandon(seqs)
+            raise
         return [self.engine.output(s) for s in seqs]

@@ -101,6 +101,11 @@ def dump_on_sigterm() -> None:
 
 
 def run_torchrun(job: Job) -> list | None:
+    port = os.environ.get("MASTER_PORT", "")
+    if not (port.isdigit() and 0 < int(port) < 65536) or not os.environ["WORLD_SIZE"].isdigit() \
+            or not os.environ["RANK"].isdigit():  # (torchrun sets all three; a cluster's leftovers may not)
+        raise UserError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} are set but "
+                        f"MASTER_PORT={port!r} is not a port: run under torchrun, or unset RANK and WORLD_SIZE")
     world = int(os.environ["WORLD_SIZE"])
     dump_on_sigterm()
     try:

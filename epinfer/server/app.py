@@ -11,8 +11,10 @@ connection left waiting.
 
 Hostile input: a body over `max_request_bytes` is refused with 413 before it is read whole (from
 its Content-Length, else while it streams in); JSON is decoded with NaN / Infinity / overflowing
-numbers and deep nesting refused; decoding, validation and tokenization run in a worker thread,
-so the event loop (and `/health`) keeps answering while a large prompt is tokenized. Every 4xx /
+numbers and deep nesting refused; decoding, validation and tokenization run in worker threads,
+so the event loop (and `/health`) keeps answering while a large prompt is tokenized, and bodies
+over `LARGE_BODY` have a thread of their own, so a flood of huge prompts delays only its own kind.
+A client that disconnects while its body streams in is dropped without a log line. Every 4xx /
 5xx, including unknown routes and unexpected exceptions, carries an OpenAI error body.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import json
 import time
 import uuid
@@ -27,6 +30,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient, RequestState, Update, merged
@@ -34,6 +38,7 @@ from epinfer.server.protocol import APIError, ModelInfo, choice, decode_json, er
 from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
+LARGE_BODY = 64 << 10  # bytes: a body over this is tokenized in the large prompts' lane
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -95,12 +100,14 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
-    # one thread: requests are tokenized one at a time (a tokenizer object is not meant to be
-    # shared by threads), and none of it runs on the event loop
-    tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epinfer-tokenize")
+    # two lanes, a thread and a tokenizer each (a tokenizer object is not meant to be shared by
+    # threads), none of it on the event loop: bodies over LARGE_BODY bytes queue behind each other,
+    # never in front of ordinary requests
+    lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"epinfer-tokenize-{name}"), tok)
+             for name, tok in (("small", tokenizer), ("large", copy.deepcopy(tokenizer)))]
 
-    def validate(raw: bytes, chat: bool):
-        return parse_request(decode_json(raw), chat, tokenizer, info)
+    def validate(raw: bytes, chat: bool, tok):
+        return parse_request(decode_json(raw), chat, tok, info)
 
     async def generate(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
@@ -108,11 +115,15 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             client.check_accepting()  # refuse before reading or tokenizing anything
             raw = await read_body(request, max_request_bytes)
             # off the event loop: a long prompt's tokenization must not stall other requests or /health
-            req = await asyncio.get_running_loop().run_in_executor(tokenize_pool, validate, raw, chat)
+            pool, tok = lanes[len(raw) > LARGE_BODY]
+            req = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
             state = client.submit(req)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             return JSONResponse(exc.body(), status_code=exc.status)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
+            client.metrics.http[(endpoint, 499)] += 1
+            return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
         reply = Reply(client, tokenizer, info, state, request)
         if req.stream:  # the status is sent now; a later failure comes as an error event
             client.metrics.http[(endpoint, 200)] += 1

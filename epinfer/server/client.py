@@ -8,7 +8,8 @@ once, so no connection waits for an engine that is gone; `abort_all` does the sa
 a shutdown that ran out of time.
 
 Queue limit: a request counts as queued from acceptance until a replica admits it to its running
-batch (the leader reports it); with `max_queue` queued, new requests get 429.
+batch (the leader reports it), unless a sequence slot is free for it; with `max_queue` queued, new
+requests get 429.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ class RequestState:
 
 
 class EngineClient:
-    def __init__(self, ranks, loop: asyncio.AbstractEventLoop, max_queue: int, dp: int) -> None:
-        self.ranks, self.loop, self.max_queue = ranks, loop, max_queue
+    def __init__(self, ranks, loop: asyncio.AbstractEventLoop, max_queue: int, dp: int, slots: int) -> None:
+        """`slots`: sequence slots of all replicas together (max_num_seqs x dp)."""
+        self.ranks, self.loop, self.max_queue, self.slots = ranks, loop, max_queue, slots
         self.requests: dict[int, RequestState] = {}
         self.ids = itertools.count()
         self.metrics = Metrics(dp)
@@ -82,7 +84,12 @@ class EngineClient:
 
     @property
     def queue_depth(self) -> int:
-        return sum(not s.admitted for s in self.requests.values())
+        """Requests waiting for a sequence slot: those not yet admitted beyond the slots free (a
+        burst that arrives between two steps finds its slots, not a full queue), or those the
+        replicas reported waiting (for cache blocks too), whichever is more."""
+        admitted = sum(s.admitted for s in self.requests.values())
+        beyond = len(self.requests) - admitted - max(self.slots - admitted, 0)
+        return max(beyond, sum(s[1] for s in self.metrics.replica_stats), 0)
 
     def check_accepting(self) -> None:
         if not self.healthy:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
+from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.env import raise_open_file_limit, under_torchrun
 from epinfer.core.errors import UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
@@ -37,7 +38,7 @@ from epinfer.runtime.worker import Job
 from epinfer.server.app import build_app
 from epinfer.server.client import EngineClient
 from epinfer.server.nodes import Nodes, run_headless
-from epinfer.server.protocol import ModelInfo
+from epinfer.server.protocol import ModelInfo, chat_template_problem
 from epinfer.server.ranks import RankSet
 
 FAILURE_LINGER_S = 2.0
@@ -66,14 +67,16 @@ def serve(args: argparse.Namespace, job: Job) -> int:
         raise UserError("--max-queue must be >= 1 and --shutdown-timeout a finite number >= 0")
     if args.max_request_bytes is not None and args.max_request_bytes < 1024:
         raise UserError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
-    folder = Path(args.model) if args.model else DEMO_MODEL
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist")
+    folder = model_folder(Path(args.model) if args.model else DEMO_MODEL)
     if nodes.rank > 0:  # no HTTP here: this host's ranks, relayed to host 0
         return run_headless(RankSet(job, nodes))
     raise_open_file_limit()  # a socket per client
     sock = bind(args.host, args.port)
     tokenizer = load_tokenizer(folder)
+    problem = chat_template_problem(tokenizer)
+    if problem is not None:  # completions still work: a warning, not a refusal to start
+        log_line(f"epinfer: warning: the chat template cannot render a one-message conversation ({problem}); "
+                 "/v1/chat/completions will fail")
     ranks = RankSet(job, nodes)  # (it sets the job's mode: the serving loop, with its channels)
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -110,7 +113,8 @@ class Server:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.exit_code = loop.create_future()
-        self.client = EngineClient(self.ranks, loop, self.args.max_queue, self.engine["dp"])
+        self.client = EngineClient(self.ranks, loop, self.args.max_queue, self.engine["dp"],
+                                   self.engine["max_num_seqs"] * self.engine["dp"])
         app = build_app(self.client, self.tokenizer, self.info, request_limit(self.args, self.info))
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)

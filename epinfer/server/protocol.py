@@ -20,6 +20,7 @@ import math
 
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams, check_text
+from epinfer.core.untrusted import one_line
 
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 64
@@ -180,9 +181,27 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     try:
         text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja raises many kinds; the template rejected these messages
+    except Exception as exc:  # jinja raises many kinds: the template rejected these messages, or is broken
+        if template_broken(exc):
+            raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
     return chat_prompt_ids(tokenizer, text)
+
+
+def template_broken(exc: Exception) -> bool:
+    """The chat template itself is at fault (it does not parse), not the messages it was given."""
+    return type(exc).__name__ == "TemplateSyntaxError"
+
+
+def chat_template_problem(tokenizer) -> str | None:
+    """At start: why the chat template cannot render a one-message conversation, if it cannot."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        return one_line(exc)
+    return None
 
 
 def chat_prompt_ids(tokenizer, rendered: str) -> list[int]:
@@ -210,7 +229,21 @@ PENALTIES = {"presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2
              "repetition_penalty": (0.0, 2.0**31, 1.0)}
 
 
-def _unsupported_penalties(body: dict) -> None:
+# fields that would change what a request generates, not applied here: refused unless neutral (a
+# request must not get an answer to a question it did not ask); fields that change nothing (user,
+# metadata, ...) are ignored like any unknown field
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "min_tokens": (0,),
+               "min_p": (0, 0.0), "response_format": ({"type": "text"},), "tools": ([],),
+               "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+               "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+               "structured_outputs": (), "prompt_logprobs": (0,)}
+
+
+def _unsupported(body: dict) -> None:
+    for key, neutral in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
+            raise APIError(400, f"'{key}' is not supported by this server", param=key)
     for key, (low, high, neutral) in PENALTIES.items():
         value = _field(body, key, float)
         if value is None:
@@ -238,11 +271,18 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
                                                            and all(isinstance(s, str) for s in stop))):
         raise APIError(400, "'stop' must be a string or an array of strings", param="stop")
+    if stop and tokenizer is None:
+        raise APIError(400, "'stop' strings need a tokenizer and this model has none: use 'stop_token_ids'",
+                       param="stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not (isinstance(stop_ids, list)
+                                     and (not stop_ids or _token_list(stop_ids, "stop_token_ids", info))):
+        raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False))
     logprobs = _logprobs(body, chat)
-    _unsupported_penalties(body)
+    _unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
     ids = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer, info)
@@ -257,7 +297,8 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
     try:
-        params = SamplingParams(max_tokens=max_tokens, stop=stop, **fields).resolved(info.defaults)
+        params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids,
+                                **fields).resolved(info.defaults)
     except UserError as exc:  # the shared checks: ranges, finite numbers, seed width, stop strings
         raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
     return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
