@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from epinfer.cli import main
 from epinfer.core.checkpoint_files import MAX_JSON_BYTES
@@ -105,6 +106,17 @@ def tokenizer_config(content: dict | None):
             shutil.copy(DEMO_MODEL / "tokenizer_config.json", folder)
         else:
             (folder / "tokenizer_config.json").write_text(json.dumps(content))
+    return mutate
+
+
+def weight_as(dtype):
+    """model.safetensors with the embedding stored as `dtype` (an integer or unsupported float8 type)."""
+    def mutate(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(dtype)
+        save_file(tensors, folder / "model.safetensors")
     return mutate
 
 
@@ -209,6 +221,8 @@ CASES = [
     ("weights-link-out", M, replace_with("model.safetensors", "link-out"),
      ["model.safetensors", "outside the model folder"]),
     ("weights-broken-link", M, replace_with("model.safetensors", "broken"), ["model.safetensors", "broken"]),
+    ("weights-int32", M, weight_as(torch.int32), ["model.embed_tokens.weight", "int32", "not a floating-point"]),
+    ("weights-e5m2", M, weight_as(torch.float8_e5m2), ["model.embed_tokens.weight", "F8_E5M2", "not supported"]),
     ("shard-fifo", S, replace_with(SHARD, "fifo"), [I, "weight_map", SHARD, "FIFO"]),
     ("shard-directory", S, replace_with(SHARD, "dir"), [I, "weight_map", SHARD, "directory"]),
     ("shard-link-out", S, replace_with(SHARD, "link-out"), [I, "weight_map", SHARD, "outside the model folder"]),

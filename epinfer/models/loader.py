@@ -106,6 +106,9 @@ class _Tracker:
 def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, shard_of: torch.Tensor | None = None) -> None:
     """Copy `tensor` into `param`, first selecting this rank's shard when `shard_of` (the full
     parameter the tensor belongs to) is TP-sharded."""
+    if not tensor.is_floating_point():  # (an integer tensor would be cast into nonsense weights)
+        raise UserError(f"tensor {key}: dtype {str(tensor.dtype).removeprefix('torch.')} is not a floating-point "
+                        "type (weights are float32, float16, bfloat16 or FP8)")
     shard_of = param if shard_of is None else shard_of
     dim = getattr(shard_of, "shard_dim", None)
     if dim is not None:
@@ -290,6 +293,8 @@ def dequantized(tensors: dict, cfg: ModelConfig,
     checkpoints whose config declares FP8 may hold FP8 tensors; each needs its scale, and each scale
     its weight."""
     for key, (get, dtype) in tensors.items():
+        if dtype.startswith("F8_") and dtype != FP8:
+            raise UserError(f"tensor {key}: {dtype} weights are not supported (FP8 checkpoints hold F8_E4M3)")
         if dtype == FP8 and cfg.fp8_block is None:
             raise UserError(f"tensor {key} is float8 but config.json has no FP8 quantization_config")
         if cfg.fp8_block is not None and key.endswith(SCALE_SUFFIX):
