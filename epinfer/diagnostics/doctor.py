@@ -113,8 +113,9 @@ def analyse(folder: Path) -> dict:
         result.update(verdict="error", culprit_ranks=errored, group=group, seq=seq,
                       label=entry and entry["label"], step=headers[first]["step"])
         waiting = f" The other ranks were waiting in {entry['label']} ({group} seq {seq})." if entry else ""
-        result["summary"] = (f"Rank {first} stopped on an error at step {headers[first]['step']}: {reason}."
-                             f"{waiting}")
+        step = headers[first]["step"]
+        when = f" at step {step}" if isinstance(step, int) and step >= 0 else ""  # (-1: no step recorded)
+        result["summary"] = f"Rank {first} stopped on an error{when}: {reason}.{waiting}"
     else:
         group, seq, entry = first_pending(by_group, members=members)
         if entry is not None:
