@@ -27,7 +27,7 @@ from epinfer.runtime.job import Job
 MAX_FAILURE_LINES = 5
 STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "ignore_eos"}
+                "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -262,7 +262,7 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
     ):
         raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
     types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
-             "top_p": (int, float), "ignore_eos": bool}
+             "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list}
     for key, kind in types.items():
         value = item.get(key)
         if value is not None and (not isinstance(value, kind) or
@@ -292,7 +292,8 @@ def run_generate(args: argparse.Namespace) -> int:
             max_tokens=req.get("max_tokens", args.max_tokens),
             temperature=req.get("temperature", args.temperature),
             top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
-            stop=req.get("stop"), ignore_eos=req.get("ignore_eos", args.ignore_eos)))
+            stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
+            ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0)))
     for i, (req, p) in enumerate(zip(requests, params, strict=True)):
         try:
             p.validate()  # here, before any rank starts: the same checks as the server's
@@ -353,8 +354,8 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
             path.write_text(text)
         except OSError as exc:  # (a full disk): the run's results go to stdout rather than nowhere
             sys.stdout.write(text)
-            raise RunFailed(1, f"cannot write --output {path}: {exc.strerror or exc}; the results are on "
-                               "stdout instead") from None
+            raise RunFailed(1, f"cannot write --output {path} (it may hold part of them): {exc.strerror or exc}; "
+                               "the results are on stdout instead") from None
         say(f"wrote {plural(len(records), 'result')} to {path}")  # stderr: stdout stays empty
         return
     for i, (req, rec) in enumerate(zip(requests, records, strict=True)):
@@ -425,7 +426,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value is not None and not lo <= value < float("inf"):
             raise bad(flag, f"a finite number of seconds >= {lo:g}")
     if args.command in ("generate", "serve"):  # the engine's own fields, before any rank starts
-        engine_config(args).check()
+        engine_config(args).checked()
 
 
 def preflight(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -162,22 +163,80 @@ def test_exception_in_a_step_leaves_the_llm_usable(where, async_scheduling, monk
     assert again == [o.token_ids for o in LLM(async_scheduling=async_scheduling).generate(prompts, params)]
 
 
+@pytest.mark.parametrize("step", ["snapshot copy", "capture"])
+def test_failed_step_leaves_no_unwritten_state_snapshot(step):
+    """Hybrid model, prefix caching: a step that was to copy (or capture) a GDN state snapshot fails
+    before its forward; a later prompt sharing that prefix must not restore the unwritten row."""
+    prefix = ("Explicit is better than implicit. Simple is better than complex. Complex is better than "
+              "complicated. Flat is better than nested. Sparse is better than dense.") * (4 if step == "capture" else 1)
+    longer = prefix + " Readability counts. Special cases aren't special enough"
+    params = SamplingParams(max_tokens=6, temperature=0)
+
+    def logits_of(llm, prompt, fail=None):
+        execute, seen = llm.engine.runner.execute, []
+
+        def watched(plan, *args, **kwargs):
+            if fail is not None and fail(plan):
+                raise KeyboardInterrupt
+            seen.append(execute(plan, *args, **kwargs).clone())
+            return seen[-1]
+
+        llm.engine.runner.execute = watched
+        try:
+            tokens = llm.generate(prompt, params)[0].token_ids
+        finally:
+            del llm.engine.runner.execute
+        return tokens, torch.cat([x for x in seen if x.numel()])[-6:]
+
+    llm = LLM()
+    wanted = (lambda plan: bool(plan.snapshots)) if step == "snapshot copy" else (
+        lambda plan: any(item.captures for item in plan.items))
+    with pytest.raises(KeyboardInterrupt):
+        logits_of(llm, prefix, wanted)
+    assert not llm.engine.scheduler.allocator.unready  # (a row reserved for a capture that never ran: lost)
+    tokens, logits = logits_of(llm, longer)
+    want_tokens, want_logits = logits_of(LLM(max_num_batched_tokens=llm.engine.ecfg.max_num_batched_tokens), longer)
+    assert tokens == want_tokens and torch.allclose(logits, want_logits, atol=1e-4), (logits - want_logits).abs().max()
+
+
 def test_api_engine_fields_are_checked(ckpt_dir):
     """Every EngineConfig field of the wrong type or range is one UserError naming it, before the
     planner divides by it or casts it; stop strings need a tokenizer."""
     for kw, fragment in [(dict(block_size=0), "block_size must be an integer >= 1"),
                          (dict(block_size=16.0), "block_size must be an integer"),
-                         (dict(cache_memory_gb=float("nan")), "--cache-memory-gb must be a finite number > 0"),
-                         (dict(max_num_batched_tokens=1.5), "--max-num-batched-tokens must be an integer"),
-                         (dict(max_model_len="100"), "--max-model-len must be an integer >= 2"),
+                         (dict(cache_memory_gb=float("nan")), "(--cache-memory-gb) must be a finite number > 0"),
+                         (dict(max_num_batched_tokens=1.5), "(--max-num-batched-tokens) must be an integer"),
+                         (dict(max_model_len="100"), "max_model_len (--max-model-len) must be an integer >= 2"),
                          (dict(prefix_state_snapshots=-1), "prefix_state_snapshots must be an integer >= 1"),
-                         (dict(gpu_memory_utilization=0), "--gpu-memory-utilization must be in (0, 1]"),
+                         (dict(gpu_memory_utilization=0), "(--gpu-memory-utilization) must be in (0, 1]"),
                          (dict(enable_prefix_caching="no"), "enable_prefix_caching must be True or False")]:
         with pytest.raises(UserError, match=re.escape(fragment)):
             LLM(**kw)
+    assert LLM(max_num_seqs=np.int64(4), cache_memory_gb=np.float32(0.5)).engine.ecfg.max_num_seqs == 4
     llm = LLM(str(ckpt_dir("qwen3_moe")), dtype="float32", device="cpu")  # (no tokenizer)
     with pytest.raises(UserError, match="stop strings need a tokenizer"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2, stop=["x"]))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_min_tokens_holds_back_stop_ids_and_strings(async_scheduling, demo_llm):
+    """Until min_tokens are out, a stop token id is never sampled (greedy and seeded alike) and a
+    stop string does not end the request; then both apply again."""
+    llm = LLM(async_scheduling=True) if async_scheduling else demo_llm
+    free = llm.generate("Beautiful is", SamplingParams(max_tokens=30, temperature=0))[0].token_ids
+    stop_id = free[2]
+    stopped = llm.generate("Beautiful is", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id]))
+    assert stopped[0].token_ids == free[:3] and stopped[0].finish_reason == "stop"
+    for params in (SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id], min_tokens=5),
+                   SamplingParams(max_tokens=30, temperature=0.9, seed=4, stop_token_ids=[stop_id], min_tokens=5)):
+        out = llm.generate("Beautiful is", params)[0]
+        assert stop_id not in out.token_ids[:5] and len(out.token_ids) >= 5
+        assert out.finish_reason == "length" or out.token_ids.index(stop_id) == len(out.token_ids) - 1
+    text = llm.tokenizer.decode(free[:2])
+    held = llm.generate("Beautiful is", SamplingParams(max_tokens=9, temperature=0, stop=[text], min_tokens=5))[0]
+    assert held.token_ids == free[:5] and held.finish_reason == "stop"  # (it matched from the 2nd token on)
+    with pytest.raises(UserError, match=re.escape("min_tokens (7) must not exceed max_tokens (6)")):
+        llm.generate("Beautiful is", SamplingParams(max_tokens=6, min_tokens=7))
 
 
 def test_api_prompt_types(demo_llm):
@@ -218,8 +277,8 @@ def cli_cases(tmp_path):
         (jsonl("deep.jsonl", "[" * 100_000 + "\n"), "deep.jsonl:1: malformed JSON"),
         ([*hi, "--output", str(tmp_path / "missing" / "out.json")], "not a file in an existing folder"),
         ([*hi, "--output", str(tmp_path)], "not a file in an existing folder"),
-        ([*hi, "--cache-memory-gb", "nan"], "--cache-memory-gb must be a finite number > 0, got nan"),
-        ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "--cache-memory-gb must be a finite number > 0"),
+        ([*hi, "--cache-memory-gb", "nan"], "(--cache-memory-gb) must be a finite number > 0, got nan"),
+        ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "(--cache-memory-gb) must be a finite number > 0"),
         ([*hi, "--collective-timeout", "0", "--dp", "2"], "--collective-timeout must be a finite number of"),
         ([*hi, "--collective-timeout", "nan"], "--collective-timeout must be a finite number of seconds >= 1"),
         (["--prompts-file", str(tmp_path)], "not a regular file (a directory)"),
@@ -244,7 +303,7 @@ def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)
     for env, fragment in [({"EPINFER_STACKS_AFTER": "0.001"}, "EPINFER_STACKS_AFTER='0.001': give at least 1"),
-                          ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not a port: run under torchrun")]:
+                          ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not what torchrun sets")]:
         with monkeypatch.context() as m:
             for k, v in env.items():
                 m.setenv(k, v)

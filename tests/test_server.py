@@ -329,6 +329,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": -100}}, 400, "'logit_bias' is not supported"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "'echo' is not supported"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": 1}},
+     400, "'chat_template_kwargs' keys"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be a boolean"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "'logprobs' must be in"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
@@ -356,6 +359,8 @@ def test_invalid_requests_get_clear_errors(demo):
     free = post(demo.url, "/v1/completions", body).json()["choices"][0]["token_ids"]
     stopped = post(demo.url, "/v1/completions", {**body, "stop_token_ids": [free[1]]}).json()["choices"][0]
     assert stopped["token_ids"] == free[:free.index(free[1]) + 1] and stopped["finish_reason"] == "stop"
+    held = post(demo.url, "/v1/completions", {**body, "stop_token_ids": [free[1]], "min_tokens": 6}).json()
+    assert free[1] not in held["choices"][0]["token_ids"] and held["usage"]["completion_tokens"] == 6
     assert httpx.get(f"{demo.url}/health").status_code == 200
 
 

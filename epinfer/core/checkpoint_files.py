@@ -26,6 +26,7 @@ from epinfer.core.untrusted import (
     is_number,
     one_line,
     open_regular,
+    reason,
     show,
     shown_path,
     stat_regular,
@@ -53,8 +54,10 @@ def model_folder(folder: Path) -> Path:
         return folder
     try:
         what = file_kind(os.stat(folder).st_mode)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         raise UserError(f"model folder {shown_path(folder)} does not exist") from None
+    except (OSError, ValueError) as exc:  # (a parent folder not searchable, a loop of links, a NUL)
+        raise UserError(f"model folder {shown_path(folder)}: cannot read it ({reason(exc)})") from None
     raise UserError(f"model folder {shown_path(folder)}: not a folder ({what})")
 
 

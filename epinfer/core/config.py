@@ -16,6 +16,8 @@ check refuse a too-large model from the sizes alone, before even its meta-device
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from pathlib import Path
 from typing import Any
 
@@ -325,36 +327,55 @@ class EngineConfig:
     # hybrid models with prefix caching: GDN state snapshots kept (0: a quarter of max_num_seqs, at least 8)
     prefix_state_snapshots: int = 0
 
-    def check(self) -> None:
-        """Every field of the right type and range, or a one-line `UserError` naming it (the Python
-        API takes any object: a block size of 0 or a NaN budget must not reach the planner)."""
-        for name, least, auto in (("max_num_seqs", 1, 0), ("max_num_batched_tokens", 1, 0), ("block_size", 1, -1),
+    def checked(self) -> EngineConfig:
+        """This config with every field of the right type and range (numbers of any numeric type,
+        numpy's too, as int / float), or a one-line `UserError` naming the field: the Python API
+        takes any object, and a block size of 0 or a NaN budget must not reach the planner."""
+        fixed: dict[str, Any] = {}
+        if self.model is not None and (not isinstance(self.model, (str, os.PathLike)) or not str(self.model)):
+            raise UserError("model must be a checkpoint folder's path (None: the demo model), got "
+                            f"{_python(self.model)}")
+        for name in ("dtype", "device", "mamba_ssm_cache_dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a string, got {_python(getattr(self, name))}")
+        for name, least, auto in (("max_num_seqs", 1, 0), ("max_num_batched_tokens", 1, 0), ("block_size", 1, _NONE),
                                   ("prefix_state_snapshots", 1, 0), ("max_model_len", 2, None)):
             value = getattr(self, name)
-            if value is auto and auto is None or type(value) is int and value == auto:
+            if value is None and auto is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                note = "" if auto == -1 else f" ({'unset' if auto is None else auto}: chosen by the engine)"
-                raise UserError(f"{_flag(name)} must be an integer >= {least}{note}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (value < least and value != auto):
+                note = "" if auto is _NONE else f" ({'unset' if auto is None else auto}: chosen by the engine)"
+                raise UserError(f"{_flag(name)} must be an integer >= {least}{note}, got {_python(value)}")
+            fixed[name] = int(value)
         for name, unit in (("cache_memory_gb", False), ("gpu_memory_utilization", True)):
             value = getattr(self, name)
             if value is None and not unit:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf") \
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf") \
                     or (unit and value > 1):
                 raise UserError(f"{_flag(name)} must be {'in (0, 1]' if unit else 'a finite number > 0'}, "
-                                f"got {value!r}")
+                                f"got {_python(value)}")
+            fixed[name] = float(value)
         for name in ("random_weights", "cuda_graphs", "parallel_graphs", "fp8_weights", "enable_prefix_caching",
                      "async_scheduling", "piecewise_graphs"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in ("async_scheduling", "piecewise_graphs")):
-                raise UserError(f"{name} must be True or False, got {value!r}")
+                raise UserError(f"{name} must be True or False, got {_python(value)}")
+        return dataclasses.replace(self, **fixed)
+
+
+_NONE = object()  # (a field with no "chosen by the engine" value)
+
+
+def _python(value: Any) -> str:
+    """A value as Python spells it, bounded (for messages to `LLM` callers)."""
+    return one_line(repr(value), 60)
 
 
 def _flag(name: str) -> str:
-    """An engine field as the command line names it (the fields it has), else as `LLM` does."""
+    """An engine field as `LLM` names it, and as the command line does where it has a flag."""
     flags = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "cache_memory_gb", "gpu_memory_utilization"}
-    return "--" + name.replace("_", "-") if name in flags else name
+    return f"{name} (--{name.replace('_', '-')})" if name in flags else name
 
 
 def parse_quantization(quant: Any, source: str, where: str) -> tuple[int, int] | None:

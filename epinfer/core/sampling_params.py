@@ -12,6 +12,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
   stop             at most MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS characters,
                    encodable as UTF-8
   stop_token_ids   at most MAX_STOP_STRINGS non-negative integers
+  min_tokens       an integer in [0, max_tokens]: until that many tokens are out, the end-of-sequence
+                   and stop token ids are never sampled and stop strings do not apply (vLLM's rule)
 Booleans are not numbers here (`True` is no temperature). A failed check is a `UserError` with one
 line naming the field.
 """
@@ -42,6 +44,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -54,7 +57,8 @@ class SamplingParams:
 
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         merged = SamplingParams(pick("max_tokens", 64), pick("temperature", 1.0), pick("top_p", 1.0),
-                                pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos)
+                                pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
+                                self.min_tokens)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -65,6 +69,7 @@ class SamplingParams:
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
             ignore_eos=self.ignore_eos,
+            min_tokens=int(self.min_tokens),
         )
 
     def validate(self) -> None:
@@ -91,6 +96,9 @@ class SamplingParams:
                 raise UserError(f"stop_token_ids must be a list of at most {MAX_STOP_STRINGS} token ids")
             for t in ids:
                 _integer("stop_token_ids", t, 0, None)
+        _integer("min_tokens", self.min_tokens, 0, None)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
 

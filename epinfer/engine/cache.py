@@ -200,12 +200,17 @@ class CacheAllocator:
             del self.cached[self.hash_of.pop(b)]
         self.evictable.clear()
         self.free_blocks.extend(dropped)
+        self.forget_snapshots()
+        return len(dropped)
+
+    def forget_snapshots(self) -> None:
+        """Every state snapshot freed (a step that was to write or copy some of them failed: none is
+        trusted); cached KV blocks stay, and a hybrid model reuses them again once it snapshots anew."""
         self.free_snapshots.extend(self.snapshots.values())
         self.snapshots.clear()
         self.restores.clear()
         self.superseded.clear()
         self.unready.clear()
-        return len(dropped)
 
     def stats(self) -> dict:
         return {"prefix_cache_queries": self.queried_tokens, "prefix_cache_hits": self.hit_tokens,

@@ -172,7 +172,7 @@ class Engine:
     def __init__(self, ecfg: EngineConfig, ctx: ParallelContext | None = None,
                  device: torch.device | None = None) -> None:
         release_frozen()
-        ecfg.check()
+        ecfg = ecfg.checked()
         folder = model_folder(Path(ecfg.model) if ecfg.model else DEMO_MODEL)
         self.ecfg = ecfg
         self.ctx = ctx = ctx or ParallelContext()
@@ -351,6 +351,7 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
+            logits = self._hold_stops(logits, sampled)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1
@@ -367,6 +368,22 @@ class Engine:
         else:
             host = packed
         self.inflight.append((sampled, host, event))
+
+    def _hold_stops(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
+        """Rows of requests short of their `min_tokens` with their end-of-sequence and stop token
+        ids at -inf (never sampled); the logits themselves when there are none (the common case)."""
+        rows, ids = [], []
+        for row, seq in enumerate(sampled):
+            p = seq.params
+            if len(seq.output_ids) + seq.pending < p.min_tokens:
+                held = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+                held = [t for t in held if t < logits.shape[-1]]
+                rows += [row] * len(held)
+                ids += held
+        if not rows:
+            return logits
+        index = torch.tensor([rows, ids]).to(logits.device, non_blocking=True)
+        return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
 
     def resolve(self, keep: int) -> list[Sequence]:
         """Applies the tokens of all but the newest `keep` launched steps: appends them, applies
@@ -410,12 +427,16 @@ class Engine:
 
     def abandon(self, seqs: list[Sequence]) -> None:
         """After an exception inside a step (or an interrupt) ends the caller's loop: these requests
-        end ("abort"), their blocks and state slots are freed, and launched steps are forgotten, so
-        the next call starts clean instead of waiting on a step that never finishes."""
+        end ("abort"), their blocks and state slots are freed, launched steps and every state
+        snapshot are forgotten, so the next call starts clean instead of waiting on a step that never
+        finishes or restoring a snapshot that was never written."""
         self.inflight.clear()
         self.last_sampled = 0
+        # the failed step's snapshot copies and captures may not have run, yet their rows are taken
+        self.scheduler.allocator.forget_snapshots()
         for seq in seqs:
             seq.pending = 0
+            seq.capturing = []
             if seq in self.scheduler.running:
                 self.scheduler.finish(seq)
                 self.pending_resets.append(seq.state_slot)
@@ -437,7 +458,9 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
-        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+        if len(seq.output_ids) < p.min_tokens:  # (until min_tokens are out only the length ends it)
+            pass
+        elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
             text = self._decode(seq)

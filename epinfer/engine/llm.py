@@ -39,12 +39,12 @@ class LLM:
             raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
         seqs = [self.engine.make_request(p, sp, i)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        for seq in seqs:
-            self.engine.submit(seq)
         done = 0
-        if progress is not None:
-            progress(0, 0, 0)  # generation starts: rates are measured from here
         try:
+            for seq in seqs:
+                self.engine.submit(seq)
+            if progress is not None:
+                progress(0, 0, 0)  # generation starts: rates are measured from here
             while self.engine.has_work():
                 done += len(self.engine.step())
                 if progress is not None:

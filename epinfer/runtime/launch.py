@@ -100,12 +100,18 @@ def dump_on_sigterm() -> None:
     threading.Thread(target=wait, name="epinfer-sigterm", daemon=True).start()
 
 
+def check_torchrun_env() -> None:
+    """RANK and WORLD_SIZE are set: torchrun sets them with MASTER_PORT, all numbers; a cluster's
+    leftovers may be only some of them (a one-line error, not a rendezvous that retries)."""
+    for name, low, high in (("RANK", 0, None), ("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65535)):
+        text = os.environ.get(name, "")
+        if not (text.isascii() and text.isdecimal()) or int(text) < low or (high and int(text) > high):
+            raise UserError(f"RANK and WORLD_SIZE are set but {name}={text!r} is not what torchrun sets: run under "
+                            "torchrun, or unset RANK and WORLD_SIZE")
+
+
 def run_torchrun(job: Job) -> list | None:
-    port = os.environ.get("MASTER_PORT", "")
-    if not (port.isdigit() and 0 < int(port) < 65536) or not os.environ["WORLD_SIZE"].isdigit() \
-            or not os.environ["RANK"].isdigit():  # (torchrun sets all three; a cluster's leftovers may not)
-        raise UserError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} are set but "
-                        f"MASTER_PORT={port!r} is not a port: run under torchrun, or unset RANK and WORLD_SIZE")
+    check_torchrun_env()
     world = int(os.environ["WORLD_SIZE"])
     dump_on_sigterm()
     try:

@@ -102,9 +102,9 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
 
     # two lanes, a thread and a tokenizer each (a tokenizer object is not meant to be shared by
     # threads), none of it on the event loop: bodies over LARGE_BODY bytes queue behind each other,
-    # never in front of ordinary requests
-    lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"epinfer-tokenize-{name}"), tok)
-             for name, tok in (("small", tokenizer), ("large", copy.deepcopy(tokenizer)))]
+    # never in front of ordinary requests; the replies decode on the event loop with a third
+    lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"epinfer-tokenize-{name}"),
+              copy.deepcopy(tokenizer)) for name in ("small", "large")]
 
     def validate(raw: bytes, chat: bool, tok):
         return parse_request(decode_json(raw), chat, tok, info)

@@ -60,7 +60,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace, job: Job) -> int:
     """`job`: the run description built from the flags (its mode is set here: the serving loop)."""
     if under_torchrun():
-        raise UserError("epinfer serve spawns its own ranks: run it without torchrun (on several hosts: "
+        raise UserError("epinfer serve spawns its own ranks: run it without torchrun, or unset RANK and WORLD_SIZE "
+                        "(on several hosts: "
                         "--nnodes N --node-rank R --master-addr HOST0 on each)")
     nodes = Nodes.from_args(args, job.dp, job.tp)
     if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):

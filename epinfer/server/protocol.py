@@ -179,8 +179,12 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         clean.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+    extra = _field(body, "chat_template_kwargs", dict, {})  # e.g. {"enable_thinking": false} (Qwen3)
+    if not all(isinstance(k, str) and k.isidentifier() and k not in TEMPLATE_OWN for k in extra):
+        raise APIError(400, "'chat_template_kwargs' keys must be names the template reads (not "
+                       f"{', '.join(sorted(TEMPLATE_OWN))})", param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja raises many kinds: the template rejected these messages, or is broken
         if template_broken(exc):
             raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
@@ -232,11 +236,15 @@ PENALTIES = {"presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "min_tokens": (0,),
-               "min_p": (0, 0.0), "response_format": ({"type": "text"},), "tools": ([],),
-               "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-               "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-               "structured_outputs": (), "prompt_logprobs": (0,)}
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "min_p": (0, 0.0),
+               "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+               "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
+               "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
+               "include_stop_str_in_output": (False,), "allowed_token_ids": (), "bad_words": ([],),
+               "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
+               "continue_final_message": (False,), "chat_template": (), "documents": ([],)}
+TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
+                "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
 
 
 def _unsupported(body: dict) -> None:
@@ -280,7 +288,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
-                  ignore_eos=_field(body, "ignore_eos", bool, False))
+                  ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0))
     logprobs = _logprobs(body, chat)
     _unsupported(body)
     if max_tokens is not None and max_tokens < 1:
