@@ -120,6 +120,39 @@ def test_large_bodies_are_tokenized_apart(monkeypatch):
     assert threads == ["epinfer-tokenize-large_0", "epinfer-tokenize-small_0"]
 
 
+def test_slow_request_head_is_cut_off():
+    """A connection that has not sent a whole request head by the deadline is closed; a whole
+    request on another connection is served."""
+    import threading
+
+    import uvicorn
+
+    from epinfer.server.main import QuietServer
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    server = QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off"), head_deadline_s=1.0)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
+            started = time.monotonic()
+            assert slow.recv(100) == b"" and 0.8 < time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as whole:
+            whole.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert whole.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_stream_holds_back_stop_prefixes(demo_llm):
     assert held_back("abc", ["cd"]) == 1 and held_back("abc", ["x"]) == 0 and held_back("ab", ["abc"]) == 2
     tok = demo_llm.tokenizer

@@ -42,6 +42,7 @@ from epinfer.server.protocol import ModelInfo, chat_template_problem
 from epinfer.server.ranks import RankSet
 
 FAILURE_LINGER_S = 2.0
+HEAD_DEADLINE_S = 30.0  # a connection's first request head must arrive within this (`with_head_deadline`)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -206,7 +207,13 @@ def doctor_summary(dump_dir: str) -> str:
 
 
 class QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: this process drains and stops the engine first."""
+    """uvicorn without its own signal handling (this process drains and stops the engine first),
+    and with a deadline for each connection's first request head (`with_head_deadline`)."""
+
+    def __init__(self, config: uvicorn.Config, head_deadline_s: float = HEAD_DEADLINE_S) -> None:
+        config.load()
+        config.http_protocol_class = with_head_deadline(config.http_protocol_class, head_deadline_s)
+        super().__init__(config)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -214,3 +221,24 @@ class QuietServer(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:  # uvicorn < 0.29
         pass
+
+
+def with_head_deadline(base: type, seconds: float) -> type:
+    """uvicorn's HTTP protocol (h11 or httptools), closing a connection that has not sent a whole
+    request head `seconds` after it opened: uvicorn times only idle keep-alive connections, so
+    clients that send their headers a byte at a time would otherwise hold a socket each for ever."""
+
+    class HeadDeadline(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(seconds, self.head_too_slow)
+
+        def head_too_slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self.head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
