@@ -233,8 +233,10 @@ def test_min_tokens_holds_back_stop_ids_and_strings(async_scheduling, demo_llm):
         assert stop_id not in out.token_ids[:5] and len(out.token_ids) >= 5
         assert out.finish_reason == "length" or out.token_ids.index(stop_id) == len(out.token_ids) - 1
     text = llm.tokenizer.decode(free[:2])
-    held = llm.generate("Beautiful is", SamplingParams(max_tokens=9, temperature=0, stop=[text], min_tokens=5))[0]
-    assert held.token_ids == free[:5] and held.finish_reason == "stop"  # (it matched from the 2nd token on)
+    held = llm.generate("Beautiful is", SamplingParams(max_tokens=30, temperature=0, stop=[text], min_tokens=5))[0]
+    # the match inside the first 5 tokens' text does not count; the next one, past them, does
+    assert held.finish_reason == "stop" and len(held.token_ids) > 5 and held.token_ids == free[:len(held.token_ids)]
+    assert held.text.count(text) == 1 and held.text.startswith(text)
     with pytest.raises(UserError, match=re.escape("min_tokens (7) must not exceed max_tokens (6)")):
         llm.generate("Beautiful is", SamplingParams(max_tokens=6, min_tokens=7))
 

@@ -13,7 +13,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    encodable as UTF-8
   stop_token_ids   at most MAX_STOP_STRINGS non-negative integers
   min_tokens       an integer in [0, max_tokens]: until that many tokens are out, the end-of-sequence
-                   and stop token ids are never sampled and stop strings do not apply (vLLM's rule)
+                   and stop token ids are never sampled, and a stop string must end past their text
+                   (vLLM's rule)
 Booleans are not numbers here (`True` is no temperature). A failed check is a `UserError` with one
 line naming the field.
 """

@@ -458,13 +458,15 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.params
-        if len(seq.output_ids) < p.min_tokens:  # (until min_tokens are out only the length ends it)
+        if len(seq.output_ids) <= p.min_tokens:  # (up to min_tokens only the length ends it, as in vLLM)
             pass
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
             text = self._decode(seq)
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if seq.held_chars < 0:  # a stop string must end past the first min_tokens tokens' text
+                seq.held_chars = len(self.tokenizer.decode(seq.output_ids[:p.min_tokens], skip_special_tokens=True))
+            hits = [i for i in (text.find(s, max(0, seq.held_chars - len(s) + 1)) for s in p.stop) if i >= 0]
             if hits:
                 seq.finish_reason, seq.stop_text_end = "stop", min(hits)
         if seq.finish_reason is None and self._length_reached(seq, len(seq.output_ids)):
