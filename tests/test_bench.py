@@ -97,7 +97,8 @@ def test_p90_is_nearest_rank():
 @pytest.mark.parametrize("argv,message", [
     (["--dp", "0", "--batch", "1"], "--dp and --tp must be >= 1 (got dp=0, tp=1)"),
     (["--dp", "2", "--replica-batch", "64,x"], "--replica-batch '64,x': give counts like 64,8"),
-    (["--gpu-memory-utilization", "1.5", "--batch", "1"], "--gpu-memory-utilization must be in (0, 1], got 1.5"),
+    (["--gpu-memory-utilization", "1.5", "--batch", "1"],
+     "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
 ])
 def test_bad_bench_flags(capsys, argv, message):
     from epinfer.cli import main
