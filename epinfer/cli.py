@@ -25,6 +25,7 @@ from epinfer.progress import Progress, generate_with_progress, plural, say, summ
 from epinfer.runtime.job import Job
 
 MAX_FAILURE_LINES = 5
+BENCH_MAX = {"batch": 1 << 16, "num_requests": 1 << 20, "input_len": 1 << 20, "output_len": 1 << 20}
 STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
@@ -417,6 +418,11 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise bad(flag, ">= 1")
+    for flag in ("batch", "num_requests", "input_len", "output_len"):  # (a benchmark's prompts are built on the host)
+        values = getattr(args, flag, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value > BENCH_MAX[flag]:
+                raise bad(flag, f"at most {BENCH_MAX[flag]:,} (this is a benchmark's size, built in host memory)")
     for flag, lo in (("port", 0), ("master_port", 1)):
         value = getattr(args, flag, None)
         if value is not None and not lo <= value <= 65535:

@@ -241,6 +241,35 @@ def test_min_tokens_holds_back_stop_ids_and_strings(async_scheduling, demo_llm):
         llm.generate("Beautiful is", SamplingParams(max_tokens=6, min_tokens=7))
 
 
+def test_one_generate_at_a_time(demo_llm):
+    """A second generate while one runs (here from its progress callback) is a clear error; the
+    running call's requests end and the LLM goes on working."""
+    def again(*counts):
+        if counts[0] == 0 and counts[2] == 1:
+            demo_llm.generate("Flat is", SamplingParams(max_tokens=2))
+
+    with pytest.raises(UserError, match="generate is already running on this LLM"):
+        demo_llm.generate("Beautiful is", SamplingParams(max_tokens=4, temperature=0), progress=again)
+    assert len(demo_llm.generate("Beautiful is", SamplingParams(max_tokens=4))[0].token_ids) == 4
+
+
+def test_dump_dir_holds_only_epinfer_files_to_replace(tmp_path):
+    """--dump-dir replaces a previous run's ledgers, never the user's files in that folder; a dump
+    dir that cannot be a folder is one line."""
+    from types import SimpleNamespace
+
+    from epinfer.runtime.launch import prepare_dump_dir
+
+    for name in ("rankings.csv", "rank.notes.md", "rank0.jsonl", "rank12.stderr.txt", "rank3.tmp77"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "rank9.d").mkdir()
+    prepare_dump_dir(SimpleNamespace(dump_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.notes.md", "rank9.d", "rankings.csv"]
+    with pytest.raises(UserError, match="--dump-dir .*: cannot use it"):
+        prepare_dump_dir(SimpleNamespace(dump_dir=str(tmp_path / "rankings.csv" / "sub")))
+    assert main(["bench", "--shape", "qwen3-30b-a3b", "--batch", str(10**8)]) == 2
+
+
 def test_api_prompt_types(demo_llm):
     for prompt, fragment in [(["a", "b"], "must be a string or a list of token ids"),
                              ([1, True], "must be a string or a list of token ids"),

@@ -12,6 +12,7 @@ the rank, then the entries. Cheap by design: a dict per call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import time
@@ -96,11 +97,16 @@ class Ledger:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         header = {"kind": "header", **self.info, "status": status, "reason": reason, "step": self.step,
                   "time": time.time(), "pid": os.getpid(), "entries": len(self.entries)}
-        with open(tmp, "w") as f:
-            f.write(json.dumps(header) + "\n")
-            for entry in list(self.entries):
-                f.write(json.dumps(entry) + "\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(header) + "\n")
+                for entry in list(self.entries):
+                    f.write(json.dumps(entry) + "\n")
+            os.replace(tmp, path)
+        except BaseException:  # (a full disk): no half-written file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return path
 
 

@@ -220,7 +220,8 @@ _CONSOLE = {"fd": None}  # where log_line writes: the user's stderr, also once a
 def log_line(text: str) -> None:
     """One write per line: ranks share stderr, and print() may split text and newline."""
     fd = _CONSOLE["fd"]
-    os.write(sys.stderr.fileno() if fd is None else fd, (text + "\n").encode())
+    with contextlib.suppress(OSError, ValueError):  # nobody reads stderr any more (a closed pipe): go on
+        os.write(sys.stderr.fileno() if fd is None else fd, (text + "\n").encode())
 
 
 def divert_stderr(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence as Seq
 
 from epinfer.core.env import check_switches
@@ -16,11 +17,29 @@ class LLM:
         if engine is not None and (model is not None or engine_kwargs):
             raise UserError("give either an EngineConfig or the model and engine keywords, not both")
         check_switches()
+        self._running = threading.Lock()  # one generate at a time
         self.engine = Engine(engine or EngineConfig(model=model, **engine_kwargs))
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def _loop(self, seqs: list, progress) -> None:
+        """Submits `seqs` and steps until every request ends."""
+        done = 0
+        try:
+            for seq in seqs:
+                self.engine.submit(seq)
+            if progress is not None:
+                progress(0, 0, 0)  # generation starts: rates are measured from here
+            while self.engine.has_work():
+                done += len(self.engine.step())
+                if progress is not None:
+                    progress(done, sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs),
+                             sum(len(s.output_ids) for s in seqs))
+        except BaseException:  # (an interrupt too): this call's requests end, the next call starts clean
+            self.engine.abandon(seqs)
+            raise
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -37,20 +56,12 @@ class LLM:
         params = list(params)
         if len(params) != len(prompts):
             raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        seqs = [self.engine.make_request(p, sp, i)
-                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        done = 0
+        if not self._running.acquire(blocking=False):  # (another thread, or the progress callback)
+            raise UserError("generate is already running on this LLM: call it from one thread at a time")
         try:
-            for seq in seqs:
-                self.engine.submit(seq)
-            if progress is not None:
-                progress(0, 0, 0)  # generation starts: rates are measured from here
-            while self.engine.has_work():
-                done += len(self.engine.step())
-                if progress is not None:
-                    progress(done, sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs),
-                             sum(len(s.output_ids) for s in seqs))
-        except BaseException:  # (an interrupt too): this call's requests end, the next call starts clean
-            self.engine.abandon(seqs)
-            raise
+            seqs = [self.engine.make_request(p, sp, i)
+                    for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+            self._loop(seqs, progress)
+        finally:
+            self._running.release()
         return [self.engine.output(s) for s in seqs]

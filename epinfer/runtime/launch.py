@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -42,12 +43,19 @@ def failure_dir() -> str:
     return os.path.join("epinfer-dumps", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
 
 
+DUMP_FILE = re.compile(r"rank\d+\.(jsonl|stderr\.txt|tmp\d+)")  # a ledger, a rank's stderr, a dump being written
+
+
 def prepare_dump_dir(job: Job) -> None:
     """--dump-dir replaces the files of an earlier run; without it, failures get a new folder."""
     if job.dump_dir:
-        Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
-        for old in Path(job.dump_dir).glob("rank*.*"):
-            old.unlink()
+        try:
+            Path(job.dump_dir).mkdir(parents=True, exist_ok=True)
+            for old in Path(job.dump_dir).iterdir():  # epinfer's own files only, never the user's
+                if DUMP_FILE.fullmatch(old.name) and old.is_file():
+                    old.unlink()
+        except OSError as exc:
+            raise UserError(f"--dump-dir {job.dump_dir}: cannot use it ({exc.strerror or exc})") from None
     else:
         job.failure_dir = failure_dir()
 

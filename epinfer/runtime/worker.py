@@ -127,7 +127,10 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         watchdog.fire(f"{type(exc).__name__}{where}: {text}", status="error")  # the doctor's `error` verdict
         watchdog.await_exit()  # the watchdog thread was already firing (a peer's abort): it exits the process
     if job.dump_dir:
-        ledger.dump(dump_dir, "ok")
+        try:
+            ledger.dump(dump_dir, "ok")
+        except OSError as exc:  # the run itself succeeded: its results still count
+            log_line(f"epinfer: rank {rank}: warning: could not write its ledger to {dump_dir}: {exc.strerror or exc}")
     for line in finish_reports(ctx, ledger):
         log_line(f"epinfer: rank {rank}: {line}")
     # teardown stays watched: graphs holding NCCL collectives go first (NCCL waits for them), and a
