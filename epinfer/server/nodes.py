@@ -60,11 +60,6 @@ class Nodes:
                                 f"replicas (TP stays inside a host); got --dp {dp} --tp {tp}")
             if not 0 < nodes.master_port < 65536:
                 raise UserError(f"--master-port must be a TCP port, got {nodes.master_port}")
-            try:  # a name that resolves to nothing fails here, not after the store's 300 s of retries
-                socket.getaddrinfo(nodes.master_addr, nodes.master_port, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError) as exc:
-                raise UserError(f"--master-addr {nodes.master_addr!r}: not an address this host can resolve "
-                                f"({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})") from None
         return nodes
 
     def ranks_of(self, node: int, world: int) -> range:
