@@ -118,6 +118,35 @@ def test_bad_start_exits_2(tmp_path):
     assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr, proc.stderr
 
 
+def test_a_signal_ends_the_wait_for_other_hosts(tmp_path):
+    """`serve --nnodes 2`: host 1 waiting for host 0's store, and host 0 waiting for host 1 to join,
+    each stop within seconds of a SIGTERM (the store's own waits ran minutes and deferred it); an
+    address that resolves to nothing is one line at once."""
+    from tests.spawn import free_port
+
+    base = [sys.executable, "-m", "epinfer", "serve", "--dp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]
+    for node, wait_line in [("1", None), ("0", "waiting up to 300 s for host(s) 1 to join")]:
+        proc = subprocess.Popen([*base, "--node-rank", node, "--master-port", str(free_port()), "--port", "0"],
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            if wait_line:
+                assert wait_line in proc.stderr.readline()
+            else:
+                time.sleep(6)  # (imports, then the connect attempts)
+            assert proc.poll() is None
+            struck = time.time()
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=30)[1]
+            assert time.time() - struck < 5 and proc.returncode == 130, (node, err)
+            assert err.strip().splitlines()[-1] == "epinfer: interrupted" and "Traceback" not in err, err
+        finally:
+            proc.kill()
+    proc = subprocess.run([*base[:-1], "bad host!", "--node-rank", "1"], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--master-addr 'bad host!': not an address this host can resolve" in proc.stderr, proc.stderr
+
+
 def test_sigterm_timeout_ends_what_is_left(tmp_path):
     """dp=1 (one rank, no collectives): a request still running when --shutdown-timeout runs out
     ends with an error event, and the server still exits 0."""

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,20 +48,25 @@ def start_settings(job, **extra) -> dict:
 
 
 def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], str], timeout: float,
-          scope: str = "") -> None:
+          scope: str = "", interrupted: Callable[[], bool] = lambda: False) -> None:
     """Publishes `mine` as participant `me` of `count`, waits up to `timeout` seconds for the
     others, and raises the same `UserError` on every participant if any differs from participant 0.
     `name(i, values)` says who participant i is (its values may carry where it runs); keys under
-    `values["where"]` are reported, not compared."""
+    `values["where"]` are reported, not compared. The wait polls, so that a signal noted by
+    `interrupted` stops it (`KeyboardInterrupt`): a wait inside the store defers Python's signal
+    handlers to its end."""
     prefix = f"{AGREE_KEY}{scope}"
     store.set(f"{prefix}{me}", json.dumps(mine))
     keys = [f"{prefix}{i}" for i in range(count)]
-    try:
-        store.wait(keys, datetime.timedelta(seconds=timeout))
-    except Exception:  # (the store's timeout error)
-        missing = [i for i, key in enumerate(keys) if not store.check([key])]
-        raise UserError(f"{', '.join(name(i, {}) for i in missing)} did not start within {timeout:.0f} s: "
-                        "start every host of the run (the same command, its own node rank)") from None
+    deadline = time.monotonic() + timeout
+    while not store.check(keys):
+        if interrupted():
+            raise KeyboardInterrupt
+        if time.monotonic() > deadline:
+            missing = [i for i, key in enumerate(keys) if not store.check([key])]
+            raise UserError(f"{', '.join(name(i, {}) for i in missing)} did not start within {timeout:.0f} s: "
+                            "start every host of the run (the same command, its own node rank)")
+        time.sleep(0.05)
     try:
         values = [json.loads(store.get(key)) for key in keys]
         store.set(f"{prefix}read{me}", "1")

@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ranks.start()
+        ranks.start(lambda: bool(signals))
         engine = ranks.wait_ready(lambda: bool(signals))
     except BaseException:
         ranks.close()

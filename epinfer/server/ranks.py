@@ -20,6 +20,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -63,9 +64,10 @@ class RankSet:
     def dump_dir(self) -> str:
         return self.job.dump_dir or self.job.failure_dir
 
-    def start(self) -> None:
+    def start(self, interrupted=lambda: False) -> None:
+        """`interrupted`: a signal came (the waits for other hosts then stop with `KeyboardInterrupt`)."""
         nodes, job = self.nodes, self.job
-        self.store = open_store(nodes)
+        self.store = open_store(nodes, interrupted)
         if nodes.rank == 0:
             prepare_dump_dir(job)
             self.store.set(DUMPS_KEY, job.failure_dir)
@@ -81,7 +83,7 @@ class RankSet:
             else:
                 log_line(f"epinfer: host {nodes.rank}: joined host 0 at {nodes.master_addr}:{nodes.master_port}; "
                          "comparing settings")
-            join(self.store, nodes, job)
+            join(self.store, nodes, job, interrupted)
             if nodes.rank and not job.dump_dir:  # one folder name on every host
                 job.failure_dir = self.store.get(DUMPS_KEY).decode()
         ctx = mp.get_context("spawn")
@@ -183,12 +185,15 @@ class RankSet:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def open_store(nodes: Nodes):
+def open_store(nodes: Nodes, interrupted=lambda: False):
     """The rendezvous store: this process holds it (one host: on a free port; host 0: on
-    --master-port, reachable from the others), or host R's client of host 0's."""
+    --master-port, reachable from the others), or host R's client of host 0's, once host 0's port
+    answers (`reach`)."""
     if nodes.count == 1:
         return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
     where = f"{nodes.master_addr}:{nodes.master_port}"
+    if nodes.rank:
+        reach(nodes, interrupted)
     try:
         if nodes.rank == 0:
             return dist.TCPStore(nodes.master_addr, nodes.master_port, is_master=True, wait_for_workers=False,
@@ -200,15 +205,43 @@ def open_store(nodes: Nodes):
         if nodes.rank == 0:
             raise UserError(f"cannot hold the rendezvous store at {where} (--master-addr / --master-port): "
                             f"{text}") from None
-        raise UserError(f"cannot reach host 0's rendezvous store at {where} within {JOIN_TIMEOUT_S:.0f} s: start "
-                        f"`epinfer serve --nnodes {nodes.count} --node-rank 0` there, or check --master-addr / "
-                        "--master-port") from None
+        raise unreachable(nodes) from None
 
 
-def join(store, nodes: Nodes, job: Job) -> None:
+def unreachable(nodes: Nodes) -> UserError:
+    return UserError(f"cannot reach host 0's rendezvous store at {nodes.master_addr}:{nodes.master_port} within "
+                     f"{JOIN_TIMEOUT_S:.0f} s: start `epinfer serve --nnodes {nodes.count} --node-rank 0` there, or "
+                     "check --master-addr / --master-port")
+
+
+def reach(nodes: Nodes, interrupted) -> None:
+    """Host R waits here, in Python, until host 0's port takes a connection: the store's own connect
+    retries for minutes inside C++, where a SIGTERM waits for it and an address that resolves to
+    nothing looks like a host 0 not yet started."""
+    try:
+        socket.getaddrinfo(nodes.master_addr, nodes.master_port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"--master-addr {nodes.master_addr!r}: not an address this host can resolve ({reason})") \
+            from None
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection((nodes.master_addr, nodes.master_port), timeout=1.0).close()
+            return
+        except OSError:
+            if interrupted():
+                raise KeyboardInterrupt from None
+            if time.monotonic() > deadline:
+                raise unreachable(nodes) from None
+            time.sleep(0.2)
+
+
+def join(store, nodes: Nodes, job: Job, interrupted=lambda: False) -> None:
     """The hosts of a run agree before any rank starts: distinct node ranks, the same layout, model
     and dtype (`runtime.agreement`)."""
     if nodes.rank and store.add(f"epinfer/serve/node{nodes.rank}", 1) > 1:
         raise UserError(f"another host already joined this run as --node-rank {nodes.rank}")
     settings = start_settings(job, **{"--nnodes": nodes.count})
-    agree(store, nodes.rank, nodes.count, settings, lambda i, _: f"host {i}", JOIN_TIMEOUT_S, scope="serve/")
+    agree(store, nodes.rank, nodes.count, settings, lambda i, _: f"host {i}", JOIN_TIMEOUT_S, scope="serve/",
+          interrupted=interrupted)
