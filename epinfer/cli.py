@@ -521,9 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         say(f"error: {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # (`Interrupted` carries the signal: 143 for SIGTERM)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        say("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}")
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -251,3 +251,16 @@ def test_a_rank_whose_dump_fails_still_prints_its_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("epinfer: rank 1: CollectiveMismatch: test; its dump could "
                                                    f"not be written to {blocked} (FileExistsError"), proc.stderr
+
+
+def test_failure_line_sends_to_doctor_only_where_a_rank_dumped(tmp_path):
+    from epinfer.runtime.launch import failure_line
+
+    line = failure_line((1, -9), [], str(tmp_path / "none"), [])
+    assert line == "parallel run failed: rank 1 was killed by SIGKILL; no rank wrote a dump", line
+    (tmp_path / "rank1.stderr.txt").write_text("oops\n")
+    line = failure_line((1, -9), [], str(tmp_path), ["rank1.stderr.txt"])
+    assert line.endswith("no rank wrote a dump (the ranks' own output in " + str(tmp_path) + ": rank1.stderr.txt)")
+    (tmp_path / "rank0.jsonl").write_text("{}\n")
+    line = failure_line((1, -9), [], str(tmp_path), [])
+    assert line.endswith(f"dumps in {tmp_path}: run `epinfer doctor {tmp_path}`"), line

@@ -100,8 +100,8 @@ def test_sigterm_stops_every_rank(model, tmp_path):
     assert len(ranks) >= 4, "ranks did not start"
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "epinfer: stopped by SIGTERM", err
     time.sleep(0.5)
     alive = [r for r in ranks if os.path.exists(f"/proc/{r}") and b"zombie" not in _status(r)]
     assert not alive, f"ranks still running after SIGTERM: {alive}"

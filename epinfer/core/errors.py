@@ -14,6 +14,15 @@ class UserError(ValueError):
     exit_code = 2
 
 
+class Interrupted(KeyboardInterrupt):
+    """A SIGINT or SIGTERM the run stopped for: the CLI exits 128 + its number (130, 143), as the
+    signal's own default would have."""
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class RunFailed(RuntimeError):
     """A parallel run ended with a fault (exit 3) or a crash; the ranks printed why."""
 

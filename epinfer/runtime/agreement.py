@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from epinfer.core.config import DEMO_MODEL, EngineConfig
-from epinfer.core.errors import UserError
+from epinfer.core.errors import Interrupted, UserError
 from epinfer.core.version import VERSION
 
 AGREE_KEY = "epinfer/agree/"
@@ -48,12 +48,12 @@ def start_settings(job, **extra) -> dict:
 
 
 def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], str], timeout: float,
-          scope: str = "", interrupted: Callable[[], bool] = lambda: False) -> None:
+          scope: str = "", interrupted: Callable[[], int] = lambda: 0) -> None:
     """Publishes `mine` as participant `me` of `count`, waits up to `timeout` seconds for the
     others, and raises the same `UserError` on every participant if any differs from participant 0.
     `name(i, values)` says who participant i is (its values may carry where it runs); keys under
     `values["where"]` are reported, not compared. The wait polls, so that a signal noted by
-    `interrupted` stops it (`KeyboardInterrupt`): a wait inside the store defers Python's signal
+    `interrupted` (its number) stops it (`Interrupted`): a wait inside the store defers Python's signal
     handlers to its end."""
     prefix = f"{AGREE_KEY}{scope}"
     store.set(f"{prefix}{me}", json.dumps(mine))
@@ -61,7 +61,7 @@ def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], st
     deadline = time.monotonic() + timeout
     while not store.check(keys):
         if interrupted():
-            raise KeyboardInterrupt
+            raise Interrupted(interrupted())
         if time.monotonic() > deadline:
             missing = [i for i, key in enumerate(keys) if not store.check([key])]
             raise UserError(f"{', '.join(name(i, {}) for i in missing)} did not start within {timeout:.0f} s: "

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from epinfer.core.env import mark_spawned
-from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.errors import Interrupted, RunFailed, UserError
 from epinfer.core.layout import check_layout
 from epinfer.diagnostics.watchdog import ABORT_KEY, ACTIVE, EXIT_FAULT, READY_KEY, divert_stderr
 from epinfer.runtime.agreement import torchrun_agree
@@ -191,7 +191,7 @@ def launch(job: Job, progress_bar=None) -> list:
             if code == 2 and messages:
                 raise UserError(messages[0])
             if stop["signal"]:
-                raise KeyboardInterrupt
+                raise Interrupted(stop["signal"])
             where = job.dump_dir or job.failure_dir
             raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code,
                             failure_line(first, messages, where, keep_rank_logs(tmp, where)))
@@ -282,6 +282,9 @@ def failure_line(first: tuple[int, int] | None, messages: list[str], where: str,
     cause = describe_exit(*first) if first is not None else "a rank failed"
     said = f" ({'; '.join(messages)})" if messages else ""
     kept = f", the ranks' own output in {', '.join(logs)}" if logs else ""
+    if not any(Path(where).glob("rank*.jsonl")):  # (stopped before any rank had a ledger to write)
+        return f"{what}: {cause}{said}; no rank wrote a dump" + (f" (the ranks' own output in {where}: " \
+            f"{', '.join(logs)})" if logs else "")
     return f"{what}: {cause}{said}; dumps in {where}{kept}: run `epinfer doctor {where}`"
 
 

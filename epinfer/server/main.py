@@ -83,8 +83,8 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ranks.start(lambda: bool(signals))
-        engine = ranks.wait_ready(lambda: bool(signals))
+        ranks.start(lambda: signals[0] if signals else 0)
+        engine = ranks.wait_ready(lambda: signals[0] if signals else 0)
     except BaseException:
         ranks.close()
         sock.close()

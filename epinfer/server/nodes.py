@@ -229,7 +229,7 @@ def run_headless(ranks) -> int:
     signals: list[int] = []
     old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ranks.start(lambda: bool(signals))
+        ranks.start(lambda: signals[0] if signals else 0)
         local = dict(zip(nodes.local_ranks(ranks.world), ranks.procs, strict=True))
         relay = RelayClient(nodes, ranks.store, {r: ranks.channels.outboxes[r] for r in local})
         log_line(f"epinfer: host {nodes.rank}: {span(list(local))} of the run served by host 0 "

@@ -27,7 +27,7 @@ import time
 
 import torch.distributed as dist
 
-from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.errors import Interrupted, RunFailed, UserError
 from epinfer.core.layout import check_layout
 from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY, log_line
 from epinfer.runtime.agreement import agree, start_settings
@@ -64,8 +64,9 @@ class RankSet:
     def dump_dir(self) -> str:
         return self.job.dump_dir or self.job.failure_dir
 
-    def start(self, interrupted=lambda: False) -> None:
-        """`interrupted`: a signal came (the waits for other hosts then stop with `KeyboardInterrupt`)."""
+    def start(self, interrupted=lambda: 0) -> None:
+        """`interrupted()`: the number of a signal that came, or 0 (the waits for other hosts then
+        stop with `Interrupted`)."""
         nodes, job = self.nodes, self.job
         self.store = open_store(nodes, interrupted)
         if nodes.rank == 0:
@@ -102,7 +103,7 @@ class RankSet:
         remote = self.relay.ranks if self.relay is not None else {}
         self.procs = [procs[r] if r in procs else remote[r] for r in range(self.world) if r in procs or r in remote]
 
-    def wait_ready(self, interrupted=lambda: False) -> dict:
+    def wait_ready(self, interrupted=lambda: 0) -> dict:
         """Rank 0's engine info once every rank is in the serving loop; raises `UserError`
         (a bad flag or checkpoint, exit 2) or `RunFailed` when a rank stops first."""
         while True:
@@ -114,7 +115,7 @@ class RankSet:
                 return msg[1]
             codes = [p.exitcode for p in self.procs]
             if interrupted():
-                raise KeyboardInterrupt
+                raise Interrupted(interrupted())
             if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
                 first = next(c for c in codes if c is not None)
                 code = drain(self.procs, self.store, first, grace=10.0) if first != 0 else first
@@ -185,7 +186,7 @@ class RankSet:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def open_store(nodes: Nodes, interrupted=lambda: False):
+def open_store(nodes: Nodes, interrupted=lambda: 0):
     """The rendezvous store: this process holds it (one host: on a free port; host 0: on
     --master-port, reachable from the others), or host R's client of host 0's, once host 0's port
     answers (`reach`)."""
@@ -231,13 +232,13 @@ def reach(nodes: Nodes, interrupted) -> None:
             return
         except OSError:
             if interrupted():
-                raise KeyboardInterrupt from None
+                raise Interrupted(interrupted()) from None
             if time.monotonic() > deadline:
                 raise unreachable(nodes) from None
             time.sleep(0.2)
 
 
-def join(store, nodes: Nodes, job: Job, interrupted=lambda: False) -> None:
+def join(store, nodes: Nodes, job: Job, interrupted=lambda: 0) -> None:
     """The hosts of a run agree before any rank starts: distinct node ranks, the same layout, model
     and dtype (`runtime.agreement`)."""
     if nodes.rank and store.add(f"epinfer/serve/node{nodes.rank}", 1) > 1:
