@@ -99,6 +99,10 @@ def test_p90_is_nearest_rank():
     (["--dp", "2", "--replica-batch", "64,x"], "--replica-batch '64,x': give counts like 64,8"),
     (["--gpu-memory-utilization", "1.5", "--batch", "1"],
      "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
+    (["--input-len", "40960", "--output-len", "8", "--batch", "1"], "requests of 40,968 tokens (prompt + output) "
+     "are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
+    (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output) are "
+     "beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
 ])
 def test_bad_bench_flags(capsys, argv, message):
     from epinfer.cli import main

@@ -104,7 +104,7 @@ def test_cache_too_small_is_a_clear_error(hybrid, ckpt_dir):
     with pytest.raises(UserError, match="recurrent state for 256 sequences"):
         LLM(hybrid, dtype="float32", device="cpu", cache_memory_gb=0.0001)
     with pytest.raises(UserError, match="needs more KV cache than the budget holds"):
-        LLM(str(ckpt_dir("qwen3_moe")), dtype="float32", device="cpu", max_model_len=4096,
+        LLM(str(ckpt_dir("qwen3_moe")), dtype="float32", device="cpu", max_model_len=512,
             cache_memory_gb=0.0001)
 
 

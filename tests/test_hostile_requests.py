@@ -309,6 +309,7 @@ def cli_cases(tmp_path):
         ([*hi, "--output", str(tmp_path / "missing" / "out.json")], "not a file in an existing folder"),
         ([*hi, "--output", str(tmp_path)], "not a file in an existing folder"),
         ([*hi, "--cache-memory-gb", "nan"], "(--cache-memory-gb) must be a finite number > 0, got nan"),
+        ([*hi, "--max-model-len", "2000"], "(--max-model-len) 2,000 is beyond the model's 1,024 positions"),
         ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "(--cache-memory-gb) must be a finite number > 0"),
         ([*hi, "--collective-timeout", "0", "--dp", "2"], "--collective-timeout must be a finite number of"),
         ([*hi, "--collective-timeout", "nan"], "--collective-timeout must be a finite number of seconds >= 1"),

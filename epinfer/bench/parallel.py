@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from epinfer.bench.profiling import breakdown, comm_kind, steps_needed
-from epinfer.bench.single import p90, shape_folder, submit_random, trace_folder
+from epinfer.bench.single import bench_model_len, p90, shape_folder, submit_random, trace_folder
 from epinfer.core.errors import UserError
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.distributed.dp_sync import DPCoordinator
@@ -171,7 +171,7 @@ def bench_parallel(job: Job, shape: str, batches: list[int], input_len: int, out
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, job.engine.fp8_weights)
         ecfg = dataclasses.replace(job.engine, model=str(folder), random_weights=True, max_num_seqs=max(1, top),
-                                   max_model_len=input_len + output_len + 64,
+                                   max_model_len=bench_model_len(folder, input_len + output_len, 64),
                                    max_num_batched_tokens=max(16384, input_len))
         spec = BenchSpec(batches, input_len, output_len, replica_batch, trace=trace)
         records = launch(dataclasses.replace(job, engine=ecfg, mode=BenchMode(spec)))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from epinfer.bench.single import shape_folder
+from epinfer.bench.single import bench_model_len, shape_folder
 from epinfer.bench.workload import Workload, first_prompts, lengths, next_turn, summary, warm_up_workload, workload
 from epinfer.core.config import ModelConfig
 from epinfer.core.env import raise_open_file_limit
@@ -212,7 +212,8 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         longest = max(i + o for i, o in pairs)
         log = Path(tmp, "server.log")
         warm = warm_up_workload(w, budget, longest)
-        flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(longest + 16),
+        model_len = bench_model_len(folder, longest, 16)
+        flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(model_len),
                  "--max-queue", str(max(len(pairs), warm.requests) + 16), "--max-num-batched-tokens", str(budget),
                  *server_flags]
         proc, url, healthy_s = start_server(flags, log)

@@ -148,6 +148,20 @@ def shape_folder(shape: str, layers: int | None, tmp: str, fp8: bool = False) ->
     return Path(tmp)
 
 
+def bench_model_len(folder: Path, longest: int, margin: int) -> int:
+    """The max model length for requests of up to `longest` tokens (prompt and output): `margin`
+    more where the shape's positions allow; a request beyond them is one line, before any engine."""
+    raw = read_json_object(folder / "config.json")
+    text = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
+    positions = text.get("max_position_embeddings", 4096)  # (the engine's default where it is missing)
+    if not isinstance(positions, int) or positions < 1:
+        return longest + margin  # (the engine names the bad field)
+    if longest > positions:
+        raise UserError(f"requests of {longest:,} tokens (prompt + output) are beyond the shape's {positions:,} "
+                        "positions (max_position_embeddings): lower --input-len / --output-len")
+    return min(longest + margin, positions)
+
+
 def warm_up(engine: Engine, input_len: int) -> None:
     """Two short requests end to end, so kernel compilation (Triton, torch.compile) and the first
     CUDA graphs are not timed as prefill."""
@@ -282,7 +296,8 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, fp8)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True, fp8_weights=fp8,
-                            max_num_seqs=max(batches), max_model_len=input_len + output_len + 16,
+                            max_num_seqs=max(batches),
+                            max_model_len=bench_model_len(folder, input_len + output_len, 16),
                             max_num_batched_tokens=max(16384, input_len), cuda_graphs=cuda_graphs,
                             gpu_memory_utilization=gpu_memory_utilization, async_scheduling=async_scheduling,
                             mamba_ssm_cache_dtype=state_dtype, enable_prefix_caching=False)

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from epinfer.bench.single import shape_folder
+from epinfer.bench.single import bench_model_len, shape_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
@@ -250,7 +250,8 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, engine_cfg.fp8_weights)
         ecfg = dataclasses.replace(engine_cfg, model=str(folder), random_weights=True,
-                                   max_model_len=max(engine_cfg.max_model_len or 0, longest + 16))
+                                   max_model_len=max(engine_cfg.max_model_len or 0,
+                                                     bench_model_len(folder, longest, 16)))
         t0 = time.perf_counter()
         engine = Engine(ecfg)
         built = time.perf_counter() - t0

@@ -345,7 +345,7 @@ class EngineConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (value < least and value != auto):
                 note = "" if auto is _NONE else f" ({'unset' if auto is None else auto}: chosen by the engine)"
-                raise UserError(f"{_flag(name)} must be an integer >= {least}{note}, got {_python(value)}")
+                raise UserError(f"{field_flag(name)} must be an integer >= {least}{note}, got {_python(value)}")
             fixed[name] = int(value)
         for name, unit in (("cache_memory_gb", False), ("gpu_memory_utilization", True)):
             value = getattr(self, name)
@@ -353,7 +353,7 @@ class EngineConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf") \
                     or (unit and value > 1):
-                raise UserError(f"{_flag(name)} must be {'in (0, 1]' if unit else 'a finite number > 0'}, "
+                raise UserError(f"{field_flag(name)} must be {'in (0, 1]' if unit else 'a finite number > 0'}, "
                                 f"got {_python(value)}")
             fixed[name] = float(value)
         for name in ("random_weights", "cuda_graphs", "parallel_graphs", "fp8_weights", "enable_prefix_caching",
@@ -372,7 +372,7 @@ def _python(value: Any) -> str:
     return one_line(repr(value), 60)
 
 
-def _flag(name: str) -> str:
+def field_flag(name: str) -> str:
     """An engine field as `LLM` names it, and as the command line does where it has a flag."""
     flags = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "cache_memory_gb", "gpu_memory_utilization"}
     return f"{name} (--{name.replace('_', '-')})" if name in flags else name

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from epinfer.core.checkpoint_files import model_folder
-from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
+from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig, field_flag
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
@@ -178,6 +178,9 @@ class Engine:
         self.ctx = ctx = ctx or ParallelContext()
         self.model_config = cfg = ModelConfig.from_dir(folder)
         check_model_layout(cfg, ctx.dp_size, ctx.tp_size, ctx.expert_parallel)
+        if ecfg.max_model_len is not None and ecfg.max_model_len > cfg.max_position_embeddings:
+            raise UserError(f"{field_flag('max_model_len')} {ecfg.max_model_len:,} is beyond the model's "
+                            f"{cfg.max_position_embeddings:,} positions (max_position_embeddings in config.json)")
         self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_batched_tokens == 0:
