@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end workloads on ONE NVIDIA GPU (the "End-to-end workloads" section of benchmarks/RESULTS.md):
 # `epinfer bench --shape qwen3.5-35b-a3b --workload W --json` (random bf16 weights, the defaults: graph
-# pieces, chunk-attention kernel, the mixed-step kernels, a bf16 GDN state, 16384 tokens a step, 512
-# sequences, async scheduling), one run per mode:
+# pieces, chunk-attention kernel, cuDNN for long chunks, the mixed-step kernels, a bf16 GDN state, 16384
+# tokens a step, 512 sequences, async scheduling), one run per mode:
 #
 #   throughput        1000 x 1024 in / 128 out
 #   throughput-fp32   the same with --mamba-ssm-cache-dtype float32 (transformers' state arithmetic)
@@ -16,8 +16,9 @@
 #   long-context      100 x 32,000 in / 100 out
 #   long-context-kv   long context at 32,768 tokens a step with 128 sequences (state slots for the
 #                     sequences the KV cache can hold), then at 65,536 with 128
-#   long-context-cudnn  long context at 32,768 tokens a step with 128 sequences, with EPINFER_CUDNN_CHUNKS=1
-#                     (long chunks through cuDNN's attention), then without, same call
+#   long-context-cudnn  long context at 32,768 tokens a step with 128 sequences, with cuDNN's attention for
+#                     the long chunks (the default), then with EPINFER_CUDNN_CHUNKS=0, same call
+#   long-context-64k  long context at 65,536 tokens a step (two whole prompts) with 128 sequences
 #   long-context-fp8  the same with FP8 weights and cuDNN's long chunks (half the weight bytes: the KV
 #                     cache holds about half again as many sequences)
 #   startup           where a cold start-up goes (`startup_profile.py --warm`: empty Triton and
@@ -58,6 +59,8 @@ long-context-kv)
 long-context-cudnn)
   for c in 1 0; do EPINFER_CUDNN_CHUNKS=$c run "long_context_cudnn$c" 300 --workload long-context \
     --max-num-batched-tokens 32768 --max-num-seqs 128; done ;;
+long-context-64k) run long_context_64k 300 --workload long-context --max-num-batched-tokens 65536 \
+                    --max-num-seqs 128 ;;
 long-context-fp8)
   EPINFER_CUDNN_CHUNKS=1 run long_context_fp8 300 --workload long-context --max-num-batched-tokens 32768 \
     --max-num-seqs 128 --quant fp8 ;;
@@ -69,7 +72,7 @@ serve-decode-64)
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
   echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context long-context-kv" \
-    "long-context-cudnn long-context-fp8 startup generation-heavy serve" \
+    "long-context-cudnn long-context-64k long-context-fp8 startup generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done

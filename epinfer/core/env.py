@@ -14,8 +14,9 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PIECEWISE=0         prefill and mixed steps without graph pieces (`runner.piecewise`), eagerly
   EPINFER_CHUNK_ATTENTION=0   prompt chunks' attention through SDPA per chunk instead of one Triton kernel
                               over the paged cache (`kernels.prefill_attention`)
-  EPINFER_CUDNN_CHUNKS=1      prompt chunks of 4,096 rows or more through cuDNN's attention, long prompts cut
-                              at multiples of 2,048 tokens (`kernels.cudnn_attention`); off until measured
+  EPINFER_CUDNN_CHUNKS=0      prompt chunks of 4,096 rows or more through the Triton kernel, not cuDNN's
+                              attention (`kernels.cudnn_attention`), and long prompts not cut at multiples
+                              of 2,048 tokens
   EPINFER_FP8_DECODE_W16=1    FP8 weights widened to bf16 in registers, activations unquantised, at every
                               decode size (`kernels.fp8_gemm`); by default only in steps of 8 tokens or fewer,
                               where it is faster; =0 never
@@ -129,7 +130,7 @@ class Switches:
 
     @property
     def cudnn_chunks(self) -> bool:
-        return _on("EPINFER_CUDNN_CHUNKS", False)
+        return _on("EPINFER_CUDNN_CHUNKS", True)
 
     @property
     def mixed_step_kernels(self) -> bool:

@@ -15,9 +15,10 @@ length. So a chunk takes this path only in shapes that repeat:
 
 A chunk after context is two calls, its own keys causal and the context's unmasked, merged by their
 log-sum-exps (`merge`). The context's keys are gathered from the paged cache into one dense copy.
-Chunks of `MIN_ROWS` or more take this path when EPINFER_CUDNN_CHUNKS=1 (off until measured end to
-end); the rest of the step stays on `prefill_attention`. The engine's start-up runs one chunk of each
-kind (`warm_up`): the merge's compilation and a refusal (an old cuDNN, say) happen there.
+Chunks of `MIN_ROWS` or more take this path unless EPINFER_CUDNN_CHUNKS=0 (the long-context profile:
+49,941 against 46,357 tok/s on an H200, RESULTS.md); the rest of the step stays on
+`prefill_attention`. The engine's start-up runs one chunk of each kind (`warm_up`): the merge's
+compilation and a refusal (an old cuDNN, say) happen there.
 
 Shape suffixes: N a chunk's rows, P padded rows, C context tokens, H query heads, KVH key/value heads.
 """

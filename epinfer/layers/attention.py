@@ -9,9 +9,9 @@ On GPUs the decode rows of a mixed step all go through one batched paged-decode 
 (`paged_attention.py`). Each prompt chunk is one SDPA call (a fresh prompt its own keys with a
 causal flag, a later chunk its cached context with a bottom-right causal bias), or, in bf16 / fp16
 on GPUs (unless EPINFER_CHUNK_ATTENTION=0), every chunk of the step goes through one kernel over the
-paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike); with
-EPINFER_CUDNN_CHUNKS=1 the long chunks whose shapes repeat take cuDNN's attention instead
-(`cudnn_attention.py`).
+paged cache (`prefill_attention.py`: fresh prompts and chunks after cached context alike), except the
+long chunks whose shapes repeat, which take cuDNN's attention (`cudnn_attention.py`; unless
+EPINFER_CUDNN_CHUNKS=0).
 Decode-only steps on the fast path (`batch.decode`) run the paged-decode kernel for all rows, and
 in low precision the q/k norm, rotary and cache writes before it are one kernel too
 (`rope_to_cache`). On the CPU every sequence takes the SDPA reference (float32: the same arithmetic
