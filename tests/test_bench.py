@@ -101,6 +101,12 @@ def test_p90_is_nearest_rank():
      "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
     (["--input-len", "40960", "--output-len", "8", "--batch", "1"], "requests of 40,968 tokens (prompt + output) "
      "are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
+    (["--batch", "65536", "--input-len", "1000"], "this benchmark's requests hold 67,633,152 tokens (prompts and "
+     "outputs) in all; at most 33,554,432 (its prompts are built in host memory): lower --batch / --num-requests "
+     "or the lengths"),
+    (["--workload", "throughput", "--num-requests", "100000"], "this benchmark's requests hold 115,200,000 tokens "
+     "(prompts and outputs) in all; at most 33,554,432 (its prompts are built in host memory): lower --batch / "
+     "--num-requests or the lengths"),
     (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output) are "
      "beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
 ])

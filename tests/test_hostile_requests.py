@@ -517,3 +517,28 @@ def test_server_fuzz_keeps_serving(hostile):
     events = list(sse_events(r)) if r.status_code == 200 else []
     assert events and all("error" not in e for e in events)
     assert httpx.get(f"{hostile.url}/health").status_code == 200 and hostile.proc.pid == pid
+
+
+def test_a_trickled_body_gets_408_not_a_held_connection():
+    """A client that sends its head, then its body a few bytes at a time (or never), gets a 408 once
+    the body's deadline passes; a whole body within it is read as ever."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from epinfer.server.app import read_body
+    from epinfer.server.protocol import APIError
+
+    def request(parts: list[bytes], stall: bool) -> Request:
+        async def receive():
+            if parts:
+                return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts) or stall}
+            await asyncio.sleep(3600)  # the rest never comes
+        return Request({"type": "http", "method": "POST", "headers": [(b"content-length", b"100")]}, receive)
+
+    assert asyncio.run(read_body(request([b"ab", b"cd"], False), 1000, 0.5)) == b"abcd"
+    t0 = time.time()
+    with pytest.raises(APIError) as err:
+        asyncio.run(read_body(request([b"ab"], True), 1000, 0.3))
+    assert err.value.status == 408 and "the request body did not arrive within 0.3 s" in err.value.message
+    assert 0.3 <= time.time() - t0 < 2, time.time() - t0

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from epinfer.bench.profiling import breakdown, comm_kind, steps_needed
-from epinfer.bench.single import bench_model_len, p90, shape_folder, submit_random, trace_folder
+from epinfer.bench.single import bench_model_len, check_bench_tokens, p90, shape_folder, submit_random, trace_folder
 from epinfer.core.errors import UserError
 from epinfer.diagnostics.ledger import Ledger
 from epinfer.distributed.dp_sync import DPCoordinator
@@ -168,6 +168,7 @@ def bench_parallel(job: Job, shape: str, batches: list[int], input_len: int, out
         raise UserError(f"--replica-batch {replica_batch}: counts must be >= 0 (an idle replica is 0), not all 0")
     top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
     trace = trace_folder(trace)
+    check_bench_tokens(max(max(batches), top * dp) * (input_len + output_len))
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, job.engine.fp8_weights)
         ecfg = dataclasses.replace(job.engine, model=str(folder), random_weights=True, max_num_seqs=max(1, top),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from epinfer.bench.single import bench_model_len, shape_folder
+from epinfer.bench.single import bench_model_len, check_bench_tokens, shape_folder
 from epinfer.bench.workload import Workload, first_prompts, lengths, next_turn, summary, warm_up_workload, workload
 from epinfer.core.config import ModelConfig
 from epinfer.core.env import raise_open_file_limit
@@ -203,6 +203,7 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         raise UserError("--serve needs httpx: pip install httpx (or epinfer[serve])") from None
     w = workload(name, requests, input_len, output_len)
     pairs = lengths(w, seed)
+    check_bench_tokens(sum(i + o for i, o in pairs))
     clients = min(concurrency or len(pairs), len(pairs))
     if clients < 1:
         raise UserError("--concurrency must be >= 1")

@@ -148,6 +148,16 @@ def shape_folder(shape: str, layers: int | None, tmp: str, fp8: bool = False) ->
     return Path(tmp)
 
 
+BENCH_TOKENS = 1 << 25  # prompt and output tokens of a benchmark in all: its prompts are built in host memory
+
+
+def check_bench_tokens(total: int) -> None:
+    if total > BENCH_TOKENS:
+        raise UserError(f"this benchmark's requests hold {total:,} tokens (prompts and outputs) in all; at most "
+                        f"{BENCH_TOKENS:,} (its prompts are built in host memory): lower --batch / --num-requests "
+                        "or the lengths")
+
+
 def bench_model_len(folder: Path, longest: int, margin: int) -> int:
     """The max model length for requests of up to `longest` tokens (prompt and output): `margin`
     more where the shape's positions allow; a request beyond them is one line, before any engine."""
@@ -293,6 +303,7 @@ def bench(shape: str, batches: list[int], input_len: int, output_len: int, layer
     on CPU, host only, which turns the breakdown on there). No prefix caching: the random prompts
     share no prefix, and a hybrid model's state snapshots would only take the cache's memory."""
     trace = trace_folder(trace)
+    check_bench_tokens(max(batches) * (input_len + output_len))
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, fp8)
         ecfg = EngineConfig(model=str(folder), dtype=dtype, device=device, random_weights=True, fp8_weights=fp8,

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from epinfer.bench.single import bench_model_len, shape_folder
+from epinfer.bench.single import bench_model_len, check_bench_tokens, shape_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
@@ -246,7 +246,9 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
     """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`;
     `step_log`: a file to get one JSON line per measured step (kind, rows, decode rows, ms, end since the start)."""
     w = workload(name, requests, input_len, output_len)
-    longest = max(i + o for i, o in lengths(w, seed))
+    pairs = lengths(w, seed)
+    check_bench_tokens(sum(i + o for i, o in pairs))
+    longest = max(i + o for i, o in pairs)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, engine_cfg.fp8_weights)
         ecfg = dataclasses.replace(engine_cfg, model=str(folder), random_weights=True,

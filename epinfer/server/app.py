@@ -39,12 +39,24 @@ from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 LARGE_BODY = 64 << 10  # bytes: a body over this is tokenized in the large prompts' lane
+BODY_DEADLINE_S = 120.0  # a request's whole body must arrive within this once its head has
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, deadline_s: float = BODY_DEADLINE_S) -> bytes:
     """The body, refused with 413 once it exceeds `limit` bytes. Nothing past the limit is kept;
     the rest is read and dropped (up to 8 × the limit) so that a client that sends its whole body
-    before reading the answer gets the 413 rather than a reset connection."""
+    before reading the answer gets the 413 rather than a reset connection. A body still incomplete
+    after `deadline_s` is a 408: a client that trickles it would otherwise hold its connection
+    (and its buffered bytes) for ever."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {deadline_s:g} s",
+                       code="request_timeout") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     too_big = APIError(413, f"the request body exceeds {limit} bytes; this server accepts at most {limit} "
                        "(--max-request-bytes)", code="request_too_large")
