@@ -477,3 +477,23 @@ def test_inductor_cache_kept_across_reboots(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a folder
     assert persistent_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_kernel_manifest_lines(tmp_path):
+    """`kernels.preload`: a manifest's variants for this Triton version, each once, ours and fla's
+    only; broken lines skipped; nothing starts off CUDA (the compile itself is a GPU test)."""
+    import json
+
+    from epinfer.kernels import preload
+
+    def line(version, module, name, data):
+        return json.dumps({"triton": version, "module": module, "name": name, "data": data})
+
+    path = tmp_path / "m.jsonl"
+    ours = line("3.6.0", "epinfer.kernels.x", "k", "a")
+    path.write_text("\n".join([ours, ours, line("3.5.1", "epinfer.kernels.x", "k", "b"),
+                               line("3.6.0", "fla.ops.y", "Y.k", "c"), line("3.6.0", "torch._inductor.z", "k", "d"),
+                               "not json", '{"triton": "3.6.0"}', ""]))
+    assert preload.variants(path, "3.6.0") == [("epinfer.kernels.x", "k", "a"), ("fla.ops.y", "Y.k", "c")]
+    assert preload.manifest_path("NVIDIA H200").name == "NVIDIA_H200.jsonl"
+    assert preload.start(torch.device("cpu")) is None

@@ -34,6 +34,8 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PERMUTE_KERNEL=1    the decode MoE's pair permutation as one Triton kernel (`kernels.moe_triton`);
                               off until timed
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
+  EPINFER_PRELOAD_KERNELS=0   no parallel compile of the GPU's kernel manifest at start-up (`kernels.preload`)
+  EPINFER_RECORD_KERNELS=FILE  every Triton kernel variant a process compiles appended to FILE (a manifest)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
   EPINFER_PARALLEL_GRAPHS=1   the default of --parallel-graphs
   EPINFER_SYMM_MEM=1          the default of --symm-mem
@@ -129,6 +131,14 @@ class Switches:
         return _on("EPINFER_CHUNK_ATTENTION", True)
 
     @property
+    def preload_kernels(self) -> bool:
+        return _on("EPINFER_PRELOAD_KERNELS", True)
+
+    @property
+    def record_kernels(self) -> str | None:
+        return os.environ.get("EPINFER_RECORD_KERNELS") or None
+
+    @property
     def cudnn_chunks(self) -> bool:
         return _on("EPINFER_CUDNN_CHUNKS", True)
 
@@ -200,7 +210,8 @@ KNOWN = {"EPINFER_COMPILE": bool, "EPINFER_MOE_TRITON": bool, "EPINFER_MOE_CONFI
          "EPINFER_FP8_CUBLAS": bool, "EPINFER_MIXED_STEP_KERNELS": bool, "EPINFER_STATE_CAPTURE": bool,
          "EPINFER_EXPANDABLE_SEGMENTS": bool, "EPINFER_PERMUTE_KERNEL": bool, "EPINFER_MOE_TRITON_MAX": float,
          "EPINFER_STACKS_AFTER": float, "EPINFER_PARALLEL_GRAPHS": bool, "EPINFER_SYMM_MEM": bool,
-         "EPINFER_SYMM_MEM_BYTES": int, "EPINFER_SPAWNED": bool}
+         "EPINFER_SYMM_MEM_BYTES": int, "EPINFER_SPAWNED": bool, "EPINFER_PRELOAD_KERNELS": bool,
+         "EPINFER_RECORD_KERNELS": str}
 
 
 _NOTED: set[str] = set()

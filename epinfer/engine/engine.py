@@ -29,7 +29,7 @@ from epinfer.engine.memory import (
     plan_cache,
 )
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from epinfer.kernels import cudnn_attention, paged_attention
+from epinfer.kernels import cudnn_attention, paged_attention, preload
 from epinfer.kernels.gdn_ops import CHUNK
 from epinfer.kernels.gdn_prefill import capture_exact
 from epinfer.runner.batch import PENDING, SeqWork, StepPlan
@@ -200,10 +200,13 @@ class Engine:
         self.defaults, gen_eos = load_generation_defaults(folder)
         self.eos_ids = set(gen_eos if gen_eos is not None else cfg.eos_token_ids)
         self.expandable_segments = expandable_segments(self.device, ctx)
-        # weights first: on a GPU the cache gets what is left of the memory budget after them
+        # weights first: on a GPU the cache gets what is left of the memory budget after them, while
+        # this GPU's known kernel variants compile on other threads (`kernels.preload`)
         started = time.perf_counter()
+        compiling = preload.start(self.device)
         model = build_model(cfg, None if ecfg.random_weights else folder, self.dtype, self.device, ctx,
                             ecfg.fp8_weights)
+        self.kernels_preloaded = compiling.join() if compiling is not None else 0
         built = time.perf_counter()
         layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size, state_dtype)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
