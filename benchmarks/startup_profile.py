@@ -113,11 +113,13 @@ def build(args, folder: str) -> dict:
         engine = Engine(EngineConfig(model=folder, dtype=args.dtype, device=args.device, random_weights=True,
                                      max_model_len=args.max_model_len))
         built = time.perf_counter() - t0
-    return {"engine_s": round(built, 2), "phases_s": engine.startup, "activities_s": sampler.seconds()}
+    return {"engine_s": round(built, 2), "phases_s": engine.startup, "activities_s": sampler.seconds(),
+            "kernels_preloaded": engine.kernels_preloaded}
 
 
 def report(kind: str, rec: dict) -> None:
-    print(f"{kind}: engine {rec['engine_s']} s, phases {rec['phases_s']}", file=sys.stderr)
+    print(f"{kind}: engine {rec['engine_s']} s, phases {rec['phases_s']}, kernel variants preloaded "
+          f"{rec['kernels_preloaded']}", file=sys.stderr)
     print(f"  main thread by activity (s): {rec['activities_s']}", file=sys.stderr)
     for name, count, secs in rec.get("triton_by_kernel", []):
         print(f"  {secs:7.1f} s  {count:3d} variant(s)  {name}", file=sys.stderr)

@@ -23,6 +23,8 @@
 #                     cache holds about half again as many sequences)
 #   startup           where a cold start-up goes (`startup_profile.py --warm`: empty Triton and
 #                     TorchInductor caches, then again on the caches it left)
+#   startup-preload   a cold start-up recording its kernel variants (EPINFER_RECORD_KERNELS), then a cold
+#                     one with them as this GPU's manifest (`kernels.preload`): $OUT/manifest.jsonl
 #   generation-heavy  200 x 1000 in / 2000 out (STATE=float32 for a float32 state)
 #   serve             throughput through `epinfer serve` over HTTP, 512 concurrent streaming clients
 #                     (needs the serve extra; wheels in WHEELS, default .whl, are installed offline)
@@ -65,6 +67,13 @@ long-context-fp8)
   EPINFER_CUDNN_CHUNKS=1 run long_context_fp8 300 --workload long-context --max-num-batched-tokens 32768 \
     --max-num-seqs 128 --quant fp8 ;;
 startup)          step startup 400 python3 benchmarks/startup_profile.py --warm ;;
+startup-preload)
+  EPINFER_RECORD_KERNELS="$OUT/manifest.jsonl" step startup_record 300 python3 benchmarks/startup_profile.py
+  gpu=$(python3 -c "import torch; from epinfer.kernels.preload import manifest_path as m
+print(m(torch.cuda.get_device_name()))")
+  mkdir -p "$(dirname "$gpu")" && cp "$OUT/manifest.jsonl" "$gpu"
+  step startup_preloaded 300 python3 benchmarks/startup_profile.py
+  rm -f "$gpu" ;;
 generation-heavy) run generation_heavy 200 --workload generation-heavy --mamba-ssm-cache-dtype "${STATE:-auto}" ;;
 serve)            bench serve 240 $S --workload throughput --serve --concurrency 512 ;;
 serve-decode-64)
@@ -72,7 +81,7 @@ serve-decode-64)
   bench bench_decode64 200 $S --batch 64 --input-len 1000 --output-len 32 ;;
 *)
   echo "unknown mode $mode (throughput throughput-fp32 seqs-1024 seqs-1024-cached mixed-kernels long-context long-context-kv" \
-    "long-context-cudnn long-context-64k long-context-fp8 startup generation-heavy serve" \
+    "long-context-cudnn long-context-64k long-context-fp8 startup startup-preload generation-heavy serve" \
     "serve-decode-64)"
   exit 2 ;;
 esac; done
