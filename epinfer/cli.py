@@ -15,7 +15,7 @@ from pathlib import Path
 from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
-from epinfer.core.errors import RunFailed, UserError
+from epinfer.core.errors import Interrupted, RunFailed, UserError
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import reason, shown_path, stat_regular
@@ -454,10 +454,27 @@ def preflight(args: argparse.Namespace) -> None:
                             f"this machine has {have}")
 
 
+def _stop(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
+    # a SIGTERM stops generate / bench in this process as Ctrl-C does (its requests end, the line, 143);
+    # parallel runs, serve and torchrun's ranks handle it themselves
+    old = signal.getsignal(signal.SIGTERM)
+    if args.command in ("generate", "bench") and old == signal.SIG_DFL and not under_torchrun():
+        signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _main(args)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _stop:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         check_switches()
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)

@@ -111,3 +111,29 @@ def test_the_version_hosts_compare_is_the_packaged_one():
 
     project = tomllib.loads((Path(epinfer.__file__).parent.parent / "pyproject.toml").read_text())["project"]
     assert project["version"] == VERSION == epinfer.__version__
+
+
+def test_agreement_wait_ends_on_a_signal_or_a_lost_store():
+    """The wait for the other participants polls: a signal noted meanwhile stops it (`Interrupted`
+    with its number), and a store whose holder is gone is one line, not the store's traceback."""
+    from epinfer.core.errors import Interrupted
+
+    class Store:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.data = fail, {}
+
+        def set(self, key, value):
+            self.data[key] = value
+
+        def check(self, keys):
+            if self.fail:
+                raise RuntimeError("Connection reset by peer")
+            return all(k in self.data for k in keys)
+
+    with pytest.raises(Interrupted) as stop:
+        agree(Store(False), 1, 2, {"--dp": 2}, lambda i, _: f"host {i}", 60, interrupted=lambda: 15)
+    assert stop.value.signum == 15
+    with pytest.raises(UserError, match=r"the rendezvous store stopped answering .*\(RuntimeError\)"):
+        agree(Store(True), 1, 2, {"--dp": 2}, lambda i, _: f"host {i}", 60)
+    with pytest.raises(UserError, match="host 0 did not start within 0 s"):
+        agree(Store(False), 1, 2, {"--dp": 2}, lambda i, _: f"host {i}", 0.1)

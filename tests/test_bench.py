@@ -99,16 +99,21 @@ def test_p90_is_nearest_rank():
     (["--dp", "2", "--replica-batch", "64,x"], "--replica-batch '64,x': give counts like 64,8"),
     (["--gpu-memory-utilization", "1.5", "--batch", "1"],
      "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
-    (["--input-len", "40960", "--output-len", "8", "--batch", "1"], "requests of 40,968 tokens (prompt + output) "
-     "are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
+    (["--input-len", "40940", "--output-len", "8", "--batch", "1"], "requests of 40,948 tokens (prompt + output, "
+     "and 16 the benchmark adds) are beyond the shape's 40,960 positions (max_position_embeddings): lower "
+     "--input-len / --output-len"),
+    (["--dp", "2", "--replica-batch", "40000,1", "--input-len", "1000"], "this benchmark's requests hold "
+     "82,560,000 tokens (prompts and outputs) in all; at most 33,554,432 (its prompts are built in host memory): "
+     "lower --batch / --num-requests or the lengths"),
     (["--batch", "65536", "--input-len", "1000"], "this benchmark's requests hold 67,633,152 tokens (prompts and "
      "outputs) in all; at most 33,554,432 (its prompts are built in host memory): lower --batch / --num-requests "
      "or the lengths"),
     (["--workload", "throughput", "--num-requests", "100000"], "this benchmark's requests hold 115,200,000 tokens "
      "(prompts and outputs) in all; at most 33,554,432 (its prompts are built in host memory): lower --batch / "
      "--num-requests or the lengths"),
-    (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output) are "
-     "beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / --output-len"),
+    (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output, and 16 "
+     "the benchmark adds) are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / "
+     "--output-len"),
 ])
 def test_bad_bench_flags(capsys, argv, message):
     from epinfer.cli import main
@@ -320,7 +325,8 @@ def test_workload_through_the_server_in_parallel(tmp_path):
     assert 0 < rec["ttft_ms_p50"] <= rec["ttft_ms_p99"] and rec["tpot_ms_p50"] > 0
     assert rec["startup_s"]["server_healthy"] > 0 and rec["total_tok_s"] > rec["output_tok_s"] > 0
     with pytest.raises(UserError, match="exited with 2 before it was healthy.*--tp 3"):
-        bench_serve_workload(str(tmp_path), "throughput", ["--device", "cpu", "--tp", "3"], requests=1)
+        bench_serve_workload(str(tmp_path), "throughput", ["--device", "cpu", "--tp", "3"], requests=1,
+                             input_len=20, output_len=5)
 
 
 def test_shared_prefix_and_multi_turn_workloads(tmp_path):

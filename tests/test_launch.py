@@ -125,3 +125,17 @@ def _status(pid: int) -> bytes:
             return f.read().lower()
     except OSError:
         return b"zombie"
+
+
+def test_sigterm_stops_a_single_process_generate():
+    """One process: a SIGTERM ends it as Ctrl-C does, with its own line and 143, not a bare signal death."""
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--prompt", "hi", "--max-tokens", "100000",
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert "generating 1 request" in proc.stderr.readline()
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "epinfer: stopped by SIGTERM", err

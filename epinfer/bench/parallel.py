@@ -168,7 +168,7 @@ def bench_parallel(job: Job, shape: str, batches: list[int], input_len: int, out
         raise UserError(f"--replica-batch {replica_batch}: counts must be >= 0 (an idle replica is 0), not all 0")
     top = max(replica_batch) if replica_batch else max(-(-b // dp) for b in batches)
     trace = trace_folder(trace)
-    check_bench_tokens(max(max(batches), top * dp) * (input_len + output_len))
+    check_bench_tokens(top * dp * (input_len + output_len))  # (every replica holds at most `top` requests)
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, job.engine.fp8_weights)
         ecfg = dataclasses.replace(job.engine, model=str(folder), random_weights=True, max_num_seqs=max(1, top),

@@ -159,17 +159,14 @@ def check_bench_tokens(total: int) -> None:
 
 
 def bench_model_len(folder: Path, longest: int, margin: int) -> int:
-    """The max model length for requests of up to `longest` tokens (prompt and output): `margin`
-    more where the shape's positions allow; a request beyond them is one line, before any engine."""
-    raw = read_json_object(folder / "config.json")
-    text = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
-    positions = text.get("max_position_embeddings", 4096)  # (the engine's default where it is missing)
-    if not isinstance(positions, int) or positions < 1:
-        return longest + margin  # (the engine names the bad field)
-    if longest > positions:
-        raise UserError(f"requests of {longest:,} tokens (prompt + output) are beyond the shape's {positions:,} "
-                        "positions (max_position_embeddings): lower --input-len / --output-len")
-    return min(longest + margin, positions)
+    """The max model length for requests of up to `longest` tokens (prompt and output) and the
+    `margin` the benchmark gives them; beyond the shape's positions, one line before any engine."""
+    positions = ModelConfig.from_dir(folder).max_position_embeddings
+    if longest + margin > positions:
+        raise UserError(f"requests of {longest:,} tokens (prompt + output, and {margin} the benchmark adds) are "
+                        f"beyond the shape's {positions:,} positions (max_position_embeddings): lower --input-len "
+                        "/ --output-len")
+    return longest + margin
 
 
 def warm_up(engine: Engine, input_len: int) -> None:

@@ -180,7 +180,8 @@ class Engine:
         check_model_layout(cfg, ctx.dp_size, ctx.tp_size, ctx.expert_parallel)
         if ecfg.max_model_len is not None and ecfg.max_model_len > cfg.max_position_embeddings:
             raise UserError(f"{field_flag('max_model_len')} {ecfg.max_model_len:,} is beyond the model's "
-                            f"{cfg.max_position_embeddings:,} positions (max_position_embeddings in config.json)")
+                            f"{cfg.max_position_embeddings:,} positions (max_position_embeddings in config.json, "
+                            "4,096 if absent)")
         self.device = device or resolve_device(ecfg.device)
         self.dtype = resolve_dtype(ecfg.dtype, cfg)
         if ecfg.max_num_batched_tokens == 0:

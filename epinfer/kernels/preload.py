@@ -115,7 +115,8 @@ class Preload:
         self.thread.start()
 
     def join(self) -> int:
-        """Waits for the compiles; returns how many variants were compiled."""
+        """Waits for the compiles; returns how many variants were submitted (one whose compile
+        failed is left to its launch)."""
         self.thread.join()
         return len(self.submitted)
 

@@ -59,18 +59,18 @@ def agree(store, me: int, count: int, mine: dict, name: Callable[[int, dict], st
     store.set(f"{prefix}{me}", json.dumps(mine))
     keys = [f"{prefix}{i}" for i in range(count)]
     deadline = time.monotonic() + timeout
-    while not store.check(keys):
-        if interrupted():
-            raise Interrupted(interrupted())
-        if time.monotonic() > deadline:
-            missing = [i for i, key in enumerate(keys) if not store.check([key])]
-            raise UserError(f"{', '.join(name(i, {}) for i in missing)} did not start within {timeout:.0f} s: "
-                            "start every host of the run (the same command, its own node rank)")
-        time.sleep(0.05)
     try:
+        while not store.check(keys):
+            if interrupted():
+                raise Interrupted(interrupted())
+            if time.monotonic() > deadline:
+                missing = [i for i, key in enumerate(keys) if not store.check([key])]
+                raise UserError(f"{', '.join(name(i, {}) for i in missing)} did not start within {timeout:.0f} s: "
+                                "start every host of the run (the same command, its own node rank)")
+            time.sleep(0.05)
         values = [json.loads(store.get(key)) for key in keys]
         store.set(f"{prefix}read{me}", "1")
-    except Exception as exc:  # the store's holder stopped meanwhile
+    except (RuntimeError, OSError) as exc:  # the store's holder stopped meanwhile (torch's store errors)
         raise UserError(f"the rendezvous store stopped answering while the hosts compared their settings "
                         f"({type(exc).__name__})") from None
     first = values[0]

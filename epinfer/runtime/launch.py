@@ -276,13 +276,14 @@ def describe_exit(rank: int, code: int) -> str:
 
 
 def failure_line(first: tuple[int, int] | None, messages: list[str], where: str, logs: list[str],
-                 what: str = "parallel run failed") -> str:
+                 what: str = "parallel run failed", every_rank_here: bool = True) -> str:
     """The one line a failed parallel run ends with: the failed rank and its exit cause, what the
-    ranks said, and where the dumps (and the ranks' own stderr) are."""
+    ranks said, and where the dumps (and the ranks' own stderr) are; "no rank wrote a dump" only
+    where `where` is every rank's folder (`every_rank_here`: one host)."""
     cause = describe_exit(*first) if first is not None else "a rank failed"
     said = f" ({'; '.join(messages)})" if messages else ""
     kept = f", the ranks' own output in {', '.join(logs)}" if logs else ""
-    if not any(Path(where).glob("rank*.jsonl")):  # (stopped before any rank had a ledger to write)
+    if every_rank_here and not any(Path(where).glob("rank*.jsonl")):  # (stopped before any ledger existed)
         return f"{what}: {cause}{said}; no rank wrote a dump" + (f" (the ranks' own output in {where}: " \
             f"{', '.join(logs)})" if logs else "")
     return f"{what}: {cause}{said}; dumps in {where}{kept}: run `epinfer doctor {where}`"

@@ -132,7 +132,9 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             state = client.submit(req)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
-            return JSONResponse(exc.body(), status_code=exc.status)
+            # a body not read to its end (too large, too slow): the connection goes with the answer
+            close = {"Connection": "close"} if exc.status in (408, 413) else None
+            return JSONResponse(exc.body(), status_code=exc.status, headers=close)
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             client.metrics.http[(endpoint, 499)] += 1
             return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)

@@ -31,7 +31,7 @@ import uvicorn
 
 from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.env import raise_open_file_limit, under_torchrun
-from epinfer.core.errors import UserError
+from epinfer.core.errors import Interrupted, UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
 from epinfer.runtime.worker import Job
@@ -92,6 +92,10 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if signals:  # (came as the engine reported ready)
+        ranks.close()
+        sock.close()
+        raise Interrupted(signals[0])
     name = args.served_model_name or args.model or "epinfer-demo"
     info = ModelInfo(name, engine["max_model_len"], engine["vocab_size"], engine["defaults"])
     return asyncio.run(Server(args, ranks, tokenizer, info, sock, engine).run())

@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 
-from epinfer.core.errors import UserError
+from epinfer.core.errors import Interrupted, UserError
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 
 RELAY_KEY = "epinfer/serve/relay"
@@ -235,6 +235,7 @@ def run_headless(ranks) -> int:
         log_line(f"epinfer: host {nodes.rank}: {span(list(local))} of the run served by host 0 "
                  f"({nodes.master_addr}); it stops with that run")
         reported: set[int] = set()
+        stopped_by = 0  # the signal this host was told to stop by
         while len(reported) < len(local):
             for r, proc in local.items():
                 if proc.exitcode is not None and r not in reported:
@@ -243,9 +244,12 @@ def run_headless(ranks) -> int:
             if signals:  # this host is told to stop: its ranks go, and host 0 sees them fail
                 log_line(f"epinfer: host {nodes.rank}: stopping {span(list(local))} (signal)")
                 ranks.close()
+                stopped_by = stopped_by or signals[0]
                 signals.clear()
             time.sleep(0.05)
         relay.close()
+        if stopped_by:
+            raise Interrupted(stopped_by)
         codes = {r: proc.exitcode for r, proc in local.items()}
         if all(c == 0 for c in codes.values()):
             log_line(f"epinfer: host {nodes.rank}: every rank stopped with the run")

@@ -18,6 +18,7 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -125,7 +126,7 @@ class RankSet:
                 logs = keep_rank_logs(self.tmp, self.dump_dir)
                 raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code or 1,
                                 failure_line((codes.index(first), first), messages, self.dump_dir, logs,
-                                             "the engine did not start"))
+                                             "the engine did not start", self.nodes.count == 1))
 
     def monitor(self, on_failure) -> None:
         """Starts the thread that reports the first unasked rank exit."""
@@ -209,6 +210,9 @@ def open_store(nodes: Nodes, interrupted=lambda: 0):
         raise unreachable(nodes) from None
 
 
+HOST = re.compile(r"[A-Za-z0-9._:%\[\]-]+")  # a host name, an IPv4 or IPv6 address
+
+
 def unreachable(nodes: Nodes) -> UserError:
     return UserError(f"cannot reach host 0's rendezvous store at {nodes.master_addr}:{nodes.master_port} within "
                      f"{JOIN_TIMEOUT_S:.0f} s: start `epinfer serve --nnodes {nodes.count} --node-rank 0` there, or "
@@ -217,23 +221,27 @@ def unreachable(nodes: Nodes) -> UserError:
 
 def reach(nodes: Nodes, interrupted) -> None:
     """Host R waits here, in Python, until host 0's port takes a connection: the store's own connect
-    retries for minutes inside C++, where a SIGTERM waits for it and an address that resolves to
-    nothing looks like a host 0 not yet started."""
-    try:
-        socket.getaddrinfo(nodes.master_addr, nodes.master_port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise UserError(f"--master-addr {nodes.master_addr!r}: not an address this host can resolve ({reason})") \
-            from None
+    retries for minutes inside C++, where a SIGTERM waits for it. A name that does not resolve is
+    retried too (host 0's may appear only once it starts), and named at the deadline; one that
+    cannot be a host name is refused at once."""
+    addr, port = nodes.master_addr, nodes.master_port
+    if not HOST.fullmatch(addr):
+        raise UserError(f"--master-addr {addr!r} is not a host name or an IP address")
+    log_line(f"epinfer: host {nodes.rank}: waiting up to {JOIN_TIMEOUT_S:.0f} s for host 0 at {addr}:{port}")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while True:
         try:
-            socket.create_connection((nodes.master_addr, nodes.master_port), timeout=1.0).close()
+            socket.create_connection((addr, port), timeout=1.0).close()
             return
-        except OSError:
+        except UnicodeError as exc:  # (a label over 63 characters, say)
+            raise UserError(f"--master-addr {addr!r} is not a host name or an IP address ({exc})") from None
+        except OSError as exc:
             if interrupted():
                 raise Interrupted(interrupted()) from None
             if time.monotonic() > deadline:
+                if isinstance(exc, socket.gaierror):
+                    raise UserError(f"--master-addr {addr!r} did not resolve within {JOIN_TIMEOUT_S:.0f} s "
+                                    f"({exc.strerror})") from None
                 raise unreachable(nodes) from None
             time.sleep(0.2)
 
