@@ -1,0 +1,91 @@
+"""The `epinfer bench` command: its flags (parsed by `epinfer.cli`) to one of the measurements,
+in one process (`single`, `workload`), on spawned ranks (`parallel`) or through a server
+(`serve_workload`), and the records printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from epinfer.core.config import EngineConfig
+from epinfer.core.errors import UserError
+
+
+def run_bench(args: argparse.Namespace, build_job: Callable) -> int:
+    """`build_job(args, engine)`: the command line's run description (`epinfer.cli.build_job`)."""
+    from epinfer.bench.single import bench, format_table
+
+    if args.workload:
+        return run_workload_bench(args)
+    if args.serve or args.concurrency is not None:
+        raise UserError("--serve and --concurrency measure a --workload: add --workload NAME")
+    args.input_len = 128 if args.input_len is None else args.input_len
+    args.output_len = 32 if args.output_len is None else args.output_len
+    if not args.batch and not args.replica_batch:
+        raise UserError("give at least one --batch B (or --replica-batch N0,N1,... with --dp), or --workload")
+    if any(b < 1 for b in args.batch or []) or args.input_len < 1 or args.output_len < 1:
+        raise UserError("--batch, --input-len and --output-len must be >= 1")
+    if args.dp * args.tp > 1 or args.replica_batch:
+        from epinfer.bench.parallel import bench_parallel
+
+        replica = None
+        if args.replica_batch:
+            try:
+                replica = [int(x) for x in args.replica_batch.split(",")]
+            except ValueError:
+                raise UserError(f"--replica-batch {args.replica_batch!r}: give counts like 64,8") from None
+        engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              async_scheduling=args.async_scheduling, parallel_graphs=args.parallel_graphs,
+                              fp8_weights=args.quant == "fp8", mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
+        records = bench_parallel(build_job(args, engine), args.shape, args.batch, args.input_len,
+                                 args.output_len, args.layers, replica, args.trace)
+        print("\n".join(json.dumps(r) for r in records))
+        return 0
+    records = bench(args.shape, args.batch, args.input_len, args.output_len, args.layers, args.device,
+                    args.dtype, args.compare_hf, not args.enforce_eager, args.gpu_memory_utilization,
+                    args.async_scheduling, args.trace, args.quant == "fp8", args.mamba_ssm_cache_dtype)
+    print("\n".join(json.dumps(r) for r in records) if args.json else format_table(records))
+    return 0
+
+
+def run_workload_bench(args: argparse.Namespace) -> int:
+    from epinfer.bench.workload import bench_workload
+
+    if args.serve:
+        from epinfer.bench.serve_workload import bench_serve_workload
+        from epinfer.engine.memory import auto_max_num_batched_tokens
+
+        flags = ["--dtype", args.dtype, "--device", args.device, *(["--max-num-seqs", str(args.max_num_seqs)]
+                                                                   if args.max_num_seqs else []),
+                 "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
+                 "--dp-padding", args.dp_padding]
+        switches = (("--async-scheduling", args.async_scheduling is True),
+                    ("--no-async-scheduling", args.async_scheduling is False), ("--enforce-eager", args.enforce_eager),
+                    ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
+                    ("--fp8-weights", args.quant == "fp8"))
+        flags += [flag for flag, on in switches if on] + ["--mamba-ssm-cache-dtype", args.mamba_ssm_cache_dtype]
+        # (the device by name and its properties only: no CUDA context beside the server's)
+        import torch
+
+        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(
+            torch.device("cuda" if gpu else "cpu"), torch.cuda.get_device_properties(0).total_memory if gpu else 0)
+        record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
+                                      args.input_len, args.output_len, args.concurrency, budget)
+        print(json.dumps(record))
+        return 0 if record["failed"] == 0 and record["server_exit"] == 0 else 1
+    if args.dp * args.tp > 1:
+        raise UserError("--workload without --serve runs one process: add --serve for --dp / --tp")
+    if args.concurrency is not None:
+        raise UserError("--concurrency is for --serve (offline, every request is submitted at once)")
+    engine = EngineConfig(dtype=args.dtype, device=args.device, cuda_graphs=not args.enforce_eager,
+                          gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=args.async_scheduling,
+                          max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens or 0,
+                          enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8",
+                          mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
+    record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
+                            args.output_len, step_log=args.step_log)
+    print(json.dumps(record))
+    return 0
