@@ -349,3 +349,31 @@ def test_shared_prefix_and_multi_turn_workloads(tmp_path):
             assert shared["prefix_cache_hit_rate"] > 0.6 and chats["prefix_cache_hit_rate"] > 0.4
         else:
             assert shared["prefix_cache_hit_rate"] == chats["prefix_cache_hit_rate"] == 0
+
+
+def test_a_signal_while_the_server_starts_stops_it(tmp_path, monkeypatch):
+    """`bench --serve`: Ctrl-C or SIGTERM (`Interrupted`) while the server is not yet healthy stops
+    the server too, rather than leaving it running."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from epinfer.bench import serve_workload
+    from epinfer.core.errors import Interrupted
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):  # a stand-in server that would run for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw))
+        return started[-1]
+
+    def health(*a, **k):
+        raise Interrupted(15)
+
+    monkeypatch.setattr(serve_workload.subprocess, "Popen", popen)
+    monkeypatch.setattr(httpx, "get", health)
+    with pytest.raises(Interrupted):
+        serve_workload.start_server(["--model", "x"], tmp_path / "server.log")
+    assert started and started[0].poll() is not None

@@ -63,15 +63,19 @@ def start_server(flags: list[str], log: Path) -> tuple[subprocess.Popen, str, fl
         proc = subprocess.Popen([sys.executable, "-m", "epinfer", "serve", "--port", str(port), *flags],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - t0 < HEALTH_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise UserError(f"the server exited with {proc.returncode} before it was healthy: {_tail(log)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        while time.perf_counter() - t0 < HEALTH_TIMEOUT_S:
+            if proc.poll() is not None:
+                raise UserError(f"the server exited with {proc.returncode} before it was healthy: {_tail(log)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url, time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    except BaseException:  # (a signal while it starts: the server does not outlive the bench)
+        stop_server(proc)
+        raise
     stop_server(proc)
     raise UserError(f"the server was not healthy after {HEALTH_TIMEOUT_S:.0f} s: {_tail(log)}")
 
