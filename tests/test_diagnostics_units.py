@@ -259,6 +259,7 @@ def test_failure_line_sends_to_doctor_only_where_a_rank_dumped(tmp_path):
     line = failure_line((1, -9), [], str(tmp_path / "none"), [])
     assert line == "parallel run failed: rank 1 was killed by SIGKILL; no rank wrote a dump", line
     (tmp_path / "rank1.stderr.txt").write_text("oops\n")
+    (tmp_path / "rankings.jsonl").write_text("{}\n")  # the user's, not a ledger
     line = failure_line((1, -9), [], str(tmp_path), ["rank1.stderr.txt"])
     assert line.endswith("no rank wrote a dump (the ranks' own output in " + str(tmp_path) + ": rank1.stderr.txt)")
     (tmp_path / "rank0.jsonl").write_text("{}\n")

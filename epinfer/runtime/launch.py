@@ -44,6 +44,7 @@ def failure_dir() -> str:
 
 
 DUMP_FILE = re.compile(r"rank\d+\.(jsonl|stderr\.txt|tmp\d+)")  # a ledger, a rank's stderr, a dump being written
+LEDGER = re.compile(r"rank\d+\.jsonl")
 
 
 def prepare_dump_dir(job: Job) -> None:
@@ -283,9 +284,9 @@ def failure_line(first: tuple[int, int] | None, messages: list[str], where: str,
     cause = describe_exit(*first) if first is not None else "a rank failed"
     said = f" ({'; '.join(messages)})" if messages else ""
     kept = f", the ranks' own output in {', '.join(logs)}" if logs else ""
-    if every_rank_here and not any(Path(where).glob("rank*.jsonl")):  # (stopped before any ledger existed)
-        return f"{what}: {cause}{said}; no rank wrote a dump" + (f" (the ranks' own output in {where}: " \
-            f"{', '.join(logs)})" if logs else "")
+    if every_rank_here and not any(LEDGER.fullmatch(p.name) for p in Path(where).glob("rank*")):
+        own = f" (the ranks' own output in {where}: {', '.join(logs)})" if logs else ""
+        return f"{what}: {cause}{said}; no rank wrote a dump{own}"  # (stopped before any ledger existed)
     return f"{what}: {cause}{said}; dumps in {where}{kept}: run `epinfer doctor {where}`"
 
 
