@@ -213,11 +213,12 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         raise UserError("--concurrency must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
         folder = shape_folder(shape, layers, tmp, "--fp8-weights" in server_flags)
-        vocab = ModelConfig.from_dir(folder).vocab_size
+        cfg = ModelConfig.from_dir(folder)
+        vocab = cfg.vocab_size
         longest = max(i + o for i, o in pairs)
         log = Path(tmp, "server.log")
         warm = warm_up_workload(w, budget, longest)
-        model_len = bench_model_len(folder, longest, 16)
+        model_len = bench_model_len(cfg, longest, 16)
         flags = ["--model", str(folder), "--random-weights", "--max-model-len", str(model_len),
                  "--max-queue", str(max(len(pairs), warm.requests) + 16), "--max-num-batched-tokens", str(budget),
                  *server_flags]

@@ -158,10 +158,12 @@ def check_bench_tokens(total: int) -> None:
                         "or the lengths")
 
 
-def bench_model_len(folder: Path, longest: int, margin: int) -> int:
+def bench_model_len(model: Path | ModelConfig, longest: int, margin: int) -> int:
     """The max model length for requests of up to `longest` tokens (prompt and output) and the
-    `margin` the benchmark gives them; beyond the shape's positions, one line before any engine."""
-    positions = ModelConfig.from_dir(folder).max_position_embeddings
+    `margin` the benchmark gives them; beyond the shape's positions (of the shape folder or its parsed
+    config), one line before any engine."""
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dir(model)
+    positions = cfg.max_position_embeddings
     if longest + margin > positions:
         raise UserError(f"requests of {longest:,} tokens (prompt + output, and {margin} the benchmark adds) are "
                         f"beyond the shape's {positions:,} positions (max_position_embeddings): lower --input-len "

@@ -7,6 +7,9 @@ prints its message on one line and exits 2; it never carries a traceback to the 
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 
 class UserError(ValueError):
     """A problem with the user's input: printed as one line, exit code 2."""
@@ -21,6 +24,33 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = 2) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class NotedSignals:
+    """SIGINT / SIGTERM noted rather than raised, for a loop that polls them between waits:
+    `first()` is the number of the first one still noted, or 0."""
+
+    def __init__(self) -> None:
+        self.numbers: list[int] = []
+
+    def first(self) -> int:
+        return self.numbers[0] if self.numbers else 0
+
+    def clear(self) -> None:
+        self.numbers.clear()
+
+
+@contextlib.contextmanager
+def noting_signals():
+    """SIGINT and SIGTERM are noted in the yielded `NotedSignals` inside the block, and the previous
+    handlers are back after it."""
+    noted = NotedSignals()
+    old = {sig: signal.signal(sig, lambda s, f: noted.numbers.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class RunFailed(RuntimeError):

@@ -31,7 +31,7 @@ import uvicorn
 
 from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.env import raise_open_file_limit, under_torchrun
-from epinfer.core.errors import Interrupted, UserError
+from epinfer.core.errors import Interrupted, UserError, noting_signals
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
 from epinfer.runtime.worker import Job
@@ -80,22 +80,18 @@ def serve(args: argparse.Namespace, job: Job) -> int:
         log_line(f"epinfer: warning: the chat template cannot render a one-message conversation ({problem}); "
                  "/v1/chat/completions will fail")
     ranks = RankSet(job, nodes)  # (it sets the job's mode: the serving loop, with its channels)
-    signals: list[int] = []
-    old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ranks.start(lambda: signals[0] if signals else 0)
-        engine = ranks.wait_ready(lambda: signals[0] if signals else 0)
-    except BaseException:
+    with noting_signals() as signals:
+        try:
+            ranks.start(signals.first)
+            engine = ranks.wait_ready(signals.first)
+        except BaseException:
+            ranks.close()
+            sock.close()
+            raise
+    if signals.first():  # (came as the engine reported ready)
         ranks.close()
         sock.close()
-        raise
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if signals:  # (came as the engine reported ready)
-        ranks.close()
-        sock.close()
-        raise Interrupted(signals[0])
+        raise Interrupted(signals.first())
     name = args.served_model_name or args.model or "epinfer-demo"
     info = ModelInfo(name, engine["max_model_len"], engine["vocab_size"], engine["defaults"])
     return asyncio.run(Server(args, ranks, tokenizer, info, sock, engine).run())

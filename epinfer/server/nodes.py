@@ -23,13 +23,12 @@ import io
 import pickle
 import queue
 import secrets
-import signal
 import socket
 import struct
 import threading
 import time
 
-from epinfer.core.errors import Interrupted, UserError
+from epinfer.core.errors import Interrupted, UserError, noting_signals
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 
 RELAY_KEY = "epinfer/serve/relay"
@@ -226,10 +225,9 @@ def run_headless(ranks) -> int:
     """Host R > 0: its ranks run until the run stops (host 0's joint stop, a fault, host 0 lost).
     Returns the exit code: 0, 2 (a rank's one-line error) or 3."""
     nodes = ranks.nodes
-    signals: list[int] = []
-    old = {sig: signal.signal(sig, lambda s, f: signals.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ranks.start(lambda: signals[0] if signals else 0)
+    with noting_signals() as signals, contextlib.ExitStack() as stack:
+        stack.callback(ranks.close)
+        ranks.start(signals.first)
         local = dict(zip(nodes.local_ranks(ranks.world), ranks.procs, strict=True))
         relay = RelayClient(nodes, ranks.store, {r: ranks.channels.outboxes[r] for r in local})
         log_line(f"epinfer: host {nodes.rank}: {span(list(local))} of the run served by host 0 "
@@ -241,10 +239,10 @@ def run_headless(ranks) -> int:
                 if proc.exitcode is not None and r not in reported:
                     reported.add(r)
                     relay.send(("exit", r, proc.exitcode))
-            if signals:  # this host is told to stop: its ranks go, and host 0 sees them fail
+            if signals.first():  # this host is told to stop: its ranks go, and host 0 sees them fail
                 log_line(f"epinfer: host {nodes.rank}: stopping {span(list(local))} (signal)")
                 ranks.close()
-                stopped_by = stopped_by or signals[0]
+                stopped_by = stopped_by or signals.first()
                 signals.clear()
             time.sleep(0.05)
         relay.close()
@@ -262,10 +260,6 @@ def run_headless(ranks) -> int:
         log_line(f"epinfer: error: host {nodes.rank}: ranks ended with exit codes {codes}; dumps in "
                  f"{ranks.dump_dir}: put them beside host 0's and run `epinfer doctor`")
         return EXIT_FAULT
-    finally:
-        ranks.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def span(ranks: list[int]) -> str:
