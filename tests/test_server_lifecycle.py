@@ -173,3 +173,29 @@ def test_sigterm_timeout_ends_what_is_left(tmp_path):
         assert server.wait(60) == 0, server.output()
     finally:
         server.kill()
+
+
+
+def test_one_rank_position_moves_with_its_steps(tmp_path):
+    """dp=1: one rank, so no collective moves its ledger's step. The step must move with the
+    lockstep loop all the same: the watchdog's step limit counts from the step's start, and a rank
+    whose step stayed at -1 (start-up) was stopped as stuck after 60 s of back-to-back requests.
+    A SIGUSR1 dump after a few requests shows the step the rank is at."""
+    import json
+
+    dumps = tmp_path / "dumps"
+    server = Served(["--dump-dir", str(dumps)], tmp_path / "serve.log")
+    try:
+        for length in (5, 9):
+            r = post(server.url, "/v1/completions", {"prompt": "Beautiful", "max_tokens": length, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        server.proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 30
+        while not (dumps / "rank0.jsonl").is_file():
+            assert time.time() < deadline, server.output()
+            time.sleep(0.2)
+        header = json.loads((dumps / "rank0.jsonl").read_text().splitlines()[0])
+        assert header["status"] == "running" and header["step"] >= 12, header  # a step a token: 14 ran
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        server.kill()

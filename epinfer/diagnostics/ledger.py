@@ -45,6 +45,11 @@ class Ledger:
         self.step = call.step
         call.entry = entry
 
+    def at_step(self, step: int) -> None:
+        """The lockstep loop runs step `step`: the position moves on where no collective says so (a
+        run of one rank has none), so the watchdog's step limit counts from each step's start."""
+        self.step = step
+
     def after(self, call) -> None:
         entry = call.entry
         entry["t1"] = time.time()
