@@ -7,6 +7,7 @@ line naming the tensor."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -61,6 +62,10 @@ def test_malformed_fp8_checkpoints_are_one_line(ckpt_dir, tmp_path):
     cases = [
         (lambda t: t.pop(name + "_scale_inv"), None, f"tensor {name} is FP8 but its scale {name}_scale_inv is missing"),
         (lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)}), None, f"tensor {name}_scale_inv: shape (1, 1)"),
+        (lambda t: t[name + "_scale_inv"].view(-1)[1:2].fill_(-2.0), None,
+         f"tensor {name}_scale_inv: scales must be finite and not negative, found -2.0"),
+        (lambda t: t[name + "_scale_inv"].view(-1)[0:1].fill_(math.nan), None,
+         f"tensor {name}_scale_inv: scales must be finite and not negative, found nan"),
         (lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1)}), None,
          "tensor model.norm.weight_scale_inv: a scale without the FP8 weight model.norm.weight"),
         (None, lambda c: c.pop("quantization_config"), "is float8 but config.json has no FP8 quantization_config"),

@@ -120,6 +120,25 @@ def weight_as(dtype):
     return mutate
 
 
+def tensors_edit(edit, name: str = "model.safetensors"):
+    """One safetensors file of the folder, its tensors changed by `edit(tensors)` in place."""
+    def mutate(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / name)
+        edit(tensors)
+        save_file(tensors, folder / name)
+    return mutate
+
+
+def copy_as(source: str, name: str, shape=None):
+    """`edit` for `tensors_edit`: tensor `name` added, a (zeroed, reshaped) copy of `source`."""
+    def edit(tensors: dict) -> None:
+        t = torch.zeros_like(tensors[source])
+        tensors[name] = t if shape is None else t.flatten()[:math.prod(shape)].reshape(shape)
+    return edit
+
+
 def oversize(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["padding"] = "x" * MAX_JSON_BYTES
@@ -129,6 +148,7 @@ def oversize(folder: Path) -> None:
 M, H, S = "moe", "hybrid", "sharded"  # source checkpoints: qwen3_moe, qwen3_5_moe, qwen3_moe sharded
 C, G, I = "config.json", "generation_config.json", INDEX  # noqa: E741 - file names the message must carry
 LAYERS = ["linear_attention", "full_attention"] * 2
+EX, GDN = "model.layers.0.mlp.experts", "model.layers.0.linear_attn"
 
 # (id, source, mutation, strings the error line must contain)
 CASES = [
@@ -164,6 +184,8 @@ CASES = [
     ("theta-zero", M, config_set({"rope_parameters.rope_theta": 0}), [C, "rope_parameters.rope_theta"]),
     ("rope-list", M, config_set({"rope_parameters": [1]}), [C, "rope_parameters"]),
     ("rope-yarn", M, config_set({"rope_parameters.rope_type": "yarn"}), [C, "rope_type", "yarn"]),
+    ("rope-scaling-yarn-beside-parameters", M, config_set({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+     [C, "rope_scaling.rope_type", "yarn"]),
     ("partial-rotary-zero", H, config_set({"rope_parameters.partial_rotary_factor": 0}),
      [C, "partial_rotary_factor"]),
     ("partial-rotary-above-one", H, config_set({"rope_parameters.partial_rotary_factor": 1.5}),
@@ -223,6 +245,24 @@ CASES = [
     ("weights-broken-link", M, replace_with("model.safetensors", "broken"), ["model.safetensors", "broken"]),
     ("weights-int32", M, weight_as(torch.int32), ["model.embed_tokens.weight", "int32", "not a floating-point"]),
     ("weights-e5m2", M, weight_as(torch.float8_e5m2), ["model.embed_tokens.weight", "F8_E5M2", "not supported"]),
+    # a weight twice (the later copy would silently win), a weight missing, tensors of special layouts
+    # with the wrong rank
+    ("duplicate-across-shards", S, tensors_edit(lambda t: t.update({"model.norm.weight": torch.ones(64)}), SHARD),
+     ["model.norm.weight", "is in", SHARD]),
+    ("duplicate-alias", M, tensors_edit(copy_as("model.embed_tokens.weight", "model.language_model.embed_tokens"
+                                                ".weight")), ["both hold", "model.embed_tokens.weight"]),
+    ("duplicate-expert-index", M, tensors_edit(copy_as(f"{EX}.1.down_proj.weight", f"{EX}.01.down_proj.weight")),
+     ["both hold", f"{EX}.1.down_proj.weight"]),
+    ("duplicate-fused-experts", M, tensors_edit(lambda t: t.update({f"{EX}.gate_up_proj": torch.zeros(8, 64, 64)})),
+     ["both hold", f"{EX}.0.gate_proj.weight"]),
+    ("missing-expert", M, tensors_edit(lambda t: t.pop(f"{EX}.3.up_proj.weight")),
+     ["missing tensors", f"{EX}.3.up_proj.weight"]),
+    ("gdn-tensor-without-gdn", M, tensors_edit(copy_as("model.norm.weight", f"{GDN}.in_proj_ba.weight", (4, 16))),
+     ["unexpected tensor", "in_proj_ba"]),
+    ("gdn-grouped-1d", H, tensors_edit(copy_as("model.norm.weight", f"{GDN}.in_proj_qkvz.weight")),
+     ["in_proj_qkvz", "is not a matrix"]),
+    ("fused-experts-1d", M, tensors_edit(copy_as("model.norm.weight", f"{EX}.down_proj")),
+     [f"{EX}.down_proj", "does not match"]),
     ("shard-fifo", S, replace_with(SHARD, "fifo"), [I, "weight_map", SHARD, "FIFO"]),
     ("shard-directory", S, replace_with(SHARD, "dir"), [I, "weight_map", SHARD, "directory"]),
     ("shard-link-out", S, replace_with(SHARD, "link-out"), [I, "weight_map", SHARD, "outside the model folder"]),

@@ -142,12 +142,14 @@ class ModelConfig:
         num_layers = f.integer("num_hidden_layers", lo=1, hi=MAX_LAYERS)
         num_heads = f.integer("num_attention_heads", lo=1, hi=MAX_HEADS)
         vocab = f.integer("vocab_size", lo=1, hi=MAX_VOCAB)
-        rope_key = next((k for k in ("rope_parameters", "rope_scaling") if f.obj(k)), None)
-        rope = JsonFields(f.raw[rope_key], src, f"{f.prefix}{rope_key}.") if rope_key else JsonFields({}, src)
-        rope_type = rope.raw.get("rope_type", rope.raw.get("type", "default"))
-        if rope_type not in ("default", None):
-            key = "rope_type" if "rope_type" in rope.raw else "type"
-            raise UserError(f"{src}: field {rope.name(key)}: rope type {show(rope_type)} is not supported")
+        present = [k for k in ("rope_parameters", "rope_scaling") if f.obj(k)]
+        for rope_key in present:  # each: transformers applies a scaling type from either, both given or not
+            rope = JsonFields(f.raw[rope_key], src, f"{f.prefix}{rope_key}.")
+            rope_type = rope.raw.get("rope_type", rope.raw.get("type", "default"))
+            if rope_type not in ("default", None):
+                key = "rope_type" if "rope_type" in rope.raw else "type"
+                raise UserError(f"{src}: field {rope.name(key)}: rope type {show(rope_type)} is not supported")
+        rope = JsonFields(f.raw[present[0]], src, f"{f.prefix}{present[0]}.") if present else JsonFields({}, src)
         unsupported_window = "sliding-window attention is not supported"
         if f.flag("use_sliding_window", False):
             raise UserError(f"{src}: field {f.name('use_sliding_window')}: {unsupported_window}")

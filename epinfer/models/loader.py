@@ -12,6 +12,7 @@ Never unpickles: `.bin` checkpoints are refused.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -89,18 +90,37 @@ def normalize_name(key: str, cfg: ModelConfig) -> str | None:
 
 
 class _Tracker:
-    """Counts loaded pieces per parameter so missing ones can be named."""
+    """The pieces of each parameter loaded, and from which tensor: missing ones can be named in the
+    checkpoint's terms, and a piece two tensors load (a duplicate under another name or in another
+    layout) is refused, as the later one would silently win. A piece is None (the whole parameter) or,
+    for the stacked experts, (expert, "gate_proj" | "up_proj") of `w13` and expert of `w2`."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
-        self.params = params
-        self.expected: dict[str, int] = {name: 1 for name in params}
-        self.loaded: dict[str, set] = defaultdict(set)
+        self.expected: dict[str, list] = {name: [None] for name in params}
+        self.loaded: dict[str, dict] = defaultdict(dict)
 
-    def mark(self, name: str, piece: object = 0) -> None:
-        self.loaded[name].add(piece)
+    def expect_experts(self, prefix: str, experts) -> None:
+        self.expected[f"{prefix}.w13"] = [(e, proj) for e in experts for proj in ("gate_proj", "up_proj")]
+        self.expected[f"{prefix}.w2"] = list(experts)
+
+    def mark(self, name: str, key: str, piece: object = None) -> None:
+        first = self.loaded[name].setdefault(piece, key)
+        if first != key:
+            raise UserError(f"tensors {first} and {key} both hold the model's {piece_name(name, piece)}: a "
+                            "checkpoint holds each weight once (a duplicate, under another name or in another "
+                            "layout)")
 
     def missing(self) -> list[str]:
-        return [n for n, k in self.expected.items() if len(self.loaded[n]) < k]
+        return [piece_name(n, p) for n, pieces in self.expected.items() for p in pieces if p not in self.loaded[n]]
+
+
+def piece_name(name: str, piece: object) -> str:
+    """A parameter piece by its checkpoint name: `...experts.3.up_proj.weight`, not the stacked `w13`."""
+    if piece is None:
+        return name
+    prefix = name.rsplit(".", 1)[0]
+    expert, proj = piece if isinstance(piece, tuple) else (piece, "down_proj")
+    return f"{prefix}.{expert}.{proj}.weight"
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, shard_of: torch.Tensor | None = None) -> None:
@@ -136,8 +156,7 @@ class WeightLoader:
                 index = {e: i for i, e in enumerate(module.expert_ids)}
                 self.local_index[name] = index
                 self.inter_index[name] = module.inter_index
-                self.tracker.expected[f"{name}.w13"] = 2 * len(index)
-                self.tracker.expected[f"{name}.w2"] = len(index)
+                self.tracker.expect_experts(name, index)
 
     def adopt(self, prefix: str, module: torch.nn.Module) -> None:
         """Loads into `module`'s parameters as they are now (made since the loader was built)."""
@@ -161,8 +180,8 @@ class WeightLoader:
             return self._grouped_gdn(key, name, get())
         if name not in self.params:
             raise UserError(f"unexpected tensor {key!r} in checkpoint")
+        self.tracker.mark(name, key)
         _copy(self.params[name], get(), key)
-        self.tracker.mark(name)
 
     def _per_expert(self, key: str, prefix: str, expert: int, proj: str, get: Callable[[], torch.Tensor]) -> None:
         if prefix not in self.local_index or expert >= self.cfg.num_experts:
@@ -175,15 +194,15 @@ class WeightLoader:
         if proj == "down_proj":
             if keep is not None:
                 tensor = _select(tensor, 1, keep, key)
+            self.tracker.mark(f"{prefix}.w2", key, expert)
             _copy(self.params[f"{prefix}.w2"][local], tensor, key)
-            self.tracker.mark(f"{prefix}.w2", expert)
             return
         if keep is not None:
             tensor = _select(tensor, 0, keep, key)
         inter = self.params[f"{prefix}.w13"].shape[1] // 2
         half = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+        self.tracker.mark(f"{prefix}.w13", key, (expert, proj))
         _copy(self.params[f"{prefix}.w13"][local, half], tensor, key)
-        self.tracker.mark(f"{prefix}.w13", (expert, proj))
 
     def _fused_expert(self, key: str, prefix: str, proj: str, tensor: torch.Tensor) -> None:
         if prefix not in self.local_index:
@@ -194,6 +213,8 @@ class WeightLoader:
         inter = self.cfg.moe_intermediate_size
         expected = (self.cfg.num_experts, 2 * inter, self.cfg.hidden_size) if proj == "gate_up_proj" \
             else (self.cfg.num_experts, self.cfg.hidden_size, inter)
+        if tensor.dim() != 3:
+            raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} does not match {expected}")
         if tuple(tensor.shape) != expected and tuple(tensor.transpose(1, 2).shape) == expected:
             tensor = tensor.transpose(1, 2)  # some exporters store [E, in, out]
         if tuple(tensor.shape) != expected:
@@ -209,17 +230,18 @@ class WeightLoader:
                 tensor = tensor[:, :, keep_t]
         _copy(param, tensor, key)
         for e in index:
-            if proj == "gate_up_proj":
-                self.tracker.mark(target, (e, "gate_proj"))
-                self.tracker.mark(target, (e, "up_proj"))
-            else:
-                self.tracker.mark(target, e)
+            for piece in ((e, "gate_proj"), (e, "up_proj")) if proj == "gate_up_proj" else (e,):
+                self.tracker.mark(target, key, piece)
 
     def _grouped_gdn(self, key: str, name: str, tensor: torch.Tensor) -> None:
         """Qwen3-Next groups rows per key head: [q k v z] / [b a]; split into the flat layout."""
         cfg = self.cfg
         prefix = name.rsplit(".", 2)[0]
         nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        if not nk or f"{prefix}.in_proj_qkv.weight" not in self.params:  # (no linear attention there)
+            raise UserError(f"unexpected tensor {key!r} in checkpoint")
+        if tensor.dim() != 2:
+            raise UserError(f"tensor {key}: shape {tuple(tensor.shape)} is not a matrix (rows, hidden size)")
         r = cfg.linear_num_value_heads // nk
         hidden = tensor.shape[-1]
         if name.endswith("in_proj_qkvz.weight"):
@@ -240,8 +262,8 @@ class WeightLoader:
             target = f"{prefix}.{part}.weight"
             if target not in self.params:
                 raise UserError(f"unexpected tensor {key!r} in checkpoint")
+            self.tracker.mark(target, key)
             _copy(self.params[target], value, key)
-            self.tracker.mark(target)
 
 
 def _select(tensor: torch.Tensor, dim: int, keep: range, key: str) -> torch.Tensor:
@@ -254,8 +276,9 @@ Reader = Callable[[], torch.Tensor]
 
 
 def open_tensors(files: list[Path], stack: contextlib.ExitStack,
-                 spans: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, tuple[Reader, str]]:
-    """Every tensor of the files, by name: (a reader, its safetensors dtype name). The files stay
+                 spans: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, tuple[Reader, str, Path]]:
+    """Every tensor of the files, by name: (a reader, its safetensors dtype name, its file); a name
+    in two files is refused (which copy is meant can't be known). The files stay
     open (memory-mapped) until `stack` closes, so a tensor can be read with one from another shard.
     `spans`, if given, gets each tensor's (file, begin, end) bytes (for `Prefetcher`)."""
     tensors = {}
@@ -263,7 +286,11 @@ def open_tensors(files: list[Path], stack: contextlib.ExitStack,
         try:
             handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensors[key] = ((lambda h=handle, k=key, p=path: _read(h, k, p)), handle.get_slice(key).get_dtype())
+                if key in tensors:
+                    raise UserError(f"tensor {key} is in {tensors[key][2].name} and in {path.name}: a checkpoint "
+                                    "holds each tensor once")
+                tensors[key] = ((lambda h=handle, k=key, p=path: _read(h, k, p)), handle.get_slice(key).get_dtype(),
+                                path)
         except UserError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -292,14 +319,14 @@ def dequantized(tensors: dict, cfg: ModelConfig,
     into a parameter casts it to the compute dtype; the scales themselves are consumed. Only
     checkpoints whose config declares FP8 may hold FP8 tensors; each needs its scale, and each scale
     its weight."""
-    for key, (get, dtype) in tensors.items():
+    for key, (get, dtype, _) in tensors.items():
         if dtype.startswith("F8_") and dtype != FP8:
             raise UserError(f"tensor {key}: {dtype} weights are not supported (FP8 checkpoints hold F8_E4M3)")
         if dtype == FP8 and cfg.fp8_block is None:
             raise UserError(f"tensor {key} is float8 but config.json has no FP8 quantization_config")
         if cfg.fp8_block is not None and key.endswith(SCALE_SUFFIX):
             weight = key[:-len(SCALE_SUFFIX)]
-            if tensors.get(weight, (None, None))[1] != FP8:
+            if tensors.get(weight, (None, None, None))[1] != FP8:
                 raise UserError(f"tensor {key}: a scale without the FP8 weight {weight}")
             continue
         if dtype != FP8:
@@ -308,7 +335,17 @@ def dequantized(tensors: dict, cfg: ModelConfig,
         if key + SCALE_SUFFIX not in tensors:
             raise UserError(f"tensor {key} is FP8 but its scale {key + SCALE_SUFFIX} is missing")
         scale = tensors[key + SCALE_SUFFIX][0]
-        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device), sc().to(device), cfg.fp8_block, k))
+        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device), checked_scale(sc(), k).to(device),
+                                                                  cfg.fp8_block, k))
+
+
+def checked_scale(scale: torch.Tensor, key: str) -> torch.Tensor:
+    """A weight's block scales as read (on the host, before they cross to the GPU): finite and not
+    negative (0 is an all-zero block; no quantiser makes a negative or non-finite one)."""
+    if scale.numel() and scale.is_floating_point() and not (float(scale.min()) >= 0 and float(scale.max()) < math.inf):
+        bad = scale[~((scale >= 0) & scale.isfinite())].flatten()[0].item()
+        raise UserError(f"tensor {key}{SCALE_SUFFIX}: scales must be finite and not negative, found {bad}")
+    return scale
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:

@@ -224,14 +224,15 @@ def drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
     """A rank failed: give the others OWN_REPORT_S to end on their own (ranks that met the same fault,
     a collective mismatch say, then each print their own line rather than the abort's), then ask every
     live rank to dump and stop (the abort key their watchdogs poll), give them `grace` seconds, and
-    stop the rest. Returns 3 if any rank reported a fault."""
+    stop the rest. Returns 3 if any rank reported a fault, unless the first rank to fail raised a
+    one-line error (exit 2): the peers' faults then only say they lost it."""
     _await_ranks(procs, OWN_REPORT_S)
     dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
     with contextlib.suppress(Exception):
         store.compare_set(ABORT_KEY, "", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
     _await_ranks(procs, grace)
     codes = [p.exitcode for p in procs]
-    return EXIT_FAULT if EXIT_FAULT in codes else first_code
+    return EXIT_FAULT if EXIT_FAULT in codes and first_code != 2 else first_code
 
 
 def _await_ranks(procs: list, seconds: float) -> None:
@@ -250,16 +251,26 @@ def _draw_progress(progress, bar) -> None:
     bar.tick()  # no report yet (ranks starting) still redraws the bar / logs the wait
 
 
+FAULT_GRACE_S = 3.0
+
+
 def _wait(procs: list, stop: dict, tick=lambda: None) -> tuple[int, tuple[int, int] | None]:
     """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
-    wait in their next collective). Returns (code, (rank, exit code) of the first rank seen failing)."""
+    wait in their next collective). Returns (code, (rank, exit code) of the rank to blame).
+    A rank that stopped on a fault (exit 3) usually reacts to another's end (a peer that raised a
+    one-line error, exit 2, may still be leaving): while only such faults are seen, the others get
+    FAULT_GRACE_S to exit, and a rank that did not fault is named first."""
+    faulted_at = None
     while True:
         tick()
         codes = [p.exitcode for p in procs]
         failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
-        if failed:  # a rank that stopped on a fault (exit 3) usually reacts to another's death: name that one
+        if failed:
             failed.sort(key=lambda rc: (rc[1] == EXIT_FAULT, rc[0]))
-            return failed[0][1], failed[0]
+            faulted_at = faulted_at or time.time()
+            settled = all(c is not None for c in codes) or time.time() - faulted_at > FAULT_GRACE_S
+            if failed[0][1] != EXIT_FAULT or settled:
+                return failed[0][1], failed[0]
         if stop["signal"]:
             return 130, None
         if all(c == 0 for c in codes):
