@@ -257,6 +257,23 @@ def test_api_prompt_types(demo_llm):
                              ("a\ud800", "prompt 0 is not valid Unicode"), (None, "must be a string")]:
         with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
             demo_llm.generate([prompt], SamplingParams(max_tokens=2))
+    # containers that would run something else: a dict's keys as the text, a set in no order
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for prompts, fragment in [({"a b", "c d"}, "got set"), ({"prompt": "a", "x": 1}, "takes one key"),
+                              (iter(["a"]), "got list_iterator")]:
+        with pytest.raises(UserError, match=fragment):
+            demo_llm.generate(prompts, params)
+    for params_, fragment in [({"max_tokens": 2}, "got dict"), ([{"max_tokens": 2}], "list of other types"),
+                              ("ab", "got str")]:
+        with pytest.raises(UserError, match=fragment):
+            demo_llm.generate(["a", "b"], params_)
+    # the same prompt in every form it may take: vLLM's dicts, a tuple, numpy ids
+    ids = demo_llm.tokenizer("Flat is", add_special_tokens=True)["input_ids"]
+    want = demo_llm.generate([ids], params)[0].token_ids
+    forms = [{"prompt": "Flat is"}, {"prompt_token_ids": ids}, tuple(ids), [np.int64(t) for t in ids],
+             [{"prompt_token_ids": ids}]]
+    assert all(demo_llm.generate(f, params)[0].token_ids == want for f in forms)
+    assert demo_llm.generate("Flat is", SamplingParams(max_tokens=2, ignore_eos=np.bool_(True)))[0].token_ids
 
 
 # --- the server ----------------------------------------------------------------------------------
@@ -293,7 +310,7 @@ HOSTILE_BODIES = [
     (b'{"prompt": "hi", "temperature": Infinity}', 400, "Infinity"),
     (b'{"prompt": "hi", "temperature": -Infinity}', 400, "-Infinity"),
     (b'{"prompt": "hi", "temperature": 1e309}', 400, "overflows"),
-    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "malformed JSON"),
+    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "integer of 5001 digits"),
     (b'{"prompt": "a\\ud800b"}', 400, "'prompt' is not valid Unicode"),
     (b'{"prompt": "hi", "stop": ["\\ud800"]}', 400, "not valid Unicode"),
     (b'{"prompt": "hi", "model": "\\udfff"}', 400, "'model' is not valid Unicode"),

@@ -69,7 +69,7 @@ class SamplingParams:
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
-            ignore_eos=self.ignore_eos,
+            ignore_eos=bool(self.ignore_eos),
             min_tokens=int(self.min_tokens),
         )
 
@@ -100,7 +100,8 @@ class SamplingParams:
         _integer("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if not isinstance(self.ignore_eos, bool):
+        kind = type(self.ignore_eos)
+        if not isinstance(self.ignore_eos, bool) and not (kind.__module__ == "numpy" and "bool" in kind.__name__):
             raise UserError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Sequence as Seq
 
@@ -47,12 +48,13 @@ class LLM:
         """Outputs in input order. `prompts`: strings or token-id lists (or one of either).
         `progress(requests_done, prompt_tokens_done, tokens_generated)` is called once with zeros as
         generation starts, then after every step, when given."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        if not isinstance(params, (list, tuple)) or not all(p is None or isinstance(p, SamplingParams)
+                                                             for p in params):
+            raise UserError("params must be a SamplingParams or a list of them (one per prompt), got "
+                            f"{type(params).__name__}{' of other types' if isinstance(params, (list, tuple)) else ''}")
         params = list(params)
         if len(params) != len(prompts):
             raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
@@ -65,3 +67,27 @@ class LLM:
         finally:
             self._running.release()
         return [self.engine.output(s) for s in seqs]
+
+
+def prompt_list(prompts) -> list:
+    """`generate`'s prompts as a list, each a string or a sequence of token ids: one prompt (a
+    string, a list or tuple of ints) or a list / tuple of them; vLLM's forms {"prompt": text} and
+    {"prompt_token_ids": ids} are taken too. Any other container (a dict's keys, a set's arbitrary
+    order) would silently run something else: a one-line error."""
+    def one(p):
+        if isinstance(p, dict):
+            keys = set(p)
+            if keys == {"prompt"} or keys == {"prompt_token_ids"}:
+                return p[keys.pop()]
+            raise UserError("a prompt given as a dict takes one key, 'prompt' or 'prompt_token_ids'; got "
+                            f"{sorted(keys)}")
+        return p
+
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                    for t in prompts)):
+        return [one(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError("prompts must be a string, a list of token ids or a list of those, got "
+                        f"{type(prompts).__name__}")
+    return [one(p) for p in prompts]
