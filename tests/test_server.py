@@ -22,7 +22,7 @@ from epinfer import LLM, SamplingParams
 from epinfer.server.engine_loop import outstanding_tokens
 from epinfer.server.protocol import chat_prompt_ids
 from epinfer.server.routing import AFFINITY_SLACK, Router, pick_replica
-from epinfer.server.text import TextStream, held_back
+from epinfer.server.text import StopTail, TextStream
 from tests.serving import Served, gather_requests, metrics, post, sse_events, wait_idle
 
 ZEN = [ln for ln in codecs.decode(this.s, "rot13").splitlines()[2:] if ln.strip()]
@@ -153,8 +153,23 @@ def test_slow_request_head_is_cut_off():
         thread.join(10)
 
 
+def test_stop_tail_matches_the_plain_definition():
+    """`StopTail`, fed a growing text piece by piece, against the definition (the longest suffix of
+    the text that is a proper prefix of the stop string), on random texts over a small alphabet
+    (borders, repeats and whole matches are common there)."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(400):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+        text, tail = "", StopTail(stop)
+        for _ in range(rng.randint(1, 6)):
+            text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 5)))
+            want = max((n for n in range(len(stop)) if text.endswith(stop[:n])), default=0)
+            assert tail.feed(text) == want, (stop, text)
+
+
 def test_stream_holds_back_stop_prefixes(demo_llm):
-    assert held_back("abc", ["cd"]) == 1 and held_back("abc", ["x"]) == 0 and held_back("ab", ["abc"]) == 2
     tok = demo_llm.tokenizer
     ids = tok("Beautiful is better than ugly.\nExplicit is", add_special_tokens=False)["input_ids"]
     stop = "ugly.\nEx"
@@ -262,6 +277,15 @@ def test_openai_client(demo, demo_llm):
     assert chat.usage.prompt_tokens == len(ids) and chat.choices[0].finish_reason == want.finish_reason
     stream = client.chat.completions.create(model="epinfer-demo", messages=messages, max_tokens=25, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text
+    # the template's own switches: no generation prompt, or the last (assistant) message continued
+    partial = [*messages, {"role": "assistant", "content": "Flat is better than"}]
+    for extra in ({"add_generation_prompt": False}, {"add_generation_prompt": False, "continue_final_message": True}):
+        text = tok.apply_chat_template(partial, tokenize=False, **extra)
+        ids = chat_prompt_ids(tok, text)
+        want = demo_llm.generate([ids], SamplingParams(max_tokens=8))[0]
+        got = client.chat.completions.create(model="epinfer-demo", messages=partial, max_tokens=8, extra_body=extra)
+        assert got.usage.prompt_tokens == len(ids) and got.choices[0].message.content == want.text, extra
+    assert text.endswith("Flat is better than")  # (continued: no end of turn after it)
 
 
 def test_64_concurrent_greedy_requests_equal_offline(demo, demo_llm):
@@ -327,6 +351,20 @@ def test_logprobs(demo, demo_llm):
         for event in sse_events(r):
             streamed += event["choices"][0]["logprobs"]["token_logprobs"] if event["choices"][0]["logprobs"] else []
     assert streamed == lp["token_logprobs"]
+    # the stream's text offsets are the whole answer's, also where a stop string's start is held back
+    held = {"prompt": "Beautiful is", "max_tokens": 6, "temperature": 0, "logprobs": 0, "stop": "than pretty"}
+    whole = post(demo.url, "/v1/completions", held).json()["choices"][0]["logprobs"]
+    offsets = []
+    with httpx.stream("POST", f"{demo.url}/v1/completions", json={**held, "stream": True}, timeout=60) as r:
+        for event in sse_events(r):
+            offsets += (event["choices"][0]["logprobs"] or {}).get("text_offset", [])
+    assert offsets == whole["text_offset"] and len(offsets) > 2, (offsets, whole)
+    # each top_logprobs entry holds the sampled token, chosen or not (up to logprobs + 1 entries)
+    hot = post(demo.url, "/v1/completions", {"prompt": "Beautiful is", "max_tokens": 6, "temperature": 3.0,
+                                            "seed": 1, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    assert all(tok in top and top[tok] == got and 1 <= len(top) <= 2
+               for tok, got, top in zip(hot["tokens"], hot["token_logprobs"], hot["top_logprobs"], strict=True))
+    assert any(len(top) == 2 for top in hot["top_logprobs"]), hot  # at temperature 3 some token is not the top
     chat = post(demo.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                                                    "logprobs": True, "top_logprobs": 2}).json()
     content = chat["choices"][0]["logprobs"]["content"]
@@ -350,6 +388,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1024}, 400, "maximum context length is 1024"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 39}, 400, "maximum context length is 1024"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 4299 + b"}", 400, "integer of 4300 digits"),
+    ("/v1/completions", {"prompt": [1, -10 ** 50]}, 400, "integer of 51 digits"),
     ("/v1/completions", {"prompt": "x " * 1100}, 400, "maximum context length is 1024"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "'temperature' must be a number"),

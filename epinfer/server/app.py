@@ -75,6 +75,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {str(exc)[:300]}")
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
 def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_bytes: int) -> FastAPI:
     app = FastAPI(title="epinfer", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -87,8 +92,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {exc}")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+        return internal_error(request, exc)
 
     @app.get("/health")
     async def health():
@@ -138,6 +142,11 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             client.metrics.http[(endpoint, 499)] += 1
             return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+        except Exception as exc:
+            # a fault of ours: a 500 and one line, answered here (after an app-level handler
+            # Starlette re-raises, and the server prints a traceback)
+            client.metrics.http[(endpoint, 500)] += 1
+            return internal_error(request, exc)
         reply = Reply(client, tokenizer, info, state, request)
         if req.stream:  # the status is sent now; a later failure comes as an error event
             client.metrics.http[(endpoint, 200)] += 1
@@ -161,6 +170,7 @@ class Reply:
         self.created = int(time.time())
         self.text = TextStream(tokenizer, state.req.params.stop)
         self.token_ids: list[int] = []
+        self.token_offset = 0  # completions' logprobs: the text offset of the next token (its tokens' lengths)
 
     async def watch_disconnect(self) -> None:
         while True:
@@ -233,13 +243,14 @@ class Reply:
                     yield f"data: {json.dumps(error_body(update.error, kind, code='engine_error'))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
-                offset = len(self.text.sent)
                 self.text.add(update.token_ids)
                 self.token_ids += update.token_ids
                 final = update.finish_reason is not None
                 try:
                     delta = self.text.delta(final, update.stop_text_end)
-                    lp = self.logprobs(update.token_ids, update.logprobs, offset)
+                    lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
+                    if lp is not None and not self.chat and lp["tokens"]:
+                        self.token_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
                     yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
                     yield "data: [DONE]\n\n"

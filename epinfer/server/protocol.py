@@ -7,9 +7,10 @@ empty prompt, `n` other than 1, a prompt that leaves no room for one generated t
 than the served one is a 404, as in the OpenAI API.
 
 Defaults: unset sampling fields come from the checkpoint's generation_config.json, then the
-engine's built-ins (like offline `generate`); unset `max_tokens` is the engine default (64),
-capped at what the model length leaves after the prompt. Extensions: `ignore_eos` (bool) in the
-request; `token_ids` (the generated ids) in each choice.
+engine's built-ins (like offline `generate`); unset `max_tokens` is generation_config.json's
+`max_new_tokens` (as in vLLM) or else 64, raised to `min_tokens`, capped at what the model
+length leaves after the prompt (a request holds KV blocks for all of it from admission on).
+Extensions: `ignore_eos` (bool) in the request; `token_ids` (the generated ids) in each choice.
 """
 
 from __future__ import annotations
@@ -73,12 +74,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_INT_DIGITS = 40  # no field takes a larger integer: one of thousands of digits is refused as it is read
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise APIError(400, f"the JSON body holds an integer of {len(text.lstrip('-'))} digits; no field takes "
+                       f"one of over {MAX_INT_DIGITS}")
+    return int(text)
+
+
 def decode_json(raw: bytes):
     """The body as JSON (UTF-8/16/32), refusing what Python's decoder would otherwise accept:
-    NaN, Infinity and numbers that overflow to infinity. Nesting too deep for the decoder is a
-    400 like any other malformed body."""
+    NaN, Infinity, numbers that overflow to infinity and integers of more than MAX_INT_DIGITS digits
+    (their messages would not fit a line). Nesting too deep for the decoder is a 400 like any other
+    malformed body."""
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise APIError(400, "the JSON body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
@@ -183,8 +195,14 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
     if not all(isinstance(k, str) and k.isidentifier() and k not in TEMPLATE_OWN for k in extra):
         raise APIError(400, "'chat_template_kwargs' keys must be names the template reads (not "
                        f"{', '.join(sorted(TEMPLATE_OWN))})", param="chat_template_kwargs")
+    generation_prompt = _field(body, "add_generation_prompt", bool, True)
+    continue_final = _field(body, "continue_final_message", bool, False)  # the last message goes on
+    if continue_final and generation_prompt:
+        raise APIError(400, "'continue_final_message' needs 'add_generation_prompt': false",
+                       param="continue_final_message")
     try:
-        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **extra)
+        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt,
+                                             continue_final_message=continue_final, **extra)
     except Exception as exc:  # jinja raises many kinds: the template rejected these messages, or is broken
         if template_broken(exc):
             raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
@@ -242,7 +260,7 @@ UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix":
                "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
                "include_stop_str_in_output": (False,), "allowed_token_ids": (), "bad_words": ([],),
                "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
-               "continue_final_message": (False,), "chat_template": (), "documents": ([],)}
+               "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
 
@@ -302,8 +320,12 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; you "
                        f"requested {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in the "
                        f"completion)", param=key)
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    if fields["min_tokens"] > room:
+        raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; 'min_tokens' "
+                       f"asks for {fields['min_tokens']} after the prompt's {len(ids)}", param="min_tokens")
+    if max_tokens is None:  # generation_config.json's max_new_tokens, or 64, and at least min_tokens
+        wanted = info.defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = min(max(wanted, fields["min_tokens"]), room)
     try:
         params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids,
                                 **fields).resolved(info.defaults)

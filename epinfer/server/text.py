@@ -12,20 +12,43 @@ equal the non-streaming text exactly.
 from __future__ import annotations
 
 
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
+class StopTail:
+    """How much of a growing text's end is a proper prefix of `stop`: a KMP automaton fed only the
+    characters added since the last call, so a stream with long stop strings costs O(its length x
+    the number of stop strings) in all, not O(stop length^2) an update."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.fail = [0] * len(stop)  # fail[i]: the longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.state = 0  # the longest suffix of the text fed so far that is a prefix of stop
+        self.fed = 0
+
+    def feed(self, text: str) -> int:
+        """`text` extends what was fed before; returns the length of its longest suffix that is a
+        proper prefix of the stop string."""
+        stop, fail, k = self.stop, self.fail, self.state
+        for ch in text[self.fed:]:
+            while k and ch != stop[k]:
+                k = fail[k - 1]
+            if ch == stop[k]:
+                k += 1
+            if k == len(stop):  # the whole string (it does not count before min_tokens): its border
+                k = fail[k - 1]
+        self.state, self.fed = k, len(text)
+        return k
 
 
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
+        self.tokenizer = tokenizer
+        self.tails = [StopTail(stop) for stop in stops]
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
         self.text = ""  # the text of ids[:read], decoded incrementally
@@ -60,7 +83,7 @@ class TextStream:
         else:
             self._advance()
             text = self.text
-            text = text[:len(text) - held_back(text, self.stops)]
+            text = text[:len(text) - max((tail.feed(text) for tail in self.tails), default=0)]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""  # nothing new (a decoder that rewrites earlier text can't be un-sent)
         out, self.sent = text[len(self.sent):], text
@@ -74,13 +97,17 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 def completion_logprobs(tokenizer, ids: list[int], records: list[tuple], offset: int) -> dict:
-    """The /v1/completions `logprobs` object; `records[i]` = (logprob, [(id, logprob), ...])."""
+    """The /v1/completions `logprobs` object; `records[i]` = (logprob, [(id, logprob), ...]); each
+    `top_logprobs` entry holds the sampled token too (up to logprobs + 1 entries, as OpenAI's legacy
+    API and vLLM give); `offset`: the text offset of ids[0] (the lengths of the tokens before it)."""
     tokens = [token_text(tokenizer, t) for t in ids]
     offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
     top = [{token_text(tokenizer, t): lp for t, lp in rec[1]} for rec in records]
+    for entry, tok, rec in zip(top, tokens, records, strict=True):
+        entry.setdefault(tok, rec[0])
     return {"tokens": tokens, "token_logprobs": [rec[0] for rec in records], "top_logprobs": top,
             "text_offset": offsets}
 
