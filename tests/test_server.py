@@ -11,6 +11,7 @@ import codecs
 import re
 import signal
 import socket
+import sys
 import this
 import time
 
@@ -210,6 +211,25 @@ def test_chat_template_renders_chatml(demo_llm):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ids = chat_prompt_ids(tok, text)
     assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>" and tok.decode(ids) == text
+
+
+def test_a_looping_chat_template_is_cut_off(demo_llm, monkeypatch):
+    """A template's render is bounded (its compiled Python traced): a loop that would run for hours
+    is a 500 for that request, and a start-up warning, after TEMPLATE_SECONDS."""
+    import copy
+
+    from epinfer.server import protocol
+
+    monkeypatch.setattr(protocol, "TEMPLATE_SECONDS", 1)
+    tok = copy.deepcopy(demo_llm.tokenizer)
+    tok.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi"
+    t0, tracing = time.time(), sys.gettrace()
+    assert "did not render within 1 s" in protocol.chat_template_problem(tok)
+    with pytest.raises(protocol.APIError) as err:
+        protocol._chat_ids({"messages": [{"role": "user", "content": "hi"}]}, tok)
+    assert err.value.status == 500 and "did not render these messages within 1 s" in str(err.value)
+    assert time.time() - t0 < 10 and sys.gettrace() is tracing  # (the trace is gone after the render)
+    assert protocol.chat_template_problem(demo_llm.tokenizer) is None
 
 
 # --- the shared dp=2 demo server -----------------------------------------------------------------

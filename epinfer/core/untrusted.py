@@ -9,7 +9,9 @@ type, size or depth. This module holds what both readers need for that:
   again on the opened fd, and open without blocking;
 - `one_line`, `reason`, `show`, `shown_path` and `file_kind` put a fault into a one-line,
   ASCII-safe `UserError` message of bounded length;
-- `is_int`, `is_number` and `ints_in` are the JSON type tests (a bool is not a number).
+- `is_int`, `is_number` and `ints_in` are the JSON type tests (a bool is not a number);
+- `time_limit` bounds Python code that comes with the input (a chat template: Jinja compiles to
+  Python), which no thread can otherwise stop.
 
 It does not decide what is allowed where (folder bounds, size limits, the fields of a format): the
 readers do. It imports only the standard library and `epinfer.core.errors`.
@@ -17,10 +19,13 @@ readers do. It imports only the standard library and `epinfer.core.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import reprlib
 import stat
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +148,28 @@ def open_regular(path: Path | str, name: str) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise UserError(f"{name}: not a regular file (it changed while being opened)")
     return fd, opened
+
+
+class TimeLimitExceeded(Exception):
+    """Raised inside code run under `time_limit` once its time is up."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Runs the block with a trace function on this thread that raises `TimeLimitExceeded` in the
+    traced Python code once `seconds` have passed: a loop in a template (Jinja's compiled Python)
+    ends instead of holding its thread for ever. The trace costs time only while the block runs;
+    code in C (one long string operation) is not interrupted."""
+    deadline = time.monotonic() + seconds
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TimeLimitExceeded(f"still running after {seconds:g} s")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

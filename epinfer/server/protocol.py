@@ -21,10 +21,11 @@ import math
 
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams, check_text
-from epinfer.core.untrusted import one_line
+from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 64
+TEMPLATE_SECONDS = 10  # a chat template's render (its Python, traced) ends with a 500 after this
 
 
 class APIError(Exception):
@@ -201,8 +202,12 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         raise APIError(400, "'continue_final_message' needs 'add_generation_prompt': false",
                        param="continue_final_message")
     try:
-        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt,
-                                             continue_final_message=continue_final, **extra)
+        with time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 continue_final_message=continue_final, **extra)
+    except TimeLimitExceeded:
+        raise APIError(500, f"this model's chat template did not render these messages within {TEMPLATE_SECONDS} s",
+                       "server_error") from None
     except Exception as exc:  # jinja raises many kinds: the template rejected these messages, or is broken
         if template_broken(exc):
             raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
@@ -220,7 +225,11 @@ def chat_template_problem(tokenizer) -> str | None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        with time_limit(TEMPLATE_SECONDS):
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+    except TimeLimitExceeded:
+        return f"it did not render within {TEMPLATE_SECONDS} s"
     except Exception as exc:
         return one_line(exc)
     return None
