@@ -149,6 +149,7 @@ class WeightLoader:
         self.cfg = cfg
         self.params = dict(model.named_parameters())
         self.tracker = _Tracker(self.params)
+        self.sums: list[tuple[str, torch.Tensor]] = []  # each tensor loaded, by the sum of what it wrote
         self.local_index: dict[str, dict[int, int]] = {}
         self.inter_index: dict[str, range | None] = {}
         for name, module in model.named_modules():
@@ -157,6 +158,21 @@ class WeightLoader:
                 self.local_index[name] = index
                 self.inter_index[name] = module.inter_index
                 self.tracker.expect_experts(name, index)
+
+    def _put(self, param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
+        _copy(param, tensor, key)
+        self.sums.append((key, torch.sum(param.detach(), dtype=torch.float32)))  # (on the device: no wait)
+
+    def check_finite(self) -> None:
+        """The tensors loaded since the last check hold no NaN or infinity (a NaN weight would
+        otherwise surface only as a request's non-finite logits): their sums, one wait for all."""
+        if not self.sums:
+            return
+        finite = torch.stack([total for _, total in self.sums]).isfinite()
+        if not bool(finite.all()):
+            key = self.sums[int((~finite).nonzero()[0])][0]
+            raise UserError(f"tensor {key} holds NaN or infinite values")
+        self.sums.clear()
 
     def adopt(self, prefix: str, module: torch.nn.Module) -> None:
         """Loads into `module`'s parameters as they are now (made since the loader was built)."""
@@ -181,7 +197,7 @@ class WeightLoader:
         if name not in self.params:
             raise UserError(f"unexpected tensor {key!r} in checkpoint")
         self.tracker.mark(name, key)
-        _copy(self.params[name], get(), key)
+        self._put(self.params[name], get(), key)
 
     def _per_expert(self, key: str, prefix: str, expert: int, proj: str, get: Callable[[], torch.Tensor]) -> None:
         if prefix not in self.local_index or expert >= self.cfg.num_experts:
@@ -195,14 +211,14 @@ class WeightLoader:
             if keep is not None:
                 tensor = _select(tensor, 1, keep, key)
             self.tracker.mark(f"{prefix}.w2", key, expert)
-            _copy(self.params[f"{prefix}.w2"][local], tensor, key)
+            self._put(self.params[f"{prefix}.w2"][local], tensor, key)
             return
         if keep is not None:
             tensor = _select(tensor, 0, keep, key)
         inter = self.params[f"{prefix}.w13"].shape[1] // 2
         half = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
         self.tracker.mark(f"{prefix}.w13", key, (expert, proj))
-        _copy(self.params[f"{prefix}.w13"][local, half], tensor, key)
+        self._put(self.params[f"{prefix}.w13"][local, half], tensor, key)
 
     def _fused_expert(self, key: str, prefix: str, proj: str, tensor: torch.Tensor) -> None:
         if prefix not in self.local_index:
@@ -228,7 +244,7 @@ class WeightLoader:
                 tensor = tensor[:, torch.cat([keep_t, keep_t + inter])]
             else:
                 tensor = tensor[:, :, keep_t]
-        _copy(param, tensor, key)
+        self._put(param, tensor, key)
         for e in index:
             for piece in ((e, "gate_proj"), (e, "up_proj")) if proj == "gate_up_proj" else (e,):
                 self.tracker.mark(target, key, piece)
@@ -263,7 +279,7 @@ class WeightLoader:
             if target not in self.params:
                 raise UserError(f"unexpected tensor {key!r} in checkpoint")
             self.tracker.mark(target, key)
-            _copy(self.params[target], value, key)
+            self._put(self.params[target], value, key)
 
 
 def _select(tensor: torch.Tensor, dim: int, keep: range, key: str) -> torch.Tensor:
@@ -389,6 +405,7 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
                 loader.adopt(prefix, module)  # the parameters `each_layer` just made
             for key, get in by_layer.pop(unit, []):
                 loader.load(key, get)
+            loader.check_finite()
 
         if each_layer is None:
             for u in units:
