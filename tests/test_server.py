@@ -23,7 +23,7 @@ from epinfer import LLM, SamplingParams
 from epinfer.server.engine_loop import outstanding_tokens
 from epinfer.server.protocol import chat_prompt_ids
 from epinfer.server.routing import AFFINITY_SLACK, Router, pick_replica
-from epinfer.server.text import StopTail, TextStream
+from epinfer.server.text import StopTail, TextStream, token_bytes, token_text
 from tests.serving import Served, gather_requests, metrics, post, sse_events, wait_idle
 
 ZEN = [ln for ln in codecs.decode(this.s, "rot13").splitlines()[2:] if ln.strip()]
@@ -211,6 +211,16 @@ def test_chat_template_renders_chatml(demo_llm):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ids = chat_prompt_ids(tok, text)
     assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>" and tok.decode(ids) == text
+
+
+def test_token_bytes_join_into_split_characters(demo_llm):
+    """Chat logprobs' `bytes`: a character split over tokens (each decodes to U+FFFD alone) comes
+    back whole from the tokens' bytes joined, as OpenAI's field means."""
+    tok = demo_llm.tokenizer
+    text = "é ڃ 😀 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in token_text(tok, ids[0])  # (split: the test means something)
+    assert bytes(b for t in ids for b in token_bytes(tok, t, token_text(tok, t))).decode() == text
 
 
 def test_a_looping_chat_template_is_cut_off(demo_llm, monkeypatch):

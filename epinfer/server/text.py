@@ -112,11 +112,39 @@ def completion_logprobs(tokenizer, ids: list[int], records: list[tuple], offset:
             "text_offset": offsets}
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary writes for
+    each byte value, mapped back to that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """A token's own bytes: for a byte-level BPE vocabulary (Qwen's) its raw bytes, so the bytes of
+    the tokens that split one character join into it (its text alone is U+FFFD); otherwise its text's."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
+            return [BYTE_DECODER[c] for c in piece]
+    return list(text.encode())
+
+
 def chat_logprobs(tokenizer, ids: list[int], records: list[tuple]) -> dict:
     """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
     def entry(token_id: int, logprob: float) -> dict:
         text = token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": logprob, "bytes": token_bytes(tokenizer, token_id, text)}
 
     return {"content": [{**entry(t, rec[0]), "top_logprobs": [entry(i, lp) for i, lp in rec[1]]}
                         for t, rec in zip(ids, records, strict=True)]}
