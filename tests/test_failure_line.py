@@ -26,3 +26,28 @@ def test_bench_failure_names_the_rank(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("epinfer: error: parallel run failed: rank 1 was killed by SIGKILL;"), proc.stderr
     assert f"dumps in {dumps}" in last and "/__w/" not in proc.stderr and ".cc:" not in proc.stderr
+
+
+def test_blame_names_the_cause_not_the_peers_that_lost_it(monkeypatch):
+    """`Blame`: a rank that raised a one-line error (exit 2) is named even when its peers' faults
+    (exit 3, reacting to its end) were seen first; among faults alone, the first seen failing is
+    named, once the others have ended or FAULT_GRACE_S has passed; a killed rank at once."""
+    from epinfer.runtime import launch
+
+    clock = [100.0]
+    monkeypatch.setattr(launch.time, "time", lambda: clock[0])
+
+    def run(timeline: list[tuple[float, list]]):
+        blame = launch.Blame()
+        for t, codes in timeline:
+            clock[0] = 100.0 + t
+            named = blame.verdict(codes)
+            if named is not None:
+                return t, named
+        return None
+
+    assert run([(0.0, [None] * 4), (0.1, [3, None, 3, None]), (0.5, [3, 2, 3, None])]) == (0.5, (1, 2))
+    assert run([(0.1, [None, None, 3, None]), (0.8, [3, 3, 3, None]), (1.0, [3, 3, 3, 3])]) == (1.0, (2, 3))
+    assert run([(0.1, [None, 3, None]), (2.0, [None, 3, None]), (3.2, [None, 3, None])]) == (3.2, (1, 3))
+    assert run([(0.1, [None, -9, None])]) == (0.1, (1, -9))
+    assert run([(0.1, [0, 0, None]), (0.2, [0, 0, 0])]) is None  # (every rank done: no failure to name)

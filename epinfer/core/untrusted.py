@@ -11,7 +11,7 @@ type, size or depth. This module holds what both readers need for that:
   ASCII-safe `UserError` message of bounded length;
 - `is_int`, `is_number` and `ints_in` are the JSON type tests (a bool is not a number);
 - `time_limit` bounds Python code that comes with the input (a chat template: Jinja compiles to
-  Python), which no thread can otherwise stop.
+  Python), which nothing else can stop.
 
 It does not decide what is allowed where (folder bounds, size limits, the fields of a format): the
 readers do. It imports only the standard library and `epinfer.core.errors`.
@@ -20,12 +20,12 @@ readers do. It imports only the standard library and `epinfer.core.errors`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import reprlib
 import stat
-import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -150,26 +150,42 @@ def open_regular(path: Path | str, name: str) -> tuple[int, os.stat_result]:
     return fd, opened
 
 
-class TimeLimitExceeded(Exception):
-    """Raised inside code run under `time_limit` once its time is up."""
+class TimeLimitExceeded(BaseException):
+    """Raised inside code run under `time_limit` once its time is up (a BaseException: the code's
+    own `except Exception` does not swallow it)."""
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float):
-    """Runs the block with a trace function on this thread that raises `TimeLimitExceeded` in the
-    traced Python code once `seconds` have passed: a loop in a template (Jinja's compiled Python)
-    ends instead of holding its thread for ever. The trace costs time only while the block runs;
-    code in C (one long string operation) is not interrupted."""
-    deadline = time.monotonic() + seconds
+def time_limit(seconds: float, again_every: float = 0.2):
+    """Runs the block on this thread; once `seconds` have passed, a watcher thread raises
+    `TimeLimitExceeded` in it (CPython's asynchronous exception, taken at the next bytecode), and
+    again every `again_every` seconds until the block has ended: a loop in a template (Jinja's
+    compiled Python) ends instead of holding its thread for ever. Costs nothing while the code runs;
+    code inside one C call (one huge string operation) is not interrupted until that call returns."""
+    target = ctypes.c_ulong(threading.get_ident())
+    lock, ended = threading.Lock(), threading.Event()
 
-    def trace(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise TimeLimitExceeded(f"still running after {seconds:g} s")
-        return trace
+    def watch() -> None:
+        if ended.wait(seconds):
+            return
+        while True:
+            with lock:
+                if ended.is_set():
+                    return
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(TimeLimitExceeded))
+            if ended.wait(again_every):
+                return
 
-    previous = sys.gettrace()
-    sys.settrace(trace)
+    watcher = threading.Thread(target=watch, name="epinfer-time-limit", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
-        sys.settrace(previous)
+        while True:  # (one set just before may be taken in here: then once more, until the watcher is told)
+            try:
+                with lock:
+                    ended.set()
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(target, None)  # one set but not taken: cleared
+                break
+            except TimeLimitExceeded:
+                continue

@@ -111,11 +111,29 @@ class _Tracker:
                             "layout)")
 
     def missing(self) -> list[str]:
-        return [piece_name(n, p) for n, pieces in self.expected.items() for p in pieces if p not in self.loaded[n]]
+        return [self.missing_name(n, p) for n, pieces in self.expected.items() for p in pieces
+                if p not in self.loaded[n]]
+
+    def missing_name(self, name: str, piece: object) -> str:
+        """A missing expert as the checkpoint would name it: a loaded sibling's name (another expert,
+        the same projection) with this expert's number (Mixtral's `w3`, a multimodal prefix), else
+        in this model's terms."""
+        if piece is not None:
+            expert = piece[0] if isinstance(piece, tuple) else piece
+            for other, key in self.loaded[name].items():
+                same_proj = isinstance(piece, tuple) == isinstance(other, tuple) and (
+                    not isinstance(piece, tuple) or other[1] == piece[1])
+                sibling = _EXPERT_NUMBER.search(key)
+                if same_proj and sibling:
+                    return f"{key[:sibling.start(1)]}{expert}{key[sibling.end(1):]}"
+        return piece_name(name, piece)
+
+
+_EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")
 
 
 def piece_name(name: str, piece: object) -> str:
-    """A parameter piece by its checkpoint name: `...experts.3.up_proj.weight`, not the stacked `w13`."""
+    """A parameter piece in the model's terms: `...experts.3.up_proj.weight`, not the stacked `w13`."""
     if piece is None:
         return name
     prefix = name.rsplit(".", 1)[0]

@@ -254,23 +254,38 @@ def _draw_progress(progress, bar) -> None:
 FAULT_GRACE_S = 3.0
 
 
+class Blame:
+    """Which failed rank a failed run names. A rank that stopped on a fault (exit 3) usually reacts to
+    another's end (a peer that raised a one-line error, exit 2, may still be leaving): while only
+    such faults are seen, the others get FAULT_GRACE_S to exit; then a rank that did not fault is
+    named before one that did, and among those alike the first seen failing."""
+
+    def __init__(self) -> None:
+        self.first_seen: dict[int, float] = {}
+
+    def verdict(self, codes: list[int | None]) -> tuple[int, int] | None:
+        """(rank, exit code) to name, once it is known; None while no rank failed or the grace runs."""
+        now = time.time()
+        for rank, code in enumerate(codes):
+            if code not in (None, 0):
+                self.first_seen.setdefault(rank, now)
+        if not self.first_seen:
+            return None
+        rank = min(self.first_seen, key=lambda r: (codes[r] == EXIT_FAULT, self.first_seen[r], r))
+        settled = all(c is not None for c in codes) or now - min(self.first_seen.values()) > FAULT_GRACE_S
+        return (rank, codes[rank]) if codes[rank] != EXIT_FAULT or settled else None
+
+
 def _wait(procs: list, stop: dict, tick=lambda: None) -> tuple[int, tuple[int, int] | None]:
-    """Waits for all ranks; as soon as one fails, the others are stopped (they would otherwise
-    wait in their next collective). Returns (code, (rank, exit code) of the rank to blame).
-    A rank that stopped on a fault (exit 3) usually reacts to another's end (a peer that raised a
-    one-line error, exit 2, may still be leaving): while only such faults are seen, the others get
-    FAULT_GRACE_S to exit, and a rank that did not fault is named first."""
-    faulted_at = None
+    """Waits for all ranks; as soon as one fails (`Blame`), the others are stopped (they would
+    otherwise wait in their next collective). Returns (code, (rank, exit code) of the rank to blame)."""
+    blame = Blame()
     while True:
         tick()
         codes = [p.exitcode for p in procs]
-        failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            failed.sort(key=lambda rc: (rc[1] == EXIT_FAULT, rc[0]))
-            faulted_at = faulted_at or time.time()
-            settled = all(c is not None for c in codes) or time.time() - faulted_at > FAULT_GRACE_S
-            if failed[0][1] != EXIT_FAULT or settled:
-                return failed[0][1], failed[0]
+        named = blame.verdict(codes)
+        if named is not None:
+            return named[1], named
         if stop["signal"]:
             return 130, None
         if all(c == 0 for c in codes):

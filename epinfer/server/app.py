@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from epinfer.core.untrusted import one_line
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient, RequestState, Update, merged
 from epinfer.server.protocol import APIError, ModelInfo, choice, decode_json, error_body, parse_request, response, usage
@@ -76,7 +77,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {str(exc)[:300]}")
+    log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {one_line(exc)}")
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 

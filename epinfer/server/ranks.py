@@ -34,6 +34,7 @@ from epinfer.diagnostics.watchdog import EXIT_FAULT, READY_KEY, log_line
 from epinfer.runtime.agreement import agree, start_settings
 from epinfer.runtime.job import Job
 from epinfer.runtime.launch import (
+    Blame,
     describe_exit,
     drain,
     failure_line,
@@ -107,6 +108,7 @@ class RankSet:
     def wait_ready(self, interrupted=lambda: 0) -> dict:
         """Rank 0's engine info once every rank is in the serving loop; raises `UserError`
         (a bad flag or checkpoint, exit 2) or `RunFailed` when a rank stops first."""
+        blame = Blame()
         while True:
             try:
                 msg = self.channels.outboxes[0].get(timeout=0.1)
@@ -117,15 +119,18 @@ class RankSet:
             codes = [p.exitcode for p in self.procs]
             if interrupted():
                 raise Interrupted(interrupted())
-            if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
-                first = next(c for c in codes if c is not None)
+            named = blame.verdict(codes)
+            if named is None and all(c == 0 for c in codes):
+                named = (0, 0)  # every rank ended, none ready
+            if named is not None:
+                first = named[1]
                 code = drain(self.procs, self.store, first, grace=10.0) if first != 0 else first
                 messages = rank_errors(self.store, self.world)
                 if code == 2 and messages:
                     raise UserError(messages[0])
                 logs = keep_rank_logs(self.tmp, self.dump_dir)
                 raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code or 1,
-                                failure_line((codes.index(first), first), messages, self.dump_dir, logs,
+                                failure_line(named, messages, self.dump_dir, logs,
                                              "the engine did not start", self.nodes.count == 1))
 
     def monitor(self, on_failure) -> None:
