@@ -237,6 +237,8 @@ def test_min_tokens_holds_back_stop_ids_and_strings(async_scheduling, demo_llm):
     assert held.text.count(text) == 1 and held.text.startswith(text)
     with pytest.raises(UserError, match=re.escape("min_tokens (7) must not exceed max_tokens (6)")):
         llm.generate("Beautiful is", SamplingParams(max_tokens=6, min_tokens=7))
+    unset = llm.generate("Beautiful is", SamplingParams(temperature=0, min_tokens=300))[0]  # (default 256: raised)
+    assert len(unset.token_ids) == 300 and unset.finish_reason == "length"
 
 
 def test_one_generate_at_a_time(demo_llm):

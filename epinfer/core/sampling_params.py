@@ -57,7 +57,11 @@ class SamplingParams:
             return builtin if value is None else value
 
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        merged = SamplingParams(pick("max_tokens", 64), pick("temperature", 1.0), pick("top_p", 1.0),
+        max_tokens = pick("max_tokens", 64)
+        if self.max_tokens is None and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                           for v in (max_tokens, self.min_tokens)):
+            max_tokens = max(max_tokens, self.min_tokens)  # (unset: at least min_tokens, as the server does)
+        merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens)
         merged.validate()
