@@ -25,7 +25,7 @@ from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 64
-TEMPLATE_SECONDS = 10  # a chat template's render (its Python, traced) ends with a 500 after this
+TEMPLATE_SECONDS = 10  # a chat template still rendering after this is stopped (core.untrusted.time_limit): a 500
 
 
 class APIError(Exception):
