@@ -107,6 +107,35 @@ def test_sigterm_stops_every_rank(model, tmp_path):
     assert not alive, f"ranks still running after SIGTERM: {alive}"
 
 
+def test_a_signal_while_the_ranks_start_is_one_line(model):
+    """SIGTERM the moment the first rank process exists (the others not yet started): one line and
+    143, no rank left (it was a wall of 'can only join a started process' tracebacks and exit 1)."""
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--model", model, "--prompt", "x",
+                             "--max-tokens", "4", "--dp", "2", "--tp", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    def spawned() -> bool:  # (read from /proc directly: `ps` is too slow to catch the first rank alone)
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if entry.isdigit() and int(stat[stat.rindex(")") + 2:].split()[1]) == proc.pid \
+                    and b"spawn_main" in _cmdline(int(entry)):
+                return True
+        return False
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not spawned():
+        pass
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "epinfer: stopped by SIGTERM", err
+    assert "Traceback" not in err, err
+    time.sleep(0.5)
+    assert not [c for c in children_of(proc.pid) if _is_python(c)]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -178,6 +178,8 @@ def launch(job: Job, progress_bar=None) -> list:
         stop = _install_stop(procs, store)
         try:
             for p in procs:
+                if stop["signal"]:  # (a signal while the ranks start: the rest are not started)
+                    break
                 p.start()
             code, first = _wait(procs, stop, lambda: _draw_progress(job.progress, progress_bar))
             _draw_progress(job.progress, progress_bar)  # the leaders' last reports
@@ -329,6 +331,8 @@ def keep_rank_logs(folder: str, dump_dir: str) -> list[str]:
 
 
 def terminate(procs: list, grace: float = 3.0) -> None:
+    """Stops the started ranks (SIGTERM, then SIGKILL after `grace`); ranks not yet started are left."""
+    procs = [p for p in procs if p.pid is not None]  # (a signal may come while they are being started)
     for p in procs:
         if p.is_alive():
             p.terminate()
