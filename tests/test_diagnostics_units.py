@@ -23,6 +23,30 @@ def test_doctor_crash_without_pending_entries(tmp_path):
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_doctor_says_the_store_went_away_when_the_launcher_is_killed(tmp_path):
+    """The launcher SIGKILLed: ranks lost the rendezvous store, one rank's collective broke as its
+    peers left. No rank is at fault (the doctor named that one's error, or a hang, before)."""
+    from epinfer.diagnostics.doctor import analyse
+
+    reasons = ["lost the rendezvous store (DistNetworkError: Broken pipe)",
+               "RuntimeError in dp.sync (dp[1,3] seq 57, step 57): Read error [127.0.0.1]:14223: "
+               "Connection reset by peer",
+               "lost the rendezvous store (DistNetworkError: Broken pipe)"]
+    for rank, reason in enumerate(reasons):
+        header = {"kind": "header", "rank": rank, "world": 3, "groups": {"ep": [0, 1, 2]}, "step": 57,
+                  "status": "error" if "Runtime" in reason else "fault", "reason": reason}
+        entry = {"group": "ep", "seq": 0, "op": "all_gather", "label": "layer.0.moe.dispatch", "step": 57,
+                 "shapes": [[1, 8]], "dtypes": ["uint8"], "sizes": None, "t0": 100.0, "t1": None, "state": "pending"}
+        (tmp_path / f"rank{rank}.jsonl").write_text(json.dumps(header) + "\n" + json.dumps(entry) + "\n")
+    report = analyse(tmp_path)
+    assert report["verdict"] == "store-lost" and report["culprit_ranks"] == [], report
+    assert "Ranks [0, 2] lost the rendezvous store" in report["summary"] and "No rank is at fault" in report["summary"]
+    header = json.loads((tmp_path / "rank1.jsonl").read_text().splitlines()[0])
+    header["reason"] = "RuntimeError: CUDA error: an illegal memory access"  # a cause of its own: not the store
+    (tmp_path / "rank1.jsonl").write_text(json.dumps(header) + "\n")
+    assert analyse(tmp_path)["verdict"] == "error"
+
+
 def test_graph_replays_are_ledgered_once_and_expand_for_the_doctor(tmp_path):
     """Captured collectives skip the hooks; each replay is one ledger entry that the doctor reads
     back as the collectives it ran, with the same seqs an eager rank gives them."""

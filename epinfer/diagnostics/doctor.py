@@ -96,6 +96,12 @@ def analyse(folder: Path) -> dict:
         result["summary"] = (f"Collective mismatch in group {group} at seq {seq} (step {ref['step']}): "
                              f"ranks {majority} issued {ref['op']} {ref['label']} {ref['shapes']}, but {odd}. "
                              f"Ranks {culprits} broke the schedule the step's DP decision implies.")
+    elif not missing and (lost := store_lost(headers)):
+        result.update(verdict="store-lost", culprit_ranks=[])
+        others = " (the other ranks' collectives broke as their peers left)" if len(lost) < len(headers) else ""
+        result["summary"] = (f"Ranks {lost} lost the rendezvous store{others}: the process holding it (the "
+                             "launcher, `epinfer serve`, or torchrun's agent) went away or became unreachable, "
+                             "killed or crashed. No rank is at fault.")
     elif missing:
         group, seq, entry = first_pending(by_group, prefer="ep", involving=missing, members=members)
         result.update(verdict="crash", culprit_ranks=missing, group=group, seq=seq,
@@ -154,6 +160,7 @@ def analyse(folder: Path) -> dict:
 # a collective's error that only says a peer's socket went away: when other ranks say whom they lost
 # (`lost_link`), the consequence of that loss, not the cause
 CONNECTION_LOST = re.compile(r"Connection (closed|reset) by peer|Read error|Broken pipe")
+STORE_LOST = "lost the rendezvous store"  # (the watchdog's words when its store connection breaks)
 
 
 def lost_link(headers: dict[int, dict]) -> tuple[list[int], str] | None:
@@ -182,6 +189,15 @@ def lost_link(headers: dict[int, dict]) -> tuple[list[int], str] | None:
         lost |= {r for r, n in node.items() if n in far}
         parts.append(f"hosts (torchrun node ranks) {sorted(far)} hold ranks {sorted(lost)}")
     return sorted(lost), f"The link between them was lost: {'; '.join(parts)}."
+
+
+def store_lost(headers: dict[int, dict]) -> list[int]:
+    """The ranks whose watchdog lost the rendezvous store, where every other rank's reason is only a
+    peer's socket gone (the store's process died: each rank either saw that or its peers leave);
+    empty otherwise."""
+    lost = [r for r, h in sorted(headers.items()) if str(h.get("reason") or "").startswith(STORE_LOST)]
+    others = [h for r, h in headers.items() if r not in lost]
+    return lost if lost and all(CONNECTION_LOST.search(str(h.get("reason") or "")) for h in others) else []
 
 
 def first_mismatch(by_group) -> tuple[str, int, dict] | None:
