@@ -3,6 +3,7 @@ localhost), rejects a WORLD_SIZE that isn't dp × tp, and SIGTERM stops every ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,6 +135,35 @@ def test_a_signal_while_the_ranks_start_is_one_line(model):
     assert "Traceback" not in err, err
     time.sleep(0.5)
     assert not [c for c in children_of(proc.pid) if _is_python(c)]
+
+
+def test_a_stopped_rank_is_named(model, tmp_path):
+    """A rank that stops (SIGSTOP) mid-run can neither fault nor dump: its peers' watchdogs fault,
+    and the final line names the stopped rank as the one that never ended, which is then killed."""
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": [i + 1]}) + "\n" for i in range(16)))
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--model", model, "--prompts-file",
+                             str(prompts), "--max-tokens", "400", "--ignore-eos", "--dp", "2",
+                             "--collective-timeout", "2", "--dump-dir", str(tmp_path / "dumps")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    ranks: list[int] = []
+    while time.time() < deadline and len(ranks) < 2:
+        ranks = sorted(c for c in children_of(proc.pid) if b"spawn_main" in _cmdline(c))
+        time.sleep(0.2)
+    assert len(ranks) == 2, "ranks did not start"
+    try:
+        time.sleep(3)  # (decoding)
+        os.kill(ranks[1], signal.SIGSTOP)
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 3, err
+        last = err.strip().splitlines()[-1]
+        assert "rank 1 never ended on its own (stuck or stopped) and had to be killed" in last, err
+        time.sleep(0.5)
+        assert b"zombie" in _status(ranks[1])
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(ranks[1], signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> bytes:

@@ -176,6 +176,7 @@ def launch(job: Job, progress_bar=None) -> list:
         procs = [ctx.Process(target=spawned_rank, args=(r, world, r, job, result_path),
                              name=f"epinfer-rank{r}") for r in range(world)]
         stop = _install_stop(procs, store)
+        stuck: list[int] = []
         try:
             for p in procs:
                 if stop["signal"]:  # (a signal while the ranks start: the rest are not started)
@@ -185,6 +186,7 @@ def launch(job: Job, progress_bar=None) -> list:
             _draw_progress(job.progress, progress_bar)  # the leaders' last reports
             if code != 0 and not stop["signal"]:
                 code = drain(procs, store, code)
+                stuck = [r for r, p in enumerate(procs) if p.is_alive()]  # (they ignored the abort too)
         finally:
             terminate(procs)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -195,10 +197,17 @@ def launch(job: Job, progress_bar=None) -> list:
                 raise UserError(messages[0])
             if stop["signal"]:
                 raise Interrupted(stop["signal"])
+            if stuck:  # a rank stopped (SIGSTOP) or stuck outside Python never ends or says why
+                messages.append(f"{span_of(stuck)} never ended on {'its' if len(stuck) == 1 else 'their'} own "
+                                "(stuck or stopped) and had to be killed")
             where = job.dump_dir or job.failure_dir
             raise RunFailed(EXIT_FAULT if code in (EXIT_FAULT, -9) else code,
                             failure_line(first, messages, where, keep_rank_logs(tmp, where)))
         return pickle.loads(Path(result_path).read_bytes())
+
+
+def span_of(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
 def _install_stop(procs: list, store) -> dict:
@@ -238,10 +247,20 @@ def drain(procs: list, store, first_code: int, grace: float = 20.0) -> int:
 
 
 def _await_ranks(procs: list, seconds: float) -> None:
-    """Until every rank has ended, or `seconds` have passed."""
+    """Until every rank has ended or is stopped (SIGSTOP: it can't end or dump), or `seconds` have passed."""
     deadline = time.time() + seconds
-    while time.time() < deadline and any(p.is_alive() for p in procs):
+    while time.time() < deadline and any(p.is_alive() and not _stopped(p.pid) for p in procs):
         time.sleep(0.05)
+
+
+def _stopped(pid: int) -> bool:
+    """A process in the stopped state (Linux's /proc; elsewhere never known)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].startswith(("T", "t"))
 
 
 def _draw_progress(progress, bar) -> None:
