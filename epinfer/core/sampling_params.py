@@ -57,10 +57,7 @@ class SamplingParams:
             return builtin if value is None else value
 
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        max_tokens = pick("max_tokens", 64)
-        if self.max_tokens is None and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                                           for v in (max_tokens, self.min_tokens)):
-            max_tokens = max(max_tokens, self.min_tokens)  # (unset: at least min_tokens, as the server does)
+        max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens(defaults, self.min_tokens)
         merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens)
@@ -111,6 +108,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+DEFAULT_MAX_TOKENS = 64  # where neither the request nor generation_config.json's max_new_tokens sets it
+
+
+def default_max_tokens(defaults: dict, min_tokens) -> int:
+    """An unset max_tokens: the checkpoint's default (max_new_tokens) or DEFAULT_MAX_TOKENS, and at
+    least `min_tokens` (when that is a valid count; a bad one is refused by `validate`)."""
+    value = defaults.get("max_tokens") or DEFAULT_MAX_TOKENS
+    whole = isinstance(min_tokens, numbers.Integral) and not isinstance(min_tokens, bool)
+    return max(value, min_tokens) if whole else value
 
 
 def _integer(name: str, value, low: int | None, high: int | None, what: str | None = None) -> None:

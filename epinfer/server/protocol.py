@@ -20,11 +20,10 @@ import json
 import math
 
 from epinfer.core.errors import UserError
-from epinfer.core.sampling_params import SamplingParams, check_text
+from epinfer.core.sampling_params import SamplingParams, check_text, default_max_tokens
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 
 MAX_TOP_LOGPROBS = 20
-DEFAULT_MAX_TOKENS = 64
 TEMPLATE_SECONDS = 10  # a chat template still rendering after this is stopped (core.untrusted.time_limit): a 500
 
 
@@ -333,8 +332,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; 'min_tokens' "
                        f"asks for {fields['min_tokens']} after the prompt's {len(ids)}", param="min_tokens")
     if max_tokens is None:  # generation_config.json's max_new_tokens, or 64, and at least min_tokens
-        wanted = info.defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
-        max_tokens = min(max(wanted, fields["min_tokens"]), room)
+        max_tokens = min(default_max_tokens(info.defaults, fields["min_tokens"]), room)
     try:
         params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids,
                                 **fields).resolved(info.defaults)
