@@ -166,6 +166,52 @@ def test_a_stopped_rank_is_named(model, tmp_path):
             os.kill(ranks[1], signal.SIGKILL)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ranks die with the launcher on Linux only")
+def test_ranks_die_with_a_killed_launcher(model, tmp_path):
+    """The launcher SIGKILLed: no rank outlives it, neither one it had stopped (SIGSTOP: it never sees
+    the lost store) nor one that was decoding, or blocked in a collective with the stopped one."""
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": [i + 1]}) + "\n" for i in range(16)))
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--model", model, "--prompts-file",
+                             str(prompts), "--max-tokens", "4000", "--ignore-eos", "--dp", "2",
+                             "--dump-dir", str(tmp_path / "dumps")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    ranks: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(ranks) < 2:
+            ranks = sorted(c for c in children_of(proc.pid) if b"spawn_main" in _cmdline(c))
+            time.sleep(0.2)
+        assert len(ranks) == 2, "ranks did not start"
+        time.sleep(5)  # (decoding)
+        os.kill(ranks[1], signal.SIGSTOP)  # (it then never reads the store again; rank 0 waits in a collective)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and (alive := [r for r in ranks if b"zombie" not in _status(r)]):
+            time.sleep(0.2)
+        assert not alive, f"ranks {alive} of {ranks} outlived their killed launcher"
+    finally:
+        proc.kill()
+        for r in ranks:  # (none is left where the test passes)
+            with contextlib.suppress(OSError):
+                os.kill(r, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ranks die with the launcher on Linux only")
+def test_a_rank_whose_launcher_is_gone_exits_at_once():
+    """The launcher died before the rank asked to die with it: the rank sees it has another parent and
+    exits (its own pid stands for a parent that is not its parent any more)."""
+    check = "from epinfer.runtime.rank_process import die_with_parent as d; import os; d({}); print('on')"
+    gone = subprocess.run([sys.executable, "-c", check.format("os.getpid()")], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert (gone.returncode, gone.stdout) == (1, ""), gone
+    here = subprocess.run([sys.executable, "-c", check.format("os.getppid()")], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert (here.returncode, here.stdout) == (0, "on\n"), here
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

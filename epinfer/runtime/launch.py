@@ -34,6 +34,7 @@ from epinfer.core.layout import check_layout
 from epinfer.diagnostics.watchdog import ABORT_KEY, ACTIVE, EXIT_FAULT, READY_KEY, divert_stderr
 from epinfer.runtime.agreement import torchrun_agree
 from epinfer.runtime.job import Job
+from epinfer.runtime.rank_process import RankProcess
 from epinfer.runtime.worker import worker_main
 
 ERROR_KEY = "epinfer/error/"
@@ -173,7 +174,7 @@ def launch(job: Job, progress_bar=None) -> list:
         result_path = os.path.join(tmp, "outputs.pkl")
         if progress_bar is not None:
             job.progress = ctx.Queue()
-        procs = [ctx.Process(target=spawned_rank, args=(r, world, r, job, result_path),
+        procs = [RankProcess(target=spawned_rank, args=(r, world, r, job, result_path),
                              name=f"epinfer-rank{r}") for r in range(world)]
         stop = _install_stop(procs, store)
         stuck: list[int] = []

@@ -45,6 +45,7 @@ from epinfer.runtime.launch import (
     spawned_rank,
     terminate,
 )
+from epinfer.runtime.rank_process import RankProcess
 from epinfer.server.engine_loop import ServeChannels, ServeMode
 from epinfer.server.nodes import DUMPS_KEY, JOIN_TIMEOUT_S, Nodes, RelayServer
 
@@ -98,7 +99,7 @@ class RankSet:
             outboxes = [self.relay.queues.get(r, q) for r, q in enumerate(outboxes)]
         self.channels = ServeChannels(inbox, outboxes)
         result = os.path.join(self.tmp, "outputs.pkl")
-        procs = {r: ctx.Process(target=spawned_rank, args=(r, self.world, i, job, result), name=f"epinfer-rank{r}")
+        procs = {r: RankProcess(target=spawned_rank, args=(r, self.world, i, job, result), name=f"epinfer-rank{r}")
                  for i, r in enumerate(local)}
         for p in procs.values():
             p.start()
