@@ -36,16 +36,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)  # the launcher died before the request: nobody is left to report to
 
 
-def _in_child(parent_pid: int) -> RankProcess:
-    die_with_parent(parent_pid)
+def _in_child(parent_pid: int | None) -> RankProcess:
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     return RankProcess.__new__(RankProcess)  # (its state, target and arguments are unpickled next)
 
 
 class RankProcess(SpawnProcess):
     """A `spawn` process whose child dies with this process (see the module docstring). Start it
     from the main thread: the kernel sends the signal when the *thread* that started the child
-    ends, so a rank started from a short-lived thread would be killed with that thread."""
+    ends, so a rank started from another thread (an application calling `LLM` from a worker thread)
+    asks for nothing rather than die with that thread."""
 
     def __reduce__(self):  # (called in this process while `start()` hands the object to the child)
-        assert threading.current_thread() is threading.main_thread(), "start ranks from the main thread"
-        return _in_child, (os.getpid(),), self.__dict__
+        main = threading.current_thread() is threading.main_thread()
+        return _in_child, (os.getpid() if main else None,), self.__dict__
