@@ -121,8 +121,9 @@ def test_large_bodies_are_tokenized_apart(monkeypatch):
 
 
 def test_slow_request_head_is_cut_off():
-    """A connection that has not sent a whole request head by the deadline is closed; a whole
-    request on another connection is served."""
+    """A connection that has not sent a whole request head by the deadline is closed, also when it
+    is its second request (after a response, trickled a byte at a time: each byte stops uvicorn's
+    keep-alive timer); a whole request on another connection is served."""
     import threading
 
     import uvicorn
@@ -145,6 +146,15 @@ def test_slow_request_head_is_cut_off():
             slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
             started = time.monotonic()
             assert slow.recv(100) == b"" and 0.8 < time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+            again.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert again.recv(100).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            with pytest.raises(OSError):  # closed under the trickle (broken pipe or reset)
+                for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                    again.sendall(bytes([byte]))
+                    time.sleep(0.1)
+            assert time.monotonic() - started < 5
         with socket.create_connection(("127.0.0.1", port), timeout=10) as whole:
             whole.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert whole.recv(100).startswith(b"HTTP/1.1 200")

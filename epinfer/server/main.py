@@ -225,20 +225,34 @@ class QuietServer(uvicorn.Server):
 
 def with_head_deadline(base: type, seconds: float) -> type:
     """uvicorn's HTTP protocol (h11 or httptools), closing a connection that has not sent a whole
-    request head `seconds` after it opened: uvicorn times only idle keep-alive connections, so
-    clients that send their headers a byte at a time would otherwise hold a socket each for ever."""
+    request head `seconds` after it opened, or after its previous response ended: uvicorn times
+    only idle keep-alive connections (and any byte received stops that timer), so clients that send
+    their headers a byte at a time, first request or next one, would otherwise hold a socket each
+    for ever."""
 
     class HeadDeadline(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.head_timer = self.loop.call_later(seconds, self.head_too_slow)
+            self.head_timer = None
+            self.arm_head_timer()
 
-        def head_too_slow(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def arm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(seconds, self.head_too_slow, self.cycle)
+
+        def head_too_slow(self, cycle_then) -> None:
+            # no new request head since the timer was armed (the cycle is the one it was then)
+            if self.cycle is cycle_then and not self.transport.is_closing():
                 self.transport.close()
 
+        def on_response_complete(self) -> None:
+            self.arm_head_timer()  # before the base class, which may start a pipelined request's cycle
+            super().on_response_complete()
+
         def connection_lost(self, exc) -> None:
-            self.head_timer.cancel()
+            if self.head_timer is not None:
+                self.head_timer.cancel()
             super().connection_lost(exc)
 
     return HeadDeadline
