@@ -104,3 +104,28 @@ def test_a_looping_chat_template_is_cut_off(demo_llm, monkeypatch):
     assert err.value.status == 500 and "did not render these messages within 1 s" in str(err.value)
     assert time.time() - t0 < 10 and sys.gettrace() is tracing  # (the trace is gone after the render)
     assert protocol.chat_template_problem(demo_llm.tokenizer) is None
+
+
+def test_stream_of_replacement_characters_is_not_held_back(demo_llm):
+    """Text that itself ends in U+FFFD (the model writes the character, or bytes that are no UTF-8)
+    streams as it comes, each update decoding a short window: it used to wait for the end, every
+    update decoding the whole output again (O(n^2) on the server's event loop)."""
+    tok = demo_llm.tokenizer
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    for text in ("a" + "\ufffd" * 400, "\ufffd" * 300 + "b", "x\ufffd" * 150):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        stream, sent, early = TextStream(Counting(), []), "", 0
+        decoded.clear()
+        for i, t in enumerate(ids):
+            stream.add([t])
+            sent += stream.delta(final=i == len(ids) - 1)
+            early = early or (len(sent) > len(text) // 2 and i < len(ids) - 1)
+        assert sent == tok.decode(ids, skip_special_tokens=True) == text
+        assert early  # most of the text went out before the last token
+        assert sum(decoded) < 60 * len(ids), sum(decoded)  # O(n), not O(n^2)

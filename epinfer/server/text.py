@@ -45,6 +45,9 @@ class StopTail:
         return k
 
 
+SETTLED_IDS = 16  # ids after which a U+FFFD is no longer a character in the making (one spans <= 4 bytes)
+
+
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tokenizer = tokenizer
@@ -66,13 +69,27 @@ class TextStream:
 
     def _advance(self) -> None:
         """Extends `self.text` by the new ids, decoding only a short window: the ids since the last
-        cut as context, so leading-space and multi-byte rules see what they need (O(window))."""
+        cut as context, so leading-space and multi-byte rules see what they need (O(window)).
+        A window that ends in U+FFFD may end in a character still arriving, so it waits; but once
+        more than `SETTLED_IDS` ids came since the last cut, the text up to the last few of them is
+        taken if the whole window begins with it: a U+FFFD the text itself holds (the model writes
+        the character, or bytes that are no UTF-8) would otherwise hold the stream back to its end
+        and make every update decode the whole output (O(n^2) on the event loop)."""
         decode = self.tokenizer.decode
         context = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         window = decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(window) > len(context) and not window.endswith("\ufffd") and window.startswith(context):
+        end = len(self.ids)
+        if window.endswith("\ufffd"):
+            if end - self.read <= SETTLED_IDS:
+                return
+            end -= SETTLED_IDS
+            settled = decode(self.ids[self.prefix:end], skip_special_tokens=True)
+            if not window.startswith(settled):
+                return
+            window = settled
+        if len(window) > len(context) and window.startswith(context):
             self.text += window[len(context):]
-            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix, self.read = self.read, end
 
     def delta(self, final: bool, stop_end: int | None = None) -> str:
         """New text since the last call; `final`: the request finished (nothing held back)."""
