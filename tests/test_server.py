@@ -120,6 +120,39 @@ def test_large_bodies_are_tokenized_apart(monkeypatch):
     assert threads == ["epinfer-tokenize-large_0", "epinfer-tokenize-small_0"]
 
 
+def test_queue_limit_counts_requests_waiting_for_the_tokenizer(monkeypatch):
+    """Bodies read whole but not yet tokenized count toward --max-queue: beyond it a flood gets 429
+    at once instead of a backlog in front of the tokenizer that every later request waits behind."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.testclient import TestClient
+
+    import epinfer.server.app as app_module
+    from epinfer.server.protocol import APIError, ModelInfo
+
+    release, parsed = threading.Event(), []
+
+    def parse(body, chat, tokenizer, info):
+        parsed.append(1)
+        release.wait(30)
+        raise APIError(400, "checked")
+
+    monkeypatch.setattr(app_module, "parse_request", parse)
+    client = TestClient(app_module.build_app(fake_client(2, max_queue=2), None, ModelInfo("m", 64, 10, {}), 1 << 20))
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(client.post, "/v1/completions", json={"prompt": "hi"})
+        while not parsed:
+            time.sleep(0.01)
+        rest = [pool.submit(client.post, "/v1/completions", json={"prompt": "hi"}) for _ in range(7)]
+        deadline = time.time() + 20
+        while sum(f.done() for f in rest) < 4 and time.time() < deadline:  # 2 slots + 2 queued: 4 go on
+            time.sleep(0.01)
+        release.set()
+        codes = sorted(f.result(timeout=30).status_code for f in [first, *rest])
+    assert codes == [400] * 4 + [429] * 4 and len(parsed) == 4
+
+
 def test_slow_request_head_is_cut_off():
     """A connection that has not sent a whole request head by the deadline is closed, also when it
     is its second request (after a response, trickled a byte at a time: each byte stops uvicorn's

@@ -131,9 +131,14 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         try:
             client.check_accepting()  # refuse before reading or tokenizing anything
             raw = await read_body(request, max_request_bytes)
+            client.check_queue()  # a full queue: refused before it waits for a tokenizer
             # off the event loop: a long prompt's tokenization must not stall other requests or /health
             pool, tok = lanes[len(raw) > LARGE_BODY]
-            req = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
+            client.validating += 1  # counts toward the queue limit until submitted
+            try:
+                req = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
+            finally:
+                client.validating -= 1
             state = client.submit(req)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1

@@ -7,9 +7,10 @@ from another thread. `fail` (a rank died) ends every pending request with an err
 once, so no connection waits for an engine that is gone; `abort_all` does the same at the end of
 a shutdown that ran out of time.
 
-Queue limit: a request counts as queued from acceptance until a replica admits it to its running
-batch (the leader reports it), unless a sequence slot is free for it; with `max_queue` queued, new
-requests get 429.
+Queue limit: a request counts as queued from the end of its body (while it waits for a tokenizer
+lane and is checked there) until a replica admits it to its running batch (the leader reports it),
+unless a sequence slot is free for it; with `max_queue` queued, new requests get 429, before they
+are tokenized (a flood of bodies must not build an unbounded backlog in front of the tokenizer).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class EngineClient:
         """`slots`: sequence slots of all replicas together (max_num_seqs x dp)."""
         self.ranks, self.loop, self.max_queue, self.slots = ranks, loop, max_queue, slots
         self.requests: dict[int, RequestState] = {}
+        self.validating = 0  # requests read whole, waiting for or in a tokenizer lane
         self.ids = itertools.count()
         self.metrics = Metrics(dp)
         self.healthy = True
@@ -84,11 +86,11 @@ class EngineClient:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a sequence slot: those not yet admitted beyond the slots free (a
-        burst that arrives between two steps finds its slots, not a full queue), or those the
-        replicas reported waiting (for cache blocks too), whichever is more."""
+        """Requests waiting for a sequence slot: those not yet admitted (being validated included)
+        beyond the slots free (a burst that arrives between two steps finds its slots, not a full
+        queue), or those the replicas reported waiting (for cache blocks too), whichever is more."""
         admitted = sum(s.admitted for s in self.requests.values())
-        beyond = len(self.requests) - admitted - max(self.slots - admitted, 0)
+        beyond = len(self.requests) + self.validating - admitted - max(self.slots - admitted, 0)
         return max(beyond, sum(s[1] for s in self.metrics.replica_stats), 0)
 
     def check_accepting(self) -> None:
@@ -97,11 +99,14 @@ class EngineClient:
         if self.draining:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
 
-    def submit(self, req: GenerateRequest) -> RequestState:
-        self.check_accepting()  # again: the state may have changed while the request was validated
+    def check_queue(self) -> None:
         if self.queue_depth >= self.max_queue:
             raise APIError(429, f"the request queue is full ({self.max_queue} requests waiting); retry later",
                            "rate_limit_error", code="queue_full")
+
+    def submit(self, req: GenerateRequest) -> RequestState:
+        self.check_accepting()  # again: the state may have changed while the request was validated
+        self.check_queue()
         state = RequestState(next(self.ids), req, asyncio.Queue(), time.monotonic())
         self.requests[state.rid] = state
         self.idle.clear()
