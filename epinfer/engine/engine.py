@@ -29,6 +29,7 @@ from epinfer.engine.memory import (
     plan_cache,
 )
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from epinfer.engine.stops import StopSearch, first_match
 from epinfer.kernels import cudnn_attention, paged_attention, preload
 from epinfer.kernels.gdn_ops import CHUNK
 from epinfer.kernels.gdn_prefill import capture_exact
@@ -470,12 +471,13 @@ class Engine:
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
-            text = self._decode(seq)
             if seq.held_chars < 0:  # a stop string must end past the first min_tokens tokens' text
                 seq.held_chars = len(self.tokenizer.decode(seq.output_ids[:p.min_tokens], skip_special_tokens=True))
-            hits = [i for i in (text.find(s, max(0, seq.held_chars - len(s) + 1)) for s in p.stop) if i >= 0]
-            if hits:
-                seq.finish_reason, seq.stop_text_end = "stop", min(hits)
+            seq.stop_search = seq.stop_search or StopSearch(p.stop)
+            if seq.stop_search.found(self.tokenizer, seq.output_ids, seq.held_chars):  # a window of ids a token
+                seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.held_chars)  # the whole text once
+                if seq.stop_text_end is not None:
+                    seq.finish_reason = "stop"
         if seq.finish_reason is None and self._length_reached(seq, len(seq.output_ids)):
             seq.finish_reason = "length"
         return seq.finish_reason is not None
