@@ -32,13 +32,15 @@ def test_stop_search_finds_the_first_match_a_whole_search_finds(demo_llm):
         for _ in range(rng.randint(1, 3)):
             a = rng.randrange(len(full) or 1)
             stops.append(full[a:a + rng.randint(1, 12)] or "zz" if rng.random() < 0.7 else rng.choice(["zz", "\ufffd"]))
-        held = rng.choice([0, 3, 10])
-        search, want, got = StopSearch(stops), None, None
-        for i in range(1, len(ids) + 1):
+        min_tokens = min(rng.choice([0, 1, 3]), len(ids) - 1)  # (the engine searches past min_tokens only)
+        held = len(tok.decode(ids[:min_tokens], skip_special_tokens=True))
+        search, want, got = StopSearch(tok, stops, ids[:min_tokens]), None, None
+        assert search.held_chars == held
+        for i in range(min_tokens + 1, len(ids) + 1):
             text = tok.decode(ids[:i], skip_special_tokens=True)
             if want is None and any(text.find(s, max(0, held - len(s) + 1)) >= 0 for s in stops):
                 want = i
-            if got is None and search.found(tok, ids[:i], held):
+            if got is None and search.found(ids[:i]):
                 got = i
         assert want == got, (ids, stops, held)
 

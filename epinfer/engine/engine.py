@@ -471,11 +471,9 @@ class Engine:
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
-            if seq.held_chars < 0:  # a stop string must end past the first min_tokens tokens' text
-                seq.held_chars = len(self.tokenizer.decode(seq.output_ids[:p.min_tokens], skip_special_tokens=True))
-            seq.stop_search = seq.stop_search or StopSearch(p.stop)
-            if seq.stop_search.found(self.tokenizer, seq.output_ids, seq.held_chars):  # a window of ids a token
-                seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.held_chars)  # the whole text once
+            seq.stop_search = seq.stop_search or StopSearch(self.tokenizer, p.stop, seq.output_ids[:p.min_tokens])
+            if seq.stop_search.found(seq.output_ids):  # a window of ids a token; the whole text once for a match
+                seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.stop_search.held_chars)
                 if seq.stop_text_end is not None:
                     seq.finish_reason = "stop"
         if seq.finish_reason is None and self._length_reached(seq, len(seq.output_ids)):

@@ -30,7 +30,6 @@ class Sequence:
     state_slot: int = -1
     finish_reason: str | None = None
     stop_text_end: int | None = None  # text is cut here when a stop string matched
-    held_chars: int = -1  # the text length of its first min_tokens tokens (stop strings match after it)
     stop_search: object = None  # engine.stops.StopSearch, made at its first stop-string check
     generator: object = None  # torch.Generator for seeded sampling
     nan_logits: bool = False  # the model produced a non-finite logit for it

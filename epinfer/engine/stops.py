@@ -13,9 +13,7 @@ undo text already settled (a decoder that rewrites earlier text is searched whol
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-SETTLED_IDS = 16  # ids after which a trailing U+FFFD is text, not a character in the making (<= 4 bytes)
+from epinfer.engine.detokenize import WindowDecode
 
 
 def first_match(text: str, stops: list[str], held_chars: int) -> int | None:
@@ -25,51 +23,39 @@ def first_match(text: str, stops: list[str], held_chars: int) -> int | None:
 
 
 class StopSearch:
-    def __init__(self, stops: list[str]) -> None:
+    """`held`: the first min_tokens output ids; a stop string must end past their text."""
+
+    def __init__(self, tokenizer, stops: list[str], held: list[int]) -> None:
         self.stops = stops
         self.keep = max(len(s) for s in stops) - 1  # a match ending in new text starts at most this far back
         self.recent = ""  # the last `keep` characters of the settled text
-        self.settled = 0  # the length of the text of ids[:read], decoded a window at a time
-        self.prefix = self.read = 0  # ids[prefix:read] are decoded again as context for the next ones
+        self.settled = 0  # the length of the settled text (the text of the ids before the window's cut)
+        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=True))
+        try:
+            self.held_chars = len(self.window.decode(held))
+        except Exception:  # (found() then says True, and the caller's whole decode fails the request)
+            self.held_chars = -1
 
-    def found(self, tokenizer, ids: list[int], held_chars: int) -> bool:
+    def found(self, ids: list[int]) -> bool:
         """Whether a stop string occurs in the text of `ids` at or past
         `held_chars - len(stop) + 1`, given that the calls before saw a prefix of `ids` and found
         none (so every match ending inside the settled text is ruled out). True as well when the
         tokenizer fails: the caller's whole decode then fails the request with its message."""
         try:
-            return self._found(lambda part: tokenizer.decode(part, skip_special_tokens=True), ids, held_chars)
+            return self.held_chars < 0 or self._found(ids, self.held_chars)
         except Exception:  # tokenizers raise many kinds
             return True
 
-    def _found(self, decode: Callable[[list[int]], str], ids: list[int], held_chars: int) -> bool:
-        context = decode(ids[self.prefix:self.read])
-        window = decode(ids[self.prefix:])
-        if not window.startswith(context):  # the decoder rewrote earlier text: no window to trust
-            return first_match(decode(ids), self.stops, held_chars) is not None
+    def _found(self, ids: list[int], held_chars: int) -> bool:
+        step = self.window.step(ids)
+        if step is None:  # the decoder rewrote earlier text: the whole output, searched whole
+            return first_match(self.window.decode(ids), self.stops, held_chars) is not None
+        settled, new = step
         base = self.settled - len(self.recent)
-        local = self.recent + window[len(context):]  # the text from offset `base` on
+        local = self.recent + new  # the text from offset `base` on
         hit = any(local.find(s, max(0, held_chars - len(s) + 1, self.settled - len(s) + 1) - base) >= 0
                   for s in self.stops)
-        self._settle(decode, ids, context, window)
+        self.settled += len(settled)
+        joined = self.recent + settled
+        self.recent = joined[max(0, len(joined) - self.keep):]
         return hit
-
-    def _settle(self, decode, ids: list[int], context: str, window: str) -> None:
-        """Takes the window's text as settled where it can no longer change: not while it ends in
-        U+FFFD (a character may be arriving) unless more than SETTLED_IDS ids came since the last
-        cut; then up to the last SETTLED_IDS of them, if the window begins with that text."""
-        end = len(ids)
-        if window.endswith("\ufffd"):
-            if end - self.read <= SETTLED_IDS:
-                return
-            end -= SETTLED_IDS
-            cut = decode(ids[self.prefix:end])
-            if not window.startswith(cut):
-                return
-            window = cut
-        if len(window) > len(context) and window.startswith(context):
-            new = window[len(context):]
-            self.settled += len(new)
-            joined = self.recent + new
-            self.recent = joined[max(0, len(joined) - self.keep):]
-            self.prefix, self.read = self.read, end

@@ -11,6 +11,8 @@ equal the non-streaming text exactly.
 
 from __future__ import annotations
 
+from epinfer.engine.detokenize import WindowDecode
+
 
 class StopTail:
     """How much of a growing text's end is a proper prefix of `stop`: a KMP automaton fed only the
@@ -45,18 +47,14 @@ class StopTail:
         return k
 
 
-SETTLED_IDS = 16  # ids after which a U+FFFD is no longer a character in the making (one spans <= 4 bytes)
-
-
 class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.tails = [StopTail(stop) for stop in stops]
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
-        self.text = ""  # the text of ids[:read], decoded incrementally
-        self.prefix = 0  # ids[prefix:read] are decoded again as context for the next tokens
-        self.read = 0
+        self.text = ""  # the settled text, decoded a window at a time
+        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=True))
 
     def add(self, new_ids: list[int]) -> None:
         self.ids.extend(new_ids)
@@ -68,28 +66,11 @@ class TextStream:
         return text if stop_end is None else text[:stop_end]
 
     def _advance(self) -> None:
-        """Extends `self.text` by the new ids, decoding only a short window: the ids since the last
-        cut as context, so leading-space and multi-byte rules see what they need (O(window)).
-        A window that ends in U+FFFD may end in a character still arriving, so it waits; but once
-        more than `SETTLED_IDS` ids came since the last cut, the text up to the last few of them is
-        taken if the whole window begins with it: a U+FFFD the text itself holds (the model writes
-        the character, or bytes that are no UTF-8) would otherwise hold the stream back to its end
-        and make every update decode the whole output (O(n^2) on the event loop)."""
-        decode = self.tokenizer.decode
-        context = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        window = decode(self.ids[self.prefix:], skip_special_tokens=True)
-        end = len(self.ids)
-        if window.endswith("\ufffd"):
-            if end - self.read <= SETTLED_IDS:
-                return
-            end -= SETTLED_IDS
-            settled = decode(self.ids[self.prefix:end], skip_special_tokens=True)
-            if not window.startswith(settled):
-                return
-            window = settled
-        if len(window) > len(context) and window.startswith(context):
-            self.text += window[len(context):]
-            self.prefix, self.read = self.read, end
+        """Extends `self.text` by the new ids' settled text (`WindowDecode`: O(window), and a U+FFFD
+        the text itself holds does not hold the stream back to its end)."""
+        step = self.window.step(self.ids)
+        if step is not None:  # (a decoder that rewrites earlier text: the final update's whole decode)
+            self.text += step[0]
 
     def delta(self, final: bool, stop_end: int | None = None) -> str:
         """New text since the last call; `final`: the request finished (nothing held back)."""
