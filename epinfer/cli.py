@@ -226,7 +226,10 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
             raise UserError(f"{args.prompts_file}: not UTF-8 text (byte {exc.start})") from None
         except OSError as exc:
             raise UserError(f"{name}: cannot read it ({reason(exc)})") from None
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # JSONL lines end at "\n" alone: str.splitlines would also split inside a JSON string at
+        # U+2028, U+2029 or U+0085, which JSON allows there unescaped
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             requests.append(_parse_line(line, lineno, args.prompts_file))

@@ -133,3 +133,21 @@ def test_dump_dir_holds_only_epinfer_files_to_replace(tmp_path):
     with pytest.raises(UserError, match="--dump-dir .*: cannot use it"):
         prepare_dump_dir(SimpleNamespace(dump_dir=str(tmp_path / "rankings.csv" / "sub")))
     assert main(["bench", "--shape", "qwen3-30b-a3b", "--batch", str(10**8)]) == 2
+
+
+def test_prompts_file_lines_end_at_newline_only(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped inside a string: a JSONL line holding one is
+    one request (str.splitlines cut it in two), CRLF line ends are fine, and line numbers count
+    newlines only."""
+    from argparse import Namespace
+
+    from epinfer.cli import read_requests
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a\u2028b\u0085c\u2029d"}\r\n{"prompt_token_ids": [1]}\n', encoding="utf-8")
+    requests = read_requests(Namespace(prompt=[], prompts_file=path))
+    assert [r.get("prompt", r.get("prompt_token_ids")) for r in requests] == ["a\u2028b\u0085c\u2029d", [1]]
+    assert [r["where"] for r in requests] == [f"{path}:1", f"{path}:2"]
+    path.write_text('{"prompt": "x\u2028y"}\n{"prompt_token_ids": [1]}\u2028{"prompt_token_ids": [2]}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: malformed JSON"):
+        read_requests(Namespace(prompt=[], prompts_file=path))
