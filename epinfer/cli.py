@@ -18,7 +18,7 @@ from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import Interrupted, RunFailed, UserError
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
-from epinfer.core.untrusted import reason, shown_path, stat_regular
+from epinfer.core.untrusted import reason, shown_path, stat_regular, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.progress import Progress, generate_with_progress, plural, say, summary
@@ -287,8 +287,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     requests = read_requests(args)
-    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
-        raise UserError(f"--output {args.output}: not a file in an existing folder")  # before the run, not after
+    check_output(args)  # before the run, not after
     params = []
     for i, req in enumerate(requests):
         seed = req.get("seed", None if args.seed is None else args.seed + i)
@@ -354,11 +353,16 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
                 "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})} for o in outputs]
     if path is not None:
         text = json.dumps(records, indent=1) + "\n"
+        in_place = written_in_place(path)
         try:
-            path.write_text(text)
+            if in_place:
+                path.write_text(text)
+            else:  # whole or not at all: a file already there stays as it was if the write fails;
+                write_atomic(path.resolve(), [text])  # through a symbolic link, the file it names
         except OSError as exc:  # (a full disk): the run's results go to stdout rather than nowhere
             sys.stdout.write(text)
-            raise RunFailed(1, f"cannot write --output {path} (it may hold part of them): {exc.strerror or exc}; "
+            state = "it may hold part of them" if in_place else "left as it was"
+            raise RunFailed(1, f"cannot write --output {path} ({state}): {exc.strerror or exc}; "
                                "the results are on stdout instead") from None
         say(f"wrote {plural(len(records), 'result')} to {path}")  # stderr: stdout stays empty
         return
@@ -368,6 +372,22 @@ def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
         print(f"--- request {i} ({rec['finish_reason']}, {len(rec['token_ids'])} tokens)")
         print(f"prompt:     {prompt!r}")
         print(f"completion: {completion!r}")
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """--output names a file in an existing folder, and not the prompts file (its requests would be
+    replaced by the results)."""
+    if args.output is None:
+        return
+    if args.output.is_dir() or not args.output.parent.is_dir():
+        raise UserError(f"--output {shown_path(args.output)}: not a file in an existing folder")
+    try:
+        same = args.prompts_file is not None and args.output.exists() and args.output.samefile(args.prompts_file)
+    except OSError:
+        same = False
+    if same:
+        raise UserError(f"--output {shown_path(args.output)} is the prompts file: the results would replace "
+                        "its requests; give another file")
 
 
 def check_numbers(args: argparse.Namespace) -> None:

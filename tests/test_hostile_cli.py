@@ -43,6 +43,8 @@ def cli_cases(tmp_path):
         (jsonl("deep.jsonl", "[" * 100_000 + "\n"), "deep.jsonl:1: malformed JSON"),
         ([*hi, "--output", str(tmp_path / "missing" / "out.json")], "not a file in an existing folder"),
         ([*hi, "--output", str(tmp_path)], "not a file in an existing folder"),
+        ([*jsonl("same.jsonl", '{"prompt": "hi"}\n'), "--output", str(tmp_path / "same.jsonl")],
+         "same.jsonl is the prompts file: the results would replace its requests"),
         ([*hi, "--cache-memory-gb", "nan"], "(--cache-memory-gb) must be a finite number > 0, got nan"),
         ([*hi, "--max-model-len", "2000"], "(--max-model-len) 2,000 is beyond the model's 1,024 positions"),
         ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "(--cache-memory-gb) must be a finite number > 0"),
@@ -87,6 +89,33 @@ def test_generate_output_that_cannot_be_written_goes_to_stdout(capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)[0]["finish_reason"] == "length"
     assert "cannot write --output /dev/full" in err and "the results are on stdout instead" in err
+
+
+def test_generate_output_is_replaced_whole_or_not_at_all(tmp_path, capfd, monkeypatch):
+    """--output goes to a temporary file renamed over the old one: a write that fails leaves the old
+    file as it was (the results go to stdout), a symbolic link keeps pointing at the new results, and
+    /dev/stdout is written to, not replaced."""
+    import os
+
+    old, link = tmp_path / "out.json", tmp_path / "link.json"
+    old.write_text("previous results\n")
+    argv = ["generate", "--prompt", "hi", "--max-tokens", "2", "--output"]
+    with monkeypatch.context() as m:
+        def full(src, dst):
+            raise OSError(28, "No space left on device")
+        m.setattr(os, "replace", full)
+        assert main([*argv, str(old)]) == 1
+    out, err = capfd.readouterr()
+    assert old.read_text() == "previous results\n" and json.loads(out)[0]["finish_reason"] == "length"
+    assert "cannot write --output" in err and "(left as it was): No space left on device" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file left behind
+    link.symlink_to(old)
+    assert main([*argv, str(link)]) == 0
+    assert link.is_symlink() and json.loads(old.read_text())[0]["finish_reason"] == "length"
+    capfd.readouterr()
+    if Path("/dev/stdout").exists():
+        assert main([*argv, "/dev/stdout"]) == 0
+        assert json.loads(capfd.readouterr().out)[0]["finish_reason"] == "length"
 
 
 def test_generate_tiny_temperature_is_greedy(tmp_path, capsys):

@@ -11,7 +11,9 @@ type, size or depth. This module holds what both readers need for that:
   ASCII-safe `UserError` message of bounded length;
 - `is_int`, `is_number` and `ints_in` are the JSON type tests (a bool is not a number);
 - `time_limit` bounds Python code that comes with the input (a chat template: Jinja compiles to
-  Python), which nothing else can stop.
+  Python), which nothing else can stop;
+- `write_atomic` writes a file whole or not at all, never through what is already at its path;
+  `written_in_place` tells the outputs that must be written to instead (a device, a FIFO, stdout).
 
 It does not decide what is allowed where (folder bounds, size limits, the fields of a format): the
 readers do. It imports only the standard library and `epinfer.core.errors`.
@@ -24,8 +26,10 @@ import ctypes
 import json
 import os
 import reprlib
+import secrets
 import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +152,42 @@ def open_regular(path: Path | str, name: str) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise UserError(f"{name}: not a regular file (it changed while being opened)")
     return fd, opened
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | str]) -> None:
+    """Writes `chunks` to a temporary file beside `path`, then renames it to `path`: a reader, or a
+    write that fails (a full disk, an interrupt), never sees part of it, and a symlink or FIFO
+    already at `path` is replaced, never written through."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL | O_NOFOLLOW: never through something already there; 0o666 less the umask, like open()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk.encode() if isinstance(chunk, str) else chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def written_in_place(path: Path | str) -> bool:
+    """An --output that is written to, not replaced: a device or FIFO, or the file this process's
+    stdout or stderr goes to (`--output /dev/stdout > out.json`)."""
+    try:
+        info = os.stat(path)
+    except OSError:  # (nothing there yet)
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return True
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            std = os.fstat(fd)
+            if (std.st_dev, std.st_ino) == (info.st_dev, info.st_ino):
+                return True
+    return False
 
 
 class TimeLimitExceeded(BaseException):

@@ -12,17 +12,15 @@ renamed, so a symlink or FIFO already at the path is replaced, never written thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import secrets
 import struct
 import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from epinfer.core.untrusted import write_atomic
 from epinfer.diagnostics import pixelfont
 
 COLORS = {"ep": (230, 140, 30), "tp": (60, 110, 220), "dp": (40, 170, 80)}
@@ -37,24 +35,8 @@ LEFT, RIGHT = 108, 20  # the plot's margins: the lanes' labels, room for the las
 TOP, BOTTOM = 88, 58  # above the lanes: title, legend, the fault's label; below: the time axis
 
 
-def _write_atomic(path: Path, chunks: Iterable[bytes | str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL | O_NOFOLLOW: never through something already there; 0o666 less the umask, like open()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk.encode() if isinstance(chunk, str) else chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_trace(dumps: dict, path: Path) -> None:
-    _write_atomic(Path(path), _trace_chunks(dumps))
+    write_atomic(Path(path), _trace_chunks(dumps))
 
 
 def _trace_chunks(dumps: dict) -> Iterable[str]:
@@ -293,7 +275,7 @@ def write_timeline(dumps: dict, path: Path, mark: int | None = None, group: str 
     if (clock := _wall_clock(end)) is not None:
         title += f" (0 s = {clock})"
     canvas.text(LEFT + max(0, (plot_w - pixelfont.text_width(title, 2)) // 2), axis_y + 36, title, 2)
-    _write_atomic(Path(path), [canvas.png()])
+    write_atomic(Path(path), [canvas.png()])
 
 
 def merge_traces(paths: list[Path], out: Path) -> Path | None:
