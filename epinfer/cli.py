@@ -18,7 +18,7 @@ from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import Interrupted, RunFailed, UserError
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
-from epinfer.core.untrusted import reason, shown_path, stat_regular, write_atomic, written_in_place
+from epinfer.core.untrusted import check_output_path, reason, shown_path, stat_regular, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.progress import Progress, generate_with_progress, plural, say, summary
@@ -379,8 +379,7 @@ def check_output(args: argparse.Namespace) -> None:
     replaced by the results)."""
     if args.output is None:
         return
-    if args.output.is_dir() or not args.output.parent.is_dir():
-        raise UserError(f"--output {shown_path(args.output)}: not a file in an existing folder")
+    check_output_path(args.output, "--output")
     try:
         same = args.prompts_file is not None and args.output.exists() and args.output.samefile(args.prompts_file)
     except OSError:

@@ -180,3 +180,21 @@ def test_prompts_file_lines_end_at_newline_only(tmp_path):
     path.write_text('{"prompt": "x\u2028y"}\n{"prompt_token_ids": [1]}\u2028{"prompt_token_ids": [2]}\n')
     with pytest.raises(UserError, match=r"p\.jsonl:2: malformed JSON"):
         read_requests(Namespace(prompt=[], prompts_file=path))
+
+
+def test_bench_step_log_checked_before_the_run(tmp_path, capsys):
+    """--step-log that cannot be a file (a folder, a missing folder), or that would log nothing (no
+    --workload, --serve), is one line before the run, not a traceback after it."""
+    from tests.checkpoints import tiny_config
+
+    (tmp_path / "config.json").write_text(tiny_config("qwen3_moe").to_json_string())
+    bench = ["bench", "--shape", str(tmp_path), "--device", "cpu", "--dtype", "float32"]
+    work = ["--workload", "throughput", "--num-requests", "2", "--input-len", "4", "--output-len", "2"]
+    for argv, fragment in [([*work, "--step-log", str(tmp_path)], "not a file in an existing folder"),
+                           ([*work, "--step-log", str(tmp_path / "no" / "s.jsonl")], "not a file in an existing"),
+                           (["--batch", "1", "--step-log", str(tmp_path / "s.jsonl")], "--step-log logs the steps"),
+                           ([*work, "--serve", "--step-log", str(tmp_path / "s.jsonl")], "(not --serve)")]:
+        assert main([*bench, *argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith("epinfer: error: --step-log") and fragment in err, err
+        assert not out

@@ -7,15 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 from epinfer.core.config import EngineConfig
 from epinfer.core.errors import UserError
+from epinfer.core.untrusted import check_output_path
 
 
 def run_bench(args: argparse.Namespace, build_job: Callable) -> int:
     """`build_job(args, engine)`: the command line's run description (`epinfer.cli.build_job`)."""
     from epinfer.bench.single import bench, format_table
 
+    if args.step_log is not None and (not args.workload or args.serve):
+        raise UserError("--step-log logs the steps of a --workload run in this process (not --serve)")
+    if args.step_log is not None:
+        check_output_path(Path(args.step_log), "--step-log")  # before the run, not after
     if args.workload:
         return run_workload_bench(args)
     if args.serve or args.concurrency is not None:

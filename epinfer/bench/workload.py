@@ -30,14 +30,16 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from epinfer.bench.single import bench_model_len, check_bench_tokens, shape_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES
-from epinfer.core.errors import UserError
+from epinfer.core.errors import RunFailed, UserError
 from epinfer.core.sampling_params import SamplingParams
+from epinfer.core.untrusted import write_atomic
 from epinfer.engine.engine import Engine, freeze_heap
 
 
@@ -292,11 +294,13 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                 "peak_allocated_gib": round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2),
                 "utilization_gib": round(engine.ecfg.gpu_memory_utilization
                                   * torch.cuda.get_device_properties(engine.device).total_memory / 2**30, 2)}
-    if step_log:
-        with open(step_log, "w") as f:
-            f.writelines(json.dumps(step) + "\n" for step in steps)
     print(f"epinfer bench: {name}: {record['requests']} requests, {record['total_tok_s']} tok/s total, "
           f"{record['output_tok_s']} tok/s out, TTFT p50 {record['ttft_ms_p50']} ms, TPOT p50 "
           f"{record['tpot_ms_p50']} ms, at most {record['most_running']} of {record['max_num_seqs']} sequences "
           "running", file=sys.stderr, flush=True)
+    if step_log:
+        try:
+            write_atomic(Path(step_log).resolve(), (json.dumps(step) + "\n" for step in steps))
+        except OSError as exc:  # (a full disk): the figures above still stand
+            raise RunFailed(1, f"cannot write --step-log {step_log}: {exc.strerror or exc}") from None
     return record

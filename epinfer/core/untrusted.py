@@ -173,6 +173,13 @@ def write_atomic(path: Path, chunks: Iterable[bytes | str]) -> None:
         raise
 
 
+def check_output_path(path: Path, name: str) -> None:
+    """`path` can be a file a run writes at its end: not a folder, in a folder that exists (checked
+    before the run, so that its results are not lost after it); a `UserError` starting with `name`."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"{name} {shown_path(path)}: not a file in an existing folder")
+
+
 def written_in_place(path: Path | str) -> bool:
     """An --output that is written to, not replaced: a device or FIFO, or the file this process's
     stdout or stderr goes to (`--output /dev/stdout > out.json`)."""
