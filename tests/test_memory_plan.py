@@ -90,3 +90,32 @@ def test_allocator_settings_reach_torch():
     from epinfer.engine.memory import allocator_settings
 
     allocator_settings("expandable_segments:False")  # the default
+
+
+def test_cache_beyond_free_memory_is_one_line(ckpt_dir, tmp_path, monkeypatch, capsys):
+    """A cache budget or a sequence count (the block table's rows) beyond the free memory is a
+    one-line error before anything is allocated, not an allocator traceback or an out-of-memory kill;
+    a large budget that few sequences can use is fine (blocks past what they can use are not made)."""
+    import dataclasses
+    import json
+
+    import pytest
+
+    from epinfer.cli import main
+    from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
+    from epinfer.core.errors import UserError
+    from epinfer.engine import memory
+
+    cfg, cpu = ModelConfig.from_dir(DEMO_MODEL), torch.device("cpu")
+    ecfg = EngineConfig(cache_memory_gb=64.0, max_num_seqs=4096, enable_prefix_caching=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30, raising=False)
+    memory.plan_cache(cfg, dataclasses.replace(ecfg, max_num_seqs=4), torch.float32, cpu)
+    with pytest.raises(UserError, match=r"need .* GiB on cpu but only 1.00 GiB is free: lower --cache-memory-gb"):
+        memory.plan_cache(cfg, ecfg, torch.float32, cpu)
+    monkeypatch.undo()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
+    assert main(["generate", "--model", str(ckpt_dir("qwen3_moe")), "--prompts-file", str(prompts),
+                 "--max-num-seqs", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is free: lower --cache-memory-gb or --max-num-seqs" in err, err

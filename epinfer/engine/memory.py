@@ -13,6 +13,7 @@ from epinfer.core.config import EngineConfig, ModelConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
+from epinfer.runner.model_runner import available_bytes
 
 
 def auto_max_num_seqs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: int = 1,
@@ -82,6 +83,15 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
     num_blocks = max(1, min(capacity // ecfg.block_size, useful))
     if max_len < 2:
         raise UserError(f"max model length {max_len} is too small")
+    # what is allocated next, against what is free: a budget (--cache-memory-gb) or sequence count
+    # (the block table's rows) beyond the memory would be an allocator traceback, or on the CPU the
+    # kernel's out-of-memory kill
+    table_bytes = (ecfg.max_num_seqs + 1) * -(-max_len // ecfg.block_size) * 4  # (int32)
+    need = num_blocks * ecfg.block_size * per_token + state_bytes + table_bytes
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise UserError(f"the KV cache, recurrent state and block table need {gib(need)} on {device} but only "
+                        f"{gib(have)} is free: lower --cache-memory-gb or --max-num-seqs")
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots, state_dtype), max_len
 
 
