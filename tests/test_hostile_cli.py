@@ -71,15 +71,38 @@ def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)
+    torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "127.0.0.1"}
     for env, fragment in [({"EPINFER_STACKS_AFTER": "0.001"}, "EPINFER_STACKS_AFTER='0.001': give at least 1"),
-                          ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not what torchrun sets")]:
+                          ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not what torchrun sets"),
+                          ({**torchrun, "GROUP_RANK": "x"}, "GROUP_RANK='x' is not what torchrun sets"),
+                          ({**torchrun, "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not what torchrun sets"),
+                          ({**torchrun, "RANK": "1"}, "RANK='1' is not what torchrun sets"),
+                          ({**torchrun, "MASTER_ADDR": ""}, "MASTER_ADDR='' is not what torchrun sets")]:
         with monkeypatch.context() as m:
             for k, v in env.items():
                 m.setenv(k, v)
-            m.delenv("MASTER_PORT", raising=False)
+            if "MASTER_PORT" not in env:
+                m.delenv("MASTER_PORT", raising=False)
             assert main(["generate", "--prompt", "hi"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (env, err)
+
+
+def test_torchrun_store_out_of_reach_is_one_line(capsys, monkeypatch):
+    """Under torchrun's variables with no store to reach (leftovers, or the launcher gone): one line
+    naming the address, not a traceback after the connection's time-out."""
+    import torch.distributed as dist
+
+    def unreachable(*args, **kwargs):
+        raise dist.DistNetworkError("The client socket has timed out after 60000ms while trying to connect to "
+                                    "(10.9.9.9, 29500).")
+
+    monkeypatch.setattr(dist, "TCPStore", unreachable)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "10.9.9.9"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["generate", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach torchrun's rendezvous store at 10.9.9.9:29500" in err, err
 
 
 def test_generate_output_that_cannot_be_written_goes_to_stdout(capsys):

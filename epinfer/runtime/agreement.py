@@ -21,6 +21,7 @@ from pathlib import Path
 
 from epinfer.core.config import DEMO_MODEL, EngineConfig
 from epinfer.core.errors import Interrupted, UserError
+from epinfer.core.untrusted import one_line
 from epinfer.core.version import VERSION
 
 AGREE_KEY = "epinfer/agree/"
@@ -103,7 +104,12 @@ def torchrun_agree(job, world: int, layout_error: UserError | None = None) -> No
             store = dist.TCPStore(*address, is_master=False, timeout=datetime.timedelta(seconds=5))
             store.set(f"{AGREE_KEY}{scope}{rank}", json.dumps(mine))
         raise layout_error
-    store = dist.TCPStore(*address, is_master=False, timeout=datetime.timedelta(seconds=60))
+    try:
+        store = dist.TCPStore(*address, is_master=False, timeout=datetime.timedelta(seconds=60))
+    except (RuntimeError, OSError) as exc:  # (torch's DistNetworkError and DistStoreError are RuntimeErrors)
+        raise UserError(f"cannot reach torchrun's rendezvous store at {address[0]}:{address[1]} (MASTER_ADDR, "
+                        f"MASTER_PORT): {one_line(exc, 160)}; run under torchrun, or unset RANK and WORLD_SIZE"
+                        ) from None
 
     def name(i: int, values: dict) -> str:
         return f"rank {i}" + (f" (host {values['where']})" if "where" in values else "")

@@ -111,13 +111,24 @@ def dump_on_sigterm() -> None:
 
 
 def check_torchrun_env() -> None:
-    """RANK and WORLD_SIZE are set: torchrun sets them with MASTER_PORT, all numbers; a cluster's
+    """RANK and WORLD_SIZE are set: torchrun sets them with MASTER_ADDR and MASTER_PORT, and
+    LOCAL_RANK and GROUP_RANK, all numbers but the address, RANK below WORLD_SIZE; a cluster's
     leftovers may be only some of them (a one-line error, not a rendezvous that retries)."""
-    for name, low, high in (("RANK", 0, None), ("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65535)):
+    def refuse(name: str, text: str):
+        return UserError(f"RANK and WORLD_SIZE are set but {name}={text!r} is not what torchrun sets: run under "
+                         "torchrun, or unset RANK and WORLD_SIZE")
+
+    for name, low, high in (("RANK", 0, None), ("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65535),
+                            ("LOCAL_RANK", 0, None), ("GROUP_RANK", 0, None)):
         text = os.environ.get(name, "")
+        if not text and name in ("LOCAL_RANK", "GROUP_RANK"):  # (read as 0 when unset)
+            continue
         if not (text.isascii() and text.isdecimal()) or int(text) < low or (high and int(text) > high):
-            raise UserError(f"RANK and WORLD_SIZE are set but {name}={text!r} is not what torchrun sets: run under "
-                            "torchrun, or unset RANK and WORLD_SIZE")
+            raise refuse(name, text)
+    if int(os.environ["RANK"]) >= int(os.environ["WORLD_SIZE"]):
+        raise refuse("RANK", os.environ["RANK"])
+    if not os.environ.get("MASTER_ADDR", "").strip():
+        raise refuse("MASTER_ADDR", os.environ.get("MASTER_ADDR", ""))
 
 
 def run_torchrun(job: Job) -> list | None:
