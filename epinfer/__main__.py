@@ -1,5 +1,9 @@
 import sys
 
-from epinfer.cli import main
+try:
+    from epinfer.cli import main
+except KeyboardInterrupt:  # (Ctrl-C before the command line's own handling starts)
+    sys.stderr.write("epinfer: interrupted\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
-from epinfer.core.errors import Interrupted, RunFailed, UserError
+from epinfer.core.errors import Interrupted, RunFailed, UserError, import_noting_signals
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import check_output_path, reason, shown_path, stat_regular, write_atomic, written_in_place
@@ -435,6 +435,9 @@ def preflight(args: argparse.Namespace) -> None:
                             f"this machine has {have}")
 
 
+HEAVY_IMPORTS = ("torch",)  # generate, bench and serve: imported first, a Ctrl-C meanwhile kept (import_noting_signals)
+
+
 def _stop(signum, frame):
     raise Interrupted(signum)
 
@@ -461,6 +464,8 @@ def _main(args: argparse.Namespace) -> int:
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
         check_numbers(args)
         preflight(args)
+        if args.command != "doctor":
+            import_noting_signals(HEAVY_IMPORTS)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":

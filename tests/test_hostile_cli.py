@@ -221,3 +221,21 @@ def test_bench_step_log_checked_before_the_run(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and err.startswith("epinfer: error: --step-log") and fragment in err, err
         assert not out
+
+
+def test_interrupt_while_torch_imports_is_kept(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C while the heavy modules import stops the run (130, one line) even where the import
+    drops the KeyboardInterrupt, as torch does while it imports numpy (the run went on, exit 0)."""
+    import sys
+
+    from epinfer import cli
+
+    (tmp_path / "swallows_sigint.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.2)\n"
+        "except KeyboardInterrupt:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "HEAVY_IMPORTS", ("swallows_sigint",), raising=False)
+    monkeypatch.delitem(sys.modules, "swallows_sigint", raising=False)
+    assert main(["generate", "--prompt", "hi", "--max-tokens", "2"]) == 130
+    out, err = capsys.readouterr()
+    assert err == "epinfer: interrupted\n" and not out

@@ -8,6 +8,7 @@ prints its message on one line and exits 2; it never carries a traceback to the 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 
 
@@ -51,6 +52,17 @@ def noting_signals():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def import_noting_signals(names: tuple[str, ...]) -> None:
+    """Imports `names` with SIGINT / SIGTERM noted, then acted on (`Interrupted`): torch drops a
+    KeyboardInterrupt raised while it imports numpy, so a Ctrl-C in that moment of a start was lost
+    and the run went on."""
+    with noting_signals() as signals:
+        for name in names:
+            importlib.import_module(name)
+    if signals.first():
+        raise Interrupted(signals.first())
 
 
 class RunFailed(RuntimeError):
