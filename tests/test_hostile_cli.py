@@ -67,7 +67,8 @@ def test_generate_bad_flags_and_lines(tmp_path, capsys):
 def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
     for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
                            (["serve", "--port", "-1"], "--port must be a port number"),
-                           (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to")]:
+                           (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to"),
+                           (["serve", "--host", " ", "--model", "/nonexistent"], "--host is empty: give an address")]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)

@@ -64,6 +64,8 @@ def serve(args: argparse.Namespace, job: Job) -> int:
         raise UserError("epinfer serve spawns its own ranks: run it without torchrun, or unset RANK and WORLD_SIZE "
                         "(on several hosts: "
                         "--nnodes N --node-rank R --master-addr HOST0 on each)")
+    if not args.host.strip():  # (an unset variable in `--host "$HOST"`: bind() would take every interface)
+        raise UserError("--host is empty: give an address to listen on (0.0.0.0 for every interface)")
     nodes = Nodes.from_args(args, job.dp, job.tp)
     if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):
         raise UserError("--max-queue must be >= 1 and --shutdown-timeout a finite number >= 0")
