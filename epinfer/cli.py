@@ -412,6 +412,13 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)                                   # collective fails healthy runs)
         if value is not None and not lo <= value < float("inf"):
             raise bad(flag, f"a finite number of seconds >= {lo:g}")
+    if getattr(args, "fault", None):  # (a fault that no rank would inject: a run that proves nothing)
+        world = args.dp * args.tp
+        if not 0 <= args.fault_rank < world or args.fault_step < 0:
+            raise UserError(f"--fault-rank must be a rank of the run, 0 to {world - 1}, and --fault-step >= 0; "
+                            f"got {args.fault_rank} and {args.fault_step}")
+        if world == 1 and args.command != "serve" and not under_torchrun():
+            raise UserError("--fault is injected by a rank of a parallel run: add --dp or --tp")
     if args.command in ("generate", "serve"):  # the engine's own fields, before any rank starts
         engine_config(args).checked()
 

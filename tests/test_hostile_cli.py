@@ -68,7 +68,12 @@ def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
     for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
                            (["serve", "--port", "-1"], "--port must be a port number"),
                            (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to"),
-                           (["serve", "--host", " ", "--model", "/nonexistent"], "--host is empty: give an address")]:
+                           (["serve", "--host", " ", "--model", "/nonexistent"], "--host is empty: give an address"),
+                           (["generate", "--prompt", "hi", "--fault", "kill", "--dp", "2", "--fault-rank", "2"],
+                            "--fault-rank must be a rank of the run, 0 to 1, and --fault-step >= 0; got 2 and 0"),
+                           (["generate", "--prompt", "hi", "--fault", "delay", "--dp", "2", "--fault-step", "-1"],
+                            "--fault-rank must be a rank of the run"),
+                           (["generate", "--prompt", "hi", "--fault", "nan-logits"], "add --dp or --tp")]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)
