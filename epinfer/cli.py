@@ -25,6 +25,7 @@ from epinfer.progress import Progress, generate_with_progress, plural, say, summ
 from epinfer.runtime.job import Job
 
 MAX_FAILURE_LINES = 5
+MAX_SECONDS = 10**9  # a time-out or delay flag (about 31 years)
 BENCH_MAX = {"batch": 1 << 16, "num_requests": 1 << 20, "input_len": 1 << 20, "output_len": 1 << 20}
 STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
@@ -408,10 +409,12 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and not lo <= value <= 65535:
             raise bad(flag, f"a port number, {lo} to 65535")
-    for flag, lo in (("collective_timeout", 1.0), ("fault_delay", 0.0)):  # (a shorter wait for a
-        value = getattr(args, flag, None)                                   # collective fails healthy runs)
-        if value is not None and not lo <= value < float("inf"):
-            raise bad(flag, f"a finite number of seconds >= {lo:g}")
+    # (a shorter wait for a collective fails healthy runs; a longer one than MAX_SECONDS overflows the
+    # timers it reaches: the process group's timedelta, a lock's, a sleep's)
+    for flag, lo in (("collective_timeout", 1.0), ("fault_delay", 0.0)):
+        value = getattr(args, flag, None)
+        if value is not None and not lo <= value <= MAX_SECONDS:
+            raise bad(flag, f"a finite number of seconds >= {lo:g} and at most {MAX_SECONDS:,}")
     if getattr(args, "fault", None):  # (a fault that no rank would inject: a run that proves nothing)
         world = args.dp * args.tp
         if not 0 <= args.fault_rank < world or args.fault_step < 0:

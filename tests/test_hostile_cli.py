@@ -50,6 +50,8 @@ def cli_cases(tmp_path):
         ([*hi, "--cache-memory-gb", "inf", "--dp", "2"], "(--cache-memory-gb) must be a finite number > 0"),
         ([*hi, "--collective-timeout", "0", "--dp", "2"], "--collective-timeout must be a finite number of"),
         ([*hi, "--collective-timeout", "nan"], "--collective-timeout must be a finite number of seconds >= 1"),
+        ([*hi, "--collective-timeout", "1e300", "--dp", "2"], "at most 1,000,000,000, got 1e+300"),
+        ([*hi, "--fault", "delay", "--dp", "2", "--fault-delay", "1e300"], "--fault-delay must be a finite number"),
         (["--prompts-file", str(tmp_path)], "not a regular file (a directory)"),
         ([*hi, "--model", str(tmp_path / "seed.jsonl")], "not a folder (a regular file)"),
     ]
