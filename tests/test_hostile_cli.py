@@ -124,8 +124,8 @@ def test_generate_output_that_cannot_be_written_goes_to_stdout(capsys):
 
 def test_generate_output_is_replaced_whole_or_not_at_all(tmp_path, capfd, monkeypatch):
     """--output goes to a temporary file renamed over the old one: a write that fails leaves the old
-    file as it was (the results go to stdout), a symbolic link keeps pointing at the new results, and
-    /dev/stdout is written to, not replaced."""
+    file as it was (the results go to stdout), a read-only file or folder is refused before the run,
+    a symbolic link keeps pointing at the new results, and /dev/stdout is written to, not replaced."""
     import os
 
     old, link = tmp_path / "out.json", tmp_path / "link.json"
@@ -140,6 +140,14 @@ def test_generate_output_is_replaced_whole_or_not_at_all(tmp_path, capfd, monkey
     assert old.read_text() == "previous results\n" and json.loads(out)[0]["finish_reason"] == "length"
     assert "cannot write --output" in err and "(left as it was): No space left on device" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file left behind
+    with monkeypatch.context() as m:  # (as root, access() says yes to everything)
+        m.setattr(os, "access", lambda path, mode: Path(path) not in (old, tmp_path / "ro"))
+        assert main([*argv, str(old)]) == 2
+        (tmp_path / "ro").mkdir()
+        assert main([*argv, str(tmp_path / "ro" / "out.json")]) == 2
+    _, err = capfd.readouterr()
+    assert "out.json: the file is read-only" in err and "cannot write in its folder (permission denied)" in err, err
+    assert old.read_text() == "previous results\n"
     link.symlink_to(old)
     assert main([*argv, str(link)]) == 0
     assert link.is_symlink() and json.loads(old.read_text())[0]["finish_reason"] == "length"

@@ -174,10 +174,18 @@ def write_atomic(path: Path, chunks: Iterable[bytes | str]) -> None:
 
 
 def check_output_path(path: Path, name: str) -> None:
-    """`path` can be a file a run writes at its end: not a folder, in a folder that exists (checked
-    before the run, so that its results are not lost after it); a `UserError` starting with `name`."""
+    """`path` can be a file a run writes at its end: not a folder, in a folder that exists, and where
+    it is replaced (`write_atomic`; not where it is `written_in_place`), not a read-only file and in
+    a folder this process may write (checked before the run, so that its results are not lost after
+    it, and a file made read-only is never replaced); a `UserError` starting with `name`."""
     if path.is_dir() or not path.parent.is_dir():
         raise UserError(f"{name} {shown_path(path)}: not a file in an existing folder")
+    if written_in_place(path):
+        return
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{name} {shown_path(path)}: the file is read-only")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {shown_path(path)}: cannot write in its folder (permission denied)")
 
 
 def written_in_place(path: Path | str) -> bool:
