@@ -381,11 +381,8 @@ def check_output(args: argparse.Namespace) -> None:
     if args.output is None:
         return
     check_output_path(args.output, "--output")
-    try:
-        same = args.prompts_file is not None and args.output.exists() and args.output.samefile(args.prompts_file)
-    except OSError:
-        same = False
-    if same:
+    # (after read_requests: the prompts file is there)
+    if args.prompts_file is not None and args.output.exists() and args.output.samefile(args.prompts_file):
         raise UserError(f"--output {shown_path(args.output)} is the prompts file: the results would replace "
                         "its requests; give another file")
 
