@@ -66,7 +66,7 @@ def test_generate_bad_flags_and_lines(tmp_path, capsys):
         assert "Traceback" not in err and not out
 
 
-def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
+def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
     for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
                            (["serve", "--port", "-1"], "--port must be a port number"),
                            (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to"),
@@ -80,12 +80,17 @@ def test_serve_and_environment_bad_numbers(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)
     torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "127.0.0.1"}
+    tables = tmp_path / "t.json"
+    tables.write_text('{"grouped": [[1, ')
     for env, fragment in [({"EPINFER_STACKS_AFTER": "0.001"}, "EPINFER_STACKS_AFTER='0.001': give at least 1"),
                           ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_PORT='' is not what torchrun sets"),
                           ({**torchrun, "GROUP_RANK": "x"}, "GROUP_RANK='x' is not what torchrun sets"),
                           ({**torchrun, "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not what torchrun sets"),
                           ({**torchrun, "RANK": "1"}, "RANK='1' is not what torchrun sets"),
-                          ({**torchrun, "MASTER_ADDR": ""}, "MASTER_ADDR='' is not what torchrun sets")]:
+                          ({**torchrun, "MASTER_ADDR": ""}, "MASTER_ADDR='' is not what torchrun sets"),
+                          ({"EPINFER_MOE_CONFIGS": str(tmp_path / "no.json")}, "no.json': cannot read it"),
+                          ({"EPINFER_MOE_CONFIGS": str(tables)}, "t.json': not a JSON tile table (Expecting"),
+                          ({"EPINFER_RECORD_KERNELS": str(tmp_path / "no" / "k.jsonl")}, "not a file in an existing")]:
         with monkeypatch.context() as m:
             for k, v in env.items():
                 m.setenv(k, v)

@@ -49,10 +49,13 @@ fla takes exact matches from the autotune choices shipped for the GPU (`kernels.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+from pathlib import Path
 
 from epinfer.core.errors import UserError
+from epinfer.core.untrusted import one_line, open_regular
 
 _OFF = ("0", "false", "off", "no")
 _ON = ("1", "true", "on", "yes")
@@ -217,10 +220,36 @@ KNOWN = {"EPINFER_COMPILE": bool, "EPINFER_MOE_TRITON": bool, "EPINFER_MOE_CONFI
 _NOTED: set[str] = set()
 
 
+def _tile_table(name: str, value: str) -> None:
+    """EPINFER_MOE_CONFIGS: a JSON file, read at the first MoE step on a GPU (a traceback there)."""
+    what = f"{name}={value!r}"
+    fd, _ = open_regular(value, what)
+    with open(fd, "rb") as f:
+        data = f.read(MAX_TABLE_BYTES + 1)
+    try:
+        table = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # (not UTF-8 text is a ValueError too)
+        raise UserError(f"{what}: not a JSON tile table ({one_line(exc, 120)})") from None
+    if len(data) > MAX_TABLE_BYTES or not isinstance(table, (dict, list)):
+        raise UserError(f"{what}: not a tile table (a JSON object or list, as benchmarks/moe_kernel_sweep.py writes)")
+
+
+def _appended_file(name: str, value: str) -> None:
+    """EPINFER_RECORD_KERNELS: a file in an existing folder, appended to as kernels compile."""
+    path = Path(value)
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"{name}={value!r}: not a file in an existing folder")
+
+
+MAX_TABLE_BYTES = 16 << 20
+FILES = {"EPINFER_MOE_CONFIGS": _tile_table, "EPINFER_RECORD_KERNELS": _appended_file}  # checked at start
+
+
 def check_switches() -> None:
     """Every EPINFER_* variable that is set, checked once at start (the command line, `LLM`): a switch
     reads 1 or 0 (true / false, on / off, yes / no), a number a positive number, or a one-line
-    UserError — "EPINFER_PDL=disable" would otherwise mean on; a name this version does not read
+    UserError — "EPINFER_PDL=disable" would otherwise mean on; a file switch a file it can use (`FILES`:
+    read or appended to only later, on a GPU); a name this version does not read
     gets a one-line note (a misspelt switch would otherwise change nothing, silently)."""
     unknown = []
     for name, value in sorted(os.environ.items()):
@@ -235,6 +264,8 @@ def check_switches() -> None:
             raise UserError(f"{name}={value!r}: give 1 or 0 (true / false, on / off, yes / no)")
         elif kind in (int, float):
             _number(name, kind, None)
+        elif name in FILES:
+            FILES[name](name, value)
     if unknown:
         print(f"epinfer: note: {', '.join(unknown)} {'is not a variable' if len(unknown) == 1 else 'are not variables'}"
               f" this version reads (ignored; epinfer/core/env.py lists them)", file=sys.stderr)
