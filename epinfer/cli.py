@@ -453,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)
-    # a SIGTERM stops generate / bench in this process as Ctrl-C does (its requests end, the line, 143);
-    # parallel runs, serve and torchrun's ranks handle it themselves
+    # a SIGTERM stops generate / bench / serve in this process as Ctrl-C does (the line, 143) until a
+    # parallel run or the server takes it over; torchrun's ranks handle it themselves
     old = signal.getsignal(signal.SIGTERM)
-    if args.command in ("generate", "bench") and old == signal.SIG_DFL and not under_torchrun():
+    if args.command != "doctor" and old == signal.SIG_DFL and not under_torchrun():
         signal.signal(signal.SIGTERM, _stop)
     try:
         return _main(args)

@@ -244,3 +244,21 @@ def test_sigterm_stops_a_single_process_generate():
     finally:
         proc.kill()
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "epinfer: stopped by SIGTERM", err
+
+
+def test_sigterm_while_serve_starts_is_one_line():
+    """`serve` stopped by SIGTERM at several moments of its start-up (imports, the model's load, the
+    engine's build): each ends with its line and 143, never a bare signal death (the server's own
+    handler comes only once it builds the engine)."""
+    for delay in (1.5, 2.5, 3.5, 5.0):
+        proc = subprocess.Popen([sys.executable, "-m", "epinfer", "serve", "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        lines = err.strip().splitlines()
+        assert proc.returncode in (0, 143) and lines, (delay, proc.returncode, err)
+        assert lines[-1] in ("epinfer: stopped by SIGTERM", "epinfer: shut down"), (delay, err)
