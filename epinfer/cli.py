@@ -17,8 +17,9 @@ from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import Interrupted, RunFailed, UserError, import_noting_signals
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
+from epinfer.core.prompts_file import read_prompts_file
 from epinfer.core.sampling_params import check_text
-from epinfer.core.untrusted import check_output_path, reason, shown_path, stat_regular, write_atomic, written_in_place
+from epinfer.core.untrusted import check_output_path, shown_path, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
 from epinfer.diagnostics.numerics import degenerate_warnings
 from epinfer.progress import Progress, generate_with_progress, plural, say, summary
@@ -28,8 +29,6 @@ MAX_FAILURE_LINES = 5
 MAX_SECONDS = 10**9  # a time-out or delay flag (about 31 years)
 BENCH_MAX = {"batch": 1 << 16, "num_requests": 1 << 20, "input_len": 1 << 20, "output_len": 1 << 20}
 STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
-JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -219,66 +218,10 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
         except UserError as exc:
             raise UserError(f"--prompt number {i + 1}: {exc}") from None
     if args.prompts_file is not None:
-        name = f"prompts file {shown_path(args.prompts_file)}"
-        stat_regular(args.prompts_file, name)  # (what it is, when not a file: a FIFO would block the read)
-        try:
-            text = args.prompts_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{args.prompts_file}: not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise UserError(f"{name}: cannot read it ({reason(exc)})") from None
-        # JSONL lines end at "\n" alone: str.splitlines would also split inside a JSON string at
-        # U+2028, U+2029 or U+0085, which JSON allows there unescaped
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
-            requests.append(_parse_line(line, lineno, args.prompts_file))
+        requests += read_prompts_file(args.prompts_file)
     if not requests:
         raise UserError("no prompts: give --prompt TEXT or --prompts-file FILE.jsonl")
     return requests
-
-
-def _parse_line(line: str, lineno: int, path: Path) -> dict:
-    where = f"{path}:{lineno}"
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
-    except (RecursionError, ValueError) as exc:  # nesting too deep, an integer of too many digits
-        raise UserError(f"{where}: malformed JSON ({type(exc).__name__})") from None
-    if not isinstance(item, dict):
-        raise UserError(f"{where}: expected a JSON object")
-    unknown = sorted(set(item) - JSONL_FIELDS)
-    if unknown:
-        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    if ("prompt" in item) == ("prompt_token_ids" in item):
-        raise UserError(f"{where}: give exactly one of 'prompt' or 'prompt_token_ids'")
-    prompt = item.get("prompt", item.get("prompt_token_ids"))
-    if "prompt" in item and not isinstance(prompt, str):
-        raise UserError(f"{where}: 'prompt' must be a string")
-    if isinstance(prompt, str):
-        try:
-            check_text("prompt", prompt)
-        except UserError as exc:
-            raise UserError(f"{where}: {exc}") from None
-    if "prompt_token_ids" in item and not (
-        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
-    types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
-             "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list}
-    for key, kind in types.items():
-        value = item.get(key)
-        if value is not None and (not isinstance(value, kind) or
-                                  (kind is not bool and isinstance(value, bool))):
-            raise UserError(f"{where}: '{key}' has the wrong type")
-    stop = item.get("stop")
-    if stop is not None and not (isinstance(stop, str) or
-                                 (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-        raise UserError(f"{where}: 'stop' must be a string or a list of strings")
-    item["where"] = where
-    return item
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,78 @@
+"""The prompts file of `epinfer generate --prompts-file`: JSON Lines, one request an object with
+`prompt` (text) or `prompt_token_ids`, and optional sampling fields; every fault is one line naming
+the file and the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import check_text
+from epinfer.core.untrusted import reason, shown_path, stat_regular
+
+JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
+
+
+def read_prompts_file(path: Path) -> list[dict]:
+    """The file's requests, each with "where" (file:line) for later messages."""
+    requests = []
+    name = f"prompts file {shown_path(path)}"
+    stat_regular(path, name)  # (what it is, when not a file: a FIFO would block the read)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{name}: cannot read it ({reason(exc)})") from None
+    # JSONL lines end at "\n" alone: str.splitlines would also split inside a JSON string at
+    # U+2028, U+2029 or U+0085, which JSON allows there unescaped
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        requests.append(_parse_line(line, lineno, path))
+    return requests
+
+
+def _parse_line(line: str, lineno: int, path: Path) -> dict:
+    where = f"{path}:{lineno}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # nesting too deep, an integer of too many digits
+        raise UserError(f"{where}: malformed JSON ({type(exc).__name__})") from None
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    unknown = sorted(set(item) - JSONL_FIELDS)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if ("prompt" in item) == ("prompt_token_ids" in item):
+        raise UserError(f"{where}: give exactly one of 'prompt' or 'prompt_token_ids'")
+    prompt = item.get("prompt", item.get("prompt_token_ids"))
+    if "prompt" in item and not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a string")
+    if isinstance(prompt, str):
+        try:
+            check_text("prompt", prompt)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if "prompt_token_ids" in item and not (
+        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
+    types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
+             "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list}
+    for key, kind in types.items():
+        value = item.get(key)
+        if value is not None and (not isinstance(value, kind) or
+                                  (kind is not bool and isinstance(value, bool))):
+            raise UserError(f"{where}: '{key}' has the wrong type")
+    stop = item.get("stop")
+    if stop is not None and not (isinstance(stop, str) or
+                                 (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise UserError(f"{where}: 'stop' must be a string or a list of strings")
+    item["where"] = where
+    return item
