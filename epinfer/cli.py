@@ -26,6 +26,7 @@ from epinfer.progress import Progress, generate_with_progress, plural, say, summ
 from epinfer.runtime.job import Job
 
 MAX_FAILURE_LINES = 5
+CPU_RANK_BYTES = 256 << 20  # the least a CPU rank holds (Python, torch, its shard)
 MAX_SECONDS = 10**9  # a time-out or delay flag (about 31 years)
 BENCH_MAX = {"batch": 1 << 16, "num_requests": 1 << 20, "input_len": 1 << 20, "output_len": 1 << 20}
 STATE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # --mamba-ssm-cache-dtype
@@ -368,7 +369,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def preflight(args: argparse.Namespace) -> None:
     """What config.json and the flags decide on their own, before any process starts: the layout
-    against the model's head and intermediate counts, and enough GPUs for the ranks."""
+    against the model's head and intermediate counts, and enough GPUs (or memory, on the CPU) for the
+    ranks."""
     if args.command not in ("generate", "serve") or args.dp * args.tp == 1 or under_torchrun():
         return
     from epinfer.core.config import DEMO_MODEL, ModelConfig
@@ -376,13 +378,20 @@ def preflight(args: argparse.Namespace) -> None:
 
     folder = model_folder(Path(args.model) if args.model else DEMO_MODEL)
     check_model_layout(ModelConfig.from_dir(folder), args.dp, args.tp, not args.no_expert_parallel)
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
 
-        have = torch.cuda.device_count()
-        if have < args.dp * args.tp:
-            raise UserError(f"--dp {args.dp} --tp {args.tp} needs {args.dp * args.tp} GPUs (one per rank); "
-                            f"this machine has {have}")
+    from epinfer.engine.engine import resolve_device
+    from epinfer.runner.model_runner import available_bytes
+
+    kind, ranks = resolve_device(args.device).type, args.dp * args.tp
+    if kind == "cuda" and torch.cuda.device_count() < ranks:
+        raise UserError(f"--dp {args.dp} --tp {args.tp} needs {ranks} GPUs (one per rank); "
+                        f"this machine has {torch.cuda.device_count()}")
+    # a process a CPU rank: more than the memory holds would be started until the kernel's OOM kill
+    local, have = ranks // max(1, getattr(args, "nnodes", 1)), available_bytes(torch.device("cpu"))
+    if kind == "cpu" and have is not None and local * CPU_RANK_BYTES > have:
+        raise UserError(f"--dp {args.dp} --tp {args.tp} starts {local} rank processes on this host, each "
+                        f"at least {CPU_RANK_BYTES >> 20} MiB; this machine has {have >> 20} MiB available")
 
 
 HEAVY_IMPORTS = ("torch",)  # generate, bench and serve: imported first, a Ctrl-C meanwhile kept (import_noting_signals)
@@ -413,9 +422,9 @@ def _main(args: argparse.Namespace) -> int:
         check_switches()
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
         check_numbers(args)
-        preflight(args)
         if args.command != "doctor":
             import_noting_signals(HEAVY_IMPORTS)
+        preflight(args)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":

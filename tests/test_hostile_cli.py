@@ -66,6 +66,18 @@ def test_generate_bad_flags_and_lines(tmp_path, capsys):
         assert "Traceback" not in err and not out
 
 
+def test_cpu_ranks_beyond_the_memory_are_refused(capsys, monkeypatch):
+    """A CPU run of more rank processes than the memory holds is one line before any starts (--dp
+    100000 started processes until the kernel's OOM kill); the per-rank size is raised here so that
+    two ranks are already too many, and a run that wrongly started would be a short one."""
+    import epinfer.cli as cli
+
+    monkeypatch.setattr(cli, "CPU_RANK_BYTES", 1 << 60)
+    assert main(["generate", "--prompt", "hi", "--max-tokens", "1", "--dp", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "starts 2 rank processes on this host, each at least" in err, err
+
+
 def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
     for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
                            (["serve", "--port", "-1"], "--port must be a port number"),
