@@ -234,10 +234,11 @@ def _status(pid: int) -> bytes:
 
 def test_sigterm_stops_a_single_process_generate():
     """One process: a SIGTERM ends it as Ctrl-C does, with its own line and 143, not a bare signal death."""
-    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--prompt", "hi", "--max-tokens", "100000",
+    prompts = [arg for i in range(8) for arg in ("--prompt", f"hi {i}")]  # (a run of seconds on a slow machine too)
+    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", *prompts, "--max-tokens", "100000",
                              "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        assert "generating 1 request" in proc.stderr.readline()
+        assert "generating 8 requests" in proc.stderr.readline()
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
