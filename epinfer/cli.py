@@ -402,6 +402,8 @@ def _stop(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "pthread_sigmask"):  # a SIGINT / SIGTERM blocked by whatever started us would never come
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "dump now" must never kill a run starting up
     args = build_parser().parse_args(argv)

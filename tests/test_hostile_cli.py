@@ -123,6 +123,8 @@ def test_torchrun_store_out_of_reach_is_one_line(capsys, monkeypatch):
                                     "(10.9.9.9, 29500).")
 
     monkeypatch.setattr(dist, "TCPStore", unreachable)
+    from epinfer.runtime import launch  # (a rank's SIGTERM block and waiter must not stay in this process:
+    monkeypatch.setattr(launch, "dump_on_sigterm", lambda: None)  # every later child would inherit the block)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "10.9.9.9"}.items():
         monkeypatch.setenv(k, v)
     assert main(["generate", "--prompt", "hi"]) == 2

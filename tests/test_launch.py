@@ -232,11 +232,16 @@ def _status(pid: int) -> bytes:
         return b"zombie"
 
 
-def test_sigterm_stops_a_single_process_generate():
-    """One process: a SIGTERM ends it as Ctrl-C does, with its own line and 143, not a bare signal death."""
+@pytest.mark.parametrize("blocked", [False, True])
+def test_sigterm_stops_a_single_process_generate(blocked):
+    """One process: a SIGTERM ends it as Ctrl-C does, with its own line and 143, not a bare signal death;
+    also when whatever started it had SIGTERM blocked (a child inherits the block: the signal never came)."""
     prompts = [arg for i in range(8) for arg in ("--prompt", f"hi {i}")]  # (a run of seconds on a slow machine too)
-    proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", *prompts, "--max-tokens", "100000",
-                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    argv = [sys.executable, "-m", "epinfer", "generate", *prompts, "--max-tokens", "100000", "--ignore-eos"]
+    if blocked:
+        argv = [sys.executable, "-c", "import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, "
+                "{signal.SIGTERM}); os.execv(sys.executable, sys.argv[1:])", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         assert "generating 8 requests" in proc.stderr.readline()
         time.sleep(1)
