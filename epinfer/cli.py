@@ -387,9 +387,11 @@ def preflight(args: argparse.Namespace) -> None:
     if kind == "cuda" and torch.cuda.device_count() < ranks:
         raise UserError(f"--dp {args.dp} --tp {args.tp} needs {ranks} GPUs (one per rank); "
                         f"this machine has {torch.cuda.device_count()}")
+    if kind != "cpu":
+        return
     # a process a CPU rank: more than the memory holds would be started until the kernel's OOM kill
     local, have = ranks // max(1, getattr(args, "nnodes", 1)), available_bytes(torch.device("cpu"))
-    if kind == "cpu" and have is not None and local * CPU_RANK_BYTES > have:
+    if have is not None and local * CPU_RANK_BYTES > have:
         raise UserError(f"--dp {args.dp} --tp {args.tp} starts {local} rank processes on this host, each "
                         f"at least {CPU_RANK_BYTES >> 20} MiB; this machine has {have >> 20} MiB available")
 

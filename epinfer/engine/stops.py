@@ -7,8 +7,9 @@ the whole output at every token cost O(length) a token on the host between steps
 step of every request in the batch (O(length^2) a request). The engine decodes the whole output
 once, when a match is found, to place its end exactly as before.
 
-It does not: decide anything about min_tokens (the caller passes where matches may start) or
-undo text already settled (a decoder that rewrites earlier text is searched whole every token).
+It does not: decide when min_tokens is reached (the caller searches only past it, handing over those
+ids, whose text no match may end in) or undo text already settled (a decoder that rewrites earlier
+text is searched whole every token).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ class StopSearch:
         none (so every match ending inside the settled text is ruled out). True as well when the
         tokenizer fails: the caller's whole decode then fails the request with its message."""
         try:
-            return self.held_chars < 0 or self._found(ids, self.held_chars)
+            return self.held_chars < 0 or self._found(ids)
         except Exception:  # tokenizers raise many kinds
             return True
 
-    def _found(self, ids: list[int], held_chars: int) -> bool:
-        step = self.window.step(ids)
+    def _found(self, ids: list[int]) -> bool:
+        held_chars, step = self.held_chars, self.window.step(ids)
         if step is None:  # the decoder rewrote earlier text: the whole output, searched whole
             return first_match(self.window.decode(ids), self.stops, held_chars) is not None
         settled, new = step
