@@ -111,6 +111,11 @@ def test_p90_is_nearest_rank():
     (["--workload", "throughput", "--num-requests", "100000"], "this benchmark's requests hold 115,200,000 tokens "
      "(prompts and outputs) in all; at most 33,554,432 (its prompts are built in host memory): lower --batch / "
      "--num-requests or the lengths"),
+    (["--batch", "8", "--num-requests", "100", "--max-num-seqs", "4"],
+     "--num-requests, --max-num-seqs: for a --workload run only; add --workload NAME"),
+    (["--batch", "1", "--serve"], "--serve: for a --workload run only; add --workload NAME"),
+    (["--workload", "throughput", "--batch", "64", "--compare-hf"], "--batch, --compare-hf: not for --workload (it "
+     "sizes the run from the profile and --num-requests / --input-len / --output-len)"),
     (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output, and 16 "
      "the benchmark adds) are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / "
      "--output-len"),

@@ -96,6 +96,7 @@ def test_bad_prompts(tiny, tmp_path, capsys):
     lines = {
         "empty": ('{"prompt_token_ids": []}', "empty"),
         "vocab": ('{"prompt_token_ids": [1, 999]}', "outside the vocabulary"),
+        "stop": ('{"prompt_token_ids": [1], "stop_token_ids": [2, 999]}', "stop token id 999 is outside"),
         "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),
         "field": ('{"prompt_token_ids": [1], "max_token": 3}', "unknown field(s) max_token"),
         "type": ('{"prompt_token_ids": [1], "max_tokens": "3"}', "'max_tokens' has the wrong type"),

@@ -78,6 +78,22 @@ def test_cpu_ranks_beyond_the_memory_are_refused(capsys, monkeypatch):
     assert err.count("\n") == 1 and "starts 2 rank processes on this host, each at least" in err, err
 
 
+def test_serve_listens_on_a_bracketed_ipv6_address():
+    """`--host [::1]` (an IPv6 address as a URL writes it) is the address ::1, not an unknown host."""
+    import socket
+
+    from epinfer.server.main import bind
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    for host in ("[::1]", "::1"):
+        sock = bind(host, 0)
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
+        sock.close()
+
+
 def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
     for argv, fragment in [(["serve", "--port", "70000"], "--port must be a port number, 0 to 65535"),
                            (["serve", "--port", "-1"], "--port must be a port number"),

@@ -22,10 +22,18 @@ def run_bench(args: argparse.Namespace, build_job: Callable) -> int:
         raise UserError("--step-log logs the steps of a --workload run in this process (not --serve)")
     if args.step_log is not None:
         check_output_path(Path(args.step_log), "--step-log")  # before the run, not after
+    # (a flag of the other kind of measurement would be ignored: a figure that is not what was asked)
+    given = [f"--{flag.replace('_', '-')}" for flag in
+             (("batch", "replica_batch", "compare_hf", "trace") if args.workload else
+              ("serve", "concurrency", "num_requests", "max_num_seqs", "max_num_batched_tokens", "no_prefix_caching"))
+             if getattr(args, flag) not in (None, False)]
+    if given and args.workload:
+        raise UserError(f"{', '.join(given)}: not for --workload (it sizes the run from the profile and "
+                        "--num-requests / --input-len / --output-len)")
+    if given:
+        raise UserError(f"{', '.join(given)}: for a --workload run only; add --workload NAME")
     if args.workload:
         return run_workload_bench(args)
-    if args.serve or args.concurrency is not None:
-        raise UserError("--serve and --concurrency measure a --workload: add --workload NAME")
     args.input_len = 128 if args.input_len is None else args.input_len
     args.output_len = 32 if args.output_len is None else args.output_len
     if not args.batch and not args.replica_batch:

@@ -299,6 +299,9 @@ class Engine:
         if params.stop and self.tokenizer is None:  # (they would never match: no text is made)
             raise UserError(f"request {index}: stop strings need a tokenizer, and this model has none; "
                             "use stop_token_ids")
+        for t in [t for t in params.stop_token_ids or () if t >= self.model_config.vocab_size][:1]:
+            raise UserError(f"request {index}: stop token id {t} is outside the vocabulary "
+                            f"(size {self.model_config.vocab_size})")  # (a stop that could never match)
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
         if params.seed is not None:

@@ -46,6 +46,8 @@ HEAD_DEADLINE_S = 30.0  # a connection's first request head must arrive within t
 
 
 def bind(host: str, port: int) -> socket.socket:
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address as URLs write it
+        host = host[1:-1]
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -130,6 +132,7 @@ class Server:
         http_task = asyncio.create_task(self.http.serve(sockets=[self.sock]))
         host, port = self.sock.getsockname()[:2]
         mode = ", async scheduling" if self.engine.get("async_scheduling") else ""
+        host = f"[{host}]" if ":" in host else host
         log_line(f"epinfer: serving {self.info.name} on http://{host}:{port} (dp={self.engine['dp']} "
                  f"tp={self.engine['tp']}{mode}, max model length {self.info.max_model_len}; {capacity(self.engine)})")
         done, _ = await asyncio.wait({http_task, self.exit_code}, return_when=asyncio.FIRST_COMPLETED)
