@@ -42,7 +42,8 @@ from epinfer.server.protocol import ModelInfo, chat_template_problem
 from epinfer.server.ranks import RankSet
 
 FAILURE_LINGER_S = 2.0
-HEAD_DEADLINE_S = 30.0  # a connection's first request head must arrive within this (`with_head_deadline`)
+HEAD_DEADLINE_S = 30.0  # a connection's first request head must arrive within this (`with_deadlines`)
+WRITE_DEADLINE_S = 60.0  # a client that reads nothing of its full send buffer for this long is cut off
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -213,11 +214,13 @@ def doctor_summary(dump_dir: str) -> str:
 
 class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling (this process drains and stops the engine first),
-    and with a deadline for each connection's first request head (`with_head_deadline`)."""
+    and with deadlines for each connection's request heads and for a reader that stopped reading
+    (`with_deadlines`)."""
 
-    def __init__(self, config: uvicorn.Config, head_deadline_s: float = HEAD_DEADLINE_S) -> None:
+    def __init__(self, config: uvicorn.Config, head_deadline_s: float = HEAD_DEADLINE_S,
+                 write_deadline_s: float = WRITE_DEADLINE_S) -> None:
         config.load()
-        config.http_protocol_class = with_head_deadline(config.http_protocol_class, head_deadline_s)
+        config.http_protocol_class = with_deadlines(config.http_protocol_class, head_deadline_s, write_deadline_s)
         super().__init__(config)
 
     @contextlib.contextmanager
@@ -228,18 +231,32 @@ class QuietServer(uvicorn.Server):
         pass
 
 
-def with_head_deadline(base: type, seconds: float) -> type:
+def with_deadlines(base: type, seconds: float, write_seconds: float) -> type:
     """uvicorn's HTTP protocol (h11 or httptools), closing a connection that has not sent a whole
     request head `seconds` after it opened, or after its previous response ended: uvicorn times
     only idle keep-alive connections (and any byte received stops that timer), so clients that send
     their headers a byte at a time, first request or next one, would otherwise hold a socket each
-    for ever."""
+    for ever. And aborting one whose writes have stayed paused (the client's receive window and
+    our send buffer full) for `write_seconds`: a stream whose client reads nothing would hold its
+    socket, its request and the text waiting for it for ever. The ASGI app then sees a disconnect
+    (the request is cancelled in the engine)."""
 
-    class HeadDeadline(base):
+    class Deadlines(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.head_timer = None
+            self.head_timer = self.write_timer = None
             self.arm_head_timer()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(write_seconds, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
 
         def arm_head_timer(self) -> None:
             if self.head_timer is not None:
@@ -256,8 +273,9 @@ def with_head_deadline(base: type, seconds: float) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
+            for timer in (self.head_timer, self.write_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
-    return HeadDeadline
+    return Deadlines
