@@ -13,6 +13,7 @@ import this
 import time
 
 import httpx
+import pytest
 
 from epinfer import LLM, SamplingParams
 from tests.serving import ENV, Served, metrics, post, sse_events, stream_ids
@@ -146,12 +147,14 @@ def test_a_signal_ends_the_wait_for_other_hosts(tmp_path):
     assert "--master-addr 'bad host!' is not a host name or an IP address" in proc.stderr, proc.stderr
 
 
-def test_sigterm_timeout_ends_what_is_left(tmp_path):
-    """dp=1 (one rank, no collectives): a request still running when --shutdown-timeout runs out
-    ends with an error event, and the server still exits 0."""
+@pytest.mark.parametrize("second_signal", [False, True], ids=["timeout", "second-signal"])
+def test_sigterm_timeout_ends_what_is_left(tmp_path, second_signal):
+    """dp=1 (one rank, no collectives): a request still running when --shutdown-timeout runs out,
+    or when a second SIGTERM comes during the drain, ends with an error event, and the server
+    still exits 0 (the second signal says so in a line)."""
     import threading
 
-    server = Served(["--shutdown-timeout", "1"], tmp_path / "serve.log")
+    server = Served(["--shutdown-timeout", "300" if second_signal else "1"], tmp_path / "serve.log")
     try:
         body = {"prompt": "Beautiful", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         events, started = [], threading.Event()
@@ -166,11 +169,20 @@ def test_sigterm_timeout_ends_what_is_left(tmp_path):
         reader.start()
         assert started.wait(60), server.output()
         server.proc.send_signal(signal.SIGTERM)
+        if second_signal:
+            time.sleep(1)
+            assert reader.is_alive()  # (draining)
+            struck = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
         reader.join(60)
         assert not reader.is_alive()
-        assert "shut down before this request finished" in events[-1]["error"]["message"]
+        ended = "the server was interrupted" if second_signal else "shut down before this request finished"
+        assert ended in events[-1]["error"]["message"], events[-1]
         assert sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) < 1000
         assert server.wait(60) == 0, server.output()
+        if second_signal:
+            assert time.monotonic() - struck < 15
+            assert "second signal: ending every request in flight now (1 left)" in server.output(), server.output()
     finally:
         server.kill()
 

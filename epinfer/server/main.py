@@ -115,7 +115,7 @@ class Server:
         self.args, self.ranks, self.tokenizer, self.info, self.sock, self.engine = \
             args, ranks, tokenizer, info, sock, engine
         self.exit_code: asyncio.Future | None = None
-        self.shutting_down = False
+        self.shutting_down = self.stopping_now = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -148,12 +148,19 @@ class Server:
         return code
 
     def on_signal(self) -> None:
-        if self.shutting_down:  # a second signal: stop now
-            self.client.abort_all("the server was interrupted")
-            self.finish(self.ranks_stop_code(timeout=5))
+        if self.shutting_down:  # a second signal: stop now (off the loop: the answers still go out)
+            if not self.stopping_now:
+                self.stopping_now = True
+                left = len(self.client.requests)
+                log_line(f"epinfer: second signal: ending every request in flight now ({left} left)")
+                self.client.abort_all("the server was interrupted")
+                asyncio.ensure_future(self.stop_now())
             return
         self.shutting_down = True
         asyncio.ensure_future(self.shutdown())
+
+    async def stop_now(self) -> None:
+        self.finish(await asyncio.get_running_loop().run_in_executor(None, self.ranks_stop_code, 5.0))
 
     async def shutdown(self) -> None:
         log_line("epinfer: shutting down: no new requests; waiting for the ones in flight")
@@ -166,8 +173,8 @@ class Server:
             left = len(self.client.requests)
             log_line(f"epinfer: {left} requests still running after {self.args.shutdown_timeout} s; ending them")
             self.client.abort_all("the server shut down before this request finished")
-        if not self.client.healthy:
-            return  # the failure path owns the exit
+        if not self.client.healthy or self.stopping_now:
+            return  # the failure path, or a second signal, owns the exit
         code = await asyncio.get_running_loop().run_in_executor(None, self.ranks_stop_code)
         self.finish(code)
 
