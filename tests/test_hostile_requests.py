@@ -439,3 +439,43 @@ def test_a_trickled_body_gets_408_not_a_held_connection():
         asyncio.run(read_body(request([b"ab"], True), 1000, 0.3))
     assert err.value.status == 408 and "the request body did not arrive within 0.3 s" in err.value.message
     assert 0.3 <= time.time() - t0 < 2, time.time() - t0
+
+
+def test_bodies_read_at_once_are_bounded():
+    """Many slow bodies, each under the size limit and its deadline, hold at most the budget: one
+    that would pass it gets 429 (and leaves nothing held), and once the others are read (or time
+    out) their bytes leave the budget and a new body is read as ever."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from epinfer.server.app import BodyBudget, read_body
+    from epinfer.server.protocol import APIError
+
+    def request(parts: list[bytes], release: asyncio.Event | None) -> Request:
+        async def receive():
+            if len(parts) > 1 or release is None:
+                return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+            await release.wait()  # the last part comes only when released
+            return {"type": "http.request", "body": parts.pop(0), "more_body": False}
+        return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+    async def scenario():
+        budget = BodyBudget(1000)
+        release = asyncio.Event()
+        slow = [asyncio.create_task(read_body(request([b"a" * 400, b"b"], release), 10_000, 5, budget))
+                for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert budget.held == 800
+        with pytest.raises(APIError) as err:
+            await read_body(request([b"c" * 100, b"d" * 150], None), 10_000, 5, budget)
+        assert err.value.status == 429 and err.value.code == "server_busy" and budget.held == 800
+        timed_out = asyncio.create_task(read_body(request([b"e" * 100, b"f"], asyncio.Event()), 10_000, 0.2, budget))
+        with pytest.raises(APIError, match="did not arrive"):
+            await timed_out
+        release.set()
+        assert [len(await t) for t in slow] == [401, 401] and budget.held == 0
+        assert await read_body(request([b"g" * 900], None), 10_000, 5, budget) == b"g" * 900
+        assert budget.held == 0
+
+    asyncio.run(scenario())

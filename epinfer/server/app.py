@@ -41,36 +41,58 @@ from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 LARGE_BODY = 64 << 10  # bytes: a body over this is tokenized in the large prompts' lane
 BODY_DEADLINE_S = 120.0  # a request's whole body must arrive within this once its head has
+BODY_BYTES_AT_ONCE = 1 << 30  # bodies being read, all connections together, hold at most this
 
 
-async def read_body(request: Request, limit: int, deadline_s: float = BODY_DEADLINE_S) -> bytes:
+class BodyBudget:
+    """The bytes of request bodies being read at once: many slow bodies, each under the size limit
+    and its deadline, would otherwise hold memory without bound. A body that would pass the budget
+    gets 429 (the client retries later), as a full queue does."""
+
+    def __init__(self, limit: int = BODY_BYTES_AT_ONCE) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise APIError(429, "the server is reading too many request bodies at once; retry later",
+                           code="server_busy")
+        self.held += size
+
+
+async def read_body(request: Request, limit: int, deadline_s: float = BODY_DEADLINE_S,
+                    budget: BodyBudget | None = None) -> bytes:
     """The body, refused with 413 once it exceeds `limit` bytes. Nothing past the limit is kept;
     the rest is read and dropped (up to 8 × the limit) so that a client that sends its whole body
     before reading the answer gets the 413 rather than a reset connection. A body still incomplete
     after `deadline_s` is a 408: a client that trickles it would otherwise hold its connection
-    (and its buffered bytes) for ever."""
+    (and its buffered bytes) for ever. The bytes kept count in `budget` while it is read."""
     try:
         async with asyncio.timeout(deadline_s):
-            return await _read_body(request, limit)
+            return await _read_body(request, limit, budget or BodyBudget())
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {deadline_s:g} s",
                        code="request_timeout") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
     declared = request.headers.get("content-length")
     too_big = APIError(413, f"the request body exceeds {limit} bytes; this server accepts at most {limit} "
                        "(--max-request-bytes)", code="request_too_large")
     drain = 8 * limit
     if declared is not None and declared.isdigit() and int(declared) > limit + drain:
         raise too_big  # not worth reading: the connection closes after the answer
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > limit + drain:
-            break
+    chunks, size, kept = [], 0, 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                budget.take(len(chunk))
+                kept += len(chunk)
+                chunks.append(chunk)
+            elif size > limit + drain:
+                break
+    finally:
+        budget.held -= kept  # (read, refused or timed out: the body's bytes leave the budget)
     if size > limit:
         raise too_big
     return b"".join(chunks)
@@ -123,6 +145,8 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
     lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"epinfer-tokenize-{name}"),
               copy.deepcopy(tokenizer)) for name in ("small", "large")]
 
+    bodies = BodyBudget(max(BODY_BYTES_AT_ONCE, 4 * max_request_bytes))
+
     def validate(raw: bytes, chat: bool, tok):
         return parse_request(decode_json(raw), chat, tok, info)
 
@@ -130,7 +154,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         endpoint = "chat" if chat else "completions"
         try:
             client.check_accepting()  # refuse before reading or tokenizing anything
-            raw = await read_body(request, max_request_bytes)
+            raw = await read_body(request, max_request_bytes, budget=bodies)
             client.check_queue()  # a full queue: refused before it waits for a tokenizer
             # off the event loop: a long prompt's tokenization must not stall other requests or /health
             pool, tok = lanes[len(raw) > LARGE_BODY]
@@ -143,7 +167,8 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             # a body not read to its end (too large, too slow): the connection goes with the answer
-            close = {"Connection": "close"} if exc.status in (408, 413) else None
+            close = {"Connection": "close"} if exc.code in ("request_timeout", "request_too_large",
+                                                            "server_busy") else None
             return JSONResponse(exc.body(), status_code=exc.status, headers=close)
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             client.metrics.http[(endpoint, 499)] += 1
