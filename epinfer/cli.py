@@ -17,7 +17,7 @@ from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import Interrupted, RunFailed, UserError, import_noting_signals
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
-from epinfer.core.prompts_file import read_prompts_file
+from epinfer.core.prompts_file import STDIN, read_prompts_file
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import check_output_path, shown_path, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate completions for prompts")
     add_engine_args(gen)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    gen.add_argument("--prompts-file", type=Path, default=None, help="JSONL, one request per line")
+    gen.add_argument("--prompts-file", type=Path, default=None,
+                     help="JSONL, one request per line (- reads it from standard input)")
     gen.add_argument("--max-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)
@@ -218,6 +219,8 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
             check_text("prompt", p)
         except UserError as exc:
             raise UserError(f"--prompt number {i + 1}: {exc}") from None
+    if args.prompts_file == STDIN and under_torchrun():
+        raise UserError("--prompts-file -: torchrun gives standard input to one process only; give a file")
     if args.prompts_file is not None:
         requests += read_prompts_file(args.prompts_file)
     if not requests:
@@ -326,7 +329,8 @@ def check_output(args: argparse.Namespace) -> None:
         return
     check_output_path(args.output, "--output")
     # (after read_requests: the prompts file is there)
-    if args.prompts_file is not None and args.output.exists() and args.output.samefile(args.prompts_file):
+    if (args.prompts_file not in (None, STDIN) and args.output.exists()
+            and args.output.samefile(args.prompts_file)):
         raise UserError(f"--output {shown_path(args.output)} is the prompts file: the results would replace "
                         "its requests; give another file")
 

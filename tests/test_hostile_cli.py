@@ -238,6 +238,40 @@ def test_dump_dir_holds_only_epinfer_files_to_replace(tmp_path):
     assert main(["bench", "--shape", "qwen3-30b-a3b", "--batch", str(10**8)]) == 2
 
 
+def test_prompts_file_from_standard_input(tmp_path, monkeypatch):
+    """`--prompts-file -` reads the requests from a pipe (a real process: its results equal those of
+    the same lines in a file); a terminal on standard input, or a torchrun rank, is one line."""
+    import io
+    import subprocess
+    import sys
+    from argparse import Namespace
+
+    from epinfer.cli import read_requests
+
+    lines = '{"prompt_token_ids": [5, 6, 7], "max_tokens": 3}\n{"prompt": "Beautiful is", "max_tokens": 4}\n'
+    (tmp_path / "p.jsonl").write_text(lines)
+    outs = []
+    for source, stdin in (("-", lines), (str(tmp_path / "p.jsonl"), "")):
+        out = tmp_path / f"out{len(outs)}.json"
+        proc = subprocess.run([sys.executable, "-m", "epinfer", "generate", "--prompts-file", source, "--output",
+                               str(out)], input=stdin, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(out.read_text()))
+    assert outs[0] == outs[1] and [len(o["token_ids"]) for o in outs[0]] == [3, 4]
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"")))
+    with pytest.raises(UserError, match="reads the requests from standard input, and that is a terminal"):
+        read_requests(Namespace(prompt=[], prompts_file=Path("-")))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="torchrun gives standard input to one process only"):
+        read_requests(Namespace(prompt=[], prompts_file=Path("-")))
+
+
 def test_prompts_file_lines_end_at_newline_only(tmp_path):
     """JSON allows U+2028, U+2029 and U+0085 unescaped inside a string: a JSONL line holding one is
     one request (str.splitlines cut it in two), CRLF line ends are fine, and line numbers count

@@ -5,6 +5,7 @@ the file and the line."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from epinfer.core.errors import UserError
@@ -15,13 +16,26 @@ JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_
                 "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
 
 
-def read_prompts_file(path: Path) -> list[dict]:
-    """The file's requests, each with "where" (file:line) for later messages."""
+STDIN = Path("-")  # --prompts-file -: the requests come on standard input
+
+
+def read_prompts_file(path: Path, stdin=None) -> list[dict]:
+    """The file's requests, each with "where" (file:line) for later messages. `-` reads them from
+    standard input (`stdin`, sys.stdin by default) to its end; a terminal there is refused (the
+    run would wait for typing with no word of it)."""
     requests = []
     name = f"prompts file {shown_path(path)}"
-    stat_regular(path, name)  # (what it is, when not a file: a FIFO would block the read)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path == STDIN:
+            stdin = stdin or sys.stdin
+            if stdin is None or stdin.isatty():
+                raise UserError("--prompts-file - reads the requests from standard input, and that is a terminal: "
+                                "pipe or redirect a JSONL file into it")
+            path = Path("<stdin>")
+            text = stdin.buffer.read().decode("utf-8")
+        else:
+            stat_regular(path, name)  # (what it is, when not a file: a FIFO would block the read)
+            text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
