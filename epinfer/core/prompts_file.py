@@ -29,7 +29,8 @@ def read_prompts_file(path: Path, stdin=None) -> list[dict]:
         if path == STDIN:
             stdin = stdin or sys.stdin
             if stdin is None or stdin.isatty():
-                raise UserError("--prompts-file - reads the requests from standard input, and that is a terminal: "
+                what = "a terminal" if stdin else "closed"
+                raise UserError(f"--prompts-file - reads the requests from standard input, and that is {what}: "
                                 "pipe or redirect a JSONL file into it")
             path = Path("<stdin>")
             text = stdin.buffer.read().decode("utf-8")
