@@ -127,6 +127,18 @@ def test_bad_bench_flags(capsys, argv, message):
     assert capsys.readouterr().err.strip().splitlines() == [f"epinfer: error: {message}"]
 
 
+def test_a_bad_shape_file_is_named(capsys, tmp_path):
+    """A fault in a --shape config.json names the user's file (the benchmark runs on a copy)."""
+    from epinfer.cli import main
+
+    raw = json.loads((SHAPES / "qwen3-30b-a3b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "num_experts_per_tok": 0}))
+    for shape in (tmp_path, tmp_path / "config.json"):
+        assert main(["bench", "--shape", str(shape), "--layers", "1", "--device", "cpu", "--batch", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"epinfer: error: {tmp_path / 'config.json'}: field 'num_experts_per_tok'"), err
+
+
 @pytest.mark.parametrize("layers", [0, -1, 49])
 def test_layers_out_of_range(capsys, layers):
     from epinfer.cli import main

@@ -25,6 +25,7 @@ from epinfer.core.checkpoint_files import read_json_object
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams
+from epinfer.core.untrusted import shown_path
 from epinfer.engine.engine import DTYPES, Engine, EngineConfig
 
 SHAPES = Path(__file__).resolve().parent.parent / "shapes"  # public config.json of real models
@@ -144,6 +145,8 @@ def shape_folder(shape: str, layers: int | None, tmp: str, fp8: bool = False) ->
     if fp8 and not raw.get("quantization_config"):
         target = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
         target["quantization_config"] = dict(FP8_CONFIG)
+    # checked here, so that a fault names the user's file, not the copy in `tmp`
+    ModelConfig.from_hf(raw, f"the {shape} shape" if shape in BUILTIN else shown_path(path))
     Path(tmp, "config.json").write_text(json.dumps(raw))
     return Path(tmp)
 
