@@ -79,6 +79,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "measured there) instead of dequantising them to --dtype")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="memory for KV cache + recurrent state (default: automatic)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory for weights, activations and the caches (default 0.9)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_parallel_args(p)
 
@@ -121,7 +123,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """generate / serve: the engine flags."""
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs or 0, max_num_batched_tokens=args.max_num_batched_tokens or 0,
-                        cache_memory_gb=args.cache_memory_gb, cuda_graphs=not args.enforce_eager,
+                        cache_memory_gb=args.cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+                        cuda_graphs=not args.enforce_eager,
                         async_scheduling=args.async_scheduling, random_weights=args.random_weights,
                         parallel_graphs=args.parallel_graphs, enable_prefix_caching=not args.no_prefix_caching,
                         fp8_weights=args.fp8_weights, mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)

@@ -99,6 +99,8 @@ def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
                            (["serve", "--port", "-1"], "--port must be a port number"),
                            (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to"),
                            (["serve", "--host", " ", "--model", "/nonexistent"], "--host is empty: give an address"),
+                           (["generate", "--prompt", "hi", "--gpu-memory-utilization", "1.5"],
+                            "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
                            (["generate", "--prompt", "hi", "--fault", "kill", "--dp", "2", "--fault-rank", "2"],
                             "--fault-rank must be a rank of the run, 0 to 1, and --fault-step >= 0; got 2 and 0"),
                            (["generate", "--prompt", "hi", "--fault", "delay", "--dp", "2", "--fault-step", "-1"],
@@ -107,6 +109,11 @@ def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, (argv, err)
+    from epinfer.cli import build_parser, engine_config
+
+    for command in ("generate", "serve"):  # (as vLLM's flag: the engine gets it)
+        args = build_parser().parse_args([command, "--gpu-memory-utilization", "0.5"])
+        assert engine_config(args).gpu_memory_utilization == 0.5
     torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "127.0.0.1"}
     tables = tmp_path / "t.json"
     tables.write_text('{"grouped": [[1, ')

@@ -74,7 +74,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
         flags = ["--dtype", args.dtype, "--device", args.device, *(["--max-num-seqs", str(args.max_num_seqs)]
                                                                    if args.max_num_seqs else []),
                  "--dp", str(args.dp), "--tp", str(args.tp), "--dispatch", args.dispatch,
-                 "--dp-padding", args.dp_padding]
+                 "--dp-padding", args.dp_padding, "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         switches = (("--async-scheduling", args.async_scheduling is True),
                     ("--no-async-scheduling", args.async_scheduling is False), ("--enforce-eager", args.enforce_eager),
                     ("--no-expert-parallel", args.no_expert_parallel), ("--no-prefix-caching", args.no_prefix_caching),
