@@ -99,6 +99,7 @@ def test_serve_and_environment_bad_numbers(tmp_path, capsys, monkeypatch):
                            (["serve", "--port", "-1"], "--port must be a port number"),
                            (["serve", "--master-port", "0"], "--master-port must be a port number, 1 to"),
                            (["serve", "--host", " ", "--model", "/nonexistent"], "--host is empty: give an address"),
+                           (["serve", "--api-key", "", "--model", "/nonexistent"], "--api-key is empty: give the key"),
                            (["generate", "--prompt", "hi", "--gpu-memory-utilization", "1.5"],
                             "gpu_memory_utilization (--gpu-memory-utilization) must be in (0, 1], got 1.5"),
                            (["generate", "--prompt", "hi", "--fault", "kill", "--dp", "2", "--fault-rank", "2"],

@@ -120,6 +120,32 @@ def test_large_bodies_are_tokenized_apart(monkeypatch):
     assert threads == ["epinfer-tokenize-large_0", "epinfer-tokenize-small_0"]
 
 
+def test_api_key(monkeypatch):
+    """With a key, /v1/* answers only requests that carry it (401 with an OpenAI error body
+    otherwise, counted in the metrics); /health and /metrics stay open."""
+    from starlette.testclient import TestClient
+
+    import epinfer.server.app as app_module
+    from epinfer.server.protocol import APIError, ModelInfo
+
+    def parse(body, chat, tokenizer, info):
+        raise APIError(400, "checked")
+
+    monkeypatch.setattr(app_module, "parse_request", parse)
+    engine = fake_client(2)
+    client = TestClient(app_module.build_app(engine, None, ModelInfo("m", 64, 10, {}), 1 << 20, "s3cret-é"))
+    good = {"Authorization": "Bearer s3cret-é".encode()}  # (a UTF-8 key, as the client's bytes)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic x"}):
+        for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+            r = client.request(method, path, json={"prompt": "hi"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path, r.text)
+    assert client.post("/v1/completions", json={"prompt": "hi"}, headers=good).status_code == 400  # (past the key)
+    assert client.get("/v1/models", headers=good).status_code == 200
+    assert engine.metrics.http[("completions", 401)] == 4
+    monkeypatch.setattr(engine, "health", lambda: (200, {"status": "ok"}))
+    assert client.get("/health").status_code == 200
+
+
 def test_queue_limit_counts_requests_waiting_for_the_tokenizer(monkeypatch):
     """Bodies read whole but not yet tokenized count toward --max-queue: beyond it a flood gets 429
     at once instead of a backlog in front of the tokenizer that every later request waits behind."""

@@ -41,6 +41,7 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_SYMM_MEM=1          the default of --symm-mem
   EPINFER_SYMM_MEM_BYTES=N    the largest collective the symmetric-memory path takes (default 1 MiB)
   EPINFER_SPAWNED=1           set by the launcher in the ranks it spawns (they are not under torchrun)
+  EPINFER_API_KEY=KEY         serve: the key clients must send (as --api-key, kept out of the process list)
 
 fla-core's own FLA_CACHE_MODE and FLA_CONFIG_DIR are left to the user when either is set; otherwise
 fla takes exact matches from the autotune choices shipped for the GPU (`kernels.gdn_prefill`).
@@ -136,6 +137,10 @@ class Switches:
     @property
     def preload_kernels(self) -> bool:
         return _on("EPINFER_PRELOAD_KERNELS", True)
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get("EPINFER_API_KEY") or None
 
     @property
     def record_kernels(self) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import hmac
 import json
 import time
 import uuid
@@ -103,9 +104,23 @@ def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
-def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_bytes: int) -> FastAPI:
+def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_bytes: int,
+              api_key: str | None = None) -> FastAPI:
+    """`api_key`: /v1/* answers only requests that carry it (`Authorization: Bearer KEY`), others
+    get 401; /health and /metrics stay open, as in vLLM."""
     app = FastAPI(title="epinfer", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    key = None if api_key is None else api_key.encode()
+
+    def refused(request: Request) -> JSONResponse | None:
+        if key is None:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # (header values arrive as latin-1: back to the client's bytes, a UTF-8 key's included)
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), key):
+            return None
+        return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                       "invalid_request_error", code="invalid_api_key"), status_code=401)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # unknown route, wrong method
@@ -127,7 +142,9 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         return PlainTextResponse(client.render_metrics(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": created,
                                             "owned_by": "epinfer", "max_model_len": info.max_model_len}]}
 
@@ -152,6 +169,9 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
 
     async def generate(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
+        if (denied := refused(request)) is not None:
+            client.metrics.http[(endpoint, 401)] += 1
+            return denied
         try:
             client.check_accepting()  # refuse before reading or tokenizing anything
             raw = await read_body(request, max_request_bytes, budget=bodies)

@@ -30,7 +30,7 @@ from pathlib import Path
 import uvicorn
 
 from epinfer.core.checkpoint_files import model_folder
-from epinfer.core.env import raise_open_file_limit, under_torchrun
+from epinfer.core.env import SWITCHES, raise_open_file_limit, under_torchrun
 from epinfer.core.errors import Interrupted, UserError, noting_signals
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
 from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
@@ -72,6 +72,8 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     nodes = Nodes.from_args(args, job.dp, job.tp)
     if args.max_queue < 1 or not 0 <= args.shutdown_timeout < float("inf"):
         raise UserError("--max-queue must be >= 1 and --shutdown-timeout a finite number >= 0")
+    if args.api_key is not None and not args.api_key.strip():  # (an unset variable: no key at all)
+        raise UserError("--api-key is empty: give the key clients must send, or leave the flag out")
     if args.max_request_bytes is not None and args.max_request_bytes < 1024:
         raise UserError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     folder = model_folder(Path(args.model) if args.model else DEMO_MODEL)
@@ -122,7 +124,8 @@ class Server:
         self.exit_code = loop.create_future()
         self.client = EngineClient(self.ranks, loop, self.args.max_queue, self.engine["dp"],
                                    self.engine["max_num_seqs"] * self.engine["dp"])
-        app = build_app(self.client, self.tokenizer, self.info, request_limit(self.args, self.info))
+        app = build_app(self.client, self.tokenizer, self.info, request_limit(self.args, self.info),
+                        self.args.api_key or SWITCHES.api_key)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)
         self.http = QuietServer(config)
