@@ -160,13 +160,13 @@ class Server:
                 asyncio.ensure_future(self.stop_now())
             return
         self.shutting_down = True
+        log_line("epinfer: shutting down: no new requests; waiting for the ones in flight")
         asyncio.ensure_future(self.shutdown())
 
     async def stop_now(self) -> None:
         self.finish(await asyncio.get_running_loop().run_in_executor(None, self.ranks_stop_code, 5.0))
 
     async def shutdown(self) -> None:
-        log_line("epinfer: shutting down: no new requests; waiting for the ones in flight")
         self.client.draining = True
         for listener in getattr(self.http, "servers", []):
             listener.close()  # new connections are refused; open ones get 503
