@@ -136,12 +136,14 @@ def test_api_key(monkeypatch):
     client = TestClient(app_module.build_app(engine, None, ModelInfo("m", 64, 10, {}), 1 << 20, "s3cret-é"))
     good = {"Authorization": "Bearer s3cret-é".encode()}  # (a UTF-8 key, as the client's bytes)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic x"}):
-        for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+        for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                             ("POST", "/tokenize"), ("POST", "/detokenize")):
             r = client.request(method, path, json={"prompt": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path, r.text)
     assert client.post("/v1/completions", json={"prompt": "hi"}, headers=good).status_code == 400  # (past the key)
     assert client.get("/v1/models", headers=good).status_code == 200
-    assert engine.metrics.http[("completions", 401)] == 4
+    assert engine.metrics.http[("completions", 401)] == engine.metrics.http[("tokenize", 401)] == 4
+    assert client.get("/version").status_code == 200
     monkeypatch.setattr(engine, "health", lambda: (200, {"status": "ok"}))
     assert client.get("/health").status_code == 200
 
@@ -384,7 +386,30 @@ BAD = [
      "'logprobs': true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, 400,
      "at least 1"),
+    ("/tokenize", {"prompt": "x", "messages": []}, 400, "exactly one of 'prompt' or 'messages'"),
+    ("/tokenize", {"prompt": ""}, 400, "'prompt' is empty"),
+    ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
+    ("/detokenize", {"tokens": [1, 99999]}, 400, "outside the vocabulary"),
+    ("/detokenize", {"tokens": "abc"}, 400, "'tokens' must be a non-empty array"),
 ]
+
+
+def test_tokenize_and_detokenize(demo, demo_llm):
+    """/tokenize gives the ids a request's prompt gets (text with special tokens or without, chat
+    messages through the template), /detokenize their text; /version answers."""
+    tok = demo_llm.tokenizer
+    text = "Beautiful is better than ugly."
+    got = post(demo.url, "/tokenize", {"prompt": text}).json()
+    assert got["tokens"] == tok(text)["input_ids"] and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == 1024
+    bare = post(demo.url, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert bare == tok(text, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "Recite"}]
+    chat = post(demo.url, "/tokenize", {"messages": messages}).json()["tokens"]
+    assert chat == chat_prompt_ids(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert post(demo.url, "/detokenize", {"tokens": bare}).json() == {"prompt": tok.decode(bare)}
+    assert httpx.get(f"{demo.url}/version").json()["version"]
+    assert metrics(demo.url)['epinfer_http_requests_total{endpoint="tokenize",code="200"}'] >= 3
 
 
 def test_invalid_requests_get_clear_errors(demo):

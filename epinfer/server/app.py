@@ -1,7 +1,8 @@
 """The HTTP routes (FastAPI on uvicorn).
 
   POST /v1/completions, /v1/chat/completions   OpenAI bodies; `stream: true` → server-sent events
-  GET  /v1/models, /health (503 unless healthy), /metrics (Prometheus text)
+  GET  /v1/models, /health (503 unless healthy), /metrics (Prometheus text), /version
+  POST /tokenize, /detokenize                   as vLLM's: text or chat messages to token ids, and back
 
 Every request is validated before it reaches the engine (`protocol.parse_request`). A handler
 watches its connection: when the client goes away the request is cancelled in the engine (its
@@ -34,15 +35,28 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from epinfer.core.untrusted import one_line
+from epinfer.core.version import VERSION
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient, RequestState, Update, merged
-from epinfer.server.protocol import APIError, ModelInfo, choice, decode_json, error_body, parse_request, response, usage
+from epinfer.server.protocol import (
+    APIError,
+    ModelInfo,
+    choice,
+    decode_json,
+    error_body,
+    parse_detokenize,
+    parse_request,
+    parse_tokenize,
+    response,
+    usage,
+)
 from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 LARGE_BODY = 64 << 10  # bytes: a body over this is tokenized in the large prompts' lane
 BODY_DEADLINE_S = 120.0  # a request's whole body must arrive within this once its head has
 BODY_BYTES_AT_ONCE = 1 << 30  # bodies being read, all connections together, hold at most this
+UNREAD_BODY = ("request_timeout", "request_too_large", "server_busy")  # errors that leave a body unread
 
 
 class BodyBudget:
@@ -106,8 +120,8 @@ def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_bytes: int,
               api_key: str | None = None) -> FastAPI:
-    """`api_key`: /v1/* answers only requests that carry it (`Authorization: Bearer KEY`), others
-    get 401; /health and /metrics stay open, as in vLLM."""
+    """`api_key`: /v1/*, /tokenize and /detokenize answer only requests that carry it
+    (`Authorization: Bearer KEY`), others get 401; /health, /metrics and /version stay open."""
     app = FastAPI(title="epinfer", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     key = None if api_key is None else api_key.encode()
@@ -148,6 +162,18 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": created,
                                             "owned_by": "epinfer", "max_model_len": info.max_model_len}]}
 
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await tool(request, "tokenize", parse_tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await tool(request, "detokenize", parse_detokenize)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generate(request, chat=False)
@@ -166,6 +192,28 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
 
     def validate(raw: bytes, chat: bool, tok):
         return parse_request(decode_json(raw), chat, tok, info)
+
+    async def tool(request: Request, endpoint: str, parse) -> JSONResponse:
+        """/tokenize and /detokenize: read as a generation request is, and run in its tokenizer lane."""
+        status = 200
+        try:
+            if (denied := refused(request)) is not None:
+                status = 401
+                return denied
+            raw = await read_body(request, max_request_bytes, budget=bodies)
+            pool, tok = lanes[len(raw) > LARGE_BODY]
+            answer = await asyncio.get_running_loop().run_in_executor(
+                pool, lambda: parse(decode_json(raw), tok, info))
+            return JSONResponse(answer)
+        except APIError as exc:
+            status = exc.status
+            close = {"Connection": "close"} if exc.code in UNREAD_BODY else None
+            return JSONResponse(exc.body(), status_code=exc.status, headers=close)
+        except ClientDisconnect:
+            status = 499
+            return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+        finally:
+            client.metrics.http[(endpoint, status)] += 1
 
     async def generate(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
@@ -187,8 +235,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             # a body not read to its end (too large, too slow): the connection goes with the answer
-            close = {"Connection": "close"} if exc.code in ("request_timeout", "request_too_large",
-                                                            "server_busy") else None
+            close = {"Connection": "close"} if exc.code in UNREAD_BODY else None
             return JSONResponse(exc.body(), status_code=exc.status, headers=close)
         except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
             client.metrics.http[(endpoint, 499)] += 1

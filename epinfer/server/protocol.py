@@ -341,6 +341,40 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
     return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
 
 
+def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:
+    """POST /tokenize (as vLLM's): `prompt` (text, with the tokenizer's special tokens unless
+    `add_special_tokens` is false) or chat `messages` (the template rendered as for a chat request)
+    to token ids, their count and the max model length."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    _check_model(body, info)
+    if ("prompt" in body) == ("messages" in body):
+        raise APIError(400, "give exactly one of 'prompt' or 'messages'")
+    if "messages" in body:
+        ids = _chat_ids(body, tokenizer)
+    elif _field(body, "add_special_tokens", bool, True):
+        ids = _prompt_ids(body, tokenizer, info)
+    else:
+        if tokenizer is None or not isinstance(body["prompt"], str) or not body["prompt"]:
+            raise APIError(400, "'add_special_tokens': false needs a non-empty text 'prompt' and a tokenizer",
+                           param="prompt")
+        ids = list(tokenizer(_text(body["prompt"], "prompt"), add_special_tokens=False)["input_ids"])
+    return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+
+
+def parse_detokenize(body, tokenizer, info: ModelInfo) -> dict:
+    """POST /detokenize (as vLLM's): `tokens` to their text."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    _check_model(body, info)
+    ids = _token_list(body.get("tokens"), "tokens", info)
+    if ids is None:
+        raise APIError(400, "'tokens' must be a non-empty array of token ids", param="tokens")
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: nothing to detokenize with", param="tokens")
+    return {"prompt": tokenizer.decode(ids)}
+
+
 # --- responses -----------------------------------------------------------------------------
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
