@@ -41,6 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     s.add_argument("--served-model-name", default=None, help="the model id in responses (default: --model)")
+    s.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
     s.add_argument("--api-key", default=None,
                    help="clients must send 'Authorization: Bearer KEY' to /v1/* (default: EPINFER_API_KEY, "
                         "else no key)")

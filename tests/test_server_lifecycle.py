@@ -108,6 +108,11 @@ def test_bad_start_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "epinfer", "serve", "--model", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    for template, fragment in [(str(tmp_path / "none.jinja"), "none.jinja: cannot read it (No such file"),
+                               ("{{ raise_exception('no') }}", "--chat-template cannot render a one-message")]:
+        proc = subprocess.run([sys.executable, "-m", "epinfer", "serve", "--port", "0", "--chat-template", template],
+                              capture_output=True, text=True, timeout=120, env=ENV)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
     import socket
 
     with socket.socket() as taken:

@@ -129,3 +129,21 @@ def test_stream_of_replacement_characters_is_not_held_back(demo_llm):
         assert sent == tok.decode(ids, skip_special_tokens=True) == text
         assert early  # most of the text went out before the last token
         assert sum(decoded) < 60 * len(ids), sum(decoded)  # O(n), not O(n^2)
+
+
+def test_chat_template_flag(tmp_path):
+    """serve --chat-template: a file or the template itself replaces the tokenizer's; chat requests
+    (and /tokenize) render with it."""
+    from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
+    from epinfer.server.main import set_chat_template
+    from epinfer.server.protocol import ModelInfo, parse_tokenize
+
+    tok = load_tokenizer(DEMO_MODEL)
+    info = ModelInfo("m", 1024, tok.vocab_size, {})
+    messages = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (template, str(tmp_path / "t.jinja")):
+        set_chat_template(tok, given)
+        ids = parse_tokenize({**messages, "add_generation_prompt": False}, tok, info)["tokens"]
+        assert tok.decode(ids) == "<user>hi<assistant>yo"

@@ -87,18 +87,24 @@ def folder_file(folder: Path, name: Any, referrer: str | None = None, max_bytes:
     return path
 
 
-def read_json_object(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
-    """The JSON object in regular file `path`, read without blocking and at most `max_bytes` long."""
+def read_text_file(path: Path, max_bytes: int, what: str = "a configuration file") -> str:
+    """The UTF-8 text of regular file `path`, read without blocking and at most `max_bytes` long."""
     where = shown_path(path)
     fd, _ = open_regular(path, where)  # checked again: the file may have been swapped since `folder_file`
     with open(fd, "rb") as handle:
         data = handle.read(max_bytes + 1)  # the size on disk may lie (/proc): read at most one byte more
     if len(data) > max_bytes:
-        raise UserError(f"{where} is larger than {max_bytes >> 20} MiB; not a configuration file")
+        raise UserError(f"{where} is larger than {max_bytes >> 20} MiB; not {what}")
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def read_json_object(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in regular file `path`, read without blocking and at most `max_bytes` long."""
+    where = shown_path(path)
+    text = read_text_file(path, max_bytes)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
-from epinfer.core.checkpoint_files import model_folder
+from epinfer.core.checkpoint_files import model_folder, read_text_file
 from epinfer.core.env import SWITCHES, raise_open_file_limit, under_torchrun
 from epinfer.core.errors import Interrupted, UserError, noting_signals
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
@@ -82,7 +82,11 @@ def serve(args: argparse.Namespace, job: Job) -> int:
     raise_open_file_limit()  # a socket per client
     sock = bind(args.host, args.port)
     tokenizer = load_tokenizer(folder)
+    if args.chat_template is not None:
+        set_chat_template(tokenizer, args.chat_template)
     problem = chat_template_problem(tokenizer)
+    if problem is not None and args.chat_template is not None:  # (asked for: it must work)
+        raise UserError(f"--chat-template cannot render a one-message conversation: {problem}")
     if problem is not None:  # completions still work: a warning, not a refusal to start
         log_line(f"epinfer: warning: the chat template cannot render a one-message conversation ({problem}); "
                  "/v1/chat/completions will fail")
@@ -205,6 +209,17 @@ class Server:
     def finish(self, code: int) -> None:
         if not self.exit_code.done():
             self.exit_code.set_result(code)
+
+
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+def set_chat_template(tokenizer, given: str) -> None:
+    """--chat-template: a file, or (holding Jinja's `{{` or `{%`) the template itself, as vLLM takes it."""
+    if tokenizer is None:
+        raise UserError("--chat-template: this model has no tokenizer to apply it with")
+    inline = "{{" in given or "{%" in given
+    tokenizer.chat_template = given if inline else read_text_file(Path(given), MAX_TEMPLATE_BYTES, "a chat template")
 
 
 def request_limit(args, info: ModelInfo) -> int:
