@@ -222,13 +222,14 @@ def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
 
 
 def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch):
-    """EPINFER_FP8_DEQUANT_PAIRS: FP8 experts dequantised for the grouped GEMM only from that many pairs
-    an expert on average over all the model's experts, on GPUs (never on the CPU); one layer's experts
-    in the compute dtype kept from the cache, in the headroom and in the graph pieces' pool, when the
-    experts run in FP8; scales of the wrong shape refused."""
+    """EPINFER_FP8_DEQUANT_PAIRS (default 1024, 0: never): FP8 experts dequantised for the grouped GEMM
+    only from that many pairs an expert on average over all the model's experts, on GPUs (never on
+    the CPU); one layer's experts in the compute dtype kept from the cache, in the headroom and in
+    the graph pieces' pool, when the experts run in FP8; scales of the wrong shape refused."""
     import dataclasses
 
     from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig
+    from epinfer.core.env import SWITCHES, check_switches
     from epinfer.engine.memory import activation_headroom, pieces_pool_bytes
     from epinfer.kernels.fp8_gemm import dequantize_weights, quantize_blocks
     from epinfer.layers.moe import dequantized_experts
@@ -236,8 +237,13 @@ def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch)
     cfg = dataclasses.replace(ModelConfig.from_dir(DEMO_MODEL), fp8_block=(16, 16))
     ecfg = EngineConfig(model="x", max_num_batched_tokens=8192, fp8_weights=True, cuda_graphs=True,
                         piecewise_graphs=True)
+    monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "0")  # never
+    check_switches()  # (0 is not a bad number here)
     base = activation_headroom(ecfg, cfg, torch.bfloat16), pieces_pool_bytes(cfg, ecfg, torch.bfloat16)
     layer = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
+    monkeypatch.delenv("EPINFER_FP8_DEQUANT_PAIRS")  # the default: from 1024 pairs an expert
+    assert activation_headroom(ecfg, cfg, torch.bfloat16) == base[0] + layer
+    assert SWITCHES.fp8_dequant_pairs == 1024
     monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "512")
     assert activation_headroom(ecfg, cfg, torch.bfloat16) == base[0] + layer
     assert pieces_pool_bytes(cfg, ecfg, torch.bfloat16) == base[1] + layer

@@ -497,3 +497,7 @@ def test_kernel_manifest_lines(tmp_path):
     assert preload.variants(path, "3.6.0") == [("epinfer.kernels.x", "k", "a"), ("fla.ops.y", "Y.k", "c")]
     assert preload.manifest_path("NVIDIA H200").name == "NVIDIA_H200.jsonl"
     assert preload.start(torch.device("cpu")) is None
+    for shipped in preload.MANIFESTS.glob("*.jsonl"):  # every line of a shipped manifest is a variant
+        lines = [ln for ln in shipped.read_text().splitlines() if ln.strip()]
+        versions = {json.loads(ln)["triton"] for ln in lines}
+        assert len(versions) == 1 and len(preload.variants(shipped, versions.pop())) == len(lines), shipped

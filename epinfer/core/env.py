@@ -22,7 +22,7 @@ whose environment differs is a one-line error instead of a hang.
                               where it is faster; =0 never
   EPINFER_FP8_DEQUANT_PAIRS=N  FP8 experts of steps with N or more pairs an expert (prefill sizes) dequantised
                               to the compute dtype each layer and run through cuBLAS's grouped GEMM
-                              (`layers.moe`); off until measured
+                              (`layers.moe`); default 1024, 0: never
   EPINFER_FP8_CUBLAS=0        FP8 projections of 256 rows or more, 2048 x 2048 or wider, through the Triton
                               kernel instead of cuBLAS's block-scaled GEMM (`kernels.fp8_gemm`; A/B runs)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
@@ -176,10 +176,14 @@ class Switches:
     @property
     def fp8_dequant_pairs(self) -> float | None:
         """Average pairs an expert from which FP8 experts are dequantised and run as bf16 grouped
-        GEMMs (EPINFER_FP8_DEQUANT_PAIRS); None: never. On an H200 the FP8 grouped kernel was 9-14 %
-        slower than bf16's grouped GEMM from 512 pairs an expert (RESULTS.md, kernel sweeps), and the
-        dequantisation costs a pass over the layer's expert weights."""
-        return _number("EPINFER_FP8_DEQUANT_PAIRS", float, None)
+        GEMMs (EPINFER_FP8_DEQUANT_PAIRS, default 1024); None (=0): never. On an H200 the FP8 grouped
+        kernel was 9-14 % slower than bf16's grouped GEMM from 512 pairs an expert (RESULTS.md, kernel
+        sweeps), and the dequantisation costs a pass over the layer's expert weights: from 1024 the
+        30B shape's 64 x 1024 prefill ran 5.4 % faster, from 512 the Qwen3.5 shape's throughput
+        profile (512 pairs an expert in a full step) 3.7 % slower."""
+        if os.environ.get("EPINFER_FP8_DEQUANT_PAIRS", "").strip() == "0":
+            return None
+        return _number("EPINFER_FP8_DEQUANT_PAIRS", float, 1024.0)
 
     @property
     def fp8_cublas(self) -> bool:
@@ -222,6 +226,7 @@ KNOWN = {"EPINFER_COMPILE": bool, "EPINFER_MOE_TRITON": bool, "EPINFER_MOE_CONFI
          "EPINFER_RECORD_KERNELS": str, "EPINFER_API_KEY": str}
 
 
+ZERO_OFF = {"EPINFER_FP8_DEQUANT_PAIRS"}  # numbers whose 0 turns the mode off
 _NOTED: set[str] = set()
 
 
@@ -267,7 +272,7 @@ def check_switches() -> None:
                 _NOTED.add(name)
         elif kind is bool and value.strip().lower() not in _OFF + _ON:
             raise UserError(f"{name}={value!r}: give 1 or 0 (true / false, on / off, yes / no)")
-        elif kind in (int, float):
+        elif kind in (int, float) and not (name in ZERO_OFF and value.strip() == "0"):
             _number(name, kind, None)
         elif name in FILES:
             FILES[name](name, value)
