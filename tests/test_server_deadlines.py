@@ -4,34 +4,42 @@ does not come, and a stream whose client reads nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
 
 import pytest
+import uvicorn
+
+from epinfer.server.main import QuietServer
+
+
+@contextlib.contextmanager
+def served(app, **deadlines):
+    """`app` on uvicorn with epinfer's protocol deadlines, in a thread; yields its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = QuietServer(uvicorn.Config(app, log_level="critical", lifespan="off"), **deadlines)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_slow_request_head_is_cut_off():
     """A connection that has not sent a whole request head by the deadline is closed, also when it
     is its second request (after a response, trickled a byte at a time: each byte stops uvicorn's
     keep-alive timer); a whole request on another connection is served."""
-    import threading
-
-    import uvicorn
-
-    from epinfer.server.main import QuietServer
-
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    port = sock.getsockname()[1]
-    server = QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off"), head_deadline_s=1.0)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    try:
+    with served(app, head_deadline_s=1.0) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
             slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
             started = time.monotonic()
@@ -48,21 +56,12 @@ def test_slow_request_head_is_cut_off():
         with socket.create_connection(("127.0.0.1", port), timeout=10) as whole:
             whole.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert whole.recv(100).startswith(b"HTTP/1.1 200")
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_stream_nobody_reads_is_cut_off():
     """A client that stops reading a stream: once its receive window and our send buffer are full
     and stay full for the write deadline, the connection is aborted and the app sees a disconnect
     (the request is cancelled); a reading client on another connection is served meanwhile."""
-    import threading
-
-    import uvicorn
-
-    from epinfer.server.main import QuietServer
-
     disconnected = threading.Event()
 
     async def app(scope, receive, send):
@@ -83,14 +82,7 @@ def test_a_stream_nobody_reads_is_cut_off():
             await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
             await asyncio.sleep(0)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    port = sock.getsockname()[1]
-    server = QuietServer(uvicorn.Config(app, log_level="critical", lifespan="off"), write_deadline_s=1.0)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    try:
+    with served(app, write_deadline_s=1.0) as port:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.connect(("127.0.0.1", port))
@@ -102,6 +94,3 @@ def test_a_stream_nobody_reads_is_cut_off():
         assert disconnected.wait(15), "the stream nobody reads was never cut off"
         assert 0.8 < time.monotonic() - started < 15
         stuck.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
