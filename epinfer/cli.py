@@ -17,7 +17,7 @@ from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
 from epinfer.core.errors import Interrupted, RunFailed, UserError, import_noting_signals
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
-from epinfer.core.prompts_file import STDIN, read_prompts_file
+from epinfer.core.prompts_file import PENALTIES, STDIN, read_prompts_file
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import check_output_path, shown_path, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    for penalty in PENALTIES:
+        gen.add_argument(f"--{penalty.replace('_', '-')}", type=float, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--output", type=Path, default=None, help="write results as a JSON list")
     gen.add_argument("--compare-single", action="store_true",
@@ -252,7 +254,8 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=req.get("temperature", args.temperature),
             top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
             stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
-            ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0)))
+            ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
+            **{key: req.get(key, getattr(args, key)) for key in PENALTIES}))
     for i, (req, p) in enumerate(zip(requests, params, strict=True)):
         try:
             p.validate()  # here, before any rank starts: the same checks as the server's

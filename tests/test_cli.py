@@ -38,6 +38,19 @@ def test_output_json(tiny, tmp_path, capsys):
     assert [len(r["token_ids"]) for r in records] == [4, 6]
     assert records[0]["prompt_token_ids"] == [1, 2, 3]
     assert all(r["finish_reason"] == "length" and r["text"] is None for r in records)
+    # penalties: a line's own, else the flags' (as for the other sampling fields)
+    from epinfer import LLM, SamplingParams
+
+    prompts.write_text(json.dumps({"prompt_token_ids": [9] * 6, "repetition_penalty": 1.5}) + "\n"
+                       + json.dumps({"prompt_token_ids": [9] * 6}) + "\n")
+    code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(prompts), "--max-tokens", "8",
+                        "--temperature", "0", "--ignore-eos", "--presence-penalty", "1.2", "--output", str(out_file),
+                        "--dtype", "float32"], capsys)
+    assert code == 0, err
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, presence_penalty=1.2, **extra)
+              for extra in ({"repetition_penalty": 1.5}, {})]
+    want = LLM(str(tiny), dtype="float32", device="cpu").generate([[9] * 6] * 2, params)
+    assert [r["token_ids"] for r in json.loads(out_file.read_text())] == [w.token_ids for w in want]
 
 
 def corrupt(src, dst, fn):
@@ -97,6 +110,7 @@ def test_bad_prompts(tiny, tmp_path, capsys):
         "empty": ('{"prompt_token_ids": []}', "empty"),
         "vocab": ('{"prompt_token_ids": [1, 999]}', "outside the vocabulary"),
         "stop": ('{"prompt_token_ids": [1], "stop_token_ids": [2, 999]}', "stop token id 999 is outside"),
+        "penalty": ('{"prompt_token_ids": [1], "frequency_penalty": 2.5}', "frequency_penalty must be in [-2, 2]"),
         "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),
         "field": ('{"prompt_token_ids": [1], "max_token": 3}', "unknown field(s) max_token"),
         "type": ('{"prompt_token_ids": [1], "max_tokens": "3"}', "'max_tokens' has the wrong type"),

@@ -26,7 +26,8 @@ from epinfer.cli import main
 from epinfer.core.checkpoint_files import MAX_JSON_BYTES
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
-from epinfer.engine.engine import DEMO_MODEL, load_generation_defaults
+from epinfer.engine.engine import DEMO_MODEL
+from epinfer.engine.generation_files import load_generation_defaults
 
 NAN, INF = math.nan, math.inf
 DROP = object()  # config_set value: remove the field

@@ -39,6 +39,11 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
+# presence / frequency / repetition penalties, a different presence for each request
+PENALIZED = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, presence_penalty=1.0 + 0.2 * i,
+                            frequency_penalty=0.3, repetition_penalty=1.3) for i, n in enumerate(MAX_TOKENS)]
+
+
 def build_cases(models: dict[str, str]) -> list[Case]:
     params = [greedy(n) for n in MAX_TOKENS]
     cases = []
@@ -103,6 +108,8 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         # (qwen3_moe: attention in every layer, so a wrong attention changes its tokens)
         *[Case(f"qwen3_moe-{dp}x{tp}-cudnn-chunks", models["qwen3_moe"], dp, tp, PROMPTS, params, budget=40,
                cudnn_chunks=True) for dp, tp in ((2, 2), (1, 2))],
+        # presence / frequency / repetition penalties (each TP rank applies them to the same logits)
+        Case("qwen3_5_moe-2x2-penalties", models["qwen3_5_moe"], 2, 2, PROMPTS, PENALIZED),
         # graph pieces: replicas without collectives in the forward, each padding its own steps
         Case("qwen3_5_moe-2x1-no-ep-pieces", models["qwen3_5_moe"], 2, 1, PROMPTS, params, expert_parallel=False,
              budget=40, pieces=True),
@@ -138,6 +145,8 @@ def expected(models):
         for prompt, tokens in zip(SHARED, out[f"shared:{family}"], strict=True):
             assert tokens == hf_generate(models[family], prompt, 6)[0], f"{family}, shared prompts: != transformers"
     off = LLM(models["qwen3_5_moe"], dtype="float32", device="cpu", enable_prefix_caching=False)
+    out["penalties:qwen3_5_moe"] = [o.token_ids for o in off.generate(PROMPTS, PENALIZED)]
+    assert out["penalties:qwen3_5_moe"] != out["qwen3_5_moe"]  # (the penalties change the tokens)
     out["long:qwen3_5_moe"] = [o.token_ids for o in off.generate(SHARED_LONG, greedy(6))]
     for prompt, tokens in zip(SHARED_LONG, out["long:qwen3_5_moe"], strict=True):
         assert tokens == hf_generate(models["qwen3_5_moe"], prompt, 6)[0], "long shared prompts: != transformers"
@@ -162,6 +171,8 @@ def test_every_layout_matches_single_process(models, expected):
             want = expected[f"long:{model_name[case.model]}"]
             assert merged[f"{case.name}:hits"] == 192 and merged[f"{case.name}:captures"] == 2, (
                 merged[f"{case.name}:hits"], merged[f"{case.name}:captures"])
+        elif case.params is PENALIZED:
+            want = expected[f"penalties:{model_name[case.model]}"]
         elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]
         if case.cudnn_chunks:

@@ -285,6 +285,16 @@ def test_seeded_sampling_equals_offline(demo, demo_llm):
     assert [g["text"] for g in got] == [w.text for w in want]
     greedy = demo_llm.generate([b["prompt"] for b in bodies], SamplingParams(max_tokens=24, ignore_eos=True))
     assert [w.token_ids for w in want] != [g.token_ids for g in greedy]  # it really sampled
+    # penalties (Qwen's cards suggest presence_penalty against repetition), half of the rows greedy
+    penalties = [{"presence_penalty": 1.5, "frequency_penalty": 0.5 * (i % 3), "repetition_penalty": 1.0 + 0.1 * i}
+                 for i in range(12)]
+    bodies = [{**b, **pen, **({"temperature": 0} if i % 2 else {})}
+              for i, (b, pen) in enumerate(zip(bodies, penalties, strict=True))]
+    params = [SamplingParams(max_tokens=24, temperature=0 if i % 2 else 1.0, top_k=50, top_p=0.95, seed=1000 + i,
+                             ignore_eos=True, **pen) for i, pen in enumerate(penalties)]
+    want = demo_llm.generate([b["prompt"] for b in bodies], params)
+    assert [g["token_ids"] for g in asyncio.run(gather_requests(demo.url, bodies))] == [w.token_ids for w in want]
+    assert [w.token_ids for w in want[1::2]] != [g.token_ids for g in greedy[1::2]]  # the penalties acted
 
 
 def offline_logprobs(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -134,7 +134,8 @@ def test_stream_of_replacement_characters_is_not_held_back(demo_llm):
 def test_chat_template_flag(tmp_path):
     """serve --chat-template: a file or the template itself replaces the tokenizer's; chat requests
     (and /tokenize) render with it."""
-    from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
+    from epinfer.engine.engine import DEMO_MODEL
+    from epinfer.engine.generation_files import load_tokenizer
     from epinfer.server.main import set_chat_template
     from epinfer.server.protocol import ModelInfo, parse_tokenize
 

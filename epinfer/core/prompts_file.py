@@ -12,8 +12,9 @@ from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import reason, shown_path, stat_regular
 
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "stop_token_ids", "ignore_eos", "min_tokens"}
+                "stop", "stop_token_ids", "ignore_eos", "min_tokens", *PENALTIES}
 
 
 STDIN = Path("-")  # --prompts-file -: the requests come on standard input
@@ -79,7 +80,8 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
     ):
         raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
     types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
-             "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list}
+             "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list,
+             **{key: (int, float) for key in PENALTIES}}
     for key, kind in types.items():
         value = item.get(key)
         if value is not None and (not isinstance(value, kind) or

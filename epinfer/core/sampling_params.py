@@ -15,6 +15,10 @@ HTTP server all call, so a value that one of them accepts the others accept too.
   min_tokens       an integer in [0, max_tokens]: until that many tokens are out, the end-of-sequence
                    and stop token ids are never sampled, and a stop string must end past their text
                    (vLLM's rule)
+  presence_penalty, frequency_penalty   finite numbers in [-2, 2] (OpenAI's): subtracted from the
+                   logit of each token the request has generated, once / once per time it was
+  repetition_penalty  a finite number > 0 (transformers' and vLLM's): the logit of each token of the
+                   prompt or the output divided by it where positive, multiplied where negative
 Booleans are not numbers here (`True` is no temperature). A failed check is a `UserError` with one
 line naming the field.
 """
@@ -46,6 +50,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float | None = None  # default 0 (off)
+    frequency_penalty: float | None = None  # default 0 (off)
+    repetition_penalty: float | None = None  # default 1 (off)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -60,7 +67,8 @@ class SamplingParams:
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens(defaults, self.min_tokens)
         merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
-                                self.min_tokens)
+                                self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
+                                pick("repetition_penalty", 1.0))
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -72,6 +80,9 @@ class SamplingParams:
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
             ignore_eos=bool(self.ignore_eos),
             min_tokens=int(self.min_tokens),
+            presence_penalty=float(merged.presence_penalty),
+            frequency_penalty=float(merged.frequency_penalty),
+            repetition_penalty=float(merged.repetition_penalty),
         )
 
     def validate(self) -> None:
@@ -101,6 +112,11 @@ class SamplingParams:
         _integer("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _number(name, getattr(self, name), -2.0, 2.0)
+        _number("repetition_penalty", self.repetition_penalty, None, None)
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
         kind = type(self.ignore_eos)
         if not isinstance(self.ignore_eos, bool) and not (kind.__module__ == "numpy" and "bool" in kind.__name__):
             raise UserError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
@@ -108,6 +124,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Any penalty set (a resolved copy: each field is a number)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty not in (None, 1.0)
 
 
 DEFAULT_MAX_TOKENS = 64  # where neither the request nor generation_config.json's max_new_tokens sets it
@@ -139,7 +160,7 @@ def _number(name: str, value, low: float | None, high: float | None) -> None:
     if not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f">= {low:g}" if high is None else f"<= {high:g}"
+        span = f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
         raise UserError(f"{name} must be {span}, got {value}")
 
 

@@ -22,12 +22,14 @@ from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine.cache import CacheAllocator
+from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
     auto_max_num_batched_tokens,
     auto_max_num_seqs,
     expandable_segments,
     plan_cache,
 )
+from epinfer.engine.penalties import penalize
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.engine.stops import StopSearch, first_match
 from epinfer.kernels import cudnn_attention, paged_attention, preload
@@ -82,51 +84,6 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return DTYPES[name]
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has no tokenizer files. Every tokenizer file present
-    must be a regular file inside the folder of bounded size (transformers would block on a FIFO and
-    read any size); a tokenizer that cannot be built, or that encodes text to no tokens (e.g.
-    tokenizer_config.json without tokenizer.json or a vocabulary), is a `UserError` here rather than
-    an "empty prompt" later."""
-    from epinfer.core.checkpoint_files import MAX_TOKENIZER_BYTES, folder_file, one_line
-
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    others = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-              "chat_template.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
-    present = [n for n in (*names, *others) if folder_file(folder, n, max_bytes=MAX_TOKENIZER_BYTES) is not None]
-    if not any(n in present for n in names):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        probe = tokenizer("Hello, world", add_special_tokens=False)["input_ids"]
-    except Exception as exc:  # transformers raises many error types for broken tokenizer files
-        raise UserError(f"cannot load the tokenizer in {folder}: {one_line(exc)}") from None
-    if not probe:
-        raise UserError(f"cannot load the tokenizer in {folder}: the tokenizer files present ({', '.join(present)}) "
-                        f"do not form a usable tokenizer (it encodes text to no tokens; is tokenizer.json missing?)")
-    return tokenizer
-
-
-def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None]:
-    """Sampling defaults and eos ids of the folder's generation_config.json ({}, None without one).
-    Each field used is checked: a wrong type or value is a `UserError` naming the file and the field."""
-    from epinfer.core.checkpoint_files import JsonFields, folder_file, read_json_object, shown_path
-
-    path = folder_file(folder, "generation_config.json")
-    if path is None:
-        return {}, None
-    fields = JsonFields(read_json_object(path), shown_path(path))
-    values = {"temperature": fields.number("temperature", None, lo=0.0), "top_k": fields.integer("top_k", None, lo=0),
-              "top_p": fields.number("top_p", None, lo=0.0, hi=1.0, lo_open=True),
-              "max_tokens": fields.integer("max_new_tokens", None, lo=1)}  # (vLLM's default max_tokens too)
-    defaults = {k: v for k, v in values.items() if v is not None}
-    if fields.flag("do_sample", None) is False:
-        defaults["temperature"] = 0.0
-    return defaults, fields.token_ids("eos_token_id")
 
 
 def async_default(ecfg: EngineConfig, device: torch.device) -> bool:
@@ -362,7 +319,7 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-            logits = self._hold_stops(logits, sampled)
+            logits = penalize(self._hold_stops(logits, sampled), sampled, self.runner.prev_tokens)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1

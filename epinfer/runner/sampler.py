@@ -43,7 +43,7 @@ def sample_tokens(logits_SV: torch.Tensor, params: list[SamplingParams],
     bad_S = nonfinite_rows(logits_SV) if bad_S is None else bad_S
     together = [i for i in sampling if generators[i] is None] if batched else []
     if together:
-        rows = _on(logits_SV.device, together)
+        rows = host_list_on(logits_SV.device, together)
         probs = _filtered_probs(logits_SV[rows], [params[i] for i in together], bad_S[rows])
         tokens[rows] = torch.multinomial(probs, 1)[:, 0]
     drawn = set(together)
@@ -65,14 +65,14 @@ def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
     dev = logits_RV.device
     logits = logits_RV.float()
     temps = [max(p.temperature, _FP32_TINY) for p in params]  # a smaller one would be 0 in fp32: 0 / 0
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / _on(dev, temps)[:, None]
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / host_list_on(dev, temps)[:, None]
     if bad_R is not None:
         logits = logits.masked_fill(bad_R[:, None], 0.0)
         logits[:, 1:].masked_fill_(bad_R[:, None], float("-inf"))
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
         top = torch.topk(logits, max(ks), dim=-1).values  # [R, max k]
-        k_R = _on(dev, ks)
+        k_R = host_list_on(dev, ks)
         kth = top.gather(1, (k_R - 1).clamp(min=0)[:, None])
         kth = torch.where(k_R[:, None] > 0, kth, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -80,14 +80,14 @@ def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
     if any(p < 1.0 for p in ps):
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        p_R = _on(dev, [p if p < 1.0 else float("inf") for p in ps])[:, None]  # inf: keep all
+        p_R = host_list_on(dev, [p if p < 1.0 else float("inf") for p in ps])[:, None]  # inf: keep all
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= p_R
         drop_sorted[:, 0] = False  # (a top_p below fp32's range is 0 there, and 0 >= 0 would drop all)
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
-def _on(device: torch.device, values: list) -> torch.Tensor:
+def host_list_on(device: torch.device, values: list) -> torch.Tensor:
     """A small host list on `device` without a host sync (torch.tensor(..., device=cuda) waits for
     the stream: with async scheduling the forward would have to finish first)."""
     return torch.tensor(values).to(device, non_blocking=True)

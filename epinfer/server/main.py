@@ -33,7 +33,8 @@ from epinfer.core.checkpoint_files import model_folder, read_text_file
 from epinfer.core.env import SWITCHES, raise_open_file_limit, under_torchrun
 from epinfer.core.errors import Interrupted, UserError, noting_signals
 from epinfer.diagnostics.watchdog import EXIT_FAULT, log_line
-from epinfer.engine.engine import DEMO_MODEL, load_tokenizer
+from epinfer.engine.engine import DEMO_MODEL
+from epinfer.engine.generation_files import load_tokenizer
 from epinfer.runtime.worker import Job
 from epinfer.server.app import build_app
 from epinfer.server.client import EngineClient

@@ -254,9 +254,6 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return top
 
 
-# OpenAI's penalties: checked, and refused unless neutral (the engine does not apply them)
-PENALTIES = {"presence_penalty": (-2.0, 2.0, 0.0), "frequency_penalty": (-2.0, 2.0, 0.0),
-             "repetition_penalty": (0.0, 2.0**31, 1.0)}
 
 
 # fields that would change what a request generates, not applied here: refused unless neutral (a
@@ -278,14 +275,6 @@ def _unsupported(body: dict) -> None:
         value = body.get(key)
         if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
             raise APIError(400, f"'{key}' is not supported by this server", param=key)
-    for key, (low, high, neutral) in PENALTIES.items():
-        value = _field(body, key, float)
-        if value is None:
-            continue
-        if not low <= value <= high or (key == "repetition_penalty" and value == 0):
-            raise APIError(400, f"'{key}' must be in [{low:g}, {high:g}], got {value}", param=key)
-        if value != neutral:
-            raise APIError(400, f"'{key}' is not supported by this server (only {neutral:g})", param=key)
 
 
 def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateRequest:
@@ -314,7 +303,9 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
-                  ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0))
+                  ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
+                  **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
+                                                               "repetition_penalty")})
     logprobs = _logprobs(body, chat)
     _unsupported(body)
     if max_tokens is not None and max_tokens < 1:

@@ -1,0 +1,64 @@
+"""Presence, frequency and repetition penalties on a step's logits, before sampling (vLLM's and
+transformers' arithmetic): for a row whose request sets any of them,
+
+    logit = logit / r where positive, logit * r where not, for each token of the prompt or the output
+    logit -= f * (times the token was generated) + p * (whether it was)
+
+with r = repetition_penalty, f = frequency_penalty, p = presence_penalty. Each such request keeps its
+counts on the device (`PenaltyCounts`), brought up to date with the tokens the host has seen; a token
+sampled by the step still in flight (async scheduling) is added from the device, so the penalties
+are those of the synchronous loop. Rows without penalties cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epinfer.runner.sampler import host_list_on
+
+
+class PenaltyCounts:
+    """One request's tokens on the device: which its prompt holds, and how often each of its output
+    tokens the host has seen so far occurs."""
+
+    def __init__(self, prompt_ids: list[int], vocab: int, device: torch.device) -> None:
+        self.prompt_V = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.prompt_V[host_list_on(device, prompt_ids)] = True
+        self.counts_V = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.counted = 0
+
+    def catch_up(self, output_ids: list[int]) -> None:
+        if len(output_ids) > self.counted:
+            new = host_list_on(self.counts_V.device, output_ids[self.counted:])
+            self.counts_V.index_add_(0, new, torch.ones(new.shape, device=new.device))
+            self.counted = len(output_ids)
+
+
+def penalize(logits_SV: torch.Tensor, sampled: list, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+    """`logits_SV` with the penalties of `sampled`'s requests applied (the tensor itself when none has
+    any). `sampled`: the step's sampling sequences in row order; `prev_tokens`: the tokens the
+    previous step sampled, where a sequence's `pending` token is (its `pending_row`)."""
+    rows = [r for r, seq in enumerate(sampled) if seq.params.penalized]
+    if not rows:
+        return logits_SV
+    dev, V = logits_SV.device, logits_SV.shape[-1]
+    seqs = [sampled[r] for r in rows]
+    for seq in seqs:
+        if seq.penalty is None:
+            seq.penalty = PenaltyCounts(seq.prompt_ids, V, dev)
+        seq.penalty.catch_up(seq.output_ids)
+    counts_RV = torch.stack([seq.penalty.counts_V for seq in seqs])
+    waiting = [(i, seq.pending_row) for i, seq in enumerate(seqs) if seq.pending]
+    if waiting:  # (async scheduling: sampled by the step in flight, not yet seen by the host)
+        at = host_list_on(dev, [i for i, _ in waiting])
+        counts_RV.index_put_((at, prev_tokens[host_list_on(dev, [row for _, row in waiting])]),
+                             torch.ones(len(waiting), device=dev), accumulate=True)
+    rows_R = host_list_on(dev, rows)
+    x_RV = logits_SV[rows_R].float()
+    rep_R1 = host_list_on(dev, [seq.params.repetition_penalty for seq in seqs])[:, None]
+    seen_RV = torch.stack([seq.penalty.prompt_V for seq in seqs]) | (counts_RV > 0)
+    x_RV = torch.where(seen_RV, torch.where(x_RV > 0, x_RV / rep_R1, x_RV * rep_R1), x_RV)
+    x_RV = (x_RV - host_list_on(dev, [seq.params.frequency_penalty for seq in seqs])[:, None] * counts_RV
+            - host_list_on(dev, [seq.params.presence_penalty for seq in seqs])[:, None] * (counts_RV > 0).float())
+    return logits_SV.index_put((rows_R,), x_RV.to(logits_SV.dtype))
+
