@@ -163,6 +163,21 @@ def test_tiny_float32_with_graphs_matches_transformers(ckpt_dir, family):
     assert ours == [hf_greedy(model, p, 24) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])
+def test_penalties_on_the_gpu_match_the_cpu(ckpt_dir, family):
+    """Presence / frequency / repetition penalties on CUDA (graphs, async scheduling: a token still
+    in flight counted from the device) give the CPU run's tokens, float32; unpenalized rows too."""
+    from epinfer import LLM, SamplingParams
+
+    folder = str(ckpt_dir(family))
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=p, frequency_penalty=f,
+                             repetition_penalty=r) for p, f, r in ((1.5, 0.0, 1.0), (0.0, 0.7, 1.3), (0.0, 0.0, 1.0))]
+    prompts = PROMPTS[:3]
+    cpu = [o.token_ids for o in LLM(folder, dtype="float32", device="cpu").generate(prompts, params)]
+    llm = LLM(folder, dtype="float32", device="cuda", async_scheduling=True)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == cpu
+
+
 def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16, experts: int | None = None):
     """A transformers model of a real shape with `layers` layers, random weights, saved; `experts`:
     fewer routed experts than the shape has (a checkpoint an eighth the size at 32 of 256)."""
