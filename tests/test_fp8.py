@@ -249,6 +249,12 @@ def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch)
     assert pieces_pool_bytes(cfg, ecfg, torch.bfloat16) == base[1] + layer
     assert activation_headroom(dataclasses.replace(ecfg, fp8_weights=False), cfg, torch.bfloat16) == base[0]
     assert activation_headroom(ecfg, dataclasses.replace(cfg, fp8_block=None), torch.bfloat16) == base[0]
+    # a budget whose steps cannot reach the threshold keeps nothing, unless other replicas' rows can
+    small = dataclasses.replace(ecfg, max_num_batched_tokens=512 * cfg.num_experts // cfg.top_k - 1)
+    assert activation_headroom(small, cfg, torch.bfloat16) == activation_headroom(
+        dataclasses.replace(small, fp8_weights=False), cfg, torch.bfloat16)
+    assert pieces_pool_bytes(cfg, small, torch.bfloat16, dp=2) == pieces_pool_bytes(
+        cfg, dataclasses.replace(small, fp8_weights=False), torch.bfloat16) + layer
     assert not dequantized_experts(torch.zeros(2, 4), 10**9, 8)  # CPU
     monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "zero")
     with pytest.raises(UserError, match="EPINFER_FP8_DEQUANT_PAIRS='zero': give a number"):

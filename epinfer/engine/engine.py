@@ -167,7 +167,8 @@ class Engine:
                             ecfg.fp8_weights)
         self.kernels_preloaded = compiling.join() if compiling is not None else 0
         built = time.perf_counter()
-        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size, state_dtype)
+        layout, self.max_model_len = plan_cache(cfg, ecfg, self.dtype, self.device, ctx.tp_size, state_dtype,
+                                                ctx.dp_size)
         self.runner = ModelRunner(model, layout, self.dtype, self.device, self.max_model_len,
                                   ecfg.cuda_graphs, ecfg.parallel_graphs, ecfg.piecewise_graphs,
                                   ecfg.max_num_batched_tokens)

@@ -49,7 +49,7 @@ def auto_max_num_batched_tokens(device: torch.device, gpu_bytes: int | None = No
 
 
 def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device, tp: int = 1,
-               state_dtype: torch.dtype = torch.float32) -> tuple[CacheLayout, int]:
+               state_dtype: torch.dtype = torch.float32, dp: int = 1) -> tuple[CacheLayout, int]:
     """Returns the cache layout and the max model length."""
     if ecfg.cache_memory_gb is not None:
         budget = int(ecfg.cache_memory_gb * 2**30)
@@ -57,8 +57,8 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         # activation headroom, and the graph pieces' memory pool (its largest step's MoE activations)
-        budget = (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg, cfg, dtype)
-                  - pieces_pool_bytes(cfg, ecfg, dtype))
+        budget = (int(total * ecfg.gpu_memory_utilization) - used - activation_headroom(ecfg, cfg, dtype, dp)
+                  - pieces_pool_bytes(cfg, ecfg, dtype, dp))
     else:
         budget = 2 * 2**30
     snapshots = state_snapshots(cfg, ecfg)
@@ -95,7 +95,7 @@ def plan_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device:
     return CacheLayout(ecfg.block_size, num_blocks, ecfg.max_num_seqs, snapshots, state_dtype), max_len
 
 
-def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
+def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, dp: int = 1) -> int:
     """GPU memory kept out of the cache for a step's activations: 2 GiB up to 8192 rows a step (the
     Qwen3.5-35B-A3B shape's throughput profile ran at 8192 rows in it on an H200), in proportion
     beyond (a step's activations grow with its rows); and the logits of the largest decode graph
@@ -104,20 +104,24 @@ def activation_headroom(ecfg: EngineConfig, cfg: ModelConfig, dtype: torch.dtype
     (1.5 GB each at 1024 sequences of the Qwen3.5 shape)."""
     logits = ecfg.max_num_seqs * cfg.vocab_size * (dtype.itemsize + 4) if ecfg.cuda_graphs else 0
     return int(2 * 2**30 * max(1.0, ecfg.max_num_batched_tokens / 8192)) + 2 * logits + dequantized_experts(
-        cfg, ecfg, dtype)
+        cfg, ecfg, dtype, dp)
 
 
-def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
-    """One layer's FP8 experts dequantised to `dtype` (EPINFER_FP8_DEQUANT_PAIRS, `layers.moe`) when that
-    mode is asked for and the experts run in FP8: every expert counted (an upper bound under expert
-    or tensor parallelism; a rank is handed more rows than its own step's under data parallelism, so
-    whether a step reaches the mode is not known here)."""
-    if SWITCHES.fp8_dequant_pairs is None or not (ecfg.fp8_weights and cfg.fp8_block):
+def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, dp: int = 1) -> int:
+    """One layer's FP8 experts dequantised to `dtype` (EPINFER_FP8_DEQUANT_PAIRS, `layers.moe`) when the
+    experts run in FP8 and a step can reach that mode: every expert counted (an upper bound under
+    expert or tensor parallelism). A rank is handed at most every replica's rows (`dp`), so a step
+    reaches the mode only where those rows' pairs reach the threshold over all the model's experts
+    (the Qwen3.5 shape at 16,384 tokens a step: 512 pairs an expert, below the default 1024)."""
+    at = SWITCHES.fp8_dequant_pairs
+    if at is None or not (ecfg.fp8_weights and cfg.fp8_block):
+        return 0
+    if ecfg.max_num_batched_tokens * dp * max(cfg.top_k, 1) < at * cfg.num_experts:
         return 0
     return cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * dtype.itemsize
 
 
-def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
+def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, dp: int = 1) -> int:
     """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step, the
     routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
     half again and 256 MiB for the router, shared expert and the allocator's rounding (the Qwen3.5
@@ -126,7 +130,7 @@ def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) 
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
     rows = ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
-    return rows * 3 // 2 + 2**28 + dequantized_experts(cfg, ecfg, dtype)  # (captured: the pool keeps them)
+    return rows * 3 // 2 + 2**28 + dequantized_experts(cfg, ecfg, dtype, dp)  # (captured: the pool keeps them)
 
 
 def gib(n: int) -> str:
