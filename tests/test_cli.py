@@ -111,6 +111,7 @@ def test_bad_prompts(tiny, tmp_path, capsys):
         "vocab": ('{"prompt_token_ids": [1, 999]}', "outside the vocabulary"),
         "stop": ('{"prompt_token_ids": [1], "stop_token_ids": [2, 999]}', "stop token id 999 is outside"),
         "penalty": ('{"prompt_token_ids": [1], "frequency_penalty": 2.5}', "frequency_penalty must be in [-2, 2]"),
+        "min_p": ('{"prompt_token_ids": [1], "min_p": -0.1}', "min_p must be in [0, 1], got -0.1"),
         "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),
         "field": ('{"prompt_token_ids": [1], "max_token": 3}', "unknown field(s) max_token"),
         "type": ('{"prompt_token_ids": [1], "max_tokens": "3"}', "'max_tokens' has the wrong type"),

@@ -323,6 +323,7 @@ HOSTILE_BODIES = [
     (b'{"prompt": "hi", "presence_penalty": "0.5"}', 400, "'presence_penalty' must be a number"),
     (b'{"prompt": "hi", "frequency_penalty": 3}', 400, "frequency_penalty must be in [-2, 2], got 3"),
     (b'{"prompt": "hi", "repetition_penalty": 0}', 400, "repetition_penalty must be > 0"),
+    (b'{"prompt": "hi", "min_p": 2}', 400, "min_p must be in [0, 1], got 2"),
     (b'{"prompt": "hi", "top_k": 4294967296}', 400, "top_k must be"),
     (b'{"prompt": "hi", "stop": ' + json.dumps(["s"] * 40).encode() + b"}", 400, "at most 32"),
 ]
@@ -336,7 +337,8 @@ def test_server_hostile_bodies(hostile):
     for body in (b'{"prompt": "hi", "max_tokens": 3, "temperature": 1e-50, "seed": 1}',
                  b'{"prompt": "hi", "max_tokens": 3, "presence_penalty": 0, "repetition_penalty": 1}',
                  b'{"prompt": "hi", "max_tokens": 3, "presence_penalty": 1.5, "frequency_penalty": -0.5, '
-                 b'"repetition_penalty": 1.1}'):
+                 b'"repetition_penalty": 1.1}',
+                 b'{"prompt": "hi", "max_tokens": 3, "min_p": 0.05, "seed": 2}'):
         assert post(hostile.url, "/v1/completions", body).status_code == 200
     r = httpx.get(f"{hostile.url}/v1/nowhere")
     assert_error_body(r, 404)

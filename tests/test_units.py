@@ -137,6 +137,9 @@ def test_batched_sampling_filters_like_one_row_at_a_time():
 
     def reference(logits_V, p):
         logits = logits_V.float() / p.temperature
+        if p.min_p:  # (vLLM: after the temperature, before top-k / top-p)
+            probs = torch.softmax(logits, -1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if 0 < p.top_k < logits.shape[-1]:
             logits = logits.masked_fill(logits < torch.topk(logits, p.top_k).values[-1], float("-inf"))
         if p.top_p < 1.0:
@@ -146,18 +149,20 @@ def test_batched_sampling_filters_like_one_row_at_a_time():
         return F.softmax(logits, -1)
 
     torch.manual_seed(0)
-    logits = torch.randn(6, 50) * 3
+    logits = torch.randn(8, 50) * 3
     logits[2, :4] = 9.0  # a tie at the k-th value
     params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.0, top_p=0.8),
               SamplingParams(temperature=1.3, top_k=3), SamplingParams(temperature=1.0),
-              SamplingParams(temperature=0.5, top_k=10, top_p=0.6), SamplingParams(temperature=1.0, top_k=1)]
+              SamplingParams(temperature=0.5, top_k=10, top_p=0.6), SamplingParams(temperature=1.0, top_k=1),
+              SamplingParams(temperature=1.5, min_p=0.002), SamplingParams(temperature=0.8, min_p=0.2, top_p=0.9)]
     params = [p.resolved({}) for p in params]  # as the engine hands them over
     probs = _filtered_probs(logits, params)
     for i, p in enumerate(params):
         torch.testing.assert_close(probs[i], reference(logits[i], p), rtol=1e-6, atol=1e-7)
     assert (probs[2] > 0).sum() == 4  # ties at the k-th value stay
+    assert 1 < (probs[6] > 0).sum() < (probs[3] > 0).sum()  # min-p dropped some, not all
     for batched in (True, False) * 10:
-        tokens = sample_tokens(logits, params, [None] * 6, batched)
+        tokens = sample_tokens(logits, params, [None] * 8, batched)
         assert (probs.gather(1, tokens[:, None]) > 0).all()
         assert tokens[5] == logits[5].argmax()
     gens = [torch.Generator().manual_seed(5) for _ in range(2)]

@@ -13,7 +13,7 @@ from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import reason, shown_path, stat_regular
 
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
-JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
+JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stop_token_ids", "ignore_eos", "min_tokens", *PENALTIES}
 
 
@@ -79,7 +79,7 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
-    types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float),
+    types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float), "min_p": (int, float),
              "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list,
              **{key: (int, float) for key in PENALTIES}}
     for key, kind in types.items():

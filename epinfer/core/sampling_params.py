@@ -7,6 +7,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    sampler subtracts the row maximum before dividing
   top_p            a finite number in (0, 1]
   top_k            an integer >= -1 (0 and -1: off), below 2**31
+  min_p            a finite number in [0, 1] (0: off): after the temperature, tokens less likely than
+                   min_p times the likeliest are dropped (before top-k / top-p, as in vLLM)
   seed             an integer in [0, 2**64 - 1] (the width of the generator's seed): range-checked,
                    never reduced
   stop             at most MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS characters,
@@ -53,6 +55,7 @@ class SamplingParams:
     presence_penalty: float | None = None  # default 0 (off)
     frequency_penalty: float | None = None  # default 0 (off)
     repetition_penalty: float | None = None  # default 1 (off)
+    min_p: float | None = None  # default 0 (off)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -68,13 +71,14 @@ class SamplingParams:
         merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
-                                pick("repetition_penalty", 1.0))
+                                pick("repetition_penalty", 1.0), pick("min_p", 0.0))
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
             temperature=float(merged.temperature),
             top_p=float(merged.top_p),
             top_k=int(merged.top_k),
+            min_p=float(merged.min_p),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -93,6 +97,7 @@ class SamplingParams:
             if not 0 < self.top_p <= 1:
                 raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         _integer("top_k", self.top_k, -1, TOP_K_MAX, "top_k must be -1, 0 (off) or positive")
+        _number("min_p", self.min_p, 0.0, 1.0)
         _integer("seed", self.seed, 0, SEED_MAX)
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if stops is not None:

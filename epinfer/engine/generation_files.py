@@ -46,6 +46,7 @@ def load_generation_defaults(folder: Path) -> tuple[dict, tuple[int, ...] | None
     fields = JsonFields(read_json_object(path), shown_path(path))
     values = {"temperature": fields.number("temperature", None, lo=0.0), "top_k": fields.integer("top_k", None, lo=0),
               "top_p": fields.number("top_p", None, lo=0.0, hi=1.0, lo_open=True),
+              "min_p": fields.number("min_p", None, lo=0.0, hi=1.0),
               "max_tokens": fields.integer("max_new_tokens", None, lo=1),  # (vLLM's default max_tokens too)
               "repetition_penalty": fields.number("repetition_penalty", None, lo=0.0, lo_open=True)}
     defaults = {k: v for k, v in values.items() if v is not None}

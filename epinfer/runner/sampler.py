@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request generator for seeds.
+"""Token sampling: greedy, temperature, min-p, top-k, top-p, with a per-request generator for seeds.
 
 A seeded request draws only from its own `torch.Generator`, so its output does not depend on what
 else is in the batch. A row whose logits are not all finite (a broken model or kernel) can't be
@@ -8,6 +8,8 @@ and the engine fails that request alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,7 +58,7 @@ def sample_tokens(logits_SV: torch.Tensor, params: list[SamplingParams],
 
 def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
                     bad_R: torch.Tensor | None = None) -> torch.Tensor:
-    """Temperature, then top-k (ties at the k-th value stay), then top-p (a token goes when the
+    """Temperature, then min-p, then top-k (ties at the k-th value stay), then top-p (a token goes when the
     mass before it already reaches top_p; the first always stays), per row; softmax. The row
     maximum is subtracted before dividing by the temperature, so any finite temperature > 0 keeps
     the values finite (the maximum becomes 0, the rest at worst -inf: a tiny temperature is
@@ -69,6 +71,10 @@ def _filtered_probs(logits_RV: torch.Tensor, params: list[SamplingParams],
     if bad_R is not None:
         logits = logits.masked_fill(bad_R[:, None], 0.0)
         logits[:, 1:].masked_fill_(bad_R[:, None], float("-inf"))
+    min_ps = [p.min_p or 0.0 for p in params]
+    if any(min_ps):  # (the maximum is 0 here: a token goes where its logit is under log(min_p))
+        floor_R = host_list_on(dev, [math.log(m) if m > 0 else float("-inf") for m in min_ps])
+        logits = logits.masked_fill(logits < floor_R[:, None], float("-inf"))
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
         top = torch.topk(logits, max(ks), dim=-1).values  # [R, max k]

@@ -259,7 +259,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "min_p": (0, 0.0),
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",),
                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
                "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
                "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
@@ -302,6 +302,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
                                      and (not stop_ids or _token_list(stop_ids, "stop_token_ids", info))):
         raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
+                  min_p=_field(body, "min_p", float),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
