@@ -42,15 +42,17 @@ def test_output_json(tiny, tmp_path, capsys):
     from epinfer import LLM, SamplingParams
 
     prompts.write_text(json.dumps({"prompt_token_ids": [9] * 6, "repetition_penalty": 1.5}) + "\n"
-                       + json.dumps({"prompt_token_ids": [9] * 6}) + "\n")
+                       + json.dumps({"prompt_token_ids": [9] * 6}) + "\n"
+                       + json.dumps({"prompt_token_ids": [9] * 6, "logit_bias": {"7": 100}}) + "\n")
     code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(prompts), "--max-tokens", "8",
                         "--temperature", "0", "--ignore-eos", "--presence-penalty", "1.2", "--output", str(out_file),
                         "--dtype", "float32"], capsys)
     assert code == 0, err
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, presence_penalty=1.2, **extra)
-              for extra in ({"repetition_penalty": 1.5}, {})]
-    want = LLM(str(tiny), dtype="float32", device="cpu").generate([[9] * 6] * 2, params)
-    assert [r["token_ids"] for r in json.loads(out_file.read_text())] == [w.token_ids for w in want]
+              for extra in ({"repetition_penalty": 1.5}, {}, {"logit_bias": {7: 100}})]
+    want = LLM(str(tiny), dtype="float32", device="cpu").generate([[9] * 6] * 3, params)
+    got = [r["token_ids"] for r in json.loads(out_file.read_text())]
+    assert got == [w.token_ids for w in want] and got[2][0] == 7
 
 
 def corrupt(src, dst, fn):
@@ -112,6 +114,8 @@ def test_bad_prompts(tiny, tmp_path, capsys):
         "stop": ('{"prompt_token_ids": [1], "stop_token_ids": [2, 999]}', "stop token id 999 is outside"),
         "penalty": ('{"prompt_token_ids": [1], "frequency_penalty": 2.5}', "frequency_penalty must be in [-2, 2]"),
         "min_p": ('{"prompt_token_ids": [1], "min_p": -0.1}', "min_p must be in [0, 1], got -0.1"),
+        "bias": ('{"prompt_token_ids": [1], "logit_bias": {"x": 1}}', "p.jsonl:2: logit_bias keys must be token ids"),
+        "bias_vocab": ('{"prompt_token_ids": [1], "logit_bias": {"999": 1}}', "logit_bias token id 999 is outside"),
         "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),
         "field": ('{"prompt_token_ids": [1], "max_token": 3}', "unknown field(s) max_token"),
         "type": ('{"prompt_token_ids": [1], "max_tokens": "3"}', "'max_tokens' has the wrong type"),

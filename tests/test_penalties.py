@@ -17,12 +17,16 @@ PROMPTS = [[5, 6, 7, 5, 6], [9] * 12, list(range(30, 71)), [200, 3]]
 NEW = 24
 
 
-def reference(model, prompt: list[int], presence: float, frequency: float, repetition: float) -> list[int]:
-    """Greedy tokens with the penalties applied to transformers' logits, one step at a time."""
+def reference(model, prompt: list[int], presence: float, frequency: float, repetition: float,
+              bias: dict[int, float] | None = None) -> list[int]:
+    """Greedy tokens with the logit bias, then the penalties, applied to transformers' logits, one step
+    at a time."""
     ids, out = list(prompt), []
     with torch.inference_mode():
         for _ in range(NEW):
             logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for token, value in (bias or {}).items():
+                logits[token] += value
             counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float() \
                 if out else torch.zeros_like(logits)
             seen = counts > 0
@@ -65,3 +69,26 @@ def test_bad_penalties_are_one_line():
             SamplingParams(max_tokens=4, **fields).resolved({})
     assert not SamplingParams(max_tokens=4).resolved({}).penalized
     assert SamplingParams(max_tokens=4).resolved({"repetition_penalty": 1.05}).penalized
+
+
+def test_logit_bias(ckpt_dir):
+    """OpenAI's logit_bias: +100 on a token makes greedy pick it every step; -100 on the tokens greedy
+    picked keeps them out; a bias with penalties equals the reference (bias first, as vLLM); an id
+    beyond the vocabulary is one line."""
+    path = ckpt_dir("qwen3_moe")
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    greedy = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    free = llm.generate(PROMPTS[2], greedy)[0].token_ids
+    forced = llm.generate(PROMPTS[2], SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True,
+                                                     logit_bias={42: 100}))[0].token_ids
+    assert forced == [42] * NEW
+    banned = set(free[:3])
+    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True,
+                                                  logit_bias={t: -100 for t in banned}))[0].token_ids
+    assert not banned & set(out)
+    bias = {free[0]: 3.5, 17: 2.0}
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logit_bias=bias, repetition_penalty=1.3,
+                            presence_penalty=0.5)
+    assert llm.generate(PROMPTS[2], params)[0].token_ids == reference(_load(path), PROMPTS[2], 0.5, 0.0, 1.3, bias)
+    with pytest.raises(UserError, match=r"request 0: logit_bias token id 999 is outside the vocabulary \(size 256\)"):
+        llm.generate([1, 2], SamplingParams(max_tokens=2, logit_bias={999: 1.0}))

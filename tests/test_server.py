@@ -379,7 +379,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "'stop'"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": -100}}, 400, "'logit_bias' is not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a5": -100}}, 400, "logit_bias keys must be token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias value must be in [-100, 100]"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "'echo' is not supported"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),
@@ -429,6 +431,9 @@ def test_invalid_requests_get_clear_errors(demo):
         error = r.json()["error"]
         assert fragment in error["message"] and error["type"], (body, error)
     assert metrics(demo.url)['epinfer_http_requests_total{endpoint="completions",code="400"}'] >= 20
+    forced = post(demo.url, "/v1/completions", {"prompt": "Now is better", "max_tokens": 3, "temperature": 0,
+                                                "logit_bias": {"5": 100}}).json()["choices"][0]["token_ids"]
+    assert forced == [5, 5, 5]  # OpenAI's logit_bias
     r = post(demo.url, "/v1/completions", {"prompt": "Now is better", "max_tokens": 3, "frobnicate": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # unknown fields ignored
     body = {"prompt": "Now is better", "max_tokens": 6, "temperature": 0, "ignore_eos": True}

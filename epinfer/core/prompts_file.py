@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from epinfer.core.errors import UserError
-from epinfer.core.sampling_params import check_text
+from epinfer.core.sampling_params import check_text, logit_bias_from_json
 from epinfer.core.untrusted import reason, shown_path, stat_regular
 
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                "stop", "stop_token_ids", "ignore_eos", "min_tokens", *PENALTIES}
+                "stop", "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", *PENALTIES}
 
 
 STDIN = Path("-")  # --prompts-file -: the requests come on standard input
@@ -79,6 +79,11 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         raise UserError(f"{where}: 'prompt_token_ids' must be a list of integers")
+    if "logit_bias" in item:  # (JSON's keys are strings: token ids as decimal strings, as OpenAI's)
+        try:
+            item["logit_bias"] = logit_bias_from_json(item["logit_bias"])
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
     types = {"max_tokens": int, "top_k": int, "seed": int, "temperature": (int, float), "min_p": (int, float),
              "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list,
              **{key: (int, float) for key in PENALTIES}}

@@ -21,6 +21,9 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    logit of each token the request has generated, once / once per time it was
   repetition_penalty  a finite number > 0 (transformers' and vLLM's): the logit of each token of the
                    prompt or the output divided by it where positive, multiplied where negative
+  logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
+                   its logit before sampling (OpenAI's; the ids are checked against the vocabulary by
+                   the engine)
 Booleans are not numbers here (`True` is no temperature). A failed check is a `UserError` with one
 line naming the field.
 """
@@ -37,6 +40,7 @@ SEED_MAX = 2**64 - 1
 TOP_K_MAX = 2**31 - 1
 MAX_STOP_STRINGS = 32  # every generated token is checked against each of them
 MAX_STOP_CHARS = 1024
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclasses.dataclass
@@ -56,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float | None = None  # default 0 (off)
     repetition_penalty: float | None = None  # default 1 (off)
     min_p: float | None = None  # default 0 (off)
+    logit_bias: dict[int, float] | None = None
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -71,7 +76,7 @@ class SamplingParams:
         merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
-                                pick("repetition_penalty", 1.0), pick("min_p", 0.0))
+                                pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -79,6 +84,7 @@ class SamplingParams:
             top_p=float(merged.top_p),
             top_k=int(merged.top_k),
             min_p=float(merged.min_p),
+            logit_bias={int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None,
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -117,6 +123,12 @@ class SamplingParams:
         _integer("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise UserError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+            for t, b in self.logit_bias.items():
+                _integer("logit_bias token id", t, 0, None)
+                _number("logit_bias value", b, -100.0, 100.0)
         for name in ("presence_penalty", "frequency_penalty"):
             _number(name, getattr(self, name), -2.0, 2.0)
         _number("repetition_penalty", self.repetition_penalty, None, None)
@@ -145,6 +157,21 @@ def default_max_tokens(defaults: dict, min_tokens) -> int:
     value = defaults.get("max_tokens") or DEFAULT_MAX_TOKENS
     whole = isinstance(min_tokens, numbers.Integral) and not isinstance(min_tokens, bool)
     return max(value, min_tokens) if whole else value
+
+
+def logit_bias_from_json(value) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` as JSON has it (token ids as decimal strings) to {id: bias}; the values
+    are checked by `validate`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError("logit_bias must be an object mapping token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise UserError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+    bad = next((k for k in value if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 12)), None)
+    if bad is not None:
+        raise UserError(f"logit_bias keys must be token ids, got {bad!r:.40}")
+    return {int(k): v for k, v in value.items()}
 
 
 def _integer(name: str, value, low: int | None, high: int | None, what: str | None = None) -> None:

@@ -29,7 +29,7 @@ from epinfer.engine.memory import (
     expandable_segments,
     plan_cache,
 )
-from epinfer.engine.penalties import penalize
+from epinfer.engine.penalties import bias, penalize
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.engine.stops import StopSearch, first_match
 from epinfer.kernels import cudnn_attention, paged_attention, preload
@@ -257,9 +257,11 @@ class Engine:
         if params.stop and self.tokenizer is None:  # (they would never match: no text is made)
             raise UserError(f"request {index}: stop strings need a tokenizer, and this model has none; "
                             "use stop_token_ids")
-        for t in [t for t in params.stop_token_ids or () if t >= self.model_config.vocab_size][:1]:
-            raise UserError(f"request {index}: stop token id {t} is outside the vocabulary "
-                            f"(size {self.model_config.vocab_size})")  # (a stop that could never match)
+        vocab = self.model_config.vocab_size  # (a stop that could never match, a bias on no token)
+        for what, ids in (("stop token id", params.stop_token_ids or ()),
+                          ("logit_bias token id", params.logit_bias or {})):
+            for t in [t for t in ids if t >= vocab][:1]:
+                raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
         if params.seed is not None:
@@ -320,7 +322,7 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-            logits = penalize(self._hold_stops(logits, sampled), sampled, self.runner.prev_tokens)
+            logits = penalize(bias(self._hold_stops(logits, sampled), sampled), sampled, self.runner.prev_tokens)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1

@@ -1,4 +1,5 @@
-"""Presence, frequency and repetition penalties on a step's logits, before sampling (vLLM's and
+"""What a request's sampling parameters do to a step's logits before sampling: its `logit_bias`
+added (`bias`), then the presence, frequency and repetition penalties (`penalize`; vLLM's and
 transformers' arithmetic): for a row whose request sets any of them,
 
     logit = logit / r where positive, logit * r where not, for each token of the prompt or the output
@@ -32,6 +33,21 @@ class PenaltyCounts:
             new = host_list_on(self.counts_V.device, output_ids[self.counted:])
             self.counts_V.index_add_(0, new, torch.ones(new.shape, device=new.device))
             self.counted = len(output_ids)
+
+
+def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
+    """`logits_SV` with each request's `logit_bias` added (the tensor itself when none has one)."""
+    rows, ids, values = [], [], []
+    for row, seq in enumerate(sampled):
+        for token, value in (seq.params.logit_bias or {}).items():
+            rows.append(row)
+            ids.append(token)
+            values.append(value)
+    if not rows:
+        return logits_SV
+    dev = logits_SV.device
+    return logits_SV.index_put((host_list_on(dev, rows), host_list_on(dev, ids)),
+                               host_list_on(dev, values).to(logits_SV.dtype), accumulate=True)
 
 
 def penalize(logits_SV: torch.Tensor, sampled: list, prev_tokens: torch.Tensor | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import json
 import math
 
 from epinfer.core.errors import UserError
-from epinfer.core.sampling_params import SamplingParams, check_text, default_max_tokens
+from epinfer.core.sampling_params import SamplingParams, check_text, default_max_tokens, logit_bias_from_json
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 
 MAX_TOP_LOGPROBS = 20
@@ -259,7 +259,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",),
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
                "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
                "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
@@ -326,10 +326,13 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
     if max_tokens is None:  # generation_config.json's max_new_tokens, or 64, and at least min_tokens
         max_tokens = min(default_max_tokens(info.defaults, fields["min_tokens"]), room)
     try:
-        params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids,
+        bias = logit_bias_from_json(body.get("logit_bias"))
+        params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids, logit_bias=bias,
                                 **fields).resolved(info.defaults)
     except UserError as exc:  # the shared checks: ranges, finite numbers, seed width, stop strings
         raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+    if params.logit_bias:
+        _token_list(sorted(params.logit_bias), "logit_bias", info)  # (the vocabulary)
     return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
 
 
