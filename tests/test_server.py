@@ -297,6 +297,42 @@ def test_seeded_sampling_equals_offline(demo, demo_llm):
     assert [w.token_ids for w in want[1::2]] != [g.token_ids for g in greedy[1::2]]  # the penalties acted
 
 
+def test_n_choices(demo, demo_llm):
+    """'n': each choice an engine request, choice i seeded with seed + i (equal to offline runs with
+    those seeds), indexed in the answer and in the stream's chunks (a role chunk for each in chat);
+    usage counts the prompt once and every choice's tokens."""
+    prompt, n = ZEN[3], 3
+    want = demo_llm.generate([prompt] * n, [SamplingParams(max_tokens=12, temperature=1.0, seed=77 + i,
+                                                          ignore_eos=True) for i in range(n)])
+    assert len({tuple(w.token_ids) for w in want}) > 1  # the choices differ
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 77, "ignore_eos": True, "n": n}
+    whole = post(demo.url, "/v1/completions", body).json()
+    assert [c["index"] for c in whole["choices"]] == list(range(n))
+    assert [c["token_ids"] for c in whole["choices"]] == [w.token_ids for w in want]
+    assert [c["text"] for c in whole["choices"]] == [w.text for w in want]
+    assert whole["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids)
+    assert whole["usage"]["completion_tokens"] == 12 * n
+    with httpx.stream("POST", f"{demo.url}/v1/completions", timeout=120,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = list(sse_events(r))
+    ids, text = [[] for _ in range(n)], [""] * n
+    for e in events:
+        for c in e["choices"]:
+            ids[c["index"]] += c["token_ids"]
+            text[c["index"]] += c["text"]
+    assert ids == [w.token_ids for w in want] and text == [w.text for w in want]
+    assert events[-1]["usage"]["completion_tokens"] == 12 * n
+    messages = [{"role": "user", "content": "Recite"}]
+    with httpx.stream("POST", f"{demo.url}/v1/chat/completions", timeout=120,
+                      json={"messages": messages, "max_tokens": 8, "n": 2, "stream": True}) as r:
+        events = list(sse_events(r))
+    roles = [c["index"] for e in events for c in e["choices"] if c["delta"].get("role") == "assistant"]
+    content = ["".join(c["delta"].get("content", "") for e in events for c in e["choices"] if c["index"] == i)
+               for i in range(2)]
+    chat = post(demo.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8}).json()
+    assert roles == [0, 1] and content == [chat["choices"][0]["message"]["content"]] * 2  # greedy: the same
+
+
 def offline_logprobs(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and each step's log-softmax row, captured from the engine's logits."""
     eng, captured = llm.engine, []
@@ -378,7 +414,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, "'seed' must be an integer"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "'stop'"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be in [1, 128], got 0"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "'n' asks for 100 choices, more than the queue holds (64"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a5": -100}}, 400, "logit_bias keys must be token ids"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias value must be in [-100, 100]"),
@@ -474,6 +511,11 @@ def test_disconnect_cancels_and_frees_slots(demo):
             next(events)
     with pytest.raises(httpx.ReadTimeout):  # the non-streaming client gives up
         post(demo.url, "/v1/completions", long, timeout=1.5)
+    with httpx.stream("POST", f"{demo.url}/v1/completions", json={**long, "stream": True, "n": 2},
+                      timeout=60) as r:  # every choice of a stream is cancelled
+        events = sse_events(r)
+        for _ in range(4):
+            next(events)
     host, port = demo.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:  # gone before its body arrives: no traceback
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -482,10 +524,10 @@ def test_disconnect_cancels_and_frees_slots(demo):
     end = wait_idle(demo.url, SEQS_PER_REPLICA, timeout=30)
     assert "Traceback" not in demo.output() and "ClientDisconnect" not in demo.output()
     key = 'epinfer_requests_finished_total{reason="cancelled"}'
-    assert end.get(key, 0) - start.get(key, 0) == 2
+    assert end.get(key, 0) - start.get(key, 0) == 4
     for r in ("0", "1"):
         assert end[f'epinfer_free_kv_blocks{{replica="{r}"}}'] == start[f'epinfer_free_kv_blocks{{replica="{r}"}}']
-    assert end["epinfer_generation_tokens_total"] - start["epinfer_generation_tokens_total"] < 2 * 900 - 200
+    assert end["epinfer_generation_tokens_total"] - start["epinfer_generation_tokens_total"] < 4 * 900 - 400
     assert post(demo.url, "/v1/completions", {"prompt": "Simple is", "max_tokens": 3}).status_code == 200
 
 

@@ -4,11 +4,8 @@
   GET  /v1/models, /health (503 unless healthy), /metrics (Prometheus text), /version
   POST /tokenize, /detokenize                   as vLLM's: text or chat messages to token ids, and back
 
-Every request is validated before it reaches the engine (`protocol.parse_request`). A handler
-watches its connection: when the client goes away the request is cancelled in the engine (its
-cache slots are freed). Engine failures reach the client as an error: a 500 body, or, once a
-stream has started, an SSE `data: {"error": ...}` event (the `openai` client raises it) — never a
-connection left waiting.
+Every request is validated before it reaches the engine (`protocol.parse_request`); its answer,
+cancellation on disconnect and engine failures are `reply.Reply`'s.
 
 Hostile input: a body over `max_request_bytes` is refused with 413 before it is read whole (from
 its Content-Length, else while it streams in); JSON is decoded with NaN / Infinity / overflowing
@@ -25,9 +22,7 @@ import asyncio
 import concurrent.futures
 import copy
 import hmac
-import json
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -37,22 +32,18 @@ from starlette.requests import ClientDisconnect
 from epinfer.core.untrusted import one_line
 from epinfer.core.version import VERSION
 from epinfer.diagnostics.watchdog import log_line
-from epinfer.server.client import EngineClient, RequestState, Update, merged
+from epinfer.server.client import EngineClient
 from epinfer.server.protocol import (
     APIError,
     ModelInfo,
-    choice,
     decode_json,
     error_body,
     parse_detokenize,
     parse_request,
     parse_tokenize,
-    response,
-    usage,
 )
-from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
+from epinfer.server.reply import Reply
 
-DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 LARGE_BODY = 64 << 10  # bytes: a body over this is tokenized in the large prompts' lane
 BODY_DEADLINE_S = 120.0  # a request's whole body must arrive within this once its head has
 BODY_BYTES_AT_ONCE = 1 << 30  # bodies being read, all connections together, hold at most this
@@ -223,7 +214,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         try:
             client.check_accepting()  # refuse before reading or tokenizing anything
             raw = await read_body(request, max_request_bytes, budget=bodies)
-            client.check_queue()  # a full queue: refused before it waits for a tokenizer
+            client.check_queue()  # a full queue: refused before it waits for a tokenizer (n: checked at submit)
             # off the event loop: a long prompt's tokenization must not stall other requests or /health
             pool, tok = lanes[len(raw) > LARGE_BODY]
             client.validating += 1  # counts toward the queue limit until submitted
@@ -231,7 +222,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
                 req = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
             finally:
                 client.validating -= 1
-            state = client.submit(req)
+            states = client.submit_choices(req)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             # a body not read to its end (too large, too slow): the connection goes with the answer
@@ -245,7 +236,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             # Starlette re-raises, and the server prints a traceback)
             client.metrics.http[(endpoint, 500)] += 1
             return internal_error(request, exc)
-        reply = Reply(client, tokenizer, info, state, request)
+        reply = Reply(client, tokenizer, info, states, request)
         if req.stream:  # the status is sent now; a later failure comes as an error event
             client.metrics.http[(endpoint, 200)] += 1
             return StreamingResponse(reply.events(), media_type="text/event-stream",
@@ -255,112 +246,3 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
         return answer
 
     return app
-
-
-class Reply:
-    """One request's answer, streamed or whole."""
-
-    def __init__(self, client: EngineClient, tokenizer, info: ModelInfo, state: RequestState,
-                 request: Request) -> None:
-        self.client, self.tokenizer, self.info, self.state, self.request = client, tokenizer, info, state, request
-        self.chat = state.req.chat
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.text = TextStream(tokenizer, state.req.params.stop)
-        self.token_ids: list[int] = []
-        self.token_offset = 0  # completions' logprobs: the text offset of the next token (its tokens' lengths)
-
-    async def watch_disconnect(self) -> None:
-        while True:
-            message = await self.request.receive()
-            if message["type"] == "http.disconnect":
-                self.state.queue.put_nowait(DISCONNECTED)
-                return
-
-    def logprobs(self, ids: list[int], records: list[tuple] | None, offset: int) -> dict | None:
-        if self.state.req.logprobs is None or records is None:
-            return None
-        if self.chat:
-            return chat_logprobs(self.tokenizer, ids, records)
-        return completion_logprobs(self.tokenizer, ids, records, offset)
-
-    def body(self, choices: list[dict], usage_: dict | None, chunk: bool) -> dict:
-        return response(self.chat, self.id, self.created, self.info.name, choices, usage_, chunk)
-
-    def usage(self) -> dict:
-        return usage(len(self.state.req.prompt_ids), len(self.token_ids))
-
-    async def whole(self):
-        watcher = asyncio.create_task(self.watch_disconnect())
-        records: list[tuple] = []
-        try:
-            while True:
-                update = await self.state.queue.get()
-                if update is DISCONNECTED:
-                    self.client.cancel(self.state)
-                    return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
-                if update.error is not None:
-                    kind = "invalid_request_error" if update.status == 400 else "server_error"
-                    return JSONResponse(error_body(update.error, kind, code="engine_error"), status_code=update.status)
-                self.text.add(update.token_ids)
-                self.token_ids += update.token_ids
-                records += update.logprobs or []
-                if update.finish_reason is not None:
-                    break
-        finally:
-            watcher.cancel()
-        try:
-            text = self.text.full_text(update.stop_text_end)
-            lp = self.logprobs(self.token_ids, records if self.state.req.logprobs is not None else None, 0)
-        except Exception as exc:  # this request's text can't be made: it fails, nothing else does
-            return JSONResponse(self.text_failure(exc), status_code=500)
-        finish = update.finish_reason
-        return JSONResponse(self.body([choice(self.chat, text, finish, lp, self.token_ids)], self.usage(), chunk=False))
-
-    def text_failure(self, exc: Exception) -> dict:
-        log_line(f"epinfer: error: request {self.id}: detokenisation failed: {type(exc).__name__}: {exc}")
-        return error_body(f"detokenisation failed: {type(exc).__name__}", "server_error", code="engine_error")
-
-    def sse(self, choices: list[dict], usage_: dict | None = None) -> str:
-        return f"data: {json.dumps(self.body(choices, usage_, chunk=True))}\n\n"
-
-    async def events(self):
-        watcher = asyncio.create_task(self.watch_disconnect())
-        try:
-            if self.chat:  # the role comes first, as in OpenAI's streams
-                first = choice(True, "", None, None, [], delta=True)
-                first["delta"] = {"role": "assistant", "content": ""}
-                yield self.sse([first])
-            held = None
-            while True:
-                update, held = merged(held or await self.state.queue.get(), self.state.queue)
-                if update is DISCONNECTED:
-                    return
-                if update.error is not None:
-                    kind = "invalid_request_error" if update.status == 400 else "server_error"
-                    yield f"data: {json.dumps(error_body(update.error, kind, code='engine_error'))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                self.text.add(update.token_ids)
-                self.token_ids += update.token_ids
-                final = update.finish_reason is not None
-                try:
-                    delta = self.text.delta(final, update.stop_text_end)
-                    lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
-                    if lp is not None and not self.chat and lp["tokens"]:
-                        self.token_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
-                    yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                if delta or lp or final or update.token_ids:
-                    yield self.sse([choice(self.chat, delta, update.finish_reason, lp, update.token_ids,
-                                           delta=True)])
-                if final:
-                    break
-            if self.state.req.include_usage:
-                yield self.sse([], self.usage())
-            yield "data: [DONE]\n\n"
-        finally:
-            watcher.cancel()
-            self.client.cancel(self.state)  # a no-op once the request finished

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 
+from epinfer.core.sampling_params import SEED_MAX
 from epinfer.server.metrics import Metrics
 from epinfer.server.protocol import APIError, GenerateRequest
 
@@ -99,14 +100,37 @@ class EngineClient:
         if self.draining:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
 
-    def check_queue(self) -> None:
-        if self.queue_depth >= self.max_queue:
+    def check_queue(self, count: int = 1) -> None:
+        if count > self.max_queue:
+            raise APIError(400, f"'n' asks for {count} choices, more than the queue holds ({self.max_queue}, "
+                           "--max-queue)", param="n")
+        if self.queue_depth + count > self.max_queue:
             raise APIError(429, f"the request queue is full ({self.max_queue} requests waiting); retry later",
                            "rate_limit_error", code="queue_full")
 
-    def submit(self, req: GenerateRequest) -> RequestState:
+    def submit_choices(self, req: GenerateRequest) -> list[RequestState]:
+        """`req`'s n choices, each its own engine request (choice i seeded with seed + i where a seed
+        is given, so the samples differ and repeat); all or none."""
+        self.check_queue(req.n)
+        if req.n == 1:
+            return [self.submit(req)]
+        seed = req.params.seed
+        reqs = [dataclasses.replace(req, params=dataclasses.replace(
+            req.params, seed=None if seed is None else (seed + i) % (SEED_MAX + 1))) for i in range(req.n)]
+        states = []
+        try:
+            for one in reqs:
+                states.append(self.submit(one, checked=True))
+        except BaseException:
+            for state in states:
+                self.cancel(state)
+            raise
+        return states
+
+    def submit(self, req: GenerateRequest, checked: bool = False) -> RequestState:
         self.check_accepting()  # again: the state may have changed while the request was validated
-        self.check_queue()
+        if not checked:
+            self.check_queue()
         state = RequestState(next(self.ids), req, asyncio.Queue(), time.monotonic())
         self.requests[state.rid] = state
         self.idle.clear()

@@ -59,6 +59,10 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
+    n: int = 1  # choices: one engine request each, choice i seeded with seed + i when a seed is given
+
+
+MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -283,8 +287,8 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, "the request body must be a JSON object")
     _check_model(body, info)
     n = _field(body, "n", int, 1)
-    if n != 1:
-        raise APIError(400, "only 'n': 1 is supported", param="n")
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", param="n")
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
     include_usage = _field(options, "include_usage", bool, False) if stream else False
@@ -333,7 +337,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
         raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
     if params.logit_bias:
         _token_list(sorted(params.logit_bias), "logit_bias", info)  # (the vocabulary)
-    return GenerateRequest(chat, ids, params, stream, include_usage, logprobs)
+    return GenerateRequest(chat, ids, params, stream, include_usage, logprobs, n)
 
 
 def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:

@@ -1,0 +1,196 @@
+"""One request's answer, whole or streamed, for its `n` choices (one engine request each).
+
+A handler watches its connection: when the client goes away every choice is cancelled in the
+engine (its cache slots are freed). Engine failures reach the client as an error: a 500 body, or,
+once a stream has started, an SSE `data: {"error": ...}` event (the `openai` client raises it) —
+never a connection left waiting. An error in one choice ends the whole answer (the others are
+cancelled). A stream's chunks carry each choice's `index`; with one choice the updates are read
+straight from its queue, with several each choice's queue is forwarded into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from epinfer.diagnostics.watchdog import log_line
+from epinfer.server.client import EngineClient, RequestState, Update, merged
+from epinfer.server.protocol import ModelInfo, choice, error_body, response, usage
+from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
+
+DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
+
+
+class Choice:
+    """One choice's text and tokens as its updates arrive."""
+
+    def __init__(self, index: int, state: RequestState, tokenizer) -> None:
+        self.index, self.state, self.tokenizer = index, state, tokenizer
+        self.text = TextStream(tokenizer, state.req.params.stop)
+        self.token_ids: list[int] = []
+        self.records: list[tuple] = []  # logprob records, for a whole answer
+        self.token_offset = 0  # completions' logprobs: the text offset of the next token (its tokens' lengths)
+        self.finish: str | None = None
+
+    def logprobs(self, ids: list[int], records: list[tuple] | None, offset: int) -> dict | None:
+        if self.state.req.logprobs is None or records is None:
+            return None
+        if self.state.req.chat:
+            return chat_logprobs(self.tokenizer, ids, records)
+        return completion_logprobs(self.tokenizer, ids, records, offset)
+
+    def add(self, update: Update) -> None:
+        self.text.add(update.token_ids)
+        self.token_ids += update.token_ids
+        self.finish = update.finish_reason
+
+    def delta(self, update: Update) -> dict | None:
+        """The stream chunk's choice for `update` (after `add`), or None when it says nothing yet."""
+        final = update.finish_reason is not None
+        delta = self.text.delta(final, update.stop_text_end)
+        lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
+        if lp is not None and not self.state.req.chat and lp["tokens"]:
+            self.token_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        if not (delta or lp or final or update.token_ids):
+            return None
+        return {**choice(self.state.req.chat, delta, update.finish_reason, lp, update.token_ids, delta=True),
+                "index": self.index}
+
+    def whole(self, stop_text_end: int | None) -> dict:
+        text = self.text.full_text(stop_text_end)
+        lp = self.logprobs(self.token_ids, self.records if self.state.req.logprobs is not None else None, 0)
+        return {**choice(self.state.req.chat, text, self.finish, lp, self.token_ids), "index": self.index}
+
+
+class Reply:
+    def __init__(self, client: EngineClient, tokenizer, info: ModelInfo, states: list[RequestState],
+                 request: Request) -> None:
+        self.client, self.info, self.states, self.request = client, info, states, request
+        self.chat = states[0].req.chat
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.choices = [Choice(i, state, tokenizer) for i, state in enumerate(states)]
+        # where a disconnect is told: the one choice's queue, or the queue every choice is forwarded to
+        self.shared: asyncio.Queue | None = asyncio.Queue() if len(states) > 1 else None
+
+    async def watch_disconnect(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                if self.shared is None:
+                    self.states[0].queue.put_nowait(DISCONNECTED)
+                else:
+                    self.shared.put_nowait((None, DISCONNECTED))
+                return
+
+    def body(self, choices: list[dict], usage_: dict | None, chunk: bool) -> dict:
+        return response(self.chat, self.id, self.created, self.info.name, choices, usage_, chunk)
+
+    def usage(self) -> dict:
+        return usage(len(self.states[0].req.prompt_ids), sum(len(c.token_ids) for c in self.choices))
+
+    def cancel(self) -> None:
+        for state in self.states:
+            self.client.cancel(state)  # a no-op once the request finished
+
+    async def updates(self):
+        """(choice, update) pairs until every choice has its final update, an error, or a disconnect
+        (`DISCONNECTED`); queued updates of one choice merged into one."""
+        shared = self.shared
+        if shared is None:
+            only, held = self.choices[0], None
+            while True:
+                update, held = merged(held or await only.state.queue.get(), only.state.queue)
+                yield only, update
+                if update is DISCONNECTED or update.error is not None or update.finish_reason is not None:
+                    return
+
+        async def forward(c: Choice) -> None:
+            held = None
+            while True:
+                update, held = merged(held or await c.state.queue.get(), c.state.queue)
+                shared.put_nowait((c, update))
+                if update.error is not None or update.finish_reason is not None:
+                    return
+
+        tasks = [asyncio.create_task(forward(c)) for c in self.choices]
+        left = len(self.choices)
+        try:
+            while left:
+                c, update = await shared.get()
+                yield c, update
+                if update is DISCONNECTED or update.error is not None:
+                    return
+                left -= update.finish_reason is not None
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def failure(self, update: Update) -> dict:
+        kind = "invalid_request_error" if update.status == 400 else "server_error"
+        return error_body(update.error, kind, code="engine_error")
+
+    async def whole(self):
+        watcher = asyncio.create_task(self.watch_disconnect())
+        ends: dict[int, int | None] = {}
+        try:
+            async for c, update in self.updates():
+                if update is DISCONNECTED:
+                    return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+                if update.error is not None:
+                    return JSONResponse(self.failure(update), status_code=update.status)
+                c.add(update)
+                c.records += update.logprobs or []
+                if update.finish_reason is not None:
+                    ends[c.index] = update.stop_text_end
+        finally:
+            watcher.cancel()
+            self.cancel()
+        try:
+            choices = [c.whole(ends.get(c.index)) for c in self.choices]
+        except Exception as exc:  # this request's text can't be made: it fails, nothing else does
+            return JSONResponse(self.text_failure(exc), status_code=500)
+        return JSONResponse(self.body(choices, self.usage(), chunk=False))
+
+    def text_failure(self, exc: Exception) -> dict:
+        log_line(f"epinfer: error: request {self.id}: detokenisation failed: {type(exc).__name__}: {exc}")
+        return error_body(f"detokenisation failed: {type(exc).__name__}", "server_error", code="engine_error")
+
+    def sse(self, choices: list[dict], usage_: dict | None = None) -> str:
+        return f"data: {json.dumps(self.body(choices, usage_, chunk=True))}\n\n"
+
+    async def events(self):
+        watcher = asyncio.create_task(self.watch_disconnect())
+        try:
+            if self.chat:  # the role comes first, as in OpenAI's streams
+                for c in self.choices:
+                    first = {**choice(True, "", None, None, [], delta=True), "index": c.index}
+                    first["delta"] = {"role": "assistant", "content": ""}
+                    yield self.sse([first])
+            async for c, update in self.updates():
+                if update is DISCONNECTED:
+                    return
+                if update.error is not None:
+                    yield f"data: {json.dumps(self.failure(update))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                c.add(update)
+                try:
+                    part = c.delta(update)
+                except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
+                    yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if part is not None:
+                    yield self.sse([part])
+            if self.states[0].req.include_usage:
+                yield self.sse([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            self.cancel()
