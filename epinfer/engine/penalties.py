@@ -77,4 +77,3 @@ def penalize(logits_SV: torch.Tensor, sampled: list, prev_tokens: torch.Tensor |
     x_RV = (x_RV - host_list_on(dev, [seq.params.frequency_penalty for seq in seqs])[:, None] * counts_RV
             - host_list_on(dev, [seq.params.presence_penalty for seq in seqs])[:, None] * (counts_RV > 0).float())
     return logits_SV.index_put((rows_R,), x_RV.to(logits_SV.dtype))
-

@@ -111,9 +111,9 @@ class EngineClient:
     def submit_choices(self, req: GenerateRequest) -> list[RequestState]:
         """`req`'s n choices, each its own engine request (choice i seeded with seed + i where a seed
         is given, so the samples differ and repeat); all or none."""
-        self.check_queue(req.n)
         if req.n == 1:
             return [self.submit(req)]
+        self.check_queue(req.n)
         seed = req.params.seed
         reqs = [dataclasses.replace(req, params=dataclasses.replace(
             req.params, seed=None if seed is None else (seed + i) % (SEED_MAX + 1))) for i in range(req.n)]
