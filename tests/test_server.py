@@ -147,7 +147,7 @@ def test_seeded_sampling_equals_offline(demo, demo_llm):
 def test_n_choices(demo, demo_llm):
     """'n': each choice an engine request, choice i seeded with seed + i (equal to offline runs with
     those seeds), indexed in the answer and in the stream's chunks (a role chunk for each in chat);
-    usage counts the prompt once and every choice's tokens."""
+    usage counts the prompt once and every choice's tokens. A batch of prompts: n choices each."""
     prompt, n = ZEN[3], 3
     want = demo_llm.generate([prompt] * n, [SamplingParams(max_tokens=12, temperature=1.0, seed=77 + i,
                                                           ignore_eos=True) for i in range(n)])
@@ -178,6 +178,16 @@ def test_n_choices(demo, demo_llm):
                for i in range(2)]
     chat = post(demo.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8}).json()
     assert roles == [0, 1] and content == [chat["choices"][0]["message"]["content"]] * 2  # greedy: the same
+    # a batch of prompts (OpenAI's completions): each prompt's n choices in a row, indexed in that order
+    batch = [ZEN[5], [5, 6, 7]]
+    want = demo_llm.generate([p for p in batch for _ in range(2)],
+                             [SamplingParams(max_tokens=6, temperature=1.0, seed=9 + i, ignore_eos=True)
+                              for _ in batch for i in range(2)])
+    got = post(demo.url, "/v1/completions", {"prompt": batch, "n": 2, "max_tokens": 6, "temperature": 1.0,
+                                             "seed": 9, "ignore_eos": True}).json()
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]
+    assert [c["token_ids"] for c in got["choices"]] == [w.token_ids for w in want]
+    assert got["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids) + 3
 
 
 def offline_logprobs(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -245,7 +255,9 @@ BAD = [
     ("/v1/completions", {"prompt": []}, 400, "'prompt' is empty"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "outside the vocabulary"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "'prompt[1]' is empty"),
+    ("/v1/completions", {"prompt": ["a", [1, 99999]]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": ["a", "b " * 1100]}, 400, "prompt 1 has"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "at least 1"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "'max_tokens' must be an integer"),
@@ -262,7 +274,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "'stop'"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be in [1, 128], got 0"),
-    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "'n' asks for 100 choices, more than the queue holds (64"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "asks for 100 choices (prompts x 'n'), more than the queue holds (64"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a5": -100}}, 400, "logit_bias keys must be token ids"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias value must be in [-100, 100]"),

@@ -219,10 +219,10 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             pool, tok = lanes[len(raw) > LARGE_BODY]
             client.validating += 1  # counts toward the queue limit until submitted
             try:
-                req = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
+                reqs = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
             finally:
                 client.validating -= 1
-            states = client.submit_choices(req)
+            states = client.submit_choices(reqs)
         except APIError as exc:
             client.metrics.http[(endpoint, exc.status)] += 1
             # a body not read to its end (too large, too slow): the connection goes with the answer
@@ -237,7 +237,7 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             client.metrics.http[(endpoint, 500)] += 1
             return internal_error(request, exc)
         reply = Reply(client, tokenizer, info, states, request)
-        if req.stream:  # the status is sent now; a later failure comes as an error event
+        if reqs[0].stream:  # the status is sent now; a later failure comes as an error event
             client.metrics.http[(endpoint, 200)] += 1
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

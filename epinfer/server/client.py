@@ -102,25 +102,26 @@ class EngineClient:
 
     def check_queue(self, count: int = 1) -> None:
         if count > self.max_queue:
-            raise APIError(400, f"'n' asks for {count} choices, more than the queue holds ({self.max_queue}, "
-                           "--max-queue)", param="n")
+            raise APIError(400, f"this request asks for {count} choices (prompts x 'n'), more than the queue holds "
+                           f"({self.max_queue}, --max-queue)", param="n")
         if self.queue_depth + count > self.max_queue:
             raise APIError(429, f"the request queue is full ({self.max_queue} requests waiting); retry later",
                            "rate_limit_error", code="queue_full")
 
-    def submit_choices(self, req: GenerateRequest) -> list[RequestState]:
-        """`req`'s n choices, each its own engine request (choice i seeded with seed + i where a seed
-        is given, so the samples differ and repeat); all or none."""
-        if req.n == 1:
-            return [self.submit(req)]
-        self.check_queue(req.n)
-        seed = req.params.seed
-        reqs = [dataclasses.replace(req, params=dataclasses.replace(
-            req.params, seed=None if seed is None else (seed + i) % (SEED_MAX + 1))) for i in range(req.n)]
+    def submit_choices(self, reqs: list[GenerateRequest]) -> list[RequestState]:
+        """Each prompt's n choices, each its own engine request (choice i of a prompt seeded with
+        seed + i where a seed is given, so the samples differ and repeat), prompt by prompt; all or
+        none."""
+        if len(reqs) == 1 and reqs[0].n == 1:
+            return [self.submit(reqs[0])]
+        self.check_queue(sum(req.n for req in reqs))
         states = []
         try:
-            for one in reqs:
-                states.append(self.submit(one, checked=True))
+            for req in reqs:
+                seed = req.params.seed
+                for i in range(req.n):
+                    params = dataclasses.replace(req.params, seed=None if seed is None else (seed + i) % (SEED_MAX + 1))
+                    states.append(self.submit(dataclasses.replace(req, params=params), checked=True))
         except BaseException:
             for state in states:
                 self.cancel(state)

@@ -63,6 +63,7 @@ class GenerateRequest:
 
 
 MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
+MAX_BATCH = 1024  # prompts in one completions request at most (each n choices, each counted in the queue)
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -148,28 +149,34 @@ def _token_list(value, key: str, info: ModelInfo) -> list[int] | None:
     return list(value)
 
 
-def _prompt_ids(body: dict, tokenizer, info: ModelInfo) -> list[int]:
+def _prompts(body: dict, tokenizer, info: ModelInfo) -> list[list[int]]:
+    """`prompt`'s token ids: one prompt (text or token ids), or a list of them (a batch, as OpenAI's)."""
     if "prompt" not in body or body["prompt"] is None:
         raise APIError(400, "'prompt' is required", param="prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_BATCH:
+            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {MAX_BATCH} a request", param="prompt")
+        return [_prompt_ids(p, tokenizer, info, f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+                for i, p in enumerate(prompt)]
+    return [_prompt_ids(prompt, tokenizer, info, "prompt")]
+
+
+def _prompt_ids(prompt, tokenizer, info: ModelInfo, name: str) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
-            raise APIError(400, "'prompt' is empty", param="prompt")
+            raise APIError(400, f"'{name}' is empty", param="prompt")
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
         ids = list(tokenizer(_text(prompt, "prompt"), add_special_tokens=True)["input_ids"])
         if not ids:
-            raise APIError(400, "'prompt' is empty after tokenization", param="prompt")
+            raise APIError(400, f"'{name}' is empty after tokenization", param="prompt")
         return ids
     if isinstance(prompt, list) and not prompt:
-        raise APIError(400, "'prompt' is empty", param="prompt")
-    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, "only one prompt per request is supported", param="prompt")
+        raise APIError(400, f"'{name}' is empty", param="prompt")
     ids = _token_list(prompt, "prompt", info)
     if ids is None:
-        raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+        raise APIError(400, f"'{name}' must be a string or a list of token ids", param="prompt")
     return ids
 
 
@@ -281,8 +288,9 @@ def _unsupported(body: dict) -> None:
             raise APIError(400, f"'{key}' is not supported by this server", param=key)
 
 
-def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateRequest:
-    """Validates an already JSON-decoded body; raises `APIError`."""
+def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[GenerateRequest]:
+    """Validates an already JSON-decoded body: one request for each prompt (a completions request
+    may hold a list of them), in order; raises `APIError`."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _check_model(body, info)
@@ -315,29 +323,42 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> GenerateReque
     _unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
-    ids = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer, info)
+    prompts = [_chat_ids(body, tokenizer)] if chat else _prompts(body, tokenizer, info)
+    try:
+        bias = logit_bias_from_json(body.get("logit_bias"))
+    except UserError as exc:
+        raise APIError(400, str(exc), param="logit_bias") from None
+    return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
+                                               stop_ids, bias, fields), stream, include_usage, logprobs, n)
+            for i, ids in enumerate(prompts)]
+
+
+def _params(ids: list[int], index: int | None, info: ModelInfo, key: str, max_tokens: int | None, stop, stop_ids,
+            bias, fields: dict) -> SamplingParams:
+    """One prompt's sampling parameters: the lengths checked against the model's, `max_tokens`
+    defaulted within them; `index`: the prompt's place in a batch (None: the only one)."""
+    prompt = "the prompt" if index is None else f"prompt {index}"
     room = info.max_model_len - len(ids)
     if room < 1:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+        raise APIError(400, f"{prompt} has {len(ids)} tokens; this model's maximum context length is "
                        f"{info.max_model_len} (prompt + at least one generated token)", param="prompt")
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; you "
-                       f"requested {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in the "
+                       f"requested {len(ids) + max_tokens} ({len(ids)} in {prompt}, {max_tokens} in the "
                        f"completion)", param=key)
     if fields["min_tokens"] > room:
         raise APIError(400, f"this model's maximum context length is {info.max_model_len} tokens; 'min_tokens' "
-                       f"asks for {fields['min_tokens']} after the prompt's {len(ids)}", param="min_tokens")
+                       f"asks for {fields['min_tokens']} after {prompt}'s {len(ids)}", param="min_tokens")
     if max_tokens is None:  # generation_config.json's max_new_tokens, or 64, and at least min_tokens
         max_tokens = min(default_max_tokens(info.defaults, fields["min_tokens"]), room)
     try:
-        bias = logit_bias_from_json(body.get("logit_bias"))
         params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids, logit_bias=bias,
                                 **fields).resolved(info.defaults)
     except UserError as exc:  # the shared checks: ranges, finite numbers, seed width, stop strings
         raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
     if params.logit_bias:
         _token_list(sorted(params.logit_bias), "logit_bias", info)  # (the vocabulary)
-    return GenerateRequest(chat, ids, params, stream, include_usage, logprobs, n)
+    return params
 
 
 def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:
@@ -352,7 +373,10 @@ def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:
     if "messages" in body:
         ids = _chat_ids(body, tokenizer)
     elif _field(body, "add_special_tokens", bool, True):
-        ids = _prompt_ids(body, tokenizer, info)
+        ids = _prompts(body, tokenizer, info)
+        if len(ids) > 1:
+            raise APIError(400, "/tokenize takes one prompt", param="prompt")
+        ids = ids[0]
     else:
         if tokenizer is None or not isinstance(body["prompt"], str) or not body["prompt"]:
             raise APIError(400, "'add_special_tokens': false needs a non-empty text 'prompt' and a tokenizer",

@@ -1,4 +1,5 @@
-"""One request's answer, whole or streamed, for its `n` choices (one engine request each).
+"""One request's answer, whole or streamed, for its choices: `n` for each of its prompts (a
+completions request may hold several), one engine request each, indexed prompt by prompt.
 
 A handler watches its connection: when the client goes away every choice is cancelled in the
 engine (its cache slots are freed). Engine failures reach the client as an error: a 500 body, or,
@@ -92,7 +93,8 @@ class Reply:
         return response(self.chat, self.id, self.created, self.info.name, choices, usage_, chunk)
 
     def usage(self) -> dict:
-        return usage(len(self.states[0].req.prompt_ids), sum(len(c.token_ids) for c in self.choices))
+        n = self.states[0].req.n  # (each prompt's n choices in a row: its prompt counted once)
+        return usage(sum(len(s.req.prompt_ids) for s in self.states[::n]), sum(len(c.token_ids) for c in self.choices))
 
     def cancel(self) -> None:
         for state in self.states:
