@@ -54,6 +54,9 @@ def test_models_health_metrics(demo):
                      rf"{SEQS_PER_REPLICA} sequences at most\)", demo.output()), demo.output()
     models = httpx.get(f"{demo.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["epinfer-demo"] and models["data"][0]["max_model_len"] == 1024
+    assert httpx.get(f"{demo.url}/v1/models/epinfer-demo").json() == models["data"][0]
+    missing = httpx.get(f"{demo.url}/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{demo.url}/health").json()["status"] == "ok"
     m = metrics(demo.url)
     for name in ("epinfer_healthy", "epinfer_queue_depth", 'epinfer_running_requests{replica="1"}',

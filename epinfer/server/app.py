@@ -1,7 +1,7 @@
 """The HTTP routes (FastAPI on uvicorn).
 
   POST /v1/completions, /v1/chat/completions   OpenAI bodies; `stream: true` → server-sent events
-  GET  /v1/models, /health (503 unless healthy), /metrics (Prometheus text), /version
+  GET  /v1/models[/NAME], /health (503 unless healthy), /metrics (Prometheus text), /version
   POST /tokenize, /detokenize                   as vLLM's: text or chat messages to token ids, and back
 
 Every request is validated before it reaches the engine (`protocol.parse_request`); its answer,
@@ -146,12 +146,24 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
     async def metrics():
         return PlainTextResponse(client.render_metrics(), media_type="text/plain; version=0.0.4")
 
+    model = {"id": info.name, "object": "model", "created": created, "owned_by": "epinfer",
+             "max_model_len": info.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         if (denied := refused(request)) is not None:
             return denied
-        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": created,
-                                            "owned_by": "epinfer", "max_model_len": info.max_model_len}]}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(request: Request, name: str):
+        if (denied := refused(request)) is not None:
+            return denied
+        if name != info.name:
+            return JSONResponse(error_body(f"The model '{one_line(name, 100)}' does not exist; this server serves "
+                                           f"'{info.name}'", "invalid_request_error", "model", "model_not_found"),
+                                status_code=404)
+        return model
 
     @app.get("/version")
     async def version():
