@@ -255,6 +255,7 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=req.get("temperature", args.temperature),
             top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
             min_p=req.get("min_p", args.min_p), logit_bias=req.get("logit_bias"),
+            include_stop_str_in_output=req.get("include_stop_str_in_output", False),
             stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
             ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
             **{key: req.get(key, getattr(args, key)) for key in PENALTIES}))

@@ -86,6 +86,12 @@ def test_openai_client(demo, demo_llm):
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     assert len(chunks) > 3 and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    kept = {"include_stop_str_in_output": True}  # (vLLM's extension, as the client passes it)
+    whole = client.completions.create(model="epinfer-demo", prompt=prompt, max_tokens=30, stop=["complex"],
+                                      extra_body=kept)
+    chunks = list(client.completions.create(model="epinfer-demo", prompt=prompt, max_tokens=30, stop=["complex"],
+                                            stream=True, extra_body=kept))
+    assert whole.choices[0].text == want.text + "complex" == "".join(c.choices[0].text for c in chunks)
 
     messages = [{"role": "system", "content": "Recite."}, {"role": "user", "content": "Flat is better"}]
     tok = demo_llm.tokenizer
@@ -277,7 +283,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "'stop'"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be in [1, 128], got 0"),
-    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "asks for 100 choices (prompts x 'n'), more than the queue holds (64"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400,
+     "asks for 100 choices (prompts x 'n'), more than the queue holds (64"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a5": -100}}, 400, "logit_bias keys must be token ids"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias value must be in [-100, 100]"),

@@ -63,3 +63,17 @@ def test_stop_strings_cost_a_window_a_token(demo_llm, monkeypatch):
     out = demo_llm.generate(["Beautiful"], SamplingParams(**params, stop=["never in the Zen", "Q" * 500]))[0]
     assert out.token_ids == plain.token_ids and out.finish_reason == "length"
     assert sum(decoded) < 100 * len(out.token_ids), sum(decoded)
+
+
+def test_include_stop_str_in_output(demo_llm):
+    """`include_stop_str_in_output`: the text ends with the stop string that ended it (of two that
+    begin at the same place, the shorter); without it, just before. `first_match` alone too."""
+    from epinfer.engine.stops import first_match
+
+    assert first_match("a better than", ["than", "better th"], 0) == 2
+    assert first_match("a better than", ["than", "better th", "bet"], 0, through=True) == 5
+    params = dict(max_tokens=16, temperature=0, stop=["than", "Explicit"])
+    cut, kept = (demo_llm.generate("Beautiful is", SamplingParams(**params, include_stop_str_in_output=inc))[0]
+                 for inc in (False, True))
+    assert cut.token_ids == kept.token_ids and cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.text == cut.text + "than" and kept.text.endswith(" better than")

@@ -21,6 +21,7 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    logit of each token the request has generated, once / once per time it was
   repetition_penalty  a finite number > 0 (transformers' and vLLM's): the logit of each token of the
                    prompt or the output divided by it where positive, multiplied where negative
+  include_stop_str_in_output  a boolean (vLLM's): the text keeps the stop string that ended it
   logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
                    its logit before sampling (OpenAI's; the ids are checked against the vocabulary by
                    the engine)
@@ -61,6 +62,7 @@ class SamplingParams:
     repetition_penalty: float | None = None  # default 1 (off)
     min_p: float | None = None  # default 0 (off)
     logit_bias: dict[int, float] | None = None
+    include_stop_str_in_output: bool = False  # a matched stop string stays in the text (vLLM's)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -76,7 +78,8 @@ class SamplingParams:
         merged = SamplingParams(max_tokens, pick("temperature", 1.0), pick("top_p", 1.0),
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
-                                pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias)
+                                pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
+                                self.include_stop_str_in_output)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -85,6 +88,7 @@ class SamplingParams:
             top_k=int(merged.top_k),
             min_p=float(merged.min_p),
             logit_bias={int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -134,9 +138,11 @@ class SamplingParams:
         _number("repetition_penalty", self.repetition_penalty, None, None)
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
-        kind = type(self.ignore_eos)
-        if not isinstance(self.ignore_eos, bool) and not (kind.__module__ == "numpy" and "bool" in kind.__name__):
-            raise UserError(f"ignore_eos must be a boolean, got {type(self.ignore_eos).__name__}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            kind = type(value)
+            if not isinstance(value, bool) and not (kind.__module__ == "numpy" and "bool" in kind.__name__):
+                raise UserError(f"{name} must be a boolean, got {kind.__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -436,7 +436,8 @@ class Engine:
         elif p.stop and self.tokenizer is not None:
             seq.stop_search = seq.stop_search or StopSearch(self.tokenizer, p.stop, seq.output_ids[:p.min_tokens])
             if seq.stop_search.found(seq.output_ids):  # a window of ids a token; the whole text once for a match
-                seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.stop_search.held_chars)
+                seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.stop_search.held_chars,
+                                                p.include_stop_str_in_output)
                 if seq.stop_text_end is not None:
                     seq.finish_reason = "stop"
         if seq.finish_reason is None and self._length_reached(seq, len(seq.output_ids)):

@@ -17,10 +17,12 @@ from __future__ import annotations
 from epinfer.engine.detokenize import WindowDecode
 
 
-def first_match(text: str, stops: list[str], held_chars: int) -> int | None:
-    """Where the first stop string that ends past `held_chars` begins in `text`, or None."""
-    hits = [i for i in (text.find(s, max(0, held_chars - len(s) + 1)) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def first_match(text: str, stops: list[str], held_chars: int, through: bool = False) -> int | None:
+    """Where the first stop string that ends past `held_chars` begins in `text` (`through`: where it
+    ends; of two beginning there, the shorter), or None."""
+    hits = [(i, i + len(s)) for i, s in ((text.find(s, max(0, held_chars - len(s) + 1)), s) for s in stops)
+            if i >= 0]
+    return min(hits)[through] if hits else None
 
 
 class StopSearch:

@@ -274,7 +274,7 @@ UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
                "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
                "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
-               "include_stop_str_in_output": (False,), "allowed_token_ids": (), "bad_words": ([],),
+               "allowed_token_ids": (), "bad_words": ([],),
                "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
                "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
@@ -317,6 +317,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                   min_p=_field(body, "min_p", float),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
+                  include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
                   **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
                                                                "repetition_penalty")})
     logprobs = _logprobs(body, chat)
