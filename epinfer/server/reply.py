@@ -12,6 +12,7 @@ straight from its queue, with several each choice's queue is forwarded into one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -141,15 +142,16 @@ class Reply:
         watcher = asyncio.create_task(self.watch_disconnect())
         ends: dict[int, int | None] = {}
         try:
-            async for c, update in self.updates():
-                if update is DISCONNECTED:
-                    return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
-                if update.error is not None:
-                    return JSONResponse(self.failure(update), status_code=update.status)
-                c.add(update)
-                c.records += update.logprobs or []
-                if update.finish_reason is not None:
-                    ends[c.index] = update.stop_text_end
+            async with contextlib.aclosing(self.updates()) as updates:  # (its forwarders end with it)
+                async for c, update in updates:
+                    if update is DISCONNECTED:
+                        return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+                    if update.error is not None:
+                        return JSONResponse(self.failure(update), status_code=update.status)
+                    c.add(update)
+                    c.records += update.logprobs or []
+                    if update.finish_reason is not None:
+                        ends[c.index] = update.stop_text_end
         finally:
             watcher.cancel()
             self.cancel()
@@ -174,22 +176,23 @@ class Reply:
                     first = {**choice(True, "", None, None, [], delta=True), "index": c.index}
                     first["delta"] = {"role": "assistant", "content": ""}
                     yield self.sse([first])
-            async for c, update in self.updates():
-                if update is DISCONNECTED:
-                    return
-                if update.error is not None:
-                    yield f"data: {json.dumps(self.failure(update))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                c.add(update)
-                try:
-                    part = c.delta(update)
-                except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
-                    yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                if part is not None:
-                    yield self.sse([part])
+            async with contextlib.aclosing(self.updates()) as updates:
+                async for c, update in updates:
+                    if update is DISCONNECTED:
+                        return
+                    if update.error is not None:
+                        yield f"data: {json.dumps(self.failure(update))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    c.add(update)
+                    try:
+                        part = c.delta(update)
+                    except Exception as exc:  # this request's text can't be made: it fails (and is cancelled)
+                        yield f"data: {json.dumps(self.text_failure(exc))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    if part is not None:
+                        yield self.sse([part])
             if self.states[0].req.include_usage:
                 yield self.sse([], self.usage())
             yield "data: [DONE]\n\n"
