@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan step n+1 while step n runs (default: on for CUDA, off on CPU)")
     bench.add_argument("--no-prefix-caching", action="store_true", help="--workload: prefill every prompt in full")
+    bench.add_argument("--sampling", default=None, metavar="KEY=VALUE,...",
+                       help="--workload: sampling of every request (default greedy), e.g. the Qwen3.5 card's "
+                            "temperature=0.7,top_p=0.8,top_k=20,presence_penalty=1.5")
     bench.add_argument("--step-log", default=None, metavar="FILE",
                        help="--workload: one JSON line per measured step (kind, rows, decode rows, ms)")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -116,6 +116,12 @@ def test_p90_is_nearest_rank():
     (["--batch", "1", "--serve"], "--serve: for a --workload run only; add --workload NAME"),
     (["--workload", "throughput", "--batch", "64", "--compare-hf"], "--batch, --compare-hf: not for --workload (it "
      "sizes the run from the profile and --num-requests / --input-len / --output-len)"),
+    (["--workload", "throughput", "--sampling", "temp=1"], "--sampling: 'temp' is not one of temperature, top_p, "
+     "top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty (KEY=VALUE,...)"),
+    (["--workload", "throughput", "--sampling", "top_k=20,presence_penalty=5"],
+     "--sampling: presence_penalty must be in [-2, 2], got 5.0"),
+    (["--workload", "throughput", "--sampling", "top_p=x"], "--sampling: top_p='x' is not a number"),
+    (["--batch", "1", "--sampling", "top_k=20"], "--sampling: for a --workload run only; add --workload NAME"),
     (["--workload", "long-context", "--input-len", "50000"], "requests of 50,100 tokens (prompt + output, and 16 "
      "the benchmark adds) are beyond the shape's 40,960 positions (max_position_embeddings): lower --input-len / "
      "--output-len"),
@@ -284,7 +290,7 @@ def test_table_prints_fractions_as_its_summary_line_does():
     assert f"{rec['fraction_of_floor']:.1%}" == "1.2%"  # what the per-batch summary line prints
 
 
-def test_workload_runs_every_request_to_its_length(tmp_path):
+def test_workload_runs_every_request_to_its_length(tmp_path, monkeypatch):
     """`bench --workload`: every request submitted at once, each generates exactly its output length
     (long-tailed lengths in `mixed`), steps counted by kind, latencies within the wall time."""
     from epinfer.bench.workload import WORKLOADS, bench_workload, lengths
@@ -317,9 +323,16 @@ def test_workload_runs_every_request_to_its_length(tmp_path):
     assert 1 <= rec["most_running"] <= 10  # (admitted as the token budget lets their prompts in)
     for g in rec["gc"].values():  # the collector's pauses in the measured run, by generation (if any ran)
         assert g["count"] >= 1 and 0 <= g["max_ms"] <= g["total_ms"] + 0.1 <= rec["wall_s"] * 1e3 + 0.1
+    from epinfer.engine.engine import Engine
+
+    seen, add = [], Engine.add_request  # --sampling: every request (warm-up too) with those fields
+    monkeypatch.setattr(Engine, "add_request", lambda self, p, params=None: seen.append(params) or add(self, p, params))
+    sampling = {"temperature": 0.7, "top_k": 20, "presence_penalty": 1.5}
     few = bench_workload(str(tmp_path), "mixed", dataclasses.replace(cpu, max_num_seqs=3), requests=10, input_len=30,
-                         output_len=8)
+                         output_len=8, sampling=sampling)
     assert few["most_running"] == 3 == few["max_num_seqs"] and few["output_tokens"] == rec["output_tokens"]
+    assert few["sampling"] == sampling and rec["sampling"] == {"temperature": 0}
+    assert len(seen) > 10 and all((p.temperature, p.top_k, p.presence_penalty) == (0.7, 20, 1.5) for p in seen)
 
 
 @pytest.mark.timeout(240)
@@ -335,7 +348,9 @@ def test_workload_through_the_server_in_parallel(tmp_path):
     (tmp_path / "config.json").write_text(tiny_config("qwen3_5_moe").to_json_string())
     flags = ["--dtype", "float32", "--device", "cpu", "--dp", "2", "--tp", "2"]
     rec = bench_serve_workload(str(tmp_path), "throughput", flags, requests=7, input_len=20, output_len=5,
-                               concurrency=3, budget=32, client_procs=2)
+                               concurrency=3, budget=32, client_procs=2, sampling={"temperature": 0.5,
+                                                                                  "repetition_penalty": 1.2})
+    assert rec["sampling"] == {"temperature": 0.5, "repetition_penalty": 1.2}
     assert rec["failed"] == 0 and rec["server_exit"] == 0 and rec["concurrency"] == 3
     assert rec["client_processes"] == 2
     assert rec["requests"] == 7 and rec["prompt_tokens"] == 7 * 20 and rec["output_tokens"] == 7 * 5

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from epinfer.core.config import EngineConfig
 from epinfer.core.errors import UserError
+from epinfer.core.sampling_params import SamplingParams
 from epinfer.core.untrusted import check_output_path
 
 
@@ -25,7 +26,8 @@ def run_bench(args: argparse.Namespace, build_job: Callable) -> int:
     # (a flag of the other kind of measurement would be ignored: a figure that is not what was asked)
     given = [f"--{flag.replace('_', '-')}" for flag in
              (("batch", "replica_batch", "compare_hf", "trace") if args.workload else
-              ("serve", "concurrency", "num_requests", "max_num_seqs", "max_num_batched_tokens", "no_prefix_caching"))
+              ("serve", "concurrency", "num_requests", "max_num_seqs", "max_num_batched_tokens", "no_prefix_caching",
+               "sampling"))
              if getattr(args, flag) not in (None, False)]
     if given and args.workload:
         raise UserError(f"{', '.join(given)}: not for --workload (it sizes the run from the profile and "
@@ -64,8 +66,36 @@ def run_bench(args: argparse.Namespace, build_job: Callable) -> int:
     return 0
 
 
+SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "presence_penalty": float,
+                   "frequency_penalty": float, "repetition_penalty": float}
+
+
+def parse_sampling(text: str | None) -> dict | None:
+    """--sampling KEY=VALUE,...: `SamplingParams` fields for every request of a workload, checked as
+    a request's are."""
+    if text is None:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in SAMPLING_FIELDS:
+            raise UserError(f"--sampling: {key!r} is not one of {', '.join(SAMPLING_FIELDS)} (KEY=VALUE,...)")
+        try:
+            out[key] = SAMPLING_FIELDS[key](value)
+        except ValueError:
+            raise UserError(f"--sampling: {key}={value!r} is not a number") from None
+    try:  # (a bad value: one line now, not a failure of every request)
+        SamplingParams(max_tokens=1, **out).resolved({})
+    except UserError as exc:
+        raise UserError(f"--sampling: {exc}") from None
+    return out
+
+
 def run_workload_bench(args: argparse.Namespace) -> int:
     from epinfer.bench.workload import bench_workload
+
+    sampling = parse_sampling(args.sampling)
 
     if args.serve:
         from epinfer.bench.serve_workload import bench_serve_workload
@@ -87,7 +117,7 @@ def run_workload_bench(args: argparse.Namespace) -> int:
         budget = args.max_num_batched_tokens or auto_max_num_batched_tokens(
             torch.device("cuda" if gpu else "cpu"), torch.cuda.get_device_properties(0).total_memory if gpu else 0)
         record = bench_serve_workload(args.shape, args.workload, flags, args.layers, args.num_requests,
-                                      args.input_len, args.output_len, args.concurrency, budget)
+                                      args.input_len, args.output_len, args.concurrency, budget, sampling=sampling)
         print(json.dumps(record))
         return 0 if record["failed"] == 0 and record["server_exit"] == 0 else 1
     if args.dp * args.tp > 1:
@@ -100,6 +130,6 @@ def run_workload_bench(args: argparse.Namespace) -> int:
                           enable_prefix_caching=not args.no_prefix_caching, fp8_weights=args.quant == "fp8",
                           mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype)
     record = bench_workload(args.shape, args.workload, engine, args.layers, args.num_requests, args.input_len,
-                            args.output_len, step_log=args.step_log)
+                            args.output_len, step_log=args.step_log, sampling=sampling)
     print(json.dumps(record))
     return 0

@@ -91,8 +91,9 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-async def _one(client, prompt: list[int], max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+async def _one(client, prompt: list[int], max_tokens: int, sampling: dict | None = None) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            **(sampling or {})}
     start = time.perf_counter()
     first, ids, error = None, [], None
     try:
@@ -117,10 +118,12 @@ async def _one(client, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
-                chat: tuple[Workload, int] | None = None, ids: list[int] | None = None) -> tuple[list[dict], float]:
+                chat: tuple[Workload, int] | None = None, ids: list[int] | None = None,
+                sampling: dict | None = None) -> tuple[list[dict], float]:
     """Every request through `concurrency` clients; (per-request results, wall s). `chat`: the
     workload and vocabulary of multi-turn chats: prompt i opens chat `ids[i]` (default i), whose
-    later turns its client sends one after the other, each once the previous reply is complete."""
+    later turns its client sends one after the other, each once the previous reply is complete.
+    `sampling`: fields every request's body carries (default greedy)."""
     import httpx
 
     raise_open_file_limit()  # a socket per client
@@ -140,7 +143,7 @@ async def drive(url: str, prompts: list[list[int]], outputs: list[int], concurre
                         if last["error"] is not None:
                             break
                         prompt = next_turn(chat[0], prompt, last["ids"], chat[1], ids[i] if ids else i, turn - 1)
-                    last = await _one(client, prompt, outputs[i])
+                    last = await _one(client, prompt, outputs[i], sampling)
                     results.append(last)
 
     start = time.perf_counter()
@@ -157,7 +160,8 @@ def client_processes(concurrency: int, cores: int | None = None) -> int:
 
 
 def run_clients(url: str, prompts: list[list[int]], outputs: list[int], concurrency: int,
-                chat: tuple[Workload, int] | None = None, processes: int | None = None) -> tuple[list[dict], float]:
+                chat: tuple[Workload, int] | None = None, processes: int | None = None,
+                sampling: dict | None = None) -> tuple[list[dict], float]:
     """`drive` over `processes` (default `client_processes`) forked processes, request i in process
     i mod P with its share of the clients, all told to start at one moment; (results, wall s from
     the first process's start to the last one's end). Each process has its own requests: one that
@@ -165,22 +169,23 @@ def run_clients(url: str, prompts: list[list[int]], outputs: list[int], concurre
     requests of similar length)."""
     processes = min(processes or client_processes(concurrency), concurrency, len(prompts))
     if processes <= 1:
-        return asyncio.run(drive(url, prompts, outputs, concurrency, chat))
+        return asyncio.run(drive(url, prompts, outputs, concurrency, chat, sampling=sampling))
     start_at = time.monotonic() + 0.5  # (CLOCK_MONOTONIC: one clock for every process)
     shares = []
     for p in range(processes):
         ids = list(range(p, len(prompts), processes))
         shares.append((url, [prompts[i] for i in ids], [outputs[i] for i in ids],
-                       concurrency // processes + (p < concurrency % processes), chat, ids, start_at))
+                       concurrency // processes + (p < concurrency % processes), chat, ids, start_at, sampling))
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         parts = pool.starmap(_client_process, shares)
     return [r for part, _, _ in parts for r in part], max(end for *_, end in parts) - min(s for _, s, _ in parts)
 
 
-def _client_process(url, prompts, outputs, concurrency, chat, ids, start_at) -> tuple[list[dict], float, float]:
+def _client_process(url, prompts, outputs, concurrency, chat, ids, start_at,
+                    sampling) -> tuple[list[dict], float, float]:
     time.sleep(max(0.0, start_at - time.monotonic()))
     start = time.monotonic()
-    results, _ = asyncio.run(drive(url, prompts, outputs, concurrency, chat, ids))
+    results, _ = asyncio.run(drive(url, prompts, outputs, concurrency, chat, ids, sampling))
     return results, start, time.monotonic()
 
 
@@ -197,7 +202,7 @@ def summarize(results: list[dict], wall: float) -> dict:
 def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers: int | None = None,
                          requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
                          concurrency: int | None = None, budget: int = 8192, seed: int = 0,
-                         client_procs: int | None = None) -> dict:
+                         client_procs: int | None = None, sampling: dict | None = None) -> dict:
     """One record: workload `name` through a fresh `epinfer serve` of `shape` (`server_flags`: the
     engine and parallel flags, passed through); `client_procs`: the clients' processes (default
     `client_processes`)."""
@@ -226,7 +231,7 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
         try:
             warm_prompts, warm_outputs = zip(*first_prompts(warm, vocab, seed + 7), strict=True)
             t = time.perf_counter()
-            warm_res, _ = run_clients(url, list(warm_prompts), list(warm_outputs), warm.requests)
+            warm_res, _ = run_clients(url, list(warm_prompts), list(warm_outputs), warm.requests, sampling=sampling)
             warm_s = time.perf_counter() - t
             if any(r["error"] for r in warm_res):
                 raise UserError(f"the warm-up failed: {next(r['error'] for r in warm_res if r['error'])}; "
@@ -234,12 +239,12 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
             prompts, outputs = zip(*first_prompts(w, vocab, seed), strict=True)
             procs = min(client_procs or client_processes(clients), clients)
             results, wall = run_clients(url, list(prompts), list(outputs), clients,
-                                        (w, vocab) if w.turns > 1 else None, procs)
+                                        (w, vocab) if w.turns > 1 else None, procs, sampling)
             record = {"workload": name, "shape": shape, "via": "epinfer serve (HTTP, streaming)",
                       "server_flags": shlex.join(server_flags), "concurrency": clients,
                       "client_processes": procs,
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      "max_num_batched_tokens": budget,
+                      "max_num_batched_tokens": budget, "sampling": sampling or {"temperature": 0},
                       "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},
                       **summarize(results, wall)}
         finally:

@@ -135,9 +135,12 @@ def step_shape(scheduled) -> tuple[str, int, int]:
     return kind, sum(item.num_new for item in scheduled), decodes
 
 
-def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | None = None) -> dict:
+def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | None = None,
+                 sampling: dict | None = None) -> dict:
     """Every request submitted at once, run to the end; per-request first-token and finish times.
-    `step_log`: gets one dict per step (kind, rows, decode rows, ms, end since the start)."""
+    `step_log`: gets one dict per step (kind, rows, decode rows, ms, end since the start);
+    `sampling`: `SamplingParams` fields of every request (default greedy)."""
+    params = {"temperature": 0, **(sampling or {})}
     pairs = lengths(w, seed)
     room = engine.max_model_len - 1
     if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
@@ -147,7 +150,7 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
     firsts = first_prompts(w, vocab, seed)
     before = engine.scheduler.allocator.stats()
     start = time.perf_counter()
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True)) for p, o in firsts]
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True, **params)) for p, o in firsts]
     chat_of = {s.index: (c, 1) for c, s in enumerate(seqs)}  # request -> (chat, turn)
     submitted = {s.index: start for s in seqs}
     first: dict[int, float] = {}
@@ -178,7 +181,7 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
                 chat, turn = chat_of[s.index]
                 if turn < w.turns and len(seqs) < w.requests:  # the user answers: the chat's next turn
                     nxt = engine.add_request(next_turn(w, s.prompt_ids, s.output_ids, vocab, chat, turn),
-                                             SamplingParams(max_tokens=w.output_len, temperature=0, ignore_eos=True))
+                                             SamplingParams(max_tokens=w.output_len, ignore_eos=True, **params))
                     seqs.append(nxt)
                     chat_of[nxt.index], submitted[nxt.index] = (chat, turn + 1), time.perf_counter()
     wall = time.perf_counter() - start
@@ -244,7 +247,7 @@ def cache_plan(engine) -> dict:
 
 def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int | None = None,
                    requests: int | None = None, input_len: int | None = None, output_len: int | None = None,
-                   seed: int = 0, step_log: str | None = None) -> dict:
+                   seed: int = 0, step_log: str | None = None, sampling: dict | None = None) -> dict:
     """One record: the workload `name` (or its custom lengths) on a fresh engine of `shape`;
     `step_log`: a file to get one JSON line per measured step (kind, rows, decode rows, ms, end since the start)."""
     w = workload(name, requests, input_len, output_len)
@@ -262,12 +265,12 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
         freeze_heap()
         steps: list[dict] | None = [] if step_log else None
         warm = run_workload(engine, warm_up_workload(w, engine.ecfg.max_num_batched_tokens, engine.max_model_len - 9),
-                            seed + 7)
+                            seed + 7, sampling=sampling)
         before = allocator_counts(engine.device)
         if before is not None:
             torch.cuda.reset_peak_memory_stats(engine.device)
         with collections_timed() as collections:
-            measured = run_workload(engine, w, seed, steps)
+            measured = run_workload(engine, w, seed, steps, sampling)
         after = allocator_counts(engine.device)
         record = {"workload": name, "shape": shape, "layers": engine.model_config.num_layers,
                   "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
@@ -279,6 +282,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "max_num_seqs": engine.scheduler.max_num_seqs,
                   "cache": cache_plan(engine),
                   "max_num_batched_tokens": engine.ecfg.max_num_batched_tokens,
+                  "sampling": sampling or {"temperature": 0},
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
                   # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],
