@@ -36,6 +36,7 @@ from epinfer.server.client import EngineClient
 from epinfer.server.protocol import (
     APIError,
     ModelInfo,
+    check_model,
     decode_json,
     error_body,
     parse_detokenize,
@@ -104,6 +105,16 @@ async def _read_body(request: Request, limit: int, budget: BodyBudget) -> bytes:
     return b"".join(chunks)
 
 
+def failure_response(exc: APIError | ClientDisconnect) -> JSONResponse:
+    """A refused request's answer: its error, with the connection closed where its body was not
+    read to its end (too large, too slow, over the budget); 499 for a client gone before its body
+    arrived (nobody to answer, nothing to log)."""
+    if isinstance(exc, ClientDisconnect):
+        return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+    close = {"Connection": "close"} if exc.code in UNREAD_BODY else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=close)
+
+
 def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log_line(f"epinfer: error: {request.method} {request.url.path}: {type(exc).__name__}: {one_line(exc)}")
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
@@ -159,10 +170,10 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
     async def one_model(request: Request, name: str):
         if (denied := refused(request)) is not None:
             return denied
-        if name != info.name:
-            return JSONResponse(error_body(f"The model '{one_line(name, 100)}' does not exist; this server serves "
-                                           f"'{info.name}'", "invalid_request_error", "model", "model_not_found"),
-                                status_code=404)
+        try:
+            check_model({"model": name}, info)  # (as a request's 'model' is)
+        except APIError as exc:
+            return failure_response(exc)
         return model
 
     @app.get("/version")
@@ -193,8 +204,10 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
 
     bodies = BodyBudget(max(BODY_BYTES_AT_ONCE, 4 * max_request_bytes))
 
-    def validate(raw: bytes, chat: bool, tok):
-        return parse_request(decode_json(raw), chat, tok, info)
+    async def in_lane(raw: bytes, work):
+        """`work(tokenizer)` in the tokenizer lane of a body of `raw`'s size."""
+        pool, tok = lanes[len(raw) > LARGE_BODY]
+        return await asyncio.get_running_loop().run_in_executor(pool, work, tok)
 
     async def tool(request: Request, endpoint: str, parse) -> JSONResponse:
         """/tokenize and /detokenize: read as a generation request is, and run in its tokenizer lane."""
@@ -204,17 +217,11 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
                 status = 401
                 return denied
             raw = await read_body(request, max_request_bytes, budget=bodies)
-            pool, tok = lanes[len(raw) > LARGE_BODY]
-            answer = await asyncio.get_running_loop().run_in_executor(
-                pool, lambda: parse(decode_json(raw), tok, info))
-            return JSONResponse(answer)
-        except APIError as exc:
-            status = exc.status
-            close = {"Connection": "close"} if exc.code in UNREAD_BODY else None
-            return JSONResponse(exc.body(), status_code=exc.status, headers=close)
-        except ClientDisconnect:
-            status = 499
-            return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+            return JSONResponse(await in_lane(raw, lambda tok: parse(decode_json(raw), tok, info)))
+        except (APIError, ClientDisconnect) as exc:
+            answer = failure_response(exc)
+            status = answer.status_code
+            return answer
         finally:
             client.metrics.http[(endpoint, status)] += 1
 
@@ -228,21 +235,16 @@ def build_app(client: EngineClient, tokenizer, info: ModelInfo, max_request_byte
             raw = await read_body(request, max_request_bytes, budget=bodies)
             client.check_queue()  # a full queue: refused before it waits for a tokenizer (n: checked at submit)
             # off the event loop: a long prompt's tokenization must not stall other requests or /health
-            pool, tok = lanes[len(raw) > LARGE_BODY]
             client.validating += 1  # counts toward the queue limit until submitted
             try:
-                reqs = await asyncio.get_running_loop().run_in_executor(pool, validate, raw, chat, tok)
+                reqs = await in_lane(raw, lambda tok: parse_request(decode_json(raw), chat, tok, info))
             finally:
                 client.validating -= 1
             states = client.submit_choices(reqs)
-        except APIError as exc:
-            client.metrics.http[(endpoint, exc.status)] += 1
-            # a body not read to its end (too large, too slow): the connection goes with the answer
-            close = {"Connection": "close"} if exc.code in UNREAD_BODY else None
-            return JSONResponse(exc.body(), status_code=exc.status, headers=close)
-        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
-            client.metrics.http[(endpoint, 499)] += 1
-            return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
+        except (APIError, ClientDisconnect) as exc:
+            answer = failure_response(exc)
+            client.metrics.http[(endpoint, answer.status_code)] += 1
+            return answer
         except Exception as exc:
             # a fault of ours: a 500 and one line, answered here (after an app-level handler
             # Starlette re-raises, and the server prints a traceback)

@@ -130,7 +130,7 @@ def _field(body: dict, key: str, kind: type, default=None):
     return value
 
 
-def _check_model(body: dict, info: ModelInfo) -> None:
+def check_model(body: dict, info: ModelInfo) -> None:
     model = _field(body, "model", str)
     if model is not None and model != info.name:
         shown = _text(model, "model")[:100] + ("..." if len(model) > 100 else "")
@@ -293,7 +293,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     may hold a list of them), in order; raises `APIError`."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    _check_model(body, info)
+    check_model(body, info)
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", param="n")
@@ -368,7 +368,7 @@ def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:
     to token ids, their count and the max model length."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    _check_model(body, info)
+    check_model(body, info)
     if ("prompt" in body) == ("messages" in body):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'")
     if "messages" in body:
@@ -390,7 +390,7 @@ def parse_detokenize(body, tokenizer, info: ModelInfo) -> dict:
     """POST /detokenize (as vLLM's): `tokens` to their text."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    _check_model(body, info)
+    check_model(body, info)
     ids = _token_list(body.get("tokens"), "tokens", info)
     if ids is None:
         raise APIError(400, "'tokens' must be a non-empty array of token ids", param="tokens")
