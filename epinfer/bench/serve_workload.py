@@ -30,7 +30,16 @@ from pathlib import Path
 import torch
 
 from epinfer.bench.single import bench_model_len, check_bench_tokens, shape_folder
-from epinfer.bench.workload import Workload, first_prompts, lengths, next_turn, summary, warm_up_workload, workload
+from epinfer.bench.workload import (
+    GREEDY,
+    Workload,
+    first_prompts,
+    lengths,
+    next_turn,
+    summary,
+    warm_up_workload,
+    workload,
+)
 from epinfer.core.config import ModelConfig
 from epinfer.core.env import raise_open_file_limit
 from epinfer.core.errors import UserError
@@ -92,7 +101,7 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 async def _one(client, prompt: list[int], max_tokens: int, sampling: dict | None = None) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, **GREEDY,
             **(sampling or {})}
     start = time.perf_counter()
     first, ids, error = None, [], None
@@ -244,7 +253,7 @@ def bench_serve_workload(shape: str, name: str, server_flags: list[str], layers:
                       "server_flags": shlex.join(server_flags), "concurrency": clients,
                       "client_processes": procs,
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      "max_num_batched_tokens": budget, "sampling": sampling or {"temperature": 0},
+                      "max_num_batched_tokens": budget, "sampling": sampling or GREEDY,
                       "startup_s": {"server_healthy": round(healthy_s, 2), "warm_up": round(warm_s, 2)},
                       **summarize(results, wall)}
         finally:

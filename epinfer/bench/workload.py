@@ -42,6 +42,8 @@ from epinfer.core.sampling_params import SamplingParams
 from epinfer.core.untrusted import write_atomic
 from epinfer.engine.engine import Engine, freeze_heap
 
+GREEDY = {"temperature": 0}  # a workload's requests' sampling, where --sampling does not set it
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -140,7 +142,7 @@ def run_workload(engine: Engine, w: Workload, seed: int = 0, step_log: list | No
     """Every request submitted at once, run to the end; per-request first-token and finish times.
     `step_log`: gets one dict per step (kind, rows, decode rows, ms, end since the start);
     `sampling`: `SamplingParams` fields of every request (default greedy)."""
-    params = {"temperature": 0, **(sampling or {})}
+    params = {**GREEDY, **(sampling or {})}
     pairs = lengths(w, seed)
     room = engine.max_model_len - 1
     if any(i >= room or i + o > engine.max_model_len for i, o in pairs):
@@ -282,7 +284,7 @@ def bench_workload(shape: str, name: str, engine_cfg: EngineConfig, layers: int 
                   "max_num_seqs": engine.scheduler.max_num_seqs,
                   "cache": cache_plan(engine),
                   "max_num_batched_tokens": engine.ecfg.max_num_batched_tokens,
-                  "sampling": sampling or {"temperature": 0},
+                  "sampling": sampling or GREEDY,
                   # start-up by phase: weights, cache, decode graphs, then the warm-up: its first
                   # (full-budget) step is the prefill kernels' compilation and autotuning
                   "startup_s": {"engine": round(built, 2), **engine.startup, "warm_up": warm["wall_s"],

@@ -260,7 +260,7 @@ class Engine:
         vocab = self.model_config.vocab_size  # (a stop that could never match, a bias on no token)
         for what, ids in (("stop token id", params.stop_token_ids or ()),
                           ("logit_bias token id", params.logit_bias or {})):
-            for t in [t for t in ids if t >= vocab][:1]:
+            if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
