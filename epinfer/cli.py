@@ -15,7 +15,14 @@ from pathlib import Path
 from epinfer.core.checkpoint_files import model_folder
 from epinfer.core.config import EngineConfig
 from epinfer.core.env import SWITCHES, check_switches, under_torchrun
-from epinfer.core.errors import Interrupted, RunFailed, UserError, import_noting_signals
+from epinfer.core.errors import (
+    RunFailed,
+    UserError,
+    check_interrupted,
+    forget_interrupts,
+    import_noting_signals,
+    interrupt,
+)
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
 from epinfer.core.prompts_file import PENALTIES, STDIN, read_prompts_file
 from epinfer.core.sampling_params import check_text
@@ -420,10 +427,6 @@ def preflight(args: argparse.Namespace) -> None:
 HEAVY_IMPORTS = ("torch",)  # generate, bench and serve: imported first, a Ctrl-C meanwhile kept (import_noting_signals)
 
 
-def _stop(signum, frame):
-    raise Interrupted(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "pthread_sigmask"):  # a SIGINT / SIGTERM blocked by whatever started us would never come
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -432,13 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a SIGTERM stops generate / bench / serve in this process as Ctrl-C does (the line, 143) until a
     # parallel run or the server takes it over; torchrun's ranks handle it themselves
+    forget_interrupts()
     old = signal.getsignal(signal.SIGTERM)
     if args.command != "doctor" and old == signal.SIG_DFL and not under_torchrun():
-        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         return _main(args)
     finally:
-        if signal.getsignal(signal.SIGTERM) is _stop:
+        forget_interrupts()
+        if signal.getsignal(signal.SIGTERM) is interrupt:
             signal.signal(signal.SIGTERM, old)
 
 
@@ -450,6 +455,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command != "doctor":
             import_noting_signals(HEAVY_IMPORTS)
         preflight(args)
+        check_interrupted()  # (a SIGTERM whose exception an import dropped)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "bench":

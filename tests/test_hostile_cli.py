@@ -316,6 +316,40 @@ def test_bench_step_log_checked_before_the_run(tmp_path, capsys):
         assert not out
 
 
+def test_a_signal_whose_exception_python_drops_is_kept(monkeypatch):
+    """A SIGTERM handled inside code whose exceptions Python drops (a weakref callback, as
+    importlib's module-lock cleanup is: `Interrupted` printed as "Exception ignored" and the start
+    went on to serve) is still acted on: by the next block that notes signals, and by the
+    command line's check before it runs the command."""
+    import gc
+    import signal
+    import sys
+    import weakref
+
+    from epinfer.core.errors import Interrupted, check_interrupted, forget_interrupts, interrupt, noting_signals
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_type))
+    forget_interrupts()
+    try:
+        class Thing:
+            pass
+
+        thing = Thing()
+        ref = weakref.ref(thing, lambda r: interrupt(signal.SIGTERM))  # (the handler ran in the callback)
+        del thing
+        gc.collect()
+        assert dropped == [Interrupted] and ref() is None
+        with noting_signals() as signals:
+            assert signals.first() == signal.SIGTERM
+        with pytest.raises(Interrupted) as stop:
+            check_interrupted()
+        assert stop.value.signum == signal.SIGTERM
+    finally:
+        forget_interrupts()
+    check_interrupted()  # (forgotten: nothing raised)
+
+
 def test_interrupt_while_torch_imports_is_kept(tmp_path, capsys, monkeypatch):
     """A Ctrl-C while the heavy modules import stops the run (130, one line) even where the import
     drops the KeyboardInterrupt, as torch does while it imports numpy (the run went on, exit 0)."""

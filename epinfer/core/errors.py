@@ -41,11 +41,34 @@ class NotedSignals:
         self.numbers.clear()
 
 
+# the signals `interrupt` raised for: an exception raised where Python drops it (a weakref callback
+# such as importlib's module-lock cleanup, a __del__) must not lose the signal, so the next
+# `noting_signals` block, or `check_interrupted`, acts on it
+_RAISED: list[int] = []
+
+
+def interrupt(signum: int, frame=None) -> None:
+    """The SIGINT / SIGTERM handler of a command: `Interrupted` at once, and remembered."""
+    _RAISED.append(signum)
+    raise Interrupted(signum)
+
+
+def check_interrupted() -> None:
+    """`Interrupted` for a signal `interrupt` raised for, where that exception was dropped."""
+    if _RAISED:
+        raise Interrupted(_RAISED[0])
+
+
+def forget_interrupts() -> None:
+    _RAISED.clear()
+
+
 @contextlib.contextmanager
 def noting_signals():
-    """SIGINT and SIGTERM are noted in the yielded `NotedSignals` inside the block, and the previous
-    handlers are back after it."""
+    """SIGINT and SIGTERM are noted in the yielded `NotedSignals` inside the block (with any that
+    `interrupt` raised for before it), and the previous handlers are back after it."""
     noted = NotedSignals()
+    noted.numbers.extend(_RAISED)
     old = {sig: signal.signal(sig, lambda s, f: noted.numbers.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield noted
