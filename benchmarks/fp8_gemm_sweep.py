@@ -50,9 +50,12 @@ def decode_tiles(M: int) -> list[tuple]:
     w16 = [("w16", bm, bn, bk, w, st) for bn, bk, w, st in itertools.product((16, 32, 64), (256, 512, 1024), (2, 4),
                                                                             (3, 4, 5))
            if bn * bk <= 32768 and bm * bk <= 32768]
-    quant = [("fp8", bm, bn, 128, w, st) for bn, w, st in itertools.product((16, 32, 64, 128), (2, 4, 8), (3, 4, 5))
+    bms = [bm] if M <= 64 else [64, 128]  # (over 64 rows: several row tiles)
+    quant = [("fp8", m, bn, 128, w, st) for m, bn, w, st in itertools.product(bms, (16, 32, 64, 128), (2, 4, 8),
+                                                                              (3, 4, 5))
              if not (w == 8 and bn < 64)]
-    split = [("fp8", bm, bn, 128, 4, st, sp) for bn, st, sp in itertools.product((32, 64, 128), (3, 4), (2, 4, 8))
+    split = [("fp8", m, bn, 128, 4, st, sp)
+             for m, bn, st, sp in itertools.product(bms, (32, 64, 128), (3, 4), (2, 4, 8))
              ] if M > 8 else []  # (K steps shared by `sp` programs)
     return gemv + w16 + quant + split
 

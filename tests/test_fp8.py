@@ -210,13 +210,14 @@ def test_expert_tile_tables_for_fp8_and_from_a_sweep_file(tmp_path, monkeypatch)
 
 
 def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
-    """cuBLAS's block-scaled FP8 GEMM (the default) only for 256 rows or more and weights of
-    2048 x 2048 or wider, in whole 128 blocks: on an H200 it lost to the Triton kernel on the shared
-    expert's 1024 x 2048 and 2048 x 512 projections."""
+    """cuBLAS's block-scaled FP8 GEMM (the default) only for 256 rows or more (128 for weights 4096
+    or more wide) and weights of 2048 x 2048 or wider, in whole 128 blocks: on an H200 it lost to the
+    Triton kernel on the shared expert's 1024 x 2048 and 2048 x 512 projections, and at 64 rows."""
     from epinfer.kernels.fp8_gemm import cublas_shape
 
     assert cublas_shape(16384, 12288, 2048) and cublas_shape(256, 2048, 4096)
-    assert not cublas_shape(255, 12288, 2048)  # decode sizes: the Triton kernel
+    assert cublas_shape(128, 12288, 2048) and cublas_shape(200, 5120, 2048)
+    assert not cublas_shape(255, 2048, 4096) and not cublas_shape(127, 12288, 2048)  # the Triton kernel
     assert not cublas_shape(16384, 1024, 2048) and not cublas_shape(16384, 2048, 512)
     assert not cublas_shape(16384, 2048 + 64, 2048)  # a partial block
 

@@ -235,7 +235,8 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, with_
     while engine.has_work():
         most = max(most, len(sched.running))
         full = len(sched.running) == batch and not sched.waiting
-        if with_breakdown and parts is None and full and len(steps) >= output_len - steps_needed(profile_steps) - 1:
+        left = min(output_len - len(s.output_ids) for s in seqs)  # (the first sequences to finish: prefilled first)
+        if with_breakdown and parts is None and full and left <= steps_needed(profile_steps) + 3:
             parts = breakdown(engine, profile_steps, trace=trace and f"{trace}/trace_b{batch}.json")
             continue
         t = time.perf_counter()

@@ -25,10 +25,10 @@ A single row takes the same arithmetic on the CUDA cores (`gemv` mode: no tensor
 16 rows, the weight times its scales kept in float32).
 
 At prefill sizes (`CUBLAS_ROWS` rows or more, weights of 2048 x 2048 or wider, Hopper, 128 x 128
-blocks) the same quantised activations go to cuBLAS's block-scaled FP8 GEMM instead
-(`F.scaled_mm` with 1 x 128 activation and 128 x 128 weight scales, the arithmetic above): its scales
-column-major, rows padded to a multiple of 4, the weight's scale columns to a multiple of 4
-(cuBLAS's layout). EPINFER_FP8_CUBLAS=0 keeps them on the Triton kernel.
+blocks; weights `WIDE_N` or more wide from `WIDE_ROWS` rows) the same quantised activations go to
+cuBLAS's block-scaled FP8 GEMM instead (`F.scaled_mm` with 1 x 128 activation and 128 x 128 weight
+scales, the arithmetic above): its scales column-major, rows padded to a multiple of 4, the
+weight's scale columns to a multiple of 4 (cuBLAS's layout). EPINFER_FP8_CUBLAS=0 keeps them on the Triton kernel.
 
 Shape suffixes: M rows, N output columns, K input columns.
 """
@@ -147,16 +147,21 @@ def w16_mode(M: int) -> bool:
     return min(W16_ROWS, SWITCHES.fp8_w16_tokens) >= M
 
 
-def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[str, int, int, int, int, int]:
-    """(mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the shape: decode sizes read the
-    weight once with narrow row tiles, and columns split finely enough to keep every SM streaming
-    weights; larger M uses square-ish tensor-core tiles, one activation group a K step. Modes: "w16"
-    (wide K steps, as `small_gemm`'s bf16 kernel), "fp8" (quantised activations) and "gemv" (one
-    row, the w16 arithmetic on the CUDA cores: `small_gemm.gemv`). Measured on an H200 by
-    `benchmarks/fp8_gemm_sweep.py --decode 1,64` over the 30B and Qwen3.5 shapes' projections
+def tiles(M: int, N: int, K: int, sms: int, group: int, w16: bool) -> tuple:
+    """(mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, splits]) by the shape: decode sizes
+    read the weight once with narrow row tiles, and columns (or, for few narrow columns and a long K,
+    K steps: `splits`) spread finely enough to keep every SM streaming weights; prefill sizes use
+    square-ish tensor-core tiles, one activation group a K step. Modes: "w16" (wide K steps, as
+    `small_gemm`'s bf16 kernel), "fp8" (quantised activations) and "gemv" (one row, the w16
+    arithmetic on the CUDA cores: `small_gemm.gemv`). Measured on an H200 by
+    `benchmarks/fp8_gemm_sweep.py --decode 1,64,200` over the 30B and Qwen3.5 shapes' projections
     (RESULTS.md): at one row the gemv tile below took 26.4 µs in all against 47.4 for the w16 tiles
     (bf16: 46.1); at 64 rows tiles of 64 x 16 columns for the 2048-wide projections (K = 4096) and
-    64 x 64 for the 5120-wide 53.3 µs against 67.0 for 64 x 128 everywhere."""
+    64 x 64 for the 5120-wide 53.3 µs against 67.0 for 64 x 128 everywhere, and the 2048-wide ones'
+    K steps split over 4 programs 7.4-7.8 µs against 9.7-9.8; at 200 rows 64 x 64 tiles (the
+    2048-wide ones 128 x 64, K over 4 programs) against 128 x 128 tiles: 13.4-13.6 µs against
+    27.2-27.6 for those and 21.8-26.0 against 29.0-31.1 for the 9216- and 12288-wide (which cuBLAS
+    takes from 128 rows, `cublas_shape`)."""
     if w16:
         if M == 1:
             return "gemv", 1, 8, 512, 2, 4
@@ -169,9 +174,14 @@ def tiles(M: int, N: int, sms: int, group: int, w16: bool) -> tuple[str, int, in
         while bn > 16 and triton.cdiv(N, bn) < 2 * sms:
             bn //= 2
         return "fp8", 16, bn, group, 4, 4
+    narrow_long = N <= 2048 and K >= 4096  # (few column tiles, many K steps each)
     if M <= 64:
+        if narrow_long:
+            return "fp8", 64, 32, group, 4, 3, 4
         bn = 128 if N >= 8192 else 64 if N >= 4096 else 16
         return "fp8", 64, bn, group, 4, 4 if bn == 16 else 3
+    if M < CUBLAS_ROWS:
+        return ("fp8", 128, 64, group, 4, 3, 4) if narrow_long else ("fp8", 64, 64, group, 4, 3)
     return "fp8", 128, 128, group, 8, 3
 
 
@@ -206,7 +216,10 @@ def quantize_activations(x_MK: torch.Tensor, group: int,
     return q, s
 
 
-CUBLAS_ROWS = 256  # the fewest rows the cuBLAS path takes
+CUBLAS_ROWS = 256  # the fewest rows the cuBLAS path takes; weights WIDE_N or wider from WIDE_ROWS (at 200
+# rows on an H200 cuBLAS ran the 5120- to 12288-wide projections in 10.9-18.0 µs against 13.7-26.0 for the
+# best Triton tiles; at 64 rows the Triton kernel's tiles were faster, RESULTS.md)
+WIDE_N, WIDE_ROWS = 4096, 128
 # the narrowest weight it takes, both ways: at 16384 rows on an H200 cuBLAS ran the Qwen3.5 shape's
 # projections of 2048 x 4096 and wider 1.3-1.45x faster than bf16 and 1.8-1.9x faster than the Triton
 # kernel, but the shared expert's 1024 x 2048 and 2048 x 512 slower than both (RESULTS.md, kernel sweeps)
@@ -215,7 +228,8 @@ CUBLAS_MIN_NK = 2048
 
 def cublas_shape(M: int, N: int, K: int) -> bool:
     """Whether an [M, K] x [N, K]^T FP8 GEMM is one cuBLAS's block-scaled kernel runs faster."""
-    return M >= CUBLAS_ROWS and N >= CUBLAS_MIN_NK and K >= CUBLAS_MIN_NK and N % 128 == 0 and K % 128 == 0
+    fewest = WIDE_ROWS if N >= WIDE_N else CUBLAS_ROWS
+    return fewest <= M and N >= CUBLAS_MIN_NK and K >= CUBLAS_MIN_NK and N % 128 == 0 and K % 128 == 0
 
 
 @functools.cache
@@ -259,16 +273,16 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor, bloc
     `tile`: (mode, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, splits]) in place of `tiles`' (a
     sweep's; BLOCK_K is the group in "fp8" mode; "gemv" takes one row). `splits` > 1 ("fp8" / "w16"):
     each output tile's K steps are split over that many programs, whose float32 partial sums a second
-    kernel adds in order (deterministic), with the bias: more programs for few, narrow output tiles.
-    Not a default anywhere: no GPU has timed it yet."""
+    kernel adds in order (deterministic), with the bias: more programs for few, narrow output tiles
+    (`tiles`' choice at decode sizes for narrow weights with a long K)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     if M and tile is None and cublas_mode(x_MK, w_NK, block):
         return cublas_linear(x_MK, w_NK, scale, bias)
     if M == 0:
         return torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
-    mode, bm, bn, bk, warps, stages, *splits = tile or tiles(M, N, multiprocessors(x_MK.device), block[1],
-                                                             w16_mode(M))
+    mode, bm, bn, bk, warps, stages, *splits = tile or tiles(M, N, K, multiprocessors(x_MK.device),
+                                                             block[1], w16_mode(M))
     splits = splits[0] if splits else 1
     if mode == "gemv" and M != 1:
         raise ValueError(f"fp8_linear: the gemv tiles take one row, not {M}")

@@ -64,13 +64,18 @@ CONFIGS = [  # H200, Qwen3-30B-A3B expert shape, 2026-11-28: 3.5-4.0 TB/s on the
     (1e9, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 8)}),
 ]  # tile tuples: (BLOCK_N, BLOCK_K, num_stages, num_warps); "y16": the pairs' outputs in x's dtype (summed
 # in float32 by the combine), half the bytes of float32 ones at prefill sizes
-# FP8 expert weights (BLOCK_K is the scale block's columns): the decode rows of the table above (not
-# yet swept in FP8), then prefill sizes from `moe_kernel_sweep.py --shape qwen3-30b-a3b --quant fp8
-# --batches 2048,8192,16384 --block-m 64,128` (H200, 2026-12-04): 128-row tiles with 8 warps from 512
-# pairs per expert, 16384 rows 3.13 ms a layer (with them the 30B shape's prefill of 64 x 1024 ran at
-# 56.0k tok/s, against 46.7k with the bf16 table's tiles, RESULTS.md)
+# FP8 expert weights (BLOCK_K is the scale block's columns): decode rows from `moe_kernel_sweep.py
+# --quant fp8` (H200, 2026-12-05): the 30B shape at 64 rows (4 pairs per expert) 0.172 ms a layer, and
+# the Qwen3.5 shape at 200 (6.25) 0.239 ms, narrow two-warp tiles both (the 30B shape's batch-64 step
+# 12.64 -> 12.58 ms with the first); then the bf16 table's rows up to 96 pairs per expert; then
+# prefill sizes from `moe_kernel_sweep.py --shape qwen3-30b-a3b --quant fp8 --batches 2048,8192,16384
+# --block-m 64,128` (H200, 2026-12-04): 128-row tiles with 8 warps from 512 pairs per expert, 16384
+# rows 3.13 ms a layer (with them the 30B shape's prefill of 64 x 1024 ran at 56.0k tok/s, against
+# 46.7k with the bf16 table's tiles, RESULTS.md)
 FP8_CONFIGS: list[tuple[float, dict]] = [
-    *CONFIGS[:2],
+    (5, {"BLOCK_M": 16, "up": (32, 128, 3, 2), "down": (32, 128, 4, 2)}),
+    (12, {"BLOCK_M": 16, "up": (32, 128, 4, 2), "down": (64, 128, 3, 2), "tile_scale": True}),
+    CONFIGS[1],
     (96, CONFIGS[-1][1]),
     (320, {"BLOCK_M": 64, "up": (64, 128, 4, 4), "down": (128, 128, 4, 4), "y16": True}),
     (1e9, {"BLOCK_M": 128, "up": (64, 128, 4, 8), "down": (128, 128, 4, 8), "y16": True}),

@@ -59,7 +59,9 @@ def check_fp8_linear(device: str, dtype: torch.dtype, M: int, N: int, K: int, bl
 
 
 CASES = [(1, 256, 512, (128, 128)), (7, 384, 2048, (128, 128)), (64, 200, 300, (128, 128)),
-         (300, 1024, 2048, (128, 128)), (33, 48, 80, (16, 16)), (5, 90, 64, (12, 32))]
+         (300, 1024, 2048, (128, 128)), (33, 48, 80, (16, 16)), (5, 90, 64, (12, 32)),
+         (64, 2048, 4096, (128, 128)), (199, 2048, 4096, (128, 128)), (150, 1040, 2048, (128, 128))]
+# (the last three: the default tiles that split K at 64 and 199 rows, and 64 x 64 tiles at 150)
 
 
 @pytest.mark.parametrize("M,N,K,block", CASES)
@@ -72,12 +74,12 @@ def test_fp8_linear_kernel(M, N, K, block, monkeypatch):
           f"inputs), {rel_exact:.2e} vs bf16 activations")
 
 
-@pytest.mark.parametrize("M,N,K", [(256, 1024, 2048), (1001, 12288, 2048), (4099, 2048, 640)])
+@pytest.mark.parametrize("M,N,K", [(256, 1024, 2048), (1001, 12288, 2048), (4099, 2048, 640), (130, 5120, 2048)])
 def test_fp8_linear_cublas(M, N, K, monkeypatch):
     """The default (EPINFER_FP8_CUBLAS unset): prefill-size inputs through cuBLAS's block-scaled GEMM (rows padded to
-    a multiple of 4, K / 128 scale columns not a multiple of 4 in the last case), against the same
-    quantisation in torch; asserts the path was taken (every width here: the narrow ones too, which
-    by default stay on the Triton kernel)."""
+    a multiple of 4, K / 128 scale columns not a multiple of 4 in the third case; the last a decode size
+    of a wide weight), against the same quantisation in torch; asserts the path was taken (every width
+    here: the narrow ones too, which by default stay on the Triton kernel)."""
     import torch.nn.functional as F
 
     from epinfer.kernels import fp8_gemm
