@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     for penalty in PENALTIES:
         gen.add_argument(f"--{penalty.replace('_', '-')}", type=float, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                     help="each prompt token's logprob, rank and the top N (0-20) in the results")
     gen.add_argument("--output", type=Path, default=None, help="write results as a JSON list")
     gen.add_argument("--compare-single", action="store_true",
                      help="also run single-process and report whether the tokens are identical")
@@ -266,6 +268,7 @@ def run_generate(args: argparse.Namespace) -> int:
             top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
             min_p=req.get("min_p", args.min_p), logit_bias=req.get("logit_bias"),
             include_stop_str_in_output=req.get("include_stop_str_in_output", False),
+            prompt_logprobs=req.get("prompt_logprobs", args.prompt_logprobs),
             stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
             ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
             **{key: req.get(key, getattr(args, key)) for key in PENALTIES}))
@@ -322,7 +325,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def write_outputs(outputs, requests: list[dict], path: Path | None) -> None:
     records = [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
-                "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})} for o in outputs]
+                "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {}),
+                **({"prompt_logprobs": [r and {"logprob": r[0], "rank": r[1], "top": r[2]} for r in o.prompt_logprobs]}
+                   if o.prompt_logprobs is not None else {})} for o in outputs]
     if path is not None:
         text = json.dumps(records, indent=1) + "\n"
         in_place = written_in_place(path)

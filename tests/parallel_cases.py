@@ -71,6 +71,8 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, list[list[i
             outputs = run_requests(engine, ctx, requests)
         if outputs is not None:
             results[case.name] = [o.token_ids for o in outputs]
+            if any(o.prompt_logprobs is not None for o in outputs):
+                results[f"{case.name}:prompt_logprobs"] = [o.prompt_logprobs for o in outputs]
             results[f"{case.name}:hits"] = engine.scheduler.allocator.hit_tokens  # (this replica's)
             results[f"{case.name}:captures"] = engine.scheduler.allocator.snapshot_captures
             results[f"{case.name}:cudnn"] = len(calls)

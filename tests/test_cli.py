@@ -53,6 +53,18 @@ def test_output_json(tiny, tmp_path, capsys):
     want = LLM(str(tiny), dtype="float32", device="cpu").generate([[9] * 6] * 3, params)
     got = [r["token_ids"] for r in json.loads(out_file.read_text())]
     assert got == [w.token_ids for w in want] and got[2][0] == 7
+    # prompt logprobs: a line's own count, else the flag's; the engine's records, readable
+    prompts.write_text(json.dumps({"prompt_token_ids": [4, 5, 6], "prompt_logprobs": 2}) + "\n"
+                       + json.dumps({"prompt_token_ids": [7, 8]}) + "\n")
+    code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(prompts), "--max-tokens", "2",
+                        "--prompt-logprobs", "0", "--output", str(out_file), "--dtype", "float32"], capsys)
+    assert code == 0, err
+    want = LLM(str(tiny), dtype="float32", device="cpu").generate(
+        [[4, 5, 6], [7, 8]], [SamplingParams(max_tokens=2, prompt_logprobs=k) for k in (2, 0)])
+    got = [r["prompt_logprobs"] for r in json.loads(out_file.read_text())]
+    assert got == [[r and {"logprob": r[0], "rank": r[1], "top": [list(t) for t in r[2]]} for r in w.prompt_logprobs]
+                   for w in want]
+    assert got[0][0] is None and len(got[0][2]["top"]) == 2 and got[1][1]["top"] == []
 
 
 def corrupt(src, dst, fn):
@@ -114,6 +126,7 @@ def test_bad_prompts(tiny, tmp_path, capsys):
         "stop": ('{"prompt_token_ids": [1], "stop_token_ids": [2, 999]}', "stop token id 999 is outside"),
         "penalty": ('{"prompt_token_ids": [1], "frequency_penalty": 2.5}', "frequency_penalty must be in [-2, 2]"),
         "min_p": ('{"prompt_token_ids": [1], "min_p": -0.1}', "min_p must be in [0, 1], got -0.1"),
+        "prompt_logprobs": ('{"prompt_token_ids": [1], "prompt_logprobs": 21}', "prompt_logprobs must be an integer"),
         "bias": ('{"prompt_token_ids": [1], "logit_bias": {"x": 1}}', "p.jsonl:2: logit_bias keys must be token ids"),
         "bias_vocab": ('{"prompt_token_ids": [1], "logit_bias": {"999": 1}}', "logit_bias token id 999 is outside"),
         "json": ('{"prompt_token_ids": [1, 2]', "p.jsonl:2: malformed JSON"),

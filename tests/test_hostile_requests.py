@@ -383,7 +383,7 @@ def random_body(rng: random.Random) -> bytes:
               "\ud800", "Beautiful", [], [1, 2], [[1]], ["a", 3], {}, {"a": 1}, "a" * 3000, [5] * 2000]
     fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
               "stream_options", "logprobs", "top_logprobs", "ignore_eos", "model", "presence_penalty",
-              "max_completion_tokens", "echo", "user"]
+              "max_completion_tokens", "echo", "user", "prompt_logprobs"]
     kind = rng.random()
     if kind < 0.1:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))

@@ -44,6 +44,10 @@ PENALIZED = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, presen
                             frequency_penalty=0.3, repetition_penalty=1.3) for i, n in enumerate(MAX_TOKENS)]
 
 
+# prompt logprobs (the top 2) with the greedy tokens: each replica's leader computes its requests'
+LOGPROBS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, prompt_logprobs=2) for n in MAX_TOKENS]
+
+
 def build_cases(models: dict[str, str]) -> list[Case]:
     params = [greedy(n) for n in MAX_TOKENS]
     cases = []
@@ -113,6 +117,10 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         # graph pieces: replicas without collectives in the forward, each padding its own steps
         Case("qwen3_5_moe-2x1-no-ep-pieces", models["qwen3_5_moe"], 2, 1, PROMPTS, params, expert_parallel=False,
              budget=40, pieces=True),
+        # prompt logprobs: prompts in chunks of 7 under DP x TP, and through the graph pieces
+        Case("qwen3_5_moe-2x2-prompt-logprobs", models["qwen3_5_moe"], 2, 2, PROMPTS, LOGPROBS, budget=7),
+        Case("qwen3_moe-2x1-no-ep-pieces-prompt-logprobs", models["qwen3_moe"], 2, 1, PROMPTS, LOGPROBS,
+             expert_parallel=False, budget=40, pieces=True),
     ]
     return cases
 
@@ -147,6 +155,9 @@ def expected(models):
     off = LLM(models["qwen3_5_moe"], dtype="float32", device="cpu", enable_prefix_caching=False)
     out["penalties:qwen3_5_moe"] = [o.token_ids for o in off.generate(PROMPTS, PENALIZED)]
     assert out["penalties:qwen3_5_moe"] != out["qwen3_5_moe"]  # (the penalties change the tokens)
+    for family in ("qwen3_moe", "qwen3_5_moe"):
+        out[f"prompt_logprobs:{family}"] = [o.prompt_logprobs for o in LLM(models[family], dtype="float32",
+                                                                            device="cpu").generate(PROMPTS, LOGPROBS)]
     out["long:qwen3_5_moe"] = [o.token_ids for o in off.generate(SHARED_LONG, greedy(6))]
     for prompt, tokens in zip(SHARED_LONG, out["long:qwen3_5_moe"], strict=True):
         assert tokens == hf_generate(models["qwen3_5_moe"], prompt, 6)[0], "long shared prompts: != transformers"
@@ -177,6 +188,23 @@ def test_every_layout_matches_single_process(models, expected):
             want = [expected[model_name[case.model]][3]]
         if case.cudnn_chunks:
             assert merged[f"{case.name}:cudnn"] > 0, f"{case.name}: no chunk took the path"
+        if case.params is LOGPROBS and not same_prompt_logprobs(merged[f"{case.name}:prompt_logprobs"],
+                                                               expected[f"prompt_logprobs:{model_name[case.model]}"]):
+            mismatches.append(f"{case.name} (prompt logprobs)")
         if merged[case.name] != want:
             mismatches.append(case.name)
     assert not mismatches, f"cases differing from the single-process run: {mismatches}"
+
+
+def same_prompt_logprobs(got: list, want: list, tol: float = 1e-4) -> bool:
+    """Equal records up to float32 rounding of a different reduction order: logprobs within `tol`,
+    the same ranks and top ids (and their logprobs within `tol`)."""
+    for g, w in zip(got, want, strict=True):
+        if len(g) != len(w) or g[0] is not None or w[0] is not None:
+            return False
+        for (lg, rg, tg), (lw, rw, tw) in zip(g[1:], w[1:], strict=True):
+            if abs(lg - lw) > tol or rg != rw or [t for t, _ in tg] != [t for t, _ in tw]:
+                return False
+            if any(abs(a - b) > tol for (_, a), (_, b) in zip(tg, tw, strict=True)):
+                return False
+    return True

@@ -256,6 +256,47 @@ def test_logprobs(demo, demo_llm):
     assert plain["choices"][0]["logprobs"] is None
 
 
+def test_echo_and_prompt_logprobs(demo, demo_llm):
+    """The prompt's logprobs as lm-eval-harness asks for them (echo, logprobs, max_tokens 1 or 0) and
+    as vLLM's `prompt_logprobs`, against the engine's offline prompt logprobs; echo streamed."""
+    prompt = "Sparse is better than dense."
+    offline = demo_llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    ids, records = offline.prompt_token_ids, offline.prompt_logprobs
+    n = len(ids)
+    body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+    answer = post(demo.url, "/v1/completions", body).json()["choices"][0]
+    lp = answer["logprobs"]
+    assert answer["text"].startswith(prompt) and len(lp["tokens"]) == n + 1 == len(lp["text_offset"])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert "".join(lp["tokens"][:n]) == prompt and lp["text_offset"][n] == len(prompt)
+    for got, top, rec in zip(lp["token_logprobs"][1:n], lp["top_logprobs"][1:n], records[1:], strict=True):
+        assert abs(got - rec[0]) < 1e-4 and 2 <= len(top) <= 3
+        assert all(abs(a - b) < 1e-4 for a, b in zip(sorted(top.values(), reverse=True)[:2],
+                                                      [v for _, v in rec[2]], strict=True))
+    only = post(demo.url, "/v1/completions", {**body, "max_tokens": 0}).json()
+    assert only["choices"][0]["text"] == prompt and only["usage"]["completion_tokens"] == 0
+    assert only["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][:n]
+    assert only["choices"][0]["finish_reason"] == "length" and only["choices"][0]["token_ids"] == []
+    vllm = post(demo.url, "/v1/completions", {"prompt": prompt, "prompt_logprobs": 1, "max_tokens": 2}).json()
+    pl = vllm["choices"][0]["prompt_logprobs"]
+    assert len(pl) == n and pl[0] is None and not vllm["choices"][0]["text"].startswith(prompt)
+    for entry, token, rec in zip(pl[1:], ids[1:], records[1:], strict=True):
+        assert abs(entry[str(token)]["logprob"] - rec[0]) < 1e-4 and entry[str(token)]["rank"] == rec[1]
+        best = rec[2][0][0]
+        assert entry[str(best)]["rank"] == 1 and len(entry) <= 2
+    chat = post(demo.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                   "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(entry) == 1 and next(iter(entry.values()))["logprob"] <= 0 for entry in chat["prompt_logprobs"][1:])
+    text = ""
+    with httpx.stream("POST", f"{demo.url}/v1/completions", timeout=60,
+                      json={"prompt": prompt, "echo": True, "max_tokens": 4, "temperature": 0, "stream": True}) as r:
+        for event in sse_events(r):
+            text += event["choices"][0]["text"] if event["choices"] else ""
+    whole = post(demo.url, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 4, "temperature": 0})
+    assert text == whole.json()["choices"][0]["text"] and text.startswith(prompt) and len(text) > len(prompt)
+
+
 BAD = [
     ("/v1/completions", b'{"prompt": "x", ', 400, "malformed JSON"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
@@ -288,7 +329,12 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a5": -100}}, 400, "logit_bias keys must be token ids"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias value must be in [-100, 100]"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "'echo' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
+     "'echo' is not supported for chat"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "'prompt_logprobs' must be in [0, 20]"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "not available with 'stream'"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, 400, "not available with"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "'best_of' is not supported"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": 1}},

@@ -42,6 +42,7 @@ TOP_K_MAX = 2**31 - 1
 MAX_STOP_STRINGS = 32  # every generated token is checked against each of them
 MAX_STOP_CHARS = 1024
 MAX_LOGIT_BIAS = 1024
+MAX_LOGPROBS = 20  # top logprobs a token at most (prompt or generated)
 
 
 @dataclasses.dataclass
@@ -63,6 +64,9 @@ class SamplingParams:
     min_p: float | None = None  # default 0 (off)
     logit_bias: dict[int, float] | None = None
     include_stop_str_in_output: bool = False  # a matched stop string stays in the text (vLLM's)
+    # each prompt token's logprob given the tokens before it, its rank, and the top N (vLLM's);
+    # None: off. Such a request reuses no cached prefix (its tokens' logits are computed)
+    prompt_logprobs: int | None = None
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -79,7 +83,7 @@ class SamplingParams:
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
-                                self.include_stop_str_in_output)
+                                self.include_stop_str_in_output, self.prompt_logprobs)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -89,6 +93,7 @@ class SamplingParams:
             min_p=float(merged.min_p),
             logit_bias={int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            prompt_logprobs=None if self.prompt_logprobs is None else int(self.prompt_logprobs),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -125,6 +130,7 @@ class SamplingParams:
             for t in ids:
                 _integer("stop_token_ids", t, 0, None)
         _integer("min_tokens", self.min_tokens, 0, None)
+        _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logit_bias is not None:

@@ -50,6 +50,7 @@ class RequestOutput:
     finish_reason: str
     nan_logits: bool = False  # the model produced non-finite logits for this request
     error: str | None = None  # why it failed (finish_reason "error")
+    prompt_logprobs: list | None = None  # asked for (SamplingParams.prompt_logprobs): as Sequence's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -303,6 +304,9 @@ class Engine:
                                      item.samples, None if seq.blocks_sent else list(seq.block_ids),
                                      captures=captures))
                 seq.blocks_sent = True
+                if seq.wants_prompt_logprobs and start + 1 < len(seq.prompt_ids):
+                    items[-1].targets = seq.prompt_ids[start + 1:start + item.num_new + 1]
+                    items[-1].top = seq.params.prompt_logprobs
         if not items:  # nothing runs (the caller may drop this plan): resets and snapshots wait for one that does
             return scheduled, StepPlan([], [], self.has_work(), self.last_sampled)
         snapshots = [(slot, layout.snapshot_row(i)) for slot, i in self.scheduler.snapshots]
@@ -317,6 +321,10 @@ class Engine:
         """After the forward: samples on the device and starts the tokens' copy to the host; the
         tokens are applied by `resolve`. The sampled tokens also feed the next step's inputs."""
         sampled = [item.seq for item in scheduled if item.samples]
+        for i, records in self.runner.take_prompt_logprobs():
+            seq = scheduled[i].seq
+            seq.prompt_logprobs = seq.prompt_logprobs or [None] * len(seq.prompt_ids)
+            seq.prompt_logprobs[seq.num_computed + 1:seq.num_computed + 1 + len(records)] = records
         for item in scheduled:
             item.seq.num_computed += item.num_new
             self.scheduler.computed(item.seq)
@@ -461,4 +469,4 @@ class Engine:
             if seq.stop_text_end is not None:
                 text = text[:seq.stop_text_end]
         return RequestOutput(seq.prompt_ids, list(seq.output_ids), text, seq.finish_reason or "",
-                             seq.nan_logits, seq.error)
+                             seq.nan_logits, seq.error, seq.prompt_logprobs_out)

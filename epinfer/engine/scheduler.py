@@ -55,6 +55,22 @@ class Sequence:
     # snapshots the chunk in flight captures inside itself: (block count, snapshot index, or None
     # when that state is kept already)
     capturing: list[tuple[int, int | None]] = dataclasses.field(default_factory=list)
+    # params.prompt_logprobs: per prompt position, (logprob, rank, [(id, logprob) of the top N]) of
+    # its token given the ones before (position 0: None), filled as its chunks run
+    prompt_logprobs: list | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (so no cached prefix is reused)."""
+        lp = self.prompt_logprobs
+        return self.params.prompt_logprobs is not None and (lp is None or any(r is None for r in lp[1:]))
+
+    @property
+    def prompt_logprobs_out(self) -> list | None:
+        """The prompt logprobs to report: None unless asked for."""
+        if self.params.prompt_logprobs is None:
+            return None
+        return self.prompt_logprobs or [None] * len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -129,7 +145,7 @@ class Scheduler:
             seq = self.waiting[0]
             if alloc.prefix_caching and not seq.block_hashes:
                 seq.block_hashes = block_hashes(seq.prompt_ids, bs)
-            last = reusable_blocks(len(seq.prompt_ids), bs)
+            last = 0 if seq.wants_prompt_logprobs else reusable_blocks(len(seq.prompt_ids), bs)
             prefix = alloc.match(seq.block_hashes[:last])
             if alloc.needs_state:  # only as far as a kept state; snapshots where it branches off and at its end
                 kept, index = alloc.with_state(seq.block_hashes, len(prefix))

@@ -20,6 +20,10 @@ class SeqWork:
     prev_row: int = -1  # tokens == [PENDING]: its row in the previous step's sampled tokens
     # GDN states captured inside this chunk into snapshot rows: (rows into the chunk, state row)
     captures: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # prompt logprobs: the prompt token each row predicts (the first rows; none past the prompt) and
+    # how many top logprobs a row reports
+    targets: list[int] | None = None
+    top: int = 0
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ from epinfer.models.loader import load_checkpoint
 from epinfer.runner.batch import StepPlan
 from epinfer.runner.cache import CacheLayout, CacheTensors
 from epinfer.runner.cuda_graphs import DecodeGraphs
+from epinfer.runner.logprobs import prompt_logprobs
 from epinfer.runner.piecewise import PiecewiseGraphs
 
 
@@ -201,6 +202,7 @@ class ModelRunner:
         self.poison = ctx.poison_pads
         self.cache = CacheTensors(model, layout, dtype, device, poison=self.poison)
         self.prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens (async scheduling)
+        self.prompt_records: list[tuple[int, list]] = []  # the last forward's prompt logprobs (`logits`)
         self.host_tables: dict[int, list[int]] = {}  # state slot -> KV blocks (the device copy: block_table)
         self.fast_decode = device.type == "cuda" and paged_attention.triton is not None
         self.scratch_slot = layout.num_state_slots
@@ -298,7 +300,7 @@ class ModelRunner:
     def decode_only(self, plan: StepPlan) -> bool:
         """Every item of `plan` decodes one token after earlier context (true for an empty plan)."""
         return self.fast_decode and all(len(w.tokens) == 1 and w.start > 0 and w.new_blocks is None
-                                        for w in plan.items)
+                                        and not w.targets for w in plan.items)
 
     def padding_meta(self, rows: int) -> torch.Tensor:
         return self.decode_meta_host(StepPlan([], [], False), rows, allow_empty=True)
@@ -362,8 +364,18 @@ class ModelRunner:
             batch = self.build_batch(plan, size or rows, moe_sizes, step_id)
             if size is not None:
                 hidden = self.pieces.run(batch, self.cache.per_layer)
-                return self.model.compute_logits(hidden[batch.logits_rows]) if want_logits else None
+                return self.logits(plan, hidden, batch) if want_logits else None
         hidden = self.model(batch, self.cache.per_layer)
-        if not want_logits:
-            return None
-        return self.model.compute_logits(hidden[batch.logits_rows])
+        return self.logits(plan, hidden, batch) if want_logits else None
+
+    def logits(self, plan: StepPlan, hidden_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The sampled rows' logits; the prompt logprobs its items ask for kept for the engine
+        (`take_prompt_logprobs`)."""
+        if any(w.targets for w in plan.items):
+            self.prompt_records = prompt_logprobs(self.model.compute_logits, plan, hidden_TD)
+        return self.model.compute_logits(hidden_TD[batch.logits_rows])
+
+    def take_prompt_logprobs(self) -> list[tuple[int, list]]:
+        """[(plan item index, records)] of the last forward (`runner.logprobs`), once."""
+        records, self.prompt_records = self.prompt_records, []
+        return records

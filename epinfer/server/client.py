@@ -35,6 +35,7 @@ class Update:
     stop_text_end: int | None = None
     error: str | None = None  # the engine failed, the server stopped, or the request was refused late
     status: int = 500  # the HTTP status of a non-streaming reply that ends with `error`
+    prompt_logprobs: list | None = None  # with the first tokens, when asked for (`Sequence.prompt_logprobs`)
 
 
 def merged(first: Update, queue: asyncio.Queue) -> tuple[Update, Update | None]:
@@ -49,7 +50,8 @@ def merged(first: Update, queue: asyncio.Queue) -> tuple[Update, Update | None]:
             return update, nxt
         logprobs = None if update.logprobs is None and nxt.logprobs is None else \
             (update.logprobs or []) + (nxt.logprobs or [])
-        update = Update(update.token_ids + nxt.token_ids, logprobs, nxt.finish_reason, nxt.stop_text_end)
+        update = Update(update.token_ids + nxt.token_ids, logprobs, nxt.finish_reason, nxt.stop_text_end,
+                        prompt_logprobs=update.prompt_logprobs or nxt.prompt_logprobs)
     return update, None
 
 
@@ -202,7 +204,7 @@ class EngineClient:
             if rid in self.requests:
                 self.requests[rid].admitted = True
         now = time.monotonic()
-        for rid, new_ids, logprobs, reason, extra in events:
+        for rid, new_ids, logprobs, reason, extra, prompt in events:
             state = self.requests.get(rid)
             self.metrics.generation_tokens += len(new_ids)
             if state is None:  # already failed / aborted on this side
@@ -214,7 +216,7 @@ class EngineClient:
                 status, message = extra
                 state.queue.put_nowait(Update(new_ids, logprobs, reason, error=message, status=status))
             else:
-                state.queue.put_nowait(Update(new_ids, logprobs, reason, extra))
+                state.queue.put_nowait(Update(new_ids, logprobs, reason, extra, prompt_logprobs=prompt))
             if reason is not None:
                 self._finish(state, reason)
 

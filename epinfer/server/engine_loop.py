@@ -190,7 +190,7 @@ class ServeLoop:
         try:
             seq = self.engine.make_request(ids, params, rid)
         except UserError as exc:  # the server validated it already; never let it stop the loop
-            self.pending_events.append((rid, [], None, "error", (400, str(exc))))
+            self.pending_events.append((rid, [], None, "error", (400, str(exc)), None))
             return
         self.engine.submit(seq)
         self.seqs[rid] = seq
@@ -211,7 +211,7 @@ class ServeLoop:
             sched.finish(seq)  # frees its KV blocks and state slot
             self.engine.pending_resets.append(seq.state_slot)  # zeroed before the next forward
         self.forget(rid)
-        self.pending_events.append((rid, [], None, reason, None))
+        self.pending_events.append((rid, [], None, reason, None, None))
 
     def forget(self, rid: int) -> None:
         self.sent.pop(rid, None)
@@ -246,15 +246,16 @@ class ServeLoop:
             done = seq.finish_reason is not None
             if not new and not done:
                 continue
+            prompt = seq.prompt_logprobs_out if self.sent[rid] == 0 else None  # (with its first tokens)
             self.sent[rid] = len(seq.output_ids)
             lp = self.lp_pending.pop(rid, None) if rid in self.logprobs else None
             if done:
                 extra = (500, seq.error) if seq.finish_reason == "error" else seq.stop_text_end
-                events.append((rid, new, lp, seq.finish_reason, extra))
+                events.append((rid, new, lp, seq.finish_reason, extra, prompt))
                 del self.seqs[rid]
                 self.forget(rid)
             else:
-                events.append((rid, new, lp, None, None))
+                events.append((rid, new, lp, None, None, prompt))
         return events
 
     @staticmethod
@@ -269,7 +270,8 @@ class ServeLoop:
     def report(self, events: list[tuple], step_s: float) -> None:
         """One message per step and replica: token events, admissions, cache statistics. An event is
         (request id, new token ids, logprobs or None, finish reason or None, where a stop string
-        cut the text — or (HTTP status, message) when the reason is "error")."""
+        cut the text — or (HTTP status, message) when the reason is "error" —, the prompt logprobs
+        with a request's first tokens when it asked for them, else None)."""
         if not self.leader:
             return
         events, self.pending_events = self.pending_events + events, []

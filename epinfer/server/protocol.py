@@ -20,10 +20,16 @@ import json
 import math
 
 from epinfer.core.errors import UserError
-from epinfer.core.sampling_params import SamplingParams, check_text, default_max_tokens, logit_bias_from_json
+from epinfer.core.sampling_params import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    check_text,
+    default_max_tokens,
+    logit_bias_from_json,
+)
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
 TEMPLATE_SECONDS = 10  # a chat template still rendering after this is stopped (core.untrusted.time_limit): a 500
 
 
@@ -60,6 +66,9 @@ class GenerateRequest:
     include_usage: bool = False  # stream_options.include_usage
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
     n: int = 1  # choices: one engine request each, choice i seeded with seed + i when a seed is given
+    echo: bool = False  # completions: the prompt's text (and with logprobs its tokens') before the answer's
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: each prompt token's, with the top N
+    no_output: bool = False  # echo with max_tokens 0: the engine samples one token, the answer shows none
 
 
 MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
@@ -270,10 +279,10 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",),
                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
                "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
-               "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_logprobs": (),
+               "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
                "allowed_token_ids": (), "bad_words": ([],),
                "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
                "chat_template": (), "documents": ([],)}
@@ -321,17 +330,39 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                   **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
                                                                "repetition_penalty")})
     logprobs = _logprobs(body, chat)
+    echo, prompt_logprobs = _echo(body, chat, stream, logprobs)
     _unsupported(body)
+    no_output = echo and max_tokens == 0  # (the prompt's logprobs only, as lm-eval asks for them)
+    if no_output:
+        max_tokens = 1
     if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
+        raise APIError(400, f"'{key}' must be at least 1 (0 only with 'echo'), got {max_tokens}", param=key)
     prompts = [_chat_ids(body, tokenizer)] if chat else _prompts(body, tokenizer, info)
     try:
         bias = logit_bias_from_json(body.get("logit_bias"))
     except UserError as exc:
         raise APIError(400, str(exc), param="logit_bias") from None
+    engine_top = max((k for k in (prompt_logprobs, logprobs if echo else None) if k is not None), default=None)
+    fields["prompt_logprobs"] = engine_top
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
-                                               stop_ids, bias, fields), stream, include_usage, logprobs, n)
+                                               stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
+                            prompt_logprobs, no_output)
             for i, ids in enumerate(prompts)]
+
+
+def _echo(body: dict, chat: bool, stream: bool, logprobs: int | None) -> tuple[bool, int | None]:
+    """(`echo`, `prompt_logprobs`), checked: echo for completions only; the prompt's logprobs (asked
+    for directly, or by echo with logprobs) only in a whole answer, as in vLLM."""
+    echo = _field(body, "echo", bool, False)
+    if echo and chat:
+        raise APIError(400, "'echo' is not supported for chat completions", param="echo")
+    top = _field(body, "prompt_logprobs", int)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'prompt_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="prompt_logprobs")
+    if stream and (top is not None or (echo and logprobs is not None)):
+        raise APIError(400, "the prompt's logprobs ('prompt_logprobs', or 'echo' with 'logprobs') are not "
+                       "available with 'stream': true", param="stream")
+    return echo, top
 
 
 def _params(ids: list[int], index: int | None, info: ModelInfo, key: str, max_tokens: int | None, stop, stop_ids,

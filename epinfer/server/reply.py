@@ -23,7 +23,15 @@ from fastapi.responses import JSONResponse
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient, RequestState, Update, merged
 from epinfer.server.protocol import ModelInfo, choice, error_body, response, usage
-from epinfer.server.text import TextStream, chat_logprobs, completion_logprobs
+from epinfer.server.text import (
+    TextStream,
+    chat_logprobs,
+    completion_logprobs,
+    echoed_logprobs,
+    joined_logprobs,
+    prompt_logprobs,
+    token_text,
+)
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 
@@ -38,6 +46,10 @@ class Choice:
         self.records: list[tuple] = []  # logprob records, for a whole answer
         self.token_offset = 0  # completions' logprobs: the text offset of the next token (its tokens' lengths)
         self.finish: str | None = None
+        self.prompt_records: list | None = None  # the prompt's logprobs, when asked for
+        self.echo = ""  # an echoed prompt's text (completions with `echo`)
+        if state.req.echo and tokenizer is not None:
+            self.echo = tokenizer.decode(state.req.prompt_ids, skip_special_tokens=False)
 
     def logprobs(self, ids: list[int], records: list[tuple] | None, offset: int) -> dict | None:
         if self.state.req.logprobs is None or records is None:
@@ -50,10 +62,15 @@ class Choice:
         self.text.add(update.token_ids)
         self.token_ids += update.token_ids
         self.finish = update.finish_reason
+        if update.prompt_logprobs is not None:
+            self.prompt_records = update.prompt_logprobs
 
     def delta(self, update: Update) -> dict | None:
         """The stream chunk's choice for `update` (after `add`), or None when it says nothing yet."""
         final = update.finish_reason is not None
+        if self.state.req.no_output:  # echo with max_tokens 0: only the end
+            return {**choice(False, "", update.finish_reason, None, [], delta=True), "index": self.index} \
+                if final else None
         delta = self.text.delta(final, update.stop_text_end)
         lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
         if lp is not None and not self.state.req.chat and lp["tokens"]:
@@ -64,9 +81,23 @@ class Choice:
                 "index": self.index}
 
     def whole(self, stop_text_end: int | None) -> dict:
-        text = self.text.full_text(stop_text_end)
-        lp = self.logprobs(self.token_ids, self.records if self.state.req.logprobs is not None else None, 0)
-        return {**choice(self.state.req.chat, text, self.finish, lp, self.token_ids), "index": self.index}
+        req = self.state.req
+        text, ids, records = self.text.full_text(stop_text_end), self.token_ids, self.records
+        if req.no_output:  # echo with max_tokens 0: the one token the engine sampled is not shown
+            text, ids, records = "", [], []
+        offset = sum(len(token_text(self.tokenizer, t)) for t in req.prompt_ids) if req.echo else 0
+        lp = self.logprobs(ids, records if req.logprobs is not None else None, offset)
+        if lp is not None and req.echo:
+            lp = joined_logprobs(echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records,
+                                                 req.logprobs), lp)
+        out = {**choice(req.chat, self.echo + text, self.finish, lp, ids), "index": self.index}
+        if req.prompt_logprobs is not None and not req.chat:
+            out["prompt_logprobs"] = self.prompt_json()
+        return out
+
+    def prompt_json(self) -> list:
+        req = self.state.req
+        return prompt_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records, req.prompt_logprobs)
 
 
 class Reply:
@@ -95,7 +126,8 @@ class Reply:
 
     def usage(self) -> dict:
         n = self.states[0].req.n  # (each prompt's n choices in a row: its prompt counted once)
-        return usage(sum(len(s.req.prompt_ids) for s in self.states[::n]), sum(len(c.token_ids) for c in self.choices))
+        return usage(sum(len(s.req.prompt_ids) for s in self.states[::n]),
+                     sum(0 if c.state.req.no_output else len(c.token_ids) for c in self.choices))
 
     def cancel(self) -> None:
         for state in self.states:
@@ -157,9 +189,12 @@ class Reply:
             self.cancel()
         try:
             choices = [c.whole(ends.get(c.index)) for c in self.choices]
+            body = self.body(choices, self.usage(), chunk=False)
+            if self.chat and self.states[0].req.prompt_logprobs is not None:  # (vLLM's place for a chat's)
+                body["prompt_logprobs"] = self.choices[0].prompt_json()
         except Exception as exc:  # this request's text can't be made: it fails, nothing else does
             return JSONResponse(self.text_failure(exc), status_code=500)
-        return JSONResponse(self.body(choices, self.usage(), chunk=False))
+        return JSONResponse(body)
 
     def text_failure(self, exc: Exception) -> dict:
         log_line(f"epinfer: error: request {self.id}: detokenisation failed: {type(exc).__name__}: {exc}")
@@ -176,6 +211,9 @@ class Reply:
                     first = {**choice(True, "", None, None, [], delta=True), "index": c.index}
                     first["delta"] = {"role": "assistant", "content": ""}
                     yield self.sse([first])
+            for c in self.choices:  # an echoed prompt first, as vLLM streams it
+                if c.echo:
+                    yield self.sse([{**choice(False, c.echo, None, None, [], delta=True), "index": c.index}])
             async with contextlib.aclosing(self.updates()) as updates:
                 async for c, update in updates:
                     if update is DISCONNECTED:

@@ -110,6 +110,34 @@ def completion_logprobs(tokenizer, ids: list[int], records: list[tuple], offset:
             "text_offset": offsets}
 
 
+def echoed_logprobs(tokenizer, prompt_ids: list[int], prompt_records: list, top: int) -> dict:
+    """`completion_logprobs` of an echoed prompt: its first token has no logprob (None, as in
+    OpenAI's legacy API and vLLM), each later one its `Sequence.prompt_logprobs` record's, with the
+    top `top`."""
+    first = token_text(tokenizer, prompt_ids[0])
+    rest = completion_logprobs(tokenizer, prompt_ids[1:], [(r[0], r[2][:top]) for r in prompt_records[1:]],
+                               len(first))
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def joined_logprobs(a: dict, b: dict) -> dict:
+    """Two `completion_logprobs` objects one after the other (b's offsets already after a's text)."""
+    return {key: a[key] + b[key] for key in a}
+
+
+def prompt_logprobs(tokenizer, prompt_ids: list[int], records: list, top: int) -> list:
+    """vLLM's `prompt_logprobs`: None for the first token, then per token {token id: {logprob, rank,
+    decoded_token}} for the prompt's token and the `top` most likely."""
+    out: list = [None]
+    for token, (logprob, rank, best) in zip(prompt_ids[1:], records[1:], strict=True):
+        entry = {str(t): {"logprob": lp, "rank": i + 1, "decoded_token": token_text(tokenizer, t)}
+                 for i, (t, lp) in enumerate(best[:top])}
+        entry[str(token)] = {"logprob": logprob, "rank": rank, "decoded_token": token_text(tokenizer, token)}
+        out.append(entry)
+    return out
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary writes for
     each byte value, mapped back to that byte."""
