@@ -25,13 +25,13 @@ def prompt_logprobs(compute_logits, plan: StepPlan, hidden_TD: torch.Tensor) -> 
                 b = min(a + ROWS, len(w.targets))
                 logprobs = torch.log_softmax(compute_logits(hidden_TD[row + a:row + b]).float(), dim=-1)
                 chosen = logprobs.gather(1, targets[a:b, None])
-                ranks = (logprobs > chosen).sum(-1) + 1
-                top = torch.topk(logprobs, w.top) if w.top else None
-                chosen, ranks = chosen[:, 0].tolist(), ranks.tolist()
-                tops = (list(zip(*t, strict=True)) for t in zip(top.indices.tolist(), top.values.tolist(),
-                                                                 strict=True)) if top is not None else None
-                records += [(c, r, list(next(tops)) if tops is not None else []) for c, r in zip(chosen, ranks,
-                                                                                                  strict=True)]
+                ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+                if w.top:
+                    values, ids = torch.topk(logprobs, w.top)
+                    tops = [list(zip(t, v, strict=True)) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+                else:
+                    tops = [[] for _ in ranks]
+                records += zip(chosen[:, 0].tolist(), ranks, tops, strict=True)
             out.append((i, records))
         row += len(w.tokens)
     return out
