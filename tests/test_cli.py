@@ -55,16 +55,18 @@ def test_output_json(tiny, tmp_path, capsys):
     assert got == [w.token_ids for w in want] and got[2][0] == 7
     # prompt logprobs: a line's own count, else the flag's; the engine's records, readable
     prompts.write_text(json.dumps({"prompt_token_ids": [4, 5, 6], "prompt_logprobs": 2}) + "\n"
-                       + json.dumps({"prompt_token_ids": [7, 8]}) + "\n")
+                       + json.dumps({"prompt_token_ids": [7, 8], "allowed_token_ids": [11, 12]}) + "\n")
     code, _, err = run(["generate", "--model", str(tiny), "--prompts-file", str(prompts), "--max-tokens", "2",
                         "--prompt-logprobs", "0", "--output", str(out_file), "--dtype", "float32"], capsys)
     assert code == 0, err
     want = LLM(str(tiny), dtype="float32", device="cpu").generate(
-        [[4, 5, 6], [7, 8]], [SamplingParams(max_tokens=2, prompt_logprobs=k) for k in (2, 0)])
+        [[4, 5, 6], [7, 8]], [SamplingParams(max_tokens=2, prompt_logprobs=2),
+                              SamplingParams(max_tokens=2, prompt_logprobs=0, allowed_token_ids=[11, 12])])
     got = [r["prompt_logprobs"] for r in json.loads(out_file.read_text())]
     assert got == [[r and {"logprob": r[0], "rank": r[1], "top": [list(t) for t in r[2]]} for r in w.prompt_logprobs]
                    for w in want]
     assert got[0][0] is None and len(got[0][2]["top"]) == 2 and got[1][1]["top"] == []
+    assert set(json.loads(out_file.read_text())[1]["token_ids"]) <= {11, 12}
 
 
 def corrupt(src, dst, fn):

@@ -92,3 +92,34 @@ def test_logit_bias(ckpt_dir):
     assert llm.generate(PROMPTS[2], params)[0].token_ids == reference(_load(path), PROMPTS[2], 0.5, 0.0, 1.3, bias)
     with pytest.raises(UserError, match=r"request 0: logit_bias token id 999 is outside the vocabulary \(size 256\)"):
         llm.generate([1, 2], SamplingParams(max_tokens=2, logit_bias={999: 1.0}))
+
+
+def test_allowed_token_ids(ckpt_dir):
+    """Only `allowed_token_ids` are sampled: greedy tokens equal transformers' `generate` with the same
+    set allowed (`prefix_allowed_tokens_fn`), beside an unconstrained request in the same batch and with
+    a penalty on top; sampled tokens stay in the set; bad sets are one line."""
+    path = ckpt_dir("qwen3_5_moe")
+    model = _load(path)
+    allowed = [3, 17, 42, 101, 250]
+    with torch.inference_mode():
+        hf = model.generate(torch.tensor([PROMPTS[2]]), attention_mask=torch.ones(1, len(PROMPTS[2]), dtype=torch.long),
+                            prefix_allowed_tokens_fn=lambda batch, ids: allowed,
+                            generation_config=transformers.GenerationConfig(
+                                do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None,
+                                bos_token_id=None, pad_token_id=None))[0, len(PROMPTS[2]):].tolist()
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    greedy = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    free = llm.generate(PROMPTS[2], greedy)[0].token_ids
+    assert not set(free) <= set(allowed)  # (the set changes these tokens)
+    outs = llm.generate([PROMPTS[2], PROMPTS[2], PROMPTS[2]], [
+        SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, allowed_token_ids=allowed), greedy,
+        SamplingParams(max_tokens=NEW, temperature=1.0, seed=7, ignore_eos=True, allowed_token_ids=allowed,
+                       presence_penalty=1.0)])
+    assert outs[0].token_ids == hf and outs[1].token_ids == free
+    assert set(outs[2].token_ids) <= set(allowed)
+    for bad, message in (([], "allowed_token_ids must be a non-empty list"), ([1, -2], "allowed_token_ids must be"),
+                         ("3", "allowed_token_ids must be a non-empty list")):
+        with pytest.raises(UserError, match=message):
+            llm.generate([1, 2], SamplingParams(max_tokens=2, allowed_token_ids=bad))
+    with pytest.raises(UserError, match=r"request 0: allowed token id 300 is outside the vocabulary \(size 256\)"):
+        llm.generate([1, 2], SamplingParams(max_tokens=2, allowed_token_ids=[1, 300]))

@@ -297,6 +297,16 @@ def test_echo_and_prompt_logprobs(demo, demo_llm):
     assert text == whole.json()["choices"][0]["text"] and text.startswith(prompt) and len(text) > len(prompt)
 
 
+def test_allowed_token_ids(demo):
+    allowed = [72, 101, 108, 111]
+    body = {"max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True, "allowed_token_ids": allowed}
+    for path, prompt in (("/v1/completions", {"prompt": "Beautiful is"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        answer = post(demo.url, path, {**body, **prompt}).json()
+        ids = answer["choices"][0]["token_ids"]
+        assert len(ids) == 12 and set(ids) <= set(allowed), answer
+
+
 BAD = [
     ("/v1/completions", b'{"prompt": "x", ', 400, "malformed JSON"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
@@ -335,6 +345,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "not available with 'stream'"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, 400, "not available with"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "'best_of' is not supported"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "'allowed_token_ids' must be a non-empty"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": 1}},

@@ -67,6 +67,7 @@ class SamplingParams:
     # each prompt token's logprob given the tokens before it, its rank, and the top N (vLLM's);
     # None: off. Such a request reuses no cached prefix (its tokens' logits are computed)
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: any
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -83,7 +84,7 @@ class SamplingParams:
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
-                                self.include_stop_str_in_output, self.prompt_logprobs)
+                                self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -94,6 +95,8 @@ class SamplingParams:
             logit_bias={int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             prompt_logprobs=None if self.prompt_logprobs is None else int(self.prompt_logprobs),
+            allowed_token_ids=None if self.allowed_token_ids is None else sorted({int(t)
+                                                                                 for t in self.allowed_token_ids}),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -131,6 +134,12 @@ class SamplingParams:
                 _integer("stop_token_ids", t, 0, None)
         _integer("min_tokens", self.min_tokens, 0, None)
         _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)) or not allowed:
+                raise UserError("allowed_token_ids must be a non-empty list of token ids")
+            for t in allowed:
+                _integer("allowed_token_ids", t, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logit_bias is not None:

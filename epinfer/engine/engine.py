@@ -29,7 +29,7 @@ from epinfer.engine.memory import (
     expandable_segments,
     plan_cache,
 )
-from epinfer.engine.penalties import bias, penalize
+from epinfer.engine.penalties import allow, bias, penalize
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.engine.stops import StopSearch, first_match
 from epinfer.kernels import cudnn_attention, paged_attention, preload
@@ -260,7 +260,8 @@ class Engine:
                             "use stop_token_ids")
         vocab = self.model_config.vocab_size  # (a stop that could never match, a bias on no token)
         for what, ids in (("stop token id", params.stop_token_ids or ()),
-                          ("logit_bias token id", params.logit_bias or {})):
+                          ("logit_bias token id", params.logit_bias or {}),
+                          ("allowed token id", params.allowed_token_ids or ())):
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
         ids = self.tokenize(prompt, index)
@@ -330,7 +331,8 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-            logits = penalize(bias(self._hold_stops(logits, sampled), sampled), sampled, self.runner.prev_tokens)
+            logits = penalize(bias(allow(self._hold_stops(logits, sampled), sampled), sampled), sampled,
+                              self.runner.prev_tokens)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1

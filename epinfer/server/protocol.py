@@ -283,7 +283,7 @@ UNSUPPORTED = {"best_of": (1,), "suffix": ("",),
                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
                "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
                "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-               "allowed_token_ids": (), "bad_words": ([],),
+               "bad_words": ([],),
                "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
                "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
@@ -322,8 +322,12 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     if stop_ids is not None and not (isinstance(stop_ids, list)
                                      and (not stop_ids or _token_list(stop_ids, "stop_token_ids", info))):
         raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and _token_list(allowed, "allowed_token_ids", info) is None:
+        raise APIError(400, "'allowed_token_ids' must be a non-empty array of token ids",
+                       param="allowed_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
-                  min_p=_field(body, "min_p", float),
+                  min_p=_field(body, "min_p", float), allowed_token_ids=allowed,
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),

@@ -178,6 +178,28 @@ def test_penalties_on_the_gpu_match_the_cpu(ckpt_dir, family):
     assert [o.token_ids for o in llm.generate(prompts, params)] == cpu
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])
+def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt_dir, family):
+    """Prompt logprobs on CUDA (graph pieces for the prompt chunks, graphs and async scheduling for
+    the decodes of the requests beside them), float32: the CPU run's within 1e-4, the same ranks
+    where no two logprobs are that close; the tokens unchanged."""
+    from epinfer import LLM, SamplingParams
+
+    folder = str(ckpt_dir(family))
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=k) for k in (3, None, 0)]
+    prompts = PROMPTS[:3]
+    cpu = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=16).generate(prompts, params)
+    gpu = LLM(folder, dtype="float32", device="cuda", async_scheduling=True, max_num_batched_tokens=16).generate(
+        prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    assert gpu[1].prompt_logprobs is None and cpu[1].prompt_logprobs is None
+    for a, b in ((gpu[0], cpu[0]), (gpu[2], cpu[2])):
+        assert a.prompt_logprobs[0] is None and len(a.prompt_logprobs) == len(b.prompt_logprobs)
+        for (la, ra, ta), (lb, rb, tb) in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert abs(la - lb) < 1e-4 and abs(ra - rb) <= 1 and len(ta) == len(tb)
+            assert all(abs(x[1] - y[1]) < 1e-4 for x, y in zip(ta, tb, strict=True))
+
+
 def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16, experts: int | None = None):
     """A transformers model of a real shape with `layers` layers, random weights, saved; `experts`:
     fewer routed experts than the shape has (a checkpoint an eighth the size at 32 of 256)."""
