@@ -28,6 +28,7 @@ from epinfer.core.sampling_params import (
     logit_bias_from_json,
 )
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
+from epinfer.server.tools import ToolError, check_tools, template_message
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
 TEMPLATE_SECONDS = 10  # a chat template still rendering after this is stopped (core.untrusted.time_limit): a 500
@@ -69,6 +70,7 @@ class GenerateRequest:
     echo: bool = False  # completions: the prompt's text (and with logprobs its tokens') before the answer's
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: each prompt token's, with the top N
     no_output: bool = False  # echo with max_tokens 0: the engine samples one token, the answer shows none
+    tool_calls: bool = False  # chat with tools and tool_choice "auto": the answer is searched for calls (`tools`)
 
 
 MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
@@ -208,13 +210,20 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
                            param="messages")
-        clean.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
+        _text(m["role"], "messages")
+        try:
+            clean.append(template_message(i, m, _text(content, "messages")))
+        except ToolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+    tools, _ = checked_tools(body)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     extra = _field(body, "chat_template_kwargs", dict, {})  # e.g. {"enable_thinking": false} (Qwen3)
     if not all(isinstance(k, str) and k.isidentifier() and k not in TEMPLATE_OWN for k in extra):
         raise APIError(400, "'chat_template_kwargs' keys must be names the template reads (not "
                        f"{', '.join(sorted(TEMPLATE_OWN))})", param="chat_template_kwargs")
+    if tools is not None:
+        extra = {**extra, "tools": tools}
     generation_prompt = _field(body, "add_generation_prompt", bool, True)
     continue_final = _field(body, "continue_final_message", bool, False)  # the last message goes on
     if continue_final and generation_prompt:
@@ -232,6 +241,14 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
             raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
     return chat_prompt_ids(tokenizer, text)
+
+
+def checked_tools(body: dict) -> tuple[list[dict] | None, bool]:
+    """`tools.check_tools` with its refusal as a 400."""
+    try:
+        return check_tools(body)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def template_broken(exc: Exception) -> bool:
@@ -279,13 +296,10 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"best_of": (1,), "suffix": ("",),
-               "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
-               "functions": ([],), "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
-               "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-               "bad_words": ([],),
-               "use_beam_search": (False,), "skip_special_tokens": (True,), "truncate_prompt_tokens": (),
-               "chat_template": (), "documents": ([],)}
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},), "functions": ([],),
+               "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (), "guided_choice": (),
+               "guided_grammar": (), "structured_outputs": (), "bad_words": ([],), "use_beam_search": (False,),
+               "skip_special_tokens": (True,), "truncate_prompt_tokens": (), "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
 
@@ -350,7 +364,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     fields["prompt_logprobs"] = engine_top
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
-                            prompt_logprobs, no_output)
+                            prompt_logprobs, no_output, chat and checked_tools(body)[1])
             for i, ids in enumerate(prompts)]
 
 
@@ -441,13 +455,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(chat: bool, text: str, finish_reason: str | None, logprobs: dict | None, token_ids: list[int],
-           delta: bool = False) -> dict:
+def choice(chat: bool, text: str | None, finish_reason: str | None, logprobs: dict | None, token_ids: list[int],
+           delta: bool = False, tool_calls: list[dict] | None = None) -> dict:
+    """`tool_calls` (chat): the answer's calls (`tools.parse_calls`); a delta numbers them."""
     out: dict = {"index": 0}
     if chat and delta:
-        out["delta"] = {"content": text} if text or finish_reason is None else {}
+        out["delta"] = {"content": text} if text or (finish_reason is None and not tool_calls) else {}
+        if tool_calls:
+            out["delta"]["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
     elif chat:
         out["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            out["message"]["tool_calls"] = tool_calls
     else:
         out["text"] = text
     out["logprobs"] = logprobs

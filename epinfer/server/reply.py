@@ -32,6 +32,7 @@ from epinfer.server.text import (
     prompt_logprobs,
     token_text,
 )
+from epinfer.server.tools import OPEN, held_back, parse_calls
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 
@@ -48,6 +49,8 @@ class Choice:
         self.finish: str | None = None
         self.prompt_records: list | None = None  # the prompt's logprobs, when asked for
         self.echo = ""  # an echoed prompt's text (completions with `echo`)
+        self.said = ""  # tool calls looked for (`tools`): the text so far, and how much of it went out
+        self.said_sent = 0
         if state.req.echo and tokenizer is not None:
             self.echo = tokenizer.decode(state.req.prompt_ids, skip_special_tokens=False)
 
@@ -72,13 +75,29 @@ class Choice:
             return {**choice(False, "", update.finish_reason, None, [], delta=True), "index": self.index} \
                 if final else None
         delta = self.text.delta(final, update.stop_text_end)
+        calls = None
+        if self.state.req.tool_calls:
+            delta, calls = self.tool_delta(delta, final)
         lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
         if lp is not None and not self.state.req.chat and lp["tokens"]:
             self.token_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
         if not (delta or lp or final or update.token_ids):
             return None
-        return {**choice(self.state.req.chat, delta, update.finish_reason, lp, update.token_ids, delta=True),
+        reason = "tool_calls" if calls else update.finish_reason
+        return {**choice(self.state.req.chat, delta, reason, lp, update.token_ids, delta=True, tool_calls=calls),
                 "index": self.index}
+
+    def tool_delta(self, delta: str, final: bool) -> tuple[str, list[dict] | None]:
+        """The text a stream may send now, held back from a tool call's start; at the end the rest,
+        and the calls when the whole text holds them (`tools.parse_calls`)."""
+        self.said += delta
+        if not final:
+            upto = max(self.said_sent, held_back(self.said))
+            out, self.said_sent = self.said[self.said_sent:upto], upto
+            return out, None
+        parsed = parse_calls(self.said)
+        end = self.said.index(OPEN) if parsed else len(self.said)
+        return self.said[self.said_sent:end], parsed[1] if parsed else None
 
     def whole(self, stop_text_end: int | None) -> dict:
         req = self.state.req
@@ -90,7 +109,11 @@ class Choice:
         if lp is not None and req.echo:
             lp = joined_logprobs(echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records,
                                                  req.logprobs), lp)
-        out = {**choice(req.chat, self.echo + text, self.finish, lp, ids), "index": self.index}
+        parsed = parse_calls(text) if req.tool_calls else None
+        if parsed:
+            out = {**choice(True, parsed[0], "tool_calls", lp, ids, tool_calls=parsed[1]), "index": self.index}
+        else:
+            out = {**choice(req.chat, self.echo + text, self.finish, lp, ids), "index": self.index}
         if req.prompt_logprobs is not None and not req.chat:
             out["prompt_logprobs"] = self.prompt_json()
         return out
