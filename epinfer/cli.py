@@ -50,6 +50,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name", default=None, help="the model id in responses (default: --model)")
     s.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's")
+    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="chat answers' <think> reasoning apart, as reasoning_content (Qwen3, Qwen3-Next, Qwen3.5)")
     s.add_argument("--api-key", default=None,
                    help="clients must send 'Authorization: Bearer KEY' to /v1/* (default: EPINFER_API_KEY, "
                         "else no key)")

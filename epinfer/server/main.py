@@ -105,7 +105,8 @@ def serve(args: argparse.Namespace, job: Job) -> int:
         sock.close()
         raise Interrupted(signals.first())
     name = args.served_model_name or args.model or "epinfer-demo"
-    info = ModelInfo(name, engine["max_model_len"], engine["vocab_size"], engine["defaults"])
+    info = ModelInfo(name, engine["max_model_len"], engine["vocab_size"], engine["defaults"],
+                     reasoning=args.reasoning_parser is not None)
     return asyncio.run(Server(args, ranks, tokenizer, info, sock, engine).run())
 
 

@@ -1,4 +1,4 @@
-"""OpenAI request validation and response bodies (pure functions, no I/O).
+"""OpenAI request validation (pure functions, no I/O; the response bodies: `bodies`).
 
 A request body is checked field by field: a known field of the wrong type or out of range, an
 empty prompt, `n` other than 1, a prompt that leaves no room for one generated token or
@@ -28,6 +28,7 @@ from epinfer.core.sampling_params import (
     logit_bias_from_json,
 )
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
+from epinfer.server import reasoning
 from epinfer.server.tools import ToolError, check_tools, template_message
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
@@ -56,6 +57,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     defaults: dict  # generation_config.json sampling defaults
+    reasoning: bool = False  # chat answers' reasoning split off (--reasoning-parser: `reasoning`)
 
 
 @dataclasses.dataclass
@@ -71,6 +73,7 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: each prompt token's, with the top N
     no_output: bool = False  # echo with max_tokens 0: the engine samples one token, the answer shows none
     tool_calls: bool = False  # chat with tools and tool_choice "auto": the answer is searched for calls (`tools`)
+    think_open: bool | None = None  # reasoning split off (`reasoning`): whether the prompt left a think block open
 
 
 MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
@@ -192,6 +195,11 @@ def _prompt_ids(prompt, tokenizer, info: ModelInfo, name: str) -> list[int]:
 
 
 def _chat_ids(body: dict, tokenizer) -> list[int]:
+    return chat_prompt_ids(tokenizer, _chat_text(body, tokenizer))
+
+
+def _chat_text(body: dict, tokenizer) -> str:
+    """The chat template's rendering of the request's messages (and tools)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
@@ -240,7 +248,7 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         if template_broken(exc):
             raise APIError(500, f"this model's chat template is broken: {one_line(exc)}", "server_error") from None
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    return chat_prompt_ids(tokenizer, text)
+    return text
 
 
 def checked_tools(body: dict) -> tuple[list[dict] | None, bool]:
@@ -355,7 +363,9 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         max_tokens = 1
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"'{key}' must be at least 1 (0 only with 'echo'), got {max_tokens}", param=key)
-    prompts = [_chat_ids(body, tokenizer)] if chat else _prompts(body, tokenizer, info)
+    rendered = _chat_text(body, tokenizer) if chat else None
+    prompts = [chat_prompt_ids(tokenizer, rendered)] if chat else _prompts(body, tokenizer, info)
+    think_open = reasoning.prompt_leaves_open(rendered) if chat and info.reasoning else None
     try:
         bias = logit_bias_from_json(body.get("logit_bias"))
     except UserError as exc:
@@ -364,7 +374,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     fields["prompt_logprobs"] = engine_top
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
-                            prompt_logprobs, no_output, chat and checked_tools(body)[1])
+                            prompt_logprobs, no_output, chat and checked_tools(body)[1], think_open)
             for i, ids in enumerate(prompts)]
 
 
@@ -446,42 +456,3 @@ def parse_detokenize(body, tokenizer, info: ModelInfo) -> dict:
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer: nothing to detokenize with", param="tokens")
     return {"prompt": tokenizer.decode(ids)}
-
-
-# --- responses -----------------------------------------------------------------------------
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def choice(chat: bool, text: str | None, finish_reason: str | None, logprobs: dict | None, token_ids: list[int],
-           delta: bool = False, tool_calls: list[dict] | None = None) -> dict:
-    """`tool_calls` (chat): the answer's calls (`tools.parse_calls`); a delta numbers them."""
-    out: dict = {"index": 0}
-    if chat and delta:
-        out["delta"] = {"content": text} if text or (finish_reason is None and not tool_calls) else {}
-        if tool_calls:
-            out["delta"]["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
-    elif chat:
-        out["message"] = {"role": "assistant", "content": text}
-        if tool_calls:
-            out["message"]["tool_calls"] = tool_calls
-    else:
-        out["text"] = text
-    out["logprobs"] = logprobs
-    out["finish_reason"] = finish_reason
-    out["token_ids"] = token_ids
-    return out
-
-
-def response(chat: bool, request_id: str, created: int, model: str, choices: list[dict],
-             usage_: dict | None, chunk: bool = False) -> dict:
-    if chat:
-        obj = "chat.completion.chunk" if chunk else "chat.completion"
-    else:
-        obj = "text_completion"
-    body = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body

@@ -21,8 +21,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from epinfer.diagnostics.watchdog import log_line
+from epinfer.server import reasoning
+from epinfer.server.bodies import choice, response, usage
 from epinfer.server.client import EngineClient, RequestState, Update, merged
-from epinfer.server.protocol import ModelInfo, choice, error_body, response, usage
+from epinfer.server.protocol import ModelInfo, error_body
 from epinfer.server.text import (
     TextStream,
     chat_logprobs,
@@ -51,6 +53,8 @@ class Choice:
         self.echo = ""  # an echoed prompt's text (completions with `echo`)
         self.said = ""  # tool calls looked for (`tools`): the text so far, and how much of it went out
         self.said_sent = 0
+        open_ = state.req.think_open
+        self.thinking = None if open_ is None else reasoning.ReasoningStream(open_)  # reasoning split off
         if state.req.echo and tokenizer is not None:
             self.echo = tokenizer.decode(state.req.prompt_ids, skip_special_tokens=False)
 
@@ -75,17 +79,19 @@ class Choice:
             return {**choice(False, "", update.finish_reason, None, [], delta=True), "index": self.index} \
                 if final else None
         delta = self.text.delta(final, update.stop_text_end)
-        calls = None
+        calls, thought = None, None
+        if self.thinking is not None:
+            thought, delta = self.thinking.add(delta, final)
         if self.state.req.tool_calls:
             delta, calls = self.tool_delta(delta, final)
         lp = self.logprobs(update.token_ids, update.logprobs, self.token_offset)
         if lp is not None and not self.state.req.chat and lp["tokens"]:
             self.token_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        if not (delta or lp or final or update.token_ids):
+        if not (delta or thought or lp or final or update.token_ids):
             return None
         reason = "tool_calls" if calls else update.finish_reason
-        return {**choice(self.state.req.chat, delta, reason, lp, update.token_ids, delta=True, tool_calls=calls),
-                "index": self.index}
+        return {**choice(self.state.req.chat, delta, reason, lp, update.token_ids, delta=True, tool_calls=calls,
+                         thought=thought), "index": self.index}
 
     def tool_delta(self, delta: str, final: bool) -> tuple[str, list[dict] | None]:
         """The text a stream may send now, held back from a tool call's start; at the end the rest,
@@ -109,11 +115,15 @@ class Choice:
         if lp is not None and req.echo:
             lp = joined_logprobs(echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records,
                                                  req.logprobs), lp)
-        parsed = parse_calls(text) if req.tool_calls else None
+        thought, content = (None, text) if req.think_open is None else reasoning.split(text, req.think_open)
+        parsed = parse_calls(content or "") if req.tool_calls else None
         if parsed:
-            out = {**choice(True, parsed[0], "tool_calls", lp, ids, tool_calls=parsed[1]), "index": self.index}
+            out = choice(True, parsed[0], "tool_calls", lp, ids, tool_calls=parsed[1], thought=thought)
+        elif req.think_open is not None:
+            out = choice(True, content, self.finish, lp, ids, thought=thought)
         else:
-            out = {**choice(req.chat, self.echo + text, self.finish, lp, ids), "index": self.index}
+            out = choice(req.chat, self.echo + text, self.finish, lp, ids)
+        out["index"] = self.index
         if req.prompt_logprobs is not None and not req.chat:
             out["prompt_logprobs"] = self.prompt_json()
         return out
