@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import json
 import signal
-import types
 
 import pytest
 
-from epinfer import SamplingParams
-from epinfer.server.client import Update
-from epinfer.server.protocol import GenerateRequest
 from epinfer.server.reasoning import ReasoningStream, prompt_leaves_open, split
-from epinfer.server.reply import Choice
 from tests.serving import Served, post, sse_events
-from tests.test_tools import CharTokenizer
+from tests.test_tools import replies
 
 CASES = [("<think>\nabc\n</think>\n\nAnswer", False, ("\nabc\n", "Answer")),
          ("abc\n</think>\n\nAns", True, ("abc\n", "Ans")),
@@ -48,22 +43,12 @@ def test_split_and_stream_agree(text, open_, want):
 def test_reasoning_then_tool_calls_in_a_choice():
     text = ('<think>\nI should call it.\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n'
             '</tool_call>')
-    req = GenerateRequest(True, [1], SamplingParams(max_tokens=999).resolved({}), tool_calls=True, think_open=False)
-    state = types.SimpleNamespace(req=req)
     for pieces in (1, 5, len(text)):
-        stream, whole = Choice(0, state, CharTokenizer()), Choice(0, state, CharTokenizer())
-        ids = [ord(c) for c in text]
-        cut = [len(ids) * k // pieces for k in range(pieces + 1)]
-        chunks = []
-        for k in range(pieces):
-            update = Update(ids[cut[k]:cut[k + 1]], finish_reason="stop" if k == pieces - 1 else None)
-            for c in (stream, whole):
-                c.add(update)
-            chunks.append(stream.delta(update))
-        message = whole.whole(None)["message"]
+        chunks, whole = replies(text, pieces, think_open=False)
+        message = whole["message"]
         assert message["reasoning_content"] == "\nI should call it.\n" and message["content"] is None
         assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"x": 1}]
-        deltas = [c["delta"] for c in chunks if c is not None]
+        deltas = [c["delta"] for c in chunks]
         assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
         assert "".join(d.get("content", "") for d in deltas) == ""
         assert deltas[-1]["tool_calls"][0]["function"]["name"] == "f"

@@ -67,9 +67,11 @@ class CharTokenizer:
         return "".join(map(chr, ids))
 
 
-def replies(text: str, pieces: int) -> tuple[list[dict], dict]:
-    """The stream's chunks for `text` arriving in `pieces` updates, and the whole answer's choice."""
-    req = GenerateRequest(True, [1], SamplingParams(max_tokens=999).resolved({}), tool_calls=True)
+def replies(text: str, pieces: int, think_open: bool | None = None) -> tuple[list[dict], dict]:
+    """The stream's chunks for `text` arriving in `pieces` updates, and the whole answer's choice (a
+    chat request that looks for tool calls; `think_open`: and splits reasoning off)."""
+    req = GenerateRequest(True, [1], SamplingParams(max_tokens=999).resolved({}), tool_calls=True,
+                          think_open=think_open)
     state = types.SimpleNamespace(req=req)
     stream, whole = Choice(0, state, CharTokenizer()), Choice(0, state, CharTokenizer())
     ids = [ord(c) for c in text]
