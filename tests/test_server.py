@@ -297,6 +297,16 @@ def test_echo_and_prompt_logprobs(demo, demo_llm):
     assert text == whole.json()["choices"][0]["text"] and text.startswith(prompt) and len(text) > len(prompt)
 
 
+def test_guided_choice(demo):
+    choices = ["yes", "no", "maybe so"]
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        for path, prompt in (("/v1/completions", {"prompt": "The answer is"}),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            answer = post(demo.url, path, {"max_tokens": 12, "temperature": 1.0, "seed": 4, **extra, **prompt}).json()
+            text = answer["choices"][0]["text" if "prompt" in prompt else "message"]
+            assert (text if "prompt" in prompt else text["content"]) in choices, answer
+
+
 def test_allowed_token_ids(demo):
     allowed = [72, 101, 108, 111]
     body = {"max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True, "allowed_token_ids": allowed}
@@ -346,6 +356,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, 400, "not available with"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "'best_of' is not supported"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "'allowed_token_ids' must be a non-empty"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": []}, 400, "choices must be a list of 1 to 64"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "with 'choice' only"),
+    ("/v1/completions", {"prompt": "x", "guided_json": {}}, 400, "'guided_json' is not supported"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),

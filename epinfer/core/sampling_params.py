@@ -43,6 +43,7 @@ MAX_STOP_STRINGS = 32  # every generated token is checked against each of them
 MAX_STOP_CHARS = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_LOGPROBS = 20  # top logprobs a token at most (prompt or generated)
+MAX_CHOICES, MAX_CHOICE_BYTES = 64, 4096  # guided choice: strings, and bytes a string
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class SamplingParams:
     # None: off. Such a request reuses no cached prefix (its tokens' logits are computed)
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: any
+    choices: list[str] | None = None  # the answer is exactly one of these (vLLM's guided_choice)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -84,7 +86,8 @@ class SamplingParams:
                                 pick("top_k", 0), self.seed, stop, self.stop_token_ids, self.ignore_eos,
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
-                                self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids)
+                                self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
+                                self.choices)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -97,6 +100,7 @@ class SamplingParams:
             prompt_logprobs=None if self.prompt_logprobs is None else int(self.prompt_logprobs),
             allowed_token_ids=None if self.allowed_token_ids is None else sorted({int(t)
                                                                                  for t in self.allowed_token_ids}),
+            choices=None if self.choices is None else list(self.choices),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -140,6 +144,15 @@ class SamplingParams:
                 raise UserError("allowed_token_ids must be a non-empty list of token ids")
             for t in allowed:
                 _integer("allowed_token_ids", t, 0, None)
+        choices = self.choices
+        if choices is not None:
+            if not isinstance(choices, (list, tuple)) or not 0 < len(choices) <= MAX_CHOICES or not all(
+                    isinstance(c, str) and c and len(c.encode("utf-8", "surrogatepass")) <= MAX_CHOICE_BYTES
+                    for c in choices):
+                raise UserError(f"choices must be a list of 1 to {MAX_CHOICES} non-empty strings of at most "
+                                f"{MAX_CHOICE_BYTES} bytes")
+            for c in choices:
+                check_text("choices", c)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise UserError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logit_bias is not None:

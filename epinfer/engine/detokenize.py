@@ -11,6 +11,9 @@ SETTLED_IDS ids is settled if the whole window begins with it.
 
 It does not: own the ids (the caller passes the growing list each time) or recover from a decoder
 that rewrites text before the window (it says so, and the caller decodes the whole output).
+
+Also a token's own bytes (`token_bytes`): a byte-level BPE token's raw bytes, so that the tokens
+that split one character join into it.
 """
 
 from __future__ import annotations
@@ -46,3 +49,36 @@ class WindowDecode:
             return "", new
         self.prefix, self.read = self.read, end
         return done[len(context):], new
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary writes for
+    each byte value, mapped back to that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """A token's own bytes: for a byte-level BPE vocabulary (Qwen's) its raw bytes, so the bytes of
+    the tokens that split one character join into it (its text alone is U+FFFD); otherwise its text's."""
+    if byte_level(tokenizer):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
+            return [BYTE_DECODER[c] for c in piece]
+    return list(text.encode())
+
+
+def byte_level(tokenizer) -> bool:
+    """A byte-level BPE vocabulary (Qwen's): its token strings spell bytes (`BYTE_DECODER`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"

@@ -1,7 +1,7 @@
 """What a request's sampling parameters do to a step's logits before sampling: every token outside
-its `allowed_token_ids` at -inf (`allow`), its `logit_bias` added (`bias`), then the presence,
-frequency and repetition penalties (`penalize`; vLLM's and transformers' arithmetic): for a row
-whose request sets any of them,
+the ones it may sample (`allowed_token_ids`, a guided choice's next tokens) at -inf (`allow`), its
+`logit_bias` added (`bias`), then the presence, frequency and repetition penalties (`penalize`;
+vLLM's and transformers' arithmetic): for a row whose request sets any of them,
 
     logit = logit / r where positive, logit * r where not, for each token of the prompt or the output
     logit -= f * (times the token was generated) + p * (whether it was)
@@ -51,17 +51,16 @@ def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
                                host_list_on(dev, values).to(logits_SV.dtype), accumulate=True)
 
 
-def allow(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
-    """`logits_SV` with every token outside a request's `allowed_token_ids` at -inf (the tensor itself
-    when no request has them)."""
-    rows = [r for r, seq in enumerate(sampled) if seq.params.allowed_token_ids]
+def allow(logits_SV: torch.Tensor, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """`logits_SV` with every token but the listed ones at -inf in each (row, ids) of `rows` (the
+    tensor itself when there are none)."""
     if not rows:
         return logits_SV
     dev = logits_SV.device
     mask = torch.full((len(rows), logits_SV.shape[-1]), float("-inf"), dtype=logits_SV.dtype, device=dev)
-    at = [(j, t) for j, r in enumerate(rows) for t in sampled[r].params.allowed_token_ids]
+    at = [(j, t) for j, (_, ids) in enumerate(rows) for t in ids]
     mask[host_list_on(dev, [j for j, _ in at]), host_list_on(dev, [t for _, t in at])] = 0.0
-    return logits_SV.index_add(0, host_list_on(dev, rows), mask)
+    return logits_SV.index_add(0, host_list_on(dev, [r for r, _ in rows]), mask)
 
 
 def penalize(logits_SV: torch.Tensor, sampled: list, prev_tokens: torch.Tensor | None) -> torch.Tensor:

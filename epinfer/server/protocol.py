@@ -305,8 +305,8 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
 UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},), "functions": ([],),
-               "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (), "guided_choice": (),
-               "guided_grammar": (), "structured_outputs": (), "bad_words": ([],), "use_beam_search": (False,),
+               "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
+               "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
                "skip_special_tokens": (True,), "truncate_prompt_tokens": (), "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
@@ -349,7 +349,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         raise APIError(400, "'allowed_token_ids' must be a non-empty array of token ids",
                        param="allowed_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
-                  min_p=_field(body, "min_p", float), allowed_token_ids=allowed,
+                  min_p=_field(body, "min_p", float), allowed_token_ids=allowed, choices=_choices(body),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
@@ -376,6 +376,17 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
                             prompt_logprobs, no_output, chat and checked_tools(body)[1], think_open)
             for i, ids in enumerate(prompts)]
+
+
+def _choices(body: dict) -> list | None:
+    """vLLM's guided choice: `guided_choice`, or `structured_outputs` holding only `choice` (checked
+    with the sampling parameters); other structured outputs are refused."""
+    outputs = body.get("structured_outputs")
+    if outputs is not None and not (isinstance(outputs, dict) and set(outputs) == {"choice"}):
+        raise APIError(400, "'structured_outputs' is supported with 'choice' only", param="structured_outputs")
+    if outputs is not None and body.get("guided_choice") is not None:
+        raise APIError(400, "give 'guided_choice' or 'structured_outputs', not both", param="guided_choice")
+    return outputs["choice"] if outputs is not None else body.get("guided_choice")
 
 
 def _echo(body: dict, chat: bool, stream: bool, logprobs: int | None) -> tuple[bool, int | None]:

@@ -11,7 +11,7 @@ equal the non-streaming text exactly.
 
 from __future__ import annotations
 
-from epinfer.engine.detokenize import WindowDecode
+from epinfer.engine.detokenize import WindowDecode, token_bytes
 
 
 class StopTail:
@@ -136,34 +136,6 @@ def prompt_logprobs(tokenizer, prompt_ids: list[int], records: list, top: int) -
         entry[str(token)] = {"logprob": logprob, "rank": rank, "decoded_token": token_text(tokenizer, token)}
         out.append(entry)
     return out
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary writes for
-    each byte value, mapped back to that byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-BYTE_DECODER = _byte_decoder()
-
-
-def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
-    """A token's own bytes: for a byte-level BPE vocabulary (Qwen's) its raw bytes, so the bytes of
-    the tokens that split one character join into it (its text alone is U+FFFD); otherwise its text's."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
-            return [BYTE_DECODER[c] for c in piece]
-    return list(text.encode())
 
 
 def chat_logprobs(tokenizer, ids: list[int], records: list[tuple]) -> dict:
