@@ -200,6 +200,20 @@ def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt_dir, family):
             assert all(abs(x[1] - y[1]) < 1e-4 for x, y in zip(ta, tb, strict=True))
 
 
+def test_restricted_sampling_on_the_gpu_matches_the_cpu():
+    """Guided choice (the demo model's tokenizer) and allowed token ids on CUDA with graphs and async
+    scheduling (a guided step waits for its previous token): the CPU run's tokens, float32."""
+    from epinfer import LLM, SamplingParams
+
+    params = [SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no", "maybe so"]),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, allowed_token_ids=[72, 101, 108]),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+    prompts = ["The answer is", "Beautiful is", "Errors should"]
+    cpu = [o.token_ids for o in LLM(dtype="float32", device="cpu").generate(prompts, params)]
+    gpu = LLM(dtype="float32", device="cuda", async_scheduling=True).generate(prompts, params)
+    assert [o.token_ids for o in gpu] == cpu and gpu[0].text in ("yes", "no", "maybe so")
+
+
 def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16, experts: int | None = None):
     """A transformers model of a real shape with `layers` layers, random weights, saved; `experts`:
     fewer routed experts than the shape has (a checkpoint an eighth the size at 32 of 256)."""
