@@ -69,7 +69,7 @@ def test_bad_choices(demo, choices, fragment):
 
 
 def test_choices_need_an_end(demo):
-    with pytest.raises(UserError, match="choices need a tokenizer and an end-of-sequence or stop token"):
+    with pytest.raises(UserError, match="guided choice needs a tokenizer and an end-of-sequence or stop token"):
         demo.generate("x", SamplingParams(max_tokens=4, choices=["a"], ignore_eos=True))
     out = demo.generate("x", SamplingParams(max_tokens=8, choices=["ab"], ignore_eos=True, stop_token_ids=[5]))[0]
     assert out.token_ids[-1] == 5 and out.finish_reason == "stop"

@@ -307,6 +307,17 @@ def test_guided_choice(demo):
             assert (text if "prompt" in prompt else text["content"]) in choices, answer
 
 
+def test_json_mode(demo):
+    import json
+
+    for path, prompt in (("/v1/completions", {"prompt": "The answer is"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        body = {"max_tokens": 40, "temperature": 0, "response_format": {"type": "json_object"}, **prompt}
+        choice = post(demo.url, path, body).json()["choices"][0]
+        text = choice["text"] if "prompt" in prompt else choice["message"]["content"]
+        assert text.startswith("{") and (choice["finish_reason"] != "stop" or isinstance(json.loads(text), dict))
+
+
 def test_allowed_token_ids(demo):
     allowed = [72, 101, 108, 111]
     body = {"max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True, "allowed_token_ids": allowed}
@@ -359,6 +370,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "guided_choice": []}, 400, "choices must be a list of 1 to 64"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "with 'choice' only"),
     ("/v1/completions", {"prompt": "x", "guided_json": {}}, 400, "'guided_json' is not supported"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}}, 400,
+     "json_schema is not supported"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),

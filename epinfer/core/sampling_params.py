@@ -70,6 +70,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: any
     choices: list[str] | None = None  # the answer is exactly one of these (vLLM's guided_choice)
+    json_object: bool = False  # the answer is one JSON object (OpenAI's response_format json_object)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -87,7 +88,7 @@ class SamplingParams:
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
-                                self.choices)
+                                self.choices, self.json_object)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -101,6 +102,7 @@ class SamplingParams:
             allowed_token_ids=None if self.allowed_token_ids is None else sorted({int(t)
                                                                                  for t in self.allowed_token_ids}),
             choices=None if self.choices is None else list(self.choices),
+            json_object=bool(self.json_object),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -166,7 +168,9 @@ class SamplingParams:
         _number("repetition_penalty", self.repetition_penalty, None, None)
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        if self.json_object is True and self.choices is not None:
+            raise UserError("json_object and choices: give one of them")
+        for name in ("ignore_eos", "include_stop_str_in_output", "json_object"):
             value = getattr(self, name)
             kind = type(value)
             if not isinstance(value, bool) and not (kind.__module__ == "numpy" and "bool" in kind.__name__):

@@ -21,7 +21,7 @@ from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine import guided
+from epinfer.engine import restrict
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
@@ -265,9 +265,10 @@ class Engine:
                           ("allowed token id", params.allowed_token_ids or ())):
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
-        if params.choices and (self.tokenizer is None or not self.end_ids(params)):
-            raise UserError(f"request {index}: choices need a tokenizer and an end-of-sequence or stop token id to "
-                            "end the answer with (not ignore_eos without stop_token_ids)")
+        if (params.choices or params.json_object) and (self.tokenizer is None or not self.end_ids(params)):
+            raise UserError(f"request {index}: {'guided choice' if params.choices else 'JSON mode'} needs a "
+                            "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
+                            "without stop_token_ids)")
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
         if params.seed is not None:
@@ -326,8 +327,8 @@ class Engine:
         """After the forward: samples on the device and starts the tokens' copy to the host; the
         tokens are applied by `resolve`. The sampled tokens also feed the next step's inputs."""
         sampled = [item.seq for item in scheduled if item.samples]
-        if any(s.params.choices and s.pending for s in sampled):
-            self.resolve(0)  # a guided choice continues from its previous token: the host needs it now
+        if any((s.params.choices or s.params.json_object) and s.pending for s in sampled):
+            self.resolve(0)  # a guided answer continues from its previous token: the host needs it now
         for i, records in self.runner.take_prompt_logprobs():
             seq = scheduled[i].seq
             seq.prompt_logprobs = seq.prompt_logprobs or [None] * len(seq.prompt_ids)
@@ -360,20 +361,11 @@ class Engine:
         """The ids that end a request by stopping it."""
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 
-    def _allowed(self, sampled: list[Sequence]) -> list[tuple[int, list[int]]]:
-        """(row, the ids it may sample) for the rows restricted to some: `allowed_token_ids`, or the
-        next tokens of a guided choice (`engine.guided`; a request none can continue fails)."""
-        rows = []
-        for row, seq in enumerate(sampled):
-            p = seq.params
-            if p.allowed_token_ids:
-                rows.append((row, p.allowed_token_ids))
-            elif p.choices and seq.finish_reason is None:
-                vocab = guided.vocab_bytes(self.tokenizer, self.model_config.vocab_size)
-                ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, self.end_ids(p))
-                if not ids:
-                    self._fail(seq, "no token continues its answer along any of its choices")
-                rows.append((row, ids or [0]))
+    def _allowed(self, sampled: list[Sequence]) -> list[tuple[int, object]]:
+        """`restrict.allowed_rows`; a request that no token can continue fails."""
+        rows, dead = restrict.allowed_rows(sampled, self.tokenizer, self.model_config.vocab_size, self.end_ids)
+        for seq, why in dead:
+            self._fail(seq, why)
         return rows
 
     def _hold_stops(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:

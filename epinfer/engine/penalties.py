@@ -1,5 +1,6 @@
 """What a request's sampling parameters do to a step's logits before sampling: every token outside
-the ones it may sample (`allowed_token_ids`, a guided choice's next tokens) at -inf (`allow`), its
+the ones it may sample (`allowed_token_ids`, a guided choice's or JSON mode's next tokens) at -inf
+(`allow`), its
 `logit_bias` added (`bias`), then the presence, frequency and repetition penalties (`penalize`;
 vLLM's and transformers' arithmetic): for a row whose request sets any of them,
 
@@ -58,8 +59,8 @@ def allow(logits_SV: torch.Tensor, rows: list[tuple[int, list[int]]]) -> torch.T
         return logits_SV
     dev = logits_SV.device
     mask = torch.full((len(rows), logits_SV.shape[-1]), float("-inf"), dtype=logits_SV.dtype, device=dev)
-    at = [(j, t) for j, (_, ids) in enumerate(rows) for t in ids]
-    mask[host_list_on(dev, [j for j, _ in at]), host_list_on(dev, [t for _, t in at])] = 0.0
+    for j, (_, ids) in enumerate(rows):  # (ids: a list, or a host tensor of them)
+        mask[j, ids.to(dev, non_blocking=True) if isinstance(ids, torch.Tensor) else host_list_on(dev, ids)] = 0.0
     return logits_SV.index_add(0, host_list_on(dev, [r for r, _ in rows]), mask)
 
 

@@ -304,7 +304,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # fields that would change what a request generates, not applied here: refused unless neutral (a
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
-UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},), "functions": ([],),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "functions": ([],),
                "function_call": ("none", "auto"), "guided_json": (), "guided_regex": (),
                "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
                "skip_special_tokens": (True,), "truncate_prompt_tokens": (), "chat_template": (), "documents": ([],)}
@@ -350,6 +350,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                        param="allowed_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
                   min_p=_field(body, "min_p", float), allowed_token_ids=allowed, choices=_choices(body),
+                  json_object=_json_mode(body),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
@@ -387,6 +388,17 @@ def _choices(body: dict) -> list | None:
     if outputs is not None and body.get("guided_choice") is not None:
         raise APIError(400, "give 'guided_choice' or 'structured_outputs', not both", param="guided_choice")
     return outputs["choice"] if outputs is not None else body.get("guided_choice")
+
+
+def _json_mode(body: dict) -> bool:
+    """OpenAI's `response_format`: text, or json_object (JSON mode); json_schema is refused."""
+    kind = body.get("response_format")
+    if kind is None or kind == {"type": "text"}:
+        return False
+    if kind == {"type": "json_object"}:
+        return True
+    raise APIError(400, "'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"} "
+                   "(json_schema is not supported by this server)", param="response_format")
 
 
 def _echo(body: dict, chat: bool, stream: bool, logprobs: int | None) -> tuple[bool, int | None]:

@@ -1,0 +1,210 @@
+"""JSON mode (`SamplingParams.json_object`, OpenAI's `response_format: {"type": "json_object"}`):
+the answer is one JSON object (RFC 8259), from its first byte "{" to its closing brace, then the end
+of the sequence. At each step only the
+tokens whose bytes continue a valid JSON text may be sampled, and an end id once the object is
+closed.
+
+A byte-level parser state (`State`: the open containers, what may come next, and a counter of
+the current run of whitespace, at most `MAX_SPACE` bytes long so that a model cannot pad forever)
+steps one byte at a time (`step`, None where the byte is not valid there). The ids a state allows
+are found by walking the vocabulary's bytes as a trie from that state, pruned where a byte is
+refused; inside a string, where almost every token is valid, the tokens free of quotes, backslashes
+and control bytes are taken whole and only the others walked. Each state's allowed ids are
+remembered (`JsonVocab.allowed`), so a request pays for a state once. Objects nest at most
+`MAX_DEPTH` deep; string bytes are not checked as UTF-8.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from epinfer.engine.guided import VocabBytes
+
+MAX_DEPTH = 16
+MAX_SPACE = 16  # whitespace bytes in a row (an indented line of nesting 3 and 4 spaces, and its newline)
+MAX_STATES = 4096  # states whose allowed ids are remembered (least recently used go first)
+SPACE = frozenset(b" \t\n\r")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+LITERALS = (b"true", b"false", b"null")
+ESCAPES = frozenset(b'"\\/bfnrt')
+# modes: T top level (an object must start), V a value must come, A a value or "]", K0 a key or "}",
+# K a key must come, C ":" must come, E after a value (",", a closer), S in a string, N in a number,
+# L in a literal, D done (only the end)
+State = tuple  # (open containers "o" / "a" as a str, mode, aux, whitespace run)
+START: State = ("", "T", 0, 0)
+KEY = 8  # (S's aux: the string is a key)
+
+
+def after_value(stack: str) -> State:
+    return (stack, "E", 0, 0) if stack else (stack, "D", 0, 0)
+
+
+def step(state: State, b: int) -> State | None:
+    """The state after byte `b`, or None where `b` cannot come next."""
+    stack, mode, aux, space = state
+    if mode == "S":
+        return _string(stack, aux, b)
+    if mode == "N":
+        return _number(stack, aux, b)
+    if mode == "L":
+        word, at = LITERALS[aux >> 3], aux & 7
+        if b != word[at]:
+            return None
+        return after_value(stack) if at + 1 == len(word) else (stack, "L", aux + 1, 0)
+    if b in SPACE:
+        return (stack, mode, aux, space + 1) if space < MAX_SPACE and mode not in ("T", "D") else None
+    if mode == "T":
+        return ("o", "K0", 0, 0) if b == ord("{") else None
+    if mode in ("V", "A"):
+        if b == ord("]") and mode == "A":
+            return after_value(stack[:-1])
+        return _value(stack, b)
+    if mode in ("K0", "K"):
+        if b == ord('"'):
+            return (stack, "S", KEY, 0)
+        return after_value(stack[:-1]) if b == ord("}") and mode == "K0" else None
+    if mode == "C":
+        return (stack, "V", 0, 0) if b == ord(":") else None
+    if mode == "E":
+        top = stack[-1]
+        if b == ord(","):
+            return (stack, "K" if top == "o" else "V", 0, 0)
+        if b == ord("}" if top == "o" else "]"):
+            return after_value(stack[:-1])
+    return None
+
+
+def _value(stack: str, b: int) -> State | None:
+    if b in (ord("{"), ord("[")):
+        if len(stack) >= MAX_DEPTH:
+            return None
+        return (stack + "o", "K0", 0, 0) if b == ord("{") else (stack + "a", "A", 0, 0)
+    if b == ord('"'):
+        return (stack, "S", 0, 0)
+    if b == ord("-"):
+        return (stack, "N", 1, 0)
+    if b in DIGITS:
+        return (stack, "N", 2 if b == ord("0") else 3, 0)
+    for i, word in enumerate(LITERALS):
+        if b == word[0]:
+            return (stack, "L", i * 8 + 1, 0)
+    return None
+
+
+def _string(stack: str, aux: int, b: int) -> State | None:
+    key, sub = aux & KEY, aux & 7  # sub: 0 plain, 1 after a backslash, 2..5 hex digits of \\u left + 1
+    if sub == 0:
+        if b == ord('"'):
+            return (stack, "C", 0, 0) if key else after_value(stack)
+        if b == ord("\\"):
+            return (stack, "S", key | 1, 0)
+        return None if b < 0x20 else (stack, "S", aux, 0)
+    if sub == 1:
+        if b in ESCAPES:
+            return (stack, "S", key, 0)
+        return (stack, "S", key | 5, 0) if b == ord("u") else None
+    return (stack, "S", key | (sub - 1 if sub > 2 else 0), 0) if b in HEX else None
+
+
+# number phases: 1 after "-", 2 after a leading 0, 3 integer digits, 4 after ".", 5 fraction digits,
+# 6 after "e", 7 after the exponent's sign, 8 exponent digits (2, 3, 5, 8 may end the number)
+def _number(stack: str, phase: int, b: int) -> State | None:
+    digit = b in DIGITS
+    if phase == 1:
+        return (stack, "N", 2 if b == ord("0") else 3, 0) if digit else None
+    if phase in (2, 3, 5) and b in (ord("e"), ord("E")):
+        return (stack, "N", 6, 0)
+    if phase in (2, 3) and b == ord("."):
+        return (stack, "N", 4, 0)
+    if digit and phase in (3, 4, 5, 6, 7, 8):
+        return (stack, "N", {3: 3, 4: 5, 5: 5, 6: 8, 7: 8, 8: 8}[phase], 0)
+    if phase == 6 and b in (ord("+"), ord("-")):
+        return (stack, "N", 7, 0)
+    if phase in (2, 3, 5, 8):  # the number ends: the byte belongs to what follows it
+        return step(after_value(stack), b)
+    return None
+
+
+class JsonVocab:
+    """A tokenizer's vocabulary as a byte trie, and the ids each parser state allows (remembered)."""
+
+    def __init__(self, vocab: VocabBytes) -> None:
+        self.vocab = vocab
+        self.trie: dict = {}  # byte -> (children, ids ending there)
+        self.unsafe: list[int] = []  # tokens that leave a plain string: a quote, backslash or control byte
+        safe = []
+        for t, raw in enumerate(vocab.of):
+            if not raw:
+                continue
+            node = self.trie
+            for i, b in enumerate(raw):
+                children, ids = node.setdefault(b, ({}, []))
+                if i == len(raw) - 1:
+                    ids.append(t)
+                node = children
+            (self.unsafe if any(b < 0x20 or b in (0x22, 0x5C) for b in raw) else safe).append(t)
+        self.safe = torch.tensor(safe, dtype=torch.long)
+        self.cache: collections.OrderedDict = collections.OrderedDict()
+
+    def allowed(self, state: State) -> torch.Tensor:
+        """The ids that may come next in `state` (a host tensor; empty where none may)."""
+        hit = self.cache.get(state)
+        if hit is not None:
+            self.cache.move_to_end(state)
+            return hit
+        if state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
+            ids = self.safe.tolist() + [t for t in self.unsafe if self.walk(state, self.vocab.of[t])]
+        else:
+            ids = []
+            todo = [(self.trie, state)]
+            while todo:
+                node, s = todo.pop()
+                for b, (children, ending) in node.items():
+                    nxt = step(s, b)
+                    if nxt is not None:
+                        ids += ending
+                        if children:
+                            todo.append((children, nxt))
+        out = torch.tensor(sorted(ids), dtype=torch.long)
+        self.cache[state] = out
+        if len(self.cache) > MAX_STATES:
+            self.cache.popitem(last=False)
+        return out
+
+    @staticmethod
+    def walk(state: State, raw: bytes) -> State | None:
+        for b in raw:
+            state = step(state, b)
+            if state is None:
+                return None
+        return state
+
+
+def json_vocab(vocab: VocabBytes) -> JsonVocab:
+    """The vocabulary's trie, built once (for the tokenizer's `VocabBytes`)."""
+    if getattr(vocab, "json", None) is None:
+        vocab.json = JsonVocab(vocab)
+    return vocab.json
+
+
+class JsonGuide:
+    """A request's parser state, brought up to date with its output a token at a time."""
+
+    def __init__(self) -> None:
+        self.state: State | None = START
+        self.seen = 0  # output ids fed
+
+    def allowed(self, vocab: VocabBytes, output_ids: list[int], end_ids: set[int]) -> torch.Tensor:
+        """The ids that may come next (empty: none; the end ids once the object is closed)."""
+        for t in output_ids[self.seen:]:
+            raw = vocab.of[t] if t < len(vocab.of) else b""
+            self.state = JsonVocab.walk(self.state, raw) if raw and self.state is not None else None
+        self.seen = len(output_ids)
+        if self.state is None:
+            return torch.zeros(0, dtype=torch.long)
+        if self.state[1] == "D":
+            return torch.tensor(sorted(end_ids), dtype=torch.long)
+        return json_vocab(vocab).allowed(self.state)

@@ -1,0 +1,28 @@
+"""The tokens a step may sample for each request restricted to some: its `allowed_token_ids`, or
+the next tokens of a guided choice (`guided`) or of JSON mode (`json_mode`)."""
+
+from __future__ import annotations
+
+from epinfer.engine import guided, json_mode
+
+
+def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list]:
+    """([(row, ids: a list or a host tensor)], [(sequence, why) for the requests no token can
+    continue]); `end_ids(params)`: the ids that end a request."""
+    rows, dead = [], []
+    for row, seq in enumerate(sampled):
+        p = seq.params
+        if p.allowed_token_ids:
+            rows.append((row, p.allowed_token_ids))
+        elif (p.choices or p.json_object) and seq.finish_reason is None:
+            vocab = guided.vocab_bytes(tokenizer, vocab_size)
+            if p.choices:
+                ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, end_ids(p))
+            else:
+                seq.guide = seq.guide or json_mode.JsonGuide()
+                ids = seq.guide.allowed(vocab, seq.output_ids, end_ids(p))
+            if not len(ids):
+                along = "any of its choices" if p.choices else "a JSON object"
+                dead.append((seq, f"no token continues its answer along {along}"))
+            rows.append((row, ids if len(ids) else [0]))
+    return rows, dead
