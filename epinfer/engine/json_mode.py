@@ -8,14 +8,16 @@ A byte-level parser state (`State`: the open containers, what may come next, and
 the current run of whitespace, at most `MAX_SPACE` bytes long so that a model cannot pad forever)
 steps one byte at a time (`step`, None where the byte is not valid there). The ids a state allows
 are found by walking the vocabulary's bytes as a trie from that state, pruned where a byte is
-refused; inside a string, where almost every token is valid, the tokens free of quotes, backslashes
-and control bytes are taken whole and only the others walked. Each state's allowed ids are
+refused (the vocabulary sorted by bytes: the tokens under a prefix are one range of it); inside a
+string, where almost every token is valid, the tokens free of quotes, backslashes and control bytes
+are taken whole and only the others walked. Each state's allowed ids are
 remembered (`JsonVocab.allowed`), so a request pays for a state once. Objects nest at most
 `MAX_DEPTH` deep; string bytes are not checked as UTF-8.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 
 import torch
@@ -129,24 +131,17 @@ def _number(stack: str, phase: int, b: int) -> State | None:
 
 
 class JsonVocab:
-    """A tokenizer's vocabulary as a byte trie, and the ids each parser state allows (remembered)."""
+    """A tokenizer's vocabulary sorted by bytes (a trie without nodes: the tokens under a prefix are
+    a range of the list), and the ids each parser state allows (remembered)."""
 
     def __init__(self, vocab: VocabBytes) -> None:
-        self.vocab = vocab
-        self.trie: dict = {}  # byte -> (children, ids ending there)
-        self.unsafe: list[int] = []  # tokens that leave a plain string: a quote, backslash or control byte
-        safe = []
-        for t, raw in enumerate(vocab.of):
-            if not raw:
-                continue
-            node = self.trie
-            for i, b in enumerate(raw):
-                children, ids = node.setdefault(b, ({}, []))
-                if i == len(raw) - 1:
-                    ids.append(t)
-                node = children
-            (self.unsafe if any(b < 0x20 or b in (0x22, 0x5C) for b in raw) else safe).append(t)
-        self.safe = torch.tensor(safe, dtype=torch.long)
+        pairs = sorted((raw, t) for t, raw in enumerate(vocab.of) if raw)
+        self.keys = [raw for raw, _ in pairs]
+        self.ids = [t for _, t in pairs]
+        self.of = vocab.of
+        safe = [t for raw, t in pairs if not any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
+        self.unsafe = [t for raw, t in pairs if any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
+        self.safe = torch.tensor(safe, dtype=torch.long)  # (keep a plain string plain)
         self.cache: collections.OrderedDict = collections.OrderedDict()
 
     def allowed(self, state: State) -> torch.Tensor:
@@ -156,23 +151,33 @@ class JsonVocab:
             self.cache.move_to_end(state)
             return hit
         if state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
-            ids = self.safe.tolist() + [t for t in self.unsafe if self.walk(state, self.vocab.of[t])]
+            ids = self.safe.tolist() + [t for t in self.unsafe if self.walk(state, self.of[t]) is not None]
         else:
-            ids = []
-            todo = [(self.trie, state)]
-            while todo:
-                node, s = todo.pop()
-                for b, (children, ending) in node.items():
-                    nxt = step(s, b)
-                    if nxt is not None:
-                        ids += ending
-                        if children:
-                            todo.append((children, nxt))
+            ids = self.search(state)
         out = torch.tensor(sorted(ids), dtype=torch.long)
         self.cache[state] = out
         if len(self.cache) > MAX_STATES:
             self.cache.popitem(last=False)
         return out
+
+    def search(self, state: State) -> list[int]:
+        """The tokens whose every byte `step` takes from `state`: ranges of the sorted keys that share
+        a prefix, split by their next byte, a range dropped where that byte is refused."""
+        keys, found = self.keys, []
+        todo = [(0, len(keys), 0, state)]  # keys[lo:hi] share their first `depth` bytes; `s` after them
+        while todo:
+            lo, hi, depth, s = todo.pop()
+            while lo < hi and len(keys[lo]) == depth:  # (whole tokens sort first)
+                found.append(self.ids[lo])
+                lo += 1
+            while lo < hi:
+                b = keys[lo][depth]
+                end = hi if b == 255 else bisect.bisect_left(keys, keys[lo][:depth] + bytes([b + 1]), lo, hi)
+                nxt = step(s, b)
+                if nxt is not None:
+                    todo.append((lo, end, depth + 1, nxt))
+                lo = end
+        return found
 
     @staticmethod
     def walk(state: State, raw: bytes) -> State | None:
