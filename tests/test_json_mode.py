@@ -63,11 +63,12 @@ def test_trie_walk_equals_a_direct_check():
     vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
     jv = json_vocab(vocab)
     for prefix in (b"{", b'{"a', b'{"a":', b'{"a": 1', b'{"a": [', b'{"a": "x\\', b'{"a": "x\\u00', b'{"a": tr',
-                   b'{"a": {"b": 1}', b'{"a": -0.5e', b"{ \n"):
+                   b'{"a": {"b": 1}', b'{"a": -0.5e', b"{ \n", b'{"a":' + b" " * 15):
         state = walk(prefix)
         assert state is not None, prefix
         assert jv.allowed(state).tolist() == direct_allowed(vocab, state), prefix
-        assert jv.allowed(state) is jv.allowed(state)  # (remembered)
+        base = (*state[:3], 0)
+        assert jv.allowed(base) is jv.allowed(base)  # (remembered, once for every whitespace run)
 
 
 def reference(tokenizer, prompt: str, eos: set[int]) -> list[int]:

@@ -142,10 +142,16 @@ class JsonVocab:
         safe = [t for raw, t in pairs if not any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
         self.unsafe = [t for raw, t in pairs if any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
         self.safe = torch.tensor(safe, dtype=torch.long)  # (keep a plain string plain)
+        # each token's leading whitespace bytes: a state's allowed ids depend on its whitespace run only
+        # through them, so a state is searched once for every run length
+        self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
 
     def allowed(self, state: State) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
+        if state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids with room for theirs
+            ids = self.allowed((*state[:3], 0))
+            return ids[self.lead[ids] <= MAX_SPACE - state[3]]
         hit = self.cache.get(state)
         if hit is not None:
             self.cache.move_to_end(state)
