@@ -310,7 +310,7 @@ class Engine:
                                      item.samples, None if seq.blocks_sent else list(seq.block_ids),
                                      captures=captures))
                 seq.blocks_sent = True
-                if seq.wants_prompt_logprobs and start + 1 < len(seq.prompt_ids):
+                if start + 1 < len(seq.prompt_ids) and seq.params.prompt_logprobs is not None:
                     items[-1].targets = seq.prompt_ids[start + 1:start + item.num_new + 1]
                     items[-1].top = seq.params.prompt_logprobs
         if not items:  # nothing runs (the caller may drop this plan): resets and snapshots wait for one that does
