@@ -14,6 +14,7 @@ import itertools
 import pytest
 
 from epinfer import LLM, SamplingParams
+from epinfer.core.config import DEMO_MODEL
 from tests.checkpoints import hf_generate
 from tests.parallel_cases import Case, run_cases
 from tests.spawn import run_spawned
@@ -46,6 +47,12 @@ PENALIZED = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, presen
 
 # prompt logprobs (the top 2) with the greedy tokens: each replica's leader computes its requests'
 LOGPROBS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, prompt_logprobs=2) for n in MAX_TOKENS]
+# restricted sampling on the demo model (it has a tokenizer): guided choice, JSON mode, allowed ids
+RESTRICTED = [SamplingParams(max_tokens=16, temperature=0, choices=["yes", "no", "maybe so"]),
+              SamplingParams(max_tokens=24, temperature=0, json_object=True),
+              SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, allowed_token_ids=[72, 101, 108]),
+              SamplingParams(max_tokens=24, temperature=1.0, seed=3, json_object=True),
+              SamplingParams(max_tokens=16, temperature=1.0, seed=5, choices=["yes", "no", "maybe so"])]
 
 
 def build_cases(models: dict[str, str]) -> list[Case]:
@@ -121,6 +128,7 @@ def build_cases(models: dict[str, str]) -> list[Case]:
         Case("qwen3_5_moe-2x2-prompt-logprobs", models["qwen3_5_moe"], 2, 2, PROMPTS, LOGPROBS, budget=7),
         Case("qwen3_moe-2x1-no-ep-pieces-prompt-logprobs", models["qwen3_moe"], 2, 1, PROMPTS, LOGPROBS,
              expert_parallel=False, budget=40, pieces=True),
+        Case("demo-2x2-restricted", models["demo"], 2, 2, PROMPTS, RESTRICTED),
     ]
     return cases
 
@@ -131,6 +139,7 @@ def models(ckpt_dir):
     out["six"] = str(ckpt_dir("qwen3_5_moe", num_experts=6))
     out["fp8"] = str(ckpt_dir("qwen3_5_moe", fp8_block=(12, 20), seed=3))
     out["fp8w"] = str(ckpt_dir("qwen3_5_moe", fp8_block=(16, 16), seed=5))
+    out["demo"] = str(DEMO_MODEL)
     return out
 
 
@@ -140,6 +149,8 @@ def expected(models):
     params = [greedy(n) for n in MAX_TOKENS]
     out = {}
     for name, path in models.items():
+        if name == "demo":  # (its single-process run: the restricted requests below)
+            continue
         outs = LLM(path, dtype="float32", device="cpu", fp8_weights=name == "fp8w").generate(PROMPTS, params)
         out[name] = [o.token_ids for o in outs]
         if name == "fp8w":  # FP8 activations: the single process is the reference
@@ -158,6 +169,8 @@ def expected(models):
     for family in ("qwen3_moe", "qwen3_5_moe"):
         out[f"prompt_logprobs:{family}"] = [o.prompt_logprobs for o in LLM(models[family], dtype="float32",
                                                                             device="cpu").generate(PROMPTS, LOGPROBS)]
+    out["restricted:demo"] = [o.token_ids for o in LLM(models["demo"], dtype="float32", device="cpu").generate(
+        PROMPTS, RESTRICTED)]
     out["long:qwen3_5_moe"] = [o.token_ids for o in off.generate(SHARED_LONG, greedy(6))]
     for prompt, tokens in zip(SHARED_LONG, out["long:qwen3_5_moe"], strict=True):
         assert tokens == hf_generate(models["qwen3_5_moe"], prompt, 6)[0], "long shared prompts: != transformers"
@@ -174,7 +187,7 @@ def test_every_layout_matches_single_process(models, expected):
     model_name = {path: name for name, path in models.items()}
     mismatches = []
     for case in cases:
-        want = expected[model_name[case.model]][: len(case.prompts)]
+        want = expected.get(model_name[case.model], [])[: len(case.prompts)]
         if case.prompts is SHARED:  # the single process with the cache off
             want = expected[f"shared:{model_name[case.model]}"]
             assert merged[f"{case.name}:hits"] > 0, "no prefix-cache hit on replica 0"
@@ -184,6 +197,8 @@ def test_every_layout_matches_single_process(models, expected):
                 merged[f"{case.name}:hits"], merged[f"{case.name}:captures"])
         elif case.params is PENALIZED:
             want = expected[f"penalties:{model_name[case.model]}"]
+        elif case.params is RESTRICTED:
+            want = expected["restricted:demo"]
         elif case.prompts is not PROMPTS:  # the idle-replica case runs PROMPTS[3] alone
             want = [expected[model_name[case.model]][3]]
         if case.cudnn_chunks:
