@@ -18,7 +18,7 @@ from epinfer import LLM, SamplingParams
 from epinfer.core.config import DEMO_MODEL
 from epinfer.core.errors import UserError
 from epinfer.engine.guided import vocab_bytes
-from epinfer.engine.json_mode import MAX_SPACE, START, JsonVocab, json_vocab
+from epinfer.engine.json_mode import MAX_SPACE, OBJECT, START, json_vocab
 
 GOOD = [{}, {"a": 1}, {"a": [1, -2.5e+10, 0, 0.25, -0, 1E-3], "b": {"c": None, "d": True, "e": False}},
         {"s": "quote \" back \\ slash / tab \t nl \n u \u00e9 \u2603 ctrl \u0001"}, {"": [[], {}, [[{}]]]},
@@ -26,7 +26,7 @@ GOOD = [{}, {"a": 1}, {"a": [1, -2.5e+10, 0, 0.25, -0, 1E-3], "b": {"c": None, "
 
 
 def walk(text: bytes):
-    return JsonVocab.walk(START, text)
+    return OBJECT.walk(START, text)
 
 
 def test_parser_accepts_json_objects_and_refuses_broken_ones():
@@ -55,7 +55,7 @@ def test_parser_accepts_json_objects_and_refuses_broken_ones():
 
 
 def direct_allowed(vocab, state) -> list[int]:
-    return [t for t, raw in enumerate(vocab.of) if raw and JsonVocab.walk(state, raw) is not None]
+    return [t for t, raw in enumerate(vocab.of) if raw and OBJECT.walk(state, raw) is not None]
 
 
 def test_trie_walk_equals_a_direct_check():
@@ -108,7 +108,7 @@ def test_answers_are_json_objects():
 
 def test_json_mode_checked():
     llm = LLM()
-    with pytest.raises(UserError, match="json_object and choices: give one of them"):
+    with pytest.raises(UserError, match="json_object, json_schema and choices: give one of them"):
         llm.generate("x", SamplingParams(max_tokens=4, json_object=True, choices=["a"]))
     with pytest.raises(UserError, match="json_object must be a boolean"):
         llm.generate("x", SamplingParams(max_tokens=4, json_object=1))

@@ -318,6 +318,20 @@ def test_json_mode(demo):
         assert text.startswith("{") and (choice["finish_reason"] != "stop" or isinstance(json.loads(text), dict))
 
 
+def test_json_schema(demo):
+    import json
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}}
+    for path, prompt, extra in (
+            ("/v1/completions", {"prompt": "Beautiful is"}, {"guided_json": schema}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})):
+        body = {"max_tokens": 300, "temperature": 1.0, "seed": 3, **prompt, **extra}
+        choice = post(demo.url, path, body).json()["choices"][0]
+        value = json.loads(choice["text"] if "prompt" in prompt else choice["message"]["content"])
+        assert list(value) == ["ok", "n"] and type(value["ok"]) is bool and type(value["n"]) is int
+
+
 def test_allowed_token_ids(demo):
     allowed = [72, 101, 108, 111]
     body = {"max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True, "allowed_token_ids": allowed}
@@ -368,10 +382,13 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "'best_of' is not supported"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "'allowed_token_ids' must be a non-empty"),
     ("/v1/completions", {"prompt": "x", "guided_choice": []}, 400, "choices must be a list of 1 to 64"),
-    ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "with 'choice' only"),
-    ("/v1/completions", {"prompt": "x", "guided_json": {}}, 400, "'guided_json' is not supported"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a"}}, 400, "with one of 'choice' or 'json'"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "json_schema: schema: type must"),
+    ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object", "anyOf": []}}, 400,
+     "json_schema: schema: anyOf not supported"),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}}, 400,
-     "json_schema is not supported"),
+     "'response_format' must be"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a+"}, 400, "'guided_regex' is not supported"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "must not exceed max_tokens"),

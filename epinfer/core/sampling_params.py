@@ -71,6 +71,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: any
     choices: list[str] | None = None  # the answer is exactly one of these (vLLM's guided_choice)
     json_object: bool = False  # the answer is one JSON object (OpenAI's response_format json_object)
+    json_schema: dict | None = None  # the answer is one JSON value of this schema (engine.json_schema's subset)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -88,7 +89,7 @@ class SamplingParams:
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
-                                self.choices, self.json_object)
+                                self.choices, self.json_object, self.json_schema)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -103,6 +104,7 @@ class SamplingParams:
                                                                                  for t in self.allowed_token_ids}),
             choices=None if self.choices is None else list(self.choices),
             json_object=bool(self.json_object),
+            json_schema=self.json_schema,
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -168,8 +170,10 @@ class SamplingParams:
         _number("repetition_penalty", self.repetition_penalty, None, None)
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
-        if self.json_object is True and self.choices is not None:
-            raise UserError("json_object and choices: give one of them")
+        if sum((self.json_object is True, self.choices is not None, self.json_schema is not None)) > 1:
+            raise UserError("json_object, json_schema and choices: give one of them")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise UserError("json_schema must be a JSON schema (an object)")
         for name in ("ignore_eos", "include_stop_str_in_output", "json_object"):
             value = getattr(self, name)
             kind = type(value)

@@ -21,7 +21,7 @@ from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine import restrict
+from epinfer.engine import json_schema, restrict
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
@@ -265,10 +265,14 @@ class Engine:
                           ("allowed token id", params.allowed_token_ids or ())):
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
-        if (params.choices or params.json_object) and (self.tokenizer is None or not self.end_ids(params)):
+        if restrict.guided_request(params) and (self.tokenizer is None or not self.end_ids(params)):
             raise UserError(f"request {index}: {'guided choice' if params.choices else 'JSON mode'} needs a "
                             "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
                             "without stop_token_ids)")
+        try:
+            json_schema.check_schema(params.json_schema)
+        except UserError as exc:
+            raise UserError(f"request {index}: {exc}") from None
         ids = self.tokenize(prompt, index)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
         if params.seed is not None:
@@ -327,7 +331,7 @@ class Engine:
         """After the forward: samples on the device and starts the tokens' copy to the host; the
         tokens are applied by `resolve`. The sampled tokens also feed the next step's inputs."""
         sampled = [item.seq for item in scheduled if item.samples]
-        if any((s.params.choices or s.params.json_object) and s.pending for s in sampled):
+        if any(s.pending and restrict.guided_request(s.params) for s in sampled):
             self.resolve(0)  # a guided answer continues from its previous token: the host needs it now
         for i, records in self.runner.take_prompt_logprobs():
             seq = scheduled[i].seq

@@ -86,53 +86,99 @@ def _value(stack: str, b: int) -> State | None:
         return (stack + "o", "K0", 0, 0) if b == ord("{") else (stack + "a", "A", 0, 0)
     if b == ord('"'):
         return (stack, "S", 0, 0)
-    if b == ord("-"):
-        return (stack, "N", 1, 0)
-    if b in DIGITS:
-        return (stack, "N", 2 if b == ord("0") else 3, 0)
+    if (phase := number_start(b)) is not None:
+        return (stack, "N", phase, 0)
     for i, word in enumerate(LITERALS):
         if b == word[0]:
             return (stack, "L", i * 8 + 1, 0)
     return None
 
 
-def _string(stack: str, aux: int, b: int) -> State | None:
-    key, sub = aux & KEY, aux & 7  # sub: 0 plain, 1 after a backslash, 2..5 hex digits of \\u left + 1
+CLOSED = END = -1  # (string_byte: the closing quote; number_byte: the number ended before the byte)
+
+
+def string_byte(sub: int, b: int) -> int | None:
+    """A string's next state after byte `b` (sub: 0 plain, 1 after a backslash, 2..5 the hex digits
+    of a \\u escape left + 1), CLOSED at its closing quote, None where `b` cannot come."""
     if sub == 0:
         if b == ord('"'):
-            return (stack, "C", 0, 0) if key else after_value(stack)
+            return CLOSED
         if b == ord("\\"):
-            return (stack, "S", key | 1, 0)
-        return None if b < 0x20 else (stack, "S", aux, 0)
+            return 1
+        return None if b < 0x20 else 0
     if sub == 1:
         if b in ESCAPES:
-            return (stack, "S", key, 0)
-        return (stack, "S", key | 5, 0) if b == ord("u") else None
-    return (stack, "S", key | (sub - 1 if sub > 2 else 0), 0) if b in HEX else None
+            return 0
+        return 5 if b == ord("u") else None
+    return (sub - 1 if sub > 2 else 0) if b in HEX else None
 
 
 # number phases: 1 after "-", 2 after a leading 0, 3 integer digits, 4 after ".", 5 fraction digits,
 # 6 after "e", 7 after the exponent's sign, 8 exponent digits (2, 3, 5, 8 may end the number)
-def _number(stack: str, phase: int, b: int) -> State | None:
+def number_start(b: int) -> int | None:
+    if b == ord("-"):
+        return 1
+    return (2 if b == ord("0") else 3) if b in DIGITS else None
+
+
+def number_byte(phase: int, b: int, integer: bool = False) -> int | None:
+    """A number's next phase after byte `b`, END where the number ended before `b` (the byte belongs
+    to what follows), None where `b` cannot come; `integer`: no fraction or exponent."""
     digit = b in DIGITS
     if phase == 1:
-        return (stack, "N", 2 if b == ord("0") else 3, 0) if digit else None
-    if phase in (2, 3, 5) and b in (ord("e"), ord("E")):
-        return (stack, "N", 6, 0)
-    if phase in (2, 3) and b == ord("."):
-        return (stack, "N", 4, 0)
+        return (2 if b == ord("0") else 3) if digit else None
+    if phase in (2, 3, 5) and b in (ord("e"), ord("E")) and not integer:
+        return 6
+    if phase in (2, 3) and b == ord(".") and not integer:
+        return 4
     if digit and phase in (3, 4, 5, 6, 7, 8):
-        return (stack, "N", {3: 3, 4: 5, 5: 5, 6: 8, 7: 8, 8: 8}[phase], 0)
+        return {3: 3, 4: 5, 5: 5, 6: 8, 7: 8, 8: 8}[phase]
     if phase == 6 and b in (ord("+"), ord("-")):
-        return (stack, "N", 7, 0)
-    if phase in (2, 3, 5, 8):  # the number ends: the byte belongs to what follows it
+        return 7
+    return END if phase in (2, 3, 5, 8) else None
+
+
+def _string(stack: str, aux: int, b: int) -> State | None:
+    key = aux & KEY
+    sub = string_byte(aux & 7, b)
+    if sub == CLOSED:
+        return (stack, "C", 0, 0) if key else after_value(stack)
+    return None if sub is None else (stack, "S", key | sub, 0)
+
+
+def _number(stack: str, phase: int, b: int) -> State | None:
+    nxt = number_byte(phase, b)
+    if nxt == END:  # the byte belongs to what follows the number
         return step(after_value(stack), b)
-    return None
+    return None if nxt is None else (stack, "N", nxt, 0)
+
+
+class Grammar:
+    """A byte grammar in this module's state layout (frames, mode, aux, whitespace run; mode "S" with
+    aux & 7 == 0 a plain string): its `step` and the key its states are remembered under."""
+
+    def __init__(self, key: str, step_fn) -> None:
+        self.key, self.step = key, step_fn
+        self.start: State = START
+
+    def can_end(self, state: State) -> bool:
+        """Whether the answer may end in `state` (JSON mode: its object is closed)."""
+        return state[1] == "D"
+
+    def walk(self, state: State | None, raw: bytes) -> State | None:
+        for b in raw:
+            if state is None:
+                return None
+            state = self.step(state, b)
+        return state
+
+
+OBJECT = Grammar("object", step)  # JSON mode: any object
 
 
 class JsonVocab:
     """A tokenizer's vocabulary sorted by bytes (a trie without nodes: the tokens under a prefix are
-    a range of the list), and the ids each parser state allows (remembered)."""
+    a range of the list), and the ids each grammar state allows (remembered)."""
 
     def __init__(self, vocab: VocabBytes) -> None:
         pairs = sorted((raw, t) for t, raw in enumerate(vocab.of) if raw)
@@ -147,28 +193,29 @@ class JsonVocab:
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
 
-    def allowed(self, state: State) -> torch.Tensor:
+    def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
         if state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids with room for theirs
-            ids = self.allowed((*state[:3], 0))
+            ids = self.allowed((*state[:3], 0), grammar)
             return ids[self.lead[ids] <= MAX_SPACE - state[3]]
-        hit = self.cache.get(state)
+        key = (grammar.key, state)
+        hit = self.cache.get(key)
         if hit is not None:
-            self.cache.move_to_end(state)
+            self.cache.move_to_end(key)
             return hit
         if state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
-            ids = self.safe.tolist() + [t for t in self.unsafe if self.walk(state, self.of[t]) is not None]
+            ids = self.safe.tolist() + [t for t in self.unsafe if grammar.walk(state, self.of[t]) is not None]
         else:
-            ids = self.search(state)
+            ids = self.search(state, grammar.step)
         out = torch.tensor(sorted(ids), dtype=torch.long)
-        self.cache[state] = out
+        self.cache[key] = out
         if len(self.cache) > MAX_STATES:
             self.cache.popitem(last=False)
         return out
 
-    def search(self, state: State) -> list[int]:
-        """The tokens whose every byte `step` takes from `state`: ranges of the sorted keys that share
-        a prefix, split by their next byte, a range dropped where that byte is refused."""
+    def search(self, state: State, step_fn) -> list[int]:
+        """The tokens whose every byte `step_fn` takes from `state`: ranges of the sorted keys that
+        share a prefix, split by their next byte, a range dropped where that byte is refused."""
         keys, found = self.keys, []
         todo = [(0, len(keys), 0, state)]  # keys[lo:hi] share their first `depth` bytes; `s` after them
         while todo:
@@ -179,19 +226,11 @@ class JsonVocab:
             while lo < hi:
                 b = keys[lo][depth]
                 end = hi if b == 255 else bisect.bisect_left(keys, keys[lo][:depth] + bytes([b + 1]), lo, hi)
-                nxt = step(s, b)
+                nxt = step_fn(s, b)
                 if nxt is not None:
                     todo.append((lo, end, depth + 1, nxt))
                 lo = end
         return found
-
-    @staticmethod
-    def walk(state: State, raw: bytes) -> State | None:
-        for b in raw:
-            state = step(state, b)
-            if state is None:
-                return None
-        return state
 
 
 def json_vocab(vocab: VocabBytes) -> JsonVocab:
@@ -202,20 +241,24 @@ def json_vocab(vocab: VocabBytes) -> JsonVocab:
 
 
 class JsonGuide:
-    """A request's parser state, brought up to date with its output a token at a time."""
+    """A request's grammar state (JSON mode's, or a schema's: `json_schema.SchemaGrammar`), brought
+    up to date with its output a token at a time."""
 
-    def __init__(self) -> None:
-        self.state: State | None = START
+    def __init__(self, grammar: Grammar = OBJECT) -> None:
+        self.grammar = grammar
+        self.state: State | None = grammar.start
         self.seen = 0  # output ids fed
 
     def allowed(self, vocab: VocabBytes, output_ids: list[int], end_ids: set[int]) -> torch.Tensor:
-        """The ids that may come next (empty: none; the end ids once the object is closed)."""
+        """The ids that may come next (empty: none; the end ids once the value is complete)."""
         for t in output_ids[self.seen:]:
             raw = vocab.of[t] if t < len(vocab.of) else b""
-            self.state = JsonVocab.walk(self.state, raw) if raw and self.state is not None else None
+            self.state = self.grammar.walk(self.state, raw) if raw else None
         self.seen = len(output_ids)
         if self.state is None:
             return torch.zeros(0, dtype=torch.long)
-        if self.state[1] == "D":
-            return torch.tensor(sorted(end_ids), dtype=torch.long)
-        return json_vocab(vocab).allowed(self.state)
+        ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.state[1] != "D" else None
+        if not self.grammar.can_end(self.state):
+            return ids
+        ends = torch.tensor(sorted(end_ids), dtype=torch.long)
+        return ends if ids is None else torch.cat([ids, ends])

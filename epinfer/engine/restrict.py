@@ -1,9 +1,10 @@
 """The tokens a step may sample for each request restricted to some: its `allowed_token_ids`, or
-the next tokens of a guided choice (`guided`) or of JSON mode (`json_mode`)."""
+the next tokens of a guided choice (`guided`), of JSON mode (`json_mode`) or of a JSON schema
+(`json_schema`)."""
 
 from __future__ import annotations
 
-from epinfer.engine import guided, json_mode
+from epinfer.engine import guided, json_mode, json_schema
 
 
 def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list]:
@@ -14,15 +15,22 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
         p = seq.params
         if p.allowed_token_ids:
             rows.append((row, p.allowed_token_ids))
-        elif (p.choices or p.json_object) and seq.finish_reason is None:
+        elif guided_request(p) and seq.finish_reason is None:
             vocab = guided.vocab_bytes(tokenizer, vocab_size)
             if p.choices:
                 ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, end_ids(p))
             else:
-                seq.guide = seq.guide or json_mode.JsonGuide()
+                seq.guide = seq.guide or json_mode.JsonGuide(
+                    json_schema.SchemaGrammar(p.json_schema) if p.json_schema is not None else json_mode.OBJECT)
                 ids = seq.guide.allowed(vocab, seq.output_ids, end_ids(p))
             if not len(ids):
-                along = "any of its choices" if p.choices else "a JSON object"
+                along = "any of its choices" if p.choices else "its JSON schema" if p.json_schema else "a JSON object"
                 dead.append((seq, f"no token continues its answer along {along}"))
             rows.append((row, ids if len(ids) else [0]))
     return rows, dead
+
+
+def guided_request(p) -> bool:
+    """The request's tokens follow a guide (choices, JSON mode or a schema): each step needs the
+    previous token on the host."""
+    return bool(p.choices or p.json_object or p.json_schema is not None)

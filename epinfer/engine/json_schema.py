@@ -1,0 +1,176 @@
+"""JSON schema mode (`SamplingParams.json_schema`, OpenAI's `response_format: {"type": "json_schema",
+"json_schema": {"schema": ...}}`): the answer is one JSON value of the schema, then the end of the
+sequence, as `json_mode` does for any object.
+
+The schemas OpenAI's strict mode takes, which is what clients send: an object's `properties` all
+come, in their order (strict mode requires them all; `required` may list fewer, but every one is
+written), and no others; `type` string, integer, number, boolean, null, object or array (`items`);
+`enum` and `const` of any JSON values; `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not
+recursive. Other keywords that would constrain the value (`anyOf`, `pattern`, `minLength`, ...) are
+refused with a one-line error naming them; descriptive ones (`title`, `description`, `default`, ...)
+are ignored.
+
+The schema compiles into nodes; the parser state is `json_mode`'s layout with the open containers
+as (kind, node, property index) frames, so `json_mode.JsonVocab` finds each state's allowed ids.
+"""
+
+from __future__ import annotations
+
+import json
+
+from epinfer.core.errors import UserError
+from epinfer.engine import json_mode
+from epinfer.engine.json_mode import CLOSED, END, MAX_DEPTH, MAX_SPACE, SPACE, Grammar, number_byte, number_start
+
+IGNORED = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "additionalProperties",
+           "required", "strict", "format"}  # (format: a hint, not checked here)
+TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
+MAX_NODES = 1024
+
+
+class SchemaGrammar(Grammar):
+    """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node), ("str",), ("int",),
+    ("num",) or ("lit", (serialised value, ...)); `start` the state before the answer's first byte."""
+
+    def __init__(self, schema: dict) -> None:
+        self.nodes: list[tuple] = []
+        self.defs = {**schema.get("$defs", {}), **schema.get("definitions", {})} if isinstance(schema, dict) else {}
+        root = self.compile(schema, "schema", ())
+        super().__init__("schema:" + json.dumps(schema, sort_keys=True), self.step_schema)
+        self.start = ((), "V", root, 0)
+
+    def compile(self, s, where: str, refs: tuple) -> int:
+        if not isinstance(s, dict):
+            raise UserError(f"json_schema: {where} must be an object")
+        if "$ref" in s:
+            ref = s["$ref"]
+            name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
+            if name not in self.defs or not ref.startswith(("#/$defs/", "#/definitions/")) or name in refs:
+                raise UserError(f"json_schema: {where}: $ref {ref!r} must name a definition, not recursively")
+            return self.compile(self.defs[name], f"$defs/{name}", (*refs, name))
+        unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"})
+        if unknown:
+            raise UserError(f"json_schema: {where}: {', '.join(unknown)} not supported")
+        if len(self.nodes) >= MAX_NODES:
+            raise UserError(f"json_schema: more than {MAX_NODES} parts")
+        if "const" in s or "enum" in s:
+            values = [s["const"]] if "const" in s else s["enum"]
+            if not isinstance(values, list) or not values:
+                raise UserError(f"json_schema: {where}: enum must be a non-empty array")
+            return self.add(("lit", tuple(json.dumps(v, ensure_ascii=False).encode() for v in values)))
+        kind = s.get("type")
+        if kind not in TYPES:
+            raise UserError(f"json_schema: {where}: type must be one of {', '.join(TYPES)} (or give enum / const)")
+        if kind == "object":
+            props = s.get("properties", {})
+            if not isinstance(props, dict):
+                raise UserError(f"json_schema: {where}: properties must be an object")
+            index = self.add(None)
+            self.nodes[index] = ("obj", tuple((json.dumps(k, ensure_ascii=False).encode(),
+                                               self.compile(v, f"{where}.{k}", refs)) for k, v in props.items()))
+            return index
+        if kind == "array":
+            index = self.add(None)
+            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs))
+            return index
+        return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
+                         "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
+
+    def add(self, node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # states: (frames, mode, aux, whitespace run); frames: ("o", node, property index) / ("a", node, 0).
+    # Modes: V a value of node aux; K the current property's key literal, aux bytes of it read; C ":";
+    # E after a value (",", a closer); A0 an array's first item or "]"; S a string (aux: json_mode's
+    # string state); N a number (aux: phase, + 16 for an integer); L a literal (aux: (node, bytes read));
+    # D done
+    def step_schema(self, state: tuple, b: int) -> tuple | None:
+        frames, mode, aux, space = state
+        if mode == "S":
+            sub = json_mode.string_byte(aux, b)
+            return self.after(frames) if sub == CLOSED else None if sub is None else (frames, "S", sub, 0)
+        if mode == "N":
+            nxt = number_byte(aux & 15, b, integer=aux >= 16)
+            if nxt == END:
+                return self.step_schema(self.after(frames), b)
+            return None if nxt is None else (frames, "N", nxt | (aux & 16), 0)
+        if mode == "L":
+            return self.literal(frames, aux, b)
+        if mode == "K" and (aux or b not in SPACE):  # (whitespace may come before a key)
+            key = self.nodes[frames[-1][1]][1][frames[-1][2]][0]
+            if b != key[aux]:
+                return None
+            return (frames, "C", 0, 0) if aux + 1 == len(key) else (frames, "K", aux + 1, 0)
+        if b in SPACE:
+            return (frames, mode, aux, space + 1) if space < MAX_SPACE and frames and mode != "D" else None
+        if mode == "V":
+            return self.value(frames, aux, b)
+        if mode == "C":
+            _, node, i = frames[-1]
+            return (frames, "V", self.nodes[node][1][i][1], 0) if b == ord(":") else None
+        if mode == "A0":
+            if b == ord("]"):
+                return self.after(frames[:-1])
+            return self.value(frames, self.nodes[frames[-1][1]][1], b)
+        if mode == "E":
+            kind, node, i = frames[-1]
+            if kind == "a":
+                if b == ord(","):
+                    return (frames, "V", self.nodes[node][1], 0)
+                return self.after(frames[:-1]) if b == ord("]") else None
+            if i < len(self.nodes[node][1]):
+                return (frames, "K", 0, 0) if b == ord(",") else None
+            return self.after(frames[:-1]) if b == ord("}") else None
+        return None
+
+    def value(self, frames: tuple, n: int, b: int) -> tuple | None:
+        node = self.nodes[n]
+        if node[0] == "obj":
+            if b != ord("{") or len(frames) >= MAX_DEPTH:
+                return None
+            inner = (*frames, ("o", n, 0))
+            return (inner, "K", 0, 0) if node[1] else (inner, "E", 0, 0)
+        if node[0] == "arr":
+            return ((*frames, ("a", n, 0)), "A0", 0, 0) if b == ord("[") and len(frames) < MAX_DEPTH else None
+        if node[0] == "str":
+            return (frames, "S", 0, 0) if b == ord('"') else None
+        if node[0] in ("int", "num"):
+            phase = number_start(b)
+            return None if phase is None else (frames, "N", phase | (16 if node[0] == "int" else 0), 0)
+        return self.literal(frames, (n, b""), b)
+
+    def literal(self, frames: tuple, aux: tuple, b: int) -> tuple | None:
+        n, read = aux
+        options = self.nodes[n][1]
+        now = read + bytes([b])
+        if any(o.startswith(now) for o in options):
+            if now in options and not any(len(o) > len(now) and o.startswith(now) for o in options):
+                return self.after(frames)
+            return (frames, "L", (n, now), 0)
+        if read in options:  # a complete value that another one extends: it ended before this byte
+            return self.step_schema(self.after(frames), b)
+        return None
+
+    def can_end(self, state: tuple) -> bool:
+        """Whether the answer may end in `state`: its value is complete (a top-level number or a
+        literal that another one extends ends with the answer)."""
+        frames, mode, aux, _ = state
+        if mode == "D":
+            return True
+        if frames:
+            return False
+        return (mode == "N" and aux & 15 in (2, 3, 5, 8)) or (mode == "L" and aux[1] in self.nodes[aux[0]][1])
+
+    def after(self, frames: tuple) -> tuple:
+        """The state after a value closed inside `frames` (an object's property index moves on)."""
+        if not frames:
+            return (frames, "D", 0, 0)
+        kind, node, i = frames[-1]
+        return ((*frames[:-1], (kind, node, i + 1 if kind == "o" else i)), "E", 0, 0)
+
+
+def check_schema(schema) -> None:
+    """Refuses (UserError) a schema this mode does not take; nothing for None."""
+    if schema is not None:
+        SchemaGrammar(schema)

@@ -1,0 +1,122 @@
+"""JSON schema mode (`SamplingParams.json_schema`, `response_format: {"type": "json_schema", ...}`):
+the schema's grammar accepts its instances (properties in their order, any layout) and refuses
+other values at the byte where they break; refused schemas are one line naming the keyword; the
+trie walk's allowed ids equal a direct check of every token; greedy answers equal transformers'
+`generate` constrained by the direct check, and every finished answer is an instance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from epinfer import LLM, SamplingParams
+from epinfer.core.config import DEMO_MODEL
+from epinfer.core.errors import UserError
+from epinfer.engine.guided import vocab_bytes
+from epinfer.engine.json_mode import json_vocab
+from epinfer.engine.json_schema import SchemaGrammar
+
+SCHEMA = {"type": "object", "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"},
+                                                                                "y": {"type": "number"}}}},
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"enum": ["red", "green", 7, None]}},
+                         "at": {"$ref": "#/$defs/point"}, "none": {"type": "null"}, "v": {"const": "1.0"}},
+          "required": ["name"], "title": "ignored", "additionalProperties": False}
+GOOD = [{"name": "Ada \"L\" \u00e9", "age": -36, "ok": True, "tags": ["red", 7, None], "at": {"x": 1.5, "y": -2e-3},
+         "none": None, "v": "1.0"},
+        {"name": "", "age": 0, "ok": False, "tags": [], "at": {"x": 0, "y": 10}, "none": None, "v": "1.0"}]
+
+
+def walk(grammar, text: bytes):
+    return grammar.walk(grammar.start, text)
+
+
+def instance(value) -> bool:
+    """`value` is an instance of SCHEMA, its properties in their order (an independent check)."""
+    keys = ["name", "age", "ok", "tags", "at", "none", "v"]
+    return (isinstance(value, dict) and list(value) == keys and isinstance(value["name"], str)
+            and type(value["age"]) is int and type(value["ok"]) is bool and value["none"] is None
+            and all(t in ("red", "green", 7, None) for t in value["tags"]) and value["v"] == "1.0"
+            and list(value["at"]) == ["x", "y"] and all(type(c) in (int, float) for c in value["at"].values()))
+
+
+def test_grammar_accepts_instances_and_refuses_others():
+    g = SchemaGrammar(SCHEMA)
+    for value in GOOD:
+        assert instance(value)
+        for text in (json.dumps(value), json.dumps(value, indent=2), json.dumps(value, separators=(",", ":"))):
+            state = walk(g, text.encode())
+            assert state is not None and g.can_end(state), text
+    base = GOOD[1]
+    broken = [{**base, "age": 1.5}, {**base, "age": "1"}, {**base, "ok": 1}, {**base, "tags": ["blue"]},
+              {**base, "tags": [8]}, {**base, "at": {"x": 1}}, {**base, "v": "2.0"}, {**base, "none": 0},
+              {k: base[k] for k in reversed(base)}, {k: v for k, v in base.items() if k != "ok"},
+              {**base, "extra": 1}]
+    for value in broken:
+        state = walk(g, json.dumps(value).encode())
+        assert state is None or not g.can_end(state), value
+    top = SchemaGrammar({"type": "integer"})  # a number at the top ends with the answer
+    assert top.can_end(walk(top, b"-120")) and walk(top, b"1.5") is None and walk(top, b" 1") is None
+    enum = SchemaGrammar({"enum": [1, 12, "a"]})
+    assert enum.can_end(walk(enum, b"1")) and enum.can_end(walk(enum, b"12")) and walk(enum, b"13") is None
+
+
+@pytest.mark.parametrize("schema,fragment", [
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "schema.a: pattern not supported"),
+    ({"anyOf": [{"type": "string"}]}, "schema: anyOf not supported"),
+    ({"type": "tuple"}, "type must be one of"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}},
+     "not recursively"),
+    ({"enum": []}, "enum must be a non-empty array"),
+    ({"type": "array"}, "schema[]: type must be one of")])
+def test_refused_schemas(schema, fragment):
+    with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        SchemaGrammar(schema)
+    with pytest.raises(UserError, match="request 0: json_schema"):
+        LLM().generate("x", SamplingParams(max_tokens=4, json_schema=schema))
+
+
+def direct_allowed(vocab, grammar, state) -> list[int]:
+    return [t for t, raw in enumerate(vocab.of) if raw and grammar.walk(state, raw) is not None]
+
+
+def test_trie_walk_equals_a_direct_check():
+    llm = LLM()
+    vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
+    g = SchemaGrammar(SCHEMA)
+    for prefix in (b"", b"{", b'{"na', b'{"name": "x', b'{"name": "x", "age": 1', b'{"name": "x", "age": 1, "ok": ',
+                   b'{"name":"","age":0,"ok":true,"tags":[', b'{"name":"","age":0,"ok":true,"tags":["red",7'):
+        state = walk(g, prefix)
+        assert state is not None, prefix
+        assert json_vocab(vocab).allowed(state, g).tolist() == direct_allowed(vocab, g, state), prefix
+
+
+def test_answers_follow_the_schema():
+    llm = LLM(dtype="float32")
+    tok, eos = llm.tokenizer, llm.engine.eos_ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32)
+    vocab = vocab_bytes(tok, model.config.vocab_size)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                               "c": {"enum": ["red", "green"]}}}
+    g = SchemaGrammar(schema)
+    prompt = "Beautiful is"
+    ids = tok(prompt)["input_ids"]
+
+    def allowed(batch, sequence):
+        state = walk(g, b"".join(vocab.of[t] for t in sequence[len(ids):].tolist()))
+        return (direct_allowed(vocab, g, state) if state[1] != "D" else []) + (sorted(eos) if g.can_end(state) else [])
+
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             prefix_allowed_tokens_fn=allowed, generation_config=transformers.GenerationConfig(
+                                 do_sample=False, max_new_tokens=40, eos_token_id=sorted(eos), pad_token_id=0))
+    out = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, json_schema=schema))[0]
+    assert out.token_ids == ref[0, len(ids):].tolist()
+    sampled = llm.generate([prompt] * 8, [SamplingParams(max_tokens=300, temperature=1.0, seed=i, json_schema=schema)
+                                          for i in range(8)])
+    finished = [json.loads(o.text) for o in [out, *sampled] if o.finish_reason == "stop"]
+    assert finished and all(list(v) == ["ok", "n", "c"] and type(v["ok"]) is bool and type(v["n"]) is int
+                            and v["c"] in ("red", "green") for v in finished)
