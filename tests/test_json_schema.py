@@ -64,6 +64,13 @@ def test_grammar_accepts_instances_and_refuses_others():
     assert enum.can_end(walk(enum, b"1")) and enum.can_end(walk(enum, b"12")) and walk(enum, b"13") is None
 
 
+def nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize("schema,fragment", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "schema.a: pattern not supported"),
     ({"anyOf": [{"type": "string"}]}, "schema: anyOf not supported"),
@@ -71,7 +78,9 @@ def test_grammar_accepts_instances_and_refuses_others():
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}},
      "not recursively"),
     ({"enum": []}, "enum must be a non-empty array"),
-    ({"type": "array"}, "schema[]: type must be one of")])
+    ({"type": "array"}, "schema[]: type must be one of"),
+    (nested(40), "nested more than 16 deep"), ({"type": "string", "$defs": [1]}, r"\$defs must be an object"),
+    ({"type": "object", "properties": {"a": 1}}, "schema.a must be an object")])
 def test_refused_schemas(schema, fragment):
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         SchemaGrammar(schema)

@@ -34,20 +34,27 @@ class SchemaGrammar(Grammar):
 
     def __init__(self, schema: dict) -> None:
         self.nodes: list[tuple] = []
-        self.defs = {**schema.get("$defs", {}), **schema.get("definitions", {})} if isinstance(schema, dict) else {}
-        root = self.compile(schema, "schema", ())
+        self.defs: dict = {}
+        for key in ("$defs", "definitions"):
+            defs = schema.get(key, {}) if isinstance(schema, dict) else {}
+            if not isinstance(defs, dict):
+                raise UserError(f"json_schema: {key} must be an object")
+            self.defs.update(defs)
+        root = self.compile(schema, "schema", (), 0)
         super().__init__("schema:" + json.dumps(schema, sort_keys=True), self.step_schema)
         self.start = ((), "V", root, 0)
 
-    def compile(self, s, where: str, refs: tuple) -> int:
+    def compile(self, s, where: str, refs: tuple, depth: int) -> int:
         if not isinstance(s, dict):
             raise UserError(f"json_schema: {where} must be an object")
+        if depth > MAX_DEPTH:  # (the answer nests at most that deep anyway)
+            raise UserError(f"json_schema: nested more than {MAX_DEPTH} deep")
         if "$ref" in s:
             ref = s["$ref"]
             name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
             if name not in self.defs or not ref.startswith(("#/$defs/", "#/definitions/")) or name in refs:
                 raise UserError(f"json_schema: {where}: $ref {ref!r} must name a definition, not recursively")
-            return self.compile(self.defs[name], f"$defs/{name}", (*refs, name))
+            return self.compile(self.defs[name], f"$defs/{name}", (*refs, name), depth + 1)
         unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"})
         if unknown:
             raise UserError(f"json_schema: {where}: {', '.join(unknown)} not supported")
@@ -57,7 +64,10 @@ class SchemaGrammar(Grammar):
             values = [s["const"]] if "const" in s else s["enum"]
             if not isinstance(values, list) or not values:
                 raise UserError(f"json_schema: {where}: enum must be a non-empty array")
-            return self.add(("lit", tuple(json.dumps(v, ensure_ascii=False).encode() for v in values)))
+            try:
+                return self.add(("lit", tuple(json.dumps(v, ensure_ascii=False).encode() for v in values)))
+            except (TypeError, ValueError):
+                raise UserError(f"json_schema: {where}: enum values must be JSON values") from None
         kind = s.get("type")
         if kind not in TYPES:
             raise UserError(f"json_schema: {where}: type must be one of {', '.join(TYPES)} (or give enum / const)")
@@ -67,11 +77,12 @@ class SchemaGrammar(Grammar):
                 raise UserError(f"json_schema: {where}: properties must be an object")
             index = self.add(None)
             self.nodes[index] = ("obj", tuple((json.dumps(k, ensure_ascii=False).encode(),
-                                               self.compile(v, f"{where}.{k}", refs)) for k, v in props.items()))
+                                               self.compile(v, f"{where}.{k}", refs, depth + 1))
+                                              for k, v in props.items()))
             return index
         if kind == "array":
             index = self.add(None)
-            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs))
+            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1))
             return index
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
                          "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
