@@ -1,0 +1,59 @@
+"""Host cost of JSON mode and JSON schemas on a large vocabulary (CPU; no tokenizer download): a
+synthetic vocabulary of N byte strings shaped like a BPE vocabulary's (half of them led by a space
+or a quote), the time to index it (`json_mode.JsonVocab`) and to find the allowed ids of the parser
+states a typical answer passes through, once each (later steps in a state are cache hits), checked
+against a direct walk of every token.
+
+    python benchmarks/json_mode_cost.py [--tokens 150000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+import types
+
+from epinfer.engine.json_mode import OBJECT, JsonVocab
+from epinfer.engine.json_schema import SchemaGrammar
+
+PREFIXES = [b"{", b'{"', b'{"name":', b'{"name": "x', b'{"name": "x", "a": [1, ', b'{"a": {"b": tr']
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"type": "string"}}}}
+SCHEMA_PREFIXES = [b"", b"{", b'{"name": "x', b'{"name": "x", "age": 1', b'{"name": "x", "age": 1, "tags": [']
+
+
+def synthetic(n: int) -> list[bytes]:
+    rng = random.Random(0)
+    letters, punct = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", b' ,.:;"{}[]()\\\n-_\'!?'
+    toks: set[bytes] = set()
+    while len(toks) < n:
+        lead = bytes([rng.choice(b' "')]) if rng.random() < 0.5 else b""
+        toks.add(lead + bytes(rng.choice(letters) if rng.random() < 0.85 else rng.choice(punct)
+                              for _ in range(rng.randint(1, 10))))
+    return sorted(toks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=150000)
+    args = ap.parse_args()
+    vocab = types.SimpleNamespace(of=synthetic(args.tokens))
+    t = time.perf_counter()
+    jv = JsonVocab(vocab)
+    print(json.dumps({"tokens": args.tokens, "index_s": round(time.perf_counter() - t, 3)}))
+    for grammar, prefixes in ((OBJECT, PREFIXES), (SchemaGrammar(SCHEMA), SCHEMA_PREFIXES)):
+        for prefix in prefixes:
+            state = grammar.walk(grammar.start, prefix)
+            t = time.perf_counter()
+            ids = jv.allowed((*state[:3], 0), grammar)
+            ms = (time.perf_counter() - t) * 1e3
+            direct = [i for i, raw in enumerate(vocab.of) if grammar.walk((*state[:3], 0), raw) is not None]
+            print(json.dumps({"grammar": grammar.key[:12], "prefix": prefix.decode(), "allowed": len(ids),
+                              "ms": round(ms, 1), "equals_direct": ids.tolist() == direct}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
