@@ -15,7 +15,7 @@ from epinfer import SamplingParams
 from epinfer.server.client import Update
 from epinfer.server.protocol import GenerateRequest
 from epinfer.server.reply import Choice
-from epinfer.server.tools import ToolError, check_tools, held_back, parse_calls
+from epinfer.server.tools import ToolError, check_tools, forced_tool, held_back, parse_calls
 from tests.serving import Served, post, sse_events
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
@@ -49,9 +49,13 @@ def test_tools_checked():
     assert check_tools({}) == (None, False) and check_tools({"tools": [], "tool_choice": "none"}) == (None, False)
     assert check_tools({"tools": [WEATHER]}) == ([WEATHER], True)
     assert check_tools({"tools": [WEATHER], "tool_choice": "none"}) == ([WEATHER], False)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert check_tools({"tools": [WEATHER], "tool_choice": named}) == ([WEATHER], False)
+    assert forced_tool({"tools": [WEATHER], "tool_choice": named}) == ("get_weather",
+                                                                       WEATHER["function"]["parameters"])
     for body, fragment in (({"tools": [WEATHER], "tool_choice": "required"}, "'tool_choice' must be"),
                            ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
-                            "constrained decoding"),
+                            "names 'x', which is not among the tools"),
                            ({"tool_choice": "required"}, "'tool_choice' needs 'tools'"),
                            ({"tools": [{"type": "function"}]}, "tools[0] must be"),
                            ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools[0] must be"),
@@ -138,6 +142,20 @@ def test_tools_through_the_server(tmp_path):
         chunks = list(sse_events(post(server.url, "/v1/chat/completions", {**body, "stream": True})))
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
             answer["choices"][0]["message"]["content"]
+        units = {"type": "function", "function": {"name": "units", "parameters": {
+            "type": "object", "properties": {"metric": {"type": "boolean"}, "scale": {"enum": ["C", "F"]}}}}}
+        forced = {**body, "tools": [WEATHER, units], "tool_choice": {"type": "function", "function": {"name": "units"}},
+                  "max_tokens": 300, "temperature": 1.0, "seed": 2}
+        answer = post(server.url, "/v1/chat/completions", forced).json()["choices"][0]
+        call = answer["message"]["tool_calls"][0]
+        assert answer["message"]["content"] is None and call["function"]["name"] == "units"
+        assert answer["finish_reason"] == "stop"
+        assert list(json.loads(call["function"]["arguments"])) == ["metric", "scale"]
+        chunks = list(sse_events(post(server.url, "/v1/chat/completions", {**forced, "stream": True})))
+        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks
+                 if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+        assert calls[0]["function"]["name"] == "units" and calls[0]["id"].startswith("call_")
+        assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
         for bad, fragment in (({"tool_choice": "required"}, "'tool_choice' must be"),
                               ({"tools": [{"type": "function", "function": {}}]}, "tools[0] must be"),
                               ({"messages": [{"role": "assistant", "content": "", "tool_calls": [

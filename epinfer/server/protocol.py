@@ -30,7 +30,7 @@ from epinfer.core.sampling_params import (
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 from epinfer.engine.json_schema import check_schema
 from epinfer.server import reasoning
-from epinfer.server.tools import ToolError, check_tools, template_message
+from epinfer.server.tools import ToolError, check_tools, forced_tool, template_message
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
 TEMPLATE_SECONDS = 10  # a chat template still rendering after this is stopped (core.untrusted.time_limit): a 500
@@ -74,6 +74,7 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: each prompt token's, with the top N
     no_output: bool = False  # echo with max_tokens 0: the engine samples one token, the answer shows none
     tool_calls: bool = False  # chat with tools and tool_choice "auto": the answer is searched for calls (`tools`)
+    forced_tool: str | None = None  # tool_choice names this function: the answer is its arguments (`tools`)
     think_open: bool | None = None  # reasoning split off (`reasoning`): whether the prompt left a think block open
 
 
@@ -374,9 +375,15 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         raise APIError(400, str(exc), param="logit_bias") from None
     engine_top = max((k for k in (prompt_logprobs, logprobs if echo else None) if k is not None), default=None)
     fields["prompt_logprobs"] = engine_top
+    forced = forced_tool(body) if chat and checked_tools(body)[0] else None
+    if forced is not None:
+        if fields["json_schema"] is not None or fields["json_object"] or fields["choices"] is not None:
+            raise APIError(400, "a named 'tool_choice' and a structured output: give one of them", param="tool_choice")
+        fields["json_schema"] = forced[1]
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
-                            prompt_logprobs, no_output, chat and checked_tools(body)[1], think_open)
+                            prompt_logprobs, no_output, chat and checked_tools(body)[1],
+                            forced[0] if forced else None, think_open)
             for i, ids in enumerate(prompts)]
 
 

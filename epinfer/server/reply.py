@@ -53,6 +53,7 @@ class Choice:
         self.echo = ""  # an echoed prompt's text (completions with `echo`)
         self.said = ""  # tool calls looked for (`tools`): the text so far, and how much of it went out
         self.said_sent = 0
+        self.call_id = f"call_{uuid.uuid4().hex[:24]}"  # (a named function's call)
         open_ = state.req.think_open
         self.thinking = None if open_ is None else reasoning.ReasoningStream(open_)  # reasoning split off
         if state.req.echo and tokenizer is not None:
@@ -79,6 +80,8 @@ class Choice:
             return {**choice(False, "", update.finish_reason, None, [], delta=True), "index": self.index} \
                 if final else None
         delta = self.text.delta(final, update.stop_text_end)
+        if self.state.req.forced_tool is not None:  # the answer is the named call's arguments
+            return self.forced_delta(update, delta)
         calls, thought = None, None
         if self.thinking is not None:
             thought, delta = self.thinking.add(delta, final)
@@ -92,6 +95,20 @@ class Choice:
         reason = "tool_calls" if calls else update.finish_reason
         return {**choice(self.state.req.chat, delta, reason, lp, update.token_ids, delta=True, tool_calls=calls,
                          thought=thought), "index": self.index}
+
+    def forced_delta(self, update: Update, delta: str) -> dict | None:
+        """A stream chunk of a named function's call: its id and name first, then its arguments."""
+        header = not self.said_sent
+        if not (delta or header or update.finish_reason is not None):
+            return None
+        call = {"function": {"arguments": delta}} if delta else None
+        if header:
+            call = {"id": self.call_id, "type": "function", "function": {"name": self.state.req.forced_tool,
+                                                                         "arguments": delta}}
+            self.said_sent = 1
+        lp = self.logprobs(update.token_ids, update.logprobs, 0)
+        return {**choice(True, "", update.finish_reason, lp, update.token_ids, delta=True,
+                         tool_calls=[call] if call else None), "index": self.index}
 
     def tool_delta(self, delta: str, final: bool) -> tuple[str, list[dict] | None]:
         """The text a stream may send now, held back from a tool call's start; at the end the rest,
@@ -115,6 +132,9 @@ class Choice:
         if lp is not None and req.echo:
             lp = joined_logprobs(echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records,
                                                  req.logprobs), lp)
+        if req.forced_tool is not None:  # the answer is the named call's arguments
+            call = {"id": self.call_id, "type": "function", "function": {"name": req.forced_tool, "arguments": text}}
+            return {**choice(True, None, self.finish, lp, ids, tool_calls=[call]), "index": self.index}
         thought, content = (None, text) if req.think_open is None else reasoning.split(text, req.think_open)
         parsed = parse_calls(content or "") if req.tool_calls else None
         if parsed:

@@ -1,4 +1,4 @@
-"""Tool calls in chat completions (OpenAI's `tools`, `tool_choice` "auto" or "none").
+"""Tool calls in chat completions (OpenAI's `tools`, `tool_choice` "auto", "none" or a named function).
 
 The request's tools go to the chat template (`tools=`), which tells the model how to call them; the
 conversation may hold earlier calls (an assistant message's `tool_calls`) and their results (`tool`
@@ -12,7 +12,9 @@ When every block parses, the answer's message holds them as `tool_calls` (argume
 string), its `content` is the text before the first (null when there is none) and its
 finish_reason is "tool_calls"; otherwise the text stays as it is. A stream holds its text back
 from the first `<tool_call>` (or a beginning of it at the end) and sends the calls in its last
-chunk. "required" and a named function would need constrained decoding: refused.
+chunk. A named function (`tool_choice: {"type": "function", "function": {"name": ...}}`) is forced: the
+answer is its arguments, generated under its parameters' JSON schema, and the message holds that one
+call (finish reason as the answer's, "stop" when it ended). "required" is refused.
 """
 
 from __future__ import annotations
@@ -53,10 +55,31 @@ def check_tools(body: dict) -> tuple[list[dict] | None, bool]:
                 and isinstance(fn.get("description", ""), str) and isinstance(fn.get("parameters", {}), dict)):
             raise ToolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
                             "\"description\": ..., \"parameters\": {...}}}}", "tools")
+    if named(choice) is not None:
+        if named(choice) not in [t["function"]["name"] for t in tools]:
+            raise ToolError(f"'tool_choice' names {named(choice)!r}, which is not among the tools", "tool_choice")
+        return tools, False
     if choice not in (None, "auto", "none"):
-        raise ToolError("'tool_choice' must be \"auto\" or \"none\" here (\"required\" and a named function need "
-                        "constrained decoding, which this server does not do)", "tool_choice")
+        raise ToolError("'tool_choice' must be \"auto\", \"none\" or {\"type\": \"function\", \"function\": "
+                        "{\"name\": ...}} (\"required\" is not supported)", "tool_choice")
     return tools, choice != "none"
+
+
+def named(choice) -> str | None:
+    """The function a `tool_choice` names, if it names one."""
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
+
+
+def forced_tool(body: dict) -> tuple[str, dict] | None:
+    """(name, its parameters' JSON schema) of the function `tool_choice` names: the answer is then
+    that call's arguments, generated under the schema (`engine.json_schema`), as OpenAI and vLLM do
+    for a named function."""
+    name = named(body.get("tool_choice"))
+    if name is None:
+        return None
+    fn = next(t["function"] for t in body["tools"] if t["function"]["name"] == name)
+    return name, fn.get("parameters") or {"type": "object", "properties": {}}
 
 
 def template_message(i: int, m: dict, content: str) -> dict:
