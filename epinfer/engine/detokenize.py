@@ -71,11 +71,15 @@ BYTE_DECODER = _byte_decoder()
 def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
     """A token's own bytes: for a byte-level BPE vocabulary (Qwen's) its raw bytes, so the bytes of
     the tokens that split one character join into it (its text alone is U+FFFD); otherwise its text's."""
-    if byte_level(tokenizer):
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
-            return [BYTE_DECODER[c] for c in piece]
-    return list(text.encode())
+    raw = piece_bytes(tokenizer.convert_ids_to_tokens(token_id)) if byte_level(tokenizer) else None
+    return list(raw if raw is not None else text.encode())
+
+
+def piece_bytes(piece) -> bytes | None:
+    """The bytes a byte-level BPE token string spells (`BYTE_DECODER`), None where it is not one."""
+    if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
+        return bytes(BYTE_DECODER[c] for c in piece)
+    return None
 
 
 def byte_level(tokenizer) -> bool:

@@ -21,7 +21,7 @@ from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine import json_schema, restrict
+from epinfer.engine import restrict
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
@@ -270,11 +270,11 @@ class Engine:
                             "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
                             "without stop_token_ids)")
         try:
-            json_schema.check_schema(params.json_schema)
+            guide = restrict.json_guide(params)  # (a schema compiles here: a bad one is refused before queueing)
         except UserError as exc:
             raise UserError(f"request {index}: {exc}") from None
         ids = self.tokenize(prompt, index)
-        seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len))
+        seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len), guide=guide)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return seq

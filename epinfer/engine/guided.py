@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from epinfer.engine.detokenize import BYTE_DECODER, byte_level
+from epinfer.engine.detokenize import byte_level, piece_bytes
 
 
 class VocabBytes:
@@ -31,9 +31,8 @@ class VocabBytes:
         for t, piece in enumerate(pieces):
             if t in special:
                 continue
-            if isinstance(piece, str) and piece and all(c in BYTE_DECODER for c in piece):
-                raw = bytes(BYTE_DECODER[c] for c in piece)
-            else:
+            raw = piece_bytes(piece)
+            if raw is None:
                 raw = tokenizer.decode([t]).encode()
             self.of[t] = raw
             if raw:

@@ -1,8 +1,7 @@
 """JSON mode (`SamplingParams.json_object`, OpenAI's `response_format: {"type": "json_object"}`):
 the answer is one JSON object (RFC 8259), from its first byte "{" to its closing brace, then the end
-of the sequence. At each step only the
-tokens whose bytes continue a valid JSON text may be sampled, and an end id once the object is
-closed.
+of the sequence. At each step only the tokens whose bytes continue a valid JSON text may be
+sampled, and an end id once the object is closed.
 
 A byte-level parser state (`State`: the open containers, what may come next, and a counter of
 the current run of whitespace, at most `MAX_SPACE` bytes long so that a model cannot pad forever)
@@ -10,9 +9,9 @@ steps one byte at a time (`step`, None where the byte is not valid there). The i
 are found by walking the vocabulary's bytes as a trie from that state, pruned where a byte is
 refused (the vocabulary sorted by bytes: the tokens under a prefix are one range of it); inside a
 string, where almost every token is valid, the tokens free of quotes, backslashes and control bytes
-are taken whole and only the others walked. Each state's allowed ids are
-remembered (`JsonVocab.allowed`), so a request pays for a state once. Objects nest at most
-`MAX_DEPTH` deep; string bytes are not checked as UTF-8.
+are taken whole and only the others walked. Each state's allowed ids are remembered
+(`JsonVocab.allowed`), so a request pays for a state once. Objects nest at most `MAX_DEPTH` deep;
+string bytes are not checked as UTF-8.
 """
 
 from __future__ import annotations

@@ -19,15 +19,21 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
             vocab = guided.vocab_bytes(tokenizer, vocab_size)
             if p.choices:
                 ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, end_ids(p))
-            else:
-                seq.guide = seq.guide or json_mode.JsonGuide(
-                    json_schema.SchemaGrammar(p.json_schema) if p.json_schema is not None else json_mode.OBJECT)
+            else:  # (`json_guide`'s, made with the request)
                 ids = seq.guide.allowed(vocab, seq.output_ids, end_ids(p))
             if not len(ids):
                 along = "any of its choices" if p.choices else "its JSON schema" if p.json_schema else "a JSON object"
                 dead.append((seq, f"no token continues its answer along {along}"))
             rows.append((row, ids if len(ids) else [0]))
     return rows, dead
+
+
+def json_guide(p) -> json_mode.JsonGuide | None:
+    """A request's JSON guide (JSON mode's, or its schema's, compiled: UserError for one this mode
+    does not take), None for other requests."""
+    if p.json_schema is not None:
+        return json_mode.JsonGuide(json_schema.SchemaGrammar(p.json_schema))
+    return json_mode.JsonGuide() if p.json_object else None
 
 
 def guided_request(p) -> bool:

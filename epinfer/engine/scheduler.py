@@ -33,7 +33,7 @@ class Sequence:
     stop_search: object = None  # engine.stops.StopSearch, made at its first stop-string check
     generator: object = None  # torch.Generator for seeded sampling
     penalty: object = None  # engine.penalties.PenaltyCounts, made at its first penalized step
-    guide: object = None  # engine.json_mode.JsonGuide of a JSON-mode request, made at its first step
+    guide: object = None  # engine.json_mode.JsonGuide of a JSON-mode or schema request (`restrict.json_guide`)
     nan_logits: bool = False  # the model produced a non-finite logit for it
     error: str | None = None  # why it failed, when finish_reason is "error"
     # async scheduling: tokens sampled on the device but not yet seen by the host (0 or 1 at plan

@@ -375,14 +375,15 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         raise APIError(400, str(exc), param="logit_bias") from None
     engine_top = max((k for k in (prompt_logprobs, logprobs if echo else None) if k is not None), default=None)
     fields["prompt_logprobs"] = engine_top
-    forced = forced_tool(body) if chat and checked_tools(body)[0] else None
+    tools, look_for_calls = checked_tools(body) if chat else (None, False)
+    forced = forced_tool(body) if tools else None
     if forced is not None:
         if fields["json_schema"] is not None or fields["json_object"] or fields["choices"] is not None:
             raise APIError(400, "a named 'tool_choice' and a structured output: give one of them", param="tool_choice")
         fields["json_schema"] = forced[1]
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,
-                            prompt_logprobs, no_output, chat and checked_tools(body)[1],
+                            prompt_logprobs, no_output, look_for_calls,
                             forced[0] if forced else None, think_open)
             for i, ids in enumerate(prompts)]
 

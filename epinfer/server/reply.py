@@ -32,7 +32,6 @@ from epinfer.server.text import (
     echoed_logprobs,
     joined_logprobs,
     prompt_logprobs,
-    token_text,
 )
 from epinfer.server.tools import OPEN, held_back, parse_calls
 
@@ -53,7 +52,8 @@ class Choice:
         self.echo = ""  # an echoed prompt's text (completions with `echo`)
         self.said = ""  # tool calls looked for (`tools`): the text so far, and how much of it went out
         self.said_sent = 0
-        self.call_id = f"call_{uuid.uuid4().hex[:24]}"  # (a named function's call)
+        self.call_id = f"call_{uuid.uuid4().hex[:24]}"  # a named function's call, and whether its id went out
+        self.call_sent = False
         open_ = state.req.think_open
         self.thinking = None if open_ is None else reasoning.ReasoningStream(open_)  # reasoning split off
         if state.req.echo and tokenizer is not None:
@@ -98,14 +98,13 @@ class Choice:
 
     def forced_delta(self, update: Update, delta: str) -> dict | None:
         """A stream chunk of a named function's call: its id and name first, then its arguments."""
-        header = not self.said_sent
-        if not (delta or header or update.finish_reason is not None):
+        if not (delta or not self.call_sent or update.finish_reason is not None):
             return None
         call = {"function": {"arguments": delta}} if delta else None
-        if header:
+        if not self.call_sent:
             call = {"id": self.call_id, "type": "function", "function": {"name": self.state.req.forced_tool,
                                                                          "arguments": delta}}
-            self.said_sent = 1
+            self.call_sent = True
         lp = self.logprobs(update.token_ids, update.logprobs, 0)
         return {**choice(True, "", update.finish_reason, lp, update.token_ids, delta=True,
                          tool_calls=[call] if call else None), "index": self.index}
@@ -127,11 +126,11 @@ class Choice:
         text, ids, records = self.text.full_text(stop_text_end), self.token_ids, self.records
         if req.no_output:  # echo with max_tokens 0: the one token the engine sampled is not shown
             text, ids, records = "", [], []
-        offset = sum(len(token_text(self.tokenizer, t)) for t in req.prompt_ids) if req.echo else 0
-        lp = self.logprobs(ids, records if req.logprobs is not None else None, offset)
-        if lp is not None and req.echo:
-            lp = joined_logprobs(echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records,
-                                                 req.logprobs), lp)
+        head = echoed_logprobs(self.tokenizer, req.prompt_ids, self.prompt_records, req.logprobs) \
+            if req.echo and req.logprobs is not None else None  # (the echoed prompt's tokens first)
+        lp = self.logprobs(ids, records, head["text_offset"][-1] + len(head["tokens"][-1]) if head else 0)
+        if head is not None:
+            lp = joined_logprobs(head, lp)
         if req.forced_tool is not None:  # the answer is the named call's arguments
             call = {"id": self.call_id, "type": "function", "function": {"name": req.forced_tool, "arguments": text}}
             return {**choice(True, None, self.finish, lp, ids, tool_calls=[call]), "index": self.index}
