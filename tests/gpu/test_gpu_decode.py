@@ -163,6 +163,9 @@ def test_tiny_float32_with_graphs_matches_transformers(ckpt_dir, family):
     assert ours == [hf_greedy(model, p, 24) for p in PROMPTS]
 
 
+SMALL = {"max_num_seqs": 8, "max_num_batched_tokens": 64}  # few graph buckets: a short start on a cold cache
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe"])
 def test_penalties_on_the_gpu_match_the_cpu(ckpt_dir, family):
     """Presence / frequency / repetition penalties on CUDA (graphs, async scheduling: a token still
@@ -174,7 +177,7 @@ def test_penalties_on_the_gpu_match_the_cpu(ckpt_dir, family):
                              repetition_penalty=r) for p, f, r in ((1.5, 0.0, 1.0), (0.0, 0.7, 1.3), (0.0, 0.0, 1.0))]
     prompts = PROMPTS[:3]
     cpu = [o.token_ids for o in LLM(folder, dtype="float32", device="cpu").generate(prompts, params)]
-    llm = LLM(folder, dtype="float32", device="cuda", async_scheduling=True)
+    llm = LLM(folder, dtype="float32", device="cuda", async_scheduling=True, **SMALL)
     assert [o.token_ids for o in llm.generate(prompts, params)] == cpu
 
 
@@ -189,8 +192,8 @@ def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt_dir, family):
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=k) for k in (3, None, 0)]
     prompts = PROMPTS[:3]
     cpu = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=16).generate(prompts, params)
-    gpu = LLM(folder, dtype="float32", device="cuda", async_scheduling=True, max_num_batched_tokens=16).generate(
-        prompts, params)
+    gpu = LLM(folder, dtype="float32", device="cuda", async_scheduling=True, max_num_batched_tokens=16,
+              max_num_seqs=SMALL["max_num_seqs"]).generate(prompts, params)
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
     assert gpu[1].prompt_logprobs is None and cpu[1].prompt_logprobs is None
     for a, b in ((gpu[0], cpu[0]), (gpu[2], cpu[2])):
@@ -201,17 +204,27 @@ def test_prompt_logprobs_on_the_gpu_match_the_cpu(ckpt_dir, family):
 
 
 def test_restricted_sampling_on_the_gpu_matches_the_cpu():
-    """Guided choice (the demo model's tokenizer) and allowed token ids on CUDA with graphs and async
-    scheduling (a guided step waits for its previous token): the CPU run's tokens, float32."""
+    """Guided choice, JSON mode and a JSON schema (the demo model's tokenizer) and allowed token ids on
+    CUDA with graphs and async scheduling (a guided step waits for its previous token): the CPU run's
+    tokens, float32."""
+    import json
+
     from epinfer import LLM, SamplingParams
 
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
     params = [SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no", "maybe so"]),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, allowed_token_ids=[72, 101, 108]),
-              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
-    prompts = ["The answer is", "Beautiful is", "Errors should"]
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0, json_object=True),
+              SamplingParams(max_tokens=24, temperature=0, json_schema=schema)]
+    prompts = ["The answer is", "Beautiful is", "Errors should", "Simple is", "Flat is"]
     cpu = [o.token_ids for o in LLM(dtype="float32", device="cpu").generate(prompts, params)]
-    gpu = LLM(dtype="float32", device="cuda", async_scheduling=True).generate(prompts, params)
+    gpu = LLM(dtype="float32", device="cuda", async_scheduling=True, **SMALL).generate(prompts, params)
     assert [o.token_ids for o in gpu] == cpu and gpu[0].text in ("yes", "no", "maybe so")
+    for out in gpu[3:]:  # (a whole answer when it ended before max_tokens)
+        if out.finish_reason == "stop":
+            json.loads(out.text)
 
 
 def real_shape_folder(tmp_path, shape: str, layers: int, dtype=torch.bfloat16, experts: int | None = None):
