@@ -113,6 +113,28 @@ def test_chunked_prefill_matches_transformers(family, budget, ckpt_dir):
     assert_transformers_tokens(path, ps, got, f"{family}, chunks of {budget}")
 
 
+def test_steps_over_the_largest_piece_run_eagerly(ckpt_dir, monkeypatch):
+    """Pieces up to `piecewise.LARGEST` rows only (here 16, the budget 64): larger prompt steps run
+    the whole-layer path, smaller ones the pieces; tokens identical to transformers (hybrid family)."""
+    from epinfer.runner import piecewise
+
+    monkeypatch.setattr(piecewise, "LARGEST", 16)
+    path = ckpt_dir("qwen3_5_moe")
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    ps = prompts()
+    llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=64, max_num_seqs=len(ps),
+              piecewise_graphs=True)
+    pieces, runner = llm.engine.runner.pieces, llm.engine.runner
+    assert pieces.buckets[-1] == 16
+    through, whole = [], []
+    run, forward = pieces.run, runner.model.forward
+    pieces.run = lambda batch, caches: through.append(batch.num_rows) or run(batch, caches)
+    runner.model.forward = lambda batch, caches: whole.append(batch.num_rows) or forward(batch, caches)
+    got = [o.token_ids for o in llm.generate(ps, params)]
+    assert through and max(through) <= 16 and any(rows > 16 for rows in whole), (through, whole)
+    assert_transformers_tokens(path, ps, got, "pieces up to 16 rows, steps of 64")
+
+
 @pytest.mark.parametrize("budget", [7, 64])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_pieces_match(family, budget, ckpt_dir):

@@ -29,6 +29,9 @@ def test_gpu_memory_kept_from_the_cache_grows_with_the_step():
     assert pieces_pool_bytes(cfg, dataclasses.replace(step, piecewise_graphs=False), torch.bfloat16) == 0
     assert 0 < pieces_pool_bytes(cfg, step, torch.bfloat16) < pieces_pool_bytes(
         cfg, dataclasses.replace(step, max_num_batched_tokens=16384), torch.bfloat16)
+    # (steps over 16,384 rows run eagerly: no larger pieces)
+    assert pieces_pool_bytes(cfg, dataclasses.replace(step, max_num_batched_tokens=65536), bf16) == pieces_pool_bytes(
+        cfg, dataclasses.replace(step, max_num_batched_tokens=16384), bf16)
 
 
 def test_step_token_budget_by_device():

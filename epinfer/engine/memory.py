@@ -13,6 +13,7 @@ from epinfer.core.config import EngineConfig, ModelConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
+from epinfer.runner import piecewise
 from epinfer.runner.model_runner import available_bytes
 
 
@@ -122,14 +123,14 @@ def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype
 
 
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, dp: int = 1) -> int:
-    """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step, the
-    routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
+    """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step with
+    pieces (the token budget, at most `piecewise.LARGEST`), the routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
     half again and 256 MiB for the router, shared expert and the allocator's rounding (the Qwen3.5
     shape at 8192 rows: 0.69 GiB by the rows alone, 1.28 GiB reserved)."""
     if not (ecfg.cuda_graphs and ecfg.piecewise_graphs):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
-    rows = ecfg.max_num_batched_tokens * max(cfg.top_k, 1) * width * dtype.itemsize
+    rows = min(ecfg.max_num_batched_tokens, piecewise.LARGEST) * max(cfg.top_k, 1) * width * dtype.itemsize
     return rows * 3 // 2 + 2**28 + dequantized_experts(cfg, ecfg, dtype, dp)  # (captured: the pool keeps them)
 
 

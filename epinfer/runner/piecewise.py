@@ -15,7 +15,8 @@ more host time to issue than the GPU needed to run it). So a step runs as
                                                 reading and writing the static `x`, `h`
     logits of the sampled rows                  eager
 
-Each piece is captured per row bucket (`piece_buckets`); a step's rows are padded to its bucket
+Each piece is captured per row bucket (`piece_buckets`; a step of more rows than the largest runs
+eagerly); a step's rows are padded to its bucket
 with inert rows (no cache slot, attention and GDN output zero, routing weight 0 through the row
 mask). Buffers are static and shared by every layer and bucket; the graphs share one memory pool
 (captured and replayed in layer order). Forwards with collectives (TP, EP) do not use pieces.
@@ -35,11 +36,16 @@ from epinfer.core.forward import ForwardBatch
 
 SMALLEST = 16
 STEP = 1024  # above STEP rows, buckets are multiples of it
+# steps of more rows run eagerly: a layer's launches are then a small part of its time (a 16,384-row
+# step of the Qwen3.5 shape takes ~260 ms on an H200), while each bucket costs start-up (the 70
+# buckets up to a 65,536-token budget took 63.5 s to capture there, the 22 up to 16,384 took 9.2 s)
+LARGEST = 16384
 
 
 def piece_buckets(limit: int) -> list[int]:
-    """Row counts with pieces, up to `limit`: powers of two from SMALLEST to STEP, then multiples of
-    STEP, and `limit` itself."""
+    """Row counts with pieces, up to `limit` (at most LARGEST): powers of two from SMALLEST to STEP,
+    then multiples of STEP, and the limit itself."""
+    limit = min(limit, LARGEST)
     sizes = {limit}
     size = SMALLEST
     while size < min(limit, STEP):
