@@ -12,8 +12,8 @@ import torch
 from epinfer.core.config import EngineConfig, ModelConfig
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
-from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
 from epinfer.runner import piecewise
+from epinfer.runner.cache import CacheLayout, kv_bytes_per_token, state_bytes_per_slot
 from epinfer.runner.model_runner import available_bytes
 
 
@@ -124,9 +124,10 @@ def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype
 
 def pieces_pool_bytes(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, dp: int = 1) -> int:
     """What the graph pieces keep (`runner.piecewise`; `ecfg` resolved): at the largest step with
-    pieces (the token budget, at most `piecewise.LARGEST`), the routed rows' inputs, gate / up, activation and outputs (K per row), in the compute dtype, with
-    half again and 256 MiB for the router, shared expert and the allocator's rounding (the Qwen3.5
-    shape at 8192 rows: 0.69 GiB by the rows alone, 1.28 GiB reserved)."""
+    pieces (the token budget, at most `piecewise.LARGEST`), the routed rows' inputs, gate / up,
+    activation and outputs (K per row), in the compute dtype, with half again and 256 MiB for the
+    router, shared expert and the allocator's rounding (the Qwen3.5 shape at 8192 rows: 0.69 GiB by
+    the rows alone, 1.28 GiB reserved)."""
     if not (ecfg.cuda_graphs and ecfg.piecewise_graphs):
         return 0
     width = 2 * cfg.hidden_size + 3 * max(cfg.moe_intermediate_size, 1)
