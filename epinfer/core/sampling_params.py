@@ -22,6 +22,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
   repetition_penalty  a finite number > 0 (transformers' and vLLM's): the logit of each token of the
                    prompt or the output divided by it where positive, multiplied where negative
   include_stop_str_in_output  a boolean (vLLM's): the text keeps the stop string that ended it
+  truncate_prompt_tokens  None, an integer >= 1 or -1 (vLLM's): only the prompt's last that many
+                   tokens are used (-1: as many as leave room for one generated token)
   logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
                    its logit before sampling (OpenAI's; the ids are checked against the vocabulary by
                    the engine)
@@ -72,6 +74,7 @@ class SamplingParams:
     choices: list[str] | None = None  # the answer is exactly one of these (vLLM's guided_choice)
     json_object: bool = False  # the answer is one JSON object (OpenAI's response_format json_object)
     json_schema: dict | None = None  # the answer is one JSON value of this schema (engine.json_schema's subset)
+    truncate_prompt_tokens: int | None = None  # the prompt's last N tokens only (`truncate_prompt`)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -89,7 +92,7 @@ class SamplingParams:
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
-                                self.choices, self.json_object, self.json_schema)
+                                self.choices, self.json_object, self.json_schema, self.truncate_prompt_tokens)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -105,6 +108,7 @@ class SamplingParams:
             choices=None if self.choices is None else list(self.choices),
             json_object=bool(self.json_object),
             json_schema=self.json_schema,
+            truncate_prompt_tokens=None if self.truncate_prompt_tokens is None else int(self.truncate_prompt_tokens),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -125,6 +129,10 @@ class SamplingParams:
         _integer("top_k", self.top_k, -1, TOP_K_MAX, "top_k must be -1, 0 (off) or positive")
         _number("min_p", self.min_p, 0.0, 1.0)
         _integer("seed", self.seed, 0, SEED_MAX)
+        _integer("truncate_prompt_tokens", self.truncate_prompt_tokens, -1, None,
+                 "truncate_prompt_tokens must be -1 or at least 1")
+        if self.truncate_prompt_tokens == 0:
+            raise UserError("truncate_prompt_tokens must be -1 or at least 1, got 0")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if stops is not None:
             if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP_STRINGS:
@@ -245,3 +253,12 @@ def check_text(name: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise UserError(f"{name} is not valid Unicode (a lone surrogate at character {exc.start})") from None
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """`truncate_prompt_tokens`: the last `keep` tokens of a prompt (-1: the last max_model_len - 1,
+    room for one generated token); None: the whole prompt."""
+    if keep is None:
+        return ids
+    limit = max_model_len - 1 if keep == -1 else keep
+    return ids[-limit:] if len(ids) > limit else ids

@@ -19,7 +19,7 @@ from epinfer.core.config import DEMO_MODEL, EngineConfig, ModelConfig, field_fla
 from epinfer.core.env import SWITCHES
 from epinfer.core.errors import UserError
 from epinfer.core.layout import check_model_layout
-from epinfer.core.sampling_params import SamplingParams, check_text
+from epinfer.core.sampling_params import SamplingParams, check_text, truncate_prompt
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine import restrict
 from epinfer.engine.cache import CacheAllocator
@@ -226,7 +226,8 @@ class Engine:
         self.num_requests = 0
         return round(time.perf_counter() - t, 2)
 
-    def tokenize(self, prompt: str | list[int], index: int) -> list[int]:
+    def tokenize(self, prompt: str | list[int], index: int, keep: int | None = None) -> list[int]:
+        """The prompt's token ids, checked; `keep`: `truncate_prompt_tokens` (before the length check)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise UserError(f"prompt {index} is empty")
@@ -247,6 +248,7 @@ class Engine:
         if min(ids) < 0 or max(ids) >= vocab:  # (one pass each in C; the offender found only then)
             bad = [t for t in ids if not 0 <= t < vocab]
             raise UserError(f"prompt {index}: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        ids = truncate_prompt(ids, keep, self.max_model_len)
         if len(ids) >= self.max_model_len:
             raise UserError(f"prompt {index} has {len(ids)} tokens; the max model length is "
                             f"{self.max_model_len} (prompt + at least one generated token)")
@@ -273,7 +275,7 @@ class Engine:
             guide = restrict.json_guide(params)  # (a schema compiles here: a bad one is refused before queueing)
         except UserError as exc:
             raise UserError(f"request {index}: {exc}") from None
-        ids = self.tokenize(prompt, index)
+        ids = self.tokenize(prompt, index, params.truncate_prompt_tokens)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len), guide=guide)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

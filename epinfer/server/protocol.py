@@ -26,6 +26,7 @@ from epinfer.core.sampling_params import (
     check_text,
     default_max_tokens,
     logit_bias_from_json,
+    truncate_prompt,
 )
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 from epinfer.engine.json_schema import check_schema
@@ -309,7 +310,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "functions": ([],),
                "function_call": ("none", "auto"), "guided_regex": (),
                "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
-               "skip_special_tokens": (True,), "truncate_prompt_tokens": (), "chat_template": (), "documents": ([],)}
+               "skip_special_tokens": (True,), "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
 
@@ -368,6 +369,10 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         raise APIError(400, f"'{key}' must be at least 1 (0 only with 'echo'), got {max_tokens}", param=key)
     rendered = _chat_text(body, tokenizer) if chat else None
     prompts = [chat_prompt_ids(tokenizer, rendered)] if chat else _prompts(body, tokenizer, info)
+    if (keep := _field(body, "truncate_prompt_tokens", int)) is not None and keep != -1 and keep < 1:
+        raise APIError(400, f"'truncate_prompt_tokens' must be -1 or at least 1, got {keep}",
+                       param="truncate_prompt_tokens")
+    prompts = [truncate_prompt(ids, keep, info.max_model_len) for ids in prompts]  # (vLLM's: before the length checks)
     think_open = reasoning.prompt_leaves_open(rendered) if chat and info.reasoning else None
     try:
         bias = logit_bias_from_json(body.get("logit_bias"))
