@@ -24,6 +24,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
   include_stop_str_in_output  a boolean (vLLM's): the text keeps the stop string that ended it
   truncate_prompt_tokens  None, an integer >= 1 or -1 (vLLM's): only the prompt's last that many
                    tokens are used (-1: as many as leave room for one generated token)
+  skip_special_tokens  a boolean (vLLM's; default true): special tokens (end of sequence, ...) are
+                   left out of the text
   logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
                    its logit before sampling (OpenAI's; the ids are checked against the vocabulary by
                    the engine)
@@ -75,6 +77,7 @@ class SamplingParams:
     json_object: bool = False  # the answer is one JSON object (OpenAI's response_format json_object)
     json_schema: dict | None = None  # the answer is one JSON value of this schema (engine.json_schema's subset)
     truncate_prompt_tokens: int | None = None  # the prompt's last N tokens only (`truncate_prompt`)
+    skip_special_tokens: bool = True  # special tokens left out of the text (vLLM's)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -92,7 +95,8 @@ class SamplingParams:
                                 self.min_tokens, pick("presence_penalty", 0.0), pick("frequency_penalty", 0.0),
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
-                                self.choices, self.json_object, self.json_schema, self.truncate_prompt_tokens)
+                                self.choices, self.json_object, self.json_schema, self.truncate_prompt_tokens,
+                                self.skip_special_tokens)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -109,6 +113,7 @@ class SamplingParams:
             json_object=bool(self.json_object),
             json_schema=self.json_schema,
             truncate_prompt_tokens=None if self.truncate_prompt_tokens is None else int(self.truncate_prompt_tokens),
+            skip_special_tokens=self.skip_special_tokens,
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -133,6 +138,8 @@ class SamplingParams:
                  "truncate_prompt_tokens must be -1 or at least 1")
         if self.truncate_prompt_tokens == 0:
             raise UserError("truncate_prompt_tokens must be -1 or at least 1, got 0")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise UserError(f"skip_special_tokens must be a boolean, got {type(self.skip_special_tokens).__name__}")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if stops is not None:
             if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP_STRINGS:

@@ -468,7 +468,8 @@ class Engine:
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif p.stop and self.tokenizer is not None:
-            seq.stop_search = seq.stop_search or StopSearch(self.tokenizer, p.stop, seq.output_ids[:p.min_tokens])
+            seq.stop_search = seq.stop_search or StopSearch(self.tokenizer, p.stop, seq.output_ids[:p.min_tokens],
+                                                         p.skip_special_tokens)
             if seq.stop_search.found(seq.output_ids):  # a window of ids a token; the whole text once for a match
                 seq.stop_text_end = first_match(self._decode(seq), p.stop, seq.stop_search.held_chars,
                                                 p.include_stop_str_in_output)
@@ -482,7 +483,7 @@ class Engine:
         """The request's text so far; a tokenizer that can't decode its tokens fails this request
         alone (its text is empty), never the step."""
         try:
-            return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            return self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
         except Exception as exc:  # tokenizers raise many kinds; the request is what failed
             if seq.finish_reason != "error":
                 seq.finish_reason, seq.error = "error", f"detokenisation failed: {type(exc).__name__}: {exc}"

@@ -26,14 +26,15 @@ def first_match(text: str, stops: list[str], held_chars: int, through: bool = Fa
 
 
 class StopSearch:
-    """`held`: the first min_tokens output ids; a stop string must end past their text."""
+    """`held`: the first min_tokens output ids; a stop string must end past their text. `skip`: the
+    text without special tokens (the request's `skip_special_tokens`)."""
 
-    def __init__(self, tokenizer, stops: list[str], held: list[int]) -> None:
+    def __init__(self, tokenizer, stops: list[str], held: list[int], skip: bool = True) -> None:
         self.stops = stops
         self.keep = max(len(s) for s in stops) - 1  # a match ending in new text starts at most this far back
         self.recent = ""  # the last `keep` characters of the settled text
         self.settled = 0  # the length of the settled text (the text of the ids before the window's cut)
-        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=True))
+        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=skip))
         try:
             self.held_chars = len(self.window.decode(held))
         except Exception:  # (found() then says True, and the caller's whole decode fails the request)

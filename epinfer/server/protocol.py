@@ -310,7 +310,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "functions": ([],),
                "function_call": ("none", "auto"), "guided_regex": (),
                "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
-               "skip_special_tokens": (True,), "chat_template": (), "documents": ([],)}
+               "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
 
@@ -357,6 +357,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
+                  skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
                   **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
                                                                "repetition_penalty")})
     logprobs = _logprobs(body, chat)

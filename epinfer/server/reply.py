@@ -43,7 +43,7 @@ class Choice:
 
     def __init__(self, index: int, state: RequestState, tokenizer) -> None:
         self.index, self.state, self.tokenizer = index, state, tokenizer
-        self.text = TextStream(tokenizer, state.req.params.stop)
+        self.text = TextStream(tokenizer, state.req.params.stop, state.req.params.skip_special_tokens)
         self.token_ids: list[int] = []
         self.records: list[tuple] = []  # logprob records, for a whole answer
         self.token_offset = 0  # completions' logprobs: the text offset of the next token (its tokens' lengths)

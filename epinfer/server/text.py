@@ -48,13 +48,13 @@ class StopTail:
 
 
 class TextStream:
-    def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stops: list[str], skip: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip  # skip: special tokens left out (skip_special_tokens)
         self.tails = [StopTail(stop) for stop in stops]
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
         self.text = ""  # the settled text, decoded a window at a time
-        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=True))
+        self.window = WindowDecode(lambda part: tokenizer.decode(part, skip_special_tokens=skip))
 
     def add(self, new_ids: list[int]) -> None:
         self.ids.extend(new_ids)
@@ -62,7 +62,7 @@ class TextStream:
     def full_text(self, stop_end: int | None = None) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
         return text if stop_end is None else text[:stop_end]
 
     def _advance(self) -> None:
