@@ -108,7 +108,7 @@ def test_answers_are_json_objects():
 
 def test_json_mode_checked():
     llm = LLM()
-    with pytest.raises(UserError, match="json_object, json_schema and choices: give one of them"):
+    with pytest.raises(UserError, match="json_object, json_schema, regex and choices: give one of them"):
         llm.generate("x", SamplingParams(max_tokens=4, json_object=True, choices=["a"]))
     with pytest.raises(UserError, match="json_object must be a boolean"):
         llm.generate("x", SamplingParams(max_tokens=4, json_object=1))

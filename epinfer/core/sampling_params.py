@@ -26,6 +26,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    tokens are used (-1: as many as leave room for one generated token)
   skip_special_tokens  a boolean (vLLM's; default true): special tokens (end of sequence, ...) are
                    left out of the text
+  regex            a non-empty string: the whole answer matches it (`engine.regex_grammar`'s subset,
+                   checked when the request is made)
   logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
                    its logit before sampling (OpenAI's; the ids are checked against the vocabulary by
                    the engine)
@@ -77,6 +79,7 @@ class SamplingParams:
     json_object: bool = False  # the answer is one JSON object (OpenAI's response_format json_object)
     json_schema: dict | None = None  # the answer is one JSON value of this schema (engine.json_schema's subset)
     truncate_prompt_tokens: int | None = None  # the prompt's last N tokens only (`truncate_prompt`)
+    regex: str | None = None  # the whole answer matches this expression (vLLM's guided_regex: engine.regex_grammar)
     skip_special_tokens: bool = True  # special tokens left out of the text (vLLM's)
 
     def resolved(self, defaults: dict) -> SamplingParams:
@@ -96,7 +99,7 @@ class SamplingParams:
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
                                 self.choices, self.json_object, self.json_schema, self.truncate_prompt_tokens,
-                                self.skip_special_tokens)
+                                self.regex, self.skip_special_tokens)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -114,6 +117,7 @@ class SamplingParams:
             json_schema=self.json_schema,
             truncate_prompt_tokens=None if self.truncate_prompt_tokens is None else int(self.truncate_prompt_tokens),
             skip_special_tokens=self.skip_special_tokens,
+            regex=self.regex,
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -185,8 +189,11 @@ class SamplingParams:
         _number("repetition_penalty", self.repetition_penalty, None, None)
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
-        if sum((self.json_object is True, self.choices is not None, self.json_schema is not None)) > 1:
-            raise UserError("json_object, json_schema and choices: give one of them")
+        if sum((self.json_object is True, self.choices is not None, self.json_schema is not None,
+                self.regex is not None)) > 1:
+            raise UserError("json_object, json_schema, regex and choices: give one of them")
+        if self.regex is not None and not (isinstance(self.regex, str) and self.regex):
+            raise UserError("regex must be a non-empty string")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise UserError("json_schema must be a JSON schema (an object)")
         for name in ("ignore_eos", "include_stop_str_in_output", "json_object"):

@@ -268,7 +268,8 @@ class Engine:
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
         if restrict.guided_request(params) and (self.tokenizer is None or not self.end_ids(params)):
-            raise UserError(f"request {index}: {'guided choice' if params.choices else 'JSON mode'} needs a "
+            what = "guided choice" if params.choices else "a guided regex" if params.regex is not None else "JSON mode"
+            raise UserError(f"request {index}: {what} needs a "
                             "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
                             "without stop_token_ids)")
         try:

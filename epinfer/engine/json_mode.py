@@ -153,8 +153,11 @@ def _number(stack: str, phase: int, b: int) -> State | None:
 
 
 class Grammar:
-    """A byte grammar in this module's state layout (frames, mode, aux, whitespace run; mode "S" with
-    aux & 7 == 0 a plain string): its `step` and the key its states are remembered under."""
+    """A byte grammar: its `step` and the key its states are remembered under. `json_states`: the
+    states are in this module's layout (frames, mode, aux, whitespace run; mode "S" with aux & 7 == 0
+    a plain string), which `JsonVocab.allowed` takes short cuts through (`regex_grammar`'s are not)."""
+
+    json_states = True
 
     def __init__(self, key: str, step_fn) -> None:
         self.key, self.step = key, step_fn
@@ -163,6 +166,10 @@ class Grammar:
     def can_end(self, state: State) -> bool:
         """Whether the answer may end in `state` (JSON mode: its object is closed)."""
         return state[1] == "D"
+
+    def open(self, state: State) -> bool:
+        """Whether a byte may still come in `state`."""
+        return state[1] != "D"
 
     def walk(self, state: State | None, raw: bytes) -> State | None:
         for b in raw:
@@ -194,7 +201,8 @@ class JsonVocab:
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
-        if state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids with room for theirs
+        json_states = grammar.json_states
+        if json_states and state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids, room for theirs
             ids = self.allowed((*state[:3], 0), grammar)
             return ids[self.lead[ids] <= MAX_SPACE - state[3]]
         key = (grammar.key, state)
@@ -202,7 +210,7 @@ class JsonVocab:
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
-        if state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
+        if json_states and state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
             ids = self.safe.tolist() + [t for t in self.unsafe if grammar.walk(state, self.of[t]) is not None]
         else:
             ids = self.search(state, grammar.step)
@@ -240,8 +248,8 @@ def json_vocab(vocab: VocabBytes) -> JsonVocab:
 
 
 class JsonGuide:
-    """A request's grammar state (JSON mode's, or a schema's: `json_schema.SchemaGrammar`), brought
-    up to date with its output a token at a time."""
+    """A request's grammar state (JSON mode's, a schema's: `json_schema.SchemaGrammar`, or a regular
+    expression's: `regex_grammar.RegexGrammar`), brought up to date with its output a token at a time."""
 
     def __init__(self, grammar: Grammar = OBJECT) -> None:
         self.grammar = grammar
@@ -256,7 +264,7 @@ class JsonGuide:
         self.seen = len(output_ids)
         if self.state is None:
             return torch.zeros(0, dtype=torch.long)
-        ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.state[1] != "D" else None
+        ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.grammar.open(self.state) else None
         if not self.grammar.can_end(self.state):
             return ids
         ends = torch.tensor(sorted(end_ids), dtype=torch.long)

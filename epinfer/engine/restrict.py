@@ -1,10 +1,10 @@
 """The tokens a step may sample for each request restricted to some: its `allowed_token_ids`, or
-the next tokens of a guided choice (`guided`), of JSON mode (`json_mode`) or of a JSON schema
-(`json_schema`)."""
+the next tokens of a guided choice (`guided`), of JSON mode (`json_mode`), of a JSON schema
+(`json_schema`) or of a regular expression (`regex_grammar`)."""
 
 from __future__ import annotations
 
-from epinfer.engine import guided, json_mode, json_schema
+from epinfer.engine import guided, json_mode, json_schema, regex_grammar
 
 
 def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list]:
@@ -22,21 +22,24 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
             else:  # (`json_guide`'s, made with the request)
                 ids = seq.guide.allowed(vocab, seq.output_ids, end_ids(p))
             if not len(ids):
-                along = "any of its choices" if p.choices else "its JSON schema" if p.json_schema else "a JSON object"
+                along = ("any of its choices" if p.choices else "its JSON schema" if p.json_schema is not None
+                         else "its regular expression" if p.regex is not None else "a JSON object")
                 dead.append((seq, f"no token continues its answer along {along}"))
             rows.append((row, ids if len(ids) else [0]))
     return rows, dead
 
 
 def json_guide(p) -> json_mode.JsonGuide | None:
-    """A request's JSON guide (JSON mode's, or its schema's, compiled: UserError for one this mode
-    does not take), None for other requests."""
+    """A request's guide (JSON mode's, its schema's or its regular expression's, compiled: UserError
+    for one this mode does not take), None for other requests."""
+    if p.regex is not None:
+        return json_mode.JsonGuide(regex_grammar.RegexGrammar(p.regex))
     if p.json_schema is not None:
         return json_mode.JsonGuide(json_schema.SchemaGrammar(p.json_schema))
     return json_mode.JsonGuide() if p.json_object else None
 
 
 def guided_request(p) -> bool:
-    """The request's tokens follow a guide (choices, JSON mode or a schema): each step needs the
-    previous token on the host."""
-    return bool(p.choices or p.json_object or p.json_schema is not None)
+    """The request's tokens follow a guide (choices, JSON mode, a schema or a regex): each step needs
+    the previous token on the host."""
+    return bool(p.choices or p.json_object or p.json_schema is not None or p.regex is not None)

@@ -29,8 +29,9 @@ from epinfer.core.sampling_params import (
     truncate_prompt,
 )
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
-from epinfer.engine.json_schema import check_schema
+from epinfer.engine import restrict
 from epinfer.server import reasoning
+from epinfer.server.structured import OutputsError, structured_outputs
 from epinfer.server.tools import ToolError, check_tools, forced_tool, template_message
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
@@ -308,7 +309,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # request must not get an answer to a question it did not ask); fields that change nothing (user,
 # metadata, ...) are ignored like any unknown field
 UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "functions": ([],),
-               "function_call": ("none", "auto"), "guided_regex": (),
+               "function_call": ("none", "auto"),
                "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
                "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
@@ -352,8 +353,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
         raise APIError(400, "'allowed_token_ids' must be a non-empty array of token ids",
                        param="allowed_token_ids")
     fields = dict(temperature=_field(body, "temperature", float), top_p=_field(body, "top_p", float),
-                  min_p=_field(body, "min_p", float), allowed_token_ids=allowed, choices=_choices(body),
-                  **dict(zip(("json_object", "json_schema"), _json_mode(body), strict=True)),
+                  min_p=_field(body, "min_p", float), allowed_token_ids=allowed, **_structured(body),
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
@@ -384,7 +384,8 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     tools, look_for_calls = checked_tools(body) if chat else (None, False)
     forced = forced_tool(body) if tools else None
     if forced is not None:
-        if fields["json_schema"] is not None or fields["json_object"] or fields["choices"] is not None:
+        if fields["json_schema"] is not None or fields["json_object"] or fields["choices"] is not None or fields[
+                "regex"] is not None:
             raise APIError(400, "a named 'tool_choice' and a structured output: give one of them", param="tool_choice")
         fields["json_schema"] = forced[1]
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
@@ -394,40 +395,11 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
             for i, ids in enumerate(prompts)]
 
 
-def _choices(body: dict) -> list | None:
-    """vLLM's guided choice: `guided_choice`, or `structured_outputs` holding `choice` (checked with
-    the sampling parameters; `json` is `_json_mode`'s); other structured outputs are refused."""
-    outputs = body.get("structured_outputs")
-    if outputs is not None and not (isinstance(outputs, dict) and len(outputs) == 1 and set(outputs) <= {"choice",
-                                                                                                         "json"}):
-        raise APIError(400, "'structured_outputs' is supported with one of 'choice' or 'json'",
-                       param="structured_outputs")
-    if outputs is not None and (body.get("guided_choice") is not None or body.get("guided_json") is not None):
-        raise APIError(400, "give 'guided_choice' / 'guided_json' or 'structured_outputs', not both",
-                       param="structured_outputs")
-    return outputs.get("choice") if outputs is not None else body.get("guided_choice")
-
-
-def _json_mode(body: dict) -> tuple[bool, dict | None]:
-    """(JSON mode, a JSON schema): OpenAI's `response_format` (text, json_object, or json_schema with
-    its `json_schema.schema`), or vLLM's `guided_json` / `structured_outputs.json` (a schema)."""
-    kind = body.get("response_format")
-    if kind is None or kind == {"type": "text"}:
-        return False, _schema(body)
-    if kind == {"type": "json_object"}:
-        return True, _schema(body)
-    spec = kind.get("json_schema") if isinstance(kind, dict) and kind.get("type") == "json_schema" else None
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise APIError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
-                       param="response_format")
-    return False, spec["schema"]
-
-
-def _schema(body: dict) -> dict | None:
-    outputs = body.get("structured_outputs")
-    schema = outputs.get("json") if isinstance(outputs, dict) else None
-    return schema if schema is not None else body.get("guided_json")
+def _structured(body: dict) -> dict:
+    try:
+        return structured_outputs(body)
+    except OutputsError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def _echo(body: dict, chat: bool, stream: bool, logprobs: int | None) -> tuple[bool, int | None]:
@@ -471,9 +443,9 @@ def _params(ids: list[int], index: int | None, info: ModelInfo, key: str, max_to
     if params.logit_bias:
         _token_list(sorted(params.logit_bias), "logit_bias", info)  # (the vocabulary)
     try:
-        check_schema(params.json_schema)
+        restrict.json_guide(params)  # (a schema or an expression this mode does not take: refused here)
     except UserError as exc:
-        raise APIError(400, str(exc), param="response_format") from None
+        raise APIError(400, str(exc), param="guided_regex" if params.regex is not None else "response_format") from None
     return params
 
 

@@ -1,0 +1,151 @@
+"""Guided regex (`SamplingParams.regex`, vLLM's `guided_regex` / `structured_outputs.regex`): the
+grammar accepts exactly what `re.fullmatch` accepts (random strings, and strings drawn from the
+automaton), every prefix of a match stays alive; unsupported syntax is one line naming it; the trie
+walk's allowed ids equal a direct check of every token; greedy answers equal transformers' `generate`
+constrained by the direct check, with and without async scheduling, and every finished answer matches."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+import transformers
+
+from epinfer import LLM, SamplingParams
+from epinfer.core.config import DEMO_MODEL
+from epinfer.core.errors import UserError
+from epinfer.engine.guided import vocab_bytes
+from epinfer.engine.json_mode import json_vocab
+from epinfer.engine.regex_grammar import RegexGrammar
+
+PATTERNS = [r"[a-z]+", r"\d{3}-\d{4}", r"(yes|no|maybe)", r"-?\d+(\.\d+)?", r"[^\n]{0,5}x", r"(ab|a)*b?",
+            "é+[ü-ÿ]?日*", r"\w+@\w+\.(com|org)", r"[A-Z][a-z]*( [A-Z][a-z]*){0,2}", r"^a.c$", r"(?:x|y){2,3}z*?",
+            r'\s*\{"a":\s*\d+\}', r"[^a-c]*", r"(?P<n>\d)+\.", r"\u00e9\x41", r"a{,2}b", r"[\d\s-]+"]
+ALPHABET = 'abcxyz0123456789-. \n@éüÿAZ{}":日'
+
+
+def matches(g: RegexGrammar, text: str) -> bool:
+    state = g.walk(g.start, text.encode())
+    return state is not None and g.can_end(state)
+
+
+def drawn(g: RegexGrammar, rnd: random.Random, limit: int = 30) -> str | None:
+    """A random string the automaton accepts (None where the walk went nowhere)."""
+    a, out = g.auto, []
+    nodes = a.closure([a.start])
+    for _ in range(limit):
+        edges = [(r, t) for i in nodes for r, t in a.edges[i]]
+        if a.accept in nodes and (not edges or rnd.random() < 0.3):
+            return "".join(out)
+        if not edges:
+            return None
+        ranges, target = rnd.choice(edges)
+        lo, hi = rnd.choice(ranges)
+        c = rnd.randint(lo, min(hi, lo + 300))
+        if 0xD800 <= c <= 0xDFFF:
+            return None
+        out.append(chr(c))
+        nodes = a.closure([target])
+    return None
+
+
+def test_grammar_is_fullmatch():
+    rnd = random.Random(0)
+    for pattern in PATTERNS:
+        g, rx = RegexGrammar(pattern), re.compile(pattern, re.ASCII)
+        texts = ["".join(rnd.choice(ALPHABET) for _ in range(rnd.randint(0, 8))) for _ in range(400)]
+        texts += [t for t in (drawn(g, rnd) for _ in range(400)) if t is not None]
+        assert sum(rx.fullmatch(t) is not None for t in texts) >= 20, pattern
+        for text in texts:
+            assert matches(g, text) == (rx.fullmatch(text) is not None), (pattern, text)
+            if rx.fullmatch(text):  # every byte prefix of a match can still become one
+                raw = text.encode()
+                assert all(g.walk(g.start, raw[:k]) is not None for k in range(len(raw))), (pattern, text)
+    g = RegexGrammar("日本")
+    assert g.walk(g.start, "日".encode()[:2]) is not None and g.walk(g.start, "é".encode()[:1]) is None
+    assert g.walk(g.start, "旦".encode()) is None  # (its first two bytes are 日's)
+
+
+@pytest.mark.parametrize("pattern,fragment", [
+    (r"(?=a)b", "'(?' groups"), (r"(a)\1", r"the escape \1"), (r"\bword", r"the escape \b"), ("(ab", "missing ')'"),
+    ("ab)", "unmatched ')'"), ("*a", "nothing to repeat"), ("a**", "a quantifier after a quantifier"),
+    ("[z-a]", "out of order"), ("a{5,2}", "a repetition {5,2}"), ("a{2000}", "a repetition {2000}"),
+    ("a^b", "'^' is supported only"), ("[ab", "unterminated '['"), (r"\x4", r"\x escape"),
+    ("[[:alpha:]]", "POSIX classes"), ("a" * 5000, "at most 4096 characters"),
+    ("(a{1000}){1000}", "more than 20000 automaton nodes")])
+def test_unsupported_expressions_are_one_line(pattern, fragment):
+    with pytest.raises(UserError) as exc:
+        RegexGrammar(pattern)
+    assert fragment in str(exc.value) and "\n" not in str(exc.value) and str(exc.value).startswith("regex")
+
+
+def direct_allowed(vocab, grammar, state) -> list[int]:
+    return [t for t, raw in enumerate(vocab.of) if raw and grammar.walk(state, raw) is not None]
+
+
+def test_trie_walk_equals_a_direct_check():
+    llm = LLM()
+    vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
+    for pattern, prefixes in ((r"[A-Z][a-z]+( [A-Z][a-z]+)?", ("", "N", "Now", "Now T")),
+                              (r"-?\d+(\.\d+)?", ("", "-", "12", "12.")), ("é+[ü-ÿ]?", ("", "é", "éé"))):
+        g = RegexGrammar(pattern)
+        for prefix in prefixes:
+            state = g.walk(g.start, prefix.encode())
+            assert state is not None, (pattern, prefix)
+            assert json_vocab(vocab).allowed(state, g).tolist() == direct_allowed(vocab, g, state), (pattern, prefix)
+
+
+def reference(model, tokenizer, eos: list[int], prompt: str, pattern: str) -> list[int]:
+    """transformers' greedy tokens, each step restricted by the direct check of every token."""
+    g, ids = RegexGrammar(pattern), tokenizer(prompt)["input_ids"]
+    vocab = vocab_bytes(tokenizer, model.config.vocab_size)
+
+    def allowed(batch, sequence):
+        state = g.walk(g.start, b"".join(vocab.of[t] for t in sequence[len(ids):].tolist()))
+        return direct_allowed(vocab, g, state) + (eos if g.can_end(state) else [])
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             prefix_allowed_tokens_fn=allowed, generation_config=transformers.GenerationConfig(
+                                 do_sample=False, max_new_tokens=30, eos_token_id=eos, pad_token_id=0))
+    return out[0, len(ids):].tolist()
+
+
+def test_answers_match_the_expression():
+    prompts = ["The answer is", "Beautiful is", "Errors should"]
+    patterns = [r"\d{3}-\d{4}", r"[A-Z][a-z]+( [A-Z][a-z]+)?", r"[a-z ]{5,20}\."]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32)
+    refs = None
+    for async_scheduling in (False, True):
+        llm = LLM(dtype="float32", async_scheduling=async_scheduling)
+        eos = sorted(llm.engine.eos_ids)
+        refs = refs or [reference(model, llm.tokenizer, eos, p, x) for p, x in zip(prompts, patterns, strict=True)]
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=30, temperature=0, regex=p) for p in patterns])
+        assert [o.token_ids for o in outs] == refs, async_scheduling
+        sampled = llm.generate(prompts * 3, [SamplingParams(max_tokens=40, temperature=1.0, seed=i,
+                                                            regex=patterns[i % 3]) for i in range(9)])
+        finished = [(o, patterns[i % 3]) for i, o in enumerate(outs + sampled) if o.finish_reason == "stop"]
+        assert finished and all(re.fullmatch(p, o.text, re.ASCII) for o, p in finished), finished
+
+
+def test_regex_requests_checked():
+    from epinfer.server.protocol import APIError, ModelInfo, parse_request
+
+    llm = LLM()
+    with pytest.raises(UserError, match="request 0: regex: the escape"):
+        llm.generate("x", SamplingParams(max_tokens=4, regex=r"\1"))
+    with pytest.raises(UserError, match="json_object, json_schema, regex and choices: give one of them"):
+        llm.generate("x", SamplingParams(max_tokens=4, regex="a", choices=["a"]))
+    with pytest.raises(UserError, match="a guided regex needs a tokenizer"):
+        llm.generate("x", SamplingParams(max_tokens=4, regex="a", ignore_eos=True))
+    info = ModelInfo("m", 64, 1000, {})
+    body = {"model": "m", "prompt": [5, 6], "max_tokens": 4}
+    for spelled in ({"guided_regex": "a+b"}, {"structured_outputs": {"regex": "a+b"}}):
+        assert parse_request({**body, **spelled}, False, None, info)[0].params.regex == "a+b"
+    for bad, param in (({"guided_regex": "(?=x)"}, "guided_regex"), ({"guided_regex": 5}, "regex"),
+                       ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "structured_outputs")):
+        with pytest.raises(APIError) as exc:
+            parse_request({**body, **bad}, False, None, info)
+        assert exc.value.status == 400 and exc.value.param == param, (bad, exc.value.param, exc.value.message)
