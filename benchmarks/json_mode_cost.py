@@ -1,4 +1,4 @@
-"""Host cost of JSON mode and JSON schemas on a large vocabulary (CPU; no tokenizer download): a
+"""Host cost of JSON mode, JSON schemas and guided regexes on a large vocabulary (CPU; no tokenizer download): a
 synthetic vocabulary of N byte strings shaped like a BPE vocabulary's (half of them led by a space
 or a quote), the time to index it (`json_mode.JsonVocab`) and to find the allowed ids of the parser
 states a typical answer passes through, once each (later steps in a state are cache hits), checked
@@ -17,11 +17,14 @@ import types
 
 from epinfer.engine.json_mode import OBJECT, JsonVocab
 from epinfer.engine.json_schema import SchemaGrammar
+from epinfer.engine.regex_grammar import RegexGrammar
 
 PREFIXES = [b"{", b'{"', b'{"name":', b'{"name": "x', b'{"name": "x", "a": [1, ', b'{"a": {"b": tr']
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}}}
 SCHEMA_PREFIXES = [b"", b"{", b'{"name": "x', b'{"name": "x", "age": 1', b'{"name": "x", "age": 1, "tags": [']
+REGEXES = [(r"\d{3}-\d{4}", [b"", b"12", b"123-"]), (r"[A-Z][a-z]+( [A-Z][a-z]+)*", [b"", b"Ab", b"Ab C"]),
+           (r"[^\n]*", [b""])]  # (the last: nearly every token, every byte of each walked)
 
 
 def synthetic(n: int) -> list[bytes]:
@@ -43,14 +46,18 @@ def main() -> int:
     t = time.perf_counter()
     jv = JsonVocab(vocab)
     print(json.dumps({"tokens": args.tokens, "index_s": round(time.perf_counter() - t, 3)}))
-    for grammar, prefixes in ((OBJECT, PREFIXES), (SchemaGrammar(SCHEMA), SCHEMA_PREFIXES)):
+    cases = [(OBJECT, PREFIXES), (SchemaGrammar(SCHEMA), SCHEMA_PREFIXES),
+             *((RegexGrammar(pattern), prefixes) for pattern, prefixes in REGEXES)]
+    for grammar, prefixes in cases:
         for prefix in prefixes:
             state = grammar.walk(grammar.start, prefix)
+            if grammar.json_states:
+                state = (*state[:3], 0)
             t = time.perf_counter()
-            ids = jv.allowed((*state[:3], 0), grammar)
+            ids = jv.allowed(state, grammar)
             ms = (time.perf_counter() - t) * 1e3
-            direct = [i for i, raw in enumerate(vocab.of) if grammar.walk((*state[:3], 0), raw) is not None]
-            print(json.dumps({"grammar": grammar.key[:12], "prefix": prefix.decode(), "allowed": len(ids),
+            direct = [i for i, raw in enumerate(vocab.of) if grammar.walk(state, raw) is not None]
+            print(json.dumps({"grammar": grammar.key[:40], "prefix": prefix.decode(), "allowed": len(ids),
                               "ms": round(ms, 1), "equals_direct": ids.tolist() == direct}))
     return 0
 
