@@ -274,7 +274,7 @@ def run_generate(args: argparse.Namespace) -> int:
             allowed_token_ids=req.get("allowed_token_ids"), choices=req.get("guided_choice"),
             json_object=req.get("json_object", False), json_schema=req.get("json_schema"),
             regex=req.get("guided_regex"),
-            **{key: req[key] for key in ("truncate_prompt_tokens", "skip_special_tokens") if key in req},
+            **{k: req[k] for k in ("truncate_prompt_tokens", "skip_special_tokens", "bad_words") if k in req},
             stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
             ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
             **{key: req.get(key, getattr(args, key)) for key in PENALTIES}))

@@ -131,6 +131,7 @@ def test_bad_prompts(tiny, tmp_path, capsys):
         "prompt_logprobs": ('{"prompt_token_ids": [1], "prompt_logprobs": 21}', "prompt_logprobs must be an integer"),
         "json_mode": ('{"prompt_token_ids": [1], "json_object": true}', "JSON mode needs a tokenizer"),
         "guided": ('{"prompt_token_ids": [1], "guided_choice": ["a"]}', "guided choice needs a tokenizer"),
+        "bad_words": ('{"prompt_token_ids": [1], "bad_words": ["x"]}', "bad_words need a tokenizer"),
         "truncate": ('{"prompt_token_ids": [1], "truncate_prompt_tokens": 0}', "truncate_prompt_tokens must"),
         "bias": ('{"prompt_token_ids": [1], "logit_bias": {"x": 1}}', "p.jsonl:2: logit_bias keys must be token ids"),
         "bias_vocab": ('{"prompt_token_ids": [1], "logit_bias": {"999": 1}}', "logit_bias token id 999 is outside"),

@@ -1,7 +1,8 @@
 """vLLM's `truncate_prompt_tokens` (only a prompt's last N tokens are used, -1: as many as leave
-room for one generated token, applied before the length checks) and `skip_special_tokens` (false:
-special tokens stay in the text, and stop strings are searched in that text), offline, in `epinfer
-generate`'s JSONL lines and on the server; a bad value is one clear error."""
+room for one generated token, applied before the length checks), `skip_special_tokens` (false:
+special tokens stay in the text, and stop strings are searched in that text) and `bad_words` (never
+in the answer: greedy tokens equal transformers' `generate` with `bad_words_ids`), offline, in
+`epinfer generate`'s JSONL lines and on the server; a bad value is one clear error."""
 
 from __future__ import annotations
 
@@ -106,3 +107,56 @@ def test_server_text_with_special_tokens():
         sent += stream.delta(True)
         want = tokenizer.decode(seq, skip_special_tokens=skip)
         assert sent == want == stream.full_text() and ("<|im_start|>" in want) != skip, (skip, sent)
+
+
+def test_bad_words_are_never_generated():
+    """A one-token word is never sampled; a two-token one never completed; with and without async
+    scheduling (the longer word's check waits for the previous token): the tokens of transformers'
+    `generate` with the same `bad_words_ids`."""
+    import torch
+    import transformers
+
+    from epinfer import LLM
+    from epinfer.core.config import DEMO_MODEL
+    from epinfer.engine.bad_words import bad_word_ids
+
+    prompts = ["Beautiful is", "Errors should"]
+    words = ["Explicit", "Simple"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32)
+    refs, plain = [], None
+    for async_scheduling in (False, True):
+        llm = LLM(dtype="float32", device="cpu", max_num_seqs=4, async_scheduling=async_scheduling)
+        tok = llm.engine.tokenizer
+        ids = bad_word_ids(tok, words, model.config.vocab_size)
+        assert ids == [(509,), (384, 292)]  # (the demo tokenizer: a word of one token and one of two)
+        greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        plain = plain or llm.generate(prompts, greedy)
+        assert any(509 in o.token_ids for o in plain)  # (what the ban changes)
+        if not refs:
+            for prompt in prompts:
+                x = tok(prompt, return_tensors="pt")["input_ids"]
+                with torch.inference_mode():
+                    out = model.generate(x, attention_mask=torch.ones_like(x), bad_words_ids=[list(w) for w in ids],
+                                         generation_config=transformers.GenerationConfig(
+                                             do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0))
+                refs.append(out[0, x.shape[1]:].tolist())
+        got = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, bad_words=words))
+        assert [o.token_ids for o in got] == refs, async_scheduling
+        for o in got:
+            assert 509 not in o.token_ids and all(o.token_ids[i:i + 2] != [384, 292] for i in range(len(o.token_ids)))
+    for bad in ([""], ["  "], "word", [3], ["x"] * 129):
+        with pytest.raises(UserError, match="bad_words must be a list"):
+            SamplingParams(bad_words=bad).resolved({})
+
+
+def test_server_takes_bad_words():
+    from epinfer.server.protocol import APIError, ModelInfo, parse_request
+
+    info = ModelInfo("m", 64, 1000, {})
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 4}
+    (req,) = parse_request({**body, "bad_words": ["a", "b c"]}, False, None, info)
+    assert req.params.bad_words == ["a", "b c"]
+    assert parse_request({**body, "bad_words": []}, False, None, info)[0].params.bad_words is None
+    for bad in ("a", [1], [""]):
+        with pytest.raises(APIError, match="bad_words"):
+            parse_request({**body, "bad_words": bad}, False, None, info)

@@ -16,7 +16,8 @@ PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSONL_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "include_stop_str_in_output",
                 "prompt_logprobs", "allowed_token_ids", "guided_choice", "json_object", "json_schema",
-                "truncate_prompt_tokens", "skip_special_tokens", "guided_regex", *PENALTIES}
+                "truncate_prompt_tokens", "skip_special_tokens", "guided_regex", "bad_words",
+                *PENALTIES}
 
 
 STDIN = Path("-")  # --prompts-file -: the requests come on standard input
@@ -91,7 +92,7 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
              "include_stop_str_in_output": bool,
              "top_p": (int, float), "ignore_eos": bool, "min_tokens": int, "stop_token_ids": list,
              "allowed_token_ids": list, "guided_choice": list, "json_object": bool,
-             "json_schema": dict, "guided_regex": str,
+             "json_schema": dict, "guided_regex": str, "bad_words": list,
              **{key: (int, float) for key in PENALTIES}}
     for key, kind in types.items():
         value = item.get(key)

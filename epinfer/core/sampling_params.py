@@ -26,6 +26,8 @@ HTTP server all call, so a value that one of them accepts the others accept too.
                    tokens are used (-1: as many as leave room for one generated token)
   skip_special_tokens  a boolean (vLLM's; default true): special tokens (end of sequence, ...) are
                    left out of the text
+  bad_words        at most MAX_BAD_WORDS non-empty strings of at most MAX_STOP_CHARS characters (vLLM's):
+                   the answer never holds one (`engine.bad_words`)
   regex            a non-empty string: the whole answer matches it (`engine.regex_grammar`'s subset,
                    checked when the request is made)
   logit_bias       at most MAX_LOGIT_BIAS token ids, each with a finite number in [-100, 100] added to
@@ -48,6 +50,7 @@ TOP_K_MAX = 2**31 - 1
 MAX_STOP_STRINGS = 32  # every generated token is checked against each of them
 MAX_STOP_CHARS = 1024
 MAX_LOGIT_BIAS = 1024
+MAX_BAD_WORDS = 128
 MAX_LOGPROBS = 20  # top logprobs a token at most (prompt or generated)
 MAX_CHOICES, MAX_CHOICE_BYTES = 64, 4096  # guided choice: strings, and bytes a string
 
@@ -81,6 +84,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # the prompt's last N tokens only (`truncate_prompt`)
     regex: str | None = None  # the whole answer matches this expression (vLLM's guided_regex: engine.regex_grammar)
     skip_special_tokens: bool = True  # special tokens left out of the text (vLLM's)
+    bad_words: list[str] | None = None  # never in the answer (vLLM's: `engine.bad_words`)
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """A copy with every None replaced by `defaults` or the built-in default, validated
@@ -99,7 +103,7 @@ class SamplingParams:
                                 pick("repetition_penalty", 1.0), pick("min_p", 0.0), self.logit_bias,
                                 self.include_stop_str_in_output, self.prompt_logprobs, self.allowed_token_ids,
                                 self.choices, self.json_object, self.json_schema, self.truncate_prompt_tokens,
-                                self.regex, self.skip_special_tokens)
+                                self.regex, self.skip_special_tokens, self.bad_words)
         merged.validate()
         return SamplingParams(
             max_tokens=int(merged.max_tokens),
@@ -118,6 +122,7 @@ class SamplingParams:
             truncate_prompt_tokens=None if self.truncate_prompt_tokens is None else int(self.truncate_prompt_tokens),
             skip_special_tokens=self.skip_special_tokens,
             regex=self.regex,
+            bad_words=None if not self.bad_words else list(self.bad_words),
             seed=None if self.seed is None else int(self.seed),
             stop=list(stop or []),
             stop_token_ids=[int(t) for t in self.stop_token_ids or []],
@@ -142,6 +147,13 @@ class SamplingParams:
                  "truncate_prompt_tokens must be -1 or at least 1")
         if self.truncate_prompt_tokens == 0:
             raise UserError("truncate_prompt_tokens must be -1 or at least 1, got 0")
+        words = self.bad_words
+        if words is not None and not (isinstance(words, (list, tuple)) and len(words) <= MAX_BAD_WORDS and all(
+                isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_CHARS for w in words)):
+            raise UserError(f"bad_words must be a list of at most {MAX_BAD_WORDS} non-blank strings of at most "
+                            f"{MAX_STOP_CHARS} characters")
+        for w in words or ():
+            check_text("bad_words", w)
         if not isinstance(self.skip_special_tokens, bool):
             raise UserError(f"skip_special_tokens must be a boolean, got {type(self.skip_special_tokens).__name__}")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop

@@ -22,6 +22,7 @@ from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text, truncate_prompt
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine import restrict
+from epinfer.engine.bad_words import bad_word_ids, banned, needs_history
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
@@ -272,12 +273,15 @@ class Engine:
             raise UserError(f"request {index}: {what} needs a "
                             "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
                             "without stop_token_ids)")
+        if params.bad_words and self.tokenizer is None:
+            raise UserError(f"request {index}: bad_words need a tokenizer, and this model has none")
         try:
             guide = restrict.json_guide(params)  # (a schema compiles here: a bad one is refused before queueing)
         except UserError as exc:
             raise UserError(f"request {index}: {exc}") from None
         ids = self.tokenize(prompt, index, params.truncate_prompt_tokens)
-        seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len), guide=guide)
+        seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len), guide=guide,
+                       bad_ids=bad_word_ids(self.tokenizer, params.bad_words, vocab) if params.bad_words else [])
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return seq
@@ -334,8 +338,8 @@ class Engine:
         """After the forward: samples on the device and starts the tokens' copy to the host; the
         tokens are applied by `resolve`. The sampled tokens also feed the next step's inputs."""
         sampled = [item.seq for item in scheduled if item.samples]
-        if any(s.pending and restrict.guided_request(s.params) for s in sampled):
-            self.resolve(0)  # a guided answer continues from its previous token: the host needs it now
+        if any(s.pending and (restrict.guided_request(s.params) or needs_history(s.bad_ids)) for s in sampled):
+            self.resolve(0)  # a guided answer (a longer bad word) continues from its previous token: the host needs it
         for i, records in self.runner.take_prompt_logprobs():
             seq = scheduled[i].seq
             seq.prompt_logprobs = seq.prompt_logprobs or [None] * len(seq.prompt_ids)
@@ -377,15 +381,16 @@ class Engine:
 
     def _hold_stops(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
         """Rows of requests short of their `min_tokens` with their end-of-sequence and stop token
-        ids at -inf (never sampled); the logits themselves when there are none (the common case)."""
+        ids at -inf (never sampled), and of requests with bad words the ids that would end one; the
+        logits themselves when there are none (the common case)."""
         rows, ids = [], []
         for row, seq in enumerate(sampled):
             p = seq.params
-            if len(seq.output_ids) + seq.pending < p.min_tokens:
-                held = self.end_ids(p)
-                held = [t for t in held if t < logits.shape[-1]]
-                rows += [row] * len(held)
-                ids += held
+            held = list(self.end_ids(p)) if len(seq.output_ids) + seq.pending < p.min_tokens else []
+            held += banned(seq.bad_ids, seq.output_ids) if seq.bad_ids else []
+            held = [t for t in held if t < logits.shape[-1]]
+            rows += [row] * len(held)
+            ids += held
         if not rows:
             return logits
         index = torch.tensor([rows, ids]).to(logits.device, non_blocking=True)

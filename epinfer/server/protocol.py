@@ -310,7 +310,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 # metadata, ...) are ignored like any unknown field
 UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "functions": ([],),
                "function_call": ("none", "auto"),
-               "guided_grammar": (), "bad_words": ([],), "use_beam_search": (False,),
+               "guided_grammar": (), "use_beam_search": (False,),
                "chat_template": (), "documents": ([],)}
 TEMPLATE_OWN = {"messages", "conversation", "tokenize", "add_generation_prompt", "return_dict", "chat_template",
                 "tools", "documents", "continue_final_message"}  # chat_template_kwargs may not set these
@@ -357,7 +357,7 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                   top_k=_field(body, "top_k", int), seed=_field(body, "seed", int),
                   ignore_eos=_field(body, "ignore_eos", bool, False), min_tokens=_field(body, "min_tokens", int, 0),
                   include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
-                  skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+                  skip_special_tokens=_field(body, "skip_special_tokens", bool, True), bad_words=_bad_words(body),
                   **{key: _field(body, key, float) for key in ("presence_penalty", "frequency_penalty",
                                                                "repetition_penalty")})
     logprobs = _logprobs(body, chat)
@@ -393,6 +393,13 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
                             prompt_logprobs, no_output, look_for_calls,
                             forced[0] if forced else None, think_open)
             for i, ids in enumerate(prompts)]
+
+
+def _bad_words(body: dict) -> list[str] | None:
+    words = _field(body, "bad_words", list)
+    if words is not None and not all(isinstance(w, str) for w in words):
+        raise APIError(400, "'bad_words' must be an array of strings", param="bad_words")
+    return words or None
 
 
 def _structured(body: dict) -> dict:
