@@ -24,7 +24,7 @@ from epinfer.core.errors import (
     interrupt,
 )
 from epinfer.core.layout import DISPATCHERS, PADDING_MODES, check_layout
-from epinfer.core.prompts_file import PENALTIES, STDIN, read_prompts_file
+from epinfer.core.prompts_file import PENALTIES, STDIN, line_params, read_prompts_file
 from epinfer.core.sampling_params import check_text
 from epinfer.core.untrusted import check_output_path, shown_path, write_atomic, written_in_place
 from epinfer.diagnostics.faults import KINDS as FAULT_KINDS
@@ -256,33 +256,12 @@ def read_requests(args: argparse.Namespace) -> list[dict]:
 def run_generate(args: argparse.Namespace) -> int:
     import time
 
-    from epinfer import LLM, SamplingParams
+    from epinfer import LLM
 
     started = time.monotonic()
     requests = read_requests(args)
     check_output(args)  # before the run, not after
-    params = []
-    for i, req in enumerate(requests):
-        seed = req.get("seed", None if args.seed is None else args.seed + i)
-        params.append(SamplingParams(
-            max_tokens=req.get("max_tokens", args.max_tokens),
-            temperature=req.get("temperature", args.temperature),
-            top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
-            min_p=req.get("min_p", args.min_p), logit_bias=req.get("logit_bias"),
-            include_stop_str_in_output=req.get("include_stop_str_in_output", False),
-            prompt_logprobs=req.get("prompt_logprobs", args.prompt_logprobs),
-            allowed_token_ids=req.get("allowed_token_ids"), choices=req.get("guided_choice"),
-            json_object=req.get("json_object", False), json_schema=req.get("json_schema"),
-            regex=req.get("guided_regex"),
-            **{k: req[k] for k in ("truncate_prompt_tokens", "skip_special_tokens", "bad_words") if k in req},
-            stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
-            ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
-            **{key: req.get(key, getattr(args, key)) for key in PENALTIES}))
-    for i, (req, p) in enumerate(zip(requests, params, strict=True)):
-        try:
-            p.validate()  # here, before any rank starts: the same checks as the server's
-        except UserError as exc:
-            raise UserError(f"{req.get('where', f'request {i}')}: {exc}") from None
+    params = [line_params(req, args, i) for i, req in enumerate(requests)]  # (checked: before any rank starts)
     prompts = [r.get("prompt", r.get("prompt_token_ids")) for r in requests]
     model = args.model or "the demo model"
     # stderr only (stdout holds the results): a start line, progress, one summary line at the end

@@ -47,12 +47,13 @@ PENALIZED = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, presen
 
 # prompt logprobs (the top 2) with the greedy tokens: each replica's leader computes its requests'
 LOGPROBS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, prompt_logprobs=2) for n in MAX_TOKENS]
-# restricted sampling on the demo model (it has a tokenizer): guided choice, JSON mode and schema, allowed ids
+# restricted sampling on the demo model (it has a tokenizer): guided choice, JSON mode and schema, a regex,
+# allowed ids, bad words
 RESTRICTED = [SamplingParams(max_tokens=16, temperature=0, choices=["yes", "no", "maybe so"]),
               SamplingParams(max_tokens=24, temperature=0, json_object=True),
               SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, allowed_token_ids=[72, 101, 108]),
-              SamplingParams(max_tokens=24, temperature=1.0, seed=3, json_object=True),
-              SamplingParams(max_tokens=40, temperature=0, json_schema={
+              SamplingParams(max_tokens=24, temperature=1.0, seed=3, regex=r"[a-z ]{3,12}\."),
+              SamplingParams(max_tokens=40, temperature=0, bad_words=["Explicit", "Simple"], json_schema={
                   "type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}})]
 
 

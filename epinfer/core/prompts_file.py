@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from epinfer.core.errors import UserError
-from epinfer.core.sampling_params import check_text, logit_bias_from_json
+from epinfer.core.sampling_params import SamplingParams, check_text, logit_bias_from_json
 from epinfer.core.untrusted import reason, shown_path, stat_regular
 
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -105,3 +105,26 @@ def _parse_line(line: str, lineno: int, path: Path) -> dict:
         raise UserError(f"{where}: 'stop' must be a string or a list of strings")
     item["where"] = where
     return item
+
+
+def line_params(req: dict, args, i: int) -> SamplingParams:
+    """A JSONL line's sampling parameters over `epinfer generate`'s flags (`args`; the seed of line i
+    is --seed + i), checked with the server's checks; a UserError names the line."""
+    seed = req.get("seed", None if args.seed is None else args.seed + i)
+    params = SamplingParams(
+        max_tokens=req.get("max_tokens", args.max_tokens), temperature=req.get("temperature", args.temperature),
+        top_p=req.get("top_p", args.top_p), top_k=req.get("top_k", args.top_k), seed=seed,
+        min_p=req.get("min_p", args.min_p), logit_bias=req.get("logit_bias"),
+        include_stop_str_in_output=req.get("include_stop_str_in_output", False),
+        prompt_logprobs=req.get("prompt_logprobs", args.prompt_logprobs),
+        allowed_token_ids=req.get("allowed_token_ids"), choices=req.get("guided_choice"),
+        json_object=req.get("json_object", False), json_schema=req.get("json_schema"), regex=req.get("guided_regex"),
+        **{k: req[k] for k in ("truncate_prompt_tokens", "skip_special_tokens", "bad_words") if k in req},
+        stop=req.get("stop"), stop_token_ids=req.get("stop_token_ids"),
+        ignore_eos=req.get("ignore_eos", args.ignore_eos), min_tokens=req.get("min_tokens", 0),
+        **{key: req.get(key, getattr(args, key)) for key in PENALTIES})
+    try:
+        params.validate()
+    except UserError as exc:
+        raise UserError(f"{req.get('where', f'request {i}')}: {exc}") from None
+    return params
