@@ -4,14 +4,17 @@ sequence, as `json_mode` does for any object.
 
 The schemas OpenAI's strict mode takes, which is what clients send: an object's `properties` all
 come, in their order (strict mode requires them all; `required` may list fewer, but every one is
-written), and no others; `type` string, integer, number, boolean, null, object or array (`items`);
-`enum` and `const` of any JSON values; `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not
-recursive. Other keywords that would constrain the value (`anyOf`, `pattern`, `minLength`, ...) are
-refused with a one-line error naming them; descriptive ones (`title`, `description`, `default`, ...)
-are ignored.
+written), and no others; `type` string, integer, number, boolean, null, object or array (`items`),
+or a list of them; `enum` and `const` of any JSON values; `anyOf` / `oneOf` (Pydantic's optional
+fields: a value of any of the alternatives); `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not
+recursive. Other keywords that would constrain the value (`pattern`, `minLength`, ...) are refused
+with a one-line error naming them; descriptive ones (`title`, `description`, `default`, ...) are
+ignored.
 
 The schema compiles into nodes; the parser state is `json_mode`'s layout with the open containers
-as (kind, node, property index) frames, so `json_mode.JsonVocab` finds each state's allowed ids.
+as (kind, node, property index) frames, so `json_mode.JsonVocab` finds each state's allowed ids. A
+schema with alternatives (`anyOf`, a list of types) steps a set of such states, one per alternative
+still alive (where two close the same way they are one again).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ MAX_NODES = 1024
 
 class SchemaGrammar(Grammar):
     """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node), ("str",), ("int",),
-    ("num",) or ("lit", (serialised value, ...)); `start` the state before the answer's first byte."""
+    ("num",), ("lit", (serialised value, ...)) or ("any", (node, ...)); `start` the state before the
+    answer's first byte (with alternatives: the set of states, `step_union`)."""
 
     def __init__(self, schema: dict) -> None:
         self.nodes: list[tuple] = []
@@ -40,9 +44,14 @@ class SchemaGrammar(Grammar):
             if not isinstance(defs, dict):
                 raise UserError(f"json_schema: {key} must be an object")
             self.defs.update(defs)
+        self.unions = False  # an "any" node: the states are sets
         root = self.compile(schema, "schema", (), 0)
-        super().__init__("schema:" + json.dumps(schema, sort_keys=True), self.step_schema)
+        super().__init__("schema:" + json.dumps(schema, sort_keys=True),
+                         self.step_union if self.unions else self.step_schema)
         self.start = ((), "V", root, 0)
+        if self.unions:
+            self.json_states = False
+            self.start = frozenset([self.start])
 
     def compile(self, s, where: str, refs: tuple, depth: int) -> int:
         if not isinstance(s, dict):
@@ -55,6 +64,9 @@ class SchemaGrammar(Grammar):
             if name not in self.defs or not ref.startswith(("#/$defs/", "#/definitions/")) or name in refs:
                 raise UserError(f"json_schema: {where}: $ref {ref!r} must name a definition, not recursively")
             return self.compile(self.defs[name], f"$defs/{name}", (*refs, name), depth + 1)
+        union = next((k for k in ("anyOf", "oneOf") if k in s), None)
+        if union is not None or isinstance(s.get("type"), list):
+            return self.alternatives(s, union, where, refs, depth)
         unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"})
         if unknown:
             raise UserError(f"json_schema: {where}: {', '.join(unknown)} not supported")
@@ -86,6 +98,32 @@ class SchemaGrammar(Grammar):
             return index
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
                          "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
+
+    def alternatives(self, s: dict, union: str | None, where: str, refs: tuple, depth: int) -> int:
+        """An "any" node: `anyOf` / `oneOf` (generated as anyOf: a value of any alternative), or a list
+        of types (the same schema with each)."""
+        if union is None:
+            options, what = [{**s, "type": t} for t in s["type"]], "type"
+        else:
+            options, what = s[union], union
+            beside = sorted(set(s) - IGNORED - {union, "$defs", "definitions"})
+            if beside:
+                raise UserError(f"json_schema: {where}: {', '.join(beside)} beside {union} not supported")
+        if not isinstance(options, list) or not options:
+            raise UserError(f"json_schema: {where}: {what} must be a non-empty array")
+        alts = tuple(self.compile(o, f"{where}.{what}[{i}]", refs, depth + 1) for i, o in enumerate(options))
+        self.unions = True
+        return self.add(("any", alts))
+
+    def step_union(self, states: frozenset, b: int) -> frozenset | None:
+        out = set()
+        for state in states:
+            nxt = self.step_schema(state, b)
+            if isinstance(nxt, list):
+                out.update(nxt)
+            elif nxt is not None:
+                out.add(nxt)
+        return frozenset(out) if out else None
 
     def add(self, node) -> int:
         self.nodes.append(node)
@@ -135,8 +173,15 @@ class SchemaGrammar(Grammar):
             return self.after(frames[:-1]) if b == ord("}") else None
         return None
 
-    def value(self, frames: tuple, n: int, b: int) -> tuple | None:
+    def value(self, frames: tuple, n: int, b: int) -> tuple | list | None:
+        """The state after a value of node n begins with byte b (a list: one per alternative)."""
         node = self.nodes[n]
+        if node[0] == "any":
+            out = []
+            for alt in node[1]:
+                nxt = self.value(frames, alt, b)
+                out.extend(nxt if isinstance(nxt, list) else [] if nxt is None else [nxt])
+            return out or None
         if node[0] == "obj":
             if b != ord("{") or len(frames) >= MAX_DEPTH:
                 return None
@@ -163,9 +208,17 @@ class SchemaGrammar(Grammar):
             return self.step_schema(self.after(frames), b)
         return None
 
-    def can_end(self, state: tuple) -> bool:
+    def can_end(self, state) -> bool:
         """Whether the answer may end in `state`: its value is complete (a top-level number or a
-        literal that another one extends ends with the answer)."""
+        literal that another one extends ends with the answer); with alternatives, in one of them."""
+        if self.unions:
+            return any(self.can_end_one(s) for s in state)
+        return self.can_end_one(state)
+
+    def open(self, state) -> bool:
+        return any(s[1] != "D" for s in state) if self.unions else state[1] != "D"
+
+    def can_end_one(self, state: tuple) -> bool:
         frames, mode, aux, _ = state
         if mode == "D":
             return True
