@@ -53,7 +53,11 @@ def test_tools_checked():
     assert check_tools({"tools": [WEATHER], "tool_choice": named}) == ([WEATHER], False)
     assert forced_tool({"tools": [WEATHER], "tool_choice": named}) == ("get_weather",
                                                                        WEATHER["function"]["parameters"])
-    for body, fragment in (({"tools": [WEATHER], "tool_choice": "required"}, "'tool_choice' must be"),
+    assert check_tools({"tools": [WEATHER], "tool_choice": "required"}) == ([WEATHER], False)
+    assert forced_tool({"tools": [WEATHER], "tool_choice": "required"}) == ("", {"anyOf": [{
+        "type": "object", "properties": {"name": {"const": "get_weather"},
+                                         "arguments": WEATHER["function"]["parameters"]}}]})
+    for body, fragment in (({"tools": [WEATHER], "tool_choice": "always"}, "'tool_choice' must be"),
                            ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
                             "names 'x', which is not among the tools"),
                            ({"tool_choice": "required"}, "'tool_choice' needs 'tools'"),
@@ -156,7 +160,20 @@ def test_tools_through_the_server(tmp_path):
                  if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
         assert calls[0]["function"]["name"] == "units" and calls[0]["id"].startswith("call_")
         assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
-        for bad, fragment in (({"tool_choice": "required"}, "'tool_choice' must be"),
+        now = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+        required = {**forced, "tools": [units, now], "tool_choice": "required", "max_tokens": 600}  # (bounded calls)
+        answer = post(server.url, "/v1/chat/completions", required).json()["choices"][0]
+        assert "tool_calls" in answer["message"], answer
+        call = answer["message"]["tool_calls"][0]
+        assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
+        arguments = json.loads(call["function"]["arguments"])
+        assert (call["function"]["name"], list(arguments)) in (("now", []), ("units", ["metric", "scale"]))
+        chunks = list(sse_events(post(server.url, "/v1/chat/completions", {**required, "stream": True})))
+        calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks
+                 if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+        assert len(calls) == 1 and calls[0][0]["function"] == call["function"]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+        for bad, fragment in (({"tool_choice": "always"}, "'tool_choice' must be"),
                               ({"tools": [{"type": "function", "function": {}}]}, "tools[0] must be"),
                               ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
                                   {"type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},

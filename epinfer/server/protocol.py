@@ -76,7 +76,8 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs`: each prompt token's, with the top N
     no_output: bool = False  # echo with max_tokens 0: the engine samples one token, the answer shows none
     tool_calls: bool = False  # chat with tools and tool_choice "auto": the answer is searched for calls (`tools`)
-    forced_tool: str | None = None  # tool_choice names this function: the answer is its arguments (`tools`)
+    forced_tool: str | None = None  # tool_choice names this function: the answer is its arguments (`tools`);
+    # "": tool_choice "required", the answer is one call of any tool
     think_open: bool | None = None  # reasoning split off (`reasoning`): whether the prompt left a think block open
 
 
@@ -386,7 +387,8 @@ def parse_request(body, chat: bool, tokenizer, info: ModelInfo) -> list[Generate
     if forced is not None:
         if fields["json_schema"] is not None or fields["json_object"] or fields["choices"] is not None or fields[
                 "regex"] is not None:
-            raise APIError(400, "a named 'tool_choice' and a structured output: give one of them", param="tool_choice")
+            raise APIError(400, "a forced 'tool_choice' (named or required) and a structured output: give one of them",
+                           param="tool_choice")
         fields["json_schema"] = forced[1]
     return [GenerateRequest(chat, ids, _params(ids, i if len(prompts) > 1 else None, info, key, max_tokens, stop,
                                                stop_ids, bias, fields), stream, include_usage, logprobs, n, echo,

@@ -33,7 +33,7 @@ from epinfer.server.text import (
     joined_logprobs,
     prompt_logprobs,
 )
-from epinfer.server.tools import OPEN, held_back, parse_calls
+from epinfer.server.tools import OPEN, any_call, held_back, parse_calls
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 
@@ -80,6 +80,8 @@ class Choice:
             return {**choice(False, "", update.finish_reason, None, [], delta=True), "index": self.index} \
                 if final else None
         delta = self.text.delta(final, update.stop_text_end)
+        if self.state.req.forced_tool == "":  # "required": the answer is one call, sent whole at the end
+            return self.any_call_delta(update, delta)
         if self.state.req.forced_tool is not None:  # the answer is the named call's arguments
             return self.forced_delta(update, delta)
         calls, thought = None, None
@@ -109,6 +111,17 @@ class Choice:
         return {**choice(True, "", update.finish_reason, lp, update.token_ids, delta=True,
                          tool_calls=[call] if call else None), "index": self.index}
 
+    def any_call_delta(self, update: Update, delta: str) -> dict | None:
+        """A "required" stream's last chunk: its call (or, cut short, its text); nothing before."""
+        self.said += delta
+        lp = self.logprobs(update.token_ids, update.logprobs, 0)
+        if update.finish_reason is None:
+            return {**choice(True, "", None, lp, update.token_ids, delta=True), "index": self.index} if lp else None
+        call = any_call(self.said, self.call_id)
+        text, reason = ("", "tool_calls") if call else (self.said, update.finish_reason)
+        return {**choice(True, text, reason, lp, update.token_ids, delta=True, tool_calls=[call] if call else None),
+                "index": self.index}
+
     def tool_delta(self, delta: str, final: bool) -> tuple[str, list[dict] | None]:
         """The text a stream may send now, held back from a tool call's start; at the end the rest,
         and the calls when the whole text holds them (`tools.parse_calls`)."""
@@ -131,7 +144,10 @@ class Choice:
         lp = self.logprobs(ids, records, head["text_offset"][-1] + len(head["tokens"][-1]) if head else 0)
         if head is not None:
             lp = joined_logprobs(head, lp)
-        if req.forced_tool is not None:  # the answer is the named call's arguments
+        call = any_call(text, self.call_id) if req.forced_tool == "" else None  # ("required": one call)
+        if call is not None:
+            return {**choice(True, None, "tool_calls", lp, ids, tool_calls=[call]), "index": self.index}
+        if req.forced_tool:  # the answer is the named call's arguments
             call = {"id": self.call_id, "type": "function", "function": {"name": req.forced_tool, "arguments": text}}
             return {**choice(True, None, self.finish, lp, ids, tool_calls=[call]), "index": self.index}
         thought, content = (None, text) if req.think_open is None else reasoning.split(text, req.think_open)

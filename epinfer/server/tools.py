@@ -14,7 +14,10 @@ finish_reason is "tool_calls"; otherwise the text stays as it is. A stream holds
 from the first `<tool_call>` (or a beginning of it at the end) and sends the calls in its last
 chunk. A named function (`tool_choice: {"type": "function", "function": {"name": ...}}`) is forced: the
 answer is its arguments, generated under its parameters' JSON schema, and the message holds that one
-call (finish reason as the answer's, "stop" when it ended). "required" is refused.
+call (finish reason as the answer's, "stop" when it ended). With "required" the answer is one call of
+any of the tools, `{"name": ..., "arguments": {...}}` under the schema of each tool's parameters
+(`anyOf`), which the message holds as its call (a stream sends it whole at its end; an answer cut
+short before it closed is its text).
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ def check_tools(body: dict) -> tuple[list[dict] | None, bool]:
             raise ToolError(f"'tool_choice' names {named(choice)!r}, which is not among the tools", "tool_choice")
         return tools, False
     if choice not in (None, "auto", "none"):
-        raise ToolError("'tool_choice' must be \"auto\", \"none\" or {\"type\": \"function\", \"function\": "
-                        "{\"name\": ...}} (\"required\" is not supported)", "tool_choice")
+        if choice == "required":
+            return tools, False
+        raise ToolError("'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                        "\"function\": {\"name\": ...}}", "tool_choice")
     return tools, choice != "none"
 
 
@@ -74,12 +79,30 @@ def named(choice) -> str | None:
 def forced_tool(body: dict) -> tuple[str, dict] | None:
     """(name, its parameters' JSON schema) of the function `tool_choice` names: the answer is then
     that call's arguments, generated under the schema (`engine.json_schema`), as OpenAI and vLLM do
-    for a named function."""
+    for a named function. "required": ("", the schema of one call of any tool: `any_call`)."""
+    if body.get("tool_choice") == "required":
+        return "", {"anyOf": [{"type": "object", "properties": {
+            "name": {"const": t["function"]["name"]},
+            "arguments": t["function"].get("parameters") or {"type": "object", "properties": {}}}}
+            for t in body["tools"]]}
     name = named(body.get("tool_choice"))
     if name is None:
         return None
     fn = next(t["function"] for t in body["tools"] if t["function"]["name"] == name)
     return name, fn.get("parameters") or {"type": "object", "properties": {}}
+
+
+def any_call(text: str, call_id: str) -> dict | None:
+    """The call of a "required" answer (`{"name": ..., "arguments": {...}}`), or None where the text is
+    not one (cut short)."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)):
+        return None
+    return {"id": call_id, "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
 
 def template_message(i: int, m: dict, content: str) -> dict:
