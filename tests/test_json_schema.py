@@ -7,6 +7,7 @@ trie walk's allowed ids equal a direct check of every token; greedy answers equa
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -93,6 +94,19 @@ def test_alternatives():
     assert top.can_end(walk(top, b"12")) and top.can_end(walk(top, b'"a"')) and walk(top, b"1.5") is None
 
 
+def test_string_patterns_and_lengths():
+    """`pattern` (the whole string matches it) and `minLength` / `maxLength`: such strings are written
+    without escapes; a quote closes them only where the expression may end."""
+    g = SchemaGrammar({"type": "object", "properties": {"zip": {"type": "string", "pattern": "^\\d{5}$"},
+                                                        "code": {"type": "string", "minLength": 2, "maxLength": 3}}})
+    for value, ok in (({"zip": "12345", "code": "ab"}, True), ({"zip": "12345", "code": "éé"}, True),
+                      ({"zip": "1234", "code": "ab"}, False), ({"zip": "123456", "code": "ab"}, False),
+                      ({"zip": "12345", "code": "a"}, False), ({"zip": "12345", "code": "abcd"}, False),
+                      ({"zip": "12345", "code": 'a"b'}, False), ({"zip": "12345", "code": "a\nb"}, False)):
+        state = walk(g, json.dumps(value, ensure_ascii=False).encode())
+        assert (state is not None and g.can_end(state)) == ok, value
+
+
 def nested(depth: int) -> dict:
     schema = {"type": "string"}
     for _ in range(depth):
@@ -101,7 +115,11 @@ def nested(depth: int) -> dict:
 
 
 @pytest.mark.parametrize("schema,fragment", [
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "schema.a: pattern not supported"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "pattern": "x"}}}, "schema.a: pattern not supported"),
+    ({"type": "string", "pattern": "(?=x)"}, "schema: pattern: regex: '\\(\\?' groups"),
+    ({"type": "string", "pattern": "x", "maxLength": 3}, "pattern with minLength / maxLength not supported"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength / maxLength must be integers"),
+    ({"type": "string", "minLength": "2"}, "minLength / maxLength must be integers"),
     ({"anyOf": [{"type": "string"}], "type": "string"}, "schema: type beside anyOf not supported"),
     ({"anyOf": []}, "schema: anyOf must be a non-empty array"), ({"type": []}, "schema: type must be a non-empty"),
     ({"oneOf": [{"type": "string"}, {"type": "date"}]}, r"schema.oneOf[1]: type must be one of"),
@@ -147,7 +165,10 @@ OPTIONAL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"a
 
 
 def fits(schema: dict, v) -> bool:
-    """An instance of SIMPLE / OPTIONAL (an independent check)."""
+    """An instance of SIMPLE / OPTIONAL / PATTERNED (an independent check)."""
+    if schema is PATTERNED:
+        return (list(v) == ["id", "ok", "tag"] and re.fullmatch(r"[A-Z]{2}\d{2}", v["id"]) is not None
+                and type(v["ok"]) is bool and isinstance(v["tag"], str) and len(v["tag"]) <= 4)
     if list(v) != ["ok", "n", "c"] or type(v["ok"]) is not bool:
         return False
     if schema is SIMPLE:
@@ -155,7 +176,11 @@ def fits(schema: dict, v) -> bool:
     return (v["n"] is None or type(v["n"]) is int) and type(v["c"]) in (bool, str)
 
 
-@pytest.mark.parametrize("schema", [SIMPLE, OPTIONAL], ids=["simple", "alternatives"])
+PATTERNED = {"type": "object", "properties": {"id": {"type": "string", "pattern": "[A-Z]{2}\\d{2}"},
+                                              "ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 4}}}
+
+
+@pytest.mark.parametrize("schema", [SIMPLE, OPTIONAL, PATTERNED], ids=["simple", "alternatives", "patterns"])
 def test_answers_follow_the_schema(schema):
     llm = LLM(dtype="float32")
     tok, eos = llm.tokenizer, llm.engine.eos_ids

@@ -6,10 +6,11 @@ The schemas OpenAI's strict mode takes, which is what clients send: an object's 
 come, in their order (strict mode requires them all; `required` may list fewer, but every one is
 written), and no others; `type` string, integer, number, boolean, null, object or array (`items`),
 or a list of them; `enum` and `const` of any JSON values; `anyOf` / `oneOf` (Pydantic's optional
-fields: a value of any of the alternatives); `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not
-recursive. Other keywords that would constrain the value (`pattern`, `minLength`, ...) are refused
-with a one-line error naming them; descriptive ones (`title`, `description`, `default`, ...) are
-ignored.
+fields: a value of any of the alternatives); a string's `pattern` (`regex_grammar`'s subset; the whole
+string matches it) or `minLength` / `maxLength` (such strings are written without escapes); `$ref` to
+`#/$defs/NAME` (or `#/definitions/NAME`), not recursive. Other keywords that would constrain the value
+(`minimum`, `minItems`, ...) are refused with a one-line error naming them; descriptive ones (`title`,
+`description`, `default`, ...) are ignored.
 
 The schema compiles into nodes; the parser state is `json_mode`'s layout with the open containers
 as (kind, node, property index) frames, so `json_mode.JsonVocab` finds each state's allowed ids. A
@@ -24,9 +25,11 @@ import json
 from epinfer.core.errors import UserError
 from epinfer.engine import json_mode
 from epinfer.engine.json_mode import CLOSED, END, MAX_DEPTH, MAX_SPACE, SPACE, Grammar, number_byte, number_start
+from epinfer.engine.regex_grammar import MAX_REPEAT, RegexGrammar
 
 IGNORED = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "additionalProperties",
            "required", "strict", "format"}  # (format: a hint, not checked here)
+STRING_KEYS = {"pattern", "minLength", "maxLength"}
 TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 MAX_NODES = 1024
 
@@ -67,7 +70,8 @@ class SchemaGrammar(Grammar):
         union = next((k for k in ("anyOf", "oneOf") if k in s), None)
         if union is not None or isinstance(s.get("type"), list):
             return self.alternatives(s, union, where, refs, depth)
-        unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"})
+        unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"}
+                         - (STRING_KEYS if s.get("type") == "string" else set()))
         if unknown:
             raise UserError(f"json_schema: {where}: {', '.join(unknown)} not supported")
         if len(self.nodes) >= MAX_NODES:
@@ -96,8 +100,33 @@ class SchemaGrammar(Grammar):
             index = self.add(None)
             self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1))
             return index
+        if kind == "string" and STRING_KEYS & set(s):
+            return self.add(("pat", self.string_pattern(s, where)))
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
                          "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
+
+    @staticmethod
+    def string_pattern(s: dict, where: str) -> RegexGrammar:
+        """A string's `pattern` (the whole string matches it), or its `minLength` / `maxLength` as one
+        (characters other than a quote, a backslash or a control character): such a string is written
+        without escapes."""
+        if "pattern" in s:
+            if "minLength" in s or "maxLength" in s:
+                raise UserError(f"json_schema: {where}: pattern with minLength / maxLength not supported")
+            pattern = s["pattern"]
+            if not isinstance(pattern, str):
+                raise UserError(f"json_schema: {where}: pattern must be a string")
+        else:
+            low, high = s.get("minLength", 0), s.get("maxLength")
+            if any(type(v) is not int or not 0 <= v <= MAX_REPEAT for v in (low, high) if v is not None) or (
+                    high is not None and high < low):
+                raise UserError(f"json_schema: {where}: minLength / maxLength must be integers in [0, {MAX_REPEAT}], "
+                                "the least first")
+            pattern = '[^"\\\\\\x00-\\x1f]' + f"{{{low},{'' if high is None else high}}}"
+        try:
+            return RegexGrammar(pattern)
+        except UserError as exc:
+            raise UserError(f"json_schema: {where}: pattern: {exc}") from None
 
     def alternatives(self, s: dict, union: str | None, where: str, refs: tuple, depth: int) -> int:
         """An "any" node: `anyOf` / `oneOf` (generated as anyOf: a value of any alternative), or a list
@@ -136,6 +165,13 @@ class SchemaGrammar(Grammar):
     # D done
     def step_schema(self, state: tuple, b: int) -> tuple | None:
         frames, mode, aux, space = state
+        if mode == "P":  # a string under a pattern (aux: its node, the expression's state)
+            n, inner = aux
+            grammar = self.nodes[n][1]
+            if b == ord('"'):
+                return self.after(frames) if grammar.can_end(inner) else None
+            nxt = None if b == 0x5C or b < 0x20 else grammar.step(inner, b)
+            return None if nxt is None else (frames, "P", (n, nxt), 0)
         if mode == "S":
             sub = json_mode.string_byte(aux, b)
             return self.after(frames) if sub == CLOSED else None if sub is None else (frames, "S", sub, 0)
@@ -191,6 +227,8 @@ class SchemaGrammar(Grammar):
             return ((*frames, ("a", n, 0)), "A0", 0, 0) if b == ord("[") and len(frames) < MAX_DEPTH else None
         if node[0] == "str":
             return (frames, "S", 0, 0) if b == ord('"') else None
+        if node[0] == "pat":
+            return (frames, "P", (n, node[1].start), 0) if b == ord('"') else None
         if node[0] in ("int", "num"):
             phase = number_start(b)
             return None if phase is None else (frames, "N", phase | (16 if node[0] == "int" else 0), 0)
