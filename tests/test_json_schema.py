@@ -107,6 +107,19 @@ def test_string_patterns_and_lengths():
         assert (state is not None and g.can_end(state)) == ok, value
 
 
+def test_array_bounds():
+    """minItems / maxItems: the items counted while the bounds need it (an unbounded array keeps one
+    state a mode, whatever its length)."""
+    g = SchemaGrammar({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3})
+    for value, ok in (([], False), ([1], False), ([1, 2], True), ([1, 2, 3], True), ([1, 2, 3, 4], False)):
+        state = walk(g, json.dumps(value).encode())
+        assert (state is not None and g.can_end(state)) == ok, value
+    free = SchemaGrammar({"type": "array", "items": {"type": "integer"}})
+    assert walk(free, b"[1,2,3,4") == walk(free, b"[1")
+    empty = SchemaGrammar({"type": "array", "items": {"type": "integer"}, "maxItems": 0})
+    assert empty.can_end(walk(empty, b"[]")) and walk(empty, b"[1") is None
+
+
 def nested(depth: int) -> dict:
     schema = {"type": "string"}
     for _ in range(depth):
@@ -120,6 +133,8 @@ def nested(depth: int) -> dict:
     ({"type": "string", "pattern": "x", "maxLength": 3}, "pattern with minLength / maxLength not supported"),
     ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength / maxLength must be integers"),
     ({"type": "string", "minLength": "2"}, "minLength / maxLength must be integers"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "minItems / maxItems must be"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "schema: uniqueItems not supported"),
     ({"anyOf": [{"type": "string"}], "type": "string"}, "schema: type beside anyOf not supported"),
     ({"anyOf": []}, "schema: anyOf must be a non-empty array"), ({"type": []}, "schema: type must be a non-empty"),
     ({"oneOf": [{"type": "string"}, {"type": "date"}]}, r"schema.oneOf[1]: type must be one of"),

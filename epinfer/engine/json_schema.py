@@ -7,10 +7,10 @@ come, in their order (strict mode requires them all; `required` may list fewer, 
 written), and no others; `type` string, integer, number, boolean, null, object or array (`items`),
 or a list of them; `enum` and `const` of any JSON values; `anyOf` / `oneOf` (Pydantic's optional
 fields: a value of any of the alternatives); a string's `pattern` (`regex_grammar`'s subset; the whole
-string matches it) or `minLength` / `maxLength` (such strings are written without escapes); `$ref` to
-`#/$defs/NAME` (or `#/definitions/NAME`), not recursive. Other keywords that would constrain the value
-(`minimum`, `minItems`, ...) are refused with a one-line error naming them; descriptive ones (`title`,
-`description`, `default`, ...) are ignored.
+string matches it) or `minLength` / `maxLength` (such strings are written without escapes); an array's
+`minItems` / `maxItems`; `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not recursive. Other
+keywords that would constrain the value (`minimum`, `uniqueItems`, ...) are refused with a one-line
+error naming them; descriptive ones (`title`, `description`, `default`, ...) are ignored.
 
 The schema compiles into nodes; the parser state is `json_mode`'s layout with the open containers
 as (kind, node, property index) frames, so `json_mode.JsonVocab` finds each state's allowed ids. A
@@ -30,12 +30,15 @@ from epinfer.engine.regex_grammar import MAX_REPEAT, RegexGrammar
 IGNORED = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "additionalProperties",
            "required", "strict", "format"}  # (format: a hint, not checked here)
 STRING_KEYS = {"pattern", "minLength", "maxLength"}
+ARRAY_KEYS = {"minItems", "maxItems"}
+MAX_ITEMS = 1024
 TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 MAX_NODES = 1024
 
 
 class SchemaGrammar(Grammar):
-    """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node), ("str",), ("int",),
+    """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node, minItems, maxItems or
+    None), ("str",), ("pat", RegexGrammar), ("int",),
     ("num",), ("lit", (serialised value, ...)) or ("any", (node, ...)); `start` the state before the
     answer's first byte (with alternatives: the set of states, `step_union`)."""
 
@@ -71,7 +74,7 @@ class SchemaGrammar(Grammar):
         if union is not None or isinstance(s.get("type"), list):
             return self.alternatives(s, union, where, refs, depth)
         unknown = sorted(set(s) - IGNORED - {"type", "properties", "items", "enum", "const", "$defs", "definitions"}
-                         - (STRING_KEYS if s.get("type") == "string" else set()))
+                         - {"string": STRING_KEYS, "array": ARRAY_KEYS}.get(s.get("type"), set()))
         if unknown:
             raise UserError(f"json_schema: {where}: {', '.join(unknown)} not supported")
         if len(self.nodes) >= MAX_NODES:
@@ -98,7 +101,12 @@ class SchemaGrammar(Grammar):
             return index
         if kind == "array":
             index = self.add(None)
-            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1))
+            low, high = s.get("minItems", 0), s.get("maxItems")
+            if any(type(v) is not int or not 0 <= v <= MAX_ITEMS for v in (low, high) if v is not None) or (
+                    high is not None and high < low):
+                raise UserError(f"json_schema: {where}: minItems / maxItems must be integers in [0, {MAX_ITEMS}], "
+                                "the least first")
+            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1), low, high)
             return index
         if kind == "string" and STRING_KEYS & set(s):
             return self.add(("pat", self.string_pattern(s, where)))
@@ -158,7 +166,8 @@ class SchemaGrammar(Grammar):
         self.nodes.append(node)
         return len(self.nodes) - 1
 
-    # states: (frames, mode, aux, whitespace run); frames: ("o", node, property index) / ("a", node, 0).
+    # states: (frames, mode, aux, whitespace run); frames: ("o", node, property index) / ("a", node, items:
+    # counted up to its minItems / maxItems, then no further, so an unbounded array has one state a mode).
     # Modes: V a value of node aux; K the current property's key literal, aux bytes of it read; C ":";
     # E after a value (",", a closer); A0 an array's first item or "]"; S a string (aux: json_mode's
     # string state); N a number (aux: phase, + 16 for an integer); L a literal (aux: (node, bytes read));
@@ -195,15 +204,17 @@ class SchemaGrammar(Grammar):
             _, node, i = frames[-1]
             return (frames, "V", self.nodes[node][1][i][1], 0) if b == ord(":") else None
         if mode == "A0":
+            _, items, low, high = self.nodes[frames[-1][1]]
             if b == ord("]"):
-                return self.after(frames[:-1])
-            return self.value(frames, self.nodes[frames[-1][1]][1], b)
+                return self.after(frames[:-1]) if low == 0 else None
+            return self.value(frames, items, b) if high != 0 else None
         if mode == "E":
             kind, node, i = frames[-1]
             if kind == "a":
+                _, items, low, high = self.nodes[node]
                 if b == ord(","):
-                    return (frames, "V", self.nodes[node][1], 0)
-                return self.after(frames[:-1]) if b == ord("]") else None
+                    return (frames, "V", items, 0) if high is None or i < high else None
+                return self.after(frames[:-1]) if b == ord("]") and i >= low else None
             if i < len(self.nodes[node][1]):
                 return (frames, "K", 0, 0) if b == ord(",") else None
             return self.after(frames[:-1]) if b == ord("}") else None
@@ -223,7 +234,7 @@ class SchemaGrammar(Grammar):
                 return None
             inner = (*frames, ("o", n, 0))
             return (inner, "K", 0, 0) if node[1] else (inner, "E", 0, 0)
-        if node[0] == "arr":
+        if node[0] == "arr":  # (the frame counts the items that closed)
             return ((*frames, ("a", n, 0)), "A0", 0, 0) if b == ord("[") and len(frames) < MAX_DEPTH else None
         if node[0] == "str":
             return (frames, "S", 0, 0) if b == ord('"') else None
@@ -265,11 +276,17 @@ class SchemaGrammar(Grammar):
         return (mode == "N" and aux & 15 in (2, 3, 5, 8)) or (mode == "L" and aux[1] in self.nodes[aux[0]][1])
 
     def after(self, frames: tuple) -> tuple:
-        """The state after a value closed inside `frames` (an object's property index moves on)."""
+        """The state after a value closed inside `frames` (an object's property index moves on, an
+        array's item count while its bounds need it)."""
         if not frames:
             return (frames, "D", 0, 0)
         kind, node, i = frames[-1]
-        return ((*frames[:-1], (kind, node, i + 1 if kind == "o" else i)), "E", 0, 0)
+        if kind == "a":
+            _, _, low, high = self.nodes[node]
+            i = min(i + 1, max(low, high or 0))
+        else:
+            i += 1
+        return ((*frames[:-1], (kind, node, i)), "E", 0, 0)
 
 
 def check_schema(schema) -> None:
