@@ -24,7 +24,9 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
                                            "tags": {"type": "array", "items": {"type": "string"}}}}
 SCHEMA_PREFIXES = [b"", b"{", b'{"name": "x', b'{"name": "x", "age": 1', b'{"name": "x", "age": 1, "tags": [']
 REGEXES = [(r"\d{3}-\d{4}", [b"", b"12", b"123-"]), (r"[A-Z][a-z]+( [A-Z][a-z]+)*", [b"", b"Ab", b"Ab C"]),
-           (r"[^\n]*", [b""])]  # (the last: nearly every token, every byte of each walked)
+           (r"[^\n]*", [b""]), (r".{0,200}", [b"", b"abc", b"a" * 190])]  # (the last two: nearly every token)
+LENGTHS = {"type": "object", "properties": {"code": {"type": "string", "maxLength": 100}}}
+LENGTH_PREFIXES = [b'{"code": "', b'{"code": "ab', b'{"code": "' + b"x" * 98]
 
 
 def synthetic(n: int) -> list[bytes]:
@@ -46,7 +48,7 @@ def main() -> int:
     t = time.perf_counter()
     jv = JsonVocab(vocab)
     print(json.dumps({"tokens": args.tokens, "index_s": round(time.perf_counter() - t, 3)}))
-    cases = [(OBJECT, PREFIXES), (SchemaGrammar(SCHEMA), SCHEMA_PREFIXES),
+    cases = [(OBJECT, PREFIXES), (SchemaGrammar(SCHEMA), SCHEMA_PREFIXES), (SchemaGrammar(LENGTHS), LENGTH_PREFIXES),
              *((RegexGrammar(pattern), prefixes) for pattern, prefixes in REGEXES)]
     for grammar, prefixes in cases:
         for prefix in prefixes:

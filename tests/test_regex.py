@@ -89,12 +89,15 @@ def test_trie_walk_equals_a_direct_check():
     llm = LLM()
     vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
     for pattern, prefixes in ((r"[A-Z][a-z]+( [A-Z][a-z]+)?", ("", "N", "Now", "Now T")),
-                              (r"-?\d+(\.\d+)?", ("", "-", "12", "12.")), ("é+[ü-ÿ]?", ("", "é", "éé"))):
+                              (r"-?\d+(\.\d+)?", ("", "-", "12", "12.")), ("é+[ü-ÿ]?", ("", "é", "éé")),
+                              (r"[^\n]*\.", ("", "ab", "a.")), (r".{0,12}!", ("", "abc", "a" * 10)),
+                              (r'[^"\\\x00-\x1f]{2,5}', ("", "x", "xyzw"))):  # (the last three: `looped`)
         g = RegexGrammar(pattern)
         for prefix in prefixes:
             state = g.walk(g.start, prefix.encode())
             assert state is not None, (pattern, prefix)
             assert json_vocab(vocab).allowed(state, g).tolist() == direct_allowed(vocab, g, state), (pattern, prefix)
+    assert json_vocab(vocab).bytes_used is not None  # (the looped path ran)
 
 
 def reference(model, tokenizer, eos: list[int], prompt: str, pattern: str) -> list[int]:

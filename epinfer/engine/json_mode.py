@@ -171,6 +171,11 @@ class Grammar:
         """Whether a byte may still come in `state`."""
         return state[1] != "D"
 
+    def loop_bytes(self, state) -> tuple[int, int]:
+        """(bytes as a 256-bit set, depth): any token of at most `depth` of those bytes is allowed in
+        `state`, where a grammar knows them cheaply (`JsonVocab.looped`); (0, 0): none known."""
+        return 0, 0
+
     def walk(self, state: State | None, raw: bytes) -> State | None:
         for b in raw:
             if state is None:
@@ -198,6 +203,7 @@ class JsonVocab:
         # through them, so a state is searched once for every run length
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
+        self.bytes_used: torch.Tensor | None = None  # (`looped`: each token's bytes, 8 x 32 bits)
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
@@ -213,12 +219,35 @@ class JsonVocab:
         if json_states and state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
             ids = self.safe.tolist() + [t for t in self.unsafe if grammar.walk(state, self.of[t]) is not None]
         else:
-            ids = self.search(state, grammar.step)
+            loop = grammar.loop_bytes(state)
+            ids = self.looped(state, grammar, *loop) if loop[0].bit_count() >= 32 else None  # (few: a short walk)
+            ids = self.search(state, grammar.step) if ids is None else ids
         out = torch.tensor(sorted(ids), dtype=torch.long)
         self.cache[key] = out
         if len(self.cache) > MAX_STATES:
             self.cache.popitem(last=False)
         return out
+
+    def looped(self, state, grammar: Grammar, loop: int, depth: int) -> list[int] | None:
+        """Where most tokens are made only of `loop`'s bytes and at most `depth` long
+        (`Grammar.loop_bytes`: a regex's `[^\n]*`), those tokens whole and the others walked one by
+        one; None where they are not most (the trie search prunes better)."""
+        if self.bytes_used is None:
+            used = [[0] * 8 for _ in self.of]
+            for t, raw in enumerate(self.of):
+                for b in set(raw):
+                    used[t][b >> 5] |= 1 << (b & 31)
+                if not raw:  # (no token: never inside)
+                    used[t] = [-1] * 8
+            self.bytes_used = torch.tensor(used, dtype=torch.int64)
+            self.lengths = torch.tensor([len(raw) for raw in self.of])
+        outside = torch.tensor([~(loop >> (32 * k)) & 0xFFFFFFFF for k in range(8)], dtype=torch.int64)
+        inside = ((self.bytes_used & outside) == 0).all(1) & (self.lengths <= depth)
+        found = inside.nonzero().flatten().tolist()
+        if len(found) * 2 < len(self.keys):
+            return None
+        flags = inside.tolist()
+        return found + [t for t in self.ids if not flags[t] and grammar.walk(state, self.of[t]) is not None]
 
     def search(self, state: State, step_fn) -> list[int]:
         """The tokens whose every byte `step_fn` takes from `state`: ranges of the sorted keys that

@@ -25,6 +25,7 @@ from epinfer.engine.json_mode import Grammar
 MAX_PATTERN = 4096  # characters of an expression
 MAX_NODES = 20_000  # automaton nodes (counted repetition copies its operand)
 MAX_REPEAT = 1000  # the largest m and n of {m,n}
+LONGEST = 64  # bytes of the longest token `loop_bytes` follows a chain for (longer ones are walked)
 TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
 WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
@@ -340,6 +341,32 @@ class RegexGrammar(Grammar):
 
     def open(self, state) -> bool:
         return any(self.auto.edges[i] for i in state[0])
+
+    def loop_bytes(self, state) -> tuple[int, int]:
+        """(B, depth): ASCII bytes B that all lead from `state` to one state, and from there on to one
+        state at each step, for `depth` steps (a character class repeated: `[^\\n]*`, depth unbounded;
+        `.{0,200}`, 200 at its start): a token of at most `depth` bytes, each in B, is allowed. Of the
+        states the bytes lead to, the one most of them reach; (0, 0) where none does."""
+        if state[1]:
+            return 0, 0
+        reach: dict = {}
+        for b in range(0x80):
+            nxt = self.step_regex(state, b)
+            if nxt is not None:
+                reach[nxt] = reach.get(nxt, 0) | 1 << b
+        if not reach:
+            return 0, 0
+        target, mask = max(reach.items(), key=lambda kv: kv[1].bit_count())
+        chain, depth = [b for b in range(0x80) if mask >> b & 1], 1
+        while depth < LONGEST:  # (no token is longer)
+            after = {self.step_regex(target, b) for b in chain}
+            if len(after) != 1 or None in after:
+                break
+            nxt = after.pop()
+            if nxt == target:
+                return mask, LONGEST
+            target, depth = nxt, depth + 1
+        return mask, depth
 
     def step_regex(self, state, b: int):
         key = (state, b)
