@@ -22,7 +22,7 @@ from epinfer.core.layout import check_model_layout
 from epinfer.core.sampling_params import SamplingParams, check_text, truncate_prompt
 from epinfer.distributed.parallel import ParallelContext
 from epinfer.engine import restrict
-from epinfer.engine.bad_words import bad_word_ids, banned, needs_history
+from epinfer.engine.bad_words import bad_word_ids, needs_history
 from epinfer.engine.cache import CacheAllocator
 from epinfer.engine.generation_files import load_generation_defaults, load_tokenizer
 from epinfer.engine.memory import (
@@ -31,7 +31,7 @@ from epinfer.engine.memory import (
     expandable_segments,
     plan_cache,
 )
-from epinfer.engine.penalties import allow, bias, penalize
+from epinfer.engine.penalties import allow, bias, hold, penalize
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from epinfer.engine.stops import StopSearch, first_match
 from epinfer.kernels import cudnn_attention, paged_attention, preload
@@ -349,7 +349,7 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-            logits = penalize(bias(allow(self._hold_stops(logits, sampled), self._allowed(sampled)), sampled),
+            logits = penalize(bias(allow(hold(logits, sampled, self.end_ids), self._allowed(sampled)), sampled),
                               sampled, self.runner.prev_tokens)
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
@@ -378,23 +378,6 @@ class Engine:
         for seq, why in dead:
             self._fail(seq, why)
         return rows
-
-    def _hold_stops(self, logits: torch.Tensor, sampled: list[Sequence]) -> torch.Tensor:
-        """Rows of requests short of their `min_tokens` with their end-of-sequence and stop token
-        ids at -inf (never sampled), and of requests with bad words the ids that would end one; the
-        logits themselves when there are none (the common case)."""
-        rows, ids = [], []
-        for row, seq in enumerate(sampled):
-            p = seq.params
-            held = list(self.end_ids(p)) if len(seq.output_ids) + seq.pending < p.min_tokens else []
-            held += banned(seq.bad_ids, seq.output_ids) if seq.bad_ids else []
-            held = [t for t in held if t < logits.shape[-1]]
-            rows += [row] * len(held)
-            ids += held
-        if not rows:
-            return logits
-        index = torch.tensor([rows, ids]).to(logits.device, non_blocking=True)
-        return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
 
     def resolve(self, keep: int) -> list[Sequence]:
         """Applies the tokens of all but the newest `keep` launched steps: appends them, applies

@@ -1,7 +1,7 @@
-"""What a request's sampling parameters do to a step's logits before sampling: every token outside
-the ones it may sample (`allowed_token_ids`, a guided choice's or JSON mode's next tokens) at -inf
-(`allow`), its
-`logit_bias` added (`bias`), then the presence, frequency and repetition penalties (`penalize`;
+"""What a request's sampling parameters do to a step's logits before sampling: its end ids at -inf
+until `min_tokens` are out, and the ids that would end a bad word (`hold`); every token outside the
+ones it may sample (`allowed_token_ids`, a guided choice's, a grammar's next tokens) at -inf
+(`allow`), its `logit_bias` added (`bias`), then the presence, frequency and repetition penalties (`penalize`;
 vLLM's and transformers' arithmetic): for a row whose request sets any of them,
 
     logit = logit / r where positive, logit * r where not, for each token of the prompt or the output
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.engine.bad_words import banned
 from epinfer.runner.sampler import host_list_on
 
 
@@ -35,6 +36,24 @@ class PenaltyCounts:
             new = host_list_on(self.counts_V.device, output_ids[self.counted:])
             self.counts_V.index_add_(0, new, torch.ones(new.shape, device=new.device))
             self.counted = len(output_ids)
+
+
+def hold(logits_SV: torch.Tensor, sampled: list, end_ids) -> torch.Tensor:
+    """`logits_SV` with the rows of requests short of their `min_tokens` at -inf on their end ids
+    (`end_ids(params)`: end-of-sequence and stop token ids), and of requests with bad words on the ids
+    that would end one (`bad_words.banned`); the tensor itself when there are none (the common case)."""
+    rows, ids = [], []
+    for row, seq in enumerate(sampled):
+        p = seq.params
+        held = list(end_ids(p)) if len(seq.output_ids) + seq.pending < p.min_tokens else []
+        held += banned(seq.bad_ids, seq.output_ids) if seq.bad_ids else []
+        held = [t for t in held if t < logits_SV.shape[-1]]
+        rows += [row] * len(held)
+        ids += held
+    if not rows:
+        return logits_SV
+    index = torch.tensor([rows, ids]).to(logits_SV.device, non_blocking=True)
+    return logits_SV.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits_SV.device))
 
 
 def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
