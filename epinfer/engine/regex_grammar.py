@@ -25,6 +25,7 @@ from epinfer.engine.json_mode import Grammar
 MAX_PATTERN = 4096  # characters of an expression
 MAX_NODES = 20_000  # automaton nodes (counted repetition copies its operand)
 MAX_REPEAT = 1000  # the largest m and n of {m,n}
+MAX_GROUPS = 64  # groups inside groups (the parser and the construction recurse into them)
 LONGEST = 64  # bytes of the longest token `loop_bytes` follows a chain for (longer ones are walked)
 TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
@@ -67,6 +68,7 @@ class Parser:
 
     def __init__(self, pattern: str) -> None:
         self.p, self.i = pattern, 0
+        self.depth = 0  # groups open here
 
     def fail(self, what: str) -> UserError:
         return UserError(f"regex: {what} (at position {self.i})")
@@ -127,8 +129,9 @@ class Parser:
         end = self.p.find("}", self.i)
         body = self.p[self.i + 1:end] if end > 0 else ""
         parts = body.split(",")
-        whole = parts[0].isdigit() if len(parts) == 1 else len(parts) == 2 and all(p == "" or p.isdigit()
-                                                                                     for p in parts)
+        digits = [p.isascii() and p.isdigit() for p in parts]  # (not "²": int() takes ASCII digits here)
+        whole = digits[0] if len(parts) == 1 else len(parts) == 2 and all(
+            d or p == "" for d, p in zip(digits, parts, strict=True))
         if end < 0 or not whole:
             return None
         m = int(parts[0] or 0)
@@ -151,7 +154,11 @@ class Parser:
                 self.i = end + 1
             elif self.peek() == "?":
                 raise self.fail("'(?' groups other than (?: and (?P<name> (lookarounds, flags) are not supported")
+            if self.depth >= MAX_GROUPS:
+                raise self.fail(f"groups nested more than {MAX_GROUPS} deep are not supported")
+            self.depth += 1
             node = self.alternation()
+            self.depth -= 1
             if self.peek() != ")":
                 raise self.fail("a missing ')' is not valid")
             self.i += 1
