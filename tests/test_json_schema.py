@@ -172,6 +172,19 @@ def test_trie_walk_equals_a_direct_check():
         assert json_vocab(vocab).allowed(state, g).tolist() == direct_allowed(vocab, g, state), prefix
 
 
+def test_property_orders_are_other_schemas():
+    """Two schemas with the same properties in other orders are other grammars: their states (alike
+    tuples, other meanings) never share remembered allowed ids."""
+    llm = LLM()
+    vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
+    xy = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "boolean"}}}
+    yx = {"type": "object", "properties": {"y": {"type": "boolean"}, "x": {"type": "integer"}}}
+    for schema, prefix in ((xy, b'{"x": '), (yx, b'{"y": ')):
+        g = SchemaGrammar(schema)
+        state = walk(g, prefix)
+        assert json_vocab(vocab).allowed(state, g).tolist() == direct_allowed(vocab, g, state), schema
+
+
 SIMPLE = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
                                            "c": {"enum": ["red", "green"]}}}
 OPTIONAL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"anyOf": [{"type": "integer"},
