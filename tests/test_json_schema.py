@@ -152,6 +152,11 @@ def test_refused_schemas(schema, fragment):
         LLM().generate("x", SamplingParams(max_tokens=4, json_schema=schema))
 
 
+def test_python_values_json_cannot_hold_are_refused():
+    with pytest.raises(UserError, match="request 0: json_schema: the schema must be JSON values"):
+        LLM().generate("x", SamplingParams(max_tokens=4, json_schema={"enum": [{1, 2}]}))
+
+
 def direct_allowed(vocab, grammar, state) -> list[int]:
     return [t for t, raw in enumerate(vocab.of) if raw and grammar.walk(state, raw) is not None]
 

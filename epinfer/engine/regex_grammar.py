@@ -26,6 +26,7 @@ MAX_PATTERN = 4096  # characters of an expression
 MAX_NODES = 20_000  # automaton nodes (counted repetition copies its operand)
 MAX_REPEAT = 1000  # the largest m and n of {m,n}
 MAX_GROUPS = 64  # groups inside groups (the parser and the construction recurse into them)
+MAX_MEMO = 1 << 17  # (state, byte) steps a grammar remembers (~20 MB; grammars are shared: `restrict`)
 LONGEST = 64  # bytes of the longest token `loop_bytes` follows a chain for (longer ones are walked)
 TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
@@ -380,7 +381,7 @@ class RegexGrammar(Grammar):
         if key in self.memo:
             return self.memo[key]
         out = self._step(state, b)
-        if len(self.memo) < 1 << 20:
+        if len(self.memo) < MAX_MEMO:
             self.memo[key] = out
         return out
 

@@ -4,6 +4,10 @@ the next tokens of a guided choice (`guided`), of JSON mode (`json_mode`), of a 
 
 from __future__ import annotations
 
+import functools
+import json
+
+from epinfer.core.errors import UserError
 from epinfer.engine import guided, json_mode, json_schema, regex_grammar
 
 
@@ -31,12 +35,29 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
 
 def json_guide(p) -> json_mode.JsonGuide | None:
     """A request's guide (JSON mode's, its schema's or its regular expression's, compiled: UserError
-    for one this mode does not take), None for other requests."""
+    for one this mode does not take), None for other requests. Requests with the same expression or
+    schema share its compiled grammar (and the byte steps it remembers)."""
     if p.regex is not None:
-        return json_mode.JsonGuide(regex_grammar.RegexGrammar(p.regex))
+        return json_mode.JsonGuide(_regex(p.regex))
     if p.json_schema is not None:
-        return json_mode.JsonGuide(json_schema.SchemaGrammar(p.json_schema))
+        try:
+            text = json.dumps(p.json_schema)
+        except (TypeError, ValueError):  # (the Python API: a value JSON cannot hold)
+            raise UserError("json_schema: the schema must be JSON values (objects, arrays, strings, numbers, "
+                            "booleans, null)") from None
+        return json_mode.JsonGuide(_schema(text))
     return json_mode.JsonGuide() if p.json_object else None
+
+
+@functools.lru_cache(maxsize=16)
+def _regex(pattern: str) -> regex_grammar.RegexGrammar:
+    return regex_grammar.RegexGrammar(pattern)
+
+
+@functools.lru_cache(maxsize=16)
+def _schema(text: str) -> json_schema.SchemaGrammar:
+    """(keyed by the schema's JSON text in its own key order: the properties' order is the schema's)"""
+    return json_schema.SchemaGrammar(json.loads(text))
 
 
 def guided_request(p) -> bool:
