@@ -203,7 +203,8 @@ class JsonVocab:
         # through them, so a state is searched once for every run length
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
-        self.bytes_used: torch.Tensor | None = None  # (`looped`: each token's bytes, 8 x 32 bits)
+        self.bytes_used: torch.Tensor | None = None  # (`looped`: each token's bytes, 8 x 32 bits, and its length)
+        self.lengths: torch.Tensor | None = None
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
