@@ -103,9 +103,8 @@ class Switches:
 
     @property
     def permute_kernel(self) -> bool:
-        """The decode MoE's pair permutation as one Triton kernel (`kernels.moe_triton.permute`)
-        instead of the compiled torch counting sort: EPINFER_PERMUTE_KERNEL=1; off until timed on a
-        GPU."""
+        """The decode MoE's pair permutation as one Triton program (`kernels.moe_triton.permute`);
+        EPINFER_PERMUTE_KERNEL=1; off until timed on a GPU."""
         return _on("EPINFER_PERMUTE_KERNEL", False)
 
     @property

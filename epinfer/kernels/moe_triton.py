@@ -83,10 +83,10 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 
 
 def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...]:
-    """`layers.moe.permute_pairs` in one kernel, for up to PERMUTE_MAX_PAIRS pairs on CUDA: (order
-    int64, offs int32, rows int64, active int32), the same values. Program i ranks BLOCK pairs
-    against every pair (a counting sort: pairs with a smaller key, plus earlier ones with the same
-    key, give each pair's place); one more program counts each expert's pairs for offs and active."""
+    """`layers.moe.permute_pairs` in one program, for up to PERMUTE_MAX_PAIRS pairs on CUDA: (order
+    int64, offs int32, rows int64, active int32), the same values. Each pair's key (local expert,
+    then its index) sorted in registers (`tl.sort`: a stable order, since the index breaks ties),
+    each expert's pairs counted by a histogram, their running sum the group ends."""
     T, K = ids_TK.shape
     P = T * K
     ids_TK = ids_TK if ids_TK.stride(1) == 1 else ids_TK.contiguous()
@@ -96,10 +96,10 @@ def permute(ids_TK: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, ...
     slots = min(P, n)
     active = torch.empty(slots, dtype=torch.int32, device=ids_TK.device)
     if P:
-        _permute_kernel[(triton.cdiv(P, 64) + 1,)](ids_TK, order, rows, offs, active, first, n, P, slots,
-                                                  ids_TK.stride(0), K=K, BLOCK=64, CHUNK=256,
-                                                  NP=triton.next_power_of_2(n + 1),
-                                                  SP=triton.next_power_of_2(max(slots, 1)), num_warps=4)
+        pb = max(256, triton.next_power_of_2(P))  # (few variants to compile: 5 up to 4096 pairs)
+        _permute_kernel[(1,)](ids_TK, order, rows, offs, active, first, n, P, slots, ids_TK.stride(0), K=K, PB=pb,
+                              NP=triton.next_power_of_2(n + 2), num_warps=4 if pb <= 1024 else 8,
+                              **pdl.kwargs(ids_TK.device))
     return order, offs, rows, active
 
 
@@ -107,10 +107,11 @@ PERMUTE_MAX_PAIRS = 4096  # (the torch form's counting sort goes to here too; be
 PERMUTE = SWITCHES.permute_kernel  # read once, as GROUPED: `permute_pairs` runs every MoE layer
 
 
-def permute_usable(ids_TK: torch.Tensor) -> bool:
-    """`permute` for these ids: on CUDA with Triton, up to PERMUTE_MAX_PAIRS pairs, when switched on
-    (EPINFER_PERMUTE_KERNEL=1: not yet timed against the compiled torch form on a GPU)."""
-    return PERMUTE and triton is not None and ids_TK.is_cuda and 0 < ids_TK.numel() <= PERMUTE_MAX_PAIRS
+def permute_usable(ids_TK: torch.Tensor, n: int) -> bool:
+    """`permute` for these ids and `n` local experts: on CUDA with Triton, up to PERMUTE_MAX_PAIRS
+    pairs (their sort keys in int32), unless switched off (EPINFER_PERMUTE_KERNEL=0)."""
+    return (PERMUTE and triton is not None and ids_TK.is_cuda and 0 < ids_TK.numel() <= PERMUTE_MAX_PAIRS
+            and (n + 2) * PERMUTE_MAX_PAIRS < 2**31)
 
 
 def moe_grouped(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights_TK: torch.Tensor,
@@ -207,32 +208,25 @@ if triton is not None:
         return tl.where(j < P, tl.where((e >= 0) & (e < n), e, n), n + 1)
 
     @triton.jit
-    def _permute_kernel(IDS, ORDER, ROWS, OFFS, ACTIVE, first, n, P, slots, si_t, K: tl.constexpr,
-                        BLOCK: tl.constexpr, CHUNK: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr):
-        if tl.program_id(0) < tl.num_programs(0) - 1:
-            i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            key_i = _expert_keys(IDS, i, P, first, n, si_t, K)
-            place = tl.zeros([BLOCK], dtype=tl.int32)
-            for c0 in range(0, P, CHUNK):
-                j = c0 + tl.arange(0, CHUNK)
-                key_j = _expert_keys(IDS, j, P, first, n, si_t, K)
-                ahead = ((key_j[None, :] < key_i[:, None])
-                         | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None])))
-                place += tl.sum(ahead.to(tl.int32), 1)
-            tl.store(ORDER + place, i.to(tl.int64), mask=i < P)
-            tl.store(ROWS + place, (i // K).to(tl.int64), mask=i < P)
-        else:  # the last program: each expert's pairs
-            e = tl.arange(0, NP)
-            counts = tl.zeros([NP], dtype=tl.int32)
-            for c0 in range(0, P, CHUNK):
-                key_j = _expert_keys(IDS, c0 + tl.arange(0, CHUNK), P, first, n, si_t, K)
-                counts += tl.sum((key_j[None, :] == e[:, None]).to(tl.int32), 1)
-            tl.store(OFFS + e, tl.cumsum(counts, 0), mask=e < n)
-            used = (counts > 0) & (e < n)
-            slot = tl.cumsum(used.to(tl.int32), 0) - 1  # used experts before it
-            s = tl.arange(0, SP)
-            hit = used[None, :] & (slot[None, :] == s[:, None])
-            tl.store(ACTIVE + s, tl.max(tl.where(hit, e[None, :], -1), 1), mask=s < slots)
+    def _permute_kernel(IDS, ORDER, ROWS, OFFS, ACTIVE, first, n, P, slots, si_t, K: tl.constexpr, PB: tl.constexpr,
+                        NP: tl.constexpr, PDL: tl.constexpr):
+        """One program: the PB >= P pairs' keys (expert, index) sorted, then the experts' counts."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        i = tl.arange(0, PB)
+        key = _expert_keys(IDS, i, P, first, n, si_t, K)  # (n + 1 past the last pair: sorted last)
+        j = tl.sort(key * PB + i) % PB  # the pair at each sorted place
+        counts = tl.histogram(key, NP)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(ORDER + i, j.to(tl.int64), mask=i < P)
+        tl.store(ROWS + i, (j // K).to(tl.int64), mask=i < P)
+        e = tl.arange(0, NP)
+        tl.store(OFFS + e, tl.cumsum(counts, 0), mask=e < n)
+        used = (counts > 0) & (e < n)
+        slot = tl.cumsum(used.to(tl.int32), 0) - 1  # used experts before it
+        tl.store(ACTIVE + slot, e, mask=used)
+        tl.store(ACTIVE + e, tl.full([NP], -1, tl.int32), mask=(e >= tl.sum(used.to(tl.int32), 0)) & (e < slots))
 
     @triton.jit
     def _group(g, OFFS, GROUP_E, shift, n_local, si_t, K: tl.constexpr, PER_PAIR: tl.constexpr):

@@ -173,7 +173,7 @@ def permute_pairs(ids_TK: torch.Tensor, first: int, n: int):
     experts last), grouped_mm's int32 group ends, each sorted pair's row, and the local experts
     that have pairs, in order, padded with -1 to min(pairs, n) entries (the Triton kernels' grid).
     One Triton kernel where `moe_triton.permute_usable` says so, else `torch_permute_pairs`."""
-    if moe_triton.permute_usable(ids_TK):
+    if moe_triton.permute_usable(ids_TK, n):
         return moe_triton.permute(ids_TK, first, n)
     return torch_permute_pairs(ids_TK, first, n)
 
