@@ -1,8 +1,9 @@
 """GDN decode kernel (`gdn_ops._gdn_decode_kernel`) block layouts: one decode step of B rows at the
 Qwen3.5-35B-A3B GDN shape (16 key heads, 32 value heads, dk = dv = 128), the recurrent state in
-float32 and in bf16. Every (BV value columns a block, programs a head, warps) candidate timed with
-`triton.testing.do_bench` on the same inputs; one JSON record each, with GB/s of the state read and
-written and the largest output error against the torch step; the current table's choice marked.
+float32 and in bf16. Every (BV value columns a block, programs a head, warps) candidate, and the
+persistent form's (programs an SM), timed with `triton.testing.do_bench` on the same inputs; one
+JSON record each, with GB/s of the state read and written and the largest output error against the
+torch step; the current table's choice marked.
 
     python benchmarks/gdn_decode_sweep.py [--batches 200,512]
 """
@@ -22,6 +23,8 @@ LAYOUTS = [(32, 4, 4), (32, 2, 4), (32, 1, 4), (64, 2, 4), (64, 2, 2), (64, 2, 8
            (128, 1, 8)]  # (BV, programs a head, warps)
 # each with the state's loads in program order and issued early (`_gdn_decode_kernel`'s EARLY)
 LAYOUTS = [(*layout, early) for layout in LAYOUTS for early in (False, True)]
+# the persistent form (`_gdn_decode_persistent`): (BV, 128 / BV, warps, -, programs an SM)
+LAYOUTS += [(bv, 128 // bv, w, False, per_sm) for bv in (64, 128) for w in (4, 8) for per_sm in (2, 4, 8)]
 
 
 def main() -> int:
@@ -48,7 +51,8 @@ def main() -> int:
                 call = functools.partial(gdn_ops._recurrent_triton, q, k, v, g, beta, work, slots, cfg)
                 ms = triton.testing.do_bench(call)
                 print(json.dumps({"batch": B, "state": str(state_dtype).removeprefix("torch."), "bv": cfg[0],
-                                  "split": cfg[1], "warps": cfg[2], "early": cfg[3], "us": round(ms * 1e3, 1),
+                                  "split": cfg[1], "warps": cfg[2], "early": cfg[3],
+                                  "per_sm": cfg[4] if len(cfg) > 4 else 0, "us": round(ms * 1e3, 1),
                                   "gb_s": round(moved / ms / 1e6), "max_err": float(f"{err:.2e}"),
                                   "current": cfg == current}), flush=True)
             del state

@@ -81,13 +81,25 @@ def recurrent_step_inplace(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state, slots_B) -
 DECODE_CONFIGS = {4: (64, 2, 4, False), 2: (64, 2, 2, True)}
 
 
-def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple[int, int, int, bool] | None = None):
+def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple | None = None):
+    """`cfg`: (BV, SPLIT, num_warps, EARLY[, per_sm]); per_sm > 0: the persistent form, `per_sm`
+    programs an SM, each walking tiles of BV columns (SPLIT is then DV / BV)."""
     B, Hk, DK = q.shape
     Hv, DV = v.shape[1], v.shape[2]
     out = torch.empty_like(v)
-    BV, split, warps, early = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4, False))
+    BV, split, warps, early, *per_sm = cfg or DECODE_CONFIGS.get(state.element_size(), (32, 4, 4, False))
     if DV % (BV * split):  # (a head size the table's blocks do not divide: 32-column blocks, or one)
-        BV, split = (32, DV // 32) if DV % 32 == 0 else (DV, 1)
+        BV, split, per_sm = *((32, DV // 32) if DV % 32 == 0 else (DV, 1)), []
+    if per_sm and per_sm[0] and B:
+        tiles = B * Hv * (DV // BV)
+        grid = min(tiles, per_sm[0] * torch.cuda.get_device_properties(q.device).multi_processor_count
+                   if q.is_cuda else 8)
+        _gdn_decode_persistent[(grid,)](
+            q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1),
+            state.stride(2), out.stride(0), out.stride(1), DK**-0.5, tiles, Hv, REP=Hv // Hk, DK=DK, DV=DV, BV=BV,
+            num_warps=warps)
+        return out
     _gdn_decode_kernel[(B, Hv, split)](
         q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
@@ -162,6 +174,60 @@ if _triton is not None:
             delta = (v - tl.sum(s * k[:, None], 0)) * beta
             s = s + k[:, None] * delta[None, :]
             tl.store(tile + offs_v[None, :], s.to(S.dtype.element_ty))
+            o = tl.sum(s * q[:, None], 0)
+            tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+
+    @_triton.jit
+    def _gdn_tile_inputs(i, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+                         ss_slot, ss_h, ss_k, tiles, Hv, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                         BV: tl.constexpr):
+        """Tile i's loads (row b, value head h, columns c0 ..): its state tile [DK, BV], v, q, k, the
+        decay's log and beta; all masked off past the last tile."""
+        ok = i < tiles
+        per_b = Hv * (DV // BV)
+        b = i // per_b
+        h = (i % per_b) // (DV // BV)
+        c0 = (i % (DV // BV)) * BV
+        offs_k = tl.arange(0, DK)
+        offs_v = c0 + tl.arange(0, BV)
+        slot = tl.load(SLOTS + b, mask=ok, other=0).to(tl.int64)
+        s = tl.load(S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :], mask=ok, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_v, mask=ok, other=0.0)
+        q = tl.load(Q + b * sq_b + (h // REP) * sq_h + offs_k, mask=ok, other=0.0)
+        k = tl.load(K + b * sk_b + (h // REP) * sk_h + offs_k, mask=ok, other=0.0)
+        g = tl.load(G + b * sg_b + h, mask=ok, other=0.0)
+        beta = tl.load(BETA + b * sbeta_b + h, mask=ok, other=0.0)
+        return s, v, q, k, g, beta
+
+    @_triton.jit
+    def _gdn_decode_persistent(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+                               ss_slot, ss_h, ss_k, so_b, so_h, scale, tiles, Hv, REP: tl.constexpr,
+                               DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+        """`_gdn_decode_kernel`'s arithmetic, a fixed grid of programs each walking the tiles
+        pid, pid + programs, ...: the next tile's state and inputs are loaded before this one's
+        arithmetic, so every program keeps a tile's read in flight while it computes."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        offs_k = tl.arange(0, DK)
+        nxt = _gdn_tile_inputs(pid, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+                               ss_slot, ss_h, ss_k, tiles, Hv, REP, DK, DV, BV)
+        for i in range(pid, tiles, step):
+            s, v, q, k, g, beta = nxt
+            nxt = _gdn_tile_inputs(i + step, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b,
+                                   sbeta_b, ss_slot, ss_h, ss_k, tiles, Hv, REP, DK, DV, BV)
+            per_b = Hv * (DV // BV)
+            b = i // per_b
+            h = (i % per_b) // (DV // BV)
+            offs_v = (i % (DV // BV)) * BV + tl.arange(0, BV)
+            slot = tl.load(SLOTS + b).to(tl.int64)
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+            k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+            s = s.to(tl.float32) * tl.exp(g.to(tl.float32))
+            delta = (v.to(tl.float32) - tl.sum(s * k[:, None], 0)) * beta.to(tl.float32)
+            s = s + k[:, None] * delta[None, :]
+            tl.store(S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :], s.to(S.dtype.element_ty))
             o = tl.sum(s * q[:, None], 0)
             tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
 

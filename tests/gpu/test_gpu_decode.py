@@ -77,7 +77,7 @@ def test_rope_to_cache_kernel(H, KVH, hd, R, gated, norm, zc):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [None, (32, 4, 4, False), (64, 1, 4, False), (64, 2, 2, False), (128, 1, 8, False),
                                  (32, 4, 4, True), (32, 1, 4, True), (64, 1, 4, True), (64, 2, 2, True),
-                                 (128, 1, 8, True)])
+                                 (128, 1, 8, True), (64, 2, 4, False, 2), (128, 1, 8, False, 4)])
 def test_triton_gdn_decode_kernel(dtype, tol, state_dtype, cfg):
     """Every block layout of the decode kernel against the torch step; a low-precision state is
     read widened and written rounded, as the reference's float32 state is."""
