@@ -31,8 +31,8 @@ whose environment differs is a one-line error instead of a hang.
                               instead of capturing the state inside the chunk (`engine.scheduler`; A/B runs)
   EPINFER_EXPANDABLE_SEGMENTS=0  the CUDA caching allocator's fixed-size segments in a single-process run
                               (`engine.memory.expandable_segments`; A/B runs)
-  EPINFER_PERMUTE_KERNEL=1    the decode MoE's pair permutation as one Triton kernel (`kernels.moe_triton`);
-                              off until timed
+  EPINFER_PERMUTE_KERNEL=0    the decode MoE's pair permutation by the compiled torch counting sort instead of
+                              one Triton program (`kernels.moe_triton`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
   EPINFER_PRELOAD_KERNELS=0   no parallel compile of the GPU's kernel manifest at start-up (`kernels.preload`)
   EPINFER_RECORD_KERNELS=FILE  every Triton kernel variant a process compiles appended to FILE (a manifest)
@@ -103,9 +103,9 @@ class Switches:
 
     @property
     def permute_kernel(self) -> bool:
-        """The decode MoE's pair permutation as one Triton program (`kernels.moe_triton.permute`);
-        EPINFER_PERMUTE_KERNEL=1; off until timed on a GPU."""
-        return _on("EPINFER_PERMUTE_KERNEL", False)
+        """The decode MoE's pair permutation as one Triton program (`kernels.moe_triton.permute`, up
+        to 1024 pairs); EPINFER_PERMUTE_KERNEL=0: the compiled torch counting sort."""
+        return _on("EPINFER_PERMUTE_KERNEL", True)
 
     @property
     def moe_triton_max(self) -> float:
