@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.kernels import pdl
+from epinfer.kernels import pdl, small_gemm
 from epinfer.kernels.moe_triton import enabled
 
 try:  # Triton is optional: CPU installs don't have it
@@ -78,8 +78,8 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
         weights.stride(0), ids.stride(0), D=D, E=E, BLOCK_T=max(16, triton.next_power_of_2(T)),
         BLOCK_R=triton.next_power_of_2(T), BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
-        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits, num_warps=2,
-        **pdl.kwargs(x_TD.device))
+        RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits,
+        PRELOAD=small_gemm.PRELOAD_BYTES > 0, num_warps=2, **pdl.kwargs(x_TD.device))
     return weights, ids
 
 
@@ -158,9 +158,8 @@ if triton is not None:
     def _gate_route_kernel(X, G, PARTIAL, W, IDS, MASK, COUNT, T, real, sx_t, sg_e, sw_t, si_t, D: tl.constexpr,
                            E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
                            BE: tl.constexpr, SPLITS: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+                           RENORM: tl.constexpr, HAS_MASK: tl.constexpr, NPROG: tl.constexpr, PRELOAD: tl.constexpr,
+                           PDL: tl.constexpr):
         offs_t = tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
@@ -168,7 +167,17 @@ if triton is not None:
         split = tl.program_id(1)
         lo = split * (D // SPLITS)
         hi = tl.where(split == SPLITS - 1, D, lo + D // SPLITS)
-        acc = rows_times_columns(X, G, sx_t, sg_e, offs_t, t_ok, offs_e, e_ok, lo, hi, BLOCK_T, BE, BK)
+        ONE_STEP: tl.constexpr = PRELOAD and D % SPLITS == 0 and BK == D // SPLITS  # (the slice in one tile)
+        if ONE_STEP:  # the gate's weights do not depend on the kernel before: loaded before the wait
+            offs_k = lo + tl.arange(0, BK)
+            w = tl.load(G + offs_e[None, :].to(tl.int64) * sg_e + offs_k[:, None], mask=e_ok[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if ONE_STEP:
+            x = tl.load(X + offs_t[:, None] * sx_t + offs_k[None, :], mask=t_ok[:, None], other=0.0)
+            acc = tl.dot(x, w)
+        else:
+            acc = rows_times_columns(X, G, sx_t, sg_e, offs_t, t_ok, offs_e, e_ok, lo, hi, BLOCK_T, BE, BK)
         tl.store(PARTIAL + (split * T + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()

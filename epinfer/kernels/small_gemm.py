@@ -70,12 +70,22 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
     N, D = weight_ND.shape
     y = torch.empty(1, N, dtype=x_1D.dtype, device=x_1D.device)
     s = scale if scale is not None else weight_ND
+    whole = triton.next_power_of_2(D)
+    if not (pdl.on(x_1D.device) and block_n * whole * weight_ND.element_size() <= PRELOAD_BYTES
+            and (scale is None or whole >= block[1])):
+        whole = 0
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x_1D, weight_ND, s, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0),
         s.stride(0) if scale is not None else 0, D, HAS_BIAS=bias_N is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        SCALED=scale is not None, SCALE_ROWS=block[0], GROUP=block[1], num_warps=warps, num_stages=stages,
-        **pdl.kwargs(x_1D.device))
+        SCALED=scale is not None, SCALE_ROWS=block[0], GROUP=block[1], WHOLE=whole,
+        num_warps=max(warps, 4) if whole else warps, num_stages=stages, **pdl.kwargs(x_1D.device))
     return y
+
+
+# the most weight bytes a one-row program loads whole before it waits for the kernel before it (a PDL
+# chain link: its weights do not depend on that kernel, so their reads overlap its tail); 0: none, and
+# the router's GEMV (`moe_router.gate_route`) loads its weights after the wait too
+PRELOAD_BYTES = 32768
 
 
 if triton is not None:
@@ -141,15 +151,34 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, S, B, Y, N, sw_n, ss, D, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr,
-                     PDL: tl.constexpr):
+                     WHOLE: tl.constexpr, PDL: tl.constexpr):
         """One row: y[n] = x . W[n] (+ bias) on the CUDA cores; `SCALED`: W in FP8 with block scales S
-        [ceil(N / SCALE_ROWS), ceil(D / GROUP)] (row stride ss): `fp8_gemm`'s gemv mode."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        [ceil(N / SCALE_ROWS), ceil(D / GROUP)] (row stride ss): `fp8_gemm`'s gemv mode. WHOLE > 0
+        (a power of two >= D): the program's weight rows (and scales) are loaded whole before the wait
+        for the kernel before it, each group of GROUP products summed, then scaled."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        y = row_times_rows(X, W, S + (offs_n // SCALE_ROWS).to(tl.int64) * ss, offs_n, n_ok, sw_n, D, BLOCK_K, SCALED,
-                           GROUP)
+        scale_rows = S + (offs_n // SCALE_ROWS).to(tl.int64) * ss
+        if WHOLE:
+            k = tl.arange(0, WHOLE)
+            w = tl.load(W + offs_n[:, None].to(tl.int64) * sw_n + k[None, :], mask=n_ok[:, None] & (k < D)[None, :],
+                        other=0.0)
+            if SCALED:
+                G: tl.constexpr = WHOLE // GROUP
+                groups = tl.arange(0, G)
+                sc = tl.load(scale_rows[:, None] + groups[None, :], mask=n_ok[:, None] & (groups * GROUP < D)[None, :],
+                             other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if WHOLE:
+            x = tl.load(X + k, mask=k < D, other=0.0).to(tl.float32)
+            p = w.to(tl.float32) * x[None, :]
+            if SCALED:
+                y = tl.sum(tl.sum(tl.reshape(p, (BLOCK_N, G, GROUP)), 2) * sc, 1)
+            else:
+                y = tl.sum(p, 1)
+        else:
+            y = row_times_rows(X, W, scale_rows, offs_n, n_ok, sw_n, D, BLOCK_K, SCALED, GROUP)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
