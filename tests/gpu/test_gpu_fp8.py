@@ -198,12 +198,17 @@ def test_fp8_linear_w16(M, N, K, block, monkeypatch):
                                             (256, 640, (128, 128), ("gemv", 1, 8, 64, 2, 2)),
                                             (5120, 2048, (128, 128), ("gemv", 1, 8, 2048, 4, 1)),
                                             (300, 1000, (128, 128), ("gemv", 1, 16, 1024, 8, 1))])
-def test_fp8_linear_gemv(N, K, block, tile):
+@pytest.mark.parametrize("preload", [0, 32768])
+def test_fp8_linear_gemv(N, K, block, tile, preload, monkeypatch):
     """One row on the CUDA cores (`small_gemm.gemv`): the w16 arithmetic, partial blocks and K steps,
-    steps inside one scale group and steps of whole rows (summed each step); block scales far apart."""
+    steps inside one scale group and steps of whole rows (summed each step); block scales far apart.
+    `preload`: a program's weights loaded whole before its PDL wait (`small_gemm.PRELOAD_BYTES`)."""
+    from epinfer.kernels import small_gemm
+
+    monkeypatch.setattr(small_gemm, "PRELOAD_BYTES", preload)
     rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile,
                               spread=True)
-    print(f"gemv N {N} K {K} block {block} tile {tile}: {rel:.2e}")
+    print(f"gemv N {N} K {K} block {block} tile {tile} preload {preload}: {rel:.2e}")
 
 
 @pytest.mark.parametrize("T,E,D,inter,block", W16_EXPERTS)

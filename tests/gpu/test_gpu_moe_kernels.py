@@ -139,12 +139,15 @@ def test_triton_moe_skips_padding_pairs(first, n, gemv):
 
 @pytest.mark.parametrize("T,E,K,masked", [(1, 128, 8, False), (64, 128, 8, True), (33, 256, 8, False),
                                           (7, 60, 4, True), (16, 512, 10, True)])
-def test_triton_router(T, E, K, masked):
+@pytest.mark.parametrize("preload", [0, 32768])
+def test_triton_router(T, E, K, masked, preload, monkeypatch):
     """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
-    torch (same ids, weights to bf16)."""
+    torch (same ids, weights to bf16). `preload`: the GEMV's weights loaded before its PDL wait."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.kernels import moe_router
+    from epinfer.kernels import moe_router, small_gemm
     from epinfer.layers.moe import route
+
+    monkeypatch.setattr(small_gemm, "PRELOAD_BYTES", preload)
 
     torch.manual_seed(E + T)
     # distinct values per row, exact in bf16 (ties may order differently): steps of 1/64 within +-E/128
