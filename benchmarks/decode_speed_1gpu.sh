@@ -21,6 +21,8 @@
 #                    the page cache dropped, then loaded: GB/s and first token (benchmarks/fp8_load.py)
 #   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
 #                    dependent launch off / on)
+#   pdl-preload      Qwen3-30B-A3B batch 1 with EPINFER_PDL_PRELOAD=0 and 1 (one-row projections and the
+#                    router loading their weights before their PDL wait); QUANT=fp8 for FP8 weights
 #   graphs-vs-eager  Qwen3-30B-A3B, LAYERS layers (default 8), BATCHES (default "1 64"): CUDA graphs
 #                    against --enforce-eager
 #
@@ -59,6 +61,10 @@ fp8-load)
 pdl)
   for p in 0 1; do
     EPINFER_PDL=$p bench "pdl$p" 150 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling
+  done ;;
+pdl-preload)
+  for p in 0 1; do
+    EPINFER_PDL_PRELOAD=$p bench "preload$p" 120 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 $IO ${QUANT:+--quant $QUANT}
   done ;;
 graphs-vs-eager)
   BARGS=$(for b in ${BATCHES:-1 64}; do printf -- "--batch %s " "$b"; done)

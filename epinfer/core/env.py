@@ -34,6 +34,8 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PERMUTE_KERNEL=0    the decode MoE's pair permutation by the compiled torch counting sort instead of
                               one Triton program (`kernels.moe_triton`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
+  EPINFER_PDL_PRELOAD=1       one-row projections and the router load their weights before their PDL wait
+                              (`kernels.small_gemm.PRELOAD_BYTES`); off until timed on a GPU
   EPINFER_PRELOAD_KERNELS=0   no parallel compile of the GPU's kernel manifest at start-up (`kernels.preload`)
   EPINFER_RECORD_KERNELS=FILE  every Triton kernel variant a process compiles appended to FILE (a manifest)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
@@ -120,6 +122,10 @@ class Switches:
     @property
     def pdl(self) -> bool:
         return _on("EPINFER_PDL", True) and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+    @property
+    def pdl_preload(self) -> bool:
+        return _on("EPINFER_PDL_PRELOAD", False)
 
     @property
     def fla(self) -> bool:
@@ -216,6 +222,7 @@ SWITCHES = Switches()
 
 # every variable `Switches` reads, by kind (`check_switches`)
 KNOWN = {"EPINFER_COMPILE": bool, "EPINFER_MOE_TRITON": bool, "EPINFER_MOE_CONFIGS": str, "EPINFER_PDL": bool,
+         "EPINFER_PDL_PRELOAD": bool,
          "EPINFER_FLA": bool, "EPINFER_PIECEWISE": bool, "EPINFER_CHUNK_ATTENTION": bool,
          "EPINFER_CUDNN_CHUNKS": bool, "EPINFER_FP8_DECODE_W16": bool, "EPINFER_FP8_DEQUANT_PAIRS": float,
          "EPINFER_FP8_CUBLAS": bool, "EPINFER_MIXED_STEP_KERNELS": bool, "EPINFER_STATE_CAPTURE": bool,

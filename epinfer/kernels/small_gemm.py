@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.core.env import SWITCHES
 from epinfer.kernels import pdl
 
 try:  # Triton is optional: CPU installs don't have it
@@ -84,9 +85,9 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
 
 # the most weight bytes a one-row program loads whole before it waits for the kernel before it (a PDL
 # chain link: its weights do not depend on that kernel, so their reads overlap its tail); 0: none, and
-# the router's GEMV (`moe_router.gate_route`) loads its weights after the wait too (the default until
-# timed on a GPU)
-PRELOAD_BYTES = 0
+# the router's GEMV (`moe_router.gate_route`) loads its weights after the wait too. EPINFER_PDL_PRELOAD=1
+# (off until timed on a GPU)
+PRELOAD_BYTES = 32768 if SWITCHES.pdl_preload else 0
 
 
 if triton is not None:
