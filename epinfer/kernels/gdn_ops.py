@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from epinfer.kernels.fp8_gemm import multiprocessors
 from epinfer.kernels.fused import fused
 
 CHUNK = 64
@@ -92,8 +93,7 @@ def _recurrent_triton(q, k, v, g, beta, state, slots, cfg: tuple | None = None):
         BV, split, per_sm = *((32, DV // 32) if DV % 32 == 0 else (DV, 1)), []
     if per_sm and per_sm[0] and B:
         tiles = B * Hv * (DV // BV)
-        grid = min(tiles, per_sm[0] * torch.cuda.get_device_properties(q.device).multi_processor_count
-                   if q.is_cuda else 8)
+        grid = min(tiles, per_sm[0] * multiprocessors(q.device))
         _gdn_decode_persistent[(grid,)](
             q, k, v, g, beta, state, slots, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1),
@@ -171,33 +171,40 @@ if _triton is not None:
             else:
                 v = tl.load(v_row + offs_v).to(tl.float32)
                 s = tl.load(tile + offs_v[None, :]).to(tl.float32) * decay
-            delta = (v - tl.sum(s * k[:, None], 0)) * beta
-            s = s + k[:, None] * delta[None, :]
+            s, o = _delta_rule(s, v, q, k, beta)
             tl.store(tile + offs_v[None, :], s.to(S.dtype.element_ty))
-            o = tl.sum(s * q[:, None], 0)
             tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
 
     @_triton.jit
+    def _delta_rule(s, v, q, k, beta):
+        """A decayed state tile [DK, BV] (float32) updated by the delta rule for value columns v, with
+        the normalised q and k: (the new tile, its output q . tile)."""
+        delta = (v - tl.sum(s * k[:, None], 0)) * beta
+        s = s + k[:, None] * delta[None, :]
+        return s, tl.sum(s * q[:, None], 0)
+
+    @_triton.jit
     def _gdn_tile_inputs(i, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
-                         ss_slot, ss_h, ss_k, tiles, Hv, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                         BV: tl.constexpr):
-        """Tile i's loads (row b, value head h, columns c0 ..): its state tile [DK, BV], v, q, k, the
-        decay's log and beta; all masked off past the last tile."""
+                         ss_slot, ss_h, so_b, so_h, tiles, Hv, REP: tl.constexpr, DV: tl.constexpr,
+                         BV: tl.constexpr, state_rows, offs_k):
+        """Tile i (row b, value head h, columns offs_v): the offset of its state head (the tile is
+        there + `state_rows` + the columns), its columns, its output's offsets, and its loads: the
+        state tile [DK, BV], v, q, k, the decay's log and beta; all masked off past the last tile."""
         ok = i < tiles
         per_b = Hv * (DV // BV)
         b = i // per_b
         h = (i % per_b) // (DV // BV)
-        c0 = (i % (DV // BV)) * BV
-        offs_k = tl.arange(0, DK)
-        offs_v = c0 + tl.arange(0, BV)
+        offs_v = (i % (DV // BV)) * BV + tl.arange(0, BV)
         slot = tl.load(SLOTS + b, mask=ok, other=0).to(tl.int64)
-        s = tl.load(S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :], mask=ok, other=0.0)
+        head = slot * ss_slot + h * ss_h
+        out_at = b * so_b + h * so_h + offs_v
+        s = tl.load(S + head + state_rows + offs_v[None, :], mask=ok, other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_v, mask=ok, other=0.0)
         q = tl.load(Q + b * sq_b + (h // REP) * sq_h + offs_k, mask=ok, other=0.0)
         k = tl.load(K + b * sk_b + (h // REP) * sk_h + offs_k, mask=ok, other=0.0)
         g = tl.load(G + b * sg_b + h, mask=ok, other=0.0)
         beta = tl.load(BETA + b * sbeta_b + h, mask=ok, other=0.0)
-        return s, v, q, k, g, beta
+        return head, offs_v, out_at, s, v, q, k, g, beta
 
     @_triton.jit
     def _gdn_decode_persistent(Q, K, V, G, BETA, S, SLOTS, OUT, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
@@ -209,27 +216,21 @@ if _triton is not None:
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         offs_k = tl.arange(0, DK)
+        state_rows = offs_k[:, None].to(tl.int64) * ss_k
         nxt = _gdn_tile_inputs(pid, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
-                               ss_slot, ss_h, ss_k, tiles, Hv, REP, DK, DV, BV)
+                               ss_slot, ss_h, so_b, so_h, tiles, Hv, REP, DV, BV, state_rows, offs_k)
         for i in range(pid, tiles, step):
-            s, v, q, k, g, beta = nxt
+            head, offs_v, out_at, s, v, q, k, g, beta = nxt
             nxt = _gdn_tile_inputs(i + step, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b,
-                                   sbeta_b, ss_slot, ss_h, ss_k, tiles, Hv, REP, DK, DV, BV)
-            per_b = Hv * (DV // BV)
-            b = i // per_b
-            h = (i % per_b) // (DV // BV)
-            offs_v = (i % (DV // BV)) * BV + tl.arange(0, BV)
-            slot = tl.load(SLOTS + b).to(tl.int64)
+                                   sbeta_b, ss_slot, ss_h, so_b, so_h, tiles, Hv, REP, DV, BV, state_rows, offs_k)
             q = q.to(tl.float32)
             k = k.to(tl.float32)
             q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
             k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-            s = s.to(tl.float32) * tl.exp(g.to(tl.float32))
-            delta = (v.to(tl.float32) - tl.sum(s * k[:, None], 0)) * beta.to(tl.float32)
-            s = s + k[:, None] * delta[None, :]
-            tl.store(S + slot * ss_slot + h * ss_h + offs_k[:, None] * ss_k + offs_v[None, :], s.to(S.dtype.element_ty))
-            o = tl.sum(s * q[:, None], 0)
-            tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+            s, o = _delta_rule(s.to(tl.float32) * tl.exp(g.to(tl.float32)), v.to(tl.float32), q, k,
+                               beta.to(tl.float32))
+            tl.store(S + head + state_rows + offs_v[None, :], s.to(S.dtype.element_ty))
+            tl.store(OUT + out_at, o.to(OUT.dtype.element_ty))
 
     @_triton.jit
     def _conv_step_kernel(S, SLOTS, X, W, OUT, ss_slot, ss_c, ss_k, sx_b, sw_c, so_b, C,
