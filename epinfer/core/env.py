@@ -35,7 +35,7 @@ whose environment differs is a one-line error instead of a hang.
                               one Triton program (`kernels.moe_triton`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
   EPINFER_PDL_PRELOAD=1       one-row projections and the router load their weights before their PDL wait
-                              (`kernels.small_gemm.PRELOAD_BYTES`); off until timed on a GPU
+                              (`kernels.pdl.PRELOAD_BYTES`); off until timed on a GPU
   EPINFER_PRELOAD_KERNELS=0   no parallel compile of the GPU's kernel manifest at start-up (`kernels.preload`)
   EPINFER_RECORD_KERNELS=FILE  every Triton kernel variant a process compiles appended to FILE (a manifest)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.kernels import pdl, small_gemm
+from epinfer.kernels import pdl
 from epinfer.kernels.moe_triton import enabled
 
 try:  # Triton is optional: CPU installs don't have it
@@ -79,7 +79,7 @@ def gate_route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormaliz
         BLOCK_R=triton.next_power_of_2(T), BLOCK_E=triton.next_power_of_2(E), BE=16, SPLITS=splits,
         BK=min(512, triton.next_power_of_2(triton.cdiv(D, splits))), K=top_k, KP=triton.next_power_of_2(top_k),
         RENORM=renormalize, HAS_MASK=row_mask_T is not None, NPROG=chunks * splits,
-        PRELOAD=small_gemm.PRELOAD_BYTES > 0, num_warps=2, **pdl.kwargs(x_TD.device))
+        PRELOAD=pdl.PRELOAD_BYTES > 0, num_warps=2, **pdl.kwargs(x_TD.device))
     return weights, ids
 
 

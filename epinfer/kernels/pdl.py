@@ -38,6 +38,12 @@ def _hopper_or_newer(index: int) -> bool:
 
 LAUNCH = True  # False: the chain's kernels, launched plainly (tests compare the two)
 
+# the most weight bytes a one-row program (`small_gemm.gemv`) loads whole before it waits for the kernel
+# before it: its weights do not depend on that kernel, so their reads overlap its tail; 0: none, and the
+# router's GEMV (`moe_router.gate_route`) loads its weights after the wait too. EPINFER_PDL_PRELOAD=1
+# (off until timed on a GPU)
+PRELOAD_BYTES = 32768 if SWITCHES.pdl_preload else 0
+
 
 def chain(device: torch.device) -> bool:
     """Whether the decode layer runs as a chain of Triton kernels that can be launched with PDL

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from epinfer.core.env import SWITCHES
 from epinfer.kernels import pdl
 
 try:  # Triton is optional: CPU installs don't have it
@@ -72,7 +71,7 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
     y = torch.empty(1, N, dtype=x_1D.dtype, device=x_1D.device)
     s = scale if scale is not None else weight_ND
     whole = triton.next_power_of_2(D)
-    if not (pdl.on(x_1D.device) and block_n * whole * weight_ND.element_size() <= PRELOAD_BYTES
+    if not (pdl.on(x_1D.device) and block_n * whole * weight_ND.element_size() <= pdl.PRELOAD_BYTES
             and (scale is None or whole >= block[1])):
         whole = 0
     _gemv_kernel[(triton.cdiv(N, block_n),)](
@@ -82,12 +81,6 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
         num_warps=max(warps, 4) if whole else warps, num_stages=stages, **pdl.kwargs(x_1D.device))
     return y
 
-
-# the most weight bytes a one-row program loads whole before it waits for the kernel before it (a PDL
-# chain link: its weights do not depend on that kernel, so their reads overlap its tail); 0: none, and
-# the router's GEMV (`moe_router.gate_route`) loads its weights after the wait too. EPINFER_PDL_PRELOAD=1
-# (off until timed on a GPU)
-PRELOAD_BYTES = 32768 if SWITCHES.pdl_preload else 0
 
 
 if triton is not None:

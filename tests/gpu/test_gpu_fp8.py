@@ -202,10 +202,10 @@ def test_fp8_linear_w16(M, N, K, block, monkeypatch):
 def test_fp8_linear_gemv(N, K, block, tile, preload, monkeypatch):
     """One row on the CUDA cores (`small_gemm.gemv`): the w16 arithmetic, partial blocks and K steps,
     steps inside one scale group and steps of whole rows (summed each step); block scales far apart.
-    `preload`: a program's weights loaded whole before its PDL wait (`small_gemm.PRELOAD_BYTES`)."""
-    from epinfer.kernels import small_gemm
+    `preload`: a program's weights loaded whole before its PDL wait (`pdl.PRELOAD_BYTES`)."""
+    from epinfer.kernels import pdl
 
-    monkeypatch.setattr(small_gemm, "PRELOAD_BYTES", preload)
+    monkeypatch.setattr(pdl, "PRELOAD_BYTES", preload)
     rel, _ = check_fp8_linear("cuda", torch.bfloat16, 1, N, K, block, bias=True, tol=1e-2, w16=True, tile=tile,
                               spread=True)
     print(f"gemv N {N} K {K} block {block} tile {tile} preload {preload}: {rel:.2e}")

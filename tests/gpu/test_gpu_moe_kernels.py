@@ -144,10 +144,10 @@ def test_triton_router(T, E, K, masked, preload, monkeypatch):
     """One-kernel routers (with and without the GEMV) vs softmax / top-k / renormalise / mask in
     torch (same ids, weights to bf16). `preload`: the GEMV's weights loaded before its PDL wait."""
     from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.kernels import moe_router, small_gemm
+    from epinfer.kernels import moe_router, pdl
     from epinfer.layers.moe import route
 
-    monkeypatch.setattr(small_gemm, "PRELOAD_BYTES", preload)
+    monkeypatch.setattr(pdl, "PRELOAD_BYTES", preload)
 
     torch.manual_seed(E + T)
     # distinct values per row, exact in bf16 (ties may order differently): steps of 1/64 within +-E/128
