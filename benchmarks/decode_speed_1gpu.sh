@@ -21,8 +21,9 @@
 #                    the page cache dropped, then loaded: GB/s and first token (benchmarks/fp8_load.py)
 #   pdl              Qwen3-30B-A3B batch 1 / 64, async, with EPINFER_PDL=0 and 1 (programmatic
 #                    dependent launch off / on)
-#   pdl-preload      Qwen3-30B-A3B batch 1 with EPINFER_PDL_PRELOAD=0 and 1 (one-row projections and the
-#                    router loading their weights before their PDL wait); QUANT=fp8 for FP8 weights
+#   pdl-preload      Qwen3-30B-A3B batch 1 with EPINFER_PDL_PRELOAD=0 and 1 (one-row projections, the
+#                    router and the FP8 experts' down kernel loading their weights before their PDL wait);
+#                    QUANT=fp8 for FP8 weights
 #   graphs-vs-eager  Qwen3-30B-A3B, LAYERS layers (default 8), BATCHES (default "1 64"): CUDA graphs
 #                    against --enforce-eager
 #

@@ -34,8 +34,8 @@ whose environment differs is a one-line error instead of a hang.
   EPINFER_PERMUTE_KERNEL=0    the decode MoE's pair permutation by the compiled torch counting sort instead of
                               one Triton program (`kernels.moe_triton`; A/B runs)
   EPINFER_MOE_TRITON_MAX=N    pairs per expert up to which the Triton expert kernels run (default 96)
-  EPINFER_PDL_PRELOAD=1       one-row projections and the router load their weights before their PDL wait
-                              (`kernels.pdl.PRELOAD_BYTES`); off until timed on a GPU
+  EPINFER_PDL_PRELOAD=0       one-row projections, the router and the FP8 experts' down kernel load their
+                              weights after their PDL wait, not before (`kernels.pdl.PRELOAD_BYTES`; A/B runs)
   EPINFER_PRELOAD_KERNELS=0   no parallel compile of the GPU's kernel manifest at start-up (`kernels.preload`)
   EPINFER_RECORD_KERNELS=FILE  every Triton kernel variant a process compiles appended to FILE (a manifest)
   EPINFER_STACKS_AFTER=S      debugging a hang: every rank dumps all Python stacks every S seconds
@@ -125,7 +125,7 @@ class Switches:
 
     @property
     def pdl_preload(self) -> bool:
-        return _on("EPINFER_PDL_PRELOAD", False)
+        return _on("EPINFER_PDL_PRELOAD", True)
 
     @property
     def fla(self) -> bool:

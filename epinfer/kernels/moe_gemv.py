@@ -22,7 +22,7 @@ try:  # Triton is optional: CPU installs don't have it
     import triton
     import triton.language as tl
 
-    from epinfer.kernels.small_gemm import row_times_rows
+    from epinfer.kernels.small_gemm import row_times_rows, whole_dot, whole_rows
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -38,12 +38,18 @@ def pair_experts(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     inter = two_i // 2
     s13, s2, block = fp8 if fp8 is not None else (w13, w2, (1, 16))  # (scales unread unless SCALED)
     common = dict(K=K, SCALED=fp8 is not None, SCALE_ROWS=block[0], GROUP=block[1], **pdl.kwargs(x_TD.device))
+    # the down kernel's weights do not depend on the up kernel: loaded whole before its wait where they fit
+    # (`pdl.whole`), the up kernel then letting it start from its own start
+    whole = pdl.whole(x_TD.device, cfg["down"][0], inter, w2.element_size())
+    if fp8 is not None and whole < block[1]:
+        whole = 0
     for up, rows, w, s, out, N, depth in ((True, x_TD, w13, s13, act, inter, D), (False, act, w2, s2, y, D, inter)):
         bn, bk, stages, warps = cfg["up" if up else "down"]
         _pair_gemv[(T * K, triton.cdiv(N, bn))](
             rows, w, s, ids_TK, weights_TK, out, first, n, ids_TK.stride(0), weights_TK.stride(0), rows.stride(0),
             w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0), N=N, DEPTH=depth, BLOCK_N=bn,
-            BLOCK_K=bk, UP=up, num_stages=stages, num_warps=warps, **common)
+            BLOCK_K=bk, UP=up, WHOLE=whole, num_stages=stages, num_warps=max(warps, 4) if whole and not up else warps,
+            **common)
 
 
 if triton is not None:
@@ -60,13 +66,18 @@ if triton is not None:
     def _pair_gemv(IN, W, S, IDS, WTS, OUT, first, n_local, si_t, sw_t, s_in, sw_e, sw_n, ss_e, ss_r, s_out,
                    N: tl.constexpr, DEPTH: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    UP: tl.constexpr, SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr,
-                   PDL: tl.constexpr):
+                   WHOLE: tl.constexpr, PDL: tl.constexpr):
         """Pair program_id(0), output columns program_id(1) * BLOCK_N on (N of them, each a dot over
         DEPTH inputs). UP: the pair's row of x [T, D] in, act out (W13's gate rows, then its up rows
         N further); else its row of act in, y out. A pair of weight 0 reads no weights (its y is 0);
-        another rank's pair writes nothing."""
-        if PDL:
+        another rank's pair writes nothing. WHOLE > 0 (a power of two >= DEPTH): the down kernel loads
+        its weight rows whole before its PDL wait (the pair's expert was routed two kernels before:
+        complete once the up kernel passed its own wait); both kernels let the next one start as soon
+        as they passed their wait, so the weights' reads overlap."""
+        if PDL and (UP or not WHOLE):
             tl.extra.cuda.gdc_wait()
+        if PDL and UP and WHOLE:
+            tl.extra.cuda.gdc_launch_dependents()
         g = tl.program_id(0)
         e, wt, local = _pair(IDS, WTS, first, n_local, si_t, sw_t, K)
         hi = tl.where(local & (wt != 0), DEPTH, 0)
@@ -75,11 +86,20 @@ if triton is not None:
         row = IN + (g // K if UP else g).to(tl.int64) * s_in
         w = W + e.to(tl.int64) * sw_e
         s = S + e.to(tl.int64) * ss_e
-        out = row_times_rows(row, w, s + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi, BLOCK_K, SCALED, GROUP)
+        if WHOLE and not UP:
+            w_tile, sc = whole_rows(w, s + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok & (hi > 0), sw_n, DEPTH, WHOLE,
+                                    SCALED, GROUP)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()  # (the next layer's projections preload too)
+            out = whole_dot(row, w_tile, sc, hi, WHOLE, SCALED, GROUP)  # (hi 0: act unwritten, not read)
+        else:
+            out = row_times_rows(row, w, s + (offs_n // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi, BLOCK_K, SCALED,
+                                 GROUP)
         if UP:
             up = row_times_rows(row, w + N * sw_n, s + ((N + offs_n) // SCALE_ROWS) * ss_r, offs_n, n_ok, sw_n, hi,
                                 BLOCK_K, SCALED, GROUP)
-        if PDL:
+        if PDL and not WHOLE:
             tl.extra.cuda.gdc_launch_dependents()
         if UP:
             tl.store(OUT + g.to(tl.int64) * s_out + offs_n, (out / (1.0 + tl.exp(-out)) * up).to(OUT.dtype.element_ty),

@@ -38,11 +38,19 @@ def _hopper_or_newer(index: int) -> bool:
 
 LAUNCH = True  # False: the chain's kernels, launched plainly (tests compare the two)
 
-# the most weight bytes a one-row program (`small_gemm.gemv`) loads whole before it waits for the kernel
-# before it: its weights do not depend on that kernel, so their reads overlap its tail; 0: none, and the
-# router's GEMV (`moe_router.gate_route`) loads its weights after the wait too. EPINFER_PDL_PRELOAD=1
-# (off until timed on a GPU)
+# the most weight bytes a one-row program (`small_gemm.gemv`, the FP8 experts' down kernel in
+# `moe_gemv`) loads whole before it waits for the kernel before it: its weights do not depend on that
+# kernel, so their reads overlap its tail; 0 (EPINFER_PDL_PRELOAD=0): none, and the router's GEMV
+# (`moe_router.gate_route`) loads its weights after the wait too. FP8 decode of one row, H100
+# (2026-12-06, RESULTS.md §1.5): the 30B shape's step 2.86 -> 2.57 ms, Qwen3.5's 3.91 -> 3.53
 PRELOAD_BYTES = 32768 if SWITCHES.pdl_preload else 0
+
+
+def whole(device: torch.device, rows: int, depth: int, element_size: int) -> int:
+    """The width (a power of two >= `depth`) in which a program's `rows` weight rows of `depth` columns
+    are loaded whole before its PDL wait, 0 when they are not (PDL off, or over PRELOAD_BYTES)."""
+    width = 1 << max(depth - 1, 0).bit_length()
+    return width if on(device) and rows * width * element_size <= PRELOAD_BYTES else 0
 
 
 def chain(device: torch.device) -> bool:

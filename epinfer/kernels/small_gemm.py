@@ -70,9 +70,8 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
     N, D = weight_ND.shape
     y = torch.empty(1, N, dtype=x_1D.dtype, device=x_1D.device)
     s = scale if scale is not None else weight_ND
-    whole = triton.next_power_of_2(D)
-    if not (pdl.on(x_1D.device) and block_n * whole * weight_ND.element_size() <= pdl.PRELOAD_BYTES
-            and (scale is None or whole >= block[1])):
+    whole = pdl.whole(x_1D.device, block_n, D, weight_ND.element_size())
+    if scale is not None and whole < block[1]:
         whole = 0
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x_1D, weight_ND, s, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0),
@@ -144,6 +143,34 @@ if triton is not None:
         return p
 
     @triton.jit
+    def whole_rows(W, scale_rows, offs_n, n_ok, sw_n, depth, WHOLE: tl.constexpr, SCALED: tl.constexpr,
+                   GROUP: tl.constexpr):
+        """(the rows offs_n of W, columns 0 .. WHOLE, 0 from `depth` on; with SCALED their block scales
+        [BLOCK_N, WHOLE // GROUP], `scale_rows` [BLOCK_N] pointing at each row's), loaded in one go: what a
+        program loads before its PDL wait (`pdl.whole`)."""
+        k = tl.arange(0, WHOLE)
+        w = tl.load(W + offs_n[:, None].to(tl.int64) * sw_n + k[None, :], mask=n_ok[:, None] & (k < depth)[None, :],
+                    other=0.0)
+        if SCALED:
+            groups = tl.arange(0, WHOLE // GROUP)
+            sc = tl.load(scale_rows[:, None] + groups[None, :], mask=n_ok[:, None] & (groups * GROUP < depth)[None, :],
+                         other=0.0)
+        else:
+            sc = tl.zeros([1], dtype=tl.float32)
+        return w, sc
+
+    @triton.jit
+    def whole_dot(X, w, sc, depth, WHOLE: tl.constexpr, SCALED: tl.constexpr, GROUP: tl.constexpr):
+        """x[:depth] . each row of `whole_rows`' (w, sc), float32 [BLOCK_N]: each group of GROUP
+        products summed, then scaled."""
+        k = tl.arange(0, WHOLE)
+        p = w.to(tl.float32) * tl.load(X + k, mask=k < depth, other=0.0).to(tl.float32)[None, :]
+        if SCALED:
+            return tl.sum(tl.sum(tl.reshape(p, (p.shape[0], WHOLE // GROUP, GROUP)), 2) * sc, 1)
+        else:
+            return tl.sum(p, 1)
+
+    @triton.jit
     def _gemv_kernel(X, W, S, B, Y, N, sw_n, ss, D, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SCALED: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr,
                      WHOLE: tl.constexpr, PDL: tl.constexpr):
@@ -155,23 +182,11 @@ if triton is not None:
         n_ok = offs_n < N
         scale_rows = S + (offs_n // SCALE_ROWS).to(tl.int64) * ss
         if WHOLE:
-            k = tl.arange(0, WHOLE)
-            w = tl.load(W + offs_n[:, None].to(tl.int64) * sw_n + k[None, :], mask=n_ok[:, None] & (k < D)[None, :],
-                        other=0.0)
-            if SCALED:
-                G: tl.constexpr = WHOLE // GROUP
-                groups = tl.arange(0, G)
-                sc = tl.load(scale_rows[:, None] + groups[None, :], mask=n_ok[:, None] & (groups * GROUP < D)[None, :],
-                             other=0.0)
+            w, sc = whole_rows(W, scale_rows, offs_n, n_ok, sw_n, D, WHOLE, SCALED, GROUP)
         if PDL:
             tl.extra.cuda.gdc_wait()
         if WHOLE:
-            x = tl.load(X + k, mask=k < D, other=0.0).to(tl.float32)
-            p = w.to(tl.float32) * x[None, :]
-            if SCALED:
-                y = tl.sum(tl.sum(tl.reshape(p, (BLOCK_N, G, GROUP)), 2) * sc, 1)
-            else:
-                y = tl.sum(p, 1)
+            y = whole_dot(X, w, sc, D, WHOLE, SCALED, GROUP)
         else:
             y = row_times_rows(X, W, scale_rows, offs_n, n_ok, sw_n, D, BLOCK_K, SCALED, GROUP)
         if PDL:

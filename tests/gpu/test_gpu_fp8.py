@@ -241,9 +241,14 @@ def test_fp8_linear_split_k(M, N, K, block, tile, monkeypatch):
                                                     (1, 8, 2048, 768, (128, 128), True),
                                                     (3, 16, 512, 384, (128, 128), True),
                                                     (2, 6, 80, 48, (16, 16), False), (2, 6, 80, 48, (16, 16), True)])
-def test_fp8_expert_kernels_gemv(T, E, D, inter, block, wide):
+@pytest.mark.parametrize("preload", [0, 32768])
+def test_fp8_expert_kernels_gemv(T, E, D, inter, block, wide, preload, monkeypatch):
     """One row a pair on the CUDA cores (`kernels.moe_gemv`), the weights scaled per block in float32;
-    `wide`: K steps of over 8192 weights, each step's products summed at once."""
+    `wide`: K steps of over 8192 weights, each step's products summed at once; `preload`: the down
+    kernel's weights loaded whole before its PDL wait (`pdl.PRELOAD_BYTES`)."""
+    from epinfer.kernels import pdl
+
+    monkeypatch.setattr(pdl, "PRELOAD_BYTES", preload)
     cfg = {"BLOCK_M": 16, "gemv": True, "up": (8, 512, 2, 4), "down": (16, 256, 3, 2)}
     if wide:
         cfg |= {"up": (4, 2048, 1, 4), "down": (8, 1024, 1, 8)}

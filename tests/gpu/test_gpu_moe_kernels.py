@@ -17,9 +17,14 @@ GEMV = {"BLOCK_M": 16, "gemv": True, "up": (8, 512, 2, 4), "down": (16, 256, 3, 
 
 @pytest.mark.parametrize("T,first,n,E", [(1, 0, 128, 128), (4, 32, 64, 128), (16, 0, 128, 128), (64, 0, 128, 128),
                                           (256, 0, 128, 128), (96, 64, 64, 128), (200, 0, 256, 256)])
-def test_triton_grouped_moe(T, first, n, E):
+@pytest.mark.parametrize("preload", [0, 32768])
+def test_triton_grouped_moe(T, first, n, E, preload, monkeypatch):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
-    experts local, the other half's pairs must count 0), for every tile table row."""
+    experts local, the other half's pairs must count 0), for every tile table row; `preload`: the
+    one-row-a-pair down kernel's weights (`moe_gemv`) loaded before its PDL wait (`pdl.PRELOAD_BYTES`)."""
+    from epinfer.kernels import pdl
+
+    monkeypatch.setattr(pdl, "PRELOAD_BYTES", preload)
     from epinfer.distributed.communicator import row_layout, row_views
     from epinfer.kernels import moe_configs, moe_triton
     from epinfer.layers.moe import FusedExperts, permute_pairs
