@@ -8,6 +8,8 @@
 #                    on the same shape (--compare-hf)
 #   tests            pytest tests/gpu (kernels, CUDA graphs, bf16 logits against transformers)
 #   hybrid           Qwen3.5-35B-A3B batch 1 / 64, async scheduling
+#   fp8-ratios       Qwen3-30B-A3B batch 1 / 64 in bf16, then in FP8 (--output-len 40): the FP8 / bf16
+#                    decode ratios at batch 1 and 64 and the prefill ratio at 64 x 1024 (RESULTS.md §1.5)
 #   workload-decode  Qwen3.5-35B-A3B decode steps at the end-to-end workloads' sizes, each with its
 #                    breakdown: batch 200 at 2000 tokens of context (generation heavy), 512 and 1000 at
 #                    1100 (throughput at 512 and 1024 sequences); QUANT=fp8 for FP8 weights
@@ -45,6 +47,11 @@ tests)
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head ;;
 hybrid)
   bench hybrid 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 1 --batch 64 $IO --async-scheduling ;;
+fp8-ratios)
+  for q in bf16 fp8; do
+    bench "ratios_$q" 200 --shape qwen3-30b-a3b $LAYER_ARGS --batch 1 --batch 64 --input-len 1024 --output-len 40 \
+      $([ $q = fp8 ] && echo --quant fp8)
+  done ;;
 workload-decode)
   bench "workload_decode_200${QUANT:+_$QUANT}" 200 --shape qwen3.5-35b-a3b $LAYER_ARGS --batch 200 --input-len 2000 \
     --output-len 40 --async-scheduling ${QUANT:+--quant $QUANT}
@@ -72,6 +79,6 @@ graphs-vs-eager)
   bench graphs 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO
   bench eager 300 --shape qwen3-30b-a3b --layers "${LAYERS:-8}" $BARGS $IO --enforce-eager ;;
 *)
-  echo "unknown mode $mode (targets tests hybrid workload-decode prefill prefill-profile mixed-profile fp8-load pdl graphs-vs-eager)"
+  echo "unknown mode $mode (targets tests hybrid fp8-ratios workload-decode prefill prefill-profile mixed-profile fp8-load pdl pdl-preload graphs-vs-eager)"
   exit 2 ;;
 esac; done
