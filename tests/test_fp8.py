@@ -124,7 +124,8 @@ def test_fp8_weights_logits_close_to_dequantized(family, ckpt_dir):
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe"])
 def test_fp8_projections_stack(family, ckpt_dir, monkeypatch):
     """In low precision the FP8 projections that read the same rows run as one GEMM (q / k / v, the
-    GDN's qkv / z, gate / up, with the bf16 columns apart), with the same logits as one GEMM each."""
+    GDN's qkv / z, gate / up), the bf16 columns beside them as one more where there are two (the GDN's
+    a / b), with the same logits as one GEMM each."""
     from epinfer.layers import attention, gdn, linear
 
     path = ckpt_dir(family, fp8_block=(16, 16))
@@ -133,6 +134,11 @@ def test_fp8_projections_stack(family, ckpt_dir, monkeypatch):
     found = {name for m in model.modules() for name, v in vars(m).items() if isinstance(v, linear.Stacked)
              and v.block == (16, 16)}
     assert found == ({"qkv", "in_proj", "gate_up"} if family == "qwen3_5_moe" else {"qkv"}), found
+    rests = [(v.rest and (v.rest.block, len(v.rest.sizes)), len(v.apart)) for m in model.modules()
+             for v in vars(m).values() if isinstance(v, linear.Stacked) and v.block is not None]
+    if family == "qwen3_5_moe":  # each GDN layer's a / b stacked in bf16; the shared expert's gate column alone
+        gdn_layers = sum(isinstance(m, gdn.GatedDeltaNet) for m in model.modules())
+        assert rests.count(((None, 2), 0)) == gdn_layers > 0 and rests.count((None, 1)) > 0, rests
     for module in (attention, gdn, linear):
         monkeypatch.setattr(module, "stack_linears", lambda linears: None)
     apart = LLM(str(path), dtype="bfloat16", device="cpu", fp8_weights=True)

@@ -97,10 +97,14 @@ class Stacked:
     sm75 kernel at batch 64 on an H200). FP8 projections stack their FP8 rows and their scales'
     block rows alike (each but the last a whole number of blocks: `stack_linears`); the input is
     then quantised once for all of them. Only the first `count` linears are stacked; the rest (bf16
-    columns after FP8 ones) run on their own, and a call returns every linear's output in order."""
+    columns after FP8 ones: the GDN's decay / write-strength rows, the shared expert's gate column) are
+    stacked among themselves where they can be, and run as a bf16 stack does; a call returns every
+    linear's output in order."""
 
     def __init__(self, linears: Sequence[Linear], count: int) -> None:
-        linears, self.apart = linears[:count], list(linears[count:])
+        linears, apart = linears[:count], list(linears[count:])
+        self.rest = stack_linears(apart) if len(apart) > 1 else None
+        self.apart = [] if self.rest is not None else apart
         ws = [lin.weight for lin in linears]
         self.sizes = [w.shape[0] for w in ws]
         pad = -sum(self.sizes) % 16
@@ -128,11 +132,20 @@ class Stacked:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.block is not None:
             y = fp8_linear(x, self.weight, self.scale, self.block, self.bias)
-        elif pdl.chain(x.device) and small_gemm.usable(x, self.weight):  # (a tie with cuBLAS, but a PDL chain link)
-            y = small_gemm.linear(x, self.weight, self.bias)
         else:
-            y = F.linear(x, self.weight, self.bias)
-        return (*y.split(self.split, dim=-1)[:len(self.sizes)], *(lin(x) for lin in self.apart))
+            y = chain_linear(x, self.weight, self.bias)
+        rest = self.rest(x) if self.rest is not None else (
+            lin(x) if lin.fp8_block is not None else chain_linear(x, lin.weight, lin.bias) for lin in self.apart)
+        return (*y.split(self.split, dim=-1)[:len(self.sizes)], *rest)
+
+
+def chain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A low-precision projection with no TP reduction: at decode sizes in a PDL chain `small_gemm`'s
+    kernel (a tie with cuBLAS at q/k/v sizes, but a link of the chain, and one kernel where cuBLAS's
+    one-column GEMV takes two), else cuBLAS."""
+    if pdl.chain(x.device) and small_gemm.usable(x, weight):
+        return small_gemm.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def stack_linears(linears: Sequence[Linear]) -> Stacked | None:
