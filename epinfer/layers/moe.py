@@ -76,7 +76,7 @@ class FusedExperts(nn.Module):
             return torch.zeros_like(x_TD)
         pairs = topk_ids_TK.numel()
         if self.fp8 is not None:
-            return self._fp8(x_TD, topk_weights_TK, topk_ids_TK)
+            return self._fp8(x_TD, topk_weights_TK, topk_ids_TK, reduce)
         if moe_triton.grouped_usable(x_TD, pairs, num_local):  # decode sizes: gather-GEMM kernels
             cfg = moe_configs.grouped_config(pairs, num_local)  # (once: it also says which mode)
             plan = None if cfg is moe_configs.PER_PAIR else permute_pairs(topk_ids_TK, self.first_expert, num_local)
@@ -106,9 +106,11 @@ class FusedExperts(nn.Module):
             out.index_add_(0, rows, y)
         return out
 
-    def _fp8(self, x_TD, topk_weights_TK, topk_ids_TK):
+    def _fp8(self, x_TD, topk_weights_TK, topk_ids_TK, reduce: bool = True):
         """FP8 experts: the grouped kernels at every size on GPUs; elsewhere the same quantisation
-        per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are)."""
+        per expert in torch (float32 products, the activations rounded to x's dtype as the kernel's are).
+        `reduce=False` as in `forward`, at the sizes where bf16's experts take it too (decode sizes:
+        above, the kernels' bf16 outputs summed at once move fewer bytes than float32 ones summed later)."""
         n = self.w13.shape[0]
         s13, s2, block = self.fp8
         if dequantized_experts(x_TD, topk_ids_TK.numel(), self.num_experts_total):  # prefill sizes: bf16's GEMM
@@ -118,8 +120,9 @@ class FusedExperts(nn.Module):
         if moe_triton.usable(x_TD):
             per_pair = moe_configs.per_pair(topk_ids_TK.numel())
             plan = None if per_pair else permute_pairs(topk_ids_TK, self.first_expert, n)
+            reduce = reduce or not moe_triton.grouped_usable(x_TD, topk_ids_TK.numel(), n)
             return moe_triton.moe_grouped(x_TD, self.w13, self.w2, topk_weights_TK, topk_ids_TK, self.first_expert,
-                                          n == self.num_experts_total, plan, fp8=self.fp8)
+                                          n == self.num_experts_total, plan, reduce=reduce, fp8=self.fp8)
         out = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         local = topk_ids_TK - self.first_expert
         xq = fp8_gemm.fake_quantize(x_TD, block[1])

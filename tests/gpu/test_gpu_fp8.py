@@ -126,9 +126,11 @@ def fp8_experts_reference(x, w13, s13, w2, s2, block, weights, ids, w16: bool = 
 def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, inter: int, K: int,
                       block: tuple[int, int], w16: bool = False, cfg: dict | None = None) -> float:
     """The Triton grouped expert kernels with FP8 weights against the reference; both the per-pair
-    and the grouped (permuted) modes. Returns the largest relative error. `w16`: the kernels in
-    their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller; decode tile sizes). `cfg`: these
-    tiles instead of the FP8 table's (a "gemv" one: the per-pair mode only)."""
+    and the grouped (permuted) modes, and the unsummed per-pair outputs (`reduce=False`) summed over
+    k in order bitwise the summed ones (where the tiles write float32 pairs). Returns the largest
+    relative error. `w16`: the kernels in their w16 mode (EPINFER_FP8_DECODE_W16 set by the caller;
+    decode tile sizes). `cfg`: these tiles instead of the FP8 table's (a "gemv" one: the per-pair
+    mode only)."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import permute_pairs
@@ -144,9 +146,12 @@ def check_fp8_experts(device: str, dtype: torch.dtype, T: int, E: int, D: int, i
     for plan in (None, *([] if cfg and cfg.get("gemv") else [permute_pairs(ids.to(device), 0, E)])):
         dev = [t.to(device) for t in (w13, s13, w2, s2)]
         tiles = cfg or moe_triton.grouped_config(T * K, E, True)  # the FP8 table
-        got = moe_triton.moe_grouped(x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device),
-                                     0, True, plan, tiles, fp8=(dev[1], dev[3], block))
+        args = (x.to(device, dtype), dev[0], dev[2], weights.to(device, dtype), ids.to(device), 0, True, plan, tiles)
+        got = moe_triton.moe_grouped(*args, fp8=(dev[1], dev[3], block))
         rel = ((got.float().cpu() - ref).norm() / ref.norm()).item()
+        if not tiles.get("y16"):
+            pairs = moe_triton.moe_grouped(*args, reduce=False, fp8=(dev[1], dev[3], block))
+            assert pairs.shape == (T, K, D) and torch.equal(sum(pairs.unbind(1)).to(dtype), got)
         worst = max(worst, rel)
     return worst
 
