@@ -153,10 +153,7 @@ if _triton is not None:
             first = lo + tl.arange(0, BV)
             next_s = tl.load(tile + first[None, :])
             next_v = tl.load(v_row + first)
-        q = tl.load(Q + b * sq_b + hk * sq_h + offs_k).to(tl.float32)
-        k = tl.load(K + b * sk_b + hk * sk_h + offs_k).to(tl.float32)
-        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
-        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        q, k = _unit_qk(tl.load(Q + b * sq_b + hk * sq_h + offs_k), tl.load(K + b * sk_b + hk * sk_h + offs_k), scale)
         decay = tl.exp(tl.load(G + b * sg_b + h).to(tl.float32))
         beta = tl.load(BETA + b * sbeta_b + h).to(tl.float32)
         for v0 in tl.range(lo, hi, BV):
@@ -174,6 +171,13 @@ if _triton is not None:
             s, o = _delta_rule(s, v, q, k, beta)
             tl.store(tile + offs_v[None, :], s.to(S.dtype.element_ty))
             tl.store(OUT + b * so_b + h * so_h + offs_v, o.to(OUT.dtype.element_ty))
+
+    @_triton.jit
+    def _unit_qk(q, k, scale):
+        """q and k in float32, each scaled to unit length (q then times `scale`)."""
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        return q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale, k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
 
     @_triton.jit
     def _delta_rule(s, v, q, k, beta):
@@ -223,10 +227,7 @@ if _triton is not None:
             head, offs_v, out_at, s, v, q, k, g, beta = nxt
             nxt = _gdn_tile_inputs(i + step, Q, K, V, G, BETA, S, SLOTS, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b,
                                    sbeta_b, ss_slot, ss_h, so_b, so_h, tiles, Hv, REP, DV, BV, state_rows, offs_k)
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
-            k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+            q, k = _unit_qk(q, k, scale)
             s, o = _delta_rule(s.to(tl.float32) * tl.exp(g.to(tl.float32)), v.to(tl.float32), q, k,
                                beta.to(tl.float32))
             tl.store(S + head + state_rows + offs_v[None, :], s.to(S.dtype.element_ty))

@@ -40,9 +40,7 @@ def pair_experts(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     common = dict(K=K, SCALED=fp8 is not None, SCALE_ROWS=block[0], GROUP=block[1], **pdl.kwargs(x_TD.device))
     # the down kernel's weights do not depend on the up kernel: loaded whole before its wait where they fit
     # (`pdl.whole`), the up kernel then letting it start from its own start
-    whole = pdl.whole(x_TD.device, cfg["down"][0], inter, w2.element_size())
-    if fp8 is not None and whole < block[1]:
-        whole = 0
+    whole = pdl.whole(x_TD.device, cfg["down"][0], inter, w2.element_size(), block[1] if fp8 is not None else 1)
     for up, rows, w, s, out, N, depth in ((True, x_TD, w13, s13, act, inter, D), (False, act, w2, s2, y, D, inter)):
         bn, bk, stages, warps = cfg["up" if up else "down"]
         _pair_gemv[(T * K, triton.cdiv(N, bn))](

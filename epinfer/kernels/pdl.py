@@ -46,11 +46,12 @@ LAUNCH = True  # False: the chain's kernels, launched plainly (tests compare the
 PRELOAD_BYTES = 32768 if SWITCHES.pdl_preload else 0
 
 
-def whole(device: torch.device, rows: int, depth: int, element_size: int) -> int:
+def whole(device: torch.device, rows: int, depth: int, element_size: int, group: int = 1) -> int:
     """The width (a power of two >= `depth`) in which a program's `rows` weight rows of `depth` columns
-    are loaded whole before its PDL wait, 0 when they are not (PDL off, or over PRELOAD_BYTES)."""
+    are loaded whole before its PDL wait, 0 when they are not (PDL off, over PRELOAD_BYTES, or, for FP8
+    weights scaled in groups of `group` columns, narrower than one group)."""
     width = 1 << max(depth - 1, 0).bit_length()
-    return width if on(device) and rows * width * element_size <= PRELOAD_BYTES else 0
+    return width if on(device) and rows * width * element_size <= PRELOAD_BYTES and width >= group else 0
 
 
 def chain(device: torch.device) -> bool:

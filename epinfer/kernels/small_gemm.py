@@ -70,9 +70,7 @@ def gemv(x_1D: torch.Tensor, weight_ND: torch.Tensor, scale: torch.Tensor | None
     N, D = weight_ND.shape
     y = torch.empty(1, N, dtype=x_1D.dtype, device=x_1D.device)
     s = scale if scale is not None else weight_ND
-    whole = pdl.whole(x_1D.device, block_n, D, weight_ND.element_size())
-    if scale is not None and whole < block[1]:
-        whole = 0
+    whole = pdl.whole(x_1D.device, block_n, D, weight_ND.element_size(), block[1] if scale is not None else 1)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x_1D, weight_ND, s, bias_N if bias_N is not None else y, y, N, weight_ND.stride(0),
         s.stride(0) if scale is not None else 0, D, HAS_BIAS=bias_N is not None, BLOCK_N=block_n, BLOCK_K=block_k,
