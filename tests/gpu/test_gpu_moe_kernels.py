@@ -22,12 +22,11 @@ def test_triton_grouped_moe(T, first, n, E, preload, monkeypatch):
     """Gather-GEMM decode kernels vs the cuBLAS grouped path (real expert shape, bf16; EP: half the
     experts local, the other half's pairs must count 0), for every tile table row; `preload`: the
     one-row-a-pair down kernel's weights (`moe_gemv`) loaded before its PDL wait (`pdl.PRELOAD_BYTES`)."""
-    from epinfer.kernels import pdl
+    from epinfer.distributed.communicator import row_layout, row_views
+    from epinfer.kernels import moe_configs, moe_triton, pdl
+    from epinfer.layers.moe import FusedExperts, permute_pairs
 
     monkeypatch.setattr(pdl, "PRELOAD_BYTES", preload)
-    from epinfer.distributed.communicator import row_layout, row_views
-    from epinfer.kernels import moe_configs, moe_triton
-    from epinfer.layers.moe import FusedExperts, permute_pairs
 
     torch.manual_seed(T)
     inter = 768 if E == 128 else 512
