@@ -229,7 +229,7 @@ def test_cublas_fp8_takes_only_the_shapes_it_runs_faster():
 
 
 def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch):
-    """EPINFER_FP8_DEQUANT_PAIRS (default 1024, 0: never): FP8 experts dequantised for the grouped GEMM
+    """EPINFER_FP8_DEQUANT_PAIRS (default 2048, 0: never): FP8 experts dequantised for the grouped GEMM
     only from that many pairs an expert on average over all the model's experts, on GPUs (never on
     the CPU); one layer's experts in the compute dtype kept from the cache, in the headroom and in
     the graph pieces' pool, when the experts run in FP8; scales of the wrong shape refused."""
@@ -248,9 +248,9 @@ def test_dequantized_experts_only_where_asked_and_counted_in_memory(monkeypatch)
     check_switches()  # (0 is not a bad number here)
     base = activation_headroom(ecfg, cfg, torch.bfloat16), pieces_pool_bytes(cfg, ecfg, torch.bfloat16)
     layer = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
-    monkeypatch.delenv("EPINFER_FP8_DEQUANT_PAIRS")  # the default: from 1024 pairs an expert
+    monkeypatch.delenv("EPINFER_FP8_DEQUANT_PAIRS")  # the default: from 2048 pairs an expert
     assert activation_headroom(ecfg, cfg, torch.bfloat16) == base[0] + layer
-    assert SWITCHES.fp8_dequant_pairs == 1024
+    assert SWITCHES.fp8_dequant_pairs == 2048
     monkeypatch.setenv("EPINFER_FP8_DEQUANT_PAIRS", "512")
     assert activation_headroom(ecfg, cfg, torch.bfloat16) == base[0] + layer
     assert pieces_pool_bytes(cfg, ecfg, torch.bfloat16) == base[1] + layer

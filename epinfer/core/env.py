@@ -22,7 +22,7 @@ whose environment differs is a one-line error instead of a hang.
                               where it is faster; =0 never
   EPINFER_FP8_DEQUANT_PAIRS=N  FP8 experts of steps with N or more pairs an expert (prefill sizes) dequantised
                               to the compute dtype each layer and run through cuBLAS's grouped GEMM
-                              (`layers.moe`); default 1024, 0: never
+                              (`layers.moe`); default 2048, 0: never
   EPINFER_FP8_CUBLAS=0        FP8 projections of 256 rows or more, 2048 x 2048 or wider, through the Triton
                               kernel instead of cuBLAS's block-scaled GEMM (`kernels.fp8_gemm`; A/B runs)
   EPINFER_MIXED_STEP_KERNELS=0  the SiLU-mul kernel and the GDN conv kernel's separate q / k / v outputs
@@ -181,14 +181,15 @@ class Switches:
     @property
     def fp8_dequant_pairs(self) -> float | None:
         """Average pairs an expert from which FP8 experts are dequantised and run as bf16 grouped
-        GEMMs (EPINFER_FP8_DEQUANT_PAIRS, default 1024); None (=0): never. On an H200 the FP8 grouped
-        kernel was 9-14 % slower than bf16's grouped GEMM from 512 pairs an expert (RESULTS.md, kernel
-        sweeps), and the dequantisation costs a pass over the layer's expert weights: from 1024 the
-        30B shape's 64 x 1024 prefill ran 5.4 % faster, from 512 the Qwen3.5 shape's throughput
-        profile (512 pairs an expert in a full step) 3.7 % slower."""
+        GEMMs (EPINFER_FP8_DEQUANT_PAIRS, default 2048); None (=0): never. The dequantisation costs a
+        pass over the layer's expert weights, the same for any number of rows, while the FP8 grouped
+        kernel loses to bf16's grouped GEMM by a share of the rows' work, so it pays for large steps
+        only. On an H100 the 30B shape's 64 x 1024 prefill (1024 pairs an expert a step) ran 6 %
+        faster on the FP8 kernel (its tiles with "n_fast") than dequantised (RESULTS.md); larger
+        steps were not compared, and the threshold sits at twice that."""
         if os.environ.get("EPINFER_FP8_DEQUANT_PAIRS", "").strip() == "0":
             return None
-        return _number("EPINFER_FP8_DEQUANT_PAIRS", float, 1024.0)
+        return _number("EPINFER_FP8_DEQUANT_PAIRS", float, 2048.0)
 
     @property
     def fp8_cublas(self) -> bool:

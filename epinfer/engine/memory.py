@@ -113,7 +113,7 @@ def dequantized_experts(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype
     experts run in FP8 and a step can reach that mode: every expert counted (an upper bound under
     expert or tensor parallelism). A rank is handed at most every replica's rows (`dp`), so a step
     reaches the mode only where those rows' pairs reach the threshold over all the model's experts
-    (the Qwen3.5 shape at 16,384 tokens a step: 512 pairs an expert, below the default 1024)."""
+    (the Qwen3.5 shape at 16,384 tokens a step: 512 pairs an expert, below the default 2048)."""
     at = SWITCHES.fp8_dequant_pairs
     if at is None or not (ecfg.fp8_weights and cfg.fp8_block):
         return 0
