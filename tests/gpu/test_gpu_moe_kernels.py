@@ -189,7 +189,8 @@ def test_triton_router(T, E, K, masked, preload, monkeypatch):
 @pytest.mark.parametrize("T", [1, 5, 8])
 def test_small_gemm(T):
     """The decode-size projection kernel against F.linear (bf16), with and without bias, for the
-    o_proj and LM head shapes and an odd one."""
+    o_proj and LM head shapes, an odd one, and the bf16 projections beside FP8 ones (`chain_linear`:
+    the shared expert's one gate column, a GDN layer's stacked a / b rows)."""
     import itertools
 
     import torch.nn.functional as F
@@ -197,7 +198,7 @@ def test_small_gemm(T):
     from epinfer.kernels import small_gemm
 
     torch.manual_seed(T)
-    for N, D in [(2048, 4096), (151936, 2048), (1000, 520)]:
+    for N, D in [(2048, 4096), (151936, 2048), (1000, 520), (1, 2048), (64, 2048)]:
         with torch.device("cuda"):
             x, w, b = torch.randn(T, D), torch.randn(N, D) * 0.02, torch.randn(N)
         x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
