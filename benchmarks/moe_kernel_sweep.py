@@ -21,7 +21,9 @@ widened in registers: every tile of `W16_TILES`. Larger ones quantise the rows p
 the K step is the block's and only BLOCK_N, stages and warps vary; their best tiles are timed again
 with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales). One group
 per expert: the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert
-side by side, so that its rows are read from memory once rather than once per column tile).
+side by side, so that its rows are read from memory once rather than once per column tile). With
+`--split N` the prefill sizes' tiles are searched with a group's row blocks shared by programs of
+about N blocks each (more, shorter programs: "split"), and the best timed again without it.
 
 `--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
 no tensor-core tile), the tiles of `GEMV_TILES`, at the batches of up to 32 pairs; the table then
@@ -70,9 +72,11 @@ def bench(fn) -> float:
 
 
 def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
-          ref_ex: FusedExperts | None = None, gemv: str | None = None) -> dict:
+          ref_ex: FusedExperts | None = None, gemv: str | None = None, split: int | None = None) -> dict:
     """One batch size and mode: the best config and its layer time (ms) against the cuBLAS path
-    (`ref_ex`'s: FP8 `ex`'s weights dequantised to bf16)."""
+    (`ref_ex`'s: FP8 `ex`'s weights dequantised to bf16). `split`: prefill sizes' tiles searched with
+    a group's row blocks shared by programs of about that many blocks each ("split"), then timed
+    without it."""
     ref_ex = ref_ex or ex
     E, _, D = ex.w13.shape
     x = torch.randn(T, D, dtype=torch.bfloat16, device="cuda")
@@ -91,7 +95,7 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
             return float("inf")
 
     large = not per_pair and T * K / E > LARGE
-    tiles, extra = (LARGE_TILES, {"y16": True}) if large else (TILES, {})
+    tiles, extra = (LARGE_TILES, {"y16": True, **({"split": split} if split else {})}) if large else (TILES, {})
     w16 = ex.fp8 is not None and SWITCHES.fp8_w16_tokens >= T  # (the kernel's rule, at BLOCK_M <= 32)
     if gemv:
         tiles, extra = GEMV_TILES[gemv], {"gemv": True}
@@ -116,6 +120,11 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
             side = timed({**cfg, "n_fast": True})
             if side < ms:
                 cfg, ms = {**cfg, "n_fast": True}, side
+        if "split" in cfg:  # one program a group's column tile, walking all its row blocks
+            whole = {key: value for key, value in cfg.items() if key != "split"}
+            walk = timed(whole)
+            if walk < ms:
+                cfg, ms = whole, walk
         if best is None or ms < best[0]:
             best = (ms, cfg, ups, downs)
     layer_ms, chosen, ups, downs = best
@@ -136,6 +145,9 @@ def main() -> int:
     ap.add_argument("--block-m", default="16,32,64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quant", choices=["fp8"], default=None)
+    ap.add_argument("--split", type=int, default=None,
+                    help="prefill sizes: search the tiles with a group's row blocks shared by programs of about "
+                         "this many blocks each")
     ap.add_argument("--gemv", nargs="?", const="all", choices=["all", "wide"], default=None,
                     help="the per-pair mode on the CUDA cores only (its tiles: all, or the wide K steps)")
     args = ap.parse_args()
@@ -164,7 +176,7 @@ def main() -> int:
             continue
         recs = {}
         for mode in ([True] if T * K <= PER_PAIR_LIMIT else []) + ([] if args.gemv else [False]):
-            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex, args.gemv)
+            rec = sweep(ex, T, K, mode, [int(b) for b in args.block_m.split(",")], ref_ex, args.gemv, args.split)
             gb = rec["experts_used"] * 3 * D * inter * itemsize / 1e9
             rec.update(shape=args.shape, quant=args.quant, copy_tbs=round(copy_tbs, 3),
                        layer_tbs=round(gb / rec["layer_ms"], 3),  # (of the weights' own bytes)

@@ -180,12 +180,17 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     inter, K, bm = two_i // 2, ids_TK.shape[1], cfg["BLOCK_M"]
     x_in, x_s = quantize_activations(x_TD, block[1]) if quant["FP8"] else (x_TD, x_TD)
     # a group's column tiles next to each other in the grid (`_tile_ids`); not per pair (axis 1 would
-    # hold every pair, at most 65,535)
+    # hold every pair, at most 65,535). "split": a group's row blocks shared by slices of programs, about
+    # that many blocks each at an even spread of the pairs over the experts (a static count per batch
+    # size: CUDA-graph safe), instead of one program walking them all
     nf = bool(cfg.get("n_fast")) and not per_pair
+    slices = 1 if per_pair or not cfg.get("split") else max(1, triton.cdiv(triton.cdiv(ids_TK.numel(), n),
+                                                                          bm * cfg["split"]))
+    groups *= slices
     bn, bk, stages, warps = cfg["up"]
     bk = block[1] if quant["FP8"] else bk
     _grouped_up[(triton.cdiv(inter, bn), groups) if nf else (groups, triton.cdiv(inter, bn))](
-        x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, ids_TK.stride(0), weights_TK.stride(0),
+        x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, slices, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
         s13.stride(1), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0, N_FAST=nf,
@@ -194,8 +199,9 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     bn, bk, stages, warps = cfg["down"]
     bk = block[1] if quant["FP8"] else bk
     _grouped_down[(triton.cdiv(D, bn), groups) if nf else (groups, triton.cdiv(D, bn))](
-        act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, ids_TK.stride(0), weights_TK.stride(0),
-        act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2, s2.stride(0), s2.stride(1),
+        act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, slices, ids_TK.stride(0),
+        weights_TK.stride(0), act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2,
+        s2.stride(0), s2.stride(1),
         D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         TILE_SCALE=tile_scale and block[0] % bn == 0, N_FAST=nf, num_stages=stages, num_warps=warps, **quant,
         **pdl.kwargs(x_TD.device))
@@ -255,17 +261,19 @@ if triton is not None:
         return tl.load(WTS + (g // K) * sw_t + g % K)
 
     @triton.jit
-    def _tile_ids(N_FAST: tl.constexpr):
-        """(group, column tile) of this program: the grid is (groups, column tiles), or with N_FAST
-        (column tiles, groups), so that a group's column tiles run together and share its rows in L2."""
+    def _tile_ids(N_FAST: tl.constexpr, slices):
+        """(group, column tile, slice) of this program: the grid is (groups x slices, column tiles), or
+        with N_FAST (column tiles, groups x slices), so that a group's column tiles run together and
+        share its rows in L2; slice s of a group takes its row blocks s, s + slices, ..."""
         if N_FAST:
-            return tl.program_id(1), tl.program_id(0)
+            gs, tile = tl.program_id(1), tl.program_id(0)
         else:
-            return tl.program_id(0), tl.program_id(1)
+            gs, tile = tl.program_id(0), tl.program_id(1)
+        return gs // slices, tile, gs % slices
 
     @triton.jit
-    def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, si_t, sw_t, sx_t, sxs_t, sw_e, sw_n,
-                    sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
+    def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, slices, si_t, sw_t, sx_t, sxs_t,
+                    sw_e, sw_n, sa_p, S13, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
                     PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr,
                     SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, N_FAST: tl.constexpr):
@@ -275,7 +283,7 @@ if triton is not None:
         W16: x as it is, W13 widened (`fp8_gemm.widen`)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        g, tile = _tile_ids(N_FAST)
+        g, tile, part = _tile_ids(N_FAST, slices)
         e, start, end = _group(g, OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         if PER_PAIR:  # weight 0 (a padding row): no weights read, the down kernel writes its 0
             end = tl.where(_pair_weight(g, WTS, sw_t, K) == 0, start, end)
@@ -287,7 +295,7 @@ if triton is not None:
         n0 = tile * BLOCK_N  # TILE_SCALE: the tile's one block row of scales
         s_gate0 = S13 + e.to(tl.int64) * ss_e + (n0 // SCALE_ROWS) * ss_r
         s_up0 = S13 + e.to(tl.int64) * ss_e + ((INTER + n0) // SCALE_ROWS) * ss_r
-        for m0 in range(start, end, BLOCK_M):
+        for m0 in range(start + part * BLOCK_M, end, BLOCK_M * slices):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
             if PER_PAIR:
@@ -327,9 +335,9 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _grouped_down(ACT, AS, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, si_t, sw_t, sa_p, sas_p, sw_e, sw_n,
-                      sy_p,
-                      S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr, PER_PAIR: tl.constexpr,
+    def _grouped_down(ACT, AS, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, slices, si_t, sw_t, sa_p, sas_p,
+                      sw_e, sw_n, sy_p, S2, ss_e, ss_r, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
+                      PER_PAIR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr,
                       PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr, SCALE_ROWS: tl.constexpr,
                       GROUP: tl.constexpr, N_FAST: tl.constexpr):
@@ -337,7 +345,7 @@ if triton is not None:
         (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-        g, tile = _tile_ids(N_FAST)
+        g, tile, part = _tile_ids(N_FAST, slices)
         e, start, end = _group(g, OFFS, GROUP_E, shift, n_local, si_t, K, PER_PAIR)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
@@ -350,7 +358,7 @@ if triton is not None:
         w_base = W2 + e.to(tl.int64) * sw_e + offs_n[None, :] * sw_n
         s_base = S2 + e.to(tl.int64) * ss_e + (offs_n // SCALE_ROWS) * ss_r
         s_tile = S2 + e.to(tl.int64) * ss_e + (tile * BLOCK_N // SCALE_ROWS) * ss_r  # TILE_SCALE
-        for m0 in range(start, end, BLOCK_M):
+        for m0 in range(start + part * BLOCK_M, end, BLOCK_M * slices):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
