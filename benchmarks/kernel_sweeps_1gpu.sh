@@ -17,7 +17,8 @@
 #              FP8 GEMM (EPINFER_FP8_CUBLAS); whether F.scaled_grouped_mm takes block scales
 #              (benchmarks/fp8_gemm_sweep.py)
 #   moe-prefill the expert kernels at prefill sizes (2048 / 8192 / 16384 rows), FP8 then bf16, against cuBLAS's
-#              bf16 grouped GEMM; the best tiles timed again with "n_fast" (moe_kernel_sweep.py)
+#              bf16 grouped GEMM; the best tiles timed again with "n_fast" (moe_kernel_sweep.py); SPLIT=N: the
+#              tiles searched with a group's row blocks shared by programs of about N blocks each
 #   fp8-decode decode-size FP8: the projections at 1 and 64 rows (one-row gemv, w16 and quantised tiles,
 #              split K, cuBLAS; benchmarks/fp8_gemm_sweep.py --decode 1,64) and the one-row experts on
 #              the CUDA cores (moe_kernel_sweep.py --quant fp8 --gemv wide), then `epinfer bench --quant
@@ -58,7 +59,7 @@ fp8-gemm)
 moe-prefill)
   for q in fp8 bf16; do
     step "moe_prefill_$q" 300 python3 benchmarks/moe_kernel_sweep.py --shape "$SHAPE" --batches 2048,8192,16384 \
-      --block-m 64,128 --out "$OUT/moe_prefill_$q.json" $([ $q = fp8 ] && echo --quant fp8)
+      --block-m 64,128 --out "$OUT/moe_prefill_$q.json" $([ $q = fp8 ] && echo --quant fp8) ${SPLIT:+--split $SPLIT}
     grep -v "^#" "$OUT/moe_prefill_$q.log" | cut -c1-330
   done ;;
 fp8-decode)
