@@ -21,7 +21,8 @@ widened in registers: every tile of `W16_TILES`. Larger ones quantise the rows p
 the K step is the block's and only BLOCK_N, stages and warps vary; their best tiles are timed again
 with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales). One group
 per expert: the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert
-side by side, so that its rows are read from memory once rather than once per column tile). With
+side by side, so that its rows are read from memory once rather than once per column tile), then
+with "tma" (each K step's weight tile one bulk copy through a tensor-memory-accelerator descriptor). With
 `--split N` the prefill sizes' tiles are searched with a group's row blocks shared by programs of
 about N blocks each (more, shorter programs: "split"), and the best timed again without it.
 
@@ -116,10 +117,11 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
             folded = timed({**cfg, "tile_scale": True})
             if folded < ms:
                 cfg, ms = {**cfg, "tile_scale": True}, folded
-        if not (per_pair or gemv):  # a group's column tiles side by side in the grid (its rows read once into L2)
-            side = timed({**cfg, "n_fast": True})
-            if side < ms:
-                cfg, ms = {**cfg, "n_fast": True}, side
+        if not (per_pair or gemv):  # a group's column tiles side by side in the grid (its rows read once into
+            for key in ("n_fast", "tma"):  # L2), then the weight tiles loaded by descriptor
+                other = timed({**cfg, key: True})
+                if other < ms:
+                    cfg, ms = {**cfg, key: True}, other
         if "split" in cfg:  # one program a group's column tile, walking all its row blocks
             whole = {key: value for key, value in cfg.items() if key != "split"}
             walk = timed(whole)

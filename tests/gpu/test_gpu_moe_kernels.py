@@ -64,9 +64,10 @@ def test_triton_grouped_moe(T, first, n, E, preload, monkeypatch):
 @pytest.mark.parametrize("T,first,n,fp8", [(2048, 0, 128, False), (2048, 0, 128, True), (600, 64, 64, False),
                                             (5, 0, 128, True)])
 def test_grouped_moe_column_tiles_side_by_side(T, first, n, fp8):
-    """"n_fast" (a group's column tiles side by side in the grid) and "split" (a group's row blocks
-    shared by several programs) against the default grid: the same tiles, so bitwise the same outputs,
-    per expert and per pair; and within 1e-2 (bf16) of the cuBLAS path."""
+    """"n_fast" (a group's column tiles side by side in the grid), "split" (a group's row blocks
+    shared by several programs) and "tma" (the weight tiles loaded by descriptor) against the default
+    grid and loads: the same tiles, so bitwise the same outputs, per expert and per pair; and within
+    1e-2 (bf16) of the cuBLAS path."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import FusedExperts, permute_pairs
@@ -87,7 +88,8 @@ def test_grouped_moe_column_tiles_side_by_side(T, first, n, fp8):
     cfg = {"BLOCK_M": 128 if T > 16 else 16, "up": (64, bk, 4, 8), "down": (128, bk, 4, 8), "tile_scale": fp8}
     for plan in (permute_pairs(ids, first, n), *([None] if T <= 16 else [])):
         want = moe_triton.moe_grouped(x, w13, w2, weights, ids, first, n == 128, plan, cfg, fp8=scales)
-        for extra in ({"n_fast": True}, {"split": 1}, {"split": 2, "n_fast": True}):
+        for extra in ({"n_fast": True}, {"split": 1}, {"split": 2, "n_fast": True}, {"tma": True},
+                      {"tma": True, "split": 1, "n_fast": True}):
             got = moe_triton.moe_grouped(x, w13, w2, weights, ids, first, n == 128, plan, {**cfg, **extra}, fp8=scales)
             assert torch.equal(got, want), (plan is None, extra)
     if not fp8:
