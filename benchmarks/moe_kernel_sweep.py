@@ -22,9 +22,10 @@ the K step is the block's and only BLOCK_N, stages and warps vary; their best ti
 with "tile_scale" (each tile's one weight scale a K step folded into the rows' scales). One group
 per expert: the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert
 side by side, so that its rows are read from memory once rather than once per column tile), then
-with "tma" (each K step's weight tile one bulk copy through a tensor-memory-accelerator descriptor). With
-`--split N` the prefill sizes' tiles are searched with a group's row blocks shared by programs of
-about N blocks each (more, shorter programs: "split"), and the best timed again without it.
+with "tma" (each K step's weight tile, and the down kernel's sorted rows, one bulk copy through a
+tensor-memory-accelerator descriptor). With `--split N` the prefill sizes' tiles are searched with
+a group's row blocks shared by programs of about N blocks each (more, shorter programs: "split"),
+and the best timed again without it.
 
 `--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
 no tensor-core tile), the tiles of `GEMV_TILES`, at the batches of up to 32 pairs; the table then

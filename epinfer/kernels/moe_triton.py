@@ -194,31 +194,34 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     _grouped_up[(triton.cdiv(inter, bn), groups) if nf else (groups, triton.cdiv(inter, bn))](
         x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, slices, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
-        s13.stride(1), _weight_tiles(w13, bn, bk, tma), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm,
+        s13.stride(1), _tiles(w13, (1, bn, bk), tma), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, TMA=tma,
         TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0, N_FAST=nf,
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
+    tma_a = tma and act_in.stride(0) * act_in.element_size() % 16 == 0
     bn, bk, stages, warps = cfg["down"]
     bk = block[1] if quant["FP8"] else bk
     _grouped_down[(triton.cdiv(D, bn), groups) if nf else (groups, triton.cdiv(D, bn))](
         act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, slices, ids_TK.stride(0),
         weights_TK.stride(0), act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2,
-        s2.stride(0), s2.stride(1), _weight_tiles(w2, bn, bk, tma), D=D, INTER=inter, TMA=tma, K=K,
+        s2.stride(0), s2.stride(1), _tiles(w2, (1, bn, bk), tma), _tiles(act_in, (bm, bk), tma_a), D=D, INTER=inter,
+        TMA=tma, TMA_A=tma_a, K=K,
         PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         TILE_SCALE=tile_scale and block[0] % bn == 0, N_FAST=nf, num_stages=stages, num_warps=warps, **quant,
         **pdl.kwargs(x_TD.device))
 
 
-def _weight_tiles(w: torch.Tensor, block_n: int, block_k: int, tma: bool):
-    """With "tma" (one group per expert), a tensor-memory-accelerator descriptor of the expert weights
-    [E, rows, K] in tiles of [1, block_n, block_k], so that each K step's weight tile is one bulk copy
-    rather than per-thread loads; else the weights themselves (unread)."""
+def _tiles(t: torch.Tensor, block: tuple[int, ...], tma: bool):
+    """With "tma" (one group per expert), a tensor-memory-accelerator descriptor of `t` in tiles of
+    `block` (the expert weights [E, rows, K] in [1, BLOCK_N, BLOCK_K], the down kernel's sorted rows
+    in [BLOCK_M, BLOCK_K]), so that each K step's tile is one bulk copy rather than per-thread loads;
+    else `t` itself (unread)."""
     if not tma:
-        return w
+        return t
     from triton.tools.tensor_descriptor import TensorDescriptor  # (Triton 3.3 on: only where asked)
 
-    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, block_n, block_k])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
 
 
 if triton is not None:
@@ -295,7 +298,7 @@ if triton is not None:
         g (expert e), on one column tile of I (`_tile_ids`). FP8: W13 float8 with block scales S13 [E, rows
         / SCALE_ROWS, D / GROUP], x in FP8 with a scale per row and GROUP = BLOCK_K columns (XS);
         W16: x as it is, W13 widened (`fp8_gemm.widen`). TMA: the weight tiles through W13_TILES
-        (`_weight_tiles`)."""
+        (`_tiles`)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         g, tile, part = _tile_ids(N_FAST, slices)
@@ -355,14 +358,15 @@ if triton is not None:
 
     @triton.jit
     def _grouped_down(ACT, AS, W2, ORDER, OFFS, GROUP_E, WTS, Y, shift, n_local, slices, si_t, sw_t, sa_p, sas_p,
-                      sw_e, sw_n, sy_p, S2, ss_e, ss_r, W2_TILES, D: tl.constexpr, INTER: tl.constexpr,
+                      sw_e, sw_n, sy_p, S2, ss_e, ss_r, W2_TILES, ACT_TILES, D: tl.constexpr, INTER: tl.constexpr,
                       K: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
                       W16: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, N_FAST: tl.constexpr,
-                      TMA: tl.constexpr):
+                      TMA: tl.constexpr, TMA_A: tl.constexpr):
         """y[pair] = w_pair * (act[j] @ W2[e].T) for the pairs j of group g, one column tile of D
         (weights [T, K] with row stride sw_t). FP8: act in FP8 with a scale per row and BLOCK_K columns (AS).
-        TMA: the weight tiles through W2_TILES (`_weight_tiles`)."""
+        TMA: the weight tiles through W2_TILES (`_tiles`); TMA_A: the act tiles through ACT_TILES (rows
+        past the group's end are the next group's or zeros: their products are never stored)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         g, tile, part = _tile_ids(N_FAST, slices)
@@ -385,8 +389,11 @@ if triton is not None:
             for k0 in range(0, INTER, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < INTER
-                a = tl.load(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_k[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if TMA_A:
+                    a = ACT_TILES.load([m0, k0])
+                else:
+                    a = tl.load(ACT + offs_m[:, None].to(tl.int64) * sa_p + offs_k[None, :],
+                                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 if TMA:
                     w = tl.reshape(W2_TILES.load([e, tile * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)).T
                 else:

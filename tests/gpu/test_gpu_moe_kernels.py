@@ -65,7 +65,7 @@ def test_triton_grouped_moe(T, first, n, E, preload, monkeypatch):
                                             (5, 0, 128, True)])
 def test_grouped_moe_column_tiles_side_by_side(T, first, n, fp8):
     """"n_fast" (a group's column tiles side by side in the grid), "split" (a group's row blocks
-    shared by several programs) and "tma" (the weight tiles loaded by descriptor) against the default
+    shared by several programs) and "tma" (weight and sorted-row tiles loaded by descriptor) against the default
     grid and loads: the same tiles, so bitwise the same outputs, per expert and per pair; and within
     1e-2 (bf16) of the cuBLAS path."""
     from epinfer.kernels import moe_triton
