@@ -23,9 +23,10 @@ with "tile_scale" (each tile's one weight scale a K step folded into the rows' s
 per expert: the best tiles are timed again with "n_fast" too (the grid's column tiles of one expert
 side by side, so that its rows are read from memory once rather than once per column tile), then
 with "tma" (each K step's weight tile, and the down kernel's sorted rows, one bulk copy through a
-tensor-memory-accelerator descriptor). With `--split N` the prefill sizes' tiles are searched with
-a group's row blocks shared by programs of about N blocks each (more, shorter programs: "split"),
-and the best timed again without it.
+tensor-memory-accelerator descriptor), and where that won, "sorted_rows" (the up kernel's input rows
+copied once in sorted order, its row tiles by descriptor too). With `--split N` the prefill sizes'
+tiles are searched with a group's row blocks shared by programs of about N blocks each (more,
+shorter programs: "split"), and the best timed again without it.
 
 `--gemv [all|wide]`: the per-pair mode only, on the CUDA cores (`kernels.moe_gemv`: one row a pair,
 no tensor-core tile), the tiles of `GEMV_TILES`, at the batches of up to 32 pairs; the table then
@@ -119,10 +120,11 @@ def sweep(ex: FusedExperts, T: int, K: int, per_pair: bool, block_ms: list[int],
             if folded < ms:
                 cfg, ms = {**cfg, "tile_scale": True}, folded
         if not (per_pair or gemv):  # a group's column tiles side by side in the grid (its rows read once into
-            for key in ("n_fast", "tma"):  # L2), then the weight tiles loaded by descriptor
-                other = timed({**cfg, key: True})
-                if other < ms:
-                    cfg, ms = {**cfg, key: True}, other
+            for key in ("n_fast", "tma", "sorted_rows"):  # L2), then the tiles loaded by descriptor
+                if key != "sorted_rows" or cfg.get("tma"):  # (the up kernel's rows copied sorted: with "tma")
+                    other = timed({**cfg, key: True})
+                    if other < ms:
+                        cfg, ms = {**cfg, key: True}, other
         if "split" in cfg:  # one program a group's column tile, walking all its row blocks
             whole = {key: value for key, value in cfg.items() if key != "split"}
             walk = timed(whole)

@@ -191,11 +191,18 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     bk = block[1] if quant["FP8"] else bk
     tma = bool(cfg.get("tma")) and not per_pair and all(  # (a descriptor's row strides: multiples of 16 bytes)
         w.stride(i) * w.element_size() % 16 == 0 for w in (w13, w2) for i in (0, 1))
+    # "sorted_rows" (with "tma"): the up kernel's input rows (and their scales) copied once in the pairs'
+    # sorted order, so that its row tiles load by descriptor too
+    tma_x = tma and bool(cfg.get("sorted_rows")) and D * x_in.element_size() % 16 == 0
+    if tma_x:
+        rows = order // K
+        x_in = x_in.view(torch.uint8)[rows].view(x_in.dtype) if x_in.element_size() == 1 else x_in[rows]
+        x_s = x_s[rows] if quant["FP8"] else x_in
     _grouped_up[(triton.cdiv(inter, bn), groups) if nf else (groups, triton.cdiv(inter, bn))](
         x_in, x_s, w13, order, offs, group_e, weights_TK, act, shift, n, slices, ids_TK.stride(0), weights_TK.stride(0),
         x_in.stride(0), x_s.stride(0), w13.stride(0), w13.stride(1), act.stride(0), s13, s13.stride(0),
-        s13.stride(1), _tiles(w13, (1, bn, bk), tma), D=D, INTER=inter, K=K, PER_PAIR=per_pair, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, TMA=tma,
+        s13.stride(1), _tiles(w13, (1, bn, bk), tma), _tiles(x_in, (bm, bk), tma_x), D=D, INTER=inter, K=K,
+        PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA=tma, TMA_X=tma_x,
         TILE_SCALE=tile_scale and block[0] % bn == 0 and inter % bn == 0, N_FAST=nf,
         num_stages=stages, num_warps=warps, **quant, **pdl.kwargs(x_TD.device))
     act_in, act_s = quantize_activations(act, block[1]) if quant["FP8"] else (act, act)
@@ -290,15 +297,16 @@ if triton is not None:
 
     @triton.jit
     def _grouped_up(X, XS, W13, ORDER, OFFS, GROUP_E, WTS, ACT, shift, n_local, slices, si_t, sw_t, sx_t, sxs_t,
-                    sw_e, sw_n, sa_p, S13, ss_e, ss_r, W13_TILES, D: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
-                    PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr, W16: tl.constexpr,
-                    SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, N_FAST: tl.constexpr, TMA: tl.constexpr):
+                    sw_e, sw_n, sa_p, S13, ss_e, ss_r, W13_TILES, X_TILES, D: tl.constexpr, INTER: tl.constexpr,
+                    K: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
+                    W16: tl.constexpr, SCALE_ROWS: tl.constexpr, GROUP: tl.constexpr, N_FAST: tl.constexpr,
+                    TMA: tl.constexpr, TMA_X: tl.constexpr):
         """act[j] = silu(x[row] @ W13[e, :I].T) * (x[row] @ W13[e, I:].T) for the pairs j of group
         g (expert e), on one column tile of I (`_tile_ids`). FP8: W13 float8 with block scales S13 [E, rows
         / SCALE_ROWS, D / GROUP], x in FP8 with a scale per row and GROUP = BLOCK_K columns (XS);
         W16: x as it is, W13 widened (`fp8_gemm.widen`). TMA: the weight tiles through W13_TILES
-        (`_tiles`)."""
+        (`_tiles`); TMA_X: X and XS hold the rows in sorted order, their tiles through X_TILES."""
         if PDL:
             tl.extra.cuda.gdc_wait()
         g, tile, part = _tile_ids(N_FAST, slices)
@@ -318,6 +326,8 @@ if triton is not None:
             m_ok = offs_m < end
             if PER_PAIR:
                 rows = offs_m // K
+            elif TMA_X:
+                rows = offs_m
             else:
                 rows = tl.load(ORDER + offs_m, mask=m_ok, other=0) // K
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -325,8 +335,11 @@ if triton is not None:
             for k0 in range(0, D, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < D
-                a = tl.load(X + rows[:, None] * sx_t + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                            other=0.0)
+                if TMA_X:
+                    a = X_TILES.load([m0, k0])
+                else:
+                    a = tl.load(X + rows[:, None] * sx_t + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                                other=0.0)
                 if TMA:  # (rows past INTER: the up half's, their columns never stored; past 2 * INTER: zeros)
                     wg = tl.reshape(W13_TILES.load([e, n0, k0]), (BLOCK_N, BLOCK_K)).T
                     wu = tl.reshape(W13_TILES.load([e, INTER + n0, k0]), (BLOCK_N, BLOCK_K)).T

@@ -66,8 +66,9 @@ def test_triton_grouped_moe(T, first, n, E, preload, monkeypatch):
 def test_grouped_moe_column_tiles_side_by_side(T, first, n, fp8):
     """"n_fast" (a group's column tiles side by side in the grid), "split" (a group's row blocks
     shared by several programs: two a group with 64-row tiles here) and "tma" (weight and sorted-row
-    tiles loaded by descriptor) against the default grid and loads: the same tiles, so bitwise the same
-    outputs, per expert and per pair; and within 1e-2 (bf16) of the cuBLAS path."""
+    tiles loaded by descriptor; with "sorted_rows" the up kernel's rows too, copied in sorted order)
+    against the default grid and loads: the same tiles, so bitwise the same outputs, per expert and per
+    pair; and within 1e-2 (bf16) of the cuBLAS path."""
     from epinfer.kernels import moe_triton
     from epinfer.kernels.fp8_gemm import quantize_blocks
     from epinfer.layers.moe import FusedExperts, permute_pairs
@@ -89,7 +90,7 @@ def test_grouped_moe_column_tiles_side_by_side(T, first, n, fp8):
     rows64 = [{"BLOCK_M": 64, "split": 1}, {"BLOCK_M": 64, "split": 1, "tma": True}] if T > 16 else []
     for plan in (permute_pairs(ids, first, n), *([None] if T <= 16 else [])):
         for extra in ({"n_fast": True}, {"split": 1}, {"split": 2, "n_fast": True}, {"tma": True},
-                      {"tma": True, "split": 1, "n_fast": True}, *rows64):
+                      {"tma": True, "split": 1, "n_fast": True}, {"tma": True, "sorted_rows": True}, *rows64):
             base = {**cfg, "BLOCK_M": extra.get("BLOCK_M", cfg["BLOCK_M"])}  # (the same tiles, the default grid)
             want = moe_triton.moe_grouped(x, w13, w2, weights, ids, first, n == 128, plan, base, fp8=scales)
             got = moe_triton.moe_grouped(x, w13, w2, weights, ids, first, n == 128, plan, {**cfg, **extra}, fp8=scales)
