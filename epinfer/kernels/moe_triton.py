@@ -213,15 +213,14 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
         act_in, act_s, w2, order, offs, group_e, weights_TK, y, shift, n, slices, ids_TK.stride(0),
         weights_TK.stride(0), act_in.stride(0), act_s.stride(0), w2.stride(0), w2.stride(1), y.stride(0), s2,
         s2.stride(0), s2.stride(1), _tiles(w2, (1, bn, bk), tma), _tiles(act_in, (bm, bk), tma_a), D=D, INTER=inter,
-        TMA=tma, TMA_A=tma_a, K=K,
-        PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        K=K, PER_PAIR=per_pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TMA=tma, TMA_A=tma_a,
         TILE_SCALE=tile_scale and block[0] % bn == 0, N_FAST=nf, num_stages=stages, num_warps=warps, **quant,
         **pdl.kwargs(x_TD.device))
 
 
 def _tiles(t: torch.Tensor, block: tuple[int, ...], tma: bool):
     """With "tma" (one group per expert), a tensor-memory-accelerator descriptor of `t` in tiles of
-    `block` (the expert weights [E, rows, K] in [1, BLOCK_N, BLOCK_K], the down kernel's sorted rows
+    `block` (the expert weights [E, rows, K] in [1, BLOCK_N, BLOCK_K], rows in the pairs' sorted order
     in [BLOCK_M, BLOCK_K]), so that each K step's tile is one bulk copy rather than per-thread loads;
     else `t` itself (unread)."""
     if not tma:
