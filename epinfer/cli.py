@@ -385,17 +385,27 @@ def check_numbers(args: argparse.Namespace) -> None:
         engine_config(args).checked()
 
 
-def preflight(args: argparse.Namespace) -> None:
-    """What config.json and the flags decide on their own, before any process starts: the layout
-    against the model's head and intermediate counts, and enough GPUs (or memory, on the CPU) for the
-    ranks."""
-    if args.command not in ("generate", "serve") or args.dp * args.tp == 1 or under_torchrun():
+def parallel_launch(args: argparse.Namespace) -> bool:
+    """generate / serve starting its own ranks: what the preflight checks guard."""
+    return args.command in ("generate", "serve") and args.dp * args.tp > 1 and not under_torchrun()
+
+
+def preflight_model(args: argparse.Namespace) -> None:
+    """The layout against the model's head and intermediate counts, from config.json alone: before
+    torch is imported, so that a wrong --tp is refused in a moment."""
+    if not parallel_launch(args):
         return
     from epinfer.core.config import DEMO_MODEL, ModelConfig
     from epinfer.core.layout import check_model_layout
 
     folder = model_folder(Path(args.model) if args.model else DEMO_MODEL)
     check_model_layout(ModelConfig.from_dir(folder), args.dp, args.tp, not args.no_expert_parallel)
+
+
+def preflight_devices(args: argparse.Namespace) -> None:
+    """Enough GPUs (or memory, on the CPU) for the ranks, before any of them starts."""
+    if not parallel_launch(args):
+        return
     import torch
 
     from epinfer.engine.engine import resolve_device
@@ -442,9 +452,10 @@ def _main(args: argparse.Namespace) -> int:
         check_switches()
         check_layout(getattr(args, "dp", 1), getattr(args, "tp", 1))  # (one process too: dp 0 is no layout)
         check_numbers(args)
+        preflight_model(args)
         if args.command != "doctor":
             import_noting_signals(HEAVY_IMPORTS)
-        preflight(args)
+        preflight_devices(args)
         check_interrupted()  # (a SIGTERM whose exception an import dropped)
         if args.command == "generate":
             return run_generate(args)

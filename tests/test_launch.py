@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,19 +144,22 @@ def test_a_stopped_rank_is_named(model, tmp_path):
     prompts = tmp_path / "long.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": [i + 1]}) + "\n" for i in range(16)))
     proc = subprocess.Popen([sys.executable, "-m", "epinfer", "generate", "--model", model, "--prompts-file",
-                             str(prompts), "--max-tokens", "400", "--ignore-eos", "--dp", "2",
+                             str(prompts), "--max-tokens", "4000", "--ignore-eos", "--dp", "2",
                              "--collective-timeout", "2", "--dump-dir", str(tmp_path / "dumps")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    ranks: list[int] = []
-    while time.time() < deadline and len(ranks) < 2:
-        ranks = sorted(c for c in children_of(proc.pid) if b"spawn_main" in _cmdline(c))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.time() + 120  # decoding: the first progress line with tokens generated (every 10 s)
+    while time.time() < deadline and proc.poll() is None and not any("generated tokens" in line for line in lines):
         time.sleep(0.2)
-    assert len(ranks) == 2, "ranks did not start"
+    ranks = sorted(c for c in children_of(proc.pid) if b"spawn_main" in _cmdline(c))
+    assert len(ranks) == 2, ("ranks did not start decoding", lines)
     try:
-        time.sleep(3)  # (decoding)
         os.kill(ranks[1], signal.SIGSTOP)
-        err = proc.communicate(timeout=120)[1]
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        err = "".join(lines)
         assert proc.returncode == 3, err
         last = err.strip().splitlines()[-1]
         assert "rank 1 never ended on its own (stuck or stopped) and had to be killed" in last, err
