@@ -272,3 +272,20 @@ def test_sigterm_while_serve_starts_is_one_line():
         lines = err.strip().splitlines()
         assert proc.returncode in (0, 143) and lines, (delay, proc.returncode, err)
         assert lines[-1] in ("epinfer: stopped by SIGTERM", "epinfer: shut down"), (delay, err)
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_never_joins_is_said_plainly():
+    """A peer that never reaches the process group (stuck or stopped while starting): the store's
+    timeout, which names only a key, becomes a sentence with the wait and the likely cause."""
+    probe = ("import datetime, torch.distributed as dist\n"
+             "from epinfer.runtime.worker import JoinTimeout, join_process_group\n"
+             "store = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+             "try:\n"
+             "    join_process_group(dict(backend='gloo', rank=0, world_size=2, store=dist.PrefixStore('pg', store),\n"
+             "                            timeout=datetime.timedelta(seconds=1)))\n"
+             "except JoinTimeout as exc:\n"
+             "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, env=ENV)
+    assert proc.stdout.strip() == ("the 2 ranks did not all join the process group within 1 s: a rank stuck, "
+                                   "stopped or lost while starting"), (proc.stdout, proc.stderr)

@@ -82,6 +82,23 @@ def rank_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+class JoinTimeout(RuntimeError):
+    """The ranks never all reached the process group: one stuck, stopped or lost while starting."""
+
+
+def join_process_group(kwargs: dict) -> None:
+    """`init_process_group`, its rendezvous timeout said plainly: the store's own error names only
+    the key it waited for."""
+    try:
+        dist.init_process_group(**kwargs)
+    except RuntimeError as exc:  # (torch's DistStoreError)
+        if "timeout" not in str(exc).lower():
+            raise
+        seconds = kwargs["timeout"].total_seconds()
+        raise JoinTimeout(f"the {kwargs['world_size']} ranks did not all join the process group within "
+                          f"{seconds:.0f} s: a rank stuck, stopped or lost while starting") from None
+
+
 def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=None) -> list | None:
     """Runs one rank to completion; returns the outputs on rank 0. `store`: the launcher's
     rendezvous store (spawned ranks); None under torchrun (env:// rendezvous)."""
@@ -101,7 +118,7 @@ def worker_main(rank: int, world_size: int, local_rank: int, job: Job, store=Non
         kwargs["device_id"] = device
         if job.engine.parallel_graphs:  # no NCCL buffer registration at capture:
             os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")  # graph-captured outputs come from a pool
-    dist.init_process_group(**kwargs)
+    join_process_group(kwargs)
     ctx = make_context(job, backend)
     ledger, watchdog, dump_dir = start_diagnostics(rank, ctx, job, timeout, device)
     if SWITCHES.stacks_after:  # debugging a hang: every thread's stack, repeatedly
