@@ -148,3 +148,15 @@ def test_chat_template_flag(tmp_path):
         set_chat_template(tok, given)
         ids = parse_tokenize({**messages, "add_generation_prompt": False}, tok, info)["tokens"]
         assert tok.decode(ids) == "<user>hi<assistant>yo"
+
+
+def test_a_long_prompt_leaves_no_tokenizer_warning(capfd):
+    """A prompt longer than the tokenizer's model_max_length is the engine's to refuse (one request
+    error); transformers' own warning about it would land in the server's log for every such prompt."""
+    from epinfer.engine.engine import DEMO_MODEL
+    from epinfer.engine.generation_files import load_tokenizer
+
+    capfd.readouterr()
+    ids = load_tokenizer(DEMO_MODEL)("hello " * 3000)["input_ids"]
+    assert len(ids) > 2048
+    assert "Token indices sequence length" not in "".join(capfd.readouterr()), "transformers warned"

@@ -26,6 +26,9 @@ def load_tokenizer(folder: Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # the engine checks a prompt against --max-model-len itself (a request error, not a log line
+        # from transformers for every long prompt); nothing here truncates
+        tokenizer.model_max_length = 1 << 62
         probe = tokenizer("Hello, world", add_special_tokens=False)["input_ids"]
     except Exception as exc:  # transformers raises many error types for broken tokenizer files
         raise UserError(f"cannot load the tokenizer in {folder}: {one_line(exc)}") from None
