@@ -189,8 +189,9 @@ def _up_down(x_TD, w13, w2, weights_TK, ids_TK, order, offs, group_e, groups, sh
     groups *= slices
     bn, bk, stages, warps = cfg["up"]
     bk = block[1] if quant["FP8"] else bk
-    tma = bool(cfg.get("tma")) and not per_pair and all(  # (a descriptor's row strides: multiples of 16 bytes)
-        w.stride(i) * w.element_size() % 16 == 0 for w in (w13, w2) for i in (0, 1))
+    tma = bool(cfg.get("tma")) and not per_pair and ids_TK.numel() > 0 and all(  # (what a descriptor asserts:
+        w.data_ptr() % 16 == 0 and w.stride(2) == 1 and  # a 16-byte aligned base, unit last stride, row
+        all(w.stride(i) * w.element_size() % 16 == 0 for i in (0, 1)) for w in (w13, w2))  # strides of 16 bytes)
     # "sorted_rows" (with "tma"): the up kernel's input rows (and their scales) copied once in the pairs'
     # sorted order, so that its row tiles load by descriptor too
     tma_x = tma and bool(cfg.get("sorted_rows")) and D * x_in.element_size() % 16 == 0
