@@ -112,6 +112,27 @@ def ints_in(values: list, lo: int, hi: int) -> bool:
     return not values or ({type(v) for v in values} <= {int} and lo <= min(values) and max(values) <= hi)
 
 
+def lone_surrogate(value: Any) -> int | None:
+    """Where the first string in `value` (a JSON value: strings, numbers, lists, objects and their
+    keys, at any depth) holds a lone UTF-16 surrogate, which JSON's \\u escapes can carry and no text
+    may hold; None where none does."""
+    stack = [value]
+    while stack:  # (iterative: the nesting is the decoder's to bound)
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return exc.start
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def stat_regular(path: Path | str, name: str, missing_ok: bool = False) -> os.stat_result | None:
     """The stat of the regular file at `path` (links followed), or None when nothing of that name
     exists and `missing_ok`. Anything else is a `UserError` that starts with `name`: not a regular

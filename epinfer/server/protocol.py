@@ -28,7 +28,7 @@ from epinfer.core.sampling_params import (
     logit_bias_from_json,
     truncate_prompt,
 )
-from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
+from epinfer.core.untrusted import TimeLimitExceeded, lone_surrogate, one_line, time_limit
 from epinfer.engine import restrict
 from epinfer.server import reasoning
 from epinfer.server.structured import OutputsError, structured_outputs
@@ -111,14 +111,21 @@ def _bounded_int(text: str) -> int:
 def decode_json(raw: bytes):
     """The body as JSON (UTF-8/16/32), refusing what Python's decoder would otherwise accept:
     NaN, Infinity, numbers that overflow to infinity and integers of more than MAX_INT_DIGITS digits
-    (their messages would not fit a line). Nesting too deep for the decoder is a 400 like any other
-    malformed body."""
+    (their messages would not fit a line), and lone UTF-16 surrogates in any of its text. Nesting too
+    deep for the decoder is a 400 like any other malformed body."""
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise APIError(400, "the JSON body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise APIError(400, f"malformed JSON body: {str(exc)[:200]}") from None
+    for key, value in body.items() if isinstance(body, dict) else ():
+        if lone_surrogate(key) is not None:
+            raise APIError(400, "a key of the JSON body is not valid Unicode (it holds a lone surrogate)")
+        if lone_surrogate(value) is not None:  # (anywhere in it: a schema's property name, a regex, a tool)
+            raise APIError(400, f"'{key}' is not valid Unicode (it holds a lone surrogate)", param=key)
+    return body
+
 
 
 def _text(value: str, key: str) -> str:
