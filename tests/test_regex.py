@@ -156,3 +156,44 @@ def test_regex_requests_checked():
         with pytest.raises(APIError) as exc:
             parse_request({**body, **bad}, False, None, info)
         assert exc.value.status == 400 and exc.value.param == param, (bad, exc.value.param, exc.value.message)
+
+
+def test_costly_or_unsatisfiable_guides_fail_alone():
+    """Counted repetitions nested in one another keep hundreds of automaton nodes alive a state: such
+    a request fails alone once they pass the limit, with what each grammar remembers bounded by the
+    nodes it holds; a schema's patterns are bounded in all. A guide whose answer is complete ends the
+    request (stop) even short of min_tokens; allowed_token_ids narrows a guide, and a guide nothing
+    continues fails that request (a 400 from the server)."""
+    from epinfer.engine import json_schema, regex_grammar
+
+    g = RegexGrammar(r"(.{0,1000}){4}c")
+    with pytest.raises(UserError, match="automaton nodes alive at once"):
+        g.walk(g.start, b"x" * 400)
+    assert g.memo_nodes <= regex_grammar.MAX_MEMO_NODES
+    assert max(len(s[0]) for s in g.memo if s) <= regex_grammar.MAX_STATE_NODES
+    words = RegexGrammar("|".join(f"word{i}" for i in range(200)))
+    assert matches(words, "word199")  # (401 nodes alive at its start)
+    props = {f"p{i}": {"type": "string", "pattern": "(.{0,1000}){4}r"} for i in range(1000)}
+    with pytest.raises(UserError, match="automaton nodes in all"):
+        json_schema.SchemaGrammar({"type": "object", "properties": props})
+
+    llm = LLM(dtype="float32")
+    yes = llm.tokenizer("yes", add_special_tokens=False)["input_ids"]
+    eos = sorted(llm.engine.eos_ids)
+    cases = [SamplingParams(max_tokens=20, temperature=0, regex=r"(.{0,1000}){4}c"),
+             SamplingParams(max_tokens=12, temperature=0, regex="ab", min_tokens=5),
+             SamplingParams(max_tokens=12, temperature=0, json_schema={"type": "boolean"}, min_tokens=8),
+             SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no"], allowed_token_ids=yes + eos),
+             SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no"], allowed_token_ids=[5]),
+             SamplingParams(max_tokens=12, temperature=0, regex=r"[^\s\S]"),
+             SamplingParams(max_tokens=6, temperature=0)]
+    outs = llm.generate(["Hi"] * len(cases), cases)
+    costly, held, boolean, narrowed, none, empty, plain = outs
+    assert costly.finish_reason == "error" and "too costly to follow" in costly.error, costly
+    assert (held.text, held.finish_reason) == ("ab", "stop") and boolean.text in ("true", "false"), (held, boolean)
+    assert boolean.finish_reason == "stop" and (narrowed.text, narrowed.finish_reason) == ("yes", "stop"), narrowed
+    assert none.finish_reason == "error" and "among its allowed_token_ids" in none.error, none
+    assert empty.finish_reason == "error" and "no token continues" in empty.error, empty
+    assert plain.finish_reason == "length" and len(plain.token_ids) == 6
+    alone = llm.generate(["Hi"], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert alone.token_ids == plain.token_ids

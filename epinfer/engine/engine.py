@@ -373,10 +373,16 @@ class Engine:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 
     def _allowed(self, sampled: list[Sequence]) -> list[tuple[int, object]]:
-        """`restrict.allowed_rows`; a request that no token can continue fails."""
-        rows, dead = restrict.allowed_rows(sampled, self.tokenizer, self.model_config.vocab_size, self.end_ids)
+        """`restrict.allowed_rows`; a request that no token can continue fails (its own constraints:
+        a 400 from the server), one whose guided answer is complete stops."""
+        rows, dead, complete = restrict.allowed_rows(sampled, self.tokenizer, self.model_config.vocab_size,
+                                                     self.end_ids)
         for seq, why in dead:
-            self._fail(seq, why)
+            self._fail(seq, why, status=400)
+        for seq in complete:
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+            self.pending_resets.append(seq.state_slot)
         return rows
 
     def resolve(self, keep: int) -> list[Sequence]:
@@ -439,9 +445,9 @@ class Engine:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
 
-    def _fail(self, seq: Sequence, message: str) -> None:
+    def _fail(self, seq: Sequence, message: str, status: int = 500) -> None:
         """Ends one request with an error; the others in the step go on."""
-        seq.finish_reason, seq.error = "error", message
+        seq.finish_reason, seq.error, seq.error_status = "error", message, status
         self.scheduler.finish(seq)
         self.pending_resets.append(seq.state_slot)
 

@@ -25,6 +25,7 @@ import json
 from epinfer.core.errors import UserError
 from epinfer.engine import json_mode
 from epinfer.engine.json_mode import CLOSED, END, MAX_DEPTH, MAX_SPACE, SPACE, Grammar, number_byte, number_start
+from epinfer.engine.regex_grammar import MAX_NODES as REGEX_NODES
 from epinfer.engine.regex_grammar import MAX_REPEAT, RegexGrammar
 
 IGNORED = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "additionalProperties",
@@ -51,6 +52,7 @@ class SchemaGrammar(Grammar):
                 raise UserError(f"json_schema: {key} must be an object")
             self.defs.update(defs)
         self.unions = False  # an "any" node: the states are sets
+        self.pattern_nodes = 0  # the automaton nodes of its patterns and lengths, in all
         root = self.compile(schema, "schema", (), 0)
         super().__init__("schema:" + json.dumps(schema),  # (in its own key order: properties come in it)
                          self.step_union if self.unions else self.step_schema)
@@ -109,7 +111,12 @@ class SchemaGrammar(Grammar):
             self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1), low, high)
             return index
         if kind == "string" and STRING_KEYS & set(s):
-            return self.add(("pat", self.string_pattern(s, where)))
+            grammar = self.string_pattern(s, where)
+            self.pattern_nodes += len(grammar.auto.edges)
+            if self.pattern_nodes > REGEX_NODES:  # (each costs its build; a state walks its nodes)
+                raise UserError(f"json_schema: its patterns and lengths need more than {REGEX_NODES} automaton "
+                                "nodes in all")
+            return self.add(("pat", grammar))
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
                          "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
 

@@ -26,7 +26,10 @@ MAX_PATTERN = 4096  # characters of an expression
 MAX_NODES = 20_000  # automaton nodes (counted repetition copies its operand)
 MAX_REPEAT = 1000  # the largest m and n of {m,n}
 MAX_GROUPS = 64  # groups inside groups (the parser and the construction recurse into them)
-MAX_MEMO = 1 << 17  # (state, byte) steps a grammar remembers (~20 MB; grammars are shared: `restrict`)
+MAX_MEMO = 1 << 17  # (state, byte) steps a grammar remembers (grammars are shared: `restrict`)
+MAX_STATE_NODES = 512  # automaton nodes alive at once: more is a request error (a 200-word alternation: 401)
+MAX_MEMO_NODES = 1 << 21  # and the automaton nodes their states hold, in all (a nested counted repetition,
+# `(.{0,1000}){4}`, keeps thousands of nodes a state: a count of steps alone let it hold gigabytes)
 LONGEST = 64  # bytes of the longest token `loop_bytes` follows a chain for (longer ones are walked)
 TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
@@ -343,6 +346,7 @@ class RegexGrammar(Grammar):
         super().__init__("regex:" + pattern, self.step_regex)
         self.start = (self.auto.closure([self.auto.start]), ())
         self.memo: dict = {}
+        self.memo_nodes = 0
 
     def can_end(self, state) -> bool:
         return not state[1] and self.auto.accept in state[0]
@@ -381,8 +385,10 @@ class RegexGrammar(Grammar):
         if key in self.memo:
             return self.memo[key]
         out = self._step(state, b)
-        if len(self.memo) < MAX_MEMO:
+        held = len(state[0]) + (len(out[0]) if out is not None else 0)
+        if len(self.memo) < MAX_MEMO and self.memo_nodes + held <= MAX_MEMO_NODES:
             self.memo[key] = out
+            self.memo_nodes += held
         return out
 
     def _step(self, state, b: int):
@@ -403,4 +409,8 @@ class RegexGrammar(Grammar):
             return None
         if len(pending) < size:
             return nodes, pending  # (some class takes a character that starts so)
-        return self.auto.closure([t for _, t in edges]), ()
+        nodes = self.auto.closure([t for _, t in edges])
+        if len(nodes) > MAX_STATE_NODES:  # (each step and each state's trie walk goes through them all)
+            raise UserError(f"regex: more than {MAX_STATE_NODES} automaton nodes alive at once after this text "
+                            "(counted repetitions nested in one another): too costly to follow")
+        return nodes, ()

@@ -7,30 +7,47 @@ from __future__ import annotations
 import functools
 import json
 
+import torch
+
 from epinfer.core.errors import UserError
 from epinfer.engine import guided, json_mode, json_schema, regex_grammar
 
 
-def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list]:
+def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list, list]:
     """([(row, ids: a list or a host tensor)], [(sequence, why) for the requests no token can
-    continue]); `end_ids(params)`: the ids that end a request."""
-    rows, dead = [], []
+    continue], [the requests whose guided answer is complete but whose end ids `min_tokens` still
+    holds: they end as stopped]); `end_ids(params)`: the ids that end a request. `allowed_token_ids`
+    with a guide narrows the guide's ids."""
+    rows, dead, complete = [], [], []
     for row, seq in enumerate(sampled):
         p = seq.params
-        if p.allowed_token_ids:
-            rows.append((row, p.allowed_token_ids))
-        elif guided_request(p) and seq.finish_reason is None:
-            vocab = guided.vocab_bytes(tokenizer, vocab_size)
+        if not (guided_request(p) and seq.finish_reason is None):
+            if p.allowed_token_ids:
+                rows.append((row, p.allowed_token_ids))
+            continue
+        vocab = guided.vocab_bytes(tokenizer, vocab_size)
+        ends = end_ids(p)
+        try:
             if p.choices:
-                ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, end_ids(p))
+                ids = guided.allowed_ids(vocab, p.choices, seq.output_ids, ends)
             else:  # (`json_guide`'s, made with the request)
-                ids = seq.guide.allowed(vocab, seq.output_ids, end_ids(p))
-            if not len(ids):
-                along = ("any of its choices" if p.choices else "its JSON schema" if p.json_schema is not None
-                         else "its regular expression" if p.regex is not None else "a JSON object")
-                dead.append((seq, f"no token continues its answer along {along}"))
-            rows.append((row, ids if len(ids) else [0]))
-    return rows, dead
+                ids = seq.guide.allowed(vocab, seq.output_ids, ends)
+        except UserError as exc:  # (a regex whose states grew too costly to follow)
+            dead.append((seq, str(exc)))
+            rows.append((row, [0]))
+            continue
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if p.allowed_token_ids:
+            ids = ids[torch.isin(ids, torch.tensor(p.allowed_token_ids, dtype=torch.long))]
+        if len(ids) and len(seq.output_ids) < p.min_tokens and bool(torch.isin(ids, torch.tensor(sorted(ends))).all()):
+            complete.append(seq)  # (nothing but its end may come: `min_tokens` cannot be met along the guide)
+        elif not len(ids):
+            along = ("any of its choices" if p.choices else "its JSON schema" if p.json_schema is not None
+                     else "its regular expression" if p.regex is not None else "a JSON object")
+            among = " among its allowed_token_ids" if p.allowed_token_ids else ""
+            dead.append((seq, f"no token continues its answer along {along}{among}"))
+        rows.append((row, ids if len(ids) else [0]))
+    return rows, dead, complete
 
 
 def json_guide(p) -> json_mode.JsonGuide | None:

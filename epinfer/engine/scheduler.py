@@ -37,6 +37,7 @@ class Sequence:
     bad_ids: list = dataclasses.field(default_factory=list)  # its bad words' token sequences (`engine.bad_words`)
     nan_logits: bool = False  # the model produced a non-finite logit for it
     error: str | None = None  # why it failed, when finish_reason is "error"
+    error_status: int = 500  # 400: the request's own constraints failed it (a guide no token continues)
     # async scheduling: tokens sampled on the device but not yet seen by the host (0 or 1 at plan
     # time), the row of the last one in its step's sampled tokens, and whether that one is the
     # request's last by count (max tokens / length): then it is not scheduled again

@@ -250,7 +250,7 @@ class ServeLoop:
             self.sent[rid] = len(seq.output_ids)
             lp = self.lp_pending.pop(rid, None) if rid in self.logprobs else None
             if done:
-                extra = (500, seq.error) if seq.finish_reason == "error" else seq.stop_text_end
+                extra = (seq.error_status, seq.error) if seq.finish_reason == "error" else seq.stop_text_end
                 events.append((rid, new, lp, seq.finish_reason, extra, prompt))
                 del self.seqs[rid]
                 self.forget(rid)
