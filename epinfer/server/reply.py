@@ -18,7 +18,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server import reasoning
@@ -34,6 +34,12 @@ from epinfer.server.text import (
     prompt_logprobs,
 )
 from epinfer.server.tools import OPEN, any_call, held_back, parse_calls
+
+
+def _dumps(value) -> str:
+    """JSON as Starlette's JSONResponse writes it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
 
 DISCONNECTED = Update([], finish_reason="cancelled", error="client disconnected")
 
@@ -255,14 +261,23 @@ class Reply:
         finally:
             watcher.cancel()
             self.cancel()
-        try:
-            choices = [c.whole(ends.get(c.index)) for c in self.choices]
-            body = self.body(choices, self.usage(), chunk=False)
-            if self.chat and self.states[0].req.prompt_logprobs is not None:  # (vLLM's place for a chat's)
+        req = self.states[0].req
+
+        def build() -> bytes:
+            # each choice encoded on its own: json's encoder holds the GIL for a whole call
+            choices = "[" + ",".join(_dumps(c.whole(ends.get(c.index))) for c in self.choices) + "]"
+            body = self.body([], self.usage(), chunk=False)
+            if self.chat and req.prompt_logprobs is not None:  # (vLLM's place for a chat's)
                 body["prompt_logprobs"] = self.choices[0].prompt_json()
+            return _dumps(body).replace('"choices":[]', '"choices":' + choices, 1).encode()
+
+        try:  # with logprobs (n choices of echoed prompts: up to hundreds of MB) in a thread, which
+            # leaves the event loop its turns: the other requests and /health are answered meanwhile
+            heavy = req.logprobs is not None or req.prompt_logprobs is not None
+            content = await asyncio.to_thread(build) if heavy else build()
         except Exception as exc:  # this request's text can't be made: it fails, nothing else does
             return JSONResponse(self.text_failure(exc), status_code=500)
-        return JSONResponse(body)
+        return Response(content, media_type="application/json")
 
     def text_failure(self, exc: Exception) -> dict:
         log_line(f"epinfer: error: request {self.id}: detokenisation failed: {type(exc).__name__}: {exc}")
