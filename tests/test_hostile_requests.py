@@ -322,6 +322,11 @@ HOSTILE_BODIES = [
     (b'{"prompt": "hi", "guided_regex": "[\\ud800-\\udfff]"}', 400, "'guided_regex' is not valid Unicode"),
     (b'{"prompt": "hi", "\\udfff": 1}', 400, "a key of the JSON body is not valid Unicode"),
     (b'{"prompt": "hi", "max_tokens": 4, "guided_regex": "[^\\\\s\\\\S]"}', 400, "no token continues its answer"),
+    # (sampled, not greedy: a row with every token masked off once stopped every rank of the server)
+    (b'{"prompt": "hi", "max_tokens": 5, "temperature": 1, "allowed_token_ids": [0], "min_tokens": 5}', 400,
+     "allowed_token_ids holds only ids that end the request"),
+    (b'{"prompt": "hi", "max_tokens": 5, "temperature": 1, "allowed_token_ids": [67], "bad_words": ["a"]}', 400,
+     "no token may come at output token 0"),  # (the demo's "a" is token 67)
     (b"[" * 10_000 + b"]" * 10_000, 400, "nested too deeply"),
     (b'{"prompt": "caf\xe9"}', 400, "malformed JSON"),
     (b"\xff\xfe\x00garbage", 400, "malformed JSON"),

@@ -163,7 +163,8 @@ def test_costly_or_unsatisfiable_guides_fail_alone():
     a request fails alone once they pass the limit, with what each grammar remembers bounded by the
     nodes it holds; a schema's patterns are bounded in all. A guide whose answer is complete ends the
     request (stop) even short of min_tokens; allowed_token_ids narrows a guide, and a guide nothing
-    continues fails that request (a 400 from the server)."""
+    continues fails that request (a 400 from the server), as does a sampled row whose restrictions
+    leave no token (it once reached the sampler and stopped the step)."""
     from epinfer.engine import json_schema, regex_grammar
 
     g = RegexGrammar(r"(.{0,1000}){4}c")
@@ -180,15 +181,20 @@ def test_costly_or_unsatisfiable_guides_fail_alone():
     llm = LLM(dtype="float32")
     yes = llm.tokenizer("yes", add_special_tokens=False)["input_ids"]
     eos = sorted(llm.engine.eos_ids)
+    a = llm.tokenizer("a", add_special_tokens=False)["input_ids"]  # (one token: the bad word "a" as it is)
     cases = [SamplingParams(max_tokens=20, temperature=0, regex=r"(.{0,1000}){4}c"),
              SamplingParams(max_tokens=12, temperature=0, regex="ab", min_tokens=5),
              SamplingParams(max_tokens=12, temperature=0, json_schema={"type": "boolean"}, min_tokens=8),
              SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no"], allowed_token_ids=yes + eos),
              SamplingParams(max_tokens=12, temperature=0, choices=["yes", "no"], allowed_token_ids=[5]),
              SamplingParams(max_tokens=12, temperature=0, regex=r"[^\s\S]"),
+             SamplingParams(max_tokens=8, temperature=1, regex="a{0,3}", min_tokens=5),
+             SamplingParams(max_tokens=8, temperature=1, allowed_token_ids=a, bad_words=["a"]),
              SamplingParams(max_tokens=6, temperature=0)]
     outs = llm.generate(["Hi"] * len(cases), cases)
-    costly, held, boolean, narrowed, none, empty, plain = outs
+    costly, held, boolean, narrowed, none, empty, sampled_held, masked, plain = outs
+    assert sampled_held.finish_reason == "stop" and sampled_held.text in ("", "a", "aa", "aaa"), sampled_held
+    assert masked.finish_reason == "error" and "no token may come" in masked.error, masked
     assert costly.finish_reason == "error" and "too costly to follow" in costly.error, costly
     assert (held.text, held.finish_reason) == ("ab", "stop") and boolean.text in ("true", "false"), (held, boolean)
     assert boolean.finish_reason == "stop" and (narrowed.text, narrowed.finish_reason) == ("yes", "stop"), narrowed
@@ -197,3 +203,5 @@ def test_costly_or_unsatisfiable_guides_fail_alone():
     assert plain.finish_reason == "length" and len(plain.token_ids) == 6
     alone = llm.generate(["Hi"], SamplingParams(max_tokens=6, temperature=0))[0]
     assert alone.token_ids == plain.token_ids
+    with pytest.raises(UserError, match="allowed_token_ids holds only ids that end the request"):
+        llm.generate("Hi", SamplingParams(max_tokens=4, temperature=1, allowed_token_ids=eos, min_tokens=2))

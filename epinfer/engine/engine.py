@@ -273,6 +273,9 @@ class Engine:
             raise UserError(f"request {index}: {what} needs a "
                             "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
                             "without stop_token_ids)")
+        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= self.end_ids(params):
+            raise UserError(f"request {index}: allowed_token_ids holds only ids that end the request, which "
+                            "min_tokens holds back: no token could be sampled")
         if params.bad_words and self.tokenizer is None:
             raise UserError(f"request {index}: bad_words need a tokenizer, and this model has none")
         try:
@@ -349,8 +352,13 @@ class Engine:
             self.scheduler.computed(item.seq)
         with self.part_scope("sampling"):
             bad = nonfinite_rows(logits)  # such a row fails its request alone (in `resolve`)
-            logits = penalize(bias(allow(hold(logits, sampled, self.end_ids), self._allowed(sampled)), sampled),
-                              sampled, self.runner.prev_tokens)
+            rows = self._allowed(sampled)
+            logits = penalize(bias(allow(hold(logits, sampled, self.end_ids), rows), sampled), sampled,
+                              self.runner.prev_tokens)
+            flags = bad.to(torch.int64)
+            if rows:  # every token masked off (a guide or allowed ids, min_tokens, bad words): fails alone too
+                none_left = torch.isneginf(logits).all(-1)
+                flags, bad = flags + 2 * none_left, bad | none_left
             tokens = sample_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], bad_S=bad)
         for row, seq in enumerate(sampled):
             seq.pending += 1
@@ -359,7 +367,7 @@ class Engine:
         self.runner.prev_tokens = tokens
         self.last_sampled = len(sampled)
         event = None
-        packed = torch.stack((tokens, bad.to(tokens.dtype)))  # [2, S]: one copy to the host
+        packed = torch.stack((tokens, flags.to(tokens.dtype)))  # [2, S]: one copy to the host
         if packed.is_cuda:
             host = packed.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
@@ -399,10 +407,14 @@ class Engine:
                 seq.pending -= 1
                 if seq.finish_reason is not None:
                     continue
-                if is_bad:
+                if is_bad & 1:
                     seq.nan_logits = True
                     self._fail(seq, "the model produced non-finite logits (NaN or Inf) for this request "
                                     f"at output token {len(seq.output_ids)}; its sampling stopped")
+                if is_bad == 2:
+                    self._fail(seq, f"no token may come at output token {len(seq.output_ids)}: its restrictions "
+                                    "(allowed ids or guide, min_tokens, bad words) leave none", status=400)
+                if is_bad:
                     finished.append(seq)
                     continue
                 seq.output_ids.append(token)
