@@ -268,14 +268,7 @@ class Engine:
                           ("allowed token id", params.allowed_token_ids or ())):
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
                 raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
-        if restrict.guided_request(params) and (self.tokenizer is None or not self.end_ids(params)):
-            what = "guided choice" if params.choices else "a guided regex" if params.regex is not None else "JSON mode"
-            raise UserError(f"request {index}: {what} needs a "
-                            "tokenizer and an end-of-sequence or stop token id to end the answer with (not ignore_eos "
-                            "without stop_token_ids)")
-        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= self.end_ids(params):
-            raise UserError(f"request {index}: allowed_token_ids holds only ids that end the request, which "
-                            "min_tokens holds back: no token could be sampled")
+        restrict.check_request(params, index, self.tokenizer, self.end_ids(params))
         if params.bad_words and self.tokenizer is None:
             raise UserError(f"request {index}: bad_words need a tokenizer, and this model has none")
         try:
