@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import reprlib
 import secrets
 import stat
@@ -130,6 +131,26 @@ def lone_surrogate(value: Any) -> int | None:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+    return None
+
+
+# (in UTF-8, a lone surrogate comes from a \u escape or from the three bytes that encode one, which
+# json decodes with "surrogatepass")
+_SURROGATE_UTF8 = re.compile(rb"\\u|\xed[\xa0-\xbf]")
+
+
+def surrogate_field(raw: bytes, body: Any) -> str | bool | None:
+    """The top-level field of the JSON object `body` (decoded from `raw`) whose text holds a lone
+    surrogate, True for a key that does, None where none does. A UTF-8 body with neither a \\u
+    escape nor a surrogate's bytes is spared the walk of its values."""
+    if not isinstance(body, dict) or (json.detect_encoding(raw).startswith("utf-8") and
+                                      _SURROGATE_UTF8.search(raw) is None):
+        return None
+    for key, value in body.items():
+        if lone_surrogate(key) is not None:
+            return True
+        if lone_surrogate(value) is not None:
+            return key
     return None
 
 

@@ -28,7 +28,7 @@ from epinfer.core.sampling_params import (
     logit_bias_from_json,
     truncate_prompt,
 )
-from epinfer.core.untrusted import TimeLimitExceeded, lone_surrogate, one_line, time_limit
+from epinfer.core.untrusted import TimeLimitExceeded, one_line, surrogate_field, time_limit
 from epinfer.engine import restrict
 from epinfer.server import reasoning
 from epinfer.server.structured import OutputsError, structured_outputs
@@ -119,11 +119,11 @@ def decode_json(raw: bytes):
         raise APIError(400, "the JSON body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise APIError(400, f"malformed JSON body: {str(exc)[:200]}") from None
-    for key, value in body.items() if isinstance(body, dict) else ():
-        if lone_surrogate(key) is not None:
-            raise APIError(400, "a key of the JSON body is not valid Unicode (it holds a lone surrogate)")
-        if lone_surrogate(value) is not None:  # (anywhere in it: a schema's property name, a regex, a tool)
-            raise APIError(400, f"'{key}' is not valid Unicode (it holds a lone surrogate)", param=key)
+    bad = surrogate_field(raw, body)  # (anywhere in a field: a schema's property name, a regex, a tool)
+    if bad is not None:
+        name = "a key of the JSON body" if bad is True else f"'{bad}'"
+        raise APIError(400, f"{name} is not valid Unicode (it holds a lone surrogate)",
+                       param=None if bad is True else bad)
     return body
 
 
