@@ -58,7 +58,7 @@ def direct_allowed(vocab, state) -> list[int]:
     return [t for t, raw in enumerate(vocab.of) if raw and OBJECT.walk(state, raw) is not None]
 
 
-def test_trie_walk_equals_a_direct_check():
+def test_sweep_equals_a_direct_check():
     llm = LLM()
     vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
     jv = json_vocab(vocab)

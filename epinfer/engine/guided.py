@@ -27,7 +27,7 @@ class VocabBytes:
         pieces = tokenizer.convert_ids_to_tokens(list(range(size))) if byte_level(tokenizer) else [None] * size
         self.of: list[bytes] = [b""] * size
         self.ids: dict[bytes, list[int]] = {}
-        self.json = None  # its trie for JSON mode (`json_mode.json_vocab`), built at first use
+        self.json = None  # its layout for the guides (`json_mode.json_vocab`), built at first use
         for t, piece in enumerate(pieces):
             if t in special:
                 continue

@@ -6,26 +6,31 @@ sampled, and an end id once the object is closed.
 A byte-level parser state (`State`: the open containers, what may come next, and a counter of
 the current run of whitespace, at most `MAX_SPACE` bytes long so that a model cannot pad forever)
 steps one byte at a time (`step`, None where the byte is not valid there). The ids a state allows
-are found by walking the vocabulary's bytes as a trie from that state, pruned where a byte is
-refused (the vocabulary sorted by bytes: the tokens under a prefix are one range of it); inside a
-string, where almost every token is valid, the tokens free of quotes, backslashes and control bytes
-are taken whole and only the others walked. Each state's allowed ids are remembered
+are found by stepping every token's bytes from that state at once, a byte position at a time, each
+distinct (state, byte) pair once (`JsonVocab.sweep`). Each state's allowed ids are remembered
 (`JsonVocab.allowed`), so a request pays for a state once. Objects nest at most `MAX_DEPTH` deep;
 string bytes are not checked as UTF-8.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 
 import torch
 
+from epinfer.core.errors import UserError
 from epinfer.engine.guided import VocabBytes
 
 MAX_DEPTH = 16
 MAX_SPACE = 16  # whitespace bytes in a row (an indented line of nesting 3 and 4 spaces, and its newline)
 MAX_STATES = 4096  # states whose allowed ids are remembered (least recently used go first)
+UNKNOWN = -1  # (`JsonVocab.sweep`'s table: a pair not yet stepped)
+# what finding a state's allowed ids may cost (`JsonVocab.sweep`): a step of a (state, byte) pair is STEP_WORK
+# and the state's automaton nodes (a regex's); more fails that request alone, so that no guide holds the step
+# loop of every request for long (a 150,000-token vocabulary: common expressions take 5,000-15,000, a
+# 200-word alternation 130,000, `.*a.{15}` up to 390,000 in 0.2 s on one core)
+STEP_WORK = 16
+MAX_SWEEP_WORK = 1 << 20
 SPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
@@ -154,8 +159,8 @@ def _number(stack: str, phase: int, b: int) -> State | None:
 
 class Grammar:
     """A byte grammar: its `step` and the key its states are remembered under. `json_states`: the
-    states are in this module's layout (frames, mode, aux, whitespace run; mode "S" with aux & 7 == 0
-    a plain string), which `JsonVocab.allowed` takes short cuts through (`regex_grammar`'s are not)."""
+    states are in this module's layout (frames, mode, aux, whitespace run), whose run `JsonVocab.allowed`
+    takes a short cut through (`regex_grammar`'s are not)."""
 
     json_states = True
 
@@ -171,10 +176,9 @@ class Grammar:
         """Whether a byte may still come in `state`."""
         return state[1] != "D"
 
-    def loop_bytes(self, state) -> tuple[int, int]:
-        """(bytes as a 256-bit set, depth): any token of at most `depth` of those bytes is allowed in
-        `state`, where a grammar knows them cheaply (`JsonVocab.looped`); (0, 0): none known."""
-        return 0, 0
+    def weight(self, state: State) -> int:
+        """What stepping `state` a byte costs beyond `STEP_WORK` (a regex: its automaton nodes)."""
+        return 0
 
     def walk(self, state: State | None, raw: bytes) -> State | None:
         for b in raw:
@@ -188,23 +192,22 @@ OBJECT = Grammar("object", step)  # JSON mode: any object
 
 
 class JsonVocab:
-    """A tokenizer's vocabulary sorted by bytes (a trie without nodes: the tokens under a prefix are
-    a range of the list), and the ids each grammar state allows (remembered)."""
+    """A tokenizer's vocabulary laid out for `sweep` (its bytes by position, the longest tokens
+    first), and the ids each grammar state allows (remembered)."""
 
     def __init__(self, vocab: VocabBytes) -> None:
-        pairs = sorted((raw, t) for t, raw in enumerate(vocab.of) if raw)
-        self.keys = [raw for raw, _ in pairs]
-        self.ids = [t for _, t in pairs]
-        self.of = vocab.of
-        safe = [t for raw, t in pairs if not any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
-        self.unsafe = [t for raw, t in pairs if any(b < 0x20 or b in (0x22, 0x5C) for b in raw)]
-        self.safe = torch.tensor(safe, dtype=torch.long)  # (keep a plain string plain)
+        # `sweep`'s layout: the ids longest first, and at each depth the bytes there of the tokens that long
+        by_length = sorted(((raw, t) for t, raw in enumerate(vocab.of) if raw), key=lambda p: -len(p[0]))
+        self.by_length = torch.tensor([t for _, t in by_length], dtype=torch.long)
+        lengths = torch.tensor([len(raw) for raw, _ in by_length], dtype=torch.long)
+        blob = torch.frombuffer(bytearray(b"".join(raw for raw, _ in by_length) or b"\0"), dtype=torch.uint8)
+        starts = torch.cumsum(lengths, 0) - lengths
+        self.columns = [blob[starts[: int((lengths > j).sum())] + j].to(torch.int32)
+                        for j in range(int(lengths[0]) if by_length else 0)]
         # each token's leading whitespace bytes: a state's allowed ids depend on its whitespace run only
         # through them, so a state is searched once for every run length
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
-        self.bytes_used: torch.Tensor | None = None  # (`looped`: each token's bytes, 8 x 32 bits, and its length)
-        self.lengths: torch.Tensor | None = None
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
@@ -217,61 +220,63 @@ class JsonVocab:
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
-        if json_states and state[1] == "S" and state[2] & 7 == 0:  # a plain string: the safe tokens keep it so
-            ids = self.safe.tolist() + [t for t in self.unsafe if grammar.walk(state, self.of[t]) is not None]
-        else:
-            loop = grammar.loop_bytes(state)
-            ids = self.looped(state, grammar, *loop) if loop[0].bit_count() >= 32 else None  # (few: a short walk)
-            ids = self.search(state, grammar.step) if ids is None else ids
-        out = torch.tensor(sorted(ids), dtype=torch.long)
-        self.cache[key] = out
+        ids = self.sweep(state, grammar)
+        out = self.cache[key] = torch.sort(ids).values
         if len(self.cache) > MAX_STATES:
             self.cache.popitem(last=False)
         return out
 
-    def looped(self, state, grammar: Grammar, loop: int, depth: int) -> list[int] | None:
-        """Where most tokens are made only of `loop`'s bytes and at most `depth` long
-        (`Grammar.loop_bytes`: a regex's `[^\n]*`), those tokens whole and the others walked one by
-        one; None where they are not most (the trie search prunes better)."""
-        if self.bytes_used is None:
-            used = [[0] * 8 for _ in self.of]
-            for t, raw in enumerate(self.of):
-                for b in set(raw):
-                    used[t][b >> 5] |= 1 << (b & 31)
-                if not raw:  # (no token: never inside)
-                    used[t] = [-1] * 8
-            self.bytes_used = torch.tensor(used, dtype=torch.int64)
-            self.lengths = torch.tensor([len(raw) for raw in self.of])
-        outside = torch.tensor([~(loop >> (32 * k)) & 0xFFFFFFFF for k in range(8)], dtype=torch.int64)
-        inside = ((self.bytes_used & outside) == 0).all(1) & (self.lengths <= depth)
-        found = inside.nonzero().flatten().tolist()
-        if len(found) * 2 < len(self.keys):
-            return None
-        flags = inside.tolist()
-        return found + [t for t in self.ids if not flags[t] and grammar.walk(state, self.of[t]) is not None]
-
-    def search(self, state: State, step_fn) -> list[int]:
-        """The tokens whose every byte `step_fn` takes from `state`: ranges of the sorted keys that
-        share a prefix, split by their next byte, a range dropped where that byte is refused."""
-        keys, found = self.keys, []
-        todo = [(0, len(keys), 0, state)]  # keys[lo:hi] share their first `depth` bytes; `s` after them
-        while todo:
-            lo, hi, depth, s = todo.pop()
-            while lo < hi and len(keys[lo]) == depth:  # (whole tokens sort first)
-                found.append(self.ids[lo])
-                lo += 1
-            while lo < hi:
-                b = keys[lo][depth]
-                end = hi if b == 255 else bisect.bisect_left(keys, keys[lo][:depth] + bytes([b + 1]), lo, hi)
-                nxt = step_fn(s, b)
-                if nxt is not None:
-                    todo.append((lo, end, depth + 1, nxt))
-                lo = end
-        return found
+    def sweep(self, state: State, grammar: Grammar) -> torch.Tensor:
+        """The tokens whose every byte `grammar` takes from `state`, all walked at once a byte position
+        at a time: each live token's state is an index into the states met so far, and one gather
+        through their table of (state, byte) -> state (0: refused) moves them all a byte on; a token
+        refused leaves the walk, one whose bytes are all taken is allowed. Only the pairs the table
+        lacks are stepped (each once a sweep), so the Python work is the distinct (state, byte) pairs at
+        each depth, not the vocabulary's prefixes. Each costs `STEP_WORK` and the state's
+        `Grammar.weight`; more than `MAX_SWEEP_WORK` in all is an error of the request (the same on
+        every rank: it depends on the state alone)."""
+        states, index = [None, state], {state: 1}
+        table = torch.full((64 * 256,), UNKNOWN, dtype=torch.int32)  # [state * 256 + byte] -> state
+        alive = torch.arange(len(self.by_length))  # live tokens' places in `by_length` (longest first)
+        at = torch.ones(len(self.by_length), dtype=torch.int32)  # and their states
+        allowed, work = [], 0
+        for depth, column in enumerate(self.columns):  # the bytes at this depth of the tokens that long or longer
+            longer = int(torch.searchsorted(alive, column.shape[0])) if depth else len(alive)
+            allowed.append(alive[longer:])  # (all their bytes taken)
+            alive, at = alive[:longer], at[:longer]
+            flat = at * 256 + (column[alive] if depth else column)
+            nxt = table[flat]
+            unknown = nxt == UNKNOWN
+            if bool(unknown.any()):
+                seen = torch.zeros(table.shape[0], dtype=torch.bool)
+                seen[flat[unknown]] = True
+                keys = seen.nonzero().flatten()
+                outs = []
+                for key in keys.tolist():
+                    work += STEP_WORK + grammar.weight(states[key >> 8])
+                    if work > MAX_SWEEP_WORK:
+                        raise UserError(f"its guide is too costly to follow: finding the tokens that may come next "
+                                        f"takes more than {MAX_SWEEP_WORK:,} automaton steps")
+                    out = grammar.step(states[key >> 8], key & 255)
+                    k = 0 if out is None else index.setdefault(out, len(states))
+                    if k == len(states):
+                        states.append(out)
+                    outs.append(k)
+                if len(states) * 256 > table.shape[0]:
+                    grow = max(len(states) * 256, 2 * table.shape[0]) - table.shape[0]
+                    table = torch.cat([table, torch.full((grow,), UNKNOWN, dtype=torch.int32)])
+                table[keys] = torch.tensor(outs, dtype=torch.int32)
+                nxt = table[flat]
+            live = nxt > 0
+            alive, at = alive[live], nxt[live]
+            if not len(alive):
+                break
+        allowed.append(alive)
+        return self.by_length[torch.cat(allowed)]
 
 
 def json_vocab(vocab: VocabBytes) -> JsonVocab:
-    """The vocabulary's trie, built once (for the tokenizer's `VocabBytes`)."""
+    """The vocabulary's `JsonVocab`, built once (for the tokenizer's `VocabBytes`)."""
     if getattr(vocab, "json", None) is None:
         vocab.json = JsonVocab(vocab)
     return vocab.json

@@ -159,14 +159,11 @@ class SchemaGrammar(Grammar):
         self.unions = True
         return self.add(("any", alts))
 
-    def loop_bytes(self, state) -> tuple[int, int]:
-        """In a string under a pattern, its expression's (`RegexGrammar.loop_bytes`) less the quote, the
-        backslash and the control bytes (which close the string or are refused there)."""
-        if self.unions or state[1] != "P":
-            return 0, 0
-        n, inner = state[2]
-        mask, depth = self.nodes[n][1].loop_bytes(inner)
-        return mask & ~(1 << 0x22 | 1 << 0x5C | 0xFFFFFFFF), depth
+    def weight(self, state) -> int:
+        """A string under a pattern: its expression's nodes; a union: the sum over its states."""
+        if isinstance(state, frozenset):
+            return sum(self.weight(s) for s in state)
+        return self.nodes[state[2][0]][1].weight(state[2][1]) if state[1] == "P" else 0
 
     def step_union(self, states: frozenset, b: int) -> frozenset | None:
         out = set()

@@ -10,7 +10,8 @@ its start and `$` at its end) compiles to a Thompson automaton over characters; 
 the set of automaton nodes after the answer's bytes, with the bytes of a character not yet complete
 (UTF-8); a byte is refused where no node's class holds a character that begins with those bytes, so
 every state can still reach a match and a token cannot stop half way into a character no class
-takes. `json_mode.JsonVocab` walks the vocabulary as a trie from a state, as for JSON.
+takes. `json_mode.JsonVocab` sweeps the vocabulary from a state, as for JSON; ASCII bytes that every
+class holds alike step once (a class of bytes).
 
 In `.` and the negated classes, a character is anything but a newline / the listed ones; the classes
 hold code points, matched against the UTF-8 bytes of the answer (`\\d`, `\\w`, `\\s` are their ASCII
@@ -30,7 +31,6 @@ MAX_MEMO = 1 << 17  # (state, byte) steps a grammar remembers (grammars are shar
 MAX_STATE_NODES = 512  # automaton nodes alive at once: more is a request error (a 200-word alternation: 401)
 MAX_MEMO_NODES = 1 << 21  # and the automaton nodes their states hold, in all (a nested counted repetition,
 # `(.{0,1000}){4}`, keeps thousands of nodes a state: a count of steps alone let it hold gigabytes)
-LONGEST = 64  # bytes of the longest token `loop_bytes` follows a chain for (longer ones are walked)
 TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
 WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
@@ -333,7 +333,7 @@ def utf8_span(pending: tuple) -> tuple[int, int, int] | None:
 
 class RegexGrammar(Grammar):
     """A compiled expression as a byte grammar: states (automaton nodes, pending bytes), each step
-    remembered (a trie walk meets the same (state, byte) pairs again and again)."""
+    remembered (the sweeps of successive states meet the same (state, byte) pairs again and again)."""
 
     json_states = False
 
@@ -347,6 +347,11 @@ class RegexGrammar(Grammar):
         self.start = (self.auto.closure([self.auto.start]), ())
         self.memo: dict = {}
         self.memo_nodes = 0
+        # each ASCII byte's class: the first byte of its run of bytes that every edge's ranges hold
+        # alike (from a state without pending bytes they lead to one state: remembered once a class)
+        cuts = sorted({0, 0x80} | {x for edges in self.auto.edges for ranges, _ in edges for lo, hi in ranges
+                                   for x in (lo, hi + 1) if x < 0x80})
+        self.ascii_class = [max(c for c in cuts if c <= b) for b in range(0x80)]
 
     def can_end(self, state) -> bool:
         return not state[1] and self.auto.accept in state[0]
@@ -354,34 +359,11 @@ class RegexGrammar(Grammar):
     def open(self, state) -> bool:
         return any(self.auto.edges[i] for i in state[0])
 
-    def loop_bytes(self, state) -> tuple[int, int]:
-        """(B, depth): ASCII bytes B that all lead from `state` to one state, and from there on to one
-        state at each step, for `depth` steps (a character class repeated: `[^\\n]*`, depth unbounded;
-        `.{0,200}`, 200 at its start): a token of at most `depth` bytes, each in B, is allowed. Of the
-        states the bytes lead to, the one most of them reach; (0, 0) where none does."""
-        if state[1]:
-            return 0, 0
-        reach: dict = {}
-        for b in range(0x80):
-            nxt = self.step_regex(state, b)
-            if nxt is not None:
-                reach[nxt] = reach.get(nxt, 0) | 1 << b
-        if not reach:
-            return 0, 0
-        target, mask = max(reach.items(), key=lambda kv: kv[1].bit_count())
-        chain, depth = [b for b in range(0x80) if mask >> b & 1], 1
-        while depth < LONGEST:  # (no token is longer)
-            after = {self.step_regex(target, b) for b in chain}
-            if len(after) != 1 or None in after:
-                break
-            nxt = after.pop()
-            if nxt == target:
-                return mask, LONGEST
-            target, depth = nxt, depth + 1
-        return mask, depth
+    def weight(self, state) -> int:
+        return len(state[0])
 
     def step_regex(self, state, b: int):
-        key = (state, b)
+        key = (state, self.ascii_class[b] if b < 0x80 and not state[1] else b)
         if key in self.memo:
             return self.memo[key]
         out = self._step(state, b)
@@ -410,7 +392,7 @@ class RegexGrammar(Grammar):
         if len(pending) < size:
             return nodes, pending  # (some class takes a character that starts so)
         nodes = self.auto.closure([t for _, t in edges])
-        if len(nodes) > MAX_STATE_NODES:  # (each step and each state's trie walk goes through them all)
+        if len(nodes) > MAX_STATE_NODES:  # (each step of each state goes through them all)
             raise UserError(f"regex: more than {MAX_STATE_NODES} automaton nodes alive at once after this text "
                             "(counted repetitions nested in one another): too costly to follow")
         return nodes, ()

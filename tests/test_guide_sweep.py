@@ -1,0 +1,93 @@
+"""The guides' vocabulary sweep (`json_mode.JsonVocab.sweep`): on a wide random vocabulary (long tokens,
+UTF-8 pieces, quotes and control bytes) the ids it allows from a state equal a direct check of every
+token, for regular expressions, JSON mode and JSON schemas; its work is bounded, the same whether a
+state's ids were remembered or not, and a guide that passes a bound fails its request alone while the
+others in its steps give the tokens they give alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from epinfer import LLM, SamplingParams
+from epinfer.core.errors import UserError
+from epinfer.engine import json_mode
+from epinfer.engine.json_mode import OBJECT, JsonVocab
+from epinfer.engine.json_schema import SchemaGrammar
+from epinfer.engine.regex_grammar import RegexGrammar
+
+SCHEMA = {"type": "object", "required": ["name", "n"],
+          "properties": {"name": {"type": "string", "pattern": "[A-Z][a-z]{1,8}"}, "n": {"type": "integer"},
+                         "tags": {"type": "array", "items": {"type": "string"}}}}
+
+
+class WideVocab:
+    """`guided.VocabBytes`'s fields over random byte strings (no tokenizer)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        pieces = {bytes([b]) for b in range(256)}
+        pool = ["ab", "a", "b", "c", "x", " ", "\n", '"', "\\", "{", "}", ":", ",", "1", "0", "-", ".", "é", "日",
+                "A", "Z", "e", "true", "null", "\t", "\\u00"]
+        while len(pieces) < size:
+            raw = "".join(rng.choice(pool) for _ in range(rng.choice((1, 2, 3, 5, 8, 20, 40)))).encode()
+            if rng.random() < 0.1:
+                raw = raw[: rng.randrange(1, len(raw) + 1)]  # (split inside a character)
+            pieces.add(raw)
+        self.of = [b""] + sorted(pieces)  # (id 0: no bytes, as a special token)
+        self.ids: dict = {}
+        for t, raw in enumerate(self.of):
+            if raw:
+                self.ids.setdefault(raw, []).append(t)
+        self.json = None
+
+
+def direct(vocab, grammar, state) -> list[int]:
+    return [t for t, raw in enumerate(vocab.of) if raw and grammar.walk(state, raw) is not None]
+
+
+def test_sweep_equals_a_direct_check_on_a_wide_vocabulary():
+    vocab = WideVocab(3000)
+    jv = JsonVocab(vocab)
+    grammars = [(RegexGrammar(r".*a.{3}"), ["", "ab", "xaxa"]),
+                (RegexGrammar(r'(ab|a)*"?\d{0,3}é?'), ["", "aba", 'ab"1']),
+                (RegexGrammar(r"[^\n]{0,30}\n"), ["", "a" * 29]), (RegexGrammar("日+[^a-z]"), ["", "日"]),
+                (OBJECT, ["{", '{"a', '{"a": 1', '{"a": [tr', '{"a": "x\\u0', "{ \n  "]),
+                (SchemaGrammar(SCHEMA), ["", '{"name": "A', '{"name": "Ab", "n": -1',
+                                         '{"name": "Ab", "n": 2, "tags": ['])]
+    for grammar, prefixes in grammars:
+        for prefix in prefixes:
+            state = grammar.walk(grammar.start, prefix.encode())
+            assert state is not None, (grammar.key, prefix)
+            ids = jv.allowed(state, grammar)
+            assert ids.tolist() == direct(vocab, grammar, state), (grammar.key, prefix)
+            assert torch.equal(jv.allowed(state, grammar), ids)  # (remembered)
+
+
+def test_a_sweep_past_its_bound_fails_the_same_every_time(monkeypatch):
+    """The bound counts the (state, byte) pairs a sweep steps and their states' nodes: what a request
+    asks for alone, whatever the grammar remembers from earlier requests (ranks agree)."""
+    vocab = WideVocab(2000, seed=1)
+    grammar = RegexGrammar(r"(.*a.{6}){2}")
+    state = grammar.walk(grammar.start, b"xaxxab")
+    monkeypatch.setattr(json_mode, "MAX_SWEEP_WORK", 2000)
+    for _ in range(2):  # (the second time the grammar's steps are remembered)
+        with pytest.raises(UserError, match="too costly to follow: finding the tokens that may come next takes more"):
+            JsonVocab(vocab).allowed(state, grammar)
+    monkeypatch.setattr(json_mode, "MAX_SWEEP_WORK", 1 << 20)
+    assert JsonVocab(vocab).allowed(state, grammar).tolist() == direct(vocab, grammar, state)
+
+
+def test_a_costly_guide_fails_alone_in_the_engine(monkeypatch):
+    monkeypatch.setattr(json_mode, "MAX_SWEEP_WORK", 12_000)  # (the first states here take 7,000-9,000)
+    llm = LLM(dtype="float32")
+    cases = [SamplingParams(max_tokens=40, temperature=0, regex=r"(.*[a-e].{4}){3}"),
+             SamplingParams(max_tokens=6, temperature=0, regex="[a-z ]{1,12}"),
+             SamplingParams(max_tokens=6, temperature=0)]
+    costly, cheap, plain = llm.generate(["Hi"] * 3, cases)
+    assert costly.finish_reason == "error" and "too costly to follow" in costly.error, costly
+    assert "\n" not in costly.error and cheap.finish_reason in ("length", "stop") and cheap.error is None, cheap
+    alone = llm.generate(["Hi", "Hi"], [cases[1], cases[2]])
+    assert [o.token_ids for o in alone] == [cheap.token_ids, plain.token_ids]
