@@ -91,3 +91,17 @@ def test_a_costly_guide_fails_alone_in_the_engine(monkeypatch):
     assert "\n" not in costly.error and cheap.finish_reason in ("length", "stop") and cheap.error is None, cheap
     alone = llm.generate(["Hi", "Hi"], [cases[1], cases[2]])
     assert [o.token_ids for o in alone] == [cheap.token_ids, plain.token_ids]
+
+
+def test_remembered_ids_are_bounded_in_all(monkeypatch):
+    """Each state of `.{0,40}` allows nearly every token: the states remembered are bounded by their
+    ids in all, not only by their count, and a state forgotten is found again the same."""
+    vocab = WideVocab(2000, seed=3)
+    jv = JsonVocab(vocab)
+    monkeypatch.setattr(json_mode, "MAX_REMEMBERED_IDS", 5 * len(vocab.of))
+    grammar = RegexGrammar(r"[^\n]{0,40}")
+    states = [grammar.walk(grammar.start, b"x" * n) for n in range(20)]
+    first = [jv.allowed(state, grammar) for state in states]
+    assert len(jv.cache) < len(states) and jv.remembered == sum(len(ids) for ids in jv.cache.values())
+    assert jv.remembered <= json_mode.MAX_REMEMBERED_IDS
+    assert all(torch.equal(jv.allowed(state, grammar), ids) for state, ids in zip(states, first, strict=True))

@@ -24,6 +24,8 @@ from epinfer.engine.guided import VocabBytes
 MAX_DEPTH = 16
 MAX_SPACE = 16  # whitespace bytes in a row (an indented line of nesting 3 and 4 spaces, and its newline)
 MAX_STATES = 4096  # states whose allowed ids are remembered (least recently used go first)
+MAX_REMEMBERED_IDS = 1 << 23  # and their ids in all (64 MiB: a state of a broad regex allows nearly every token,
+# so 4,096 of them would hold 4.6 GB of a 150,000-token vocabulary's ids)
 UNKNOWN = -1  # (`JsonVocab.sweep`'s table: a pair not yet stepped)
 # what finding a state's allowed ids may cost (`JsonVocab.sweep`): a step of a (state, byte) pair is STEP_WORK
 # and the state's automaton nodes (a regex's); more fails that request alone, so that no guide holds the step
@@ -208,6 +210,7 @@ class JsonVocab:
         # through them, so a state is searched once for every run length
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
+        self.remembered = 0  # ids in the cache
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
         """The ids that may come next in `state` (a host tensor; empty where none may)."""
@@ -222,8 +225,9 @@ class JsonVocab:
             return hit
         ids = self.sweep(state, grammar)
         out = self.cache[key] = torch.sort(ids).values
-        if len(self.cache) > MAX_STATES:
-            self.cache.popitem(last=False)
+        self.remembered += len(out)
+        while len(self.cache) > MAX_STATES or self.remembered > MAX_REMEMBERED_IDS:
+            self.remembered -= len(self.cache.popitem(last=False)[1])
         return out
 
     def sweep(self, state: State, grammar: Grammar) -> torch.Tensor:
