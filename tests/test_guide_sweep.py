@@ -61,9 +61,11 @@ def test_sweep_equals_a_direct_check_on_a_wide_vocabulary():
         for prefix in prefixes:
             state = grammar.walk(grammar.start, prefix.encode())
             assert state is not None, (grammar.key, prefix)
-            ids = jv.allowed(state, grammar)
-            assert ids.tolist() == direct(vocab, grammar, state), (grammar.key, prefix)
-            assert torch.equal(jv.allowed(state, grammar), ids)  # (remembered)
+            got = jv.allowed(state, grammar)
+            assert got.ids.tolist() == direct(vocab, grammar, state), (grammar.key, prefix)
+            assert jv.allowed(state, grammar) is got  # (remembered)
+            bits = got.bits()  # (its mask: bit t % 8 of byte t // 8)
+            assert [t for t in range(len(bits) * 8) if bits[t // 8] >> (t % 8) & 1] == got.ids.tolist()
 
 
 def test_a_sweep_past_its_bound_fails_the_same_every_time(monkeypatch):
@@ -77,7 +79,7 @@ def test_a_sweep_past_its_bound_fails_the_same_every_time(monkeypatch):
         with pytest.raises(UserError, match="too costly to follow: finding the tokens that may come next takes more"):
             JsonVocab(vocab).allowed(state, grammar)
     monkeypatch.setattr(json_mode, "MAX_SWEEP_WORK", 1 << 20)
-    assert JsonVocab(vocab).allowed(state, grammar).tolist() == direct(vocab, grammar, state)
+    assert JsonVocab(vocab).allowed(state, grammar).ids.tolist() == direct(vocab, grammar, state)
 
 
 def test_a_costly_guide_fails_alone_in_the_engine(monkeypatch):
@@ -101,7 +103,27 @@ def test_remembered_ids_are_bounded_in_all(monkeypatch):
     monkeypatch.setattr(json_mode, "MAX_REMEMBERED_IDS", 5 * len(vocab.of))
     grammar = RegexGrammar(r"[^\n]{0,40}")
     states = [grammar.walk(grammar.start, b"x" * n) for n in range(20)]
-    first = [jv.allowed(state, grammar) for state in states]
-    assert len(jv.cache) < len(states) and jv.remembered == sum(len(ids) for ids in jv.cache.values())
+    first = [jv.allowed(state, grammar).ids for state in states]
+    assert len(jv.cache) < len(states) and jv.remembered == sum(len(got.ids) for got in jv.cache.values())
     assert jv.remembered <= json_mode.MAX_REMEMBERED_IDS
-    assert all(torch.equal(jv.allowed(state, grammar), ids) for state, ids in zip(states, first, strict=True))
+    assert all(torch.equal(jv.allowed(state, grammar).ids, ids) for state, ids in zip(states, first, strict=True))
+
+
+def test_rows_masked_by_bits_or_by_ids_alike():
+    """`penalties.allow`: rows given as a guide's `TokenSet` (sent as a bit mask), a list or a tensor
+    of ids leave exactly their ids, on a vocabulary whose size is not a multiple of 8; other rows
+    are untouched."""
+    from epinfer.engine.guided import TokenSet
+    from epinfer.engine.penalties import allow
+
+    rng = random.Random(4)
+    V = 1003
+    logits = torch.randn(6, V)
+    sets = [sorted(rng.sample(range(V), k)) for k in (1, 700, 1003, 5)]
+    rows = [(0, TokenSet(torch.tensor(sets[0]))), (2, sets[1]), (3, TokenSet(torch.tensor(sets[2])).with_ids([7])),
+            (5, torch.tensor(sets[3]))]
+    out = allow(logits, rows)
+    for r, ids in ((0, sets[0]), (2, sets[1]), (3, sets[2]), (5, sets[3])):
+        assert torch.isfinite(out[r]).nonzero().flatten().tolist() == ids, r
+        assert torch.equal(out[r, ids], logits[r, ids])
+    assert torch.equal(out[[1, 4]], logits[[1, 4]])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from epinfer.engine.detokenize import byte_level, piece_bytes
 
 
@@ -37,6 +39,46 @@ class VocabBytes:
             self.of[t] = raw
             if raw:
                 self.ids.setdefault(raw, []).append(t)
+
+
+class TokenSet:
+    """Token ids a row may sample: `ids`, a host tensor, and their bit mask (`bits`: bit t % 8 of
+    byte t // 8), made at first use and kept with them. A guide's state allows the same set at
+    every step it is in (`json_mode.JsonVocab` remembers it), and a step sends such rows to the
+    device as their masks, 8 ids a byte whatever their count (`penalties.allow`)."""
+
+    __slots__ = ("ids", "_bits")
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._bits: torch.Tensor | None = None
+
+    def bits(self) -> torch.Tensor:
+        if self._bits is None:
+            self._bits = pack(self.ids)
+        return self._bits
+
+    def with_ids(self, more) -> TokenSet:
+        """This set and the ids in `more` (its end ids, once an answer may end)."""
+        extra = torch.tensor(sorted(more), dtype=torch.long)
+        out = TokenSet(torch.cat([self.ids, extra]))
+        out._bits = pack(extra, self.bits())
+        return out
+
+
+SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack(ids: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The bit mask (uint8) of `ids`, or of them and the ids of mask `base`: as many bytes as the
+    largest id needs, or `base` has."""
+    width = max(len(base) if base is not None else 0, (int(ids.max()) + 8) // 8 if len(ids) else 0)
+    flags = torch.zeros(width * 8, dtype=torch.bool)
+    flags[ids] = True
+    out = (flags.view(width, 8).to(torch.uint8) << SHIFTS).sum(1, dtype=torch.uint8)
+    if base is not None:
+        out[:len(base)] |= base
+    return out
 
 
 @functools.lru_cache(maxsize=4)

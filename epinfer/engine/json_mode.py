@@ -19,7 +19,7 @@ import collections
 import torch
 
 from epinfer.core.errors import UserError
-from epinfer.engine.guided import VocabBytes
+from epinfer.engine.guided import TokenSet, VocabBytes
 
 MAX_DEPTH = 16
 MAX_SPACE = 16  # whitespace bytes in a row (an indented line of nesting 3 and 4 spaces, and its newline)
@@ -212,22 +212,22 @@ class JsonVocab:
         self.cache: collections.OrderedDict = collections.OrderedDict()
         self.remembered = 0  # ids in the cache
 
-    def allowed(self, state: State, grammar: Grammar = OBJECT) -> torch.Tensor:
-        """The ids that may come next in `state` (a host tensor; empty where none may)."""
-        json_states = grammar.json_states
-        if json_states and state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids, room for theirs
-            ids = self.allowed((*state[:3], 0), grammar)
-            return ids[self.lead[ids] <= MAX_SPACE - state[3]]
+    def allowed(self, state: State, grammar: Grammar = OBJECT) -> TokenSet:
+        """The ids that may come next in `state` (empty where none may), remembered."""
         key = (grammar.key, state)
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
-        ids = self.sweep(state, grammar)
-        out = self.cache[key] = torch.sort(ids).values
-        self.remembered += len(out)
+        if grammar.json_states and state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids with room
+            ids = self.allowed((*state[:3], 0), grammar).ids
+            ids = ids[self.lead[ids] <= MAX_SPACE - state[3]]
+        else:
+            ids = torch.sort(self.sweep(state, grammar)).values
+        out = self.cache[key] = TokenSet(ids)
+        self.remembered += len(ids)
         while len(self.cache) > MAX_STATES or self.remembered > MAX_REMEMBERED_IDS:
-            self.remembered -= len(self.cache.popitem(last=False)[1])
+            self.remembered -= len(self.cache.popitem(last=False)[1].ids)
         return out
 
     def sweep(self, state: State, grammar: Grammar) -> torch.Tensor:
@@ -295,16 +295,14 @@ class JsonGuide:
         self.state: State | None = grammar.start
         self.seen = 0  # output ids fed
 
-    def allowed(self, vocab: VocabBytes, output_ids: list[int], end_ids: set[int]) -> torch.Tensor:
+    def allowed(self, vocab: VocabBytes, output_ids: list[int], end_ids: set[int]) -> TokenSet:
         """The ids that may come next (empty: none; the end ids once the value is complete)."""
         for t in output_ids[self.seen:]:
             raw = vocab.of[t] if t < len(vocab.of) else b""
             self.state = self.grammar.walk(self.state, raw) if raw else None
         self.seen = len(output_ids)
+        none = TokenSet(torch.zeros(0, dtype=torch.long))
         if self.state is None:
-            return torch.zeros(0, dtype=torch.long)
-        ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.grammar.open(self.state) else None
-        if not self.grammar.can_end(self.state):
-            return ids
-        ends = torch.tensor(sorted(end_ids), dtype=torch.long)
-        return ends if ids is None else torch.cat([ids, ends])
+            return none
+        ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.grammar.open(self.state) else none
+        return ids.with_ids(end_ids) if self.grammar.can_end(self.state) else ids

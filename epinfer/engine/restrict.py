@@ -11,10 +11,11 @@ import torch
 
 from epinfer.core.errors import UserError
 from epinfer.engine import guided, json_mode, json_schema, regex_grammar
+from epinfer.engine.guided import TokenSet
 
 
 def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[list[tuple[int, object]], list, list]:
-    """([(row, ids: a list or a host tensor)], [(sequence, why) for the requests no token can
+    """([(row, ids: a list, a host tensor or a `guided.TokenSet`)], [(sequence, why) for the requests no token can
     continue], [the requests whose guided answer is complete but whose end ids `min_tokens` still
     holds: they end as stopped]); `end_ids(params)`: the ids that end a request. `allowed_token_ids`
     with a guide narrows the guide's ids."""
@@ -36,9 +37,10 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
             dead.append((seq, str(exc)))
             rows.append((row, [0]))
             continue
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        allowed = ids  # (a guide's `TokenSet`: its mask goes to the device as bits, `penalties.allow`)
+        ids = ids.ids if isinstance(ids, TokenSet) else torch.as_tensor(ids, dtype=torch.long)
         if p.allowed_token_ids:
-            ids = ids[torch.isin(ids, torch.tensor(p.allowed_token_ids, dtype=torch.long))]
+            ids = allowed = ids[torch.isin(ids, torch.tensor(p.allowed_token_ids, dtype=torch.long))]
         if len(ids) and len(seq.output_ids) < p.min_tokens and bool(torch.isin(ids, torch.tensor(sorted(ends))).all()):
             complete.append(seq)  # (nothing but its end may come: `min_tokens` cannot be met along the guide)
         elif not len(ids):
@@ -46,7 +48,7 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
                      else "its regular expression" if p.regex is not None else "a JSON object")
             among = " among its allowed_token_ids" if p.allowed_token_ids else ""
             dead.append((seq, f"no token continues its answer along {along}{among}"))
-        rows.append((row, ids if len(ids) else [0]))
+        rows.append((row, allowed if len(ids) else [0]))
     return rows, dead, complete
 
 
