@@ -109,21 +109,29 @@ def test_remembered_ids_are_bounded_in_all(monkeypatch):
     assert all(torch.equal(jv.allowed(state, grammar).ids, ids) for state, ids in zip(states, first, strict=True))
 
 
-def test_rows_masked_by_bits_or_by_ids_alike():
-    """`penalties.allow`: rows given as a guide's `TokenSet` (sent as a bit mask), a list or a tensor
-    of ids leave exactly their ids, on a vocabulary whose size is not a multiple of 8; other rows
-    are untouched."""
+@pytest.mark.parametrize("bits_from", [0, 100, 1 << 20])
+def test_rows_masked_by_bits_or_by_ids_alike(monkeypatch, bits_from):
+    """`penalties.allow`: rows given as a `TokenSet` (sent as a bit mask when it holds more than
+    `BITS_FROM` ids), a list or a tensor of ids leave exactly their ids, on a vocabulary whose size
+    is not a multiple of 8; other rows are untouched. Long allowed_token_ids are made a `TokenSet`
+    once a request."""
+    from epinfer.engine import penalties, restrict
     from epinfer.engine.guided import TokenSet
-    from epinfer.engine.penalties import allow
+    from epinfer.engine.scheduler import Sequence
 
+    monkeypatch.setattr(penalties, "BITS_FROM", bits_from)
     rng = random.Random(4)
     V = 1003
     logits = torch.randn(6, V)
     sets = [sorted(rng.sample(range(V), k)) for k in (1, 700, 1003, 5)]
     rows = [(0, TokenSet(torch.tensor(sets[0]))), (2, sets[1]), (3, TokenSet(torch.tensor(sets[2])).with_ids([7])),
             (5, torch.tensor(sets[3]))]
-    out = allow(logits, rows)
+    out = penalties.allow(logits, rows)
     for r, ids in ((0, sets[0]), (2, sets[1]), (3, sets[2]), (5, sets[3])):
         assert torch.isfinite(out[r]).nonzero().flatten().tolist() == ids, r
         assert torch.equal(out[r, ids], logits[r, ids])
     assert torch.equal(out[[1, 4]], logits[[1, 4]])
+    seq = Sequence(0, [1], SamplingParams(allowed_token_ids=sets[1]), 10)
+    first = restrict.allowed_rows([seq], None, V, lambda p: set())[0][0][1]
+    again = restrict.allowed_rows([seq], None, V, lambda p: set())[0][0][1]
+    assert (first is again and first.ids.tolist() == sets[1]) if bits_from < 700 else first == sets[1]

@@ -72,30 +72,39 @@ def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
                                host_list_on(dev, values).to(logits_SV.dtype), accumulate=True)
 
 
+# a row of more ids than this goes to the device as its bit mask, fewer as its ids (an H100, 256 rows: 1,000 ids
+# each 2.4 ms as ids against 3.7 as masks, 30,000 each 88 ms against 5.5; benchmarks/mask_cost.py)
+BITS_FROM = 2048
+
+
 def allow(logits_SV: torch.Tensor, rows: list[tuple[int, object]]) -> torch.Tensor:
     """`logits_SV` with every token but the listed ones at -inf in each (row, ids) of `rows` (the
-    tensor itself when there are none). ids: a list or a host tensor of them, or a `TokenSet`
-    (a guide's) whose bit mask is sent instead. Two copies to the device a step, whatever the rows:
-    the masks, 8 ids a byte (a broad guide state allows most of the vocabulary: as ids, 1.2 MB a
-    row), and the listed ids with their rows."""
+    tensor itself when there are none). ids: a list or a host tensor of them, or a `TokenSet`,
+    whose bit mask (made once) is sent instead where it holds more than `BITS_FROM`. Two copies to
+    the device a step, whatever the rows: the masks, 8 ids a byte (a broad guide state allows most
+    of the vocabulary: as ids, 1.2 MB a row), and the other rows' ids with their rows."""
     if not rows:
         return logits_SV
     dev, V = logits_SV.device, logits_SV.shape[-1]
+    pin = dev.type == "cuda"
     keep = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
-    masks = [(j, ids.bits()) for j, (_, ids) in enumerate(rows) if isinstance(ids, TokenSet)]
+    masks = [(j, ids.bits()) for j, (_, ids) in enumerate(rows)
+             if isinstance(ids, TokenSet) and len(ids.ids) > BITS_FROM]
     if masks:
-        host = torch.zeros(len(masks), -(-V // 8), dtype=torch.uint8)
+        host = torch.zeros(len(masks), -(-V // 8), dtype=torch.uint8, pin_memory=pin)
         for i, (_, bits) in enumerate(masks):
             n = min(len(bits), host.shape[1])
             host[i, :n] = bits[:n]
         shifts = torch.arange(8, dtype=torch.uint8, device=dev)
         bits = (host.to(dev, non_blocking=True)[:, :, None] >> shifts) & 1  # [rows, bytes, 8]: bit t of byte t // 8
         keep[host_list_on(dev, [j for j, _ in masks])] = bits.view(len(masks), -1)[:, :V].bool()
-    listed = [(j, torch.as_tensor(ids, dtype=torch.long)) for j, (_, ids) in enumerate(rows)
-              if not isinstance(ids, TokenSet)]
+    masked = {j for j, _ in masks}
+    listed = [(j, ids.ids if isinstance(ids, TokenSet) else torch.as_tensor(ids, dtype=torch.long))
+              for j, (_, ids) in enumerate(rows) if j not in masked]
     if listed:
-        at = torch.cat([torch.full((len(ids),), j) for j, ids in listed])
-        keep[at.to(dev, non_blocking=True), torch.cat([ids for _, ids in listed]).to(dev, non_blocking=True)] = True
+        at = torch.cat([torch.stack([torch.full((len(ids),), j), ids]) for j, ids in listed], 1)
+        at = (at.pin_memory() if pin else at).to(dev, non_blocking=True)
+        keep[at[0], at[1]] = True
     mask = torch.zeros(len(rows), V, dtype=logits_SV.dtype, device=dev).masked_fill_(~keep, float("-inf"))
     return logits_SV.index_add(0, host_list_on(dev, [r for r, _ in rows]), mask)
 

@@ -10,7 +10,7 @@ import json
 import torch
 
 from epinfer.core.errors import UserError
-from epinfer.engine import guided, json_mode, json_schema, regex_grammar
+from epinfer.engine import guided, json_mode, json_schema, penalties, regex_grammar
 from epinfer.engine.guided import TokenSet
 
 
@@ -23,7 +23,10 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
     for row, seq in enumerate(sampled):
         p = seq.params
         if not (guided_request(p) and seq.finish_reason is None):
-            if p.allowed_token_ids:
+            if p.allowed_token_ids and len(p.allowed_token_ids) > penalties.BITS_FROM:  # (its mask made once)
+                seq.allowed = seq.allowed or TokenSet(torch.tensor(p.allowed_token_ids, dtype=torch.long))
+                rows.append((row, seq.allowed))
+            elif p.allowed_token_ids:
                 rows.append((row, p.allowed_token_ids))
             continue
         vocab = guided.vocab_bytes(tokenizer, vocab_size)

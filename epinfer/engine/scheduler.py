@@ -34,6 +34,7 @@ class Sequence:
     generator: object = None  # torch.Generator for seeded sampling
     penalty: object = None  # engine.penalties.PenaltyCounts, made at its first penalized step
     guide: object = None  # engine.json_mode.JsonGuide of a JSON-mode or schema request (`restrict.json_guide`)
+    allowed: object = None  # engine.guided.TokenSet of a long allowed_token_ids (`restrict.allowed_rows`)
     bad_ids: list = dataclasses.field(default_factory=list)  # its bad words' token sequences (`engine.bad_words`)
     nan_logits: bool = False  # the model produced a non-finite logit for it
     error: str | None = None  # why it failed, when finish_reason is "error"
