@@ -56,7 +56,7 @@ def main() -> int:
             if grammar.json_states:
                 state = (*state[:3], 0)
             t = time.perf_counter()
-            ids = jv.allowed(state, grammar)
+            ids = jv.allowed(state, grammar).ids
             ms = (time.perf_counter() - t) * 1e3
             direct = [i for i, raw in enumerate(vocab.of) if grammar.walk(state, raw) is not None]
             print(json.dumps({"grammar": grammar.key[:40], "prefix": prefix.decode(), "allowed": len(ids),

@@ -36,7 +36,7 @@ def drawn(g: RegexGrammar, rnd: random.Random, limit: int = 30) -> str | None:
     a, out = g.auto, []
     nodes = a.closure([a.start])
     for _ in range(limit):
-        edges = [(r, t) for i in nodes for r, t in a.edges[i]]
+        edges = [(r, t) for i in nodes for r, _, t in a.edges[i]]
         if a.accept in nodes and (not edges or rnd.random() < 0.3):
             return "".join(out)
         if not edges:

@@ -28,11 +28,12 @@ MAX_REMEMBERED_IDS = 1 << 23  # and their ids in all (64 MiB: a state of a broad
 # so 4,096 of them would hold 4.6 GB of a 150,000-token vocabulary's ids)
 UNKNOWN = -1  # (`JsonVocab.sweep`'s table: a pair not yet stepped)
 # what finding a state's allowed ids may cost (`JsonVocab.sweep`): a step of a (state, byte) pair is STEP_WORK
-# and the state's automaton nodes (a regex's); more fails that request alone, so that no guide holds the step
-# loop of every request for long (a 150,000-token vocabulary: common expressions take 5,000-15,000, a
-# 200-word alternation 130,000, `.*a.{15}` up to 390,000 in 0.2 s on one core)
-STEP_WORK = 16
-MAX_SWEEP_WORK = 1 << 20
+# and the state's `Grammar.weight` (a regex's automaton nodes, a schema's alternatives / 16); more fails that
+# request alone, so that no guide holds the step loop of every request for long. A 150,000-token vocabulary
+# on one core (benchmarks/json_mode_cost.py's): JSON states 700-7,500; common expressions up to 6,000, a
+# 200-word alternation 68,000; `anyOf` 1,000 constants 750,000 in 0.22 s; `(.*[a-m].{10}){4}` past the bound
+STEP_WORK = 4
+MAX_SWEEP_WORK = 1 << 21
 SPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
@@ -211,6 +212,7 @@ class JsonVocab:
         self.lead = torch.tensor([len(raw) - len(raw.lstrip(bytes(SPACE))) for raw in vocab.of], dtype=torch.long)
         self.cache: collections.OrderedDict = collections.OrderedDict()
         self.remembered = 0  # ids in the cache
+        self.refused: collections.OrderedDict = collections.OrderedDict()  # states whose sweep failed: why
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> TokenSet:
         """The ids that may come next in `state` (empty where none may), remembered."""
@@ -222,8 +224,16 @@ class JsonVocab:
         if grammar.json_states and state[3]:  # a whitespace run of state[3] bytes: the run-free state's ids with room
             ids = self.allowed((*state[:3], 0), grammar).ids
             ids = ids[self.lead[ids] <= MAX_SPACE - state[3]]
+        elif key in self.refused:  # (a state too costly to sweep fails every request that reaches it at once)
+            raise UserError(self.refused[key])
         else:
-            ids = torch.sort(self.sweep(state, grammar)).values
+            try:
+                ids = torch.sort(self.sweep(state, grammar)).values
+            except UserError as exc:
+                self.refused[key] = str(exc)
+                if len(self.refused) > MAX_STATES:
+                    self.refused.popitem(last=False)
+                raise
         out = self.cache[key] = TokenSet(ids)
         self.remembered += len(ids)
         while len(self.cache) > MAX_STATES or self.remembered > MAX_REMEMBERED_IDS:

@@ -20,6 +20,7 @@ still alive (where two close the same way they are one again).
 
 from __future__ import annotations
 
+import bisect
 import json
 
 from epinfer.core.errors import UserError
@@ -86,7 +87,7 @@ class SchemaGrammar(Grammar):
             if not isinstance(values, list) or not values:
                 raise UserError(f"json_schema: {where}: enum must be a non-empty array")
             try:
-                return self.add(("lit", tuple(json.dumps(v, ensure_ascii=False).encode() for v in values)))
+                return self.add(("lit", tuple(sorted({json.dumps(v, ensure_ascii=False).encode() for v in values}))))
             except (TypeError, ValueError):
                 raise UserError(f"json_schema: {where}: enum values must be JSON values") from None
         kind = s.get("type")
@@ -118,7 +119,7 @@ class SchemaGrammar(Grammar):
                                 "automaton nodes in all")
             return self.add(("pat", grammar))
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
-                         "boolean": ("lit", (b"true", b"false")), "null": ("lit", (b"null",))}[kind])
+                         "boolean": ("lit", (b"false", b"true")), "null": ("lit", (b"null",))}[kind])
 
     @staticmethod
     def string_pattern(s: dict, where: str) -> RegexGrammar:
@@ -161,8 +162,8 @@ class SchemaGrammar(Grammar):
 
     def weight(self, state) -> int:
         """A string under a pattern: its expression's nodes; a union: the sum over its states."""
-        if isinstance(state, frozenset):
-            return sum(self.weight(s) for s in state)
+        if isinstance(state, frozenset):  # (each alternative stepped: a tenth of a regex node's cost or so)
+            return len(state) // 16 + sum(self.weight(s) for s in state)
         return self.nodes[state[2][0]][1].weight(state[2][1]) if state[1] == "P" else 0
 
     def step_union(self, states: frozenset, b: int) -> frozenset | None:
@@ -259,14 +260,17 @@ class SchemaGrammar(Grammar):
         return self.literal(frames, (n, b""), b)
 
     def literal(self, frames: tuple, aux: tuple, b: int) -> tuple | None:
+        """The options (sorted: those starting with a prefix are a run of them) after `read`, then b."""
         n, read = aux
         options = self.nodes[n][1]
         now = read + bytes([b])
-        if any(o.startswith(now) for o in options):
-            if now in options and not any(len(o) > len(now) and o.startswith(now) for o in options):
+        i = bisect.bisect_left(options, now)
+        if i < len(options) and options[i].startswith(now):  # (options[i] is now itself, or the first longer)
+            if options[i] == now and not (i + 1 < len(options) and options[i + 1].startswith(now)):
                 return self.after(frames)
             return (frames, "L", (n, now), 0)
-        if read in options:  # a complete value that another one extends: it ended before this byte
+        i = bisect.bisect_left(options, read)
+        if i < len(options) and options[i] == read:  # a complete value that another one extends: it ended before b
             return self.step_schema(self.after(frames), b)
         return None
 

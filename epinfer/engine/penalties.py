@@ -79,30 +79,30 @@ BITS_FROM = 2048
 
 def allow(logits_SV: torch.Tensor, rows: list[tuple[int, object]]) -> torch.Tensor:
     """`logits_SV` with every token but the listed ones at -inf in each (row, ids) of `rows` (the
-    tensor itself when there are none). ids: a list or a host tensor of them, or a `TokenSet`,
-    whose bit mask (made once) is sent instead where it holds more than `BITS_FROM`. Two copies to
-    the device a step, whatever the rows: the masks, 8 ids a byte (a broad guide state allows most
-    of the vocabulary: as ids, 1.2 MB a row), and the other rows' ids with their rows."""
+    tensor itself when there are none). ids: a list or a host tensor of them, or a `TokenSet` (a
+    guide state's, whose bit mask is made once). Two copies to the device a step, whatever the rows:
+    the bit masks of the rows of more than `BITS_FROM` ids, 8 ids a byte (a broad guide state allows
+    most of the vocabulary: as ids, 1.2 MB a row), and the (row, id) pairs of the others."""
     if not rows:
         return logits_SV
     dev, V = logits_SV.device, logits_SV.shape[-1]
     pin = dev.type == "cuda"
     keep = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
-    masks = [(j, ids.bits()) for j, (_, ids) in enumerate(rows)
-             if isinstance(ids, TokenSet) and len(ids.ids) > BITS_FROM]
+    sets = [(j, ids if isinstance(ids, TokenSet) else TokenSet(torch.as_tensor(ids, dtype=torch.long)))
+            for j, (_, ids) in enumerate(rows)]
+    masks = [(j, s.bits()) for j, s in sets if len(s.ids) > BITS_FROM]
     if masks:
-        host = torch.zeros(len(masks), -(-V // 8), dtype=torch.uint8, pin_memory=pin)
-        for i, (_, bits) in enumerate(masks):
-            n = min(len(bits), host.shape[1])
-            host[i, :n] = bits[:n]
+        width = -(-V // 8)
+        host = torch.nn.utils.rnn.pad_sequence([bits[:width] for _, bits in masks], batch_first=True)
+        host = torch.nn.functional.pad(host, (0, width - host.shape[1]))
         shifts = torch.arange(8, dtype=torch.uint8, device=dev)
-        bits = (host.to(dev, non_blocking=True)[:, :, None] >> shifts) & 1  # [rows, bytes, 8]: bit t of byte t // 8
-        keep[host_list_on(dev, [j for j, _ in masks])] = bits.view(len(masks), -1)[:, :V].bool()
-    masked = {j for j, _ in masks}
-    listed = [(j, ids.ids if isinstance(ids, TokenSet) else torch.as_tensor(ids, dtype=torch.long))
-              for j, (_, ids) in enumerate(rows) if j not in masked]
+        bits = ((host.pin_memory() if pin else host).to(dev, non_blocking=True)[:, :, None] >> shifts) & 1
+        keep[host_list_on(dev, [j for j, _ in masks])] = bits.view(len(masks), -1)[:, :V].bool()  # (bit t: byte t // 8)
+    listed = [(j, s.ids) for j, s in sets if len(s.ids) <= BITS_FROM]
     if listed:
-        at = torch.cat([torch.stack([torch.full((len(ids),), j), ids]) for j, ids in listed], 1)
+        at = torch.stack([torch.repeat_interleave(torch.tensor([j for j, _ in listed]),
+                                                  torch.tensor([len(ids) for _, ids in listed])),
+                          torch.cat([ids for _, ids in listed])])
         at = (at.pin_memory() if pin else at).to(dev, non_blocking=True)
         keep[at[0], at[1]] = True
     mask = torch.zeros(len(rows), V, dtype=logits_SV.dtype, device=dev).masked_fill_(~keep, float("-inf"))

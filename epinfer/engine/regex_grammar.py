@@ -20,6 +20,8 @@ sets: re.ASCII semantics).
 
 from __future__ import annotations
 
+import bisect
+
 from epinfer.core.errors import UserError
 from epinfer.engine.json_mode import Grammar
 
@@ -62,8 +64,11 @@ def complement(ranges) -> tuple:
     return tuple(out)
 
 
-def overlaps(ranges: tuple, lo: int, hi: int) -> bool:
-    return any(a <= hi and lo <= b for a, b in ranges)
+def overlaps(ranges: tuple, highs: tuple, lo: int, hi: int) -> bool:
+    """Whether sorted, disjoint `ranges` (their upper ends `highs`) meet [lo, hi]: the first range
+    ending at lo or later starts at hi or before (a class may hold thousands of ranges)."""
+    i = bisect.bisect_left(highs, lo)
+    return i < len(ranges) and ranges[i][0] <= hi
 
 
 class Parser:
@@ -238,12 +243,15 @@ class Parser:
 
 
 class Automaton:
-    """Thompson's construction: node i has `edges[i]` = [(ranges, target)] and `eps[i]` = [targets]."""
+    """Thompson's construction: node i has `edges[i]` = [(ranges, their upper ends, target)] and
+    `eps[i]` = [targets]."""
 
     def __init__(self, ast) -> None:
         self.edges: list[list] = []
         self.eps: list[list] = []
+        self.sets: dict = {}  # id of a class of the AST -> (its ranges normalised, their upper ends)
         self.start, self.accept = self.build(ast)
+        self.sets.clear()
 
     def node(self) -> int:
         if len(self.edges) >= MAX_NODES:
@@ -257,7 +265,10 @@ class Automaton:
         kind = ast[0]
         if kind == "set":
             a, b = self.node(), self.node()
-            self.edges[a].append((ast[1], b))
+            if id(ast[1]) not in self.sets:  # (a counted repetition builds its operand's classes again)
+                ranges = normalize(ast[1])
+                self.sets[id(ast[1])] = (ranges, tuple(hi for _, hi in ranges))
+            self.edges[a].append((*self.sets[id(ast[1])], b))
             return a, b
         if kind == "cat":
             a = b = self.node()
@@ -349,8 +360,12 @@ class RegexGrammar(Grammar):
         self.memo_nodes = 0
         # each ASCII byte's class: the first byte of its run of bytes that every edge's ranges hold
         # alike (from a state without pending bytes they lead to one state: remembered once a class)
-        cuts = sorted({0, 0x80} | {x for edges in self.auto.edges for ranges, _ in edges for lo, hi in ranges
-                                   for x in (lo, hi + 1) if x < 0x80})
+        cuts, classes = {0}, {id(ranges): ranges for edges in self.auto.edges for ranges, _, _ in edges}
+        for ranges in classes.values():
+            for lo, hi in ranges:
+                if lo >= 0x80:
+                    break
+                cuts |= {lo, hi + 1}
         self.ascii_class = [max(c for c in cuts if c <= b) for b in range(0x80)]
 
     def can_end(self, state) -> bool:
@@ -386,12 +401,12 @@ class RegexGrammar(Grammar):
             if span is None:
                 return None
             lo, hi, size = span
-        edges = [(ranges, t) for i in nodes for ranges, t in self.auto.edges[i] if overlaps(ranges, lo, hi)]
+        edges = [t for i in nodes for ranges, highs, t in self.auto.edges[i] if overlaps(ranges, highs, lo, hi)]
         if not edges:
             return None
         if len(pending) < size:
             return nodes, pending  # (some class takes a character that starts so)
-        nodes = self.auto.closure([t for _, t in edges])
+        nodes = self.auto.closure(edges)
         if len(nodes) > MAX_STATE_NODES:  # (each step of each state goes through them all)
             raise UserError(f"regex: more than {MAX_STATE_NODES} automaton nodes alive at once after this text "
                             "(counted repetitions nested in one another): too costly to follow")
