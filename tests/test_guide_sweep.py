@@ -78,7 +78,14 @@ def test_a_sweep_past_its_bound_fails_the_same_every_time(monkeypatch):
     for _ in range(2):  # (the second time the grammar's steps are remembered)
         with pytest.raises(UserError, match="too costly to follow: finding the tokens that may come next takes more"):
             JsonVocab(vocab).allowed(state, grammar)
-    monkeypatch.setattr(json_mode, "MAX_SWEEP_WORK", 1 << 20)
+    jv = JsonVocab(vocab)
+    with pytest.raises(UserError, match="too costly") as first:
+        jv.allowed(state, grammar)
+    monkeypatch.setattr(JsonVocab, "sweep", None)  # (a state that failed fails again at once, unswept)
+    with pytest.raises(UserError, match="too costly") as again:
+        jv.allowed(state, grammar)
+    assert str(again.value) == str(first.value)
+    monkeypatch.undo()
     assert JsonVocab(vocab).allowed(state, grammar).ids.tolist() == direct(vocab, grammar, state)
 
 
