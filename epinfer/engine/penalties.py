@@ -72,25 +72,28 @@ def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
                                host_list_on(dev, values).to(logits_SV.dtype), accumulate=True)
 
 
-# a row of more ids than this goes to the device as its bit mask, fewer as its ids (an H100, 256 rows: 1,000 ids
-# each 2.4 ms as ids against 3.7 as masks, 30,000 each 88 ms against 5.5; benchmarks/mask_cost.py)
+# a set of more ids than this goes to the device as its bit mask, fewer as ids (an H100, 256 rows of 1,000 ids: 2.2
+# ms a step as ids, 2.1 as masks; of 30,000 or 100,000: 5.2 and 4.3 ms as masks, 21 and 35 one row at a time;
+# benchmarks/mask_cost.py)
 BITS_FROM = 2048
 
 
 def allow(logits_SV: torch.Tensor, rows: list[tuple[int, object]]) -> torch.Tensor:
     """`logits_SV` with every token but the listed ones at -inf in each (row, ids) of `rows` (the
     tensor itself when there are none). ids: a list or a host tensor of them, or a `TokenSet` (a
-    guide state's, whose bit mask is made once). Two copies to the device a step, whatever the rows:
-    the bit masks of the rows of more than `BITS_FROM` ids, 8 ids a byte (a broad guide state allows
-    most of the vocabulary: as ids, 1.2 MB a row), and the (row, id) pairs of the others."""
+    guide state's, whose bit mask is made once). Two copies to the device a step for any number of
+    rows: the bit masks of the sets of more than `BITS_FROM` ids, 8 ids a byte (a broad guide state
+    allows most of the vocabulary: as ids, 1.2 MB a row), and the (row, id) pairs of the rows of
+    fewer; a row of more ids that is not a set (rare) is a copy of its own."""
     if not rows:
         return logits_SV
     dev, V = logits_SV.device, logits_SV.shape[-1]
     pin = dev.type == "cuda"
     keep = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
-    sets = [(j, ids if isinstance(ids, TokenSet) else TokenSet(torch.as_tensor(ids, dtype=torch.long)))
-            for j, (_, ids) in enumerate(rows)]
-    masks = [(j, s.bits()) for j, s in sets if len(s.ids) > BITS_FROM]
+    masked = [isinstance(ids, TokenSet) and len(ids.ids) > BITS_FROM for _, ids in rows]
+    masks = [(j, ids.bits()) for j, (_, ids) in enumerate(rows) if masked[j]]
+    listed = [(j, ids.ids if isinstance(ids, TokenSet) else torch.as_tensor(ids, dtype=torch.long))
+              for j, (_, ids) in enumerate(rows) if not masked[j]]
     if masks:
         width = -(-V // 8)
         host = torch.nn.utils.rnn.pad_sequence([bits[:width] for _, bits in masks], batch_first=True)
@@ -98,7 +101,10 @@ def allow(logits_SV: torch.Tensor, rows: list[tuple[int, object]]) -> torch.Tens
         shifts = torch.arange(8, dtype=torch.uint8, device=dev)
         bits = ((host.pin_memory() if pin else host).to(dev, non_blocking=True)[:, :, None] >> shifts) & 1
         keep[host_list_on(dev, [j for j, _ in masks])] = bits.view(len(masks), -1)[:, :V].bool()  # (bit t: byte t // 8)
-    listed = [(j, s.ids) for j, s in sets if len(s.ids) <= BITS_FROM]
+    for j, ids in listed:  # (many ids not remembered as a set: a guide's narrowed by allowed_token_ids)
+        if len(ids) > BITS_FROM:
+            keep[j, ids.to(dev, non_blocking=True)] = True
+    listed = [(j, ids) for j, ids in listed if len(ids) <= BITS_FROM]
     if listed:
         at = torch.stack([torch.repeat_interleave(torch.tensor([j for j, _ in listed]),
                                                   torch.tensor([len(ids) for _, ids in listed])),
