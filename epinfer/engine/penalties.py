@@ -72,9 +72,9 @@ def bias(logits_SV: torch.Tensor, sampled: list) -> torch.Tensor:
                                host_list_on(dev, values).to(logits_SV.dtype), accumulate=True)
 
 
-# a set of more ids than this goes to the device as its bit mask, fewer as ids (an H100, 256 rows of 1,000 ids: 2.2
-# ms a step as ids, 2.1 as masks; of 30,000 or 100,000: 5.2 and 4.3 ms as masks, 21 and 35 one row at a time;
-# benchmarks/mask_cost.py)
+# a set of more ids than this goes to the device as its bit mask, fewer as ids (an H100, 256 rows of 1,000 ids: 3.2
+# ms a step either way; of 30,000 or 100,000: 5.1 and 4.3 ms as masks, 22.8 and 48.0 one row at a time;
+# benchmarks/mask_cost.py, RESULTS.md)
 BITS_FROM = 2048
 
 
