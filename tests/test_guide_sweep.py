@@ -142,3 +142,37 @@ def test_rows_masked_by_bits_or_by_ids_alike(monkeypatch, bits_from):
     first = restrict.allowed_rows([seq], None, V, lambda p: set())[0][0][1]
     again = restrict.allowed_rows([seq], None, V, lambda p: set())[0][0][1]
     assert (first is again and first.ids.tolist() == sets[1]) if bits_from < 700 else first == sets[1]
+
+
+def test_a_stop_id_that_is_an_ordinary_token_ends_only_a_complete_answer():
+    """stop_token_ids holding a token the guide may take mid-answer ('a' inside `a+b`, '{' opening
+    a JSON object): it is not sampled before the answer is complete, so an answer that stops is
+    whole (or the request fails: nothing else continues it)."""
+    import json
+    import re
+
+    llm = LLM(dtype="float32")
+    tok = llm.tokenizer
+    a, brace = (tok(t, add_special_tokens=False)["input_ids"] for t in ("a", "{"))
+    assert len(a) == len(brace) == 1
+    whole = {"regex": lambda t: re.fullmatch("a+b", t) is not None, "json": lambda t: isinstance(json.loads(t), dict),
+             "choice": lambda t: t in ("ab", "aab")}
+    cases = {"regex": SamplingParams(max_tokens=16, temperature=0, regex="a+b", stop_token_ids=a),
+             "json": SamplingParams(max_tokens=24, temperature=0, json_object=True, stop_token_ids=brace),
+             "choice": SamplingParams(max_tokens=16, temperature=1, seed=3, choices=["ab", "aab"], stop_token_ids=a)}
+    outs = llm.generate(["Hi"] * len(cases), list(cases.values()))
+    for (kind, _), out in zip(cases.items(), outs, strict=True):
+        assert out.finish_reason in ("stop", "error", "length"), out
+        assert out.finish_reason != "stop" or whole[kind](out.text), (kind, out)
+
+
+def test_a_long_guided_choice_costs_what_a_short_one_does():
+    """The ids a choice allows are looked up for each prefix of its rest up to the longest token's
+    length only (a 4,000-byte choice once cost 4,000 lookups a step): the same ids as every prefix."""
+    from epinfer.engine.guided import allowed_ids, vocab_bytes
+
+    llm = LLM(dtype="float32")
+    vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
+    choices = ["ab" * 2040 + f"{i:04d}" for i in range(8)] + ["abc"]
+    every = sorted({t for c in choices for k in range(1, len(c) + 1) for t in vocab.ids.get(c.encode()[:k], ())})
+    assert allowed_ids(vocab, choices, [], {10**6}) == every

@@ -39,6 +39,7 @@ class VocabBytes:
             self.of[t] = raw
             if raw:
                 self.ids.setdefault(raw, []).append(t)
+        self.longest = max(map(len, self.of), default=0)  # bytes of the longest token
 
 
 class TokenSet:
@@ -57,6 +58,14 @@ class TokenSet:
         if self._bits is None:
             self._bits = pack(self.ids)
         return self._bits
+
+    def without(self, ids) -> TokenSet:
+        """This set less `ids` (itself where it holds none of them; `self.ids` sorted)."""
+        drop = torch.tensor(sorted(ids), dtype=torch.long)
+        at = torch.searchsorted(self.ids, drop).clamp(max=max(len(self.ids) - 1, 0))
+        if not len(self.ids) or not bool((self.ids[at] == drop).any()):
+            return self
+        return TokenSet(self.ids[~torch.isin(self.ids, drop)])
 
     def with_ids(self, more) -> TokenSet:
         """This set and the ids in `more` (its end ids, once an answer may end)."""
@@ -97,6 +106,6 @@ def allowed_ids(vocab: VocabBytes, choices: list[str], output_ids: list[int], en
         rest = target[len(said):]
         if not rest:
             out |= end_ids
-        for k in range(1, len(rest) + 1):
-            out.update(vocab.ids.get(rest[:k], ()))
+        for k in range(1, min(len(rest), vocab.longest) + 1):  # (no token is longer: a long choice costs no more)
+            out.update(t for t in vocab.ids.get(rest[:k], ()) if t not in end_ids)  # (an end id ends only a whole one)
     return sorted(out)

@@ -315,4 +315,5 @@ class JsonGuide:
         if self.state is None:
             return none
         ids = json_vocab(vocab).allowed(self.state, self.grammar) if self.grammar.open(self.state) else none
+        ids = ids.without(end_ids)  # (a stop id that is an ordinary token ends only a complete answer)
         return ids.with_ids(end_ids) if self.grammar.can_end(self.state) else ids
