@@ -21,6 +21,7 @@ still alive (where two close the same way they are one again).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 
 from epinfer.core.errors import UserError
@@ -55,7 +56,9 @@ class SchemaGrammar(Grammar):
         self.unions = False  # an "any" node: the states are sets
         self.pattern_nodes = 0  # the automaton nodes of its patterns and lengths, in all
         root = self.compile(schema, "schema", (), 0)
-        super().__init__("schema:" + json.dumps(schema),  # (in its own key order: properties come in it)
+        text = json.dumps(schema)  # (in its own key order: properties come in it)
+        super().__init__("schema:" + hashlib.sha256(text.encode()).hexdigest(),  # (a short key: remembered states
+                         # keep theirs alive, and 4,096 of them of distinct megabyte schemas held gigabytes)
                          self.step_union if self.unions else self.step_schema)
         self.start = ((), "V", root, 0)
         if self.unions:
@@ -185,8 +188,8 @@ class SchemaGrammar(Grammar):
     # counted up to its minItems / maxItems, then no further, so an unbounded array has one state a mode).
     # Modes: V a value of node aux; K the current property's key literal, aux bytes of it read; C ":";
     # E after a value (",", a closer); A0 an array's first item or "]"; S a string (aux: json_mode's
-    # string state); N a number (aux: phase, + 16 for an integer); L a literal (aux: (node, bytes read));
-    # D done
+    # string state); N a number (aux: phase, + 16 for an integer); L a literal (aux: (node, its options' run,
+    # bytes read): `literal`); D done
     def step_schema(self, state: tuple, b: int) -> tuple | None:
         frames, mode, aux, space = state
         if mode == "P":  # a string under a pattern (aux: its node, the expression's state)
@@ -258,20 +261,25 @@ class SchemaGrammar(Grammar):
         if node[0] in ("int", "num"):
             phase = number_start(b)
             return None if phase is None else (frames, "N", phase | (16 if node[0] == "int" else 0), 0)
-        return self.literal(frames, (n, b""), b)
+        return self.literal(frames, (n, 0, len(node[1]), 0), b)
 
     def literal(self, frames: tuple, aux: tuple, b: int) -> tuple | None:
-        """The options (sorted: those starting with a prefix are a run of them) after `read`, then b."""
-        n, read = aux
+        """aux (node, lo, hi, k): the options (sorted) [lo, hi) are those that start with the k bytes
+        read, the one of exactly those bytes first where there is one; then byte b. A state holds no
+        bytes of its own, and a step is two bisections whatever the options' count and length."""
+        n, lo, hi, k = aux
         options = self.nodes[n][1]
-        now = read + bytes([b])
-        i = bisect.bisect_left(options, now)
-        if i < len(options) and options[i].startswith(now):  # (options[i] is now itself, or the first longer)
-            if options[i] == now and not (i + 1 < len(options) and options[i + 1].startswith(now)):
+
+        def at(option: bytes) -> int:
+            return option[k] if len(option) > k else -1
+
+        start = bisect.bisect_left(options, b, lo, hi, key=at)
+        end = bisect.bisect_right(options, b, start, hi, key=at)
+        if start < end:  # some go on with b
+            if end - start == 1 and len(options[start]) == k + 1:  # only one, and it is whole
                 return self.after(frames)
-            return (frames, "L", (n, now), 0)
-        i = bisect.bisect_left(options, read)
-        if i < len(options) and options[i] == read:  # a complete value that another one extends: it ended before b
+            return (frames, "L", (n, start, end, k + 1), 0)
+        if len(options[lo]) == k:  # a complete value that another one extends: it ended before b
             return self.step_schema(self.after(frames), b)
         return None
 
@@ -291,7 +299,9 @@ class SchemaGrammar(Grammar):
             return True
         if frames:
             return False
-        return (mode == "N" and aux & 15 in (2, 3, 5, 8)) or (mode == "L" and aux[1] in self.nodes[aux[0]][1])
+        if mode == "L":  # (a value of exactly the bytes read is the first of its run)
+            return len(self.nodes[aux[0]][1][aux[1]]) == aux[3]
+        return mode == "N" and aux & 15 in (2, 3, 5, 8)
 
     def after(self, frames: tuple) -> tuple:
         """The state after a value closed inside `frames` (an object's property index moves on, an
