@@ -22,7 +22,8 @@ from epinfer.engine.regex_grammar import RegexGrammar
 
 PATTERNS = [r"[a-z]+", r"\d{3}-\d{4}", r"(yes|no|maybe)", r"-?\d+(\.\d+)?", r"[^\n]{0,5}x", r"(ab|a)*b?",
             "é+[ü-ÿ]?日*", r"\w+@\w+\.(com|org)", r"[A-Z][a-z]*( [A-Z][a-z]*){0,2}", r"^a.c$", r"(?:x|y){2,3}z*?",
-            r'\s*\{"a":\s*\d+\}', r"[^a-c]*", r"(?P<n>\d)+\.", r"\u00e9\x41", r"a{,2}b", r"[\d\s-]+", "a{²}b"]
+            r'\s*\{"a":\s*\d+\}', r"[^a-c]*", r"(?P<n>\d)+\.", r"\u00e9\x41", r"a{,2}b", r"[\d\s-]+", "a{²}b",
+            r"\012x?", r"[\0121]+", r"\101+\0?"]  # (the last three: octal escapes, as Python reads them)
 ALPHABET = 'abcxyz0123456789-. \n@éüÿAZ{}":日'
 
 

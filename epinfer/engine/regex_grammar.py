@@ -37,7 +37,7 @@ TOP = 0x10FFFF
 DIGIT = ((0x30, 0x39),)
 WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
 SPACES = ((0x09, 0x0D), (0x20, 0x20))
-ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 CLASSES = {"d": (DIGIT, False), "D": (DIGIT, True), "w": (WORD, False), "W": (WORD, True),
            "s": (SPACES, False), "S": (SPACES, True)}
 
@@ -191,7 +191,14 @@ class Parser:
         if c in CLASSES:
             ranges, negated = CLASSES[c]
             return complement(ranges) if negated else ranges
-        if c in ESCAPED:
+        ahead = self.p[self.i:self.i + 2]
+        octal = ahead[:next((k for k, d in enumerate(ahead) if d not in "01234567"), len(ahead))]  # (up to 2 more)
+        if c in "01234567" and (c == "0" or in_class or len(octal) == 2):  # Python's octal escapes: \0, \0oo,
+            self.i += len(octal)  # \ooo, and in a class any \o to \ooo
+            v = int(c + octal, 8)
+            if v > 0o377:
+                raise self.fail(f"the octal escape \\{c + octal} is outside 0 to 0o377")
+        elif c in ESCAPED:
             v = ord(ESCAPED[c])
         elif c in "xu":
             width = 2 if c == "x" else 4
