@@ -296,6 +296,7 @@ def assert_error_body(r: httpx.Response, status: int, fragment: str = "") -> Non
     error = r.json()["error"]
     assert isinstance(error["message"], str) and "\n" not in error["message"] and error["type"], error
     assert fragment in error["message"], (fragment, error)
+    assert not re.match(r"(request|prompt) \d", error["message"]), error  # (no index of the server's own)
 
 
 def test_server_sampling_failure_fails_that_request_alone(hostile):

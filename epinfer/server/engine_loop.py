@@ -190,7 +190,7 @@ class ServeLoop:
         try:
             seq = self.engine.make_request(ids, params, rid)
         except UserError as exc:  # the server validated it already; never let it stop the loop
-            self.pending_events.append((rid, [], None, "error", (400, str(exc)), None))
+            self.pending_events.append((rid, [], None, "error", (400, own_message(str(exc), rid)), None))
             return
         self.engine.submit(seq)
         self.seqs[rid] = seq
@@ -306,3 +306,12 @@ class ServeMode:
 
     def __call__(self, engine: Engine, ctx: ParallelContext, rt: RankRuntime) -> None:
         ServeLoop(engine, ctx, self.channels, rt.watchdog).run()
+
+
+def own_message(message: str, rid: int) -> str:
+    """The engine's message about request `rid` as its client reads it: without the loop's index of
+    it ("request 158: ...", "prompt 158 is empty")."""
+    for lead, now in ((f"request {rid}: ", ""), (f"prompt {rid}: ", ""), (f"prompt {rid} ", "the prompt ")):
+        if message.startswith(lead):
+            return now + message[len(lead):]
+    return message
