@@ -77,3 +77,20 @@ def test_include_stop_str_in_output(demo_llm):
                  for inc in (False, True))
     assert cut.token_ids == kept.token_ids and cut.finish_reason == kept.finish_reason == "stop"
     assert kept.text == cut.text + "than" and kept.text.endswith(" better than")
+
+
+def test_a_stop_token_is_in_the_ids_not_the_text(demo_llm):
+    """A request that ends on a stop token id (or the end of sequence, its text kept by
+    skip_special_tokens=False) has the token in its ids and not its text, unless
+    include_stop_str_in_output (vLLM's)."""
+    tok = demo_llm.tokenizer
+    z = tok("z", add_special_tokens=False)["input_ids"]
+    forced = dict(max_tokens=8, temperature=0, allowed_token_ids=z, stop_token_ids=z)
+    cut, kept = demo_llm.generate(["Hi"] * 2, [SamplingParams(**forced),
+                                                SamplingParams(include_stop_str_in_output=True, **forced)])
+    assert cut.token_ids == kept.token_ids == z and cut.finish_reason == kept.finish_reason == "stop"
+    assert (cut.text, kept.text) == ("", "z"), (cut, kept)
+    eos = sorted(demo_llm.engine.eos_ids)[0]
+    ended = demo_llm.generate("Hi", SamplingParams(max_tokens=4, temperature=0, allowed_token_ids=[eos],
+                                                   skip_special_tokens=False))[0]
+    assert ended.token_ids == [eos] and ended.finish_reason == "stop" and ended.text == "", ended

@@ -33,7 +33,7 @@ from epinfer.engine.memory import (
 )
 from epinfer.engine.penalties import allow, bias, hold, penalize
 from epinfer.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from epinfer.engine.stops import StopSearch, first_match
+from epinfer.engine.stops import StopSearch, first_match, text_before_last
 from epinfer.kernels import cudnn_attention, paged_attention, preload
 from epinfer.kernels.gdn_ops import CHUNK
 from epinfer.kernels.gdn_prefill import capture_exact
@@ -466,7 +466,9 @@ class Engine:
         if len(seq.output_ids) <= p.min_tokens:  # (up to min_tokens only the length ends it, as in vLLM)
             pass
         elif token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
-            seq.finish_reason = "stop"
+            seq.finish_reason = "stop"  # (the token is in the ids; its text is not, unless asked for: vLLM's)
+            if not p.include_stop_str_in_output and self.tokenizer is not None:
+                seq.stop_text_end = text_before_last(self.tokenizer, seq.output_ids, p.skip_special_tokens)
         elif p.stop and self.tokenizer is not None:
             seq.stop_search = seq.stop_search or StopSearch(self.tokenizer, p.stop, seq.output_ids[:p.min_tokens],
                                                          p.skip_special_tokens)

@@ -63,3 +63,14 @@ class StopSearch:
         joined = self.recent + settled
         self.recent = joined[max(0, len(joined) - self.keep):]
         return hit
+
+
+def text_before_last(tokenizer, ids: list[int], skip_special_tokens: bool) -> int | None:
+    """The length of the text of `ids` without the last one's, where that one has text of its own (an
+    end-of-sequence token skipped as special has none: None)."""
+    try:
+        if tokenizer.decode(ids[-1:], skip_special_tokens=skip_special_tokens):
+            return len(tokenizer.decode(ids[:-1], skip_special_tokens=skip_special_tokens))
+    except Exception:  # (tokenizers raise many kinds: the request's own decode fails it where it matters)
+        pass
+    return None
