@@ -131,6 +131,7 @@ def nested(depth: int) -> dict:
     ({"type": "object", "properties": {"a": {"type": "integer", "pattern": "x"}}}, "schema.a: pattern not supported"),
     ({"type": "string", "pattern": "(?=x)"}, "schema: pattern: regex: '\\(\\?' groups"),
     ({"type": "string", "pattern": "x", "maxLength": 3}, "pattern with minLength / maxLength not supported"),
+    ({"type": "string", "pattern": 'a"b|\\n'}, "pattern matches no string free of quotes, backslashes and control"),
     ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength / maxLength must be integers"),
     ({"type": "string", "minLength": "2"}, "minLength / maxLength must be integers"),
     ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "minItems / maxItems must be"),

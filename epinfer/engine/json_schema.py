@@ -39,6 +39,12 @@ MAX_NODES = 1024
 MAX_PATTERN_NODES = 200_000  # its patterns' and lengths' automata in all: 66 strings of maxLength 1000
 
 
+def escape_free(lo: int, hi: int) -> bool:
+    """Whether code points [lo, hi] hold one a JSON string holds without an escape (not a quote, a
+    backslash or a control character)."""
+    return hi > 0x5C or any(c not in (0x22, 0x5C) for c in range(max(lo, 0x20), hi + 1))
+
+
 class SchemaGrammar(Grammar):
     """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node, minItems, maxItems or
     None), ("str",), ("pat", RegexGrammar), ("int",),
@@ -143,9 +149,13 @@ class SchemaGrammar(Grammar):
                                 "the least first")
             pattern = '[^"\\\\\\x00-\\x1f]' + f"{{{low},{'' if high is None else high}}}"
         try:
-            return RegexGrammar(pattern)
+            grammar = RegexGrammar(pattern)
         except UserError as exc:
             raise UserError(f"json_schema: {where}: pattern: {exc}") from None
+        if not grammar.auto.reaches_accept(escape_free):
+            raise UserError(f"json_schema: {where}: pattern matches no string free of quotes, backslashes and "
+                            "control characters (a patterned string is written without escapes)")
+        return grammar
 
     def alternatives(self, s: dict, union: str | None, where: str, refs: tuple, depth: int) -> int:
         """An "any" node: `anyOf` / `oneOf` (generated as anyOf: a value of any alternative), or a list

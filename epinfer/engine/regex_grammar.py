@@ -314,6 +314,19 @@ class Automaton:
         self.eps[b].append(end)
         return a, end
 
+    def reaches_accept(self, usable) -> bool:
+        """Whether some string reaches the accepting node through edges whose ranges hold a character
+        that `usable(lo, hi)` takes (for a range [lo, hi])."""
+        seen, todo = {self.start}, [self.start]
+        while todo:
+            i = todo.pop()
+            if i == self.accept:
+                return True
+            nxt = self.eps[i] + [t for ranges, _, t in self.edges[i] if any(usable(lo, hi) for lo, hi in ranges)]
+            todo += [t for t in nxt if t not in seen]
+            seen.update(nxt)
+        return False
+
     def closure(self, nodes) -> frozenset:
         seen, todo = set(nodes), list(nodes)
         while todo:
