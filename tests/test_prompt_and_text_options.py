@@ -160,3 +160,16 @@ def test_server_takes_bad_words():
     for bad in ("a", [1], [""]):
         with pytest.raises(APIError, match="bad_words"):
             parse_request({**body, "bad_words": bad}, False, None, info)
+
+
+def test_a_guide_refused_names_its_request_field():
+    """An error's `param` is the request's field (vLLM's names), not the engine's."""
+    from epinfer.server.protocol import APIError, ModelInfo, parse_request
+
+    info = ModelInfo("m", 64, 1000, {})
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 4}
+    for extra, field in (({"guided_regex": "a("}, "guided_regex"), ({"guided_json": {"type": "nope"}}, "guided_json"),
+                         ({"guided_choice": []}, "guided_choice")):
+        with pytest.raises(APIError) as exc:
+            parse_request({**body, **extra}, False, None, info)
+        assert exc.value.param == field, (extra, exc.value.param, exc.value.message)

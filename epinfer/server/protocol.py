@@ -31,7 +31,7 @@ from epinfer.core.sampling_params import (
 from epinfer.core.untrusted import TimeLimitExceeded, one_line, surrogate_field, time_limit
 from epinfer.engine import restrict
 from epinfer.server import reasoning
-from epinfer.server.structured import OutputsError, structured_outputs
+from epinfer.server.structured import API_FIELDS, OutputsError, guide_field, structured_outputs
 from epinfer.server.tools import ToolError, check_tools, forced_tool, template_message
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
@@ -455,14 +455,16 @@ def _params(ids: list[int], index: int | None, info: ModelInfo, key: str, max_to
         params = SamplingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids, logit_bias=bias,
                                 **fields).resolved(info.defaults)
     except UserError as exc:  # the shared checks: ranges, finite numbers, seed width, stop strings
-        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+        word = str(exc).split(" ", 1)[0].rstrip(",:")  # (the message names its field first)
+        raise APIError(400, str(exc), param=API_FIELDS.get(word, word)) from None
     if params.logit_bias:
         _token_list(sorted(params.logit_bias), "logit_bias", info)  # (the vocabulary)
     try:
         restrict.json_guide(params)  # (a schema or an expression this mode does not take: refused here)
     except UserError as exc:
-        raise APIError(400, str(exc), param="guided_regex" if params.regex is not None else "response_format") from None
+        raise APIError(400, str(exc), param=guide_field(params)) from None
     return params
+
 
 
 def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:

@@ -56,3 +56,14 @@ def _schema(body: dict) -> dict | None:
     outputs = body.get("structured_outputs")
     schema = outputs.get("json") if isinstance(outputs, dict) else None
     return schema if schema is not None else body.get("guided_json")
+
+
+# the request fields of the SamplingParams fields a guide sets (vLLM's names), for an error's `param`
+API_FIELDS = {"regex": "guided_regex", "choices": "guided_choice", "json_schema": "guided_json",
+              "json_object": "response_format"}
+
+
+def guide_field(params) -> str:
+    """The request field of `params`' guide."""
+    return next((API_FIELDS[f] for f in ("regex", "choices", "json_schema") if getattr(params, f) is not None),
+                "response_format")
