@@ -227,14 +227,15 @@ class Engine:
         self.num_requests = 0
         return round(time.perf_counter() - t, 2)
 
-    def tokenize(self, prompt: str | list[int], index: int, keep: int | None = None) -> list[int]:
-        """The prompt's token ids, checked; `keep`: `truncate_prompt_tokens` (before the length check)."""
+    def tokenize(self, prompt: str | list[int], name: str, keep: int | None = None) -> list[int]:
+        """The prompt's token ids, checked; `name`: how messages call it ("prompt 3"); `keep`:
+        `truncate_prompt_tokens` (before the length check)."""
         if isinstance(prompt, str):
             if not prompt:
-                raise UserError(f"prompt {index} is empty")
+                raise UserError(f"{name} is empty")
             if self.tokenizer is None:
                 raise UserError("this model has no tokenizer: pass prompts as token ids")
-            check_text(f"prompt {index}", prompt)
+            check_text(name, prompt)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         elif isinstance(prompt, (list, tuple)) and all(type(t) is int for t in prompt):
             ids = list(prompt)  # (plain ints: the ABC check below took 0.5 s for 1000 x 1024 tokens on 2 cores)
@@ -242,40 +243,43 @@ class Engine:
                                                        for t in prompt):
             ids = [int(t) for t in prompt]
         else:
-            raise UserError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise UserError(f"{name} must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
-            raise UserError(f"prompt {index} is empty")
+            raise UserError(f"{name} is empty")
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:  # (one pass each in C; the offender found only then)
             bad = [t for t in ids if not 0 <= t < vocab]
-            raise UserError(f"prompt {index}: token id {bad[0]} is outside the vocabulary (size {vocab})")
+            raise UserError(f"{name}: token id {bad[0]} is outside the vocabulary (size {vocab})")
         ids = truncate_prompt(ids, keep, self.max_model_len)
         if len(ids) >= self.max_model_len:
-            raise UserError(f"prompt {index} has {len(ids)} tokens; the max model length is "
+            raise UserError(f"{name} has {len(ids)} tokens; the max model length is "
                             f"{self.max_model_len} (prompt + at least one generated token)")
         return ids
 
-    def make_request(self, prompt: str | list[int], params: SamplingParams | None,
-                     index: int) -> Sequence:
-        """Validates and tokenizes; raises `UserError` before anything is queued."""
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None, index: int,
+                     named: bool = True) -> Sequence:
+        """Validates and tokenizes; raises `UserError` before anything is queued. Its messages name
+        the request by `index` ("request 3: ...", "prompt 3 is empty"), or with `named` False not
+        (the server's: its client knows which request it sent)."""
         params = (params or SamplingParams()).resolved(self.defaults)
+        lead = f"request {index}: " if named else ""
         if params.stop and self.tokenizer is None:  # (they would never match: no text is made)
-            raise UserError(f"request {index}: stop strings need a tokenizer, and this model has none; "
+            raise UserError(f"{lead}stop strings need a tokenizer, and this model has none; "
                             "use stop_token_ids")
         vocab = self.model_config.vocab_size  # (a stop that could never match, a bias on no token)
         for what, ids in (("stop token id", params.stop_token_ids or ()),
                           ("logit_bias token id", params.logit_bias or {}),
                           ("allowed token id", params.allowed_token_ids or ())):
             if (t := next((t for t in ids if t >= vocab), None)) is not None:
-                raise UserError(f"request {index}: {what} {t} is outside the vocabulary (size {vocab})")
-        restrict.check_request(params, index, self.tokenizer, self.end_ids(params))
+                raise UserError(f"{lead}{what} {t} is outside the vocabulary (size {vocab})")
+        restrict.check_request(params, lead, self.tokenizer, self.end_ids(params))
         if params.bad_words and self.tokenizer is None:
-            raise UserError(f"request {index}: bad_words need a tokenizer, and this model has none")
+            raise UserError(f"{lead}bad_words need a tokenizer, and this model has none")
         try:
             guide = restrict.json_guide(params)  # (a schema compiles here: a bad one is refused before queueing)
         except UserError as exc:
-            raise UserError(f"request {index}: {exc}") from None
-        ids = self.tokenize(prompt, index, params.truncate_prompt_tokens)
+            raise UserError(f"{lead}{exc}") from None
+        ids = self.tokenize(prompt, f"prompt {index}" if named else "the prompt", params.truncate_prompt_tokens)
         seq = Sequence(index, ids, params, min(len(ids) + params.max_tokens, self.max_model_len), guide=guide,
                        bad_ids=bad_word_ids(self.tokenizer, params.bad_words, vocab) if params.bad_words else [])
         if params.seed is not None:

@@ -55,15 +55,16 @@ def allowed_rows(sampled: list, tokenizer, vocab_size: int, end_ids) -> tuple[li
     return rows, dead, complete
 
 
-def check_request(p, index: int, tokenizer, ends: set[int]) -> None:
+def check_request(p, lead: str, tokenizer, ends: set[int]) -> None:
     """A guide needs a tokenizer and an id to end its answer with; allowed ids that only end the
-    request while min_tokens holds them back leave no token to sample."""
+    request while min_tokens holds them back leave no token to sample. `lead` starts each message
+    ("request 3: ", or nothing)."""
     if guided_request(p) and (tokenizer is None or not ends):
         what = "guided choice" if p.choices else "a guided regex" if p.regex is not None else "JSON mode"
-        raise UserError(f"request {index}: {what} needs a tokenizer and an end-of-sequence or stop token id to end "
+        raise UserError(f"{lead}{what} needs a tokenizer and an end-of-sequence or stop token id to end "
                         "the answer with (not ignore_eos without stop_token_ids)")
     if p.allowed_token_ids and p.min_tokens and set(p.allowed_token_ids) <= ends:
-        raise UserError(f"request {index}: allowed_token_ids holds only ids that end the request, which "
+        raise UserError(f"{lead}allowed_token_ids holds only ids that end the request, which "
                         "min_tokens holds back: no token could be sampled")
 
 

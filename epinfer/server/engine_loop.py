@@ -188,9 +188,9 @@ class ServeLoop:
 
     def submit(self, rid: int, ids: list[int], params, logprobs: int | None) -> None:
         try:
-            seq = self.engine.make_request(ids, params, rid)
+            seq = self.engine.make_request(ids, params, rid, named=False)
         except UserError as exc:  # the server validated it already; never let it stop the loop
-            self.pending_events.append((rid, [], None, "error", (400, own_message(str(exc), rid)), None))
+            self.pending_events.append((rid, [], None, "error", (400, str(exc)), None))
             return
         self.engine.submit(seq)
         self.seqs[rid] = seq
@@ -307,11 +307,3 @@ class ServeMode:
     def __call__(self, engine: Engine, ctx: ParallelContext, rt: RankRuntime) -> None:
         ServeLoop(engine, ctx, self.channels, rt.watchdog).run()
 
-
-def own_message(message: str, rid: int) -> str:
-    """The engine's message about request `rid` as its client reads it: without the loop's index of
-    it ("request 158: ...", "prompt 158 is empty")."""
-    for lead, now in ((f"request {rid}: ", ""), (f"prompt {rid}: ", ""), (f"prompt {rid} ", "the prompt ")):
-        if message.startswith(lead):
-            return now + message[len(lead):]
-    return message
