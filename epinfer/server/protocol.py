@@ -466,7 +466,6 @@ def _params(ids: list[int], index: int | None, info: ModelInfo, key: str, max_to
     return params
 
 
-
 def parse_tokenize(body, tokenizer, info: ModelInfo) -> dict:
     """POST /tokenize (as vLLM's): `prompt` (text, with the tokenizer's special tokens unless
     `add_special_tokens` is false) or chat `messages` (the template rendered as for a chat request)
