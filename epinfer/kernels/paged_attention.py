@@ -92,9 +92,10 @@ def decode_attention_reference(q_BHd, k_cache, v_cache, block_table, state_slots
 
 
 # the split kernel's tiles and the split count's bounds: `programs` to aim for, `min_split` tokens.
-# BLOCK_N by batch x KV heads up to (halved above head dim 128). H200, 30B shape, ctx 1040, graph-timed
-# (`benchmarks/attention_sweep.py`, 2026-11-29): 1 row 5.8 µs (6.4 before), 8 rows 8.8 (13.0),
-# 64 rows 41.7 (48.1), 256 rows 143 (152)
+# BLOCK_N by batch x KV heads up to (halved above head dim 128, to no fewer than 32). H200, 30B shape,
+# ctx 1040, graph-timed (`benchmarks/attention_sweep.py`, 2026-11-29): 1 row 5.8 µs (6.4 before), 8 rows
+# 8.8 (13.0), 64 rows 41.7 (48.1), 256 rows 143 (152). Qwen3.5 shape (head dim 256, 2 KV heads), H100,
+# 2026-12-06: 32 keys a tile instead of 16 at 200 rows, ctx 2000: 282 µs (349); 512 rows, ctx 1100: 400 (478)
 DECODE = {"BLOCK_N": [(32, 128), (256, 64), (None, 32)], "num_warps": 4, "num_stages": 2, "programs": 512,
           "max_splits": 32, "min_split": 64}
 
@@ -121,7 +122,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
     BLOCK_N = cfg["BLOCK_N"]
     if not isinstance(BLOCK_N, int):
         BLOCK_N = next(bn for limit, bn in BLOCK_N if limit is None or limit >= R * KVH)
-    BLOCK_N = BLOCK_N if hd <= 128 else max(16, BLOCK_N // 2)
+    BLOCK_N = BLOCK_N if hd <= 128 else max(32, BLOCK_N // 2)
     ieee = q.dtype == torch.float32  # float32 means float32: no TF32 in tl.dot
     _split_kernel[(B, KVH, splits)](
         q, k_cache, v_cache, block_table, state_slots, seq_lens, part_acc, part_ml, scale,
