@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -298,8 +299,9 @@ def test_prompt_chunk_tiles_heaviest_first():
 
 def test_checkpoint_prefetch_reads_the_ranges_of_the_next_units(tmp_path, monkeypatch):
     """Tensor byte ranges as safetensors lays them out; a unit's adjacent ranges read as one, in
-    16 MiB pieces, the next `lead` units queued ahead of the loader; a file that is not safetensors
-    gives no ranges and an unreadable range is skipped (the loader's own read reports it)."""
+    16 MiB pieces, the next `lead` units queued ahead of the loader, a unit's own waited for; a file
+    that is not safetensors gives no ranges and an unreadable range is skipped (the loader's own
+    read reports it)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -319,15 +321,22 @@ def test_checkpoint_prefetch_reads_the_ranges_of_the_next_units(tmp_path, monkey
     assert prefetch.merged([(path, 40, 50), (path, 0, 40), (path, 60, 70)]) == [(path, 0, 50), (path, 60, 70)]
 
     monkeypatch.setattr(prefetch, "PIECE", 16)
-    reads = []
+    reads, done = [], []
     real_read = prefetch.Prefetcher._read
-    monkeypatch.setattr(prefetch.Prefetcher, "_read", lambda self, p, o, n: reads.append((p.name, o, n))
-                        or real_read(self, p, o, n))
+
+    def slow_read(self, p, o, n):
+        reads.append((p.name, o, n))
+        time.sleep(0.05)
+        real_read(self, p, o, n)
+        done.append((p.name, o, n))
+
+    monkeypatch.setattr(prefetch.Prefetcher, "_read", slow_read)
     os.mkfifo(tmp_path / "fifo")  # (a shard swapped for a FIFO: skipped, no reader blocks)
     units = [[(path, 0, 40)], [(path, 40, 50)], [(path, 50, 60)],
              [(tmp_path / "gone", 0, 8), (tmp_path / "fifo", 0, 8)]]
     pf = prefetch.Prefetcher(units, threads=2, lead=1)
-    pf.advance(0)
+    pf.advance(0)  # returns once unit 0's pieces are read (the loader then finds them cached)
+    assert {("a.safetensors", 0, 16), ("a.safetensors", 16, 16), ("a.safetensors", 32, 8)} <= set(done)
     [f.result() for f in pf.futures]  # (close() drops the reads not yet started)
     pf.close()
     assert sorted(reads) == [("a.safetensors", 0, 16), ("a.safetensors", 16, 16), ("a.safetensors", 32, 8),

@@ -3,8 +3,12 @@
 The loader reads one tensor at a time through safetensors' memory maps: one thread's page faults,
 so a cold disk serves one stream of reads at a time. `Prefetcher` reads the byte ranges of the next
 few load units (decoder layers) with several threads (`os.preadv` into a buffer per thread, 16 MiB
-pieces), so that the loader's page faults find the pages cached. It is best effort: a range that
-cannot be read is skipped, and the loader's own read of it reports the error.
+pieces), so that the loader's page faults find the pages cached, and waits for a unit's reads before
+the loader takes it. A page fault on a cold page blocks the loader's thread with the interpreter's
+lock held, and the readers, unable to queue their next piece, leave the disk idle: on an H100
+machine a 31 GB FP8 checkpoint loaded in 24.1 s with the loader faulting, where the disk reads it in
+15.1 s and the loader alone takes 13.4 s. It is best effort: a range that cannot be read is
+skipped, and the loader's own read of it reports the error.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import os
 import stat
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 PIECE = 16 << 20  # bytes a read
@@ -47,8 +51,8 @@ def merged(spans: list[tuple[Path, int, int]]) -> list[tuple[Path, int, int]]:
 
 class Prefetcher:
     """`units[i]`: the (file, begin, end) ranges load unit i reads. `advance(i)` before loading unit
-    i queues the reads of units i .. i + `lead` not queued yet; `close()` drops the queued reads
-    and waits for those running."""
+    i queues the reads of units i .. i + `lead` not queued yet and returns once unit i's are done;
+    `close()` drops the queued reads and waits for those running."""
 
     def __init__(self, units: list[list[tuple[Path, int, int]]], threads: int = 8, lead: int = 2) -> None:
         self.units = [merged(u) for u in units]
@@ -56,15 +60,22 @@ class Prefetcher:
         self.queued = 0
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="epinfer-prefetch")
         self.local = threading.local()
-        self.futures: list[Future] = []
+        self.unit_reads: list[list[Future]] = []  # by unit: its reads, [] once `advance` waited for them
 
     def advance(self, i: int) -> None:
         while self.queued < min(i + self.lead + 1, len(self.units)):
-            for path, begin, end in self.units[self.queued]:
-                for offset in range(begin, end, PIECE):
-                    self.futures.append(self.pool.submit(self._read, path, offset, min(PIECE, end - offset)))
+            self.unit_reads.append([self.pool.submit(self._read, path, offset, min(PIECE, end - offset))
+                                    for path, begin, end in self.units[self.queued]
+                                    for offset in range(begin, end, PIECE)])
             self.queued += 1
-        self.futures = [f for f in self.futures if not f.done()]
+        if i < len(self.unit_reads):
+            wait(self.unit_reads[i])
+            self.unit_reads[i] = []
+
+    @property
+    def futures(self) -> list[Future]:
+        """The reads queued and not yet waited for."""
+        return [f for reads in self.unit_reads for f in reads]
 
     def _read(self, path: Path, offset: int, size: int) -> None:
         buf = getattr(self.local, "buf", None)
