@@ -143,7 +143,8 @@ def nested(depth: int) -> dict:
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}},
      "not recursively"),
     ({"enum": []}, "enum must be a non-empty array"),
-    ({"type": "array"}, "schema[]: type must be one of"),
+    ({"type": "array"}, "schema: an array needs items"),
+    ({"type": "object", "properties": {"a": {}}}, "schema.a: no type; any JSON value is not supported"),
     (nested(40), "nested more than 16 deep"), ({"type": "string", "$defs": [1]}, r"\$defs must be an object"),
     ({"type": "object", "properties": {"a": 1}}, "schema.a must be an object")])
 def test_refused_schemas(schema, fragment):

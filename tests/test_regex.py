@@ -23,7 +23,8 @@ from epinfer.engine.regex_grammar import RegexGrammar
 PATTERNS = [r"[a-z]+", r"\d{3}-\d{4}", r"(yes|no|maybe)", r"-?\d+(\.\d+)?", r"[^\n]{0,5}x", r"(ab|a)*b?",
             "é+[ü-ÿ]?日*", r"\w+@\w+\.(com|org)", r"[A-Z][a-z]*( [A-Z][a-z]*){0,2}", r"^a.c$", r"(?:x|y){2,3}z*?",
             r'\s*\{"a":\s*\d+\}', r"[^a-c]*", r"(?P<n>\d)+\.", r"\u00e9\x41", r"a{,2}b", r"[\d\s-]+", "a{²}b",
-            r"\012x?", r"[\0121]+", r"\101+\0?"]  # (the last three: octal escapes, as Python reads them)
+            r"\012x?", r"[\0121]+", r"\101+\0?",  # (octal escapes, as Python reads them)
+            r"[\U000000e9-\U000000ff]+\U00000041?"]
 ALPHABET = 'abcxyz0123456789-. \n@éüÿAZ{}":日'
 
 
@@ -73,6 +74,7 @@ def test_grammar_is_fullmatch():
     (r"(?=a)b", "'(?' groups"), (r"(a)\1", r"the escape \1"), (r"\bword", r"the escape \b"), ("(ab", "missing ')'"),
     ("ab)", "unmatched ')'"), ("*a", "nothing to repeat"), ("a**", "a quantifier after a quantifier"),
     ("[z-a]", "out of order"), ("a{5,2}", "a repetition {5,2}"), ("a{2000}", "a repetition {2000}"),
+    (r"\U00110000", "past the last code point"), (r"\U1F600", r"\U escape"),
     ("a^b", "'^' is supported only"), ("[ab", "unterminated '['"), (r"\x4", r"\x escape"),
     ("[[:alpha:]]", "POSIX classes"), ("a" * 5000, "at most 4096 characters"),
     ("(a{1000}){1000}", "more than 20000 automaton nodes"), ("(" * 1500 + "a" + ")" * 1500, "nested more than 64"),

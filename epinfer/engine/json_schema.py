@@ -100,6 +100,9 @@ class SchemaGrammar(Grammar):
             except (TypeError, ValueError):
                 raise UserError(f"json_schema: {where}: enum values must be JSON values") from None
         kind = s.get("type")
+        if kind is None:
+            raise UserError(f"json_schema: {where}: no type; any JSON value is not supported here (give type, enum "
+                            "or const)")
         if kind not in TYPES:
             raise UserError(f"json_schema: {where}: type must be one of {', '.join(TYPES)} (or give enum / const)")
         if kind == "object":
@@ -112,13 +115,15 @@ class SchemaGrammar(Grammar):
                                               for k, v in props.items()))
             return index
         if kind == "array":
+            if "items" not in s:
+                raise UserError(f"json_schema: {where}: an array needs items (the schema of its values)")
             index = self.add(None)
             low, high = s.get("minItems", 0), s.get("maxItems")
             if any(type(v) is not int or not 0 <= v <= MAX_ITEMS for v in (low, high) if v is not None) or (
                     high is not None and high < low):
                 raise UserError(f"json_schema: {where}: minItems / maxItems must be integers in [0, {MAX_ITEMS}], "
                                 "the least first")
-            self.nodes[index] = ("arr", self.compile(s.get("items", {}), f"{where}[]", refs, depth + 1), low, high)
+            self.nodes[index] = ("arr", self.compile(s["items"], f"{where}[]", refs, depth + 1), low, high)
             return index
         if kind == "string" and STRING_KEYS & set(s):
             grammar = self.string_pattern(s, where)

@@ -200,13 +200,15 @@ class Parser:
                 raise self.fail(f"the octal escape \\{c + octal} is outside 0 to 0o377")
         elif c in ESCAPED:
             v = ord(ESCAPED[c])
-        elif c in "xu":
-            width = 2 if c == "x" else 4
+        elif c in "xuU":
+            width = {"x": 2, "u": 4, "U": 8}[c]
             digits = self.p[self.i:self.i + width]
             if len(digits) != width or any(d not in "0123456789abcdefABCDEF" for d in digits):
                 raise self.fail(f"a \\{c} escape without {width} hex digits is not valid")
             self.i += width
             v = int(digits, 16)
+            if v > 0x10FFFF:
+                raise self.fail(f"the escape \\U{digits} is past the last code point U+10FFFF")
         elif c.isalnum():
             raise self.fail(f"the escape \\{c} is not supported (back-references, anchors \\b \\A \\Z, ...)")
         else:
