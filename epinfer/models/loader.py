@@ -27,7 +27,7 @@ from epinfer.core.errors import UserError
 from epinfer.kernels.fp8_gemm import dequantize_blocks, scale_shape
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.families import WEIGHT_RENAMES
-from epinfer.models.prefetch import Prefetcher, tensor_spans, typed
+from epinfer.models.prefetch import Prefetcher, tensor_spans
 
 SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
 _PER_EXPERT = re.compile(
@@ -158,8 +158,8 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, shard_of: torch.T
         raise UserError(
             f"tensor {key}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}"
         )
-    with torch.no_grad():  # (asynchronous from a page-locked read-ahead buffer: it outlives the copy)
-        param.copy_(tensor, non_blocking=True)
+    with torch.no_grad():
+        param.copy_(tensor)
 
 
 class WeightLoader:
@@ -310,13 +310,11 @@ Reader = Callable[[], torch.Tensor]
 
 
 def open_tensors(files: list[Path], stack: contextlib.ExitStack,
-                 spans: dict[str, tuple[Path, int, int]] | None = None,
-                 read_ahead: Callable[[str], torch.Tensor | None] | None = None) -> dict[str, tuple[Reader, str, Path]]:
+                 spans: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, tuple[Reader, str, Path]]:
     """Every tensor of the files, by name: (a reader, its safetensors dtype name, its file); a name
     in two files is refused (which copy is meant can't be known). The files stay
     open (memory-mapped) until `stack` closes, so a tensor can be read with one from another shard.
-    `spans`, if given, gets each tensor's (file, begin, end) bytes (for `Prefetcher`); a reader
-    takes a tensor's bytes from `read_ahead(name)` where it gives them (`Prefetcher.view`)."""
+    `spans`, if given, gets each tensor's (file, begin, end) bytes (for `Prefetcher`)."""
     tensors = {}
     for path in files:
         try:
@@ -325,10 +323,8 @@ def open_tensors(files: list[Path], stack: contextlib.ExitStack,
                 if key in tensors:
                     raise UserError(f"tensor {key} is in {tensors[key][2].name} and in {path.name}: a checkpoint "
                                     "holds each tensor once")
-                info = handle.get_slice(key)
-                dtype, shape = info.get_dtype(), info.get_shape()
-                tensors[key] = ((lambda h=handle, k=key, p=path, d=dtype, s=shape: _read(h, k, p, read_ahead, d, s)),
-                                dtype, path)
+                tensors[key] = ((lambda h=handle, k=key, p=path: _read(h, k, p)), handle.get_slice(key).get_dtype(),
+                                path)
         except UserError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -338,9 +334,7 @@ def open_tensors(files: list[Path], stack: contextlib.ExitStack,
     return tensors
 
 
-def _read(handle, key: str, path: Path, read_ahead=None, dtype: str = "", shape=()) -> torch.Tensor:
-    if read_ahead is not None and (tensor := typed(read_ahead(key), dtype, shape)) is not None:
-        return tensor
+def _read(handle, key: str, path: Path) -> torch.Tensor:
     try:
         return handle.get_tensor(key)
     except Exception as exc:
@@ -375,8 +369,7 @@ def dequantized(tensors: dict, cfg: ModelConfig,
         if key + SCALE_SUFFIX not in tensors:
             raise UserError(f"tensor {key} is FP8 but its scale {key + SCALE_SUFFIX} is missing")
         scale = tensors[key + SCALE_SUFFIX][0]
-        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device, non_blocking=True),
-                                                                  checked_scale(sc(), k).to(device, non_blocking=True),
+        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device), checked_scale(sc(), k).to(device),
                                                                   cfg.fp8_block, k))
 
 
@@ -414,15 +407,14 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
     loader = WeightLoader(model, cfg)
     with contextlib.ExitStack() as stack:
         spans: dict[str, tuple[Path, int, int]] = {}
-        raw = open_tensors(checkpoint_files(folder), stack, spans,
-                           lambda k: prefetch.view(*spans[k]) if k in spans else None)  # (`prefetch`: below)
+        raw = open_tensors(checkpoint_files(folder), stack, spans)
         by_layer: dict[int | None, list] = defaultdict(list)
         for key, get in dequantized(raw, cfg, device):
             m = _LAYER.match(normalize_name(key, cfg) or "")
             by_layer[int(m[1]) if m and int(m[1]) < cfg.num_layers else None].append((key, get))
         units: list[int | None] = [*range(cfg.num_layers), None]
         prefetch = Prefetcher([[spans[k] for key, _ in by_layer.get(u, []) for k in (key, key + SCALE_SUFFIX)
-                                if k in spans] for u in units], pin=device is not None and device.type == "cuda")
+                                if k in spans] for u in units])
         stack.callback(prefetch.close)
 
         def load_unit(prefix: str, module: torch.nn.Module | None, unit: int | None) -> None:
