@@ -383,7 +383,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "'allowed_token_ids' must be a non-empty"),
     ("/v1/completions", {"prompt": "x", "guided_choice": []}, 400, "choices must be a list of 1 to 64"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "a"}}, 400, "'json' or 'regex'"),
-    ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "json_schema: schema: type must"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": {}}}, 400, "json_schema: schema: no type"),
     ("/v1/completions", {"prompt": "x", "guided_json": {"type": "object", "minProperties": 1}}, 400,
      "json_schema: schema: minProperties not supported"),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}}, 400,
