@@ -408,7 +408,7 @@ def preflight_devices(args: argparse.Namespace) -> None:
         return
     import torch
 
-    from epinfer.engine.engine import resolve_device
+    from epinfer.engine.device import resolve_device
     from epinfer.runner.model_runner import available_bytes
 
     kind, ranks = resolve_device(args.device).type, args.dp * args.tp

@@ -163,7 +163,7 @@ def test_half_precision_recurrent_state(hybrid):
     stay close to it. A bad name is one line."""
     import torch
 
-    from epinfer.engine.engine import resolve_state_dtype
+    from epinfer.engine.device import resolve_state_dtype
     from epinfer.runner.cache import state_bytes_per_slot
 
     llm = LLM(hybrid, dtype="float32", device="cpu", max_num_batched_tokens=16, mamba_ssm_cache_dtype="bfloat16")

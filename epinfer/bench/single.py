@@ -26,7 +26,8 @@ from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import SamplingParams
 from epinfer.core.untrusted import shown_path
-from epinfer.engine.engine import DTYPES, Engine, EngineConfig
+from epinfer.engine.device import DTYPES
+from epinfer.engine.engine import Engine, EngineConfig
 
 SHAPES = Path(__file__).resolve().parent.parent / "shapes"  # public config.json of real models
 BUILTIN = {"qwen3-30b-a3b": "qwen3-30b-a3b.json", "qwen3.5-35b-a3b": "qwen3.5-35b-a3b-text.json",

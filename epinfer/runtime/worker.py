@@ -24,7 +24,8 @@ from epinfer.distributed.communicator import Communicator
 from epinfer.distributed.fingerprint import FingerprintCheck
 from epinfer.distributed.groups import build_groups
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine.engine import Engine, async_default, freeze_heap, resolve_device
+from epinfer.engine.device import async_default, resolve_device
+from epinfer.engine.engine import Engine, freeze_heap
 from epinfer.runtime.job import Job, RankRuntime
 
 TEARDOWN_S = 60.0  # longest wait for the process group to shut down once the run is over

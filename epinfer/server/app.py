@@ -33,11 +33,11 @@ from epinfer.core.untrusted import one_line
 from epinfer.core.version import VERSION
 from epinfer.diagnostics.watchdog import log_line
 from epinfer.server.client import EngineClient
+from epinfer.server.json_body import decode_json
 from epinfer.server.protocol import (
     APIError,
     ModelInfo,
     check_model,
-    decode_json,
     error_body,
     parse_detokenize,
     parse_request,

@@ -1,4 +1,5 @@
-"""OpenAI request validation (pure functions, no I/O; the response bodies: `bodies`).
+"""OpenAI request validation (pure functions, no I/O; the body's JSON decoding: `json_body`; the
+response bodies: `bodies`).
 
 A request body is checked field by field: a known field of the wrong type or out of range, an
 empty prompt, `n` other than 1, a prompt that leaves no room for one generated token or
@@ -16,8 +17,6 @@ Extensions: `ignore_eos` (bool) in the request; `token_ids` (the generated ids) 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 
 from epinfer.core.errors import UserError
 from epinfer.core.sampling_params import (
@@ -28,7 +27,7 @@ from epinfer.core.sampling_params import (
     logit_bias_from_json,
     truncate_prompt,
 )
-from epinfer.core.untrusted import TimeLimitExceeded, one_line, surrogate_field, time_limit
+from epinfer.core.untrusted import TimeLimitExceeded, one_line, time_limit
 from epinfer.engine import restrict
 from epinfer.server import reasoning
 from epinfer.server.structured import API_FIELDS, OutputsError, guide_field, structured_outputs
@@ -83,49 +82,6 @@ class GenerateRequest:
 
 MAX_CHOICES = 128  # 'n' at most (OpenAI's limit); each choice counts toward the queue as a request
 MAX_BATCH = 1024  # prompts in one completions request at most (each n choices, each counted in the queue)
-
-
-# --- decoding ------------------------------------------------------------------------------
-
-def _no_constant(name: str):
-    raise APIError(400, f"the JSON body holds {name}, which is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise APIError(400, f"the JSON body holds the number {text[:40]}, which overflows a double")
-    return value
-
-
-MAX_INT_DIGITS = 40  # no field takes a larger integer: one of thousands of digits is refused as it is read
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise APIError(400, f"the JSON body holds an integer of {len(text.lstrip('-'))} digits; no field takes "
-                       f"one of over {MAX_INT_DIGITS}")
-    return int(text)
-
-
-def decode_json(raw: bytes):
-    """The body as JSON (UTF-8/16/32), refusing what Python's decoder would otherwise accept:
-    NaN, Infinity, numbers that overflow to infinity and integers of more than MAX_INT_DIGITS digits
-    (their messages would not fit a line), and lone UTF-16 surrogates in any of its text. Nesting too
-    deep for the decoder is a 400 like any other malformed body."""
-    try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
-    except RecursionError:
-        raise APIError(400, "the JSON body is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise APIError(400, f"malformed JSON body: {str(exc)[:200]}") from None
-    bad = surrogate_field(raw, body)  # (anywhere in a field: a schema's property name, a regex, a tool)
-    if bad is not None:
-        name = "a key of the JSON body" if bad is True else f"'{bad}'"
-        raise APIError(400, f"{name} is not valid Unicode (it holds a lone surrogate)",
-                       param=None if bad is True else bad)
-    return body
-
 
 
 def _text(value: str, key: str) -> str:
