@@ -158,3 +158,49 @@ def test_queue_limit_counts_requests_waiting_for_the_tokenizer(monkeypatch):
         release.set()
         codes = sorted(f.result(timeout=30).status_code for f in [first, *rest])
     assert codes == [400] * 4 + [429] * 4 and len(parsed) == 4
+
+
+def test_guides_compile_off_the_step_loop(monkeypatch):
+    """A leader compiles a request's schema or expression on a thread: `submit` returns at once, the
+    request enters the engine with the first step after its guide is ready (a plain request at once),
+    a request cancelled while compiling never enters it, and a compile that fails answers 400."""
+    import concurrent.futures
+    import threading
+    from types import SimpleNamespace
+
+    from epinfer.core.errors import UserError
+    from epinfer.engine import restrict
+    from epinfer.server.engine_loop import ServeLoop
+
+    release = threading.Event()
+
+    def slow_guide(p):
+        release.wait(10)
+        if p.regex == "bad":
+            raise UserError("regex: bad")
+        return ("guide", p.regex)
+
+    monkeypatch.setattr(restrict, "json_guide", slow_guide)
+    entered = []
+    engine = SimpleNamespace(
+        make_request=lambda ids, params, rid, named, guide: SimpleNamespace(rid=rid, guide=guide, ids=ids),
+        submit=lambda seq: entered.append((seq.rid, seq.guide)),
+        scheduler=SimpleNamespace(waiting=[], running=[]))
+    loop = object.__new__(ServeLoop)
+    loop.engine, loop.seqs, loop.sent, loop.logprobs, loop.lp_pending = engine, {}, {}, {}, {}
+    loop.unadmitted, loop.pending_events, loop.compiling, loop.compiler = set(), [], {}, None
+    guided, plain = SamplingParams(max_tokens=4, regex="[ab]+"), SamplingParams(max_tokens=4)
+    t = time.perf_counter()
+    loop.submit(1, [1, 2], guided, None)
+    loop.submit(2, [3], plain, None)
+    loop.submit(3, [4], SamplingParams(max_tokens=4, regex="[cd]+"), None)
+    loop.submit(4, [5], SamplingParams(max_tokens=4, regex="bad"), None)
+    assert time.perf_counter() - t < 1 and entered == [(2, None)] and set(loop.compiling) == {1, 3, 4}
+    loop.cancel(3, "cancelled")
+    release.set()
+    concurrent.futures.wait([compile_ for compile_, *_ in loop.compiling.values()], 10)
+    loop.take_compiled()
+    assert entered == [(2, None), (1, ("guide", "[ab]+"))] and not loop.compiling
+    assert (3, [], None, "cancelled", None, None) in loop.pending_events
+    assert (4, [], None, "error", (400, "regex: bad"), None) in loop.pending_events
+    loop.compiler.shutdown()
