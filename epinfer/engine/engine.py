@@ -212,11 +212,10 @@ class Engine:
         return ids
 
     def make_request(self, prompt: str | list[int], params: SamplingParams | None, index: int,
-                     named: bool = True, guide=None) -> Sequence:
+                     named: bool = True) -> Sequence:
         """Validates and tokenizes; raises `UserError` before anything is queued. Its messages name
         the request by `index` ("request 3: ...", "prompt 3 is empty"), or with `named` False not
-        (the server's: its client knows which request it sent). `guide`: its `restrict.json_guide`,
-        compiled already (else compiled here)."""
+        (the server's: its client knows which request it sent)."""
         params = (params or SamplingParams()).resolved(self.defaults)
         lead = f"request {index}: " if named else ""
         if params.stop and self.tokenizer is None:  # (they would never match: no text is made)
@@ -232,8 +231,7 @@ class Engine:
         if params.bad_words and self.tokenizer is None:
             raise UserError(f"{lead}bad_words need a tokenizer, and this model has none")
         try:
-            if guide is None:  # (a schema compiles here: a bad one is refused before queueing)
-                guide = restrict.json_guide(params)
+            guide = restrict.json_guide(params)  # (a schema compiles here: a bad one is refused before queueing)
         except UserError as exc:
             raise UserError(f"{lead}{exc}") from None
         ids = self.tokenize(prompt, f"prompt {index}" if named else "the prompt", params.truncate_prompt_tokens)

@@ -84,11 +84,6 @@ def json_guide(p) -> json_mode.JsonGuide | None:
     return json_mode.JsonGuide() if p.json_object else None
 
 
-def guide_compiles(p) -> bool:
-    """Whether the request has a JSON schema or a regular expression to compile (`json_guide`)."""
-    return p.regex is not None or p.json_schema is not None
-
-
 @functools.lru_cache(maxsize=16)
 def _regex(pattern: str) -> regex_grammar.RegexGrammar:
     return regex_grammar.RegexGrammar(pattern)

@@ -18,13 +18,9 @@ Every iteration, on every rank, in this order:
      decides, everybody runs the forward (a dummy batch for an idle replica) or all skip. Leaders
      sample and send each request's new tokens (and logprobs when asked) to the server.
 Both new collectives are decided from numbers every rank has (the reduced flag), so every rank
-issues the same sequence. A leader compiles a new request's JSON schema or regular expression on a
-thread of its own (a large schema takes a good part of a second, which the step loop would spend
-with every other request waiting) and submits the request with the first step after it is done;
-what a leader submits is its own decision (its plan goes to its TP group), so no collective waits.
-When all replicas are idle, rank 0 waits up to `IDLE_WAIT_S` on its inbox before step 1 (the
-others wait inside `serve.sync`), so an idle server costs a few collectives a second; idle
-iterations tell the watchdog the loop is alive (a skip consumes no step id).
+issues the same sequence. When all replicas are idle, rank 0 waits up to `IDLE_WAIT_S` on its inbox
+before step 1 (the others wait inside `serve.sync`), so an idle server costs a few collectives a
+second; idle iterations tell the watchdog the loop is alive (a skip consumes no step id).
 The loop ends on a stop message: leaders cancel what is left, and the joint `dp.sync` "no work
 anywhere" stops every rank in the same iteration.
 
@@ -34,7 +30,6 @@ the logits the engine samples from, so the default path does no extra work.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import queue
 import signal
@@ -45,7 +40,6 @@ import torch
 from epinfer.core.errors import UserError
 from epinfer.distributed.dp_sync import DPCoordinator
 from epinfer.distributed.parallel import ParallelContext
-from epinfer.engine import restrict
 from epinfer.engine.engine import Engine
 from epinfer.engine.scheduler import ScheduledSeq, Sequence
 from epinfer.runtime.job import RankRuntime
@@ -53,7 +47,6 @@ from epinfer.runtime.lockstep import lockstep_step
 from epinfer.server.routing import Router
 
 IDLE_WAIT_S = 0.2
-QUICK_COMPILE_S = 0.005  # a guide compiled (or found compiled) within this is submitted at once
 SKEW_LABEL = "dp.sync"  # ranks arrive at it straight after planning: arrival gaps are real skew
 SKEW_EVERY = 8  # sample every 8th dp.sync (same seqs on every rank, so the server can match them)
 
@@ -101,8 +94,6 @@ class ServeLoop:
         self.lp_pending: dict[int, list] = {}  # request id -> logprob records not yet sent
         self.unadmitted: set[int] = set()
         self.pending_events: list[tuple] = []  # cancellations, rejections: sent with the next report
-        self.compiling: dict[int, tuple] = {}  # leader: request id -> (its guide's compile, the submit's arguments)
-        self.compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self.stopping = False
         self.last_stats = None
         alloc = engine.scheduler.allocator  # (every replica runs the same model and cache settings)
@@ -148,16 +139,10 @@ class ServeLoop:
     def admit(self, block: bool) -> None:
         """Steps 1 and 2 of the module docstring."""
         ctx, dp = self.ctx, self.dp
-        if self.rank == 0 and block and self.compiling:  # idle but for guides compiling: until one is done
-            concurrent.futures.wait([c for c, *_ in self.compiling.values()], self.idle_wait,
-                                    concurrent.futures.FIRST_COMPLETED)
-            block = False
         messages = self.read_inbox(block) if self.rank == 0 else []
         vec = torch.zeros(dp + 1, dtype=torch.int64)
         if self.leader:
-            self.take_compiled()
-            vec[ctx.dp_rank] = sum(outstanding_tokens(s) for s in self.seqs.values()) + sum(
-                len(ids) + (params.max_tokens or 0) for _, ids, params, _ in self.compiling.values())
+            vec[ctx.dp_rank] = sum(outstanding_tokens(s) for s in self.seqs.values())
         vec[dp] = int(bool(messages))
         ctx.comm.all_reduce_cpu(vec, ctx.groups.world_cpu, "serve.sync")
         values = vec.tolist()
@@ -173,7 +158,7 @@ class ServeLoop:
             for rid in cancels:
                 self.cancel(rid, "cancelled")
             if stop:
-                for rid in [*self.seqs, *self.compiling]:
+                for rid in list(self.seqs):
                     self.cancel(rid, "cancelled")
         self.stopping = self.stopping or stop
 
@@ -202,30 +187,8 @@ class ServeLoop:
     # --- the leader's bookkeeping ----------------------------------------------------------
 
     def submit(self, rid: int, ids: list[int], params, logprobs: int | None) -> None:
-        """The request into the engine; one with a guide to compile once that is done (`take_compiled`)."""
-        if restrict.guide_compiles(params):
-            self.compiler = self.compiler or concurrent.futures.ThreadPoolExecutor(1, "epinfer-guide")
-            compile_ = self.compiler.submit(restrict.json_guide, params)
-            self.compiling[rid] = (compile_, ids, params, logprobs)
-            concurrent.futures.wait([compile_], QUICK_COMPILE_S)  # (one compiled before: at once)
-            self.take_compiled()
-            return
-        self.enter(rid, ids, params, logprobs, None)
-
-    def take_compiled(self) -> None:
-        """Leaders: the requests whose guides are compiled, into the engine (in the order they came)."""
-        for rid in [rid for rid, (compile_, *_) in self.compiling.items() if compile_.done()]:
-            compile_, ids, params, logprobs = self.compiling.pop(rid)
-            try:
-                guide = compile_.result()
-            except UserError as exc:  # (the server compiled it already: not expected)
-                self.pending_events.append((rid, [], None, "error", (400, str(exc)), None))
-                continue
-            self.enter(rid, ids, params, logprobs, guide)
-
-    def enter(self, rid: int, ids: list[int], params, logprobs: int | None, guide) -> None:
         try:
-            seq = self.engine.make_request(ids, params, rid, named=False, guide=guide)
+            seq = self.engine.make_request(ids, params, rid, named=False)
         except UserError as exc:  # the server validated it already; never let it stop the loop
             self.pending_events.append((rid, [], None, "error", (400, str(exc)), None))
             return
@@ -237,9 +200,6 @@ class ServeLoop:
             self.logprobs[rid] = logprobs
 
     def cancel(self, rid: int, reason: str) -> None:
-        if self.compiling.pop(rid, None) is not None:  # (its compile runs on; its guide is dropped)
-            self.pending_events.append((rid, [], None, reason, None, None))
-            return
         seq = self.seqs.pop(rid, None)
         if seq is None:  # finished in the meantime, or another replica's
             return
