@@ -107,6 +107,41 @@ def test_string_patterns_and_lengths():
         assert (state is not None and g.can_end(state)) == ok, value
 
 
+def test_counted_strings_take_what_their_expression_takes():
+    """`minLength` / `maxLength` strings keep a count, not an automaton: they take exactly the byte
+    strings of `[^"\\\x00-\x1f]{low,high}` (UTF-8 characters of 1 to 4 bytes, not broken or overlong
+    ones, no surrogates), every prefix of one stays alive, an unbounded one keeps its states few, and a
+    schema of 200 of them compiles at once."""
+    import random
+    import time
+
+    from epinfer.engine.json_schema import CountedChars
+    from epinfer.engine.regex_grammar import RegexGrammar
+
+    rnd = random.Random(3)
+    pieces = [b"a", b" ", b"~", b"\x7f", "é".encode(), "日".encode(), "😀".encode(), b'"', b"\\", b"\n", b"\x80",
+              b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", "é".encode()[:1], "😀".encode()[:3]]
+    for low, high in ((0, 0), (0, 3), (2, 3), (1, None), (3, None), (0, None)):
+        counted = CountedChars(low, high)
+        regex = RegexGrammar('[^"\\\\\\x00-\\x1f]' + f"{{{low},{'' if high is None else high}}}")
+        for _ in range(300):
+            raw = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 6)))
+            a, b = counted.start, regex.start
+            for byte in raw:
+                a = counted.step(a, byte) if a is not None else None
+                b = regex.step(b, byte) if b is not None else None
+                assert (a is None) == (b is None), (low, high, raw)
+            assert (a is not None and counted.can_end(a)) == (b is not None and regex.can_end(b)), (low, high, raw)
+    free, state = CountedChars(2, None), CountedChars(2, None).start
+    for byte in b"abcdefgh":
+        state = free.step(state, byte)
+    assert state == free.step(free.step(free.start, 97), 98)  # (past its least, one state)
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 200 + i} for i in range(200)}}
+    t = time.perf_counter()
+    SchemaGrammar(big)
+    assert time.perf_counter() - t < 0.2
+
+
 def test_array_bounds():
     """minItems / maxItems: the items counted while the bounds need it (an unbounded array keeps one
     state a mode, whatever its length)."""

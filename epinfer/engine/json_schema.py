@@ -36,13 +36,46 @@ ARRAY_KEYS = {"minItems", "maxItems"}
 MAX_ITEMS = 1024
 TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 MAX_NODES = 1024
-MAX_PATTERN_NODES = 200_000  # its patterns' and lengths' automata in all: 66 strings of maxLength 1000
+MAX_PATTERN_NODES = 50_000  # its patterns' automata in all (their build: about 4 µs a node, on the step loop)
 
 
 def escape_free(lo: int, hi: int) -> bool:
     """Whether code points [lo, hi] hold one a JSON string holds without an escape (not a quote, a
     backslash or a control character)."""
     return hi > 0x5C or any(c not in (0x22, 0x5C) for c in range(max(lo, 0x20), hi + 1))
+
+
+class CountedChars:
+    """A string of `low` to `high` (None: any number) characters written without escapes (not a quote,
+    a backslash or a control character): the expression `[^"\\\x00-\x1f]{low,high}` with the count in
+    its state, not an automaton node a character (each length its own automaton: a schema of 200 such
+    strings compiled in about half a second). States: (characters read, capped at `low` where `high`
+    is None; the one-character automaton's state)."""
+
+    one: RegexGrammar | None = None  # that one character's expression, shared
+
+    def __init__(self, low: int, high: int | None) -> None:
+        if CountedChars.one is None:
+            CountedChars.one = RegexGrammar('[^"\\\\\\x00-\\x1f]')
+        self.low, self.high = low, high
+        self.start = (0, self.one.start)
+
+    def step(self, state: tuple, b: int) -> tuple | None:
+        k, inner = state
+        if self.high is not None and k >= self.high:  # (no character more: not even its first byte)
+            return None
+        nxt = self.one.step(inner, b)
+        if nxt is None or not self.one.can_end(nxt):  # (refused, or a character's first bytes)
+            return None if nxt is None else (k, nxt)
+        if self.high is None:
+            return (min(k + 1, self.low), self.one.start)
+        return (k + 1, self.one.start)
+
+    def can_end(self, state: tuple) -> bool:
+        return state[0] >= self.low and state[1] == self.one.start
+
+    def weight(self, state: tuple) -> int:
+        return self.one.weight(state[1])
 
 
 class SchemaGrammar(Grammar):
@@ -127,19 +160,18 @@ class SchemaGrammar(Grammar):
             return index
         if kind == "string" and STRING_KEYS & set(s):
             grammar = self.string_pattern(s, where)
-            self.pattern_nodes += len(grammar.auto.edges)
-            if self.pattern_nodes > MAX_PATTERN_NODES:  # (their build: about 4 µs a node)
-                raise UserError(f"json_schema: its patterns and lengths need more than {MAX_PATTERN_NODES:,} "
-                                "automaton nodes in all")
+            self.pattern_nodes += len(grammar.auto.edges) if isinstance(grammar, RegexGrammar) else 0
+            if self.pattern_nodes > MAX_PATTERN_NODES:
+                raise UserError(f"json_schema: its patterns need more than {MAX_PATTERN_NODES:,} automaton nodes "
+                                "in all")
             return self.add(("pat", grammar))
         return self.add({"string": ("str",), "integer": ("int",), "number": ("num",),
                          "boolean": ("lit", (b"false", b"true")), "null": ("lit", (b"null",))}[kind])
 
     @staticmethod
-    def string_pattern(s: dict, where: str) -> RegexGrammar:
-        """A string's `pattern` (the whole string matches it), or its `minLength` / `maxLength` as one
-        (characters other than a quote, a backslash or a control character): such a string is written
-        without escapes."""
+    def string_pattern(s: dict, where: str) -> RegexGrammar | CountedChars:
+        """A string's `pattern` (the whole string matches it), or its `minLength` / `maxLength`
+        (`CountedChars`): such a string is written without escapes."""
         if "pattern" in s:
             if "minLength" in s or "maxLength" in s:
                 raise UserError(f"json_schema: {where}: pattern with minLength / maxLength not supported")
@@ -152,7 +184,7 @@ class SchemaGrammar(Grammar):
                     high is not None and high < low):
                 raise UserError(f"json_schema: {where}: minLength / maxLength must be integers in [0, {MAX_REPEAT}], "
                                 "the least first")
-            pattern = '[^"\\\\\\x00-\\x1f]' + f"{{{low},{'' if high is None else high}}}"
+            return CountedChars(low, high)
         try:
             grammar = RegexGrammar(pattern)
         except UserError as exc:
