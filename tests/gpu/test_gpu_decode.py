@@ -28,6 +28,9 @@ PROMPTS = [[7], [3, 1, 4, 1, 5, 9], list(range(40, 73)), [(i * 37) % 256 for i i
     (4, 2, 16, 4, [1, 5, 17, 0, 12]),
     (32, 4, 128, 16, [1, 1000, 0, 4000, 65, 64]),  # Qwen3-30B-A3B attention
     (16, 2, 256, 16, [3, 1025, 2048]),  # Qwen3.5 / Qwen3-Next full attention
+    # batches of more than 256 rows x KV heads: the largest bucket's tiles (32 keys, also at head dim 256)
+    (16, 2, 256, 16, [(i * 97) % 700 for i in range(160)]),
+    (32, 4, 128, 16, [(i * 53) % 300 for i in range(72)]),
 ])
 def test_triton_decode_kernel(dtype, tol, H, KVH, hd, bs, lens):
     from epinfer.kernels.paged_attention import decode_attention
