@@ -105,6 +105,12 @@ def test_string_patterns_and_lengths():
                       ({"zip": "12345", "code": 'a"b'}, False), ({"zip": "12345", "code": "a\nb"}, False)):
         state = walk(g, json.dumps(value, ensure_ascii=False).encode())
         assert (state is not None and g.can_end(state)) == ok, value
+    from epinfer.engine.json_schema import compiled_pattern
+
+    hits = compiled_pattern.cache_info().hits  # (a pattern is compiled once, however many properties give it)
+    SchemaGrammar({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^\\d{5}$"}
+                                                    for i in range(50)}})
+    assert compiled_pattern.cache_info().hits - hits >= 50
 
 
 def test_counted_strings_take_what_their_expression_takes():

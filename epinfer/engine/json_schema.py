@@ -21,6 +21,7 @@ still alive (where two close the same way they are one again).
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 
@@ -43,6 +44,13 @@ def escape_free(lo: int, hi: int) -> bool:
     """Whether code points [lo, hi] hold one a JSON string holds without an escape (not a quote, a
     backslash or a control character)."""
     return hi > 0x5C or any(c not in (0x22, 0x5C) for c in range(max(lo, 0x20), hi + 1))
+
+
+@functools.lru_cache(maxsize=256)
+def compiled_pattern(pattern: str) -> RegexGrammar:
+    """A string pattern's expression, compiled once for all the properties and schemas that give it
+    (200 properties of one e-mail pattern compiled in 0.1-0.2 s, each its own)."""
+    return RegexGrammar(pattern)
 
 
 class CountedChars:
@@ -186,7 +194,7 @@ class SchemaGrammar(Grammar):
                                 "the least first")
             return CountedChars(low, high)
         try:
-            grammar = RegexGrammar(pattern)
+            grammar = compiled_pattern(pattern)
         except UserError as exc:
             raise UserError(f"json_schema: {where}: pattern: {exc}") from None
         if not grammar.auto.reaches_accept(escape_free):
