@@ -25,7 +25,6 @@ from epinfer.core.checkpoint_files import MAX_INDEX_BYTES, folder_file, one_line
 from epinfer.core.config import ModelConfig
 from epinfer.core.errors import UserError
 from epinfer.kernels.fp8_gemm import dequantize_blocks, scale_shape
-from epinfer.models import fp8_experts
 from epinfer.models.causal_lm import CausalLM
 from epinfer.models.families import WEIGHT_RENAMES
 from epinfer.models.prefetch import Prefetcher, tensor_spans
@@ -168,8 +167,7 @@ class WeightLoader:
         self.cfg = cfg
         self.params = dict(model.named_parameters())
         self.tracker = _Tracker(self.params)
-        self.sums: list[tuple[list[str], torch.Tensor]] = []  # tensors loaded, and the sums of what they wrote
-        self.grouped: dict[tuple[str, str], list] = defaultdict(list)  # FP8 experts of the unit: `flush`
+        self.sums: list[tuple[str, torch.Tensor]] = []  # each tensor loaded, by the sum of what it wrote
         self.local_index: dict[str, dict[int, int]] = {}
         self.inter_index: dict[str, range | None] = {}
         for name, module in model.named_modules():
@@ -181,35 +179,16 @@ class WeightLoader:
 
     def _put(self, param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
         _copy(param, tensor, key)
-        self.sums.append(([key], torch.sum(param.detach(), dtype=torch.float32).reshape(1)))  # (no wait)
-
-    def flush(self) -> None:
-        """The unit's FP8 experts, a projection of a layer's at a time (`fp8_experts.load_group`);
-        a group it does not take, a tensor at a time (its error names the tensor)."""
-        for (prefix, proj), items in self.grouped.items():
-            target = f"{prefix}.w2" if proj == "down_proj" else f"{prefix}.w13"
-            param = self.params[target]
-            if proj != "down_proj":
-                inter = param.shape[1] // 2
-                param = param[:, :inter] if proj == "gate_proj" else param[:, inter:]
-            sums = fp8_experts.load_group(param, [local for local, _, _ in items], [get for _, _, get in items],
-                                          1 if proj == "down_proj" else 0, self.inter_index[prefix],
-                                          self.cfg.fp8_block, param.device, checked_scale)
-            if sums is not None:
-                self.sums.append(([get.key for _, _, get in items], sums))
-                continue
-            for local, expert, get in items:
-                self._expert(get.key, prefix, local, expert, proj, get)
-        self.grouped.clear()
+        self.sums.append((key, torch.sum(param.detach(), dtype=torch.float32)))  # (on the device: no wait)
 
     def check_finite(self) -> None:
         """The tensors loaded since the last check hold no NaN or infinity (a NaN weight would
         otherwise surface only as a request's non-finite logits): their sums, one wait for all."""
         if not self.sums:
             return
-        finite = torch.cat([totals for _, totals in self.sums]).isfinite()
+        finite = torch.stack([total for _, total in self.sums]).isfinite()
         if not bool(finite.all()):
-            key = [k for keys, _ in self.sums for k in keys][int((~finite).nonzero()[0])]
+            key = self.sums[int((~finite).nonzero()[0])][0]
             raise UserError(f"tensor {key} holds NaN or infinite values")
         self.sums.clear()
 
@@ -244,14 +223,6 @@ class WeightLoader:
         local = self.local_index[prefix].get(expert)
         if local is None:
             return  # another expert-parallel rank owns it (not even read)
-        if isinstance(get, fp8_experts.FP8Reader):  # (with the layer's others: `flush`)
-            self.tracker.mark(*((f"{prefix}.w2", key, expert) if proj == "down_proj"
-                                else (f"{prefix}.w13", key, (expert, proj))))
-            self.grouped[prefix, proj].append((local, expert, get))
-            return
-        self._expert(key, prefix, local, expert, proj, get)
-
-    def _expert(self, key: str, prefix: str, local: int, expert: int, proj: str, get: Callable[[], torch.Tensor]):
         tensor = get()
         keep = self.inter_index[prefix]
         if proj == "down_proj":
@@ -397,8 +368,9 @@ def dequantized(tensors: dict, cfg: ModelConfig,
             continue
         if key + SCALE_SUFFIX not in tensors:
             raise UserError(f"tensor {key} is FP8 but its scale {key + SCALE_SUFFIX} is missing")
-        yield key, fp8_experts.FP8Reader(get, tensors[key + SCALE_SUFFIX][0], key, lambda r: dequantize_fp8(
-            r.raw().to(device), checked_scale(r.scale(), r.key).to(device), cfg.fp8_block, r.key))
+        scale = tensors[key + SCALE_SUFFIX][0]
+        yield key, (lambda g=get, sc=scale, k=key: dequantize_fp8(g().to(device), checked_scale(sc(), k).to(device),
+                                                                  cfg.fp8_block, k))
 
 
 def checked_scale(scale: torch.Tensor, key: str) -> torch.Tensor:
@@ -451,7 +423,6 @@ def load_checkpoint(model: CausalLM, folder: Path, cfg: ModelConfig,
                 loader.adopt(prefix, module)  # the parameters `each_layer` just made
             for key, get in by_layer.pop(unit, []):
                 loader.load(key, get)
-            loader.flush()
             loader.check_finite()
 
         if each_layer is None:
