@@ -59,6 +59,7 @@ def _variant(src, dst, edit_tensors=None, edit_config=None):
 def test_malformed_fp8_checkpoints_are_one_line(ckpt_dir, tmp_path):
     src = ckpt_dir("qwen3_5_moe", fp8_block=(16, 16))
     name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    down = "model.layers.1.mlp.experts.2.down_proj.weight"
     cases = [
         (lambda t: t.pop(name + "_scale_inv"), None, f"tensor {name} is FP8 but its scale {name}_scale_inv is missing"),
         (lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)}), None, f"tensor {name}_scale_inv: shape (1, 1)"),
@@ -68,6 +69,10 @@ def test_malformed_fp8_checkpoints_are_one_line(ckpt_dir, tmp_path):
          f"tensor {name}_scale_inv: scales must be finite and not negative, found nan"),
         (lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1)}), None,
          "tensor model.norm.weight_scale_inv: a scale without the FP8 weight model.norm.weight"),
+        (lambda t: t.update({name: t[name][:-16], name + "_scale_inv": t[name + "_scale_inv"][:-1]}), None,
+         f"tensor {name}: shape"),
+        (lambda t: t[down].view(torch.uint8).view(-1)[5:6].fill_(0x7F), None,
+         f"tensor {down} holds NaN or infinite values"),  # (0x7F: float8_e4m3fn's NaN)
         (None, lambda c: c.pop("quantization_config"), "is float8 but config.json has no FP8 quantization_config"),
         (None, lambda c: c["quantization_config"].update(activation_scheme="static"), "activation_scheme"),
         (None, lambda c: c["quantization_config"].update(quant_method="awq"), "quantized checkpoint (awq)"),
