@@ -106,6 +106,12 @@ def _num_splits(batch: int, kv_heads: int, max_tokens: int, cfg: dict = DECODE) 
     return int(max(1, min(want, cfg["max_splits"], max_tokens // cfg["min_split"])))
 
 
+def keys_a_tile(block_n: int, hd: int) -> int:
+    """The keys the split kernel loads a tile for a table BLOCK_N: half above head dim 128 (its
+    registers), no fewer than 32."""
+    return block_n if hd <= 128 else max(32, block_n // 2)
+
+
 def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scale, cfg: dict = DECODE):
     B, H, hd = q.shape
     _, bs, KVH, _ = k_cache.shape
@@ -122,7 +128,7 @@ def _decode_triton(q, k_cache, v_cache, block_table, state_slots, seq_lens, scal
     BLOCK_N = cfg["BLOCK_N"]
     if not isinstance(BLOCK_N, int):
         BLOCK_N = next(bn for limit, bn in BLOCK_N if limit is None or limit >= R * KVH)
-    BLOCK_N = BLOCK_N if hd <= 128 else max(32, BLOCK_N // 2)
+    BLOCK_N = keys_a_tile(BLOCK_N, hd)
     ieee = q.dtype == torch.float32  # float32 means float32: no TF32 in tl.dot
     _split_kernel[(B, KVH, splits)](
         q, k_cache, v_cache, block_table, state_slots, seq_lens, part_acc, part_ml, scale,
