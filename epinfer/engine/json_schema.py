@@ -46,10 +46,11 @@ def escape_free(lo: int, hi: int) -> bool:
     return hi > 0x5C or any(c not in (0x22, 0x5C) for c in range(max(lo, 0x20), hi + 1))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def compiled_pattern(pattern: str) -> RegexGrammar:
     """A string pattern's expression, compiled once for all the properties and schemas that give it
-    (200 properties of one e-mail pattern compiled in 0.1-0.2 s, each its own)."""
+    (200 properties of one e-mail pattern compiled in 0.1-0.2 s, each its own). Few are kept: each
+    remembers its steps (`regex_grammar.MAX_MEMO`)."""
     return RegexGrammar(pattern)
 
 
