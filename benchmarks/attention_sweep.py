@@ -36,8 +36,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     (H, KVH, hd), bs = SHAPES[args.shape], 16
+    block_ns = (32, 64, 128) if hd <= 128 else (64, 128)  # (above head dim 128: 32 and 64 keys a tile)
     tiles = [{"BLOCK_N": bn, "num_warps": w, "num_stages": st} for bn, w, st in
-             itertools.product((32, 64, 128), (2, 4, 8), [int(x) for x in args.stages.split(",")])]
+             itertools.product(block_ns, (2, 4, 8), [int(x) for x in args.stages.split(",")])]
     pages = -(-(args.context + 16) // bs)
     for B in [int(b) for b in args.batches.split(",")]:
         with torch.device("cuda"):

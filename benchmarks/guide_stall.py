@@ -1,8 +1,9 @@
 """What a large guide costs the other requests of `epinfer serve`: one plain request streams while
-requests with large JSON schemas arrive (distinct schemas, so none is compiled already); prints the
-plain stream's median gap between tokens, its largest gap once the schemas came, and each schema
-request's status and seconds from the first one's send. A schema's compile and its first state's
-allowed ids run on the step loop, so they show in the plain stream's gaps.
+requests with large JSON schemas arrive (distinct property names: no schema is compiled already;
+with `--kind pattern` they share one pattern, compiled once); prints the plain stream's median gap
+between tokens, its largest gap once the schemas came, and each schema request's status and seconds
+from the first one's send. A schema's compile and its first state's allowed ids run on the step
+loop, so they show in the plain stream's gaps.
 
     python3 benchmarks/guide_stall.py [--serve "FLAGS"] [--schemas 4] [--properties 200] [--kind length]
 
@@ -67,7 +68,7 @@ def main() -> int:
             time.sleep(0.05)
         for s in senders + [stream]:
             s.join()
-        gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:], strict=False)] or [(t0, 0.0)]
         after = [g for t, g in gaps if t >= t0] or [0.0]
         print(json.dumps({"kind": args.kind, "properties": args.properties, "tokens": len(arrivals),
                           "median_gap_ms": round(sorted(g for _, g in gaps)[len(gaps) // 2] * 1e3, 1),

@@ -111,6 +111,8 @@ def test_string_patterns_and_lengths():
     SchemaGrammar({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^\\d{5}$"}
                                                     for i in range(50)}})
     assert compiled_pattern.cache_info().hits - hits >= 50
+    email = {"type": "string", "pattern": "[a-z]{1,20}@[a-z]{1,12}\\.(com|org|net)"}  # (96 nodes, counted once)
+    SchemaGrammar({"type": "object", "properties": {f"p{i}": email for i in range(1000)}})
 
 
 def test_counted_strings_take_what_their_expression_takes():

@@ -177,7 +177,7 @@ def test_costly_or_unsatisfiable_guides_fail_alone():
     assert max(len(s[0]) for s in g.memo if s) <= regex_grammar.MAX_STATE_NODES
     words = RegexGrammar("|".join(f"word{i}" for i in range(200)))
     assert matches(words, "word199")  # (401 nodes alive at its start)
-    props = {f"p{i}": {"type": "string", "pattern": "(.{0,1000}){4}r"} for i in range(1000)}
+    props = {f"p{i}": {"type": "string", "pattern": f"(.{{0,1000}}){{4}}r{i}"} for i in range(1000)}  # (distinct)
     with pytest.raises(UserError, match="automaton nodes in all"):
         json_schema.SchemaGrammar({"type": "object", "properties": props})
 

@@ -50,7 +50,7 @@ def escape_free(lo: int, hi: int) -> bool:
 def compiled_pattern(pattern: str) -> RegexGrammar:
     """A string pattern's expression, compiled once for all the properties and schemas that give it
     (200 properties of one e-mail pattern compiled in 0.1-0.2 s, each its own). Few are kept: each
-    remembers its steps (`regex_grammar.MAX_MEMO`)."""
+    remembers its steps (up to `regex_grammar.MAX_MEMO`, kept while the pattern is)."""
     return RegexGrammar(pattern)
 
 
@@ -89,7 +89,7 @@ class CountedChars:
 
 class SchemaGrammar(Grammar):
     """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("arr", node, minItems, maxItems or
-    None), ("str",), ("pat", RegexGrammar), ("int",),
+    None), ("str",), ("pat", RegexGrammar or CountedChars), ("int",),
     ("num",), ("lit", (serialised value, ...)) or ("any", (node, ...)); `start` the state before the
     answer's first byte (with alternatives: the set of states, `step_union`)."""
 
@@ -102,7 +102,8 @@ class SchemaGrammar(Grammar):
                 raise UserError(f"json_schema: {key} must be an object")
             self.defs.update(defs)
         self.unions = False  # an "any" node: the states are sets
-        self.pattern_nodes = 0  # the automaton nodes of its patterns and lengths, in all
+        self.pattern_nodes = 0  # the automaton nodes of its distinct patterns, in all
+        self.patterns: set[str] = set()  # (their keys: one given twice is compiled, and counted, once)
         root = self.compile(schema, "schema", (), 0)
         text = json.dumps(schema)  # (in its own key order: properties come in it)
         super().__init__("schema:" + hashlib.sha256(text.encode()).hexdigest(),  # (a short key: remembered states
@@ -169,7 +170,9 @@ class SchemaGrammar(Grammar):
             return index
         if kind == "string" and STRING_KEYS & set(s):
             grammar = self.string_pattern(s, where)
-            self.pattern_nodes += len(grammar.auto.edges) if isinstance(grammar, RegexGrammar) else 0
+            if isinstance(grammar, RegexGrammar) and grammar.key not in self.patterns:
+                self.patterns.add(grammar.key)
+                self.pattern_nodes += len(grammar.auto.edges)
             if self.pattern_nodes > MAX_PATTERN_NODES:
                 raise UserError(f"json_schema: its patterns need more than {MAX_PATTERN_NODES:,} automaton nodes "
                                 "in all")
