@@ -150,6 +150,51 @@ def test_counted_strings_take_what_their_expression_takes():
     assert time.perf_counter() - t < 0.2
 
 
+def test_any_values():
+    """A schema without a type takes any JSON value, an array without `items` any values, an object
+    without `properties` any keys and values (`additionalProperties: false`: none); every value
+    `json.dumps` writes of a random nested one, compact or indented, is taken, and whatever is taken
+    is JSON."""
+    import random
+
+    rnd = random.Random(5)
+
+    def value(depth: int = 0):
+        pick = rnd.randint(0, 5 if depth < 4 else 3)
+        if pick == 0:
+            return rnd.choice([True, False, None])
+        if pick == 1:
+            return rnd.choice([rnd.randint(-10**6, 10**6), rnd.random() * 10 ** rnd.randint(-5, 5)])
+        if pick in (2, 3):
+            return "".join(rnd.choice('ab"\\é日\n\t ') for _ in range(rnd.randint(0, 6)))
+        if pick == 4:
+            return [value(depth + 1) for _ in range(rnd.randint(0, 3))]
+        return {rnd.choice(["a", "b", "k\"", "é"]): value(depth + 1) for _ in range(rnd.randint(0, 3))}
+
+    def takes(g, text: str) -> bool:
+        state = walk(g, text.encode())
+        return state is not None and g.can_end(state)
+
+    anything = SchemaGrammar({})
+    for _ in range(400):
+        v = value()
+        for text in (json.dumps(v, ensure_ascii=False), json.dumps(v, indent=1), json.dumps(v, separators=(",", ":"))):
+            assert takes(anything, text), text
+            for cut in {rnd.randrange(len(text) + 1) for _ in range(3)}:  # (a byte changed or dropped)
+                broken = text[:cut] + rnd.choice(["", ",", "}", "]", ":", '"', "x", "0"]) + text[cut + 1:]
+                if takes(anything, broken):
+                    json.loads(broken)
+    for text, ok in (("{\"a\" 1}", False), ("[1,]", False), ("{,}", False), ("01", False), ("tru", False),
+                     ("[[[]]]", True), ('{"a": {"b": [1, "x", null]}}', True)):
+        assert takes(anything, text) == ok, text
+    free = SchemaGrammar({"type": "object", "properties": {"x": {"type": "array"}, "y": {}, "z": {"type": "object"}}})
+    assert takes(free, '{"x": [1, "a", {"b": null}], "y": {"q": [true]}, "z": {"w": 1.5e3, "v": []}}')
+    assert not takes(free, '{"x": 1, "y": 2, "z": {}}')
+    closed = SchemaGrammar({"type": "object", "additionalProperties": False})
+    assert takes(closed, "{}") and not takes(closed, '{"a": 1}')
+    assert walk(free, b'{"x": [' + b"1," * 50) == walk(free, b'{"x": [1,')  # (its states stay few)
+
+
 def test_array_bounds():
     """minItems / maxItems: the items counted while the bounds need it (an unbounded array keeps one
     state a mode, whatever its length)."""
@@ -186,8 +231,6 @@ def nested(depth: int) -> dict:
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}},
      "not recursively"),
     ({"enum": []}, "enum must be a non-empty array"),
-    ({"type": "array"}, "schema: an array needs items"),
-    ({"type": "object", "properties": {"a": {}}}, "schema.a: no type; any JSON value is not supported"),
     (nested(40), "nested more than 16 deep"), ({"type": "string", "$defs": [1]}, r"\$defs must be an object"),
     ({"type": "object", "properties": {"a": 1}}, "schema.a must be an object")])
 def test_refused_schemas(schema, fragment):
@@ -220,6 +263,12 @@ def test_trie_walk_equals_a_direct_check():
         state = walk(g, prefix)
         assert state is not None, prefix
         assert json_vocab(vocab).allowed(state, g).ids.tolist() == direct_allowed(vocab, g, state), prefix
+    g = SchemaGrammar(FREE)
+    for prefix in (b"", b'{"meta": ', b'{"meta": {"a', b'{"meta": [1, {"b": ', b'{"meta": null, "tags": [',
+                   b'{"meta": 1, "tags": [], "extra": {', b'{"meta": 1, "tags": [], "extra": {"k": 2'):
+        state = walk(g, prefix)
+        assert state is not None, prefix
+        assert json_vocab(vocab).allowed(state, g).ids.tolist() == direct_allowed(vocab, g, state), prefix
 
 
 def test_property_orders_are_other_schemas():
@@ -243,7 +292,9 @@ OPTIONAL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"a
 
 
 def fits(schema: dict, v) -> bool:
-    """An instance of SIMPLE / OPTIONAL / PATTERNED (an independent check)."""
+    """An instance of SIMPLE / OPTIONAL / PATTERNED / FREE (an independent check)."""
+    if schema is FREE:
+        return list(v) == ["meta", "tags", "extra"] and type(v["tags"]) is list and type(v["extra"]) is dict
     if schema is PATTERNED:
         return (list(v) == ["id", "ok", "tag"] and re.fullmatch(r"[A-Z]{2}\d{2}", v["id"]) is not None
                 and type(v["ok"]) is bool and isinstance(v["tag"], str) and len(v["tag"]) <= 4)
@@ -256,9 +307,11 @@ def fits(schema: dict, v) -> bool:
 
 PATTERNED = {"type": "object", "properties": {"id": {"type": "string", "pattern": "[A-Z]{2}\\d{2}"},
                                               "ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 4}}}
+FREE = {"type": "object", "properties": {"meta": {}, "tags": {"type": "array"}, "extra": {"type": "object"}}}
 
 
-@pytest.mark.parametrize("schema", [SIMPLE, OPTIONAL, PATTERNED], ids=["simple", "alternatives", "patterns"])
+@pytest.mark.parametrize("schema", [SIMPLE, OPTIONAL, PATTERNED, FREE], ids=["simple", "alternatives", "patterns",
+                                                                         "free"])
 def test_answers_follow_the_schema(schema):
     llm = LLM(dtype="float32")
     tok, eos = llm.tokenizer, llm.engine.eos_ids

@@ -5,7 +5,9 @@ sequence, as `json_mode` does for any object.
 The schemas OpenAI's strict mode takes, which is what clients send: an object's `properties` all
 come, in their order (strict mode requires them all; `required` may list fewer, but every one is
 written), and no others; `type` string, integer, number, boolean, null, object or array (`items`),
-or a list of them; `enum` and `const` of any JSON values; `anyOf` / `oneOf` (Pydantic's optional
+or a list of them; no type (nor `properties` or `items`: any JSON value), an array without `items`
+(any values) and an object without `properties` (any keys and values; none with
+`additionalProperties: false`); `enum` and `const` of any JSON values; `anyOf` / `oneOf` (Pydantic's optional
 fields: a value of any of the alternatives); a string's `pattern` (`regex_grammar`'s subset; the whole
 string matches it) or `minLength` / `maxLength` (such strings are written without escapes); an array's
 `minItems` / `maxItems`; `$ref` to `#/$defs/NAME` (or `#/definitions/NAME`), not recursive. Other
@@ -102,6 +104,7 @@ class SchemaGrammar(Grammar):
                 raise UserError(f"json_schema: {key} must be an object")
             self.defs.update(defs)
         self.unions = False  # an "any" node: the states are sets
+        self.any_node: int | None = None  # (`any_value`)
         self.pattern_nodes = 0  # the automaton nodes of its distinct patterns, in all
         self.patterns: set[str] = set()  # (their keys: one given twice is compiled, and counted, once)
         root = self.compile(schema, "schema", (), 0)
@@ -143,12 +146,15 @@ class SchemaGrammar(Grammar):
             except (TypeError, ValueError):
                 raise UserError(f"json_schema: {where}: enum values must be JSON values") from None
         kind = s.get("type")
-        if kind is None:
-            raise UserError(f"json_schema: {where}: no type; any JSON value is not supported here (give type, enum "
-                            "or const)")
+        if kind is None:  # (properties or items say which; else any JSON value, as JSON Schema reads it)
+            kind = "object" if "properties" in s else "array" if "items" in s else None
+            if kind is None:
+                return self.any_value()
         if kind not in TYPES:
             raise UserError(f"json_schema: {where}: type must be one of {', '.join(TYPES)} (or give enum / const)")
         if kind == "object":
+            if "properties" not in s and s.get("additionalProperties", True) is not False:
+                return self.add(("map", self.any_value()))  # (any keys, any values)
             props = s.get("properties", {})
             if not isinstance(props, dict):
                 raise UserError(f"json_schema: {where}: properties must be an object")
@@ -158,15 +164,14 @@ class SchemaGrammar(Grammar):
                                               for k, v in props.items()))
             return index
         if kind == "array":
-            if "items" not in s:
-                raise UserError(f"json_schema: {where}: an array needs items (the schema of its values)")
             index = self.add(None)
             low, high = s.get("minItems", 0), s.get("maxItems")
             if any(type(v) is not int or not 0 <= v <= MAX_ITEMS for v in (low, high) if v is not None) or (
                     high is not None and high < low):
                 raise UserError(f"json_schema: {where}: minItems / maxItems must be integers in [0, {MAX_ITEMS}], "
                                 "the least first")
-            self.nodes[index] = ("arr", self.compile(s["items"], f"{where}[]", refs, depth + 1), low, high)
+            items = self.compile(s["items"], f"{where}[]", refs, depth + 1) if "items" in s else self.any_value()
+            self.nodes[index] = ("arr", items, low, high)
             return index
         if kind == "string" and STRING_KEYS & set(s):
             grammar = self.string_pattern(s, where)
@@ -205,6 +210,18 @@ class SchemaGrammar(Grammar):
             raise UserError(f"json_schema: {where}: pattern matches no string free of quotes, backslashes and "
                             "control characters (a patterned string is written without escapes)")
         return grammar
+
+    def any_value(self) -> int:
+        """The schema's one node for any JSON value (a schema without a type, an array's values
+        without `items`, an object's without `properties`): a string, a number, true, false, null,
+        or an array or an object of any values (its states are sets, as alternatives' are)."""
+        if self.any_node is None:
+            self.unions = True
+            index = self.any_node = self.add(None)
+            self.nodes[index] = ("any", (self.add(("str",)), self.add(("num",)),
+                                         self.add(("lit", (b"false", b"null", b"true"))),
+                                         self.add(("arr", index, 0, None)), self.add(("map", index))))
+        return self.any_node
 
     def alternatives(self, s: dict, union: str | None, where: str, refs: tuple, depth: int) -> int:
         """An "any" node: `anyOf` / `oneOf` (generated as anyOf: a value of any alternative), or a list
@@ -258,9 +275,11 @@ class SchemaGrammar(Grammar):
                 return self.after(frames) if grammar.can_end(inner) else None
             nxt = None if b == 0x5C or b < 0x20 else grammar.step(inner, b)
             return None if nxt is None else (frames, "P", (n, nxt), 0)
-        if mode == "S":
+        if mode in ("S", "MS"):  # a string value, or a free object's key (then its ":")
             sub = json_mode.string_byte(aux, b)
-            return self.after(frames) if sub == CLOSED else None if sub is None else (frames, "S", sub, 0)
+            if sub == CLOSED:
+                return self.after(frames) if mode == "S" else (frames, "C", 0, 0)
+            return None if sub is None else (frames, mode, sub, 0)
         if mode == "N":
             nxt = number_byte(aux & 15, b, integer=aux >= 16)
             if nxt == END:
@@ -278,8 +297,13 @@ class SchemaGrammar(Grammar):
         if mode == "V":
             return self.value(frames, aux, b)
         if mode == "C":
-            _, node, i = frames[-1]
-            return (frames, "V", self.nodes[node][1][i][1], 0) if b == ord(":") else None
+            kind, node, i = frames[-1]
+            value = self.nodes[node][1] if kind == "m" else self.nodes[node][1][i][1]
+            return (frames, "V", value, 0) if b == ord(":") else None
+        if mode in ("M0", "MK"):  # a free object's key begins (M0, after "{": or the object closes)
+            if b == ord('"'):
+                return (frames, "MS", 0, 0)
+            return self.after(frames[:-1]) if b == ord("}") and mode == "M0" else None
         if mode == "A0":
             _, items, low, high = self.nodes[frames[-1][1]]
             if b == ord("]"):
@@ -287,6 +311,8 @@ class SchemaGrammar(Grammar):
             return self.value(frames, items, b) if high != 0 else None
         if mode == "E":
             kind, node, i = frames[-1]
+            if kind == "m":
+                return (frames, "MK", 0, 0) if b == ord(",") else self.after(frames[:-1]) if b == ord("}") else None
             if kind == "a":
                 _, items, low, high = self.nodes[node]
                 if b == ord(","):
@@ -311,6 +337,8 @@ class SchemaGrammar(Grammar):
                 return None
             inner = (*frames, ("o", n, 0))
             return (inner, "K", 0, 0) if node[1] else (inner, "E", 0, 0)
+        if node[0] == "map":
+            return ((*frames, ("m", n, 0)), "M0", 0, 0) if b == ord("{") and len(frames) < MAX_DEPTH else None
         if node[0] == "arr":  # (the frame counts the items that closed)
             return ((*frames, ("a", n, 0)), "A0", 0, 0) if b == ord("[") and len(frames) < MAX_DEPTH else None
         if node[0] == "str":
@@ -371,7 +399,7 @@ class SchemaGrammar(Grammar):
         if kind == "a":
             _, _, low, high = self.nodes[node]
             i = min(i + 1, max(low, high or 0))
-        else:
+        elif kind == "o":  # (a free object's frame counts nothing: its states stay few)
             i += 1
         return ((*frames[:-1], (kind, node, i)), "E", 0, 0)
 
