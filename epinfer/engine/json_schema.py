@@ -91,10 +91,9 @@ class CountedChars:
 
 class SchemaGrammar(Grammar):
     """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("map", any key's value node),
-    ("arr", node, minItems, maxItems or
-    None), ("str",), ("pat", RegexGrammar or CountedChars), ("int",),
-    ("num",), ("lit", (serialised value, ...)) or ("any", (node, ...)); `start` the state before the
-    answer's first byte (with alternatives: the set of states, `step_union`)."""
+    ("arr", node, minItems, maxItems or None), ("str",), ("pat", RegexGrammar or CountedChars),
+    ("int",), ("num",), ("lit", (serialised value, ...)) or ("any", (node, ...)); `start` the state
+    before the answer's first byte (with alternatives: the set of states, `step_union`)."""
 
     def __init__(self, schema: dict) -> None:
         self.nodes: list[tuple] = []
