@@ -271,6 +271,26 @@ def test_trie_walk_equals_a_direct_check():
         assert json_vocab(vocab).allowed(state, g).ids.tolist() == direct_allowed(vocab, g, state), prefix
 
 
+def test_counted_strings_share_allowed_ids_where_no_token_reaches_a_bound():
+    """A counted string's states whose counts no token can take to a bound share their allowed ids
+    (one sweep); at every count, whole characters or a token's first bytes of one, they are the
+    ids a direct check allows, closing quote and the schema's next bytes included."""
+    llm = LLM()
+    vocab = vocab_bytes(llm.tokenizer, llm.engine.model_config.vocab_size)
+    jv = json_vocab(vocab)
+    reach = len(jv.columns)
+    g = SchemaGrammar({"type": "object", "properties": {"s": {"type": "string", "minLength": reach + 5,
+                                                              "maxLength": 3 * reach}, "n": {"type": "integer"}}})
+    before = len(jv.cache)
+    for k in range(3 * reach + 1):
+        for tail in ("", "é"[:1]):  # (between characters, or after the first byte of a 3-byte one)
+            state = walk(g, b'{"s": "' + b"x" * k + tail.encode("latin-1"))
+            if state is None:
+                continue
+            assert jv.allowed(state, g).ids.tolist() == direct_allowed(vocab, g, state), (k, tail)
+    assert len(jv.cache) - before < 2 * (3 * reach + 1) - reach  # (the counts in the middle: one entry each way)
+
+
 def test_property_orders_are_other_schemas():
     """Two schemas with the same properties in other orders are other grammars: their states (alike
     tuples, other meanings) never share remembered allowed ids."""

@@ -183,6 +183,11 @@ class Grammar:
         """What stepping `state` a byte costs beyond `STEP_WORK` (a regex: its automaton nodes)."""
         return 0
 
+    def cache_key(self, state: State, reach: int) -> object:
+        """What `state`'s allowed ids are remembered under: one key for states whose ids are the same
+        for every token of at most `reach` bytes (a schema's counted strings), else the state."""
+        return state
+
     def walk(self, state: State | None, raw: bytes) -> State | None:
         for b in raw:
             if state is None:
@@ -216,7 +221,7 @@ class JsonVocab:
 
     def allowed(self, state: State, grammar: Grammar = OBJECT) -> TokenSet:
         """The ids that may come next in `state` (empty where none may), remembered."""
-        key = (grammar.key, state)
+        key = (grammar.key, grammar.cache_key(state, len(self.columns)))
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)

@@ -88,6 +88,16 @@ class CountedChars:
     def weight(self, state: tuple) -> int:
         return self.one.weight(state[1])
 
+    def cache_key(self, state: tuple, reach: int) -> tuple:
+        """Counts no token of at most `reach` bytes can take to a bound are one: from `low` to
+        `high` - `reach` a token may close the string or not, whatever the count, and below `low` -
+        `reach` none may (a token adds at most a character a byte). A string of `maxLength` 1000
+        then takes a sweep for its first characters and its last `reach`, not one a count."""
+        k, inner = state
+        if k >= self.low and (self.high is None or k + reach <= self.high):
+            return ("free", inner)
+        return ("short", inner) if k + reach < self.low else state
+
 
 class SchemaGrammar(Grammar):
     """A compiled schema: nodes ("obj", ((key literal, node), ...)), ("map", any key's value node),
@@ -259,6 +269,16 @@ class SchemaGrammar(Grammar):
     def add(self, node) -> int:
         self.nodes.append(node)
         return len(self.nodes) - 1
+
+    def cache_key(self, state, reach: int):
+        """A state inside a counted string, its count's class (`CountedChars.cache_key`); with
+        alternatives, the set of its states' keys."""
+        if isinstance(state, frozenset):
+            return frozenset(self.cache_key(s, reach) for s in state)
+        frames, mode, aux, space = state
+        if mode != "P" or not isinstance(self.nodes[aux[0]][1], CountedChars):
+            return state
+        return (frames, mode, (aux[0], self.nodes[aux[0]][1].cache_key(aux[1], reach)), space)
 
     # states: (frames, mode, aux, whitespace run); frames: ("o", node, property index) / ("a", node, items:
     # counted up to its minItems / maxItems, then no further, so an unbounded array has one state a mode).
