@@ -63,11 +63,8 @@ class CountedChars:
     strings compiled in about half a second). States: (characters read, capped at `low` where `high`
     is None; the one-character automaton's state)."""
 
-    one: RegexGrammar | None = None  # that one character's expression, shared
-
     def __init__(self, low: int, high: int | None) -> None:
-        if CountedChars.one is None:
-            CountedChars.one = RegexGrammar('[^"\\\\\\x00-\\x1f]')
+        self.one = compiled_pattern('[^"\\\\\\x00-\\x1f]')  # (one such character: compiled once, shared)
         self.low, self.high = low, high
         self.start = (0, self.one.start)
 
@@ -276,9 +273,10 @@ class SchemaGrammar(Grammar):
         if isinstance(state, frozenset):
             return frozenset(self.cache_key(s, reach) for s in state)
         frames, mode, aux, space = state
-        if mode != "P" or not isinstance(self.nodes[aux[0]][1], CountedChars):
+        counted = self.nodes[aux[0]][1] if mode == "P" else None
+        if not isinstance(counted, CountedChars):
             return state
-        return (frames, mode, (aux[0], self.nodes[aux[0]][1].cache_key(aux[1], reach)), space)
+        return (frames, mode, (aux[0], counted.cache_key(aux[1], reach)), space)
 
     # states: (frames, mode, aux, whitespace run); frames: ("o", node, property index) / ("a", node, items:
     # counted up to its minItems / maxItems, then no further, so an unbounded array has one state a mode).

@@ -306,4 +306,3 @@ class ServeMode:
 
     def __call__(self, engine: Engine, ctx: ParallelContext, rt: RankRuntime) -> None:
         ServeLoop(engine, ctx, self.channels, rt.watchdog).run()
-
